@@ -1,0 +1,59 @@
+"""Listener strings: ``host:port``, IPv6 hosts in brackets (``[::1]:5100``)."""
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+
+from .errors import InvalidArgument
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,62}))*\.?$")
+MAX_LISTENER_LEN = 300
+
+
+def parse_listener(text: str) -> tuple[str, int]:
+    """Split ``host:port``; raise InvalidArgument naming what is wrong."""
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument("empty listener; expected host:port, e.g. 127.0.0.1:5100")
+    if len(text) > MAX_LISTENER_LEN:
+        raise InvalidArgument(f"listener is {len(text)} characters long; expected host:port")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise InvalidArgument(f"bad listener {text!r}; expected [v6-address]:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidArgument(f"bad listener {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise InvalidArgument(f"bad listener {text!r}; expected host:port, e.g. 127.0.0.1:5100")
+        if ":" in host:
+            raise InvalidArgument(f"bad listener {text!r}; write IPv6 hosts in brackets: [::1]:5100")
+        if not _HOST_RE.match(host):
+            raise InvalidArgument(f"bad listener {text!r}: {host!r} is not a host name or address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InvalidArgument(f"bad listener {text!r}: port must be 1-65535")
+    return host, int(port)
+
+
+def format_listener(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_uid(uid: str) -> str:
+    """A session uid must be a UUID string."""
+    try:
+        uuid.UUID(uid)
+    except (ValueError, TypeError, AttributeError):
+        shown = uid if len(uid or "") <= 64 else uid[:64] + "..."
+        raise InvalidArgument(f"uid {shown!r} is not a UUID; create one with s2uc prod-req") from None
+    return uid
+
+
+def check_role(role: str) -> str:
+    if role not in ("PROD", "CONS"):
+        shown = role if len(role) <= 32 else role[:32] + "..."
+        raise InvalidArgument(f"role {shown!r} is neither PROD nor CONS")
+    return role

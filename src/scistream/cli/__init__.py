@@ -1,0 +1,1 @@
+"""Command-line interfaces (click): s2cs, s2uc, appctrl, scistream."""

@@ -1,0 +1,106 @@
+"""What every CLI shares: option spellings, exit codes, error printing, the token.
+
+Every long option answers to its dashed name and to the original tooling's underscore
+spelling (``--num-conn`` and ``--num_conn``), so existing scripts keep working.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import os
+import sys
+from typing import Callable
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import ScistreamError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Exit(enum.IntEnum):
+    """Exit codes: what to do next."""
+    OK = 0        # done
+    REFUSED = 1   # the server said no (bad input, not found, permission): fix and retry
+    USAGE = 2     # bad command line
+    LOGIN = 3     # not authenticated: run `s2uc login` or pass a token
+    RETRY = 4     # unavailable, busy, out of ports or time: retry later
+    FAILED = 5    # the transfer or the data server failed
+
+
+_EXIT_FOR = {
+    "UNAUTHENTICATED": Exit.LOGIN,
+    "UNAVAILABLE": Exit.RETRY,
+    "RESOURCE_EXHAUSTED": Exit.RETRY,
+    "DEADLINE_EXCEEDED": Exit.RETRY,
+    "INTERNAL": Exit.FAILED,
+}
+
+EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 refused by the server (bad input, unknown uid, not yours); "
+                   "2 usage; 3 not logged in; 4 unavailable/busy, retry later; 5 data path failed.")
+
+
+def option(*names: str, **kw) -> Callable:
+    """click.option with the original's underscore spelling added for every --long-name."""
+    extra = [n.replace("-", "_").replace("__", "--", 1) for n in names
+             if n.startswith("--") and "-" in n[2:]]
+    return click.option(*names, *extra, **kw)
+
+
+def fail(action: str, exc: ScistreamError) -> "NoReturn":  # type: ignore[name-defined]
+    code = exc.status.name if exc.status is not None else "ERROR"
+    err.print(f"[red]{escape(action)} failed[/] ({code}): {escape(str(exc))}")
+    sys.exit(_EXIT_FOR.get(code, Exit.REFUSED))
+
+
+def handle_errors(action: str):
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except ScistreamError as exc:
+                fail(action, exc)
+            except KeyboardInterrupt:
+                err.print(f"[yellow]{escape(action)} interrupted[/]")
+                sys.exit(130)
+        return wrapper
+    return deco
+
+
+def setup_logging(verbose: bool, *, quiet_default: bool = True) -> None:
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet_default else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not verbose:
+        logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def channel_options(fn):
+    """--server-cert, --insecure and --token for every command that calls an S2CS."""
+    fn = option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
+                help="Access token to send (default: from `s2uc login`).")(fn)
+    fn = option("--insecure", is_flag=True, default=False,
+                help="Plaintext control channel (only for a server started with --insecure).")(fn)
+    fn = option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT",
+                help="PEM certificate to verify the S2CS against (default: ./server.crt if present, "
+                     "else the system's roots).")(fn)
+    return fn
+
+
+def resolve_token(explicit: str | None, s2cs: str | None = None) -> str | None:
+    """The token to send: --token / SCISTREAM_TOKEN, else the login store's, else none."""
+    if explicit and explicit not in ("-", "INVALID_TOKEN"):
+        return explicit
+    env = os.environ.get("SCISTREAM_TOKEN")
+    if env:
+        return env
+    try:
+        from ..auth.tokens import stored_token
+    except ImportError:
+        return None
+    return stored_token(s2cs)

@@ -1,0 +1,218 @@
+"""Running a control server: configuration, TLS, the gRPC server, shutdown.
+
+    config = ServerConfig(listener_ip="127.0.0.1", port=5000, auth="none", insecure=True)
+    asyncio.run(serve(config))
+
+``serve`` owns everything it starts: the gRPC server, the session registry and, through
+it, every data server; SIGTERM or Ctrl-C stops them all.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from ..auth.base import Authenticator, make_authenticator
+from ..data.base import BackendUnavailable, get_backend
+from ..proto import pb_grpc
+from . import tlscert
+from .ports import BandwidthPool, PortPool, parse_port_range
+from .servicer import ControlServicer
+from .sessions import RegistryConfig, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 20  # 1 MiB: no legitimate control message comes close
+
+
+def default_state_dir(port: int) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "scistream" / f"s2cs-{port}"
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    listener_ip: str = "127.0.0.1"
+    port: int = 5000
+    control_ip: str | None = None
+    server_type: str = "Builtin"
+    port_range: str = "5100-5200"
+    hello_timeout: float = 180.0
+    hello_grace: float = 5.0
+    max_conn: int = 64
+    max_rate: int = 0
+    server_cert: Path | None = None
+    server_key: Path | None = None
+    insecure: bool = False
+    state_dir: Path | None = None
+    auth: str | None = None
+    auth_options: dict = dataclasses.field(default_factory=dict)
+    admins: tuple[str, ...] = ()
+    wan_plaintext: bool = False
+    allow_legacy_plaintext: bool = False
+    ready_file: Path | None = None
+    verbose: bool = False
+
+
+class ConfigError(Exception):
+    """The configuration cannot work; the message says what to change."""
+
+
+def check(config: ServerConfig) -> None:
+    if config.auth is None:
+        raise ConfigError("choose an authenticator with --auth (globus, jwt, static); "
+                          "--auth none disables authentication for development only")
+    try:
+        config.backend = get_backend(config.server_type)  # type: ignore[attr-defined]
+        config.backend.check_available()  # type: ignore[attr-defined]
+    except (ValueError, BackendUnavailable) as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        parse_port_range(config.port_range)
+    except Exception as exc:
+        raise ConfigError(str(exc)) from None
+    if (config.server_cert is None) != (config.server_key is None):
+        raise ConfigError("give both --server-cert and --server-key, or neither")
+    if config.hello_timeout <= 0 or config.hello_grace < 0:
+        raise ConfigError("--hello-timeout must be > 0")
+    if config.max_conn <= 0:
+        raise ConfigError("--max-conn must be > 0")
+
+
+def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
+    if config.server_cert is not None:
+        cert, key = Path(config.server_cert), Path(config.server_key)  # type: ignore[arg-type]
+        try:
+            cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the server certificate or key: {exc}") from None
+        log.info("control channel: TLS with %s", cert)
+    else:
+        cert, key = state_dir / "server.crt", state_dir / "server.key"
+        hosts = [h for h in (config.listener_ip, config.control_ip) if h]
+        if not (cert.exists() and key.exists() and tlscert.cert_covers(cert, hosts)):
+            tlscert.make_self_signed(cert, key, hosts)
+        cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+        msg = (f"control channel: TLS with a self-signed certificate {cert} "
+               f"(SHA256 {tlscert.fingerprint(cert_pem)}); hand this file to clients (--server-cert)")
+        log.warning(msg)
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+
+class ControlServer:
+    """One running control server: the gRPC server, the registry, the lease loop.
+
+        server = ControlServer(config)
+        await server.start()     # listening; server.port is the bound port
+        ...
+        await server.stop()      # stops the gRPC server, then every session's data server
+    """
+
+    def __init__(self, config: ServerConfig, *, authenticator: Authenticator | None = None) -> None:
+        check(config)
+        self.config = config
+        self.state_dir = Path(config.state_dir or default_state_dir(config.port))
+        self.auth = authenticator
+        self.port = 0
+        self.registry: SessionRegistry | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        config = self.config
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.auth is None:
+            if config.auth == "none":
+                log.warning("!!! --auth none: AUTHENTICATION IS DISABLED. Anyone who reaches the "
+                            "control port can create and release sessions. For development only. !!!")
+            self.auth = make_authenticator(config.auth, **config.auth_options)  # type: ignore[arg-type]
+        ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip)
+        self.registry = SessionRegistry(
+            RegistryConfig(listener_ip=config.listener_ip, state_dir=self.state_dir,
+                           server_type=config.backend.kind,  # type: ignore[attr-defined]
+                           backend=config.backend,  # type: ignore[attr-defined]
+                           hello_timeout=config.hello_timeout, hello_grace=config.hello_grace,
+                           max_conn=config.max_conn, wan_plaintext=config.wan_plaintext,
+                           allow_legacy_plaintext=config.allow_legacy_plaintext,
+                           admins=frozenset(config.admins)),
+            ports, BandwidthPool(config.max_rate))
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_ControlServicer_to_server(ControlServicer(self.registry, self.auth), server)
+        bind_host = config.control_ip or config.listener_ip
+        address = f"[{bind_host}]:{config.port}" if ":" in bind_host else f"{bind_host}:{config.port}"
+        try:
+            if config.insecure:
+                log.warning("control channel: PLAINTEXT (--insecure); tokens cross the network unprotected")
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, _tls_credentials(config, self.state_dir))
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}; is another s2cs running there?") from None
+        await server.start()
+        self._grpc = server
+        shown = f"[{bind_host}]:{self.port}" if ":" in bind_host else f"{bind_host}:{self.port}"
+        self.address = shown
+        log.info("S2CS serving on %s (type %s, data ports %s, listener ip %s)", shown,
+                 config.backend.kind, config.port_range, config.listener_ip)  # type: ignore[attr-defined]
+        self._tasks.append(asyncio.create_task(_lease_loop(self.registry)))
+        if config.ready_file:
+            Path(config.ready_file).write_text(json.dumps({"port": self.port, "pid": os.getpid(),
+                                                           "state_dir": str(self.state_dir)}))
+
+    async def stop(self, *, release: bool = True) -> None:
+        log.info("S2CS shutting down")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        if self.registry is not None:
+            await self.registry.close(release=release)
+        if self.auth is not None:
+            await self.auth.close()
+
+    async def __aenter__(self) -> "ControlServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+async def serve(config: ServerConfig, *, authenticator: Authenticator | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run a control server until ``stop`` is set, SIGTERM or Ctrl-C."""
+    server = ControlServer(config, authenticator=authenticator)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+    finally:
+        await server.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+async def _lease_loop(registry: SessionRegistry) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await registry.expire_leases()
+        except Exception:
+            log.exception("lease check failed")

@@ -1,0 +1,156 @@
+"""The data-server interface and the backend registry.
+
+A *data server* serves one session on one gateway: it listens on ``spec.ports`` at
+``spec.listen_host`` and forwards the connections accepted on listener ``i`` to
+``spec.targets[i]``, both directions. Which leg crosses the WAN depends on the role:
+
+* ``PROD``: the listeners face the WAN (TLS server when ``spec.wan_secret`` is set),
+  the targets are the producer's endpoints on the LAN (plain TCP).
+* ``CONS``: the listeners face the consumer on the LAN (plain TCP), the targets are the
+  PROD side's WAN listeners (TLS client when ``spec.wan_secret`` is set).
+
+Backends register by the ``--type`` name (``@register("Builtin")``). The control server
+calls ``check_available()`` at start, then per session ``start()``; ``retarget()`` on a
+later update; ``stop()`` on release; ``wait_exit()`` to learn of a crash; ``stats()``
+for the byte counters. Every method is a coroutine except ``check_available``; ``stop``
+is idempotent and must leave no process and no listening port behind.
+
+    server = get_backend("Builtin")(spec)
+    await server.start()        # returns once every listener accepts connections
+    ...
+    await server.stop()
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    uid: str
+    role: str                    # "PROD" or "CONS"
+    listen_host: str             # the --listener-ip the operator gave; never 0.0.0.0 unless asked
+    ports: tuple[int, ...]       # one listener per connection slot
+    targets: tuple[str, ...]     # "host:port", same length as ports (round-robin already applied)
+    rate_kbps: int = 0           # whole-session cap in kbit/s; 0 = unlimited
+    wan_secret: bytes | None = None  # 32 random bytes; None = plaintext WAN leg
+    workdir: Path = Path(".")    # per-session directory for configs, logs, sockets
+
+    @property
+    def wan_tls(self) -> bool:
+        return self.wan_secret is not None
+
+    def with_targets(self, targets: tuple[str, ...]) -> "DataSpec":
+        return dataclasses.replace(self, targets=targets)
+
+
+@dataclasses.dataclass
+class Stats:
+    bytes_in: int = 0      # bytes carried towards the producer (consumer -> producer)
+    bytes_out: int = 0     # bytes carried towards the consumer (producer -> consumer)
+    connections: int = 0   # connections open now
+    total_connections: int = 0
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run on this machine (binary missing, module missing)."""
+
+
+class DataServer(abc.ABC):
+    kind: ClassVar[str] = ""
+    #: True for the types whose original behaviour was a plaintext WAN leg.
+    legacy_plaintext: ClassVar[bool] = False
+
+    def __init__(self, spec: DataSpec) -> None:
+        self.spec = spec
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise BackendUnavailable with a clear message if this backend cannot run."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start serving; return only once every listener accepts connections.
+
+        Raise ``scistream.errors.DataServerError`` with the reason on failure, having
+        stopped whatever was started."""
+
+    async def retarget(self, targets: tuple[str, ...]) -> None:
+        """Forward new connections to new targets (an update on a connected session).
+
+        The default restarts the server; backends that can reload in place override it."""
+        await self.stop()
+        self.spec = self.spec.with_targets(targets)
+        await self.start()
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop everything this server started. Idempotent."""
+
+    @abc.abstractmethod
+    async def wait_exit(self) -> str:
+        """Complete, with a reason, when the server stops without ``stop()`` being called."""
+
+    async def stats(self) -> Stats:
+        return Stats()
+
+    def handle(self) -> dict[str, Any]:
+        """What the control server stores (JSON) to re-adopt this server after a restart."""
+        return {}
+
+    @classmethod
+    async def adopt(cls, spec: DataSpec, handle: dict[str, Any]) -> "DataServer":
+        """Take over a data server a previous control server started (from ``handle()``).
+
+        Raise ``DataServerError`` if it is gone; the caller then restarts it or marks the
+        session failed. ``wait_exit`` and ``stop`` must work on the adopted server."""
+        raise NotImplementedError(f"{cls.kind} data servers cannot be re-adopted")
+
+    @property
+    def pids(self) -> list[int]:
+        return []
+
+
+BACKENDS: dict[str, type[DataServer]] = {}
+
+
+def register(*names: str):
+    def deco(cls: type[DataServer]) -> type[DataServer]:
+        cls.kind = names[0]
+        for n in names:
+            BACKENDS[n.lower()] = cls
+        return cls
+    return deco
+
+
+def get_backend(name: str) -> type[DataServer]:
+    _load_all()
+    try:
+        return BACKENDS[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown data server type {name!r}; choose one of {', '.join(backend_names())}") from None
+
+
+def backend_names() -> list[str]:
+    _load_all()
+    seen: list[str] = []
+    for cls in BACKENDS.values():
+        for alias in getattr(cls, "aliases", (cls.kind,)):
+            if alias not in seen:
+                seen.append(alias)
+    return seen
+
+
+def _load_all() -> None:
+    from . import builtin  # noqa: F401
+    try:
+        from .backends import haproxy, nginx, stunnel  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - only while a backend is being written
+        log.debug("external backends not loaded: %s", exc)

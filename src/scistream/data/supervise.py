@@ -1,0 +1,186 @@
+"""Owning data-server processes: start, wait until ready, stop and reap, tail the log.
+
+Every child runs in its own session (process group) so that a restart of the control
+server does not take the streams down; ``ChildProcess.stop`` always kills the whole
+group and reaps the child, even when the caller is cancelled.
+
+    child = await ChildProcess.spawn(argv, log_path=workdir / "haproxy.log", name="haproxy")
+    await child.wait_ready(lambda: ports_listening(host, ports), timeout=10)
+    ...
+    await child.stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
+
+from ..errors import DataServerError
+
+log = logging.getLogger(__name__)
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); look at its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def port_listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    w.close()
+    with contextlib.suppress(OSError):
+        await w.wait_closed()
+    return True
+
+
+async def ports_listening(host: str, ports: Sequence[int]) -> bool:
+    results = await asyncio.gather(*(port_listening(host, p) for p in ports))
+    return all(results)
+
+
+class ChildProcess:
+    """A child process in its own process group, with its output in a log file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process | None, pid: int, name: str, log_path: Path) -> None:
+        self.proc = proc
+        self.pid = pid
+        self.name = name
+        self.log_path = log_path
+        self._stopped = False
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str], *, log_path: Path, name: str,
+                    env: dict[str, str] | None = None, cwd: Path | None = None) -> "ChildProcess":
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as logf:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    start_new_session=True, env=env, cwd=cwd)
+            except OSError as exc:
+                raise DataServerError(f"cannot start {name} ({argv[0]}): {exc}") from exc
+        log.debug("%s started, pid %d: %s", name, proc.pid, " ".join(map(str, argv)))
+        return cls(proc, proc.pid, name, log_path)
+
+    @classmethod
+    def adopt(cls, pid: int, name: str, log_path: Path) -> "ChildProcess":
+        """Take over a process started by an earlier control server (not our child)."""
+        return cls(None, pid, name, log_path)
+
+    @property
+    def running(self) -> bool:
+        if self.proc is not None:
+            return self.proc.returncode is None
+        return pid_alive(self.pid)
+
+    def exit_reason(self) -> str:
+        code = self.proc.returncode if self.proc is not None else None
+        how = f"exited with code {code}" if code is not None else "exited"
+        if code is not None and code < 0:
+            how = f"was killed by signal {-code}"
+        detail = tail(self.log_path)
+        return f"{self.name} (pid {self.pid}) {how}" + (f": {detail}" if detail else "")
+
+    async def wait(self) -> str:
+        """Wait for the process to end by itself; return why."""
+        if self.proc is not None:
+            await self.proc.wait()
+        else:
+            while pid_alive(self.pid):
+                await asyncio.sleep(0.5)
+        return self.exit_reason()
+
+    async def wait_ready(self, ready: Callable[[], Awaitable[bool]], *, timeout: float) -> None:
+        """Poll ``ready`` until true; fail (and stop the child) if it exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        try:
+            while True:
+                if not self.running:
+                    raise DataServerError(f"data server failed to start: {self.exit_reason()}")
+                if await ready():
+                    return
+                if time.monotonic() > deadline:
+                    raise DataServerError(
+                        f"{self.name} did not become ready within {timeout:.0f} s: {tail(self.log_path)}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the group, SIGKILL after ``grace`` seconds; always reaps. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await asyncio.shield(self._stop(grace))
+
+    async def _stop(self, grace: float) -> None:
+        if not self.running:
+            if self.proc is not None:
+                await self.proc.wait()
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            if self.proc is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 0.05)
+            else:
+                await asyncio.sleep(0.02)
+        if self.running:
+            log.warning("%s (pid %d) ignored SIGTERM; sending SIGKILL", self.name, self.pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        if self.proc is not None:
+            await self.proc.wait()
+        else:
+            while pid_alive(self.pid):
+                await asyncio.sleep(0.02)
+        # A child of ours may have left grandchildren in the group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def free_port_check(host: str, port: int) -> bool:
+    """True if ``port`` can be bound on ``host`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

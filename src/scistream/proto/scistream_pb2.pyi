@@ -1,0 +1,117 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Request(_message.Message):
+    __slots__ = ("uid", "role", "num_conn", "rate", "lease")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONN_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    role: str
+    num_conn: int
+    rate: int
+    lease: int
+    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., lease: _Optional[int] = ...) -> None: ...
+
+class UpdateTargets(_message.Message):
+    __slots__ = ("uid", "remote_listeners", "role", "wan_secret")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WAN_SECRET_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    remote_listeners: _containers.RepeatedScalarFieldContainer[str]
+    role: str
+    wan_secret: bytes
+    def __init__(self, uid: _Optional[str] = ..., remote_listeners: _Optional[_Iterable[str]] = ..., role: _Optional[str] = ..., wan_secret: _Optional[bytes] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("uid",)
+    UID_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    def __init__(self, uid: _Optional[str] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("uid", "prod_listeners", "role")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    PROD_LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    prod_listeners: _containers.RepeatedScalarFieldContainer[str]
+    role: str
+    def __init__(self, uid: _Optional[str] = ..., prod_listeners: _Optional[_Iterable[str]] = ..., role: _Optional[str] = ...) -> None: ...
+
+class Response(_message.Message):
+    __slots__ = ("listeners", "prod_listeners", "wan_secret", "wan_security")
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    PROD_LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    WAN_SECRET_FIELD_NUMBER: _ClassVar[int]
+    WAN_SECURITY_FIELD_NUMBER: _ClassVar[int]
+    listeners: _containers.RepeatedScalarFieldContainer[str]
+    prod_listeners: _containers.RepeatedScalarFieldContainer[str]
+    wan_secret: bytes
+    wan_security: str
+    def __init__(self, listeners: _Optional[_Iterable[str]] = ..., prod_listeners: _Optional[_Iterable[str]] = ..., wan_secret: _Optional[bytes] = ..., wan_security: _Optional[str] = ...) -> None: ...
+
+class AppResponse(_message.Message):
+    __slots__ = ("message", "listeners")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    listeners: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, message: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("uid",)
+    UID_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    def __init__(self, uid: _Optional[str] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("uid", "role", "state", "owner", "listeners", "targets", "num_conn", "rate", "bytes_in", "bytes_out", "created", "lease_expires", "last_error", "wan_security", "server_type", "connections")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONN_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    WAN_SECURITY_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    role: str
+    state: str
+    owner: str
+    listeners: _containers.RepeatedScalarFieldContainer[str]
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    num_conn: int
+    rate: int
+    bytes_in: int
+    bytes_out: int
+    created: float
+    lease_expires: float
+    last_error: str
+    wan_security: str
+    server_type: str
+    connections: int
+    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., owner: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., created: _Optional[float] = ..., lease_expires: _Optional[float] = ..., last_error: _Optional[str] = ..., wan_security: _Optional[str] = ..., server_type: _Optional[str] = ..., connections: _Optional[int] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...

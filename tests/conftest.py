@@ -1,0 +1,256 @@
+"""Shared fixtures: real control servers (in-process or as `s2cs` processes), an echo
+application, helpers that wait for a condition with a deadline, and a check that every
+test leaves no child process behind."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import pytest
+
+from scistream.client import AsyncClient
+from scistream.control.server import ControlServer, ServerConfig
+
+BIN = Path(sys.executable).parent
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+async def async_wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+_range_lock = Path(os.environ.get("TMPDIR", "/tmp")) / "scistream-test-ports"
+
+
+def port_block(size: int = 40) -> str:
+    """A block of ports no other test of this run uses, from a per-run counter.
+
+    Ports come from 30000-59999 in blocks; a port another program holds is skipped by the
+    server's own allocator, so the block is a soft reservation only."""
+    global _next_block
+    start = _next_block
+    _next_block += size
+    if _next_block > 59999:
+        _next_block = 30000 + (os.getpid() % 50) * 200
+    return f"{start}-{start + size - 1}"
+
+
+_next_block = 30000 + (os.getpid() % 100) * 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+async def servers(tmp_path):
+    """Start in-process control servers: ``srv = await servers(**ServerConfig fields)``.
+
+    Each has ``.target`` ("127.0.0.1:PORT") and ``.registry``; all are stopped at the end."""
+    made: list[ControlServer] = []
+
+    async def make(**kw) -> ControlServer:
+        kw.setdefault("port", 0)
+        kw.setdefault("auth", "none")
+        kw.setdefault("insecure", True)
+        kw.setdefault("port_range", port_block())
+        kw.setdefault("state_dir", tmp_path / f"s2cs-{len(made)}")
+        authenticator = kw.pop("authenticator", None)
+        srv = ControlServer(ServerConfig(**kw), authenticator=authenticator)
+        await srv.start()
+        srv.target = f"127.0.0.1:{srv.port}"
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        await srv.stop()
+
+
+@pytest.fixture
+async def client_for():
+    clients: list[AsyncClient] = []
+
+    def make(srv, **kw) -> AsyncClient:
+        kw.setdefault("insecure", True)
+        c = AsyncClient(srv.target if hasattr(srv, "target") else srv, **kw)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[tuple[str, int]]:
+    """An application endpoint that echoes every byte back (both directions at once)."""
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await r.read(1 << 16):
+                w.write(chunk)
+                await w.drain()
+            if w.can_write_eof():
+                w.write_eof()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[:2]
+
+
+async def echo_roundtrip(host: str, port: int, payload: bytes, timeout: float = 30.0) -> bytes:
+    """Send payload while reading it back; half-close at the end; return what came back."""
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(view), 1 << 18):
+            w.write(view[i:i + (1 << 18)])
+            await w.drain()
+        w.write_eof()
+
+    try:
+        sender = asyncio.create_task(send())
+        got = await asyncio.wait_for(r.read(-1), timeout)
+        await sender
+    finally:
+        w.close()
+    return got
+
+
+def parse_listener(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class S2csProcess:
+    """An ``s2cs`` process: started with --ready-file, stopped with SIGTERM at teardown."""
+
+    def __init__(self, args: list[str], tmp: Path) -> None:
+        self.ready = tmp / f"ready-{uuid.uuid4().hex[:8]}.json"
+        self.log_path = tmp / f"s2cs-{uuid.uuid4().hex[:8]}.log"
+        self.logf = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(BIN / "s2cs"), *args, "--ready-file", str(self.ready)],
+                                     stdout=self.logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_until(lambda: self.ready.exists() or self.proc.poll() is not None, 30, "s2cs to start")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"s2cs exited {self.proc.returncode}: {self.log()}")
+        info = json.loads(self.ready.read_text())
+        self.port = info["port"]
+        self.state_dir = Path(info["state_dir"])
+        self.target = f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logf.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def s2cs_process(tmp_path):
+    """Start ``s2cs`` processes: ``p = s2cs_process("--type", "Builtin", ...)``."""
+    procs: list[S2csProcess] = []
+
+    def start(*args: str, auth: str | None = "none", insecure: bool = True) -> S2csProcess:
+        full = ["--port", "0", "--listener-ip", "127.0.0.1", "--port-range", port_block(),
+                "--state-dir", str(tmp_path / f"state-{len(procs)}")]
+        if auth:
+            full += ["--auth", auth]
+        if insecure:
+            full.append("--insecure")
+        p = S2csProcess(full + list(args), tmp_path)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        for c in _children(todo.pop()):
+            seen.append(c)
+            todo.append(c)
+    return seen
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Every test must leave no process behind."""
+    before = set(_descendants(os.getpid()))
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        left = set(_descendants(os.getpid())) - before
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if left:
+        cmds = []
+        for pid in left:
+            with contextlib.suppress(OSError):
+                cmds.append(f"{pid}: " + open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail("test left processes behind: " + "; ".join(cmds))
