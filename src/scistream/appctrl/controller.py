@@ -1,0 +1,128 @@
+"""What ``appctrl create-appctrl`` does, as coroutines the demo reuses.
+
+PROD: start the producer (the bundled demo producer, an iperf3 server, or nothing when
+the endpoints are given), then send the hello with its endpoints, then keep the producer
+running until it has served its connections (or forever).
+
+CONS: send the hello; its answer carries the CONS S2DS's listeners; then run the consumer
+against them (the demo consumer, which verifies every byte, or an iperf3 client).
+
+    await run_prod(client, uid, "127.0.0.1", app="demo", num_conn=4, size=1 << 30)
+    report = await run_cons(client, uid, app="demo", size=1 << 30)
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from typing import Callable, Sequence
+
+from ..addr import format_listener, parse_listener
+from ..apps import demo
+from ..client import AsyncClient
+from ..errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+MOCK_ENDPOINTS = ["127.0.0.1:5074", "127.0.0.1:5075", "127.0.0.1:5076", "127.0.0.1:37000", "127.0.0.1:47000"]
+
+
+async def _free_port(host: str) -> int:
+    srv = await asyncio.start_server(lambda r, w: None, host, 0)
+    port = srv.sockets[0].getsockname()[1]
+    srv.close()
+    await srv.wait_closed()
+    return port
+
+
+async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo", num_conn: int = 1,
+                   size: int = 1 << 30, endpoints: Sequence[str] = (), connections: int | None = None,
+                   say: Callable[[str], None] = print) -> None:
+    if app == "none":
+        if not endpoints:
+            raise InvalidArgument("--app none needs the producer's endpoints (--endpoint HOST:PORT)")
+        for e in endpoints:
+            parse_listener(e)
+        await client.hello(uid, "PROD", list(endpoints))
+        say(f"hello sent for {uid}; producer endpoints: {', '.join(endpoints)}")
+        return
+    if app == "demo":
+        producer = demo.Producer(size, connections)
+        try:
+            eps = await producer.start(ip, [0] * num_conn)
+            resp = await client.hello(uid, "PROD", eps)
+            say(f"hello sent for {uid}: {resp.message}; producer endpoints: {', '.join(eps)}")
+            if connections is None:
+                await asyncio.Event().wait()  # serve until interrupted
+            await producer.done.wait()
+            say(f"producer served {connections} connection(s) of {size} bytes")
+        finally:
+            await producer.close()
+        return
+    if app == "iperf3":
+        binary = shutil.which("iperf3")
+        if not binary:
+            raise InvalidArgument("iperf3 is not installed (apt-get install iperf3)")
+        port = await _free_port(ip)
+        proc = await asyncio.create_subprocess_exec(binary, "-s", "-B", ip, "-p", str(port),
+                                                    *(["-1"] if connections else []),
+                                                    stdin=asyncio.subprocess.DEVNULL)
+        try:
+            ep = format_listener(ip, port)
+            await _wait_listening(ip, port, proc)
+            await client.hello(uid, "PROD", [ep])
+            say(f"hello sent for {uid}; iperf3 server on {ep}")
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+        return
+    raise InvalidArgument(f"unknown --app {app!r}; choose demo, iperf3 or none")
+
+
+async def _wait_listening(host: str, port: int, proc) -> None:
+    for _ in range(200):
+        if proc.returncode is not None:
+            raise InvalidArgument(f"iperf3 exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            _, w = await asyncio.open_connection(host, port)
+            w.close()
+            return
+        await asyncio.sleep(0.025)
+    raise InvalidArgument(f"iperf3 is not listening on {host}:{port}")
+
+
+async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: int = 1 << 30,
+                   connect_timeout: float = 120.0, iperf_args: Sequence[str] = (),
+                   say: Callable[[str], None] = print) -> demo.ConsumeReport | None:
+    resp = await client.hello(uid, "CONS")
+    listeners = list(resp.listeners)
+    say(f"hello sent for {uid}; consumer listeners: {listeners}")
+    if app == "none":
+        return None
+    if app == "demo":
+        report = await demo.consume(listeners, size, connect_timeout=connect_timeout)
+        say(f"consumer verified {report.bytes} bytes over {len(listeners)} connection(s) "
+            f"in {report.seconds:.2f} s ({report.gbps:.2f} Gbit/s)")
+        return report
+    if app == "iperf3":
+        binary = shutil.which("iperf3")
+        if not binary:
+            raise InvalidArgument("iperf3 is not installed (apt-get install iperf3)")
+        host, port = parse_listener(listeners[0])
+        sock = await demo._connect(listeners[0], asyncio.get_running_loop().time() + connect_timeout)
+        sock.close()  # the chain is up
+        proc = await asyncio.create_subprocess_exec(binary, "-c", host, "-p", str(port), *iperf_args,
+                                                    stdin=asyncio.subprocess.DEVNULL)
+        try:
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+        if proc.returncode:
+            raise InvalidArgument(f"iperf3 client failed with exit code {proc.returncode}")
+        return None
+    raise InvalidArgument(f"unknown --app {app!r}; choose demo, iperf3 or none")

@@ -1,0 +1,119 @@
+"""``appctrl``: the application controller next to a producer or a consumer.
+
+    appctrl create-appctrl UID S2CS TOKEN PROD 10.0.0.5      # start the demo producer, say hello
+    appctrl create-appctrl UID S2CS TOKEN CONS               # say hello, run the verifying consumer
+    appctrl mock UID S2CS TOKEN PROD                         # hello with fixed test endpoints
+
+TOKEN is the session owner's token; ``-`` takes it from --token, SCISTREAM_TOKEN or the
+``s2uc login`` store.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import click
+
+from .. import __version__
+from ..addr import check_uid, parse_listener
+from ..appctrl.controller import MOCK_ENDPOINTS, run_cons, run_prod
+from ..apps.demo import VerifyError
+from ..client import AsyncClient, ChannelOptions
+from .common import EXIT_CODES_HELP, Exit, channel_options, err, handle_errors, option, out, resolve_token
+
+SIZE = click.IntRange(0)
+
+
+def _client(s2cs: str, token_arg: str, server_cert, insecure, token_opt) -> AsyncClient:
+    token = resolve_token(token_opt or token_arg, s2cs)
+    return AsyncClient(s2cs, ChannelOptions(server_cert=server_cert, insecure=insecure, token=token))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="appctrl")
+def cli() -> None:
+    """SciStream application controller: announce an application's endpoints and start it."""
+
+
+@cli.command("create-appctrl",
+             epilog="Examples:\n\n  appctrl create-appctrl UID 10.0.0.2:5000 - PROD 10.0.0.5 --num-conn 4\n\n"
+                    "  appctrl create-appctrl UID 10.1.0.2:5000 - CONS --size 1073741824")
+@click.argument("uid")
+@click.argument("s2cs")
+@click.argument("access_token", metavar="TOKEN")
+@click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False))
+@click.argument("controller_ip", required=False, default="127.0.0.1")
+@option("--app", type=click.Choice(["demo", "iperf3", "none"]), default="demo", show_default=True,
+        help="What to run: the bundled demo producer/consumer, iperf3, or nothing (hello only).")
+@option("--num-conn", type=click.IntRange(1), default=1, show_default=True,
+        help="PROD: how many producer endpoints to open.")
+@option("--size", type=SIZE, default=1 << 30, show_default=True, help="Bytes per connection (demo app).")
+@option("--connections", type=click.IntRange(1), default=None,
+        help="PROD: exit after serving this many connections (default: serve until interrupted).")
+@option("--endpoint", "endpoints", multiple=True, help="PROD with --app none: the producer's HOST:PORT (repeatable).")
+@option("--connect-timeout", type=float, default=120.0, show_default=True,
+        help="CONS: how long to wait for the listeners to accept connections.")
+@option("--report", type=click.Path(dir_okay=False), default=None,
+        help="CONS with the demo app: also write the transfer report (JSON) to this file.")
+@channel_options
+@handle_errors("appctrl")
+def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, size, connections, endpoints,
+                   connect_timeout, report, server_cert, insecure, **kw) -> None:
+    """Say hello to the S2CS for session UID and run the application (PROD or CONS)."""
+    check_uid(uid)
+    parse_listener(s2cs)
+    role = role.upper()
+
+    async def run() -> int:
+        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
+            if role == "PROD":
+                await run_prod(c, uid, controller_ip, app=app, num_conn=num_conn, size=size,
+                               endpoints=endpoints, connections=connections, say=out.print)
+            else:
+                result = await run_cons(c, uid, app=app, size=size, connect_timeout=connect_timeout,
+                                        say=out.print)
+                if report and result is not None:
+                    with open(report, "w") as f:
+                        json.dump({"bytes": result.bytes, "seconds": result.seconds,
+                                   "streams": len(result.streams), "gbps": result.gbps}, f)
+        return Exit.OK
+
+    try:
+        sys.exit(asyncio.run(run()))
+    except VerifyError as exc:
+        err.print(f"[red]verification failed[/]: {exc}")
+        sys.exit(Exit.FAILED)
+    except (ConnectionError, OSError) as exc:
+        err.print(f"[red]application failed[/]: {exc}")
+        sys.exit(Exit.FAILED)
+
+
+@cli.command("mock")
+@click.argument("uid")
+@click.argument("s2cs")
+@click.argument("access_token", metavar="TOKEN")
+@click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False))
+@click.argument("controller_ip", required=False, default="127.0.0.1")
+@channel_options
+@handle_errors("appctrl mock")
+def mock(uid, s2cs, access_token, role, controller_ip, server_cert, insecure, **kw) -> None:
+    """Send a hello with fixed test endpoints (127.0.0.1:5074, 5075, 5076, 37000, 47000)."""
+    check_uid(uid)
+    role = role.upper()
+
+    async def run() -> None:
+        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
+            resp = await c.hello(uid, role, MOCK_ENDPOINTS if role == "PROD" else [])
+            out.print(resp.message)
+            if resp.listeners:
+                out.print(f"Listeners: {list(resp.listeners)}")
+    asyncio.run(run())
+
+
+def main() -> None:
+    cli(prog_name="appctrl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""``s2uc``: the SciStream user client.
+
+The original tooling's commands, arguments and output, on top of ``scistream.client``:
+
+    s2uc prod-req --s2cs 10.0.0.2:5000 --num-conn 4           # PROD side: uid, listeners
+    s2uc cons-req --s2cs 10.1.0.2:5000 UID 10.0.0.2:5100,...  # CONS side: consumer listeners
+    s2uc release UID --s2cs 10.0.0.2:5000
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+
+import click
+from rich.markup import escape
+
+from .. import __version__
+from ..addr import format_listener, parse_listener
+from ..client import AsyncClient, ChannelOptions
+from ..client import sessionfile
+from ..errors import InvalidArgument
+from .common import EXIT_CODES_HELP, channel_options, err, handle_errors, option, out, resolve_token
+
+MOCK_ENDPOINTS = ["127.0.0.1:5074", "127.0.0.1:5075", "127.0.0.1:5076", "127.0.0.1:37000", "127.0.0.1:47000"]
+
+
+def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None) -> AsyncClient:
+    return AsyncClient(s2cs, ChannelOptions(server_cert=server_cert, insecure=insecure,
+                                            token=resolve_token(token, s2cs)))
+
+
+def _split(values: tuple[str, ...] | list[str]) -> list[str]:
+    """Listener arguments: comma-separated, space-separated, or both (the original's forms)."""
+    items = [v.strip() for arg in values for v in arg.replace(" ", ",").split(",") if v.strip()]
+    for v in items:
+        parse_listener(v)
+    return items
+
+
+def _proto_lines(field: str, values) -> None:
+    for v in values:
+        out.print(f'{field}: "{escape(v)}"')
+
+
+def s2cs_option(fn):
+    return option("--s2cs", required=True, metavar="HOST:PORT", envvar="SCISTREAM_S2CS",
+                  help="The control server to talk to.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="s2uc")
+def cli() -> None:
+    """SciStream user client: request, connect and release streaming sessions."""
+
+
+# -- PROD side -------------------------------------------------------------------------
+async def _prod_req(c: AsyncClient, uid: str, num_conn: int, rate: int, lease: int, mock: bool,
+                    s2cs: str) -> None:
+    out.print("uid; s2cs; access_token; role")
+    out.print(f"{uid} {s2cs} - PROD")
+    out.print("waiting for hello message")
+    req = asyncio.create_task(c.req(uid, "PROD", num_conn, rate, lease=lease))
+    if mock:
+        await c.hello(uid, "PROD", MOCK_ENDPOINTS)
+    resp = await req
+    sessionfile.save(uid, role="PROD", s2cs=s2cs, wan_secret=resp.wan_secret,
+                     listeners=list(resp.listeners))
+    _proto_lines("listeners", resp.listeners)
+    _proto_lines("prod_listeners", resp.prod_listeners)
+    out.print("Sending updated connection map information...")
+    await c.update(uid, "PROD", list(resp.prod_listeners), resp.wan_secret)
+    out.print(uid)
+
+
+@cli.command("prod-req", epilog="Example: s2uc prod-req --s2cs 10.0.0.2:5000 --num-conn 4\n\n"
+                                "Then start the producer's controller with the printed line:\n"
+                                "appctrl create-appctrl UID S2CS - PROD 10.0.0.5")
+@s2cs_option
+@option("--num-conn", type=click.IntRange(1), default=5, show_default=True, help="Parallel connections.")
+@option("--rate", type=click.IntRange(0), default=0, show_default=True,
+        help="Bandwidth cap in kbit/s for the whole session (0: none).")
+@option("--lease", type=click.IntRange(0), default=0, help="Session lifetime in seconds (0: the server's default).")
+@option("--mock", is_flag=True, help="Send the producer's hello from here, with fixed test endpoints.")
+@channel_options
+@handle_errors("prod-req")
+def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) -> None:
+    """Request the PROD side of a new session; wait for the producer's hello; push its endpoints.
+
+    Prints the new uid and the line to give the producer's application controller, then the
+    PROD listeners (what cons-req needs)."""
+    uid = str(uuid.uuid4())
+
+    async def run() -> None:
+        async with _client(s2cs, server_cert, insecure, token) as c:
+            await _prod_req(c, uid, num_conn, rate, lease, mock, s2cs)
+    asyncio.run(run())
+
+
+@cli.command("inbound-request",
+             epilog="Example: s2uc inbound-request --s2cs 127.0.0.1:5000 --num-conn 1 "
+                    "--remote-ip 127.0.0.1 --receiver-ports 5074")
+@s2cs_option
+@option("--num-conn", type=click.IntRange(1), default=5, show_default=True)
+@option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
+@option("--remote-ip", required=True, help="The producer's address.")
+@option("--receiver-ports", required=True, help="The producer's ports, comma-separated (e.g. 5074,5075).")
+@option("--lease", type=click.IntRange(0), default=0)
+@channel_options
+@handle_errors("inbound-request")
+def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, server_cert, insecure, token) -> None:
+    """PROD side with explicit producer endpoints: req, hello and update in one go."""
+    endpoints = _endpoints(remote_ip, receiver_ports)
+    uid = str(uuid.uuid4())
+
+    async def run() -> None:
+        async with _client(s2cs, server_cert, insecure, token) as c:
+            req = asyncio.create_task(c.req(uid, "PROD", num_conn, rate, lease=lease))
+            await c.hello(uid, "PROD", endpoints)
+            resp = await req
+            sessionfile.save(uid, role="PROD", s2cs=s2cs, wan_secret=resp.wan_secret,
+                             listeners=list(resp.listeners))
+            await c.update(uid, "PROD", list(resp.prod_listeners), resp.wan_secret)
+            _proto_lines("listeners", resp.listeners)
+            _proto_lines("prod_listeners", resp.prod_listeners)
+            out.print(uid)
+    asyncio.run(run())
+
+
+def _endpoints(remote_ip: str, receiver_ports: str) -> list[str]:
+    ports = [p.strip() for p in receiver_ports.split(",") if p.strip()]
+    if not ports:
+        raise InvalidArgument("--receiver-ports needs at least one port")
+    eps = []
+    for p in ports:
+        if not p.isdigit():
+            raise InvalidArgument(f"--receiver-ports: {p!r} is not a port number")
+        eps.append(format_listener(remote_ip, int(p)))
+    for e in eps:
+        parse_listener(e)
+    return eps
+
+
+# -- CONS side -------------------------------------------------------------------------
+async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: int | None, rate: int,
+                lease: int, send_hello: bool) -> list[str]:
+    n = num_conn or len(prod_listeners)
+    secret = sessionfile.wan_secret(uid)
+    req = asyncio.create_task(c.req(uid, "CONS", n, rate, lease=lease))
+    if send_hello:
+        await c.hello(uid, "PROD")  # the original's outbound-request says PROD here
+    resp = await req
+    await c.update(uid, "CONS", prod_listeners, secret)
+    return list(resp.listeners)
+
+
+@cli.command("cons-req", epilog="Example: s2uc cons-req --s2cs 10.1.0.2:5000 UID 10.0.0.2:5100,10.0.0.2:5101")
+@s2cs_option
+@click.argument("uid")
+@click.argument("prod_listener", nargs=-1, required=True)
+@option("--num-conn", type=click.IntRange(1), default=None, help="Default: one per PROD listener.")
+@option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
+@option("--lease", type=click.IntRange(0), default=0)
+@option("--wan-secret-file", type=click.Path(dir_okay=False), default=None,
+        help="JSON session file from the PROD side's client (default: this user's local record).")
+@channel_options
+@handle_errors("cons-req")
+def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, server_cert, insecure, token) -> None:
+    """Request the CONS side of session UID; wait for the consumer's hello; connect it to PROD_LISTENER(s)."""
+    listeners = _split(prod_listener)
+    _import_secret(uid, wan_secret_file)
+
+    async def run() -> list[str]:
+        async with _client(s2cs, server_cert, insecure, token) as c:
+            out.print("waiting for hello message")
+            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=False)
+    result = asyncio.run(run())
+    out.print(f"Listeners: {result}")
+
+
+@cli.command("outbound-request",
+             epilog="Example: s2uc outbound-request --s2cs 127.0.0.1:5001 --num-conn 1 "
+                    "--remote-ip 127.0.0.1 --receiver-ports 5074 UID 127.0.0.1:5100")
+@s2cs_option
+@option("--num-conn", type=click.IntRange(1), default=None)
+@option("--rate", type=click.IntRange(0), default=0, show_default=True)
+@option("--remote-ip", default=None, help="Accepted for the original's scripts; not needed.")
+@option("--receiver-ports", default=None, help="Accepted for the original's scripts; not needed.")
+@option("--lease", type=click.IntRange(0), default=0)
+@click.argument("uid")
+@click.argument("prod_listener", nargs=-1, required=True)
+@channel_options
+@handle_errors("outbound-request")
+def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, uid, prod_listener,
+                     server_cert, insecure, token) -> None:
+    """CONS side with no consumer controller: req, hello and update in one go."""
+    listeners = _split(prod_listener)
+
+    async def run() -> list[str]:
+        async with _client(s2cs, server_cert, insecure, token) as c:
+            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=True)
+    result = asyncio.run(run())
+    out.print(f"Listeners: {result}")
+
+
+def _import_secret(uid: str, path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        data = json.loads(open(path).read())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read --wan-secret-file {path}: {exc}") from None
+    import base64
+    sessionfile.save(uid, wan_secret=base64.b64decode(data.get("wan_secret", "")))
+
+
+# -- release / status ------------------------------------------------------------------
+@cli.command("release", epilog="Example: s2uc release UID --s2cs 10.0.0.2:5000")
+@click.argument("uid")
+@s2cs_option
+@channel_options
+@handle_errors("release")
+def release(uid, s2cs, server_cert, insecure, token) -> None:
+    """Release session UID on one control server: stop its data servers, free its ports."""
+    async def run() -> None:
+        async with _client(s2cs, server_cert, insecure, token) as c:
+            await c.release(uid)
+    asyncio.run(run())
+    sessionfile.forget(uid)
+    out.print("Release completed")
+
+
+def _add_optional_commands() -> None:
+    """Commands that live in their own modules (login, status, connect)."""
+    for mod, attr in (("s2uc_auth", "auth_commands"), ("s2uc_status", "status_commands"),
+                      ("s2uc_connect", "connect_commands")):
+        try:
+            module = __import__(f"scistream.cli.{mod}", fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"scistream.cli.{mod}":
+                raise
+            continue
+        for command in getattr(module, attr):
+            cli.add_command(command)
+
+
+_add_optional_commands()
+
+
+def main() -> None:
+    cli(prog_name="s2uc")
+
+
+if __name__ == "__main__":
+    main()

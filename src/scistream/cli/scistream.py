@@ -1,0 +1,73 @@
+"""``scistream``: project-level commands (the demo)."""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from .. import __version__
+from ..demo import DemoOptions, run_demo
+from ..errors import ScistreamError
+from .common import Exit, err, out, setup_logging
+
+TYPES = ["Builtin", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 1G, 256M, 1000000)") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="scistream")
+def cli() -> None:
+    """SciStream tools."""
+
+
+@cli.command(epilog="Example: scistream demo --size 256M --num-conn 2")
+@click.option("--size", default="1G", show_default=True, help="Total bytes to stream (K, M, G suffixes).")
+@click.option("--num-conn", "--num_conn", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--type", "server_type", type=click.Choice(TYPES, case_sensitive=False), default="Builtin",
+              show_default=True, help="Data server kind on both gateways.")
+@click.option("--rate", type=click.IntRange(0), default=0, help="kbit/s cap per session (0: none).")
+@click.option("--keep-dir", is_flag=True, help="Keep the work directory (logs, configs).")
+@click.option("--verbose", "-v", is_flag=True)
+def demo(size, num_conn, server_type, rate, keep_dir, verbose) -> None:
+    """Run a whole session on this machine: two control servers, a producer, a consumer,
+    every byte verified, everything released."""
+    setup_logging(verbose)
+    total = _size(size)
+    if total < num_conn:
+        raise click.BadParameter("--size must be at least one byte per connection")
+    opts = DemoOptions(size=total - total % num_conn, num_conn=num_conn, server_type=server_type,
+                       rate=rate, keep_dir=keep_dir, say=out.print)
+    try:
+        report = asyncio.run(run_demo(opts))
+    except KeyboardInterrupt:
+        err.print("[yellow]demo interrupted; everything it started was stopped[/]")
+        sys.exit(130)
+    except (ScistreamError, RuntimeError, OSError) as exc:
+        err.print(f"[red]demo failed[/]: {exc}")
+        sys.exit(Exit.FAILED)
+    setup = sum(secs for name, secs in report.steps if not name.startswith("transfer"))
+    out.print(f"report: session {report.uid}; setup and release took {setup * 1000:.0f} ms over "
+              f"{len(report.steps) - 1} steps (times above)")
+    out.print(f"[green]verified {report.bytes_verified} bytes[/] ({report.bytes_verified / (1 << 20):.0f} MiB) "
+              f"over {report.streams} connections in {report.transfer_seconds:.2f} s: "
+              f"{report.gbps:.2f} Gbit/s through PROD and CONS data servers ({report.server_type}, "
+              f"WAN leg {report.wan_security})")
+
+
+def main() -> None:
+    cli(prog_name="scistream")
+
+
+if __name__ == "__main__":
+    main()
