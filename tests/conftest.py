@@ -50,17 +50,18 @@ _range_lock = Path(os.environ.get("TMPDIR", "/tmp")) / "scistream-test-ports"
 def port_block(size: int = 40) -> str:
     """A block of ports no other test of this run uses, from a per-run counter.
 
-    Ports come from 30000-59999 in blocks; a port another program holds is skipped by the
-    server's own allocator, so the block is a soft reservation only."""
+    Ports come from 10000-32000, below the kernel's ephemeral range (where outgoing
+    connections take their ports), in blocks; a port another program holds is skipped by
+    the server's own allocator, so the block is a soft reservation only."""
     global _next_block
     start = _next_block
     _next_block += size
-    if _next_block > 59999:
-        _next_block = 30000 + (os.getpid() % 50) * 200
+    if _next_block > 32000:
+        _next_block = 10000 + (os.getpid() % 50) * 200
     return f"{start}-{start + size - 1}"
 
 
-_next_block = 30000 + (os.getpid() % 100) * 200
+_next_block = 10000 + (os.getpid() % 100) * 200
 
 
 def free_port() -> int:

@@ -63,7 +63,7 @@ def _exe(name: str) -> str:
 
 
 def _port_range(count: int = 64) -> str:
-    start = random.randrange(20000, 60000 - count)
+    start = random.randrange(10000, 32000 - count)  # below the ephemeral port range
     return f"{start}-{start + count - 1}"
 
 

@@ -58,9 +58,10 @@ class ResourceExhausted(ScistreamError):
 class PortsExhausted(ResourceExhausted):
     """Port range full; safe to retry later."""
 
-    def __init__(self, *, wanted: int, free: int, ports: range) -> None:
+    def __init__(self, *, wanted: int, free: int, ports: range, busy: int = 0) -> None:
+        held = f" ({busy} held by other programs)" if busy else ""
         super().__init__(
-            f"need {wanted} ports, {free} free in {ports.start}-{ports.stop - 1}; "
+            f"need {wanted} ports, {free} free in {ports.start}-{ports.stop - 1}{held}; "
             "release idle sessions or widen --port-range")
 
 

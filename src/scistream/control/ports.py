@@ -45,18 +45,23 @@ class PortPool:
         if n > self.free_count:
             raise PortsExhausted(wanted=n, free=self.free_count, ports=self.ports)
         got: list[int] = []
+        busy = 0
         tried = 0
         port = self._next
         while len(got) < n and tried < len(self.ports):
             tried += 1
-            if port not in self.used and free_port_check(self.host, port):
-                got.append(port)
-                self.used.add(port)
+            if port not in self.used:
+                if free_port_check(self.host, port):
+                    got.append(port)
+                    self.used.add(port)
+                else:
+                    busy += 1
             port = port + 1 if port + 1 < self.ports.stop else self.ports.start
         self._next = port
         if len(got) < n:
             self.free(got)
-            raise PortsExhausted(wanted=n, free=self.free_count, ports=self.ports)
+            raise PortsExhausted(wanted=n, free=self.free_count - busy, ports=self.ports,
+                                 busy=busy)
         return got
 
     def claim(self, ports: Iterable[int]) -> None:
