@@ -14,7 +14,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from ..errors import Unauthenticated
+import grpc
+
+from ..errors import ScistreamError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,18 @@ class Identity:
 
 ANONYMOUS = Identity("anonymous", "anonymous")
 
+LOGIN_HINT = "run `s2uc login` (or pass --token / SCISTREAM_TOKEN) and try again"
+
+
+class AuthConfigError(ValueError):
+    """An authenticator cannot be built from its options; the message says what to change."""
+
+
+class AuthUnavailable(ScistreamError):
+    """The token could not be checked right now (identity provider unreachable): retry later."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
 
 def bearer(value: str | None) -> str | None:
     """The token from an ``authorization`` value: bare or ``Bearer <token>``."""
@@ -43,6 +57,7 @@ def bearer(value: str | None) -> str | None:
 
 class Authenticator(abc.ABC):
     name = ""
+    options: tuple[str, ...] = ()   # the auth_options this kind understands
 
     @abc.abstractmethod
     async def authenticate(self, authorization: str | None) -> Identity:
@@ -61,25 +76,42 @@ class NoAuth(Authenticator):
         return ANONYMOUS
 
 
-def make_authenticator(kind: str, **options: Any) -> Authenticator:
-    kind = kind.lower()
+def _kind(kind: str) -> type[Authenticator]:
     if kind == "none":
-        return NoAuth()
+        return NoAuth
     if kind == "static":
         from .static import StaticAuth
-        return StaticAuth.from_options(**options)
+        return StaticAuth
     if kind == "jwt":
         from .jwt import JwtAuth
-        return JwtAuth.from_options(**options)
+        return JwtAuth
     if kind == "globus":
         from .globus import GlobusAuth
-        return GlobusAuth.from_options(**options)
-    raise ValueError(f"unknown --auth {kind!r}; choose none, static, jwt or globus")
+        return GlobusAuth
+    raise AuthConfigError(f"unknown --auth {kind!r}; choose none, static, jwt or globus")
+
+
+def make_authenticator(kind: str, **options: Any) -> Authenticator:
+    """The authenticator ``s2cs --auth KIND`` names, built from its options.
+
+    Options left at None are ignored; an option meant for another kind is an error, so
+    ``--auth static --jwt-jwks keys.json`` does not silently run without the JWT check.
+    """
+    cls = _kind(kind.lower())
+    given = {k: v for k, v in options.items() if v is not None}
+    stray = sorted(k for k in given if k not in cls.options)
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        raise AuthConfigError(f"{flags} does not apply to --auth {kind}")
+    if cls is NoAuth:
+        return NoAuth()
+    return cls.from_options(**given)  # type: ignore[attr-defined]
 
 
 def require_token(authorization: str | None) -> str:
+    """The bearer token of a call; a missing one (or the original's INVALID_TOKEN) is
+    Unauthenticated."""
     token = bearer(authorization)
     if token is None or token == "INVALID_TOKEN":
-        raise Unauthenticated("no access token sent; run `s2uc login` (or pass --token / "
-                              "SCISTREAM_TOKEN) and try again")
+        raise Unauthenticated(f"no access token sent; {LOGIN_HINT}")
     return token

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from .. import __version__
+from ..auth.base import AuthConfigError, make_authenticator
 from ..control.server import ConfigError, ServerConfig, serve
 from .common import Exit, err, option, setup_logging
 
@@ -44,7 +46,23 @@ def server_options(fn):
         option("--auth", type=click.Choice(["none", "static", "jwt", "globus"]), default=None,
                help="How callers are authenticated (required; `none` is for development only)."),
         option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               help="--auth static: the token file."),
+               help="--auth static: the token-hash file (`s2cs token add` writes it)."),
+        option("--jwt-jwks", default=None, metavar="PATH_OR_URL", help="--auth jwt: the JWKS file or URL."),
+        option("--jwt-issuer", default=None, help="--auth jwt: the issuer (iss) to accept."),
+        option("--jwt-audience", default=None, help="--auth jwt: the audience (aud) tokens must name."),
+        option("--jwt-leeway", type=float, default=None, help="--auth jwt: clock leeway in seconds [30]."),
+        option("--globus-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+               help="--auth globus: TOML file with client_id, client_secret, scope[, audience] "
+                    "(or SCISTREAM_GLOBUS_CLIENT_ID / _SECRET / _SCOPE in the environment)."),
+        option("--client-id", default=None, help="--auth globus: this S2CS's Globus client id."),
+        option("--client-secret", default=None, hidden=True),
+        option("--globus-scope", default=None, help="--auth globus: the scope tokens must carry."),
+        option("--globus-audience", default=None,
+               help="--auth globus: the audience tokens must name (default: the client id)."),
+        option("--auth-cache-ttl", type=float, default=None,
+               help="Seconds a token check is remembered (globus [60]; jwt: JWKS URL refresh [300])."),
+        option("--auth-timeout", type=float, default=None,
+               help="Seconds to wait for Globus Auth or a JWKS URL [10]."),
         option("--admin", "admins", multiple=True, help="Identity that may release any session (repeatable)."),
         option("--wan-plaintext", is_flag=True, help="Do not encrypt the WAN leg (operator's choice)."),
         option("--allow-legacy-plaintext", is_flag=True,
@@ -57,13 +75,27 @@ def server_options(fn):
     return fn
 
 
+AUTH_OPTIONS = ("token_file", "jwt_jwks", "jwt_issuer", "jwt_audience", "jwt_leeway", "globus_config",
+                "client_id", "globus_scope", "globus_audience", "auth_cache_ttl", "auth_timeout")
+
+
 def _run(**kw) -> None:
     setup_logging(kw.pop("verbose"), quiet_default=False)
-    token_file = kw.pop("token_file")
-    auth_options = {"token_file": token_file} if token_file else {}
+    if kw.pop("client_secret"):
+        err.print("[red]s2cs: a client secret on the command line is visible to every user (ps); "
+                  "set SCISTREAM_GLOBUS_CLIENT_SECRET or use --globus-config FILE instead[/]")
+        sys.exit(Exit.USAGE)
+    auth_options = {k: v for k in AUTH_OPTIONS if (v := kw.pop(k)) is not None}
     config = ServerConfig(**kw, auth_options=auth_options)
+    authenticator = None
+    if config.auth is not None and (config.auth != "none" or auth_options):
+        try:
+            authenticator = make_authenticator(config.auth or "none", **auth_options)
+        except AuthConfigError as exc:
+            err.print(f"[red]s2cs: {escape(str(exc))}[/]")
+            sys.exit(Exit.USAGE)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, authenticator=authenticator))
     except ConfigError as exc:
         err.print(f"[red]s2cs: {exc}[/]")
         sys.exit(Exit.USAGE)
@@ -87,6 +119,60 @@ def cli(ctx: click.Context, **kw) -> None:
 def start(**kw) -> None:
     """Start the control server (same as running s2cs with no command)."""
     _run(**kw)
+
+
+@cli.group("token")
+def token() -> None:
+    """Manage the token file of `--auth static`."""
+
+
+def _token_file(fn):
+    return option("--token-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                  help="The token file the server reads (created mode 0600 if missing).")(fn)
+
+
+@token.command("add", epilog="Example: s2cs token add alice@uni.edu --token-file /etc/scistream/tokens")
+@click.argument("identity")
+@_token_file
+def token_add(identity: str, token_file: Path) -> None:
+    """Make a token for IDENTITY; print it once (only its hash is kept)."""
+    from ..auth.static import add_token
+    try:
+        new = add_token(token_file, identity)
+    except AuthConfigError as exc:
+        err.print(f"[red]s2cs token add: {escape(str(exc))}[/]")
+        sys.exit(Exit.USAGE)
+    err.print(f"token for {escape(identity)} added to {token_file}; copy it now, it is not stored:")
+    click.echo(new)
+
+
+@token.command("list")
+@_token_file
+def token_list(token_file: Path) -> None:
+    """List the identities that have tokens."""
+    from ..auth.static import list_identities
+    try:
+        for ident, digest in list_identities(token_file):
+            click.echo(f"{ident}\t{digest}")
+    except AuthConfigError as exc:
+        err.print(f"[red]s2cs token list: {escape(str(exc))}[/]")
+        sys.exit(Exit.USAGE)
+
+
+@token.command("remove")
+@click.argument("identity")
+@_token_file
+def token_remove(identity: str, token_file: Path) -> None:
+    """Remove every token of IDENTITY (takes effect without a restart)."""
+    from ..auth.static import remove_identity
+    try:
+        n = remove_identity(token_file, identity)
+    except AuthConfigError as exc:
+        err.print(f"[red]s2cs token remove: {escape(str(exc))}[/]")
+        sys.exit(Exit.USAGE)
+    err.print(f"{n} token(s) of {escape(identity)} removed")
+    if not n:
+        sys.exit(Exit.REFUSED)
 
 
 def main() -> None:
