@@ -1,209 +1,314 @@
 """The built-in data server process: ``python -m scistream.data.s2ds CONFIG.json``.
 
 One process serves one session on one gateway. It binds every listener first, then
-opens its control socket (``control`` in the config, a Unix socket) - so a control
-server that can talk to the socket knows the listeners are up. It runs in its own
-process group, so the control server can be restarted (even killed) without cutting
+opens its control socket (``control`` in the config, a Unix socket of mode 0600) - so a
+control server that can talk to the socket knows the listeners are up. It runs in its
+own process group, so the control server can be restarted (even killed) without cutting
 the session's streams, and a new control server re-adopts it through the socket.
 
+Each listener accepts any number of connections and forwards each to its target
+(``relay.Conn``): plain legs with ``splice`` (no copy), the WAN leg in TLS 1.3 with
+mutual authentication when ``tls`` is set (``tlsleg``): PROD's listeners are TLS
+servers, CONS's connections to its targets are TLS clients. ``rate_kbps`` caps each
+direction of the whole session (all connections together) with a token bucket.
+
 Control socket: one JSON object per line in, one per line out.
-    {"op": "ping"}                         -> {"ok": true, "pid": 123}
-    {"op": "stats"}                        -> {"ok": true, "bytes_in": .., "bytes_out": .., ...}
+    {"op": "ping"}                         -> {"ok": true, "pid": 123, "uid": .., "role": ..}
+    {"op": "stats"}                        -> {"ok": true, "bytes_in": .., "bytes_out": ..,
+                                               "connections": .., "total_connections": .., ...}
+    {"op": "conns"}                        -> {"ok": true, "connections": [{"id", "listener",
+                                               "peer", "target", "state", "bytes_in", "bytes_out",
+                                               "age"}, ...]}   (open connections)
     {"op": "targets", "targets": [..]}     -> {"ok": true}   new connections go there
     {"op": "stop"}                         -> {"ok": true}   then the process exits
 
-Config (JSON): uid, role, listen_host, ports, targets, rate_kbps, tls (bool),
-cert, key (paths, when tls), control (socket path).
+``bytes_in`` counts bytes carried towards the producer, ``bytes_out`` towards the consumer.
+
+Config (JSON): uid, role, listen_host, ports, targets, rate_kbps, tls (bool), cert, key
+(paths, when tls), control (socket path); optional pipe_size (bytes, default 1 MiB).
 """
 from __future__ import annotations
 
-import asyncio
+import errno
 import json
 import logging
 import os
-import signal
 import socket
 import ssl
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-log = logging.getLogger("scistream.s2ds")
+from .evloop import EPOLLIN, EPOLLOUT, Loop, PipePool, TokenBucket
+from .relay import Conn
 
-CHUNK = 1 << 18
+log = logging.getLogger(__name__)
 
-
-class TokenBucket:
-    """Session-wide rate limit shared by every connection, in bytes per second."""
-
-    def __init__(self, rate_kbps: int) -> None:
-        self.rate = rate_kbps * 1000 / 8  # bytes/s
-        self.burst = max(self.rate / 20, 64 * 1024)  # 50 ms worth, at least 64 KiB
-        self.tokens = self.burst
-        self.stamp = time.monotonic()
-
-    async def take(self, n: int) -> None:
-        while True:
-            now = time.monotonic()
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-            if self.tokens >= n or (self.tokens >= self.burst and n > self.burst):
-                self.tokens -= n
-                return
-            await asyncio.sleep(max((min(n, self.burst) - self.tokens) / self.rate, 0.001))
+DEFAULT_PIPE = 1 << 20
 
 
-class DataServer:
+def resolve_target(text: str) -> tuple[int, Any]:
+    """``host:port`` (``[v6]:port``) -> (family, sockaddr); ValueError if it does not resolve."""
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad target {text!r}; expected host:port")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve target {text!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    return family, addr
+
+
+def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server context for the listeners, client context for the targets) for this role."""
+    if not cfg.get("tls"):
+        return None, None
+    server = cfg["role"] == "PROD"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cfg["cert"], cfg["key"])
+    ctx.load_verify_locations(cafile=cfg["cert"])
+    ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
+    ctx.check_hostname = False               # the one trusted certificate is the identity
+    if server:
+        ctx.num_tickets = 0                  # no resumption: saves work on every connection
+    return (ctx, None) if server else (None, ctx)
+
+
+class ControlClient:
+    """One connection to the control socket (line-delimited JSON)."""
+
+    def __init__(self, server: "S2DS", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.inbuf = b""
+        self.outbuf = b""
+        sock.setblocking(False)
+        server.loop.add(sock.fileno(), EPOLLIN, self.on_event)
+
+    def on_event(self, ev: int) -> None:
+        if ev & EPOLLOUT:
+            self.flush()
+        if not ev & ~EPOLLOUT:
+            return
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.inbuf += data
+        if len(self.inbuf) > 1 << 20:
+            self.close()
+            return
+        while b"\n" in self.inbuf:
+            line, self.inbuf = self.inbuf.split(b"\n", 1)
+            if line.strip():
+                self.outbuf += json.dumps(self.server.handle(line)).encode() + b"\n"
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            while self.outbuf:
+                n = self.sock.send(self.outbuf)
+                self.outbuf = self.outbuf[n:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.close()
+            return
+        want = EPOLLIN | (EPOLLOUT if self.outbuf else 0)
+        try:
+            self.server.loop.ep.modify(self.sock.fileno(), want)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.loop.remove(self.sock.fileno())
+        self.sock.close()
+        self.server.clients.discard(self)
+
+
+class S2DS:
+    """The whole data server: listeners, connections, counters, control socket."""
+
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
+        self.uid = cfg.get("uid", "")
         self.role = cfg["role"]
-        self.targets: list[str] = list(cfg["targets"])
-        self.bucket = TokenBucket(cfg["rate_kbps"]) if cfg.get("rate_kbps") else None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.open = 0
+        self.loop = Loop()
+        self.pipe_size = int(cfg.get("pipe_size") or DEFAULT_PIPE)
+        self.pipes = PipePool(self.pipe_size)
+        rate = int(cfg.get("rate_kbps") or 0)
+        self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
+        self.server_tls, self.client_tls = tls_contexts(cfg)
+        self.targets = [resolve_target(t) for t in cfg["targets"]]
+        self.target_texts = [str(t) for t in cfg["targets"]]
+        self.listeners: list[socket.socket] = []
+        self.conns: dict[int, Conn] = {}
+        self.clients: set[ControlClient] = set()
+        self.next_id = 1
+        self.bytes = {"in": 0, "out": 0}
         self.total = 0
-        self.tasks: set[asyncio.Task] = set()
-        self.stopping = asyncio.Event()
-        self.ssl_ctx: ssl.SSLContext | None = None
-        if cfg.get("tls"):
-            server_side = self.role == "PROD"
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-            ctx.load_cert_chain(cfg["cert"], cfg["key"])
-            ctx.load_verify_locations(cafile=cfg["cert"])
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.check_hostname = False
-            self.ssl_ctx = ctx
+        self.failed = 0
+        self.started = time.time()
+        self.control: socket.socket | None = None
 
-    async def run(self) -> None:
-        servers = []
-        listen_ssl = self.ssl_ctx if self.role == "PROD" else None
+    # -- RelayContext -----------------------------------------------------
+    def count(self, direction: str, n: int) -> None:
+        self.bytes[direction] += n
+
+    def conn_closed(self, conn: Conn) -> None:
+        self.conns.pop(conn.id, None)
+        if conn.why:
+            self.failed += 1
+        log.debug("conn %d closed: in %d, out %d bytes%s", conn.id, conn.bytes_in, conn.bytes_out,
+                  f" ({conn.why})" if conn.why else "")
+
+    # -- listeners --------------------------------------------------------
+    def listen(self) -> None:
+        host = self.cfg["listen_host"]
         for i, port in enumerate(self.cfg["ports"]):
-            srv = await asyncio.start_server(
-                lambda r, w, i=i: self._spawn(self._handle(i, r, w)),
-                self.cfg["listen_host"], port, ssl=listen_ssl, reuse_address=True,
-                ssl_handshake_timeout=10 if listen_ssl else None)
-            servers.append(srv)
-        ctl_path = self.cfg["control"]
-        try:
-            os.unlink(ctl_path)
-        except FileNotFoundError:
-            pass
-        ctl = await asyncio.start_unix_server(self._control, ctl_path)
-        os.chmod(ctl_path, 0o600)
-        log.info("listening on %s ports %s -> %s", self.cfg["listen_host"], self.cfg["ports"], self.targets)
-        await self.stopping.wait()
-        for srv in servers:
-            srv.close()
-        ctl.close()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        try:
-            os.unlink(ctl_path)
-        except FileNotFoundError:
-            pass
-
-    def _spawn(self, coro) -> None:
-        t = asyncio.ensure_future(coro)
-        self.tasks.add(t)
-        t.add_done_callback(self.tasks.discard)
-
-    async def _handle(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        target = self.targets[i % len(self.targets)]
-        host, _, port = target.rpartition(":")
-        host = host.strip("[]")
-        self.open += 1
-        self.total += 1
-        try:
-            connect_ssl = self.ssl_ctx if self.role == "CONS" else None
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                r2, w2 = await asyncio.wait_for(
-                    asyncio.open_connection(host, int(port), ssl=connect_ssl,
-                                            server_hostname="scistream-session" if connect_ssl else None),
-                    15)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-                log.warning("connection %d: cannot reach %s: %s", i, target, exc)
+                s.bind((host.strip("[]"), int(port)))
+            except OSError:
+                s.close()
+                raise
+            s.listen(4096)
+            s.setblocking(False)
+            self.listeners.append(s)
+            self.loop.add(s.fileno(), EPOLLIN, lambda ev, i=i, s=s: self._accept(i, s))
+
+    def _accept(self, index: int, lsock: socket.socket) -> None:
+        for _ in range(64):      # then let the other connections run
+            try:
+                sock, peer = lsock.accept()
+            except BlockingIOError:
                 return
-            # Direction naming: "in" = towards the producer.
-            towards_producer = "in"
-            towards_consumer = "out"
-            if self.role == "PROD":
-                a = self._pump(reader, w2, towards_producer)
-                b = self._pump(r2, writer, towards_consumer)
-            else:
-                a = self._pump(reader, w2, towards_producer)
-                b = self._pump(r2, writer, towards_consumer)
-            await asyncio.gather(a, b, return_exceptions=True)
-            w2.close()
-        finally:
-            self.open -= 1
-            writer.close()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept on listener %d: %s", index, exc.strerror)
+                return
+            target = self.targets[index % len(self.targets)]
+            conn = Conn(self, self.next_id, index, sock, peer, target)
+            self.next_id += 1
+            self.total += 1
+            self.conns[conn.id] = conn
+            conn.start()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
+    # -- control ----------------------------------------------------------
+    def open_control(self) -> None:
+        path = self.cfg["control"]
         try:
-            while data := await reader.read(CHUNK):
-                if self.bucket is not None:
-                    await self.bucket.take(len(data))
-                writer.write(data)
-                if direction == "in":
-                    self.bytes_in += len(data)
-                else:
-                    self.bytes_out += len(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-            else:
-                writer.close()
-        except (OSError, ssl.SSLError, ConnectionError):
-            writer.close()
-
-    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                try:
-                    msg = json.loads(line)
-                    op = msg.get("op")
-                    if op == "ping":
-                        out = {"ok": True, "pid": os.getpid()}
-                    elif op == "stats":
-                        out = {"ok": True, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                               "connections": self.open, "total_connections": self.total}
-                    elif op == "targets":
-                        self.targets = [str(t) for t in msg["targets"]]
-                        log.info("retargeted -> %s", self.targets)
-                        out = {"ok": True}
-                    elif op == "stop":
-                        out = {"ok": True}
-                        self.stopping.set()
-                    else:
-                        out = {"ok": False, "error": f"unknown op {op!r}"}
-                except (ValueError, KeyError, TypeError) as exc:
-                    out = {"ok": False, "error": str(exc)}
-                writer.write(json.dumps(out).encode() + b"\n")
-                await writer.drain()
-        except (OSError, ConnectionError):
+            os.unlink(path)
+        except FileNotFoundError:
             pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
         finally:
-            writer.close()
+            os.umask(old)
+        os.chmod(path, 0o600)
+        s.listen(16)
+        s.setblocking(False)
+        self.control = s
+        self.loop.add(s.fileno(), EPOLLIN, self._control_accept)
+
+    def _control_accept(self, _ev: int) -> None:
+        assert self.control is not None
+        while True:
+            try:
+                sock, _ = self.control.accept()
+            except (BlockingIOError, OSError):
+                return
+            self.clients.add(ControlClient(self, sock))
+
+    def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            msg = json.loads(line)
+            op = msg.get("op")
+            if op == "ping":
+                return {"ok": True, "pid": os.getpid(), "uid": self.uid, "role": self.role}
+            if op == "stats":
+                return {"ok": True, "bytes_in": self.bytes["in"], "bytes_out": self.bytes["out"],
+                        "connections": len(self.conns), "total_connections": self.total,
+                        "failed_connections": self.failed, "targets": self.target_texts,
+                        "rate_kbps": int(self.cfg.get("rate_kbps") or 0),
+                        "uptime": round(time.time() - self.started, 3)}
+            if op == "conns":
+                return {"ok": True, "connections": [c.info() for c in list(self.conns.values())]}
+            if op == "targets":
+                texts = [str(t) for t in msg["targets"]]
+                if not texts:
+                    raise ValueError("no targets given")
+                self.targets = [resolve_target(t) for t in texts]
+                self.target_texts = texts
+                log.info("retargeted -> %s", texts)
+                return {"ok": True}
+            if op == "stop":
+                log.info("stop requested")
+                self.loop.stop()
+                return {"ok": True}
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    # -- run --------------------------------------------------------------
+    def run(self) -> None:
+        self.listen()
+        self.open_control()
+        self.loop.catch_signals()
+        log.info("session %s %s: listening on %s ports %s -> %s%s%s", self.uid, self.role,
+                 self.cfg["listen_host"], self.cfg["ports"], self.target_texts,
+                 " (TLS WAN leg)" if self.cfg.get("tls") else "",
+                 f", {self.cfg['rate_kbps']} kbit/s" if self.cfg.get("rate_kbps") else "")
+        try:
+            self.loop.run()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for client in list(self.clients):
+            client.flush()
+            client.close()
+        for s in self.listeners:
+            self.loop.remove(s.fileno())
+            s.close()
+        for conn in list(self.conns.values()):
+            conn.close(reset=True)
+        if self.control is not None:
+            self.loop.remove(self.control.fileno())
+            self.control.close()
+            try:
+                os.unlink(self.cfg["control"])
+            except FileNotFoundError:
+                pass
+        self.pipes.close()
+        log.info("stopped: in %d, out %d bytes, %d connections", self.bytes["in"], self.bytes["out"], self.total)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s s2ds[%(process)d] %(levelname)s %(message)s")
-    cfg = json.loads(Path(argv[0]).read_text())
-    server = DataServer(cfg)
-
-    async def amain() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.stopping.set)
-        await server.run()
-
     try:
-        asyncio.run(amain())
+        cfg = json.loads(Path(argv[0]).read_text())
+        server = S2DS(cfg)
+    except (OSError, ValueError, KeyError, IndexError, ssl.SSLError) as exc:
+        log.error("bad configuration: %s", exc)
+        return 2
+    try:
+        server.run()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 3

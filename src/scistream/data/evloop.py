@@ -1,0 +1,218 @@
+"""The event loop of the built-in data server, its timers, its pipe pool and its rate limit.
+
+The data plane of ``s2ds`` is a plain edge-triggered epoll loop, not asyncio: a relay
+spends its life in tiny callbacks (a socket became readable, splice 1 MiB, done), and
+asyncio's per-event machinery (handles, futures, transports) costs more than the work
+itself. Everything here is single-threaded: the loop owns every file descriptor that is
+registered with it, and a handler runs to completion before the next one.
+
+    loop = Loop()
+    loop.add(sock.fileno(), EV_ALL, on_event)       # on_event(events) on every edge
+    timer = loop.call_later(10.0, on_timeout)         # timer.cancel() to drop it
+    bucket = TokenBucket(loop, rate_kbps=10_000)      # shared by every connection
+    loop.run()                                        # until loop.stop()
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import itertools
+import logging
+import os
+import select
+import signal
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLRDHUP, EPOLLHUP, EPOLLERR = select.EPOLLRDHUP, select.EPOLLHUP, select.EPOLLERR
+#: What every socket of a connection is registered for, once, edge-triggered.
+EV_ALL = EPOLLIN | EPOLLOUT | EPOLLRDHUP | select.EPOLLET
+EV_READ = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
+EV_WRITE = EPOLLOUT | EPOLLHUP | EPOLLERR
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+class Timer:
+    __slots__ = ("when", "fn", "cancelled")
+
+    def __init__(self, when: float, fn: Callable[[], None]) -> None:
+        self.when = when
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    """An edge-triggered epoll loop with timers; ``stop()`` (or SIGTERM/SIGINT) ends ``run()``."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self.running = False
+        self.on_stop: list[Callable[[], None]] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.add(self._wake_r, EPOLLIN, self._on_wake)
+
+    def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
+        self.ep.register(fd, events)
+        self.handlers[fd] = handler
+
+    def remove(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        t = Timer(time.monotonic() + delay, fn)
+        heapq.heappush(self._timers, (t.when, next(self._seq), t))
+        return t
+
+    def catch_signals(self) -> None:
+        """SIGTERM and SIGINT stop the loop (through the wake-up pipe, so epoll returns)."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def _on_wake(self, _events: int) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        self.running = False
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        self.running = True
+        poll = self.ep.poll
+        handlers = self.handlers
+        timers = self._timers
+        while self.running:
+            timeout = -1.0
+            if timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            try:
+                events = poll(timeout, 1024)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+            for fd, ev in events:
+                h = handlers.get(fd)
+                if h is not None:
+                    h(ev)
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    t = heapq.heappop(timers)[2]
+                    if not t.cancelled:
+                        t.fn()
+        for fn in self.on_stop:
+            fn()
+
+    def close(self) -> None:
+        self.ep.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+class PipePool:
+    """Reusable kernel pipes for splice (creating and sizing one costs 3 syscalls)."""
+
+    def __init__(self, size: int, keep: int = 64) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[tuple[int, int]] = []
+
+    def get(self) -> tuple[int, int]:
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError as exc:  # pipe-max-size lower than asked: keep the default size
+            if exc.errno not in (errno.EPERM, errno.EINVAL):
+                raise
+        return r, w
+
+    def put(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        for r, w in self.free:
+            os.close(r)
+            os.close(w)
+        self.free.clear()
+
+
+class TokenBucket:
+    """A session-wide byte budget: ``rate`` bytes/s, at most ``burst`` saved up.
+
+    ``take(n, waiter)`` grants up to ``n`` bytes now (deducted), or 0 and calls
+    ``waiter()`` once enough tokens have accrued; ``refund`` gives back what a grant did
+    not use. Over any interval T at most ``burst + rate * T`` bytes are granted.
+    """
+
+    def __init__(self, loop: Loop, rate_kbps: int) -> None:
+        self.loop = loop
+        self.rate = rate_kbps * 1000 / 8  # bytes per second
+        self.burst = min(max(self.rate * 0.05, 4096.0), 16 << 20)
+        self.min_grant = min(self.burst, 64 * 1024.0)
+        self.tokens = self.min_grant
+        self.stamp = time.monotonic()
+        self.waiters: list[Callable[[], None]] = []
+        self._timer: Timer | None = None
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, n: int, waiter: Callable[[], None]) -> int:
+        self._refill()
+        if self.tokens >= min(n, self.min_grant):
+            k = min(n, int(self.tokens))
+            self.tokens -= k
+            return k
+        if waiter not in self.waiters:
+            self.waiters.append(waiter)
+        if self._timer is None:
+            delay = (self.min_grant - self.tokens) / self.rate
+            self._timer = self.loop.call_later(max(delay, 0.0005), self._wake)
+        return 0
+
+    def refund(self, n: int) -> None:
+        if n > 0:
+            self.tokens = min(self.burst, self.tokens + n)
+
+    def _wake(self) -> None:
+        self._timer = None
+        waiters, self.waiters = self.waiters, []
+        # Rotate who goes first so that no connection starves the others.
+        if len(waiters) > 1:
+            waiters.append(waiters.pop(0))
+        for w in waiters:
+            w()
+
+    def discard(self, waiter: Callable[[], None]) -> None:
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)

@@ -1,0 +1,365 @@
+"""One forwarded connection of the built-in data server, and its plaintext (splice) pump.
+
+A ``Conn`` joins side ``a`` (the socket a listener accepted) to side ``b`` (the
+connection it opened to the listener's target). Bytes from ``a`` to ``b`` travel towards
+the producer ("in"), bytes from ``b`` to ``a`` towards the consumer ("out"). Each
+direction is a *pump*; the WAN side may be TLS (``tlsleg``), the others are plain.
+
+A plain-to-plain pump moves bytes with ``os.splice`` through a kernel pipe: socket ->
+pipe -> socket, never copied to user space. Back-pressure is natural (a full pipe stops
+the reads, a full socket buffer stops the writes); a half-close is carried over (EOF on
+one side -> ``shutdown(SHUT_WR)`` on the other once the pipe is drained) and the other
+direction keeps flowing; the connection closes when both directions are done, or at once
+(with a reset) when either side fails.
+
+Life of a ``Conn``: ``handshake`` (TLS server side only) -> ``connecting`` -> (TLS
+client handshake) -> ``open`` -> ``closed``.
+
+    conn = Conn(ctx, cid=1, listener=0, sock=accepted, peer=addr, target=("10.0.0.5", 5000))
+    conn.start()      # registers with ctx.loop; from here on the loop drives it
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import ssl
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .evloop import EV_ALL, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
+
+if TYPE_CHECKING:
+    from .tlsleg import TlsEnd
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 15.0
+HANDSHAKE_TIMEOUT = 10.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class RelayContext(Protocol):
+    """What a connection needs from its data server."""
+    loop: Loop
+    pipes: PipePool
+    buckets: dict[str, TokenBucket | None]
+    server_tls: ssl.SSLContext | None    # accepted side is a TLS server (PROD)
+    client_tls: ssl.SSLContext | None    # target side is a TLS client (CONS)
+    pipe_size: int
+
+    def conn_closed(self, conn: "Conn") -> None: ...
+    def count(self, direction: str, n: int) -> None: ...
+
+
+class Side:
+    """One socket of a connection and what the loop last told us about it."""
+    __slots__ = ("sock", "fd", "readable", "writable", "shut_wr")
+
+    def __init__(self, sock: socket.socket, ready: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.readable = ready
+        self.writable = ready
+        self.shut_wr = False
+
+    def shutdown_write(self) -> None:
+        if not self.shut_wr:
+            self.shut_wr = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+class SplicePump:
+    """src socket -> pipe -> dst socket, in the kernel."""
+    __slots__ = ("conn", "src", "dst", "direction", "pipe", "inpipe", "eof", "done", "bucket", "chunk")
+
+    def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.direction = direction
+        self.pipe = conn.ctx.pipes.get()
+        self.inpipe = 0          # bytes in the pipe, not yet spliced out
+        self.eof = False         # src said EOF
+        self.done = False        # EOF carried over to dst
+        self.bucket = conn.ctx.buckets.get(direction)
+        self.chunk = conn.ctx.pipe_size
+
+    def run(self) -> None:
+        src, dst = self.src, self.dst
+        rfd, wfd = self.pipe
+        splice = os.splice
+        while True:
+            moved = False
+            if self.inpipe and dst.writable:
+                try:
+                    n = splice(rfd, dst.fd, self.inpipe, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    dst.writable = False
+                else:
+                    self.inpipe -= n
+                    self.conn.counted(self.direction, n)
+                    moved = True
+            if not self.eof and src.readable and self.inpipe < self.chunk:
+                want = self.chunk - self.inpipe
+                if self.bucket is not None:
+                    want = self.bucket.take(want, self.conn.kick)
+                if want:
+                    try:
+                        n = splice(src.fd, wfd, want, flags=SPLICE_FLAGS)
+                    except BlockingIOError:
+                        n = -1
+                        # An empty pipe cannot be full: the socket has nothing. With bytes
+                        # in the pipe it may be the pipe that is full; retry after a drain.
+                        if not self.inpipe:
+                            src.readable = False
+                    if self.bucket is not None:
+                        self.bucket.refund(want - max(n, 0))
+                    if n == 0:
+                        self.eof = True
+                        moved = True
+                    elif n > 0:
+                        self.inpipe += n
+                        moved = True
+            if self.eof and not self.inpipe and not self.done:
+                self.done = True
+                dst.shutdown_write()
+                self.conn.pump_done()
+                return
+            if not moved:
+                return
+
+    def release(self) -> None:
+        if self.pipe is not None:
+            self.conn.ctx.pipes.put(self.pipe, empty=self.inpipe == 0)
+            self.pipe = None
+        if self.bucket is not None:
+            self.bucket.discard(self.conn.kick)
+
+
+def _set_nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class Conn:
+    __slots__ = ("ctx", "id", "listener", "peer", "target", "a", "b", "tls", "pumps", "state",
+                 "bytes_in", "bytes_out", "started", "timer", "why", "_done")
+
+    def __init__(self, ctx: RelayContext, cid: int, listener: int, sock: socket.socket,
+                 peer: Any, target: tuple[int, Any]) -> None:
+        self.ctx = ctx
+        self.id = cid
+        self.listener = listener
+        self.peer = peer
+        self.target = target          # (family, sockaddr)
+        sock.setblocking(False)
+        _set_nodelay(sock)
+        self.a = Side(sock, ready=True)
+        self.b: Side | None = None
+        self.tls: TlsEnd | None = None
+        self.pumps: list[Any] = []
+        self.state = "new"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = time.time()
+        self.timer: Timer | None = None
+        self.why = ""
+        self._done = 0
+
+    # -- life cycle -------------------------------------------------------
+    def start(self) -> None:
+        loop = self.ctx.loop
+        loop.add(self.a.fd, EV_ALL, self._on_a)
+        if self.ctx.server_tls is not None:
+            from .tlsleg import TlsEnd
+            self.tls = TlsEnd(self.a, self.ctx.server_tls, server_side=True)
+            self.state = "handshake"
+            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
+            self.step()
+        else:
+            self._connect()
+
+    def _connect(self) -> None:
+        family, addr = self.target
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            _set_nodelay(sock)
+            err = sock.connect_ex(addr)
+        except OSError as exc:
+            sock.close()
+            self.abort(f"cannot connect to target: {exc}")
+            return
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.abort(f"cannot connect to target: {os.strerror(err)}")
+            return
+        self.b = Side(sock, ready=False)
+        self.state = "connecting"
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.ctx.loop.call_later(CONNECT_TIMEOUT, self._timeout)
+        self.ctx.loop.add(self.b.fd, EV_ALL, self._on_b)
+        # On loopback and LANs the connection is usually up already: skip one wake-up.
+        self.b.writable = True
+        self.step()
+
+    def _connected(self) -> None:
+        """The target connection is up: start the TLS client or the pumps."""
+        assert self.b is not None
+        if self.ctx.client_tls is not None:
+            from .tlsleg import TlsEnd
+            self.tls = TlsEnd(self.b, self.ctx.client_tls, server_side=False)
+            self.state = "handshake"
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.ctx.loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
+            self.step()
+        else:
+            self._open()
+
+    def _open(self) -> None:
+        assert self.b is not None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.state = "open"
+        a, b = self.a, self.b
+        if self.tls is None:
+            self.pumps = [SplicePump(self, a, b, "in"), SplicePump(self, b, a, "out")]
+        else:
+            from .tlsleg import DecryptPump, EncryptPump
+            if self.tls.side is a:     # PROD: WAN side accepted
+                self.pumps = [DecryptPump(self, self.tls, b, "in"), EncryptPump(self, b, self.tls, "out")]
+            else:                      # CONS: WAN side is the target
+                self.pumps = [EncryptPump(self, a, self.tls, "in"), DecryptPump(self, self.tls, a, "out")]
+        self.step()
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self.abort(f"timed out while {self.state}")
+
+    # -- events -----------------------------------------------------------
+    def _on_a(self, ev: int) -> None:
+        a = self.a
+        if ev & EV_READ:
+            a.readable = True
+        if ev & EV_WRITE:
+            a.writable = True
+        self.step()
+
+    def _on_b(self, ev: int) -> None:
+        b = self.b
+        if b is None:
+            return
+        if ev & EV_READ:
+            b.readable = True
+        if ev & EV_WRITE:
+            b.writable = True
+        self.step()
+
+    def kick(self) -> None:
+        """Run again (tokens arrived)."""
+        self.step()
+
+    def step(self) -> None:
+        try:
+            if self.state == "open":
+                for p in self.pumps:
+                    p.run()
+                    if self.state != "open":
+                        return
+            elif self.state == "connecting":
+                self._check_connect()
+            elif self.state == "handshake":
+                assert self.tls is not None
+                if self.tls.handshake():
+                    log.debug("conn %d: TLS up (%s)", self.id, self.tls.obj.cipher())
+                    if self.tls.side is self.a:
+                        self._connect()
+                    else:
+                        self._open()
+        except ssl.SSLError as exc:
+            self.abort(f"TLS: {exc.reason or exc}")
+        except OSError as exc:
+            self.abort(str(exc.strerror or exc))
+
+    def _check_connect(self) -> None:
+        b = self.b
+        assert b is not None
+        if not (b.writable or b.readable):
+            return
+        err = b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.abort(f"cannot connect to target: {os.strerror(err)}")
+            return
+        try:
+            b.sock.getpeername()
+        except OSError:  # still in progress: wait for the loop to tell us
+            b.writable = b.readable = False
+            return
+        b.readable = True
+        self._connected()
+
+    def pump_done(self) -> None:
+        self._done += 1
+        if self._done >= len(self.pumps):
+            self.close()
+
+    def counted(self, direction: str, n: int) -> None:
+        if direction == "in":
+            self.bytes_in += n
+        else:
+            self.bytes_out += n
+        self.ctx.count(direction, n)
+
+    # -- teardown ---------------------------------------------------------
+    def abort(self, why: str) -> None:
+        """Close both sides at once, with a reset, so neither peer mistakes it for an EOF."""
+        if self.state == "closed":
+            return
+        self.why = why
+        level = logging.INFO if self.state == "open" else logging.WARNING
+        log.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener, _fmt(self.peer), why)
+        self.close(reset=True)
+
+    def close(self, reset: bool = False) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for p in self.pumps:
+            p.release()
+        for side in (self.a, self.b):
+            if side is None:
+                continue
+            self.ctx.loop.remove(side.fd)
+            if reset:
+                try:
+                    side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                except OSError:
+                    pass
+            side.sock.close()
+        self.ctx.conn_closed(self)
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "listener": self.listener, "peer": _fmt(self.peer),
+                "target": _fmt(self.target[1]), "state": self.state, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
+
+
+def _fmt(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+    return str(addr)

@@ -1,0 +1,262 @@
+"""The TLS leg of a built-in data server connection: handshake, encrypt, decrypt, half-close.
+
+The TLS engine is an ``ssl.SSLObject`` over two memory BIOs; the socket I/O is ours.
+That gives three things a TLS socket (and asyncio's SSL transport) does not:
+
+* a real half-close: when the plaintext side says EOF we send TLS ``close_notify``
+  (then ``shutdown(SHUT_WR)``) and keep decrypting what the peer still sends; when the
+  peer's ``close_notify`` arrives we shut the plaintext side's write half, and the other
+  direction keeps going. OpenSSL discards unread application data if asked to shut down
+  while records are waiting, so ``close_notify`` waits until the engine's input is empty.
+* a TCP EOF without ``close_notify`` (a truncation attack, or a crashed peer) is not
+  passed on as a clean EOF: the connection is reset.
+* back-pressure per direction with no threads: the loop wakes us, we move what we can.
+
+Large reads (256 KiB of plaintext per ``write``, i.e. 16 full records) keep the per-byte
+cost at the cipher's; the buffers are shared by every connection of the process.
+
+    tls = TlsEnd(side, ctx, server_side=True)
+    while not tls.handshake(): ...          # called again on each socket event
+    pumps = [DecryptPump(conn, tls, plain_side, "in"), EncryptPump(conn, plain_side, tls, "out")]
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .relay import Conn, Side
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+SERVER_NAME = "scistream-session"
+
+_rbuf = bytearray(CHUNK + 64 * 1024)   # ciphertext in, and plaintext in: consumed at once
+_rview = memoryview(_rbuf)
+_pbuf = bytearray(CHUNK)                # plaintext out of the decryptor
+_pview = memoryview(_pbuf)
+
+
+class TlsEnd:
+    """The TLS engine of one socket."""
+    __slots__ = ("side", "inc", "out", "obj", "wbuf", "eof_in", "close_wanted", "closed_out")
+
+    def __init__(self, side: "Side", ctx: ssl.SSLContext, *, server_side: bool) -> None:
+        self.side = side
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=server_side,
+                                server_hostname=None if server_side else SERVER_NAME)
+        self.wbuf: memoryview | None = None   # ciphertext not yet on the socket
+        self.eof_in = False                   # TCP EOF seen on the socket
+        self.close_wanted = False             # close_notify owed, waiting for input to drain
+        self.closed_out = False               # close_notify sent (queued)
+
+    def flush(self) -> bool:
+        """Put queued ciphertext on the socket; True when nothing is left."""
+        side = self.side
+        while True:
+            if self.wbuf is None:
+                if not self.out.pending:
+                    return True
+                self.wbuf = memoryview(self.out.read())
+            if not side.writable:
+                return False
+            try:
+                n = side.sock.send(self.wbuf)
+            except BlockingIOError:
+                side.writable = False
+                return False
+            self.wbuf = self.wbuf[n:] if n < len(self.wbuf) else None
+
+    def feed(self) -> bool:
+        """Move ciphertext from the socket into the engine; False if there was none."""
+        side = self.side
+        if self.eof_in or not side.readable:
+            return False
+        try:
+            n = side.sock.recv_into(_rbuf)
+        except BlockingIOError:
+            side.readable = False
+            return False
+        if n == 0:
+            self.eof_in = True
+            self.inc.write_eof()
+        else:
+            self.inc.write(_rview[:n])
+        return True
+
+    def handshake(self) -> bool:
+        """Advance the handshake; True once it is complete."""
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self.flush()
+                if not self.feed():
+                    return False
+                continue
+            self.flush()
+            return True
+
+    @property
+    def input_drained(self) -> bool:
+        return not self.inc.pending and not self.obj.pending()
+
+    def close_notify(self) -> None:
+        """Send close_notify now if that loses nothing, else as soon as input is drained."""
+        if self.closed_out:
+            return
+        if not self.input_drained:
+            self.close_wanted = True
+            return
+        self.close_wanted = False
+        self.closed_out = True
+        try:
+            self.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # sent; the peer's close_notify comes later (or already came)
+        except ssl.SSLError as exc:
+            log.debug("close_notify: %s", exc)
+
+
+class EncryptPump:
+    """plain socket -> TLS engine -> TLS socket."""
+    __slots__ = ("conn", "src", "tls", "direction", "done", "finished", "bucket")
+
+    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, direction: str) -> None:
+        self.conn = conn
+        self.src = src
+        self.tls = tls
+        self.direction = direction
+        self.done = False        # EOF from src
+        self.finished = False    # close_notify on the wire, TCP write side shut
+        self.bucket = conn.ctx.buckets.get(direction)
+
+    def run(self) -> None:
+        tls, src = self.tls, self.src
+        write = tls.obj.write
+        while True:
+            if not tls.flush():
+                return
+            if self.done:
+                if tls.closed_out and not self.finished:
+                    self.finished = True
+                    tls.side.shutdown_write()
+                    self.conn.pump_done()
+                return
+            if not src.readable:
+                return
+            want = CHUNK
+            if self.bucket is not None:
+                want = self.bucket.take(want, self.conn.kick)
+                if not want:
+                    return
+            try:
+                n = src.sock.recv_into(_rbuf, want)
+            except BlockingIOError:
+                src.readable = False
+                n = -1
+            if self.bucket is not None:
+                self.bucket.refund(want - max(n, 0))
+            if n < 0:
+                return
+            if n == 0:
+                self.done = True
+                tls.close_notify()   # may wait for the decryptor to drain the input
+                continue
+            write(_rview[:n])
+            self.conn.counted(self.direction, n)
+
+    def resume_close(self) -> None:
+        """The engine's input is drained: the owed close_notify can go now."""
+        if self.done and self.tls.close_wanted:
+            self.tls.close_notify()
+            self.run()
+
+    def release(self) -> None:
+        if self.bucket is not None:
+            self.bucket.discard(self.conn.kick)
+
+
+class DecryptPump:
+    """TLS socket -> TLS engine -> plain socket."""
+    __slots__ = ("conn", "tls", "dst", "direction", "pending", "eof", "done", "bucket")
+
+    def __init__(self, conn: "Conn", tls: TlsEnd, dst: "Side", direction: str) -> None:
+        self.conn = conn
+        self.tls = tls
+        self.dst = dst
+        self.direction = direction
+        self.pending: memoryview | None = None   # plaintext not yet on dst
+        self.eof = False                         # the peer's close_notify arrived
+        self.done = False                        # ... and was passed on as a TCP EOF
+        self.bucket = conn.ctx.buckets.get(direction)
+
+    def _send(self, data: memoryview) -> None:
+        """Send what dst takes now; keep a copy of the rest."""
+        try:
+            n = self.dst.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        if n < len(data):
+            self.dst.writable = False
+            self.pending = memoryview(bytes(data[n:]))
+        if n:
+            self.conn.counted(self.direction, n)
+
+    def run(self) -> None:
+        tls, dst = self.tls, self.dst
+        read = tls.obj.read
+        while not self.done:
+            if self.pending is not None:
+                if not dst.writable:
+                    return
+                data, self.pending = self.pending, None
+                self._send(data)
+                continue
+            if self.eof:
+                self.done = True
+                dst.shutdown_write()
+                self.conn.pump_done()
+                return
+            if not dst.writable:
+                return
+            room = CHUNK
+            if self.bucket is not None:
+                room = self.bucket.take(room, self.conn.kick)
+                if not room:
+                    return
+            got = 0
+            try:
+                while got < room:
+                    n = read(room - got, _pview[got:])
+                    if not n:
+                        self.eof = True
+                        break
+                    got += n
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                self.eof = True
+            if self.bucket is not None:
+                self.bucket.refund(room - got)
+            if got:
+                self._send(_pview[:got])
+            if tls.close_wanted and tls.input_drained:
+                for p in self.conn.pumps:
+                    if isinstance(p, EncryptPump):
+                        p.resume_close()
+                if self.conn.state != "open":
+                    return
+            if got or self.eof:
+                continue
+            tls.flush()  # anything the engine wants to say (alerts, key updates)
+            if not tls.feed():
+                return
+
+    def release(self) -> None:
+        if self.bucket is not None:
+            self.bucket.discard(self.conn.kick)
