@@ -204,3 +204,33 @@ def test_s2cs_tls_certificate_and_warning(s2cs_process):
     names = {str(v) for v in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
     assert {"127.0.0.1", "localhost", socket.gethostname()} <= names
     assert oct((srv.state_dir / "server.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_prod_req_mock_and_appctrl_mock(s2cs_process, cli_env):
+    """--mock: the client sends the hello with the original's fixed endpoints; appctrl mock
+    does the same from the controller's side."""
+    srv = s2cs_process("--allow-legacy-plaintext")
+    p = _run("s2uc", "prod-req", "--s2cs", srv.target, "--insecure", "--num-conn", "3", "--mock", env=cli_env)
+    prod_listeners = re.findall(r'^prod_listeners: "(.+)"$', p.stdout, re.M)
+    assert prod_listeners == ["127.0.0.1:5074", "127.0.0.1:5075", "127.0.0.1:5076", "127.0.0.1:37000",
+                              "127.0.0.1:47000"]
+    uid = p.stdout.strip().splitlines()[-1]
+    _run("s2uc", "release", uid, "--s2cs", srv.target, "--insecure", env=cli_env)
+
+    uid2 = "3f1c3f56-8f0e-4c35-9d33-3b0f0d1c2a11"
+    req = subprocess.Popen([str(BIN / "s2uc"), "outbound-request", "--s2cs", srv.target, "--insecure", uid2,
+                            "127.0.0.1:5100"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        # appctrl mock for a PROD session that does not exist yet: NOT_FOUND after the grace period
+        m = _run("appctrl", "mock", "2b1c3f56-8f0e-4c35-9d33-3b0f0d1c2a11", srv.target, "-", "PROD",
+                 "--insecure", env=cli_env, check=False, timeout=60)
+        assert m.returncode == 1 and "NOT_FOUND" in m.stderr
+        out, errs = req.communicate(timeout=60)
+        assert req.returncode == 0, errs
+        assert "no WAN secret" in errs  # it says why the leg will be plaintext
+    finally:
+        if req.poll() is None:
+            req.kill()
+            req.wait()
+    _run("s2uc", "release", uid2, "--s2cs", srv.target, "--insecure", env=cli_env)

@@ -147,6 +147,10 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
                 lease: int, send_hello: bool) -> list[str]:
     n = num_conn or len(prod_listeners)
     secret = sessionfile.wan_secret(uid)
+    if not secret:
+        err.print(f"[yellow]note[/]: no WAN secret for {uid} in {sessionfile.sessions_dir()} (prod-req "
+                  "and inbound-request keep it there, or pass --wan-secret-file); the CONS S2CS will "
+                  "refuse unless it allows a plaintext WAN leg")
     req = asyncio.create_task(c.req(uid, "CONS", n, rate, lease=lease))
     if send_hello:
         await c.hello(uid, "PROD")  # the original's outbound-request says PROD here
@@ -188,14 +192,17 @@ def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, s
 @option("--remote-ip", default=None, help="Accepted for the original's scripts; not needed.")
 @option("--receiver-ports", default=None, help="Accepted for the original's scripts; not needed.")
 @option("--lease", type=click.IntRange(0), default=0)
+@option("--wan-secret-file", type=click.Path(dir_okay=False), default=None,
+        help="JSON session file from the PROD side's client (default: this user's local record).")
 @click.argument("uid")
 @click.argument("prod_listener", nargs=-1, required=True)
 @channel_options
 @handle_errors("outbound-request")
-def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, uid, prod_listener,
-                     server_cert, insecure, token) -> None:
+def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, wan_secret_file, uid,
+                     prod_listener, server_cert, insecure, token) -> None:
     """CONS side with no consumer controller: req, hello and update in one go."""
     listeners = _split(prod_listener)
+    _import_secret(uid, wan_secret_file)
 
     async def run() -> list[str]:
         async with _client(s2cs, server_cert, insecure, token) as c:
