@@ -197,26 +197,26 @@ def refresh(store: TokenStore, data: TokenStorageData) -> TokenStorageData:
 
 
 def _pick_namespace(s2cs: str | None) -> str | None:
+    """The login for ``s2cs``: its own, else one made for the scope configured for it, else
+    (no scope configured) the default login. A login made for one S2CS is never sent to
+    another one unless the settings give both the same scope."""
     have = namespaces()
     if not have:
         return None
-    if s2cs and namespace_for(s2cs) in have:
-        return namespace_for(s2cs)
     if s2cs:
-        # a login made for another S2CS (or none) serves this one if the scopes agree
+        if namespace_for(s2cs) in have:
+            return namespace_for(s2cs)
         try:
             scope = resolve_scope(None, s2cs)
         except AuthConfigError:
             scope = None
-        for ns in have:
-            data = TokenStore(ns).primary()
-            if scope and data is not None and data.extra.get("requested_scope") == scope:
-                return ns
-        if scope and DEFAULT_NS in have:
-            return None  # the default login is for another scope than this S2CS's
-    if DEFAULT_NS in have:
-        return DEFAULT_NS
-    return have[0] if len(have) == 1 else None
+        if scope:
+            for ns in sorted(have, key=lambda n: n != DEFAULT_NS):
+                data = TokenStore(ns).primary()
+                if data is not None and data.extra.get("requested_scope") == scope:
+                    return ns
+            return None
+    return DEFAULT_NS if DEFAULT_NS in have else None
 
 
 def stored_token(s2cs: str | None = None) -> str | None:
