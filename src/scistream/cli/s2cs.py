@@ -67,6 +67,15 @@ def server_options(fn):
         option("--wan-plaintext", is_flag=True, help="Do not encrypt the WAN leg (operator's choice)."),
         option("--allow-legacy-plaintext", is_flag=True,
                help="Give clients of the original tooling (no WAN secret) a plaintext WAN leg."),
+        option("--max-lease", type=click.FloatRange(0), default=0.0, show_default=True,
+               help="Longest session lifetime in seconds, also the default; a req may ask for less "
+                    "(0: unlimited)."),
+        option("--drain", is_flag=True,
+               help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
+                    "running and the next start re-adopts them."),
+        option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+               help="Serve Prometheus metrics on this port (0: any free port; default: off)."),
+        option("--metrics-ip", default=None, help="Address of the metrics endpoint (default: the control ip)."),
         option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True),
         option("--verbose", "-v", is_flag=True, help="Debug logging."),
     ]

@@ -92,5 +92,14 @@ class BandwidthPool:
         self.used += kbps
         return kbps
 
+    def claim(self, kbps: int) -> int:
+        """Count a re-adopted session's bandwidth, even past ``--max-rate`` (it is running)."""
+        if not self.max or kbps <= 0:
+            return 0
+        self.used += kbps
+        if self.used > self.max:
+            log.warning("re-adopted sessions use %d kbit/s, more than --max-rate %d", self.used, self.max)
+        return kbps
+
     def free(self, kbps: int) -> None:
         self.used = max(0, self.used - kbps)

@@ -4,7 +4,11 @@
     asyncio.run(serve(config))
 
 ``serve`` owns everything it starts: the gRPC server, the session registry and, through
-it, every data server; SIGTERM or Ctrl-C stops them all.
+it, every data server, the session store (``sessions.db``), the audit log (``audit.log``)
+and the metrics endpoint. At start it re-adopts the sessions a previous run left (see
+``recovery``). SIGTERM or Ctrl-C stops the server; connected sessions keep running and are
+re-adopted at the next start, unless the config says ``drain`` (``s2cs --drain``), which
+releases them. An in-process ``ControlServer`` drains by default: it owns its sessions.
 """
 from __future__ import annotations
 
@@ -21,11 +25,15 @@ import grpc
 
 from ..auth.base import Authenticator, make_authenticator
 from ..data.base import BackendUnavailable, get_backend
-from ..proto import pb_grpc
+from ..addr import format_listener
 from . import tlscert
 from .ports import BandwidthPool, PortPool, parse_port_range
-from .servicer import ControlServicer
+from .audit import AuditLog
+from .metrics import Metrics
+from .recovery import recover
+from .servicer import ControlServicer, generic_handler
 from .sessions import RegistryConfig, SessionRegistry
+from .store import SessionStore, SqliteStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,10 @@ class ServerConfig:
     allow_legacy_plaintext: bool = False
     ready_file: Path | None = None
     verbose: bool = False
+    drain: bool = True               # release every session on stop (the s2cs CLI: --drain)
+    max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
+    metrics_port: int | None = None  # Prometheus endpoint (0: any free port); None = off
+    metrics_ip: str | None = None    # default: the control ip
 
 
 class ConfigError(Exception):
@@ -84,6 +96,10 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--hello-timeout must be > 0")
     if config.max_conn <= 0:
         raise ConfigError("--max-conn must be > 0")
+    if config.max_lease < 0:
+        raise ConfigError("--max-lease must be >= 0 seconds (0: unlimited)")
+    if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
+        raise ConfigError("--metrics-port must be 0-65535")
 
 
 def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
@@ -115,40 +131,71 @@ class ControlServer:
         await server.stop()      # stops the gRPC server, then every session's data server
     """
 
-    def __init__(self, config: ServerConfig, *, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, config: ServerConfig, *, authenticator: Authenticator | None = None,
+                 store: SessionStore | None = None) -> None:
         check(config)
         self.config = config
-        self.state_dir = Path(config.state_dir or default_state_dir(config.port))
+        self.state_dir = Path(config.state_dir or default_state_dir(config.port)).absolute()
         self.auth = authenticator
+        self.store = store
         self.port = 0
+        self.metrics_port = 0
         self.registry: SessionRegistry | None = None
+        self.metrics: Metrics | None = None
+        self.audit: AuditLog | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
+        """Open the store, re-adopt what a previous run left, then serve. On failure,
+        whatever was started is stopped again (re-adopted sessions keep running)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(release=False)
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.state_dir.stat().st_mode & 0o077:
+            log.warning("state directory %s was open to other users; making it 0700", self.state_dir)
+            self.state_dir.chmod(0o700)
         if self.auth is None:
             if config.auth == "none":
                 log.warning("!!! --auth none: AUTHENTICATION IS DISABLED. Anyone who reaches the "
                             "control port can create and release sessions. For development only. !!!")
             self.auth = make_authenticator(config.auth, **config.auth_options)  # type: ignore[arg-type]
         ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip)
+        if self.store is None:
+            self.store = SqliteStore(self.state_dir / "sessions.db")
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            raise ConfigError(str(exc)) from None
+        self.audit = AuditLog(self.state_dir / "audit.log")
         self.registry = SessionRegistry(
             RegistryConfig(listener_ip=config.listener_ip, state_dir=self.state_dir,
                            server_type=config.backend.kind,  # type: ignore[attr-defined]
                            backend=config.backend,  # type: ignore[attr-defined]
                            hello_timeout=config.hello_timeout, hello_grace=config.hello_grace,
-                           max_conn=config.max_conn, wan_plaintext=config.wan_plaintext,
+                           max_conn=config.max_conn, max_lease=config.max_lease,
+                           wan_plaintext=config.wan_plaintext,
                            allow_legacy_plaintext=config.allow_legacy_plaintext,
                            admins=frozenset(config.admins)),
-            ports, BandwidthPool(config.max_rate))
+            ports, BandwidthPool(config.max_rate), events=[self.audit.event], store=self.store)
+        if config.metrics_port is not None:
+            self.metrics = Metrics(self.registry)
+            self.registry.observers.append(self.metrics.event)
+        report = await recover(self.registry)
+        log.info("session store %s: %s", self.store.path if hasattr(self.store, "path") else "", report)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_ControlServicer_to_server(ControlServicer(self.registry, self.auth), server)
+        server.add_generic_rpc_handlers([generic_handler(
+            ControlServicer(self.registry, self.auth, metrics=self.metrics, audit=self.audit))])
         bind_host = config.control_ip or config.listener_ip
         address = f"[{bind_host}]:{config.port}" if ":" in bind_host else f"{bind_host}:{config.port}"
         try:
@@ -166,19 +213,40 @@ class ControlServer:
         log.info("S2CS serving on %s (type %s, data ports %s, listener ip %s)", shown,
                  config.backend.kind, config.port_range, config.listener_ip)  # type: ignore[attr-defined]
         self._tasks.append(asyncio.create_task(_lease_loop(self.registry)))
+        if self.metrics is not None:
+            metrics_ip = config.metrics_ip or bind_host
+            try:
+                self.metrics_port = await self.metrics.serve(metrics_ip, config.metrics_port or 0)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {metrics_ip}:{config.metrics_port}: "
+                                  f"{exc.strerror}") from None
+            log.info("metrics on http://%s/metrics", format_listener(metrics_ip, self.metrics_port))
         if config.ready_file:
-            Path(config.ready_file).write_text(json.dumps({"port": self.port, "pid": os.getpid(),
-                                                           "state_dir": str(self.state_dir)}))
+            Path(config.ready_file).write_text(json.dumps({
+                "port": self.port, "pid": os.getpid(), "state_dir": str(self.state_dir),
+                "metrics_port": self.metrics_port}))
 
-    async def stop(self, *, release: bool = True) -> None:
-        log.info("S2CS shutting down")
+    async def stop(self, *, release: bool | None = None) -> None:
+        """Stop serving. ``release`` (default: ``config.drain``) releases every session;
+        otherwise connected and ready ones keep running for the next start to re-adopt."""
+        release = self.config.drain if release is None else release
+        log.info("S2CS shutting down (%s)", "releasing every session" if release
+                 else "connected sessions keep running")
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
+            self._grpc = None
         if self.registry is not None:
             await self.registry.close(release=release)
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.audit is not None:
+            self.audit.close()
         if self.auth is not None:
             await self.auth.close()
 
@@ -210,9 +278,13 @@ async def serve(config: ServerConfig, *, authenticator: Authenticator | None = N
 
 
 async def _lease_loop(registry: SessionRegistry) -> None:
+    """End sessions whose lease is over, on time (to the next lease end, at most 1 s apart)."""
+    wait = 0.0
     while True:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(wait)
         try:
-            await registry.expire_leases()
+            soonest = await registry.expire_leases()
         except Exception:
             log.exception("lease check failed")
+            soonest = 1.0
+        wait = min(1.0, max(0.01, soonest))

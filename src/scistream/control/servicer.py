@@ -1,46 +1,92 @@
-"""The gRPC face of the session registry: authenticate, translate, map errors to status.
+"""The gRPC face of the session registry: decode, authenticate, translate, audit, map errors.
 
-Each handler authenticates the caller from the ``authorization`` metadata, calls the
+Each handler receives the raw request bytes: a message that does not decode (bad wire
+format, strings that are not UTF-8) is refused with INVALID_ARGUMENT, not grpc's generic
+INTERNAL. It then authenticates the caller from the ``authorization`` metadata, calls the
 registry, and turns a ``ScistreamError`` into its status code and message. Anything else
 becomes INTERNAL with a short message (and a traceback in the server log), never an
-unhandled exception on the wire.
+unhandled exception on the wire. Every call, answered or refused, is one line in the
+audit log and one count in the metrics.
+
+    server.add_generic_rpc_handlers([generic_handler(ControlServicer(registry, auth))])
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
+import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from ..auth.base import Authenticator, Identity
-from ..errors import ScistreamError
-from ..proto import pb, pb_grpc
+from ..auth.base import Identity
+from ..errors import InvalidArgument, NotFound, ScistreamError
+from ..proto import pb
 from .sessions import Session, SessionRegistry
 
 log = logging.getLogger(__name__)
 
+STATUS_BUDGET = 900 * 1024   # bytes of SessionInfo per status answer (MAX_MESSAGE is 1 MiB)
 
-def rpc_errors(handler):
-    @functools.wraps(handler)
-    async def wrapper(self: "ControlServicer", request, context: grpc.aio.ServicerContext):
+
+@dataclasses.dataclass
+class Call:
+    """What the audit log says about one RPC."""
+    method: str
+    peer: str
+    who: Identity | None = None
+    uid: str = ""
+    role: str = ""
+
+
+def rpc(request_type):
+    """Decode the raw request, run the handler, map errors, audit and count the call."""
+    def deco(handler):
         name = handler.__name__
-        try:
-            return await handler(self, request, context)
-        except ScistreamError as exc:
-            log.info("%s -> %s: %s", name, exc.status.name, exc)
-            self.count_error(name, exc.status)
-            await context.abort(exc.status, str(exc))
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("%s failed", name)
-            self.count_error(name, grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error in {name}; the server log has the details")
-    return wrapper
+
+        @functools.wraps(handler)
+        async def wrapper(self: "ControlServicer", raw, context: grpc.aio.ServicerContext):
+            call = Call(name, _peer(context))
+            try:
+                if isinstance(raw, request_type):
+                    request = raw
+                else:
+                    try:
+                        request = request_type.FromString(raw)
+                    except DecodeError as exc:
+                        raise InvalidArgument(f"the {name} request is not a valid scistream."
+                                              f"{request_type.__name__} message: {exc}") from None
+                call.uid = getattr(request, "uid", "")
+                call.role = getattr(request, "role", "")
+                response = await handler(self, request, context, call)
+            except ScistreamError as exc:
+                log.info("%s -> %s: %s", name, exc.status.name, exc)
+                self.record(call, exc.status.name, str(exc))
+                await context.abort(exc.status, str(exc))
+            except asyncio.CancelledError:
+                self.record(call, "CANCELLED", "the caller went away or the server is stopping")
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                log.exception("%s failed", name)
+                self.record(call, "INTERNAL", repr(exc))
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"internal error in {name}; the server log has the details")
+            self.record(call, "OK", "")
+            return response
+        wrapper.request_type = request_type  # type: ignore[attr-defined]
+        return wrapper
+    return deco
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return context.peer() or ""
+    except Exception:  # noqa: BLE001 - only for the log
+        return ""
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -50,71 +96,106 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
-class ControlServicer(pb_grpc.ControlServicer):
-    def __init__(self, registry: SessionRegistry, auth: Authenticator, metrics=None) -> None:
+class ControlServicer:
+    def __init__(self, registry: SessionRegistry, auth, metrics=None, audit=None) -> None:
         self.registry = registry
         self.auth = auth
         self.metrics = metrics
+        self.audit = audit
 
     def count_error(self, method: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None:
             self.metrics.error(method, code.name)
 
-    async def _who(self, context: grpc.aio.ServicerContext) -> Identity:
-        return await self.auth.authenticate(_metadata(context, "authorization"))
+    def record(self, call: Call, code: str, detail: str) -> None:
+        if self.metrics is not None:
+            self.metrics.call(call.method, code)
+            if code != "OK":
+                self.metrics.error(call.method, code)
+        if self.audit is not None:
+            who = call.who.id if call.who is not None else ""
+            self.audit.write(who=who, peer=call.peer, what=call.method, uid=call.uid, role=call.role,
+                             result=code, detail=detail)
 
-    @rpc_errors
-    async def req(self, request: pb.Request, context) -> pb.Response:
-        who = await self._who(context)
+    async def _who(self, context: grpc.aio.ServicerContext, call: Call) -> Identity:
+        call.who = await self.auth.authenticate(_metadata(context, "authorization"))
+        return call.who
+
+    @rpc(pb.Request)
+    async def req(self, request: pb.Request, context, call: Call) -> pb.Response:
+        who = await self._who(context, call)
         session = await self.registry.request(request.uid, request.role, request.num_conn,
                                               request.rate, who, lease=request.lease)
         return pb.Response(listeners=session.listeners, prod_listeners=session.prod_listeners,
                            wan_secret=session.wan_secret or b"")
 
-    @rpc_errors
-    async def hello(self, request: pb.Hello, context) -> pb.AppResponse:
-        who = await self._who(context)
+    @rpc(pb.Hello)
+    async def hello(self, request: pb.Hello, context, call: Call) -> pb.AppResponse:
+        who = await self._who(context, call)
         session = await self.registry.hello(request.uid, request.role, request.prod_listeners, who)
+        call.role = session.role
         return pb.AppResponse(message=f"hello received for {session.role} session {session.uid}",
                               listeners=session.listeners)
 
-    @rpc_errors
-    async def update(self, request: pb.UpdateTargets, context) -> pb.Response:
-        who = await self._who(context)
+    @rpc(pb.UpdateTargets)
+    async def update(self, request: pb.UpdateTargets, context, call: Call) -> pb.Response:
+        who = await self._who(context, call)
         session = await self.registry.update(request.uid, request.role, request.remote_listeners,
                                              request.wan_secret, who)
+        call.role = session.role
         return pb.Response(listeners=session.listeners, prod_listeners=session.prod_listeners,
                            wan_security=session.wan_security)
 
-    @rpc_errors
-    async def release(self, request: pb.Release, context) -> pb.Response:
-        who = await self._who(context)
+    @rpc(pb.Release)
+    async def release(self, request: pb.Release, context, call: Call) -> pb.Response:
+        who = await self._who(context, call)
         sessions = await self.registry.release(request.uid, who)
+        call.role = ",".join(s.role for s in sessions)
         return pb.Response(listeners=[l for s in sessions for l in s.listeners])
 
-    @rpc_errors
-    async def status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
-        who = await self._who(context)
+    @rpc(pb.StatusRequest)
+    async def status(self, request: pb.StatusRequest, context, call: Call) -> pb.StatusResponse:
+        who = await self._who(context, call)
         admin = who.id in self.registry.config.admins
-        out = []
-        for s in self.registry.sessions():
-            if request.uid and s.uid != request.uid:
+        visible = [s for s in self.registry.sessions()
+                   if (not request.uid or s.uid == request.uid) and (admin or s.owner.id == who.id)]
+        if request.uid and not visible:
+            raise NotFound(f"no session {request.uid[:64]} visible to you on this server")
+        sem = asyncio.Semaphore(32)
+
+        async def info(s: Session) -> pb.SessionInfo:
+            async with sem:
+                return await self._info(s)
+
+        out = pb.StatusResponse(server_time=time.time())
+        size = 0
+        for item in await asyncio.gather(*(info(s) for s in visible)):
+            size += item.ByteSize() + 8
+            if size > STATUS_BUDGET:  # live sessions come first; the oldest ended ones go
+                out.omitted += 1
                 continue
-            if not admin and s.owner.id != who.id:
-                continue
-            out.append(await self._info(s))
-        if request.uid and not out:
-            from ..errors import NotFound
-            raise NotFound(f"no session {request.uid} visible to you on this server")
-        return pb.StatusResponse(sessions=out)
+            out.sessions.append(item)
+        return out
 
     async def _info(self, s: Session) -> pb.SessionInfo:
-        stats = await s.server.stats() if s.server is not None else s.final_stats
-        info = pb.SessionInfo(
+        stats = await self.registry.stats(s)
+        return pb.SessionInfo(
             uid=s.uid, role=s.role, state=s.state.value, owner=str(s.owner), listeners=s.listeners,
             targets=s.targets, num_conn=s.num_conn, rate=s.rate, created=s.created,
             lease_expires=s.lease_expires, last_error=s.last_error, wan_security=s.wan_security,
-            server_type=self.registry.config.server_type)
-        if stats is not None:
-            info.bytes_in, info.bytes_out, info.connections = stats.bytes_in, stats.bytes_out, stats.connections
-        return info
+            server_type=s.server_type or self.registry.config.server_type,
+            bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, connections=stats.connections,
+            total_connections=stats.total_connections, ended=s.ended, connected=s.connected_at)
+
+
+_RESPONSES = {"req": pb.Response, "hello": pb.AppResponse, "update": pb.Response,
+              "release": pb.Response, "status": pb.StatusResponse}
+
+
+def generic_handler(servicer: ControlServicer) -> grpc.GenericRpcHandler:
+    """The ``scistream.Control`` service with raw-bytes requests (decoded by ``rpc``)."""
+    return grpc.method_handlers_generic_handler("scistream.Control", {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=None,
+            response_serializer=resp.SerializeToString)
+        for name, resp in _RESPONSES.items()})

@@ -1,11 +1,16 @@
 """Session bookkeeping for the control server.
 
 A *session* is one uid on one role at this gateway: the ports reserved for it, the
-bandwidth it was admitted with, and the data server forwarding its bytes. This module
-owns the session table and the state machine; no grpc here (the servicer translates),
-so tests can drive it directly.
+bandwidth it was admitted with, its lease, and the data server forwarding its bytes.
+This module owns the session table and the state machine; no grpc here (the servicer
+translates), so tests can drive it directly.
 
-    registry = SessionRegistry(config, ports, bandwidth)
+Every change of state is written to the session store (``scistream.control.store``)
+before the call that caused it returns, so a restarted control server re-adopts what
+was running (``scistream.control.recovery``). Observers (audit log, metrics) learn of
+each event through ``events``.
+
+    registry = SessionRegistry(config, ports, bandwidth, store=store)
     s = await registry.request(uid, "PROD", num_conn=4, rate=0, owner=alice)  # waits for hello
     await registry.hello(uid, "PROD", ["10.0.0.5:7000"], alice)            # from the app side
     await registry.update(uid, "PROD", ["10.0.0.5:7000"], secret, alice)
@@ -17,12 +22,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import datetime
 import enum
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ..addr import check_role, check_uid, format_listener, parse_listener
 from ..auth.base import Identity
@@ -32,10 +38,13 @@ from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded, FailedPr
                       InvalidArgument, InvalidTransition, NotFound, PermissionDenied,
                       ScistreamError)
 from .ports import BandwidthPool, PortPool
+from .store import SessionRecord, SessionStore
 
 log = logging.getLogger(__name__)
 
 MAX_TARGETS = 4096
+
+Observer = Callable[[str, "Session", str], None]
 
 
 class SessionState(enum.Enum):
@@ -57,6 +66,16 @@ _ALLOWED = {
 TERMINAL = {S.RELEASED, S.EXPIRED, S.FAILED}
 
 
+def when(t: float) -> str:
+    """A unix time as ISO 8601 UTC, to the second."""
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _add(a: Stats, b: Stats) -> Stats:
+    return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
+                 a.total_connections + b.total_connections)
+
+
 @dataclasses.dataclass
 class Session:
     uid: str
@@ -67,17 +86,23 @@ class Session:
     ports: list[int]
     listeners: list[str]
     workdir: Path
+    listen_host: str = ""
+    server_type: str = ""
     wan_secret: bytes | None = None        # PROD: drawn at req; CONS: learned at update
     wan_security: str = ""                 # "tls" or "plain" once connected
     prod_listeners: list[str] = dataclasses.field(default_factory=list)
     targets: list[str] = dataclasses.field(default_factory=list)
     state: SessionState = S.REQUESTED
     created: float = dataclasses.field(default_factory=time.time)
+    connected_at: float = 0.0              # first CONNECTED (setup latency = connected_at - created)
     ended: float = 0.0
     lease_expires: float = 0.0
     last_error: str = ""
     bandwidth: int = 0
     server: DataServer | None = None
+    handle: dict[str, Any] = dataclasses.field(default_factory=dict)  # to re-adopt the server
+    stats_base: Stats = dataclasses.field(default_factory=Stats)      # from data servers replaced
+    last_stats: Stats = dataclasses.field(default_factory=Stats)      # current server, last seen
     final_stats: Stats | None = None
     hello_seen: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -101,6 +126,56 @@ class Session:
             self.ended = time.time()
         self.changed.set()
 
+    def spec(self, targets: tuple[str, ...] | None = None) -> DataSpec:
+        return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
+                        ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
+                        rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir)
+
+    def total_stats(self) -> Stats:
+        """Bytes over the session's life: final, or what replaced servers carried + the current one."""
+        if self.final_stats is not None:
+            return self.final_stats
+        return _add(self.stats_base, self.last_stats)
+
+    # -- persistence -------------------------------------------------------------------
+    def to_record(self) -> SessionRecord:
+        st = self.total_stats()
+        return SessionRecord(
+            uid=self.uid, role=self.role, created=self.created, state=self.state.value,
+            owner_id=self.owner.id, owner_name=self.owner.name, ended=self.ended,
+            wan_secret=self.wan_secret, data={
+                "num_conn": self.num_conn, "rate": self.rate, "bandwidth": self.bandwidth,
+                "ports": self.ports, "listeners": self.listeners, "workdir": str(self.workdir),
+                "listen_host": self.listen_host, "server_type": self.server_type,
+                "wan_security": self.wan_security, "prod_listeners": self.prod_listeners,
+                "targets": self.targets, "connected_at": self.connected_at,
+                "lease_expires": self.lease_expires, "last_error": self.last_error,
+                "handle": self.handle, "stats": dataclasses.asdict(st),
+            })
+
+    @classmethod
+    def from_record(cls, rec: SessionRecord) -> "Session":
+        d = rec.data
+        s = cls(uid=rec.uid, role=rec.role, owner=Identity(rec.owner_id, rec.owner_name),
+                num_conn=int(d.get("num_conn", 0)), rate=int(d.get("rate", 0)),
+                ports=[int(p) for p in d.get("ports", [])], listeners=list(d.get("listeners", [])),
+                workdir=Path(d.get("workdir", ".")), listen_host=d.get("listen_host", ""),
+                server_type=d.get("server_type", ""), wan_secret=rec.wan_secret,
+                wan_security=d.get("wan_security", ""), prod_listeners=list(d.get("prod_listeners", [])),
+                targets=list(d.get("targets", [])), state=SessionState(rec.state), created=rec.created,
+                connected_at=float(d.get("connected_at", 0.0)), ended=rec.ended,
+                lease_expires=float(d.get("lease_expires", 0.0)), last_error=d.get("last_error", ""),
+                bandwidth=int(d.get("bandwidth", 0)), handle=dict(d.get("handle") or {}))
+        st = Stats(**d["stats"]) if d.get("stats") else Stats()
+        if rec.terminal:
+            s.final_stats = st
+        else:
+            s.stats_base = st  # the adopted server's counters are added on top once seen
+            s.stats_base.connections = 0
+        if s.state is not S.REQUESTED:
+            s.hello_seen.set()
+        return s
+
 
 @dataclasses.dataclass
 class RegistryConfig:
@@ -111,6 +186,7 @@ class RegistryConfig:
     hello_timeout: float = 180.0
     hello_grace: float = 5.0         # how long a hello may wait for its req
     max_conn: int = 64
+    max_lease: float = 0.0           # longest lease in seconds; also the default; 0 = unlimited
     wan_plaintext: bool = False      # operator asked for a plaintext WAN leg
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
     admins: frozenset[str] = frozenset()
@@ -119,14 +195,30 @@ class RegistryConfig:
 
 class SessionRegistry:
     def __init__(self, config: RegistryConfig, ports: PortPool, bandwidth: BandwidthPool,
-                 events: Callable[[str, Session, str], None] | None = None) -> None:
+                 events: Observer | Iterable[Observer] | None = None,
+                 store: SessionStore | None = None) -> None:
         self.config = config
         self.ports = ports
         self.bandwidth = bandwidth
+        self.store = store
         self.active: dict[tuple[str, str], Session] = {}
         self.ended: collections.OrderedDict[tuple[str, str, float], Session] = collections.OrderedDict()
         self._arrivals = asyncio.Condition()
-        self._events = events or (lambda event, session, detail: None)
+        self.observers: list[Observer] = (
+            [] if events is None else [events] if callable(events) else list(events))
+        self._since_prune = 0
+
+    def _events(self, event: str, session: Session, detail: str) -> None:
+        for observe in self.observers:
+            try:
+                observe(event, session, detail)
+            except Exception:  # an observer must never break a session
+                log.exception("event observer failed on %s", event)
+
+    async def save(self, session: Session) -> None:
+        """Write the session's record; durable when this returns."""
+        if self.store is not None:
+            await self.store.put(session.to_record())
 
     # -- lookup -------------------------------------------------------------------------
     def _find(self, uid: str, role: str | None = None) -> Session:
@@ -152,6 +244,16 @@ class SessionRegistry:
     def sessions(self) -> list[Session]:
         return list(self.active.values()) + list(reversed(self.ended.values()))
 
+    async def stats(self, session: Session) -> Stats:
+        """Byte counters over the session's life, asking its data server if it has one."""
+        server = session.server
+        if server is not None and session.final_stats is None:
+            with contextlib.suppress(Exception):
+                fresh = await asyncio.wait_for(server.stats(), 3.0)
+                if session.server is server:
+                    session.last_stats = fresh
+        return session.total_stats()
+
     # -- req ----------------------------------------------------------------------------
     async def request(self, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
                       lease: int = 0) -> Session:
@@ -162,8 +264,7 @@ class SessionRegistry:
             raise InvalidArgument(f"num_conn must be 1-{self.config.max_conn} on this server, got {num_conn}")
         if rate < 0:
             raise InvalidArgument(f"rate must be >= 0 kbit/s (0 = no cap), got {rate}")
-        if lease < 0:
-            raise InvalidArgument(f"lease must be >= 0 seconds, got {lease}")
+        lease_s = self._lease(lease)
         if (uid, role) in self.active:
             raise AlreadyExists(f"session {uid} is already active as {role} here; "
                                 "use a new uid, or release this one first")
@@ -176,16 +277,18 @@ class SessionRegistry:
         session = Session(
             uid=uid, role=role, owner=owner, num_conn=num_conn, rate=rate, ports=ports,
             listeners=[format_listener(self.config.listener_ip, p) for p in ports],
-            workdir=self.config.state_dir / "sessions" / f"{uid}-{role}", bandwidth=bandwidth)
-        if lease:
-            session.lease_expires = session.created + lease
+            workdir=self.config.state_dir / "sessions" / f"{uid}-{role}", bandwidth=bandwidth,
+            listen_host=self.config.listener_ip, server_type=self.config.server_type)
+        if lease_s:
+            session.lease_expires = session.created + lease_s
         if role == "PROD" and not self.config.wan_plaintext:
             session.wan_secret = wankeys.new_secret()
         self.active[session.key] = session
-        self._events("req", session, f"num_conn={num_conn} rate={rate}")
-        async with self._arrivals:
-            self._arrivals.notify_all()
         try:
+            await self.save(session)
+            self._events("req", session, f"num_conn={num_conn} rate={rate} lease={lease_s:g}")
+            async with self._arrivals:
+                self._arrivals.notify_all()
             await asyncio.wait_for(self._wait_hello(session), self.config.hello_timeout)
         except asyncio.TimeoutError:
             await self._finish(session, S.EXPIRED, f"no hello within {self.config.hello_timeout:g} s")
@@ -197,7 +300,19 @@ class SessionRegistry:
             if session.state is S.REQUESTED:
                 await self._finish(session, S.RELEASED, "client went away before the hello")
             raise
+        except BaseException as exc:
+            await self._finish(session, S.FAILED, f"req failed: {exc}")
+            raise
         return session
+
+    def _lease(self, lease: int) -> float:
+        top = self.config.max_lease
+        if lease < 0:
+            raise InvalidArgument(f"lease must be >= 0 seconds (0 = the server's default), got {lease}")
+        if top and lease > top:
+            raise InvalidArgument(f"lease {lease} s is longer than this server allows (--max-lease "
+                                  f"{top:g} s); ask for {top:g} s or less, or 0 for the longest")
+        return float(lease) or top
 
     async def _wait_hello(self, session: Session) -> None:
         while True:
@@ -229,7 +344,13 @@ class SessionRegistry:
                     raise InvalidArgument("a PROD hello must name the producer's endpoints (host:port)")
                 session.prod_listeners = endpoints
             session.advance(S.READY)
+            try:
+                await self.save(session)   # before the req (and this hello) are answered
+            except BaseException as exc:
+                await self._finish(session, S.FAILED, f"cannot record the hello: {exc}", locked=True)
+                raise
             session.hello_seen.set()
+            session.changed.set()
         self._events("hello", session, f"{len(endpoints)} endpoints")
         return session
 
@@ -280,18 +401,23 @@ class SessionRegistry:
                 raise NotFound(f"session {uid} is {session.state.value}")
             secret = self._wan_secret_for(session, wan_secret)
             targets = tuple(remote[i % len(remote)] for i in range(session.num_conn))
+            first = session.server is None
             try:
-                if session.server is None:
-                    spec = DataSpec(uid=uid, role=session.role, listen_host=self.config.listener_ip,
-                                    ports=tuple(session.ports), targets=targets,
-                                    rate_kbps=session.rate, wan_secret=secret, workdir=session.workdir)
-                    server = self.config.backend(spec)
+                if first:
+                    session.wan_secret = secret
+                    server = self.config.backend(session.spec(targets))
                     session.server = server
                     await server.start()
+                    session.handle = server.handle()
                     session.wan_security = "tls" if secret is not None else "plain"
                     session.watcher = asyncio.create_task(self._watch(session, server))
                 else:
-                    await session.server.retarget(targets)
+                    await session.server.retarget(targets)  # type: ignore[union-attr]
+                session.targets = list(targets)
+                session.advance(S.CONNECTED)
+                if not session.connected_at:
+                    session.connected_at = time.time()
+                await self.save(session)   # the data server is recorded before the answer
             except ScistreamError as exc:
                 await self._finish(session, S.FAILED, str(exc), locked=True)
                 raise
@@ -301,8 +427,8 @@ class SessionRegistry:
                 if isinstance(exc, Exception):
                     raise DataServerError(f"data server failed to start: {exc}") from exc
                 raise
-            session.targets = list(targets)
-            session.advance(S.CONNECTED)
+        if first:
+            self._events("connected", session, f"{session.connected_at - session.created:.3f}")
         self._events("update", session, f"targets={len(remote)} wan={session.wan_security}")
         return session
 
@@ -314,7 +440,9 @@ class SessionRegistry:
                 raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
             if session.role == "PROD" and not wankeys.secrets_equal(given, session.wan_secret or b""):
                 raise PermissionDenied(f"wrong WAN secret for session {session.uid}")
-            session.wan_secret = given
+            if session.role == "CONS" and session.wan_secret is not None and not wankeys.secrets_equal(
+                    given, session.wan_secret):
+                raise PermissionDenied(f"wrong WAN secret for session {session.uid}")
             return given
         # A client of the original tooling: it knows no wan_secret.
         if self.config.backend.legacy_plaintext or self.config.allow_legacy_plaintext:
@@ -332,6 +460,11 @@ class SessionRegistry:
             log.error("session %s/%s: data server died: %s", session.uid, session.role, reason)
             await self._finish(session, S.FAILED, f"data server died: {reason}")
 
+    def watch(self, session: Session) -> None:
+        """Start watching the session's (adopted) data server."""
+        if session.server is not None:
+            session.watcher = asyncio.create_task(self._watch(session, session.server))
+
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:
         check_uid(uid)
@@ -346,37 +479,78 @@ class SessionRegistry:
         return found
 
     async def _finish(self, session: Session, state: SessionState, reason: str, *, locked: bool = False) -> None:
-        """Move to a terminal state and free everything: data server, ports, bandwidth."""
+        """Move to a terminal state and free everything: data server, ports, bandwidth.
+
+        The terminal state is recorded first: a crash after that leaves no live record, and
+        the restarted server stops any data server still running for it."""
         if session.state in TERMINAL:
             return
+        if not locked:
+            async with session.lock:
+                return await self._finish(session, state, reason, locked=True)
         session.advance(state, reason)
         if self.active.get(session.key) is session:
             del self.active[session.key]
-        server, session.server = session.server, None
+        server = session.server
         if server is not None:
-            with contextlib.suppress(Exception):
-                session.final_stats = await server.stats()
-            await server.stop()
-        if session.watcher is not None and session.watcher is not asyncio.current_task():
-            session.watcher.cancel()
-        self.ports.free(session.ports)
-        self.bandwidth.free(session.bandwidth)
-        session.bandwidth = 0
-        shutil.rmtree(session.workdir, ignore_errors=True)
+            await self.stats(session)
+        session.final_stats = session.total_stats()
+        session.final_stats.connections = 0
+        session.server, session.handle = None, {}
+        try:
+            await self.save(session)
+        except Exception as exc:  # freeing goes on; the restart sweep catches what is left
+            log.error("session %s/%s: cannot record its end: %s", session.uid, session.role, exc)
+        try:
+            if server is not None:
+                await server.stop()
+        finally:
+            if session.watcher is not None and session.watcher is not asyncio.current_task():
+                session.watcher.cancel()
+            self.ports.free(session.ports)
+            self.bandwidth.free(session.bandwidth)
+            session.bandwidth = 0
+            shutil.rmtree(session.workdir, ignore_errors=True)
+            self.remember(session)
+        if state is not S.RELEASED or reason:
+            self._events(state.value, session, reason)
+
+    def remember(self, session: Session) -> None:
+        """Keep an ended session for status; prune the store now and then."""
         self.ended[(session.uid, session.role, session.created)] = session
         while len(self.ended) > self.config.history:
             self.ended.popitem(last=False)
-        if state is not S.RELEASED:
-            self._events(state.value, session, reason)
+        self._since_prune += 1
+        if self.store is not None and self._since_prune >= max(100, self.config.history // 10):
+            self._since_prune = 0
+            task = asyncio.get_running_loop().create_task(self.store.prune(self.config.history))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def expire_leases(self) -> None:
+    async def expire_leases(self) -> float:
+        """End every session whose lease is over; return seconds until the next one ends."""
         now = time.time()
+        soonest = float("inf")
         for s in list(self.active.values()):
-            if s.lease_expires and s.lease_expires <= now:
-                await self._finish(s, S.EXPIRED, "lease ended")
+            if not s.lease_expires:
+                continue
+            if s.lease_expires <= now:
+                lease = s.lease_expires - s.created
+                await self._finish(s, S.EXPIRED, f"lease of {lease:g} s ended at {when(s.lease_expires)}")
+            else:
+                soonest = min(soonest, s.lease_expires - now)
+        return soonest
 
     async def close(self, release: bool) -> None:
-        """Shut down: release every session (``release``), or leave data servers running."""
+        """Shut down: release every session (``release``), or leave the connected ones running.
+
+        Sessions still waiting for their hello are always released: their req call ends."""
         for s in list(self.active.values()):
             if release or s.state is S.REQUESTED:
-                await self._finish(s, S.RELEASED, "control server shut down")
+                await self._finish(s, S.RELEASED, "control server shut down"
+                                   + (" (--drain)" if release else " before the hello"))
+                continue
+            if s.watcher is not None:
+                s.watcher.cancel()
+            if s.server is not None:
+                s.server.detach()
+            self._events("kept", s, "left running at shutdown; a restarted server re-adopts it")

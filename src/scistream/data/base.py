@@ -112,6 +112,16 @@ class DataServer(abc.ABC):
         session failed. ``wait_exit`` and ``stop`` must work on the adopted server."""
         raise NotImplementedError(f"{cls.kind} data servers cannot be re-adopted")
 
+    def detach(self) -> None:
+        """Leave the server running when the control server exits (it is re-adopted later).
+
+        The default detaches every ``ChildProcess`` the server holds in an attribute."""
+        from .supervise import ChildProcess
+        for value in vars(self).values():
+            for child in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(child, ChildProcess):
+                    child.detach()
+
     @property
     def pids(self) -> list[int]:
         return []

@@ -139,6 +139,15 @@ class ChildProcess:
             await self.stop()
             raise
 
+    def detach(self) -> None:
+        """Forget the process without stopping it: it outlives this control server, and the
+        next one re-adopts it. (asyncio kills a still-running child when its transport is
+        closed or collected, at the latest when the interpreter exits; this stops that.)"""
+        self._stopped = True
+        transport = getattr(self.proc, "_transport", None)
+        if transport is not None:
+            transport._closed = True
+
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the group, SIGKILL after ``grace`` seconds; always reaps. Idempotent."""
         if self._stopped:

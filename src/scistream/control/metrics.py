@@ -1,0 +1,166 @@
+"""Prometheus metrics of one control server, served over HTTP on ``--metrics-port``.
+
+What is exported (all prefixed ``scistream_``):
+
+    sessions{state}                     gauge    live sessions: requested, ready, connected
+    sessions_ended_total{state}         counter  sessions ended: released, expired, failed
+    bytes_forwarded_total{direction}    counter  to_producer / to_consumer, every session
+    connections                         gauge    connections open through the data servers
+    session_setup_seconds               histogram  req -> connected
+    rpc_calls_total{method,code}        counter  every RPC answered, by status code
+    rpc_errors_total{method,code}       counter  the ones that failed
+    ports{state}, bandwidth_kbps{state} gauge    pool use: used / free, used / max
+
+The byte and connection counts come from the data servers, asked right before each scrape
+(in parallel, bounded), on the event loop: no thread, no sampling interval to tune.
+Each server has its own ``CollectorRegistry``, so several can run in one process.
+
+    metrics = Metrics(registry)
+    registry.observers.append(metrics.event)
+    http = await metrics.serve("127.0.0.1", 9464)    # GET /metrics
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .sessions import S, Session, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_ENDED = {"release": "released", "released": "released", "expired": "expired", "failed": "failed"}
+
+
+class _Live:
+    """Collector for what is read from the registry at scrape time."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.m = metrics
+
+    def collect(self):
+        reg = self.m.registry
+        by_state = {s.value: 0 for s in (S.REQUESTED, S.READY, S.CONNECTED)}
+        to_prod, to_cons = self.m.ended_bytes
+        conns = 0
+        for s in list(reg.active.values()):
+            by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
+            st = s.total_stats()
+            to_prod += st.bytes_in
+            to_cons += st.bytes_out
+            conns += st.connections
+        g = GaugeMetricFamily("scistream_sessions", "Live sessions by state", labels=["state"])
+        for state, n in by_state.items():
+            g.add_metric([state], n)
+        yield g
+        c = CounterMetricFamily("scistream_bytes_forwarded", "Bytes carried by the data servers",
+                                labels=["direction"])
+        c.add_metric(["to_producer"], to_prod)
+        c.add_metric(["to_consumer"], to_cons)
+        yield c
+        yield GaugeMetricFamily("scistream_connections", "Connections open through the data servers",
+                                value=conns)
+        p = GaugeMetricFamily("scistream_ports", "Data ports of --port-range", labels=["state"])
+        p.add_metric(["used"], len(reg.ports.used))
+        p.add_metric(["free"], reg.ports.free_count)
+        yield p
+        b = GaugeMetricFamily("scistream_bandwidth_kbps", "Admitted bandwidth (max 0 = unlimited)",
+                              labels=["state"])
+        b.add_metric(["used"], reg.bandwidth.used)
+        b.add_metric(["max"], reg.bandwidth.max)
+        yield b
+
+
+class Metrics:
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
+        self.prom = CollectorRegistry(auto_describe=True)
+        self.rpc_calls = Counter("scistream_rpc_calls", "RPCs answered, by method and status code",
+                                 ["method", "code"], registry=self.prom)
+        self.rpc_errors = Counter("scistream_rpc_errors", "RPCs that failed, by method and status code",
+                                  ["method", "code"], registry=self.prom)
+        self.setup = Histogram("scistream_session_setup_seconds", "Seconds from req to connected",
+                               buckets=SETUP_BUCKETS, registry=self.prom)
+        self.ended = Counter("scistream_sessions_ended", "Sessions ended, by final state", ["state"],
+                             registry=self.prom)
+        for state in ("released", "expired", "failed"):
+            self.ended.labels(state)
+        self.ended_bytes = [0, 0]
+        self.prom.register(_Live(self))
+        self._server: asyncio.AbstractServer | None = None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def call(self, method: str, code: str) -> None:
+        self.rpc_calls.labels(method, code).inc()
+
+    def error(self, method: str, code: str) -> None:
+        self.rpc_errors.labels(method, code).inc()
+
+    def event(self, event: str, session: Session, detail: str) -> None:
+        """Registry observer."""
+        if event == "connected" and session.connected_at:
+            self.setup.observe(max(0.0, session.connected_at - session.created))
+        elif event in _ENDED and session.state.value == _ENDED[event]:
+            self.ended.labels(session.state.value).inc()
+            st = session.total_stats()
+            self.ended_bytes[0] += st.bytes_in
+            self.ended_bytes[1] += st.bytes_out
+
+    async def refresh(self, concurrency: int = 32) -> None:
+        """Ask every live data server for its counters (bounded in time and in parallel)."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(s: Session) -> None:
+            async with sem:
+                await self.registry.stats(s)
+
+        live = [s for s in self.registry.active.values() if s.server is not None]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True), 5.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.prom)
+
+    # -- HTTP ----------------------------------------------------------------------------
+    async def serve(self, host: str, port: int) -> int:
+        """Serve ``GET /metrics`` on host:port (0: any free port); return the bound port."""
+        self._server = await asyncio.start_server(self._http, host, port, limit=16384)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            method, path = (parts + ["", ""])[:2]
+            path = path.split("?", 1)[0]
+            ctype = "text/plain; charset=utf-8"
+            if method not in ("GET", "HEAD"):
+                status, body = "405 Method Not Allowed", b"GET /metrics\n"
+            elif path == "/metrics":
+                await self.refresh()
+                status, body, ctype = "200 OK", self.render(), CONTENT_TYPE_LATEST
+            elif path == "/":
+                status, body = "200 OK", b"scistream control server metrics: GET /metrics\n"
+            else:
+                status, body = "404 Not Found", b"not found; GET /metrics\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + (body if method != "HEAD" else b""))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                ConnectionError, ValueError):
+            pass
+        except Exception:  # a scrape must never take the server down
+            log.exception("metrics request failed")
+        finally:
+            writer.close()

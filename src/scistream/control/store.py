@@ -1,0 +1,274 @@
+"""Durable session state: the store interface and its SQLite implementation.
+
+The session registry writes a session's record here at every change of state, *before*
+the call that caused it is answered, so a control server killed at any moment can be
+restarted and re-adopt what was running (``scistream.control.recovery``).
+
+``SessionStore`` is the interface. ``SqliteStore`` keeps the records in an embedded
+SQLite database in the state directory (WAL journal, ``synchronous=FULL``, file mode
+0600). A site that runs several gateway nodes against one shared database (PostgreSQL)
+implements the same five coroutines over a table keyed by ``(node, uid, role, created)``
+with ``INSERT ... ON CONFLICT DO UPDATE``; every query filters on the node's name, so
+each node re-adopts only its own sessions.
+
+The WAN secret of a live session is stored (a restarted server needs it to restart a
+data server or to check a later update); it is erased from the record when the session
+ends. It is protected like the session's key files that the data servers read: the state
+directory is 0700, the database and its journals 0600.
+
+SQLite runs on one thread of its own, never on the event loop and never a thread per
+call. Writes that arrive while one is committing are committed together in the next
+transaction (group commit), so N concurrent sessions cost far fewer than N fsyncs.
+
+    store = SqliteStore(state_dir / "sessions.db")
+    await store.open()
+    await store.put(record)                 # durable when this returns
+    live = await store.active()             # after a restart
+    await store.close()
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import grpc
+
+from ..errors import ScistreamError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TERMINAL_STATES = ("released", "expired", "failed")
+
+
+@dataclasses.dataclass
+class SessionRecord:
+    """What a store keeps of one session; ``data`` holds the rest as JSON."""
+
+    uid: str
+    role: str
+    created: float
+    state: str
+    owner_id: str
+    owner_name: str = ""
+    ended: float = 0.0
+    wan_secret: bytes | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class StoreError(ScistreamError):
+    """The session store cannot be opened or written; the caller may retry later."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class SessionStore(abc.ABC):
+    """Where session records live. Every coroutine is safe to call from the event loop."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if needed; raise StoreError saying why not."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and disconnect. Idempotent."""
+
+    @abc.abstractmethod
+    async def put(self, record: SessionRecord) -> None:
+        """Insert or replace the record; durable when this returns."""
+
+    @abc.abstractmethod
+    async def active(self) -> list[SessionRecord]:
+        """Every session of this node not yet in a terminal state."""
+
+    @abc.abstractmethod
+    async def history(self, limit: int) -> list[SessionRecord]:
+        """The ``limit`` most recently ended sessions of this node, newest first."""
+
+    @abc.abstractmethod
+    async def prune(self, keep: int) -> int:
+        """Forget all but the ``keep`` most recently ended sessions; return how many went."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    node TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    owner_name TEXT NOT NULL DEFAULT '',
+    ended REAL NOT NULL DEFAULT 0,
+    wan_secret BLOB,
+    data TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (node, uid, role, created)
+);
+CREATE INDEX IF NOT EXISTS sessions_live ON sessions (node, state);
+CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (node, ended);
+"""
+
+_COLUMNS = "uid, role, created, state, owner_id, owner_name, ended, wan_secret, data"
+_LIVE = "state NOT IN ('released', 'expired', 'failed')"
+
+
+def _row_to_record(row: tuple) -> SessionRecord:
+    uid, role, created, state, owner_id, owner_name, ended, secret, data = row
+    return SessionRecord(uid=uid, role=role, created=created, state=state, owner_id=owner_id,
+                         owner_name=owner_name, ended=ended,
+                         wan_secret=bytes(secret) if secret is not None else None,
+                         data=json.loads(data))
+
+
+class SqliteStore(SessionStore):
+    """Session records in one SQLite file (WAL), written on a thread of its own."""
+
+    def __init__(self, path: Path, node: str | None = None, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.node = node or socket.gethostname()
+        self.synchronous = synchronous
+        self._db: sqlite3.Connection | None = None
+        self._exec: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: list[tuple[SessionRecord, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self.commits = 0   # transactions committed (group commit makes it < records written)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._exec is None:
+            raise StoreError(f"session store {self.path} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._exec is not None:
+            return
+        self._exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scistream-store")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._exec.shutdown(wait=False)
+            self._exec = None
+            raise
+
+    def _open_sync(self) -> None:
+        try:
+            # Create the file 0600 ourselves: SQLite would use the umask, and gives its
+            # -wal and -shm files the mode of the database file.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(self.path, 0o600)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("session store %s: journal mode %s, not WAL", self.path, mode)
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA secure_delete=ON")  # erased secrets do not linger in free pages
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the session store {self.path}: {exc}; check the "
+                             "--state-dir (its owner, free space) or move the damaged file away") from exc
+        self._db = db
+
+    async def close(self) -> None:
+        if self._exec is None:
+            return
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        db, self._db = self._db, None
+        if db is not None:
+            await self._run(db.close)
+        self._exec.shutdown(wait=True)
+        self._exec = None
+
+    # -- writes (group commit) -------------------------------------------------------------
+    async def put(self, record: SessionRecord) -> None:
+        if self._exec is None:
+            raise StoreError(f"session store {self.path} is not open")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((record, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # The write goes on even if the caller is cancelled: the state it records is real.
+        await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._run(self._write_sync, [r for r, _ in batch])
+            except BaseException as exc:  # noqa: BLE001 - every waiter must learn of it
+                err = exc if isinstance(exc, StoreError) else StoreError(
+                    f"cannot write the session store {self.path}: {exc}")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    def _write_sync(self, records: list[SessionRecord]) -> None:
+        db = self._need_db()
+        rows = [(self.node, r.uid, r.role, r.created, r.state, r.owner_id, r.owner_name, r.ended,
+                 None if r.terminal else r.wan_secret, json.dumps(r.data, separators=(",", ":")))
+                for r in records]
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT OR REPLACE INTO sessions (node, uid, role, created, state, owner_id, "
+                "owner_name, ended, wan_secret, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(f"cannot write the session store {self.path}: {exc}") from exc
+        self.commits += 1
+
+    def _need_db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"session store {self.path} is not open")
+        return self._db
+
+    # -- reads -----------------------------------------------------------------------------
+    async def active(self) -> list[SessionRecord]:
+        def read() -> list[SessionRecord]:
+            rows = self._need_db().execute(
+                f"SELECT {_COLUMNS} FROM sessions WHERE node = ? AND {_LIVE} ORDER BY created",
+                (self.node,)).fetchall()
+            return [_row_to_record(r) for r in rows]
+        return await self._run(read)
+
+    async def history(self, limit: int) -> list[SessionRecord]:
+        def read() -> list[SessionRecord]:
+            rows = self._need_db().execute(
+                f"SELECT {_COLUMNS} FROM sessions WHERE node = ? AND NOT ({_LIVE}) "
+                "ORDER BY ended DESC LIMIT ?", (self.node, limit)).fetchall()
+            return [_row_to_record(r) for r in rows]
+        return await self._run(read)
+
+    async def prune(self, keep: int) -> int:
+        def delete() -> int:
+            db = self._need_db()
+            cur = db.execute(
+                f"DELETE FROM sessions WHERE node = ? AND NOT ({_LIVE}) AND rowid NOT IN ("
+                f"SELECT rowid FROM sessions WHERE node = ? AND NOT ({_LIVE}) "
+                "ORDER BY ended DESC LIMIT ?)", (self.node, self.node, keep))
+            return cur.rowcount
+        return await self._run(delete)
