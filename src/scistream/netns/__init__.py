@@ -1,0 +1,12 @@
+"""Network-namespace testbed: two facilities that cannot reach each other but through SciStream.
+
+``testbed`` builds and removes the namespaces (used by tests/netns and ``scistream demo
+--netns``); ``peer`` holds the probes and echo tools run inside them.
+
+    from scistream.netns import Testbed
+    with Testbed() as tb:
+        print(tb.describe())
+"""
+from .testbed import Host, Testbed, TestbedError, cleanup_leftovers, spawn, unavailable_reason
+
+__all__ = ["Host", "Testbed", "TestbedError", "cleanup_leftovers", "spawn", "unavailable_reason"]

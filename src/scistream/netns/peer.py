@@ -1,0 +1,158 @@
+"""Small network tools run inside a testbed's namespaces: ``python -m scistream.netns.peer``.
+
+* ``connect HOST:PORT``: one connection attempt; prints ``{"ok": .., "error": "ENETUNREACH",
+  "message": ..}`` (exit 0 when connected, 1 when not), so a caller can check that a host
+  cannot reach another rather than assume it.
+* ``echo-server --bind IP --ports N``: N listeners on OS-picked ports; every connection is
+  echoed back while the server hashes what it received; writes the endpoints to
+  ``--ready`` and, after ``--connections`` connections that carried data (an empty one
+  is a probe), the hashes to ``--report``.
+* ``echo-client LISTENER...``: one connection per listener, sends ``--size`` random bytes
+  with ``--marker`` embedded every 1000 bytes while reading the echo; checks every byte
+  came back; writes what it sent (sha256) to ``--report``; exit 0 only if all matched.
+
+    ip netns exec NS python -m scistream.netns.peer connect 192.0.2.10:5074
+    ip netns exec NS python -m scistream.netns.peer echo-client --size 1048576 \
+        --marker SCISTREAM-MARKER-1234 --report out.json 203.0.113.1:5100
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from ..addr import format_listener, parse_listener
+
+log = logging.getLogger(__name__)
+
+
+def probe(listener: str, timeout: float = 3.0) -> dict:
+    host, port = parse_listener(listener)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+        except socket.timeout:
+            return {"ok": False, "error": "ETIMEDOUT", "message": f"no answer within {timeout} s"}
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            return {"ok": False, "error": name, "message": exc.strerror or str(exc)}
+        return {"ok": True, "error": "", "message": f"connected from {format_listener(*s.getsockname()[:2])}"}
+
+
+def payload(size: int, marker: bytes, seed: bytes) -> bytes:
+    """``size`` pseudo-random bytes (from ``seed``) with ``marker`` every 1000 bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest() * 31  # 992 bytes
+        out += marker
+        counter += 1
+    return bytes(out[:size])
+
+
+async def echo_server(bind: str, ports: int, connections: int, ready: Path, report: Path) -> None:
+    results: list[dict] = []
+    done = asyncio.Event()
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        digest, n = hashlib.sha256(), 0
+        local, peer = w.get_extra_info("sockname"), w.get_extra_info("peername")
+        try:
+            while chunk := await r.read(1 << 16):
+                digest.update(chunk)
+                n += len(chunk)
+                w.write(chunk)
+                await w.drain()
+            w.write_eof()
+            await w.drain()
+        except ConnectionError as exc:
+            log.warning("echo: %s", exc)
+        finally:
+            w.close()
+            if n:  # a connection that carried nothing is a reachability probe, not a stream
+                results.append({"endpoint": format_listener(*local[:2]), "peer": format_listener(*peer[:2]),
+                                "bytes": n, "sha256": digest.hexdigest()})
+            if len(results) >= connections:
+                done.set()
+
+    servers = [await asyncio.start_server(serve, bind, 0) for _ in range(ports)]
+    endpoints = [format_listener(bind, s.sockets[0].getsockname()[1]) for s in servers]
+    tmp = ready.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"endpoints": endpoints, "pid": os.getpid()}))
+    tmp.rename(ready)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    await done.wait()
+    for s in servers:
+        s.close()
+    report.write_text(json.dumps(results))
+
+
+async def _one_client(listener: str, data: bytes, timeout: float) -> dict:
+    host, port = parse_listener(listener)
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+
+    async def send() -> None:
+        for i in range(0, len(data), 1 << 16):
+            w.write(data[i:i + (1 << 16)])
+            await w.drain()
+        w.write_eof()
+
+    try:
+        sender = asyncio.create_task(send())
+        got = await asyncio.wait_for(r.read(-1), timeout)
+        await sender
+    finally:
+        w.close()
+    return {"listener": listener, "sent": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "received": len(got), "echo_ok": got == data}
+
+
+async def echo_client(listeners: list[str], size: int, marker: bytes, timeout: float) -> list[dict]:
+    return list(await asyncio.gather(*(
+        _one_client(l, payload(size, marker, f"{i}:{l}".encode()), timeout) for i, l in enumerate(listeners))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scistream.netns.peer", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("connect")
+    c.add_argument("listener")
+    c.add_argument("--timeout", type=float, default=3.0)
+    s = sub.add_parser("echo-server")
+    s.add_argument("--bind", required=True)
+    s.add_argument("--ports", type=int, default=1)
+    s.add_argument("--connections", type=int, default=1)
+    s.add_argument("--ready", type=Path, required=True)
+    s.add_argument("--report", type=Path, required=True)
+    e = sub.add_parser("echo-client")
+    e.add_argument("listeners", nargs="+")
+    e.add_argument("--size", type=int, default=1 << 20)
+    e.add_argument("--marker", default="SCISTREAM-MARKER")
+    e.add_argument("--timeout", type=float, default=30.0)
+    e.add_argument("--report", type=Path, required=True)
+    a = ap.parse_args(argv)
+    if a.cmd == "connect":
+        result = probe(a.listener, a.timeout)
+        print(json.dumps(result))
+        return 0 if result["ok"] else 1
+    if a.cmd == "echo-server":
+        asyncio.run(echo_server(a.bind, a.ports, a.connections, a.ready, a.report))
+        return 0
+    results = asyncio.run(echo_client(a.listeners, a.size, a.marker.encode(), a.timeout))
+    a.report.write_text(json.dumps(results))
+    return 0 if all(r["echo_ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
