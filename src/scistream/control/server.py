@@ -145,6 +145,7 @@ class ControlServer:
         self.audit: AuditLog | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
+        self._stopped = False
 
     async def start(self) -> None:
         """Open the store, re-adopt what a previous run left, then serve. On failure,
@@ -229,6 +230,9 @@ class ControlServer:
     async def stop(self, *, release: bool | None = None) -> None:
         """Stop serving. ``release`` (default: ``config.drain``) releases every session;
         otherwise connected and ready ones keep running for the next start to re-adopt."""
+        if self._stopped:
+            return
+        self._stopped = True
         release = self.config.drain if release is None else release
         log.info("S2CS shutting down (%s)", "releasing every session" if release
                  else "connected sessions keep running")

@@ -554,3 +554,4 @@ class SessionRegistry:
             if s.server is not None:
                 s.server.detach()
             self._events("kept", s, "left running at shutdown; a restarted server re-adopts it")
+        self.active.clear()  # this registry is done; what it kept now belongs to the next one

@@ -1,0 +1,239 @@
+"""``s2uc status`` and ``s2uc list``: what the control servers say about sessions.
+
+    s2uc status UID --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000   # one session, both sides
+    s2uc status UID                        # the S2CS this client used for UID (session file)
+    s2uc list --s2cs 10.0.0.2:5000 [--active] [--json]
+
+Both show what the server's ``status`` RPC reports - state, owner, listeners, targets,
+bytes each way, average rate, age, lease left, last error - for live sessions and for
+ended ones the server still remembers. Ages and leases are computed against the server's
+clock, so a skewed laptop clock does not matter. ``--json`` prints one JSON array, for
+scripts; the exit code is 0 only if every server answered.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from ..client import AsyncClient, ChannelOptions
+from ..client import sessionfile
+from ..addr import check_uid
+from ..errors import ScistreamError
+from ..proto import pb
+from .common import EXIT_CODES_HELP, Exit, _EXIT_FOR, channel_options, err, handle_errors, option, out, resolve_token
+
+
+def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[str, Any]:
+    """One session as plain data: the reported fields plus what follows from them."""
+    now = server_time or time.time()
+    end = info.ended or now
+    busy = max(0.0, end - info.connected) if info.connected else 0.0
+    return {
+        "server": server, "uid": info.uid, "role": info.role, "state": info.state,
+        "owner": info.owner, "listeners": list(info.listeners), "targets": list(info.targets),
+        "num_conn": info.num_conn, "rate_kbps": info.rate,
+        "bytes_to_producer": info.bytes_in, "bytes_to_consumer": info.bytes_out,
+        "avg_bps_to_producer": round(info.bytes_in * 8 / busy) if busy > 0 else 0,
+        "avg_bps_to_consumer": round(info.bytes_out * 8 / busy) if busy > 0 else 0,
+        "connections": info.connections, "total_connections": info.total_connections,
+        "created": info.created, "age_s": round(max(0.0, now - info.created), 3),
+        "setup_s": round(info.connected - info.created, 3) if info.connected else None,
+        "lease_expires": info.lease_expires or None,
+        "lease_left_s": (round(max(0.0, info.lease_expires - now), 3)
+                         if info.lease_expires and not info.ended else None),
+        "ended": info.ended or None, "last_error": info.last_error,
+        "wan_security": info.wan_security, "server_type": info.server_type,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _rate(bps: int) -> str:
+    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
+        if bps < 1000 or unit == "Gbit/s":
+            return f"{bps:.0f} {unit}" if unit == "bit/s" else f"{bps:.1f} {unit}"
+        bps /= 1000
+    return str(bps)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], list[tuple[str, ScistreamError]]]:
+    async def one(server: str) -> list[dict]:
+        token = resolve_token(opts["token"], server)
+        async with AsyncClient(server, ChannelOptions(server_cert=opts["server_cert"],
+                                                      insecure=opts["insecure"], token=token)) as c:
+            resp = await c.status(uid, timeout=opts["timeout"])
+        return [session_dict(s, server, resp.server_time) for s in resp.sessions]
+
+    results = await asyncio.gather(*(one(s) for s in servers), return_exceptions=True)
+    found, failed = [], []
+    for server, r in zip(servers, results):
+        if isinstance(r, ScistreamError):
+            failed.append((server, r))
+        elif isinstance(r, BaseException):
+            raise r
+        else:
+            found.extend(r)
+    return found, failed
+
+
+def _servers(s2cs: tuple[str, ...], uid: str | None) -> list[str]:
+    if s2cs:
+        return list(dict.fromkeys(s2cs))
+    known = sessionfile.load(uid).get("s2cs") if uid else None
+    if known:
+        return [known]
+    raise click.UsageError("give the control server with --s2cs HOST:PORT (repeatable)"
+                           + ("" if uid is None else f"; this client has no record of session {uid}"))
+
+
+def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: str | None) -> None:
+    worst = Exit.OK
+    for server, exc in failed:
+        code = exc.status.name if exc.status is not None else "ERROR"
+        if uid and code == "NOT_FOUND" and found:
+            continue  # the other side has it: one side may have forgotten an old session
+        err.print(f"[red]{escape(server)}[/] ({code}): {escape(str(exc))}")
+        worst = max(worst, _EXIT_FOR.get(code, Exit.REFUSED))
+    if worst:
+        sys.exit(worst)
+
+
+def _common(fn):
+    fn = option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait per server.")(fn)
+    fn = option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts).")(fn)
+    fn = option("--s2cs", multiple=True, metavar="HOST:PORT", envvar="SCISTREAM_S2CS",
+                help="Control server to ask (repeatable; status UID defaults to the one this "
+                     "client used for UID).")(fn)
+    return channel_options(fn)
+
+
+@click.command("status", epilog="Example: s2uc status 6f1c... --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000\n\n"
+                                + EXIT_CODES_HELP)
+@click.argument("uid", required=False)
+@_common
+@handle_errors("status")
+def status(uid, s2cs, as_json, timeout, server_cert, insecure, token) -> None:
+    """Everything the control servers know of session UID (without UID: every session you may see)."""
+    if uid:
+        check_uid(uid)
+    servers = _servers(s2cs, uid)
+    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout)
+    found, failed = asyncio.run(_query(servers, uid or "", opts))
+    if as_json:
+        click.echo(json.dumps(found, indent=1))
+    elif uid:
+        for d in found:
+            _print_one(d)
+    else:
+        _print_table(found)
+    _finish(failed, found, uid)
+    if uid and not found and not failed:
+        sys.exit(Exit.REFUSED)
+
+
+@click.command("list", epilog="Example: s2uc list --s2cs 10.0.0.2:5000 --active --json")
+@option("--active", is_flag=True, help="Live sessions only (not the ended ones the server remembers).")
+@_common
+@handle_errors("list")
+def list_sessions(active, s2cs, as_json, timeout, server_cert, insecure, token) -> None:
+    """One line per session you may see on the control servers, live ones first."""
+    servers = _servers(s2cs, None)
+    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout)
+    found, failed = asyncio.run(_query(servers, "", opts))
+    if active:
+        found = [d for d in found if not d["ended"]]
+    if as_json:
+        click.echo(json.dumps(found, indent=1))
+    else:
+        _print_table(found)
+    _finish(failed, found, None)
+
+
+def _print_one(d: dict) -> None:
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    lease = ("unlimited" if not d["lease_expires"] else
+             f"{_dur(d['lease_left_s'])} left (ends {_when(d['lease_expires'])})"
+             if d["lease_left_s"] is not None else f"ended {_when(d['lease_expires'])}")
+    rows = [
+        ("session", f"{d['uid']} {d['role']} on {d['server']}"),
+        ("state", d["state"] + (f" since {_when(d['ended'])}" if d["ended"] else "")),
+        ("owner", d["owner"]),
+        ("listeners", " ".join(d["listeners"]) or "-"),
+        ("targets", " ".join(d["targets"]) or "-"),
+        ("to producer", f"{_size(d['bytes_to_producer'])} ({d['bytes_to_producer']} B, avg "
+                        f"{_rate(d['avg_bps_to_producer'])})"),
+        ("to consumer", f"{_size(d['bytes_to_consumer'])} ({d['bytes_to_consumer']} B, avg "
+                        f"{_rate(d['avg_bps_to_consumer'])})"),
+        ("connections", f"{d['connections']} open, {d['total_connections']} in all, {d['num_conn']} slots"),
+        ("rate cap", f"{d['rate_kbps']} kbit/s" if d["rate_kbps"] else "none"),
+        ("age", f"{_dur(d['age_s'])} (created {_when(d['created'])})"),
+        ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),
+        ("lease", lease),
+        ("WAN leg", f"{d['wan_security'] or '-'} ({d['server_type']})"),
+        ("last error", d["last_error"] or "-"),
+    ]
+    for k, v in rows:
+        t.add_row(k, escape(str(v)))
+    out.print(t)
+    out.print()
+
+
+def _print_table(found: list[dict]) -> None:
+    if not found:
+        out.print("no sessions")
+        return
+    t = Table("uid", "role", "state", "owner", "age", "lease left", "to prod", "to cons", "conns",
+              "server", "last error")
+    for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
+        t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), _dur(d["age_s"]),
+                  _dur(d["lease_left_s"]) if d["lease_expires"] and not d["ended"] else "-",
+                  _size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"]),
+                  str(d["connections"]), d["server"], escape(d["last_error"][:60]))
+    out.print(t)
+
+
+status_commands = [status, list_sessions]
+
+
+@click.group()
+def _main() -> None:
+    """status and list, standalone (normally: s2uc status / s2uc list)."""
+
+
+for _c in status_commands:
+    _main.add_command(_c)
+
+if __name__ == "__main__":
+    _main()
