@@ -1,0 +1,185 @@
+"""The high-level client's vocabulary: gateways, progress steps and typed results.
+
+``Gateway`` names one control server and how to reach it. The low-level ``AsyncClient``
+returns the protocol's messages as they are; the high-level calls of
+``scistream.client.session`` (``connect``, ``release``, ``status``, ...) return the frozen
+dataclasses below, which serialise to JSON with ``to_dict()`` and never carry a token or
+a WAN secret in their ``repr`` or their dict.
+
+    conn = await connect(prod, cons, num_conn=2)
+    json.dumps(conn.to_dict())          # what `s2uc connect --json` prints
+    conn.consumer_listeners             # ("10.1.0.2:5200", "10.1.0.2:5201")
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from typing import Any
+
+from ..addr import parse_listener
+from ..proto import pb
+from .api import AsyncClient, ChannelOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gateway:
+    """One control server (S2CS) and how to reach it.
+
+        Gateway("10.0.0.2:5000", server_cert="/etc/scistream/prod.crt", token=token)
+    """
+    address: str                      # host:port of its control port
+    server_cert: str | None = None    # PEM to verify it (default: $SCISTREAM_SERVER_CERT, ./server.crt)
+    insecure: bool = False            # plaintext control channel (a server run with --insecure)
+    token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, never shown
+    timeout: float | None = 60.0      # deadline of the quick calls (update, release, status)
+
+    def __post_init__(self) -> None:
+        parse_listener(self.address)
+
+    @classmethod
+    def of(cls, gateway: "Gateway | str") -> "Gateway":
+        return gateway if isinstance(gateway, Gateway) else cls(gateway)
+
+    def client(self) -> AsyncClient:
+        """A new low-level client for this gateway (close it, or use ``async with``)."""
+        return AsyncClient(self.address, ChannelOptions(
+            server_cert=self.server_cert, insecure=self.insecure, token=self.token,
+            timeout=self.timeout))
+
+
+class Step(str, enum.Enum):
+    """Where a ``connect`` is; each is reported once, in about this order."""
+    REQUESTED = "requested"            # req sent to both S2CS; waiting for the two hellos
+    PROD_HELLO = "prod-hello"          # the producer's controller said hello; WAN listeners known
+    CONS_HELLO = "cons-hello"          # the consumer's controller said hello; its listeners known
+    PROD_CONNECTED = "prod-connected"  # PROD data server forwards WAN listeners -> producer
+    CONNECTED = "connected"            # CONS data server forwards consumer -> PROD: bytes can flow
+    RELEASING = "releasing"            # failed or interrupted: releasing what was set up
+    RELEASED = "released"              # both sides released
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """One step of a ``connect``, for a progress display."""
+    uid: str
+    step: Step
+    elapsed: float   # seconds since connect() began
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProdSide:
+    """The PROD half of a session, connected: the producer's facility is ready."""
+    uid: str
+    s2cs: str
+    wan_listeners: tuple[str, ...]       # PROD data server's listeners, reachable over the WAN
+    producer_endpoints: tuple[str, ...]  # the producer application's endpoints (from its hello)
+    wan_security: str                    # "tls" or "plain"
+    wan_secret: bytes = dataclasses.field(default=b"", repr=False)  # for the CONS side only
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uid": self.uid, "s2cs": self.s2cs, "wan_listeners": list(self.wan_listeners),
+                "producer_endpoints": list(self.producer_endpoints), "wan_security": self.wan_security}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsSide:
+    """The CONS half of a session, connected to the PROD side's WAN listeners."""
+    uid: str
+    s2cs: str
+    consumer_listeners: tuple[str, ...]  # where the consumer application connects
+    targets: tuple[str, ...]             # the PROD WAN listeners they forward to
+    wan_security: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uid": self.uid, "s2cs": self.s2cs, "consumer_listeners": list(self.consumer_listeners),
+                "targets": list(self.targets), "wan_security": self.wan_security}
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """A whole session, both sides connected: the consumer connects to ``consumer_listeners``
+    and reaches the producer's endpoints, in order (listener i -> endpoint i)."""
+    uid: str
+    prod_s2cs: str
+    cons_s2cs: str
+    num_conn: int
+    rate: int
+    producer_endpoints: tuple[str, ...]
+    wan_listeners: tuple[str, ...]
+    consumer_listeners: tuple[str, ...]
+    wan_security: str
+    steps: tuple[tuple[str, float], ...] = ()   # (step, seconds since start), in order
+    prod: Gateway | None = dataclasses.field(default=None, repr=False, compare=False)
+    cons: Gateway | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def setup_seconds(self) -> float:
+        return self.steps[-1][1] if self.steps else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uid": self.uid, "prod_s2cs": self.prod_s2cs, "cons_s2cs": self.cons_s2cs,
+                "num_conn": self.num_conn, "rate": self.rate,
+                "producer_endpoints": list(self.producer_endpoints),
+                "wan_listeners": list(self.wan_listeners),
+                "consumer_listeners": list(self.consumer_listeners),
+                "wan_security": self.wan_security,
+                "steps": [{"step": s, "seconds": round(t, 4)} for s, t in self.steps]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Released:
+    """What ``release`` found on each side: True if released, False if not there any more."""
+    uid: str
+    prod: bool
+    cons: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionStatus:
+    """One session on one S2CS, as its ``status`` RPC reports it."""
+    uid: str
+    role: str
+    state: str                 # requested, ready, connected, released, expired, failed
+    owner: str
+    listeners: tuple[str, ...]
+    targets: tuple[str, ...]
+    num_conn: int
+    rate: int
+    bytes_in: int              # towards the producer
+    bytes_out: int             # towards the consumer
+    connections: int           # open now
+    created: float             # unix time
+    lease_expires: float       # unix time, 0 = none
+    ended: float               # unix time, 0 = live
+    last_error: str
+    wan_security: str
+    server_type: str
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("requested", "ready", "connected")
+
+    @classmethod
+    def from_pb(cls, info: pb.SessionInfo) -> "SessionStatus":
+        return cls(uid=info.uid, role=info.role, state=info.state, owner=info.owner,
+                   listeners=tuple(info.listeners), targets=tuple(info.targets),
+                   num_conn=info.num_conn, rate=info.rate, bytes_in=info.bytes_in,
+                   bytes_out=info.bytes_out, connections=info.connections, created=info.created,
+                   lease_expires=info.lease_expires, ended=getattr(info, "ended", 0.0),
+                   last_error=info.last_error, wan_security=info.wan_security,
+                   server_type=info.server_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["listeners"], d["targets"] = list(self.listeners), list(self.targets)
+        return d
+
+
+__all__ = ["Gateway", "Step", "Progress", "ProdSide", "ConsSide", "Connection", "Released", "SessionStatus"]
