@@ -106,6 +106,7 @@ class Session:
     final_stats: Stats | None = None
     hello_seen: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    freed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # _finish is through
     watcher: asyncio.Task | None = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
@@ -319,6 +320,7 @@ class SessionRegistry:
             if session.hello_seen.is_set():
                 return
             if session.state in TERMINAL:
+                await session.freed.wait()  # answer once everything it held is free
                 raise FailedPrecondition(
                     f"session {session.uid} was {session.state.value} while waiting for its hello"
                     + (f": {session.last_error}" if session.last_error else ""))
@@ -491,6 +493,7 @@ class SessionRegistry:
         session.advance(state, reason)
         if self.active.get(session.key) is session:
             del self.active[session.key]
+        self.remember(session)  # status sees it at every moment: live, or ended
         server = session.server
         if server is not None:
             await self.stats(session)
@@ -511,7 +514,7 @@ class SessionRegistry:
             self.bandwidth.free(session.bandwidth)
             session.bandwidth = 0
             shutil.rmtree(session.workdir, ignore_errors=True)
-            self.remember(session)
+            session.freed.set()
         if state is not S.RELEASED or reason:
             self._events(state.value, session, reason)
 
