@@ -13,6 +13,7 @@ import pytest
 import responses
 from responses import matchers
 
+from conftest import async_wait_until
 from globus_sdk.testing import RegisteredResponse
 from scistream.auth.base import AuthConfigError, AuthUnavailable, make_authenticator
 from scistream.auth.globus import GlobusAuth
@@ -182,3 +183,27 @@ def test_options_from_environment_and_file(tmp_path, monkeypatch, caplog):
         make_authenticator("globus", globus_config=conf)
     with pytest.raises(AuthConfigError, match="does not exist"):
         make_authenticator("globus", globus_config=tmp_path / "nope.toml")
+
+
+async def test_a_caller_that_goes_away_does_not_waste_the_introspection(globus):
+    gate, entered = threading.Event(), threading.Event()
+
+    def held(request):
+        entered.set()
+        gate.wait(30)
+        return 200, {}, '{"active": false}'
+
+    globus.add_callback("POST", "https://auth.globus.org" + INTROSPECT, callback=held)
+    a = GlobusAuth(CID, SECRET, SCOPE, retries=0, timeout=5)
+    try:
+        caller = asyncio.create_task(a.authenticate("tok-gone"))
+        await async_wait_until(entered.is_set, what="the introspection to start")
+        caller.cancel()
+        gate.set()
+        await async_wait_until(lambda: not a._inflight, what="the introspection to finish")
+        with pytest.raises(Unauthenticated, match="not active"):
+            await a.authenticate("tok-gone")
+        assert len(globus.calls) == 1
+    finally:
+        gate.set()
+        await a.close()

@@ -50,7 +50,9 @@ async def test_file_changes_take_effect_without_restart(tmp_path, caplog):
     auth = StaticAuth(path)
     carol = add_token(path, "carol")
     assert (await auth.authenticate(carol)).id == "carol"
+    assert sorted(i for i, _ in list_identities(path)) == ["alice", "carol"]
     assert remove_identity(path, "carol") == 1
+    assert [i for i, _ in list_identities(path)] == ["alice"]
     with pytest.raises(Unauthenticated):
         await auth.authenticate(carol)
     # a broken edit keeps the tokens read before, and the server log says why

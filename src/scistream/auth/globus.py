@@ -136,8 +136,13 @@ class GlobusAuth(Authenticator):
         if task is None:
             task = asyncio.create_task(self._introspect(token, key))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+            task.add_done_callback(lambda t: self._done(key, t))
         return self._answer(await asyncio.shield(task))
+
+    def _done(self, key: str, task: asyncio.Task) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every caller went away
 
     @staticmethod
     def _answer(entry: _Cached) -> Identity:
