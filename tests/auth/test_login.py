@@ -231,3 +231,17 @@ def test_check_auth_asks_a_real_s2cs(globus, s2cs_process, tmp_path):
 
 def test_auth_commands_are_exported():
     assert [c.name for c in auth_commands] == ["login", "logout", "check-auth"]
+
+
+def test_other_s2uc_commands_send_the_stored_token(globus, s2cs_process, tmp_path):
+    from scistream.cli.s2uc import cli as s2uc
+    token_file = tmp_path / "server-tokens"
+    good = add_token(token_file, "alice")
+    srv = s2cs_process("--token-file", str(token_file), auth="static")
+    uid = "6f1c2b8e-1d2a-4c1e-9f0a-0b1c2d3e4f50"
+    before = CliRunner().invoke(s2uc, ["release", uid, "--s2cs", srv.target, "--insecure"])
+    assert before.exit_code == 3, before.output                 # not logged in
+    reply(globus, token_reply(good))
+    assert do_login("--client-id", NATIVE, "--scope", SCOPE, "--s2cs", srv.target).exit_code == 0
+    after = CliRunner().invoke(s2uc, ["release", uid, "--s2cs", srv.target, "--insecure"])
+    assert after.exit_code == 1 and "NOT_FOUND" in after.output, after.output   # authenticated
