@@ -340,6 +340,7 @@ class Conn:
             self.timer = None
         for p in self.pumps:
             p.release()
+        self.pumps = []   # no cycles left: nothing for the garbage collector to chase
         for side in (self.a, self.b):
             if side is None:
                 continue

@@ -1,0 +1,266 @@
+"""Shared pieces of the benchmarks: a PROD+CONS data-server chain of any backend, iperf3,
+an echo server, CPU accounting of data-server processes.
+
+Not a test module: the benchmarks under bench/ import it (they put bench/ on sys.path).
+
+    async with Chain("Builtin", tls=True, target=("127.0.0.1", 5201), workdir=tmp) as chain:
+        host, port = chain.entry          # where the consumer connects (the CONS listener)
+        cpu = chain.cpu_seconds()         # user+system seconds of every data-server process
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from scistream.data import wankeys  # noqa: E402
+from scistream.data.base import DataServer, DataSpec, backend_names, get_backend  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    """user + system CPU seconds of one process (threads included), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def group_pids(pgids: set[int]) -> list[int]:
+    """Every live process whose process group is one of ``pgids`` (a backend's workers too)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in pgids:
+            out.append(int(entry))
+    return out
+
+
+class Chain:
+    """A PROD and a CONS data server of one backend, CONS -> PROD -> target."""
+
+    def __init__(self, backend: str, *, tls: bool, target: tuple[str, int], workdir: Path,
+                 rate_kbps: int = 0, listeners: int = 1) -> None:
+        self.backend = backend
+        self.tls = tls
+        self.target = target
+        self.workdir = workdir
+        self.rate_kbps = rate_kbps
+        self.listeners = listeners
+        self.servers: list[DataServer] = []
+        self.entry: tuple[str, int] = ("127.0.0.1", 0)
+
+    async def __aenter__(self) -> "Chain":
+        cls = get_backend(self.backend)
+        cls.check_available()
+        secret = wankeys.new_secret() if self.tls else None
+        uid = str(uuid.uuid4())
+        host = "127.0.0.1"
+        tgt = f"{self.target[0]}:{self.target[1]}"
+        prod_ports = tuple(free_port() for _ in range(self.listeners))
+        cons_ports = tuple(free_port() for _ in range(self.listeners))
+        prod = cls(DataSpec(uid=uid, role="PROD", listen_host=host, ports=prod_ports,
+                            targets=(tgt,) * self.listeners, rate_kbps=self.rate_kbps,
+                            wan_secret=secret, workdir=self.workdir / "prod"))
+        cons = cls(DataSpec(uid=uid, role="CONS", listen_host=host, ports=cons_ports,
+                            targets=tuple(f"{host}:{p}" for p in prod_ports), rate_kbps=self.rate_kbps,
+                            wan_secret=secret, workdir=self.workdir / "cons"))
+        try:
+            for s in (prod, cons):
+                await s.start()
+                self.servers.append(s)
+        except BaseException:
+            await self.close()
+            raise
+        self.entry = (host, cons_ports[0])
+        return self
+
+    async def close(self) -> None:
+        for s in reversed(self.servers):
+            with contextlib.suppress(Exception):
+                await s.stop()
+        self.servers.clear()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def pids(self) -> list[int]:
+        pgids = {p for s in self.servers for p in s.pids}
+        return group_pids(pgids)
+
+    def cpu_seconds(self) -> float:
+        return sum(proc_cpu(p) for p in self.pids())
+
+
+class Iperf3Server:
+    """``iperf3 -s`` on a free loopback port, owned by a context manager."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Iperf3Server":
+        if not shutil.which("iperf3"):
+            raise SystemExit("iperf3 is not installed (apt-get install iperf3)")
+        self.proc = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                break
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def iperf3(host: str, port: int, *, seconds: float, streams: int, reverse: bool) -> float:
+    """Run one iperf3 client; return the received rate in Gbit/s (0.0 if it failed)."""
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J",
+            "--connect-timeout", "5000"]
+    if reverse:
+        argv.append("-R")
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 0.0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    try:
+        data = json.loads(out)
+        return data["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (ValueError, KeyError):
+        return 0.0
+
+
+ECHO_SERVER = r"""
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", 0)); ls.listen(4096); ls.setblocking(False)
+print(ls.getsockname()[1], flush=True)
+sel.register(ls, selectors.EVENT_READ, None)
+while True:
+    for key, _ in sel.select():
+        if key.data is None:
+            try:
+                c, _ = ls.accept()
+            except BlockingIOError:
+                continue
+            c.setblocking(False)
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sel.register(c, selectors.EVENT_READ, 1)
+        else:
+            c = key.fileobj
+            try:
+                d = c.recv(65536)
+            except (BlockingIOError, ConnectionError):
+                d = None if isinstance(sys.exc_info()[1], BlockingIOError) else b""
+            if d is None:
+                continue
+            if d:
+                try:
+                    c.sendall(d)
+                except OSError:
+                    pass
+            else:
+                sel.unregister(c); c.close()
+"""
+
+
+class EchoServer:
+    """A small echo server process (the same one for the direct and the chained runs)."""
+
+    def __enter__(self) -> "EchoServer":
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def connect_echo_close(host: str, port: int, count: int, timeout: float = 60.0) -> tuple[float, int]:
+    """Open, echo 1 byte, close, ``count`` times; return (seconds, failures)."""
+    failures = 0
+    start = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            failures += 1
+            continue
+        try:
+            with socket.create_connection((host, port), 5) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(b"x")
+                if s.recv(1) != b"x":
+                    failures += 1
+        except OSError:
+            failures += 1
+    return time.perf_counter() - start, failures
+
+
+def all_backends() -> list[tuple[str, str, bool]]:
+    """(label, backend name, tls) for every registered backend, plain and TLS where meaningful."""
+    out = []
+    for name in backend_names():
+        cls = get_backend(name)
+        if name.lower() == "builtin":
+            out += [("Builtin plain", name, False), ("Builtin TLS", name, True)]
+        elif getattr(cls, "legacy_plaintext", False):
+            out += [(f"{name} plain", name, False), (f"{name} TLS", name, True)]
+        else:
+            out.append((f"{name} TLS", name, True))
+    return out
+
+
+def tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="scistream-bench-"))

@@ -1,0 +1,232 @@
+"""Helpers for the built-in data server tests: data servers driven directly, a chain of
+two (PROD + CONS), and a pattern application that sends and checks numbered blocks.
+
+A *pattern stream* is ``n`` bytes made of 1 MiB blocks, each one a fixed random body
+whose first 8 bytes are the block's index: the receiver checks every byte, in order,
+without hashing (a lost, duplicated or reordered block shows as a wrong index).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from scistream.data import wankeys
+from scistream.data.base import DataSpec, get_backend
+from scistream.data.builtin import BuiltinDataServer
+
+BLOCK = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Pattern:
+    def __init__(self) -> None:
+        self.body = os.urandom(BLOCK)
+
+    def send(self, sock: socket.socket, n: int) -> None:
+        buf = bytearray(self.body)
+        view = memoryview(buf)
+        i = 0
+        while n > 0:
+            buf[:8] = i.to_bytes(8, "big")
+            k = min(n, BLOCK)
+            sock.sendall(view[:k])
+            n -= k
+            i += 1
+
+    def recv_check(self, sock: socket.socket, limit: int | None = None) -> tuple[int, bool]:
+        """Read until EOF (or ``limit`` bytes); return (bytes, every byte as expected)."""
+        buf = bytearray(BLOCK)
+        exp = bytearray(self.body)
+        view = memoryview(buf)
+        total, i, ok = 0, 0, True
+        while limit is None or total < limit:
+            fill = 0
+            while fill < BLOCK:
+                n = sock.recv_into(view[fill:])
+                if n == 0:
+                    break
+                fill += n
+            if fill:
+                exp[:8] = i.to_bytes(8, "big")
+                same = buf == exp if fill == BLOCK else buf[:fill] == exp[:fill]
+                ok = ok and same
+                total += fill
+                i += 1
+            if fill < BLOCK:
+                break
+        return total, ok
+
+
+@dataclass
+class ConnResult:
+    received: int = 0
+    intact: bool = False
+    error: str = ""
+
+
+@dataclass
+class PatternApp:
+    """A producer application: on each connection it sends ``send_bytes`` of pattern and
+    shuts its write side, while reading and checking what comes until EOF."""
+    pattern: Pattern
+    send_bytes: int = 0
+    greeting: bytes = b""
+    results: list[ConnResult] = field(default_factory=list)
+    accepted: int = 0
+
+    def __post_init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.conns.append(conn)
+                res = ConnResult()
+                self.results.append(res)
+            t = threading.Thread(target=self._serve, args=(conn, res), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _serve(self, conn: socket.socket, res: ConnResult) -> None:
+        conn.settimeout(120)
+        sender = threading.Thread(target=self._send, args=(conn, res), daemon=True)
+        sender.start()
+        try:
+            res.received, res.intact = self.pattern.recv_check(conn)
+        except OSError as exc:
+            res.error = f"recv: {exc}"
+        sender.join(130)
+
+    def _send(self, conn: socket.socket, res: ConnResult) -> None:
+        try:
+            if self.greeting:
+                conn.sendall(self.greeting)
+            self.pattern.send(conn, self.send_bytes)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            res.error = f"send: {exc}"
+
+    def close(self) -> None:
+        self.stopping = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept()
+        self.sock.close()
+        with self.lock:
+            for c in self.conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+                c.close()
+        for t in self.threads:
+            t.join(10)
+        self.acceptor.join(10)
+
+
+def pattern_exchange(host: str, port: int, pattern: Pattern, send: int, timeout: float = 120) -> tuple[int, bool]:
+    """Client side: send ``send`` bytes then half-close, while reading and checking until EOF."""
+    with socket.create_connection((host, port), 10) as s:
+        s.settimeout(timeout)
+        err: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                pattern.send(s, send)
+                s.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                err.append(exc)
+
+        t = threading.Thread(target=sender, daemon=True)
+        t.start()
+        got = pattern.recv_check(s)
+        t.join(timeout)
+        if err:
+            raise err[0]
+        return got
+
+
+class DataServers:
+    """Start built-in data servers directly; all are stopped by ``close``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[BuiltinDataServer] = []
+
+    async def start(self, role: str, targets: list[str], *, listeners: int | None = None,
+                    secret: bytes | None = None, rate_kbps: int = 0, uid: str | None = None,
+                    host: str = "127.0.0.1") -> BuiltinDataServer:
+        n = listeners or len(targets)
+        ports = tuple(free_port() for _ in range(n))
+        targets = [targets[i % len(targets)] for i in range(n)]
+        uid = uid or str(uuid.uuid4())
+        spec = DataSpec(uid=uid, role=role, listen_host=host, ports=ports, targets=tuple(targets),
+                        rate_kbps=rate_kbps, wan_secret=secret,
+                        workdir=self.workdir / f"{role.lower()}-{uid[:8]}-{len(self.started)}")
+        server = get_backend("Builtin")(spec)
+        assert isinstance(server, BuiltinDataServer)
+        await server.start()
+        self.started.append(server)
+        return server
+
+    async def chain(self, target: str, *, tls: bool, rate_kbps: int = 0, listeners: int = 1,
+                    cons_secret: bytes | None = None) -> tuple[BuiltinDataServer, BuiltinDataServer]:
+        """PROD (-> target) and CONS (-> PROD); ``cons_secret`` gives CONS another secret."""
+        secret = wankeys.new_secret() if tls else None
+        uid = str(uuid.uuid4())
+        prod = await self.start("PROD", [target], listeners=listeners, secret=secret,
+                                rate_kbps=rate_kbps, uid=uid)
+        cons = await self.start("CONS", [f"127.0.0.1:{p}" for p in prod.spec.ports],
+                                secret=cons_secret or secret, rate_kbps=rate_kbps, uid=uid)
+        return prod, cons
+
+    async def close(self) -> None:
+        for s in self.started:
+            await s.stop()
+
+
+@contextlib.asynccontextmanager
+async def data_servers(workdir: Path) -> AsyncIterator[DataServers]:
+    ds = DataServers(workdir)
+    try:
+        yield ds
+    finally:
+        await ds.close()
+
+
+def entry(server: BuiltinDataServer, i: int = 0) -> tuple[str, int]:
+    return server.spec.listen_host, server.spec.ports[i]

@@ -1,0 +1,223 @@
+"""The built-in data server on plain legs: real connections, bytes checked, counters,
+several listeners and targets, retargeting, failures, stop."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from builtin_support import Pattern, PatternApp, data_servers, entry, free_port, port_is_free
+from conftest import echo_roundtrip
+
+from scistream.data.builtin import control_call
+from scistream.data.supervise import pid_alive
+
+
+async def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
+    """Await an async condition with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.01
+    while True:
+        value = await cond()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+async def tag_server(tag: bytes):
+    """A target that says who it is and closes."""
+    async def serve(r, w):
+        w.write(tag)
+        await w.drain()
+        w.close()
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def read_all(host: str, port: int, send: bytes = b"", timeout: float = 10) -> bytes:
+    with socket.create_connection((host, port), timeout) as s:
+        s.settimeout(timeout)
+        if send:
+            s.sendall(send)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+
+async def test_many_connections_through_one_listener(tmp_path, echo_server):
+    async with data_servers(tmp_path) as ds:
+        srv = await ds.start("PROD", [f"{echo_server[0]}:{echo_server[1]}"])
+        payloads = [os.urandom(200_000 + 997 * i) for i in range(40)]
+        got = await asyncio.gather(*(echo_roundtrip(*entry(srv), p) for p in payloads))
+        assert [len(g) for g in got] == [len(p) for p in payloads]
+        assert got == payloads
+        total = sum(map(len, payloads))
+
+        async def settled():
+            s = await srv.stats()
+            return s.connections == 0 and s.bytes_out == total and s
+        stats = await wait_for(settled, what="all connections closed and counted")
+        assert stats.total_connections == 40
+        assert stats.bytes_in == total
+
+
+async def test_each_listener_goes_to_its_own_target(tmp_path):
+    servers = [await tag_server(b"target-%d" % i) for i in range(3)]
+    try:
+        targets = [f"127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+        async with data_servers(tmp_path) as ds:
+            srv = await ds.start("PROD", targets)
+            for i in range(3):
+                for _ in range(2):
+                    assert await asyncio.to_thread(read_all, *entry(srv, i)) == b"target-%d" % i
+    finally:
+        for s in servers:
+            s.close()
+            await s.wait_closed()
+
+
+async def test_retarget_sends_new_connections_elsewhere(tmp_path):
+    a, b = await tag_server(b"A"), await tag_server(b"B")
+    try:
+        async with data_servers(tmp_path) as ds:
+            srv = await ds.start("PROD", [f"127.0.0.1:{a.sockets[0].getsockname()[1]}"])
+            assert await asyncio.to_thread(read_all, *entry(srv)) == b"A"
+            await srv.retarget((f"127.0.0.1:{b.sockets[0].getsockname()[1]}",))
+            assert await asyncio.to_thread(read_all, *entry(srv)) == b"B"
+            reply = await control_call(srv.control, {"op": "targets", "targets": ["nonsense"]})
+            assert not reply["ok"] and "host:port" in reply["error"]
+            assert await asyncio.to_thread(read_all, *entry(srv)) == b"B"
+    finally:
+        for s in (a, b):
+            s.close()
+            await s.wait_closed()
+
+
+async def test_unreachable_target_closes_the_client_and_is_counted(tmp_path):
+    async with data_servers(tmp_path) as ds:
+        srv = await ds.start("PROD", [f"127.0.0.1:{free_port()}"])
+        assert await asyncio.to_thread(read_all, *entry(srv), b"hello") == b""
+
+        async def failed():
+            r = await control_call(srv.control, {"op": "stats"})
+            return r["failed_connections"] == 1 and r["connections"] == 0
+        await wait_for(failed, what="the failed connection to be counted")
+        assert (await srv.stats()).bytes_in == 0
+        # still serving
+        assert (await control_call(srv.control, {"op": "ping"}))["ok"]
+
+
+async def test_half_close_both_ways_plain(tmp_path):
+    """Each side shuts its write half first in turn; the other direction still drains."""
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=5 << 20)
+    try:
+        async with data_servers(tmp_path) as ds:
+            prod, cons = await ds.chain(app.target, tls=False)
+            await check_half_close(app, pattern, cons)
+    finally:
+        app.close()
+
+
+async def check_half_close(app: PatternApp, pattern: Pattern, cons) -> None:
+    """Shared by the plain and TLS tests (see test_builtin_tls)."""
+    # 1. The producer sends 5 MiB and half-closes at once; the consumer reads all of it
+    #    and the EOF, and only then sends its 3 MiB.
+    def consumer_reads_first() -> tuple[int, bool]:
+        with socket.create_connection(entry(cons), 10) as s:
+            s.settimeout(60)
+            got = pattern.recv_check(s)
+            pattern.send(s, 3 << 20)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""
+            return got
+    assert await asyncio.to_thread(consumer_reads_first) == (5 << 20, True)
+    await wait_for_async(lambda: len(app.results) == 1 and app.results[0].received == 3 << 20)
+    assert app.results[0].intact and not app.results[0].error
+
+    # 2. The consumer sends 3 MiB and half-closes; it still gets the producer's 5 MiB.
+    def consumer_closes_first() -> tuple[int, bool]:
+        with socket.create_connection(entry(cons), 10) as s:
+            s.settimeout(60)
+            pattern.send(s, 3 << 20)
+            s.shutdown(socket.SHUT_WR)
+            return pattern.recv_check(s)
+    assert await asyncio.to_thread(consumer_closes_first) == (5 << 20, True)
+    await wait_for_async(lambda: len(app.results) == 2 and app.results[1].received == 3 << 20)
+    assert app.results[1].intact and not app.results[1].error
+
+
+async def wait_for_async(cond, timeout: float = 30.0) -> None:
+    async def check():
+        return cond()
+    await wait_for(check, timeout)
+
+
+async def test_per_connection_counters(tmp_path):
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=0)
+    try:
+        async with data_servers(tmp_path) as ds:
+            srv = await ds.start("PROD", [app.target])
+            s = await asyncio.to_thread(socket.create_connection, entry(srv), 10)
+            try:
+                await asyncio.to_thread(pattern.send, s, 3 << 20)
+
+                async def counted():
+                    conns = await srv.connections()
+                    return len(conns) == 1 and conns[0]["bytes_in"] == 3 << 20 and conns
+                conns = await wait_for(counted, what="the connection's counter")
+                assert conns[0]["listener"] == 0 and conns[0]["state"] == "open"
+                assert conns[0]["target"] == app.target and conns[0]["bytes_out"] == 0
+            finally:
+                s.close()
+            assert await wait_for(lambda: _no_conns(srv), what="the connection to go")
+    finally:
+        app.close()
+
+
+async def _no_conns(srv) -> bool:
+    return await srv.connections() == []
+
+
+async def test_stop_mid_transfer_ends_flow_and_frees_ports(tmp_path):
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=64 << 30)   # far more than will ever be sent
+    try:
+        async with data_servers(tmp_path) as ds:
+            prod, cons = await ds.chain(app.target, tls=False)
+            s = await asyncio.to_thread(socket.create_connection, entry(cons), 10)
+            s.settimeout(30)
+            try:
+                first = await asyncio.to_thread(pattern.recv_check, s, 8 << 20)
+                assert first == (8 << 20, True)
+                pids = prod.pids + cons.pids
+                await cons.stop()
+                await prod.stop()
+                # the consumer sees the end of the stream (EOF or reset), not a hang
+                rest = await asyncio.to_thread(_drain_until_closed, s)
+                assert rest < 64 << 30
+            finally:
+                s.close()
+            for port in prod.spec.ports + cons.spec.ports:
+                assert port_is_free(port), f"port {port} still taken"
+            assert not any(pid_alive(p) for p in pids)
+    finally:
+        app.close()
+
+
+def _drain_until_closed(s: socket.socket) -> int:
+    n = 0
+    try:
+        while chunk := s.recv(1 << 20):
+            n += len(chunk)
+    except ConnectionResetError:
+        pass
+    return n
