@@ -55,6 +55,7 @@ CONNECT_TIMEOUT_S = 15
 #: Name both session certificates carry (wankeys); the TLS client checks it.
 SESSION_NAME = "scistream-session"
 _ERROR_LINE = re.compile(r"\[ALERT\]|\[emerg\]|\[crit\]|\[alert\]|LOG[0-3]\[|error", re.I)
+_NOISE = re.compile(r"No trusted certificates found")  # stunnel, harmless with PSK
 
 
 def find_binary(names: Iterable[str], *, env_var: str, package: str) -> str:
@@ -202,7 +203,9 @@ def write_private(path: Path, text: str) -> None:
 
 
 def error_lines(text: str, limit: int = 4) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and _ERROR_LINE.search(ln)]
+    """The last error lines of a proxy's output (its own words for what went wrong)."""
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and _ERROR_LINE.search(ln) and not _NOISE.search(ln)]
     return " | ".join(lines[-limit:])
 
 
