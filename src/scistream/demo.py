@@ -7,6 +7,12 @@ side), streams ``size`` bytes over ``num_conn`` connections through both data se
 verifies every byte, releases both sides and stops everything it started, also on
 Ctrl-C and on failure.
 
+With ``testbed`` set (``scistream demo --netns``; this process then runs in the testbed's
+user namespace), each program runs where it would on real facilities: each S2CS on its
+gateway's namespace, the controllers and applications on the producer and consumer
+hosts, and the demo shows that the consumer cannot reach the producer before the
+session, which hosts carried each connection, and that nothing listens after release.
+
     report = asyncio.run(run_demo(DemoOptions(size=1 << 30, num_conn=4)))
 """
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from .client import AsyncClient, ChannelOptions
+from .netns.testbed import Testbed
 
 BIN = Path(sys.executable).parent
 
@@ -40,6 +47,36 @@ class DemoOptions:
     rate: int = 0
     keep_dir: bool = False
     say: Callable[[str], None] = print
+    testbed: Testbed | None = None  # run across the namespaces of this (attached) testbed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where each program runs (argv prefix) and which addresses each S2CS uses."""
+    prod_gw: tuple[str, ...] = ()
+    cons_gw: tuple[str, ...] = ()
+    producer: tuple[str, ...] = ()
+    consumer: tuple[str, ...] = ()
+    prod_listener_ip: str = "127.0.0.1"
+    cons_listener_ip: str = "127.0.0.1"
+    prod_control_ip: str | None = None
+    cons_control_ip: str | None = None
+    producer_ip: str = "127.0.0.1"
+
+
+def _layout(opts: DemoOptions) -> _Layout:
+    tb = opts.testbed
+    if tb is None:
+        ip = opts.listener_ip
+        return _Layout(prod_listener_ip=ip, cons_listener_ip=ip, producer_ip=ip)
+    if not tb.inside(tb.user):
+        raise RuntimeError(f"the netns demo must run in the user's namespace {tb.user.ns} "
+                           "(scistream demo --netns arranges it)")
+    return _Layout(prod_gw=tuple(tb.argv(tb.gw_a)), cons_gw=tuple(tb.argv(tb.gw_b)),
+                   producer=tuple(tb.argv(tb.producer)), consumer=tuple(tb.argv(tb.consumer)),
+                   prod_listener_ip=tb.gw_a.wan_ip, cons_listener_ip=tb.gw_b.lan_ip,
+                   prod_control_ip=tb.gw_a.control_ip, cons_control_ip=tb.gw_b.control_ip,
+                   producer_ip=tb.producer.ip)
 
 
 @dataclasses.dataclass
@@ -86,11 +123,14 @@ async def _process(argv: list[str], log_path: Path) -> AsyncIterator[asyncio.sub
                 await proc.wait()
 
 
-async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: DemoOptions) -> tuple[str, Path]:
+async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: DemoOptions,
+                where: tuple[str, ...] = (), listener_ip: str | None = None,
+                control_ip: str | None = None) -> tuple[str, Path]:
     ready = work / f"{name}.ready"
-    argv = [_exe("s2cs"), "--port", "0", "--listener-ip", opts.listener_ip, "--type", opts.server_type,
+    listener_ip = listener_ip or opts.listener_ip
+    argv = [*where, _exe("s2cs"), "--port", "0", "--listener-ip", listener_ip, "--type", opts.server_type,
             "--port-range", _port_range(), "--state-dir", str(work / name), "--auth", "none",
-            "--ready-file", str(ready)]
+            "--ready-file", str(ready)] + (["--control-ip", control_ip] if control_ip else [])
     proc = await stack.enter_async_context(_process(argv, work / f"{name}.log"))
     deadline = time.monotonic() + 30
     while not ready.exists():
@@ -101,7 +141,7 @@ async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: D
             raise RuntimeError(f"{name} s2cs did not start within 30 s")
         await asyncio.sleep(0.02)
     info = json.loads(ready.read_text())
-    return f"{opts.listener_ip}:{info['port']}", work / name / "server.crt"
+    return f"{control_ip or listener_ip}:{info['port']}", work / name / "server.crt"
 
 
 async def run_demo(opts: DemoOptions) -> DemoReport:
@@ -120,13 +160,23 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
         say(f"  [{len(steps)}] {name} ({(now - t) * 1000:.0f} ms)")
         t = now
 
+    lay = _layout(opts)
+    tb = opts.testbed
     try:
         async with contextlib.AsyncExitStack() as stack:
             say(f"SciStream demo: {opts.size} bytes over {opts.num_conn} connections, "
                 f"data servers of type {opts.server_type}, work dir {work}")
-            prod_s2cs, prod_cert = await _s2cs(stack, work, "prod-s2cs", opts)
-            cons_s2cs, cons_cert = await _s2cs(stack, work, "cons-s2cs", opts)
-            step(f"started PROD S2CS on {prod_s2cs} and CONS S2CS on {cons_s2cs} (TLS control channel)")
+            prod_s2cs, prod_cert = await _s2cs(stack, work, "prod-s2cs", opts, lay.prod_gw,
+                                               lay.prod_listener_ip, lay.prod_control_ip)
+            cons_s2cs, cons_cert = await _s2cs(stack, work, "cons-s2cs", opts, lay.cons_gw,
+                                               lay.cons_listener_ip, lay.cons_control_ip)
+            if tb is None:
+                step(f"started PROD S2CS on {prod_s2cs} and CONS S2CS on {cons_s2cs} (TLS control channel)")
+            else:
+                step(f"started PROD S2CS on GW-A (control {prod_s2cs}, data servers on its WAN address "
+                     f"{lay.prod_listener_ip}) and CONS S2CS on GW-B (control {cons_s2cs}, data servers on "
+                     f"its LAN address {lay.cons_listener_ip}); the user's client runs on {tb.user.label} "
+                     f"{tb.user.addr('gwa0')}/{tb.user.addr('gwb0')}")
             prod = await stack.enter_async_context(
                 AsyncClient(prod_s2cs, ChannelOptions(server_cert=str(prod_cert))))
             cons = await stack.enter_async_context(
@@ -135,12 +185,17 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             # 1-2: req(PROD) waits for the producer controller's hello.
             req = asyncio.create_task(prod.req(uid, "PROD", opts.num_conn, opts.rate))
             producer = await stack.enter_async_context(_process(
-                [_exe("appctrl"), "create-appctrl", uid, prod_s2cs, "-", "PROD", opts.listener_ip,
+                [*lay.producer, _exe("appctrl"), "create-appctrl", uid, prod_s2cs, "-", "PROD", lay.producer_ip,
                  "--num-conn", str(opts.num_conn), "--size", str(per_conn),
                  "--connections", str(opts.num_conn), "--server-cert", str(prod_cert)],
                 work / "producer.log"))
             prod_resp = await _race(req, producer, "producer controller", work / "producer.log")
             step(f"req PROD + producer hello: WAN listeners {', '.join(prod_resp.listeners)}")
+            if tb is not None:
+                r = await _probe(tb, tb.consumer, prod_resp.prod_listeners[0])
+                say(f"      before the session: consumer {tb.consumer.ip} -> producer "
+                    f"{prod_resp.prod_listeners[0]}: {r}")
+                t = time.monotonic()  # the probe is the demo's, not a step of the exchange
             # 3: update(PROD) with the producer's endpoints.
             upd = await prod.update(uid, "PROD", list(prod_resp.prod_listeners), prod_resp.wan_secret)
             step(f"update PROD -> producer endpoints {', '.join(prod_resp.prod_listeners)} "
@@ -149,7 +204,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             report_file = work / "consumer.json"
             creq = asyncio.create_task(cons.req(uid, "CONS", opts.num_conn, opts.rate))
             consumer = await stack.enter_async_context(_process(
-                [_exe("appctrl"), "create-appctrl", uid, cons_s2cs, "-", "CONS",
+                [*lay.consumer, _exe("appctrl"), "create-appctrl", uid, cons_s2cs, "-", "CONS",
                  "--size", str(per_conn), "--server-cert", str(cons_cert), "--report", str(report_file)],
                 work / "consumer.log"))
             cons_resp = await _race(creq, consumer, "consumer controller", work / "consumer.log")
@@ -165,10 +220,20 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             result = json.loads(report_file.read_text())
             await asyncio.wait_for(producer.wait(), 30)
             step(f"transfer: {result['bytes']} bytes verified")
+            if tb is not None:
+                await _show_paths(tb, prod, cons, uid, cons_resp, prod_resp, upd.wan_security, say)
+                t = time.monotonic()
             # 7: release both sides.
             await prod.release(uid)
             await cons.release(uid)
             step("release PROD and CONS")
+            if tb is not None:
+                r = await _probe(tb, tb.consumer, cons_resp.listeners[0])
+                say(f"      after release: consumer {tb.consumer.ip} -> GW-B {cons_resp.listeners[0]}: {r}")
+                for gw, target in ((tb.gw_a, prod_s2cs), (tb.gw_b, cons_s2cs)):
+                    ports = await asyncio.to_thread(tb.listening_ports, gw)
+                    say(f"      {gw.label} listens on (ss -ltn): {', '.join(map(str, sorted(ports)))} "
+                        f"(its S2CS control port {target.rpartition(':')[2]})")
         say("  all processes stopped")
         return DemoReport(uid=uid, steps=steps, bytes_verified=result["bytes"],
                           transfer_seconds=result["seconds"], streams=result["streams"],
@@ -176,6 +241,39 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
     finally:
         if not opts.keep_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+async def _probe(tb: Testbed, host, listener: str) -> str:
+    """One connection attempt from ``host`` to ``listener``, described for people."""
+    proc = await asyncio.create_subprocess_exec(
+        *tb.argv(host, sys.executable, "-m", "scistream.netns.peer", "connect", listener, "--timeout", "2"),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    try:
+        r = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return f"probe failed: {out.decode(errors='replace')[-200:]}"
+    return "connected" if r["ok"] else f"{r['message']} ({r['error']})"
+
+
+async def _show_paths(tb: Testbed, prod: AsyncClient, cons: AsyncClient, uid: str, cons_resp, prod_resp,
+                      wan: str, say: Callable[[str], None]) -> None:
+    """Which hosts talked to which, with each gateway's data-server counters as evidence."""
+    eps = list(prod_resp.prod_listeners)
+    for i, (c, p) in enumerate(zip(cons_resp.listeners, prod_resp.listeners)):
+        say(f"      consumer {tb.consumer.ip} -> GW-B {c} -> [WAN, {wan.upper()}] -> GW-A {p} "
+            f"-> producer {eps[i % len(eps)]}")
+    for gw, client in ((tb.gw_b, cons), (tb.gw_a, prod)):
+        info = (await client.status(uid)).sessions
+        if info:
+            s = info[0]
+            say(f"      {gw.label} data server ({s.server_type}): {s.total_connections} connections, "
+                f"{s.bytes_out} bytes towards the consumer, {s.bytes_in} towards the producer")
 
 
 async def _race(call: asyncio.Task, proc: asyncio.subprocess.Process, name: str, log: Path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 
 import click
@@ -38,16 +39,34 @@ def cli() -> None:
               show_default=True, help="Data server kind on both gateways.")
 @click.option("--rate", type=click.IntRange(0), default=0, help="kbit/s cap per session (0: none).")
 @click.option("--keep-dir", is_flag=True, help="Keep the work directory (logs, configs).")
+@click.option("--netns", is_flag=True,
+              help="As root: run the two facilities in network namespaces that cannot reach each other.")
+@click.option("--in-testbed", default=None, hidden=True)  # set by --netns for the run inside the user's host
 @click.option("--verbose", "-v", is_flag=True)
-def demo(size, num_conn, server_type, rate, keep_dir, verbose) -> None:
+def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose) -> None:
     """Run a whole session on this machine: two control servers, a producer, a consumer,
     every byte verified, everything released."""
     setup_logging(verbose)
     total = _size(size)
     if total < num_conn:
         raise click.BadParameter("--size must be at least one byte per connection")
+    testbed = None
+    if netns and in_testbed is None:
+        from ..netns import unavailable_reason
+        reason = unavailable_reason()
+        if reason is None:
+            sys.exit(_demo_in_testbed(["--size", size, "--num-conn", str(num_conn), "--type", server_type,
+                                       "--rate", str(rate)] + ["--keep-dir"] * keep_dir + ["-v"] * verbose))
+        err.print(f"[yellow]--netns: {reason}; running on loopback instead[/]")
+    if in_testbed is not None:
+        from ..netns import Testbed, TestbedError
+        try:
+            testbed = Testbed.attach(in_testbed)
+        except TestbedError as exc:
+            err.print(f"[red]demo failed[/]: {exc}")
+            sys.exit(Exit.FAILED)
     opts = DemoOptions(size=total - total % num_conn, num_conn=num_conn, server_type=server_type,
-                       rate=rate, keep_dir=keep_dir, say=out.print)
+                       rate=rate, keep_dir=keep_dir, say=out.print, testbed=testbed)
     try:
         report = asyncio.run(run_demo(opts))
     except KeyboardInterrupt:
@@ -63,6 +82,36 @@ def demo(size, num_conn, server_type, rate, keep_dir, verbose) -> None:
               f"over {report.streams} connections in {report.transfer_seconds:.2f} s: "
               f"{report.gbps:.2f} Gbit/s through PROD and CONS data servers ({report.server_type}, "
               f"WAN leg {report.wan_security})")
+
+
+def _demo_in_testbed(args: list[str]) -> int:
+    """Build the namespaces, run the demo from the user's host inside them, remove them all."""
+    from ..netns import Testbed, TestbedError
+    tb = Testbed()
+    try:
+        tb.create()
+    except TestbedError as exc:
+        err.print(f"[red]demo failed[/]: cannot build the testbed: {exc}")
+        return Exit.FAILED
+    try:
+        out.print(tb.describe())
+        out.print("  no route between the facilities, ip_forward=0 everywhere: "
+                  "only a SciStream session connects them")
+        inner = subprocess.Popen(tb.argv(tb.user, sys.executable, "-m", "scistream.cli.scistream", "demo",
+                                         *args, "--in-testbed", tb.tag), stdin=subprocess.DEVNULL)
+        try:
+            return inner.wait()
+        except KeyboardInterrupt:  # the inner demo got the Ctrl-C too and stops what it started
+            try:
+                inner.wait(30)
+            except subprocess.TimeoutExpired:
+                inner.kill()
+                inner.wait()
+            err.print("[yellow]demo interrupted; everything it started was stopped[/]")
+            return 130
+    finally:
+        tb.destroy()
+        out.print(f"testbed {tb.tag} removed: namespaces, links and processes")
 
 
 def main() -> None:

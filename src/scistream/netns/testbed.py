@@ -51,6 +51,8 @@ _NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)-([0-9a-f]+)-[a-z-]+$")
 class TestbedError(RuntimeError):
     """The testbed cannot be built here (not root, no `ip netns`) or a step failed."""
 
+    __test__ = False  # not a pytest test class
+
 
 @dataclasses.dataclass(frozen=True)
 class Host:
@@ -199,6 +201,8 @@ class Testbed:
 
     ``Testbed.attach(tag)`` describes an existing testbed (built by another process)
     without owning it: its ``destroy()`` does nothing."""
+
+    __test__ = False  # not a pytest test class
 
     def __init__(self, tag: str | None = None, *, owner: bool = True) -> None:
         self.tag = tag or f"{os.getpid()}-{secrets.token_hex(3)}"
