@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,12 @@ class Pattern:
             n -= k
             i += 1
 
-    def recv_check(self, sock: socket.socket, limit: int | None = None) -> tuple[int, bool]:
-        """Read until EOF (or ``limit`` bytes); return (bytes, every byte as expected)."""
+    def recv_check(self, sock: socket.socket, limit: int | None = None,
+                   samples: list[tuple[float, int]] | None = None, quiet: bool = False) -> tuple[int, bool]:
+        """Read until EOF (or ``limit`` bytes); return (bytes, every byte as expected).
+
+        With ``samples``, append (monotonic time, bytes so far) after every read; with
+        ``quiet``, a read error ends the stream (a timed reader is stopped that way)."""
         buf = bytearray(BLOCK)
         exp = bytearray(self.body)
         view = memoryview(buf)
@@ -63,10 +68,17 @@ class Pattern:
         while limit is None or total < limit:
             fill = 0
             while fill < BLOCK:
-                n = sock.recv_into(view[fill:])
+                try:
+                    n = sock.recv_into(view[fill:])
+                except OSError:
+                    if not quiet:
+                        raise
+                    n = 0
                 if n == 0:
                     break
                 fill += n
+                if samples is not None:
+                    samples.append((time.monotonic(), total + fill))
             if fill:
                 exp[:8] = i.to_bytes(8, "big")
                 same = buf == exp if fill == BLOCK else buf[:fill] == exp[:fill]
@@ -80,6 +92,7 @@ class Pattern:
 
 @dataclass
 class ConnResult:
+    samples: list[tuple[float, int]] = field(default_factory=list)
     received: int = 0
     intact: bool = False
     error: str = ""
@@ -129,7 +142,7 @@ class PatternApp:
         sender = threading.Thread(target=self._send, args=(conn, res), daemon=True)
         sender.start()
         try:
-            res.received, res.intact = self.pattern.recv_check(conn)
+            res.received, res.intact = self.pattern.recv_check(conn, samples=res.samples)
         except OSError as exc:
             res.error = f"recv: {exc}"
         sender.join(130)

@@ -1,0 +1,199 @@
+"""The built-in data server's TLS WAN leg: mutual TLS 1.3 with the session credentials,
+half-close carried as close_notify, and everybody without the secret kept out."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+
+import pytest
+from builtin_support import Pattern, PatternApp, data_servers, entry
+from conftest import echo_roundtrip
+from test_builtin import check_half_close, wait_for
+
+from scistream.data import wankeys
+from scistream.data.builtin import control_call
+
+GREETING = b"producer-data-" * 100
+
+
+async def failed_count(srv) -> int:
+    return (await control_call(srv.control, {"op": "stats"}))["failed_connections"]
+
+
+async def test_tls_chain_echo_many_connections(tmp_path, echo_server):
+    async with data_servers(tmp_path) as ds:
+        prod, cons = await ds.chain(f"{echo_server[0]}:{echo_server[1]}", tls=True, listeners=2)
+        payloads = [os.urandom(300_000 + 4099 * i) for i in range(16)]
+        got = await asyncio.gather(*(echo_roundtrip(*entry(cons, i % 2), p) for i, p in enumerate(payloads)))
+        assert got == payloads
+        total = sum(map(len, payloads))
+
+        async def counted():
+            a, b = await prod.stats(), await cons.stats()
+            return (a.connections == b.connections == 0 and a.bytes_out == b.bytes_out == total
+                    and a.bytes_in == b.bytes_in == total)
+        await wait_for(counted, what="both data servers to count every byte")
+        assert (await prod.stats()).total_connections == 16
+
+
+async def test_half_close_both_ways_tls(tmp_path):
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=5 << 20)
+    try:
+        async with data_servers(tmp_path) as ds:
+            _, cons = await ds.chain(app.target, tls=True)
+            await check_half_close(app, pattern, cons)
+    finally:
+        app.close()
+
+
+async def test_cons_with_another_secret_gets_nothing_through(tmp_path):
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=1 << 20, greeting=GREETING)
+    try:
+        async with data_servers(tmp_path) as ds:
+            prod, cons = await ds.chain(app.target, tls=True, cons_secret=wankeys.new_secret())
+            got = await asyncio.to_thread(_talk, *entry(cons), b"consumer says hi" * 1000)
+            assert got == b""
+            await wait_for(lambda: _both_failed(prod, cons), what="both sides to refuse the handshake")
+            assert app.accepted == 0
+            assert (await prod.stats()).bytes_in == (await prod.stats()).bytes_out == 0
+    finally:
+        app.close()
+
+
+async def _both_failed(prod, cons) -> bool:
+    return await failed_count(prod) >= 1 and await failed_count(cons) >= 1
+
+
+async def test_plain_client_to_tls_listener_gets_nothing(tmp_path):
+    app = PatternApp(Pattern(), greeting=GREETING)
+    try:
+        async with data_servers(tmp_path) as ds:
+            prod, _ = await ds.chain(app.target, tls=True)
+            got = await asyncio.to_thread(_talk, *entry(prod), b"GET / HTTP/1.0\r\n\r\n" * 10)
+            assert b"producer-data" not in got
+            assert len(got) < 64          # at most a TLS alert
+            await wait_for(lambda: _failed_at_least(prod, 1), what="the PROD side to drop the client")
+            assert app.accepted == 0
+    finally:
+        app.close()
+
+
+async def _failed_at_least(srv, n: int) -> bool:
+    return await failed_count(srv) >= n
+
+
+def _client_ctx(secret: bytes, tmp_path, name: str) -> ssl.SSLContext:
+    files = wankeys.write_credentials(secret, "x", tmp_path / name)
+    return wankeys.ssl_context(files, server=False)
+
+
+@pytest.mark.parametrize("who", ["no-certificate", "other-session"])
+async def test_tls_client_without_the_session_key_is_refused(tmp_path, who):
+    app = PatternApp(Pattern(), greeting=GREETING)
+    try:
+        async with data_servers(tmp_path) as ds:
+            prod, _ = await ds.chain(app.target, tls=True)
+            if who == "no-certificate":
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            else:
+                ctx = _client_ctx(wankeys.new_secret(), tmp_path, "other")
+
+            def attempt() -> bytes:
+                with socket.create_connection(entry(prod), 10) as raw:
+                    try:
+                        with ctx.wrap_socket(raw, server_hostname="scistream-session") as s:
+                            s.settimeout(10)
+                            s.sendall(b"hello")
+                            return s.recv(65536)
+                    except (ssl.SSLError, ConnectionError):
+                        return b""
+            assert await asyncio.to_thread(attempt) == b""
+            await wait_for(lambda: _failed_at_least(prod, 1), what="the PROD side to refuse")
+            assert app.accepted == 0
+    finally:
+        app.close()
+
+
+async def test_session_key_holder_speaks_tls13_to_prod(tmp_path):
+    """A client that derives the credentials from the secret is let in (TLS 1.3)."""
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=2 << 20)
+    try:
+        async with data_servers(tmp_path) as ds:
+            secret = wankeys.new_secret()
+            prod = await ds.start("PROD", [app.target], secret=secret)
+            ctx = _client_ctx(secret, tmp_path, "same")
+
+            def talk() -> tuple[str | None, tuple[int, bool]]:
+                with socket.create_connection(entry(prod), 10) as raw:
+                    with ctx.wrap_socket(raw, server_hostname="scistream-session") as s:
+                        s.settimeout(30)
+                        version = s.version()
+                        pattern.send(s, 1 << 20)
+                        got = pattern.recv_check(s, 2 << 20)
+                        s.unwrap()       # close_notify: a clean EOF for the producer
+                        return version, got
+            version, got = await asyncio.to_thread(talk)
+            assert version == "TLSv1.3"
+            assert got == (2 << 20, True)
+            await wait_for(lambda: _app_done(app, 0), what="the producer to see a clean EOF")
+            assert app.results[0].received == 1 << 20 and app.results[0].intact
+            assert not app.results[0].error
+    finally:
+        app.close()
+
+
+async def _app_done(app: PatternApp, i: int) -> bool:
+    return len(app.results) > i and (app.results[i].received > 0 or bool(app.results[i].error)) \
+        and not any(t.is_alive() for t in app.threads[i:i + 1])
+
+
+async def test_truncated_tls_stream_is_a_reset_not_an_eof(tmp_path):
+    """A TCP FIN without close_notify may be an attacker cutting the stream: the producer
+    must not mistake it for the end of the data."""
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=0)
+    try:
+        async with data_servers(tmp_path) as ds:
+            secret = wankeys.new_secret()
+            prod = await ds.start("PROD", [app.target], secret=secret)
+            ctx = _client_ctx(secret, tmp_path, "same")
+
+            def talk() -> None:
+                raw = socket.create_connection(entry(prod), 10)
+                s = ctx.wrap_socket(raw, server_hostname="scistream-session")
+                pattern.send(s, 1 << 20)
+                sock = socket.socket(fileno=s.detach())
+                sock.shutdown(socket.SHUT_WR)     # FIN, no close_notify
+                sock.settimeout(10)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except OSError:
+                    pass
+                sock.close()
+            await asyncio.to_thread(talk)
+            await wait_for(lambda: _app_done(app, 0), what="the producer's connection to end")
+            assert "reset" in app.results[0].error.lower()
+    finally:
+        app.close()
+
+
+def _talk(host: str, port: int, data: bytes) -> bytes:
+    """Connect, send, read until the other side closes; what came back."""
+    with socket.create_connection((host, port), 10) as s:
+        s.settimeout(10)
+        out = b""
+        try:
+            s.sendall(data)
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        return out
