@@ -162,8 +162,8 @@ async def _cleanup(clients: Sequence[AsyncClient], halves: Sequence[_Half], uid:
         if isinstance(r, BaseException):
             log.error("session %s: could not release the %s side on %s: %s; it ends at the "
                       "server's hello timeout or lease", uid, h.role, h.gateway.address, r)
-    clock.emit(Step.RELEASED, ", ".join(f"{h.role} {'released' if r is True else 'held nothing'}"
-                                        for (_, h), r in zip(todo, results) if not isinstance(r, BaseException)))
+    freed = [h.role for (_, h), r in zip(todo, results) if not isinstance(r, BaseException)]
+    clock.emit(Step.RELEASED, f"{' and '.join(freed) or 'nothing'} freed")
 
 
 async def _run_halves(tasks: dict[asyncio.Task, _Half]) -> None:
