@@ -1,0 +1,218 @@
+"""Helpers for the HAProxy / nginx / stunnel backend tests (no tests here).
+
+``EXTERNAL`` parametrises a test over the three backends, each skipped with the reason
+``check_available()`` gives when its binary is missing. ``Chain`` runs a PROD data server
+(forwarding to an application) and a CONS data server (forwarding to the PROD
+listeners), as two gateways would. ``App`` is a counting application endpoint: it may
+greet first with a tag (so a test knows which target it reached), then echoes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from scistream.data.backends.common import group_members
+from scistream.data.base import BackendUnavailable, DataServer, DataSpec, get_backend
+
+NAMES = ("Haproxy", "Nginx", "Stunnel")
+
+
+def _param(name: str):
+    try:
+        get_backend(name).check_available()
+    except BackendUnavailable as exc:
+        return pytest.param(name, marks=pytest.mark.skip(reason=f"{name} backend unavailable: {exc}"))
+    return pytest.param(name)
+
+
+EXTERNAL = [_param(n) for n in NAMES]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> tuple[int, ...]:
+    """``n`` distinct ports free right now (held together while picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            s.bind((host, 0))
+            socks.append(s)
+        return tuple(s.getsockname()[1] for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class App:
+    """An application endpoint on 127.0.0.1: optional greeting ``tag``, then echo."""
+
+    def __init__(self, tag: bytes = b"") -> None:
+        self.tag = tag
+        self.accepted = 0
+        self.received = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> "App":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self.server is not None
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            if self.tag:
+                w.write(self.tag)
+                await w.drain()
+            while chunk := await r.read(1 << 16):
+                self.received += len(chunk)
+                w.write(chunk)
+                await w.drain()
+            if w.can_write_eof():
+                w.write_eof()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+
+async def roundtrip(port: int, payload: bytes, *, host: str = "127.0.0.1", skip: int = 0,
+                    timeout: float = 60.0) -> bytes:
+    """Send ``payload`` while reading back; half-close; return what came back after ``skip``
+    greeting bytes."""
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(view), 1 << 18):
+            w.write(view[i:i + (1 << 18)])
+            await w.drain()
+        w.write_eof()
+
+    try:
+        sender = asyncio.create_task(send())
+        try:
+            got = await asyncio.wait_for(r.read(-1), timeout)
+        finally:
+            if not sender.done():
+                sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await sender
+    finally:
+        w.close()
+    return got[skip:]
+
+
+async def try_through(port: int, payload: bytes = b"ping" * 256, timeout: float = 15.0) -> bytes:
+    """Like ``roundtrip`` but a reset or refusal is simply 'nothing came back'."""
+    try:
+        return await roundtrip(port, payload, timeout=timeout)
+    except (ConnectionError, OSError):
+        return b""
+
+
+@dataclass
+class Chain:
+    """PROD (WAN listeners -> app endpoints) and CONS (LAN listeners -> PROD listeners)."""
+
+    kind: str
+    workdir: Path
+    targets: list[str]
+    n: int = 2
+    secret: bytes | None = None
+    cons_secret: bytes | None = None   # defaults to ``secret``; a different one = an impostor
+    rate_kbps: int = 0
+    host: str = "127.0.0.1"
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    prod: DataServer | None = None
+    cons: DataServer | None = None
+
+    def __post_init__(self) -> None:
+        if self.cons_secret is None:
+            self.cons_secret = self.secret
+
+    def prod_spec(self) -> DataSpec:
+        return DataSpec(self.uid, "PROD", self.host, free_ports(self.n, self.host),
+                        tuple(self.targets[i % len(self.targets)] for i in range(self.n)),
+                        rate_kbps=self.rate_kbps, wan_secret=self.secret, workdir=self.workdir / "prod")
+
+    async def __aenter__(self) -> "Chain":
+        cls = get_backend(self.kind)
+        self.prod = cls(self.prod_spec())
+        await self.prod.start()
+        try:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            wan = tuple(f"{host}:{p}" for p in self.prod.spec.ports)
+            self.cons = cls(DataSpec(self.uid, "CONS", self.host, free_ports(self.n, self.host), wan,
+                                     rate_kbps=self.rate_kbps, wan_secret=self.cons_secret,
+                                     workdir=self.workdir / "cons"))
+            await self.cons.start()
+        except BaseException:
+            await self.prod.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        for server in (self.cons, self.prod):
+            if server is not None:
+                await server.stop()
+
+    @property
+    def entries(self) -> tuple[int, ...]:
+        assert self.cons is not None
+        return self.cons.spec.ports
+
+    @property
+    def all_ports(self) -> tuple[int, ...]:
+        assert self.cons is not None and self.prod is not None
+        return self.cons.spec.ports + self.prod.spec.ports
+
+
+def leftover(server: DataServer) -> list[int]:
+    """Processes still alive in the server's process group."""
+    child = getattr(server, "child", None)
+    return group_members(child.pid) if child is not None else []
+
+
+def secret() -> bytes:
+    return os.urandom(32)
