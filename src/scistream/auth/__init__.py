@@ -1,8 +1,12 @@
-"""Who is calling: authenticators for the control server.
+"""Who is calling: authenticators for the control server, and the user's Globus login.
 
-``base`` defines ``Identity`` and ``Authenticator``; ``make_authenticator`` builds the one
-``s2cs --auth`` names.
+Server side: ``base`` (``Identity``, ``Authenticator``, ``make_authenticator``) and one
+module per ``s2cs --auth`` kind: ``static``, ``jwt``, ``globus``. Client side: ``tokens``
+(settings, token store, ``stored_token``) and ``login`` (native-app flow, logout).
+
+    auth = make_authenticator("static", token_file="/etc/scistream/tokens")
+    who = await auth.authenticate("Bearer sst_...")
 """
-from .base import Authenticator, Identity, make_authenticator
+from .base import AuthConfigError, Authenticator, Identity, make_authenticator
 
-__all__ = ["Authenticator", "Identity", "make_authenticator"]
+__all__ = ["AuthConfigError", "Authenticator", "Identity", "make_authenticator"]
