@@ -1,0 +1,302 @@
+"""The control server's configuration file (``s2cs --config FILE``, ``s2cs check-config FILE``).
+
+A TOML file whose keys are the flag names of ``s2cs`` without the dashes in front
+(``listener-ip``; the original's ``listener_ip`` spelling works too), so everything a flag
+sets, the file can set, and a flag given on the command line wins over the file. The
+schema is read from the click command itself (``schema_for``): a flag added to ``s2cs``
+is a key of the file at once, with the same type and the same choices.
+
+    port = 5000
+    listener-ip = "10.0.0.2"
+    type = "Haproxy"
+    port-range = "5100-5200"
+    auth = "static"
+    token-file = "tokens"          # relative paths are relative to this file's directory
+    admin = ["ops@facility.org"]   # repeatable flags take a list
+
+    schema = schema_for(s2cs_start_command)
+    values = load(Path("/etc/scistream/s2cs.toml"), schema)     # ConfigFileError lists problems
+    problems = check(Path("s2cs.toml"), schema)                  # [] when the file is good
+
+Problems say where: ``s2cs.toml:7: listner-ip: unknown key (did you mean listener-ip?)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import click
+
+log = logging.getLogger(__name__)
+
+# Flags that are not settings: the file itself, the test-only ready file, help and version.
+NOT_SETTINGS = {"config", "ready_file", "help", "version"}
+# Files that must exist when the server starts (a path that is only written is not here).
+MUST_EXIST = {"server_cert", "server_key", "token_file", "globus_config"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One key the file may set: the flag it stands for, and what it takes."""
+    key: str                   # canonical key: the first long flag name, "listener-ip"
+    param: str                 # the click parameter name, "listener_ip"
+    kind: str                  # bool, int, float, str, path
+    multiple: bool = False     # a repeatable flag: the file gives a list
+    choices: tuple[str, ...] = ()
+    case_sensitive: bool = True
+    help: str = ""
+    option: click.Option | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def expects(self) -> str:
+        one = {"bool": "true or false", "int": "an integer", "float": "a number",
+               "str": "a string", "path": "a path (string)"}[self.kind]
+        if self.choices:
+            one = "one of " + ", ".join(self.choices)
+        return f"a list of {self.kind} values" if self.multiple else one
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What is wrong, and where: ``file:line: key: message``."""
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigFileError(Exception):
+    """The file cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+def _kind(option: click.Option) -> str:
+    if option.is_flag and not option.count:
+        return "bool"
+    t = option.type
+    if isinstance(t, click.Path):
+        return "path"
+    if isinstance(t, (click.types.IntParamType, click.IntRange)):
+        return "int"
+    if isinstance(t, (click.types.FloatParamType, click.FloatRange)):
+        return "float"
+    return "str"
+
+
+def schema_for(command: click.Command) -> dict[str, Setting]:
+    """Every key the file may set for ``command``, by each of its spellings."""
+    keys: dict[str, Setting] = {}
+    for p in command.params:
+        if not isinstance(p, click.Option) or p.hidden or p.name in NOT_SETTINGS:
+            continue
+        longs = [o[2:] for o in p.opts if o.startswith("--")]
+        if not longs:
+            continue
+        choice = p.type if isinstance(p.type, click.Choice) else None
+        s = Setting(key=longs[0], param=p.name or longs[0].replace("-", "_"), kind=_kind(p),
+                    multiple=bool(p.multiple),
+                    choices=tuple(str(c) for c in choice.choices) if choice else (),
+                    case_sensitive=choice.case_sensitive if choice else True,
+                    help=p.help or "", option=p)
+        for name in longs:
+            keys[name.replace("_", "-")] = s
+    return keys
+
+
+def canonical_keys(schema: Mapping[str, Setting]) -> list[str]:
+    return sorted({s.key for s in schema.values()})
+
+
+# -- where keys are -----------------------------------------------------------------------
+_TABLE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=""")
+
+
+def _parts(dotted: str) -> list[str]:
+    return [p.strip().strip("\"'") for p in re.findall(r"""("[^"]*"|'[^']*'|[^.]+)""", dotted)]
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line of each key path (``a.b``) and table header in a TOML text (1-based)."""
+    lines: dict[str, int] = {}
+    table: list[str] = []
+    in_multiline = None
+    for n, raw in enumerate(text.splitlines(), 1):
+        if in_multiline:
+            if in_multiline in raw:
+                in_multiline = None
+            continue
+        if m := _TABLE.match(raw):
+            table = _parts(m.group(1))
+            lines.setdefault(".".join(table), n)
+            continue
+        if m := _KEY.match(raw):
+            path = ".".join(table + _parts(m.group(1)))
+            lines.setdefault(path, n)
+            rest = raw[m.end():]
+            for q in ('"""', "'''"):
+                if rest.count(q) == 1:
+                    in_multiline = q
+    return lines
+
+
+# -- checking values ---------------------------------------------------------------------------
+def _type_ok(s: Setting, value: Any) -> bool:
+    if s.kind == "bool":
+        return isinstance(value, bool)
+    if s.kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if s.kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _convert(s: Setting, value: Any, base: Path) -> Any:
+    """A checked value as the flag would take it (relative paths resolved against ``base``)."""
+    if s.kind == "path":
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p)
+    return value
+
+
+def _click_check(s: Setting, value: Any) -> str | None:
+    """Run the flag's own type (ranges, choices); its message if it refuses the value."""
+    if s.option is None:
+        return None
+    try:
+        with click.Context(click.Command("s2cs")) as ctx:
+            s.option.type_cast_value(ctx, value)
+    except click.BadParameter as exc:
+        return exc.message
+    return None
+
+
+def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    """Checks across values, as (param, message)."""
+    from .control.ports import parse_port_range
+    from .errors import InvalidArgument
+    if "port" in values and not 0 <= values["port"] <= 65535:
+        yield "port", f"{values['port']} is not a port; use 1-65535 (or 0: any free port)"
+    if "port_range" in values:
+        try:
+            parse_port_range(values["port_range"])
+        except InvalidArgument as exc:
+            yield "port_range", str(exc)
+    for name in ("hello_timeout", "max_conn"):
+        if name in values and values[name] <= 0:
+            yield name, f"must be > 0, got {values[name]}"
+    for name in ("hello_grace", "max_rate", "max_lease"):
+        if name in values and values[name] < 0:
+            yield name, f"must be >= 0, got {values[name]}"
+    if ("server_cert" in values) != ("server_key" in values):
+        have, missing = ("server_cert", "server-key") if "server_cert" in values else ("server_key", "server-cert")
+        yield have, f"set {missing} too: the certificate and its key go together"
+    for name in sorted(MUST_EXIST & set(values)):
+        p = Path(values[name])
+        if not p.is_file():
+            yield name, f"file {p} does not exist" if not p.exists() else f"{p} is not a file"
+    jwks = values.get("jwt_jwks")
+    if isinstance(jwks, str) and not jwks.startswith(("http://", "https://")):
+        if not Path(jwks).is_file():
+            yield "jwt_jwks", f"file {jwks} does not exist (give a path or an https:// URL)"
+    if "server_type" in values:
+        from .data.base import BackendUnavailable, get_backend
+        try:
+            get_backend(values["server_type"]).check_available()
+        except (ValueError, BackendUnavailable) as exc:
+            yield "server_type", str(exc)
+
+
+def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) -> dict[str, Any]:
+    name = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        problems.append(Problem(name, None, "", f"cannot read it: {exc.strerror}"))
+        return {}
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        problems.append(Problem(name, int(m.group(1)) if m else None, "", f"not valid TOML: {msg}"))
+        return {}
+    lines = key_lines(text)
+    base = path.resolve().parent
+    values: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for key, value in data.items():
+        line = lines.get(key)
+        s = schema.get(key.replace("_", "-"))
+        if s is None:
+            if isinstance(value, dict):
+                for sub in value:
+                    problems.append(Problem(name, lines.get(f"{key}.{sub}", lines.get(key)), f"{key}.{sub}",
+                                            "unknown key: the file has no tables; every key is an s2cs "
+                                            "flag name at the top level"))
+                continue
+            close = difflib.get_close_matches(key.replace("_", "-"), canonical_keys(schema), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else "; `s2cs --help` lists the flags"
+            problems.append(Problem(name, line, key, f"unknown key{hint}"))
+            continue
+        if s.param in seen:
+            problems.append(Problem(name, line, key, f"set twice (also as {seen[s.param]})"))
+            continue
+        seen[s.param] = key
+        items = value if s.multiple and isinstance(value, list) else [value]
+        if isinstance(value, dict) or (not s.multiple and isinstance(value, list)) or \
+                (s.multiple and not isinstance(value, list)) or not all(_type_ok(s, v) for v in items):
+            got = type(value).__name__.replace("dict", "table").replace("list", "array")
+            problems.append(Problem(name, line, key, f"expected {s.expects()}, got {got} {value!r}"))
+            continue
+        refused = _click_check(s, value)
+        if refused:
+            problems.append(Problem(name, line, key, refused))
+            continue
+        converted = [_convert(s, v, base) for v in items]
+        values[s.param] = tuple(converted) if s.multiple else converted[0]
+    by_param = {s.param: s for s in schema.values()}
+    for param, message in _semantic(values):
+        key = seen.get(param, by_param[param].key if param in by_param else param)
+        problems.append(Problem(name, lines.get(key), key, message))
+    return values
+
+
+def load(path: Path | str, schema: Mapping[str, Setting]) -> dict[str, Any]:
+    """The file's settings by click parameter name, ready for ``ctx.default_map``.
+
+    Raises ``ConfigFileError`` listing every problem."""
+    problems: list[Problem] = []
+    values = _read(Path(path), schema, problems)
+    if problems:
+        raise ConfigFileError(problems)
+    return values
+
+
+def check(path: Path | str, schema: Mapping[str, Setting], *, require: Iterable[str] = ("auth",)) -> list[Problem]:
+    """Every problem of the file; also keys in ``require`` that it leaves unset."""
+    problems: list[Problem] = []
+    values = _read(Path(path), schema, problems)
+    if problems and not values and all(p.line is None or not p.key for p in problems):
+        return problems  # unreadable or not TOML: nothing more to say
+    by_param = {s.param: s for s in schema.values()}
+    for param in require:
+        if param in by_param and param not in values and not any(p.key == by_param[param].key for p in problems):
+            s = by_param[param]
+            problems.append(Problem(str(path), None, s.key, f"not set; the server will not start without it "
+                                                            f"({s.expects()})"))
+    return problems
+
+
+__all__ = ["Setting", "Problem", "ConfigFileError", "schema_for", "load", "check", "key_lines"]
