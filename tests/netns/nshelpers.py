@@ -95,11 +95,17 @@ async def run_in(tb: Testbed, host: Host, *argv: str, env: dict | None = None, t
     return proc.returncode, out.decode(errors="replace")
 
 
-async def probe(tb: Testbed, host: Host, listener: str, timeout: float = 3.0) -> dict:
-    """One connection attempt from ``host`` to ``listener``."""
-    rc, out = await run_in(tb, host, PY, "-m", "scistream.netns.peer", "connect", listener,
+async def probes(tb: Testbed, host: Host, listeners: list[str], timeout: float = 3.0) -> dict[str, dict]:
+    """One connection attempt from ``host`` to each listener (at once): {listener: result}."""
+    rc, out = await run_in(tb, host, PY, "-m", "scistream.netns.peer", "connect", *listeners,
                            "--timeout", str(timeout), timeout=timeout + 30)
-    return json.loads(out.strip().splitlines()[-1])
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == len(listeners), out
+    return {r["listener"]: r for r in results}
+
+
+async def probe(tb: Testbed, host: Host, listener: str, timeout: float = 3.0) -> dict:
+    return (await probes(tb, host, [listener], timeout))[listener]
 
 
 async def read_line_matching(stream: asyncio.StreamReader, pattern: str, timeout: float, seen: list[str]) -> re.Match:

@@ -1,15 +1,18 @@
 """Small network tools run inside a testbed's namespaces: ``python -m scistream.netns.peer``.
 
-* ``connect HOST:PORT``: one connection attempt; prints ``{"ok": .., "error": "ENETUNREACH",
-  "message": ..}`` (exit 0 when connected, 1 when not), so a caller can check that a host
-  cannot reach another rather than assume it.
+* ``connect HOST:PORT...``: one connection attempt to each (all at once); prints a line
+  ``{"listener": .., "ok": .., "error": "ENETUNREACH", "message": ..}`` per target (exit 0
+  when every one connected), so a caller can check that a host cannot reach another
+  rather than assume it.
 * ``echo-server --bind IP --ports N``: N listeners on OS-picked ports; every connection is
   echoed back while the server hashes what it received; writes the endpoints to
   ``--ready`` and, after ``--connections`` connections that carried data (an empty one
   is a probe), the hashes to ``--report``.
 * ``echo-client LISTENER...``: one connection per listener, sends ``--size`` random bytes
   with ``--marker`` embedded every 1000 bytes while reading the echo; checks every byte
-  came back; writes what it sent (sha256) to ``--report``; exit 0 only if all matched.
+  came back, then closes (no half-close: not every proxy carries one, and this tool checks
+  the path, not that); writes what it sent (sha256) to ``--report``; exit 0 only if all
+  matched.
 
     ip netns exec NS python -m scistream.netns.peer connect 192.0.2.10:5074
     ip netns exec NS python -m scistream.netns.peer echo-client --size 1048576 \
@@ -25,7 +28,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -34,19 +36,23 @@ from ..addr import format_listener, parse_listener
 log = logging.getLogger(__name__)
 
 
-def probe(listener: str, timeout: float = 3.0) -> dict:
+async def probe(listener: str, timeout: float = 3.0) -> dict:
     host, port = parse_listener(listener)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect((host, port))
-        except socket.timeout:
-            return {"ok": False, "error": "ETIMEDOUT", "message": f"no answer within {timeout} s"}
-        except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            return {"ok": False, "error": name, "message": exc.strerror or str(exc)}
-        return {"ok": True, "error": "", "message": f"connected from {format_listener(*s.getsockname()[:2])}"}
+    result = {"listener": listener, "ok": False}
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        return {**result, "error": "ETIMEDOUT", "message": f"no answer within {timeout} s"}
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return {**result, "error": name, "message": exc.strerror or str(exc)}
+    me = format_listener(*w.get_extra_info("sockname")[:2])
+    w.close()
+    return {**result, "ok": True, "error": "", "message": f"connected from {me}"}
+
+
+async def probe_all(listeners: list[str], timeout: float) -> list[dict]:
+    return list(await asyncio.gather(*(probe(l, timeout) for l in listeners)))
 
 
 def payload(size: int, marker: bytes, seed: bytes) -> bytes:
@@ -106,13 +112,15 @@ async def _one_client(listener: str, data: bytes, timeout: float) -> dict:
         for i in range(0, len(data), 1 << 16):
             w.write(data[i:i + (1 << 16)])
             await w.drain()
-        w.write_eof()
 
+    sender = asyncio.create_task(send())
     try:
-        sender = asyncio.create_task(send())
-        got = await asyncio.wait_for(r.read(-1), timeout)
+        got = await asyncio.wait_for(r.readexactly(len(data)), timeout)
         await sender
+    except asyncio.IncompleteReadError as exc:
+        got = exc.partial
     finally:
+        sender.cancel()
         w.close()
     return {"listener": listener, "sent": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "received": len(got), "echo_ok": got == data}
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scistream.netns.peer", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("connect")
-    c.add_argument("listener")
+    c.add_argument("listeners", nargs="+")
     c.add_argument("--timeout", type=float, default=3.0)
     s = sub.add_parser("echo-server")
     s.add_argument("--bind", required=True)
@@ -143,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--report", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.cmd == "connect":
-        result = probe(a.listener, a.timeout)
-        print(json.dumps(result))
-        return 0 if result["ok"] else 1
+        results = asyncio.run(probe_all(a.listeners, a.timeout))
+        for r in results:
+            print(json.dumps(r))
+        return 0 if all(r["ok"] for r in results) else 1
     if a.cmd == "echo-server":
         asyncio.run(echo_server(a.bind, a.ports, a.connections, a.ready, a.report))
         return 0
