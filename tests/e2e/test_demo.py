@@ -106,3 +106,38 @@ def test_demo_netns_without_root_says_why_and_uses_loopback(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "--netns: network namespaces need root" in p.stderr and "running on loopback" in p.stderr
     assert "verified 4194304 bytes" in p.stdout and "GW-A" not in p.stdout
+
+
+@pytest.mark.root
+@pytest.mark.skipif(_netns_reason() is not None, reason=f"netns testbed unavailable: {_netns_reason()}")
+def test_demo_netns_ctrl_c_removes_the_testbed(tmp_path):
+    """Ctrl-C (SIGINT to the foreground group) mid-transfer: exit 130, no namespace and no
+    process of the testbed left, data servers included."""
+    import signal
+    import threading
+
+    from conftest import wait_until
+
+    proc = subprocess.Popen([str(BIN / "scistream"), "demo", "--netns", "--size", "64G", "--num-conn", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(l.rstrip() for l in proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any("update CONS" in l for l in lines), 60, "the transfer to start")
+        text = "\n".join(lines)
+        tag = re.search(r"^testbed (\S+): facility A", text, re.M).group(1)
+        work = re.search(r"work dir (\S+)", text).group(1)
+        assert _processes_mentioning(work), "the demo's servers should be running"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130
+        reader.join(5)
+        assert f"testbed {tag} removed" in "\n".join(lines)
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert f"scistream-tb-{tag}-" not in left
+        wait_until(lambda: not _processes_mentioning(work), 10, "every demo process to stop")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

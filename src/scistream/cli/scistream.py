@@ -107,7 +107,6 @@ def _demo_in_testbed(args: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 inner.kill()
                 inner.wait()
-            err.print("[yellow]demo interrupted; everything it started was stopped[/]")
             return 130
     finally:
         tb.destroy()
