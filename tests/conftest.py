@@ -236,14 +236,36 @@ def _descendants(pid: int) -> list[int]:
     return seen
 
 
+def processes_mentioning(text: str) -> dict[int, str]:
+    """Processes whose command line names ``text`` (a data server's config under a test's
+    tmp dir, say), whoever their parent is: data servers run in their own sessions and
+    outlive a control server that was stopped without releasing them."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if text in cmd:
+            found[int(entry)] = cmd
+    return found
+
+
 @pytest.fixture(autouse=True)
-def no_leftover_processes():
-    """Every test must leave no process behind."""
+def no_leftover_processes(tmp_path):
+    """Every test must leave no process behind: no child of pytest, and no process (data
+    server, proxy) started from the test's own tmp dir, whoever its parent."""
     before = set(_descendants(os.getpid()))
     yield
     deadline = time.monotonic() + 10
     while True:
-        left = set(_descendants(os.getpid())) - before
+        left = {pid: "" for pid in set(_descendants(os.getpid())) - before}
+        left.update(processes_mentioning(str(tmp_path)))
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -253,5 +275,5 @@ def no_leftover_processes():
             with contextlib.suppress(OSError):
                 cmds.append(f"{pid}: " + open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
         pytest.fail("test left processes behind: " + "; ".join(cmds))

@@ -130,7 +130,7 @@ async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: D
     listener_ip = listener_ip or opts.listener_ip
     argv = [*where, _exe("s2cs"), "--port", "0", "--listener-ip", listener_ip, "--type", opts.server_type,
             "--port-range", _port_range(), "--state-dir", str(work / name), "--auth", "none",
-            "--ready-file", str(ready)] + (["--control-ip", control_ip] if control_ip else [])
+            "--drain", "--ready-file", str(ready)] + (["--control-ip", control_ip] if control_ip else [])
     proc = await stack.enter_async_context(_process(argv, work / f"{name}.log"))
     deadline = time.monotonic() + 30
     while not ready.exists():
