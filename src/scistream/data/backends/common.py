@@ -54,7 +54,8 @@ IDLE_TIMEOUT_S = 7 * 24 * 3600
 CONNECT_TIMEOUT_S = 15
 #: Name both session certificates carry (wankeys); the TLS client checks it.
 SESSION_NAME = "scistream-session"
-_ERROR_LINE = re.compile(r"\[ALERT\]|\[emerg\]|\[crit\]|\[alert\]|LOG[0-3]\[|error", re.I)
+_ERROR_LINE = re.compile(r"\[ALERT\]|\[emerg\]|\[crit\]|\[alert\]|LOG[0-3]\[|\[!\]|error|failed|"
+                         r"in use|cannot|could not|unable|not found", re.I)
 _NOISE = re.compile(r"No trusted certificates found")  # stunnel, harmless with PSK
 
 
@@ -149,10 +150,10 @@ def _decode_addr(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addre
     return ipaddress.ip_address(raw), int(port_hex, 16)
 
 
-def listening_ports(pids: Iterable[int], addrs: set) -> set[int]:
-    """TCP ports in LISTEN state, on one of ``addrs``, held by one of ``pids``."""
+def listening(pids: Iterable[int], addrs: set) -> dict[int, set[int]]:
+    """TCP ports in LISTEN state on one of ``addrs`` held by one of ``pids``: port -> inodes."""
     inodes = _socket_inodes(pids)
-    ports = set()
+    found: dict[int, set[int]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
@@ -165,8 +166,13 @@ def listening_ports(pids: Iterable[int], addrs: set) -> set[int]:
                 continue
             ip, port = _decode_addr(fields[1])
             if ip in addrs:
-                ports.add(port)
-    return ports
+                found.setdefault(port, set()).add(int(fields[9]))
+    return found
+
+
+def listening_ports(pids: Iterable[int], addrs: set) -> set[int]:
+    """TCP ports in LISTEN state, on one of ``addrs``, held by one of ``pids``."""
+    return set(listening(pids, addrs))
 
 
 async def resolve_host(host: str) -> set:
@@ -369,7 +375,7 @@ class ProxyServer(DataServer):
     async def adopt(cls, spec: DataSpec, handle: dict[str, Any]) -> "ProxyServer":
         pid = handle.get("pid")
         conf = str(handle.get("config") or "")
-        if not isinstance(pid, int) or not pid_alive(pid) or conf not in cmdline(pid):
+        if not isinstance(pid, int) or not pid_alive(pid) or conf not in " ".join(cmdline(pid)):
             raise DataServerError(f"{cls.program} of session {spec.uid} (pid {pid}) is gone")
         self = cls(spec)
         self.binary = handle.get("binary") or cls.binary_path()
@@ -429,6 +435,17 @@ class ProxyServer(DataServer):
         assert self.child is not None
         pids = group_members(self.child.pid) or [self.child.pid]
         return set(self.spec.ports) - listening_ports(pids, self._addrs)
+
+    def _listening_in(self, pids: Iterable[int]) -> dict[int, set[int]]:
+        """Our ports (-> socket inodes) that ``pids`` hold in LISTEN state."""
+        held = listening(pids, self._addrs)
+        return {p: held[p] for p in self.spec.ports if p in held}
+
+    def _old_workers_stopped_accepting(self, old: set[int]) -> bool:
+        """True once none of the pre-reload workers ``old`` still holds one of our listeners
+        (until then, they may still accept new connections for the old targets)."""
+        alive = [pid for pid in old if pid_alive(pid)]
+        return not alive or not self._listening_in(alive)
 
     async def _ready(self) -> bool:
         return not self._missing_ports()

@@ -38,8 +38,8 @@ from typing import Any
 
 from ...errors import DataServerError
 from ..base import DataSpec, Stats, register
-from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME, ProxyServer, error_lines,
-                     log_since, log_size, short_socket_path)
+from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME, ProxyServer, children,
+                     error_lines, log_since, log_size, short_socket_path)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class HaproxyServer(ProxyServer):
             raise DataServerError(f"haproxy master CLI {self.master_socket} does not answer: "
                                   "cannot reload safely")
         offset = log_size(self.log_path)
+        old_workers = children(self.child.pid)
         os.kill(self.child.pid, signal.SIGUSR2)
         state: dict[str, Any] = {}
 
@@ -163,7 +164,9 @@ class HaproxyServer(ProxyServer):
         if counts[1] > before[1] or counts[2] < 1:
             raise DataServerError(f"haproxy rejected the new configuration (old one kept): "
                                   f"{error_lines(log_since(self.log_path, offset))}")
-        await self._wait_for(lambda: not self._missing_ports(), "haproxy listeners after reload")
+        await self._wait_for(
+            lambda: not self._missing_ports() and self._old_workers_stopped_accepting(old_workers),
+            "haproxy listeners after reload")
 
     async def stats(self) -> Stats:
         try:

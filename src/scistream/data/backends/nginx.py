@@ -138,8 +138,11 @@ class NginxServer(ProxyServer):
             text = log_since(self.log_path, offset)
             return error_lines(text) if "[emerg]" in text or "[alert]" in text else ""
 
-        await self._wait_for(lambda: bool(children(master) - old_workers) and not self._missing_ports(),
-                             "nginx reload", fail=failed)
+        def done() -> bool:
+            return (bool(children(master) - old_workers) and not self._missing_ports()
+                    and self._old_workers_stopped_accepting(old_workers))
+
+        await self._wait_for(done, "nginx reload", fail=failed)
 
     async def stats(self) -> Stats:
         stats = Stats()

@@ -112,10 +112,15 @@ class StunnelServer(ProxyServer):
     async def reload(self) -> None:
         assert self.child is not None
         offset = log_size(self.log_path)
+        old = {inode for inodes in self._listening_in([self.child.pid]).values() for inode in inodes}
         os.kill(self.child.pid, signal.SIGHUP)
 
         def done() -> bool:
-            return "Configuration successful" in log_since(self.log_path, offset) and not self._missing_ports()
+            # stunnel re-binds its listeners on reload: wait for new sockets on every port
+            held = self._listening_in([self.child.pid])
+            return ("Configuration successful" in log_since(self.log_path, offset)
+                    and len(held) == len(self.spec.ports)
+                    and not any(inodes & old for inodes in held.values()))
 
         def failed() -> str:
             text = log_since(self.log_path, offset)
