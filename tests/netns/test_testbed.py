@@ -95,7 +95,10 @@ async def test_forwarding_is_the_only_barrier_left_once_routes_exist(testbed):
 @pytest.mark.root
 @needs_testbed
 def test_destroy_stops_processes_and_removes_namespaces():
+    root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count("\n")
     tb = Testbed().create()
+    assert not any(h.ns in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+                   for h in tb.hosts.values())  # the veths live in the namespaces only
     try:
         # One child of ours, and one that detached (like a data server in its own session).
         child = subprocess.Popen(tb.argv(tb.consumer, "sleep", "600"), start_new_session=True)
@@ -109,6 +112,8 @@ def test_destroy_stops_processes_and_removes_namespaces():
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     tb.destroy()  # idempotent
+    # No veth ever appeared in (or was left in) the root namespace.
+    assert subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count("\n") <= root_links
 
 
 @pytest.mark.root
