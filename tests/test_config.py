@@ -99,7 +99,7 @@ def test_ranges_and_ports(tmp_path, schema):
 def test_missing_files_and_unknown_type(tmp_path, schema):
     got = problems(tmp_path, schema, 'auth = "static"\ntoken-file = "tokens"\ntype = "Squid"\n'
                                      'server-cert = "/nonexistent/server.crt"\n')
-    assert got[0].startswith(f"{tmp_path}/s2cs.toml:3: type: 'Squid' is not one of")
+    assert got[1].startswith(f"{tmp_path}/s2cs.toml:3: type: 'Squid' is not one of")
     assert f"{tmp_path}/s2cs.toml:4: server-cert: set server-key too: the certificate and its key go together" in got
     assert f"{tmp_path}/s2cs.toml:4: server-cert: file /nonexistent/server.crt does not exist" in got
     assert f"{tmp_path}/s2cs.toml:2: token-file: file {tmp_path}/tokens does not exist" in got

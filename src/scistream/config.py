@@ -202,7 +202,10 @@ def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     if ("server_cert" in values) != ("server_key" in values):
         have, missing = ("server_cert", "server-key") if "server_cert" in values else ("server_key", "server-cert")
         yield have, f"set {missing} too: the certificate and its key go together"
+    needed = {"token_file": "static", "globus_config": "globus"}  # only read by that --auth
     for name in sorted(MUST_EXIST & set(values)):
+        if name in needed and values.get("auth", needed[name]) != needed[name]:
+            continue
         p = Path(values[name])
         if not p.is_file():
             yield name, f"file {p} does not exist" if not p.exists() else f"{p} is not a file"
@@ -270,6 +273,7 @@ def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) ->
     for param, message in _semantic(values):
         key = seen.get(param, by_param[param].key if param in by_param else param)
         problems.append(Problem(name, lines.get(key), key, message))
+    problems.sort(key=lambda p: (p.file != name, p.line or 1 << 30))  # in the file's order
     return values
 
 
@@ -299,4 +303,63 @@ def check(path: Path | str, schema: Mapping[str, Setting], *, require: Iterable[
     return problems
 
 
-__all__ = ["Setting", "Problem", "ConfigFileError", "schema_for", "load", "check", "key_lines"]
+# -- the click side: `s2cs --config FILE` and `s2cs check-config FILE` ---------------------------
+def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """Eager callback of --config: the file's values become the defaults of the other flags,
+    so a flag on the command line (or its environment variable) still wins."""
+    if value is None:
+        return
+    try:
+        values = load(value, schema_for(ctx.command))
+    except ConfigFileError as exc:
+        for p in exc.problems:
+            click.echo(f"s2cs: {p}", err=True)
+        click.echo(f"s2cs: {value}: {len(exc.problems)} problem(s); `s2cs check-config {value}` "
+                   "checks a file without starting", err=True)
+        ctx.exit(2)
+    log.debug("settings from %s: %s", value, sorted(values))
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    if isinstance(ctx.command, click.Group) and "start" in ctx.command.commands:
+        ctx.default_map["start"] = {**ctx.default_map.get("start", {}), **values}
+
+
+def config_option() -> Any:
+    """The --config FILE option, for a command whose other options are the settings."""
+    return click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        is_eager=True, expose_value=False, callback=_apply, metavar="FILE",
+                        envvar="SCISTREAM_S2CS_CONFIG",
+                        help="TOML file of settings (keys: these flags' names); flags given here win.")
+
+
+def check_config_command(settings_of: Any) -> click.Command:
+    """``check-config FILE`` for the command ``settings_of()`` returns."""
+    @click.command("check-config", epilog="\b\nExamples:\n  s2cs check-config /etc/scistream/s2cs.toml\n"
+                                          "  s2cs check-config s2cs.toml && systemctl restart s2cs\n\n"
+                                          "Exit codes: 0 the file is good; 2 it has problems (each "
+                                          "printed as FILE:LINE: KEY: what is wrong).")
+    @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+    def check_config(file: Path) -> None:
+        """Check a configuration file without starting: unknown keys, wrong types, bad port
+        ranges, missing certificate or token files, unknown data-server types."""
+        schema = schema_for(settings_of())
+        problems = check(file, schema)
+        if problems:
+            for p in problems:
+                click.echo(str(p), err=True)
+            click.echo(f"{file}: {len(problems)} problem(s)", err=True)
+            raise SystemExit(2)
+        values = load(file, schema)
+        click.echo(f"{file}: OK ({len(values)} settings: "
+                   f"{', '.join(s.key for s in _unique(schema.values()) if s.param in values)})")
+    return check_config
+
+
+def _unique(settings: Iterable[Setting]) -> list[Setting]:
+    seen: dict[str, Setting] = {}
+    for s in settings:
+        seen.setdefault(s.param, s)
+    return list(seen.values())
+
+
+__all__ = ["Setting", "Problem", "ConfigFileError", "schema_for", "load", "check", "key_lines",
+           "config_option", "check_config_command"]

@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..auth.base import AuthConfigError, make_authenticator
+from ..config import check_config_command, config_option
 from ..control.server import ConfigError, ServerConfig, serve
 from .common import Exit, err, option, setup_logging
 
@@ -22,6 +23,7 @@ TYPES = ["Builtin", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "Stunnel
 
 def server_options(fn):
     opts = [
+        config_option(),
         option("--port", type=int, default=5000, show_default=True, help="gRPC control port (0: any free port)."),
         option("--listener-ip", default="127.0.0.1", show_default=True,
                help="Address the data servers listen on and report in listeners."),
@@ -182,6 +184,9 @@ def token_remove(identity: str, token_file: Path) -> None:
     err.print(f"{n} token(s) of {escape(identity)} removed")
     if not n:
         sys.exit(Exit.REFUSED)
+
+
+cli.add_command(check_config_command(lambda: start))
 
 
 def main() -> None:
