@@ -250,9 +250,13 @@ def connect_echo_close(host: str, port: int, count: int, timeout: float = 60.0) 
 
 def all_backends() -> list[tuple[str, str, bool]]:
     """(label, backend name, tls) for every registered backend, plain and TLS where meaningful."""
-    out = []
-    for name in backend_names():
-        cls = get_backend(name)
+    out, seen = [], set()
+    for alias in backend_names():
+        cls = get_backend(alias)
+        if cls in seen:
+            continue
+        seen.add(cls)
+        name = cls.kind
         if name.lower() == "builtin":
             out += [("Builtin plain", name, False), ("Builtin TLS", name, True)]
         elif getattr(cls, "legacy_plaintext", False):

@@ -144,7 +144,7 @@ class PatternApp:
         try:
             res.received, res.intact = self.pattern.recv_check(conn, samples=res.samples)
         except OSError as exc:
-            res.error = f"recv: {exc}"
+            res.error += f"recv: {exc}; "
         sender.join(130)
 
     def _send(self, conn: socket.socket, res: ConnResult) -> None:
@@ -154,7 +154,7 @@ class PatternApp:
             self.pattern.send(conn, self.send_bytes)
             conn.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            res.error = f"send: {exc}"
+            res.error += f"send: {exc}; "
 
     def close(self) -> None:
         self.stopping = True

@@ -33,8 +33,11 @@ EPOLLRDHUP, EPOLLHUP, EPOLLERR = select.EPOLLRDHUP, select.EPOLLHUP, select.EPOL
 EV_ALL = EPOLLIN | EPOLLOUT | EPOLLRDHUP | select.EPOLLET
 EV_READ = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 EV_WRITE = EPOLLOUT | EPOLLHUP | EPOLLERR
+EV_HUP = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+PAGE = os.sysconf("SC_PAGE_SIZE")
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
@@ -73,6 +76,10 @@ class Loop:
                 self.ep.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def forget(self, fd: int) -> None:
+        """Drop the handler of an fd about to be closed (closing removes it from epoll)."""
+        self.handlers.pop(fd, None)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
         t = Timer(time.monotonic() + delay, fn)
@@ -135,20 +142,29 @@ class PipePool:
     """Reusable kernel pipes for splice (creating and sizing one costs 3 syscalls)."""
 
     def __init__(self, size: int, keep: int = 64) -> None:
-        self.size = size
         self.keep = keep
         self.free: list[tuple[int, int]] = []
+        r, w = self._new(size)     # learn the size the kernel really gives
+        self.size = fcntl.fcntl(w, F_GETPIPE_SZ)
+        self.slots = max(1, self.size // PAGE)
+        self.free.append((r, w))
+
+    @staticmethod
+    def _new(size: int) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, size)
+        except OSError as exc:  # pipe-max-size lower than asked: keep the default size
+            if exc.errno not in (errno.EPERM, errno.EINVAL):
+                os.close(r)
+                os.close(w)
+                raise
+        return r, w
 
     def get(self) -> tuple[int, int]:
         if self.free:
             return self.free.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
-        except OSError as exc:  # pipe-max-size lower than asked: keep the default size
-            if exc.errno not in (errno.EPERM, errno.EINVAL):
-                raise
-        return r, w
+        return self._new(self.size)
 
     def put(self, pipe: tuple[int, int], empty: bool) -> None:
         if empty and len(self.free) < self.keep:

@@ -27,12 +27,11 @@ import socket
 import ssl
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from .evloop import EV_ALL, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
+from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
 
-if TYPE_CHECKING:
-    from .tlsleg import TlsEnd
+from .tlsleg import DecryptPump, EncryptPump, TlsEnd
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,6 @@ class RelayContext(Protocol):
     buckets: dict[str, TokenBucket | None]
     server_tls: ssl.SSLContext | None    # accepted side is a TLS server (PROD)
     client_tls: ssl.SSLContext | None    # target side is a TLS client (CONS)
-    pipe_size: int
 
     def conn_closed(self, conn: "Conn") -> None: ...
     def count(self, direction: str, n: int) -> None: ...
@@ -56,13 +54,14 @@ class RelayContext(Protocol):
 
 class Side:
     """One socket of a connection and what the loop last told us about it."""
-    __slots__ = ("sock", "fd", "readable", "writable", "shut_wr")
+    __slots__ = ("sock", "fd", "readable", "writable", "hup", "shut_wr")
 
     def __init__(self, sock: socket.socket, ready: bool) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.readable = ready
         self.writable = ready
+        self.hup = False        # the peer's FIN (or an error) is queued behind the data
         self.shut_wr = False
 
     def shutdown_write(self) -> None:
@@ -76,7 +75,7 @@ class Side:
 
 class SplicePump:
     """src socket -> pipe -> dst socket, in the kernel."""
-    __slots__ = ("conn", "src", "dst", "direction", "pipe", "inpipe", "eof", "done", "bucket", "chunk")
+    __slots__ = ("conn", "src", "dst", "direction", "pipe", "inpipe", "eof", "done", "bucket", "chunk", "slots")
 
     def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
         self.conn = conn
@@ -88,7 +87,8 @@ class SplicePump:
         self.eof = False         # src said EOF
         self.done = False        # EOF carried over to dst
         self.bucket = conn.ctx.buckets.get(direction)
-        self.chunk = conn.ctx.pipe_size
+        self.chunk = conn.ctx.pipes.size
+        self.slots = conn.ctx.pipes.slots
 
     def run(self) -> None:
         src, dst = self.src, self.dst
@@ -106,6 +106,7 @@ class SplicePump:
                     self.conn.counted(self.direction, n)
                     moved = True
             if not self.eof and src.readable and self.inpipe < self.chunk:
+                was_empty = not self.inpipe
                 want = self.chunk - self.inpipe
                 if self.bucket is not None:
                     want = self.bucket.take(want, self.conn.kick)
@@ -126,10 +127,13 @@ class SplicePump:
                     elif n > 0:
                         self.inpipe += n
                         moved = True
+                        # Fewer bytes than the empty pipe has slots: the pipe did not stop
+                        # us, the socket ran dry. Skip the EAGAIN probe (new data = new edge).
+                        if was_empty and n < want and n < self.slots and not src.hup:
+                            src.readable = False
             if self.eof and not self.inpipe and not self.done:
                 self.done = True
-                dst.shutdown_write()
-                self.conn.pump_done()
+                self.conn.pump_done(dst)
                 return
             if not moved:
                 return
@@ -179,7 +183,6 @@ class Conn:
         loop = self.ctx.loop
         loop.add(self.a.fd, EV_ALL, self._on_a)
         if self.ctx.server_tls is not None:
-            from .tlsleg import TlsEnd
             self.tls = TlsEnd(self.a, self.ctx.server_tls, server_side=True)
             self.state = "handshake"
             self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
@@ -189,9 +192,8 @@ class Conn:
 
     def _connect(self) -> None:
         family, addr = self.target
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             _set_nodelay(sock)
             err = sock.connect_ex(addr)
         except OSError as exc:
@@ -206,17 +208,18 @@ class Conn:
         self.state = "connecting"
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.ctx.loop.call_later(CONNECT_TIMEOUT, self._timeout)
+            self.timer = None
         self.ctx.loop.add(self.b.fd, EV_ALL, self._on_b)
         # On loopback and LANs the connection is usually up already: skip one wake-up.
         self.b.writable = True
         self.step()
+        if self.state == "connecting":
+            self.timer = self.ctx.loop.call_later(CONNECT_TIMEOUT, self._timeout)
 
     def _connected(self) -> None:
         """The target connection is up: start the TLS client or the pumps."""
         assert self.b is not None
         if self.ctx.client_tls is not None:
-            from .tlsleg import TlsEnd
             self.tls = TlsEnd(self.b, self.ctx.client_tls, server_side=False)
             self.state = "handshake"
             if self.timer is not None:
@@ -236,7 +239,6 @@ class Conn:
         if self.tls is None:
             self.pumps = [SplicePump(self, a, b, "in"), SplicePump(self, b, a, "out")]
         else:
-            from .tlsleg import DecryptPump, EncryptPump
             if self.tls.side is a:     # PROD: WAN side accepted
                 self.pumps = [DecryptPump(self, self.tls, b, "in"), EncryptPump(self, b, self.tls, "out")]
             else:                      # CONS: WAN side is the target
@@ -252,6 +254,8 @@ class Conn:
         a = self.a
         if ev & EV_READ:
             a.readable = True
+            if ev & EV_HUP:
+                a.hup = True
         if ev & EV_WRITE:
             a.writable = True
         self.step()
@@ -262,6 +266,8 @@ class Conn:
             return
         if ev & EV_READ:
             b.readable = True
+            if ev & EV_HUP:
+                b.hup = True
         if ev & EV_WRITE:
             b.writable = True
         self.step()
@@ -306,13 +312,17 @@ class Conn:
         except OSError:  # still in progress: wait for the loop to tell us
             b.writable = b.readable = False
             return
-        b.readable = True
+        # b was registered (edge-triggered) before the peer could send: data = an event.
         self._connected()
 
-    def pump_done(self) -> None:
+    def pump_done(self, dst: Side) -> None:
+        """A direction saw EOF and delivered everything: pass the EOF on (a half-close),
+        or close the connection if the other direction is done too."""
         self._done += 1
         if self._done >= len(self.pumps):
             self.close()
+        else:
+            dst.shutdown_write()
 
     def counted(self, direction: str, n: int) -> None:
         if direction == "in":
@@ -344,7 +354,7 @@ class Conn:
         for side in (self.a, self.b):
             if side is None:
                 continue
-            self.ctx.loop.remove(side.fd)
+            self.ctx.loop.forget(side.fd)   # close() takes it out of epoll
             if reset:
                 try:
                     side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

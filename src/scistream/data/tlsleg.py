@@ -144,8 +144,7 @@ class EncryptPump:
             if self.done:
                 if tls.closed_out and not self.finished:
                     self.finished = True
-                    tls.side.shutdown_write()
-                    self.conn.pump_done()
+                    self.conn.pump_done(tls.side)
                 return
             if not src.readable:
                 return
@@ -219,8 +218,7 @@ class DecryptPump:
                 continue
             if self.eof:
                 self.done = True
-                dst.shutdown_write()
-                self.conn.pump_done()
+                self.conn.pump_done(dst)
                 return
             if not dst.writable:
                 return
