@@ -4,6 +4,7 @@ impostors kept out, release mid-transfer, listening on the operator's address on
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import ssl
@@ -11,8 +12,11 @@ import ssl
 import pytest
 
 from scistream.data import wankeys
-from test_backends_support import (EXTERNAL, App, Chain, leftover, port_is_free, roundtrip, secret,
-                                   sha, try_through)
+from scistream.data.backends.common import listening_ports
+from scistream.data.base import DataSpec, get_backend
+from scistream.data.supervise import ChildProcess
+from test_backends_support import (EXTERNAL, App, Chain, free_ports, leftover, port_is_free, roundtrip,
+                                   secret, sha, try_through)
 
 MODES = ["tls", "plain"]
 
@@ -195,3 +199,74 @@ async def test_many_sequential_connections_do_not_freeze(kind, tmp_path):
             for fd in (1, 2):
                 target = os.readlink(f"/proc/{server.child.pid}/fd/{fd}")
                 assert not target.startswith("pipe:"), f"{kind} fd {fd} is a pipe"
+
+
+@pytest.mark.parametrize("kind", EXTERNAL)
+async def test_cons_side_refuses_an_impostor_server(kind, tmp_path):
+    """The CONS proxy pointed at a TLS server that does not hold the session secret (one
+    with a certificate of its own, which would happily skip the PSK) sends it nothing."""
+    impostor_creds = wankeys.write_credentials(secret(), "impostor", tmp_path / "impostor")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(impostor_creds.cert, impostor_creds.key)
+    received = bytearray()
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await r.read(1 << 16):
+                received.extend(chunk)
+                w.write(chunk)
+                await w.drain()
+        except (ConnectionError, OSError, ssl.SSLError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        chain = Chain(kind, tmp_path, [f"127.0.0.1:{port}"], n=1, secret=secret())
+        cons = get_backend(kind)(DataSpec(chain.uid, "CONS", "127.0.0.1", free_ports(1),
+                                          (f"127.0.0.1:{port}",), wan_secret=chain.secret,
+                                          workdir=tmp_path / "cons"))
+        await cons.start()
+        try:
+            assert await try_through(cons.spec.ports[0], b"secret payload " * 100) == b""
+        finally:
+            await cons.stop()
+    assert bytes(received) == b""
+
+
+@pytest.mark.parametrize("kind", [p for p in EXTERNAL if p.values[0] == "Stunnel"])
+async def test_stunnel_legacy_mode_talks_to_an_original_gateway(kind, tmp_path):
+    """Without a WAN secret, our PROD stunnel accepts the original StunnelSubprocess CONS
+    configuration (PSK 'client1' = uid without dashes, NULL cipher, TLS 1.2)."""
+    async with App() as app:
+        chain = Chain(kind, tmp_path, [app.endpoint], n=1)
+        prod = get_backend(kind)(chain.prod_spec())
+        await prod.start()
+        try:
+            (entry,) = free_ports(1)
+            psk = tmp_path / "orig.key"
+            psk.write_text("client1:" + chain.uid.replace("-", ""))
+            conf = tmp_path / "orig.conf"
+            conf.write_text(
+                f"fips = no\nPSKsecrets = {psk}\nsecurityLevel = 0\nforeground = quiet\n"
+                f"sslVersionMax = TLSv1.2\npid =\noutput = {tmp_path / 'orig.log'}\n"
+                f"[{entry}]\nclient = yes\naccept = 127.0.0.1:{entry}\n"
+                f"connect = 127.0.0.1:{prod.spec.ports[0]}\nciphers = eNULL\n")
+            original = await ChildProcess.spawn([prod.binary, str(conf)], log_path=tmp_path / "orig.out",
+                                                name="original-stunnel")
+            try:
+                lo = {ipaddress.ip_address("127.0.0.1")}
+                await original.wait_ready(lambda: _true(entry in listening_ports([original.pid], lo)),
+                                          timeout=15)
+                payload = os.urandom(1 << 20)
+                assert sha(await roundtrip(entry, payload)) == sha(payload)
+            finally:
+                await original.stop()
+        finally:
+            await prod.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
