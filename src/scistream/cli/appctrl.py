@@ -89,7 +89,7 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
         sys.exit(Exit.FAILED)
 
 
-@cli.command("mock")
+@cli.command("mock", epilog="Example: appctrl mock UID 127.0.0.1:5000 - PROD --insecure")
 @click.argument("uid")
 @click.argument("s2cs")
 @click.argument("access_token", metavar="TOKEN")

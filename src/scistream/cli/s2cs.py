@@ -115,7 +115,11 @@ def _run(**kw) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="Example: s2cs --port 5000 --listener-ip 10.0.0.2 --type Builtin --auth none")
+             epilog="\b\nExamples:\n  s2cs --config /etc/scistream/s2cs.toml\n"
+                    "  s2cs --port 5000 --listener-ip 10.0.0.2 --type Builtin --auth none\n"
+                    "  s2cs check-config /etc/scistream/s2cs.toml\n\n"
+                    "Exit codes: 0 stopped (SIGTERM, Ctrl-C); 2 bad flags or configuration (the "
+                    "message says which); 1 another failure.")
 @click.version_option(__version__, prog_name="s2cs")
 @server_options
 @click.pass_context
@@ -125,7 +129,7 @@ def cli(ctx: click.Context, **kw) -> None:
         _run(**kw)
 
 
-@cli.command("start")
+@cli.command("start", epilog="Example: s2cs start --config /etc/scistream/s2cs.toml --verbose")
 @server_options
 def start(**kw) -> None:
     """Start the control server (same as running s2cs with no command)."""
@@ -157,7 +161,7 @@ def token_add(identity: str, token_file: Path) -> None:
     click.echo(new)
 
 
-@token.command("list")
+@token.command("list", epilog="Example: s2cs token list --token-file /etc/scistream/tokens")
 @_token_file
 def token_list(token_file: Path) -> None:
     """List the identities that have tokens."""
@@ -170,7 +174,7 @@ def token_list(token_file: Path) -> None:
         sys.exit(Exit.USAGE)
 
 
-@token.command("remove")
+@token.command("remove", epilog="Example: s2cs token remove alice@uni.edu --token-file /etc/scistream/tokens")
 @click.argument("identity")
 @_token_file
 def token_remove(identity: str, token_file: Path) -> None:

@@ -1,0 +1,113 @@
+"""The documentation cannot drift: docs/cli.md is regenerated and compared, every command
+has an example in its --help, shell completion works, links and code in docs/ hold."""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import textwrap
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from conftest import BIN
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = {"s2cs": "scistream.cli.s2cs", "s2uc": "scistream.cli.s2uc", "appctrl": "scistream.cli.appctrl",
+            "scistream": "scistream.cli.scistream"}
+
+
+def test_cli_reference_is_up_to_date():
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-cli-docs"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"{p.stderr}\n{p.stdout[-3000:]}"
+
+
+def _leaves(cmd: click.Command, path: str):
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            if not sub.hidden:
+                yield from _leaves(sub, f"{path} {name}")
+    else:
+        yield path, cmd
+
+
+@pytest.mark.parametrize("prog", PROGRAMS)
+def test_every_command_has_an_example_and_the_group_the_exit_codes(prog):
+    cli = importlib.import_module(PROGRAMS[prog]).cli
+    missing = [path for path, cmd in _leaves(cli, prog) if "Example" not in (cmd.epilog or "")]
+    assert not missing, f"commands without an example in their epilog: {missing}"
+    if prog != "scistream":
+        assert "Exit codes" in (cli.epilog or ""), f"{prog} --help does not say what its exit codes mean"
+
+
+@pytest.mark.parametrize("prog", PROGRAMS)
+def test_version_and_help(prog):
+    v = subprocess.run([str(BIN / prog), "--version"], capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0 and v.stdout.startswith(f"{prog}, version ")
+    h = subprocess.run([str(BIN / prog), "-h"], capture_output=True, text=True, timeout=60)
+    assert h.returncode == 0 and h.stdout.startswith(f"Usage: {prog} ")
+
+
+def _complete(prog: str, words: str, **extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, f"_{prog.upper()}_COMPLETE": "bash_complete", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)), **extra}
+    return subprocess.run([str(BIN / prog)], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("prog", PROGRAMS)
+def test_shell_completion_script(prog):
+    env = {**os.environ, f"_{prog.upper()}_COMPLETE": "bash_source"}
+    p = subprocess.run([str(BIN / prog)], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0
+    fn = f"_{prog}_completion"
+    assert f"{fn}()" in p.stdout and f"complete -o nosort -F {fn} {prog}" in p.stdout
+    # and bash accepts it
+    check = subprocess.run(["bash", "-n"], input=p.stdout, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
+def test_shell_completion_completes():
+    assert "plain,connect" in _complete("s2uc", "s2uc con").stdout.splitlines()
+    got = _complete("s2uc", "s2uc connect --prod").stdout.splitlines()
+    assert "plain,--prod-s2cs" in got and "plain,--prod-server-cert" in got
+    assert "plain,check-config" in _complete("s2cs", "s2cs check").stdout.splitlines()
+    types = _complete("s2cs", "s2cs --type ").stdout.splitlines()
+    assert {"plain,haproxy", "plain,builtin", "plain,nginx"} <= {t.lower() for t in types}
+
+
+def _docs() -> list[Path]:
+    return sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+
+
+def test_relative_links_resolve():
+    broken = []
+    for doc in _docs():
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            if not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_python_blocks_in_the_docs_compile():
+    n = 0
+    for doc in _docs():
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)):
+            compile(textwrap.dedent(block), f"{doc.name}[python block {i}]", "exec", flags=0x2000)  # await ok
+            n += 1
+    assert n >= 3
+
+
+def test_the_documents_exist_and_are_linked():
+    for name in ("architecture", "security", "operator-guide", "python-api", "cli", "protocol"):
+        assert (ROOT / "docs" / f"{name}.md").is_file(), name
+    security = (ROOT / "docs" / "security.md").read_text()
+    assert "auth.md" in security and "wankeys" in security
+    guide = (ROOT / "docs" / "operator-guide.md").read_text()
+    for f in ("deploy/s2cs.service", "deploy/Containerfile", "deploy/s2cs.toml", "check-config"):
+        assert f in guide, f
