@@ -21,9 +21,10 @@ from scistream.client import Gateway, status
 class Proc:
     """A CLI process with stdout and stderr read line by line in the background."""
 
-    def __init__(self, *args: str, env: dict) -> None:
+    def __init__(self, *args: str, env: dict, group: bool = False) -> None:
         self.proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+                                     start_new_session=group)
         self.out: list[str] = []
         self.err: list[str] = []
         self._threads = [threading.Thread(target=self._read, args=(s, l), daemon=True)
@@ -64,8 +65,8 @@ def cli_env(tmp_path):
 def procs():
     started: list[Proc] = []
 
-    def start(*args: str, env: dict) -> Proc:
-        p = Proc(*args, env=env)
+    def start(*args: str, env: dict, group: bool = False) -> Proc:
+        p = Proc(*args, env=env, group=group)
         started.append(p)
         return p
     yield start
@@ -223,16 +224,24 @@ async def _take_all_ports(g: Gateway, n: int) -> int:
     return len(resp.listeners)
 
 
-def test_sigterm_during_transfer_stops_apps_and_releases(gateways, cli_env, procs):
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_signal_during_transfer_stops_apps_and_releases(gateways, cli_env, procs, how):
+    """SIGTERM to s2uc, or Ctrl-C at a terminal (SIGINT to its whole process group)."""
     prod, cons, args, pg, cg = gateways
-    conn = procs("s2uc", "connect", *args, "--num-conn", "2", "--start-apps", "--size", "64G", env=cli_env)
+    conn = procs("s2uc", "connect", *args, "--num-conn", "2", "--start-apps", "--size", "64G", env=cli_env,
+                 group=True)
     wait_until(lambda: any("] connected:" in l for l in conn.err), 60, "the session to connect")
     uid = re.search(r"^session (\S+):", conn.out[0]).group(1)
     apps = [p for p in processes_mentioning(uid) if "appctrl create-appctrl" in p]
     assert len(apps) == 2, "the two appctrl processes should be running"
-    conn.proc.send_signal(signal.SIGTERM)
-    assert conn.wait(60) == 143, conn.text()
-    assert any("connect interrupted (SIGTERM)" in l and "apps it started were stopped" in l for l in conn.err)
+    if how == "SIGTERM":
+        conn.proc.send_signal(signal.SIGTERM)
+        assert conn.wait(60) == 143, conn.text()
+    else:
+        os.killpg(conn.proc.pid, signal.SIGINT)
+        assert conn.wait(60) == 130, conn.text()
+    sig = "SIGTERM" if how == "SIGTERM" else "SIGINT"
+    assert any(f"connect interrupted ({sig})" in l and "apps it started were stopped" in l for l in conn.err)
     wait_until(lambda: not processes_mentioning(uid), 10, "the appctrl and data server processes to stop")
     assert_released(pg, uid)
     assert_released(cg, uid)

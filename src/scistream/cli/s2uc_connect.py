@@ -175,10 +175,13 @@ class AppFailed(Exception):
 
 @contextlib.asynccontextmanager
 async def running(argv: list[str], log_path: Path, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A child that is always stopped and reaped: return, error, Ctrl-C."""
+    """A child that is always stopped and reaped: return, error, Ctrl-C.
+
+    In its own session: a Ctrl-C at the terminal reaches only s2uc, which stops the apps
+    and releases the session itself, instead of racing the apps' own exit."""
     with open(log_path, "ab") as logf:
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                                                    stderr=logf, env=env)
+                                                    stderr=logf, env=env, start_new_session=True)
     try:
         yield proc
     finally:
