@@ -150,28 +150,42 @@ class Iperf3Server:
                 self.proc.wait()
 
 
-async def iperf3(host: str, port: int, *, seconds: float, streams: int, reverse: bool) -> float:
-    """Run one iperf3 client; return the received rate in Gbit/s (0.0 if it failed)."""
+async def iperf3_json(host: str, port: int, *, seconds: float, streams: int, reverse: bool,
+                      attempts: int = 20) -> dict:
+    """Run one iperf3 client (-J); retry while the server still finishes the previous test."""
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J",
             "--connect-timeout", "5000"]
     if reverse:
         argv.append("-R")
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL)
+    data: dict = {}
+    for _ in range(attempts):
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+        except asyncio.TimeoutError:
+            out = b"{}"
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        try:
+            data = json.loads(out)
+        except ValueError:
+            data = {"error": "no output"}
+        if "busy" not in str(data.get("error", "")):
+            return data
+        await asyncio.sleep(0.25)
+    return data
+
+
+async def iperf3(host: str, port: int, *, seconds: float, streams: int, reverse: bool) -> float:
+    """Run one iperf3 client; return the received rate in Gbit/s (0.0 if it failed)."""
+    data = await iperf3_json(host, port, seconds=seconds, streams=streams, reverse=reverse)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return 0.0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    try:
-        data = json.loads(out)
         return data["end"]["sum_received"]["bits_per_second"] / 1e9
-    except (ValueError, KeyError):
+    except KeyError:
+        print(f"    iperf3 failed: {data.get('error', 'no result')}", file=sys.stderr, flush=True)
         return 0.0
 
 
