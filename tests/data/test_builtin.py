@@ -221,3 +221,37 @@ def _drain_until_closed(s: socket.socket) -> int:
     except ConnectionResetError:
         pass
     return n
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_out_of_descriptors_pauses_accepting_then_recovers(tmp_path, echo_server):
+    import resource
+    import time
+    async with data_servers(tmp_path) as ds:
+        srv = await ds.start("PROD", [f"{echo_server[0]}:{echo_server[1]}"])
+        pid = srv.pids[0]
+        assert await echo_roundtrip(*entry(srv), b"before") == b"before"
+        used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))   # accept() gets EMFILE
+        blocked = await asyncio.to_thread(socket.create_connection, entry(srv), 10)
+        try:
+            blocked.sendall(b"waiting in the backlog")
+            cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+            await asyncio.sleep(1.0)   # a measurement window, not a synchronisation
+            spent = _cpu_seconds(pid) - cpu0
+            assert spent < 0.5 * (time.monotonic() - t0), f"s2ds spun while out of descriptors ({spent:.2f} s)"
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            blocked.settimeout(10)
+            got = await asyncio.to_thread(blocked.recv, 100)
+            assert got == b"waiting in the backlog"[:len(got)] and got
+        finally:
+            blocked.close()
+        assert await echo_roundtrip(*entry(srv), b"after") == b"after"
+        assert "pausing it" in (srv.spec.workdir / "s2ds.log").read_text()

@@ -197,14 +197,23 @@ class S2DS:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept on listener %d: %s", index, exc.strerror)
-                return
+                    # Out of descriptors or memory: the listener stays readable, so pause
+                    # it instead of spinning; connections wait in the backlog meanwhile.
+                    log.error("cannot accept on listener %d: %s; pausing it for 0.2 s", index, exc.strerror)
+                    self.loop.remove(lsock.fileno())
+                    self.loop.call_later(0.2, lambda: self._resume(index, lsock))
+                    return
+                continue         # e.g. ECONNABORTED: that client is gone, take the next
             target = self.targets[index % len(self.targets)]
             conn = Conn(self, self.next_id, index, sock, peer, target)
             self.next_id += 1
             self.total += 1
             self.conns[conn.id] = conn
             conn.start()
+
+    def _resume(self, index: int, lsock: socket.socket) -> None:
+        if self.loop.running and lsock.fileno() >= 0:
+            self.loop.add(lsock.fileno(), EPOLLIN, lambda ev: self._accept(index, lsock))
 
     # -- control ----------------------------------------------------------
     def open_control(self) -> None:
