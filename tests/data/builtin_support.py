@@ -24,9 +24,9 @@ from scistream.data.builtin import BuiltinDataServer
 BLOCK = 1 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -204,7 +204,7 @@ class DataServers:
                     secret: bytes | None = None, rate_kbps: int = 0, uid: str | None = None,
                     host: str = "127.0.0.1") -> BuiltinDataServer:
         n = listeners or len(targets)
-        ports = tuple(free_port() for _ in range(n))
+        ports = tuple(free_port(host) for _ in range(n))
         targets = [targets[i % len(targets)] for i in range(n)]
         uid = uid or str(uuid.uuid4())
         spec = DataSpec(uid=uid, role=role, listen_host=host, ports=ports, targets=tuple(targets),

@@ -255,3 +255,16 @@ async def test_out_of_descriptors_pauses_accepting_then_recovers(tmp_path, echo_
             blocked.close()
         assert await echo_roundtrip(*entry(srv), b"after") == b"after"
         assert "pausing it" in (srv.spec.workdir / "s2ds.log").read_text()
+
+
+async def test_ipv6_listener_and_target(tmp_path, echo_server):
+    async with data_servers(tmp_path) as ds:
+        prod = await ds.start("PROD", [f"{echo_server[0]}:{echo_server[1]}"], host="::1")
+        cons = await ds.start("CONS", [f"[::1]:{prod.spec.ports[0]}"], host="::1")
+        payload = os.urandom(1 << 20)
+        assert await echo_roundtrip("::1", cons.spec.ports[0], payload) == payload
+
+        async def counted():
+            s = await prod.stats()
+            return s.connections == 0 and s.bytes_in == s.bytes_out == len(payload)
+        await wait_for(counted, what="the PROD side to count the bytes")

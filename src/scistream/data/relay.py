@@ -294,9 +294,17 @@ class Conn:
                     else:
                         self._open()
         except ssl.SSLError as exc:
+            if self.tls is not None:    # best effort: let the peer see the alert, not a reset
+                try:
+                    self.tls.flush()
+                except OSError:
+                    pass
             self.abort(f"TLS: {exc.reason or exc}")
         except OSError as exc:
             self.abort(str(exc.strerror or exc))
+        except Exception:  # a bug: lose this connection, not the whole session
+            log.exception("conn %d: internal error", self.id)
+            self.abort("internal error")
 
     def _check_connect(self) -> None:
         b = self.b
