@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 
-from builtin_support import Pattern, PatternApp, data_servers, entry, free_port, port_is_free
+from builtin_support import Pattern, PatternApp, data_servers, entry, port_is_free
 from conftest import echo_roundtrip
 
 from scistream.data.builtin import control_call
@@ -101,17 +101,24 @@ async def test_retarget_sends_new_connections_elsewhere(tmp_path):
 
 
 async def test_unreachable_target_closes_the_client_and_is_counted(tmp_path):
-    async with data_servers(tmp_path) as ds:
-        srv = await ds.start("PROD", [f"127.0.0.1:{free_port()}"])
-        assert await asyncio.to_thread(read_all, *entry(srv), b"hello") == b""
+    # a port bound without listen() refuses connections, and nobody else can take it
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        async with data_servers(tmp_path) as ds:
+            srv = await ds.start("PROD", [f"127.0.0.1:{closed_port.getsockname()[1]}"])
+            assert await asyncio.to_thread(read_all, *entry(srv), b"hello") == b""
+            await _check_failed_counted(srv)
 
-        async def failed():
-            r = await control_call(srv.control, {"op": "stats"})
-            return r["failed_connections"] == 1 and r["connections"] == 0
-        await wait_for(failed, what="the failed connection to be counted")
-        assert (await srv.stats()).bytes_in == 0
-        # still serving
-        assert (await control_call(srv.control, {"op": "ping"}))["ok"]
+
+async def _check_failed_counted(srv) -> None:
+
+    async def failed():
+        r = await control_call(srv.control, {"op": "stats"})
+        return r["failed_connections"] == 1 and r["connections"] == 0
+    await wait_for(failed, what="the failed connection to be counted")
+    assert (await srv.stats()).bytes_in == 0
+    # still serving
+    assert (await control_call(srv.control, {"op": "ping"}))["ok"]
 
 
 async def test_half_close_both_ways_plain(tmp_path):
