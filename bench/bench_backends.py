@@ -4,7 +4,9 @@ For each backend (Builtin, Haproxy, Nginx, Stunnel) and WAN mode (plain, tls) it
 PROD data server forwarding to an ``iperf3 -s -1`` on 127.0.0.1 and a CONS data server
 forwarding to the PROD listener, then runs ``iperf3 -c`` against the CONS listener with
 1 and 4 parallel streams. A direct run (client straight to the server) is measured in
-the same run; the table gives Gbit/s and the ratio chain/direct.
+the same run; the table gives Gbit/s, the ratio chain/direct, and the CPU seconds the
+proxies of the chain (both gateways) spent per GB carried - the figure that holds still
+on a busy machine.
 
     .venv/bin/python bench/bench_backends.py --seconds 5 --backends Haproxy,Nginx
 """
@@ -55,12 +57,31 @@ async def measure(target_port: int, client_port: int, seconds: float, streams: i
             await asyncio.sleep(0.025)
         return await run_client(client_port, seconds, streams)
     finally:
-        if server.returncode is None:
+        try:  # it exits after its one test; kill() on a just-exited child races the reaper
+            await asyncio.wait_for(asyncio.shield(server.wait()), 5)
+        except asyncio.TimeoutError:
             server.kill()
-        await server.wait()
+            await server.wait()
 
 
-async def chain(kind: str, tls: bool, seconds: float, streams: int, base: Path) -> float:
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU seconds of these processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+async def chain(kind: str, tls: bool, seconds: float, streams: int, base: Path) -> tuple[float, float]:
+    """Gbit/s through a PROD+CONS chain, and the proxies' CPU seconds per GB carried."""
     backend = get_backend(kind)
     target = free_port()
     uid = str(uuid.uuid4())
@@ -74,7 +95,10 @@ async def chain(kind: str, tls: bool, seconds: float, streams: int, base: Path) 
     try:
         await cons.start()
         try:
-            return await measure(target, cport, seconds, streams)
+            before = cpu_seconds(prod.pids + cons.pids)
+            gbps = await measure(target, cport, seconds, streams)
+            cpu = cpu_seconds(prod.pids + cons.pids) - before
+            return gbps, cpu / max(gbps * seconds / 8, 1e-9)
         finally:
             await cons.stop()
     finally:
@@ -96,20 +120,20 @@ async def main() -> None:
         for streams in map(int, args.streams.split(",")):
             port = free_port()
             direct = await measure(port, port, args.seconds, streams)
-            rows.append(("direct", "-", streams, direct, 1.0))
+            rows.append(("direct", "-", streams, direct, 1.0, 0.0))
             for kind in args.backends.split(","):
                 for mode in args.modes.split(","):
                     try:
-                        gbps = await chain(kind, mode == "tls", args.seconds, streams, base)
+                        gbps, cpu = await chain(kind, mode == "tls", args.seconds, streams, base)
                     except Exception as exc:  # report and go on with the others
                         print(f"{kind} {mode} P{streams}: {exc}", file=sys.stderr)
                         continue
-                    rows.append((kind, mode, streams, gbps, gbps / direct))
+                    rows.append((kind, mode, streams, gbps, gbps / direct, cpu))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"{'path':10} {'wan':6} {'streams':>7} {'Gbit/s':>8} {'ratio':>6}")
-    for kind, mode, streams, gbps, ratio in rows:
-        print(f"{kind:10} {mode:6} {streams:7d} {gbps:8.2f} {ratio:6.2f}")
+    print(f"{'path':10} {'wan':6} {'streams':>7} {'Gbit/s':>8} {'ratio':>6} {'CPU s/GB':>9}")
+    for kind, mode, streams, gbps, ratio, cpu in rows:
+        print(f"{kind:10} {mode:6} {streams:7d} {gbps:8.2f} {ratio:6.2f} {cpu:9.2f}")
 
 
 if __name__ == "__main__":

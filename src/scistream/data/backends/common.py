@@ -180,7 +180,10 @@ async def resolve_host(host: str) -> set:
         return {ipaddress.ip_address(host)}
     except ValueError:
         pass
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=1)  # SOCK_STREAM
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=1)  # SOCK_STREAM
+    except OSError as exc:
+        raise InvalidArgument(f"cannot resolve the listener address {host!r}: {exc}") from None
     return {ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos}
 
 
