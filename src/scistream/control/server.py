@@ -38,6 +38,7 @@ from .store import SessionStore, SqliteStore, StoreError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20  # 1 MiB: no legitimate control message comes close
+MAX_PENDING_CALLS = 20000  # calls accepted but not yet handled (bursts); past 3x: refused
 
 
 def default_state_dir(port: int) -> Path:
@@ -194,6 +195,10 @@ class ControlServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
+            # grpc core cancels calls the event loop has not picked up yet once more than
+            # 1000 wait (a burst of 1000 sessions is 4000 calls): let bursts queue instead
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 3 * MAX_PENDING_CALLS),
         ])
         server.add_generic_rpc_handlers([generic_handler(
             ControlServicer(self.registry, self.auth, metrics=self.metrics, audit=self.audit))])

@@ -225,13 +225,17 @@ class SessionRegistry:
     def _find(self, uid: str, role: str | None = None) -> Session:
         if role and (uid, role) in self.active:
             return self.active[(uid, role)]
-        found = [s for (u, _), s in self.active.items() if u == uid]
+        found = self._of_uid(uid)
         if len(found) == 1:
             return found[0]
         if not found:
             raise NotFound(f"no active session {uid} on this server; check the uid, or it was "
                            "released or expired")
         raise InvalidArgument(f"uid {uid} is active as both PROD and CONS here; give the role")
+
+    def _of_uid(self, uid: str) -> list[Session]:
+        """The live sessions of a uid: at most one per role (no scan of the table)."""
+        return [s for role in ("PROD", "CONS") if (s := self.active.get((uid, role))) is not None]
 
     def _check_owner(self, session: Session, who: Identity, action: str) -> None:
         if who.id == session.owner.id:
@@ -360,8 +364,7 @@ class SessionRegistry:
         deadline = asyncio.get_running_loop().time() + self.config.hello_grace
         async with self._arrivals:
             while True:
-                candidates = [s for (u, _), s in self.active.items()
-                              if u == uid and s.state is S.REQUESTED]
+                candidates = [s for s in self._of_uid(uid) if s.state is S.REQUESTED]
                 if len(candidates) == 1:
                     return candidates[0]
                 if len(candidates) == 2:  # both roles on one server: trust the hello's role
@@ -375,7 +378,7 @@ class SessionRegistry:
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._arrivals.wait(), left)
-        if any(u == uid for (u, _) in self.active):
+        if self._of_uid(uid):
             raise FailedPrecondition(f"session {uid} already had its hello")
         raise NotFound(f"no request for session {uid} arrived within {self.config.hello_grace:g} s "
                        "of this hello; run s2uc prod-req/cons-req first, then the app controller")
@@ -470,7 +473,7 @@ class SessionRegistry:
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:
         check_uid(uid)
-        found = [s for (u, _), s in self.active.items() if u == uid]
+        found = self._of_uid(uid)
         if not found:
             raise NotFound(f"no active session {uid} on this server; it may be released already")
         for s in found:
