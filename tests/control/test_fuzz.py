@@ -363,3 +363,14 @@ def test_status_answer_stays_under_the_limit(live, monkeypatch):
         for uid in held:
             stub.release(pb.Release(uid=uid), metadata=md, timeout=10)
     live.wait_whole()
+
+
+def test_a_burst_of_calls_is_answered_not_cancelled(live):
+    """3000 calls at once on one connection: grpc core would cancel what waits past 1000."""
+    ch, stub = stub_for(live)
+    md = [("authorization", f"Bearer {live.token}")]
+    with ch:
+        uid = str(uuid.uuid4())
+        calls = [stub.status.future(pb.StatusRequest(uid=uid), metadata=md, timeout=120) for _ in range(3000)]
+        codes = [outcome(f) for f in calls]
+    assert set(codes) == {grpc.StatusCode.NOT_FOUND.value[0]}, {c: codes.count(c) for c in set(codes)}
