@@ -190,26 +190,26 @@ class S2DS:
             self.loop.add(s.fileno(), EPOLLIN, lambda ev, i=i, s=s: self._accept(i, s))
 
     def _accept(self, index: int, lsock: socket.socket) -> None:
-        for _ in range(64):      # then let the other connections run
-            try:
-                sock, peer = lsock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors or memory: the listener stays readable, so pause
-                    # it instead of spinning; connections wait in the backlog meanwhile.
-                    log.error("cannot accept on listener %d: %s; pausing it for 0.2 s", index, exc.strerror)
-                    self.loop.remove(lsock.fileno())
-                    self.loop.call_later(0.2, lambda: self._resume(index, lsock))
-                    return
-                continue         # e.g. ECONNABORTED: that client is gone, take the next
-            target = self.targets[index % len(self.targets)]
-            conn = Conn(self, self.next_id, index, sock, peer, target)
-            self.next_id += 1
-            self.total += 1
-            self.conns[conn.id] = conn
-            conn.start()
+        """One connection per readiness report: the listener is level-triggered, so epoll
+        reports it again at once if more are waiting (and a final EAGAIN is saved)."""
+        try:
+            sock, peer = lsock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors or memory: the listener stays readable, so pause it
+                # instead of spinning; connections wait in the backlog meanwhile.
+                log.error("cannot accept on listener %d: %s; pausing it for 0.2 s", index, exc.strerror)
+                self.loop.remove(lsock.fileno())
+                self.loop.call_later(0.2, lambda: self._resume(index, lsock))
+            return           # anything else (ECONNABORTED): that client is gone
+        target = self.targets[index % len(self.targets)]
+        conn = Conn(self, self.next_id, index, sock, peer, target)
+        self.next_id += 1
+        self.total += 1
+        self.conns[conn.id] = conn
+        conn.start()
 
     def _resume(self, index: int, lsock: socket.socket) -> None:
         if self.loop.running and lsock.fileno() >= 0:
