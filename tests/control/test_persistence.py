@@ -102,6 +102,8 @@ async def test_clean_stop_keeps_connected_then_readopt_and_release(servers, clie
     prod, cons = await servers(), await servers()
     uid, p, c = await chain(client_for(prod), client_for(cons), ep)
     await roundtrip_ok(c.listeners[0])
+    assert (await client_for(prod).status(uid)).sessions[0].bytes_in == 1 << 20
+    await client_for(prod).update(uid, "PROD", p.prod_listeners, p.wan_secret)  # re-target: saved
     sd_p, range_p = prod.state_dir, prod.config.port_range
     pids = [pid for s in prod.registry.active.values() for pid in s.server.pids]
     await prod.stop(release=False)
@@ -112,7 +114,8 @@ async def test_clean_stop_keeps_connected_then_readopt_and_release(servers, clie
     assert s.state.value == "connected" and s.server.pids == pids
     assert prod2.registry.ports.used == set(s.ports)
     st = (await client_for(prod2).status(uid)).sessions[0]
-    assert st.state == "connected" and st.bytes_in >= 2 << 20 and list(st.listeners) == list(p.listeners)
+    assert st.state == "connected" and list(st.listeners) == list(p.listeners)
+    assert st.bytes_in == st.bytes_out == 2 << 20  # counted once: the adopted server's own counters
     await roundtrip_ok(c.listeners[0])
     await client_for(prod2).release(uid)
     await client_for(cons).release(uid)
@@ -121,7 +124,7 @@ async def test_clean_stop_keeps_connected_then_readopt_and_release(servers, clie
     for listener in p.listeners:
         assert await not_listening(listener)
     st = (await client_for(prod2).status(uid)).sessions[0]
-    assert st.state == "released" and st.ended > 0 and st.bytes_in >= 3 << 20
+    assert st.state == "released" and st.ended > 0 and st.bytes_in == st.bytes_out == 3 << 20
 
 
 async def test_data_server_died_while_down_is_restarted(servers, client_for, echo_server):
@@ -141,6 +144,8 @@ async def test_data_server_died_while_down_is_restarted(servers, client_for, ech
     assert cons2.registry.active[(uid, "CONS")].server.pids != [old_pid]
     for listener in c.listeners:  # same listeners, same WAN secret: the chain works again
         await roundtrip_ok(listener)
+    st = (await client_for(cons2).status(uid)).sessions[0]
+    assert st.bytes_in == 3 << 20  # what the dead server carried + the new one
     await client_for(cons2).release(uid)
     await client_for(prod).release(uid)
     assert cons2.registry.ports.used == set()

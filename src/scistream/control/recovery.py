@@ -113,7 +113,7 @@ async def _adopt(s: Session) -> DataServer:
 async def _restart(registry: SessionRegistry, s: Session) -> DataServer:
     backend = get_backend(s.server_type)
     backend.check_available()
-    s.stats_base.connections = 0
+    s.restarted_server()
     server = backend(s.spec())
     await server.start()
     return server

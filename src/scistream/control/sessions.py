@@ -132,6 +132,12 @@ class Session:
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir)
 
+    def restarted_server(self) -> None:
+        """A new data server replaces the old one: keep what the old one carried."""
+        self.stats_base = _add(self.stats_base, self.last_stats)
+        self.stats_base.connections = 0
+        self.last_stats = Stats()
+
     def total_stats(self) -> Stats:
         """Bytes over the session's life: final, or what replaced servers carried + the current one."""
         if self.final_stats is not None:
@@ -152,6 +158,7 @@ class Session:
                 "targets": self.targets, "connected_at": self.connected_at,
                 "lease_expires": self.lease_expires, "last_error": self.last_error,
                 "handle": self.handle, "stats": dataclasses.asdict(st),
+                "stats_base": dataclasses.asdict(self.stats_base),
             })
 
     @classmethod
@@ -171,8 +178,11 @@ class Session:
         if rec.terminal:
             s.final_stats = st
         else:
-            s.stats_base = st  # the adopted server's counters are added on top once seen
-            s.stats_base.connections = 0
+            # base: what replaced data servers carried; the current one's counters go on
+            # from last_stats (re-adopted), or restart at zero (``restarted_server``)
+            s.stats_base = Stats(**d["stats_base"]) if d.get("stats_base") else Stats()
+            s.last_stats = Stats(st.bytes_in - s.stats_base.bytes_in, st.bytes_out - s.stats_base.bytes_out,
+                                 0, st.total_connections - s.stats_base.total_connections)
         if s.state is not S.REQUESTED:
             s.hello_seen.set()
         return s
@@ -558,6 +568,9 @@ class SessionRegistry:
             if s.watcher is not None:
                 s.watcher.cancel()
             if s.server is not None:
+                await self.stats(s)  # its byte counts so far survive even if it dies later
                 s.server.detach()
+            with contextlib.suppress(Exception):
+                await self.save(s)
             self._events("kept", s, "left running at shutdown; a restarted server re-adopts it")
         self.active.clear()  # this registry is done; what it kept now belongs to the next one
