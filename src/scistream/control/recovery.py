@@ -136,12 +136,19 @@ def _cmdline(pid: int) -> str:
 
 
 def processes_under(directory: Path) -> list[int]:
-    """Pids whose command line names a path inside ``directory``."""
+    """Pids of this user whose command line names a path inside ``directory``."""
     needle = str(directory.resolve()) + "/"
-    me = os.getpid()
+    me, uid = os.getpid(), os.geteuid()
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me and needle in _cmdline(int(entry)):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue  # never another user's process, whatever its arguments say
+        except OSError:
+            continue
+        if needle in _cmdline(int(entry)):
             found.append(int(entry))
     return found
 
