@@ -197,3 +197,22 @@ def _talk(host: str, port: int, data: bytes) -> bytes:
     except ConnectionError:
         pass
     return out
+
+
+async def test_cons_resumes_tls_sessions_and_falls_back_when_prod_changes(tmp_path, echo_server):
+    async with data_servers(tmp_path) as ds:
+        prod, cons = await ds.chain(f"{echo_server[0]}:{echo_server[1]}", tls=True)
+        for i in range(4):
+            assert await echo_roundtrip(*entry(cons), b"ping %d" % i) == b"ping %d" % i
+
+        async def resumed(srv, n):
+            return (await control_call(srv.control, {"op": "stats"}))["tls_resumed"] >= n
+        await wait_for(lambda: resumed(cons, 2), what="CONS to resume sessions")
+        assert await resumed(prod, 2)
+        # a new PROD process of the same session cannot read the old tickets: full handshake
+        prod2 = await ds.start("PROD", [f"{echo_server[0]}:{echo_server[1]}"],
+                               secret=prod.spec.wan_secret, uid=prod.spec.uid)
+        await cons.retarget((f"127.0.0.1:{prod2.spec.ports[0]}",))
+        assert await echo_roundtrip(*entry(cons), b"after the move") == b"after the move"
+        assert (await control_call(prod2.control, {"op": "stats"}))["tls_resumed"] == 0
+        assert await failed_count(prod2) == 0

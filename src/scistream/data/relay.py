@@ -47,6 +47,9 @@ class RelayContext(Protocol):
     buckets: dict[str, TokenBucket | None]
     server_tls: ssl.SSLContext | None    # accepted side is a TLS server (PROD)
     client_tls: ssl.SSLContext | None    # target side is a TLS client (CONS)
+    tls_session: ssl.SSLSession | None   # CONS: a session to resume (from an earlier connection)
+
+    resumed: int                         # TLS handshakes that resumed a session
 
     def conn_closed(self, conn: "Conn") -> None: ...
     def count(self, direction: str, n: int) -> None: ...
@@ -220,7 +223,7 @@ class Conn:
         """The target connection is up: start the TLS client or the pumps."""
         assert self.b is not None
         if self.ctx.client_tls is not None:
-            self.tls = TlsEnd(self.b, self.ctx.client_tls, server_side=False)
+            self.tls = TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=self.ctx.tls_session)
             self.state = "handshake"
             if self.timer is not None:
                 self.timer.cancel()
@@ -235,6 +238,8 @@ class Conn:
             self.timer.cancel()
             self.timer = None
         self.state = "open"
+        if self.tls is not None and self.tls.obj.session_reused:
+            self.ctx.resumed += 1
         a, b = self.a, self.b
         if self.tls is None:
             self.pumps = [SplicePump(self, a, b, "in"), SplicePump(self, b, a, "out")]
@@ -352,6 +357,12 @@ class Conn:
     def close(self, reset: bool = False) -> None:
         if self.state == "closed":
             return
+        if not reset and self.tls is not None and self.tls.side is self.b:
+            # TLS 1.3 resumption: the next connection to this PROD skips the certificate
+            # exchange (both signatures and verifications), as HAProxy does by default.
+            session = self.tls.obj.session
+            if session is not None and session.has_ticket:
+                self.ctx.tls_session = session
         self.state = "closed"
         if self.timer is not None:
             self.timer.cancel()

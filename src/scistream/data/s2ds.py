@@ -15,14 +15,17 @@ direction of the whole session (all connections together) with a token bucket.
 Control socket: one JSON object per line in, one per line out.
     {"op": "ping"}                         -> {"ok": true, "pid": 123, "uid": .., "role": ..}
     {"op": "stats"}                        -> {"ok": true, "bytes_in": .., "bytes_out": ..,
-                                               "connections": .., "total_connections": .., ...}
+                                               "connections": .., "total_connections": ..,
+                                               "failed_connections": .., "tls_resumed": .., ...}
     {"op": "conns"}                        -> {"ok": true, "connections": [{"id", "listener",
                                                "peer", "target", "state", "bytes_in", "bytes_out",
                                                "age"}, ...]}   (open connections)
     {"op": "targets", "targets": [..]}     -> {"ok": true}   new connections go there
     {"op": "stop"}                         -> {"ok": true}   then the process exits
 
-``bytes_in`` counts bytes carried towards the producer, ``bytes_out`` towards the consumer.
+``bytes_in`` counts bytes carried towards the producer, ``bytes_out`` towards the consumer;
+``failed_connections`` those that ended in an error (target unreachable, TLS refused, reset);
+``tls_resumed`` the TLS handshakes that resumed an earlier session (CONS keeps the last one).
 
 Config (JSON): uid, role, listen_host, ports, targets, rate_kbps, tls (bool), cert, key
 (paths, when tls), control (socket path); optional pipe_size (bytes, default 1 MiB).
@@ -75,7 +78,7 @@ def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | Non
     ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
     ctx.check_hostname = False               # the one trusted certificate is the identity
     if server:
-        ctx.num_tickets = 0                  # no resumption: saves work on every connection
+        ctx.num_tickets = 1                  # one resumption ticket per connection (see relay)
     return (ctx, None) if server else (None, ctx)
 
 
@@ -149,6 +152,7 @@ class S2DS:
         rate = int(cfg.get("rate_kbps") or 0)
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
         self.server_tls, self.client_tls = tls_contexts(cfg)
+        self.tls_session: ssl.SSLSession | None = None   # CONS: resume the last good session
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.target_texts = [str(t) for t in cfg["targets"]]
         self.listeners: list[socket.socket] = []
@@ -158,6 +162,7 @@ class S2DS:
         self.bytes = {"in": 0, "out": 0}
         self.total = 0
         self.failed = 0
+        self.resumed = 0
         self.started = time.time()
         self.control: socket.socket | None = None
 
@@ -252,7 +257,8 @@ class S2DS:
             if op == "stats":
                 return {"ok": True, "bytes_in": self.bytes["in"], "bytes_out": self.bytes["out"],
                         "connections": len(self.conns), "total_connections": self.total,
-                        "failed_connections": self.failed, "targets": self.target_texts,
+                        "failed_connections": self.failed, "tls_resumed": self.resumed,
+                        "targets": self.target_texts,
                         "rate_kbps": int(self.cfg.get("rate_kbps") or 0),
                         "uptime": round(time.time() - self.started, 3)}
             if op == "conns":

@@ -43,12 +43,13 @@ class TlsEnd:
     """The TLS engine of one socket."""
     __slots__ = ("side", "inc", "out", "obj", "raw", "wbuf", "eof_in", "close_wanted", "closed_out")
 
-    def __init__(self, side: "Side", ctx: ssl.SSLContext, *, server_side: bool) -> None:
+    def __init__(self, side: "Side", ctx: ssl.SSLContext, *, server_side: bool,
+                 session: ssl.SSLSession | None = None) -> None:
         self.side = side
         self.inc = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.inc, self.out, server_side=server_side,
-                                server_hostname=None if server_side else SERVER_NAME)
+                                server_hostname=None if server_side else SERVER_NAME, session=session)
         # The C object behind ssl.SSLObject: same read/write, one Python frame less per
         # 16 KiB record on the hot path.
         self.raw = getattr(self.obj, "_sslobj", self.obj)
