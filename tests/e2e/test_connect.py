@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from conftest import BIN, new_uid, port_block, wait_until
+from conftest import BIN, new_uid, port_block, processes_mentioning, wait_until
 from scistream.client import Gateway, status
 from scistream.errors import ResourceExhausted
 
@@ -98,19 +98,6 @@ def assert_released(g: Gateway, uid: str) -> None:
     states = [s.state for s in sessions(g, uid)]
     assert states and set(states) == {"released"}, f"{g.address}: {states}"
     assert not [s for s in asyncio.run(status(g)) if s.active], "a session is still active"
-
-
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd:
-                found.append(f"{pid}: {cmd}")
-    return found
 
 
 # -- --start-apps ----------------------------------------------------------------------
@@ -240,7 +227,7 @@ def test_signal_during_transfer_stops_apps_and_releases(gateways, cli_env, procs
                  group=True)
     wait_until(lambda: any("] connected:" in l for l in conn.err), 60, "the session to connect")
     uid = re.search(r"^session (\S+):", conn.out[0]).group(1)
-    apps = [p for p in processes_mentioning(uid) if "appctrl create-appctrl" in p]
+    apps = [p for p in processes_mentioning(uid).values() if "appctrl create-appctrl" in p]
     assert len(apps) == 2, "the two appctrl processes should be running"
     if how == "SIGTERM":
         conn.proc.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, processes_mentioning
 
 
 def test_demo_streams_and_verifies(tmp_path):
@@ -20,21 +20,6 @@ def test_demo_streams_and_verifies(tmp_path):
     assert "verified 67108864 bytes" in p.stdout
     assert "WAN leg tls" in p.stdout
     assert "all processes stopped" in p.stdout
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    import os
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(f"{pid}: {cmd}")
-    return found
 
 
 def test_demo_ctrl_c_stops_everything(tmp_path):
@@ -54,12 +39,12 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     try:
         wait_until(lambda: any("update CONS" in l for l in lines), 60, "the transfer to start")
         work = re.search(r"work dir (\S+)", "\n".join(lines)).group(1)
-        assert _processes_mentioning(work), "the demo's servers should be running"
+        assert processes_mentioning(work), "the demo's servers should be running"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
         reader.join(5)
         assert "interrupted" in "\n".join(lines)
-        wait_until(lambda: not _processes_mentioning(work), 10, "every demo process to stop")
+        wait_until(lambda: not processes_mentioning(work), 10, "every demo process to stop")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -129,14 +114,14 @@ def test_demo_netns_ctrl_c_removes_the_testbed(tmp_path):
         text = "\n".join(lines)
         tag = re.search(r"^testbed (\S+): facility A", text, re.M).group(1)
         work = re.search(r"work dir (\S+)", text).group(1)
-        assert _processes_mentioning(work), "the demo's servers should be running"
+        assert processes_mentioning(work), "the demo's servers should be running"
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 130
         reader.join(5)
         assert f"testbed {tag} removed" in "\n".join(lines)
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert f"scistream-tb-{tag}-" not in left
-        wait_until(lambda: not _processes_mentioning(work), 10, "every demo process to stop")
+        wait_until(lambda: not processes_mentioning(work), 10, "every demo process to stop")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
