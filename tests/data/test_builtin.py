@@ -275,3 +275,38 @@ async def test_ipv6_listener_and_target(tmp_path, echo_server):
             s = await prod.stats()
             return s.connections == 0 and s.bytes_in == s.bytes_out == len(payload)
         await wait_for(counted, what="the PROD side to count the bytes")
+
+
+async def test_connections_spread_over_worker_threads(tmp_path, monkeypatch):
+    """With several event-loop threads, a burst of long connections is shared out, and the
+    session's counters add up over all of them."""
+    monkeypatch.setenv("SCISTREAM_S2DS_THREADS", "3")
+    pattern = Pattern()
+    app = PatternApp(pattern, send_bytes=0)
+    socks = []
+    try:
+        async with data_servers(tmp_path) as ds:
+            srv = await ds.start("PROD", [app.target])
+            assert (await control_call(srv.control, {"op": "stats"}))["threads"] == 3
+            for _ in range(9):
+                socks.append(await asyncio.to_thread(socket.create_connection, entry(srv), 10))
+            for s in socks:
+                await asyncio.to_thread(pattern.send, s, 1 << 20)
+
+            async def all_counted():
+                conns = await srv.connections()
+                return len(conns) == 9 and all(c["bytes_in"] == 1 << 20 for c in conns) and conns
+            conns = await wait_for(all_counted, what="nine connections to carry 1 MiB each")
+            per_worker = {w: sum(c["worker"] == w for c in conns) for w in range(3)}
+            assert all(n >= 2 for n in per_worker.values()), per_worker
+            for s in socks:
+                s.close()
+
+            async def closed():
+                st = await srv.stats()
+                return st.connections == 0 and st.bytes_in == 9 << 20 and st.total_connections == 9
+            await wait_for(closed, what="the counters of every worker to add up")
+    finally:
+        for s in socks:
+            s.close()
+        app.close()

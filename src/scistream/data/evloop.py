@@ -63,6 +63,7 @@ class Loop:
         self._seq = itertools.count()
         self.running = False
         self.on_stop: list[Callable[[], None]] = []
+        self.wake_hooks: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add(self._wake_r, EPOLLIN, self._on_wake)
 
@@ -97,6 +98,15 @@ class Loop:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
+            pass
+        for hook in self.wake_hooks:
+            hook()
+
+    def wake(self) -> None:
+        """Make ``run`` call the wake hooks soon; safe from any thread."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:   # pipe full: a wake-up is pending anyway
             pass
 
     def stop(self) -> None:

@@ -383,7 +383,8 @@ class Conn:
         self.ctx.conn_closed(self)
 
     def info(self) -> dict[str, Any]:
-        return {"id": self.id, "listener": self.listener, "peer": _fmt(self.peer),
+        return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),
+                "peer": _fmt(self.peer),
                 "target": _fmt(self.target[1]), "state": self.state, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
 

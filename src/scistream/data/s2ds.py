@@ -16,10 +16,11 @@ Control socket: one JSON object per line in, one per line out.
     {"op": "ping"}                         -> {"ok": true, "pid": 123, "uid": .., "role": ..}
     {"op": "stats"}                        -> {"ok": true, "bytes_in": .., "bytes_out": ..,
                                                "connections": .., "total_connections": ..,
-                                               "failed_connections": .., "tls_resumed": .., ...}
+                                               "failed_connections": .., "tls_resumed": ..,
+                                               "threads": .., ...}
     {"op": "conns"}                        -> {"ok": true, "connections": [{"id", "listener",
-                                               "peer", "target", "state", "bytes_in", "bytes_out",
-                                               "age"}, ...]}   (open connections)
+                                               "worker", "peer", "target", "state", "bytes_in",
+                                               "bytes_out", "age"}, ...]}   (open connections)
     {"op": "targets", "targets": [..]}     -> {"ok": true}   new connections go there
     {"op": "stop"}                         -> {"ok": true}   then the process exits
 
@@ -28,12 +29,14 @@ Control socket: one JSON object per line in, one per line out.
 ``tls_resumed`` the TLS handshakes that resumed an earlier session (CONS keeps the last one).
 
 Config (JSON): uid, role, listen_host, ports, targets, rate_kbps, tls (bool), cert, key
-(paths, when tls), control (socket path); optional pipe_size (bytes, default 1 MiB).
+(paths, when tls), control (socket path); optional pipe_size (bytes, default 1 MiB) and
+threads (event-loop threads, ``workers``; default: the environment variable
+SCISTREAM_S2DS_THREADS, else one per CPU up to 4; always one when rate-limited).
 """
 from __future__ import annotations
 
-import errno
 import gc
+import itertools
 import json
 import logging
 import os
@@ -44,12 +47,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .evloop import EPOLLIN, EPOLLOUT, Loop, PipePool, TokenBucket
+from .evloop import EPOLLIN, EPOLLOUT, Loop, TokenBucket
 from .relay import Conn
+from .workers import Worker
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PIPE = 1 << 20
+MAX_THREADS = 4
 
 
 def resolve_target(text: str) -> tuple[int, Any]:
@@ -148,7 +153,6 @@ class S2DS:
         self.role = cfg["role"]
         self.loop = Loop()
         self.pipe_size = int(cfg.get("pipe_size") or DEFAULT_PIPE)
-        self.pipes = PipePool(self.pipe_size)
         rate = int(cfg.get("rate_kbps") or 0)
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
         self.server_tls, self.client_tls = tls_contexts(cfg)
@@ -156,26 +160,31 @@ class S2DS:
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.target_texts = [str(t) for t in cfg["targets"]]
         self.listeners: list[socket.socket] = []
-        self.conns: dict[int, Conn] = {}
+        self.conns: dict[int, Conn] = {}                # every worker's, by id
         self.clients: set[ControlClient] = set()
-        self.next_id = 1
-        self.bytes = {"in": 0, "out": 0}
-        self.total = 0
-        self.failed = 0
-        self.resumed = 0
+        self._ids = itertools.count(1)
+        threads = (int(cfg.get("threads") or os.environ.get("SCISTREAM_S2DS_THREADS") or 0)
+                   or min(os.cpu_count() or 1, MAX_THREADS))
+        if rate > 0:
+            threads = 1          # the token buckets live in the main loop
+        self.workers = [Worker(self, 0, self.loop)] + [Worker(self, i, Loop()) for i in range(1, threads)]
         self.started = time.time()
         self.control: socket.socket | None = None
 
-    # -- RelayContext -----------------------------------------------------
-    def count(self, direction: str, n: int) -> None:
-        self.bytes[direction] += n
+    def new_id(self) -> int:
+        return next(self._ids)   # atomic under the GIL: workers call it concurrently
 
-    def conn_closed(self, conn: Conn) -> None:
-        self.conns.pop(conn.id, None)
-        if conn.why:
-            self.failed += 1
-        log.debug("conn %d closed: in %d, out %d bytes%s", conn.id, conn.bytes_in, conn.bytes_out,
-                  f" ({conn.why})" if conn.why else "")
+    def totals(self) -> dict[str, int]:
+        """The counters of every worker, summed."""
+        out = {"bytes_in": 0, "bytes_out": 0, "total_connections": 0, "failed_connections": 0,
+               "tls_resumed": 0}
+        for w in self.workers:
+            out["bytes_in"] += w.bytes["in"]
+            out["bytes_out"] += w.bytes["out"]
+            out["total_connections"] += w.total
+            out["failed_connections"] += w.failed
+            out["tls_resumed"] += w.resumed
+        return out
 
     # -- listeners --------------------------------------------------------
     def listen(self) -> None:
@@ -192,33 +201,6 @@ class S2DS:
             s.listen(4096)
             s.setblocking(False)
             self.listeners.append(s)
-            self.loop.add(s.fileno(), EPOLLIN, lambda ev, i=i, s=s: self._accept(i, s))
-
-    def _accept(self, index: int, lsock: socket.socket) -> None:
-        """One connection per readiness report: the listener is level-triggered, so epoll
-        reports it again at once if more are waiting (and a final EAGAIN is saved)."""
-        try:
-            sock, peer = lsock.accept()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # Out of descriptors or memory: the listener stays readable, so pause it
-                # instead of spinning; connections wait in the backlog meanwhile.
-                log.error("cannot accept on listener %d: %s; pausing it for 0.2 s", index, exc.strerror)
-                self.loop.remove(lsock.fileno())
-                self.loop.call_later(0.2, lambda: self._resume(index, lsock))
-            return           # anything else (ECONNABORTED): that client is gone
-        target = self.targets[index % len(self.targets)]
-        conn = Conn(self, self.next_id, index, sock, peer, target)
-        self.next_id += 1
-        self.total += 1
-        self.conns[conn.id] = conn
-        conn.start()
-
-    def _resume(self, index: int, lsock: socket.socket) -> None:
-        if self.loop.running and lsock.fileno() >= 0:
-            self.loop.add(lsock.fileno(), EPOLLIN, lambda ev: self._accept(index, lsock))
 
     # -- control ----------------------------------------------------------
     def open_control(self) -> None:
@@ -255,10 +237,8 @@ class S2DS:
             if op == "ping":
                 return {"ok": True, "pid": os.getpid(), "uid": self.uid, "role": self.role}
             if op == "stats":
-                return {"ok": True, "bytes_in": self.bytes["in"], "bytes_out": self.bytes["out"],
-                        "connections": len(self.conns), "total_connections": self.total,
-                        "failed_connections": self.failed, "tls_resumed": self.resumed,
-                        "targets": self.target_texts,
+                return {"ok": True, **self.totals(), "connections": len(self.conns),
+                        "threads": len(self.workers), "targets": self.target_texts,
                         "rate_kbps": int(self.cfg.get("rate_kbps") or 0),
                         "uptime": round(time.time() - self.started, 3)}
             if op == "conns":
@@ -282,6 +262,10 @@ class S2DS:
     # -- run --------------------------------------------------------------
     def run(self) -> None:
         self.listen()
+        for w in self.workers:
+            w.watch(self.listeners)
+        for w in self.workers[1:]:
+            w.start_thread()
         self.open_control()
         self.loop.catch_signals()
         log.info("session %s %s: listening on %s ports %s -> %s%s%s", self.uid, self.role,
@@ -297,11 +281,12 @@ class S2DS:
         for client in list(self.clients):
             client.flush()
             client.close()
+        for w in self.workers[1:]:
+            w.stop()
+        self.workers[0].close()
         for s in self.listeners:
             self.loop.remove(s.fileno())
             s.close()
-        for conn in list(self.conns.values()):
-            conn.close(reset=True)
         if self.control is not None:
             self.loop.remove(self.control.fileno())
             self.control.close()
@@ -309,8 +294,9 @@ class S2DS:
                 os.unlink(self.cfg["control"])
             except FileNotFoundError:
                 pass
-        self.pipes.close()
-        log.info("stopped: in %d, out %d bytes, %d connections", self.bytes["in"], self.bytes["out"], self.total)
+        t = self.totals()
+        log.info("stopped: in %d, out %d bytes, %d connections", t["bytes_in"], t["bytes_out"],
+                 t["total_connections"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ That gives three things a TLS socket (and asyncio's SSL transport) does not:
 * back-pressure per direction with no threads: the loop wakes us, we move what we can.
 
 Large reads (256 KiB of plaintext per ``write``, i.e. 16 full records) keep the per-byte
-cost at the cipher's; the buffers are shared by every connection of the process.
+cost at the cipher's; the scratch buffers are shared by the connections of a thread.
 
     tls = TlsEnd(side, ctx, server_side=True)
     while not tls.handshake(): ...          # called again on each socket event
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,15 +34,33 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 SERVER_NAME = "scistream-session"
 
-_rbuf = bytearray(CHUNK + 64 * 1024)   # ciphertext in, and plaintext in: consumed at once
-_rview = memoryview(_rbuf)
-_pbuf = bytearray(CHUNK)                # plaintext out of the decryptor
-_pview = memoryview(_pbuf)
+
+
+class Buffers:
+    """Scratch buffers of one thread, shared by its connections: whatever a pump puts in
+    them is consumed (or copied) before the pump returns."""
+    __slots__ = ("rbuf", "rview", "pbuf", "pview")
+
+    def __init__(self) -> None:
+        self.rbuf = bytearray(CHUNK + 64 * 1024)   # ciphertext in, and plaintext in
+        self.rview = memoryview(self.rbuf)
+        self.pbuf = bytearray(CHUNK)                # plaintext out of the decryptor
+        self.pview = memoryview(self.pbuf)
+
+
+_local = threading.local()
+
+
+def thread_buffers() -> Buffers:
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = Buffers()
+    return bufs
 
 
 class TlsEnd:
     """The TLS engine of one socket."""
-    __slots__ = ("side", "inc", "out", "obj", "raw", "wbuf", "eof_in", "close_wanted", "closed_out")
+    __slots__ = ("side", "inc", "out", "obj", "raw", "bufs", "wbuf", "eof_in", "close_wanted", "closed_out")
 
     def __init__(self, side: "Side", ctx: ssl.SSLContext, *, server_side: bool,
                  session: ssl.SSLSession | None = None) -> None:
@@ -53,6 +72,7 @@ class TlsEnd:
         # The C object behind ssl.SSLObject: same read/write, one Python frame less per
         # 16 KiB record on the hot path.
         self.raw = getattr(self.obj, "_sslobj", self.obj)
+        self.bufs = thread_buffers()          # of the thread that owns this connection
         self.wbuf: memoryview | None = None   # ciphertext not yet on the socket
         self.eof_in = False                   # TCP EOF seen on the socket
         self.close_wanted = False             # close_notify owed, waiting for input to drain
@@ -81,7 +101,7 @@ class TlsEnd:
         if self.eof_in or not side.readable:
             return False
         try:
-            n = side.sock.recv_into(_rbuf)
+            n = side.sock.recv_into(self.bufs.rbuf)
         except BlockingIOError:
             side.readable = False
             return False
@@ -89,7 +109,7 @@ class TlsEnd:
             self.eof_in = True
             self.inc.write_eof()
         else:
-            self.inc.write(_rview[:n])
+            self.inc.write(self.bufs.rview[:n])
         return True
 
     def handshake(self) -> bool:
@@ -142,6 +162,7 @@ class EncryptPump:
     def run(self) -> None:
         tls, src = self.tls, self.src
         write = tls.raw.write
+        rbuf, rview = tls.bufs.rbuf, tls.bufs.rview
         while True:
             if not tls.flush():
                 return
@@ -158,7 +179,7 @@ class EncryptPump:
                 if not want:
                     return
             try:
-                n = src.sock.recv_into(_rbuf, want)
+                n = src.sock.recv_into(rbuf, want)
             except BlockingIOError:
                 src.readable = False
                 n = -1
@@ -170,7 +191,7 @@ class EncryptPump:
                 self.done = True
                 tls.close_notify()   # may wait for the decryptor to drain the input
                 continue
-            write(_rview[:n])
+            write(rview[:n])
             self.conn.counted(self.direction, n)
 
     def resume_close(self) -> None:
@@ -213,6 +234,7 @@ class DecryptPump:
     def run(self) -> None:
         tls, dst = self.tls, self.dst
         read = tls.raw.read
+        pview = tls.bufs.pview
         while not self.done:
             if self.pending is not None:
                 if not dst.writable:
@@ -234,7 +256,7 @@ class DecryptPump:
             got = 0
             try:
                 while got < room:
-                    n = read(room - got, _pview[got:])
+                    n = read(room - got, pview[got:])
                     if not n:
                         self.eof = True
                         break
@@ -246,7 +268,7 @@ class DecryptPump:
             if self.bucket is not None:
                 self.bucket.refund(room - got)
             if got:
-                self._send(_pview[:got])
+                self._send(pview[:got])
             if tls.close_wanted and tls.input_drained:
                 for p in self.conn.pumps:
                     if isinstance(p, EncryptPump):
