@@ -43,6 +43,7 @@ import os
 import socket
 import ssl
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ class S2DS:
         self.conns: dict[int, Conn] = {}                # every worker's, by id
         self.clients: set[ControlClient] = set()
         self._ids = itertools.count(1)
+        self.open_lock = threading.Lock()
         threads = (int(cfg.get("threads") or os.environ.get("SCISTREAM_S2DS_THREADS") or 0)
                    or min(os.cpu_count() or 1, MAX_THREADS))
         if rate > 0:

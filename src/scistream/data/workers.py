@@ -77,7 +77,8 @@ class Worker:
         self.bytes[direction] += n
 
     def conn_closed(self, conn: Conn) -> None:
-        self.open -= 1
+        with self.server.open_lock:
+            self.open -= 1
         self.server.conns.pop(conn.id, None)
         if conn.why:
             self.failed += 1
@@ -108,13 +109,15 @@ class Worker:
                 self.loop.remove(lsock.fileno())
                 self.loop.call_later(0.2, lambda: self._resume(index, lsock))
             return                 # anything else (ECONNABORTED): that client is gone
-        idlest = min(self.server.workers, key=lambda w: w.open)
-        if idlest is not self and idlest.open < self.open:
-            idlest.open += 1       # counted now, so that a burst spreads over every worker
+        with self.server.open_lock:    # ``open`` of a worker changes in two threads
+            idlest = min(self.server.workers, key=lambda w: w.open)
+            if idlest.open >= self.open:
+                idlest = self
+            idlest.open += 1           # counted now, so that a burst spreads out
+        if idlest is not self:
             idlest.inbox.append((index, sock, peer))
             idlest.loop.wake()
             return
-        self.open += 1
         self._start(index, sock, peer)
 
     def _take_inbox(self) -> None:
@@ -125,7 +128,14 @@ class Worker:
     def _start(self, index: int, sock: socket.socket, peer: object) -> None:
         server = self.server
         targets = server.targets
-        conn = Conn(self, server.new_id(), index, sock, peer, targets[index % len(targets)])
+        try:
+            conn = Conn(self, server.new_id(), index, sock, peer, targets[index % len(targets)])
+        except OSError as exc:     # the client is already gone
+            log.info("listener %d: dropped a connection from %s: %s", index, peer, exc)
+            sock.close()
+            with server.open_lock:
+                self.open -= 1
+            return
         self.total += 1
         server.conns[conn.id] = conn
         conn.start()
