@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 
+import pytest
 from builtin_support import Pattern, PatternApp, data_servers, entry, port_is_free
 from conftest import echo_roundtrip
 
@@ -194,12 +195,13 @@ async def _no_conns(srv) -> bool:
     return await srv.connections() == []
 
 
-async def test_stop_mid_transfer_ends_flow_and_frees_ports(tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_stop_mid_transfer_ends_flow_and_frees_ports(tmp_path, tls):
     pattern = Pattern()
     app = PatternApp(pattern, send_bytes=64 << 30)   # far more than will ever be sent
     try:
         async with data_servers(tmp_path) as ds:
-            prod, cons = await ds.chain(app.target, tls=False)
+            prod, cons = await ds.chain(app.target, tls=tls)
             s = await asyncio.to_thread(socket.create_connection, entry(cons), 10)
             s.settimeout(30)
             try:

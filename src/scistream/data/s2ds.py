@@ -245,7 +245,8 @@ class S2DS:
                 return {"ok": True, "pid": os.getpid(), "uid": self.uid, "role": self.role}
             if op == "stats":
                 return {"ok": True, **self.totals(), "connections": len(self.conns),
-                        "threads": len(self.workers), "targets": self.target_texts,
+                        "threads": len(self.workers), "per_thread": [w.total for w in self.workers],
+                        "targets": self.target_texts,
                         "rate_kbps": int(self.cfg.get("rate_kbps") or 0),
                         "uptime": round(time.time() - self.started, 3)}
             if op == "conns":
@@ -269,8 +270,7 @@ class S2DS:
     # -- run --------------------------------------------------------------
     def run(self) -> None:
         self.listen()
-        for w in self.workers:
-            w.watch(self.listeners)
+        self.workers[0].watch(self.listeners)    # it accepts; the others get hand-overs
         for w in self.workers[1:]:
             w.start_thread()
         self.open_control()

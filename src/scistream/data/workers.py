@@ -1,32 +1,27 @@
 """The event-loop threads of a built-in data server and the connections each one owns.
 
-A *worker* is one ``evloop.Loop`` in one thread. Every worker watches every listener with
-``EPOLLEXCLUSIVE``, so the kernel wakes one idle worker per new connection and that
-worker accepts it and owns it for life: no hand-over between threads, no locks on the
-data path. The GIL is released during the syscalls and the TLS record crypto, which is
-where a relay spends its time, so workers overlap on a multi-core gateway (many
-connections of one session, e.g. ``iperf3 -P 4``). Worker 0 runs in the main thread,
-next to the control socket. A rate-limited session has one worker (its token buckets
-live in that loop).
-
-The kernel tends to wake the worker that is already running, so a burst of connections
-(iperf3 opening its streams) would pile up on one thread: a worker that owns more open
-connections than the least busy one hands a new connection over to it (through that
-worker's inbox and wake-up pipe). Connections that come one at a time are never handed
-over, so they pay no extra wake-up.
+A *worker* is one ``evloop.Loop`` in one thread, and owns for life the connections it
+starts: no locks on the data path. Worker 0 runs in the main thread, next to the control
+socket, and accepts every connection; when it owns two or more open connections more than
+the least busy worker, it hands the new one over (through that worker's inbox and wake-up
+pipe). So connections that come one at a time stay on one thread (no extra wake-up, warm
+caches), and a burst of long ones (iperf3 opening its streams) is shared out. The GIL is
+released during the syscalls and the TLS record crypto, which is where a TLS relay spends
+its time, so workers overlap on a multi-core gateway. A plain session has one worker (a
+splice relay is all syscalls with a sliver of Python between them; a second thread only
+fights over the GIL), and so has a rate-limited one (its token buckets live in that loop).
 
 Each worker keeps its own counters and pipe pool; the data server sums the counters.
 
     worker = Worker(server, 0, server.loop)      # the main thread's loop
     worker.watch(listeners)
-    extra = Worker(server, 1, Loop()); extra.watch(listeners); extra.start_thread()
+    extra = Worker(server, 1, Loop()); extra.start_thread()
 """
 from __future__ import annotations
 
 import collections
 import errno
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -39,8 +34,6 @@ if TYPE_CHECKING:
     from .s2ds import S2DS
 
 log = logging.getLogger(__name__)
-
-EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 
 
 class Worker:
@@ -92,7 +85,7 @@ class Worker:
             self._watch(i, lsock)
 
     def _watch(self, index: int, lsock: socket.socket) -> None:
-        self.loop.add(lsock.fileno(), EPOLLIN | EPOLLEXCLUSIVE, lambda ev: self._accept(index, lsock))
+        self.loop.add(lsock.fileno(), EPOLLIN, lambda ev: self._accept(index, lsock))
 
     def _accept(self, index: int, lsock: socket.socket) -> None:
         """One connection per readiness report: the listener is level-triggered, so epoll
@@ -100,7 +93,7 @@ class Worker:
         try:
             sock, peer = lsock.accept()
         except BlockingIOError:
-            return                 # another worker took it
+            return
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # Out of descriptors or memory: the listener stays readable, so pause it
@@ -111,8 +104,8 @@ class Worker:
             return                 # anything else (ECONNABORTED): that client is gone
         with self.server.open_lock:    # ``open`` of a worker changes in two threads
             idlest = min(self.server.workers, key=lambda w: w.open)
-            if idlest.open >= self.open:
-                idlest = self
+            if self.open - idlest.open < 2:
+                idlest = self          # one lingering connection is no reason to move
             idlest.open += 1           # counted now, so that a burst spreads out
         if idlest is not self:
             idlest.inbox.append((index, sock, peer))
