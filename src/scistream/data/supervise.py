@@ -44,12 +44,21 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie still answers kill(0); look at its state.
+    # A zombie still answers kill(0); look at its state. The leader of a multi-threaded
+    # process turns zombie first while its other threads (and its sockets) live on a few
+    # milliseconds more: it is gone only when every thread is.
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 async def port_listening(host: str, port: int, timeout: float = 0.5) -> bool:
