@@ -13,7 +13,8 @@ direction keeps flowing; the connection closes when both directions are done, or
 (with a reset) when either side fails.
 
 Life of a ``Conn``: ``handshake`` (TLS server side only) -> ``connecting`` -> (TLS
-client handshake) -> ``open`` -> ``closed``.
+client handshake) -> ``open`` -> ``closed``. A connection belongs to one worker thread
+(``workers``) and is only ever touched by it.
 
     conn = Conn(ctx, cid=1, listener=0, sock=accepted, peer=addr, target=("10.0.0.5", 5000))
     conn.start()      # registers with ctx.loop; from here on the loop drives it
@@ -30,7 +31,6 @@ import time
 from typing import Any, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
-
 from .tlsleg import DecryptPump, EncryptPump, TlsEnd
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ class RelayContext(Protocol):
     server_tls: ssl.SSLContext | None    # accepted side is a TLS server (PROD)
     client_tls: ssl.SSLContext | None    # target side is a TLS client (CONS)
     tls_session: ssl.SSLSession | None   # CONS: a session to resume (from an earlier connection)
-
     resumed: int                         # TLS handshakes that resumed a session
 
     def conn_closed(self, conn: "Conn") -> None: ...
