@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import async_wait_until as wait_for  # noqa: F401  (used by the netns tests)
 from scistream.netns import Testbed, spawn, unavailable_reason
 from scistream.netns.testbed import NETNS_DIR, Host
 
@@ -40,14 +41,7 @@ def testbed():
         assert not left, f"namespaces left behind: {left}"
 
 
-async def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)
+
 
 
 @dataclasses.dataclass

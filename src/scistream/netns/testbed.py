@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Sequence
 
+from ..data.supervise import pid_alive
+
 log = logging.getLogger(__name__)
 
 PREFIX = "scistream-tb-"
@@ -128,16 +130,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def namespace_pids(ns: str) -> list[int]:
     """Processes inside namespace ``ns`` (never this process)."""
     p = _ip("netns", "pids", ns, check=False)
@@ -188,7 +180,7 @@ def cleanup_leftovers() -> list[str]:
     stale = []
     for ns in our_namespaces():
         m = _NAME_RE.match(ns)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             stale.append(ns)
     if stale:
         log.warning("testbed: removing %d namespaces left by crashed runs: %s", len(stale), ", ".join(stale))
