@@ -24,16 +24,16 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from .client import AsyncClient, ChannelOptions
 from .netns.testbed import Testbed
+from .procs import exe, spawn, tail_text, until_done
 
 BIN = Path(sys.executable).parent
 
@@ -94,33 +94,9 @@ class DemoReport:
         return self.bytes_verified * 8 / self.transfer_seconds / 1e9 if self.transfer_seconds else 0.0
 
 
-def _exe(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else (shutil.which(name) or name)
-
-
 def _port_range(count: int = 64) -> str:
     start = random.randrange(10000, 32000 - count)  # below the ephemeral port range
     return f"{start}-{start + count - 1}"
-
-
-@contextlib.asynccontextmanager
-async def _process(argv: list[str], log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A child that is always stopped and reaped: return, error or Ctrl-C."""
-    with open(log_path, "ab") as logf:
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=logf, stderr=logf)
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), 15)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: DemoOptions,
@@ -128,15 +104,15 @@ async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: D
                 control_ip: str | None = None) -> tuple[str, Path]:
     ready = work / f"{name}.ready"
     listener_ip = listener_ip or opts.listener_ip
-    argv = [*where, _exe("s2cs"), "--port", "0", "--listener-ip", listener_ip, "--type", opts.server_type,
+    argv = [*where, exe("s2cs"), "--port", "0", "--listener-ip", listener_ip, "--type", opts.server_type,
             "--port-range", _port_range(), "--state-dir", str(work / name), "--auth", "none",
             "--drain", "--ready-file", str(ready)] + (["--control-ip", control_ip] if control_ip else [])
-    proc = await stack.enter_async_context(_process(argv, work / f"{name}.log"))
+    proc = await stack.enter_async_context(spawn(argv, log_path=work / f"{name}.log", grace=15))
     deadline = time.monotonic() + 30
     while not ready.exists():
         if proc.returncode is not None:
             raise RuntimeError(f"{name} s2cs exited with {proc.returncode}: "
-                               + (work / f"{name}.log").read_text()[-2000:])
+                               + tail_text(work / f"{name}.log", 2000))
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} s2cs did not start within 30 s")
         await asyncio.sleep(0.02)
@@ -184,12 +160,12 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
 
             # 1-2: req(PROD) waits for the producer controller's hello.
             req = asyncio.create_task(prod.req(uid, "PROD", opts.num_conn, opts.rate))
-            producer = await stack.enter_async_context(_process(
-                [*lay.producer, _exe("appctrl"), "create-appctrl", uid, prod_s2cs, "-", "PROD", lay.producer_ip,
+            producer = await stack.enter_async_context(spawn(
+                [*lay.producer, exe("appctrl"), "create-appctrl", uid, prod_s2cs, "-", "PROD", lay.producer_ip,
                  "--num-conn", str(opts.num_conn), "--size", str(per_conn),
                  "--connections", str(opts.num_conn), "--server-cert", str(prod_cert)],
-                work / "producer.log"))
-            prod_resp = await _race(req, producer, "producer controller", work / "producer.log")
+                log_path=work / "producer.log"))
+            prod_resp = await until_done(req, {producer: ("producer controller", work / "producer.log")})
             step(f"req PROD + producer hello: WAN listeners {', '.join(prod_resp.listeners)}")
             if tb is not None:
                 r = await _probe(tb, tb.consumer, prod_resp.prod_listeners[0])
@@ -203,11 +179,11 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             # 4: req(CONS) + the consumer controller's hello.
             report_file = work / "consumer.json"
             creq = asyncio.create_task(cons.req(uid, "CONS", opts.num_conn, opts.rate))
-            consumer = await stack.enter_async_context(_process(
-                [*lay.consumer, _exe("appctrl"), "create-appctrl", uid, cons_s2cs, "-", "CONS",
+            consumer = await stack.enter_async_context(spawn(
+                [*lay.consumer, exe("appctrl"), "create-appctrl", uid, cons_s2cs, "-", "CONS",
                  "--size", str(per_conn), "--server-cert", str(cons_cert), "--report", str(report_file)],
-                work / "consumer.log"))
-            cons_resp = await _race(creq, consumer, "consumer controller", work / "consumer.log")
+                log_path=work / "consumer.log"))
+            cons_resp = await until_done(creq, {consumer: ("consumer controller", work / "consumer.log")})
             step(f"req CONS + consumer hello: consumer listeners {', '.join(cons_resp.listeners)}")
             # 5: update(CONS) with the PROD WAN listeners and the session's WAN secret.
             await cons.update(uid, "CONS", list(prod_resp.listeners), prod_resp.wan_secret)
@@ -216,7 +192,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             rc = await consumer.wait()
             if rc != 0:
                 raise RuntimeError(f"consumer failed (exit {rc}): "
-                                   + (work / "consumer.log").read_text()[-2000:])
+                                   + tail_text(work / "consumer.log", 2000))
             result = json.loads(report_file.read_text())
             await asyncio.wait_for(producer.wait(), 30)
             step(f"transfer: {result['bytes']} bytes verified")
@@ -276,16 +252,3 @@ async def _show_paths(tb: Testbed, prod: AsyncClient, cons: AsyncClient, uid: st
                 f"{s.bytes_out} bytes towards the consumer, {s.bytes_in} towards the producer")
 
 
-async def _race(call: asyncio.Task, proc: asyncio.subprocess.Process, name: str, log: Path):
-    """Wait for an RPC, failing early if the controller it depends on dies."""
-    waiter = asyncio.create_task(proc.wait())
-    try:
-        done, _ = await asyncio.wait({call, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if call in done:
-            return call.result()
-        call.cancel()
-        with contextlib.suppress(BaseException):
-            await call
-        raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text()[-2000:]}")
-    finally:
-        waiter.cancel()

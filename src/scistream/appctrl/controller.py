@@ -13,7 +13,6 @@ against them (the demo consumer, which verifies every byte, or an iperf3 client)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 from typing import Callable, Sequence
@@ -21,6 +20,7 @@ from typing import Callable, Sequence
 from ..addr import format_listener, parse_listener
 from ..apps import demo
 from ..client import AsyncClient
+from ..data.supervise import port_listening
 from ..errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,7 @@ async def _wait_listening(host: str, port: int, proc) -> None:
     for _ in range(200):
         if proc.returncode is not None:
             raise InvalidArgument(f"iperf3 exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            _, w = await asyncio.open_connection(host, port)
-            w.close()
+        if await port_listening(host, port):
             return
         await asyncio.sleep(0.025)
     raise InvalidArgument(f"iperf3 is not listening on {host}:{port}")

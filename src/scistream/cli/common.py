@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 import click
 from rich.console import Console
@@ -51,7 +51,7 @@ def option(*names: str, **kw) -> Callable:
     return click.option(*names, *extra, **kw)
 
 
-def fail(action: str, exc: ScistreamError) -> "NoReturn":  # type: ignore[name-defined]
+def fail(action: str, exc: ScistreamError) -> NoReturn:
     code = exc.status.name if exc.status is not None else "ERROR"
     err.print(f"[red]{escape(action)} failed[/] ({code}): {escape(str(exc))}")
     sys.exit(_EXIT_FOR.get(code, Exit.REFUSED))

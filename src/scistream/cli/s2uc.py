@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import uuid
 
 import click
@@ -18,12 +17,12 @@ from rich.markup import escape
 
 from .. import __version__
 from ..addr import format_listener, parse_listener
+from ..appctrl.controller import MOCK_ENDPOINTS
 from ..client import AsyncClient, ChannelOptions
 from ..client import sessionfile
 from ..errors import InvalidArgument
 from .common import EXIT_CODES_HELP, channel_options, err, handle_errors, option, out, resolve_token
 
-MOCK_ENDPOINTS = ["127.0.0.1:5074", "127.0.0.1:5075", "127.0.0.1:5076", "127.0.0.1:37000", "127.0.0.1:47000"]
 
 
 def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None) -> AsyncClient:

@@ -15,6 +15,8 @@ import socket
 import sys
 import webbrowser
 
+from typing import NoReturn
+
 import click
 import globus_sdk
 from rich.markup import escape
@@ -28,7 +30,7 @@ from ..errors import ScistreamError
 from .common import Exit, channel_options, err, fail, handle_errors, option, out, resolve_token
 
 
-def _config_error(exc: AuthConfigError) -> "NoReturn":  # type: ignore[name-defined]
+def _config_error(exc: AuthConfigError) -> NoReturn:
     err.print(f"[red]{escape(str(exc))}[/]")
     sys.exit(Exit.USAGE)
 

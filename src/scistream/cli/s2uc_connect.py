@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import AsyncIterator
+
+from typing import NoReturn
 
 import click
 from rich.live import Live
@@ -38,11 +39,11 @@ from ..addr import check_uid
 from ..client import Connection, Gateway, Progress, Step, connect as connect_session, new_uid
 from ..client import release as release_session
 from ..errors import InvalidArgument, ScistreamError
+from ..procs import ChildExited, exe, spawn, tail_text, until_done
 from .common import EXIT_CODES_HELP, Exit, _EXIT_FOR, err, fail, handle_errors, option, out, resolve_token
 
 log = logging.getLogger(__name__)
 
-BIN = Path(sys.executable).parent
 UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -169,55 +170,8 @@ class Display:
 
 
 # -- the demo apps (--start-apps) ------------------------------------------------------
-class AppFailed(Exception):
+class AppFailed(ChildExited):
     """An application controller started by --start-apps failed."""
-
-
-@contextlib.asynccontextmanager
-async def running(argv: list[str], log_path: Path, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A child that is always stopped and reaped: return, error, Ctrl-C.
-
-    In its own session: a Ctrl-C at the terminal reaches only s2uc, which stops the apps
-    and releases the session itself, instead of racing the apps' own exit."""
-    with open(log_path, "ab") as logf:
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                                                    stderr=logf, env=env, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), 10)
-            except asyncio.TimeoutError:
-                log.warning("%s ignored SIGTERM; killing it", argv[0])
-                proc.kill()
-                await proc.wait()
-
-
-def _tail(path: Path, n: int = 1500) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text(errors="replace")[-n:].strip()
-    return ""
-
-
-async def _until_done(task: asyncio.Task, apps: dict[asyncio.subprocess.Process, tuple[str, Path]]):
-    """The task's result; fails early (cancelling it) if one of the apps exits first."""
-    waiters = {asyncio.create_task(p.wait()): p for p in apps}
-    try:
-        done, _ = await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        proc = waiters[next(iter(done))]
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        name, logp = apps[proc]
-        raise AppFailed(f"the {name} exited with {proc.returncode} before the session was up: {_tail(logp)}")
-    finally:
-        for w in waiters:
-            w.cancel()
 
 
 def _child_env(token: str | None) -> dict[str, str]:
@@ -226,11 +180,6 @@ def _child_env(token: str | None) -> dict[str, str]:
     if token:
         env["SCISTREAM_TOKEN"] = token  # the environment, not argv: argv is visible to every user
     return env
-
-
-def _exe(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else (shutil.which(name) or name)
 
 
 async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, rate: int, lease: int,
@@ -250,17 +199,17 @@ async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, r
                                  extra=["--size", str(per_conn), "--connections", str(num_conn)])
             cargv = appctrl_line(uid, cons, "CONS", extra=["--size", str(per_conn), "--report", str(report)])
             producer = await stack.enter_async_context(
-                running([_exe("appctrl"), *pargv[1:]], work / "producer.log", _child_env(prod.token)))
+                spawn([exe("appctrl"), *pargv[1:]], log_path=work / "producer.log", env=_child_env(prod.token)))
             consumer = await stack.enter_async_context(
-                running([_exe("appctrl"), *cargv[1:]], work / "consumer.log", _child_env(cons.token)))
+                spawn([exe("appctrl"), *cargv[1:]], log_path=work / "consumer.log", env=_child_env(cons.token)))
             apps = {producer: ("producer's controller", work / "producer.log"),
                     consumer: ("consumer's controller", work / "consumer.log")}
-            conn = await _until_done(task, apps)
+            conn = await until_done(task, apps, AppFailed)
             try:
                 display.note(f"connected; the demo apps are streaming {per_conn * num_conn} bytes")
                 rc = await consumer.wait()
                 if rc != 0:
-                    raise AppFailed(f"the consumer failed (exit {rc}): {_tail(work / 'consumer.log')}")
+                    raise AppFailed(f"the consumer failed (exit {rc}): {tail_text(work / 'consumer.log')}")
                 result = json.loads(report.read_text())
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(producer.wait(), 30)
@@ -427,7 +376,7 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
         sys.exit(Exit.FAILED)
 
 
-def _failed(exc: ScistreamError, uid: str | None, as_json: bool) -> "NoReturn":  # type: ignore[name-defined]
+def _failed(exc: ScistreamError, uid: str | None, as_json: bool) -> NoReturn:
     if as_json:
         code = exc.status.name if exc.status is not None else "ERROR"
         click.echo(json.dumps({"uid": uid, "error": {"code": code, "message": str(exc),

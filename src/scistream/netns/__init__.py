@@ -7,6 +7,7 @@
     with Testbed() as tb:
         print(tb.describe())
 """
-from .testbed import Host, Testbed, TestbedError, cleanup_leftovers, spawn, unavailable_reason
+from ..procs import spawn
+from .testbed import Host, Testbed, TestbedError, cleanup_leftovers, unavailable_reason
 
 __all__ = ["Host", "Testbed", "TestbedError", "cleanup_leftovers", "spawn", "unavailable_reason"]

@@ -26,7 +26,6 @@ application controller's hello. Addresses come only from the documentation range
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -38,7 +37,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import AsyncIterator, Iterable, Sequence
+from typing import Iterable
 
 from ..data.supervise import pid_alive
 
@@ -311,34 +310,3 @@ class Testbed:
         return "\n".join(lines)
 
 
-@contextlib.asynccontextmanager
-async def spawn(argv: Sequence[str], *, log_path: Path | None = None, env: dict | None = None,
-                stdout=None, grace: float = 10.0) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A child in its own process group, always stopped (group SIGTERM, then SIGKILL) and reaped.
-
-    Give ``log_path`` (stdout and stderr appended there) or ``stdout`` (e.g. PIPE)."""
-    logf = open(log_path, "ab") if log_path is not None else None
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
-            stdout=logf if logf else stdout, stderr=logf if logf else asyncio.subprocess.STDOUT)
-    finally:
-        if logf:
-            logf.close()
-    try:
-        yield proc
-    finally:
-        await stop_group(proc, grace)
-
-
-async def stop_group(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
-    """SIGTERM the child's process group, SIGKILL it after ``grace`` seconds; reap the child."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        if proc.returncode is not None:
-            break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proc.wait()), wait)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever else the group still holds
