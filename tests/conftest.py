@@ -147,8 +147,14 @@ async def echo_roundtrip(host: str, port: int, payload: bytes, timeout: float = 
 
     try:
         sender = asyncio.create_task(send())
-        got = await asyncio.wait_for(r.read(-1), timeout)
-        await sender
+        try:
+            got = await asyncio.wait_for(r.read(-1), timeout)
+        finally:
+            # a sender that failed leaves its mark on what came back, which callers check
+            if not sender.done():
+                sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await sender
     finally:
         w.close()
     return got

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import echo_roundtrip
 from scistream.data.backends.common import group_members
 from scistream.data.base import BackendUnavailable, DataServer, DataSpec, get_backend
 
@@ -117,27 +118,7 @@ async def roundtrip(port: int, payload: bytes, *, host: str = "127.0.0.1", skip:
                     timeout: float = 60.0) -> bytes:
     """Send ``payload`` while reading back; half-close; return what came back after ``skip``
     greeting bytes."""
-    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-
-    async def send() -> None:
-        view = memoryview(payload)
-        for i in range(0, len(view), 1 << 18):
-            w.write(view[i:i + (1 << 18)])
-            await w.drain()
-        w.write_eof()
-
-    try:
-        sender = asyncio.create_task(send())
-        try:
-            got = await asyncio.wait_for(r.read(-1), timeout)
-        finally:
-            if not sender.done():
-                sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
-                await sender
-    finally:
-        w.close()
-    return got[skip:]
+    return (await echo_roundtrip(host, port, payload, timeout))[skip:]
 
 
 async def try_through(port: int, payload: bytes = b"ping" * 256, timeout: float = 15.0) -> bytes:
