@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, new_uid, port_block, processes_mentioning, wait_until
 from scistream.client import Gateway, status
-from scistream.errors import ResourceExhausted
+from scistream.errors import NotFound, ResourceExhausted
 
 
 class Proc:
@@ -92,6 +92,14 @@ def run(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProc
 
 def sessions(g: Gateway, uid: str) -> list:
     return asyncio.run(status(g, uid))
+
+
+def states_so_far(g: Gateway, uid: str) -> list[str]:
+    """The uid's states on g; none yet while its req is still on the way."""
+    try:
+        return [s.state for s in sessions(g, uid)]
+    except NotFound:
+        return []
 
 
 def assert_released(g: Gateway, uid: str) -> None:
@@ -190,8 +198,8 @@ def test_sigint_while_waiting_releases_everything(s2cs_process, cli_env, procs):
                  "--num-conn", "3", env=cli_env)
     wait_until(lambda: any("] requested:" in l for l in conn.err), 30, "the reqs")
     uid = re.search(r"^session (\S+):", conn.out[0]).group(1)
-    wait_until(lambda: [s.state for s in sessions(pg, uid)] == ["requested"]
-               and [s.state for s in sessions(cg, uid)] == ["requested"], 30, "both sessions waiting")
+    wait_until(lambda: states_so_far(pg, uid) == ["requested"] and states_so_far(cg, uid) == ["requested"],
+               30, "both sessions waiting")
     conn.proc.send_signal(signal.SIGINT)
     assert conn.wait(60) == 130, conn.text()
     assert any("connect interrupted (SIGINT)" in l for l in conn.err)
