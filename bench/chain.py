@@ -41,12 +41,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def proc_cpu(pid: int) -> float:
     """user + system CPU seconds of one process (threads included), 0 if it is gone."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process (threads included), zeros if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def group_pids(pgids: set[int]) -> list[int]:
@@ -118,7 +123,12 @@ class Chain:
         return group_pids(pgids)
 
     def cpu_seconds(self) -> float:
-        return sum(proc_cpu(p) for p in self.pids())
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of every data-server process."""
+        parts = [proc_cpu_split(p) for p in self.pids()]
+        return sum(u for u, _ in parts), sum(s for _, s in parts)
 
 
 class Iperf3Server:
@@ -181,12 +191,22 @@ async def iperf3_json(host: str, port: int, *, seconds: float, streams: int, rev
 
 async def iperf3(host: str, port: int, *, seconds: float, streams: int, reverse: bool) -> float:
     """Run one iperf3 client; return the received rate in Gbit/s (0.0 if it failed)."""
+    return (await iperf3_run(host, port, seconds=seconds, streams=streams, reverse=reverse))[0]
+
+
+async def iperf3_run(host: str, port: int, *, seconds: float, streams: int,
+                     reverse: bool) -> tuple[float, float | None]:
+    """Run one iperf3 client; return (received Gbit/s, CPU cores the two iperf3 ends used
+    meanwhile, from iperf3's own accounting; None if it reported none). (0.0, None) if it failed."""
     data = await iperf3_json(host, port, seconds=seconds, streams=streams, reverse=reverse)
     try:
-        return data["end"]["sum_received"]["bits_per_second"] / 1e9
+        gbit = data["end"]["sum_received"]["bits_per_second"] / 1e9
     except KeyError:
         print(f"    iperf3 failed: {data.get('error', 'no result')}", file=sys.stderr, flush=True)
-        return 0.0
+        return 0.0, None
+    cpu = data["end"].get("cpu_utilization_percent") or {}
+    cores = (cpu["host_total"] + cpu["remote_total"]) / 100 if "host_total" in cpu and "remote_total" in cpu else None
+    return gbit, cores
 
 
 ECHO_SERVER = r"""

@@ -1,14 +1,18 @@
 """Listener strings: ``host:port``, IPv6 hosts in brackets (``[::1]:5100``)."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
+import socket
 import uuid
 
 from .errors import InvalidArgument
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,62}))*\.?$")
 MAX_LISTENER_LEN = 300
+#: How long a name lookup of an update's target may take before the update fails.
+RESOLVE_TIMEOUT = 10.0
 
 
 def parse_listener(text: str) -> tuple[str, int]:
@@ -40,6 +44,25 @@ def parse_listener(text: str) -> tuple[str, int]:
 
 def format_listener(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def resolve_listener(text: str, timeout: float | None = None) -> str:
+    """``host:port`` -> the numeric ``address:port`` it connects to (the first address
+    the resolver gives), looked up without blocking the event loop.
+
+    InvalidArgument when the name does not resolve, or not within ``timeout`` seconds."""
+    host, port = parse_listener(text)
+    timeout = RESOLVE_TIMEOUT if timeout is None else timeout
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP), timeout)
+    except socket.gaierror as exc:
+        raise InvalidArgument(f"cannot resolve {text!r}: {exc.strerror}") from None
+    except asyncio.TimeoutError:
+        raise InvalidArgument(f"cannot resolve {text!r}: no answer within {timeout:g} s") from None
+    addr = infos[0][4]
+    return format_listener(str(addr[0]), int(addr[1]))
 
 
 def check_uid(uid: str) -> str:

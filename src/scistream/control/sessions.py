@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..addr import check_role, check_uid, format_listener, parse_listener
+from ..addr import check_role, check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
 from ..data.base import DataServer, DataSpec, Stats
@@ -408,6 +408,10 @@ class SessionRegistry:
             parse_listener(r)
         session = self._find(uid, role or None)
         self._check_owner(session, who, "update")
+        # A name that does not resolve is the caller's mistake: refuse it before anything
+        # changes (the session keeps its data server and targets). Data servers get the
+        # numeric addresses, so none of them ever waits on DNS.
+        resolved = {r: await resolve_listener(r) for r in dict.fromkeys(remote)}
         async with session.lock:
             if session.state is S.REQUESTED:
                 raise FailedPrecondition(f"session {uid} has had no hello yet; start the application "
@@ -415,7 +419,7 @@ class SessionRegistry:
             if session.state in TERMINAL:
                 raise NotFound(f"session {uid} is {session.state.value}")
             secret = self._wan_secret_for(session, wan_secret)
-            targets = tuple(remote[i % len(remote)] for i in range(session.num_conn))
+            targets = tuple(resolved[remote[i % len(remote)]] for i in range(session.num_conn))
             first = session.server is None
             try:
                 if first:

@@ -21,7 +21,7 @@ Control socket: one JSON object per line in, one per line out.
     {"op": "conns"}                        -> {"ok": true, "connections": [{"id", "listener",
                                                "worker", "peer", "target", "state", "bytes_in",
                                                "bytes_out", "age"}, ...]}   (open connections)
-    {"op": "targets", "targets": [..]}     -> {"ok": true}   new connections go there
+    {"op": "targets", "targets": [..]}     -> {"ok": true}   new connections go there (addresses, not names)
     {"op": "stop"}                         -> {"ok": true}   then the process exits
 
 ``bytes_in`` counts bytes carried towards the producer, ``bytes_out`` towards the consumer;
@@ -59,14 +59,17 @@ DEFAULT_PIPE = 1 << 20
 MAX_THREADS = 4
 
 
-def resolve_target(text: str) -> tuple[int, Any]:
-    """``host:port`` (``[v6]:port``) -> (family, sockaddr); ValueError if it does not resolve."""
+def resolve_target(text: str, numeric: bool = False) -> tuple[int, Any]:
+    """``host:port`` (``[v6]:port``) -> (family, sockaddr); ValueError if it does not resolve.
+
+    ``numeric``: addresses only, never a name lookup (which would stall the data path)."""
     host, sep, port = str(text).rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"bad target {text!r}; expected host:port")
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP,
+                                   flags=socket.AI_NUMERICHOST if numeric else 0)
     except socket.gaierror as exc:
         raise ValueError(f"cannot resolve target {text!r}: {exc.strerror}") from None
     family, _, _, _, addr = infos[0]
@@ -255,7 +258,9 @@ class S2DS:
                 texts = [str(t) for t in msg["targets"]]
                 if not texts:
                     raise ValueError("no targets given")
-                self.targets = [resolve_target(t) for t in texts]
+                # While the loop runs, a name lookup would stall every connection: the
+                # control server sends addresses (it resolves names before it asks).
+                self.targets = [resolve_target(t, numeric=True) for t in texts]
                 self.target_texts = texts
                 log.info("retargeted -> %s", texts)
                 return {"ok": True}
