@@ -52,6 +52,11 @@ async def resolve_listener(text: str, timeout: float | None = None) -> str:
 
     InvalidArgument when the name does not resolve, or not within ``timeout`` seconds."""
     host, port = parse_listener(text)
+    if "%" not in host:          # a scoped IPv6 address needs its interface looked up
+        try:
+            return format_listener(str(ipaddress.ip_address(host)), port)   # an address already
+        except ValueError:
+            pass
     timeout = RESOLVE_TIMEOUT if timeout is None else timeout
     loop = asyncio.get_running_loop()
     try:
@@ -62,7 +67,10 @@ async def resolve_listener(text: str, timeout: float | None = None) -> str:
     except asyncio.TimeoutError:
         raise InvalidArgument(f"cannot resolve {text!r}: no answer within {timeout:g} s") from None
     addr = infos[0][4]
-    return format_listener(str(addr[0]), int(addr[1]))
+    host = str(addr[0])
+    if len(addr) == 4 and addr[3] and "%" not in host:    # keep a link-local address's scope
+        host = f"{host}%{socket.if_indextoname(addr[3])}"
+    return format_listener(host, int(addr[1]))
 
 
 def check_uid(uid: str) -> str:

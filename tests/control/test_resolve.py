@@ -106,3 +106,9 @@ async def test_resolve_listener_gives_addresses():
     assert await addr.resolve_listener("localhost:5000") in ("127.0.0.1:5000", "[::1]:5000")
     with pytest.raises(errors.InvalidArgument):
         await addr.resolve_listener("no port")
+
+
+async def test_scoped_link_local_addresses_keep_their_interface():
+    assert await addr.resolve_listener("[fe80::1%lo]:5000") == "[fe80::1%lo]:5000"
+    with pytest.raises(errors.InvalidArgument, match="cannot resolve"):
+        await addr.resolve_listener("[fe80::1%nosuchif]:5000")

@@ -411,7 +411,8 @@ class SessionRegistry:
         # A name that does not resolve is the caller's mistake: refuse it before anything
         # changes (the session keeps its data server and targets). Data servers get the
         # numeric addresses, so none of them ever waits on DNS.
-        resolved = {r: await resolve_listener(r) for r in dict.fromkeys(remote)}
+        names = list(dict.fromkeys(remote))
+        resolved = dict(zip(names, await asyncio.gather(*(resolve_listener(r) for r in names))))
         async with session.lock:
             if session.state is S.REQUESTED:
                 raise FailedPrecondition(f"session {uid} has had no hello yet; start the application "
