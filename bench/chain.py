@@ -10,6 +10,7 @@ Not a test module: the benchmarks under bench/ import it (they put bench/ on sys
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -301,4 +302,7 @@ def all_backends() -> list[tuple[str, str, bool]]:
 
 
 def tmpdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="scistream-bench-"))
+    """A scratch directory for this run's data servers, removed when the benchmark exits."""
+    path = Path(tempfile.mkdtemp(prefix="scistream-bench-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
