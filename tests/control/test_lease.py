@@ -105,3 +105,49 @@ async def test_lease_ends_a_session_still_waiting_for_its_hello(servers, client_
     assert info.value.status == grpc.StatusCode.FAILED_PRECONDITION
     assert "expired" in str(info.value) and "lease of 1 s" in str(info.value)
     assert srv.registry.ports.used == set()
+
+
+async def test_session_without_update_expires_after_update_timeout(servers, client_for, echo_server):
+    srv = await servers(update_timeout=1.0, max_rate=1_000_000)
+    c = client_for(srv)
+    endpoint = f"{echo_server[0]}:{echo_server[1]}"
+    # one session gets its update in time, the other never does
+    late, kept = new_uid(), new_uid()
+    for uid in (late, kept):
+        req = asyncio.create_task(c.req(uid, "PROD", 2, rate=100_000))
+        await c.hello(uid, "PROD", [endpoint])
+        resp = await req
+    await c.update(kept, "PROD", resp.prod_listeners, resp.wan_secret)
+    hello_at = time.time()
+    assert srv.registry.bandwidth.used == 200_000 and len(srv.registry.ports.used) == 4
+
+    await async_wait_until(lambda: (late, "PROD") not in srv.registry.active, timeout=10,
+                           what="the session without an update to expire")
+    (st,) = (await c.status(late)).sessions
+    assert st.state == "expired"
+    assert "no update within 1 s of the hello" in st.last_error
+    assert st.ended - hello_at < 3.0
+    # everything it held is free; the connected one is untouched
+    assert srv.registry.bandwidth.used == 100_000 and len(srv.registry.ports.used) == 2
+    code_err = None
+    try:
+        await c.update(late, "PROD", [endpoint], b"")
+    except errors.ScistreamError as exc:
+        code_err = exc
+    assert code_err is not None and code_err.status == grpc.StatusCode.NOT_FOUND
+    (st,) = (await c.status(kept)).sessions
+    assert st.state == "connected"
+    await c.release(kept)
+    assert srv.registry.ports.used == set() and srv.registry.bandwidth.used == 0
+
+
+async def test_update_timeout_zero_means_no_limit(servers, client_for, echo_server):
+    srv = await servers(update_timeout=0)
+    c = client_for(srv)
+    uid = new_uid()
+    req = asyncio.create_task(c.req(uid, "PROD", 1))
+    await c.hello(uid, "PROD", [f"{echo_server[0]}:{echo_server[1]}"])
+    await req
+    assert await srv.registry.expire_leases() == float("inf")   # nothing is ever due
+    assert srv.registry.active[(uid, "PROD")].state.value == "ready"
+    await c.release(uid)

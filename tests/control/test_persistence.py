@@ -127,6 +127,26 @@ async def test_clean_stop_keeps_connected_then_readopt_and_release(servers, clie
     assert st.state == "released" and st.ended > 0 and st.bytes_in == st.bytes_out == 3 << 20
 
 
+async def test_ready_session_keeps_its_update_deadline_across_a_restart(servers, client_for, echo_server):
+    srv = await servers()
+    c = client_for(srv)
+    uid = new_uid()
+    req = asyncio.create_task(c.req(uid, "PROD", 2))
+    await c.hello(uid, "PROD", [f"{echo_server[0]}:{echo_server[1]}"])
+    await req
+    ready_at = srv.registry.active[(uid, "PROD")].ready_at
+    assert 0 < ready_at <= time.time()
+    sd, port_range = srv.state_dir, srv.config.port_range
+    await srv.stop(release=False)
+    srv2 = await servers(state_dir=sd, port_range=port_range, update_timeout=1.5)
+    s = srv2.registry.active[(uid, "PROD")]
+    assert s.state.value == "ready" and s.ready_at == ready_at   # the hello's time, not the restart's
+    await async_wait_until(lambda: not srv2.registry.active, timeout=10, what="update deadline")
+    st = (await client_for(srv2).status(uid)).sessions[0]
+    assert st.state == "expired" and "no update within 1.5 s" in st.last_error
+    assert srv2.registry.ports.used == set()
+
+
 async def test_data_server_died_while_down_is_restarted(servers, client_for, echo_server):
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod, cons = await servers(), await servers()

@@ -72,6 +72,9 @@ def server_options(fn):
         option("--max-lease", type=click.FloatRange(0), default=0.0, show_default=True,
                help="Longest session lifetime in seconds, also the default; a req may ask for less "
                     "(0: unlimited)."),
+        option("--update-timeout", type=click.FloatRange(0), default=3600.0, show_default=True,
+               help="Seconds a session may wait between its hello and its update before it "
+                    "expires and frees its ports (0: no limit)."),
         option("--drain", is_flag=True,
                help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
                     "running and the next start re-adopts them."),

@@ -70,6 +70,7 @@ class ServerConfig:
     verbose: bool = False
     drain: bool = True               # release every session on stop (the s2cs CLI: --drain)
     max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
+    update_timeout: float = 3600.0   # seconds a session may wait between its hello and its update; 0 = no limit
     metrics_port: int | None = None  # Prometheus endpoint (0: any free port); None = off
     metrics_ip: str | None = None    # default: the control ip
 
@@ -99,6 +100,8 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--max-conn must be > 0")
     if config.max_lease < 0:
         raise ConfigError("--max-lease must be >= 0 seconds (0: unlimited)")
+    if config.update_timeout < 0:
+        raise ConfigError("--update-timeout must be >= 0 seconds (0: no limit)")
     if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
         raise ConfigError("--metrics-port must be 0-65535")
 
@@ -182,6 +185,7 @@ class ControlServer:
                            backend=config.backend,  # type: ignore[attr-defined]
                            hello_timeout=config.hello_timeout, hello_grace=config.hello_grace,
                            max_conn=config.max_conn, max_lease=config.max_lease,
+                           update_timeout=config.update_timeout,
                            wan_plaintext=config.wan_plaintext,
                            allow_legacy_plaintext=config.allow_legacy_plaintext,
                            admins=frozenset(config.admins)),

@@ -95,6 +95,7 @@ class Session:
     state: SessionState = S.REQUESTED
     created: float = dataclasses.field(default_factory=time.time)
     connected_at: float = 0.0              # first CONNECTED (setup latency = connected_at - created)
+    ready_at: float = 0.0                  # the hello (READY): the update is due within update_timeout
     ended: float = 0.0
     lease_expires: float = 0.0
     last_error: str = ""
@@ -155,7 +156,7 @@ class Session:
                 "ports": self.ports, "listeners": self.listeners, "workdir": str(self.workdir),
                 "listen_host": self.listen_host, "server_type": self.server_type,
                 "wan_security": self.wan_security, "prod_listeners": self.prod_listeners,
-                "targets": self.targets, "connected_at": self.connected_at,
+                "targets": self.targets, "connected_at": self.connected_at, "ready_at": self.ready_at,
                 "lease_expires": self.lease_expires, "last_error": self.last_error,
                 "handle": self.handle, "stats": dataclasses.asdict(st),
                 "stats_base": dataclasses.asdict(self.stats_base),
@@ -171,7 +172,8 @@ class Session:
                 server_type=d.get("server_type", ""), wan_secret=rec.wan_secret,
                 wan_security=d.get("wan_security", ""), prod_listeners=list(d.get("prod_listeners", [])),
                 targets=list(d.get("targets", [])), state=SessionState(rec.state), created=rec.created,
-                connected_at=float(d.get("connected_at", 0.0)), ended=rec.ended,
+                connected_at=float(d.get("connected_at", 0.0)), ready_at=float(d.get("ready_at", 0.0)),
+                ended=rec.ended,
                 lease_expires=float(d.get("lease_expires", 0.0)), last_error=d.get("last_error", ""),
                 bandwidth=int(d.get("bandwidth", 0)), handle=dict(d.get("handle") or {}))
         st = Stats(**d["stats"]) if d.get("stats") else Stats()
@@ -198,6 +200,7 @@ class RegistryConfig:
     hello_grace: float = 5.0         # how long a hello may wait for its req
     max_conn: int = 64
     max_lease: float = 0.0           # longest lease in seconds; also the default; 0 = unlimited
+    update_timeout: float = 3600.0   # a session READY this long without an update expires; 0 = never
     wan_plaintext: bool = False      # operator asked for a plaintext WAN leg
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
     admins: frozenset[str] = frozenset()
@@ -360,6 +363,7 @@ class SessionRegistry:
                     raise InvalidArgument("a PROD hello must name the producer's endpoints (host:port)")
                 session.prod_listeners = endpoints
             session.advance(S.READY)
+            session.ready_at = time.time()
             try:
                 await self.save(session)   # before the req (and this hello) are answered
             except BaseException as exc:
@@ -548,17 +552,25 @@ class SessionRegistry:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def expire_leases(self) -> float:
-        """End every session whose lease is over; return seconds until the next one ends."""
+        """End every session whose lease is over, or that had its hello but no update within
+        ``update_timeout``; return seconds until the next one is due."""
         now = time.time()
         soonest = float("inf")
+        wait_update = self.config.update_timeout
         for s in list(self.active.values()):
-            if not s.lease_expires:
-                continue
-            if s.lease_expires <= now:
-                lease = s.lease_expires - s.created
-                await self._finish(s, S.EXPIRED, f"lease of {lease:g} s ended at {when(s.lease_expires)}")
-            else:
+            if s.lease_expires:
+                if s.lease_expires <= now:
+                    lease = s.lease_expires - s.created
+                    await self._finish(s, S.EXPIRED, f"lease of {lease:g} s ended at {when(s.lease_expires)}")
+                    continue
                 soonest = min(soonest, s.lease_expires - now)
+            if wait_update and s.state is S.READY and s.ready_at:
+                due = s.ready_at + wait_update
+                if due <= now:
+                    await self._finish(s, S.EXPIRED, f"no update within {wait_update:g} s of the hello "
+                                                     "(--update-timeout); every port is free again")
+                else:
+                    soonest = min(soonest, due - now)
         return soonest
 
     async def close(self, release: bool) -> None:
