@@ -28,7 +28,7 @@ Control socket: one JSON object per line in, one per line out.
 ``failed_connections`` those that ended in an error (target unreachable, TLS refused, reset);
 ``tls_resumed`` the TLS handshakes that resumed an earlier session (CONS keeps the last one).
 
-Config (JSON): uid, role, listen_host, ports, targets, rate_kbps, tls (bool), cert, key
+Config (JSON): uid, role, listen_host, ports, targets (addresses, never names), rate_kbps, tls (bool), cert, key
 (paths, when tls), control (socket path); optional pipe_size (bytes, default 1 MiB) and
 threads (event-loop threads, ``workers``; default: the environment variable
 SCISTREAM_S2DS_THREADS, else one per CPU up to 4 with a TLS leg and one without; always
@@ -62,7 +62,9 @@ MAX_THREADS = 4
 def resolve_target(text: str, numeric: bool = False) -> tuple[int, Any]:
     """``host:port`` (``[v6]:port``) -> (family, sockaddr); ValueError if it does not resolve.
 
-    ``numeric``: addresses only, never a name lookup (which would stall the data path)."""
+    ``numeric``: addresses only, never a name lookup. The data server runs with it: a
+    lookup would stall every connection of its loop, so the control server resolves
+    names before it starts or retargets a data server (``addr.resolve_listener``)."""
     host, sep, port = str(text).rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -162,7 +164,7 @@ class S2DS:
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
         self.server_tls, self.client_tls = tls_contexts(cfg)
         self.tls_session: ssl.SSLSession | None = None   # CONS: resume the last good session
-        self.targets = [resolve_target(t) for t in cfg["targets"]]
+        self.targets = [resolve_target(t, numeric=True) for t in cfg["targets"]]
         self.target_texts = [str(t) for t in cfg["targets"]]
         self.listeners: list[socket.socket] = []
         self.conns: dict[int, Conn] = {}                # every worker's, by id
@@ -258,8 +260,6 @@ class S2DS:
                 texts = [str(t) for t in msg["targets"]]
                 if not texts:
                     raise ValueError("no targets given")
-                # While the loop runs, a name lookup would stall every connection: the
-                # control server sends addresses (it resolves names before it asks).
                 self.targets = [resolve_target(t, numeric=True) for t in texts]
                 self.target_texts = texts
                 log.info("retargeted -> %s", texts)
