@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
@@ -34,10 +35,16 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "con
         delay = min(delay * 2, 0.2)
 
 
-async def async_wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+async def async_wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Until ``cond()`` is true (awaited if it returns an awaitable); returns its value."""
     deadline = time.monotonic() + timeout
     delay = 0.01
-    while not cond():
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(delay)

@@ -8,25 +8,10 @@ import socket
 
 import pytest
 from builtin_support import Pattern, PatternApp, data_servers, entry, port_is_free
-from conftest import echo_roundtrip
+from conftest import async_wait_until as wait_for, echo_roundtrip
 
 from scistream.data.builtin import control_call
 from scistream.data.supervise import pid_alive
-
-
-async def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
-    """Await an async condition with a deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.01
-    while True:
-        value = await cond()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)
 
 
 async def tag_server(tag: bytes):
@@ -156,7 +141,7 @@ async def check_half_close(app: PatternApp, pattern: Pattern, cons) -> None:
             assert s.recv(1) == b""
             return got
     assert await asyncio.to_thread(consumer_reads_first) == (5 << 20, True)
-    await wait_for_async(lambda: len(app.results) == 1 and app.results[0].received == 3 << 20)
+    await wait_for(lambda: len(app.results) == 1 and app.results[0].received == 3 << 20, 30)
     assert app.results[0].intact and not app.results[0].error
 
     # 2. The consumer sends 3 MiB and half-closes; it still gets the producer's 5 MiB.
@@ -167,14 +152,8 @@ async def check_half_close(app: PatternApp, pattern: Pattern, cons) -> None:
             s.shutdown(socket.SHUT_WR)
             return pattern.recv_check(s)
     assert await asyncio.to_thread(consumer_closes_first) == (5 << 20, True)
-    await wait_for_async(lambda: len(app.results) == 2 and app.results[1].received == 3 << 20)
+    await wait_for(lambda: len(app.results) == 2 and app.results[1].received == 3 << 20, 30)
     assert app.results[1].intact and not app.results[1].error
-
-
-async def wait_for_async(cond, timeout: float = 30.0) -> None:
-    async def check():
-        return cond()
-    await wait_for(check, timeout)
 
 
 async def test_per_connection_counters(tmp_path):
@@ -321,3 +300,35 @@ async def test_connections_spread_over_worker_threads(tmp_path, monkeypatch):
         for s in socks:
             s.close()
         app.close()
+
+
+def test_keepalive_setting():
+    from scistream.data.s2ds import keepalive_setting
+    assert keepalive_setting(None) == (60, 15, 4)          # the default: a dead peer goes within 2 min
+    assert keepalive_setting([5, 2, 3]) == (5, 2, 3)
+    assert keepalive_setting([0, 0, 0]) == (0, 0, 0)       # off
+    for bad in ([1, 0, 3], [1, 2], "60", [-1, 1, 1]):
+        with pytest.raises(ValueError, match="keepalive"):
+            keepalive_setting(bad)
+
+
+async def test_both_sockets_of_a_connection_have_keepalive(tmp_path, echo_server):
+    """Seen from outside, as the kernel reports it (``ss -o``): a keepalive timer on the
+    accepted socket and on the one to the target. (tests/netns: a cut link is detected.)"""
+    async with data_servers(tmp_path) as ds:
+        srv = await ds.start("PROD", [f"{echo_server[0]}:{echo_server[1]}"])
+        host, port = entry(srv)
+        r, w = await asyncio.open_connection(host, port)
+        try:
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            proc = await asyncio.create_subprocess_exec(
+                "ss", "-tnoH", "state", "established", stdout=asyncio.subprocess.PIPE)
+            out = (await proc.communicate())[0].decode()
+            # columns: Recv-Q Send-Q local peer timer
+            accepted = [ln for ln in out.splitlines() if ln.split()[2].endswith(f"127.0.0.1:{port}")]
+            to_target = [ln for ln in out.splitlines() if ln.split()[3].endswith(f"127.0.0.1:{echo_server[1]}")]
+            assert accepted and all("timer:(keepalive" in ln for ln in accepted), out
+            assert to_target and all("timer:(keepalive" in ln for ln in to_target), out
+        finally:
+            w.close()

@@ -40,9 +40,16 @@ HANDSHAKE_TIMEOUT = 10.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+#: TCP keepalive of every socket (idle s, probe interval s, probes): a peer that vanishes
+#: without a FIN or a reset (a cut link, a host powered off) is found within 2 minutes,
+#: while a quiet but live stream lasts forever (the peer's kernel answers the probes).
+KEEPALIVE = (60, 15, 4)
+
+
 class RelayContext(Protocol):
     """What a connection needs from its data server."""
     loop: Loop
+    keepalive: tuple[int, int, int]      # (idle, interval, count) seconds/probes; (0, 0, 0) = off
     pipes: PipePool
     buckets: dict[str, TokenBucket | None]
     server_tls: ssl.SSLContext | None    # accepted side is a TLS server (PROD)
@@ -148,9 +155,18 @@ class SplicePump:
             self.bucket.discard(self.conn.kick)
 
 
-def _set_nodelay(sock: socket.socket) -> None:
+def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
+    """No Nagle delay; keepalive probes, and the same bound on data left unacknowledged
+    (TCP_USER_TIMEOUT: keepalive alone says nothing while we are sending into a dead link)."""
+    idle, interval, count = keepalive
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if idle > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000)
     except OSError:
         pass
 
@@ -167,7 +183,7 @@ class Conn:
         self.peer = peer
         self.target = target          # (family, sockaddr)
         sock.setblocking(False)
-        _set_nodelay(sock)
+        _tune(sock, ctx.keepalive)
         self.a = Side(sock, ready=True)
         self.b: Side | None = None
         self.tls: TlsEnd | None = None
@@ -196,7 +212,7 @@ class Conn:
         family, addr = self.target
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            _set_nodelay(sock)
+            _tune(sock, self.ctx.keepalive)
             err = sock.connect_ex(addr)
         except OSError as exc:
             sock.close()

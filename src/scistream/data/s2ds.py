@@ -29,7 +29,9 @@ Control socket: one JSON object per line in, one per line out.
 ``tls_resumed`` the TLS handshakes that resumed an earlier session (CONS keeps the last one).
 
 Config (JSON): uid, role, listen_host, ports, targets (addresses, never names), rate_kbps, tls (bool), cert, key
-(paths, when tls), control (socket path); optional pipe_size (bytes, default 1 MiB) and
+(paths, when tls), control (socket path); optional keepalive ([idle s, interval s, probes],
+default [60, 15, 4]: a vanished peer is dropped within 2 minutes; [0, 0, 0]: off),
+pipe_size (bytes, default 1 MiB) and
 threads (event-loop threads, ``workers``; default: the environment variable
 SCISTREAM_S2DS_THREADS, else one per CPU up to 4 with a TLS leg and one without; always
 one when rate-limited).
@@ -50,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from .evloop import EPOLLIN, EPOLLOUT, Loop, TokenBucket
-from .relay import Conn
+from .relay import KEEPALIVE, Conn
 from .workers import Worker
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,22 @@ def resolve_target(text: str, numeric: bool = False) -> tuple[int, Any]:
         raise ValueError(f"cannot resolve target {text!r}: {exc.strerror}") from None
     family, _, _, _, addr = infos[0]
     return family, addr
+
+
+def keepalive_setting(value: Any) -> tuple[int, int, int]:
+    """``[idle s, interval s, probes]`` from the configuration (default ``relay.KEEPALIVE``);
+    ``[0, 0, 0]`` turns keepalive off."""
+    if value is None:
+        return KEEPALIVE
+    try:
+        idle, interval, count = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"keepalive must be [idle seconds, interval seconds, probes], got {value!r}") from None
+    if idle == 0:
+        return 0, 0, 0
+    if idle < 1 or interval < 1 or count < 1:
+        raise ValueError(f"keepalive values must be >= 1 (or idle 0: off), got {value!r}")
+    return idle, interval, count
 
 
 def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -160,6 +178,7 @@ class S2DS:
         self.role = cfg["role"]
         self.loop = Loop()
         self.pipe_size = int(cfg.get("pipe_size") or DEFAULT_PIPE)
+        self.keepalive = keepalive_setting(cfg.get("keepalive"))
         rate = int(cfg.get("rate_kbps") or 0)
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
         self.server_tls, self.client_tls = tls_contexts(cfg)

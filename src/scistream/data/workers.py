@@ -45,6 +45,7 @@ class Worker:
         self.loop = loop
         self.pipes = PipePool(server.pipe_size)
         self.buckets: dict[str, TokenBucket | None] = server.buckets
+        self.keepalive: tuple[int, int, int] = server.keepalive
         self.server_tls: ssl.SSLContext | None = server.server_tls
         self.client_tls: ssl.SSLContext | None = server.client_tls
         self.bytes = {"in": 0, "out": 0}
