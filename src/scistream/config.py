@@ -199,6 +199,12 @@ def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     for name in ("hello_grace", "max_rate", "max_lease", "update_timeout"):
         if name in values and values[name] < 0:
             yield name, f"must be >= 0, got {values[name]}"
+    if "tcp_keepalive" in values and not isinstance(values["tcp_keepalive"], tuple):
+        from .data.base import parse_keepalive
+        try:
+            parse_keepalive(values["tcp_keepalive"])
+        except ValueError as exc:
+            yield "tcp_keepalive", str(exc)
     if ("server_cert" in values) != ("server_key" in values):
         have, missing = ("server_cert", "server-key") if "server_cert" in values else ("server_key", "server-cert")
         yield have, f"set {missing} too: the certificate and its key go together"

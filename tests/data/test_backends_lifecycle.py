@@ -15,6 +15,7 @@ import pytest
 from scistream.data.backends import common, nginx
 from scistream.data.base import BackendUnavailable, DataSpec, get_backend
 from scistream.errors import DataServerError, InvalidArgument
+from conftest import async_wait_until
 from test_backends_support import (EXTERNAL, App, Chain, free_ports, leftover, port_is_free, roundtrip,
                                    secret)
 
@@ -289,3 +290,55 @@ async def test_bad_spec_is_refused(kind, tmp_path):
     for spec in bad:
         with pytest.raises(InvalidArgument):
             await cls(spec).start()
+
+
+_TIMER = re.compile(r"timer:\((\w+),(?:(\d+)min)?(?:(\d+)sec)?")
+
+
+def _keepalive_timers(out: str, local: set[int], peer: set[int]) -> dict[str, list[tuple[str, int]]]:
+    """From ``ss -tnoH state established``: (timer kind, seconds left) of the sockets whose
+    local port is in ``local`` (accepted by a proxy) or whose peer port is in ``peer``."""
+    found: dict[str, list[tuple[str, int]]] = {"accepted": [], "outgoing": []}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) < 4:
+            continue
+        lport, pport = int(f[2].rpartition(":")[2]), int(f[3].rpartition(":")[2])
+        m = _TIMER.search(line)
+        timer = (m.group(1), int(m.group(2) or 0) * 60 + int(m.group(3) or 0)) if m else ("none", 0)
+        if lport in local:
+            found["accepted"].append(timer)
+        elif pport in peer:
+            found["outgoing"].append(timer)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["Builtin", *EXTERNAL])
+async def test_tcp_keepalive_timings_reach_every_proxy_socket(kind, tmp_path):
+    """The operator's --tcp-keepalive (here 30 s idle) is what the kernel runs on the
+    sockets each data server accepts and opens (nginx: the accepted ones; it has no
+    per-upstream setting and keeps the system's there)."""
+    async with App() as app, Chain(kind, tmp_path, [app.endpoint], n=1, secret=secret(),
+                                   keepalive=(30, 5, 3)) as chain:
+        r, w = await asyncio.open_connection("127.0.0.1", chain.entries[0])
+        try:
+            assert await exchange(r, w, b"keepalive") == b"keepalive"
+
+            async def settled():
+                """The four sockets, once none has a retransmission timer running (data
+                in flight shows as timer:(on,...) until it is acknowledged)."""
+                proc = await asyncio.create_subprocess_exec("ss", "-tnoH", "state", "established",
+                                                            stdout=asyncio.subprocess.PIPE)
+                out = (await proc.communicate())[0].decode()
+                t = _keepalive_timers(out, set(chain.all_ports), {app.port, *chain.prod.spec.ports})
+                all_ = t["accepted"] + t["outgoing"]
+                return (t, out) if len(all_) == 4 and all(k != "on" for k, _ in all_) else None
+            timers, out = await async_wait_until(settled, 10, "the chain's sockets to settle")
+            for kind_, left in timers["accepted"]:      # CONS's and PROD's accepted sockets
+                assert kind_ == "keepalive" and left <= 30, (timers, out)
+            for kind_, left in timers["outgoing"]:      # CONS -> PROD and PROD -> app
+                assert kind_ == "keepalive", (timers, out)
+                if kind != "Nginx":
+                    assert left <= 30, (timers, out)
+        finally:
+            w.close()

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import echo_roundtrip
 from scistream.data.backends.common import group_members
-from scistream.data.base import BackendUnavailable, DataServer, DataSpec, get_backend
+from scistream.data.base import KEEPALIVE, BackendUnavailable, DataServer, DataSpec, get_backend
 
 NAMES = ("Haproxy", "Nginx", "Stunnel")
 
@@ -140,6 +140,7 @@ class Chain:
     secret: bytes | None = None
     cons_secret: bytes | None = None   # defaults to ``secret``; a different one = an impostor
     rate_kbps: int = 0
+    keepalive: tuple[int, int, int] = KEEPALIVE
     host: str = "127.0.0.1"
     uid: str = field(default_factory=lambda: str(uuid.uuid4()))
     prod: DataServer | None = None
@@ -152,7 +153,8 @@ class Chain:
     def prod_spec(self) -> DataSpec:
         return DataSpec(self.uid, "PROD", self.host, free_ports(self.n, self.host),
                         tuple(self.targets[i % len(self.targets)] for i in range(self.n)),
-                        rate_kbps=self.rate_kbps, wan_secret=self.secret, workdir=self.workdir / "prod")
+                        rate_kbps=self.rate_kbps, wan_secret=self.secret, workdir=self.workdir / "prod",
+                        keepalive=self.keepalive)
 
     async def __aenter__(self) -> "Chain":
         cls = get_backend(self.kind)
@@ -163,7 +165,7 @@ class Chain:
             wan = tuple(f"{host}:{p}" for p in self.prod.spec.ports)
             self.cons = cls(DataSpec(self.uid, "CONS", self.host, free_ports(self.n, self.host), wan,
                                      rate_kbps=self.rate_kbps, wan_secret=self.cons_secret,
-                                     workdir=self.workdir / "cons"))
+                                     workdir=self.workdir / "cons", keepalive=self.keepalive))
             await self.cons.start()
         except BaseException:
             await self.prod.stop()

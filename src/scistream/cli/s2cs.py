@@ -16,10 +16,23 @@ from .. import __version__
 from ..auth.base import AuthConfigError, make_authenticator
 from ..config import check_config_command, config_option
 from ..control.server import ConfigError, ServerConfig, serve
+from ..data.base import parse_keepalive
 from .common import Exit, err, option, setup_logging
 
 TYPES = ["Builtin", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
 
+
+class Keepalive(click.ParamType):
+    """``IDLE,INTERVAL,COUNT`` or ``system`` -> (idle, interval, count)."""
+    name = "IDLE,INTERVAL,COUNT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_keepalive(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 def server_options(fn):
     opts = [
@@ -75,6 +88,10 @@ def server_options(fn):
         option("--update-timeout", type=click.FloatRange(0), default=3600.0, show_default=True,
                help="Seconds a session may wait between its hello and its update before it "
                     "expires and frees its ports (0: no limit)."),
+        option("--tcp-keepalive", type=Keepalive(), default="60,15,4", show_default=True,
+               help="TCP keepalive of the data servers' sockets, IDLE,INTERVAL,COUNT (seconds, "
+                    "seconds, probes): a peer that vanished silently is dropped after "
+                    "IDLE + INTERVAL x COUNT seconds; 'system' keeps the kernel's settings."),
         option("--drain", is_flag=True,
                help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
                     "running and the next start re-adopts them."),

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 
 from ..auth.base import Authenticator, make_authenticator
-from ..data.base import BackendUnavailable, get_backend
+from ..data.base import KEEPALIVE, BackendUnavailable, get_backend
 from ..addr import format_listener
 from . import tlscert
 from .ports import BandwidthPool, PortPool, parse_port_range
@@ -71,6 +71,7 @@ class ServerConfig:
     drain: bool = True               # release every session on stop (the s2cs CLI: --drain)
     max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
     update_timeout: float = 3600.0   # seconds a session may wait between its hello and its update; 0 = no limit
+    tcp_keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' sockets; (0, 0, 0) = the system's
     metrics_port: int | None = None  # Prometheus endpoint (0: any free port); None = off
     metrics_ip: str | None = None    # default: the control ip
 
@@ -186,6 +187,7 @@ class ControlServer:
                            hello_timeout=config.hello_timeout, hello_grace=config.hello_grace,
                            max_conn=config.max_conn, max_lease=config.max_lease,
                            update_timeout=config.update_timeout,
+                           keepalive=tuple(config.tcp_keepalive),  # type: ignore[arg-type]
                            wan_plaintext=config.wan_plaintext,
                            allow_legacy_plaintext=config.allow_legacy_plaintext,
                            admins=frozenset(config.admins)),

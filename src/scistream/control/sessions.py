@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 from ..addr import check_role, check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
-from ..data.base import DataServer, DataSpec, Stats
+from ..data.base import KEEPALIVE, DataServer, DataSpec, Stats
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded, FailedPrecondition,
                       InvalidArgument, InvalidTransition, NotFound, PermissionDenied,
                       ScistreamError)
@@ -128,10 +128,12 @@ class Session:
             self.ended = time.time()
         self.changed.set()
 
-    def spec(self, targets: tuple[str, ...] | None = None) -> DataSpec:
+    def spec(self, targets: tuple[str, ...] | None = None,
+             keepalive: tuple[int, int, int] = KEEPALIVE) -> DataSpec:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
-                        rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir)
+                        rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir,
+                        keepalive=keepalive)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
@@ -201,6 +203,7 @@ class RegistryConfig:
     max_conn: int = 64
     max_lease: float = 0.0           # longest lease in seconds; also the default; 0 = unlimited
     update_timeout: float = 3600.0   # a session READY this long without an update expires; 0 = never
+    keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' TCP keepalive (base.KEEPALIVE)
     wan_plaintext: bool = False      # operator asked for a plaintext WAN leg
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
     admins: frozenset[str] = frozenset()
@@ -429,7 +432,7 @@ class SessionRegistry:
             try:
                 if first:
                     session.wan_secret = secret
-                    server = self.config.backend(session.spec(targets))
+                    server = self.config.backend(session.spec(targets, self.config.keepalive))
                     session.server = server
                     await server.start()
                     session.handle = server.handle()

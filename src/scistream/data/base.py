@@ -31,6 +31,35 @@ from typing import Any, ClassVar
 log = logging.getLogger(__name__)
 
 
+#: TCP keepalive of every data-server socket: (idle seconds, probe interval seconds, probes).
+#: A peer that vanishes without a FIN or a reset (a cut link, a host powered off) is found
+#: within idle + interval x probes (2 minutes), while a quiet but live stream lasts for ever
+#: (its peer's kernel answers the probes). (0, 0, 0): the system's settings
+#: (net.ipv4.tcp_keepalive_*; 2 hours and more by default).
+KEEPALIVE: tuple[int, int, int] = (60, 15, 4)
+
+
+def parse_keepalive(value: object) -> tuple[int, int, int]:
+    """``"60,15,4"``, ``[60, 15, 4]`` or ``"system"`` (= ``(0, 0, 0)``); ValueError otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("system", "0"):
+            return 0, 0, 0
+        parts: object = text.split(",")
+    else:
+        parts = value
+    try:
+        idle, interval, count = (int(str(v).strip()) for v in parts)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"TCP keepalive must be IDLE,INTERVAL,COUNT (e.g. 60,15,4) or 'system', "
+                         f"got {value!r}") from None
+    if (idle, interval, count) == (0, 0, 0):
+        return 0, 0, 0
+    if not (1 <= idle <= 32767 and 1 <= interval <= 32767 and 1 <= count <= 127):
+        raise ValueError(f"TCP keepalive: idle and interval must be 1-32767 s and count 1-127, got {value!r}")
+    return idle, interval, count
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     uid: str
@@ -41,6 +70,7 @@ class DataSpec:
     rate_kbps: int = 0           # whole-session cap in kbit/s; 0 = unlimited
     wan_secret: bytes | None = None  # 32 random bytes; None = plaintext WAN leg
     workdir: Path = Path(".")    # per-session directory for configs, logs, sockets
+    keepalive: tuple[int, int, int] = KEEPALIVE   # see KEEPALIVE; (0, 0, 0) = the system's
 
     @property
     def wan_tls(self) -> bool:

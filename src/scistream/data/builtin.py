@@ -77,6 +77,7 @@ class BuiltinDataServer(DataServer):
             "uid": spec.uid, "role": spec.role, "listen_host": spec.listen_host,
             "ports": list(spec.ports), "targets": list(spec.targets),
             "rate_kbps": spec.rate_kbps, "tls": spec.wan_tls, "control": str(self.control),
+            "keepalive": list(spec.keepalive),
         }
         if spec.wan_secret is not None:
             files = wankeys.write_credentials(spec.wan_secret, spec.uid, spec.workdir)

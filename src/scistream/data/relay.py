@@ -40,16 +40,10 @@ HANDSHAKE_TIMEOUT = 10.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-#: TCP keepalive of every socket (idle s, probe interval s, probes): a peer that vanishes
-#: without a FIN or a reset (a cut link, a host powered off) is found within 2 minutes,
-#: while a quiet but live stream lasts forever (the peer's kernel answers the probes).
-KEEPALIVE = (60, 15, 4)
-
-
 class RelayContext(Protocol):
     """What a connection needs from its data server."""
     loop: Loop
-    keepalive: tuple[int, int, int]      # (idle, interval, count) seconds/probes; (0, 0, 0) = off
+    keepalive: tuple[int, int, int]      # base.KEEPALIVE; (0, 0, 0) = the system's timings
     pipes: PipePool
     buckets: dict[str, TokenBucket | None]
     server_tls: ssl.SSLContext | None    # accepted side is a TLS server (PROD)
@@ -161,8 +155,8 @@ def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
     idle, interval, count = keepalive
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if idle > 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)

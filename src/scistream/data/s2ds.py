@@ -30,7 +30,7 @@ Control socket: one JSON object per line in, one per line out.
 
 Config (JSON): uid, role, listen_host, ports, targets (addresses, never names), rate_kbps, tls (bool), cert, key
 (paths, when tls), control (socket path); optional keepalive ([idle s, interval s, probes],
-default [60, 15, 4]: a vanished peer is dropped within 2 minutes; [0, 0, 0]: off),
+default [60, 15, 4]: a vanished peer is dropped within 2 minutes; [0, 0, 0]: the system's),
 pipe_size (bytes, default 1 MiB) and
 threads (event-loop threads, ``workers``; default: the environment variable
 SCISTREAM_S2DS_THREADS, else one per CPU up to 4 with a TLS leg and one without; always
@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from .evloop import EPOLLIN, EPOLLOUT, Loop, TokenBucket
-from .relay import KEEPALIVE, Conn
+from .base import KEEPALIVE, parse_keepalive
+from .relay import Conn
 from .workers import Worker
 
 log = logging.getLogger(__name__)
@@ -81,19 +82,11 @@ def resolve_target(text: str, numeric: bool = False) -> tuple[int, Any]:
 
 
 def keepalive_setting(value: Any) -> tuple[int, int, int]:
-    """``[idle s, interval s, probes]`` from the configuration (default ``relay.KEEPALIVE``);
-    ``[0, 0, 0]`` turns keepalive off."""
+    """``[idle s, interval s, probes]`` from the configuration (default ``base.KEEPALIVE``);
+    ``[0, 0, 0]``: the system's timings."""
     if value is None:
         return KEEPALIVE
-    try:
-        idle, interval, count = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"keepalive must be [idle seconds, interval seconds, probes], got {value!r}") from None
-    if idle == 0:
-        return 0, 0, 0
-    if idle < 1 or interval < 1 or count < 1:
-        raise ValueError(f"keepalive values must be >= 1 (or idle 0: off), got {value!r}")
-    return idle, interval, count
+    return parse_keepalive(value)
 
 
 def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:

@@ -91,16 +91,28 @@ class HaproxyServer(ProxyServer):
             "    option splice-auto",
             "    option clitcpka",
             "    option srvtcpka",
+            *self._keepalive_lines(),
             f"    timeout connect {CONNECT_TIMEOUT_S}s",
             f"    timeout client {IDLE_TIMEOUT_S}s",
             f"    timeout server {IDLE_TIMEOUT_S}s",
         ]
+        ut = ""
+        if spec.keepalive[0]:
+            idle, interval, count = spec.keepalive
+            ut = f" tcp-ut {idle + interval * count}s"   # unacknowledged data: the same bound
         for i, (port, target) in enumerate(zip(spec.ports, spec.targets)):
             host, _, tport = target.rpartition(":")
             lines += ["", f"listen s2ds-{i}",
-                      f"    bind {_addr(spec.listen_host, port)}{bind_ssl}",
-                      f"    server target-{i} {_addr(host.strip('[]'), tport)}{server_ssl}"]
+                      f"    bind {_addr(spec.listen_host, port)}{bind_ssl}{ut}",
+                      f"    server target-{i} {_addr(host.strip('[]'), tport)}{server_ssl}{ut}"]
         return "\n".join(lines) + "\n"
+
+    def _keepalive_lines(self) -> list[str]:
+        if not self.spec.keepalive[0]:
+            return []
+        idle, interval, count = self.spec.keepalive
+        return [f"    {side}tcpka-{k} {v}" for side in ("cli", "srv")
+                for k, v in (("idle", f"{idle}s"), ("intvl", f"{interval}s"), ("cnt", count))]
 
     def argv(self) -> list[str]:
         return [self.binary, "-W", "-S", f"{self.master_socket},mode,600", "-f", str(self.conf_path)]

@@ -116,10 +116,16 @@ class NginxServer(ProxyServer):
                           "    proxy_ssl_server_name on;", "    proxy_ssl_session_reuse on;"]
         for port, target in zip(spec.ports, spec.targets):
             host = f"[{spec.listen_host}]" if ":" in spec.listen_host else spec.listen_host
-            lines += [f"    server {{ listen {host}:{port}{listen_ssl} so_keepalive=on; "
+            lines += [f"    server {{ listen {host}:{port}{listen_ssl} so_keepalive={self._so_keepalive()}; "
                       f"proxy_pass {target}; }}"]
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+    def _so_keepalive(self) -> str:
+        """Timings for the accepted side (nginx sets none for its upstream connections,
+        where ``proxy_socket_keepalive`` uses the system's)."""
+        idle, interval, count = self.spec.keepalive
+        return f"{idle}s:{interval}s:{count}" if idle else "on"
 
     def argv(self) -> list[str]:
         return [self.binary, "-p", f"{self.spec.workdir}/", "-c", str(self.conf_path),

@@ -96,6 +96,10 @@ class StunnelServer(ProxyServer):
             "socket = l:SO_KEEPALIVE=1",
             "socket = r:SO_KEEPALIVE=1",
         ]
+        if spec.keepalive[0]:
+            idle, interval, count = spec.keepalive
+            lines += [f"socket = {side}:{opt}={v}" for side in ("l", "r")
+                      for opt, v in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count))]
         for i, (port, target) in enumerate(zip(spec.ports, spec.targets)):
             lines += ["", f"[s2ds-{i}]",
                       f"accept = {spec.listen_host}:{port}",
