@@ -216,3 +216,8 @@ async def test_cons_resumes_tls_sessions_and_falls_back_when_prod_changes(tmp_pa
         assert await echo_roundtrip(*entry(cons), b"after the move") == b"after the move"
         assert (await control_call(prod2.control, {"op": "stats"}))["tls_resumed"] == 0
         assert await failed_count(prod2) == 0
+        # ... after which CONS takes a new session (its second) and resumes with prod2
+        for i in range(3):
+            assert await echo_roundtrip(*entry(cons), b"again %d" % i) == b"again %d" % i
+        await wait_for(lambda: resumed(prod2, 3), what="CONS to resume sessions with the new PROD")
+        assert (await control_call(cons.control, {"op": "stats"}))["tls_sessions_kept"] == 2

@@ -50,6 +50,7 @@ class RelayContext(Protocol):
     client_tls: ssl.SSLContext | None    # target side is a TLS client (CONS)
     tls_session: ssl.SSLSession | None   # CONS: a session to resume (from an earlier connection)
     resumed: int                         # TLS handshakes that resumed a session
+    sessions_kept: int                   # sessions taken for resumption (CONS)
 
     def conn_closed(self, conn: "Conn") -> None: ...
     def count(self, direction: str, n: int) -> None: ...
@@ -366,12 +367,19 @@ class Conn:
     def close(self, reset: bool = False) -> None:
         if self.state == "closed":
             return
-        if not reset and self.tls is not None and self.tls.side is self.b:
+        kept = self.ctx.tls_session
+        if (not reset and self.tls is not None and self.tls.side is self.b
+                and (kept is None or (self.tls.offered is kept and not self.tls.obj.session_reused))):
             # TLS 1.3 resumption: the next connection to this PROD skips the certificate
             # exchange (both signatures and verifications), as HAProxy does by default.
+            # One session serves until PROD turns it down (its ticket expired): only then
+            # is a new one taken. Reading SSLObject.session copies the session, and
+            # CPython 3.11 leaks that copy (about 4.5 KB per read), so never once per
+            # connection (tests/data/test_builtin_churn.py).
             session = self.tls.obj.session
             if session is not None and session.has_ticket:
                 self.ctx.tls_session = session
+                self.ctx.sessions_kept += 1
         self.state = "closed"
         if self.timer is not None:
             self.timer.cancel()

@@ -17,6 +17,7 @@ Control socket: one JSON object per line in, one per line out.
     {"op": "stats"}                        -> {"ok": true, "bytes_in": .., "bytes_out": ..,
                                                "connections": .., "total_connections": ..,
                                                "failed_connections": .., "tls_resumed": ..,
+                                               "tls_sessions_kept": ..,
                                                "threads": .., ...}
     {"op": "conns"}                        -> {"ok": true, "connections": [{"id", "listener",
                                                "worker", "peer", "target", "state", "bytes_in",
@@ -26,7 +27,8 @@ Control socket: one JSON object per line in, one per line out.
 
 ``bytes_in`` counts bytes carried towards the producer, ``bytes_out`` towards the consumer;
 ``failed_connections`` those that ended in an error (target unreachable, TLS refused, reset);
-``tls_resumed`` the TLS handshakes that resumed an earlier session (CONS keeps the last one).
+``tls_resumed`` the TLS handshakes that resumed an earlier session; ``tls_sessions_kept`` how
+often CONS took a session to resume (once, and again each time PROD stops accepting it).
 
 Config (JSON): uid, role, listen_host, ports, targets (addresses, never names), rate_kbps, tls (bool), cert, key
 (paths, when tls), control (socket path); optional keepalive ([idle s, interval s, probes],
@@ -201,13 +203,14 @@ class S2DS:
     def totals(self) -> dict[str, int]:
         """The counters of every worker, summed."""
         out = {"bytes_in": 0, "bytes_out": 0, "total_connections": 0, "failed_connections": 0,
-               "tls_resumed": 0}
+               "tls_resumed": 0, "tls_sessions_kept": 0}
         for w in self.workers:
             out["bytes_in"] += w.bytes["in"]
             out["bytes_out"] += w.bytes["out"]
             out["total_connections"] += w.total
             out["failed_connections"] += w.failed
             out["tls_resumed"] += w.resumed
+            out["tls_sessions_kept"] += w.sessions_kept
         return out
 
     # -- listeners --------------------------------------------------------

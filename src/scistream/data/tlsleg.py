@@ -60,7 +60,8 @@ def thread_buffers() -> Buffers:
 
 class TlsEnd:
     """The TLS engine of one socket."""
-    __slots__ = ("side", "inc", "out", "obj", "raw", "bufs", "wbuf", "eof_in", "close_wanted", "closed_out")
+    __slots__ = ("side", "inc", "out", "obj", "raw", "bufs", "wbuf", "eof_in", "close_wanted", "closed_out",
+                 "offered")
 
     def __init__(self, side: "Side", ctx: ssl.SSLContext, *, server_side: bool,
                  session: ssl.SSLSession | None = None) -> None:
@@ -69,6 +70,7 @@ class TlsEnd:
         self.out = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.inc, self.out, server_side=server_side,
                                 server_hostname=None if server_side else SERVER_NAME, session=session)
+        self.offered = session                # the session this client tried to resume
         # The C object behind ssl.SSLObject: same read/write, one Python frame less per
         # 16 KiB record on the hot path.
         self.raw = getattr(self.obj, "_sslobj", self.obj)

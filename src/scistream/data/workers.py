@@ -52,6 +52,7 @@ class Worker:
         self.total = 0
         self.failed = 0
         self.resumed = 0
+        self.sessions_kept = 0
         self.open = 0            # connections owned now
         self.thread: threading.Thread | None = None
         self.listeners: list[tuple[int, socket.socket]] = []
