@@ -3,6 +3,7 @@ half-close carried as close_notify, and everybody without the secret kept out.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -221,3 +222,31 @@ async def test_cons_resumes_tls_sessions_and_falls_back_when_prod_changes(tmp_pa
             assert await echo_roundtrip(*entry(cons), b"again %d" % i) == b"again %d" % i
         await wait_for(lambda: resumed(prod2, 3), what="CONS to resume sessions with the new PROD")
         assert (await control_call(cons.control, {"op": "stats"}))["tls_sessions_kept"] == 2
+
+
+async def test_a_flood_of_refused_connections_is_counted_not_logged_line_by_line(tmp_path):
+    """200 peers without the session key: every one refused and counted, but the log gets
+    20 lines for them and one that says how many more there were."""
+    async with data_servers(tmp_path) as ds:
+        prod = await ds.start("PROD", ["127.0.0.1:9"], secret=wankeys.new_secret())
+        host, port = entry(prod)
+
+        def refused_peer() -> None:
+            with socket.create_connection((host, port), 5) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")    # not TLS at all
+                s.settimeout(5)
+                with contextlib.suppress(OSError):
+                    while s.recv(4096):
+                        pass
+
+        for _ in range(200):
+            await asyncio.to_thread(refused_peer)
+        async def all_counted() -> bool:
+            return await failed_count(prod) == 200
+        await wait_for(all_counted, what="200 refusals to be counted")
+        await prod.stop()
+        log = (prod.spec.workdir / "s2ds.log").read_text()
+        lines = [ln for ln in log.splitlines() if "(listener 0, from" in ln]
+        assert len(lines) == 20, log[-3000:]
+        assert "180 failed connections were not logged one by one" in log
+

@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 import time
 from typing import Any, Protocol
 
@@ -38,6 +39,40 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 10.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class LogBudget:
+    """At most ``burst`` log lines per ``window`` seconds (all threads together): a flood of
+    refused connections (a scan, a peer with the wrong secret in a retry loop) must not
+    fill the disk. What is held back is counted, and said in the next window and at exit;
+    the counters (``failed_connections``) miss nothing."""
+
+    def __init__(self, burst: int = 20, window: float = 60.0) -> None:
+        self.burst, self.window = burst, window
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+        self.used = 0
+        self.held = 0            # held back in the current window
+        self.held_total = 0      # since start
+
+    def allow(self) -> tuple[bool, int]:
+        """(may this line be logged, lines held back in the window that just ended)."""
+        with self.lock:
+            now = time.monotonic()
+            ended = 0
+            if now - self.start >= self.window:
+                ended, self.held = self.held, 0
+                self.start, self.used = now, 0
+            if self.used < self.burst:
+                self.used += 1
+                return True, ended
+            self.held += 1
+            self.held_total += 1
+            return False, ended
+
+
+#: Lines about connections that failed (the one place a remote peer decides how much we log).
+FAILURE_LOG = LogBudget()
 
 
 class RelayContext(Protocol):
@@ -360,8 +395,13 @@ class Conn:
         if self.state == "closed":
             return
         self.why = why
-        level = logging.INFO if self.state == "open" else logging.WARNING
-        log.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener, _fmt(self.peer), why)
+        ok, held = FAILURE_LOG.allow()
+        if held:
+            log.warning("%d more failed connections in the last %g s were not logged one by one",
+                        held, FAILURE_LOG.window)
+        if ok:
+            level = logging.INFO if self.state == "open" else logging.WARNING
+            log.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener, _fmt(self.peer), why)
         self.close(reset=True)
 
     def close(self, reset: bool = False) -> None:

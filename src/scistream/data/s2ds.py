@@ -55,7 +55,7 @@ from typing import Any
 
 from .evloop import EPOLLIN, EPOLLOUT, Loop, TokenBucket
 from .base import KEEPALIVE, parse_keepalive
-from .relay import Conn
+from .relay import FAILURE_LOG, Conn
 from .workers import Worker
 
 log = logging.getLogger(__name__)
@@ -322,6 +322,9 @@ class S2DS:
             except FileNotFoundError:
                 pass
         t = self.totals()
+        if FAILURE_LOG.held_total:
+            log.warning("%d failed connections were not logged one by one (at most %d lines per %g s)",
+                        FAILURE_LOG.held_total, FAILURE_LOG.burst, FAILURE_LOG.window)
         log.info("stopped: in %d, out %d bytes, %d connections", t["bytes_in"], t["bytes_out"],
                  t["total_connections"])
 
