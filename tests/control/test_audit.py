@@ -6,11 +6,12 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import stat
 
 import pytest
 
-from conftest import new_uid
+from conftest import async_wait_until, new_uid
 from scistream import errors
 from scistream.client import AsyncClient
 
@@ -100,3 +101,25 @@ async def test_audit_logs_restarts_and_hostile_input(servers, client_for, echo_s
     raw = (srv2.state_dir / "audit.log").read_bytes()
     assert raw.count(b"\n") == len(lines) and b"\x00" not in raw and os.path.getsize(
         srv2.state_dir / "audit.log") == len(raw)
+
+
+async def test_sighup_reopens_the_audit_log_for_rotation(s2cs_process):
+    """logrotate moves audit.log away and sends SIGHUP (deploy/logrotate.conf): the server
+    keeps running and writes on in a fresh audit.log (0600)."""
+    srv = await asyncio.to_thread(s2cs_process)
+    audit = srv.state_dir / "audit.log"
+    async with AsyncClient(srv.target, insecure=True) as c:
+        with pytest.raises(errors.NotFound):
+            await c.release(new_uid())
+        await async_wait_until(lambda: audit.exists() and "release" in audit.read_text(), what="a line")
+        rotated = audit.with_name("audit.log.1")
+        audit.rename(rotated)
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        await async_wait_until(audit.exists, what="a fresh audit.log")
+        uid = new_uid()
+        with pytest.raises(errors.NotFound):
+            await c.release(uid)
+        await async_wait_until(lambda: uid in audit.read_text(), what="the new line in the new file")
+    assert uid not in rotated.read_text() and "release" in rotated.read_text()
+    assert audit.stat().st_mode & 0o777 == 0o600
+    assert srv.proc.poll() is None          # SIGHUP did not stop it

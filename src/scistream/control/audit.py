@@ -12,6 +12,7 @@ data server that died, sessions re-adopted or released at a restart), with ``who
     audit = AuditLog(state_dir / "audit.log")
     audit.write(who="alice", what="req", uid=uid, role="PROD", result="OK")
     registry.observers.append(audit.event)     # server-side events
+    audit.reopen()                             # s2cs does this on SIGHUP (log rotation)
 """
 from __future__ import annotations
 
@@ -69,6 +70,16 @@ class AuditLog:
         result = {"expired": "EXPIRED", "failed": "FAILED", "released": "RELEASED"}.get(event, "OK")
         self.write(who="s2cs", what=event, uid=session.uid, role=session.role, result=result,
                    detail=detail, owner=session.owner.id)
+
+    def reopen(self) -> None:
+        """Start writing to a fresh file at ``path`` (SIGHUP, after logrotate moved the old one)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        with self._lock:
+            old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
+        log.info("audit log reopened: %s", self.path)
 
     def close(self) -> None:
         with self._lock:

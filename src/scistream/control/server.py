@@ -282,12 +282,22 @@ async def serve(config: ServerConfig, *, authenticator: Authenticator | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+    def reopen_logs() -> None:
+        # SIGHUP: after a log rotation (deploy/logrotate.conf); it never stops the server
+        if server.audit is not None:
+            try:
+                server.audit.reopen()
+            except OSError as exc:
+                log.error("cannot reopen the audit log: %s", exc)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reopen_logs)
     try:
         await server.start()
         await stop.wait()
     finally:
         await server.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
 
