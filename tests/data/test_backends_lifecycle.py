@@ -342,3 +342,24 @@ async def test_tcp_keepalive_timings_reach_every_proxy_socket(kind, tmp_path):
                     assert left <= 30, (timers, out)
         finally:
             w.close()
+
+
+@pytest.mark.parametrize("kind", [p for p in EXTERNAL if p.values[0] == "Haproxy"])
+async def test_haproxy_counters_survive_a_reload(kind, tmp_path):
+    """Bytes carried before a retarget (a reload: a new worker with counters at zero) are
+    still in the session's counters afterwards, and new bytes add to them."""
+    async with App() as app, Chain(kind, tmp_path, [app.endpoint], n=1, secret=secret()) as chain:
+        first = os.urandom(1 << 20)
+        assert await roundtrip(chain.entries[0], first) == first
+
+        async def prod_bytes_at_least(n: int):
+            st = await chain.prod.stats()
+            return st if st.bytes_in >= n and st.bytes_out >= n and st.connections == 0 else None
+        await async_wait_until(lambda: prod_bytes_at_least(1 << 20), 15, "the first connection's bytes")
+        await chain.prod.retarget((app.endpoint,))
+        st = await chain.prod.stats()
+        assert st.bytes_in >= 1 << 20 and st.total_connections >= 1, st   # not back to zero
+        second = os.urandom(1 << 20)
+        assert await roundtrip(chain.entries[0], second) == second
+        st = await async_wait_until(lambda: prod_bytes_at_least(2 << 20), 15, "both connections' bytes")
+        assert st.total_connections == 2, st

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 BUFSIZE = 256 * 1024
 _MASTER = re.compile(r"^\d+\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", re.M)
 _WORKERS = re.compile(r"# workers\n(.*?)(?:\n#|\Z)", re.S)
+_WORKER_PID = re.compile(r"^(\d+)\s+worker\s", re.M)     # current and old workers alike
 
 
 @register("Haproxy", "HaproxySubprocess")
@@ -63,6 +64,7 @@ class HaproxyServer(ProxyServer):
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)
         self.master_socket = short_socket_path(spec.workdir, "haproxy")
+        self._seen: dict[int, Stats] = {}    # each worker's counters, as last read
 
     # -- configuration ------------------------------------------------------------------
     def render(self) -> str:
@@ -183,11 +185,30 @@ class HaproxyServer(ProxyServer):
             "haproxy listeners after reload")
 
     async def stats(self) -> Stats:
+        """The session's counters across reloads.
+
+        Each worker counts only what it carried. A reload starts a new worker, and the old
+        one serves its open connections until they end, so the counters are read from every
+        worker and each worker's last reading is kept after it exits. Bytes are counted
+        when a connection closes (or now and then while it runs), so a connection that
+        spans a reload and ends after the old worker was last read is missing."""
         try:
-            text = await self.cli("@1 show stat", 2.0)
+            pids = [int(p) for p in _WORKER_PID.findall(await self.cli("show proc", 2.0))]
         except (OSError, asyncio.TimeoutError, ConnectionError):
-            return Stats()
-        return parse_stat_csv(text)
+            pids = []
+        for pid in pids:
+            try:
+                self._seen[pid] = parse_stat_csv(await self.cli(f"@!{pid} show stat", 2.0))
+            except (OSError, asyncio.TimeoutError, ConnectionError):
+                continue
+        total = Stats()
+        for pid, s in self._seen.items():
+            total.bytes_in += s.bytes_in
+            total.bytes_out += s.bytes_out
+            total.total_connections += s.total_connections
+            if pid in pids:
+                total.connections += s.connections
+        return total
 
     async def stop(self) -> None:
         await super().stop()
