@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import json
 import os
 import signal
@@ -267,6 +268,46 @@ def processes_mentioning(text: str) -> dict[int, str]:
         if text in cmd:
             found[int(entry)] = cmd
     return found
+
+
+def _names_in_hosts_file() -> set[str]:
+    names: set[str] = set()
+    with contextlib.suppress(OSError), open("/etc/hosts") as f:
+        for line in f:
+            names.update(n.lower().rstrip(".") for n in line.split("#")[0].split()[1:])
+    return names
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_dns_queries():
+    """Tests talk to loopback and to the namespaces they build, nothing else: a name that
+    only a DNS server could answer is a bug in the test (or in the code under test), so a
+    lookup of one fails here instead of leaving the machine. Names in /etc/hosts
+    (localhost) and addresses are looked up as usual. This guards this process; the
+    processes the tests start are given addresses, not names."""
+    allowed = _names_in_hosts_file()
+    real = socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name and not _is_address(name) and name.lower().rstrip(".") not in allowed:
+            raise socket.gaierror(socket.EAI_NONAME,
+                                  f"tests may not look up {name!r}: it is not in /etc/hosts, so it would query DNS")
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = guarded
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
 
 
 @pytest.fixture(autouse=True)

@@ -112,3 +112,11 @@ async def test_scoped_link_local_addresses_keep_their_interface():
     assert await addr.resolve_listener("[fe80::1%lo]:5000") == "[fe80::1%lo]:5000"
     with pytest.raises(errors.InvalidArgument, match="cannot resolve"):
         await addr.resolve_listener("[fe80::1%nosuchif]:5000")
+
+
+def test_the_suite_never_asks_a_dns_server():
+    """conftest's guard: a name that is not in /etc/hosts fails at once, nothing is sent."""
+    with pytest.raises(socket.gaierror, match="would query DNS"):
+        socket.getaddrinfo("no-such-host.invalid", 80)
+    assert socket.getaddrinfo("localhost", 80)       # /etc/hosts: allowed
+    assert socket.getaddrinfo("127.0.0.1", 80)
