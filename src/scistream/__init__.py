@@ -4,11 +4,20 @@ Parts: the control server (``scistream.control``, CLI ``s2cs``), the data server
 (``scistream.data``), the user client (``scistream.client``, CLI ``s2uc``) and the
 application controller (``scistream.appctrl``, CLI ``appctrl``).
 """
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("scistream")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
+from __future__ import annotations
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> str:
+    # Looked up on first use: importlib.metadata (and the email and zipfile modules it
+    # pulls in) would cost every data-server process ~30 ms and a few MB at start.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            value = version("scistream")
+        except PackageNotFoundError:  # running from a source tree
+            value = "0.0.0"
+        globals()["__version__"] = value
+        return value
+    raise AttributeError(f"module 'scistream' has no attribute {name!r}")
