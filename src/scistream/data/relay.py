@@ -415,7 +415,7 @@ class Conn:
             # One session serves until PROD turns it down (its ticket expired): only then
             # is a new one taken. Reading SSLObject.session copies the session, and
             # CPython 3.11 leaks that copy (about 4.5 KB per read; python/cpython#116810,
-            # fixed in 3.12+ by #123249), so never once per connection
+            # fixed upstream by #123249, not in 3.11), so never once per connection
             # (tests/data/test_builtin_churn.py).
             session = self.tls.obj.session
             if session is not None and session.has_ticket:
