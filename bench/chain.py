@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from scistream.data import wankeys  # noqa: E402
 from scistream.data.base import DataServer, DataSpec, backend_names, get_backend  # noqa: E402
+from scistream.data.supervise import group_members, stat_fields  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -47,28 +48,15 @@ def proc_cpu(pid: int) -> float:
 
 def proc_cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of one process (threads included), zeros if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return 0.0, 0.0
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def group_pids(pgids: set[int]) -> list[int]:
     """Every live process whose process group is one of ``pgids`` (a backend's workers too)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) in pgids:
-            out.append(int(entry))
-    return out
+    return [pid for pgid in pgids for pid in group_members(pgid)]
 
 
 class Chain:

@@ -16,12 +16,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import pytest
 
 from scistream.client import AsyncClient
 from scistream.control.server import ControlServer, ServerConfig
+from scistream.data.supervise import children, cmdline, stat_fields
 
 BIN = Path(sys.executable).parent
 
@@ -168,6 +169,19 @@ async def echo_roundtrip(host: str, port: int, payload: bytes, timeout: float = 
     return got
 
 
+async def still_listening(listeners: Iterable[str]) -> list[str]:
+    """Those of ``listeners`` (host:port) that still accept a connection."""
+    left = []
+    for listener in listeners:
+        try:
+            _, w = await asyncio.open_connection(*parse_listener(listener))
+        except OSError:
+            continue
+        w.close()
+        left.append(listener)
+    return left
+
+
 def parse_listener(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
@@ -226,25 +240,10 @@ def s2cs_process(tmp_path):
         p.stop()
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
 def _descendants(pid: int) -> list[int]:
     todo, seen = [pid], []
     while todo:
-        for c in _children(todo.pop()):
+        for c in sorted(children(todo.pop())):
             seen.append(c)
             todo.append(c)
     return seen
@@ -258,12 +257,9 @@ def processes_mentioning(text: str) -> dict[int, str]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        try:
-            cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
+        cmd = " ".join(cmdline(int(entry)))
+        state = stat_fields(int(entry))
+        if state is None or state[0] == "Z":
             continue
         if text in cmd:
             found[int(entry)] = cmd

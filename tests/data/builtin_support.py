@@ -20,6 +20,7 @@ from typing import AsyncIterator
 from scistream.data import wankeys
 from scistream.data.base import DataSpec, get_backend
 from scistream.data.builtin import BuiltinDataServer
+from scistream.data.supervise import free_port_check
 
 BLOCK = 1 << 20
 
@@ -31,13 +32,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    return free_port_check("127.0.0.1", port)
 
 
 class Pattern:

@@ -14,6 +14,7 @@ import pytest
 
 from scistream.data.backends import common, nginx
 from scistream.data.base import BackendUnavailable, DataSpec, get_backend
+from scistream.data.supervise import children
 from scistream.errors import DataServerError, InvalidArgument
 from conftest import async_wait_until
 from test_backends_support import (EXTERNAL, App, Chain, free_ports, leftover, port_is_free, roundtrip,
@@ -110,7 +111,7 @@ async def test_haproxy_worker_crash_takes_the_master_down(kind, tmp_path):
                                             free_ports(1), (app.endpoint,), workdir=tmp_path))
         await server.start()
         try:
-            workers = common.children(server.child.pid)
+            workers = children(server.child.pid)
             assert workers
             watcher = asyncio.create_task(server.wait_exit())
             for pid in workers:

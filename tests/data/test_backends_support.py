@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import echo_roundtrip
-from scistream.data.backends.common import group_members
 from scistream.data.base import KEEPALIVE, BackendUnavailable, DataServer, DataSpec, get_backend
+from scistream.data.supervise import free_port_check, group_members
 
 NAMES = ("Haproxy", "Nginx", "Stunnel")
 
@@ -58,13 +58,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> tuple[int, ...]:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    return free_port_check(host, port)
 
 
 def sha(data: bytes) -> bytes:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from ..data.base import DataServer, get_backend
-from ..data.supervise import pid_alive
+from ..data.supervise import cmdline, pid_alive
 from .sessions import S, Session, SessionRegistry, when
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,6 @@ async def _forget(registry: SessionRegistry, s: Session) -> None:
     registry._events(s.state.value, s, s.last_error)
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def processes_under(directory: Path) -> list[int]:
     """Pids of this user whose command line names a path inside ``directory``."""
     needle = str(directory.resolve()) + "/"
@@ -148,7 +140,7 @@ def processes_under(directory: Path) -> list[int]:
                 continue  # never another user's process, whatever its arguments say
         except OSError:
             continue
-        if needle in _cmdline(int(entry)):
+        if needle in " ".join(cmdline(int(entry))):
             found.append(int(entry))
     return found
 

@@ -192,6 +192,46 @@ class ChildProcess:
             os.killpg(self.pid, signal.SIGKILL)
 
 
+# -- /proc: process state, groups, children, command lines ------------------------------
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _live_where(field: int, value: int) -> list[int]:
+    """Live (non-zombie) processes whose stat field ``field`` is ``value``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = stat_fields(int(entry))
+            if f and f[0] != "Z" and int(f[field]) == value:
+                out.append(int(entry))
+    return out
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    return _live_where(2, pgid)
+
+
+def children(pid: int) -> set[int]:
+    """Live (non-zombie) children of ``pid``."""
+    return set(_live_where(1, pid))
+
+
+def cmdline(pid: int) -> list[str]:
+    """The arguments of ``pid`` ([] if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
 def free_port_check(host: str, port: int) -> bool:
     """True if ``port`` can be bound on ``host`` right now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -38,7 +38,7 @@ from ...addr import format_listener, parse_listener
 from ...errors import DataServerError, InvalidArgument
 from .. import wankeys
 from ..base import BackendUnavailable, DataServer, DataSpec
-from ..supervise import ChildProcess, pid_alive, tail
+from ..supervise import ChildProcess, cmdline, group_members, pid_alive, tail
 
 log = logging.getLogger(__name__)
 
@@ -89,44 +89,7 @@ def short_socket_path(workdir: Path, suffix: str) -> Path:
     return base / f"{name}-{suffix}.sock"
 
 
-# -- /proc: process groups and listening sockets ----------------------------------------
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            f = _stat_fields(int(entry))
-            if f and f[0] != "Z" and int(f[2]) == pgid:
-                out.append(int(entry))
-    return out
-
-
-def children(pid: int) -> set[int]:
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            f = _stat_fields(int(entry))
-            if f and f[0] != "Z" and int(f[1]) == pid:
-                out.add(int(entry))
-    return out
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
+# -- /proc: listening sockets ------------------------------------------------------------
 def _socket_inodes(pids: Iterable[int]) -> set[int]:
     inodes = set()
     for pid in pids:

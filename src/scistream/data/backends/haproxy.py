@@ -40,7 +40,8 @@ from typing import Any
 
 from ...errors import DataServerError
 from ..base import DataSpec, Stats, register
-from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME, ProxyServer, children,
+from ..supervise import children
+from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME, ProxyServer,
                      error_lines, log_since, log_size, short_socket_path)
 
 log = logging.getLogger(__name__)

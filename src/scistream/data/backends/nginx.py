@@ -31,7 +31,8 @@ import subprocess
 from pathlib import Path
 
 from ..base import BackendUnavailable, Stats, register
-from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME, ProxyServer, children,
+from ..supervise import children
+from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME, ProxyServer,
                      error_lines, log_since, log_size)
 
 log = logging.getLogger(__name__)
