@@ -103,6 +103,15 @@ class Side:
         self.hup = False        # the peer's FIN (or an error) is queued behind the data
         self.shut_wr = False
 
+    def seen(self, ev: int) -> None:
+        """Note what the loop reported for this socket."""
+        if ev & EV_READ:
+            self.readable = True
+            if ev & EV_HUP:
+                self.hup = True
+        if ev & EV_WRITE:
+            self.writable = True
+
     def shutdown_write(self) -> None:
         if not self.shut_wr:
             self.shut_wr = True
@@ -301,25 +310,13 @@ class Conn:
 
     # -- events -----------------------------------------------------------
     def _on_a(self, ev: int) -> None:
-        a = self.a
-        if ev & EV_READ:
-            a.readable = True
-            if ev & EV_HUP:
-                a.hup = True
-        if ev & EV_WRITE:
-            a.writable = True
+        self.a.seen(ev)
         self.step()
 
     def _on_b(self, ev: int) -> None:
-        b = self.b
-        if b is None:
+        if self.b is None:
             return
-        if ev & EV_READ:
-            b.readable = True
-            if ev & EV_HUP:
-                b.hup = True
-        if ev & EV_WRITE:
-            b.writable = True
+        self.b.seen(ev)
         self.step()
 
     def kick(self) -> None:
