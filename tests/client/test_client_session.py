@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener
+from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener, still_listening
 from scistream.client import (AsyncClient, Connection, Gateway, Step, connect, release, request_cons,
                               request_prod, status)
 from scistream.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound,
@@ -33,16 +33,6 @@ async def _assert_roundtrip(listeners, size=1 << 20):
     got = await asyncio.gather(*(echo_roundtrip(*parse_listener(l), payload) for l in listeners))
     for g in got:
         assert hashlib.sha256(g).digest() == hashlib.sha256(payload).digest()
-
-
-async def _assert_not_listening(listeners):
-    for l in listeners:
-        try:
-            _, w = await asyncio.open_connection(*parse_listener(l))
-        except OSError:
-            continue
-        w.close()
-        raise AssertionError(f"{l} still accepts connections")
 
 
 async def test_connect_streams_then_release_frees_everything(servers, echo_server):
@@ -76,7 +66,7 @@ async def test_connect_streams_then_release_frees_everything(servers, echo_serve
     assert not prod.registry.active and not cons.registry.active
     assert prod.registry.ports.used == set() and cons.registry.ports.used == set()
     assert [s.state for s in await status(gw(cons), uid)] == ["released"]
-    await _assert_not_listening(conn.consumer_listeners + conn.wan_listeners)
+    assert not await still_listening(conn.consumer_listeners + conn.wan_listeners)
     with pytest.raises(NotFound):
         await release(uid, gw(prod), gw(cons))
 
@@ -112,7 +102,7 @@ async def test_cancelled_connect_releases_both_sides(servers, echo_server):
                            and not prod.registry.ports.used and not cons.registry.ports.used, 10,
                            "both sides released, every port free")
     assert {s.state for s in await status(gw(prod), uid)} == {"released"}
-    await _assert_not_listening(listeners)
+    assert not await still_listening(listeners)
 
 
 async def test_refusal_on_one_side_names_it_and_frees_the_other(servers):

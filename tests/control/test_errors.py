@@ -9,7 +9,6 @@ import pytest
 
 from conftest import async_wait_until, new_uid
 from scistream import errors
-from scistream.proto import pb, pb_grpc
 
 
 async def _assert_code(coro, code: grpc.StatusCode) -> str:

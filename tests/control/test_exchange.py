@@ -5,7 +5,7 @@ import asyncio
 import hashlib
 import os
 
-from conftest import echo_roundtrip, new_uid, parse_listener
+from conftest import echo_roundtrip, new_uid, parse_listener, still_listening
 
 
 async def setup_chain(prod_client, cons_client, endpoints, num_conn=2):
@@ -37,14 +37,8 @@ async def test_two_servers_chain_bytes_both_ways(servers, client_for, echo_serve
     assert prod_srv.registry.ports.used == set()
     assert cons_srv.registry.ports.used == set()
     # nothing listens any more
-    for l in list(cons.listeners) + list(prod.listeners):
-        host, port = parse_listener(l)
-        try:
-            _, w = await asyncio.open_connection(host, port)
-        except OSError:
-            continue
-        w.close()
-        raise AssertionError(f"{l} still listening after release")
+    left = await still_listening(list(cons.listeners) + list(prod.listeners))
+    assert not left, f"{left} still listening after release"
 
 
 async def test_hello_before_req_is_matched(servers, client_for, echo_server):

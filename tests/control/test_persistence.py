@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener, port_block
+from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener, port_block, still_listening
 from scistream.client import AsyncClient
 from scistream.control.recovery import processes_under
 from scistream.control.store import SessionRecord, SqliteStore
@@ -42,15 +42,6 @@ async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
     payload = os.urandom(size)
     got = await echo_roundtrip(*parse_listener(listener), payload)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-
-
-async def not_listening(listener: str) -> bool:
-    try:
-        _, w = await asyncio.open_connection(*parse_listener(listener))
-    except OSError:
-        return True
-    w.close()
-    return False
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -122,7 +113,7 @@ async def test_clean_stop_keeps_connected_then_readopt_and_release(servers, clie
     assert prod2.registry.ports.used == set()
     await async_wait_until(lambda: not any(pid_alive(p) for p in pids), what="data server gone")
     for listener in p.listeners:
-        assert await not_listening(listener)
+        assert not await still_listening([listener])
     st = (await client_for(prod2).status(uid)).sessions[0]
     assert st.state == "released" and st.ended > 0 and st.bytes_in == st.bytes_out == 3 << 20
 
@@ -288,7 +279,7 @@ async def test_kill9_mid_transfer_restart_readopts_everything(s2cs_process, tmp_
             await async_wait_until(lambda sd=sd: not processes_under(sd / "sessions"),
                                    what=f"{k} data server stopped")
         for listener in list(p.listeners) + list(c.listeners):
-            assert await not_listening(listener)
+            assert not await still_listening([listener])
         # the whole port range is free again: one req can take every port of it
         rng = sides["prod"][1]
         lo, hi = (int(x) for x in rng.split("-"))
@@ -323,7 +314,7 @@ async def test_sigterm_keeps_sessions_and_drain_releases(s2cs_process, tmp_path,
         assert (await c.status(uid)).sessions[0].state == "connected"
         assert await asyncio.to_thread(srv.stop) == 0  # SIGTERM with --drain: released
         await async_wait_until(lambda: not pid_alive(pid), what="drained data server stopped")
-        assert await not_listening(resp.listeners[0])
+        assert not await still_listening(resp.listeners[:1])
         await c.close()
         srv = await _start(s2cs_process, *args)
         c = AsyncClient(srv.target, insecure=True)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import async_wait_until, new_uid, parse_listener
+from conftest import async_wait_until, new_uid, parse_listener, still_listening
 from scistream.data.supervise import pid_alive
 from scistream.errors import FailedPrecondition
 from test_backends_support import EXTERNAL, App, roundtrip, sha
@@ -38,17 +38,6 @@ async def check_bytes(listeners, size: int = 2 << 20) -> None:
         assert sha(back) == sha(sent)
 
 
-async def nothing_listens(listeners) -> bool:
-    for l in listeners:
-        try:
-            _, w = await asyncio.open_connection(*parse_listener(l))
-        except OSError:
-            continue
-        w.close()
-        return False
-    return True
-
-
 def server_pids(srv) -> list[int]:
     return [pid for s in srv.registry.active.values() if s.server for pid in s.server.pids]
 
@@ -73,7 +62,7 @@ async def test_full_session_through_control_servers(kind, servers, client_for):
         await cc.release(uid)
         assert prod_srv.registry.ports.used == set() and cons_srv.registry.ports.used == set()
         await async_wait_until(lambda: not any(pid_alive(p) for p in pids), what="proxies gone")
-        assert await nothing_listens(list(prod.listeners) + list(cons.listeners))
+        assert not await still_listening(list(prod.listeners) + list(cons.listeners))
 
 
 @pytest.mark.parametrize("kind", [p for p in EXTERNAL if p.values[0] in ("Haproxy", "Nginx")])
@@ -131,5 +120,5 @@ async def test_restarted_control_server_readopts_the_proxies(kind, servers, clie
         await client_for(again).release(uid)
         await cc.release(uid)
         await async_wait_until(lambda: not any(pid_alive(p) for p in pids), what="proxies gone")
-        assert await nothing_listens(list(prod.listeners) + list(cons.listeners))
+        assert not await still_listening(list(prod.listeners) + list(cons.listeners))
         assert again.registry.ports.used == set()
