@@ -116,13 +116,15 @@ async def _check_failed_counted(srv) -> None:
     assert (await control_call(srv.control, {"op": "ping"}))["ok"]
 
 
-async def test_half_close_both_ways_plain(tmp_path):
-    """Each side shuts its write half first in turn; the other direction still drains."""
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_half_close_both_ways(tmp_path, tls):
+    """Each side shuts its write half first in turn; the other direction still drains
+    (over TLS: close_notify, and reading goes on)."""
     pattern = Pattern()
     app = PatternApp(pattern, send_bytes=5 << 20)
     try:
         async with data_servers(tmp_path) as ds:
-            prod, cons = await ds.chain(app.target, tls=False)
+            _, cons = await ds.chain(app.target, tls=tls)
             await check_half_close(app, pattern, cons)
     finally:
         app.close()

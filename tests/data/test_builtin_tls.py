@@ -10,8 +10,7 @@ import ssl
 
 import pytest
 from builtin_support import Pattern, PatternApp, data_servers, entry
-from conftest import echo_roundtrip
-from test_builtin import check_half_close, wait_for
+from conftest import async_wait_until as wait_for, echo_roundtrip
 
 from scistream.data import wankeys
 from scistream.data.builtin import control_call
@@ -37,17 +36,6 @@ async def test_tls_chain_echo_many_connections(tmp_path, echo_server):
                     and a.bytes_in == b.bytes_in == total)
         await wait_for(counted, what="both data servers to count every byte")
         assert (await prod.stats()).total_connections == 16
-
-
-async def test_half_close_both_ways_tls(tmp_path):
-    pattern = Pattern()
-    app = PatternApp(pattern, send_bytes=5 << 20)
-    try:
-        async with data_servers(tmp_path) as ds:
-            _, cons = await ds.chain(app.target, tls=True)
-            await check_half_close(app, pattern, cons)
-    finally:
-        app.close()
 
 
 async def test_cons_with_another_secret_gets_nothing_through(tmp_path):
