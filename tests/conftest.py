@@ -169,6 +169,22 @@ async def echo_roundtrip(host: str, port: int, payload: bytes, timeout: float = 
     return got
 
 
+async def connect_session(pc: AsyncClient, cc: AsyncClient, endpoint: str, num_conn: int = 2,
+                          rate: int = 0, lease: int = 0) -> tuple[str, Any, Any]:
+    """A whole session through the clients of a PROD and a CONS server, the producer's
+    hello naming ``endpoint``: (uid, PROD's response, CONS's response), both connected."""
+    uid = new_uid()
+    req = asyncio.create_task(pc.req(uid, "PROD", num_conn, rate, lease=lease))
+    await pc.hello(uid, "PROD", [endpoint])
+    prod = await req
+    await pc.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+    creq = asyncio.create_task(cc.req(uid, "CONS", num_conn, rate, lease=lease))
+    await cc.hello(uid, "CONS")
+    cons = await creq
+    await cc.update(uid, "CONS", prod.listeners, prod.wan_secret)
+    return uid, prod, cons
+
+
 async def still_listening(listeners: Iterable[str]) -> list[str]:
     """Those of ``listeners`` (host:port) that still accept a connection."""
     left = []

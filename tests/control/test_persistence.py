@@ -18,24 +18,12 @@ import time
 
 import pytest
 
-from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener, port_block, still_listening
+from conftest import (async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener, port_block,
+                      still_listening)
 from scistream.client import AsyncClient
 from scistream.control.recovery import processes_under
 from scistream.control.store import SessionRecord, SqliteStore
 from scistream.data.supervise import pid_alive
-
-
-async def chain(pc: AsyncClient, cc: AsyncClient, endpoint: str, num_conn: int = 2, rate: int = 0):
-    uid = new_uid()
-    req = asyncio.create_task(pc.req(uid, "PROD", num_conn, rate))
-    await pc.hello(uid, "PROD", [endpoint])
-    prod = await req
-    await pc.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-    creq = asyncio.create_task(cc.req(uid, "CONS", num_conn, rate))
-    await cc.hello(uid, "CONS")
-    cons = await creq
-    await cc.update(uid, "CONS", prod.listeners, prod.wan_secret)
-    return uid, prod, cons
 
 
 async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
@@ -91,7 +79,7 @@ async def test_store_group_commit_and_prune(tmp_path):
 async def test_clean_stop_keeps_connected_then_readopt_and_release(servers, client_for, echo_server, tmp_path):
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod, cons = await servers(), await servers()
-    uid, p, c = await chain(client_for(prod), client_for(cons), ep)
+    uid, p, c = await connect_session(client_for(prod), client_for(cons), ep)
     await roundtrip_ok(c.listeners[0])
     assert (await client_for(prod).status(uid)).sessions[0].bytes_in == 1 << 20
     await client_for(prod).update(uid, "PROD", p.prod_listeners, p.wan_secret)  # re-target: saved
@@ -141,7 +129,7 @@ async def test_ready_session_keeps_its_update_deadline_across_a_restart(servers,
 async def test_data_server_died_while_down_is_restarted(servers, client_for, echo_server):
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod, cons = await servers(), await servers()
-    uid, p, c = await chain(client_for(prod), client_for(cons), ep)
+    uid, p, c = await connect_session(client_for(prod), client_for(cons), ep)
     await roundtrip_ok(c.listeners[0])
     sd, rng = cons.state_dir, cons.config.port_range
     (old_pid,) = cons.registry.active[(uid, "CONS")].server.pids
@@ -165,7 +153,7 @@ async def test_data_server_died_while_down_is_restarted(servers, client_for, ech
 async def test_data_server_that_cannot_restart_fails_with_reason(servers, client_for, echo_server):
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod, cons = await servers(), await servers()
-    uid, p, c = await chain(client_for(prod), client_for(cons), ep, num_conn=1)
+    uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
     sd, rng = cons.state_dir, cons.config.port_range
     (old_pid,) = cons.registry.active[(uid, "CONS")].server.pids
     await cons.stop(release=False)
@@ -214,7 +202,7 @@ async def test_kill9_mid_transfer_restart_readopts_everything(s2cs_process, tmp_
     procs = {k: await _start(s2cs_process, *a) for k, a in args.items()}
     clients = {k: AsyncClient(p.target, insecure=True) for k, p in procs.items()}
     try:
-        uid, p, c = await chain(clients["prod"], clients["cons"], ep, num_conn=2, rate=80_000)
+        uid, p, c = await connect_session(clients["prod"], clients["cons"], ep, num_conn=2, rate=80_000)
         pending = new_uid()  # a req still waiting for its hello when the server dies
         waiting = asyncio.create_task(clients["prod"].req(pending, "PROD", 3))
         await async_wait_until(lambda: (procs["prod"].state_dir / "sessions.db").exists(), what="db")

@@ -9,22 +9,9 @@ import time
 
 import pytest
 
-from conftest import BIN, echo_roundtrip, new_uid, parse_listener
+from conftest import BIN, connect_session, echo_roundtrip, new_uid, parse_listener
 from scistream import errors
 from scistream.client import AsyncClient
-
-
-async def chain(pc, cc, endpoint: str, num_conn: int = 2, rate: int = 0, lease: int = 0):
-    uid = new_uid()
-    req = asyncio.create_task(pc.req(uid, "PROD", num_conn, rate, lease=lease))
-    await pc.hello(uid, "PROD", [endpoint])
-    prod = await req
-    await pc.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-    creq = asyncio.create_task(cc.req(uid, "CONS", num_conn, rate, lease=lease))
-    await cc.hello(uid, "CONS")
-    cons = await creq
-    await cc.update(uid, "CONS", prod.listeners, prod.wan_secret)
-    return uid, prod, cons
 
 
 async def s2uc(*args: str) -> tuple[int, str, str]:
@@ -40,7 +27,7 @@ async def test_status_is_complete_and_true(servers, client_for, echo_server):
     pc, cc = client_for(prod), client_for(cons)
     ep = f"{echo_server[0]}:{echo_server[1]}"
     before = time.time()
-    uid, p, c = await chain(pc, cc, ep, num_conn=2, rate=500_000, lease=600)
+    uid, p, c = await connect_session(pc, cc, ep, num_conn=2, rate=500_000, lease=600)
     payload = os.urandom(3 << 20)
     r, w = await asyncio.open_connection(*parse_listener(c.listeners[0]))  # held open
     w.write(b"x" * 1000)
@@ -123,7 +110,7 @@ async def test_s2uc_status_and_list(servers, client_for, echo_server):
     prod, cons = await servers(), await servers()
     pc, cc = client_for(prod), client_for(cons)
     ep = f"{echo_server[0]}:{echo_server[1]}"
-    uid, p, c = await chain(pc, cc, ep, num_conn=1)
+    uid, p, c = await connect_session(pc, cc, ep, num_conn=1)
     payload = os.urandom(1 << 20)
     assert await echo_roundtrip(*parse_listener(c.listeners[0]), payload) == payload
     both = ["--s2cs", prod.target, "--s2cs", cons.target, "--insecure"]
@@ -142,7 +129,7 @@ async def test_s2uc_status_and_list(servers, client_for, echo_server):
     assert rc == 0, err
     assert uid in out and "connected" in out and "1.0 MiB" in out and p.listeners[0] in out
 
-    other, _, _ = await chain(pc, cc, ep, num_conn=1)
+    other, _, _ = await connect_session(pc, cc, ep, num_conn=1)
     await pc.release(other)
     await cc.release(other)
     rc, out, err = await s2uc("list", *both, "--json")
