@@ -64,19 +64,19 @@ DEFAULT_PIPE = 1 << 20
 MAX_THREADS = 4
 
 
-def resolve_target(text: str, numeric: bool = False) -> tuple[int, Any]:
-    """``host:port`` (``[v6]:port``) -> (family, sockaddr); ValueError if it does not resolve.
+def resolve_target(text: str) -> tuple[int, Any]:
+    """``address:port`` (``[v6]:port``) -> (family, sockaddr); ValueError otherwise.
 
-    ``numeric``: addresses only, never a name lookup. The data server runs with it: a
-    lookup would stall every connection of its loop, so the control server resolves
-    names before it starts or retargets a data server (``addr.resolve_listener``)."""
+    Addresses only, never a name lookup: a lookup would stall every connection of the
+    loop, so the control server resolves names before it starts or retargets a data
+    server (``addr.resolve_listener``)."""
     host, sep, port = str(text).rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"bad target {text!r}; expected host:port")
     try:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP,
-                                   flags=socket.AI_NUMERICHOST if numeric else 0)
+                                   flags=socket.AI_NUMERICHOST)
     except socket.gaierror as exc:
         raise ValueError(f"cannot resolve target {text!r}: {exc.strerror}") from None
     family, _, _, _, addr = infos[0]
@@ -178,7 +178,7 @@ class S2DS:
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
         self.server_tls, self.client_tls = tls_contexts(cfg)
         self.tls_session: ssl.SSLSession | None = None   # CONS: resume the last good session
-        self.targets = [resolve_target(t, numeric=True) for t in cfg["targets"]]
+        self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.target_texts = [str(t) for t in cfg["targets"]]
         self.listeners: list[socket.socket] = []
         self.conns: dict[int, Conn] = {}                # every worker's, by id
@@ -275,7 +275,7 @@ class S2DS:
                 texts = [str(t) for t in msg["targets"]]
                 if not texts:
                     raise ValueError("no targets given")
-                self.targets = [resolve_target(t, numeric=True) for t in texts]
+                self.targets = [resolve_target(t) for t in texts]
                 self.target_texts = texts
                 log.info("retargeted -> %s", texts)
                 return {"ok": True}
