@@ -129,11 +129,11 @@ class Session:
         self.changed.set()
 
     def spec(self, targets: tuple[str, ...] | None = None,
-             keepalive: tuple[int, int, int] = KEEPALIVE) -> DataSpec:
+             keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "") -> DataSpec:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir,
-                        keepalive=keepalive)
+                        keepalive=keepalive, max_conns=max_conns, service=service)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
@@ -208,6 +208,8 @@ class RegistryConfig:
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
     admins: frozenset[str] = frozenset()
     history: int = 1000              # terminal sessions kept for status
+    max_session_conns: int = 0       # open connections per session (data servers refuse more); 0 = no cap
+    data_service: str = ""           # Builtin: the node service's control socket
 
 
 class SessionRegistry:
@@ -224,6 +226,11 @@ class SessionRegistry:
         self.observers: list[Observer] = (
             [] if events is None else [events] if callable(events) else list(events))
         self._since_prune = 0
+
+    def spec_for(self, session: Session, targets: tuple[str, ...] | None = None) -> DataSpec:
+        """What the session's data server is started with."""
+        c = self.config
+        return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service)
 
     def _events(self, event: str, session: Session, detail: str) -> None:
         for observe in self.observers:
@@ -432,7 +439,7 @@ class SessionRegistry:
             try:
                 if first:
                     session.wan_secret = secret
-                    server = self.config.backend(session.spec(targets, self.config.keepalive))
+                    server = self.config.backend(self.spec_for(session, targets))
                     session.server = server
                     await server.start()
                     session.handle = server.handle()
