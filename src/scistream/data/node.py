@@ -35,6 +35,7 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "remove", "sid"}                 -> {"ok", "stats"}        (unknown sid: ok, stats null)
     {"op": "stats", "sid"}                  -> {"ok", "stats"}        (no sid: {"stats": {sid: ..}})
     {"op": "conns", "sid"}                  -> {"ok", "connections": [..]}
+    {"op": "config", "sid"}                 -> {"ok", "cfg", "workers": [index per listener]}
     {"op": "list"}                          -> {"ok", "sessions": {sid: {"workers", "failed"}}}
     {"op": "status"}                        -> {"ok", "workers": [{"index", "pid", "sessions", "listeners",
                                                 "restarts"}], "sessions": n}
@@ -506,6 +507,9 @@ class Node:
             for r in await self._ask(e, {"op": "conns", "sid": e.sid}):
                 out.extend(r.get("connections") or [])
             return {"ok": True, "connections": out}
+        if op == "config":
+            e = self._entry(msg)
+            return {"ok": True, "cfg": e.cfg, "workers": e.placement}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
                                              for sid, e in self.sessions.items()}}

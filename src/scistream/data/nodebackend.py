@@ -312,6 +312,15 @@ class NodeDataServer(DataServer):
         except ServiceError as exc:
             raise DataServerError(f"data server does not answer: {exc}") from None
 
+    async def config(self) -> dict[str, Any]:
+        """The configuration the service holds for this session (and ``workers``: the
+        worker of each listener)."""
+        try:
+            r = await self.node.call({"op": "config", "sid": self.sid}, 5.0)
+        except ServiceError as exc:
+            raise DataServerError(f"data server does not answer: {exc}") from None
+        return {**r["cfg"], "workers": r["workers"]}
+
     async def connections(self) -> list[dict[str, Any]]:
         try:
             r = await self.node.call({"op": "conns", "sid": self.sid}, 5.0)
