@@ -205,7 +205,7 @@ class DataServers:
         spec = DataSpec(uid=uid, role=role, listen_host=host, ports=ports, targets=tuple(targets),
                         rate_kbps=rate_kbps, wan_secret=secret,
                         workdir=self.workdir / f"{role.lower()}-{uid[:8]}-{len(self.started)}")
-        server = get_backend("Builtin")(spec)
+        server = get_backend("BuiltinProcess")(spec)
         assert isinstance(server, BuiltinDataServer)
         await server.start()
         self.started.append(server)

@@ -26,7 +26,7 @@ async def test_adopted_server_reports_retargets_and_stops(tmp_path, echo_server)
             payload = os.urandom(1 << 20)
             assert await echo_roundtrip(*entry(original), payload) == payload
 
-            adopted = await get_backend("Builtin").adopt(original.spec, handle)
+            adopted = await get_backend("BuiltinProcess").adopt(original.spec, handle)
             assert isinstance(adopted, BuiltinDataServer) and adopted is not original
             assert adopted.pids == original.pids
             stats = await adopted.stats()

@@ -137,7 +137,9 @@ class NodeService:
             except ServiceError:
                 if self.closed:
                     return
-                if loop.time() > deadline or (self.pid and not pid_alive(self.pid) and not self.path.exists()):
+                # a successor answers on the path as soon as its predecessor goes; a dead
+                # service with no successor is started again at once (if it is ours)
+                if loop.time() > deadline or (self.pid and not pid_alive(self.pid)):
                     if not self.managed:
                         raise
                     log.error("node service pid %d is gone; starting a new one", self.pid)

@@ -1,0 +1,384 @@
+"""The node service (``s2ds serve``): every Builtin session of a node in one long-lived
+data plane with worker processes. Real control servers, real service and worker
+processes, real bytes through both gateways, content verified.
+
+* a session is added and removed in place: no process starts or stops;
+* 200 sessions on one service, bytes verified on a sample, everything freed after;
+* ``kill -9`` of a worker: the streams on the other worker do not notice, the killed
+  worker's listeners accept again (same ports) and carry new streams;
+* ``s2ds restart``: a connection loop never sees a refused connection;
+* the service itself killed: the control server starts a new one and puts its sessions back;
+* ``s2cs`` killed (-9) and restarted: it re-adopts the running service and its sessions;
+* an operator-run service (``s2cs --data-service``), left running when s2cs stops;
+* ``--max-session-conns``: connections past the cap are refused and counted.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scistream.client import AsyncClient
+from scistream.data.nodeclient import call_once
+from scistream.data.supervise import children, pid_alive
+
+from conftest import (BIN, async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener,
+                        port_block, still_listening)
+
+
+async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
+    payload = os.urandom(size)
+    got = await echo_roundtrip(*parse_listener(listener), payload)
+    assert got == payload
+
+
+async def node_status(srv) -> dict:
+    return await call_once(srv.node.path, {"op": "status"})
+
+
+def pids_of(status: dict) -> list[int]:
+    return [w["pid"] for w in status["workers"]]
+
+
+class Stream:
+    """A long-lived connection through a chain that echoes a chunk now and then."""
+
+    def __init__(self, listener: str) -> None:
+        self.listener = listener
+        self.sent = 0
+
+    async def open(self) -> "Stream":
+        self.r, self.w = await asyncio.open_connection(*parse_listener(self.listener))
+        await self.exchange()
+        return self
+
+    async def exchange(self, size: int = 64 << 10) -> None:
+        payload = os.urandom(size)
+        self.w.write(payload)
+        await self.w.drain()
+        got = await asyncio.wait_for(self.r.readexactly(size), 10)
+        assert got == payload
+        self.sent += size
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def test_session_added_and_removed_in_place(servers, client_for, echo_server):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    prod, cons = await servers(workers=2), await servers(workers=2)
+    before = {s: (await node_status(s)) for s in (prod, cons)}
+    kids = {s: children(s.node.pid) for s in (prod, cons)}
+    assert all(len(st["workers"]) == 2 and st["sessions"] == 0 for st in before.values())
+    uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=2)
+    for listener in c.listeners:
+        await roundtrip_ok(listener)
+    for s in (prod, cons):
+        after = await node_status(s)
+        assert after["sessions"] == 1
+        assert pids_of(after) == pids_of(before[s])          # no process started
+        assert children(s.node.pid) == kids[s]
+    st = (await client_for(cons).status(uid)).sessions[0]
+    assert st.state == "connected" and st.bytes_in == 2 << 20 and st.server_type == "Builtin"
+    # two listeners, two workers: the session's streams are spread over both cores
+    s = cons.registry.active[(uid, "CONS")]
+    assert sorted((await s.server.config())["workers"]) == [0, 1]
+    await client_for(prod).release(uid)
+    await client_for(cons).release(uid)
+    assert not await still_listening(list(p.listeners) + list(c.listeners))
+    for s in (prod, cons):
+        after = await node_status(s)
+        assert after["sessions"] == 0 and pids_of(after) == pids_of(before[s])
+        assert s.registry.ports.used == set()
+
+
+async def test_200_sessions_on_one_service(servers, client_for, echo_server):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    n = 200
+    prod = await servers(workers=2, port_range=port_block(n + 10))
+    cons = await servers(workers=2, port_range=port_block(n + 10))
+    pc, cc = client_for(prod), client_for(cons)
+    sem = asyncio.Semaphore(20)
+
+    async def one() -> tuple[str, object, object]:
+        async with sem:
+            return await connect_session(pc, cc, ep, num_conn=1)
+
+    sessions = await asyncio.gather(*(one() for _ in range(n)))
+    for s in (prod, cons):
+        st = await node_status(s)
+        assert st["sessions"] == n
+        assert sorted(w["sessions"] for w in st["workers"]) == [n // 2, n // 2]   # least loaded first
+    sample = sessions[::20]
+    await asyncio.gather(*(roundtrip_ok(c.listeners[0], 256 << 10) for _, _, c in sample))
+    for uid, _, _ in sample:
+        assert (await cc.status(uid)).sessions[0].bytes_in == 256 << 10
+    await asyncio.gather(*(pc.release(uid) for uid, _, _ in sessions))
+    await asyncio.gather(*(cc.release(uid) for uid, _, _ in sessions))
+    for s in (prod, cons):
+        assert (await node_status(s))["sessions"] == 0
+        assert s.registry.ports.used == set()
+    assert not await still_listening([c.listeners[0] for _, _, c in sample])
+
+
+async def test_kill9_of_a_worker_touches_only_its_sessions(servers, client_for, echo_server):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    prod, cons = await servers(workers=2), await servers(workers=2)
+    pc, cc = client_for(prod), client_for(cons)
+    a = await connect_session(pc, cc, ep, num_conn=1)    # on worker 0 of each service
+    b = await connect_session(pc, cc, ep, num_conn=1)    # on worker 1
+    wa = (await cons.registry.active[(a[0], "CONS")].server.config())["workers"]
+    wb = (await cons.registry.active[(b[0], "CONS")].server.config())["workers"]
+    assert wa != wb
+    stream_a = await Stream(a[2].listeners[0]).open()
+    stream_b = await Stream(b[2].listeners[0]).open()
+    st = await node_status(cons)
+    victim = st["workers"][wa[0]]["pid"]
+    other = st["workers"][wb[0]]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    # the killed worker's sessions accept again on the same ports
+    await roundtrip_ok(a[2].listeners[0], 256 << 10)
+    back = time.monotonic() - killed
+    print(f"listener of the killed worker carried a new stream {back * 1000:.0f} ms after kill -9")
+    st = await node_status(cons)
+    assert st["workers"][wa[0]]["pid"] != victim and st["workers"][wa[0]]["restarts"] >= 1
+    assert st["workers"][wb[0]]["pid"] == other
+    # the stream on the other worker did not notice: same connection, bytes intact
+    for _ in range(20):
+        await stream_b.exchange()
+    # the stream the killed worker carried is gone (reset or closed)
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError)):
+        for _ in range(50):
+            await stream_a.exchange()
+    stream_a.close()
+    stream_b.close()
+    for sess in (a, b):
+        assert (await cc.status(sess[0])).sessions[0].state == "connected"
+    for uid in (a[0], b[0]):
+        await pc.release(uid)
+        await cc.release(uid)
+    assert cons.registry.ports.used == set()
+
+
+async def test_service_restart_refuses_no_connection(servers, client_for, echo_server):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    prod, cons = await servers(workers=2), await servers(workers=2)
+    pc, cc = client_for(prod), client_for(cons)
+    uid, p, c = await connect_session(pc, cc, ep, num_conn=2)
+    old_pid = cons.node.pid
+    refused = 0
+    done = 0
+    other = 0
+    stop = asyncio.Event()
+
+    async def loop(listener: str) -> None:
+        nonlocal refused, done, other
+        host, port = parse_listener(listener)
+        while not stop.is_set():
+            try:
+                r, w = await asyncio.open_connection(host, port)
+            except ConnectionRefusedError:
+                refused += 1
+                continue
+            try:
+                w.write(b"x" * 1024)
+                await w.drain()
+                if await asyncio.wait_for(r.readexactly(1024), 10) == b"x" * 1024:
+                    done += 1
+            except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                other += 1          # a connection the old workers carried may be reset
+            finally:
+                w.close()
+
+    loops = [asyncio.create_task(loop(listener)) for listener in c.listeners]
+    await async_wait_until(lambda: done >= 50, what="the loop running")
+    proc = await asyncio.create_subprocess_exec(str(BIN / "s2ds"), "restart", "--socket", str(cons.node.path),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert b"taken over" in out
+    at_restart = done
+    await async_wait_until(lambda: done >= at_restart + 50, what="the loop after the restart")
+    stop.set()
+    await asyncio.gather(*loops)
+    assert refused == 0, f"{refused} connections refused ({done} done, {other} reset)"
+    new = (await call_once(cons.node.path, {"op": "ping"}))["pid"]
+    assert new != old_pid
+    await async_wait_until(lambda: not pid_alive(old_pid), what="the old service gone")
+    # the control server talks to the new service: stats, retarget, release
+    await async_wait_until(lambda: cons.node.pid == new, what="s2cs follows the new service")
+    assert (await cc.status(uid)).sessions[0].state == "connected"
+    await cc.update(uid, "CONS", p.listeners, p.wan_secret)
+    await roundtrip_ok(c.listeners[1])
+    await pc.release(uid)
+    await cc.release(uid)
+    assert not await still_listening(c.listeners)
+    assert (await node_status(cons))["sessions"] == 0
+
+
+async def test_dead_service_is_started_again_with_its_sessions(servers, client_for, echo_server):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    prod, cons = await servers(workers=1), await servers(workers=1)
+    pc, cc = client_for(prod), client_for(cons)
+    uid, p, c = await connect_session(pc, cc, ep, num_conn=2)
+    await roundtrip_ok(c.listeners[0])
+    old = cons.node.pid
+    workers = pids_of(await node_status(cons))
+    os.kill(old, signal.SIGKILL)
+    await async_wait_until(lambda: not any(pid_alive(x) for x in [old, *workers]), what="service and workers gone")
+    await async_wait_until(lambda: cons.node.pid not in (0, old), timeout=20, what="a new service")
+    for listener in c.listeners:        # same ports, same secret: the chain works again
+        await roundtrip_ok(listener)
+    st = (await cc.status(uid)).sessions[0]
+    assert st.state == "connected"
+    await pc.release(uid)
+    await cc.release(uid)
+    assert cons.registry.ports.used == set()
+
+
+async def test_s2cs_kill9_readopts_the_service(s2cs_process, tmp_path, echo_server):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    sd = {k: tmp_path / f"{k}-state" for k in ("prod", "cons")}
+    rng = {k: port_block() for k in sd}
+    args = {k: ["--state-dir", str(sd[k]), "--port-range", rng[k], "--workers", "2"] for k in sd}
+    procs = {k: await asyncio.to_thread(s2cs_process, *args[k]) for k in sd}
+    clients = {k: AsyncClient(p.target, insecure=True) for k, p in procs.items()}
+    try:
+        uid, p, c = await connect_session(clients["prod"], clients["cons"], ep)
+        stream = await Stream(c.listeners[0]).open()
+        service = {k: (await call_once(sd[k] / "node.sock", {"op": "ping"}))["pid"] for k in sd}
+        for proc in procs.values():
+            proc.proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.proc.wait, 10)
+        await stream.exchange()                     # the data plane does not need the control server
+        for cl in clients.values():
+            await cl.close()
+        procs = {k: await asyncio.to_thread(s2cs_process, *args[k]) for k in sd}
+        clients = {k: AsyncClient(p.target, insecure=True) for k, p in procs.items()}
+        for k in sd:
+            assert (await call_once(sd[k] / "node.sock", {"op": "ping"}))["pid"] == service[k]
+            st = (await clients[k].status(uid)).sessions[0]
+            assert st.state == "connected"
+        await stream.exchange()
+        stream.close()
+        await roundtrip_ok(c.listeners[1])
+        await clients["prod"].release(uid)
+        await clients["cons"].release(uid)
+        assert not await still_listening(list(p.listeners) + list(c.listeners))
+        for proc in procs.values():
+            assert await asyncio.to_thread(proc.stop) == 0
+        for k in sd:                                # nothing left on them: s2cs stopped its service
+            await async_wait_until(lambda k=k: not pid_alive(service[k]), what=f"{k} service stopped")
+    finally:
+        for cl in clients.values():
+            await cl.close()
+
+
+async def test_operator_run_service(servers, client_for, echo_server, tmp_path):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    sock = tmp_path / "run" / "node.sock"
+    log = open(tmp_path / "s2ds.log", "wb")
+    service = subprocess.Popen([str(BIN / "s2ds"), "serve", "--socket", str(sock), "--workers", "2"],
+                               stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        await async_wait_until(lambda: sock.exists(), timeout=20, what="s2ds serve listening")
+        prod = await servers(data_service=sock)
+        cons = await servers(data_service=sock)         # both gateways' sessions on one node service
+        uid, p, c = await connect_session(client_for(prod), client_for(cons), ep)
+        for listener in c.listeners:
+            await roundtrip_ok(listener)
+        assert (await call_once(sock, {"op": "status"}))["sessions"] == 2
+        await client_for(prod).release(uid)
+        await client_for(cons).release(uid)
+        await prod.stop()
+        await cons.stop()
+        assert service.poll() is None                  # not ours to stop
+        assert (await call_once(sock, {"op": "status"}))["sessions"] == 0
+        r = subprocess.run([str(BIN / "s2ds"), "status", "--socket", str(sock)], capture_output=True, text=True)
+        assert r.returncode == 0 and "0 sessions" in r.stdout and "worker 1" in r.stdout
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(20) == 0
+        log.close()
+    assert not sock.exists()
+
+
+async def test_missing_operator_service_is_a_clear_error(servers, tmp_path):
+    from scistream.control.server import ConfigError
+    with pytest.raises(ConfigError, match="does not answer.*s2ds serve"):
+        await servers(data_service=tmp_path / "nothing.sock")
+
+
+async def test_s2ds_cli_errors(tmp_path):
+    r = subprocess.run([str(BIN / "s2ds"), "status", "--socket", str(tmp_path / "none.sock")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 4 and "does not answer" in r.stderr
+    r = subprocess.run([str(BIN / "s2ds"), "serve", "--socket", str(tmp_path / "x.sock"), "--workers", "-1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--workers" in r.stderr
+
+
+async def test_bad_requests_to_the_service_are_refused(servers):
+    srv = await servers()
+    path = srv.node.path
+    from scistream.data.nodeclient import ServiceError
+    bad = [
+        ({"op": "nope"}, "unknown op"),
+        ({"op": "add", "sid": "x", "cfg": {"role": "MIDDLE"}}, "role must be"),
+        ({"op": "add", "sid": "x", "cfg": {"role": "PROD", "ports": [], "targets": ["127.0.0.1:1"],
+                                           "listen_host": "127.0.0.1"}}, "ports must be"),
+        ({"op": "add", "sid": "x", "cfg": {"role": "PROD", "ports": [1], "targets": ["example.org:80"],
+                                           "listen_host": "127.0.0.1"}}, "cannot resolve target"),
+        ({"op": "add", "sid": "x", "cfg": {"role": "PROD", "ports": [1], "targets": ["127.0.0.1:1"],
+                                           "listen_host": "127.0.0.1", "tls": True}}, "tls needs"),
+        ({"op": "targets", "sid": "nobody", "targets": ["127.0.0.1:1"]}, "no session"),
+    ]
+    for msg, why in bad:
+        with pytest.raises(ServiceError, match=why):
+            await call_once(path, msg)
+    # a port another program holds: refused, and nothing is left reserved in the service
+    with __import__("socket").socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ServiceError, match="cannot listen"):
+            await call_once(path, {"op": "add", "sid": "y", "cfg": {
+                "role": "PROD", "ports": [port], "targets": ["127.0.0.1:1"], "listen_host": "127.0.0.1"}})
+    assert (await node_status(srv))["sessions"] == 0
+
+
+async def test_max_session_conns_refuses_and_counts(servers, client_for, echo_server):
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    prod, cons = await servers(), await servers(max_session_conns=3)
+    uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
+    host, port = parse_listener(c.listeners[0])
+    held = []
+    for _ in range(3):
+        r, w = await asyncio.open_connection(host, port)
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+        held.append(w)
+    refused = 0
+    for _ in range(2):
+        r, w = await asyncio.open_connection(host, port)    # the kernel accepts; the service resets it
+        try:
+            w.write(b"ping")
+            got = await asyncio.wait_for(r.read(4), 10)
+            refused += got == b""
+        except (ConnectionError, OSError):
+            refused += 1
+        finally:
+            w.close()
+    assert refused == 2
+    details = await cons.registry.active[(uid, "CONS")].server.details()
+    assert details["refused_connections"] == 2 and details["connections"] == 3
+    for w in held:
+        w.close()
+    await client_for(prod).release(uid)
+    await client_for(cons).release(uid)
