@@ -71,6 +71,7 @@ class DataSpec:
     wan_secret: bytes | None = None  # 32 random bytes; None = plaintext WAN leg
     workdir: Path = Path(".")    # per-session directory for configs, logs, sockets
     keepalive: tuple[int, int, int] = KEEPALIVE   # see KEEPALIVE; (0, 0, 0) = the system's
+    max_conns: int = 0           # connections open at once over all listeners; 0 = no cap
 
     @property
     def wan_tls(self) -> bool:
@@ -86,6 +87,7 @@ class Stats:
     bytes_out: int = 0     # bytes carried towards the consumer (producer -> consumer)
     connections: int = 0   # connections open now
     total_connections: int = 0
+    refused_connections: int = 0   # refused by the max_conns cap (DataSpec.max_conns)
 
 
 class BackendUnavailable(RuntimeError):
@@ -96,6 +98,9 @@ class DataServer(abc.ABC):
     kind: ClassVar[str] = ""
     #: True for the types whose original behaviour was a plaintext WAN leg.
     legacy_plaintext: ClassVar[bool] = False
+    #: True for the types that enforce ``spec.max_conns`` and count the refusals
+    #: (``Stats.refused_connections``).
+    caps_conns: ClassVar[bool] = False
 
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec

@@ -35,8 +35,8 @@ import re
 import signal
 
 from ..base import Stats, register
-from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer, error_lines, log_since,
-                     log_size, write_private)
+from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer,
+                     error_lines, log_since, log_size, write_private)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class StunnelServer(ProxyServer):
                       f"client = {client}",
                       f"TIMEOUTidle = {IDLE_TIMEOUT_S}",
                       f"TIMEOUTconnect = {CONNECT_TIMEOUT_S}",
+                      # the TLS handshake (and nothing on an established stream: transfer
+                      # waits are TIMEOUTidle / TIMEOUTclose)
+                      f"TIMEOUTbusy = {HANDSHAKE_TIMEOUT_S}",
                       *tls]
         return "\n".join(lines) + "\n"
 
