@@ -92,6 +92,10 @@ def server_options(fn):
                help="TCP keepalive of the data servers' sockets, IDLE,INTERVAL,COUNT (seconds, "
                     "seconds, probes): a peer that vanished silently is dropped after "
                     "IDLE + INTERVAL x COUNT seconds; 'system' keeps the kernel's settings."),
+        option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
+               help="Connections a session may have open at once on each data server, over all "
+                    "its listeners; more are refused and counted (0: no cap; not enforced by "
+                    "Stunnel)."),
         option("--drain", is_flag=True,
                help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
                     "running and the next start re-adopts them."),

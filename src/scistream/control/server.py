@@ -72,6 +72,7 @@ class ServerConfig:
     max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
     update_timeout: float = 3600.0   # seconds a session may wait between its hello and its update; 0 = no limit
     tcp_keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' sockets; (0, 0, 0) = the system's
+    max_session_conns: int = 0       # connections open at once per session on each data server; 0 = no cap
     metrics_port: int | None = None  # Prometheus endpoint (0: any free port); None = off
     metrics_ip: str | None = None    # default: the control ip
 
@@ -188,6 +189,7 @@ class ControlServer:
                            max_conn=config.max_conn, max_lease=config.max_lease,
                            update_timeout=config.update_timeout,
                            keepalive=tuple(config.tcp_keepalive),  # type: ignore[arg-type]
+                           max_session_conns=config.max_session_conns,
                            wan_plaintext=config.wan_plaintext,
                            allow_legacy_plaintext=config.allow_legacy_plaintext,
                            admins=frozenset(config.admins)),

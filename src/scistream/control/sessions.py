@@ -73,7 +73,7 @@ def when(t: float) -> str:
 
 def _add(a: Stats, b: Stats) -> Stats:
     return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
-                 a.total_connections + b.total_connections)
+                 a.total_connections + b.total_connections, a.refused_connections + b.refused_connections)
 
 
 @dataclasses.dataclass
@@ -129,11 +129,11 @@ class Session:
         self.changed.set()
 
     def spec(self, targets: tuple[str, ...] | None = None,
-             keepalive: tuple[int, int, int] = KEEPALIVE) -> DataSpec:
+             keepalive: tuple[int, int, int] = KEEPALIVE, max_conns: int = 0) -> DataSpec:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir,
-                        keepalive=keepalive)
+                        keepalive=keepalive, max_conns=max_conns)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
@@ -204,6 +204,7 @@ class RegistryConfig:
     max_lease: float = 0.0           # longest lease in seconds; also the default; 0 = unlimited
     update_timeout: float = 3600.0   # a session READY this long without an update expires; 0 = never
     keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' TCP keepalive (base.KEEPALIVE)
+    max_session_conns: int = 0       # connections open at once per session and data server; 0 = no cap
     wan_plaintext: bool = False      # operator asked for a plaintext WAN leg
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
     admins: frozenset[str] = frozenset()
@@ -432,7 +433,8 @@ class SessionRegistry:
             try:
                 if first:
                     session.wan_secret = secret
-                    server = self.config.backend(session.spec(targets, self.config.keepalive))
+                    server = self.config.backend(session.spec(targets, self.config.keepalive,
+                                                              self.config.max_session_conns))
                     session.server = server
                     await server.start()
                     session.handle = server.handle()
