@@ -15,7 +15,13 @@ reload check and the byte counters.
   worker takes the listening sockets over and the old one keeps serving its established
   connections until they end (no ``hard-stop-after``). Counters restart at the reload.
 * Timeouts: connect 15 s; client/server idle 7 days (the original's 50 s cut quiet
-  streams); TCP keepalive on both sides finds dead peers.
+  streams); TCP keepalive on both sides finds dead peers. A TLS WAN listener bounds the
+  handshake to 10 s: 2.6 has no ``timeout client-hs``, and a connection still in its
+  handshake is timed out by ``timeout client``, so those sections set ``timeout client
+  10s`` and ``timeout tunnel`` 7 days, which supersedes it once the stream is up.
+* Cap (``spec.max_conns``): every listener tracks one key in a one-entry stick table and
+  ``tcp-request connection reject``s over the cap; the refusals are the frontends'
+  ``dcon`` counters. Per worker: after a reload the new worker counts from zero.
 * Rate: **not shaped**. HAProxy has bandwidth limits only from 2.7; with 2.6 the
   requested rate is reserved by the control server but not enforced (a warning is
   logged once).

@@ -10,13 +10,16 @@ per port in the ``stream`` block, ``listen`` on ``spec.listen_host`` only.
   secret: plain TCP (the original's behaviour; ``legacy_plaintext``).
 * Retarget: ``nginx -t`` on the new config, then SIGHUP; new workers take new
   connections, old workers finish their established ones (no worker_shutdown_timeout).
-* Timeouts: connect 15 s, idle 7 days (``proxy_timeout``; nginx's default is 10 min);
+* Timeouts: connect 15 s, TLS handshake 10 s, idle 7 days (``proxy_timeout``; nginx's
+  default is 10 min);
   ``proxy_half_close on`` so a half-closed stream keeps flowing the other way.
 * Rate: ``proxy_upload_rate``/``proxy_download_rate`` are per connection, so the session
   rate is divided by the number of listeners (one stream per listener).
 * Speed: 256 KiB proxy buffers (default 16 KiB; a third less CPU per GB on loopback,
   1 MiB gains nothing more); nginx's stream module has no splice.
 * Stats: from the stream access log (closed connections only).
+* Cap (``spec.max_conns``): ``limit_conn`` on one shared-memory zone with a constant key
+  (every listener, every worker); refused connections are ``REJECTED`` in the access log.
 
     server = NginxServer(DataSpec(uid, "CONS", "127.0.0.1", (5200,), ("gw.prod:5100",),
                                   wan_secret=secret, workdir=Path("/var/lib/s2cs/u1-CONS")))
