@@ -22,13 +22,15 @@ from scistream.data import wankeys
 from scistream.data.backends.common import HANDSHAKE_TIMEOUT_S
 from scistream.data.base import BackendUnavailable, get_backend
 from scistream.data.relay import HANDSHAKE_TIMEOUT
-from test_backends_support import App, Chain, secret, try_through
+from test_backends_support import App, Chain, secret, sha, try_through
 
 #: Bad connections per kind (idle, garbage, stalled) per chain.
 FLOOD = 100
 #: Every bad connection must be closed by the server this long after it was opened: the
 #: handshake bound plus slack for a loaded two-core CI machine.
 SHED_WITHIN = max(HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT_S) + 12
+#: How long the good streams stay quiet: longer than any handshake bound.
+QUIET_FOR = max(HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT_S) + 5
 #: A TLS handshake record that announces 512 bytes of ClientHello and sends 16 of them.
 STALLED = b"\x16\x03\x01\x02\x00" + b"\x01\x00\x01\xfc\x03\x03" + bytes(10)
 #: (label, backend, WAN secret): the TLS WAN leg on every type, and stunnel's legacy mode
@@ -98,13 +100,66 @@ async def quiet_stream(port: int, quiet_for: float, started: asyncio.Event) -> N
         w.close()
 
 
+class LateApp:
+    """An application endpoint that reads until the consumer's end of stream, then holds its
+    answer (the SHA-256 of what it read) until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.got_all = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "LateApp":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def endpoint(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            data = await r.read(-1)
+            self.got_all.set()
+            await self.release.wait()
+            w.write(sha(data))
+            await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+
+async def half_closed_stream(port: int, app: LateApp, quiet_for: float) -> None:
+    """A stream the consumer half-closes, then waits on: the answer comes ``quiet_for`` s later."""
+    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 15)
+    try:
+        payload = os.urandom(100_000)
+        w.write(payload)
+        await w.drain()
+        w.write_eof()
+        await asyncio.wait_for(app.got_all.wait(), 30)
+        await asyncio.sleep(quiet_for)   # as in quiet_stream: time is the subject
+        app.release.set()
+        assert await asyncio.wait_for(r.read(-1), 30) == sha(payload)
+    finally:
+        w.close()
+
+
 async def flood_one(label: str, kind: str, tls: bool, tmp_path) -> str:
     """Run the flood on one chain; return '' or what went wrong."""
-    async with App() as app, Chain(kind, tmp_path / label, [app.endpoint], n=1,
-                                   secret=secret() if tls else None) as chain:
+    async with App() as app, LateApp() as late, \
+            Chain(kind, tmp_path / label, [app.endpoint, late.endpoint], n=2,
+                  secret=secret() if tls else None) as chain:
         wan = chain.prod.spec.ports[0]
         started = asyncio.Event()
-        quiet = asyncio.create_task(quiet_stream(chain.entries[0], SHED_WITHIN + 3, started))
+        quiet = asyncio.create_task(quiet_stream(chain.entries[0], QUIET_FOR, started))
+        half = asyncio.create_task(half_closed_stream(chain.entries[1], late, QUIET_FOR))
         try:
             await asyncio.wait_for(started.wait(), 30)
             opened: list[int] = []
@@ -123,10 +178,11 @@ async def flood_one(label: str, kind: str, tls: bool, tmp_path) -> str:
                 problems.append(f"{len(errors)} bad peers failed: {errors[0]!r}")
             times = sorted(t.result() for t in done if t.exception() is None)
             if times and times[-1] > SHED_WITHIN:
-                late = sum(1 for x in times if x > SHED_WITHIN)
-                problems.append(f"{late} bad connections stayed open longer than {SHED_WITHIN:.0f} s "
+                n_late = sum(1 for x in times if x > SHED_WITHIN)
+                problems.append(f"{n_late} bad connections stayed open longer than {SHED_WITHIN:.0f} s "
                                 f"(longest {times[-1]:.1f} s)")
             await quiet   # raises if the quiet stream was cut or its bytes differ
+            await half    # the same for the half-closed one
             if app.accepted != 1:
                 problems.append(f"the producer saw {app.accepted} connections, expected only the "
                                 "quiet stream's")
@@ -134,15 +190,17 @@ async def flood_one(label: str, kind: str, tls: bool, tmp_path) -> str:
             print(f"{label}: {len(times)} bad connections shed, longest open {longest} s")
             return "; ".join(problems)
         finally:
-            if not quiet.done():
-                quiet.cancel()
-                await asyncio.gather(quiet, return_exceptions=True)
+            for task in (quiet, half):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(quiet, half, return_exceptions=True)
 
 
 async def test_every_backend_sheds_handshake_floods_and_keeps_quiet_streams(tmp_path):
-    """300 bad connections on the PROD WAN listener of each backend's chain, all chains at
-    once: every one closed by the server within the bound, none reaches the producer; a
-    stream opened before, quiet for longer than the bound, carries 1 MiB afterwards."""
+    """300 bad connections on a PROD WAN listener of each backend's chain, all chains at
+    once: every one closed by the server within the bound, none reaches the producer. Two
+    streams opened before stay quiet for longer than the bound: one then carries 1 MiB
+    both ways, the other (half-closed by the consumer) gets its late answer."""
     chains = [c for c in CHAINS if _available(c[1])]
     if not chains:
         pytest.skip("no backend available")
