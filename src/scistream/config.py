@@ -196,7 +196,7 @@ def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     for name in ("hello_timeout", "max_conn"):
         if name in values and values[name] <= 0:
             yield name, f"must be > 0, got {values[name]}"
-    for name in ("hello_grace", "max_rate", "max_lease", "update_timeout", "max_session_conns"):
+    for name in ("hello_grace", "max_rate", "max_lease", "update_timeout"):
         if name in values and values[name] < 0:
             yield name, f"must be >= 0, got {values[name]}"
     if "tcp_keepalive" in values and not isinstance(values["tcp_keepalive"], tuple):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +71,15 @@ async def test_max_session_conns_refuses_and_counts(kind, servers, client_for, e
     await c.release(uid)
     _, m = await scrape(srv.metrics_port)
     assert val(m, "scistream_connections_refused_total") >= 2   # ended sessions stay counted
+
+
+def test_max_session_conns_in_the_config_file(tmp_path):
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text('auth = "none"\nmax-session-conns = 256\n')
+    bad.write_text('auth = "none"\nmax-session-conns = -1\n')
+    run = [sys.executable, "-m", "scistream.cli.s2cs", "check-config"]
+    p = subprocess.run([*run, str(good)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "max-session-conns" in p.stdout
+    p = subprocess.run([*run, str(bad)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert f"{bad}:2: max-session-conns: -1 is not in the range" in p.stdout + p.stderr
