@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 
@@ -39,6 +38,6 @@ async def test_data_servers_get_the_servers_keepalive(servers, client_for, echo_
     resp = await req
     await c.update(uid, "PROD", resp.prod_listeners, resp.wan_secret)
     session = srv.registry.active[(uid, "PROD")]
-    cfg = json.loads((session.workdir / "s2ds.json").read_text())
+    cfg = await session.server.config()      # what the node service holds for the session
     assert tuple(cfg["keepalive"]) == setting
     await c.release(uid)

@@ -75,6 +75,11 @@ async def test_store_group_commit_and_prune(tmp_path):
     await store.close()
 
 
+#: The per-process data servers: these tests are about re-adopting (and restarting) those
+#: processes; the node service's own are in tests/data/test_node_service.py.
+PROCESS = "BuiltinProcess"
+
+
 # -- in-process: clean stop without drain, then a new server on the same state ---------
 async def test_clean_stop_keeps_connected_then_readopt_and_release(servers, client_for, echo_server, tmp_path):
     ep = f"{echo_server[0]}:{echo_server[1]}"
@@ -127,8 +132,9 @@ async def test_ready_session_keeps_its_update_deadline_across_a_restart(servers,
 
 
 async def test_data_server_died_while_down_is_restarted(servers, client_for, echo_server):
+    """Per-process data servers (the node service's equivalent: tests/data/test_node_service.py)."""
     ep = f"{echo_server[0]}:{echo_server[1]}"
-    prod, cons = await servers(), await servers()
+    prod, cons = await servers(server_type=PROCESS), await servers(server_type=PROCESS)
     uid, p, c = await connect_session(client_for(prod), client_for(cons), ep)
     await roundtrip_ok(c.listeners[0])
     sd, rng = cons.state_dir, cons.config.port_range
@@ -136,7 +142,7 @@ async def test_data_server_died_while_down_is_restarted(servers, client_for, ech
     await cons.stop(release=False)
     os.killpg(old_pid, signal.SIGKILL)
     await async_wait_until(lambda: not pid_alive(old_pid), what="s2ds killed")
-    cons2 = await servers(state_dir=sd, port_range=rng)
+    cons2 = await servers(state_dir=sd, port_range=rng, server_type=PROCESS)
     st = (await client_for(cons2).status(uid)).sessions[0]
     assert st.state == "connected"
     assert "restarted" in st.last_error and "stopped while the control server was down" in st.last_error
@@ -152,7 +158,7 @@ async def test_data_server_died_while_down_is_restarted(servers, client_for, ech
 
 async def test_data_server_that_cannot_restart_fails_with_reason(servers, client_for, echo_server):
     ep = f"{echo_server[0]}:{echo_server[1]}"
-    prod, cons = await servers(), await servers()
+    prod, cons = await servers(server_type=PROCESS), await servers(server_type=PROCESS)
     uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
     sd, rng = cons.state_dir, cons.config.port_range
     (old_pid,) = cons.registry.active[(uid, "CONS")].server.pids
@@ -161,7 +167,7 @@ async def test_data_server_that_cannot_restart_fails_with_reason(servers, client
     await async_wait_until(lambda: not pid_alive(old_pid), what="s2ds killed")
     squatter = await asyncio.start_server(lambda r, w: w.close(), *parse_listener(c.listeners[0]))
     async with squatter:  # another program took the port meanwhile
-        cons2 = await servers(state_dir=sd, port_range=rng)
+        cons2 = await servers(state_dir=sd, port_range=rng, server_type=PROCESS)
         st = (await client_for(cons2).status(uid)).sessions[0]
     assert st.state == "failed" and st.ended > 0
     assert "could not be restarted" in st.last_error
@@ -197,7 +203,7 @@ async def _start(s2cs_process, *args):
 async def test_kill9_mid_transfer_restart_readopts_everything(s2cs_process, tmp_path, echo_server):
     ep = f"{echo_server[0]}:{echo_server[1]}"
     sides = {"prod": (tmp_path / "prod-state", port_block()), "cons": (tmp_path / "cons-state", port_block())}
-    args = {k: ["--state-dir", str(sd), "--port-range", rng, "--hello-timeout", "30"]
+    args = {k: ["--state-dir", str(sd), "--port-range", rng, "--hello-timeout", "30", "--type", PROCESS]
             for k, (sd, rng) in sides.items()}
     procs = {k: await _start(s2cs_process, *a) for k, a in args.items()}
     clients = {k: AsyncClient(p.target, insecure=True) for k, p in procs.items()}
@@ -284,7 +290,7 @@ async def test_kill9_mid_transfer_restart_readopts_everything(s2cs_process, tmp_
 async def test_sigterm_keeps_sessions_and_drain_releases(s2cs_process, tmp_path, echo_server):
     ep = f"{echo_server[0]}:{echo_server[1]}"
     sd, rng = tmp_path / "state", port_block()
-    args = ["--state-dir", str(sd), "--port-range", rng]
+    args = ["--state-dir", str(sd), "--port-range", rng, "--type", PROCESS]
     srv = await _start(s2cs_process, *args)
     c = AsyncClient(srv.target, insecure=True)
     try:

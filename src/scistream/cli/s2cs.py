@@ -19,7 +19,7 @@ from ..control.server import ConfigError, ServerConfig, serve
 from ..data.base import parse_keepalive
 from .common import Exit, err, option, setup_logging
 
-TYPES = ["Builtin", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
+TYPES = ["Builtin", "BuiltinProcess", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
 
 
 class Keepalive(click.ParamType):
@@ -92,16 +92,21 @@ def server_options(fn):
                help="TCP keepalive of the data servers' sockets, IDLE,INTERVAL,COUNT (seconds, "
                     "seconds, probes): a peer that vanished silently is dropped after "
                     "IDLE + INTERVAL x COUNT seconds; 'system' keeps the kernel's settings."),
-        option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
-               help="Connections a session may have open at once on each data server, over all "
-                    "its listeners; more are refused and counted (0: no cap; not enforced by "
-                    "Stunnel)."),
         option("--drain", is_flag=True,
                help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
                     "running and the next start re-adopts them."),
         option("--metrics-port", type=click.IntRange(0, 65535), default=None,
                help="Serve Prometheus metrics on this port (0: any free port; default: off)."),
         option("--metrics-ip", default=None, help="Address of the metrics endpoint (default: the control ip)."),
+        option("--workers", type=click.IntRange(0), default=0, show_default=True,
+               help="Builtin: worker processes of the node service this s2cs runs (0: one per core)."),
+        option("--data-service", type=click.Path(dir_okay=False, path_type=Path), default=None,
+               metavar="SOCKET",
+               help="Builtin: use the node service an operator runs on this socket (s2ds serve) "
+                    "instead of starting one (STATE_DIR/node.sock)."),
+        option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
+               help="Open connections one session may have; data servers refuse more and count "
+                    "the refusals (0: no cap; Stunnel cannot enforce it)."),
         option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True),
         option("--verbose", "-v", is_flag=True, help="Debug logging."),
     ]

@@ -12,7 +12,7 @@ from ..demo import DemoOptions, run_demo
 from ..errors import ScistreamError
 from .common import Exit, err, out, setup_logging
 
-TYPES = ["Builtin", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
+TYPES = ["Builtin", "BuiltinProcess", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
 
 
 def _size(text: str) -> int:

@@ -74,7 +74,7 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
             report.kept_ready.append(name)
             continue
         try:
-            s.server = await _adopt(s, registry.config.keepalive, registry.config.max_session_conns)
+            s.server = await _adopt(registry, s)
         except Exception as exc:  # noqa: BLE001 - gone, or its kind cannot be adopted
             log.warning("session %s: cannot re-adopt its data server: %s", name, exc)
             to_restart.append((s, str(exc)))
@@ -105,16 +105,16 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
     return report
 
 
-async def _adopt(s: Session, keepalive: tuple[int, int, int], max_conns: int = 0) -> DataServer:
+async def _adopt(registry: SessionRegistry, s: Session) -> DataServer:
     backend = get_backend(s.server_type)
-    return await backend.adopt(s.spec(keepalive=keepalive, max_conns=max_conns), s.handle)
+    return await backend.adopt(registry.spec_for(s), s.handle)
 
 
 async def _restart(registry: SessionRegistry, s: Session) -> DataServer:
     backend = get_backend(s.server_type)
     backend.check_available()
     s.restarted_server()
-    server = backend(s.spec(keepalive=registry.config.keepalive, max_conns=registry.config.max_session_conns))
+    server = backend(registry.spec_for(s))
     await server.start()
     return server
 

@@ -25,6 +25,8 @@ import grpc
 
 from ..auth.base import Authenticator, make_authenticator
 from ..data.base import KEEPALIVE, BackendUnavailable, get_backend
+from ..data.nodebackend import NodeService
+from ..errors import DataServerError
 from ..addr import format_listener
 from . import tlscert
 from .ports import BandwidthPool, PortPool, parse_port_range
@@ -72,9 +74,11 @@ class ServerConfig:
     max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
     update_timeout: float = 3600.0   # seconds a session may wait between its hello and its update; 0 = no limit
     tcp_keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' sockets; (0, 0, 0) = the system's
-    max_session_conns: int = 0       # connections open at once per session on each data server; 0 = no cap
     metrics_port: int | None = None  # Prometheus endpoint (0: any free port); None = off
     metrics_ip: str | None = None    # default: the control ip
+    workers: int = 0                 # Builtin: worker processes of the node service s2cs starts; 0 = one per core
+    data_service: Path | None = None  # Builtin: an operator-run node service's socket; None = s2cs runs its own
+    max_session_conns: int = 0       # open connections per session; 0 = no cap
 
 
 class ConfigError(Exception):
@@ -104,6 +108,10 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--max-lease must be >= 0 seconds (0: unlimited)")
     if config.update_timeout < 0:
         raise ConfigError("--update-timeout must be >= 0 seconds (0: no limit)")
+    if config.workers < 0:
+        raise ConfigError("--workers must be >= 0 (0: one per core)")
+    if config.max_session_conns < 0:
+        raise ConfigError("--max-session-conns must be >= 0 (0: no cap)")
     if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
         raise ConfigError("--metrics-port must be 0-65535")
 
@@ -152,6 +160,7 @@ class ControlServer:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
+        self.node: NodeService | None = None
 
     async def start(self) -> None:
         """Open the store, re-adopt what a previous run left, then serve. On failure,
@@ -181,6 +190,8 @@ class ControlServer:
         except StoreError as exc:
             raise ConfigError(str(exc)) from None
         self.audit = AuditLog(self.state_dir / "audit.log")
+        if config.backend.kind == "Builtin":  # type: ignore[attr-defined]
+            self.node = await self._open_node_service()
         self.registry = SessionRegistry(
             RegistryConfig(listener_ip=config.listener_ip, state_dir=self.state_dir,
                            server_type=config.backend.kind,  # type: ignore[attr-defined]
@@ -189,16 +200,19 @@ class ControlServer:
                            max_conn=config.max_conn, max_lease=config.max_lease,
                            update_timeout=config.update_timeout,
                            keepalive=tuple(config.tcp_keepalive),  # type: ignore[arg-type]
-                           max_session_conns=config.max_session_conns,
                            wan_plaintext=config.wan_plaintext,
                            allow_legacy_plaintext=config.allow_legacy_plaintext,
-                           admins=frozenset(config.admins)),
+                           admins=frozenset(config.admins),
+                           max_session_conns=config.max_session_conns,
+                           data_service=str(self.node.path) if self.node else ""),
             ports, BandwidthPool(config.max_rate), events=[self.audit.event], store=self.store)
         if config.metrics_port is not None:
             self.metrics = Metrics(self.registry)
             self.registry.observers.append(self.metrics.event)
         report = await recover(self.registry)
         log.info("session store %s: %s", self.store.path if hasattr(self.store, "path") else "", report)
+        if self.node is not None:
+            await self.node.reconcile({f"{uid}/{role}" for uid, role in self.registry.active})
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -240,6 +254,16 @@ class ControlServer:
                 "port": self.port, "pid": os.getpid(), "state_dir": str(self.state_dir),
                 "metrics_port": self.metrics_port}))
 
+    async def _open_node_service(self) -> NodeService:
+        config = self.config
+        managed = config.data_service is None
+        path = Path(config.data_service) if not managed else self.state_dir / "node.sock"
+        try:
+            return await NodeService.open(path, managed=managed, workers=config.workers,
+                                          log_path=self.state_dir / "node.log")
+        except DataServerError as exc:
+            raise ConfigError(str(exc)) from None
+
     async def stop(self, *, release: bool | None = None) -> None:
         """Stop serving. ``release`` (default: ``config.drain``) releases every session;
         otherwise connected and ready ones keep running for the next start to re-adopt."""
@@ -256,8 +280,13 @@ class ControlServer:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        keep_node = False
         if self.registry is not None:
+            keep_node = not release and any(s.server is not None for s in self.registry.active.values())
             await self.registry.close(release=release)
+        if self.node is not None:
+            await self.node.close(keep_running=keep_node)
+            self.node = None
         if self.metrics is not None:
             await self.metrics.close()
         if self.store is not None:

@@ -129,11 +129,11 @@ class Session:
         self.changed.set()
 
     def spec(self, targets: tuple[str, ...] | None = None,
-             keepalive: tuple[int, int, int] = KEEPALIVE, max_conns: int = 0) -> DataSpec:
+             keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "") -> DataSpec:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir,
-                        keepalive=keepalive, max_conns=max_conns)
+                        keepalive=keepalive, max_conns=max_conns, service=service)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
@@ -204,11 +204,12 @@ class RegistryConfig:
     max_lease: float = 0.0           # longest lease in seconds; also the default; 0 = unlimited
     update_timeout: float = 3600.0   # a session READY this long without an update expires; 0 = never
     keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' TCP keepalive (base.KEEPALIVE)
-    max_session_conns: int = 0       # connections open at once per session and data server; 0 = no cap
     wan_plaintext: bool = False      # operator asked for a plaintext WAN leg
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
     admins: frozenset[str] = frozenset()
     history: int = 1000              # terminal sessions kept for status
+    max_session_conns: int = 0       # open connections per session (data servers refuse more); 0 = no cap
+    data_service: str = ""           # Builtin: the node service's control socket
 
 
 class SessionRegistry:
@@ -225,6 +226,11 @@ class SessionRegistry:
         self.observers: list[Observer] = (
             [] if events is None else [events] if callable(events) else list(events))
         self._since_prune = 0
+
+    def spec_for(self, session: Session, targets: tuple[str, ...] | None = None) -> DataSpec:
+        """What the session's data server is started with."""
+        c = self.config
+        return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service)
 
     def _events(self, event: str, session: Session, detail: str) -> None:
         for observe in self.observers:
@@ -433,8 +439,7 @@ class SessionRegistry:
             try:
                 if first:
                     session.wan_secret = secret
-                    server = self.config.backend(session.spec(targets, self.config.keepalive,
-                                                              self.config.max_session_conns))
+                    server = self.config.backend(self.spec_for(session, targets))
                     session.server = server
                     await server.start()
                     session.handle = server.handle()

@@ -71,7 +71,8 @@ class DataSpec:
     wan_secret: bytes | None = None  # 32 random bytes; None = plaintext WAN leg
     workdir: Path = Path(".")    # per-session directory for configs, logs, sockets
     keepalive: tuple[int, int, int] = KEEPALIVE   # see KEEPALIVE; (0, 0, 0) = the system's
-    max_conns: int = 0           # connections open at once over all listeners; 0 = no cap
+    max_conns: int = 0           # open connections per session at most (--max-session-conns); 0 = no cap
+    service: str = ""            # Builtin: the node service's control socket (scistream.data.node)
 
     @property
     def wan_tls(self) -> bool:
@@ -194,7 +195,7 @@ def backend_names() -> list[str]:
 
 
 def _load_all() -> None:
-    from . import builtin  # noqa: F401
+    from . import builtin, nodebackend  # noqa: F401
     try:
         from .backends import haproxy, nginx, stunnel  # noqa: F401
     except ImportError as exc:  # pragma: no cover - only while a backend is being written

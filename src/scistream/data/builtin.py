@@ -1,4 +1,9 @@
-"""The built-in backend: drives one ``scistream.data.s2ds`` process per session.
+"""The ``BuiltinProcess`` backend: drives one ``scistream.data.s2ds`` process per session.
+
+This was the ``Builtin`` type before the node service (``scistream.data.node``) took that
+name: the same forwarder, one interpreter per session and role (``s2cs --type
+BuiltinProcess``). It is kept for sites that want a process boundary around every
+session, and as the baseline of ``bench/setup``.
 
 The process is started in its own process group (it outlives a control server that is
 restarted) and is reached through its control socket: ping, stats, conns, targets, stop.
@@ -62,9 +67,9 @@ def control_socket_path(workdir: Path) -> Path:
     return base / f"{name}.sock"
 
 
-@register("Builtin")
+@register("BuiltinProcess")
 class BuiltinDataServer(DataServer):
-    aliases = ("Builtin",)
+    aliases = ("BuiltinProcess",)
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)

@@ -1,0 +1,152 @@
+"""``s2ds``: the data-plane node service of a gateway (every Builtin session of the node).
+
+    s2ds serve --socket /run/scistream/node.sock --workers 4    # run it (systemd: deploy/s2ds.service)
+    s2ds status --socket /run/scistream/node.sock               # workers, sessions
+    s2ds restart --socket /run/scistream/node.sock              # a new service takes over, no refused connection
+    s2ds stop --socket /run/scistream/node.sock
+
+``s2cs`` starts and supervises one by itself (``STATE_DIR/node.sock``); run it on its own
+and give ``s2cs --data-service SOCKET`` to manage it separately. Deliberately light: no
+grpc here, the service is a data-plane process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+SOCKET_HELP = "The service's control socket (Unix, mode 0600)."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """The SciStream data-plane node service."""
+
+
+def _socket_option(fn):
+    return click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+                        help=SOCKET_HELP)(fn)
+
+
+@main.command()
+@_socket_option
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Worker processes (0: one per core this process may run on).")
+@click.option("--fresh", is_flag=True, help="Do not take over from a service running on --socket.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def serve(socket_path: Path, workers: int, fresh: bool, verbose: bool) -> None:
+    """Run the service in the foreground until SIGTERM/SIGINT (or `s2ds stop`).
+
+    If a service already answers on --socket, this one takes over its sessions and
+    listening sockets (an upgrade without refusing a connection), unless --fresh."""
+    from ..data.node import default_workers, serve as run
+    if workers < 0:
+        raise click.UsageError("--workers must be >= 0")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s s2ds[%(process)d] %(levelname)s %(message)s")
+    socket_path = socket_path.absolute()
+    try:
+        socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise click.ClickException(f"cannot create {socket_path.parent}: {exc}") from None
+    try:
+        code = asyncio.run(run(socket_path, workers or default_workers(), take_over=not fresh))
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve on {socket_path}: {exc}") from None
+    sys.exit(code)
+
+
+def _call(socket_path: Path, msg: dict, timeout: float = 5.0) -> dict:
+    from ..data.nodeclient import ServiceError, call_once
+    try:
+        return asyncio.run(call_once(socket_path, msg, timeout))
+    except ServiceError as exc:
+        click.echo(f"s2ds: {exc}", err=True)
+        sys.exit(4 if exc.code in ("unreachable", "busy") else 1)
+
+
+@main.command()
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def status(socket_path: Path, as_json: bool) -> None:
+    """Workers and sessions of a running service."""
+    reply = _call(socket_path, {"op": "status"})
+    if as_json:
+        click.echo(json.dumps(reply, indent=1))
+        return
+    click.echo(f"node service pid {reply['pid']}: {reply['sessions']} sessions")
+    for w in reply["workers"]:
+        click.echo(f"  worker {w['index']}: pid {w['pid']}, {w['sessions']} sessions, {w['listeners']} listeners, "
+                   f"{w['restarts']} restarts{'' if w['alive'] else ' (restarting)'}")
+
+
+@main.command()
+@_socket_option
+@click.option("--workers", type=int, default=None, help="Workers of the new service (default: as the running one).")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Log file of the new service (default: the running one's standard error).")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the takeover.")
+def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeout: float) -> None:
+    """Start a new service that takes over from the running one (e.g. after an upgrade).
+
+    Listening sockets are handed over: no new connection is refused. Established
+    connections of the old workers are reset."""
+    old = _call(socket_path, {"op": "ping"})
+    argv = list(old.get("argv") or [])
+    if workers is None:
+        workers = len(old.get("workers") or []) or 0
+    cmd = [sys.executable, "-m", "scistream.data.node", "serve", "--socket", str(socket_path.absolute()),
+           "--workers", str(workers)]
+    if "--verbose" in argv or "-v" in argv:
+        cmd.append("--verbose")
+    if log_path is None:
+        try:
+            log_path = Path(os.readlink(f"/proc/{old['pid']}/fd/2"))
+            if not log_path.is_file():
+                log_path = None
+        except OSError:
+            log_path = None
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    finally:
+        if log_path:
+            out.close()
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            click.echo(f"s2ds: the new service exited with code {proc.returncode}", err=True)
+            sys.exit(5)
+        from ..data.nodeclient import ServiceError, call_once
+        try:
+            reply = asyncio.run(call_once(socket_path, {"op": "ping"}, 2.0))
+            if reply.get("pid") == proc.pid:
+                click.echo(f"node service restarted: pid {old['pid']} -> {proc.pid}, "
+                           f"{reply.get('sessions')} sessions taken over")
+                return
+        except ServiceError:
+            pass
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    click.echo(f"s2ds: the new service (pid {proc.pid}) did not take over within {timeout:g} s", err=True)
+    sys.exit(4)
+
+
+@main.command()
+@_socket_option
+def stop(socket_path: Path) -> None:
+    """Stop the service (every session it carries stops)."""
+    _call(socket_path, {"op": "shutdown"})
+    click.echo("node service stopping")
+
+
+if __name__ == "__main__":
+    main()

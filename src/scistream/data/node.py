@@ -1,0 +1,791 @@
+"""The node service: one long-lived data plane for every Builtin session of a gateway node.
+
+    s2ds serve --socket /run/scistream/node.sock --workers 4
+
+One service process owns the control socket and every session's listening sockets; it
+runs ``--workers`` worker processes (``scistream.data.nodeworker``, default one per
+core) that accept and relay the connections. A session is added, re-targeted,
+inspected and removed over the control socket, in place: no process starts, so a
+session is ready in a millisecond and an idle one costs a few kilobytes.
+
+* **Placement.** A new session goes to the least loaded worker (fewest listeners).
+  A session with several listeners is spread over the workers, listener *i* on the
+  *i*-th least loaded one, so its streams use every core; a rate-limited session stays
+  on one worker (its token buckets are one budget). ``max_conns`` (``s2cs
+  --max-session-conns``) is shared out among the workers a session is spread over, in
+  proportion to its listeners there.
+* **Isolation.** The service keeps its own copy of every listening socket and hands
+  duplicates to the workers (``SCM_RIGHTS``). When a worker dies (a crash, ``kill -9``)
+  only the connections it carried are lost: the service starts a new worker at once and
+  gives it the same listeners, which never stopped listening (connections that arrive
+  meanwhile wait in the backlog). The counters of the dead worker's sessions keep what
+  was last read from it.
+* **Restart without refusing a connection.** A second ``s2ds serve`` on the same socket
+  takes over from the running one: the old service hands it every session and listening
+  socket, the new one starts its workers and its control socket, then the old one stops.
+  The listeners stay open throughout, so no new connection is refused; connections that
+  the old workers carried are reset (``s2ds restart`` does this for you).
+
+Control socket: one JSON object per line in, one per line out, with the request's
+``id`` (if any) echoed, answered in any order.
+
+    {"op": "ping"}                          -> {"ok", "pid", "workers": [pids], "sessions": n, "argv"}
+    {"op": "add", "sid", "cfg"}             -> {"ok", "workers": [index per listener]}
+    {"op": "targets", "sid", "targets"}     -> {"ok"}
+    {"op": "remove", "sid"}                 -> {"ok", "stats"}        (unknown sid: ok, stats null)
+    {"op": "stats", "sid"}                  -> {"ok", "stats"}        (no sid: {"stats": {sid: ..}})
+    {"op": "conns", "sid"}                  -> {"ok", "connections": [..]}
+    {"op": "config", "sid"}                 -> {"ok", "cfg", "workers": [index per listener]}
+    {"op": "list"}                          -> {"ok", "sessions": {sid: {"workers", "failed"}}}
+    {"op": "status"}                        -> {"ok", "workers": [{"index", "pid", "sessions", "listeners",
+                                                "restarts"}], "sessions": n}
+    {"op": "watch"}                         -> {"ok"}; then {"event": "failed", "sid", "reason"} lines
+    {"op": "shutdown"}                      -> {"ok"}; then the service stops
+    {"op": "handover", "to": PATH}          (a successor asks; see above)
+
+``cfg`` is what a per-session data server takes (``scistream.data.s2ds``): uid, role,
+listen_host, ports, targets (addresses), rate_kbps, tls, cert, key, keepalive, and
+``max_conns``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
+"unknown"}``; ``busy`` is worth a retry (a handover is under way).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .channel import ChannelClosed, Decoder, encode, send_frame, MAX_FDS
+from .s2ds import resolve_target
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
+            "refused_connections", "tls_resumed", "tls_sessions_kept")
+CALL_TIMEOUT = 10.0
+
+
+class OpError(Exception):
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _zero() -> dict[str, int]:
+    return dict.fromkeys(COUNTERS, 0)
+
+
+def _add(into: dict[str, int], more: dict[str, int] | None) -> None:
+    for k in COUNTERS:
+        into[k] += int((more or {}).get(k, 0))
+
+
+class WorkerProc:
+    """One worker process and the channel to it."""
+
+    def __init__(self, node: "Node", index: int) -> None:
+        self.node = node
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.chan: socket.socket | None = None
+        self.decoder = Decoder()
+        self.pending: dict[int, asyncio.Future] = {}
+        self.out: list[list[Any]] = []            # [data, fds, offset]
+        self.ids = 0
+        self.listeners = 0                         # placed here (the load)
+        self.restarts = 0
+        self.alive = False
+        self.monitor: asyncio.Task | None = None
+
+    async def spawn(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "scistream.data.nodeworker", str(child.fileno()), str(self.index),
+                stdin=asyncio.subprocess.DEVNULL, pass_fds=(child.fileno(),))
+        finally:
+            child.close()
+        parent.setblocking(False)
+        self.chan = parent
+        self.decoder = Decoder()
+        self.out = []
+        self.alive = True
+        loop = asyncio.get_running_loop()
+        loop.add_reader(parent.fileno(), self._readable)
+        self.monitor = asyncio.create_task(self._wait(self.proc))
+        log.info("worker %d started, pid %d", self.index, self.proc.pid)
+
+    async def _wait(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if proc is self.proc:
+            self._lost(f"worker {self.index} (pid {proc.pid}) "
+                       + (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"))
+
+    def _readable(self) -> None:
+        assert self.chan is not None
+        try:
+            msgs = self.decoder.feed(self.chan)
+        except BlockingIOError:
+            return
+        except (ChannelClosed, OSError, ValueError) as exc:
+            self._lost(f"worker {self.index}: channel closed ({exc})")
+            return
+        for msg, fds in msgs:
+            for fd in fds:
+                os.close(fd)
+            fut = self.pending.pop(msg.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _lost(self, why: str) -> None:
+        """The worker is gone (or going): fail its calls, let the node replace it."""
+        if not self.alive:
+            return
+        self.alive = False
+        loop = asyncio.get_running_loop()
+        if self.chan is not None:
+            loop.remove_reader(self.chan.fileno())
+            loop.remove_writer(self.chan.fileno())
+            self.chan.close()
+            self.chan = None
+        self.decoder.close()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed(why))
+        self.pending.clear()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        self.node.worker_lost(self, why)
+
+    def _write(self) -> None:
+        if self.chan is None:
+            return
+        while self.out:
+            data, fds, off = self.out[0]
+            try:
+                n = send_frame(self.chan, data[off:], fds if off == 0 else None)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._lost(f"worker {self.index}: cannot write to its channel ({exc})")
+                return
+            if off + n < len(data):
+                self.out[0][2] = off + n
+                break
+            self.out.pop(0)
+        loop = asyncio.get_running_loop()
+        if self.out:
+            loop.add_writer(self.chan.fileno(), self._write)
+        else:
+            loop.remove_writer(self.chan.fileno())
+
+    async def call(self, msg: dict, fds: list[int] | None = None, timeout: float = CALL_TIMEOUT) -> dict:
+        if not self.alive:
+            raise ChannelClosed(f"worker {self.index} is restarting")
+        self.ids += 1
+        msg = {**msg, "id": self.ids, "nfds": len(fds or [])}
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[self.ids] = fut
+        self.out.append([encode(msg), list(fds or []), 0])
+        if len(self.out) == 1:
+            self._write()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(msg["id"], None)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.alive = False
+        proc = self.proc
+        if self.chan is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.chan.fileno())
+            loop.remove_writer(self.chan.fileno())
+            self.chan.close()
+            self.chan = None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self.monitor is not None:
+            self.monitor.cancel()
+
+
+class Entry:
+    """A session as the service holds it: its config, listening sockets and placement."""
+
+    def __init__(self, sid: str, cfg: dict, socks: list[socket.socket], placement: list[int]) -> None:
+        self.sid = sid
+        self.cfg = cfg
+        self.socks = socks
+        self.placement = placement            # worker index of each listener
+        self.base = _zero()                   # what workers that died had carried
+        self.seen: dict[int, dict[str, int]] = {}   # last counters read, per worker
+        self.failed = ""
+
+    def workers(self) -> list[int]:
+        return sorted(set(self.placement))
+
+    def share(self, index: int) -> dict:
+        """The add message for worker ``index``: its listeners and its share of the cap."""
+        mine = [i for i, w in enumerate(self.placement) if w == index]
+        cfg = dict(self.cfg)
+        cap = int(cfg.get("max_conns") or 0)
+        if cap:
+            cfg["max_conns"] = max(1, math.ceil(cap * len(mine) / len(self.placement)))
+        return {"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine}, [self.socks[i].fileno() for i in mine]
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+def check_cfg(cfg: Any) -> dict:
+    """A session's configuration, checked; OpError (invalid) with the reason otherwise."""
+    if not isinstance(cfg, dict):
+        raise OpError("cfg must be an object")
+    try:
+        if cfg.get("role") not in ("PROD", "CONS"):
+            raise OpError(f"role must be PROD or CONS, got {cfg.get('role')!r}")
+        ports = [int(p) for p in cfg["ports"]]
+        targets = [str(t) for t in cfg["targets"]]
+        if not ports or not all(0 < p < 65536 for p in ports):
+            raise OpError(f"ports must be 1-65535, at least one: {cfg['ports']!r}")
+        if not targets:
+            raise OpError("no targets given")
+        for t in targets:
+            resolve_target(t)
+        if cfg.get("tls"):
+            for k in ("cert", "key"):
+                if not cfg.get(k) or not Path(cfg[k]).is_file():
+                    raise OpError(f"tls needs a readable {k} file, got {cfg.get(k)!r}")
+        str(cfg["listen_host"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OpError(f"bad session configuration: {exc}") from None
+    return {**cfg, "ports": ports, "targets": targets}
+
+
+def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        for port in ports:
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host.strip("[]"), port))
+            except OSError as exc:
+                raise OpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            s.listen(4096)
+            s.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+class Node:
+    def __init__(self, path: Path, workers: int) -> None:
+        self.path = path
+        self.workers = [WorkerProc(self, i) for i in range(max(1, workers))]
+        self.sessions: dict[str, Entry] = {}
+        self.watchers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.stopped = asyncio.Event()
+        self.handing_over = False
+        self.handover_done = asyncio.Event()
+        self.closing = False
+        self.restarting: set[int] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.started = time.time()
+
+    # -- life -------------------------------------------------------------
+    async def start(self, take_over: bool = True) -> None:
+        inherited: list[tuple[dict, list[int]]] = []
+        predecessor = None
+        if take_over and self.path.exists():
+            try:
+                predecessor, inherited = await self._take_over()
+            except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+                log.info("no running service on %s to take over (%s); starting fresh", self.path, exc)
+        await asyncio.gather(*(w.spawn() for w in self.workers))
+        for info, fds in inherited:
+            await self._adopt(info, fds)
+        await self._listen()
+        if predecessor is not None:
+            reader, writer = predecessor
+            writer.write(json.dumps({"op": "handover_done", "id": "done"}).encode() + b"\n")
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await writer.drain()
+                await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            log.info("took over %d sessions from the previous service", len(inherited))
+        log.info("node service on %s: %d workers %s, pid %d", self.path, len(self.workers),
+                 [w.proc.pid for w in self.workers if w.proc], os.getpid())
+
+    async def _listen(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._client, path=str(tmp), limit=16 << 20)
+        finally:
+            os.umask(old)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)         # atomic: the socket path always answers
+
+    async def run(self) -> None:
+        await self.stopped.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for w in self.workers:
+            await w.stop()
+        for e in self.sessions.values():
+            e.close()
+        for t in list(self.tasks):
+            t.cancel()
+        if not self.handover_done.is_set():
+            with contextlib.suppress(OSError):
+                if self.path.exists() and self.server is not None:
+                    self.path.unlink()
+        log.info("node service stopped")
+
+    # -- workers ----------------------------------------------------------
+    def worker_lost(self, w: WorkerProc, why: str) -> None:
+        if self.closing:
+            return
+        log.error("%s; %d sessions had listeners on it, restarting it", why,
+                  sum(1 for e in self.sessions.values() if w.index in e.placement))
+        for e in self.sessions.values():
+            if w.index in e.placement:
+                seen = dict(e.seen.pop(w.index, None) or _zero())
+                seen["connections"] = 0
+                _add(e.base, seen)
+        if w.index not in self.restarting:
+            self.restarting.add(w.index)
+            self._spawn(self._restart(w))
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def _restart(self, w: WorkerProc) -> None:
+        delay = 0.0
+        try:
+            while not self.closing:
+                w.restarts += 1
+                try:
+                    if w.proc is not None and w.proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            w.proc.kill()
+                        await w.proc.wait()
+                    await w.spawn()
+                    for e in list(self.sessions.values()):
+                        if w.index in e.placement:
+                            msg, fds = e.share(w.index)
+                            try:
+                                reply = await w.call(msg, fds)
+                            except (ChannelClosed, asyncio.TimeoutError):
+                                raise
+                            if not reply.get("ok"):
+                                self._fail(e, f"worker {w.index} restarted but refused the session: {reply.get('error')}")
+                    log.info("worker %d is back (pid %d); its sessions accept again", w.index, w.proc.pid)
+                    return
+                except (ChannelClosed, asyncio.TimeoutError, OSError) as exc:
+                    delay = min(max(delay * 2, 0.05), 1.0)
+                    log.error("worker %d: restart failed (%s); again in %.2f s", w.index, exc, delay)
+                    await asyncio.sleep(delay)
+        finally:
+            self.restarting.discard(w.index)
+
+    def _fail(self, e: Entry, reason: str) -> None:
+        log.error("session %s: %s", e.sid, reason)
+        e.failed = reason
+        line = json.dumps({"event": "failed", "sid": e.sid, "reason": reason}).encode() + b"\n"
+        for wr in list(self.watchers):
+            with contextlib.suppress(Exception):
+                wr.write(line)
+
+    def _place(self, n: int, spread: bool) -> list[int]:
+        """Worker index per listener: least loaded first, round robin when spread."""
+        order = sorted(self.workers, key=lambda w: (w.listeners, w.index))
+        if not spread:
+            return [order[0].index] * n
+        return [order[i % len(order)].index for i in range(n)]
+
+    # -- control socket -----------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lock = asyncio.Lock()
+        pending: set[asyncio.Task] = set()
+
+        async def answer(msg: dict) -> None:
+            try:
+                reply = await self.handle(msg, writer)
+            except OpError as exc:
+                reply = {"ok": False, "error": str(exc), "code": exc.code}
+            except Exception as exc:  # noqa: BLE001 - report, keep serving
+                log.exception("control op %r failed", msg.get("op"))
+                reply = {"ok": False, "error": f"internal error: {exc!r}", "code": "unknown"}
+            if "id" in msg:
+                reply["id"] = msg["id"]
+            async with lock:
+                with contextlib.suppress(OSError):
+                    writer.write(json.dumps(reply).encode() + b"\n")
+                    await writer.drain()
+
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (OSError, ValueError):
+                    break
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    msg = json.loads(line)
+                    if not isinstance(msg, dict):
+                        raise ValueError("not an object")
+                except ValueError as exc:
+                    async with lock:
+                        writer.write(json.dumps({"ok": False, "error": f"bad request: {exc}",
+                                                 "code": "invalid"}).encode() + b"\n")
+                    continue
+                t = asyncio.create_task(answer(msg))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+        finally:
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            self.watchers.discard(writer)
+            writer.close()
+
+    async def handle(self, msg: dict, writer: asyncio.StreamWriter) -> dict:
+        op = msg.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid(), "workers": [w.proc.pid if w.proc else None for w in self.workers],
+                    "sessions": len(self.sessions), "argv": sys.argv[1:], "uptime": round(time.time() - self.started, 3)}
+        if op in ("add", "remove", "targets") and self.handing_over:
+            raise OpError("the node service is handing over to a new instance; retry", "busy")
+        if op == "add":
+            return await self.add(str(msg.get("sid") or ""), msg.get("cfg"))
+        if op == "remove":
+            return await self.remove(str(msg.get("sid") or ""))
+        if op == "targets":
+            return await self.retarget(self._entry(msg), msg.get("targets"))
+        if op == "stats":
+            if msg.get("sid") is None:
+                return {"ok": True, "stats": await self.all_stats()}
+            return {"ok": True, "stats": await self.stats(self._entry(msg))}
+        if op == "conns":
+            e = self._entry(msg)
+            out: list[dict] = []
+            for r in await self._ask(e, {"op": "conns", "sid": e.sid}):
+                out.extend(r.get("connections") or [])
+            return {"ok": True, "connections": out}
+        if op == "config":
+            e = self._entry(msg)
+            return {"ok": True, "cfg": e.cfg, "workers": e.placement}
+        if op == "list":
+            return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
+                                             for sid, e in self.sessions.items()}}
+        if op == "status":
+            return {"ok": True, "pid": os.getpid(), "sessions": len(self.sessions),
+                    "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None, "alive": w.alive,
+                                 "listeners": w.listeners, "restarts": w.restarts,
+                                 "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement)}
+                                for w in self.workers]}
+        if op == "watch":
+            self.watchers.add(writer)
+            return {"ok": True}
+        if op == "shutdown":
+            self.stopped.set()
+            return {"ok": True}
+        if op == "handover":
+            return await self._hand_over(str(msg.get("to") or ""))
+        if op == "handover_done":
+            self.handover_done.set()
+            self.stopped.set()
+            return {"ok": True}
+        raise OpError(f"unknown op {op!r}")
+
+    def _entry(self, msg: dict) -> Entry:
+        sid = str(msg.get("sid") or "")
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise OpError(f"no session {sid!r} in this node service", "unknown") from None
+
+    # -- operations ---------------------------------------------------------
+    async def add(self, sid: str, cfg: Any) -> dict:
+        if not sid:
+            raise OpError("sid is required")
+        cfg = check_cfg(cfg)
+        old = self.sessions.get(sid)
+        if old is not None:
+            if old.cfg["ports"] != cfg["ports"]:
+                raise OpError(f"session {sid} exists with other ports {old.cfg['ports']}")
+            await self.retarget(old, cfg["targets"])          # an add retried: same session
+            return {"ok": True, "workers": old.placement}
+        socks = bind_listeners(str(cfg["listen_host"]), cfg["ports"])
+        spread = len(socks) > 1 and not int(cfg.get("rate_kbps") or 0)
+        e = Entry(sid, cfg, socks, self._place(len(socks), spread))
+        for i in e.placement:
+            self.workers[i].listeners += 1
+        self.sessions[sid] = e
+        try:
+            replies = await asyncio.gather(*(self.workers[i].call(*e.share(i)) for i in e.workers()),
+                                           return_exceptions=True)
+            for r in replies:
+                if isinstance(r, BaseException):
+                    raise OpError(f"a worker did not take the session: {r}", "busy")
+                if not r.get("ok"):
+                    raise OpError(f"cannot start the session: {r.get('error')}")
+        except BaseException:
+            await self.remove(sid)
+            raise
+        log.info("session %s %s: listening on %s ports %s -> %s (workers %s)%s", sid, cfg["role"],
+                 cfg["listen_host"], cfg["ports"], cfg["targets"], e.placement,
+                 " (TLS WAN leg)" if cfg.get("tls") else "")
+        return {"ok": True, "workers": e.placement}
+
+    async def remove(self, sid: str) -> dict:
+        e = self.sessions.pop(sid, None)
+        if e is None:
+            return {"ok": True, "stats": None}
+        total = dict(e.base)
+        for r in await self._ask(e, {"op": "remove", "sid": sid}, strict=False):
+            _add(total, r.get("stats"))
+        for i in e.placement:
+            self.workers[i].listeners -= 1
+        e.close()
+        total["connections"] = 0
+        log.info("session %s removed: in %d, out %d bytes, %d connections", sid, total["bytes_in"],
+                 total["bytes_out"], total["total_connections"])
+        return {"ok": True, "stats": total}
+
+    async def retarget(self, e: Entry, targets: Any) -> dict:
+        if not isinstance(targets, list) or not targets:
+            raise OpError("no targets given")
+        texts = [str(t) for t in targets]
+        try:
+            for t in texts:
+                resolve_target(t)
+        except ValueError as exc:
+            raise OpError(str(exc)) from None
+        e.cfg["targets"] = texts
+        await self._ask(e, {"op": "targets", "sid": e.sid, "targets": texts})
+        log.info("session %s retargeted -> %s", e.sid, texts)
+        return {"ok": True}
+
+    async def stats(self, e: Entry) -> dict:
+        total = dict(e.base)
+        for i, r in zip(e.workers(), await self._ask(e, {"op": "stats", "sids": [e.sid]}, strict=False,
+                                                      keep_order=True)):
+            got = (r.get("stats") or {}).get(e.sid) if r else None
+            if got is None:
+                got = {**e.seen.get(i, _zero()), "connections": 0}
+            else:
+                e.seen[i] = got
+            _add(total, got)
+        return {**total, "failed": e.failed}
+
+    async def all_stats(self) -> dict[str, dict]:
+        per_worker = await asyncio.gather(*(w.call({"op": "stats", "sids": None}) for w in self.workers),
+                                          return_exceptions=True)
+        out = {}
+        for sid, e in self.sessions.items():
+            total = dict(e.base)
+            for i in e.workers():
+                r = per_worker[i]
+                got = None if isinstance(r, BaseException) else (r.get("stats") or {}).get(sid)
+                if got is None:
+                    got = {**e.seen.get(i, _zero()), "connections": 0}
+                else:
+                    e.seen[i] = got
+                _add(total, got)
+            out[sid] = {**total, "failed": e.failed}
+        return out
+
+    async def _ask(self, e: Entry, msg: dict, *, strict: bool = True, keep_order: bool = False) -> list:
+        """Send ``msg`` to every worker carrying ``e``. strict: any failure is an error;
+        otherwise failures (a worker restarting) give None (keep_order) or are skipped."""
+        idx = e.workers()
+        replies = await asyncio.gather(*(self.workers[i].call(msg) for i in idx), return_exceptions=True)
+        out = []
+        for r in replies:
+            if isinstance(r, BaseException) or not r.get("ok"):
+                if strict:
+                    why = r if isinstance(r, BaseException) else r.get("error")
+                    raise OpError(f"session {e.sid}: {why}", "busy" if isinstance(r, BaseException) else "invalid")
+                if keep_order:
+                    out.append(None)
+                continue
+            out.append(r)
+        return out
+
+    async def _adopt(self, info: dict, fds: list[int]) -> None:
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        for s in socks:
+            s.setblocking(False)
+        sid = info["sid"]
+        n = len(socks)
+        spread = n > 1 and not int(info["cfg"].get("rate_kbps") or 0)
+        e = Entry(sid, info["cfg"], socks, self._place(n, spread))
+        e.base = {**_zero(), **(info.get("base") or {})}
+        for i in e.placement:
+            self.workers[i].listeners += 1
+        self.sessions[sid] = e
+        for i in e.workers():
+            r = await self.workers[i].call(*e.share(i))
+            if not r.get("ok"):
+                self._fail(e, f"taken over, but a worker refused it: {r.get('error')}")
+
+    # -- handover -------------------------------------------------------------
+    async def _take_over(self) -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], list]:
+        """Ask the service running on our socket for its sessions and listeners."""
+        loop = asyncio.get_running_loop()
+        ho_path = self.path.with_name(f".{self.path.name}.ho.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            ho_path.unlink()
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            lsock.bind(str(ho_path))
+        finally:
+            os.umask(old)
+        lsock.listen(1)
+        lsock.setblocking(False)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2)
+            writer.write(json.dumps({"op": "handover", "to": str(ho_path), "id": "ho"}).encode() + b"\n")
+            await writer.drain()
+            conn, _ = await asyncio.wait_for(loop.sock_accept(lsock), 10)
+            got: list[tuple[dict, list[int]]] = []
+            dec = Decoder()
+            conn.setblocking(False)
+            done = False
+            deadline = time.monotonic() + 30
+            with conn:
+                while not done:
+                    fut = loop.create_future()
+                    loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+                    try:
+                        await asyncio.wait_for(fut, max(0.1, deadline - time.monotonic()))
+                    finally:
+                        loop.remove_reader(conn.fileno())
+                    try:
+                        frames = dec.feed(conn)
+                    except BlockingIOError:
+                        continue
+                    for msg, fds in frames:
+                        if msg.get("done"):
+                            done = True
+                            continue
+                        got.append((msg["session"], fds))
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 10) or b"{}")
+            if not reply.get("ok"):
+                for _, fds in got:
+                    for fd in fds:
+                        os.close(fd)
+                raise ValueError(f"the running service refused the handover: {reply.get('error')}")
+            return (reader, writer), got
+        finally:
+            lsock.close()
+            with contextlib.suppress(FileNotFoundError):
+                ho_path.unlink()
+
+    async def _hand_over(self, to: str) -> dict:
+        """Give every session and listening socket to a successor at ``to``; stop once it
+        says it serves (``handover_done``), or carry on if it never does."""
+        if self.handing_over:
+            raise OpError("a handover is already under way", "busy")
+        self.handing_over = True
+        loop = asyncio.get_running_loop()
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            with sock:
+                await asyncio.wait_for(loop.sock_connect(sock, to), 5)
+                sock.setblocking(True)
+                sock.settimeout(10)
+                for e in self.sessions.values():
+                    for start in range(0, max(1, len(e.socks)), MAX_FDS):
+                        part = e.socks[start:start + MAX_FDS]
+                        if start:  # very wide sessions go in pieces of one entry each
+                            raise OpError("sessions of more than 250 listeners cannot be handed over")
+                        base = dict(e.base)
+                        for seen in e.seen.values():
+                            _add(base, seen)
+                        info = {"sid": e.sid, "cfg": e.cfg, "base": base}
+                        send_frame(sock, encode({"session": info, "nfds": len(part)}), [s.fileno() for s in part])
+                send_frame(sock, encode({"done": True}))
+        except BaseException:
+            self.handing_over = False
+            raise
+        log.info("handed %d sessions over to a new service; waiting for it to take over", len(self.sessions))
+        self._spawn(self._await_successor())
+        return {"ok": True}
+
+    async def _await_successor(self) -> None:
+        try:
+            await asyncio.wait_for(self.handover_done.wait(), 60)
+            log.info("the new service took over; stopping (connections of the old workers are reset)")
+        except asyncio.TimeoutError:
+            log.error("the new service never said it took over; carrying on")
+            self.handing_over = False
+
+
+async def serve(path: Path, workers: int, take_over: bool = True) -> int:
+    node = Node(path, workers)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.stopped.set)
+    try:
+        await node.start(take_over=take_over)
+    except BaseException:
+        await node.close()
+        raise
+    await node.run()
+    return 0
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scistream.data.node serve --socket PATH [--workers N]`` (the CLI is ``s2ds``)."""
+    from ..cli.s2ds import main as cli_main
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The ``Builtin`` backend: sessions live in the node's data-plane service (``scistream.data.node``).
+
+The control server opens the service once (``NodeService.open``): by default it starts
+one itself (``STATE_DIR/node.sock``, in its own process group, so it outlives a restart
+of the control server and is re-adopted by the next one), or it connects to one an
+operator runs (``s2cs --data-service SOCKET``). Each session is then one ``add`` on the
+service's control socket, and ``remove`` on release: no process starts or stops.
+
+If the service goes away (it died, or it was restarted and handed over to a successor),
+the connection drops; ``NodeService`` reconnects, and re-adds any session the service no
+longer has, on the same ports. A service it started that died is started again. A
+session that cannot be put back fails with the reason (``wait_exit``).
+
+    node = await NodeService.open(state_dir / "node.sock", managed=True, workers=0, log_path=...)
+    server = NodeDataServer(spec)            # spec.service == str(node.path)
+    await server.start()
+    ...
+    await node.close(keep_running=False)
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import DataServerError
+from . import wankeys
+from .base import DataServer, DataSpec, Stats, register
+from .nodeclient import ServiceConnection, ServiceError
+from .supervise import ChildProcess, pid_alive
+
+log = logging.getLogger(__name__)
+
+
+class NodeService:
+    """The control server's handle on one node service."""
+
+    by_path: ClassVar[dict[str, "NodeService"]] = {}
+
+    def __init__(self, path: Path, *, managed: bool, workers: int = 0, log_path: Path | None = None) -> None:
+        self.path = Path(path).absolute()
+        self.managed = managed
+        self.workers = workers
+        self.log_path = log_path or self.path.with_suffix(".log")
+        self.child: ChildProcess | None = None
+        self.pid = 0
+        self.servers: dict[str, "NodeDataServer"] = {}
+        self.conn = ServiceConnection(self.path, on_event=self._event, on_lost=self._lost)
+        self.recovering: asyncio.Task | None = None
+        self.closed = False
+
+    @classmethod
+    async def open(cls, path: Path, *, managed: bool, workers: int = 0,
+                   log_path: Path | None = None) -> "NodeService":
+        self = cls(path, managed=managed, workers=workers, log_path=log_path)
+        await self._ensure()
+        cls.by_path[str(self.path)] = self
+        return self
+
+    @classmethod
+    def for_spec(cls, spec: DataSpec) -> "NodeService":
+        try:
+            return cls.by_path[str(Path(spec.service).absolute())] if spec.service else cls._only()
+        except KeyError:
+            raise DataServerError(f"no node service is open at {spec.service!r} in this control server") from None
+
+    @classmethod
+    def _only(cls) -> "NodeService":
+        if len(cls.by_path) != 1:
+            raise DataServerError("the Builtin type needs the node service: give DataSpec.service")
+        return next(iter(cls.by_path.values()))
+
+    async def _ensure(self) -> None:
+        """Connect to the service; start it first if it is ours and does not answer."""
+        try:
+            await self.conn.connect(timeout=2.0)
+        except ServiceError as exc:
+            if not self.managed:
+                raise DataServerError(f"{exc}; start it (s2ds serve --socket {self.path}) or drop "
+                                      "--data-service to let s2cs run its own") from None
+            await self._spawn()
+            await self.conn.connect(timeout=5.0)
+        reply = await self.conn.call({"op": "ping"}, 5.0)
+        self.pid = int(reply["pid"])
+        if self.child is None or self.child.pid != self.pid:
+            self.child = ChildProcess.adopt(self.pid, "s2ds node service", self.log_path)
+        log.info("node service on %s: pid %d, %d workers, %d sessions", self.path, self.pid,
+                 len(reply.get("workers") or []), reply.get("sessions", 0))
+
+    async def _spawn(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        argv = [sys.executable, "-m", "scistream.data.node", "serve", "--socket", str(self.path),
+                "--workers", str(self.workers), "--fresh"]
+        self.child = await ChildProcess.spawn(argv, log_path=self.log_path, name="s2ds node service")
+
+        async def ready() -> bool:
+            return self.path.exists() and await _answers(self.path)
+        await self.child.wait_ready(ready, timeout=20)
+
+    async def call(self, msg: dict, timeout: float = 15.0) -> dict:
+        if self.recovering is not None and not self.recovering.done():
+            await asyncio.shield(self.recovering)
+        return await self.conn.call(msg, timeout)
+
+    # -- losing the service -------------------------------------------------
+    def _event(self, msg: dict) -> None:
+        if msg.get("event") == "failed":
+            server = self.servers.get(str(msg.get("sid")))
+            if server is not None:
+                server.lost(f"node service: {msg.get('reason')}")
+
+    async def _lost(self) -> None:
+        if self.closed or (self.recovering is not None and not self.recovering.done()):
+            return
+        self.recovering = asyncio.current_task()
+        try:
+            await self._recover()
+        except Exception as exc:  # noqa: BLE001 - every session learns why
+            log.error("node service on %s is gone and cannot be brought back: %s", self.path, exc)
+            for server in list(self.servers.values()):
+                server.lost(f"the node service on {self.path} is gone: {exc}")
+
+    async def _recover(self) -> None:
+        """The connection dropped: a successor took over, or the service died."""
+        log.warning("lost the connection to the node service on %s (pid %d); reconnecting", self.path, self.pid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        delay = 0.02
+        while True:
+            try:
+                await self.conn.connect(timeout=1.0)
+                break
+            except ServiceError:
+                if self.closed:
+                    return
+                if loop.time() > deadline or (self.pid and not pid_alive(self.pid) and not self.path.exists()):
+                    if not self.managed:
+                        raise
+                    log.error("node service pid %d is gone; starting a new one", self.pid)
+                    if self.child is not None:
+                        await self.child.stop()
+                    await self._spawn()
+                    await self.conn.connect(timeout=5.0)
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        reply = await self.conn.call({"op": "ping"}, 5.0)
+        old, self.pid = self.pid, int(reply["pid"])
+        if self.pid != old:
+            if self.child is not None and self.child.proc is not None and self.child.running:
+                # our child handed over and is on its way out: reap it, never kill the successor
+                self.child.detach()
+            self.child = ChildProcess.adopt(self.pid, "s2ds node service", self.log_path)
+        listed = (await self.conn.call({"op": "list"}, 10.0)).get("sessions") or {}
+        missing = [s for sid, s in self.servers.items() if sid not in listed]
+        for server in missing:
+            try:
+                await server.add()
+            except (ServiceError, DataServerError, OSError) as exc:
+                server.lost(f"the node service was restarted and could not take the session back: {exc}")
+        log.info("node service on %s is pid %d now; %d sessions it had, %d put back", self.path, self.pid,
+                 len(self.servers) - len(missing), len(missing))
+
+    async def reconcile(self, keep: set[str]) -> list[str]:
+        """Remove sessions the service carries that this control server does not know."""
+        listed = (await self.call({"op": "list"}, 10.0)).get("sessions") or {}
+        stale = [sid for sid in listed if sid not in keep and sid not in self.servers]
+        for sid in stale:
+            log.warning("node service carried session %s that no control server knows; removing it", sid)
+            with contextlib.suppress(ServiceError):
+                await self.call({"op": "remove", "sid": sid}, 10.0)
+        return stale
+
+    async def close(self, *, keep_running: bool) -> None:
+        """Disconnect; stop the service if it is ours and nothing is left on it."""
+        self.closed = True
+        NodeService.by_path.pop(str(self.path), None)
+        if self.recovering is not None and self.recovering is not asyncio.current_task():
+            self.recovering.cancel()
+            with contextlib.suppress(BaseException):
+                await self.recovering
+        if self.managed and not keep_running:
+            with contextlib.suppress(ServiceError):
+                await self.conn.call({"op": "shutdown"}, 5.0, busy_retry=0)
+        await self.conn.close()
+        if self.child is not None:
+            if self.managed and not keep_running:
+                await self._wait_gone(self.child)
+            else:
+                self.child.detach()
+
+    @staticmethod
+    async def _wait_gone(child: ChildProcess, grace: float = 5.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while child.running and loop.time() < deadline:
+            if child.proc is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(child.proc.wait(), 0.05)
+            else:
+                await asyncio.sleep(0.02)
+        await child.stop()     # SIGKILL if it did not go; reaps
+
+
+async def _answers(path: Path) -> bool:
+    conn = ServiceConnection(path)
+    try:
+        await conn.call({"op": "ping"}, 1.0, busy_retry=0)
+        return True
+    except ServiceError:
+        return False
+    finally:
+        await conn.close()
+
+
+@register("Builtin")
+class NodeDataServer(DataServer):
+    """One session (uid and role) in the node service."""
+    aliases = ("Builtin",)
+    caps_conns = True
+
+    def __init__(self, spec: DataSpec) -> None:
+        super().__init__(spec)
+        self.sid = f"{spec.uid}/{spec.role}"
+        self.node = NodeService.for_spec(spec)
+        self._lost: asyncio.Future | None = None
+        self.started = False
+        self.workers: list[int] = []
+
+    def _config(self) -> dict[str, Any]:
+        spec = self.spec
+        cfg: dict[str, Any] = {
+            "uid": spec.uid, "role": spec.role, "listen_host": spec.listen_host,
+            "ports": list(spec.ports), "targets": list(spec.targets), "rate_kbps": spec.rate_kbps,
+            "tls": spec.wan_tls, "keepalive": list(spec.keepalive),
+            "max_conns": int(getattr(spec, "max_conns", 0) or 0),
+        }
+        if spec.wan_secret is not None:
+            files = wankeys.write_credentials(spec.wan_secret, spec.uid, spec.workdir)
+            cfg.update(cert=str(files.cert), key=str(files.key))
+        return cfg
+
+    def _future(self) -> asyncio.Future:
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+    def lost(self, reason: str) -> None:
+        fut = self._future()
+        if not fut.done():
+            fut.set_result(reason)
+
+    async def add(self) -> None:
+        self.spec.workdir.mkdir(parents=True, exist_ok=True)
+        reply = await self.node.call({"op": "add", "sid": self.sid, "cfg": self._config()})
+        self.workers = list(reply.get("workers") or [])
+
+    async def start(self) -> None:
+        self._future()
+        self.node.servers[self.sid] = self
+        try:
+            await self.add()
+        except ServiceError as exc:
+            self.node.servers.pop(self.sid, None)
+            raise DataServerError(f"data server failed to start: {exc}") from None
+        except BaseException:
+            self.node.servers.pop(self.sid, None)
+            with contextlib.suppress(Exception):
+                await self.node.call({"op": "remove", "sid": self.sid}, 5.0)
+            raise
+        self.started = True
+
+    async def retarget(self, targets: tuple[str, ...]) -> None:
+        try:
+            await self.node.call({"op": "targets", "sid": self.sid, "targets": list(targets)})
+        except ServiceError as exc:
+            raise DataServerError(f"data server refused new targets: {exc}") from None
+        self.spec = self.spec.with_targets(targets)
+
+    async def stop(self) -> None:
+        if self.node.servers.get(self.sid) is self:
+            del self.node.servers[self.sid]
+        fut = self._future()
+        if not fut.done():
+            fut.cancel()
+        if self.node.closed:
+            return
+        try:
+            await self.node.call({"op": "remove", "sid": self.sid}, 15.0)
+        except ServiceError as exc:
+            if exc.code != "unreachable":
+                raise DataServerError(f"cannot remove session {self.sid} from the node service: {exc}") from None
+            log.warning("session %s: node service unreachable at release (%s)", self.sid, exc)
+
+    async def wait_exit(self) -> str:
+        fut = self._future()
+        return await asyncio.shield(fut)
+
+    async def stats(self) -> Stats:
+        with contextlib.suppress(ServiceError, KeyError, TypeError):
+            r = (await self.node.call({"op": "stats", "sid": self.sid}, 3.0))["stats"]
+            return Stats(r["bytes_in"], r["bytes_out"], r["connections"], r["total_connections"],
+                         int(r.get("refused_connections", 0)))
+        return Stats()
+
+    async def details(self) -> dict[str, Any]:
+        """Every counter of the session (refused connections, TLS resumption, ...)."""
+        try:
+            return dict((await self.node.call({"op": "stats", "sid": self.sid}, 3.0))["stats"])
+        except ServiceError as exc:
+            raise DataServerError(f"data server does not answer: {exc}") from None
+
+    async def config(self) -> dict[str, Any]:
+        """The configuration the service holds for this session (and ``workers``: the
+        worker of each listener)."""
+        try:
+            r = await self.node.call({"op": "config", "sid": self.sid}, 5.0)
+        except ServiceError as exc:
+            raise DataServerError(f"data server does not answer: {exc}") from None
+        return {**r["cfg"], "workers": r["workers"]}
+
+    async def connections(self) -> list[dict[str, Any]]:
+        try:
+            r = await self.node.call({"op": "conns", "sid": self.sid}, 5.0)
+        except ServiceError as exc:
+            raise DataServerError(f"data server does not answer: {exc}") from None
+        return list(r.get("connections", []))
+
+    def handle(self) -> dict[str, Any]:
+        return {"service": str(self.node.path), "sid": self.sid, "service_pid": self.node.pid}
+
+    @classmethod
+    async def adopt(cls, spec: DataSpec, handle: dict[str, Any]) -> "NodeDataServer":
+        """Take the session over in the open service: it must still carry it."""
+        self = cls(spec)
+        try:
+            await self.node.call({"op": "stats", "sid": self.sid}, 5.0)
+        except ServiceError as exc:
+            raise DataServerError(f"session {self.sid} is not in the node service: {exc}") from None
+        self._future()
+        self.node.servers[self.sid] = self
+        self.started = True
+        log.info("re-adopted session %s in the node service (pid %d)", self.sid, self.node.pid)
+        return self
+
+    def detach(self) -> None:
+        """The session stays in the service for the next control server."""
+
+    @property
+    def pids(self) -> list[int]:
+        return []

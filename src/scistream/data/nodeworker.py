@@ -1,0 +1,295 @@
+"""A worker process of the node service: ``python -m scistream.data.nodeworker FD INDEX``.
+
+The node service (``scistream.data.node``) starts one worker per core and places each
+session's listeners on them. A worker is one ``evloop.Loop`` in one thread, with no
+locks: it accepts on the listening sockets it was given (they arrive over its channel,
+``FD``, with ``SCM_RIGHTS``; the service keeps its own copy, so a worker that dies takes
+no port with it) and relays every connection it accepts (``relay.Conn``: splice on the
+plain legs, TLS 1.3 on the WAN leg) until the connection ends. The part of a session a
+worker carries is a ``Slice``: the session's targets, TLS contexts (made at the first
+connection, so an idle session costs a few kilobytes), rate buckets, counters and
+connections.
+
+Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
+
+    {"op": "add", "sid", "cfg", "listeners": [i, ..], "nfds": n}  + n listening sockets
+    {"op": "targets", "sid", "targets": [..]}      addresses, never names
+    {"op": "remove", "sid"}                        -> the slice's final counters
+    {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
+    {"op": "conns", "sid"}                         -> {"connections": [..]}
+    {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections"}
+
+The worker exits when its channel closes (the service is gone: its listeners close with it)
+or on SIGTERM; either way every connection it carries is reset.
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import itertools
+import logging
+import os
+import socket
+import ssl
+import struct
+import sys
+import time
+from typing import Any
+
+from .channel import ChannelClosed, Decoder, encode
+from .evloop import EPOLLIN, EPOLLOUT, Loop, PipePool, TokenBucket
+from .relay import FAILURE_LOG, Conn
+from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
+
+log = logging.getLogger(__name__)
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
+            "refused_connections", "tls_resumed", "tls_sessions_kept")
+
+
+class Slice:
+    """The listeners and connections of one session in this worker (a ``relay.RelayContext``)."""
+
+    def __init__(self, worker: "NodeWorker", sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]]) -> None:
+        self.worker = worker
+        self.sid = sid
+        self.cfg = cfg
+        self.loop = worker.loop
+        self.pipes = worker.pipes
+        self.index = worker.index
+        self.keepalive = keepalive_setting(cfg.get("keepalive"))
+        rate = int(cfg.get("rate_kbps") or 0)
+        self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
+        self.max_conns = int(cfg.get("max_conns") or 0)      # this worker's share of the session cap
+        self._tls: tuple[ssl.SSLContext | None, ssl.SSLContext | None] | None = None
+        self.tls_session: ssl.SSLSession | None = None
+        self.targets = [resolve_target(t) for t in cfg["targets"]]
+        self.listeners = listeners
+        self.conns: dict[int, Conn] = {}
+        self.bytes = {"in": 0, "out": 0}
+        self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
+        for index, lsock in listeners:
+            lsock.setblocking(False)
+            self._watch(index, lsock)
+
+    # -- RelayContext -----------------------------------------------------
+    def _contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        if self._tls is None:
+            self._tls = tls_contexts(self.cfg)
+        return self._tls
+
+    @property
+    def server_tls(self) -> ssl.SSLContext | None:
+        return self._contexts()[0] if self.cfg.get("tls") else None
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        return self._contexts()[1] if self.cfg.get("tls") else None
+
+    def count(self, direction: str, n: int) -> None:
+        self.bytes[direction] += n
+
+    def conn_closed(self, conn: Conn) -> None:
+        self.conns.pop(conn.id, None)
+        if conn.why:
+            self.failed += 1
+
+    # -- accepting --------------------------------------------------------
+    def _watch(self, index: int, lsock: socket.socket) -> None:
+        self.loop.add(lsock.fileno(), EPOLLIN, lambda ev: self._accept(index, lsock))
+
+    def _accept(self, index: int, lsock: socket.socket) -> None:
+        try:
+            sock, peer = lsock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("session %s: cannot accept on listener %d: %s; pausing it for 0.2 s",
+                          self.sid, index, exc.strerror)
+                self.loop.remove(lsock.fileno())
+                self.loop.call_later(0.2, lambda: self._resume(index, lsock))
+            return
+        if self.max_conns and len(self.conns) >= self.max_conns:
+            self.refused += 1
+            ok, _ = FAILURE_LOG.allow()
+            if ok:
+                log.warning("session %s: refused a connection from %s: %d open, the cap is %d "
+                            "(--max-session-conns)", self.sid, peer, len(self.conns), self.max_conns)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+            sock.close()
+            return
+        targets = self.targets
+        try:
+            conn = Conn(self, self.worker.new_id(), index, sock, peer, targets[index % len(targets)])
+        except OSError as exc:
+            log.info("session %s: dropped a connection from %s: %s", self.sid, peer, exc)
+            sock.close()
+            return
+        self.total += 1
+        self.conns[conn.id] = conn
+        conn.start()
+
+    def _resume(self, index: int, lsock: socket.socket) -> None:
+        if self.loop.running and lsock.fileno() >= 0 and (index, lsock) in self.listeners:
+            self._watch(index, lsock)
+
+    # -- control ----------------------------------------------------------
+    def retarget(self, texts: list[str]) -> None:
+        if not texts:
+            raise ValueError("no targets given")
+        self.targets = [resolve_target(t) for t in texts]
+        self.cfg["targets"] = list(texts)
+
+    def counters(self) -> dict[str, int]:
+        return {"bytes_in": self.bytes["in"], "bytes_out": self.bytes["out"], "connections": len(self.conns),
+                "total_connections": self.total, "failed_connections": self.failed,
+                "refused_connections": self.refused, "tls_resumed": self.resumed,
+                "tls_sessions_kept": self.sessions_kept}
+
+    def close(self) -> dict[str, int]:
+        for _, lsock in self.listeners:
+            self.loop.remove(lsock.fileno())
+            lsock.close()
+        self.listeners = []
+        for conn in list(self.conns.values()):
+            conn.close(reset=True)
+        for b in self.buckets.values():
+            if b is not None and b._timer is not None:
+                b._timer.cancel()
+        return self.counters()
+
+
+class NodeWorker:
+    def __init__(self, chan: socket.socket, index: int) -> None:
+        self.chan = chan
+        self.index = index
+        self.loop = Loop()
+        self.pipes = PipePool(DEFAULT_PIPE)
+        self.slices: dict[str, Slice] = {}
+        self.decoder = Decoder()
+        self.outbuf = bytearray()
+        self._ids = itertools.count(1)
+        chan.setblocking(False)
+        self.loop.add(chan.fileno(), EPOLLIN, self._on_chan)
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    # -- channel ----------------------------------------------------------
+    def _on_chan(self, ev: int) -> None:
+        if ev & EPOLLOUT:
+            self._flush()
+        if not ev & ~EPOLLOUT:
+            return
+        try:
+            msgs = self.decoder.feed(self.chan)
+        except BlockingIOError:
+            return
+        except (ChannelClosed, OSError, ValueError) as exc:
+            log.info("worker %d: channel closed (%s); stopping", self.index, exc)
+            self.loop.stop()
+            return
+        for msg, fds in msgs:
+            reply = self.handle(msg, fds)
+            reply["id"] = msg.get("id")
+            self.outbuf += encode(reply)
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self.outbuf:
+                n = self.chan.send(self.outbuf)
+                del self.outbuf[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.loop.stop()
+            return
+        try:
+            self.loop.ep.modify(self.chan.fileno(), EPOLLIN | (EPOLLOUT if self.outbuf else 0))
+        except OSError:
+            pass
+
+    def handle(self, msg: dict, fds: list[int]) -> dict[str, Any]:
+        socks = [socket.socket(fileno=fd) for fd in fds]   # owned from here on
+        try:
+            op = msg.get("op")
+            if op == "add":
+                sid = msg["sid"]
+                listeners = list(zip([int(i) for i in msg["listeners"]], socks))
+                socks = []
+                old = self.slices.pop(sid, None)
+                if old is not None:
+                    old.close()
+                try:
+                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners)
+                except BaseException:
+                    for _, s in listeners:
+                        s.close()
+                    raise
+                return {"ok": True}
+            if op == "targets":
+                self._slice(msg["sid"]).retarget([str(t) for t in msg["targets"]])
+                return {"ok": True}
+            if op == "remove":
+                s = self.slices.pop(msg["sid"], None)
+                return {"ok": True, "stats": s.close() if s is not None else None}
+            if op == "stats":
+                sids = msg.get("sids")
+                chosen = self.slices if sids is None else {k: self.slices[k] for k in sids if k in self.slices}
+                return {"ok": True, "stats": {k: s.counters() for k, s in chosen.items()}}
+            if op == "conns":
+                return {"ok": True, "connections": [c.info() for c in self._slice(msg["sid"]).conns.values()]}
+            if op == "ping":
+                return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),
+                        "connections": sum(len(s.conns) for s in self.slices.values())}
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        except (ValueError, KeyError, TypeError, OSError, ssl.SSLError) as exc:
+            return {"ok": False, "error": str(exc) or type(exc).__name__}
+        finally:
+            for s in socks:
+                s.close()
+
+    def _slice(self, sid: str) -> Slice:
+        try:
+            return self.slices[sid]
+        except KeyError:
+            raise KeyError(f"no session {sid} in worker {self.index}") from None
+
+    # -- run --------------------------------------------------------------
+    def run(self) -> None:
+        self.loop.catch_signals()
+        try:
+            self.loop.run()
+        finally:
+            for s in list(self.slices.values()):
+                s.close()
+            self.slices.clear()
+            self.pipes.close()
+            if FAILURE_LOG.held_total:
+                log.warning("%d failed connections were not logged one by one", FAILURE_LOG.held_total)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    index = int(argv[1]) if len(argv) > 1 else 0
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s s2ds-worker-{index}[%(process)d] %(levelname)s %(message)s")
+    chan = socket.socket(fileno=int(argv[0]))
+    worker = NodeWorker(chan, index)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    started = time.monotonic()
+    worker.run()
+    log.info("worker %d stopped after %.0f s", index, time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
