@@ -4,6 +4,7 @@ Prometheus metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener, port_block
 from scistream.data.base import BackendUnavailable, get_backend
 from test_metrics import scrape, val
+from test_status import s2uc
 
 
 def _capping(name: str):
@@ -57,6 +59,12 @@ async def test_max_session_conns_refuses_and_counts(kind, servers, client_for, e
             _, m = await scrape(srv.metrics_port)
             return val(m, "scistream_connections_refused_total") == 2
         await async_wait_until(refused, 15, "2 refusals in the metrics")
+        rc, out, err = await s2uc("status", uid, "--s2cs", srv.target, "--insecure", "--json")
+        assert rc == 0, err
+        (row,) = json.loads(out)
+        assert row["refused_connections"] == 2
+        rc, out, err = await s2uc("status", uid, "--s2cs", srv.target, "--insecure")
+        assert rc == 0 and "2 refused (over the cap)" in out, out + err
         held.pop().close()   # the last listener's: a place there (Builtin splits the cap over workers)
 
         async def through() -> bool:
