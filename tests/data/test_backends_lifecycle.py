@@ -189,13 +189,29 @@ _TIMEOUTS = {
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "ms": 0.001}
 
 
+def _sections(kind: str, text: str) -> list[str]:
+    """The config's sections; of a HAProxy section with a ``timeout tunnel``, only that line:
+    the tunnel timeout supersedes client and server once a stream is up (the short client
+    timeout of a TLS WAN listener bounds its handshake; tests/data/test_bad_peers.py checks
+    that a quiet stream outlives it)."""
+    if kind != "Haproxy":
+        return [text]
+    out = []
+    for section in re.split(r"\n(?=\S)", text):
+        tunnel = re.findall(r"timeout tunnel \S+", section)
+        out += tunnel or [section]
+    return out
+
+
 @pytest.mark.parametrize("kind", EXTERNAL)
 async def test_quiet_stream_survives(kind, tmp_path):
     """No short idle timeout in the config (the original cut quiet streams after 50 s),
     and a 3-s idle gap mid-stream is survived."""
     async with App() as app, Chain(kind, tmp_path, [app.endpoint], n=1, secret=secret()) as chain:
         for server in (chain.prod, chain.cons):
-            found = re.findall(_TIMEOUTS[kind], server.conf_path.read_text())
+            found = []
+            for section in _sections(kind, server.conf_path.read_text()):
+                found += re.findall(_TIMEOUTS[kind], section)
             assert found, "the idle timeout must be explicit"
             for value, unit in found:
                 assert int(value) * _UNIT[unit] >= 86400, f"idle timeout {value}{unit} is too short"

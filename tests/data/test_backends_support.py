@@ -135,6 +135,7 @@ class Chain:
     cons_secret: bytes | None = None   # defaults to ``secret``; a different one = an impostor
     rate_kbps: int = 0
     keepalive: tuple[int, int, int] = KEEPALIVE
+    max_conns: int = 0
     host: str = "127.0.0.1"
     uid: str = field(default_factory=lambda: str(uuid.uuid4()))
     prod: DataServer | None = None
@@ -148,7 +149,7 @@ class Chain:
         return DataSpec(self.uid, "PROD", self.host, free_ports(self.n, self.host),
                         tuple(self.targets[i % len(self.targets)] for i in range(self.n)),
                         rate_kbps=self.rate_kbps, wan_secret=self.secret, workdir=self.workdir / "prod",
-                        keepalive=self.keepalive)
+                        keepalive=self.keepalive, max_conns=self.max_conns)
 
     async def __aenter__(self) -> "Chain":
         cls = get_backend(self.kind)
@@ -159,7 +160,8 @@ class Chain:
             wan = tuple(f"{host}:{p}" for p in self.prod.spec.ports)
             self.cons = cls(DataSpec(self.uid, "CONS", self.host, free_ports(self.n, self.host), wan,
                                      rate_kbps=self.rate_kbps, wan_secret=self.cons_secret,
-                                     workdir=self.workdir / "cons", keepalive=self.keepalive))
+                                     workdir=self.workdir / "cons", keepalive=self.keepalive,
+                                     max_conns=self.max_conns))
             await self.cons.start()
         except BaseException:
             await self.prod.stop()

@@ -106,7 +106,7 @@ def server_options(fn):
                     "instead of starting one (STATE_DIR/node.sock)."),
         option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
                help="Open connections one session may have; data servers refuse more and count "
-                    "the refusals (0: no cap)."),
+                    "the refusals (0: no cap; Stunnel cannot enforce it)."),
         option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True),
         option("--verbose", "-v", is_flag=True, help="Debug logging."),
     ]

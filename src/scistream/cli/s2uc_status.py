@@ -43,6 +43,7 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
         "avg_bps_to_producer": round(info.bytes_in * 8 / busy) if busy > 0 else 0,
         "avg_bps_to_consumer": round(info.bytes_out * 8 / busy) if busy > 0 else 0,
         "connections": info.connections, "total_connections": info.total_connections,
+        "refused_connections": info.refused_connections,
         "created": info.created, "age_s": round(max(0.0, now - info.created), 3),
         "setup_s": round(info.connected - info.created, 3) if info.connected else None,
         "lease_expires": info.lease_expires or None,
@@ -196,7 +197,8 @@ def _print_one(d: dict) -> None:
                         f"{_rate(d['avg_bps_to_producer'])})"),
         ("to consumer", f"{_size(d['bytes_to_consumer'])} ({d['bytes_to_consumer']} B, avg "
                         f"{_rate(d['avg_bps_to_consumer'])})"),
-        ("connections", f"{d['connections']} open, {d['total_connections']} in all, {d['num_conn']} slots"),
+        ("connections", f"{d['connections']} open, {d['total_connections']} in all, {d['num_conn']} slots"
+                        + (f", {d['refused_connections']} refused (over the cap)" if d["refused_connections"] else "")),
         ("rate cap", f"{d['rate_kbps']} kbit/s" if d["rate_kbps"] else "none"),
         ("age", f"{_dur(d['age_s'])} (created {_when(d['created'])})"),
         ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),

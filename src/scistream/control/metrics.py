@@ -6,6 +6,7 @@ What is exported (all prefixed ``scistream_``):
     sessions_ended_total{state}         counter  sessions ended: released, expired, failed
     bytes_forwarded_total{direction}    counter  to_producer / to_consumer, every session
     connections                         gauge    connections open through the data servers
+    connections_refused_total           counter  refused by the per-session cap (--max-session-conns)
     session_setup_seconds               histogram  req -> connected
     rpc_calls_total{method,code}        counter  every RPC answered, by status code
     rpc_errors_total{method,code}       counter  the ones that failed
@@ -46,6 +47,7 @@ class _Live:
         reg = self.m.registry
         by_state = {s.value: 0 for s in (S.REQUESTED, S.READY, S.CONNECTED)}
         to_prod, to_cons = self.m.ended_bytes
+        refused = self.m.ended_refused
         conns = 0
         for s in list(reg.active.values()):
             by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
@@ -53,6 +55,7 @@ class _Live:
             to_prod += st.bytes_in
             to_cons += st.bytes_out
             conns += st.connections
+            refused += st.refused_connections
         g = GaugeMetricFamily("scistream_sessions", "Live sessions by state", labels=["state"])
         for state, n in by_state.items():
             g.add_metric([state], n)
@@ -64,6 +67,9 @@ class _Live:
         yield c
         yield GaugeMetricFamily("scistream_connections", "Connections open through the data servers",
                                 value=conns)
+        yield CounterMetricFamily("scistream_connections_refused",
+                                  "Connections the data servers refused: over the session's cap "
+                                  "(--max-session-conns)", value=refused)
         p = GaugeMetricFamily("scistream_ports", "Data ports of --port-range", labels=["state"])
         p.add_metric(["used"], len(reg.ports.used))
         p.add_metric(["free"], reg.ports.free_count)
@@ -90,6 +96,7 @@ class Metrics:
         for state in ("released", "expired", "failed"):
             self.ended.labels(state)
         self.ended_bytes = [0, 0]
+        self.ended_refused = 0
         self.prom.register(_Live(self))
         self._server: asyncio.AbstractServer | None = None
 
@@ -109,6 +116,7 @@ class Metrics:
             st = session.total_stats()
             self.ended_bytes[0] += st.bytes_in
             self.ended_bytes[1] += st.bytes_out
+            self.ended_refused += st.refused_connections
 
     async def refresh(self, concurrency: int = 32) -> None:
         """Ask every live data server for its counters (bounded in time and in parallel)."""

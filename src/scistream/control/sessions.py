@@ -73,7 +73,7 @@ def when(t: float) -> str:
 
 def _add(a: Stats, b: Stats) -> Stats:
     return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
-                 a.total_connections + b.total_connections)
+                 a.total_connections + b.total_connections, a.refused_connections + b.refused_connections)
 
 
 @dataclasses.dataclass
@@ -186,7 +186,8 @@ class Session:
             # from last_stats (re-adopted), or restart at zero (``restarted_server``)
             s.stats_base = Stats(**d["stats_base"]) if d.get("stats_base") else Stats()
             s.last_stats = Stats(st.bytes_in - s.stats_base.bytes_in, st.bytes_out - s.stats_base.bytes_out,
-                                 0, st.total_connections - s.stats_base.total_connections)
+                                 0, st.total_connections - s.stats_base.total_connections,
+                                 st.refused_connections - s.stats_base.refused_connections)
         if s.state is not S.REQUESTED:
             s.hello_seen.set()
         return s

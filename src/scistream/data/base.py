@@ -88,6 +88,7 @@ class Stats:
     bytes_out: int = 0     # bytes carried towards the consumer (producer -> consumer)
     connections: int = 0   # connections open now
     total_connections: int = 0
+    refused_connections: int = 0   # refused by the max_conns cap (DataSpec.max_conns)
 
 
 class BackendUnavailable(RuntimeError):
@@ -98,6 +99,9 @@ class DataServer(abc.ABC):
     kind: ClassVar[str] = ""
     #: True for the types whose original behaviour was a plaintext WAN leg.
     legacy_plaintext: ClassVar[bool] = False
+    #: True for the types that enforce ``spec.max_conns`` and count the refusals
+    #: (``Stats.refused_connections``).
+    caps_conns: ClassVar[bool] = False
 
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec

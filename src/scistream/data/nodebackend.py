@@ -223,6 +223,7 @@ async def _answers(path: Path) -> bool:
 class NodeDataServer(DataServer):
     """One session (uid and role) in the node service."""
     aliases = ("Builtin",)
+    caps_conns = True
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)
@@ -304,7 +305,8 @@ class NodeDataServer(DataServer):
     async def stats(self) -> Stats:
         with contextlib.suppress(ServiceError, KeyError, TypeError):
             r = (await self.node.call({"op": "stats", "sid": self.sid}, 3.0))["stats"]
-            return Stats(r["bytes_in"], r["bytes_out"], r["connections"], r["total_connections"])
+            return Stats(r["bytes_in"], r["bytes_out"], r["connections"], r["total_connections"],
+                         int(r.get("refused_connections", 0)))
         return Stats()
 
     async def details(self) -> dict[str, Any]:

@@ -52,6 +52,10 @@ CHECK_TIMEOUT = 30.0
 #: days; TCP keepalive (enabled on every socket) finds dead peers instead.
 IDLE_TIMEOUT_S = 7 * 24 * 3600
 CONNECT_TIMEOUT_S = 15
+#: A connection to a TLS WAN listener that has not completed the handshake within this many
+#: seconds is closed (as the built-in type does, relay.HANDSHAKE_TIMEOUT): a flood of idle
+#: or garbage connections is shed instead of holding sockets and memory for days.
+HANDSHAKE_TIMEOUT_S = 10
 #: Name both session certificates carry (wankeys); the TLS client checks it.
 SESSION_NAME = "scistream-session"
 _ERROR_LINE = re.compile(r"\[ALERT\]|\[emerg\]|\[crit\]|\[alert\]|LOG[0-3]\[|\[!\]|error|failed|"
@@ -210,6 +214,7 @@ class ProxyServer(DataServer):
     env_var: ClassVar[str] = ""            # overrides the binary's path
     shapes_rate: ClassVar[bool] = False    # honours spec.rate_kbps
     _rate_warned: ClassVar[bool] = False
+    _cap_warned: ClassVar[bool] = False
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)
@@ -272,6 +277,7 @@ class ProxyServer(DataServer):
             self.prepare()
             await self._install_config(self.render())
             self._warn_rate()
+            self._warn_cap()
             await self._spawn()
 
     async def _spawn(self) -> None:
@@ -383,6 +389,14 @@ class ProxyServer(DataServer):
             log.warning("the %s backend does not shape bandwidth: the requested rate (%d kbit/s) is "
                         "reserved but not enforced; use Nginx or Builtin to enforce it",
                         cls.kind, self.spec.rate_kbps)
+
+    def _warn_cap(self) -> None:
+        cls = type(self)
+        if self.spec.max_conns and not cls.caps_conns and not cls._cap_warned:
+            cls._cap_warned = True
+            log.warning("the %s backend cannot cap the connections of a session: the cap (%d, "
+                        "--max-session-conns) is not enforced; use Haproxy or Nginx to enforce it",
+                        cls.kind, self.spec.max_conns)
 
     async def _install_config(self, text: str) -> None:
         """Validate ``text`` with the binary's config test, then make it the config."""

@@ -10,13 +10,16 @@ per port in the ``stream`` block, ``listen`` on ``spec.listen_host`` only.
   secret: plain TCP (the original's behaviour; ``legacy_plaintext``).
 * Retarget: ``nginx -t`` on the new config, then SIGHUP; new workers take new
   connections, old workers finish their established ones (no worker_shutdown_timeout).
-* Timeouts: connect 15 s, idle 7 days (``proxy_timeout``; nginx's default is 10 min);
+* Timeouts: connect 15 s, TLS handshake 10 s, idle 7 days (``proxy_timeout``; nginx's
+  default is 10 min);
   ``proxy_half_close on`` so a half-closed stream keeps flowing the other way.
 * Rate: ``proxy_upload_rate``/``proxy_download_rate`` are per connection, so the session
   rate is divided by the number of listeners (one stream per listener).
 * Speed: 256 KiB proxy buffers (default 16 KiB; a third less CPU per GB on loopback,
   1 MiB gains nothing more); nginx's stream module has no splice.
 * Stats: from the stream access log (closed connections only).
+* Cap (``spec.max_conns``): ``limit_conn`` on one shared-memory zone with a constant key
+  (every listener, every worker); refused connections are ``REJECTED`` in the access log.
 
     server = NginxServer(DataSpec(uid, "CONS", "127.0.0.1", (5200,), ("gw.prod:5100",),
                                   wan_secret=secret, workdir=Path("/var/lib/s2cs/u1-CONS")))
@@ -32,14 +35,15 @@ from pathlib import Path
 
 from ..base import BackendUnavailable, Stats, register
 from ..supervise import children
-from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME, ProxyServer,
-                     error_lines, log_since, log_size)
+from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME,
+                     ProxyServer, error_lines, log_since, log_size)
 
 log = logging.getLogger(__name__)
 
 STREAM_MODULE = Path(os.environ.get("SCISTREAM_NGINX_STREAM_MODULE",
                                     "/usr/lib/nginx/modules/ngx_stream_module.so"))
 BUFFER = "256k"
+CONNS_ZONE = "s2ds_conns"   # limit_conn zone (and key) of the session's max_conns cap
 
 
 def stream_builtin(binary: str) -> bool:
@@ -61,6 +65,7 @@ class NginxServer(ProxyServer):
     binaries = ("nginx",)
     env_var = "SCISTREAM_NGINX"
     shapes_rate = True
+    caps_conns = True
 
     @classmethod
     def check_available(cls) -> None:
@@ -88,7 +93,7 @@ class NginxServer(ProxyServer):
             f"error_log {self.log_path} info;",
             f"events {{ worker_connections {max(1024, 8 * len(spec.ports))}; }}",
             "stream {",
-            "    log_format scistream '$bytes_received $bytes_sent $session_time';",
+            "    log_format scistream '$bytes_received $bytes_sent $session_time $limit_conn_status';",
             f"    access_log {self.access_log} scistream;",
             "    proxy_half_close on;",
             f"    proxy_connect_timeout {CONNECT_TIMEOUT_S}s;",
@@ -97,6 +102,13 @@ class NginxServer(ProxyServer):
             "    proxy_socket_keepalive on;",
             "    tcp_nodelay on;",
         ]
+        if spec.max_conns:
+            # one zone, one constant key: the cap counts every connection of the session,
+            # over all listeners and workers (a shared-memory zone); refusals are logged as
+            # REJECTED in the access log (stats) and in the error log
+            lines += [f"    limit_conn_zone {CONNS_ZONE} zone={CONNS_ZONE}:64k;",
+                      f"    limit_conn {CONNS_ZONE} {spec.max_conns};",
+                      "    limit_conn_log_level warn;"]
         if spec.rate_kbps:
             per_conn = max(1, spec.rate_kbps * 1000 // 8 // len(spec.ports))
             lines += [f"    proxy_upload_rate {per_conn};", f"    proxy_download_rate {per_conn};"]
@@ -108,7 +120,7 @@ class NginxServer(ProxyServer):
                 lines += [f"    ssl_certificate {c.cert};", f"    ssl_certificate_key {c.key};",
                           "    ssl_protocols TLSv1.3;", "    ssl_verify_client on;",
                           f"    ssl_client_certificate {c.cert};", "    ssl_verify_depth 1;",
-                          f"    ssl_handshake_timeout {CONNECT_TIMEOUT_S}s;"]
+                          f"    ssl_handshake_timeout {HANDSHAKE_TIMEOUT_S}s;"]
             else:
                 lines += ["    proxy_ssl on;", f"    proxy_ssl_certificate {c.cert};",
                           f"    proxy_ssl_certificate_key {c.key};", "    proxy_ssl_protocols TLSv1.3;",
@@ -158,7 +170,9 @@ class NginxServer(ProxyServer):
             with open(self.access_log) as f:
                 for line in f:
                     parts = line.split()
-                    if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+                    if len(parts) >= 4 and parts[3] == "REJECTED":   # the max_conns cap
+                        stats.refused_connections += 1
+                    elif len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
                         stats.bytes_in += int(parts[0])
                         stats.bytes_out += int(parts[1])
                         stats.total_connections += 1

@@ -19,7 +19,11 @@ clients towards the PROD listeners.
   the uid has the key).
 * Retarget: the config is rewritten and stunnel reloads it on SIGHUP; established
   connections keep going, the listeners are re-bound.
-* Timeouts: ``TIMEOUTidle`` 7 days (default 12 h), TCP keepalive on every socket.
+* Timeouts: ``TIMEOUTidle`` 7 days (default 12 h), TCP keepalive on every socket;
+  ``TIMEOUTbusy`` 10 s bounds the TLS handshake (default 300 s; stunnel does not use it
+  while a stream carries data).
+* Cap (``spec.max_conns``): **not enforced** (stunnel has no such setting; its only
+  limit is derived from the file-descriptor limit); a warning is logged once.
 * Stats: from the log's "Connection closed" lines (closed connections only).
 * Rate: **not shaped** (stunnel has no bandwidth limit); a warning is logged once.
 
@@ -35,8 +39,8 @@ import re
 import signal
 
 from ..base import Stats, register
-from .common import (CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer, error_lines, log_since,
-                     log_size, write_private)
+from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer,
+                     error_lines, log_since, log_size, write_private)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,9 @@ class StunnelServer(ProxyServer):
                       f"client = {client}",
                       f"TIMEOUTidle = {IDLE_TIMEOUT_S}",
                       f"TIMEOUTconnect = {CONNECT_TIMEOUT_S}",
+                      # the TLS handshake (and nothing on an established stream: transfer
+                      # waits are TIMEOUTidle / TIMEOUTclose)
+                      f"TIMEOUTbusy = {HANDSHAKE_TIMEOUT_S}",
                       *tls]
         return "\n".join(lines) + "\n"
 
