@@ -185,7 +185,8 @@ class ControlServicer:
             lease_expires=s.lease_expires, last_error=s.last_error, wan_security=s.wan_security,
             server_type=s.server_type or self.registry.config.server_type,
             bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, connections=stats.connections,
-            total_connections=stats.total_connections, ended=s.ended, connected=s.connected_at)
+            total_connections=stats.total_connections, ended=s.ended, connected=s.connected_at,
+            rate_not_enforced=bool(s.rate) and not s.rate_enforced)
 
 
 _RESPONSES = {"req": pb.Response, "hello": pb.AppResponse, "update": pb.Response,
