@@ -13,16 +13,17 @@ import ast
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
-import sys
 
 import grpc
 import pytest
 
 from conftest import BIN, async_wait_until, echo_roundtrip, new_uid, parse_listener, still_listening
 from original_server import OriginalStandIn
-from scistream.client import AsyncClient
+from scistream.client import AsyncClient, Gateway, release, request_cons, request_prod
+from scistream.client.order import ORIGINAL_SERVER, hello_after_req
 from scistream.errors import ScistreamError
 
 ORIGINAL_NOTE = "server of the original SciStream tooling"
@@ -250,7 +251,6 @@ async def test_connect_and_appctrl_demo_against_original_servers(originals, cli)
     """s2uc connect --start-apps: both reqs at once, the demo apps' controllers say hello
     (retried until the original knows the req), both updates; the demo consumer verifies
     every byte; then both sides are released."""
-    import json
     prod, cons = await originals()
     p = await run(cli, "s2uc", "connect", "--prod-s2cs", prod.target, "--cons-s2cs", cons.target,
                   "--insecure", "--num-conn", "2", "--start-apps", "--size", "4M", "--json", timeout=120)
@@ -264,8 +264,6 @@ async def test_connect_and_appctrl_demo_against_original_servers(originals, cli)
 
 async def test_python_api_against_original_servers(originals, echo_server):
     """scistream.client.request_prod / request_cons: the same order rules as the CLIs."""
-    from scistream.client import Gateway, release, request_cons, request_prod
-    from scistream.client.order import ORIGINAL_SERVER, hello_after_req
     prod, cons = await originals()
     pg, cg = Gateway(prod.target, insecure=True), Gateway(cons.target, insecure=True)
     uid = new_uid()

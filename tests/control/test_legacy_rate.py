@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import sys
 
 import pytest
 
-from conftest import BIN, echo_roundtrip, new_uid, parse_listener
+from conftest import BIN, async_wait_until, echo_roundtrip, new_uid, parse_listener
 from scistream.client import AsyncClient
+from scistream.data.supervise import pid_alive
 
 LEGACY_RATE = 10000
 
@@ -78,3 +80,30 @@ async def test_our_clients_rate_is_enforced(servers, client_for, echo_server):
     info = (await c.status(uid)).sessions[0]
     assert info.rate == 5000 and info.rate_not_enforced is False
     await c.release(uid)
+
+
+async def test_decision_survives_a_restart(servers, client_for, echo_server):
+    """The decision is part of the session's record: a restarted control server whose data
+    server died meanwhile starts the new one without the cap, and status still says so."""
+    srv = await servers(allow_legacy_plaintext=True)
+    c = client_for(srv)
+    uid = new_uid()
+    req = asyncio.create_task(c.req(uid, "PROD", 1, LEGACY_RATE))
+    await c.hello(uid, "PROD", [f"{echo_server[0]}:{echo_server[1]}"])
+    resp = await req
+    await c.update(uid, "PROD", list(resp.prod_listeners))  # no wan_secret: as the original's clients
+    (old_pid,) = srv.registry.active[(uid, "PROD")].server.pids
+    sd, rng = srv.state_dir, srv.config.port_range
+    await srv.stop(release=False)
+    os.killpg(old_pid, signal.SIGKILL)
+    await async_wait_until(lambda: not pid_alive(old_pid), what="the data server to be gone")
+    srv2 = await servers(state_dir=sd, port_range=rng, allow_legacy_plaintext=True)
+    session = srv2.registry.active[(uid, "PROD")]
+    assert session.server.pids != [old_pid] and session.server.spec.rate_kbps == 0
+    c2 = client_for(srv2)
+    assert (await c2.status(uid)).sessions[0].rate_not_enforced is True
+    payload = os.urandom(1 << 20)
+    got = await echo_roundtrip(*parse_listener(resp.listeners[0]), payload)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    await c2.release(uid)
+    assert srv2.registry.ports.used == set()

@@ -15,7 +15,9 @@ the error propagates. ``s2uc connect`` is built on it.
     await release(conn)
 
 ``request_prod`` and ``request_cons`` do one half each (``s2uc prod-req`` / ``cons-req``);
-``status`` reads a server's sessions as ``SessionStatus`` records.
+``status`` reads a server's sessions as ``SessionStatus`` records. The order the servers
+of the original tooling need (targets checked before any update; such a server named,
+its WAN leg plaintext) comes from ``scistream.client.order``, as for the CLIs.
 """
 from __future__ import annotations
 
