@@ -108,6 +108,21 @@ async def servers(tmp_path):
         await srv.stop()
 
 
+@pytest.fixture(scope="module")
+def original_stubs(tmp_path_factory):
+    """Client code generated, at test time, from the original tooling's .proto:
+    (the directory to put on sys.path, tests/fixtures); scripts there import ``orig``."""
+    protoc = pytest.importorskip("grpc_tools.protoc")
+    out = tmp_path_factory.mktemp("original")
+    src = Path(__file__).parent / "fixtures"
+    (out / "orig").mkdir()
+    (out / "orig" / "__init__.py").write_text("")
+    (out / "orig" / "scistream.proto").write_text((src / "original_scistream.proto").read_text())
+    assert protoc.main(["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}",
+                        str(out / "orig" / "scistream.proto")]) == 0
+    return out, src
+
+
 @pytest.fixture
 async def client_for():
     clients: list[AsyncClient] = []

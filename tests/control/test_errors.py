@@ -210,27 +210,12 @@ def _range(n: int) -> str:
     return port_block(n)
 
 
-@pytest.fixture(scope="module")
-def original_stubs(tmp_path_factory):
-    """Client code generated, at test time, from the original tooling's .proto."""
-    import pathlib
-
-    protoc = pytest.importorskip("grpc_tools.protoc")
-    out = tmp_path_factory.mktemp("original")
-    src = pathlib.Path(__file__).parent.parent / "fixtures"
-    (out / "orig").mkdir()
-    (out / "orig" / "__init__.py").write_text("")
-    (out / "orig" / "scistream.proto").write_text((src / "original_scistream.proto").read_text())
-    assert protoc.main(["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        str(out / "orig" / "scistream.proto")]) == 0
-    return out, src / "original_client.py"
-
-
 async def test_original_client_interoperates(servers, echo_server, original_stubs):
     """A client built from the original definition completes the exchange against our
     server (run as its own process, so its generated code has its own descriptor pool)."""
     import sys
-    gen_dir, script = original_stubs
+    gen_dir, fixtures = original_stubs
+    script = fixtures / "original_client.py"
     srv = await servers(allow_legacy_plaintext=True)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(script), str(gen_dir), srv.target, f"{echo_server[0]}:{echo_server[1]}",

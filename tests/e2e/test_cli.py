@@ -172,7 +172,7 @@ def test_inbound_outbound_both_directions(s2cs_process, cli_env):
 
 @pytest.mark.parametrize("args,code,text", [
     (["release", "not-a-uuid", "--s2cs", "{t}", "--insecure"], 1, "INVALID_ARGUMENT"),
-    (["cons-req", "--s2cs", "{t}", "--insecure", "3f1c3f56-8f0e-4c35-9d33-3b0f0d1c2a11", "nonsense"], 1,
+    (["cons-req", "--s2cs", "{t}", "--insecure", "3f1c3f56-8f0e-4c35-9d33-3b0f0d1c2a11", "nonsense"], 2,
      "bad listener"),
     (["prod-req", "--s2cs", "nonsense", "--insecure"], 1, "bad listener"),
     (["prod-req", "--s2cs", "127.0.0.1:1", "--insecure"], 4, "cannot reach the S2CS"),

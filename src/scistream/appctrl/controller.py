@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 from ..addr import format_listener, parse_listener
 from ..apps import demo
 from ..client import AsyncClient
+from ..client.order import hello_after_req
 from ..data.supervise import port_listening
 from ..errors import InvalidArgument
 
@@ -44,14 +45,14 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
             raise InvalidArgument("--app none needs the producer's endpoints (--endpoint HOST:PORT)")
         for e in endpoints:
             parse_listener(e)
-        await client.hello(uid, "PROD", list(endpoints))
+        await hello_after_req(client, uid, "PROD", list(endpoints))
         say(f"hello sent for {uid}; producer endpoints: {', '.join(endpoints)}")
         return
     if app == "demo":
         producer = demo.Producer(size, connections)
         try:
             eps = await producer.start(ip, [0] * num_conn)
-            resp = await client.hello(uid, "PROD", eps)
+            resp = await hello_after_req(client, uid, "PROD", eps)
             say(f"hello sent for {uid}: {resp.message}; producer endpoints: {', '.join(eps)}")
             if connections is None:
                 await asyncio.Event().wait()  # serve until interrupted
@@ -71,7 +72,7 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
         try:
             ep = format_listener(ip, port)
             await _wait_listening(ip, port, proc)
-            await client.hello(uid, "PROD", [ep])
+            await hello_after_req(client, uid, "PROD", [ep])
             say(f"hello sent for {uid}; iperf3 server on {ep}")
             await proc.wait()
         finally:
@@ -95,7 +96,7 @@ async def _wait_listening(host: str, port: int, proc) -> None:
 async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: int = 1 << 30,
                    connect_timeout: float = 120.0, iperf_args: Sequence[str] = (),
                    say: Callable[[str], None] = print) -> demo.ConsumeReport | None:
-    resp = await client.hello(uid, "CONS")
+    resp = await hello_after_req(client, uid, "CONS")
     listeners = list(resp.listeners)
     say(f"hello sent for {uid}; consumer listeners: {listeners}")
     if app == "none":

@@ -20,6 +20,7 @@ from ..addr import check_uid, parse_listener
 from ..appctrl.controller import MOCK_ENDPOINTS, run_cons, run_prod
 from ..apps.demo import VerifyError
 from ..client import AsyncClient, ChannelOptions
+from ..client.order import hello_after_req
 from .common import EXIT_CODES_HELP, Exit, channel_options, err, handle_errors, option, out, resolve_token
 
 SIZE = click.IntRange(0)
@@ -104,7 +105,7 @@ def mock(uid, s2cs, access_token, role, controller_ip, server_cert, insecure, **
 
     async def run() -> None:
         async with _client(s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
-            resp = await c.hello(uid, role, MOCK_ENDPOINTS if role == "PROD" else [])
+            resp = await hello_after_req(c, uid, role, MOCK_ENDPOINTS if role == "PROD" else [])
             out.print(resp.message)
             if resp.listeners:
                 out.print(f"Listeners: {list(resp.listeners)}")

@@ -52,6 +52,9 @@ def option(*names: str, **kw) -> Callable:
 
 
 def fail(action: str, exc: ScistreamError) -> NoReturn:
+    if getattr(exc, "usage", False):  # refused by the client itself, before sending anything
+        err.print(f"[red]{escape(action)} failed[/] (usage): {escape(str(exc))}")
+        sys.exit(Exit.USAGE)
     code = exc.status.name if exc.status is not None else "ERROR"
     err.print(f"[red]{escape(action)} failed[/] ({code}): {escape(str(exc))}")
     sys.exit(_EXIT_FOR.get(code, Exit.REFUSED))

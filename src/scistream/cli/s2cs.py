@@ -82,6 +82,9 @@ def server_options(fn):
         option("--wan-plaintext", is_flag=True, help="Do not encrypt the WAN leg (operator's choice)."),
         option("--allow-legacy-plaintext", is_flag=True,
                help="Give clients of the original tooling (no WAN secret) a plaintext WAN leg."),
+        option("--enforce-legacy-rate", is_flag=True,
+               help="Enforce the rate of clients of the original tooling (no WAN secret) too; by "
+                    "default it is not (they send 10000 kbit/s, which that tooling never enforced)."),
         option("--max-lease", type=click.FloatRange(0), default=0.0, show_default=True,
                help="Longest session lifetime in seconds, also the default; a req may ask for less "
                     "(0: unlimited)."),

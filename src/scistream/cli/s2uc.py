@@ -16,10 +16,12 @@ import click
 from rich.markup import escape
 
 from .. import __version__
-from ..addr import format_listener, parse_listener
+from ..addr import format_listener
 from ..appctrl.controller import MOCK_ENDPOINTS
 from ..client import AsyncClient, ChannelOptions
 from ..client import sessionfile
+from ..client.order import (ORIGINAL_SERVER, BadTargets, check_targets, original_server_note,
+                            req_and_hello, wan_security_of)
 from ..errors import InvalidArgument
 from .common import EXIT_CODES_HELP, channel_options, err, handle_errors, option, out, resolve_token
 
@@ -31,11 +33,18 @@ def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | Non
 
 
 def _split(values: tuple[str, ...] | list[str]) -> list[str]:
-    """Listener arguments: comma-separated, space-separated, or both (the original's forms)."""
+    """Listener arguments: comma-separated, space-separated, or both (the original's forms).
+
+    An empty or malformed list is refused here (exit code 2), before anything is sent: the
+    original's server crashes on an update without targets."""
     items = [v.strip() for arg in values for v in arg.replace(" ", ",").split(",") if v.strip()]
-    for v in items:
-        parse_listener(v)
-    return items
+    return check_targets(items, "PROD_LISTENER")
+
+
+def _note_wan(role: str, s2cs: str, upd) -> None:
+    """Say so when the server turned out to be an original one: the WAN leg is plaintext."""
+    if wan_security_of(upd) == ORIGINAL_SERVER:
+        err.print(f"[yellow]note[/]: {escape(original_server_note(role, s2cs))}")
 
 
 def _proto_lines(field: str, values) -> None:
@@ -60,16 +69,15 @@ async def _prod_req(c: AsyncClient, uid: str, num_conn: int, rate: int, lease: i
     out.print("uid; s2cs; access_token; role")
     out.print(f"{uid} {s2cs} - PROD")
     out.print("waiting for hello message")
-    req = asyncio.create_task(c.req(uid, "PROD", num_conn, rate, lease=lease))
-    if mock:
-        await c.hello(uid, "PROD", MOCK_ENDPOINTS)
-    resp = await req
+    req = c.req(uid, "PROD", num_conn, rate, lease=lease)
+    resp = await (req_and_hello(c, uid, "PROD", req, MOCK_ENDPOINTS) if mock else req)
     sessionfile.save(uid, role="PROD", s2cs=s2cs, wan_secret=resp.wan_secret,
                      listeners=list(resp.listeners))
     _proto_lines("listeners", resp.listeners)
     _proto_lines("prod_listeners", resp.prod_listeners)
+    endpoints = check_targets(resp.prod_listeners, "the producer's endpoints (from its hello)", usage=False)
     out.print("Sending updated connection map information...")
-    await c.update(uid, "PROD", list(resp.prod_listeners), resp.wan_secret)
+    _note_wan("PROD", s2cs, await c.update(uid, "PROD", endpoints, resp.wan_secret))
     out.print(uid)
 
 
@@ -115,12 +123,12 @@ def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, serv
 
     async def run() -> None:
         async with _client(s2cs, server_cert, insecure, token) as c:
-            req = asyncio.create_task(c.req(uid, "PROD", num_conn, rate, lease=lease))
-            await c.hello(uid, "PROD", endpoints)
-            resp = await req
+            resp = await req_and_hello(c, uid, "PROD", c.req(uid, "PROD", num_conn, rate, lease=lease),
+                                       endpoints)
             sessionfile.save(uid, role="PROD", s2cs=s2cs, wan_secret=resp.wan_secret,
                              listeners=list(resp.listeners))
-            await c.update(uid, "PROD", list(resp.prod_listeners), resp.wan_secret)
+            targets = check_targets(resp.prod_listeners, "the producer's endpoints", usage=False)
+            _note_wan("PROD", s2cs, await c.update(uid, "PROD", targets, resp.wan_secret))
             _proto_lines("listeners", resp.listeners)
             _proto_lines("prod_listeners", resp.prod_listeners)
             out.print(uid)
@@ -130,31 +138,28 @@ def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, serv
 def _endpoints(remote_ip: str, receiver_ports: str) -> list[str]:
     ports = [p.strip() for p in receiver_ports.split(",") if p.strip()]
     if not ports:
-        raise InvalidArgument("--receiver-ports needs at least one port")
+        raise BadTargets("--receiver-ports needs at least one port; nothing was sent")
     eps = []
     for p in ports:
         if not p.isdigit():
-            raise InvalidArgument(f"--receiver-ports: {p!r} is not a port number")
+            raise BadTargets(f"--receiver-ports: {p!r} is not a port number; nothing was sent")
         eps.append(format_listener(remote_ip, int(p)))
-    for e in eps:
-        parse_listener(e)
-    return eps
+    return check_targets(eps, "--remote-ip/--receiver-ports")
 
 
 # -- CONS side -------------------------------------------------------------------------
 async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: int | None, rate: int,
-                lease: int, send_hello: bool) -> list[str]:
+                lease: int, send_hello: bool, s2cs: str) -> list[str]:
     n = num_conn or len(prod_listeners)
     secret = sessionfile.wan_secret(uid)
     if not secret:
         err.print(f"[yellow]note[/]: no WAN secret for {uid} in {sessionfile.sessions_dir()} (prod-req "
                   "and inbound-request keep it there, or pass --wan-secret-file); the CONS S2CS will "
                   "refuse unless it allows a plaintext WAN leg")
-    req = asyncio.create_task(c.req(uid, "CONS", n, rate, lease=lease))
-    if send_hello:
-        await c.hello(uid, "PROD")  # the original's outbound-request says PROD here
-    resp = await req
-    await c.update(uid, "CONS", prod_listeners, secret)
+    req = c.req(uid, "CONS", n, rate, lease=lease)
+    # the original's outbound-request says PROD in this hello; every server accepts that
+    resp = await (req_and_hello(c, uid, "PROD", req) if send_hello else req)
+    _note_wan("CONS", s2cs, await c.update(uid, "CONS", prod_listeners, secret))
     return list(resp.listeners)
 
 
@@ -177,7 +182,7 @@ def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, s
     async def run() -> list[str]:
         async with _client(s2cs, server_cert, insecure, token) as c:
             out.print("waiting for hello message")
-            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=False)
+            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=False, s2cs=s2cs)
     result = asyncio.run(run())
     out.print(f"Listeners: {result}")
 
@@ -205,7 +210,7 @@ def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, wan
 
     async def run() -> list[str]:
         async with _client(s2cs, server_cert, insecure, token) as c:
-            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=True)
+            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=True, s2cs=s2cs)
     result = asyncio.run(run())
     out.print(f"Listeners: {result}")
 

@@ -39,6 +39,7 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
         "server": server, "uid": info.uid, "role": info.role, "state": info.state,
         "owner": info.owner, "listeners": list(info.listeners), "targets": list(info.targets),
         "num_conn": info.num_conn, "rate_kbps": info.rate,
+        "rate_enforced": not getattr(info, "rate_not_enforced", False),
         "bytes_to_producer": info.bytes_in, "bytes_to_consumer": info.bytes_out,
         "avg_bps_to_producer": round(info.bytes_in * 8 / busy) if busy > 0 else 0,
         "avg_bps_to_consumer": round(info.bytes_out * 8 / busy) if busy > 0 else 0,
@@ -199,7 +200,7 @@ def _print_one(d: dict) -> None:
                         f"{_rate(d['avg_bps_to_consumer'])})"),
         ("connections", f"{d['connections']} open, {d['total_connections']} in all, {d['num_conn']} slots"
                         + (f", {d['refused_connections']} refused (over the cap)" if d["refused_connections"] else "")),
-        ("rate cap", f"{d['rate_kbps']} kbit/s" if d["rate_kbps"] else "none"),
+        ("rate cap", _rate_cap(d)),
         ("age", f"{_dur(d['age_s'])} (created {_when(d['created'])})"),
         ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),
         ("lease", lease),
@@ -212,17 +213,30 @@ def _print_one(d: dict) -> None:
     out.print()
 
 
+def _rate_cap(d: dict, short: bool = False) -> str:
+    if not d["rate_kbps"]:
+        return "none" if not short else "-"
+    cap = f"{d['rate_kbps']} kbit/s"
+    if d["rate_enforced"]:
+        return cap
+    if short:
+        return f"{cap} NOT ENFORCED"
+    return (f"{cap}, NOT ENFORCED (a client of the original tooling, which never enforced it; "
+            "s2cs --enforce-legacy-rate enforces it)")
+
+
 def _print_table(found: list[dict]) -> None:
     if not found:
         out.print("no sessions")
         return
     t = Table("uid", "role", "state", "owner", "age", "lease left", "to prod", "to cons", "conns",
-              "server", "last error")
+              "rate cap", "server", "last error")
     for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
         t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), _dur(d["age_s"]),
                   _dur(d["lease_left_s"]) if d["lease_expires"] and not d["ended"] else "-",
                   _size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"]),
-                  str(d["connections"]), d["server"], escape(d["last_error"][:60]))
+                  str(d["connections"]), _rate_cap(d, short=True), d["server"],
+                  escape(d["last_error"][:60]))
     out.print(t)
 
 

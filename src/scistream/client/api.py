@@ -79,6 +79,9 @@ class AsyncClient:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 msg = (f"cannot reach the S2CS at {self.target}: {msg}. Is it running, and "
                        "does --server-cert (or --insecure) match how it was started?")
+            elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                msg = (f"the S2CS at {self.target} does not know this call ({msg}); a server of "
+                       "the original SciStream tooling has no status: use our s2cs for that")
             raise from_status(exc.code(), msg) from None
 
     async def req(self, uid: str, role: str, num_conn: int = 5, rate: int = 0, *,

@@ -77,7 +77,7 @@ class ProdSide:
     s2cs: str
     wan_listeners: tuple[str, ...]       # PROD data server's listeners, reachable over the WAN
     producer_endpoints: tuple[str, ...]  # the producer application's endpoints (from its hello)
-    wan_security: str                    # "tls" or "plain"
+    wan_security: str                    # "tls", "plain", or "plain (original server)"
     wan_secret: bytes = dataclasses.field(default=b"", repr=False)  # for the CONS side only
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +161,7 @@ class SessionStatus:
     last_error: str
     wan_security: str
     server_type: str
+    rate_enforced: bool = True  # False: a client of the original tooling; the rate is not enforced
 
     @property
     def active(self) -> bool:
@@ -174,7 +175,8 @@ class SessionStatus:
                    bytes_out=info.bytes_out, connections=info.connections, created=info.created,
                    lease_expires=info.lease_expires, ended=getattr(info, "ended", 0.0),
                    last_error=info.last_error, wan_security=info.wan_security,
-                   server_type=info.server_type)
+                   server_type=info.server_type,
+                   rate_enforced=not getattr(info, "rate_not_enforced", False))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -15,7 +15,9 @@ the error propagates. ``s2uc connect`` is built on it.
     await release(conn)
 
 ``request_prod`` and ``request_cons`` do one half each (``s2uc prod-req`` / ``cons-req``);
-``status`` reads a server's sessions as ``SessionStatus`` records.
+``status`` reads a server's sessions as ``SessionStatus`` records. The order the servers
+of the original tooling need (targets checked before any update; such a server named,
+its WAN leg plaintext) comes from ``scistream.client.order``, as for the CLIs.
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ from typing import Callable, Sequence
 
 import grpc
 
-from ..addr import check_uid, parse_listener
+from ..addr import check_uid
 from ..errors import DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, from_status
 from .api import AsyncClient
 from .model import (ConsSide, Connection, Gateway, ProdSide, Progress, Released, SessionStatus,
                     Step)
+from .order import ORIGINAL_SERVER, check_targets, original_server_note, wan_security_of
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +122,21 @@ async def _prod_half(c: AsyncClient, half: _Half, uid: str, num_conn: int, rate:
     resp = await _req(c, half, uid, num_conn, rate, lease, hello_timeout)
     clock.emit(Step.PROD_HELLO, f"producer endpoints {', '.join(resp.prod_listeners)}; "
                                 f"PROD WAN listeners {', '.join(resp.listeners)}")
-    upd = await c.update(uid, "PROD", list(resp.prod_listeners), resp.wan_secret,
-                         timeout=half.gateway.timeout)
-    clock.emit(Step.PROD_CONNECTED, f"PROD data server forwards to the producer (WAN leg {upd.wan_security})")
+    endpoints = check_targets(resp.prod_listeners, "the producer's endpoints (from its hello)", usage=False)
+    upd = await c.update(uid, "PROD", endpoints, resp.wan_secret, timeout=half.gateway.timeout)
+    wan = _wan(upd, half)
+    clock.emit(Step.PROD_CONNECTED, f"PROD data server forwards to the producer (WAN leg {wan})")
     return ProdSide(uid=uid, s2cs=half.gateway.address, wan_listeners=tuple(resp.listeners),
-                    producer_endpoints=tuple(resp.prod_listeners), wan_security=upd.wan_security,
+                    producer_endpoints=tuple(resp.prod_listeners), wan_security=wan,
                     wan_secret=resp.wan_secret)
+
+
+def _wan(upd, half: _Half) -> str:
+    """The side's WAN protection; an original server (which says none) is named in the log."""
+    wan = wan_security_of(upd)
+    if wan == ORIGINAL_SERVER:
+        log.warning("%s", original_server_note(half.role, half.gateway.address))
+    return wan
 
 
 async def _cons_half(c: AsyncClient, half: _Half, uid: str, num_conn: int, rate: int, lease: int,
@@ -133,12 +145,13 @@ async def _cons_half(c: AsyncClient, half: _Half, uid: str, num_conn: int, rate:
     resp = await _req(c, half, uid, num_conn, rate, lease, hello_timeout)
     clock.emit(Step.CONS_HELLO, f"consumer listeners {', '.join(resp.listeners)}")
     side = prod if isinstance(prod, ProdSide) else await asyncio.shield(prod)
-    upd = await c.update(uid, "CONS", list(side.wan_listeners), side.wan_secret,
-                         timeout=half.gateway.timeout)
+    targets = check_targets(side.wan_listeners, "the PROD side's WAN listeners", usage=False)
+    upd = await c.update(uid, "CONS", targets, side.wan_secret, timeout=half.gateway.timeout)
+    wan = _wan(upd, half)
     clock.emit(Step.CONNECTED, f"CONS data server forwards to {', '.join(side.wan_listeners)} "
-                               f"(WAN leg {upd.wan_security})")
+                               f"(WAN leg {wan})")
     return ConsSide(uid=uid, s2cs=half.gateway.address, consumer_listeners=tuple(resp.listeners),
-                    targets=tuple(side.wan_listeners), wan_security=upd.wan_security)
+                    targets=tuple(side.wan_listeners), wan_security=wan)
 
 
 async def _release_half(c: AsyncClient, half: _Half, uid: str) -> bool:
@@ -249,10 +262,7 @@ async def request_cons(gateway: Gateway | str, uid: str, wan_listeners: Sequence
     the PROD side's ``wan_listeners`` with its ``wan_secret``."""
     gateway = Gateway.of(gateway)
     check_uid(uid)
-    if not wan_listeners:
-        raise InvalidArgument("request_cons needs the PROD side's WAN listeners (host:port)")
-    for listener in wan_listeners:
-        parse_listener(listener)
+    wan_listeners = check_targets(wan_listeners, "request_cons needs the PROD side's WAN listeners")
     num_conn = num_conn or len(wan_listeners)
     _check_args(num_conn, rate, lease)
     clock, half = _Clock(uid, on_progress), _Half("CONS", gateway)

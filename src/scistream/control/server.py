@@ -68,6 +68,7 @@ class ServerConfig:
     admins: tuple[str, ...] = ()
     wan_plaintext: bool = False
     allow_legacy_plaintext: bool = False
+    enforce_legacy_rate: bool = False  # enforce the rate of clients without wan_secret (original tooling)
     ready_file: Path | None = None
     verbose: bool = False
     drain: bool = True               # release every session on stop (the s2cs CLI: --drain)
@@ -202,6 +203,7 @@ class ControlServer:
                            keepalive=tuple(config.tcp_keepalive),  # type: ignore[arg-type]
                            wan_plaintext=config.wan_plaintext,
                            allow_legacy_plaintext=config.allow_legacy_plaintext,
+                           enforce_legacy_rate=config.enforce_legacy_rate,
                            admins=frozenset(config.admins),
                            max_session_conns=config.max_session_conns,
                            data_service=str(self.node.path) if self.node else ""),

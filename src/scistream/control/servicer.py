@@ -186,7 +186,8 @@ class ControlServicer:
             server_type=s.server_type or self.registry.config.server_type,
             bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, connections=stats.connections,
             total_connections=stats.total_connections, refused_connections=stats.refused_connections,
-            ended=s.ended, connected=s.connected_at)
+            ended=s.ended, connected=s.connected_at,
+            rate_not_enforced=bool(s.rate) and not s.rate_enforced)
 
 
 _RESPONSES = {"req": pb.Response, "hello": pb.AppResponse, "update": pb.Response,

@@ -90,6 +90,7 @@ class Session:
     server_type: str = ""
     wan_secret: bytes | None = None        # PROD: drawn at req; CONS: learned at update
     wan_security: str = ""                 # "tls" or "plain" once connected
+    rate_enforced: bool = True             # False: a legacy client's rate, not enforced (update)
     prod_listeners: list[str] = dataclasses.field(default_factory=list)
     targets: list[str] = dataclasses.field(default_factory=list)
     state: SessionState = S.REQUESTED
@@ -132,8 +133,8 @@ class Session:
              keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "") -> DataSpec:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
-                        rate_kbps=self.rate, wan_secret=self.wan_secret, workdir=self.workdir,
-                        keepalive=keepalive, max_conns=max_conns, service=service)
+                        rate_kbps=self.rate if self.rate_enforced else 0, wan_secret=self.wan_secret,
+                        workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
@@ -157,7 +158,8 @@ class Session:
                 "num_conn": self.num_conn, "rate": self.rate, "bandwidth": self.bandwidth,
                 "ports": self.ports, "listeners": self.listeners, "workdir": str(self.workdir),
                 "listen_host": self.listen_host, "server_type": self.server_type,
-                "wan_security": self.wan_security, "prod_listeners": self.prod_listeners,
+                "wan_security": self.wan_security, "rate_enforced": self.rate_enforced,
+                "prod_listeners": self.prod_listeners,
                 "targets": self.targets, "connected_at": self.connected_at, "ready_at": self.ready_at,
                 "lease_expires": self.lease_expires, "last_error": self.last_error,
                 "handle": self.handle, "stats": dataclasses.asdict(st),
@@ -172,7 +174,8 @@ class Session:
                 ports=[int(p) for p in d.get("ports", [])], listeners=list(d.get("listeners", [])),
                 workdir=Path(d.get("workdir", ".")), listen_host=d.get("listen_host", ""),
                 server_type=d.get("server_type", ""), wan_secret=rec.wan_secret,
-                wan_security=d.get("wan_security", ""), prod_listeners=list(d.get("prod_listeners", [])),
+                wan_security=d.get("wan_security", ""),
+                rate_enforced=bool(d.get("rate_enforced", True)), prod_listeners=list(d.get("prod_listeners", [])),
                 targets=list(d.get("targets", [])), state=SessionState(rec.state), created=rec.created,
                 connected_at=float(d.get("connected_at", 0.0)), ready_at=float(d.get("ready_at", 0.0)),
                 ended=rec.ended,
@@ -207,6 +210,7 @@ class RegistryConfig:
     keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' TCP keepalive (base.KEEPALIVE)
     wan_plaintext: bool = False      # operator asked for a plaintext WAN leg
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
+    enforce_legacy_rate: bool = False     # enforce the rate of clients without wan_secret too
     admins: frozenset[str] = frozenset()
     history: int = 1000              # terminal sessions kept for status
     max_session_conns: int = 0       # open connections per session (data servers refuse more); 0 = no cap
@@ -440,6 +444,7 @@ class SessionRegistry:
             try:
                 if first:
                     session.wan_secret = secret
+                    session.rate_enforced = self._legacy_rate_enforced(session, wan_secret)
                     server = self.config.backend(self.spec_for(session, targets))
                     session.server = server
                     await server.start()
@@ -466,6 +471,19 @@ class SessionRegistry:
             self._events("connected", session, f"{session.connected_at - session.created:.3f}")
         self._events("update", session, f"targets={len(remote)} wan={session.wan_security}")
         return session
+
+    def _legacy_rate_enforced(self, session: Session, given: bytes) -> bool:
+        """Whether to enforce the session's rate. A client of the original tooling (its update
+        carries no wan_secret although this server draws them) sends rate=10000 kbit/s by
+        default, a value that tooling never enforced: its rate is not enforced unless the
+        operator asks for it (--enforce-legacy-rate). Under --wan-plaintext nobody carries a
+        secret, so nobody can be told apart: every rate is enforced there."""
+        if given or not session.rate or self.config.wan_plaintext or self.config.enforce_legacy_rate:
+            return True
+        log.warning("session %s/%s: rate %d kbit/s NOT enforced: a client of the original tooling "
+                    "(no WAN secret), which never enforced it; s2cs --enforce-legacy-rate enforces it",
+                    session.uid, session.role, session.rate)
+        return False
 
     def _wan_secret_for(self, session: Session, given: bytes) -> bytes | None:
         if self.config.wan_plaintext:
