@@ -66,7 +66,7 @@ SECURITY_HEADERS = {
                                "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",   # (no-referrer would make the form's Origin "null")
     "X-Frame-Options": "DENY",
 }
 NO_AUTH_BANNER = ("--auth none: AUTHENTICATION IS DISABLED on this control server. Anyone who "
@@ -435,9 +435,13 @@ class WebView:
         return self._login_response(200)
 
     def _same_origin(self, request: web.Request) -> bool:
+        """A form of this server posted it (or a client that is no browser): no login CSRF."""
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):
+            return False
         origin = request.headers.get("Origin")
-        if origin is None or origin == "null":
-            return origin is None
+        if origin is None:
+            return True
         return origin.split("://", 1)[-1] == request.host
 
     async def login(self, request: web.Request) -> web.Response:
