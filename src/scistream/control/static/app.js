@@ -77,9 +77,9 @@
     function makePlot() {
       if (typeof uPlot === "undefined") { return null; }
       return new uPlot({
-        width: Math.max(320, (holder.clientWidth || 640) - 16), height: 260,
+        width: Math.max(320, (holder.clientWidth || 640) - 24), height: 260,
         scales: {x: {time: true}, y: {range: function (u, lo, hi) { return [0, Math.max(hi, 1000)]; }}},
-        series: [{}, {label: "to producer", stroke: "#1f77b4", width: 2, value: function (u, v) { return v == null ? "-" : rate(v); }},
+        series: [{}, {label: "to producer", stroke: "#1f77b4", width: 2, dash: [8, 4], value: function (u, v) { return v == null ? "-" : rate(v); }},
                      {label: "to consumer", stroke: "#d62728", width: 2, value: function (u, v) { return v == null ? "-" : rate(v); }}],
         axes: [{}, {size: 96, values: function (u, vals) { return vals.map(rate); }}]
       }, data, holder);
