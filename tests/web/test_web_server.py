@@ -11,7 +11,7 @@ import urllib.parse
 import pytest
 
 from conftest import BIN, port_block
-from scistream.auth.static import add_token
+from scistream.auth.static import add_token, remove_identity
 from webhelpers import http
 
 
@@ -65,6 +65,19 @@ def test_login_refuses_a_cross_site_form_and_a_bad_token(s2cs_process, tmp_path)
     status, headers, _ = http(base + "/login")
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+
+
+def test_a_removed_token_ends_the_sign_in(s2cs_process, tmp_path):
+    path = tmp_path / "tokens"
+    alice = add_token(path, "alice")
+    p = s2cs_process("--web-port", "0", "--token-file", str(path), auth="static")
+    base = f"http://127.0.0.1:{web_port(p)}"
+    _, headers, _ = http(base + "/login", data=urllib.parse.urlencode({"token": alice}).encode())
+    sid = headers["Set-Cookie"].split(";", 1)[0]
+    assert http(base + "/api/sessions", headers={"Cookie": sid})[0] == 200
+    assert remove_identity(path, "alice") == 1
+    assert http(base + "/api/sessions", headers={"Cookie": sid})[0] == 401
+    assert http(base + "/api/sessions", token=alice)[0] == 401
 
 
 def test_auth_none_shows_everything_under_a_banner(s2cs_process):

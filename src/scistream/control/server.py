@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from ..auth.base import Authenticator, make_authenticator
+from ..auth.base import Authenticator, NoAuth, make_authenticator
 from ..data.base import KEEPALIVE, BackendUnavailable, get_backend
 from ..addr import format_listener
 from . import tlscert
@@ -254,7 +254,8 @@ class ControlServer:
             cert = Path(config.server_cert) if config.server_cert else self.state_dir / "server.crt"
             key = Path(config.server_key) if config.server_key else self.state_dir / "server.key"
             ctx = web_ssl_context(cert, key)
-        self.web = WebView(self.registry, self.auth, auth_none=config.auth == "none")  # type: ignore[arg-type]
+        self.web = WebView(self.registry, self.auth,  # type: ignore[arg-type]
+                           auth_none=isinstance(self.auth, NoAuth))
         web_ip = config.web_ip or bind_host
         try:
             self.web_port = await self.web.serve(web_ip, config.web_port or 0, ctx)

@@ -103,7 +103,8 @@ class _Rates:
         self.history: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=HISTORY)
 
     def add(self, t: float, bytes_in: int, bytes_out: int) -> None:
-        if self.last is not None and t > self.last[0]:
+        # after a pause in sampling (no page listened), no rate is made up over the gap
+        if self.last is not None and self.last[0] < t <= self.last[0] + 5 * SAMPLE_EVERY:
             dt = t - self.last[0]
             self.history.append((t, max(0, bytes_in - self.last[1]) * 8 / dt,
                                  max(0, bytes_out - self.last[2]) * 8 / dt))
@@ -167,6 +168,7 @@ class WebView:
         self._streams: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
         self._runner: web.AppRunner | None = None
+        self._files: dict[str, tuple[bytes, str]] = {}
         self.app = self._make_app()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -488,12 +490,14 @@ class WebView:
         parts = rel.split("/")
         if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
             raise web.HTTPNotFound()
-        node = STATIC.joinpath(*parts)
-        ctype = STATIC_TYPES.get(Path(rel).suffix)
-        if ctype is None or not node.is_file():
-            raise web.HTTPNotFound()
-        return web.Response(body=node.read_bytes(), headers={
-            "Content-Type": ctype, "Cache-Control": "max-age=3600"})
+        found = self._files.get(rel)
+        if found is None:
+            node = STATIC.joinpath(*parts)
+            ctype = STATIC_TYPES.get(Path(rel).suffix)
+            if ctype is None or not node.is_file():
+                raise web.HTTPNotFound()
+            found = self._files[rel] = (node.read_bytes(), ctype)   # a few small files, read once
+        return web.Response(body=found[0], headers={"Content-Type": found[1], "Cache-Control": "max-age=3600"})
 
     # -- JSON and events -----------------------------------------------------------------
     async def _who_or_401(self, request: web.Request) -> Identity:
@@ -545,7 +549,11 @@ class WebView:
                         await asyncio.wait_for(self._tick.wait(), SAMPLE_EVERY * 3)
                 if not self.auth_none and time.monotonic() - checked > REAUTH_EVERY:
                     checked = time.monotonic()
-                    if await self.identity(request) != who:
+                    try:
+                        still = await self.identity(request)
+                    except web.HTTPException:   # the identity provider is down: keep going
+                        still = who
+                    if still != who:
                         await resp.write(b"event: signed-out\ndata: {}\n\n")
                         break
         except (ConnectionError, asyncio.CancelledError):
