@@ -110,6 +110,11 @@ def server_options(fn):
         option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
                help="Open connections one session may have; data servers refuse more and count "
                     "the refusals (0: no cap; Stunnel cannot enforce it)."),
+        option("--web-port", type=click.IntRange(0, 65535), default=None,
+               help="Serve the read-only web view of sessions and throughput on this port, with "
+                    "the same authentication and TLS as the control channel (0: any free port; "
+                    "default: off)."),
+        option("--web-ip", default=None, help="Address of the web view (default: the control ip)."),
         option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True),
         option("--verbose", "-v", is_flag=True, help="Debug logging."),
     ]

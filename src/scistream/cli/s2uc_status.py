@@ -3,12 +3,15 @@
     s2uc status UID --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000   # one session, both sides
     s2uc status UID                        # the S2CS this client used for UID (session file)
     s2uc list --s2cs 10.0.0.2:5000 [--active] [--json]
+    s2uc status --watch --s2cs 10.0.0.2:5000   # the table, live: rates, states, leases
 
 Both show what the server's ``status`` RPC reports - state, owner, listeners, targets,
 bytes each way, average rate, age, lease left, last error - for live sessions and for
 ended ones the server still remembers. Ages and leases are computed against the server's
 clock, so a skewed laptop clock does not matter. ``--json`` prints one JSON array, for
-scripts; the exit code is 0 only if every server answered.
+scripts; the exit code is 0 only if every server answered. ``--watch`` redraws the table
+every ``--interval`` seconds with the throughput of each session (from the change of its
+byte counters), the terminal twin of the web view (``s2cs --web-port``); Ctrl-C ends it.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import time
 from typing import Any
 
 import click
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
@@ -142,14 +146,25 @@ def _common(fn):
 @click.command("status", epilog="Example: s2uc status 6f1c... --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000\n\n"
                                 + EXIT_CODES_HELP)
 @click.argument("uid", required=False)
+@option("--watch", is_flag=True, help="Redraw the table live, with each session's throughput (Ctrl-C ends).")
+@option("--interval", type=click.FloatRange(0.1), default=1.0, show_default=True,
+        help="Seconds between two refreshes of --watch.")
 @_common
 @handle_errors("status")
-def status(uid, s2cs, as_json, timeout, server_cert, insecure, token) -> None:
+def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, token) -> None:
     """Everything the control servers know of session UID (without UID: every session you may see)."""
     if uid:
         check_uid(uid)
     servers = _servers(s2cs, uid)
     opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout)
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch draws a live table; use --json without --watch")
+        try:
+            asyncio.run(_watch(servers, uid or "", opts, interval))
+        except KeyboardInterrupt:
+            pass
+        return
     found, failed = asyncio.run(_query(servers, uid or "", opts))
     if as_json:
         click.echo(json.dumps(found, indent=1))
@@ -238,6 +253,49 @@ def _print_table(found: list[dict]) -> None:
                   str(d["connections"]), _rate_cap(d, short=True), d["server"],
                   escape(d["last_error"][:60]))
     out.print(t)
+
+
+async def _watch(servers: list[str], uid: str, opts: dict, interval: float) -> None:
+    """Poll every ``interval`` seconds and redraw; the first poll fails like ``status`` does."""
+    found, failed = await _query(servers, uid, opts)
+    if failed and not found and len(failed) == len(servers):
+        _finish(failed, found, uid or None)
+    seen: dict[tuple, tuple[float, int, int]] = {}
+    rates: dict[tuple, tuple[float, float]] = {}
+    loop = asyncio.get_running_loop()
+    with Live(console=out, auto_refresh=False, redirect_stderr=False) as live:
+        while True:
+            now = loop.time()
+            for d in found:
+                key = (d["server"], d["uid"], d["role"], d["created"])
+                before = seen.get(key)
+                if before is not None and now > before[0]:
+                    dt = now - before[0]
+                    rates[key] = (max(0, d["bytes_to_producer"] - before[1]) * 8 / dt,
+                                  max(0, d["bytes_to_consumer"] - before[2]) * 8 / dt)
+                seen[key] = (now, d["bytes_to_producer"], d["bytes_to_consumer"])
+            live.update(_watch_table(found, rates, failed, interval), refresh=True)
+            await asyncio.sleep(max(0.0, interval - (loop.time() - now)))
+            found, failed = await _query(servers, uid, opts)
+
+
+def _watch_table(found: list[dict], rates: dict, failed: list, interval: float) -> Table:
+    states: dict[str, int] = {}
+    for d in found:
+        states[d["state"]] = states.get(d["state"], 0) + 1
+    title = (f"{len(found)} session(s): " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+             if found else "no sessions")
+    t = Table("uid", "owner", "role", "state", "age", "lease left", "conns", "to producer", "to consumer",
+              "WAN", "type", "server", title=title + f"  (every {interval:g} s; Ctrl-C ends)",
+              caption=" ".join(f"[red]{escape(s)}: {escape(str(e))}[/]" for s, e in failed) or None)
+    for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
+        live = not d["ended"]
+        r_in, r_out = rates.get((d["server"], d["uid"], d["role"], d["created"]), (0.0, 0.0)) if live else (0, 0)
+        t.add_row(d["uid"], escape(d["owner"]), d["role"], d["state"], _dur(d["age_s"]),
+                  _dur(d["lease_left_s"]) if d["lease_expires"] and live else "-",
+                  f"{d['connections']}/{d['total_connections']}", _rate(int(r_in)), _rate(int(r_out)),
+                  d["wan_security"] or "-", d["server_type"], d["server"])
+    return t
 
 
 status_commands = [status, list_sessions]

@@ -5,6 +5,7 @@ What is exported (all prefixed ``scistream_``):
     sessions{state}                     gauge    live sessions: requested, ready, connected
     sessions_ended_total{state}         counter  sessions ended: released, expired, failed
     bytes_forwarded_total{direction}    counter  to_producer / to_consumer, every session
+    session_bytes_forwarded_total{uid,role,direction}  counter  the same per live session
     connections                         gauge    connections open through the data servers
     connections_refused_total           counter  refused by the per-session cap (--max-session-conns)
     session_setup_seconds               histogram  req -> connected
@@ -49,6 +50,9 @@ class _Live:
         to_prod, to_cons = self.m.ended_bytes
         refused = self.m.ended_refused
         conns = 0
+        per = CounterMetricFamily("scistream_session_bytes_forwarded",
+                                  "Bytes carried by each live session's data server",
+                                  labels=["uid", "role", "direction"])
         for s in list(reg.active.values()):
             by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
             st = s.total_stats()
@@ -56,6 +60,8 @@ class _Live:
             to_cons += st.bytes_out
             conns += st.connections
             refused += st.refused_connections
+            per.add_metric([s.uid, s.role, "to_producer"], st.bytes_in)
+            per.add_metric([s.uid, s.role, "to_consumer"], st.bytes_out)
         g = GaugeMetricFamily("scistream_sessions", "Live sessions by state", labels=["state"])
         for state, n in by_state.items():
             g.add_metric([state], n)
@@ -65,6 +71,7 @@ class _Live:
         c.add_metric(["to_producer"], to_prod)
         c.add_metric(["to_consumer"], to_cons)
         yield c
+        yield per
         yield GaugeMetricFamily("scistream_connections", "Connections open through the data servers",
                                 value=conns)
         yield CounterMetricFamily("scistream_connections_refused",

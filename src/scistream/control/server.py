@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from ..auth.base import Authenticator, make_authenticator
+from ..auth.base import Authenticator, NoAuth, make_authenticator
 from ..data.base import KEEPALIVE, BackendUnavailable, get_backend
 from ..data.nodebackend import NodeService
 from ..errors import DataServerError
@@ -80,6 +80,8 @@ class ServerConfig:
     workers: int = 0                 # Builtin: worker processes of the node service s2cs starts; 0 = one per core
     data_service: Path | None = None  # Builtin: an operator-run node service's socket; None = s2cs runs its own
     max_session_conns: int = 0       # open connections per session; 0 = no cap
+    web_port: int | None = None      # web view (control/web.py; 0: any free port); None = off
+    web_ip: str | None = None        # default: the control ip
 
 
 class ConfigError(Exception):
@@ -115,6 +117,8 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--max-session-conns must be >= 0 (0: no cap)")
     if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
         raise ConfigError("--metrics-port must be 0-65535")
+    if config.web_port is not None and not 0 <= config.web_port <= 65535:
+        raise ConfigError("--web-port must be 0-65535")
 
 
 def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
@@ -155,6 +159,8 @@ class ControlServer:
         self.store = store
         self.port = 0
         self.metrics_port = 0
+        self.web_port = 0
+        self.web = None  # control.web.WebView when --web-port is given
         self.registry: SessionRegistry | None = None
         self.metrics: Metrics | None = None
         self.audit: AuditLog | None = None
@@ -251,10 +257,31 @@ class ControlServer:
                 raise ConfigError(f"cannot serve metrics on {metrics_ip}:{config.metrics_port}: "
                                   f"{exc.strerror}") from None
             log.info("metrics on http://%s/metrics", format_listener(metrics_ip, self.metrics_port))
+        if config.web_port is not None:
+            await self._start_web(bind_host)
         if config.ready_file:
             Path(config.ready_file).write_text(json.dumps({
                 "port": self.port, "pid": os.getpid(), "state_dir": str(self.state_dir),
-                "metrics_port": self.metrics_port}))
+                "metrics_port": self.metrics_port, "web_port": self.web_port}))
+
+    async def _start_web(self, bind_host: str) -> None:
+        from .web import WebView, web_ssl_context  # aiohttp is imported only when asked for
+        config = self.config
+        ctx = None
+        if not config.insecure:
+            cert = Path(config.server_cert) if config.server_cert else self.state_dir / "server.crt"
+            key = Path(config.server_key) if config.server_key else self.state_dir / "server.key"
+            ctx = web_ssl_context(cert, key)
+        self.web = WebView(self.registry, self.auth,  # type: ignore[arg-type]
+                           auth_none=isinstance(self.auth, NoAuth))
+        web_ip = config.web_ip or bind_host
+        try:
+            self.web_port = await self.web.serve(web_ip, config.web_port or 0, ctx)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve the web view on {web_ip}:{config.web_port}: "
+                              f"{exc.strerror}") from None
+        log.info("web view on %s://%s/", "http" if ctx is None else "https",
+                 format_listener(web_ip, self.web_port))
 
     async def _open_node_service(self) -> NodeService:
         config = self.config
@@ -279,6 +306,8 @@ class ControlServer:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.web is not None:
+            await self.web.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None

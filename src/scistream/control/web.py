@@ -1,0 +1,626 @@
+"""The web view of one control server: its sessions and their throughput, live, read-only.
+
+``s2cs --web-port PORT`` serves it on the control server's own event loop (aiohttp, no
+thread per request), over TLS with the control channel's certificate unless ``--insecure``.
+
+    GET  /                           summary (pool use, sessions per state) + table of sessions
+    GET  /session/UID/ROLE           one session: live chart of throughput, timeline, last error
+    GET  /events[?uid=UID&role=ROLE] server-sent events, one per second: the table, or one session
+    GET  /api/sessions               the table as JSON; /api/session/UID/ROLE one session
+    GET  /login, POST /login         a form that takes a token; POST /logout
+    GET  /static/...                 the page's script, style and charting library (uPlot, vendored)
+
+Who may see what is decided exactly as for the RPCs: the control server's authenticator
+turns a token into an identity - from an ``Authorization: Bearer TOKEN`` header, or from
+the session cookie the login form sets (``HttpOnly``, ``SameSite=Strict``, ``Secure`` over
+TLS; the cookie holds a random id, the token stays in the server's memory and is checked
+again on every request, so a token removed from the token file stops working at once).
+A user sees their own sessions, an ``--admin`` identity every session; any other session
+answers 404, as an unknown one does. ``--auth none`` shows everything under a warning banner.
+
+Throughput comes from the data servers' counters: while at least one page listens to
+``/events``, a sampler asks every live data server for its counters once a second (in
+parallel, bounded) and keeps the last ``HISTORY`` rates of each session for the charts.
+
+    view = WebView(registry, auth, auth_none=False)
+    port = await view.serve("127.0.0.1", 8443, ssl_context)
+    ...
+    await view.close()
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import html
+import json
+import logging
+import secrets
+import socket
+import ssl
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..auth.base import ANONYMOUS, AuthUnavailable, Authenticator, Identity
+from ..errors import ScistreamError
+from .sessions import TERMINAL, S, Session, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+COOKIE = "scistream_web"
+COOKIE_TTL = 12 * 3600        # seconds a login lasts
+MAX_LOGINS = 10000            # remembered login cookies (the oldest go first)
+SAMPLE_EVERY = 1.0            # seconds between two samples of the counters
+HISTORY = 300                 # samples kept per session (5 minutes)
+REAUTH_EVERY = 10.0           # an open event stream checks its token again this often
+STATIC = resources.files("scistream.control") / "static"
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                ".png": "image/png", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
+SECURITY_HEADERS = {
+    # nothing but this server: no CDN, no inline script, no framing
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",   # (no-referrer would make the form's Origin "null")
+    "X-Frame-Options": "DENY",
+}
+NO_AUTH_BANNER = ("--auth none: AUTHENTICATION IS DISABLED on this control server. Anyone who "
+                  "reaches it sees every session (and may create and release sessions). "
+                  "For development only.")
+
+
+def web_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server TLS context from the control channel's certificate and key."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+class _Answer(Exception):
+    """Answer the request with ``response`` now (a login page for a caller without a token)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+class _Rates:
+    """The throughput history of one session, from successive counter readings."""
+
+    __slots__ = ("last", "history")
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int, int] | None = None
+        self.history: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=HISTORY)
+
+    def add(self, t: float, bytes_in: int, bytes_out: int) -> None:
+        # after a pause in sampling (no page listened), no rate is made up over the gap
+        if self.last is not None and self.last[0] < t <= self.last[0] + 5 * SAMPLE_EVERY:
+            dt = t - self.last[0]
+            self.history.append((t, max(0, bytes_in - self.last[1]) * 8 / dt,
+                                 max(0, bytes_out - self.last[2]) * 8 / dt))
+        self.last = (t, bytes_in, bytes_out)
+
+    @property
+    def now(self) -> tuple[float, float]:
+        return (self.history[-1][1], self.history[-1][2]) if self.history else (0.0, 0.0)
+
+
+def _key(s: Session) -> tuple[str, str, float]:
+    return s.uid, s.role, s.created
+
+
+def _fmt_rate(bps: float) -> str:
+    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
+        if bps < 1000 or unit == "Gbit/s":
+            return f"{bps:.0f} {unit}" if unit == "bit/s" else f"{bps:.1f} {unit}"
+        bps /= 1000
+    return ""
+
+
+def _fmt_dur(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z" if t else "-"
+
+
+COLUMNS = [("uid", "uid"), ("owner", "owner"), ("role", "role"), ("state", "state"), ("age", "age"),
+           ("lease_left", "lease left"), ("conns", "conns open / total"), ("rate_in_h", "to producer"),
+           ("rate_out_h", "to consumer"), ("wan_security", "WAN"), ("server_type", "data server"),
+           ("node", "node")]
+
+
+class WebView:
+    def __init__(self, registry: SessionRegistry, auth: Authenticator, *, auth_none: bool = False,
+                 secure: bool = False) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.auth_none = auth_none
+        self.secure = secure
+        self.hostname = socket.gethostname()
+        self.logins: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self.rates: dict[tuple[str, str, float], _Rates] = {}
+        self.sampled = 0.0                       # time of the last sample
+        self._tick = asyncio.Condition()         # notified after each sample
+        self._viewers = 0
+        self._wanted = asyncio.Event()           # set while a page listens to /events
+        self._closing = asyncio.Event()
+        self._streams: set[asyncio.Task] = set()
+        self._sampler: asyncio.Task | None = None
+        self._runner: web.AppRunner | None = None
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self.app = self._make_app()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._headers], client_max_size=64 * 1024)
+        app.router.add_get("/", self.index)
+        app.router.add_get("/session/{uid}/{role}", self.session_page)
+        app.router.add_get("/events", self.events)
+        app.router.add_get("/api/sessions", self.api_sessions)
+        app.router.add_get("/api/session/{uid}/{role}", self.api_session)
+        app.router.add_get("/login", self.login_page)
+        app.router.add_post("/login", self.login)
+        app.router.add_post("/logout", self.logout)
+        app.router.add_get("/static/{path:.+}", self.static)
+        return app
+
+    async def serve(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on host:port (0: any free port); return the bound port."""
+        self.secure = ssl_context is not None
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        self._sampler = asyncio.create_task(self._sample_loop())
+        return self._runner.addresses[0][1]
+
+    async def close(self) -> None:
+        self._closing.set()
+        for t in list(self._streams):
+            t.cancel()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._runner.cleanup(), 5.0)
+            self._runner = None
+
+    # -- sampling ------------------------------------------------------------------------
+    async def _sample_loop(self) -> None:
+        while True:
+            await self._wanted.wait()
+            started = time.monotonic()
+            try:
+                await self.sample()
+            except Exception:  # the view must never take the server down
+                log.exception("web view: sampling the data servers failed")
+            async with self._tick:
+                self._tick.notify_all()
+            await asyncio.sleep(max(0.05, SAMPLE_EVERY - (time.monotonic() - started)))
+
+    async def sample(self, concurrency: int = 32) -> None:
+        """Read every live data server's counters once; add a rate point to each session."""
+        reg = self.registry
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(s: Session) -> None:
+            async with sem:
+                await reg.stats(s)
+
+        live = [s for s in reg.active.values() if s.server is not None]
+        if live:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True),
+                                       SAMPLE_EVERY * 0.9)
+        now = time.time()
+        keep = set()
+        for s in reg.sessions():
+            k = _key(s)
+            keep.add(k)
+            st = s.total_stats()
+            r = self.rates.get(k)
+            if r is None:
+                r = self.rates[k] = _Rates()
+            if s.state in TERMINAL:
+                if r.last is not None and (not r.history or r.history[-1][1:] != (0.0, 0.0)):
+                    r.history.append((now, 0.0, 0.0))   # the chart ends at zero
+                r.last = (now, st.bytes_in, st.bytes_out)
+            else:
+                r.add(now, st.bytes_in, st.bytes_out)
+        for k in [k for k in self.rates if k not in keep]:
+            del self.rates[k]
+        self.sampled = now
+
+    # -- who is asking -------------------------------------------------------------------
+    async def identity(self, request: web.Request) -> Identity | None:
+        """The caller, or None (no token, or a token the authenticator refuses)."""
+        if self.auth_none:
+            return ANONYMOUS
+        header = request.headers.get("Authorization")
+        token = None
+        if header is None:
+            sid = request.cookies.get(COOKIE)
+            found = self.logins.get(sid) if sid else None
+            if found is None or found[1] < time.time():
+                return None
+            token = found[0]
+            header = f"Bearer {token}"
+        try:
+            return await self.auth.authenticate(header)
+        except AuthUnavailable:
+            raise web.HTTPServiceUnavailable(text="cannot check the token right now (identity "
+                                                  "provider unreachable); try again shortly\n")
+        except ScistreamError:
+            return None
+
+    def admin(self, who: Identity) -> bool:
+        return self.auth_none or who.id in self.registry.config.admins
+
+    def visible(self, who: Identity) -> list[Session]:
+        if self.admin(who):
+            return self.registry.sessions()
+        return [s for s in self.registry.sessions() if s.owner.id == who.id]
+
+    def find(self, who: Identity, uid: str, role: str) -> Session:
+        s = self.registry.active.get((uid, role))
+        if s is None:  # the latest ended one of that uid and role
+            for e in reversed(self.registry.ended.values()):
+                if e.uid == uid and e.role == role:
+                    s = e
+                    break
+        if s is None or not (self.admin(who) or s.owner.id == who.id):
+            raise web.HTTPNotFound(text=f"no session {uid[:64]} {role[:8]} visible to you on this server\n")
+        return s
+
+    # -- data ----------------------------------------------------------------------------
+    def row(self, s: Session, now: float) -> dict[str, Any]:
+        st = s.total_stats()
+        r = self.rates.get(_key(s))
+        rate_in, rate_out = r.now if r is not None and s.state not in TERMINAL else (0.0, 0.0)
+        lease_left = (max(0.0, s.lease_expires - now) if s.lease_expires and s.state not in TERMINAL
+                      else None)
+        return {
+            "uid": s.uid, "role": s.role, "owner": str(s.owner), "state": s.state.value,
+            "created": s.created, "age_s": round(max(0.0, (s.ended or now) - s.created), 3),
+            "age": _fmt_dur(max(0.0, (s.ended or now) - s.created)),
+            "lease_expires": s.lease_expires or None,
+            "lease_left_s": None if lease_left is None else round(lease_left, 3),
+            "lease_left": "unlimited" if not s.lease_expires else _fmt_dur(lease_left),
+            "connections": st.connections, "total_connections": st.total_connections,
+            "conns": f"{st.connections} / {st.total_connections}",
+            "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
+            "rate_in": round(rate_in), "rate_out": round(rate_out),
+            "rate_in_h": _fmt_rate(rate_in), "rate_out_h": _fmt_rate(rate_out),
+            "wan_security": s.wan_security or "-",
+            "server_type": s.server_type or self.registry.config.server_type,
+            "node": s.listen_host or self.registry.config.listener_ip,
+            "last_error": s.last_error, "ended": s.ended or None,
+            "url": f"/session/{s.uid}/{s.role}",
+        }
+
+    def timeline(self, s: Session) -> list[dict[str, Any]]:
+        steps = [("requested", s.created), ("ready", s.ready_at), ("connected", s.connected_at)]
+        if s.state in TERMINAL:
+            steps.append((s.state.value, s.ended))
+        return [{"state": name, "at": t, "when": _fmt_time(t)} for name, t in steps if t]
+
+    def summary(self, sessions: list[Session]) -> dict[str, Any]:
+        reg = self.registry
+        states = {st.value: 0 for st in S}
+        for s in sessions:
+            states[s.state.value] += 1
+        return {"node": self.hostname, "listener_ip": reg.config.listener_ip,
+                "server_type": reg.config.server_type,
+                "ports_used": len(reg.ports.used), "ports_total": len(reg.ports.ports),
+                "bandwidth_used_kbps": reg.bandwidth.used, "bandwidth_max_kbps": reg.bandwidth.max,
+                "states": states, "sampled": self.sampled}
+
+    def table(self, who: Identity) -> dict[str, Any]:
+        now = time.time()
+        sessions = self.visible(who)
+        return {"now": now, "summary": self.summary(sessions),
+                "sessions": [self.row(s, now) for s in sessions]}
+
+    def one(self, s: Session, history: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {"now": time.time(), "session": self.row(s, time.time()),
+                             "timeline": self.timeline(s)}
+        r = self.rates.get(_key(s))
+        if history:
+            d["history"] = [list(p) for p in r.history] if r is not None else []
+        elif r is not None and r.history:
+            d["sample"] = list(r.history[-1])
+        return d
+
+    # -- pages ---------------------------------------------------------------------------
+    @web.middleware
+    async def _headers(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            resp = await handler(request)
+        except _Answer as answer:
+            resp = answer.response
+        except web.HTTPException as exc:
+            resp = exc
+        for k, v in SECURITY_HEADERS.items():
+            resp.headers.setdefault(k, v)
+        if not request.path.startswith("/static/"):
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    def _page(self, title: str, body: str, who: Identity | None, view: str, status: int = 200,
+              data: str = "") -> web.Response:
+        banner = f'<div class="banner" id="noauth">{html.escape(NO_AUTH_BANNER)}</div>' if self.auth_none else ""
+        user = ""
+        if who is not None:
+            role = " (admin: every session)" if self.admin(who) and not self.auth_none else ""
+            out = ('<form method="post" action="/logout" class="inline"><button>log out</button></form>'
+                   if not self.auth_none else "")
+            user = f'<span class="who">signed in as <b id="who">{html.escape(str(who))}</b>{role}</span>{out}'
+        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f'<title>{html.escape(title)} - scistream</title>'
+                f'<link rel="stylesheet" href="/static/vendor/uPlot.min.css">'
+                f'<link rel="stylesheet" href="/static/app.css">'
+                f'<script src="/static/vendor/uPlot.iife.min.js" defer></script>'
+                f'<script src="/static/app.js" defer></script></head>'
+                f'<body data-view="{view}"{data}>{banner}'
+                f'<header><a href="/" class="brand">scistream</a> <span class="node">s2cs on '
+                f'{html.escape(self.hostname)} ({html.escape(self.registry.config.listener_ip)})</span>'
+                f'<span class="live" id="live" title="live updates">&#9679;</span>{user}</header>'
+                f'<main>{body}</main></body></html>')
+        return web.Response(text=page, content_type="text/html", charset="utf-8", status=status)
+
+    def _login_response(self, status: int, message: str = "") -> web.Response:
+        msg = f'<p class="error" id="login-error">{html.escape(message)}</p>' if message else ""
+        body = (f'<h1>Sign in</h1>{msg}<p>Paste the access token you use with <code>s2uc</code> '
+                f'(<code>s2uc login</code>, <code>--token</code> or an <code>s2cs token add</code> '
+                f'token). It is kept in this server\'s memory for {COOKIE_TTL // 3600} hours; your '
+                f'browser only holds a random cookie.</p>'
+                f'<form method="post" action="/login" id="login"><input type="password" name="token" '
+                f'id="token" autocomplete="off" placeholder="access token" required autofocus> '
+                f'<button type="submit">sign in</button></form>')
+        resp = self._page("sign in", body, None, "login", status=status)
+        if status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="scistream"'
+        return resp
+
+    async def _who_or_login(self, request: web.Request) -> Identity:
+        who = await self.identity(request)
+        if who is None:
+            raise _Answer(self._login_response(401, "sign in to see sessions" if request.path == "/" else
+                                       "sign in first"))
+        return who
+
+    async def index(self, request: web.Request) -> web.Response:
+        who = await self._who_or_login(request)
+        data = self.table(who)
+        return self._page("sessions", _index_body(data), who, "index")
+
+    async def session_page(self, request: web.Request) -> web.Response:
+        who = await self._who_or_login(request)
+        s = self.find(who, request.match_info["uid"], request.match_info["role"])
+        d = self.one(s)
+        attrs = f' data-uid="{html.escape(s.uid)}" data-role="{html.escape(s.role)}"'
+        return self._page(f"session {s.uid}", _session_body(d), who, "session", data=attrs)
+
+    async def login_page(self, request: web.Request) -> web.Response:
+        if self.auth_none:
+            return _redirect("/")
+        return self._login_response(200)
+
+    def _same_origin(self, request: web.Request) -> bool:
+        """A form of this server posted it (or a client that is no browser): no login CSRF."""
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):
+            return False
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        return origin.split("://", 1)[-1] == request.host
+
+    async def login(self, request: web.Request) -> web.Response:
+        if not self._same_origin(request):
+            raise web.HTTPForbidden(text="cross-site login refused\n")
+        form = await request.post()
+        token = str(form.get("token", "")).strip()
+        if self.auth_none:
+            return _redirect("/")
+        try:
+            who = await self.auth.authenticate(f"Bearer {token}") if token else None
+        except AuthUnavailable:
+            return self._login_response(503, "cannot check the token right now; try again shortly")
+        except ScistreamError:
+            who = None
+        if who is None:
+            log.info("web view: a sign-in from %s was refused", request.remote)
+            return self._login_response(401, "that token was not accepted")
+        now = time.time()
+        for sid in [k for k, (_, exp) in self.logins.items() if exp < now]:
+            del self.logins[sid]
+        while len(self.logins) >= MAX_LOGINS:
+            self.logins.popitem(last=False)
+        sid = secrets.token_urlsafe(32)
+        self.logins[sid] = (token, now + COOKIE_TTL)
+        log.info("web view: %s signed in from %s", who.id, request.remote)
+        resp = _redirect("/")
+        resp.set_cookie(COOKIE, sid, max_age=COOKIE_TTL, path="/", httponly=True, secure=self.secure,
+                        samesite="Strict")
+        return resp
+
+    async def logout(self, request: web.Request) -> web.Response:
+        if not self._same_origin(request):
+            raise web.HTTPForbidden(text="cross-site logout refused\n")
+        sid = request.cookies.get(COOKIE)
+        if sid:
+            self.logins.pop(sid, None)
+        resp = _redirect("/login")
+        resp.del_cookie(COOKIE, path="/", secure=self.secure, samesite="Strict")
+        return resp
+
+    async def static(self, request: web.Request) -> web.Response:
+        rel = request.match_info["path"]
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+            raise web.HTTPNotFound()
+        found = self._files.get(rel)
+        if found is None:
+            node = STATIC.joinpath(*parts)
+            ctype = STATIC_TYPES.get(Path(rel).suffix)
+            if ctype is None or not node.is_file():
+                raise web.HTTPNotFound()
+            found = self._files[rel] = (node.read_bytes(), ctype)   # a few small files, read once
+        return web.Response(body=found[0], headers={"Content-Type": found[1], "Cache-Control": "max-age=3600"})
+
+    # -- JSON and events -----------------------------------------------------------------
+    async def _who_or_401(self, request: web.Request) -> Identity:
+        who = await self.identity(request)
+        if who is None:
+            raise web.HTTPUnauthorized(text="no valid token: send Authorization: Bearer TOKEN, or "
+                                            "sign in at /login\n",
+                                       headers={"WWW-Authenticate": 'Bearer realm="scistream"'})
+        return who
+
+    async def api_sessions(self, request: web.Request) -> web.Response:
+        who = await self._who_or_401(request)
+        return web.json_response(self.table(who))
+
+    async def api_session(self, request: web.Request) -> web.Response:
+        who = await self._who_or_401(request)
+        s = self.find(who, request.match_info["uid"], request.match_info["role"])
+        return web.json_response(self.one(s, history=True))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """One event a second: ``{now, summary, sessions}``, or with ?uid=&role= one session
+        (its first event carries the chart's history)."""
+        who = await self._who_or_401(request)
+        uid, role = request.query.get("uid"), request.query.get("role")
+        target = self.find(who, uid, role or "") if uid else None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        self._viewers += 1
+        self._wanted.set()
+        checked = time.monotonic()
+        first = True
+        try:
+            while not self._closing.is_set():
+                if target is not None:
+                    fresh = self.registry.active.get((target.uid, target.role))
+                    if fresh is not None and fresh.created == target.created:
+                        target = fresh
+                    payload = self.one(target, history=first)
+                else:
+                    payload = self.table(who)
+                first = False
+                await resp.write(f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode())
+                async with self._tick:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._tick.wait(), SAMPLE_EVERY * 3)
+                if not self.auth_none and time.monotonic() - checked > REAUTH_EVERY:
+                    checked = time.monotonic()
+                    try:
+                        still = await self.identity(request)
+                    except web.HTTPException:   # the identity provider is down: keep going
+                        still = who
+                    if still != who:
+                        await resp.write(b"event: signed-out\ndata: {}\n\n")
+                        break
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._streams.discard(task)
+            self._viewers -= 1
+            if not self._viewers:
+                self._wanted.clear()
+        return resp
+
+
+# -- HTML ---------------------------------------------------------------------------------
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _summary_html(sm: dict[str, Any]) -> str:
+    bw = (f"{sm['bandwidth_used_kbps']} / {sm['bandwidth_max_kbps']} kbit/s" if sm["bandwidth_max_kbps"]
+          else f"{sm['bandwidth_used_kbps']} kbit/s (no cap)")
+    states = " ".join(f'<span class="state s-{_e(k)}">{_e(k)} <b id="n-{_e(k)}">{v}</b></span>'
+                      for k, v in sm["states"].items())
+    return (f'<section id="summary"><div><span class="label">ports in use</span> '
+            f'<b id="ports">{sm["ports_used"]} / {sm["ports_total"]}</b></div>'
+            f'<div><span class="label">bandwidth admitted</span> <b id="bandwidth">{_e(bw)}</b></div>'
+            f'<div><span class="label">sessions</span> {states}</div></section>')
+
+
+def _row_html(r: dict[str, Any]) -> str:
+    cells = []
+    for key, _ in COLUMNS:
+        v = r[key]
+        if key == "uid":
+            v = f'<a href="{_e(r["url"])}">{_e(v)}</a>'
+        elif key == "state":
+            v = f'<span class="state s-{_e(v)}">{_e(v)}</span>'
+        else:
+            v = _e(v)
+        cells.append(f'<td class="c-{key}">{v}</td>')
+    err = f' title="{_e(r["last_error"])}"' if r["last_error"] else ""
+    return f'<tr data-key="{_e(r["uid"])}/{_e(r["role"])}"{err}>{"".join(cells)}</tr>'
+
+
+def _index_body(data: dict[str, Any]) -> str:
+    head = "".join(f'<th class="c-{k}">{_e(label)}</th>' for k, label in COLUMNS)
+    rows = "".join(_row_html(r) for r in data["sessions"])
+    empty = "" if data["sessions"] else '<p id="empty">no sessions visible to you on this server</p>'
+    return (_summary_html(data["summary"]) +
+            f'<table id="sessions"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{empty}')
+
+
+def _session_body(d: dict[str, Any]) -> str:
+    r = d["session"]
+    facts = [("state", f'<span class="state s-{_e(r["state"])}" id="state">{_e(r["state"])}</span>'),
+             ("owner", _e(r["owner"])), ("age", f'<span id="age">{_e(r["age"])}</span>'),
+             ("lease left", f'<span id="lease">{_e(r["lease_left"])}</span>'),
+             ("connections open / total", f'<span id="conns">{_e(r["conns"])}</span>'),
+             ("to producer", f'<span id="rate-in" data-bps="{r["rate_in"]}">{_e(r["rate_in_h"])}</span>'),
+             ("to consumer", f'<span id="rate-out" data-bps="{r["rate_out"]}">{_e(r["rate_out_h"])}</span>'),
+             ("bytes to producer / consumer", f'<span id="bytes">{r["bytes_in"]} / {r["bytes_out"]}</span>'),
+             ("WAN leg", _e(r["wan_security"])), ("data server", _e(r["server_type"])),
+             ("node", _e(r["node"]))]
+    dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
+    tl = "".join(f'<li><span class="state s-{_e(t["state"])}">{_e(t["state"])}</span> '
+                 f'<time>{_e(t["when"])}</time></li>' for t in d["timeline"])
+    return (f'<p><a href="/">&larr; all sessions</a></p><h1>session <code>{_e(r["uid"])}</code> '
+            f'{_e(r["role"])}</h1><div class="cols"><dl id="facts">{dl}</dl>'
+            f'<div><h2>Throughput</h2><div id="chart"></div></div></div>'
+            f'<h2>Timeline</h2><ol id="timeline">{tl}</ol>'
+            f'<h2>Last error</h2><pre id="last-error">{_e(r["last_error"] or "none")}</pre>')
