@@ -199,7 +199,8 @@ class Iperf3Server:
         if not shutil.which("iperf3"):
             raise SystemExit("iperf3 is not installed (apt-get install iperf3)")
         self.proc = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
@@ -305,7 +306,8 @@ class EchoServer:
     """A small echo server process (the same one for the direct and the chained runs)."""
 
     def __enter__(self) -> "EchoServer":
-        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True)   # Ctrl-C reaches the bench, which stops it
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
         return self

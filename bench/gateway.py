@@ -135,6 +135,14 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def cancel_on_sigterm() -> None:
+    """SIGTERM cancels the running task, as Ctrl-C does: its cleanup stops what it started
+    (the s2cs run in sessions of their own, so only the benchmark gets the terminal's Ctrl-C)."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 def free_range(count: int, *, lo: int = 15000, hi: int = 32000, avoid: Sequence[range] = (),
                attempts: int = 200) -> range:
     """``count`` consecutive ports, every one bindable on 127.0.0.1 now, outside ``avoid``
@@ -167,7 +175,8 @@ class S2cs:
         self.logf = open(self.log_path, "wb")
         raise_nofile()   # the s2cs and its data servers inherit the raised open-file limit
         self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})},
+                                     start_new_session=True)   # Ctrl-C reaches the bench, which stops it
         self.pid = self.proc.pid
         self.port = 0
         self.target = ""
