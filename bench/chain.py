@@ -351,11 +351,13 @@ def all_backends() -> list[tuple[str, str, bool]]:
         seen.add(cls)
         name = cls.kind
         if name.lower().startswith("builtin"):   # Builtin and BuiltinProcess
-            out += [("Builtin plain", name, False), ("Builtin TLS", name, True)]
+            out += [(f"{name} plain", name, False), (f"{name} TLS", name, True)]
         elif getattr(cls, "legacy_plaintext", False):
             out += [(f"{name} plain", name, False), (f"{name} TLS", name, True)]
         else:
             out.append((f"{name} TLS", name, True))
+    # Builtin first, then BuiltinProcess (the per-process baseline), then the others
+    out.sort(key=lambda c: 0 if c[1].lower() == "builtin" else 1 if c[1].lower().startswith("builtin") else 2)
     return out
 
 
