@@ -1,9 +1,14 @@
-"""Shared pieces of the benchmarks: a PROD+CONS data-server chain of any backend, iperf3,
-an echo server, CPU accounting of data-server processes.
+"""Shared pieces of the benchmarks: a PROD+CONS chain of any backend, iperf3, an echo
+server, CPU accounting of data-server processes.
 
 Not a test module: the benchmarks under bench/ import it (they put bench/ on sys.path).
 
-    async with Chain("Builtin", tls=True, target=("127.0.0.1", 5201), workdir=tmp) as chain:
+``UserChain`` builds the chain as a user does (two ``s2cs --type X`` and our client, see
+gateway.py): what bench/throughput measures. ``Chain`` constructs the two data servers
+directly from a ``DataSpec`` (no s2cs): bench/relay_floor, bench/rate and
+bench/bench_backends use it to look at one backend's data path alone.
+
+    async with UserChain("Builtin", tls=True, target=("127.0.0.1", 5201), workdir=tmp) as chain:
         host, port = chain.entry          # where the consumer connects (the CONS listener)
         cpu = chain.cpu_seconds()         # user+system seconds of every data-server process
 """
@@ -120,6 +125,69 @@ class Chain:
         return sum(u for u, _ in parts), sum(s for _, s in parts)
 
 
+class UserChain:
+    """A session through a PROD and a CONS ``s2cs --type backend`` of its own, made the way a
+    user makes one (gateway.GatewayPair: our client, the applications' hellos), CONS -> PROD
+    -> target. ``tls=False`` runs both s2cs with ``--wan-plaintext``. ``num_conn`` listeners
+    per side, every one to ``target``; ``entry`` is the first CONS listener. The data-server
+    processes are every process below the two s2cs (the node service and its workers, or
+    the per-session data servers)."""
+
+    def __init__(self, backend: str, *, tls: bool, target: tuple[str, int], workdir: Path,
+                 rate_kbps: int = 0, listeners: int = 1, env: dict[str, str] | None = None) -> None:
+        self.backend, self.tls, self.target, self.workdir = backend, tls, target, workdir
+        self.rate_kbps, self.listeners, self.env = rate_kbps, listeners, env
+        self.entry: tuple[str, int] = ("127.0.0.1", 0)
+        self.pair = None
+        self.session = None
+
+    async def __aenter__(self) -> "UserChain":
+        from gateway import GatewayPair
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        extra = [] if self.tls else ["--wan-plaintext"]
+        pair = GatewayPair(self.workdir, self.backend, ports=self.listeners + 4, extra=extra, env=self.env)
+        await pair.__aenter__()
+        self.pair = pair
+        try:
+            self.session = await pair.session([f"{self.target[0]}:{self.target[1]}"], num_conn=self.listeners,
+                                              rate=self.rate_kbps)
+        except BaseException:
+            await self.close()
+            raise
+        want = "tls" if self.tls else "plain"
+        if want not in self.session.wan_security.lower():
+            wan = self.session.wan_security
+            await self.close()
+            raise RuntimeError(f"{self.backend}: the WAN leg is {wan!r}, wanted {want}")
+        self.entry = self.session.entry
+        return self
+
+    async def close(self) -> None:
+        pair, self.pair = self.pair, None
+        if pair is not None:
+            if self.session is not None:
+                with contextlib.suppress(Exception):
+                    await pair.release(self.session, quiet=True)
+            await pair.close()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def pids(self) -> list[int]:
+        from gateway import all_data_pids
+        if self.pair is None:
+            return []
+        return all_data_pids(self.pair.prod.pid) + all_data_pids(self.pair.cons.pid)
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of every data-server process."""
+        parts = [proc_cpu_split(p) for p in self.pids()]
+        return sum(u for u, _ in parts), sum(s for _, s in parts)
+
+
 class Iperf3Server:
     """``iperf3 -s`` on a free loopback port, owned by a context manager."""
 
@@ -131,7 +199,8 @@ class Iperf3Server:
         if not shutil.which("iperf3"):
             raise SystemExit("iperf3 is not installed (apt-get install iperf3)")
         self.proc = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
@@ -237,7 +306,8 @@ class EchoServer:
     """A small echo server process (the same one for the direct and the chained runs)."""
 
     def __enter__(self) -> "EchoServer":
-        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True)   # Ctrl-C reaches the bench, which stops it
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
         return self
@@ -280,12 +350,14 @@ def all_backends() -> list[tuple[str, str, bool]]:
             continue
         seen.add(cls)
         name = cls.kind
-        if name.lower() == "builtin":
-            out += [("Builtin plain", name, False), ("Builtin TLS", name, True)]
+        if name.lower().startswith("builtin"):   # Builtin and BuiltinProcess
+            out += [(f"{name} plain", name, False), (f"{name} TLS", name, True)]
         elif getattr(cls, "legacy_plaintext", False):
             out += [(f"{name} plain", name, False), (f"{name} TLS", name, True)]
         else:
             out.append((f"{name} TLS", name, True))
+    # Builtin first, then BuiltinProcess (the per-process baseline), then the others
+    out.sort(key=lambda c: 0 if c[1].lower() == "builtin" else 1 if c[1].lower().startswith("builtin") else 2)
     return out
 
 
