@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import echo_roundtrip
+from scistream.data.nodebackend import NodeService
 from scistream.data.base import KEEPALIVE, BackendUnavailable, DataServer, DataSpec, get_backend
 from scistream.data.supervise import free_port_check, group_members
 
@@ -153,6 +154,19 @@ class Chain:
 
     async def __aenter__(self) -> "Chain":
         cls = get_backend(self.kind)
+        self.node = None
+        if cls.kind == "Builtin" and not NodeService.by_path:
+            # the Builtin type lives in the node service: run one for this chain
+            self.node = await NodeService.open(self.workdir / "node.sock", managed=True, workers=2,
+                                               log_path=self.workdir / "node.log")
+        try:
+            return await self._start(cls)
+        except BaseException:
+            if self.node is not None:
+                await self.node.close(keep_running=False)
+            raise
+
+    async def _start(self, cls) -> "Chain":
         self.prod = cls(self.prod_spec())
         await self.prod.start()
         try:
@@ -175,6 +189,9 @@ class Chain:
         for server in (self.cons, self.prod):
             if server is not None:
                 await server.stop()
+        if getattr(self, "node", None) is not None:
+            await self.node.close(keep_running=False)
+            self.node = None
 
     @property
     def entries(self) -> tuple[int, ...]:
