@@ -107,6 +107,10 @@ def server_options(fn):
                metavar="SOCKET",
                help="Builtin: use the node service an operator runs on this socket (s2ds serve) "
                     "instead of starting one (STATE_DIR/node.sock)."),
+        option("--plain-relay", type=click.Choice(["auto", "splice", "copy"]), default="auto", show_default=True,
+               help="Builtin: how the node service this s2cs runs moves plain legs: copy (recv/send) "
+                    "or splice; auto copies on loopback legs, where it costs less, and splices "
+                    "elsewhere."),
         option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
                help="Open connections one session may have; data servers refuse more and count "
                     "the refusals (0: no cap; Stunnel cannot enforce it)."),

@@ -39,9 +39,11 @@ def _socket_option(fn):
 @_socket_option
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Worker processes (0: one per core this process may run on).")
+@click.option("--plain-relay", type=click.Choice(["auto", "splice", "copy"]), default="auto", show_default=True,
+              help="How plain legs move bytes: auto copies on loopback legs and splices elsewhere.")
 @click.option("--fresh", is_flag=True, help="Do not take over from a service running on --socket.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
-def serve(socket_path: Path, workers: int, fresh: bool, verbose: bool) -> None:
+def serve(socket_path: Path, workers: int, plain_relay: str, fresh: bool, verbose: bool) -> None:
     """Run the service in the foreground until SIGTERM/SIGINT (or `s2ds stop`).
 
     If a service already answers on --socket, this one takes over its sessions and
@@ -57,7 +59,8 @@ def serve(socket_path: Path, workers: int, fresh: bool, verbose: bool) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot create {socket_path.parent}: {exc}") from None
     try:
-        code = asyncio.run(run(socket_path, workers or default_workers(), take_over=not fresh))
+        code = asyncio.run(run(socket_path, workers or default_workers(), take_over=not fresh,
+                                   plain_relay=plain_relay))
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {socket_path}: {exc}") from None
     sys.exit(code)
@@ -106,6 +109,8 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
            "--workers", str(workers)]
     if "--verbose" in argv or "-v" in argv:
         cmd.append("--verbose")
+    if "--plain-relay" in argv[:-1]:
+        cmd += ["--plain-relay", argv[argv.index("--plain-relay") + 1]]
     if log_path is None:
         try:
             log_path = Path(os.readlink(f"/proc/{old['pid']}/fd/2"))

@@ -80,6 +80,7 @@ class ServerConfig:
     workers: int = 0                 # Builtin: worker processes of the node service s2cs starts; 0 = one per core
     data_service: Path | None = None  # Builtin: an operator-run node service's socket; None = s2cs runs its own
     max_session_conns: int = 0       # open connections per session; 0 = no cap
+    plain_relay: str = "auto"        # Builtin: copy or splice plain legs (auto: copy on loopback legs)
     web_port: int | None = None      # web view (control/web.py; 0: any free port); None = off
     web_ip: str | None = None        # default: the control ip
 
@@ -111,6 +112,8 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--max-lease must be >= 0 seconds (0: unlimited)")
     if config.update_timeout < 0:
         raise ConfigError("--update-timeout must be >= 0 seconds (0: no limit)")
+    if config.plain_relay not in ("auto", "splice", "copy"):
+        raise ConfigError("--plain-relay must be auto, splice or copy")
     if config.workers < 0:
         raise ConfigError("--workers must be >= 0 (0: one per core)")
     if config.max_session_conns < 0:
@@ -289,7 +292,7 @@ class ControlServer:
         path = Path(config.data_service) if not managed else self.state_dir / "node.sock"
         try:
             return await NodeService.open(path, managed=managed, workers=config.workers,
-                                          log_path=self.state_dir / "node.log")
+                                          log_path=self.state_dir / "node.log", plain_relay=config.plain_relay)
         except DataServerError as exc:
             raise ConfigError(str(exc)) from None
 

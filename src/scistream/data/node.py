@@ -14,6 +14,11 @@ session is ready in a millisecond and an idle one costs a few kilobytes.
   on one worker (its token buckets are one budget). ``max_conns`` (``s2cs
   --max-session-conns``) is shared out among the workers a session is spread over, in
   proportion to its listeners there.
+* **Copy or splice.** Plain legs are relayed with ``splice`` (no copy to user space) or
+  ``recv``/``send`` through a buffer, whichever costs less per byte: ``--plain-relay
+  auto`` (the default) copies when both ends of a leg are loopback addresses, where the
+  receiving application pays for spliced pages more than the copy costs, and splices
+  otherwise; ``copy`` and ``splice`` force one (``docs/performance.md``).
 * **Isolation.** The service keeps its own copy of every listening socket and hands
   duplicates to the workers (``SCM_RIGHTS``). When a worker dies (a crash, ``kill -9``)
   only the connections it carried are lost: the service starts a new worker at once and
@@ -302,8 +307,9 @@ def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:
 
 
 class Node:
-    def __init__(self, path: Path, workers: int) -> None:
+    def __init__(self, path: Path, workers: int, plain_relay: str = "auto") -> None:
         self.path = path
+        self.plain_relay = plain_relay
         self.workers = [WorkerProc(self, i) for i in range(max(1, workers))]
         self.sessions: dict[str, Entry] = {}
         self.watchers: set[asyncio.StreamWriter] = set()
@@ -337,6 +343,7 @@ class Node:
                 await asyncio.wait_for(reader.readline(), 10)
             writer.close()
             log.info("took over %d sessions from the previous service", len(inherited))
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={len(self.sessions)} sessions")
         log.info("node service on %s: %d workers %s, pid %d", self.path, len(self.workers),
                  [w.proc.pid for w in self.workers if w.proc], os.getpid())
 
@@ -360,6 +367,11 @@ class Node:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        if self.handover_done.is_set():
+            # the successor's workers accept on the same sockets: ours stop accepting first,
+            # so only the connections they already carry are reset
+            await asyncio.gather(*(w.call({"op": "quiesce"}, timeout=5) for w in self.workers if w.alive),
+                                 return_exceptions=True)
         for w in self.workers:
             await w.stop()
         for e in self.sessions.values():
@@ -545,6 +557,7 @@ class Node:
         if not sid:
             raise OpError("sid is required")
         cfg = check_cfg(cfg)
+        cfg.setdefault("plain_relay", self.plain_relay)
         old = self.sessions.get(sid)
         if old is not None:
             if old.cfg["ports"] != cfg["ports"]:
@@ -760,8 +773,23 @@ class Node:
             self.handing_over = False
 
 
-async def serve(path: Path, workers: int, take_over: bool = True) -> int:
-    node = Node(path, workers)
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify units, deploy/s2ds.service) we are ready, and which process
+    is the service's main one: a successor that took over says so. No-op elsewhere."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as exc:
+        log.warning("cannot notify systemd on %s: %s", addr, exc)
+
+
+async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: str = "auto") -> int:
+    node = Node(path, workers, plain_relay)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.stopped.set)

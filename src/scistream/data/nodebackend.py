@@ -41,8 +41,10 @@ class NodeService:
 
     by_path: ClassVar[dict[str, "NodeService"]] = {}
 
-    def __init__(self, path: Path, *, managed: bool, workers: int = 0, log_path: Path | None = None) -> None:
+    def __init__(self, path: Path, *, managed: bool, workers: int = 0, log_path: Path | None = None,
+                 plain_relay: str = "auto") -> None:
         self.path = Path(path).absolute()
+        self.plain_relay = plain_relay
         self.managed = managed
         self.workers = workers
         self.log_path = log_path or self.path.with_suffix(".log")
@@ -55,8 +57,8 @@ class NodeService:
 
     @classmethod
     async def open(cls, path: Path, *, managed: bool, workers: int = 0,
-                   log_path: Path | None = None) -> "NodeService":
-        self = cls(path, managed=managed, workers=workers, log_path=log_path)
+                   log_path: Path | None = None, plain_relay: str = "auto") -> "NodeService":
+        self = cls(path, managed=managed, workers=workers, log_path=log_path, plain_relay=plain_relay)
         await self._ensure()
         cls.by_path[str(self.path)] = self
         return self
@@ -94,7 +96,7 @@ class NodeService:
     async def _spawn(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = [sys.executable, "-m", "scistream.data.node", "serve", "--socket", str(self.path),
-                "--workers", str(self.workers), "--fresh"]
+                "--workers", str(self.workers), "--plain-relay", self.plain_relay, "--fresh"]
         self.child = await ChildProcess.spawn(argv, log_path=self.log_path, name="s2ds node service")
 
         async def ready() -> bool:
@@ -102,8 +104,9 @@ class NodeService:
         await self.child.wait_ready(ready, timeout=20)
 
     async def call(self, msg: dict, timeout: float = 15.0) -> dict:
-        if self.recovering is not None and not self.recovering.done():
-            await asyncio.shield(self.recovering)
+        rec = self.recovering
+        if rec is not None and not rec.done() and rec is not asyncio.current_task():
+            await asyncio.shield(rec)
         return await self.conn.call(msg, timeout)
 
     # -- losing the service -------------------------------------------------
@@ -130,6 +133,7 @@ class NodeService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5.0
         delay = 0.02
+        spawned = False
         while True:
             try:
                 await self.conn.connect(timeout=1.0)
@@ -147,12 +151,13 @@ class NodeService:
                         await self.child.stop()
                     await self._spawn()
                     await self.conn.connect(timeout=5.0)
+                    spawned = True
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.25)
         reply = await self.conn.call({"op": "ping"}, 5.0)
         old, self.pid = self.pid, int(reply["pid"])
-        if self.pid != old:
+        if self.pid != old and not spawned:
             if self.child is not None and self.child.proc is not None and self.child.running:
                 # our child handed over and is on its way out: reap it, never kill the successor
                 self.child.detach()

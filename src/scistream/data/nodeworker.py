@@ -17,6 +17,7 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "remove", "sid"}                        -> the slice's final counters
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
     {"op": "conns", "sid"}                         -> {"connections": [..]}
+    {"op": "quiesce"}                              stop accepting (a successor serves)
     {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections"}
 
 The worker exits when its channel closes (the service is gone: its listeners close with it)
@@ -61,6 +62,7 @@ class Slice:
         self.keepalive = keepalive_setting(cfg.get("keepalive"))
         rate = int(cfg.get("rate_kbps") or 0)
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
+        self.plain_relay = str(cfg.get("plain_relay") or "auto")   # relay.use_copy
         self.max_conns = int(cfg.get("max_conns") or 0)      # this worker's share of the session cap
         self._tls: tuple[ssl.SSLContext | None, ssl.SSLContext | None] | None = None
         self.tls_session: ssl.SSLSession | None = None
@@ -260,6 +262,13 @@ class NodeWorker:
                 return {"ok": True, "stats": {k: s.counters() for k, s in chosen.items()}}
             if op == "conns":
                 return {"ok": True, "connections": [c.info() for c in self._slice(msg["sid"]).conns.values()]}
+            if op == "quiesce":        # a successor serves: accept nothing more
+                for s in self.slices.values():
+                    for _, lsock in s.listeners:
+                        self.loop.remove(lsock.fileno())
+                        lsock.close()
+                    s.listeners = []
+                return {"ok": True}
             if op == "ping":
                 return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),
                         "connections": sum(len(s.conns) for s in self.slices.values())}

@@ -1,4 +1,4 @@
-"""One forwarded connection of the built-in data server, and its plaintext (splice) pump.
+"""One forwarded connection of the built-in data server, and its plaintext pumps (splice, copy).
 
 A ``Conn`` joins side ``a`` (the socket a listener accepted) to side ``b`` (the
 connection it opened to the listener's target). Bytes from ``a`` to ``b`` travel towards
@@ -6,7 +6,8 @@ the producer ("in"), bytes from ``b`` to ``a`` towards the consumer ("out"). Eac
 direction is a *pump*; the WAN side may be TLS (``tlsleg``), the others are plain.
 
 A plain-to-plain pump moves bytes with ``os.splice`` through a kernel pipe: socket ->
-pipe -> socket, never copied to user space. Back-pressure is natural (a full pipe stops
+pipe -> socket, never copied to user space (``CopyPump`` copies instead, where that is cheaper: the node
+service's ``--plain-relay``, by default on loopback legs). Back-pressure is natural (a full pipe stops
 the reads, a full socket buffer stops the writes); a half-close is carried over (EOF on
 one side -> ``shutdown(SHUT_WR)`` on the other once the pipe is drained) and the other
 direction keeps flowing; the connection closes when both directions are done, or at once
@@ -22,6 +23,7 @@ client handshake) -> ``open`` -> ``closed``. A connection belongs to one worker 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -32,7 +34,7 @@ import time
 from typing import Any, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
-from .tlsleg import DecryptPump, EncryptPump, TlsEnd
+from .tlsleg import DecryptPump, EncryptPump, TlsEnd, thread_buffers
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,98 @@ class SplicePump:
             self.bucket.discard(self.conn.kick)
 
 
+class CopyPump:
+    """src socket -> a scratch buffer -> dst socket (recv/send).
+
+    On loopback this beats splice per CPU second (bench/relay_floor, docs/performance.md):
+    spliced pages make the receiving application pay more than the copy saves. The
+    scratch buffer is the thread's (``tlsleg.thread_buffers``); only bytes the destination
+    did not take are kept, per pump."""
+    __slots__ = ("conn", "src", "dst", "direction", "pending", "eof", "done", "bucket", "bufs")
+
+    def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.direction = direction
+        self.pending: memoryview | None = None
+        self.eof = False
+        self.done = False
+        self.bucket = conn.ctx.buckets.get(direction)
+        self.bufs = thread_buffers()
+
+    def _send(self, data: memoryview) -> None:
+        try:
+            n = self.dst.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        if n < len(data):
+            self.dst.writable = False
+            self.pending = memoryview(bytes(data[n:]))
+        if n:
+            self.conn.counted(self.direction, n)
+
+    def run(self) -> None:
+        src, dst = self.src, self.dst
+        rbuf, rview = self.bufs.rbuf, self.bufs.rview
+        while not self.done:
+            if self.pending is not None:
+                if not dst.writable:
+                    return
+                data, self.pending = self.pending, None
+                self._send(data)
+                continue
+            if self.eof:
+                self.done = True
+                self.conn.pump_done(dst)
+                return
+            if not dst.writable or not src.readable:
+                return
+            want = COPY_CHUNK
+            if self.bucket is not None:
+                want = self.bucket.take(want, self.conn.kick)
+                if not want:
+                    return
+            try:
+                n = src.sock.recv_into(rbuf, want)
+            except BlockingIOError:
+                src.readable = False
+                n = -1
+            if self.bucket is not None:
+                self.bucket.refund(want - max(n, 0))
+            if n < 0:
+                return
+            if n == 0:
+                self.eof = True
+                continue
+            self._send(rview[:n])
+
+    def release(self) -> None:
+        if self.bucket is not None:
+            self.bucket.discard(self.conn.kick)
+
+
+COPY_CHUNK = 256 * 1024
+
+
+def _is_loopback(addr: Any) -> bool:
+    try:
+        host = addr[0] if isinstance(addr, tuple) else addr
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except (ValueError, IndexError, TypeError):
+        return False
+
+
+def use_copy(mode: str, peer: Any, target: Any) -> bool:
+    """Plain legs: copy or splice. ``auto`` copies when both ends are loopback addresses
+    (where copying wins, measured), and splices otherwise (a NIC: splice saves two copies)."""
+    if mode == "copy":
+        return True
+    if mode == "auto":
+        return _is_loopback(peer) and _is_loopback(target)
+    return False
+
+
 def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
     """No Nagle delay; keepalive probes, and the same bound on data left unacknowledged
     (TCP_USER_TIMEOUT: keepalive alone says nothing while we are sending into a dead link)."""
@@ -296,7 +390,9 @@ class Conn:
             self.ctx.resumed += 1
         a, b = self.a, self.b
         if self.tls is None:
-            self.pumps = [SplicePump(self, a, b, "in"), SplicePump(self, b, a, "out")]
+            pump = CopyPump if use_copy(getattr(self.ctx, "plain_relay", "splice"), self.peer,
+                                        self.target[1]) else SplicePump
+            self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
         else:
             if self.tls.side is a:     # PROD: WAN side accepted
                 self.pumps = [DecryptPump(self, self.tls, b, "in"), EncryptPump(self, b, self.tls, "out")]
@@ -440,7 +536,10 @@ class Conn:
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),
                 "peer": _fmt(self.peer),
-                "target": _fmt(self.target[1]), "state": self.state, "bytes_in": self.bytes_in,
+                "target": _fmt(self.target[1]), "state": self.state,
+                "relay": ("tls" if self.tls is not None else "copy" if isinstance(self.pumps[0], CopyPump)
+                          else "splice") if self.pumps else "",
+                "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
 
 
