@@ -85,7 +85,7 @@ async def test_our_clients_rate_is_enforced(servers, client_for, echo_server):
 async def test_decision_survives_a_restart(servers, client_for, echo_server):
     """The decision is part of the session's record: a restarted control server whose data
     server died meanwhile starts the new one without the cap, and status still says so."""
-    srv = await servers(allow_legacy_plaintext=True)
+    srv = await servers(allow_legacy_plaintext=True, server_type="BuiltinProcess")   # a process to kill
     c = client_for(srv)
     uid = new_uid()
     req = asyncio.create_task(c.req(uid, "PROD", 1, LEGACY_RATE))
@@ -97,7 +97,7 @@ async def test_decision_survives_a_restart(servers, client_for, echo_server):
     await srv.stop(release=False)
     os.killpg(old_pid, signal.SIGKILL)
     await async_wait_until(lambda: not pid_alive(old_pid), what="the data server to be gone")
-    srv2 = await servers(state_dir=sd, port_range=rng, allow_legacy_plaintext=True)
+    srv2 = await servers(state_dir=sd, port_range=rng, allow_legacy_plaintext=True, server_type="BuiltinProcess")
     session = srv2.registry.active[(uid, "PROD")]
     assert session.server.pids != [old_pid] and session.server.spec.rate_kbps == 0
     c2 = client_for(srv2)
