@@ -247,7 +247,7 @@ class NodeDataServer(DataServer):
             "max_conns": int(getattr(spec, "max_conns", 0) or 0),
         }
         if spec.wan_secret is not None:
-            files = wankeys.write_credentials(spec.wan_secret, spec.uid, spec.workdir)
+            files = wankeys.write_credentials(spec.wan_secret, spec.uid, spec.workdir, only_pem=True)
             cfg.update(cert=str(files.cert), key=str(files.key))
         return cfg
 

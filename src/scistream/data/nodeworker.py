@@ -45,6 +45,7 @@ from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
 log = logging.getLogger(__name__)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+WARM_DELAY = 0.003
 COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
             "refused_connections", "tls_resumed", "tls_sessions_kept")
 
@@ -75,9 +76,12 @@ class Slice:
             lsock.setblocking(False)
             self._watch(index, lsock)
         if cfg.get("tls"):
-            # Made right after the add is answered, off the first connection's path (the
-            # client is busy with the other gateway meanwhile): about 0.7 ms and 20 KB.
-            self.loop.call_later(0, self._warm)
+            # Made a moment after the add is answered, off the first connection's path
+            # (the client is busy with the other gateway meanwhile; at once, it would hold
+            # a core while the service and s2cs finish the update): 0.7 ms and 20 KB.
+            # CONS: its first connection follows the update at once; PROD: the client still
+            # has the CONS side to set up.
+            self.loop.call_later(WARM_DELAY if cfg.get("role") == "PROD" else 0, self._warm)
 
     # -- RelayContext -----------------------------------------------------
     def _contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:

@@ -95,12 +95,16 @@ class CredentialFiles:
     creds: Credentials
 
 
-def write_credentials(secret: bytes, uid: str, workdir: Path) -> CredentialFiles:
+def write_credentials(secret: bytes, uid: str, workdir: Path, *, only_pem: bool = False) -> CredentialFiles:
+    """The session's credentials as files in ``workdir`` (mode 0600); ``only_pem``: just the
+    certificate and the key (what the built-in data servers read)."""
     creds = derive_credentials(secret, uid)
     workdir.mkdir(parents=True, exist_ok=True)
 
     def put(name: str, data: bytes) -> Path:
         path = workdir / name
+        if only_pem and name not in ("wan-cert.pem", "wan-key.pem"):
+            return path
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
