@@ -34,7 +34,7 @@ import time
 from typing import Any, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
-from .tlsleg import DecryptPump, EncryptPump, TlsEnd, thread_buffers
+from .tlsleg import DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, thread_buffers
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class SplicePump:
             self.bucket.discard(self.conn.kick)
 
 
-class CopyPump:
+class CopyPump(SendKeepingRest):
     """src socket -> a scratch buffer -> dst socket (recv/send).
 
     On loopback this beats splice per CPU second (bench/relay_floor, docs/performance.md):
@@ -215,17 +215,6 @@ class CopyPump:
         self.done = False
         self.bucket = conn.ctx.buckets.get(direction)
         self.bufs = thread_buffers()
-
-    def _send(self, data: memoryview) -> None:
-        try:
-            n = self.dst.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        if n < len(data):
-            self.dst.writable = False
-            self.pending = memoryview(bytes(data[n:]))
-        if n:
-            self.conn.counted(self.direction, n)
 
     def run(self) -> None:
         src, dst = self.src, self.dst

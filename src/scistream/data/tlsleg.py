@@ -207,7 +207,24 @@ class EncryptPump:
             self.bucket.discard(self.conn.kick)
 
 
-class DecryptPump:
+class SendKeepingRest:
+    """For a pump that sends from a scratch buffer: what the destination does not take now
+    is copied and kept (``pending``) until it is writable again."""
+    __slots__ = ()
+
+    def _send(self, data: memoryview) -> None:
+        try:
+            n = self.dst.sock.send(data)          # type: ignore[attr-defined]
+        except BlockingIOError:
+            n = 0
+        if n < len(data):
+            self.dst.writable = False             # type: ignore[attr-defined]
+            self.pending = memoryview(bytes(data[n:]))   # type: ignore[attr-defined]
+        if n:
+            self.conn.counted(self.direction, n)  # type: ignore[attr-defined]
+
+
+class DecryptPump(SendKeepingRest):
     """TLS socket -> TLS engine -> plain socket."""
     __slots__ = ("conn", "tls", "dst", "direction", "pending", "eof", "done", "bucket")
 
@@ -220,18 +237,6 @@ class DecryptPump:
         self.eof = False                         # the peer's close_notify arrived
         self.done = False                        # ... and was passed on as a TCP EOF
         self.bucket = conn.ctx.buckets.get(direction)
-
-    def _send(self, data: memoryview) -> None:
-        """Send what dst takes now; keep a copy of the rest."""
-        try:
-            n = self.dst.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        if n < len(data):
-            self.dst.writable = False
-            self.pending = memoryview(bytes(data[n:]))
-        if n:
-            self.conn.counted(self.direction, n)
 
     def run(self) -> None:
         tls, dst = self.tls, self.dst
