@@ -9,11 +9,14 @@ inspected and removed over the control socket, in place: no process starts, so a
 session is ready in a millisecond and an idle one costs a few kilobytes.
 
 * **Placement.** A new session goes to the least loaded worker (fewest listeners).
-  A session with several listeners is spread over the workers, listener *i* on the
-  *i*-th least loaded one, so its streams use every core; a rate-limited session stays
-  on one worker (its token buckets are one budget). ``max_conns`` (``s2cs
-  --max-session-conns``) is shared out among the workers a session is spread over, in
-  proportion to its listeners there.
+  A session with several listeners is spread over the workers, listener *i* at home on
+  the *i*-th least loaded one, and a second worker accepts on each listener too
+  (``EPOLLEXCLUSIVE``: the kernel wakes one idle worker per connection), so several
+  streams of a session use two cores even on one listener. A rate-limited session stays
+  on one worker (its token buckets are one budget), and so does a session with a
+  connection cap (``max_conns``, ``s2cs --max-session-conns``), which its worker counts
+  exactly; a capped session with several listeners spread over workers gets a share of
+  the cap on each, in proportion to its listeners there.
 * **Copy or splice.** Plain legs are relayed with ``splice`` (no copy to user space) or
   ``recv``/``send`` through a buffer, whichever costs less per byte: ``--plain-relay
   auto`` (the default) copies when both ends of a leg are loopback addresses, where the
@@ -233,26 +236,32 @@ class WorkerProc:
 class Entry:
     """A session as the service holds it: its config, listening sockets and placement."""
 
-    def __init__(self, sid: str, cfg: dict, socks: list[socket.socket], placement: list[int]) -> None:
+    def __init__(self, sid: str, cfg: dict, socks: list[socket.socket], placement: list[int],
+                 also: list[int | None] | None = None) -> None:
         self.sid = sid
         self.cfg = cfg
         self.socks = socks
-        self.placement = placement            # worker index of each listener
+        self.placement = placement            # the worker of each listener (its home)
+        self.also = also or [None] * len(placement)   # a second worker accepting on it, if any
         self.base = _zero()                   # what workers that died had carried
         self.seen: dict[int, dict[str, int]] = {}   # last counters read, per worker
         self.failed = ""
 
     def workers(self) -> list[int]:
-        return sorted(set(self.placement))
+        """Every worker that accepts on one of the session's listeners."""
+        return sorted(set(self.placement) | {w for w in self.also if w is not None})
 
-    def share(self, index: int) -> dict:
+    def share(self, index: int) -> tuple[dict, list[int]]:
         """The add message for worker ``index``: its listeners and its share of the cap."""
-        mine = [i for i, w in enumerate(self.placement) if w == index]
+        mine = [i for i, w in enumerate(self.placement) if w == index or self.also[i] == index]
         cfg = dict(self.cfg)
         cap = int(cfg.get("max_conns") or 0)
         if cap:
             cfg["max_conns"] = max(1, math.ceil(cap * len(mine) / len(self.placement)))
-        return {"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine}, [self.socks[i].fileno() for i in mine]
+        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine,
+                 "shared": any(self.also[i] is not None for i in mine),
+                 "home": any(self.placement[i] == index for i in mine)},
+                [self.socks[i].fileno() for i in mine])
 
     def close(self) -> None:
         for s in self.socks:
@@ -389,9 +398,9 @@ class Node:
         if self.closing:
             return
         log.error("%s; %d sessions had listeners on it, restarting it", why,
-                  sum(1 for e in self.sessions.values() if w.index in e.placement))
+                  sum(1 for e in self.sessions.values() if w.index in e.workers()))
         for e in self.sessions.values():
-            if w.index in e.placement:
+            if w.index in e.workers():
                 seen = dict(e.seen.pop(w.index, None) or _zero())
                 seen["connections"] = 0
                 _add(e.base, seen)
@@ -416,7 +425,7 @@ class Node:
                         await w.proc.wait()
                     await w.spawn()
                     for e in list(self.sessions.values()):
-                        if w.index in e.placement:
+                        if w.index in e.workers():
                             msg, fds = e.share(w.index)
                             try:
                                 reply = await w.call(msg, fds)
@@ -441,12 +450,17 @@ class Node:
             with contextlib.suppress(Exception):
                 wr.write(line)
 
-    def _place(self, n: int, spread: bool) -> list[int]:
-        """Worker index per listener: least loaded first, round robin when spread."""
+    def _place(self, n: int, cfg: dict) -> tuple[list[int], list[int | None]]:
+        """The home worker of each listener (least loaded first, round robin), and a second
+        worker that accepts on it too, so that several streams on one listener use two cores.
+        A rate-limited session stays on one worker (its buckets are one budget), and so does
+        one with a connection cap (counted exactly there)."""
         order = sorted(self.workers, key=lambda w: (w.listeners, w.index))
-        if not spread:
-            return [order[0].index] * n
-        return [order[i % len(order)].index for i in range(n)]
+        alone = bool(int(cfg.get("rate_kbps") or 0)) or bool(int(cfg.get("max_conns") or 0))
+        if alone or len(order) == 1:
+            return [order[0].index] * n, [None] * n
+        home = [order[i % len(order)].index for i in range(n)]
+        return home, [order[(i + 1) % len(order)].index for i in range(n)]
 
     # -- control socket -----------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -521,7 +535,7 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            return {"ok": True, "cfg": e.cfg, "workers": e.placement}
+            return {"ok": True, "cfg": e.cfg, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
                                              for sid, e in self.sessions.items()}}
@@ -565,8 +579,7 @@ class Node:
             await self.retarget(old, cfg["targets"])          # an add retried: same session
             return {"ok": True, "workers": old.placement}
         socks = bind_listeners(str(cfg["listen_host"]), cfg["ports"])
-        spread = len(socks) > 1 and not int(cfg.get("rate_kbps") or 0)
-        e = Entry(sid, cfg, socks, self._place(len(socks), spread))
+        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg))
         for i in e.placement:
             self.workers[i].listeners += 1
         self.sessions[sid] = e
@@ -666,9 +679,7 @@ class Node:
         for s in socks:
             s.setblocking(False)
         sid = info["sid"]
-        n = len(socks)
-        spread = n > 1 and not int(info["cfg"].get("rate_kbps") or 0)
-        e = Entry(sid, info["cfg"], socks, self._place(n, spread))
+        e = Entry(sid, info["cfg"], socks, *self._place(len(socks), info["cfg"]))
         e.base = {**_zero(), **(info.get("base") or {})}
         for i in e.placement:
             self.workers[i].listeners += 1

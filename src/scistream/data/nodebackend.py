@@ -328,7 +328,7 @@ class NodeDataServer(DataServer):
             r = await self.node.call({"op": "config", "sid": self.sid}, 5.0)
         except ServiceError as exc:
             raise DataServerError(f"data server does not answer: {exc}") from None
-        return {**r["cfg"], "workers": r["workers"]}
+        return {**r["cfg"], "workers": r["workers"], "also": r.get("also")}
 
     async def connections(self) -> list[dict[str, Any]]:
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import select
 import itertools
 import logging
 import os
@@ -45,6 +46,7 @@ from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
 log = logging.getLogger(__name__)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 WARM_DELAY = 0.003
 COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
             "refused_connections", "tls_resumed", "tls_sessions_kept")
@@ -53,7 +55,8 @@ COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed
 class Slice:
     """The listeners and connections of one session in this worker (a ``relay.RelayContext``)."""
 
-    def __init__(self, worker: "NodeWorker", sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]]) -> None:
+    def __init__(self, worker: "NodeWorker", sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]],
+                 *, shared: bool = False, home: bool = True) -> None:
         self.worker = worker
         self.sid = sid
         self.cfg = cfg
@@ -69,13 +72,14 @@ class Slice:
         self.tls_session: ssl.SSLSession | None = None
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.listeners = listeners
+        self.shared = shared            # other workers accept on these listeners too
         self.conns: dict[int, Conn] = {}
         self.bytes = {"in": 0, "out": 0}
         self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
         for index, lsock in listeners:
             lsock.setblocking(False)
             self._watch(index, lsock)
-        if cfg.get("tls"):
+        if cfg.get("tls") and home:     # elsewhere: at the first connection, if one comes
             # Made a moment after the add is answered, off the first connection's path
             # (the client is busy with the other gateway meanwhile; at once, it would hold
             # a core while the service and s2cs finish the update): 0.7 ms and 20 KB.
@@ -115,7 +119,8 @@ class Slice:
 
     # -- accepting --------------------------------------------------------
     def _watch(self, index: int, lsock: socket.socket) -> None:
-        self.loop.add(lsock.fileno(), EPOLLIN, lambda ev: self._accept(index, lsock))
+        self.loop.add(lsock.fileno(), EPOLLIN | (EPOLLEXCLUSIVE if self.shared else 0),
+                      lambda ev: self._accept(index, lsock))
 
     def _accept(self, index: int, lsock: socket.socket) -> None:
         try:
@@ -248,7 +253,8 @@ class NodeWorker:
                 if old is not None:
                     old.close()
                 try:
-                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners)
+                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
+                                             shared=bool(msg.get("shared")), home=bool(msg.get("home", True)))
                 except BaseException:
                     for _, s in listeners:
                         s.close()
