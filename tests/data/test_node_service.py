@@ -18,7 +18,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -27,7 +26,7 @@ from scistream.client import AsyncClient
 from scistream.data.nodeclient import call_once
 from scistream.data.supervise import children, pid_alive
 
-from conftest import (BIN, async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener,
+from conftest import (BIN, async_wait_until, connect_session, echo_roundtrip, parse_listener,
                         port_block, still_listening)
 
 

@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 WARM_DELAY = 0.003
-COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
-            "refused_connections", "tls_resumed", "tls_sessions_kept")
 
 
 class Slice:
