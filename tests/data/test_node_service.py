@@ -436,3 +436,20 @@ async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode)
     assert st.bytes_in == st.bytes_out == (12 << 20) + (64 << 10)
     await client_for(prod).release(uid)
     await client_for(cons).release(uid)
+
+
+async def test_streams_on_one_listener_use_both_workers(servers, client_for, echo_server):
+    """Several streams through one listener (iperf3 -P 4 does this) are dealt out over the
+    workers: the home worker and the second one take turns."""
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    prod, cons = await servers(workers=2), await servers(workers=2)
+    uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
+    streams = [await Stream(c.listeners[0]).open() for _ in range(4)]
+    for srv, role in ((prod, "PROD"), (cons, "CONS")):
+        conns = await srv.registry.active[(uid, role)].server.connections()
+        assert sorted(x["worker"] for x in conns) == [0, 0, 1, 1], conns
+    for s in streams:
+        await s.exchange(1 << 20)
+        s.close()
+    await client_for(prod).release(uid)
+    await client_for(cons).release(uid)

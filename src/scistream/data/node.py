@@ -110,6 +110,8 @@ class WorkerProc:
         self.ids = 0
         self.listeners = 0                         # placed here (the load)
         self.restarts = 0
+        self.started = 0.0
+        self.quick_deaths = 0                      # in a row, each within a second of its start
         self.alive = False
         self.monitor: asyncio.Task | None = None
 
@@ -126,6 +128,7 @@ class WorkerProc:
         self.decoder = Decoder()
         self.out = []
         self.alive = True
+        self.started = time.monotonic()
         loop = asyncio.get_running_loop()
         loop.add_reader(parent.fileno(), self._readable)
         self.monitor = asyncio.create_task(self._wait(self.proc))
@@ -252,16 +255,26 @@ class Entry:
         return sorted(set(self.placement) | {w for w in self.also if w is not None})
 
     def share(self, index: int) -> tuple[dict, list[int]]:
-        """The add message for worker ``index``: its listeners and its share of the cap."""
-        mine = [i for i, w in enumerate(self.placement) if w == index or self.also[i] == index]
+        """The add message for worker ``index``: the listeners at home there (maybe none)
+        and its share of the cap."""
+        mine = [i for i, w in enumerate(self.placement) if w == index]
         cfg = dict(self.cfg)
         cap = int(cfg.get("max_conns") or 0)
         if cap:
             cfg["max_conns"] = max(1, math.ceil(cap * len(mine) / len(self.placement)))
         return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine,
-                 "shared": any(self.also[i] is not None for i in mine),
-                 "home": any(self.placement[i] == index for i in mine)},
+                 "shared": any(self.also[i] is not None for i in mine), "home": bool(mine)},
                 [self.socks[i].fileno() for i in mine])
+
+    def second(self, index: int) -> tuple[dict, list[int]] | None:
+        """The attach message for worker ``index``: the listeners it accepts on as the second
+        worker. Sent after every home worker has its listeners: with EPOLLEXCLUSIVE the
+        kernel offers a connection to the waiters in the order they registered, so the home
+        worker takes it whenever it is idle, and the second one when the home one is busy."""
+        mine = [i for i, w in enumerate(self.also) if w == index]
+        if not mine:
+            return None
+        return ({"op": "attach", "sid": self.sid, "listeners": mine}, [self.socks[i].fileno() for i in mine])
 
     def close(self) -> None:
         for s in self.socks:
@@ -415,6 +428,14 @@ class Node:
 
     async def _restart(self, w: WorkerProc) -> None:
         delay = 0.0
+        # A worker that dies as soon as it starts (a broken install, a session that crashes
+        # it at once) is started again with a growing pause, not in a tight loop.
+        w.quick_deaths = w.quick_deaths + 1 if time.monotonic() - w.started < 1.0 else 0
+        if w.quick_deaths > 1:
+            pause = min(0.05 * 2 ** w.quick_deaths, 10.0)
+            log.error("worker %d died %d times in a row within a second of its start; next start in %.1f s",
+                      w.index, w.quick_deaths, pause)
+            await asyncio.sleep(pause)
         try:
             while not self.closing:
                 w.restarts += 1
@@ -426,13 +447,13 @@ class Node:
                     await w.spawn()
                     for e in list(self.sessions.values()):
                         if w.index in e.workers():
-                            msg, fds = e.share(w.index)
-                            try:
-                                reply = await w.call(msg, fds)
-                            except (ChannelClosed, asyncio.TimeoutError):
-                                raise
-                            if not reply.get("ok"):
-                                self._fail(e, f"worker {w.index} restarted but refused the session: {reply.get('error')}")
+                            for m in (e.share(w.index), e.second(w.index)):
+                                if m is None:
+                                    continue
+                                reply = await w.call(*m)
+                                if not reply.get("ok"):
+                                    self._fail(e, f"worker {w.index} restarted but refused the session: "
+                                                  f"{reply.get('error')}")
                     log.info("worker %d is back (pid %d); its sessions accept again", w.index, w.proc.pid)
                     return
                 except (ChannelClosed, asyncio.TimeoutError, OSError) as exc:
@@ -584,13 +605,7 @@ class Node:
             self.workers[i].listeners += 1
         self.sessions[sid] = e
         try:
-            replies = await asyncio.gather(*(self.workers[i].call(*e.share(i)) for i in e.workers()),
-                                           return_exceptions=True)
-            for r in replies:
-                if isinstance(r, BaseException):
-                    raise OpError(f"a worker did not take the session: {r}", "busy")
-                if not r.get("ok"):
-                    raise OpError(f"cannot start the session: {r.get('error')}")
+            await self._install(e)
         except BaseException:
             await self.remove(sid)
             raise
@@ -674,6 +689,17 @@ class Node:
             out.append(r)
         return out
 
+    async def _install(self, e: Entry) -> None:
+        """Give the session's listeners to its workers: home workers first, then the second ones."""
+        for round_ in (e.share, e.second):
+            msgs = [(i, m) for i in e.workers() if (m := round_(i)) is not None]
+            replies = await asyncio.gather(*(self.workers[i].call(*m) for i, m in msgs), return_exceptions=True)
+            for r in replies:
+                if isinstance(r, BaseException):
+                    raise OpError(f"a worker did not take the session: {r}", "busy")
+                if not r.get("ok"):
+                    raise OpError(f"cannot start the session: {r.get('error')}")
+
     async def _adopt(self, info: dict, fds: list[int]) -> None:
         socks = [socket.socket(fileno=fd) for fd in fds]
         for s in socks:
@@ -684,10 +710,10 @@ class Node:
         for i in e.placement:
             self.workers[i].listeners += 1
         self.sessions[sid] = e
-        for i in e.workers():
-            r = await self.workers[i].call(*e.share(i))
-            if not r.get("ok"):
-                self._fail(e, f"taken over, but a worker refused it: {r.get('error')}")
+        try:
+            await self._install(e)
+        except OpError as exc:
+            self._fail(e, f"taken over, but a worker refused it: {exc}")
 
     # -- handover -------------------------------------------------------------
     async def _take_over(self) -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], list]:

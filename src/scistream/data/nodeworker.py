@@ -13,6 +13,8 @@ counters and connections. An idle plain session costs a few kilobytes.
 Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
 
     {"op": "add", "sid", "cfg", "listeners": [i, ..], "nfds": n}  + n listening sockets
+    {"op": "attach", "sid", "listeners": [i, ..], "nfds": n}  + n listening sockets, accepted on as
+                                                   the second worker (EPOLLEXCLUSIVE)
     {"op": "targets", "sid", "targets": [..]}      addresses, never names
     {"op": "remove", "sid"}                        -> the slice's final counters
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
@@ -71,6 +73,7 @@ class Slice:
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.listeners = listeners
         self.shared = shared            # other workers accept on these listeners too
+        self.shared_fds: dict[int, bool] = {}
         self.conns: dict[int, Conn] = {}
         self.bytes = {"in": 0, "out": 0}
         self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
@@ -116,8 +119,10 @@ class Slice:
             self.failed += 1
 
     # -- accepting --------------------------------------------------------
-    def _watch(self, index: int, lsock: socket.socket) -> None:
-        self.loop.add(lsock.fileno(), EPOLLIN | (EPOLLEXCLUSIVE if self.shared else 0),
+    def _watch(self, index: int, lsock: socket.socket, shared: bool | None = None) -> None:
+        shared = self.shared if shared is None else shared
+        self.shared_fds[lsock.fileno()] = shared
+        self.loop.add(lsock.fileno(), EPOLLIN | (EPOLLEXCLUSIVE if shared else 0),
                       lambda ev: self._accept(index, lsock))
 
     def _accept(self, index: int, lsock: socket.socket) -> None:
@@ -132,6 +137,12 @@ class Slice:
                 self.loop.remove(lsock.fileno())
                 self.loop.call_later(0.2, lambda: self._resume(index, lsock))
             return
+        if self.shared_fds.get(lsock.fileno()):
+            # To the back of the listener's queue of waiting workers (EPOLLEXCLUSIVE wakes
+            # the first idle one): a burst of connections (iperf3 -P 4) is dealt out in turn
+            # over the workers instead of piling up on whichever registered first.
+            self.loop.remove(lsock.fileno())
+            self._watch(index, lsock, shared=True)
         if self.max_conns and len(self.conns) >= self.max_conns:
             self.refused += 1
             ok, _ = FAILURE_LOG.allow()
@@ -157,6 +168,12 @@ class Slice:
             conn.start()
         except (OSError, ssl.SSLError, ValueError) as exc:   # e.g. its credentials are unreadable
             conn.abort(f"cannot start: {exc}")
+
+    def attach(self, listeners: list[tuple[int, socket.socket]]) -> None:
+        for index, lsock in listeners:
+            lsock.setblocking(False)
+            self.listeners.append((index, lsock))
+            self._watch(index, lsock, shared=True)
 
     def _resume(self, index: int, lsock: socket.socket) -> None:
         if self.loop.running and lsock.fileno() >= 0 and (index, lsock) in self.listeners:
@@ -257,6 +274,12 @@ class NodeWorker:
                     for _, s in listeners:
                         s.close()
                     raise
+                return {"ok": True}
+            if op == "attach":         # listeners this worker accepts on as the second one
+                s = self._slice(msg["sid"])
+                added = list(zip([int(i) for i in msg["listeners"]], socks))
+                socks = []
+                s.attach(added)
                 return {"ok": True}
             if op == "targets":
                 self._slice(msg["sid"]).retarget([str(t) for t in msg["targets"]])
