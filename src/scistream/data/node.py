@@ -255,26 +255,21 @@ class Entry:
         return sorted(set(self.placement) | {w for w in self.also if w is not None})
 
     def share(self, index: int) -> tuple[dict, list[int]]:
-        """The add message for worker ``index``: the listeners at home there (maybe none)
+        """The add message for worker ``index``: the listeners at home there, those it
+        accepts on as the second worker (``second``: it registers them a moment later, so
+        that the home worker is first in line for the first connection; with EPOLLEXCLUSIVE
+        the kernel offers a connection to the idle waiters in the order they registered),
         and its share of the cap."""
-        mine = [i for i, w in enumerate(self.placement) if w == index]
+        home = [i for i, w in enumerate(self.placement) if w == index]
+        second = [i for i, w in enumerate(self.also) if w == index and i not in home]
         cfg = dict(self.cfg)
         cap = int(cfg.get("max_conns") or 0)
         if cap:
-            cfg["max_conns"] = max(1, math.ceil(cap * len(mine) / len(self.placement)))
-        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine,
-                 "shared": any(self.also[i] is not None for i in mine), "home": bool(mine)},
+            cfg["max_conns"] = max(1, math.ceil(cap * len(home) / len(self.placement)))
+        mine = home + second
+        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine, "second": second,
+                 "shared": any(self.also[i] is not None for i in mine), "home": bool(home)},
                 [self.socks[i].fileno() for i in mine])
-
-    def second(self, index: int) -> tuple[dict, list[int]] | None:
-        """The attach message for worker ``index``: the listeners it accepts on as the second
-        worker. Sent after every home worker has its listeners: with EPOLLEXCLUSIVE the
-        kernel offers a connection to the waiters in the order they registered, so the home
-        worker takes it whenever it is idle, and the second one when the home one is busy."""
-        mine = [i for i, w in enumerate(self.also) if w == index]
-        if not mine:
-            return None
-        return ({"op": "attach", "sid": self.sid, "listeners": mine}, [self.socks[i].fileno() for i in mine])
 
     def close(self) -> None:
         for s in self.socks:
@@ -447,13 +442,10 @@ class Node:
                     await w.spawn()
                     for e in list(self.sessions.values()):
                         if w.index in e.workers():
-                            for m in (e.share(w.index), e.second(w.index)):
-                                if m is None:
-                                    continue
-                                reply = await w.call(*m)
-                                if not reply.get("ok"):
-                                    self._fail(e, f"worker {w.index} restarted but refused the session: "
-                                                  f"{reply.get('error')}")
+                            reply = await w.call(*e.share(w.index))
+                            if not reply.get("ok"):
+                                self._fail(e, f"worker {w.index} restarted but refused the session: "
+                                              f"{reply.get('error')}")
                     log.info("worker %d is back (pid %d); its sessions accept again", w.index, w.proc.pid)
                     return
                 except (ChannelClosed, asyncio.TimeoutError, OSError) as exc:
@@ -690,15 +682,14 @@ class Node:
         return out
 
     async def _install(self, e: Entry) -> None:
-        """Give the session's listeners to its workers: home workers first, then the second ones."""
-        for round_ in (e.share, e.second):
-            msgs = [(i, m) for i in e.workers() if (m := round_(i)) is not None]
-            replies = await asyncio.gather(*(self.workers[i].call(*m) for i, m in msgs), return_exceptions=True)
-            for r in replies:
-                if isinstance(r, BaseException):
-                    raise OpError(f"a worker did not take the session: {r}", "busy")
-                if not r.get("ok"):
-                    raise OpError(f"cannot start the session: {r.get('error')}")
+        """Give the session's listeners to its workers."""
+        replies = await asyncio.gather(*(self.workers[i].call(*e.share(i)) for i in e.workers()),
+                                       return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise OpError(f"a worker did not take the session: {r}", "busy")
+            if not r.get("ok"):
+                raise OpError(f"cannot start the session: {r.get('error')}")
 
     async def _adopt(self, info: dict, fds: list[int]) -> None:
         socks = [socket.socket(fileno=fd) for fd in fds]

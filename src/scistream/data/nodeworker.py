@@ -12,9 +12,8 @@ counters and connections. An idle plain session costs a few kilobytes.
 
 Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
 
-    {"op": "add", "sid", "cfg", "listeners": [i, ..], "nfds": n}  + n listening sockets
-    {"op": "attach", "sid", "listeners": [i, ..], "nfds": n}  + n listening sockets, accepted on as
-                                                   the second worker (EPOLLEXCLUSIVE)
+    {"op": "add", "sid", "cfg", "listeners": [i, ..], "second": [i, ..], "nfds": n}  + n listening
+        sockets; those in ``second`` this worker accepts on after the home worker (EPOLLEXCLUSIVE)
     {"op": "targets", "sid", "targets": [..]}      addresses, never names
     {"op": "remove", "sid"}                        -> the slice's final counters
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
@@ -50,6 +49,7 @@ log = logging.getLogger(__name__)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 WARM_DELAY = 0.003
+SECOND_DELAY = 0.001   # a second worker registers on a listener after its home worker
 
 
 class Slice:
@@ -169,6 +169,14 @@ class Slice:
         except (OSError, ssl.SSLError, ValueError) as exc:   # e.g. its credentials are unreadable
             conn.abort(f"cannot start: {exc}")
 
+    def attach_late(self, listeners: list[tuple[int, socket.socket]]) -> None:
+        """The listeners this worker accepts on as the second one, after its home worker."""
+        if self.open:
+            self.attach(listeners)
+        else:                           # removed meanwhile
+            for _, lsock in listeners:
+                lsock.close()
+
     def attach(self, listeners: list[tuple[int, socket.socket]]) -> None:
         for index, lsock in listeners:
             lsock.setblocking(False)
@@ -191,6 +199,10 @@ class Slice:
                 "total_connections": self.total, "failed_connections": self.failed,
                 "refused_connections": self.refused, "tls_resumed": self.resumed,
                 "tls_sessions_kept": self.sessions_kept}
+
+    @property
+    def open(self) -> bool:
+        return self.worker.slices.get(self.sid) is self
 
     def close(self) -> dict[str, int]:
         for _, lsock in self.listeners:
@@ -264,22 +276,22 @@ class NodeWorker:
                 sid = msg["sid"]
                 listeners = list(zip([int(i) for i in msg["listeners"]], socks))
                 socks = []
+                second = {int(i) for i in msg.get("second") or ()}
                 old = self.slices.pop(sid, None)
                 if old is not None:
                     old.close()
                 try:
-                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
+                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]),
+                                             [x for x in listeners if x[0] not in second],
                                              shared=bool(msg.get("shared")), home=bool(msg.get("home", True)))
                 except BaseException:
                     for _, s in listeners:
                         s.close()
                     raise
-                return {"ok": True}
-            if op == "attach":         # listeners this worker accepts on as the second one
-                s = self._slice(msg["sid"])
-                added = list(zip([int(i) for i in msg["listeners"]], socks))
-                socks = []
-                s.attach(added)
+                if second:
+                    sl = self.slices[sid]
+                    later = [x for x in listeners if x[0] in second]
+                    self.loop.call_later(SECOND_DELAY, lambda: sl.attach_late(later))
                 return {"ok": True}
             if op == "targets":
                 self._slice(msg["sid"]).retarget([str(t) for t in msg["targets"]])
