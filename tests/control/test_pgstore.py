@@ -27,6 +27,7 @@ from conftest import (async_wait_until, connect_session, echo_roundtrip, free_po
 from scistream.control.pgstore import SCHEMA_VERSION, PostgresStore, redact
 from scistream.control.server import ConfigError, ControlServer, ServerConfig
 from scistream.control.store import SessionRecord, StoreError
+from scistream.errors import ScistreamError
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -254,7 +255,23 @@ async def test_session_on_postgres_survives_a_restart_of_s2cs(pg, servers, clien
     assert prod2.registry.ports.used == set() and cons.registry.ports.used == set()
 
 
-async def test_database_restarted_under_a_running_s2cs(pg, servers, client_for, echo_server):
+@pytest.fixture
+def own_pg():
+    """A PostgreSQL of the test's own (the test restarts it)."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
+    server = Postgres(bindir)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+async def test_database_restarted_under_a_running_s2cs(own_pg, servers, client_for, echo_server):
+    pg = own_pg
     url = pg.url(pg.createdb())
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod, cons = await servers(store=url), await servers(store=url)
@@ -262,10 +279,10 @@ async def test_database_restarted_under_a_running_s2cs(pg, servers, client_for, 
     await asyncio.to_thread(pg.stop)
     try:
         # a new session cannot be recorded: refused clearly, nothing of it kept reserved
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        with pytest.raises(ScistreamError) as info:
             await client_for(prod).req(new_uid(), "PROD", 2)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "session store unavailable" in info.value.details()
+        assert info.value.status == grpc.StatusCode.UNAVAILABLE
+        assert str(info.value).startswith("session store unavailable: cannot write postgresql://")
         assert prod.registry.ports.used == set(prod.registry.active[(uid, "PROD")].ports)
         # the running session keeps its bytes flowing; its release is answered and its end
         # recorded once the database is back
