@@ -6,10 +6,10 @@ restarted and re-adopt what was running (``scistream.control.recovery``).
 
 ``SessionStore`` is the interface. ``SqliteStore`` keeps the records in an embedded
 SQLite database in the state directory (WAL journal, ``synchronous=FULL``, file mode
-0600). A site that runs several gateway nodes against one shared database (PostgreSQL)
-implements the same five coroutines over a table keyed by ``(node, uid, role, created)``
-with ``INSERT ... ON CONFLICT DO UPDATE``; every query filters on the node's name, so
-each node re-adopts only its own sessions.
+0600). ``PostgresStore`` (``scistream.control.pgstore``, ``s2cs --store postgresql://...``)
+implements the same coroutines for several gateway nodes on one shared database, over a
+table keyed by ``(node, uid, role, created)`` with ``INSERT ... ON CONFLICT DO UPDATE``;
+every query filters on the node's name, so each node re-adopts only its own sessions.
 
 The WAN secret of a live session is stored (a restarted server needs it to restart a
 data server or to check a later update); it is erased from the record when the session
