@@ -48,6 +48,7 @@ class Postgres:
         self.data = self.dir / "data"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.options: list[str] = []  # more -c settings
         self.user = None
         if os.geteuid() == 0:  # postgres refuses to run as root
             pw = pwd.getpwnam("postgres") if _has_user("postgres") else pwd.getpwnam("nobody")
@@ -66,7 +67,7 @@ class Postgres:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off"],
+             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options],
             user=self.user, cwd=self.dir, stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "server.log", "ab"), start_new_session=True)
 
@@ -253,6 +254,44 @@ async def test_session_on_postgres_survives_a_restart_of_s2cs(pg, servers, clien
     assert sorted(r["state"] for r in rows) == ["released", "released"]
     assert all(r["wan_secret"] is None for r in rows)
     assert prod2.registry.ports.used == set() and cons.registry.ports.used == set()
+
+
+def test_tls_to_the_database(tmp_path):
+    """sslmode=verify-full with the server's CA works; without TLS, or with another CA, refused."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
+    from scistream.control.tlscert import make_self_signed
+    pg = Postgres(bindir)
+    try:
+        pg.init()
+        cert, key = pg.dir / "server.crt", pg.dir / "server.key"
+        make_self_signed(cert, key, ["127.0.0.1"])
+        make_self_signed(tmp_path / "other.crt", tmp_path / "other.key", ["127.0.0.1"])
+        if pg.user is not None:
+            os.chown(key, pg.user, -1)
+        hba = pg.data / "pg_hba.conf"   # TCP without TLS is refused
+        hba.write_text("hostnossl all all 127.0.0.1/32 reject\n" + hba.read_text())
+        pg.options = ["-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}"]
+        pg.start()
+        db = pg.createdb()
+        tcp = pg.url(db, tcp=True)
+
+        async def main() -> None:
+            store = PostgresStore(f"{tcp}?sslmode=verify-full&sslrootcert={cert}", node="n1")
+            await store.open()
+            rec = record(wan_secret=b"s" * 32)
+            await store.put(rec)
+            assert [r.uid for r in await store.active()] == [rec.uid]
+            await store.close()
+            with pytest.raises(StoreError, match="cannot open the session store"):
+                await PostgresStore(f"{tcp}?sslmode=disable", node="n1").open()
+            with pytest.raises(StoreError, match="(?i)certificate"):
+                await PostgresStore(f"{tcp}?sslmode=verify-full&sslrootcert={tmp_path / 'other.crt'}",
+                                    node="n1").open()
+        asyncio.run(main())
+    finally:
+        pg.close()
 
 
 @pytest.fixture

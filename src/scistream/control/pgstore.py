@@ -131,7 +131,7 @@ class PostgresStore(SessionStore):
         except ImportError as exc:  # pragma: no cover - a dependency of scistream
             raise StoreError(f"--store {self.path} needs the asyncpg package: {exc}") from None
         try:
-            pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
+            pool = await asyncpg.create_pool(self.url, min_size=0, max_size=self.pool_size,
                                              timeout=self.timeout, command_timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad URL, TLS, auth
             raise StoreError(f"cannot open the session store {self.path}: {str(exc).strip() or type(exc).__name__}; "
@@ -163,8 +163,11 @@ class PostgresStore(SessionStore):
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"cannot prepare the session store {self.path}: "
-                             f"{str(exc).strip() or type(exc).__name__}") from None
+            # with no connection kept open, the first one is made here: an unreachable
+            # database, refused credentials or TLS show up now
+            raise StoreError(f"cannot open the session store {self.path}: "
+                             f"{str(exc).strip() or type(exc).__name__}; check the --store URL, "
+                             "the database's address and credentials") from None
 
     async def schema_version(self) -> int:
         return await self._call(lambda c: c.fetchval("SELECT max(version) FROM schema_version"),
