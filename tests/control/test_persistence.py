@@ -22,7 +22,7 @@ from conftest import (async_wait_until, connect_session, echo_roundtrip, new_uid
                       still_listening)
 from scistream.client import AsyncClient
 from scistream.control.recovery import processes_under
-from scistream.control.store import SessionRecord, SqliteStore
+from scistream.control.store import SessionRecord, SqliteStore, StoreError
 from scistream.data.supervise import pid_alive
 
 
@@ -59,6 +59,19 @@ async def test_store_roundtrip_modes_and_secret_erased(tmp_path):
     assert await other.history(10) == []
     await other.close()
     await store.close()
+
+
+async def test_store_schema_version_and_newer_refused(tmp_path):
+    path = tmp_path / "sessions.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    with pytest.raises(StoreError, match=r"schema version 2, newer than this scistream knows \(1\)"):
+        await SqliteStore(path).open()
 
 
 async def test_store_group_commit_and_prune(tmp_path):

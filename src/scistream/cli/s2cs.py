@@ -58,6 +58,9 @@ def server_options(fn):
         option("--insecure", is_flag=True, help="Plaintext control channel (development only)."),
         option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                help="Certificate, configs, logs, sessions (default: ~/.local/state/scistream/s2cs-PORT)."),
+        option("--store", default=None, metavar="URL",
+               help="Session store: postgresql://USER@HOST[:PORT]/DB[?sslmode=verify-full...], shared by "
+                    "several nodes (default: SQLite sessions.db in the state directory)."),
         option("--auth", type=click.Choice(["none", "static", "jwt", "globus"]), default=None,
                help="How callers are authenticated (required; `none` is for development only)."),
         option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,

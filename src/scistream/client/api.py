@@ -76,7 +76,7 @@ class AsyncClient:
                                 wait_for_ready=False)
         except grpc.aio.AioRpcError as exc:
             msg = exc.details() or exc.code().name
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not msg.startswith("session store"):
                 msg = (f"cannot reach the S2CS at {self.target}: {msg}. Is it running, and "
                        "does --server-cert (or --insecure) match how it was started?")
             elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -35,6 +36,7 @@ from .metrics import Metrics
 from .recovery import recover
 from .servicer import ControlServicer, generic_handler
 from .sessions import RegistryConfig, SessionRegistry
+from .pgstore import PostgresStore, is_postgres_url, redact
 from .store import SessionStore, SqliteStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class ServerConfig:
     plain_relay: str = "auto"        # Builtin: copy or splice plain legs (auto: copy on loopback legs)
     web_port: int | None = None      # web view (control/web.py; 0: any free port); None = off
     web_ip: str | None = None        # default: the control ip
+    store: str | None = None         # postgresql://... (control/pgstore.py); None = SQLite in the state dir
 
 
 class ConfigError(Exception):
@@ -122,6 +125,9 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--metrics-port must be 0-65535")
     if config.web_port is not None and not 0 <= config.web_port <= 65535:
         raise ConfigError("--web-port must be 0-65535")
+    if config.store is not None and not is_postgres_url(config.store):
+        raise ConfigError(f"--store {redact(config.store)}: give a postgresql://USER@HOST[:PORT]/DATABASE "
+                          "URL (leave --store out for SQLite in the state directory)")
 
 
 def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
@@ -193,7 +199,11 @@ class ControlServer:
                             "control port can create and release sessions. For development only. !!!")
             self.auth = make_authenticator(config.auth, **config.auth_options)  # type: ignore[arg-type]
         ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip)
-        if self.store is None:
+        if self.store is None and config.store:
+            # a node's name in a shared store: this host and this state directory (two
+            # s2cs on one host are two nodes; a restart on the same state dir is the same)
+            self.store = PostgresStore(config.store, node=f"{socket.gethostname()}:{self.state_dir}")
+        elif self.store is None:
             self.store = SqliteStore(self.state_dir / "sessions.db")
         try:
             await self.store.open()

@@ -319,6 +319,12 @@ class SessionRegistry:
         self.active[session.key] = session
         try:
             await self.save(session)
+        except BaseException:  # the store is unavailable: nothing of this req stays reserved
+            del self.active[session.key]
+            self.ports.free(ports)
+            self.bandwidth.free(bandwidth)
+            raise
+        try:
             self._events("req", session, f"num_conn={num_conn} rate={rate} lease={lease_s:g}")
             async with self._arrivals:
                 self._arrivals.notify_all()

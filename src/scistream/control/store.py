@@ -6,10 +6,10 @@ restarted and re-adopt what was running (``scistream.control.recovery``).
 
 ``SessionStore`` is the interface. ``SqliteStore`` keeps the records in an embedded
 SQLite database in the state directory (WAL journal, ``synchronous=FULL``, file mode
-0600). A site that runs several gateway nodes against one shared database (PostgreSQL)
-implements the same five coroutines over a table keyed by ``(node, uid, role, created)``
-with ``INSERT ... ON CONFLICT DO UPDATE``; every query filters on the node's name, so
-each node re-adopts only its own sessions.
+0600; the schema's version in ``PRAGMA user_version``, a newer one refused). ``PostgresStore`` (``scistream.control.pgstore``, ``s2cs --store postgresql://...``)
+implements the same coroutines for several gateway nodes on one shared database, over a
+table keyed by ``(node, uid, role, created)`` with ``INSERT ... ON CONFLICT DO UPDATE``;
+every query filters on the node's name, so each node re-adopts only its own sessions.
 
 The WAN secret of a live session is stored (a restarted server needs it to restart a
 data server or to check a later update); it is erased from the record when the session
@@ -122,6 +122,9 @@ CREATE INDEX IF NOT EXISTS sessions_live ON sessions (node, state);
 CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (node, ended);
 """
 
+#: The schema's version, kept in SQLite's ``user_version``; a newer file is refused.
+SQLITE_SCHEMA_VERSION = 1
+
 _COLUMNS = "uid, role, created, state, owner_id, owner_name, ended, wan_secret, data"
 _LIVE = "state NOT IN ('released', 'expired', 'failed')"
 
@@ -178,7 +181,16 @@ class SqliteStore(SessionStore):
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA secure_delete=ON")  # erased secrets do not linger in free pages
             db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(_SCHEMA)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SQLITE_SCHEMA_VERSION:
+                db.close()
+                raise StoreError(
+                    f"the session store {self.path} has schema version {version}, newer than this "
+                    f"scistream knows ({SQLITE_SCHEMA_VERSION}); upgrade scistream, or give s2cs "
+                    "another --state-dir")
+            db.executescript(_SCHEMA)  # version 1 (a file from before versions is version 1 too)
+            if version < SQLITE_SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SQLITE_SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the session store {self.path}: {exc}; check the "
                              "--state-dir (its owner, free space) or move the damaged file away") from exc

@@ -1,0 +1,306 @@
+"""Session records in PostgreSQL: ``s2cs --store postgresql://USER@HOST/DB``.
+
+The same ``SessionStore`` contract as ``SqliteStore`` (``scistream.control.store``), over
+one table shared by several gateway nodes, keyed by ``(node, uid, role, created)`` and
+written with ``INSERT ... ON CONFLICT DO UPDATE``. Every query filters on this node's
+name, so a node reads, re-adopts and prunes only its own sessions.
+
+Connections come from an asyncpg pool. The URL is libpq's: TLS to the database with
+``?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem`` (``sslcert``/``sslkey`` for a
+client certificate), a unix socket with ``?host=/run/postgresql``, the password from
+``~/.pgpass`` or ``PGPASSWORD`` rather than in the URL. The password never appears in a
+message or a log line (``redact``).
+
+Schema migrations are numbered; on ``open`` the store takes an advisory lock, applies the
+ones the database lacks and records each in ``schema_version``. A database whose schema is
+newer than this code knows is refused (``StoreError``; ``s2cs`` exits 2 with that line).
+
+Writes are group-committed as in ``SqliteStore``: records that arrive while one
+transaction is committing go together in the next one (one WAL flush for many sessions).
+When the database is unreachable, a write fails with ``StoreError`` (gRPC UNAVAILABLE,
+"session store unavailable"); the end of a session (a terminal record, which the
+registry does not undo) is kept and written as soon as the database answers again, so
+no release or expiry is lost. The WAN secret of an ended session is erased (NULL).
+
+    store = PostgresStore("postgresql://scistream@db.facility.org/scistream?sslmode=verify-full",
+                          node="dtn1")
+    await store.open()          # migrations applied
+    await store.put(record)     # committed when this returns
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import urllib.parse
+from typing import Any
+
+from .store import SessionRecord, SessionStore, StoreError
+
+log = logging.getLogger(__name__)
+
+#: Migrations, in order: ``MIGRATIONS[n - 1]`` takes the schema from version n-1 to n.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        node TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        role TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL,
+        owner_id TEXT NOT NULL,
+        owner_name TEXT NOT NULL DEFAULT '',
+        ended DOUBLE PRECISION NOT NULL DEFAULT 0,
+        wan_secret BYTEA,
+        data JSONB NOT NULL DEFAULT '{}',
+        PRIMARY KEY (node, uid, role, created)
+    );
+    CREATE INDEX sessions_live ON sessions (node, state);
+    CREATE INDEX sessions_ended ON sessions (node, ended);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+#: pg_advisory_xact_lock key that serialises migrations of several starting servers.
+_MIGRATION_LOCK = 0x5C157AE0
+
+_COLUMNS = "uid, role, created, state, owner_id, owner_name, ended, wan_secret, data"
+_LIVE = "state NOT IN ('released', 'expired', 'failed')"
+_UPSERT = (
+    "INSERT INTO sessions (node, uid, role, created, state, owner_id, owner_name, ended, "
+    "wan_secret, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb) "
+    "ON CONFLICT (node, uid, role, created) DO UPDATE SET state = EXCLUDED.state, "
+    "owner_id = EXCLUDED.owner_id, owner_name = EXCLUDED.owner_name, ended = EXCLUDED.ended, "
+    "wan_secret = EXCLUDED.wan_secret, data = EXCLUDED.data")
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "postgresql://..."
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.startswith(("postgresql://", "postgres://"))
+
+
+def _record(row: Any) -> SessionRecord:
+    secret = row["wan_secret"]
+    return SessionRecord(uid=row["uid"], role=row["role"], created=row["created"], state=row["state"],
+                         owner_id=row["owner_id"], owner_name=row["owner_name"], ended=row["ended"],
+                         wan_secret=bytes(secret) if secret is not None else None,
+                         data=json.loads(row["data"]))
+
+
+class PostgresStore(SessionStore):
+    """Session records of one node in a PostgreSQL database shared by several nodes."""
+
+    def __init__(self, url: str, node: str | None = None, *, pool_size: int = 4,
+                 timeout: float = 10.0) -> None:
+        if not is_postgres_url(url):
+            raise StoreError(f"--store {redact(url)}: give a postgresql://USER@HOST[:PORT]/DATABASE URL")
+        self.url = url
+        self.path = redact(url)  # what logs and messages show
+        self.node = node or socket.gethostname()
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self._pool: Any = None
+        self._pending: list[tuple[SessionRecord, asyncio.Future]] = []
+        self._unsaved: dict[tuple[str, str, float], SessionRecord] = {}  # ends not yet written
+        self._flusher: asyncio.Task | None = None
+        self._retry: asyncio.Task | None = None
+        self.commits = 0
+
+    def _unavailable(self, exc: BaseException, doing: str) -> StoreError:
+        detail = str(exc).strip() or type(exc).__name__
+        return StoreError(f"session store unavailable: cannot {doing} {self.path}: {detail}")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            import asyncpg
+        except ImportError as exc:  # pragma: no cover - a dependency of scistream
+            raise StoreError(f"--store {self.path} needs the asyncpg package: {exc}") from None
+        try:
+            pool = await asyncpg.create_pool(self.url, min_size=0, max_size=self.pool_size,
+                                             timeout=self.timeout, command_timeout=self.timeout)
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad URL, TLS, auth
+            raise StoreError(f"cannot open the session store {self.path}: {str(exc).strip() or type(exc).__name__}; "
+                             "check the --store URL, the database's address and credentials") from None
+        try:
+            await self._migrate(pool)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+
+    async def _migrate(self, pool: Any) -> None:
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                    "applied TIMESTAMPTZ NOT NULL DEFAULT now())")
+                have = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+                if have > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the session store {self.path} has schema version {have}, newer than this "
+                        f"scistream knows ({SCHEMA_VERSION}); upgrade scistream, or point --store at "
+                        "another database")
+                for version in range(have + 1, SCHEMA_VERSION + 1):
+                    await conn.execute(MIGRATIONS[version - 1])
+                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+                    log.info("session store %s: schema migrated to version %d", self.path, version)
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            # with no connection kept open, the first one is made here: an unreachable
+            # database, refused credentials or TLS show up now
+            raise StoreError(f"cannot open the session store {self.path}: "
+                             f"{str(exc).strip() or type(exc).__name__}; check the --store URL, "
+                             "the database's address and credentials") from None
+
+    async def schema_version(self) -> int:
+        return await self._call(lambda c: c.fetchval("SELECT max(version) FROM schema_version"),
+                                "read")
+
+    async def close(self) -> None:
+        if self._pool is None:
+            return
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._retry is not None:
+            self._retry.cancel()
+            await asyncio.gather(self._retry, return_exceptions=True)
+            self._retry = None
+        if self._unsaved:  # one last try for the ends the database missed
+            try:
+                await self._write(list(self._unsaved.values()))
+                self._unsaved.clear()
+            except StoreError as exc:
+                log.error("session store %s: %d ended session(s) not recorded: %s",
+                          self.path, len(self._unsaved), exc)
+        pool, self._pool = self._pool, None
+        try:
+            await asyncio.wait_for(pool.close(), self.timeout)
+        except Exception:  # noqa: BLE001 - a dead database: drop the connections
+            pool.terminate()
+
+    # -- one call, retried once on a connection the database has dropped -------------------
+    async def _call(self, fn: Any, doing: str) -> Any:
+        import asyncpg
+        if self._pool is None:
+            raise StoreError(f"session store {self.path} is not open")
+        for attempt in (0, 1):
+            try:
+                async with self._pool.acquire(timeout=self.timeout) as conn:
+                    return await fn(conn)
+            except StoreError:
+                raise
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError) as exc:
+                # A pooled connection from before a database restart fails once; a fresh one
+                # may not. Every statement here is idempotent, so trying again is safe.
+                if attempt == 0 and not isinstance(exc, ConnectionRefusedError):
+                    continue
+                raise self._unavailable(exc, doing) from None
+            except Exception as exc:  # noqa: BLE001 - OSError, timeouts, server errors
+                raise self._unavailable(exc, doing) from None
+        raise AssertionError("unreachable")
+
+    # -- writes (group commit) -------------------------------------------------------------
+    async def put(self, record: SessionRecord) -> None:
+        if self._pool is None:
+            raise StoreError(f"session store {self.path} is not open")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((record, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # The write goes on even if the caller is cancelled: the state it records is real.
+        await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            records = [r for r, _ in batch]
+            earlier = dict(self._unsaved)
+            try:
+                await self._write(list(earlier.values()) + records)
+            except BaseException as exc:  # noqa: BLE001 - every waiter must learn of it
+                err = exc if isinstance(exc, StoreError) else self._unavailable(exc, "write")
+                for r in records:
+                    if r.terminal:  # an end is final: write it when the database is back
+                        self._unsaved[(r.uid, r.role, r.created)] = _copy(r)
+                if self._unsaved and (self._retry is None or self._retry.done()):
+                    self._retry = asyncio.create_task(self._retry_unsaved())
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                self._forget(earlier)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def _retry_unsaved(self, every: float = 1.0) -> None:
+        while self._unsaved and self._pool is not None:
+            await asyncio.sleep(every)
+            if self._flusher is not None and not self._flusher.done():
+                continue  # the flusher writes them with its batch
+            earlier = dict(self._unsaved)
+            try:
+                await self._write(list(earlier.values()))
+            except StoreError:
+                continue
+            log.info("session store %s: back; %d ended session(s) recorded", self.path, len(earlier))
+            self._forget(earlier)
+
+    def _forget(self, written: dict) -> None:
+        for key, rec in written.items():
+            if self._unsaved.get(key) is rec:
+                del self._unsaved[key]
+
+    async def _write(self, records: list[SessionRecord]) -> None:
+        rows = [(self.node, r.uid, r.role, r.created, r.state, r.owner_id, r.owner_name, r.ended,
+                 None if r.terminal else r.wan_secret, json.dumps(r.data, separators=(",", ":")))
+                for r in records]
+
+        async def write(conn: Any) -> None:
+            async with conn.transaction():
+                await conn.executemany(_UPSERT, rows)
+        await self._call(write, "write")
+        self.commits += 1
+
+    # -- reads -----------------------------------------------------------------------------
+    async def active(self) -> list[SessionRecord]:
+        rows = await self._call(lambda c: c.fetch(
+            f"SELECT {_COLUMNS} FROM sessions WHERE node = $1 AND {_LIVE} ORDER BY created",
+            self.node), "read")
+        return [_record(r) for r in rows]
+
+    async def history(self, limit: int) -> list[SessionRecord]:
+        rows = await self._call(lambda c: c.fetch(
+            f"SELECT {_COLUMNS} FROM sessions WHERE node = $1 AND NOT ({_LIVE}) "
+            "ORDER BY ended DESC LIMIT $2", self.node, limit), "read")
+        return [_record(r) for r in rows]
+
+    async def prune(self, keep: int) -> int:
+        status = await self._call(lambda c: c.execute(
+            f"DELETE FROM sessions WHERE node = $1 AND NOT ({_LIVE}) AND (uid, role, created) NOT IN ("
+            f"SELECT uid, role, created FROM sessions WHERE node = $1 AND NOT ({_LIVE}) "
+            "ORDER BY ended DESC LIMIT $2)", self.node, keep), "prune")
+        return int(status.split()[-1])
+
+
+def _copy(record: SessionRecord) -> SessionRecord:
+    return SessionRecord(**{**record.__dict__, "data": dict(record.data)})
