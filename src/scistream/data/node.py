@@ -11,8 +11,9 @@ session is ready in a millisecond and an idle one costs a few kilobytes.
 * **Placement.** A new session goes to the least loaded worker (fewest listeners).
   A session with several listeners is spread over the workers, listener *i* at home on
   the *i*-th least loaded one, and a second worker accepts on each listener too
-  (``EPOLLEXCLUSIVE``: the kernel wakes one idle worker per connection), so several
-  streams of a session use two cores even on one listener. A rate-limited session stays
+  (``EPOLLEXCLUSIVE``: the kernel offers a connection to the first idle worker in line,
+  and a worker that accepted goes to the back of the line), so the streams of a session
+  are dealt out over two cores even on one listener. A rate-limited session stays
   on one worker (its token buckets are one budget), and so does a session with a
   connection cap (``max_conns``, ``s2cs --max-session-conns``), which its worker counts
   exactly; a capped session with several listeners spread over workers gets a share of
