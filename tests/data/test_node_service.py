@@ -453,3 +453,34 @@ async def test_streams_on_one_listener_use_both_workers(servers, client_for, ech
         s.close()
     await client_for(prod).release(uid)
     await client_for(cons).release(uid)
+
+
+async def test_operator_run_service_lost_fails_its_sessions(servers, client_for, echo_server, tmp_path):
+    """A service s2cs does not own and that does not come back: its sessions fail with the
+    reason, and every port they held is free again."""
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    sock = tmp_path / "node.sock"
+    log = open(tmp_path / "s2ds.log", "wb")
+    service = subprocess.Popen([str(BIN / "s2ds"), "serve", "--socket", str(sock), "--workers", "1"],
+                               stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        await async_wait_until(lambda: sock.exists(), timeout=20, what="s2ds serve listening")
+        prod = await servers()
+        cons = await servers(data_service=sock)
+        uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
+        await roundtrip_ok(c.listeners[0])
+        service.kill()
+        service.wait(10)
+
+        async def failed():
+            st = (await client_for(cons).status(uid)).sessions[0]
+            return st if st.state == "failed" else None
+        st = await async_wait_until(failed, timeout=20, what="the session failed")
+        assert "node service" in st.last_error and "gone" in st.last_error, st.last_error
+        await async_wait_until(lambda: not cons.registry.ports.used, what="its ports freed")
+        await client_for(prod).release(uid)
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+        log.close()

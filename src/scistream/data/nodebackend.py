@@ -53,6 +53,7 @@ class NodeService:
         self.conn = ServiceConnection(self.path, on_event=self._event, on_lost=self._lost)
         self.recovering: asyncio.Task | None = None
         self.closed = False
+        self.gone = ""          # why the service is lost for good (operator-run, not back)
 
     @classmethod
     async def open(cls, path: Path, *, managed: bool, workers: int = 0,
@@ -106,6 +107,12 @@ class NodeService:
         rec = self.recovering
         if rec is not None and not rec.done() and rec is not asyncio.current_task():
             await asyncio.shield(rec)
+        if self.gone and not self.conn.connected:
+            try:        # an operator may have started it again meanwhile
+                await self.conn.connect(timeout=1.0)
+                self.gone = ""
+            except ServiceError:
+                raise ServiceError(f"the node service on {self.path} is gone: {self.gone}", "unreachable") from None
         return await self.conn.call(msg, timeout)
 
     # -- losing the service -------------------------------------------------
@@ -123,6 +130,7 @@ class NodeService:
             await self._recover()
         except Exception as exc:  # noqa: BLE001 - every session learns why
             log.error("node service on %s is gone and cannot be brought back: %s", self.path, exc)
+            self.gone = str(exc)
             for server in list(self.servers.values()):
                 server.lost(f"the node service on {self.path} is gone: {exc}")
 
