@@ -26,7 +26,6 @@ or on SIGTERM; either way every connection it carries is reset.
 """
 from __future__ import annotations
 
-import errno
 import gc
 import select
 import itertools
@@ -41,7 +40,7 @@ from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode
 from .evloop import EPOLLIN, EPOLLOUT, Loop, PipePool, TokenBucket
-from .relay import FAILURE_LOG, Conn
+from .relay import FAILURE_LOG, Conn, accept_one
 from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,7 @@ class Slice:
         self.tls_session: ssl.SSLSession | None = None
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.listeners = listeners
-        self.shared = shared            # other workers accept on these listeners too
-        self.shared_fds: dict[int, bool] = {}
+        self.shared = shared            # another worker accepts on these listeners too
         self.conns: dict[int, Conn] = {}
         self.bytes = {"in": 0, "out": 0}
         self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
@@ -119,30 +117,22 @@ class Slice:
             self.failed += 1
 
     # -- accepting --------------------------------------------------------
-    def _watch(self, index: int, lsock: socket.socket, shared: bool | None = None) -> None:
-        shared = self.shared if shared is None else shared
-        self.shared_fds[lsock.fileno()] = shared
-        self.loop.add(lsock.fileno(), EPOLLIN | (EPOLLEXCLUSIVE if shared else 0),
+    def _watch(self, index: int, lsock: socket.socket) -> None:
+        self.loop.add(lsock.fileno(), EPOLLIN | (EPOLLEXCLUSIVE if self.shared else 0),
                       lambda ev: self._accept(index, lsock))
 
     def _accept(self, index: int, lsock: socket.socket) -> None:
-        try:
-            sock, peer = lsock.accept()
-        except BlockingIOError:
+        got = accept_one(self.loop, lsock, f"listener {index} of session {self.sid}",
+                         lambda: self._resume(index, lsock))
+        if got is None:
             return
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("session %s: cannot accept on listener %d: %s; pausing it for 0.2 s",
-                          self.sid, index, exc.strerror)
-                self.loop.remove(lsock.fileno())
-                self.loop.call_later(0.2, lambda: self._resume(index, lsock))
-            return
-        if self.shared_fds.get(lsock.fileno()):
+        sock, peer = got
+        if self.shared:
             # To the back of the listener's queue of waiting workers (EPOLLEXCLUSIVE wakes
             # the first idle one): a burst of connections (iperf3 -P 4) is dealt out in turn
             # over the workers instead of piling up on whichever registered first.
             self.loop.remove(lsock.fileno())
-            self._watch(index, lsock, shared=True)
+            self._watch(index, lsock)
         if self.max_conns and len(self.conns) >= self.max_conns:
             self.refused += 1
             ok, _ = FAILURE_LOG.allow()
@@ -181,7 +171,7 @@ class Slice:
         for index, lsock in listeners:
             lsock.setblocking(False)
             self.listeners.append((index, lsock))
-            self._watch(index, lsock, shared=True)
+            self._watch(index, lsock)
 
     def _resume(self, index: int, lsock: socket.socket) -> None:
         if self.loop.running and lsock.fileno() >= 0 and (index, lsock) in self.listeners:

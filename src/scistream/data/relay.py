@@ -31,7 +31,7 @@ import ssl
 import struct
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
 from .tlsleg import DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, thread_buffers
@@ -257,6 +257,24 @@ class CopyPump(SendKeepingRest):
 
 
 COPY_CHUNK = 256 * 1024
+
+
+def accept_one(loop: Loop, lsock: socket.socket, label: str,
+               resume: "Callable[[], None]") -> tuple[socket.socket, Any] | None:
+    """One connection from a level-triggered listener (epoll reports it again at once if
+    more are waiting, and a final EAGAIN is saved), or None. Out of descriptors or memory,
+    the listener would stay readable: it is taken out of the loop and ``resume`` is called
+    0.2 s later, while connections wait in the backlog."""
+    try:
+        return lsock.accept()
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            log.error("cannot accept on %s: %s; pausing it for 0.2 s", label, exc.strerror)
+            loop.remove(lsock.fileno())
+            loop.call_later(0.2, resume)
+        return None            # anything else (ECONNABORTED): that client is gone
 
 
 def _is_loopback(addr: Any) -> bool:

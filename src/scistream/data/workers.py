@@ -20,7 +20,6 @@ Each worker keeps its own counters and pipe pool; the data server sums the count
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import socket
 import ssl
@@ -28,7 +27,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from .evloop import EPOLLIN, Loop, PipePool, TokenBucket
-from .relay import Conn
+from .relay import Conn, accept_one
 
 if TYPE_CHECKING:
     from .s2ds import S2DS
@@ -90,20 +89,10 @@ class Worker:
         self.loop.add(lsock.fileno(), EPOLLIN, lambda ev: self._accept(index, lsock))
 
     def _accept(self, index: int, lsock: socket.socket) -> None:
-        """One connection per readiness report: the listener is level-triggered, so epoll
-        reports it again at once if more are waiting (and a final EAGAIN is saved)."""
-        try:
-            sock, peer = lsock.accept()
-        except BlockingIOError:
+        got = accept_one(self.loop, lsock, f"listener {index}", lambda: self._resume(index, lsock))
+        if got is None:
             return
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # Out of descriptors or memory: the listener stays readable, so pause it
-                # instead of spinning; connections wait in the backlog meanwhile.
-                log.error("cannot accept on listener %d: %s; pausing it for 0.2 s", index, exc.strerror)
-                self.loop.remove(lsock.fileno())
-                self.loop.call_later(0.2, lambda: self._resume(index, lsock))
-            return                 # anything else (ECONNABORTED): that client is gone
+        sock, peer = got
         with self.server.open_lock:    # ``open`` of a worker changes in two threads
             idlest = min(self.server.workers, key=lambda w: w.open)
             if self.open - idlest.open < 2:
