@@ -28,6 +28,7 @@ from rich.table import Table
 
 from ..client import AsyncClient, ChannelOptions
 from ..client import sessionfile
+from ..units import bitrate, duration
 from ..addr import check_uid
 from ..errors import ScistreamError
 from ..proto import pb
@@ -67,25 +68,6 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 172800:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _rate(bps: int) -> str:
-    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
-        if bps < 1000 or unit == "Gbit/s":
-            return f"{bps:.0f} {unit}" if unit == "bit/s" else f"{bps:.1f} {unit}"
-        bps /= 1000
-    return str(bps)
 
 
 def _when(t: float | None) -> str:
@@ -201,7 +183,7 @@ def _print_one(d: dict) -> None:
     t.add_column(style="bold")
     t.add_column()
     lease = ("unlimited" if not d["lease_expires"] else
-             f"{_dur(d['lease_left_s'])} left (ends {_when(d['lease_expires'])})"
+             f"{duration(d['lease_left_s'])} left (ends {_when(d['lease_expires'])})"
              if d["lease_left_s"] is not None else f"ended {_when(d['lease_expires'])}")
     rows = [
         ("session", f"{d['uid']} {d['role']} on {d['server']}"),
@@ -210,13 +192,13 @@ def _print_one(d: dict) -> None:
         ("listeners", " ".join(d["listeners"]) or "-"),
         ("targets", " ".join(d["targets"]) or "-"),
         ("to producer", f"{_size(d['bytes_to_producer'])} ({d['bytes_to_producer']} B, avg "
-                        f"{_rate(d['avg_bps_to_producer'])})"),
+                        f"{bitrate(d['avg_bps_to_producer'])})"),
         ("to consumer", f"{_size(d['bytes_to_consumer'])} ({d['bytes_to_consumer']} B, avg "
-                        f"{_rate(d['avg_bps_to_consumer'])})"),
+                        f"{bitrate(d['avg_bps_to_consumer'])})"),
         ("connections", f"{d['connections']} open, {d['total_connections']} in all, {d['num_conn']} slots"
                         + (f", {d['refused_connections']} refused (over the cap)" if d["refused_connections"] else "")),
         ("rate cap", _rate_cap(d)),
-        ("age", f"{_dur(d['age_s'])} (created {_when(d['created'])})"),
+        ("age", f"{duration(d['age_s'])} (created {_when(d['created'])})"),
         ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),
         ("lease", lease),
         ("WAN leg", f"{d['wan_security'] or '-'} ({d['server_type']})"),
@@ -247,8 +229,8 @@ def _print_table(found: list[dict]) -> None:
     t = Table("uid", "role", "state", "owner", "age", "lease left", "to prod", "to cons", "conns",
               "rate cap", "server", "last error")
     for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
-        t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), _dur(d["age_s"]),
-                  _dur(d["lease_left_s"]) if d["lease_expires"] and not d["ended"] else "-",
+        t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), duration(d["age_s"]),
+                  duration(d["lease_left_s"]) if d["lease_expires"] and not d["ended"] else "-",
                   _size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"]),
                   str(d["connections"]), _rate_cap(d, short=True), d["server"],
                   escape(d["last_error"][:60]))
@@ -291,9 +273,9 @@ def _watch_table(found: list[dict], rates: dict, failed: list, interval: float) 
     for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
         live = not d["ended"]
         r_in, r_out = rates.get((d["server"], d["uid"], d["role"], d["created"]), (0.0, 0.0)) if live else (0, 0)
-        t.add_row(d["uid"], escape(d["owner"]), d["role"], d["state"], _dur(d["age_s"]),
-                  _dur(d["lease_left_s"]) if d["lease_expires"] and live else "-",
-                  f"{d['connections']}/{d['total_connections']}", _rate(int(r_in)), _rate(int(r_out)),
+        t.add_row(d["uid"], escape(d["owner"]), d["role"], d["state"], duration(d["age_s"]),
+                  duration(d["lease_left_s"]) if d["lease_expires"] and live else "-",
+                  f"{d['connections']}/{d['total_connections']}", bitrate(int(r_in)), bitrate(int(r_out)),
                   d["wan_security"] or "-", d["server_type"], d["server"])
     return t
 

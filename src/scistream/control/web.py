@@ -47,6 +47,7 @@ from aiohttp import web
 
 from ..auth.base import ANONYMOUS, AuthUnavailable, Authenticator, Identity
 from ..errors import ScistreamError
+from ..units import bitrate, duration
 from .sessions import TERMINAL, S, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -119,25 +120,6 @@ def _key(s: Session) -> tuple[str, str, float]:
     return s.uid, s.role, s.created
 
 
-def _fmt_rate(bps: float) -> str:
-    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
-        if bps < 1000 or unit == "Gbit/s":
-            return f"{bps:.0f} {unit}" if unit == "bit/s" else f"{bps:.1f} {unit}"
-        bps /= 1000
-    return ""
-
-
-def _fmt_dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 172800:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _fmt_time(t: float) -> str:
@@ -311,15 +293,15 @@ class WebView:
         return {
             "uid": s.uid, "role": s.role, "owner": str(s.owner), "state": s.state.value,
             "created": s.created, "age_s": round(max(0.0, (s.ended or now) - s.created), 3),
-            "age": _fmt_dur(max(0.0, (s.ended or now) - s.created)),
+            "age": duration(max(0.0, (s.ended or now) - s.created)),
             "lease_expires": s.lease_expires or None,
             "lease_left_s": None if lease_left is None else round(lease_left, 3),
-            "lease_left": "unlimited" if not s.lease_expires else _fmt_dur(lease_left),
+            "lease_left": "unlimited" if not s.lease_expires else duration(lease_left),
             "connections": st.connections, "total_connections": st.total_connections,
             "conns": f"{st.connections} / {st.total_connections}",
             "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
             "rate_in": round(rate_in), "rate_out": round(rate_out),
-            "rate_in_h": _fmt_rate(rate_in), "rate_out_h": _fmt_rate(rate_out),
+            "rate_in_h": bitrate(rate_in), "rate_out_h": bitrate(rate_out),
             "wan_security": s.wan_security or "-",
             "server_type": s.server_type or self.registry.config.server_type,
             "node": s.listen_host or self.registry.config.listener_ip,
