@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import collections
 import json
+import os
 import socket
 import struct
 
@@ -92,7 +93,6 @@ class Decoder:
 
     def close(self) -> None:
         """Close descriptors that arrived but were never taken."""
-        import os
         while self.fds:
             try:
                 os.close(self.fds.popleft())

@@ -766,6 +766,9 @@ class Node:
         says it serves (``handover_done``), or carry on if it never does."""
         if self.handing_over:
             raise OpError("a handover is already under way", "busy")
+        wide = [e.sid for e in self.sessions.values() if len(e.socks) > MAX_FDS]
+        if wide:
+            raise OpError(f"sessions of more than {MAX_FDS} listeners cannot be handed over: {wide}")
         self.handing_over = True
         loop = asyncio.get_running_loop()
         try:
@@ -776,15 +779,11 @@ class Node:
                 sock.setblocking(True)
                 sock.settimeout(10)
                 for e in self.sessions.values():
-                    for start in range(0, max(1, len(e.socks)), MAX_FDS):
-                        part = e.socks[start:start + MAX_FDS]
-                        if start:  # very wide sessions go in pieces of one entry each
-                            raise OpError("sessions of more than 250 listeners cannot be handed over")
-                        base = dict(e.base)
-                        for seen in e.seen.values():
-                            _add(base, seen)
-                        info = {"sid": e.sid, "cfg": e.cfg, "base": base}
-                        send_frame(sock, encode({"session": info, "nfds": len(part)}), [s.fileno() for s in part])
+                    base = dict(e.base)
+                    for seen in e.seen.values():
+                        _add(base, seen)
+                    info = {"sid": e.sid, "cfg": e.cfg, "base": base}
+                    send_frame(sock, encode({"session": info, "nfds": len(e.socks)}), [s.fileno() for s in e.socks])
                 send_frame(sock, encode({"done": True}))
         except BaseException:
             self.handing_over = False
