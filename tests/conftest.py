@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import ipaddress
 import json
@@ -182,6 +183,14 @@ async def echo_roundtrip(host: str, port: int, payload: bytes, timeout: float = 
     finally:
         w.close()
     return got
+
+
+async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
+    """``size`` random bytes through ``listener`` (host:port) to an echo application and back,
+    checked."""
+    payload = os.urandom(size)
+    got = await echo_roundtrip(*parse_listener(listener), payload)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
 async def connect_session(pc: AsyncClient, cc: AsyncClient, endpoint: str, num_conn: int = 2,

@@ -6,7 +6,6 @@ bytes still flow). An admin may release it. No log line of a full session holds 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -14,7 +13,7 @@ import time
 import pytest
 import responses
 
-from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener
+from conftest import async_wait_until, new_uid, roundtrip_ok
 from globus_sdk.testing import RegisteredResponse
 from scistream.auth.globus import GlobusAuth
 from scistream.auth.static import add_token
@@ -28,11 +27,6 @@ def tokens(tmp_path):
     path = tmp_path / "tokens"
     return path, {who: add_token(path, who) for who in ("alice", "bob", "ops")}
 
-
-async def roundtrip_ok(listener: str) -> None:
-    payload = os.urandom(256 << 10)
-    got = await echo_roundtrip(*parse_listener(listener), payload)
-    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
 async def test_stranger_cannot_touch_a_session_admin_can_release(servers, client_for, echo_server, tokens):
@@ -76,7 +70,7 @@ async def test_stranger_cannot_touch_a_session_admin_can_release(servers, client
     assert (session.state, list(session.ports), list(session.targets), session.owner.id,
             set(srv.registry.ports.used)) == before
     for listener in prod.listeners:
-        await roundtrip_ok(listener)
+        await roundtrip_ok(listener, 256 << 10)
     assert [s.uid for s in (await alice.status(uid)).sessions] == [uid]
 
     await ops.release(uid)
@@ -114,7 +108,7 @@ async def test_no_token_in_a_full_session_log_of_an_s2cs_process(s2cs_process, e
         await alice.hello(uid, "PROD", [endpoint])
         prod = await req
         await alice.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-        await roundtrip_ok(prod.listeners[0])
+        await roundtrip_ok(prod.listeners[0], 256 << 10)
         with pytest.raises(PermissionDenied):
             await bob.release(uid)
         with pytest.raises(Unauthenticated):
@@ -147,7 +141,7 @@ async def test_no_token_or_secret_in_debug_log_with_globus_auth(servers, client_
         await c.hello(uid, "PROD", [f"{echo_server[0]}:{echo_server[1]}"])
         prod = await req
         await c.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-        await roundtrip_ok(prod.listeners[0])
+        await roundtrip_ok(prod.listeners[0], 256 << 10)
         await c.release(uid)
         assert len(rsps.calls) == 1                       # one introspection for five calls
         assert srv.registry.sessions()[0].owner.id.endswith("|4e5f6a7b-0000-4000-8000-8f48a4710003")

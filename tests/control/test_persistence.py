@@ -18,18 +18,13 @@ import time
 
 import pytest
 
-from conftest import (async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener, port_block,
+from conftest import (roundtrip_ok, async_wait_until, connect_session, new_uid, parse_listener, port_block,
                       still_listening)
 from scistream.client import AsyncClient
 from scistream.control.recovery import processes_under
 from scistream.control.store import SessionRecord, SqliteStore, StoreError
 from scistream.data.supervise import pid_alive
 
-
-async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
-    payload = os.urandom(size)
-    got = await echo_roundtrip(*parse_listener(listener), payload)
-    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
 # -- the store ---------------------------------------------------------------------------

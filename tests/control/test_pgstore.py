@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import glob
-import hashlib
 import os
 import pwd
 import shutil
@@ -22,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import (async_wait_until, connect_session, echo_roundtrip, free_port, new_uid, port_block,
-                      parse_listener, wait_until)
+from conftest import (roundtrip_ok, async_wait_until, connect_session, free_port, new_uid, port_block,
+                      wait_until)
 from scistream.control.pgstore import SCHEMA_VERSION, PostgresStore, redact
 from scistream.control.server import ConfigError, ControlServer, ServerConfig
 from scistream.control.store import SessionRecord, StoreError
@@ -226,11 +225,6 @@ def test_bad_store_urls_are_one_line_errors(pg, tmp_path):
 
 
 # -- a real s2cs on PostgreSQL --------------------------------------------------------------
-async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
-    payload = os.urandom(size)
-    got = await echo_roundtrip(*parse_listener(listener), payload)
-    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-
 
 async def test_session_on_postgres_survives_a_restart_of_s2cs(pg, servers, client_for, echo_server):
     url = pg.url(pg.createdb())

@@ -26,14 +26,9 @@ from scistream.client import AsyncClient
 from scistream.data.nodeclient import call_once
 from scistream.data.supervise import children, pid_alive
 
-from conftest import (BIN, async_wait_until, connect_session, echo_roundtrip, parse_listener,
+from conftest import (roundtrip_ok, BIN, async_wait_until, connect_session, parse_listener,
                         port_block, still_listening)
 
-
-async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
-    payload = os.urandom(size)
-    got = await echo_roundtrip(*parse_listener(listener), payload)
-    assert got == payload
 
 
 async def node_status(srv) -> dict:
