@@ -36,7 +36,7 @@ import socket
 import urllib.parse
 from typing import Any
 
-from .store import SessionRecord, SessionStore, StoreError
+from .store import GroupCommitStore, SessionRecord, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _record(row: Any) -> SessionRecord:
                          data=json.loads(row["data"]))
 
 
-class PostgresStore(SessionStore):
+class PostgresStore(GroupCommitStore):
     """Session records of one node in a PostgreSQL database shared by several nodes."""
 
     def __init__(self, url: str, node: str | None = None, *, pool_size: int = 4,
@@ -217,15 +217,9 @@ class PostgresStore(SessionStore):
         raise AssertionError("unreachable")
 
     # -- writes (group commit) -------------------------------------------------------------
-    async def put(self, record: SessionRecord) -> None:
-        if self._pool is None:
-            raise StoreError(f"session store {self.path} is not open")
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((record, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        # The write goes on even if the caller is cancelled: the state it records is real.
-        await asyncio.shield(fut)
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
 
     async def _flush(self) -> None:
         while self._pending:

@@ -137,7 +137,33 @@ def _row_to_record(row: tuple) -> SessionRecord:
                          data=json.loads(data))
 
 
-class SqliteStore(SessionStore):
+class GroupCommitStore(SessionStore):
+    """``put`` queues the record; one flusher task at a time (``_flush``) writes whatever is
+    queued, in order, in one transaction per batch. A subclass sets ``_pending`` and
+    ``_flusher`` (empty) and says whether it is open."""
+    _pending: list[tuple[SessionRecord, asyncio.Future]]
+    _flusher: asyncio.Task | None
+    path: Any
+
+    @property
+    @abc.abstractmethod
+    def is_open(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def _flush(self) -> None: ...
+
+    async def put(self, record: SessionRecord) -> None:
+        if not self.is_open:
+            raise StoreError(f"session store {self.path} is not open")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((record, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # The write goes on even if the caller is cancelled: the state it records is real.
+        await asyncio.shield(fut)
+
+
+class SqliteStore(GroupCommitStore):
     """Session records in one SQLite file (WAL), written on a thread of its own."""
 
     def __init__(self, path: Path, node: str | None = None, *, synchronous: str = "FULL") -> None:
@@ -208,15 +234,9 @@ class SqliteStore(SessionStore):
         self._exec = None
 
     # -- writes (group commit) -------------------------------------------------------------
-    async def put(self, record: SessionRecord) -> None:
-        if self._exec is None:
-            raise StoreError(f"session store {self.path} is not open")
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((record, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        # The write goes on even if the caller is cancelled: the state it records is real.
-        await asyncio.shield(fut)
+    @property
+    def is_open(self) -> bool:
+        return self._exec is not None
 
     async def _flush(self) -> None:
         while self._pending:
