@@ -8,6 +8,7 @@ takes the database away under a running s2cs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -112,8 +113,8 @@ def _has_user(name: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def pg():
+@contextlib.contextmanager
+def running_postgres():
     bindir = _pg_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
@@ -124,6 +125,12 @@ def pg():
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def pg():
+    with running_postgres() as server:
+        yield server
 
 
 def record(state: str = "connected", **kw) -> SessionRecord:
@@ -291,16 +298,8 @@ def test_tls_to_the_database(tmp_path):
 @pytest.fixture
 def own_pg():
     """A PostgreSQL of the test's own (the test restarts it)."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
-    server = Postgres(bindir)
-    try:
-        server.init()
-        server.start()
+    with running_postgres() as server:
         yield server
-    finally:
-        server.close()
 
 
 async def test_database_restarted_under_a_running_s2cs(own_pg, servers, client_for, echo_server):

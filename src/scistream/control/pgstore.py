@@ -235,16 +235,12 @@ class PostgresStore(GroupCommitStore):
                         self._unsaved[(r.uid, r.role, r.created)] = _copy(r)
                 if self._unsaved and (self._retry is None or self._retry.done()):
                     self._retry = asyncio.create_task(self._retry_unsaved())
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+                self._settle(batch, err)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
                 self._forget(earlier)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+                self._settle(batch, None)
 
     async def _retry_unsaved(self, every: float = 1.0) -> None:
         while self._unsaved and self._pool is not None:

@@ -152,6 +152,16 @@ class GroupCommitStore(SessionStore):
     @abc.abstractmethod
     async def _flush(self) -> None: ...
 
+    @staticmethod
+    def _settle(batch: list[tuple[SessionRecord, asyncio.Future]], err: BaseException | None) -> None:
+        """Tell every waiter of a batch how its write went."""
+        for _, fut in batch:
+            if not fut.done():
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+
     async def put(self, record: SessionRecord) -> None:
         if not self.is_open:
             raise StoreError(f"session store {self.path} is not open")
@@ -244,17 +254,12 @@ class SqliteStore(GroupCommitStore):
             try:
                 await self._run(self._write_sync, [r for r, _ in batch])
             except BaseException as exc:  # noqa: BLE001 - every waiter must learn of it
-                err = exc if isinstance(exc, StoreError) else StoreError(
-                    f"cannot write the session store {self.path}: {exc}")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+                self._settle(batch, exc if isinstance(exc, StoreError) else StoreError(
+                    f"cannot write the session store {self.path}: {exc}"))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+                self._settle(batch, None)
 
     def _write_sync(self, records: list[SessionRecord]) -> None:
         db = self._need_db()
