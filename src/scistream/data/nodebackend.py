@@ -242,8 +242,6 @@ class NodeDataServer(DataServer):
         self.sid = f"{spec.uid}/{spec.role}"
         self.node = NodeService.for_spec(spec)
         self._lost: asyncio.Future | None = None
-        self.started = False
-        self.workers: list[int] = []
 
     def _config(self) -> dict[str, Any]:
         spec = self.spec
@@ -270,8 +268,7 @@ class NodeDataServer(DataServer):
 
     async def add(self) -> None:
         self.spec.workdir.mkdir(parents=True, exist_ok=True)
-        reply = await self.node.call({"op": "add", "sid": self.sid, "cfg": self._config()})
-        self.workers = list(reply.get("workers") or [])
+        await self.node.call({"op": "add", "sid": self.sid, "cfg": self._config()})
 
     async def start(self) -> None:
         self._future()
@@ -286,7 +283,6 @@ class NodeDataServer(DataServer):
             with contextlib.suppress(Exception):
                 await self.node.call({"op": "remove", "sid": self.sid}, 5.0)
             raise
-        self.started = True
 
     async def retarget(self, targets: tuple[str, ...]) -> None:
         try:
@@ -357,7 +353,6 @@ class NodeDataServer(DataServer):
             raise DataServerError(f"session {self.sid} is not in the node service: {exc}") from None
         self._future()
         self.node.servers[self.sid] = self
-        self.started = True
         log.info("re-adopted session %s in the node service (pid %d)", self.sid, self.node.pid)
         return self
 
