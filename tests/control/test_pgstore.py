@@ -8,22 +8,15 @@ takes the database away under a running s2cs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import glob
 import os
-import pwd
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from conftest import (roundtrip_ok, async_wait_until, connect_session, free_port, new_uid, port_block,
-                      wait_until)
+from conftest import (roundtrip_ok, async_wait_until, connect_session, free_port, new_uid, port_block)
 from scistream.control.pgstore import SCHEMA_VERSION, PostgresStore, redact
 from scistream.control.server import ConfigError, ControlServer, ServerConfig
 from scistream.control.store import SessionRecord, StoreError
@@ -31,100 +24,7 @@ from scistream.errors import ScistreamError
 
 asyncpg = pytest.importorskip("asyncpg")
 
-
-def _pg_bin() -> Path | None:
-    for cand in ["/usr/lib/postgresql/15/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]:
-        if os.access(os.path.join(cand, "postgres"), os.X_OK):
-            return Path(cand)
-    return None
-
-
-class Postgres:
-    """A PostgreSQL server of the tests' own: ``url(db)``, ``createdb()``, ``stop()``, ``start()``."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bin = bindir
-        self.dir = Path(tempfile.mkdtemp(prefix="scistream-pg-"))
-        self.data = self.dir / "data"
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.options: list[str] = []  # more -c settings
-        self.user = None
-        if os.geteuid() == 0:  # postgres refuses to run as root
-            pw = pwd.getpwnam("postgres") if _has_user("postgres") else pwd.getpwnam("nobody")
-            self.user = pw.pw_uid
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        self._dbs = 0
-
-    def _run(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], user=self.user, check=True,
-                              capture_output=True, text=True, cwd=self.dir, timeout=60)
-
-    def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options],
-            user=self.user, cwd=self.dir, stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "server.log", "ab"), start_new_session=True)
-
-        def ready() -> bool:
-            assert self.proc.poll() is None, (self.dir / "server.log").read_text()[-2000:]
-            return subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", str(self.dir), "-p",
-                                   str(self.port)]).returncode == 0
-        wait_until(ready, timeout=30, what="postgres ready")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients are disconnected
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-    def createdb(self) -> str:
-        """A new empty database; its name."""
-        self._dbs += 1
-        name = f"t{self._dbs}_{os.getpid()}"
-        self._run("psql", "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "-q",
-                  "-c", f"CREATE DATABASE {name}")
-        return name
-
-    def url(self, db: str, *, tcp: bool = False) -> str:
-        if tcp:
-            return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
-        return f"postgresql://postgres@/{db}?host={self.dir}&port={self.port}"
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
-
-
-@contextlib.contextmanager
-def running_postgres():
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
-    server = Postgres(bindir)
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.close()
+from pghelpers import Postgres, _pg_bin, running_postgres  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +99,15 @@ async def test_fresh_database_migrated_then_newer_schema_refused(pg, tmp_path):
     url = pg.url(pg.createdb())
     store = PostgresStore(url, node="n1")
     await store.open()
-    assert await store.schema_version() == SCHEMA_VERSION == 1
+    assert await store.schema_version() == SCHEMA_VERSION == 2
     await store.close()
     again = PostgresStore(url, node="n1")   # a second start applies nothing twice
     await again.open()
     await again.close()
-    assert [r["version"] for r in await sql(url, "SELECT version FROM schema_version")] == [1]
-    await sql(url, "INSERT INTO schema_version (version) VALUES (2)")
+    assert [r["version"] for r in await sql(url, "SELECT version FROM schema_version")] == [1, 2]
+    await sql(url, "INSERT INTO schema_version (version) VALUES (3)")
     newer = PostgresStore(url, node="n1")
-    with pytest.raises(StoreError, match=r"has schema version 2, newer than this scistream knows \(1\)"):
+    with pytest.raises(StoreError, match=r"has schema version 3, newer than this scistream knows \(2\)"):
         await newer.open()
     # s2cs itself: a ConfigError (exit 2, one line), nothing left started
     srv = ControlServer(ServerConfig(port=0, auth="none", insecure=True, store=url, port_range=port_block(),
