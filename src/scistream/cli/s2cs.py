@@ -61,6 +61,13 @@ def server_options(fn):
         option("--store", default=None, metavar="URL",
                help="Session store: postgresql://USER@HOST[:PORT]/DB[?sslmode=verify-full...], shared by "
                     "several nodes (default: SQLite sessions.db in the state directory)."),
+        option("--facility", is_flag=True,
+               help="A facility of several nodes: sessions are placed on the node services registered in "
+                    "--store (s2ds serve --store ...); every s2cs of the facility is active."),
+        option("--node-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+               help="--facility: the facility's node token (mode 0600), the one the nodes obey."),
+        option("--node-timeout", type=click.FloatRange(0, min_open=True), default=15.0, show_default=True,
+               help="--facility: seconds without a heartbeat before a node is lost and its sessions fail."),
         option("--auth", type=click.Choice(["none", "static", "jwt", "globus"]), default=None,
                help="How callers are authenticated (required; `none` is for development only)."),
         option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -232,6 +239,89 @@ def token_remove(identity: str, token_file: Path) -> None:
     err.print(f"{n} token(s) of {escape(identity)} removed")
     if not n:
         sys.exit(Exit.REFUSED)
+
+
+@cli.group("nodes")
+def nodes() -> None:
+    """The nodes of a facility (s2cs --facility): list, drain, undrain."""
+
+
+def _store_option(fn):
+    return option("--store", required=True, metavar="URL", envvar="SCISTREAM_STORE",
+                  help="The facility's store: postgresql://USER@HOST[:PORT]/DB.")(fn)
+
+
+def _nodes_call(url: str, what):
+    """Run ``what(store)`` on the facility's store; a clear line and exit code on failure."""
+    from ..control.pgstore import PostgresStore, is_postgres_url, redact
+    from ..control.store import StoreError
+    from ..errors import ScistreamError
+
+    async def run():
+        if not is_postgres_url(url):
+            raise StoreError(f"--store {redact(url)}: give a postgresql://USER@HOST[:PORT]/DATABASE URL")
+        store = PostgresStore(url, node="s2cs-nodes")
+        await store.open()
+        try:
+            return await what(store)
+        finally:
+            await store.close()
+    try:
+        return asyncio.run(run())
+    except StoreError as exc:
+        err.print(f"[red]s2cs nodes: {escape(str(exc))}[/]")
+        sys.exit(Exit.RETRY)
+    except ScistreamError as exc:
+        err.print(f"[red]s2cs nodes: {escape(str(exc))}[/]")
+        sys.exit(Exit.REFUSED)
+
+
+@nodes.command("list", epilog="Example: s2cs nodes list --store postgresql://scistream@db/scistream")
+@_store_option
+@option("--node-timeout", type=click.FloatRange(0, min_open=True), default=15.0, show_default=True,
+        help="Show a node as late when its heartbeat is older than this.")
+@option("--json", "as_json", is_flag=True, help="One JSON document (nodes and control instances).")
+def nodes_list(store: str, node_timeout: float, as_json: bool) -> None:
+    """Every node (state, load, heartbeat) and every control instance of the facility."""
+    import json as jsonlib
+    from ..control.facility import list_nodes
+    got = _nodes_call(store, lambda st: list_nodes(st, node_timeout))
+    if as_json:
+        click.echo(jsonlib.dumps(got, indent=1))
+        return
+    click.echo(f"{'NODE':<16} {'STATE':<8} {'ADDRESS':<16} {'SESSIONS':>8} {'PORTS USED':>10} "
+               f"{'RATE USED':>14} {'HEARTBEAT':>9}  REASON")
+    for n in got["nodes"]:
+        rate = (f"{n['bandwidth_used_kbps']}/{n['max_rate_kbps']}" if n["max_rate_kbps"] else "-")
+        click.echo(f"{n['name']:<16} {n['state']:<8} {n['address']:<16} {n['sessions']:>8} "
+                   f"{n['ports_used']:>10} {rate:>14} {n['heartbeat_age_s']:>8.1f}s  {n['reason']}")
+    if not got["nodes"]:
+        click.echo("(no node has registered; start s2ds serve --store ... on each data-transfer node)")
+    for i in got["instances"]:
+        click.echo(f"control instance {i['name']} at {i['address']} (pid {i['pid']}), "
+                   f"heartbeat {i['heartbeat_age_s']:.1f}s ago")
+
+
+def _drain(name: str, store: str, drained: bool) -> None:
+    from ..control.facility import set_drained
+    _nodes_call(store, lambda st: set_drained(st, name, drained))
+    click.echo(f"node {name} {'drained: it takes no new session; running ones go on until released' if drained else 'takes new sessions again'}")
+
+
+@nodes.command("drain", epilog="Example: s2cs nodes drain dtn1 --store postgresql://scistream@db/scistream")
+@click.argument("name")
+@_store_option
+def nodes_drain(name: str, store: str) -> None:
+    """Place no new session on node NAME (running ones go on)."""
+    _drain(name, store, True)
+
+
+@nodes.command("undrain", epilog="Example: s2cs nodes undrain dtn1 --store postgresql://scistream@db/scistream")
+@click.argument("name")
+@_store_option
+def nodes_undrain(name: str, store: str) -> None:
+    """Let node NAME take new sessions again."""
+    _drain(name, store, False)
 
 
 cli.add_command(check_config_command(lambda: start))

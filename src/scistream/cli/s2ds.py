@@ -42,28 +42,102 @@ def _socket_option(fn):
 @click.option("--plain-relay", type=click.Choice(["auto", "splice", "copy"]), default="auto", show_default=True,
               help="How plain legs move bytes: auto copies on loopback legs and splices elsewhere.")
 @click.option("--fresh", is_flag=True, help="Do not take over from a service running on --socket.")
+@click.option("--store", default=None, metavar="URL",
+              help="Join a facility: register in its PostgreSQL store (postgresql://...) and take "
+                   "sessions from its control servers (s2cs --facility).")
+@click.option("--node-name", default=None, help="--store: this node's name in the facility (default: the host name).")
+@click.option("--address", default=None, help="--store: the address this node's session listeners carry.")
+@click.option("--control", default=None, metavar="HOST:PORT",
+              help="--store: where the control servers reach this node (TLS; default: ADDRESS:5050; "
+                   "port 0: any free port, registered as bound).")
+@click.option("--port-range", default="5100-5200", show_default=True, help="--store: ports for session listeners.")
+@click.option("--max-rate", type=click.IntRange(0), default=0, show_default=True,
+              help="--store: bandwidth this node admits, kbit/s (0: unlimited).")
+@click.option("--max-sessions", type=click.IntRange(0), default=0, show_default=True,
+              help="--store: most sessions on this node (0: no limit).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--store: the facility's node token (mode 0600); only holders may drive this node.")
+@click.option("--heartbeat", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="--store: seconds between heartbeats.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--store: where the node keeps its control certificate (default: the socket's directory).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
-def serve(socket_path: Path, workers: int, plain_relay: str, fresh: bool, verbose: bool) -> None:
+def serve(socket_path: Path, workers: int, plain_relay: str, fresh: bool, store: str | None,
+          node_name: str | None, address: str | None, control: str | None, port_range: str, max_rate: int,
+          max_sessions: int, token_file: Path | None, heartbeat: float, state_dir: Path | None,
+          verbose: bool) -> None:
     """Run the service in the foreground until SIGTERM/SIGINT (or `s2ds stop`).
 
     If a service already answers on --socket, this one takes over its sessions and
-    listening sockets (an upgrade without refusing a connection), unless --fresh."""
+    listening sockets (an upgrade without refusing a connection), unless --fresh.
+    With --store the node joins a facility of several nodes (docs/operator-guide.md)."""
     from ..data.node import default_workers, serve as run
     if workers < 0:
         raise click.UsageError("--workers must be >= 0")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s s2ds[%(process)d] %(levelname)s %(message)s")
     socket_path = socket_path.absolute()
+    member = None
+    if store is not None:
+        member = _membership(store, node_name, address, control, port_range, max_rate, max_sessions,
+                             token_file, heartbeat, state_dir or socket_path.parent)
     try:
         socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise click.ClickException(f"cannot create {socket_path.parent}: {exc}") from None
+    from ..control.store import StoreError
     try:
         code = asyncio.run(run(socket_path, workers or default_workers(), take_over=not fresh,
-                                   plain_relay=plain_relay))
+                                   plain_relay=plain_relay, member=member))
+    except StoreError as exc:
+        click.echo(f"s2ds: {exc}", err=True)
+        sys.exit(2)
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {socket_path}: {exc}") from None
     sys.exit(code)
+
+
+def _membership(store, node_name, address, control, port_range, max_rate, max_sessions, token_file,
+                heartbeat, state_dir) -> dict:
+    """The checked facility options (the Membership is made inside the event loop)."""
+    import ipaddress
+    import socket as socketlib
+    from ..addr import parse_listener
+    from ..control.pgstore import is_postgres_url, redact
+    from ..data.facilitynode import read_token
+    if not is_postgres_url(store):
+        raise click.UsageError(f"--store {redact(store)}: give a postgresql://USER@HOST[:PORT]/DATABASE URL")
+    if address is None:
+        raise click.UsageError("--store needs --address: the address this node's session listeners carry")
+    try:
+        ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        raise click.UsageError(f"--address {address!r}: give this node's IP address") from None
+    if token_file is None:
+        raise click.UsageError("--store needs --token-file: the facility's node token")
+    try:
+        token = read_token(token_file)
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"--token-file: {exc}") from None
+    try:
+        if not control:
+            host, port = address.strip("[]"), 5050
+        elif control.endswith(":0"):     # any free port: the node registers the one it got
+            host, port = parse_listener(control[:-1] + "1")[0], 0
+        else:
+            host, port = parse_listener(control)
+    except Exception as exc:  # noqa: BLE001 - the parser's message says what is wrong
+        raise click.UsageError(f"--control: {exc}") from None
+    lo, sep, hi = port_range.partition("-")
+    try:
+        ports = range(int(lo), int(hi if sep else lo) + 1)
+        if not (1 <= ports.start <= ports.stop - 1 <= 65535):
+            raise ValueError
+    except ValueError:
+        raise click.UsageError(f"--port-range {port_range!r}: give LOW-HIGH, e.g. 5100-5200") from None
+    return dict(store_url=store, name=node_name or socketlib.gethostname(), address=address.strip("[]"),
+                control=(host, int(port)), port_range=ports, max_rate=max_rate, max_sessions=max_sessions,
+                token=token, heartbeat=heartbeat, state_dir=Path(state_dir).absolute())
 
 
 def _call(socket_path: Path, msg: dict, timeout: float = 5.0) -> dict:
@@ -109,8 +183,12 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
            "--workers", str(workers)]
     if "--verbose" in argv or "-v" in argv:
         cmd.append("--verbose")
-    if "--plain-relay" in argv[:-1]:
-        cmd += ["--plain-relay", argv[argv.index("--plain-relay") + 1]]
+    # the rest of the running service's options (a facility member's --store, --node-name, ...)
+    passed = ("--plain-relay", "--store", "--node-name", "--address", "--control", "--port-range",
+              "--max-rate", "--max-sessions", "--token-file", "--heartbeat", "--state-dir")
+    for i, arg in enumerate(argv[:-1]):
+        if arg in passed:
+            cmd += [arg, argv[i + 1]]
     if log_path is None:
         try:
             log_path = Path(os.readlink(f"/proc/{old['pid']}/fd/2"))

@@ -36,6 +36,7 @@ import socket
 import urllib.parse
 from typing import Any
 
+from ..errors import ScistreamError
 from .store import GroupCommitStore, SessionRecord, StoreError
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class PostgresStore(GroupCommitStore):
             try:
                 async with self._pool.acquire(timeout=self.timeout) as conn:
                     return await fn(conn)
-            except StoreError:
+            except ScistreamError:   # StoreError, or a caller's own answer from inside fn
                 raise
             except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError) as exc:
                 # A pooled connection from before a database restart fails once; a fresh one

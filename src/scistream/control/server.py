@@ -86,6 +86,9 @@ class ServerConfig:
     web_port: int | None = None      # web view (control/web.py; 0: any free port); None = off
     web_ip: str | None = None        # default: the control ip
     store: str | None = None         # postgresql://... (control/pgstore.py); None = SQLite in the state dir
+    facility: bool = False           # sessions go to the facility's registered nodes (control/facility.py)
+    node_token_file: Path | None = None  # --facility: the token the facility's nodes obey
+    node_timeout: float = 15.0       # --facility: a node silent this long is lost, its sessions failed
 
 
 class ConfigError(Exception):
@@ -128,6 +131,27 @@ def check(config: ServerConfig) -> None:
     if config.store is not None and not is_postgres_url(config.store):
         raise ConfigError(f"--store {redact(config.store)}: give a postgresql://USER@HOST[:PORT]/DATABASE "
                           "URL (leave --store out for SQLite in the state directory)")
+    if config.facility:
+        if config.store is None:
+            raise ConfigError("--facility needs --store postgresql://...: the facility's shared database")
+        if config.node_token_file is None:
+            raise ConfigError("--facility needs --node-token-file: the token the facility's nodes obey")
+        from ..data.facilitynode import read_token
+        try:
+            config.node_token = read_token(Path(config.node_token_file)).decode()  # type: ignore[attr-defined]
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--node-token-file: {exc}") from None
+        if config.node_timeout <= 0:
+            raise ConfigError("--node-timeout must be > 0 seconds")
+        if config.backend.kind != "Builtin":  # type: ignore[attr-defined]
+            raise ConfigError(f"--facility places sessions on node services (the Builtin type); "
+                              f"--type {config.server_type} is for a single gateway")
+        if config.web_port is not None:
+            raise ConfigError("--web-port is not available with --facility yet; run the web view on a "
+                              "single-gateway s2cs, or use s2uc status --watch")
+        if config.data_service is not None:
+            raise ConfigError("--data-service is for a single gateway; a facility's nodes register "
+                              "themselves (s2ds serve --store ...)")
 
 
 def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
@@ -210,9 +234,9 @@ class ControlServer:
         except StoreError as exc:
             raise ConfigError(str(exc)) from None
         self.audit = AuditLog(self.state_dir / "audit.log")
-        if config.backend.kind == "Builtin":  # type: ignore[attr-defined]
+        if config.backend.kind == "Builtin" and not config.facility:  # type: ignore[attr-defined]
             self.node = await self._open_node_service()
-        self.registry = SessionRegistry(
+        self.registry = (self._facility_registry if config.facility else SessionRegistry)(  # type: ignore[operator]
             RegistryConfig(listener_ip=config.listener_ip, state_dir=self.state_dir,
                            server_type=config.backend.kind,  # type: ignore[attr-defined]
                            backend=config.backend,  # type: ignore[attr-defined]
@@ -230,8 +254,9 @@ class ControlServer:
         if config.metrics_port is not None:
             self.metrics = Metrics(self.registry)
             self.registry.observers.append(self.metrics.event)
-        report = await recover(self.registry)
-        log.info("session store %s: %s", self.store.path if hasattr(self.store, "path") else "", report)
+        if not config.facility:
+            report = await recover(self.registry)
+            log.info("session store %s: %s", self.store.path if hasattr(self.store, "path") else "", report)
         if self.node is not None:
             await self.node.reconcile({f"{uid}/{role}" for uid, role in self.registry.active})
         server = grpc.aio.server(options=[
@@ -255,13 +280,17 @@ class ControlServer:
                 self.port = server.add_secure_port(address, _tls_credentials(config, self.state_dir))
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc}; is another s2cs running there?") from None
+        shown = f"[{bind_host}]:{self.port}" if ":" in bind_host else f"{bind_host}:{self.port}"
+        if config.facility:
+            self.registry.instance = f"{socket.gethostname()}:{self.port}"  # type: ignore[union-attr]
+            await self.registry.start(shown)  # type: ignore[union-attr]
         await server.start()
         self._grpc = server
-        shown = f"[{bind_host}]:{self.port}" if ":" in bind_host else f"{bind_host}:{self.port}"
         self.address = shown
         log.info("S2CS serving on %s (type %s, data ports %s, listener ip %s)", shown,
                  config.backend.kind, config.port_range, config.listener_ip)  # type: ignore[attr-defined]
-        self._tasks.append(asyncio.create_task(_lease_loop(self.registry)))
+        if not config.facility:
+            self._tasks.append(asyncio.create_task(_lease_loop(self.registry)))
         if self.metrics is not None:
             metrics_ip = config.metrics_ip or bind_host
             try:
@@ -295,6 +324,11 @@ class ControlServer:
                               f"{exc.strerror}") from None
         log.info("web view on %s://%s/", "http" if ctx is None else "https",
                  format_listener(web_ip, self.web_port))
+
+    def _facility_registry(self, config: RegistryConfig, ports, bandwidth, *, events, store):
+        from .facility import FacilityRegistry
+        return FacilityRegistry(config, store, token=self.config.node_token,  # type: ignore[attr-defined]
+                                node_timeout=self.config.node_timeout, events=events)
 
     async def _open_node_service(self) -> NodeService:
         config = self.config

@@ -157,8 +157,11 @@ class ControlServicer:
     async def status(self, request: pb.StatusRequest, context, call: Call) -> pb.StatusResponse:
         who = await self._who(context, call)
         admin = who.id in self.registry.config.admins
-        visible = [s for s in self.registry.sessions()
-                   if (not request.uid or s.uid == request.uid) and (admin or s.owner.id == who.id)]
+        if hasattr(self.registry, "snapshot"):   # a facility: the store says (control/facility.py)
+            visible = await self.registry.snapshot(request.uid, who, admin)
+        else:
+            visible = [s for s in self.registry.sessions()
+                       if (not request.uid or s.uid == request.uid) and (admin or s.owner.id == who.id)]
         if request.uid and not visible:
             raise NotFound(f"no session {request.uid[:64]} visible to you on this server")
         sem = asyncio.Semaphore(32)
@@ -187,7 +190,7 @@ class ControlServicer:
             bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, connections=stats.connections,
             total_connections=stats.total_connections, refused_connections=stats.refused_connections,
             ended=s.ended, connected=s.connected_at,
-            rate_not_enforced=bool(s.rate) and not s.rate_enforced)
+            rate_not_enforced=bool(s.rate) and not s.rate_enforced, node=s.node, instance=s.instance)
 
 
 _RESPONSES = {"req": pb.Response, "hello": pb.AppResponse, "update": pb.Response,

@@ -111,6 +111,8 @@ class Session:
     freed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # _finish is through
     watcher: asyncio.Task | None = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    node: str = ""                         # a facility: the node carrying it (control/facility.py)
+    instance: str = ""                     # a facility: the control instance that took its req
 
     @property
     def key(self) -> tuple[str, str]:

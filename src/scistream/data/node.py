@@ -339,6 +339,9 @@ class Node:
         self.restarting: set[int] = set()
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
+        self.workdir = path.parent / "node-sessions"   # WAN credentials of sessions added remotely
+        self.tcp: asyncio.AbstractServer | None = None  # a facility's control servers (facilitynode)
+        self.port_range: range | None = None            # remote adds must stay in it
 
     # -- life -------------------------------------------------------------
     async def start(self, take_over: bool = True) -> None:
@@ -385,6 +388,8 @@ class Node:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        if self.tcp is not None:
+            self.tcp.close()
         if self.handover_done.is_set():
             # the successor's workers accept on the same sockets: ours stop accepting first,
             # so only the connections they already carry are reset
@@ -477,12 +482,52 @@ class Node:
         return home, [order[(i + 1) % len(order)].index for i in range(n)]
 
     # -- control socket -----------------------------------------------------
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def listen_tcp(self, host: str, port: int, ssl_ctx: Any, token: bytes) -> int:
+        """Serve the control protocol on TCP with TLS to a facility's control servers: the
+        first line must be ``{"op": "auth", "token": ...}`` with the facility's node token
+        (within 10 s), or the connection is closed. Over TCP a session's WAN credentials
+        come as its ``wan_secret`` (hex) and are derived here; ports must lie in the node's
+        range; ``shutdown`` and ``handover`` stay local. Returns the bound port."""
+        import hmac
+
+        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 10.0)
+                msg = json.loads(line) if line.strip() else {}
+                ok = (isinstance(msg, dict) and msg.get("op") == "auth"
+                      and hmac.compare_digest(str(msg.get("token") or "").encode(), token))
+            except (OSError, ValueError, asyncio.TimeoutError):
+                ok, msg = False, {}
+            if not ok:
+                log.warning("control connection from %s refused: no valid node token",
+                            writer.get_extra_info("peername"))
+                with contextlib.suppress(OSError):
+                    writer.write(json.dumps({"ok": False, "error": "this node obeys only its facility's "
+                                             "control servers: wrong or missing node token",
+                                             "code": "denied", "id": msg.get("id") if isinstance(msg, dict) else None}
+                                            ).encode() + b"\n")
+                    await writer.drain()
+                writer.close()
+                return
+            writer.write(json.dumps({"ok": True, "id": msg.get("id")}).encode() + b"\n")
+            await self._client(reader, writer, remote=True)
+
+        # reuse_port: a successor (s2ds restart) listens beside its predecessor until it goes
+        self.tcp = await asyncio.start_server(client, host.strip("[]"), port, ssl=ssl_ctx, limit=16 << 20,
+                                              reuse_port=True)
+        return self.tcp.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                      remote: bool = False) -> None:
         lock = asyncio.Lock()
         pending: set[asyncio.Task] = set()
 
         async def answer(msg: dict) -> None:
             try:
+                if remote and msg.get("op") in ("shutdown", "handover", "handover_done"):
+                    raise OpError(f"{msg.get('op')} is for the node's own operator (its unix socket)")
+                if remote and msg.get("op") == "add":
+                    msg = {**msg, "cfg": self._remote_cfg(msg.get("sid"), msg.get("cfg"))}
                 reply = await self.handle(msg, writer)
             except OpError as exc:
                 reply = {"ok": False, "error": str(exc), "code": exc.code}
@@ -580,6 +625,32 @@ class Node:
         except KeyError:
             raise OpError(f"no session {sid!r} in this node service", "unknown") from None
 
+    def _remote_cfg(self, sid: Any, cfg: Any) -> dict:
+        """A facility's add: derive the WAN credentials from the secret, check the ports."""
+        from . import wankeys
+        if not isinstance(cfg, dict):
+            raise OpError("cfg must be an object")
+        cfg = dict(cfg)
+        if self.port_range is not None:
+            bad = [p for p in cfg.get("ports") or [] if not isinstance(p, int) or p not in self.port_range]
+            if bad:
+                raise OpError(f"ports {bad} are outside this node's range "
+                              f"{self.port_range.start}-{self.port_range.stop - 1}")
+        secret = cfg.pop("wan_secret", None)
+        cfg.pop("cert", None), cfg.pop("key", None)   # paths on another host mean nothing here
+        if secret:
+            try:
+                raw = bytes.fromhex(str(secret))
+            except ValueError:
+                raise OpError("wan_secret must be hex") from None
+            name = str(sid or "").replace("/", "-")
+            if not name or name.startswith(".") or os.sep in name:
+                raise OpError(f"bad sid {sid!r}")
+            self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            files = wankeys.write_credentials(raw, str(cfg.get("uid")), self.workdir / name, only_pem=True)
+            cfg.update(tls=True, cert=str(files.cert), key=str(files.key))
+        return cfg
+
     # -- operations ---------------------------------------------------------
     async def add(self, sid: str, cfg: Any) -> dict:
         if not sid:
@@ -617,6 +688,9 @@ class Node:
         for i in e.placement:
             self.workers[i].listeners -= 1
         e.close()
+        if self.workdir.is_dir():
+            import shutil
+            shutil.rmtree(self.workdir / sid.replace("/", "-"), ignore_errors=True)
         total["connections"] = 0
         log.info("session %s removed: in %d, out %d bytes, %d connections", sid, total["bytes_in"],
                  total["bytes_out"], total["total_connections"])
@@ -816,17 +890,30 @@ def sd_notify(state: str) -> None:
         log.warning("cannot notify systemd on %s: %s", addr, exc)
 
 
-async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: str = "auto") -> int:
+async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: str = "auto",
+                member: dict | None = None) -> int:
+    """Run the service; ``member``: the options of a facility member (``data.facilitynode``)."""
     node = Node(path, workers, plain_relay)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.stopped.set)
+    membership = None
     try:
         await node.start(take_over=take_over)
+        if member is not None:
+            from .facilitynode import Membership
+            membership = Membership(node, **member)
+            await membership.start()
     except BaseException:
+        if membership is not None:
+            await membership.close()
         await node.close()
         raise
-    await node.run()
+    try:
+        await node.run()
+    finally:
+        if membership is not None:
+            await membership.close()
     return 0
 
 

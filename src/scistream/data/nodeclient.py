@@ -31,10 +31,20 @@ class ServiceError(Exception):
         self.code = code
 
 
+Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
 class ServiceConnection:
-    def __init__(self, path: Path, *, on_event: Callable[[dict], None] | None = None,
-                 on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.path = Path(path)
+    """``path``: the service's unix socket; or, with ``opener`` (a coroutine function that
+    opens the stream, e.g. TCP with TLS to a facility's node), a name for messages, and
+    ``token`` is sent first (``{"op": "auth"}``, ``data.facilitynode``)."""
+
+    def __init__(self, path: Path | str, *, on_event: Callable[[dict], None] | None = None,
+                 on_lost: Callable[[], Awaitable[None]] | None = None, opener: Opener | None = None,
+                 token: str | None = None) -> None:
+        self.path = Path(path) if opener is None else path
+        self.opener = opener
+        self.token = token
         self.on_event = on_event
         self.on_lost = on_lost
         self.reader: asyncio.StreamReader | None = None
@@ -54,11 +64,19 @@ class ServiceConnection:
             if self.connected:
                 return
             try:
-                self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(self.path), limit=64 << 20), timeout)
+                opening = (self.opener() if self.opener is not None
+                           else asyncio.open_unix_connection(str(self.path), limit=64 << 20))
+                self.reader, self.writer = await asyncio.wait_for(opening, timeout)
             except (OSError, asyncio.TimeoutError) as exc:
-                raise ServiceError(f"node service on {self.path} does not answer: {exc}", "unreachable") from None
+                raise ServiceError(f"node service on {self.path} does not answer: "
+                                   f"{exc or type(exc).__name__}", "unreachable") from None
             self.reader_task = asyncio.create_task(self._read(self.reader))
+            if self.token is not None:
+                reply = await self._send({"op": "auth", "token": self.token}, timeout)
+                if not reply.get("ok"):
+                    if self.writer is not None:   # the service closes it too
+                        self.writer.close()
+                    raise ServiceError(f"node service on {self.path}: {reply.get('error')}", "denied")
             if self.on_event is not None:
                 await self._send({"op": "watch"}, timeout)
 

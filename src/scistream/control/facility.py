@@ -1,0 +1,795 @@
+"""A facility of several nodes: every control server active, the database the one truth.
+
+    s2cs --facility --store postgresql://scistream@db/scistream --node-token-file /etc/scistream/node.token
+
+With ``--facility`` a control server keeps no session in memory and runs no data plane.
+Sessions live in the ``fsessions`` table of the shared PostgreSQL store, and their data
+servers on the facility's nodes: node services that registered themselves in ``nodes``
+(``s2ds serve --store ...``, ``scistream.data.facilitynode``). Any ``req``, ``hello``,
+``update``, ``release`` or ``status`` may reach any instance:
+
+* **req** places the session on a live node with room (heartbeat within
+  ``--node-timeout``, not drained; free ports in its range, bandwidth under its
+  ``--max-rate``, sessions under its ``--max-sessions``), the least loaded first, under
+  that node's row lock (``SELECT ... FOR UPDATE``): two instances never hand out one
+  port. The listeners carry the node's address. The req then waits for the hello: a
+  hello that lands on another instance wakes it through ``LISTEN``/``NOTIFY`` (sent in
+  the transaction that records the hello). A req retried by the same owner (its first
+  instance died) attaches to the live session and gets the same answer.
+* **hello**, **update**, **release** lock the session's row; update calls the node
+  (TLS pinned to the certificate the node registered, the facility's node token) inside
+  that transaction, so the record and the node agree. Repeating a hello with the same
+  endpoints, or an update, is harmless.
+* **Timers** - a hello that never came (``--hello-timeout``), a lease that ended, no
+  update after the hello (``--update-timeout``) - are due times in the rows; every
+  instance looks for due rows with ``FOR UPDATE SKIP LOCKED`` and a conditional
+  ``UPDATE ... WHERE state = ...``, so each is acted on exactly once, by whichever
+  instance is alive: a killed instance's sessions are taken over within a second.
+* **Nodes** whose heartbeat stopped for ``--node-timeout``: one instance marks the node
+  ``lost`` (a conditional update) and fails its sessions with the reason; their ports
+  and bandwidth are free at once (a reservation is a live row). New sessions go to the
+  other nodes. The node, when it comes back, removes what the store no longer lists.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import grpc
+
+from ..addr import check_role, check_uid, format_listener, parse_listener, resolve_listener
+from ..auth.base import Identity
+from ..data import wankeys
+from ..data.base import KEEPALIVE, Stats
+from ..data.nodeclient import ServiceConnection, ServiceError
+from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
+                      FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ScistreamError)
+from .sessions import MAX_TARGETS, Observer, RegistryConfig, Session, SessionState, TERMINAL
+
+log = logging.getLogger(__name__)
+
+S = SessionState
+LIVE = "('requested', 'ready', 'connected')"
+CHANNEL = "scistream_fsessions"
+NODE_CALL_TIMEOUT = 5.0
+
+
+class NoNodeAvailable(ScistreamError):
+    """No node of the facility is up and undrained; worth retrying later."""
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+def _session(row: Any) -> Session:
+    """A Session object (what the servicer answers with) from an ``fsessions`` row."""
+    st = json.loads(row["stats"]) if isinstance(row["stats"], str) else dict(row["stats"] or {})
+    s = Session(uid=row["uid"], role=row["role"], owner=Identity(row["owner_id"], row["owner_name"]),
+                num_conn=row["num_conn"], rate=int(row["rate"]), ports=list(row["ports"]),
+                listeners=list(row["listeners"]), workdir=Path("."), server_type="Builtin",
+                wan_secret=bytes(row["wan_secret"]) if row["wan_secret"] is not None else None,
+                wan_security=row["wan_security"], rate_enforced=row["rate_enforced"],
+                prod_listeners=list(row["prod_listeners"]), targets=list(row["targets"]),
+                state=S(row["state"]), created=row["created"], connected_at=row["connected_at"],
+                ready_at=row["ready_at"], ended=row["ended"], lease_expires=row["lease_expires"],
+                last_error=row["last_error"], bandwidth=int(row["bandwidth"]))
+    s.node, s.instance = row["node"], row["instance"]
+    stats = Stats(**{k: int(st.get(k, 0)) for k in ("bytes_in", "bytes_out", "connections",
+                                                     "total_connections", "refused_connections")})
+    if s.state in TERMINAL:
+        stats.connections = 0
+        s.final_stats = stats
+    else:
+        s.last_stats = stats
+    return s
+
+
+def _stats_json(r: dict | None) -> str:
+    r = r or {}
+    return json.dumps({k: int(r.get(k, 0) or 0) for k in ("bytes_in", "bytes_out", "connections",
+                                                          "total_connections", "refused_connections")})
+
+
+class NodeLinks:
+    """One connection per node, TLS pinned to the certificate the node registered, the
+    facility's node token sent first. ``on_event(node, msg)``: a node's failure events."""
+
+    def __init__(self, token: str, on_event: Callable[[str, dict], None]) -> None:
+        self.token = token
+        self.on_event = on_event
+        self.links: dict[str, tuple[tuple[str, str], ServiceConnection]] = {}
+
+    def _link(self, node: Any) -> ServiceConnection:
+        name, key = node["name"], (node["control"], node["cert"])
+        cur = self.links.get(name)
+        if cur is not None and cur[0] == key:
+            return cur[1]
+        if cur is not None:
+            asyncio.get_running_loop().create_task(cur[1].close())
+        ctx = ssl.create_default_context(cadata=node["cert"])  # exactly this certificate
+        ctx.check_hostname = False   # pinned: the one trusted root is the node's own certificate
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        host, port = parse_listener(node["control"])
+
+        def opener():
+            return asyncio.open_connection(host, port, ssl=ctx, limit=16 << 20)
+        conn = ServiceConnection(f"node {name} ({node['control']})", opener=opener, token=self.token,
+                                 on_event=lambda msg: self.on_event(name, msg))
+        self.links[name] = (key, conn)
+        return conn
+
+    async def call(self, node: Any, msg: dict, timeout: float = NODE_CALL_TIMEOUT) -> dict:
+        return await self._link(node).call(msg, timeout, busy_retry=min(timeout, 2.0))
+
+    async def close(self) -> None:
+        for _, conn in self.links.values():
+            await conn.close()
+        self.links.clear()
+
+
+class FacilityRegistry:
+    """The session registry of a facility's control server (same coroutines as
+    ``SessionRegistry``, state in PostgreSQL)."""
+
+    def __init__(self, config: RegistryConfig, store: Any, *, token: str, node_timeout: float = 15.0,
+                 events: Observer | Iterable[Observer] | None = None, instance: str = "") -> None:
+        self.config = config
+        self.store = store
+        self.node_timeout = node_timeout
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
+        self.observers: list[Observer] = (
+            [] if events is None else [events] if callable(events) else list(events))
+        self.active: dict = {}        # nothing in memory: metrics and web read the store
+        self.ended: collections.OrderedDict = collections.OrderedDict()
+        self.links = NodeLinks(token, self._node_event)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listen: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        self.timer_runs = 0
+
+    # -- life ---------------------------------------------------------------------------
+    async def start(self, address: str = "") -> None:
+        await self._connect_listener()
+        await self._call(lambda c: c.execute(
+            "INSERT INTO instances (name, address, pid) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE "
+            "SET address = EXCLUDED.address, pid = EXCLUDED.pid, started = now(), heartbeat = now()",
+            self.instance, address, os.getpid()), "register the instance in")
+        self._tasks.append(asyncio.create_task(self._timer_loop()))
+
+    async def _connect_listener(self) -> None:
+        import asyncpg
+        try:
+            conn = await asyncpg.connect(self.store.url, timeout=self.store.timeout)
+            await conn.add_listener(CHANNEL, self._notified)
+        except Exception as exc:  # noqa: BLE001
+            raise self.store._unavailable(exc, "listen on") from None
+        conn.add_termination_listener(lambda _c: self._listener_lost())
+        self._listen = conn
+
+    def _listener_lost(self) -> None:
+        if self._closed:
+            return
+        log.warning("lost the LISTEN connection to %s; reconnecting", self.store.path)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._relisten()))
+
+    async def _relisten(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                await self._connect_listener()
+                break
+            except ScistreamError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._wake_all()   # whatever was missed meanwhile: every waiter reads its row again
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        uid = payload.split("\n", 1)[0]
+        for ev in self._waiters.get(uid, ()):
+            ev.set()
+
+    def _wake_all(self) -> None:
+        for evs in self._waiters.values():
+            for ev in evs:
+                ev.set()
+
+    async def close(self, release: bool = False) -> None:
+        """Stop this instance. Sessions stay: the store and the other instances keep them."""
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._wake_all()
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listen.close(), 5)
+        await self.links.close()
+        with contextlib.suppress(ScistreamError):
+            await self._call(lambda c: c.execute("DELETE FROM instances WHERE name = $1", self.instance),
+                             "unregister the instance from")
+
+    # -- helpers ------------------------------------------------------------------------
+    async def _call(self, fn: Callable[[Any], Any], doing: str) -> Any:
+        return await self.store._call(fn, doing)
+
+    def _events(self, event: str, session: Session, detail: str) -> None:
+        for observe in self.observers:
+            try:
+                observe(event, session, detail)
+            except Exception:  # an observer must never break a session
+                log.exception("event observer failed on %s", event)
+
+    @staticmethod
+    async def _notify(conn: Any, uid: str, role: str) -> None:
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{uid}\n{role}")
+
+    def _check_owner(self, row: Any, who: Identity, action: str) -> None:
+        if who.id == row["owner_id"]:
+            return
+        if action == "release" and who.id in self.config.admins:
+            log.info("admin %s releases session %s owned by %s", who.id, row["uid"], row["owner_id"])
+            return
+        raise PermissionDenied(f"session {row['uid']} belongs to another identity; "
+                               f"only its owner may {action} it")
+
+    async def _end(self, conn: Any, row: Any, state: SessionState, reason: str,
+                   stats: dict | None = None) -> Any:
+        """Move a live row to a terminal state (only if it is still ``row['state']``);
+        its ports and bandwidth are free from this commit on. Returns the new row or None."""
+        new = await conn.fetchrow(
+            "UPDATE fsessions SET state = $4, last_error = $5, ended = $6, wan_secret = NULL, "
+            "stats = coalesce($7::jsonb, stats) "
+            "WHERE uid = $1 AND role = $2 AND created = $3 AND state = $8 RETURNING *",
+            row["uid"], row["role"], row["created"], state.value, reason, time.time(),
+            None if stats is None else _stats_json(stats), row["state"])
+        if new is not None:
+            await self._notify(conn, row["uid"], row["role"])
+        return new
+
+    async def _node_row(self, conn: Any, name: str) -> Any:
+        return await conn.fetchrow("SELECT * FROM nodes WHERE name = $1", name)
+
+    async def _remove_from_node(self, node: Any, uid: str, role: str) -> dict | None:
+        """Take the session off its node; its last counters, or None if the node is away
+        (it removes the session itself when it beats again and the store no longer lists it)."""
+        if node is None:
+            return None
+        try:
+            r = await self.links.call(node, {"op": "remove", "sid": f"{uid}/{role}"}, 3.0)
+            return r.get("stats")
+        except ServiceError as exc:
+            log.warning("session %s/%s: node %s did not take the removal (%s); it will drop the "
+                        "session at its next heartbeat", uid, role, node["name"], exc)
+            return None
+
+    # -- req ----------------------------------------------------------------------------
+    def _lease(self, lease: int) -> float:
+        top = self.config.max_lease
+        if lease < 0:
+            raise InvalidArgument(f"lease must be >= 0 seconds (0 = the server's default), got {lease}")
+        if top and lease > top:
+            raise InvalidArgument(f"lease {lease} s is longer than this server allows (--max-lease "
+                                  f"{top:g} s); ask for {top:g} s or less, or 0 for the longest")
+        return float(lease) or top
+
+    async def request(self, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
+                      lease: int = 0) -> Session:
+        check_uid(uid)
+        check_role(role)
+        if num_conn <= 0 or num_conn > self.config.max_conn:
+            raise InvalidArgument(f"num_conn must be 1-{self.config.max_conn} on this server, got {num_conn}")
+        if rate < 0:
+            raise InvalidArgument(f"rate must be >= 0 kbit/s (0 = no cap), got {rate}")
+        lease_s = self._lease(lease)
+        row, attached = await self._call(
+            lambda c: self._place(c, uid, role, num_conn, rate, owner, lease_s), "write")
+        session = _session(row)
+        if attached:
+            log.info("session %s/%s: req retried by its owner; attached to the live session on node %s",
+                     uid, role, row["node"])
+        else:
+            self._events("req", session, f"num_conn={num_conn} rate={rate} lease={lease_s:g} node={row['node']}")
+        try:
+            return await self._wait_hello(row)
+        except asyncio.CancelledError:
+            # the client went away before the hello: free what it reserved (if still waiting)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._give_up(row, S.RELEASED, "client went away before the hello"))
+            raise
+
+    async def _place(self, conn: Any, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
+                     lease_s: float) -> tuple[Any, bool]:
+        import asyncpg
+        async with conn.transaction():
+            old = await conn.fetchrow(
+                f"SELECT * FROM fsessions WHERE uid = $1 AND role = $2 AND state IN {LIVE} FOR UPDATE", uid, role)
+            if old is not None:
+                if (old["owner_id"] == owner.id and old["state"] in ("requested", "ready")
+                        and old["num_conn"] == num_conn):
+                    return old, True       # a retried req: the same session
+                raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
+                                    "use a new uid, or release this one first")
+            names = await conn.fetch(
+                f"SELECT n.name FROM nodes n WHERE n.state = 'up' AND NOT n.drained "
+                f"AND n.heartbeat > now() - make_interval(secs => $1) ORDER BY "
+                f"(SELECT count(*) FROM fsessions f WHERE f.node = n.name AND f.state IN {LIVE}), random()",
+                self.node_timeout)
+            if not names:
+                raise NoNodeAvailable("no data-transfer node of this facility is up and accepting "
+                                      "sessions (s2cs nodes list); start or undrain one")
+            why: list[str] = []
+            for rec in names:
+                node = await conn.fetchrow(
+                    "SELECT * FROM nodes WHERE name = $1 AND state = 'up' AND NOT drained FOR UPDATE",
+                    rec["name"])
+                if node is None:
+                    continue
+                ports, reason = await self._room(conn, node, num_conn, rate)
+                if ports is None:
+                    why.append(f"{node['name']}: {reason}")
+                    continue
+                now = time.time()
+                secret = wankeys.new_secret() if role == "PROD" and not self.config.wan_plaintext else None
+                try:
+                    row = await conn.fetchrow(
+                        "INSERT INTO fsessions (uid, role, created, state, owner_id, owner_name, node, instance, "
+                        "num_conn, rate, bandwidth, ports, listeners, wan_secret, hello_due, lease_expires) "
+                        "VALUES ($1, $2, $3, 'requested', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
+                        "RETURNING *",
+                        uid, role, now, owner.id, owner.name, node["name"], self.instance, num_conn, rate,
+                        rate if node["max_rate"] else 0, ports,
+                        [format_listener(node["address"], p) for p in ports], secret,
+                        now + self.config.hello_timeout, now + lease_s if lease_s else 0.0)
+                except asyncpg.UniqueViolationError:
+                    raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
+                                        "use a new uid, or release this one first") from None
+                await self._notify(conn, uid, role)
+                return row, False
+            if all("kbit/s" in w for w in why) and rate <= 0:
+                raise InvalidArgument("every node of this facility caps bandwidth; ask for a rate (kbit/s) "
+                                      "with --rate")
+            if all("ports free" in w for w in why):
+                raise ResourceExhausted(f"need {num_conn} ports; no node has that many free "
+                                        f"({'; '.join(why)}); release idle sessions or add nodes")
+            raise ResourceExhausted(f"no node of this facility has room for this session: {'; '.join(why)}")
+
+    async def _room(self, conn: Any, node: Any, num_conn: int, rate: int) -> tuple[list[int] | None, str]:
+        """Free ports for the session on the node (its row locked), or None and why not."""
+        used = await conn.fetchrow(
+            f"SELECT count(*) AS n, coalesce(sum(bandwidth), 0) AS bw, "
+            f"coalesce(array_agg(p) FILTER (WHERE p IS NOT NULL), '{{}}') AS ports "
+            f"FROM fsessions f LEFT JOIN LATERAL unnest(f.ports) p ON true "
+            f"WHERE f.node = $1 AND f.state IN {LIVE}", node["name"])
+        sessions = await conn.fetchval(
+            f"SELECT count(*) FROM fsessions WHERE node = $1 AND state IN {LIVE}", node["name"])
+        if node["max_sessions"] and sessions >= node["max_sessions"]:
+            return None, f"{sessions} sessions, its most (--max-sessions)"
+        if node["max_rate"]:
+            if rate <= 0:
+                return None, f"caps bandwidth at {node['max_rate']} kbit/s and this req asks no rate"
+            left = node["max_rate"] - int(used["bw"])
+            if rate > left:
+                return None, f"{left} kbit/s left of {node['max_rate']} kbit/s"
+        taken = set(used["ports"])
+        free = [p for p in range(node["port_lo"], node["port_hi"] + 1) if p not in taken]
+        if len(free) < num_conn:
+            return None, f"{len(free)} ports free in {node['port_lo']}-{node['port_hi']}"
+        return free[:num_conn], ""
+
+    async def _read(self, uid: str, role: str, created: float) -> Any:
+        return await self._call(lambda c: c.fetchrow(
+            "SELECT * FROM fsessions WHERE uid = $1 AND role = $2 AND created = $3", uid, role, created), "read")
+
+    async def _wait_hello(self, row: Any) -> Session:
+        uid, role, created = row["uid"], row["role"], row["created"]
+        ev = asyncio.Event()
+        self._waiters.setdefault(uid, set()).add(ev)
+        try:
+            while True:
+                ev.clear()
+                cur = await self._read(uid, role, created)
+                if cur is None:
+                    raise NotFound(f"session {uid} is gone from the store")
+                state = S(cur["state"])
+                if state in (S.READY, S.CONNECTED):
+                    return _session(cur)
+                if state in TERMINAL:
+                    if state is S.EXPIRED and cur["last_error"].startswith("no hello within"):
+                        raise DeadlineExceeded(
+                            f"no hello for session {uid} within {self.config.hello_timeout:g} s; every port "
+                            "reserved for it was freed. Start the application controller with this uid "
+                            "sooner, or raise the server's --hello-timeout")
+                    raise FailedPrecondition(f"session {uid} was {state.value} while waiting for its hello"
+                                             + (f": {cur['last_error']}" if cur["last_error"] else ""))
+                left = cur["hello_due"] - time.time()
+                if left <= 0:
+                    await self._give_up(cur, S.EXPIRED, f"no hello within {self.config.hello_timeout:g} s")
+                    continue
+                if self._closed:
+                    raise NoNodeAvailable("this control server is shutting down; retry on another instance")
+                # woken by NOTIFY; the bounded wait re-reads the row should a notice be lost
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ev.wait(), min(left, 5.0))
+        finally:
+            evs = self._waiters.get(uid)
+            if evs is not None:
+                evs.discard(ev)
+                if not evs:
+                    del self._waiters[uid]
+
+    async def _give_up(self, row: Any, state: SessionState, reason: str) -> None:
+        """End a session still in the state ``row`` shows (exactly once across instances)."""
+        async def tx(c: Any) -> Any:
+            async with c.transaction():
+                return await self._end(c, row, state, reason)
+        new = await self._call(tx, "write")
+        if new is not None:
+            s = _session(new)
+            self._events(state.value, s, reason)
+
+    # -- hello --------------------------------------------------------------------------
+    async def hello(self, uid: str, role: str, prod_listeners: Iterable[str], who: Identity) -> Session:
+        check_uid(uid)
+        endpoints = list(prod_listeners)
+        if len(endpoints) > MAX_TARGETS:
+            raise InvalidArgument(f"{len(endpoints)} endpoints in one hello; at most {MAX_TARGETS}")
+        for e in endpoints:
+            parse_listener(e)
+        ev = asyncio.Event()
+        self._waiters.setdefault(uid, set()).add(ev)
+        deadline = time.time() + self.config.hello_grace
+        try:
+            while True:
+                ev.clear()
+                row, fresh = await self._call(lambda c: self._hello_tx(c, uid, role, endpoints, who), "write")
+                if row is not None:
+                    s = _session(row)
+                    if fresh:
+                        self._events("hello", s, f"{len(endpoints)} endpoints")
+                    return s
+                left = deadline - time.time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ev.wait(), left)
+        finally:
+            evs = self._waiters.get(uid)
+            if evs is not None:
+                evs.discard(ev)
+                if not evs:
+                    del self._waiters[uid]
+        raise NotFound(f"no request for session {uid} arrived within {self.config.hello_grace:g} s "
+                       "of this hello; run s2uc prod-req/cons-req first, then the app controller")
+
+    async def _hello_tx(self, conn: Any, uid: str, role: str, endpoints: list[str], who: Identity) -> Any:
+        async with conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT * FROM fsessions WHERE uid = $1 AND state IN {LIVE} ORDER BY role FOR UPDATE", uid)
+            if not rows:
+                return None, False
+            waiting = [r for r in rows if r["state"] == "requested"]
+            if len(waiting) == 2:
+                waiting = [r for r in waiting if r["role"] == role]
+                if not waiting:
+                    raise InvalidArgument(f"uid {uid} waits for a hello as PROD and CONS here; "
+                                          "the hello must give its role")
+            if not waiting:
+                # a hello repeated (its first answer was lost): the same endpoints are fine
+                for r in rows:
+                    if (r["state"] in ("ready", "connected") and (not role or r["role"] == role)
+                            and r["owner_id"] == who.id
+                            and (r["role"] != "PROD" or list(r["prod_listeners"]) == endpoints)):
+                        return r, False
+                raise FailedPrecondition(f"session {uid} already had its hello")
+            row = waiting[0]
+            self._check_owner(row, who, "hello")
+            if row["role"] == "PROD" and not endpoints:
+                raise InvalidArgument("a PROD hello must name the producer's endpoints (host:port)")
+            now = time.time()
+            new = await conn.fetchrow(
+                "UPDATE fsessions SET state = 'ready', prod_listeners = $4, ready_at = $5, update_due = $6 "
+                "WHERE uid = $1 AND role = $2 AND created = $3 AND state = 'requested' RETURNING *",
+                row["uid"], row["role"], row["created"], endpoints if row["role"] == "PROD" else [],
+                now, now + self.config.update_timeout if self.config.update_timeout else 0.0)
+            await self._notify(conn, uid, row["role"])
+            return new, True
+
+    # -- update -------------------------------------------------------------------------
+    async def update(self, uid: str, role: str, remote_listeners: Iterable[str],
+                     wan_secret: bytes, who: Identity) -> Session:
+        check_uid(uid)
+        if role:
+            check_role(role)
+        remote = list(remote_listeners)
+        if not remote:
+            raise InvalidArgument("update needs at least one remote listener (host:port)")
+        if len(remote) > MAX_TARGETS:
+            raise InvalidArgument(f"{len(remote)} remote listeners; at most {MAX_TARGETS}")
+        for r in remote:
+            parse_listener(r)
+        names = list(dict.fromkeys(remote))
+        resolved = dict(zip(names, await asyncio.gather(*(resolve_listener(r) for r in names))))
+        failure: list[str] = []
+        row = await self._call(lambda c: self._update_tx(c, uid, role, remote, resolved, wan_secret, who,
+                                                         failure), "write")
+        s = _session(row)
+        if failure:
+            self._events("failed", s, failure[0])
+            raise DataServerError(f"data server failed to start on node {row['node']}: {failure[0]}")
+        self._events("update", s, f"targets={len(remote)} wan={s.wan_security} node={row['node']}")
+        return s
+
+    async def _update_tx(self, conn: Any, uid: str, role: str, remote: list[str], resolved: dict,
+                         wan_secret: bytes, who: Identity, failure: list[str]) -> Any:
+        async with conn.transaction():
+            if role:
+                rows = await conn.fetch(f"SELECT * FROM fsessions WHERE uid = $1 AND role = $2 "
+                                        f"AND state IN {LIVE} FOR UPDATE", uid, role)
+            else:
+                rows = await conn.fetch(f"SELECT * FROM fsessions WHERE uid = $1 AND state IN {LIVE} "
+                                        "FOR UPDATE", uid)
+            if not rows:
+                raise NotFound(f"no active session {uid} in this facility; check the uid, or it was "
+                               "released or expired")
+            if len(rows) > 1:
+                raise InvalidArgument(f"uid {uid} is active as both PROD and CONS here; give the role")
+            row = rows[0]
+            self._check_owner(row, who, "update")
+            if row["state"] == "requested":
+                raise FailedPrecondition(f"session {uid} has had no hello yet; start the application "
+                                         "controller, then update")
+            secret = self._wan_secret_for(row, wan_secret)
+            targets = [resolved[remote[i % len(remote)]] for i in range(row["num_conn"])]
+            node = await self._node_row(conn, row["node"])
+            if node is None or node["state"] != "up":
+                raise FailedPrecondition(f"session {uid}'s node {row['node']} is "
+                                         f"{'gone' if node is None else node['state']}; release it and ask again")
+            rate_enforced = bool(wan_secret) or not row["rate"] or self.config.wan_plaintext \
+                or self.config.enforce_legacy_rate
+            host = node["address"]
+            cfg = {"uid": uid, "role": row["role"], "listen_host": host, "ports": list(row["ports"]),
+                   "targets": targets, "rate_kbps": int(row["rate"]) if rate_enforced else 0,
+                   "tls": secret is not None, "keepalive": list(self.config.keepalive or KEEPALIVE),
+                   "max_conns": self.config.max_session_conns}
+            if secret is not None:
+                cfg["wan_secret"] = secret.hex()
+            try:
+                await self.links.call(node, {"op": "add", "sid": f"{uid}/{row['role']}", "cfg": cfg})
+            except ServiceError as exc:
+                failure.append(str(exc))
+                return await self._end(conn, row, S.FAILED, f"data server failed to start: {exc}")
+            now = time.time()
+            new = await conn.fetchrow(
+                "UPDATE fsessions SET state = 'connected', targets = $4, wan_secret = $5, wan_security = $6, "
+                "rate_enforced = $7, connected_at = CASE WHEN connected_at = 0 THEN $8 ELSE connected_at END, "
+                "update_due = 0 WHERE uid = $1 AND role = $2 AND created = $3 RETURNING *",
+                row["uid"], row["role"], row["created"], targets, secret,
+                "tls" if secret is not None else "plain", rate_enforced, now)
+            await self._notify(conn, uid, row["role"])
+            return new
+
+    def _wan_secret_for(self, row: Any, given: bytes) -> bytes | None:
+        if self.config.wan_plaintext:
+            return None
+        have = bytes(row["wan_secret"]) if row["wan_secret"] is not None else None
+        if given:
+            if len(given) != wankeys.SECRET_BYTES:
+                raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
+            if row["role"] == "PROD" and not wankeys.secrets_equal(given, have or b""):
+                raise PermissionDenied(f"wrong WAN secret for session {row['uid']}")
+            if row["role"] == "CONS" and have is not None and not wankeys.secrets_equal(given, have):
+                raise PermissionDenied(f"wrong WAN secret for session {row['uid']}")
+            return given
+        if self.config.allow_legacy_plaintext:
+            log.warning("session %s/%s: client sent no WAN secret (original tooling); "
+                        "the WAN leg is PLAINTEXT", row["uid"], row["role"])
+            return None
+        raise FailedPrecondition(
+            "this server encrypts the WAN leg and the update carries no wan_secret (a client of "
+            "the original tooling?); upgrade the client, or the operator may allow plaintext "
+            "with --allow-legacy-plaintext")
+
+    # -- release ------------------------------------------------------------------------
+    async def release(self, uid: str, who: Identity) -> list[Session]:
+        check_uid(uid)
+        ended = await self._call(lambda c: self._release_tx(c, uid, who), "write")
+        out = [_session(r) for r in ended]
+        for s in out:
+            self._events("release", s, "")
+        return out
+
+    async def _release_tx(self, conn: Any, uid: str, who: Identity) -> list[Any]:
+        async with conn.transaction():
+            rows = await conn.fetch(f"SELECT * FROM fsessions WHERE uid = $1 AND state IN {LIVE} FOR UPDATE", uid)
+            if not rows:
+                raise NotFound(f"no active session {uid} in this facility; it may be released already")
+            for r in rows:
+                self._check_owner(r, who, "release")
+            out = []
+            for r in rows:
+                stats = None
+                if r["state"] == "connected":
+                    stats = await self._remove_from_node(await self._node_row(conn, r["node"]), uid, r["role"])
+                new = await self._end(conn, r, S.RELEASED, "", stats)
+                if new is not None:
+                    out.append(new)
+            return out
+
+    # -- status -------------------------------------------------------------------------
+    async def snapshot(self, uid: str, who: Identity, admin: bool) -> list[Session]:
+        """What ``status`` shows: live sessions first, then the most recently ended ones."""
+        owner = None if admin else who.id
+
+        async def read(c: Any) -> list[Any]:
+            live = await c.fetch(
+                f"SELECT * FROM fsessions WHERE state IN {LIVE} AND ($1 = '' OR uid = $1) "
+                "AND ($2::text IS NULL OR owner_id = $2) ORDER BY created", uid, owner)
+            ended = await c.fetch(
+                f"SELECT * FROM fsessions WHERE state NOT IN {LIVE} AND ($1 = '' OR uid = $1) "
+                "AND ($2::text IS NULL OR owner_id = $2) ORDER BY ended DESC LIMIT $3",
+                uid, owner, self.config.history)
+            return list(live) + list(ended)
+        rows = await self._call(read, "read")
+        sessions = [_session(r) for r in rows]
+        await self._fresh_stats([s for s in sessions if s.state is S.CONNECTED])
+        return sessions
+
+    async def _fresh_stats(self, sessions: list[Session]) -> None:
+        by_node: dict[str, list[Session]] = {}
+        for s in sessions:
+            by_node.setdefault(s.node, []).append(s)
+        if not by_node:
+            return
+        nodes = {r["name"]: r for r in await self._call(lambda c: c.fetch(
+            "SELECT * FROM nodes WHERE name = ANY($1::text[])", list(by_node)), "read")}
+
+        async def one(name: str, group: list[Session]) -> None:
+            node = nodes.get(name)
+            if node is None or node["state"] != "up":
+                return
+            try:
+                stats = (await self.links.call(node, {"op": "stats"}, 3.0)).get("stats") or {}
+            except ServiceError:
+                return
+            for s in group:
+                r = stats.get(f"{s.uid}/{s.role}")
+                if r:
+                    s.last_stats = Stats(int(r["bytes_in"]), int(r["bytes_out"]), int(r["connections"]),
+                                         int(r["total_connections"]), int(r.get("refused_connections", 0)))
+        await asyncio.gather(*(one(n, g) for n, g in by_node.items()))
+
+    def sessions(self) -> list[Session]:
+        return []
+
+    async def stats(self, session: Session) -> Stats:
+        return session.total_stats()
+
+    # -- timers and nodes ----------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        while not self._closed:
+            try:
+                wait = await self.run_timers()
+            except ScistreamError as exc:
+                log.warning("timers: %s", exc)
+                wait = 1.0
+            except Exception:  # noqa: BLE001 - the loop must go on
+                log.exception("timers failed")
+                wait = 1.0
+            await asyncio.sleep(max(0.05, min(wait, 1.0)))
+
+    async def run_timers(self) -> float:
+        """Act on every due timer and lost node (each exactly once across instances);
+        seconds until the next due time."""
+        self.timer_runs += 1
+        now = time.time()
+        removals: list[tuple[Any, Any]] = []
+        events: list[tuple[str, Session, str]] = []
+
+        async def tx(c: Any) -> float:
+            async with c.transaction():
+                await c.execute("UPDATE instances SET heartbeat = now() WHERE name = $1", self.instance)
+                lost = await c.fetch(
+                    "UPDATE nodes SET state = 'lost', reason = $2 WHERE state = 'up' "
+                    "AND heartbeat < now() - make_interval(secs => $1) RETURNING *",
+                    self.node_timeout, f"no heartbeat for {self.node_timeout:g} s (--node-timeout)")
+                for node in lost:
+                    log.error("node %s lost: no heartbeat for %g s; failing its sessions", node["name"],
+                              self.node_timeout)
+                    rows = await c.fetch(
+                        f"SELECT * FROM fsessions WHERE node = $1 AND state IN {LIVE} FOR UPDATE", node["name"])
+                    for r in rows:
+                        why = f"node {node['name']} lost: no heartbeat for {self.node_timeout:g} s"
+                        new = await self._end(c, r, S.FAILED, why)
+                        if new is not None:
+                            events.append(("failed", _session(new), why))
+                due = await c.fetch(
+                    f"SELECT * FROM fsessions WHERE state IN {LIVE} AND ("
+                    "(state = 'requested' AND hello_due > 0 AND hello_due <= $1) OR "
+                    "(state = 'ready' AND update_due > 0 AND update_due <= $1) OR "
+                    "(lease_expires > 0 AND lease_expires <= $1)) "
+                    "ORDER BY created LIMIT 200 FOR UPDATE SKIP LOCKED", now)
+                for r in due:
+                    if r["lease_expires"] and r["lease_expires"] <= now:
+                        why = f"lease of {r['lease_expires'] - r['created']:g} s ended"
+                    elif r["state"] == "requested":
+                        why = f"no hello within {self.config.hello_timeout:g} s"
+                    else:
+                        why = (f"no update within {self.config.update_timeout:g} s of the hello "
+                               "(--update-timeout); every port is free again")
+                    new = await self._end(c, r, S.EXPIRED, why)
+                    if new is not None:
+                        events.append(("expired", _session(new), why))
+                        if r["state"] == "connected":
+                            removals.append((r, await self._node_row(c, r["node"])))
+                nxt = await c.fetchval(
+                    f"SELECT min(least(CASE WHEN state = 'requested' AND hello_due > 0 THEN hello_due END, "
+                    "CASE WHEN state = 'ready' AND update_due > 0 THEN update_due END, "
+                    f"CASE WHEN lease_expires > 0 THEN lease_expires END)) FROM fsessions WHERE state IN {LIVE}")
+                return (nxt - time.time()) if nxt is not None else 1.0
+        wait = await self._call(tx, "run the timers in")
+        for r, node in removals:
+            await self._remove_from_node(node, r["uid"], r["role"])
+        for event, s, why in events:
+            self._events(event, s, why)
+        return wait
+
+    def _node_event(self, node: str, msg: dict) -> None:
+        """A node reports a session it can no longer carry (e.g. its worker could not be restarted)."""
+        if msg.get("event") != "failed":
+            return
+        uid, _, role = str(msg.get("sid") or "").partition("/")
+        reason = f"data server died on node {node}: {msg.get('reason')}"
+
+        async def fail() -> None:
+            async def tx(c: Any) -> Any:
+                async with c.transaction():
+                    row = await c.fetchrow(f"SELECT * FROM fsessions WHERE uid = $1 AND role = $2 AND node = $3 "
+                                           f"AND state IN {LIVE} FOR UPDATE", uid, role, node)
+                    return None if row is None else await self._end(c, row, S.FAILED, reason)
+            with contextlib.suppress(ScistreamError):
+                new = await self._call(tx, "write")
+                if new is not None:
+                    self._events("failed", _session(new), reason)
+        self._tasks.append(asyncio.get_running_loop().create_task(fail()))
+
+
+# -- the operator's view (s2cs nodes) ---------------------------------------------------
+async def list_nodes(store: Any, node_timeout: float = 15.0) -> dict[str, list[dict]]:
+    """Every node with its load, and every control instance (``s2cs nodes list``)."""
+    async def read(c: Any) -> dict[str, list[dict]]:
+        nodes = await c.fetch(
+            f"SELECT n.*, extract(epoch from now() - n.heartbeat) AS age, "
+            f"(SELECT count(*) FROM fsessions f WHERE f.node = n.name AND f.state IN {LIVE}) AS sessions, "
+            f"(SELECT coalesce(sum(cardinality(f.ports)), 0) FROM fsessions f WHERE f.node = n.name "
+            f"AND f.state IN {LIVE}) AS ports_used, "
+            f"(SELECT coalesce(sum(f.bandwidth), 0) FROM fsessions f WHERE f.node = n.name "
+            f"AND f.state IN {LIVE}) AS bandwidth_used FROM nodes n ORDER BY n.name")
+        inst = await c.fetch("SELECT *, extract(epoch from now() - heartbeat) AS age FROM instances ORDER BY name")
+        return {
+            "nodes": [{"name": n["name"], "address": n["address"], "control": n["control"],
+                       "state": ("drained" if n["drained"] and n["state"] == "up" else n["state"])
+                       if not (n["state"] == "up" and float(n["age"]) > node_timeout) else "late",
+                       "drained": n["drained"], "reason": n["reason"],
+                       "heartbeat_age_s": round(float(n["age"]), 1), "sessions": int(n["sessions"]),
+                       "ports": f"{n['port_lo']}-{n['port_hi']}", "ports_used": int(n["ports_used"]),
+                       "max_rate_kbps": int(n["max_rate"]), "bandwidth_used_kbps": int(n["bandwidth_used"]),
+                       "max_sessions": int(n["max_sessions"])} for n in nodes],
+            "instances": [{"name": i["name"], "address": i["address"], "pid": i["pid"],
+                           "heartbeat_age_s": round(float(i["age"]), 1)} for i in inst],
+        }
+    return await store._call(read, "read")
+
+
+async def set_drained(store: Any, name: str, drained: bool) -> None:
+    status = await store._call(lambda c: c.execute("UPDATE nodes SET drained = $2 WHERE name = $1", name, drained),
+                               "write")
+    if status.split()[-1] == "0":
+        raise NotFound(f"no node named {name!r} in this facility (s2cs nodes list shows them)")

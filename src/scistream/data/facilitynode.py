@@ -1,0 +1,158 @@
+"""A node service as a member of a facility: registered in the shared store, heartbeating.
+
+    s2ds serve --socket /run/scistream/node.sock --store postgresql://scistream@db/scistream \\
+        --node-name dtn1 --address 198.51.100.11 --control 198.51.100.11:5050 \\
+        --port-range 5100-5200 --token-file /etc/scistream/node.token
+
+The facility's control servers (``s2cs --facility``, ``scistream.control.facility``) place
+sessions on the nodes that registered here. A member
+
+* serves the node service's control protocol on ``--control`` over TLS, with a
+  certificate of its own (``STATE_DIR/control.crt``, made on first start) whose PEM it
+  writes into its row of the store: control servers trust exactly that certificate (it
+  is pinned, no CA involved). The first line on a connection must carry the facility's
+  node token (``--token-file``); without it the node obeys nobody;
+* upserts its row in ``nodes`` (name, the address its listeners carry, the control
+  address, port range, bandwidth, most sessions; an operator's drain is kept) and beats
+  every ``--heartbeat`` seconds (the database's clock: hosts' clocks do not matter);
+* after each beat, removes the sessions it carries that the store does not list as live
+  on it: ones released while it was unreachable, or failed because its heartbeat stopped
+  for the control servers' ``--node-timeout`` (a node that comes back stops what the
+  store no longer lists). While the database is unreachable it keeps every session: the
+  streams flow, and it beats again when the database answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LIVE = "('requested', 'ready', 'connected')"
+
+
+class Membership:
+    def __init__(self, node, *, store_url: str, name: str, address: str, control: tuple[str, int],
+                 port_range: range, max_rate: int = 0, max_sessions: int = 0, token: bytes,
+                 heartbeat: float = 2.0, state_dir: Path) -> None:
+        self.node = node
+        self.store_url = store_url
+        self.name = name
+        self.address = address
+        self.control_host, self.control_port = control
+        self.port_range = port_range
+        self.max_rate = max_rate
+        self.max_sessions = max_sessions
+        self.token = token
+        self.heartbeat = heartbeat
+        self.state_dir = state_dir
+        self.store = None
+        self.task: asyncio.Task | None = None
+        self.cert_pem = ""
+        self.lost_db = False
+        self.beats = 0
+
+    @property
+    def control(self) -> str:
+        h = self.control_host
+        return f"[{h}]:{self.control_port}" if ":" in h else f"{h}:{self.control_port}"
+
+    def _tls(self) -> ssl.SSLContext:
+        from ..control import tlscert
+        cert, key = self.state_dir / "control.crt", self.state_dir / "control.key"
+        hosts = [self.control_host, self.address]
+        if not (cert.exists() and key.exists() and tlscert.cert_covers(cert, hosts)):
+            tlscert.make_self_signed(cert, key, hosts)
+        self.cert_pem = cert.read_text()
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(cert, key)
+        return ctx
+
+    async def start(self) -> None:
+        from ..control.pgstore import PostgresStore
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.node.port_range = self.port_range
+        ctx = self._tls()
+        self.control_port = await self.node.listen_tcp(self.control_host, self.control_port, ctx, self.token)
+        self.store = PostgresStore(self.store_url, node=self.name)
+        await self.store.open()         # StoreError: the caller says why and exits
+        await self._register()
+        self.task = asyncio.create_task(self._beat_loop())
+        log.info("node %s registered in %s: listeners on %s, ports %d-%d, control %s", self.name,
+                 self.store.path, self.address, self.port_range.start, self.port_range.stop - 1, self.control)
+
+    async def _register(self) -> None:
+        await self.store._call(lambda c: c.execute(
+            "INSERT INTO nodes (name, address, control, cert, port_lo, port_hi, max_rate, max_sessions, pid) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (name) DO UPDATE SET "
+            "address = EXCLUDED.address, control = EXCLUDED.control, cert = EXCLUDED.cert, "
+            "port_lo = EXCLUDED.port_lo, port_hi = EXCLUDED.port_hi, max_rate = EXCLUDED.max_rate, "
+            "max_sessions = EXCLUDED.max_sessions, pid = EXCLUDED.pid, state = 'up', reason = '', "
+            "heartbeat = now()",
+            self.name, self.address, self.control, self.cert_pem, self.port_range.start,
+            self.port_range.stop - 1, self.max_rate, self.max_sessions, os.getpid()), "register the node in")
+
+    async def beat(self) -> None:
+        """One heartbeat, then stop what the store no longer lists on this node."""
+        local = set(self.node.sessions)            # before the query: see reconcile below
+        old = await self.store._call(lambda c: c.fetchval(
+            "WITH old AS (SELECT state FROM nodes WHERE name = $1) "
+            "UPDATE nodes SET heartbeat = now(), state = 'up', reason = '' WHERE name = $1 "
+            "RETURNING (SELECT state FROM old)", self.name), "beat in")
+        if old is None:                            # an operator deleted the row: register again
+            await self._register()
+        elif old != "up":
+            log.warning("node %s is back; the control servers had marked it %s", self.name, old)
+        live = await self.store._call(lambda c: c.fetch(
+            f"SELECT uid, role FROM fsessions WHERE node = $1 AND state IN {LIVE}", self.name), "read")
+        # a session added after ``local`` was taken is not touched; one in ``local`` had its row
+        # written (at its req) before its add, so the query sees it while it is live
+        keep = {f"{r['uid']}/{r['role']}" for r in live}
+        for sid in sorted(local - keep):
+            if sid in self.node.sessions:
+                log.warning("node %s: session %s is not live in the store any more; removing it",
+                            self.name, sid)
+                await self.node.remove(sid)
+        self.beats += 1
+
+    async def _beat_loop(self) -> None:
+        from ..control.store import StoreError
+        while True:
+            try:
+                await self.beat()
+                if self.lost_db:
+                    log.warning("node %s: the store answers again", self.name)
+                    self.lost_db = False
+            except StoreError as exc:
+                if not self.lost_db:
+                    log.error("node %s: cannot beat (%s); sessions keep running, retrying", self.name, exc)
+                self.lost_db = True
+            except Exception:  # noqa: BLE001 - the loop must go on
+                log.exception("node %s: heartbeat failed", self.name)
+            await asyncio.sleep(self.heartbeat)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        if self.store is not None:
+            await self.store.close()
+
+
+def read_token(path: Path) -> bytes:
+    """The facility's node token from its file (not readable by other users; its group may
+    read it, as Kubernetes mounts a Secret with ``defaultMode: 0440``)."""
+    st = path.stat()
+    if st.st_mode & 0o007:
+        raise ValueError(f"{path} is readable by other users; chmod 600 it")
+    token = path.read_bytes().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: the node token must be at least 16 characters "
+                         "(head -c 32 /dev/urandom | base64 > FILE)")
+    return token

@@ -1,0 +1,422 @@
+"""A facility of several nodes on loopback: two control instances (``s2cs --facility``),
+node services registered in a real PostgreSQL (``s2ds serve --store``), real bytes.
+
+Nodes listen on their own loopback addresses (127.0.0.2, 127.0.0.3): a session's
+listeners carry its node's address. The CONS side is a single-gateway s2cs.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, async_wait_until, new_uid, port_block, roundtrip_ok, wait_until
+from scistream.client import AsyncClient
+
+asyncpg = pytest.importorskip("asyncpg")
+
+from pghelpers import running_postgres  # noqa: E402
+
+LIVE = "('requested', 'ready', 'connected')"
+
+
+@pytest.fixture(scope="module")
+def pg():
+    with running_postgres() as server:
+        yield server
+
+
+async def sql(url: str, query: str, *args):
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+def sql_sync(url: str, query: str, *args):
+    """``sql`` from synchronous code that may run inside the test's event loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, sql(url, query, *args)).result(30)
+
+
+class Node:
+    """An ``s2ds serve --store`` process: a node of the facility."""
+
+    def __init__(self, tmp: Path, url: str, token: Path, name: str, address: str, heartbeat: float = 0.3,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.name, self.address, self.url = name, address, url
+        self.dir = tmp / f"node-{name}"
+        self.dir.mkdir(exist_ok=True)
+        self.range = port_block(20)
+        self.args = [str(BIN / "s2ds"), "serve", "--socket", str(self.dir / "node.sock"), "--fresh",
+                     "--workers", "1", "--store", url, "--node-name", name, "--address", address,
+                     "--control", f"{address}:0", "--port-range", self.range, "--token-file", str(token),
+                     "--heartbeat", str(heartbeat), *extra]
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.log = open(self.dir / "s2ds.log", "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started = time.time()
+
+        def registered() -> bool:
+            assert self.proc.poll() is None, (self.dir / "s2ds.log").read_text()[-3000:]
+            try:
+                rows = sql_sync(self.url, "SELECT state, pid FROM nodes WHERE name = $1", self.name)
+            except asyncpg.UndefinedTableError:     # the first node has not migrated the schema yet
+                return False
+            return bool(rows) and rows[0]["state"] == "up" and rows[0]["pid"] == self.proc.pid
+        wait_until(registered, 30, f"node {self.name} registered")
+
+    def kill(self) -> None:
+        """kill -9 of the node: the service and its workers (its process group)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with_log = getattr(self, "log", None)
+        if with_log is not None and not with_log.closed:
+            with_log.close()
+        # workers of a killed service notice their channel closed and exit; make sure
+        wait_until(lambda: not _group_alive(self.proc.pid), 10, f"node {self.name}'s workers gone")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def facility(pg, tmp_path, s2cs_process):
+    """``f = facility(nodes=2, instances=2)``: f.url, f.nodes, f.instances (S2csProcess)."""
+    made: list[Node] = []
+
+    class Facility:
+        pass
+
+    def make(nodes: int = 2, instances: int = 2, node_timeout: float = 3.0, extra: tuple[str, ...] = ()):
+        f = Facility()
+        f.url = pg.url(pg.createdb())
+        f.token = tmp_path / "node.token"
+        f.token.write_text(os.urandom(24).hex())
+        f.token.chmod(0o600)
+        f.nodes = []
+        for i in range(nodes):
+            n = Node(tmp_path, f.url, f.token, f"dtn{i + 1}", f"127.0.0.{i + 2}")
+            made.append(n)
+            f.nodes.append(n)
+        f.node_timeout = node_timeout
+        f.instances = [s2cs_process("--facility", "--store", f.url, "--node-token-file", str(f.token),
+                                    "--node-timeout", str(node_timeout), *extra) for _ in range(instances)]
+        return f
+    yield make
+    for n in made:
+        n.stop()
+
+
+async def live_rows(url: str):
+    return await sql(url, f"SELECT uid, role, node, state, ports FROM fsessions WHERE state IN {LIVE}")
+
+
+async def prod_session(a: AsyncClient, b: AsyncClient, endpoint: str, num_conn: int = 1, lease: int = 0):
+    """req on instance a, hello on instance b (the app controller reached the other one),
+    update on b: the PROD half of a session in the facility."""
+    uid = new_uid()
+    req = asyncio.create_task(a.req(uid, "PROD", num_conn, 0, lease=lease))
+    await b.hello(uid, "PROD", [endpoint])
+    prod = await req
+    await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+    return uid, prod
+
+
+async def cons_session(cons: AsyncClient, uid: str, prod) -> list[str]:
+    creq = asyncio.create_task(cons.req(uid, "CONS", len(prod.listeners), 0))
+    await cons.hello(uid, "CONS")
+    c = await creq
+    await cons.update(uid, "CONS", prod.listeners, prod.wan_secret)
+    return list(c.listeners)
+
+
+async def test_sessions_spread_over_nodes_req_and_hello_on_different_instances(
+        facility, servers, client_for, echo_server):
+    f = facility(nodes=2, instances=2)
+    cons_gw = await servers()
+    a, b = (client_for(p.target) for p in f.instances)
+    cons = client_for(cons_gw)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    made = []
+    for i in range(4):
+        x, y = (a, b) if i % 2 == 0 else (b, a)
+        uid, prod = await prod_session(x, y, ep, num_conn=2)
+        made.append((uid, prod, await cons_session(cons, uid, prod)))
+    rows = await live_rows(f.url)
+    assert {r["node"] for r in rows} == {"dtn1", "dtn2"}          # both nodes carry sessions
+    by_uid = {r["uid"]: r for r in rows}
+    for uid, prod, cons_listeners in made:
+        node = next(n for n in f.nodes if n.name == by_uid[uid]["node"])
+        assert all(listener.startswith(f"{node.address}:") for listener in prod.listeners)
+        await roundtrip_ok(cons_listeners[0], 256 << 10)        # consumer -> CONS -> node -> producer
+    # status on either instance: the node and the instance of each session
+    for c in (a, b):
+        st = await c.status()
+        infos = {s.uid: s for s in st.sessions}
+        for uid, _, _ in made:
+            assert infos[uid].state == "connected"
+            assert infos[uid].node == by_uid[uid]["node"]
+            assert infos[uid].instance.endswith(tuple(f":{p.port}" for p in f.instances))
+            assert infos[uid].bytes_out >= 256 << 10            # counters from the node
+    # release on the other instance from the one that took the req; nothing stays reserved
+    for i, (uid, _, _) in enumerate(made):
+        await (b if i % 2 == 0 else a).release(uid)
+        await cons.release(uid)
+    assert await live_rows(f.url) == []
+    for n in f.nodes:
+        reply = json.loads(subprocess.run([str(BIN / "s2ds"), "status", "--json", "--socket",
+                                           str(n.dir / "node.sock")], capture_output=True, text=True,
+                                          timeout=30).stdout)
+        assert reply["sessions"] == 0
+
+
+async def test_kill_control_instance_between_req_and_update(facility, servers, client_for, echo_server):
+    f = facility(nodes=1, instances=2)
+    a, b = (client_for(p.target) for p in f.instances)
+    cons = client_for(await servers())
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uid = new_uid()
+    req = asyncio.create_task(a.req(uid, "PROD", 2, 0))
+    await async_wait_until(lambda: _has_row(f.url, uid), 10, "the req recorded")
+    f.instances[0].proc.send_signal(signal.SIGKILL)
+    f.instances[0].proc.wait()
+    with pytest.raises(Exception) as got:
+        await req
+    assert "cannot reach the S2CS" in str(got.value)        # unreachable: worth a retry elsewhere
+    # the client retries its req on the surviving instance: the same session, not a new one
+    retry = asyncio.create_task(b.req(uid, "PROD", 2, 0))
+    await b.hello(uid, "PROD", [ep])
+    prod = await retry
+    await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+    rows = await sql(f.url, "SELECT state, ports FROM fsessions WHERE uid = $1", uid)
+    assert [r["state"] for r in rows] == ["connected"]
+    assert [f"127.0.0.2:{p}" for p in rows[0]["ports"]] == list(prod.listeners)
+    await roundtrip_ok((await cons_session(cons, uid, prod))[0], 256 << 10)
+    await cons.release(uid)
+    await b.release(uid)
+    assert await live_rows(f.url) == []
+
+
+async def _has_row(url: str, uid: str) -> bool:
+    return bool(await sql(url, "SELECT 1 FROM fsessions WHERE uid = $1", uid))
+
+
+async def test_killed_instance_timers_taken_over(facility, client_for, echo_server):
+    """A lease and a hello timeout of sessions whose instance was killed -9 are acted on by the
+    surviving instance, once, within a second or two of being due."""
+    f = facility(nodes=1, instances=2, extra=("--hello-timeout", "4"))
+    a, b = (client_for(p.target) for p in f.instances)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uid, prod = await prod_session(a, a, ep, lease=3)
+    waiting = new_uid()
+    pending = asyncio.create_task(a.req(waiting, "PROD", 1, 0))
+    await async_wait_until(lambda: _has_row(f.url, waiting), 10, "the second req recorded")
+    f.instances[0].proc.send_signal(signal.SIGKILL)
+    f.instances[0].proc.wait()
+    with pytest.raises(Exception):
+        await pending
+    rows = await sql(f.url, "SELECT lease_expires, hello_due FROM fsessions WHERE uid = ANY($1::text[]) "
+                            "ORDER BY uid = $2", [uid, waiting], waiting)
+    lease_due, hello_due = rows[0]["lease_expires"], rows[1]["hello_due"]
+
+    async def ended(u: str) -> bool:
+        r = await sql(f.url, "SELECT state, ended, last_error FROM fsessions WHERE uid = $1", u)
+        return r[0]["state"] == "expired" and r[0]
+    await async_wait_until(lambda: ended(uid), 15, "the lease acted on by the survivor")
+    await async_wait_until(lambda: ended(waiting), 15, "the hello timeout acted on by the survivor")
+    r1 = (await sql(f.url, "SELECT ended, last_error FROM fsessions WHERE uid = $1", uid))[0]
+    r2 = (await sql(f.url, "SELECT ended, last_error FROM fsessions WHERE uid = $1", waiting))[0]
+    assert "lease of 3 s ended" in r1["last_error"]
+    assert "no hello within 4 s" in r2["last_error"]
+    assert r1["ended"] - lease_due < 2.0 and r2["ended"] - hello_due < 2.0
+    # the node no longer carries the expired session: its listener is closed
+    await async_wait_until(lambda: _refused(prod.listeners[0]), 10, "the expired session's listener closed")
+    assert await live_rows(f.url) == []
+    st = await b.status(uid)
+    assert st.sessions[0].state == "expired"
+
+
+async def _refused(listener: str) -> bool:
+    host, _, port = listener.rpartition(":")
+    try:
+        _, w = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return True
+    w.close()
+    return False
+
+
+async def test_node_killed_sessions_fail_new_ones_go_to_the_survivor(facility, servers, client_for, echo_server):
+    f = facility(nodes=2, instances=2, node_timeout=2.0)
+    a, b = (client_for(p.target) for p in f.instances)
+    cons = client_for(await servers())
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    sessions = [await prod_session(a, b, ep) for _ in range(4)]
+    cons_of = {uid: (await cons_session(cons, uid, prod))[0] for uid, prod in sessions}
+    rows = await live_rows(f.url)
+    assert {r["node"] for r in rows} == {"dtn1", "dtn2"}
+    victim = f.nodes[0]
+    on_victim = {r["uid"] for r in rows if r["node"] == victim.name}
+    killed_at = time.time()
+    victim.kill()
+
+    async def failed() -> bool:
+        got = await sql(f.url, "SELECT state, last_error, ended FROM fsessions WHERE uid = ANY($1::text[])",
+                        list(on_victim))
+        return all(r["state"] == "failed" for r in got) and got
+    got = await async_wait_until(failed, 15, "the lost node's sessions failed")
+    for r in got:
+        assert f"node {victim.name} lost: no heartbeat for 2 s" in r["last_error"]
+        assert r["ended"] - killed_at < f.node_timeout + 2.0 + 1.0  # heartbeat period + a timer tick
+    node_row = (await sql(f.url, "SELECT state, reason FROM nodes WHERE name = $1", victim.name))[0]
+    assert node_row["state"] == "lost"
+    # nothing of the lost node stays reserved; the survivor's sessions are untouched
+    assert {r["node"] for r in await live_rows(f.url)} == {"dtn2"}
+    for uid, prod in sessions:
+        if uid not in on_victim:
+            await roundtrip_ok(cons_of[uid], 128 << 10)
+    # new sessions go to the survivor
+    for _ in range(2):
+        uid, prod = await prod_session(b, a, ep)
+        assert prod.listeners[0].startswith("127.0.0.3:")
+        await roundtrip_ok((await cons_session(cons, uid, prod))[0], 128 << 10)
+        cons_of[uid] = ""
+    # status says why, on either instance
+    st = await a.status(next(iter(on_victim)))
+    assert st.sessions[0].state == "failed" and "lost" in st.sessions[0].last_error
+    # the node comes back: it is up again and carries nothing the store does not list
+    victim.start()
+    await async_wait_until(lambda: _node_state(f.url, victim.name, "up"), 15, "the node back up")
+    for uid in [r["uid"] for r in await live_rows(f.url)]:
+        await a.release(uid)
+    for uid in cons_of:
+        await cons.release(uid)
+    assert await live_rows(f.url) == []
+
+
+async def _node_state(url: str, name: str, state: str) -> bool:
+    rows = await sql(url, "SELECT state FROM nodes WHERE name = $1", name)
+    return bool(rows) and rows[0]["state"] == state
+
+
+async def test_drain_undrain_and_list(facility, client_for, echo_server):
+    f = facility(nodes=2, instances=1)
+    a = client_for(f.instances[0].target)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    s2cs = [str(BIN / "s2cs"), "nodes"]
+    out = subprocess.run(s2cs + ["drain", "dtn1", "--store", f.url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "node dtn1 drained" in out.stdout
+    for _ in range(3):
+        _, prod = await prod_session(a, a, ep)
+        assert prod.listeners[0].startswith("127.0.0.3:")      # all on dtn2
+    listed = json.loads(subprocess.run(s2cs + ["list", "--json", "--store", f.url], capture_output=True,
+                                       text=True, timeout=60).stdout)
+    by = {n["name"]: n for n in listed["nodes"]}
+    assert by["dtn1"]["state"] == "drained" and by["dtn1"]["sessions"] == 0
+    assert by["dtn2"]["state"] == "up" and by["dtn2"]["sessions"] == 3 and by["dtn2"]["ports_used"] == 3
+    assert [i["address"] for i in listed["instances"]] == [f"127.0.0.1:{f.instances[0].port}"]
+    text = subprocess.run(s2cs + ["list", "--store", f.url], capture_output=True, text=True, timeout=60).stdout
+    assert "dtn1" in text and "drained" in text and "control instance" in text
+    assert subprocess.run(s2cs + ["undrain", "dtn1", "--store", f.url], capture_output=True,
+                          timeout=60).returncode == 0
+    placed = set()
+    for _ in range(4):
+        _, prod = await prod_session(a, a, ep)
+        placed.add(prod.listeners[0].rsplit(":", 1)[0])
+    assert "127.0.0.2" in placed                                 # dtn1 takes sessions again
+    bad = subprocess.run(s2cs + ["drain", "nosuch", "--store", f.url], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "no node named 'nosuch'" in bad.stderr
+    for r in await live_rows(f.url):
+        await a.release(r["uid"])
+
+
+async def test_node_obeys_only_the_facility_token(facility, tmp_path):
+    f = facility(nodes=1, instances=1)
+    import ssl
+    from scistream.data.nodeclient import ServiceConnection, ServiceError
+    row = (await sql(f.url, "SELECT control, cert FROM nodes WHERE name = 'dtn1'"))[0]
+    host, _, port = row["control"].rpartition(":")
+    ctx = ssl.create_default_context(cadata=row["cert"])
+    ctx.check_hostname = False
+
+    def opener():
+        return asyncio.open_connection(host, int(port), ssl=ctx)
+    for token in ("wrong-token-0123456789", ""):
+        conn = ServiceConnection("dtn1", opener=opener, token=token)
+        with pytest.raises(ServiceError, match="obeys only its facility's control servers"):
+            await conn.call({"op": "list"}, 5, busy_retry=0)
+        await conn.close()
+    good = ServiceConnection("dtn1", opener=opener, token=f.token.read_text())
+    try:
+        assert (await good.call({"op": "list"}, 5, busy_retry=0))["sessions"] == {}
+        with pytest.raises(ServiceError, match="node's own operator"):
+            await good.call({"op": "shutdown"}, 5, busy_retry=0)
+        with pytest.raises(ServiceError, match="outside this node's range"):
+            await good.call({"op": "add", "sid": "x/PROD", "cfg": {
+                "uid": "x", "role": "PROD", "listen_host": "127.0.0.2", "ports": [1], "targets": ["127.0.0.1:9"]}},
+                5, busy_retry=0)
+    finally:
+        await good.close()
+    # a TLS client that does not trust the pinned certificate gets nowhere either
+    other = ssl.create_default_context()
+    with pytest.raises(ssl.SSLError):
+        await asyncio.open_connection(host, int(port), ssl=other)
+
+
+async def test_facility_bad_configuration_is_a_clear_error(pg, tmp_path):
+    s2cs = [str(BIN / "s2cs"), "start", "--port", "0", "--auth", "none", "--insecure",
+            "--state-dir", str(tmp_path / "sd")]
+    token = tmp_path / "t"
+    token.write_text("x" * 32)
+    token.chmod(0o644)
+    url = pg.url(pg.createdb())
+    for args, msg in [
+        (["--facility"], "--facility needs --store"),
+        (["--facility", "--store", url], "--facility needs --node-token-file"),
+        (["--facility", "--store", url, "--node-token-file", str(token)], "readable by other users"),
+    ]:
+        out = subprocess.run(s2cs + args, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and msg in out.stderr, out.stderr
+    token.chmod(0o600)
+    out = subprocess.run(s2cs + ["--facility", "--store", url, "--node-token-file", str(token), "--type", "Haproxy"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--facility places sessions on node services" in out.stderr
+    node = subprocess.run([str(BIN / "s2ds"), "serve", "--socket", str(tmp_path / "n.sock"), "--store", url,
+                           "--address", "dtn1.example.org", "--token-file", str(token)],
+                          capture_output=True, text=True, timeout=60)
+    assert node.returncode == 2 and "give this node's IP address" in node.stderr
+    node = subprocess.run([str(BIN / "s2ds"), "serve", "--socket", str(tmp_path / "n.sock"), "--store", url,
+                           "--address", "127.0.0.2"], capture_output=True, text=True, timeout=60)
+    assert node.returncode == 2 and "--store needs --token-file" in node.stderr
+    node = subprocess.run([str(BIN / "s2ds"), "serve", "--socket", str(tmp_path / "n.sock"), "--store", url,
+                           "--token-file", str(token)], capture_output=True, text=True, timeout=60)
+    assert node.returncode == 2 and "--store needs --address" in node.stderr
