@@ -31,7 +31,7 @@ from conftest import wait_until
 from nshelpers import (BIN, PY, S2cs, cli_env, needs_testbed, probes, read_line_matching, run_in, spawn,
                        start_s2cs, wait_for)
 from scistream.netns import FacilityTestbed
-from scistream.netns.testbed import NETNS_DIR, Host, namespace_pids
+from scistream.netns.testbed import _NAME_RE, NETNS_DIR, Host, namespace_pids
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -53,10 +53,6 @@ def ftb():
     tb.create()
     try:
         yield tb
-        # the tests stop every process they started (PostgreSQL too): nothing for destroy() to kill
-        left = {ns: pids for ns in tb.namespaces if (pids := namespace_pids(ns))}
-        assert not left, "processes left in the namespaces: " + "; ".join(
-            f"{ns}: {pid} {_cmdline(pid)}" for ns, pids in left.items() for pid in pids)
     finally:
         tb.destroy()
         left = [ns for ns in tb.namespaces if (NETNS_DIR / ns).exists()]
@@ -184,6 +180,11 @@ async def facility(tb: FacilityTestbed, tmp: Path):
             for h in (tb.ctl_a1, tb.ctl_a2)))))
         cons = await start_s2cs(stack, tb, tb.gw_b, tmp, listener_ip=tb.gw_b.lan_ip)
         yield Facility(tb, tmp, cli_env(tmp), stack, pg, url, net_url, nodes, ctl, cons)
+    # A test that passed stopped every process it started (PostgreSQL too) and left no session
+    # live: nothing for the testbed's destroy() to kill.
+    left = {ns: pids for ns in tb.namespaces if (pids := namespace_pids(ns))}
+    assert not left, "processes left in the namespaces: " + "; ".join(
+        f"{ns}: {pid} {_cmdline(pid)}" for ns, pids in left.items() for pid in pids)
 
 
 async def _registered(url: str, node: DtnNode) -> bool:
@@ -345,6 +346,7 @@ async def test_facility_topology_reaches_only_what_it_needs(ftb):
             assert answers[listener]["error"] == expected, (src, listener, answers[listener])
     for ns in tb.namespaces:
         assert tb._run_ns(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0", ns
+        assert _NAME_RE.match(ns), ns   # a crashed run's namespaces are recognised (cleanup_leftovers)
 
 
 # -- a: sessions spread over both DTNs -------------------------------------------------
@@ -469,8 +471,8 @@ async def test_dtn_killed_sessions_fail_new_one_on_the_survivor(ftb, tmp_path):
         got = await wait_for(failed, NODE_TIMEOUT + 10, "the lost node's sessions failed")
         for r in got:
             assert f"node {victim.name} lost: no heartbeat for {NODE_TIMEOUT} s" in r["last_error"], r
-            # within the timeout + one heartbeat + a timer tick
-            assert NODE_TIMEOUT - HEARTBEAT - 0.5 < r["ended"] - killed_at < NODE_TIMEOUT + HEARTBEAT + 2.0, \
+            # after the timeout, within it + one heartbeat + a timer tick (+ slack for a loaded machine)
+            assert NODE_TIMEOUT - HEARTBEAT - 0.5 < r["ended"] - killed_at < NODE_TIMEOUT + HEARTBEAT + 3.0, \
                 r["ended"] - killed_at
         node_row = (await f.sql("SELECT state FROM nodes WHERE name = $1", victim.name))[0]
         assert node_row["state"] == "lost"
