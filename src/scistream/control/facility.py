@@ -696,9 +696,12 @@ class FacilityRegistry:
         async def tx(c: Any) -> float:
             async with c.transaction():
                 await c.execute("UPDATE instances SET heartbeat = now() WHERE name = $1", self.instance)
+                # a database that was down missed every heartbeat: judge nodes only once it has
+                # been up for a whole --node-timeout (a restart of it must not fail every session)
                 lost = await c.fetch(
                     "UPDATE nodes SET state = 'lost', reason = $2 WHERE state = 'up' "
-                    "AND heartbeat < now() - make_interval(secs => $1) RETURNING *",
+                    "AND heartbeat < now() - make_interval(secs => $1) "
+                    "AND now() - pg_postmaster_start_time() > make_interval(secs => $1) RETURNING *",
                     self.node_timeout, f"no heartbeat for {self.node_timeout:g} s (--node-timeout)")
                 for node in lost:
                     log.error("node %s lost: no heartbeat for %g s; failing its sessions", node["name"],
