@@ -516,3 +516,45 @@ async def test_500_sessions_across_two_instances_every_reservation_back(facility
                                            str(n.dir / "node.sock")], capture_output=True, text=True,
                                           timeout=30).stdout)
         assert reply["sessions"] == 0
+
+
+async def test_metrics_per_node(facility, servers, client_for, echo_server):
+    f = facility(nodes=2, instances=1, node_timeout=2.0, extra=("--metrics-port", "0"))
+    a = client_for(f.instances[0].target)
+    cons = client_for(await servers())
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    port = json.loads(f.instances[0].ready.read_text())["metrics_port"]
+    made = []
+    for _ in range(4):
+        uid, prod = await prod_session(a, a, ep)
+        made.append(uid)
+        await roundtrip_ok((await cons_session(cons, uid, prod))[0], 100_000)
+
+    def scrape() -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+        import urllib.request
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(body) for s in fam.samples}
+    m = await asyncio.to_thread(scrape)
+    assert m[("scistream_store_up", ())] == 1
+    per_node = {n.name: m[("scistream_node_sessions", (("node", n.name),))] for n in f.nodes}
+    assert sum(per_node.values()) == 4 and all(v >= 1 for v in per_node.values())
+    assert all(m[("scistream_node_up", (("node", n.name),))] == 1 for n in f.nodes)
+    carried = sum(m[("scistream_node_bytes_forwarded_total", (("direction", "to_producer"), ("node", n.name)))]
+                  for n in f.nodes)
+    assert carried >= 4 * 100_000
+    assert m[("scistream_sessions", (("state", "connected"),))] == 4
+    assert m[("scistream_ports", (("state", "used"),))] == 4
+    f.nodes[0].kill()
+
+    def lost() -> bool:
+        return asyncio.run(_node_state(f.url, f.nodes[0].name, "lost"))
+    await async_wait_until(lambda: asyncio.to_thread(lost), 15, "the node lost")
+    m = await asyncio.to_thread(scrape)
+    assert m[("scistream_node_up", (("node", f.nodes[0].name),))] == 0
+    assert m[("scistream_node_sessions", (("node", f.nodes[0].name),))] == 0
+    for r in await live_rows(f.url):
+        await a.release(r["uid"])
+    for uid in made:
+        await cons.release(uid)

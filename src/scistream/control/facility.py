@@ -624,7 +624,7 @@ class FacilityRegistry:
             return out
 
     # -- status -------------------------------------------------------------------------
-    async def snapshot(self, uid: str, who: Identity, admin: bool) -> list[Session]:
+    async def snapshot(self, uid: str, who: Identity, admin: bool, *, ended: bool = True) -> list[Session]:
         """What ``status`` shows: live sessions first, then the most recently ended ones."""
         owner = None if admin else who.id
 
@@ -632,11 +632,13 @@ class FacilityRegistry:
             live = await c.fetch(
                 f"SELECT * FROM fsessions WHERE state IN {LIVE} AND ($1 = '' OR uid = $1) "
                 "AND ($2::text IS NULL OR owner_id = $2) ORDER BY created", uid, owner)
-            ended = await c.fetch(
+            if not ended:
+                return list(live)
+            gone = await c.fetch(
                 f"SELECT * FROM fsessions WHERE state NOT IN {LIVE} AND ($1 = '' OR uid = $1) "
                 "AND ($2::text IS NULL OR owner_id = $2) ORDER BY ended DESC LIMIT $3",
                 uid, owner, self.config.history)
-            return list(live) + list(ended)
+            return list(live) + list(gone)
         rows = await self._call(read, "read")
         sessions = [_session(r) for r in rows]
         await self._fresh_stats([s for s in sessions if s.state is S.CONNECTED])
@@ -668,6 +670,12 @@ class FacilityRegistry:
 
     def sessions(self) -> list[Session]:
         return []
+
+    async def facility_view(self) -> tuple[list[Session], list[dict]]:
+        """Every live session of the facility (counters fresh from the nodes) and every node
+        with its load: what the metrics endpoint exports."""
+        live = await self.snapshot("", Identity("metrics"), True, ended=False)
+        return live, (await list_nodes(self.store, self.node_timeout))["nodes"]
 
     async def stats(self, session: Session) -> Stats:
         return session.total_stats()
