@@ -7,134 +7,22 @@ listeners carry its node's address. The CONS side is a single-gateway s2cs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
-import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import BIN, async_wait_until, new_uid, port_block, roundtrip_ok, wait_until
+from conftest import BIN, async_wait_until, new_uid, roundtrip_ok
 from scistream.client import AsyncClient
 
 asyncpg = pytest.importorskip("asyncpg")
 
+from facilityhelpers import Node, facility, pg, sql, sql_sync  # noqa: E402,F401  (fixtures too)
 from pghelpers import running_postgres  # noqa: E402
 
 LIVE = "('requested', 'ready', 'connected')"
-
-
-@pytest.fixture(scope="module")
-def pg():
-    with running_postgres() as server:
-        yield server
-
-
-async def sql(url: str, query: str, *args):
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()
-
-
-def sql_sync(url: str, query: str, *args):
-    """``sql`` from synchronous code that may run inside the test's event loop."""
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(asyncio.run, sql(url, query, *args)).result(30)
-
-
-class Node:
-    """An ``s2ds serve --store`` process: a node of the facility."""
-
-    def __init__(self, tmp: Path, url: str, token: Path, name: str, address: str, heartbeat: float = 0.3,
-                 extra: tuple[str, ...] = ()) -> None:
-        self.name, self.address, self.url = name, address, url
-        self.dir = tmp / f"node-{name}"
-        self.dir.mkdir(exist_ok=True)
-        self.range = port_block(20)
-        self.args = [str(BIN / "s2ds"), "serve", "--socket", str(self.dir / "node.sock"), "--fresh",
-                     "--workers", "1", "--store", url, "--node-name", name, "--address", address,
-                     "--control", f"{address}:0", "--port-range", self.range, "--token-file", str(token),
-                     "--heartbeat", str(heartbeat), *extra]
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.log = open(self.dir / "s2ds.log", "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        self.started = time.time()
-
-        def registered() -> bool:
-            assert self.proc.poll() is None, (self.dir / "s2ds.log").read_text()[-3000:]
-            try:
-                rows = sql_sync(self.url, "SELECT state, pid FROM nodes WHERE name = $1", self.name)
-            except asyncpg.UndefinedTableError:     # the first node has not migrated the schema yet
-                return False
-            return bool(rows) and rows[0]["state"] == "up" and rows[0]["pid"] == self.proc.pid
-        wait_until(registered, 30, f"node {self.name} registered")
-
-    def kill(self) -> None:
-        """kill -9 of the node: the service and its workers (its process group)."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with_log = getattr(self, "log", None)
-        if with_log is not None and not with_log.closed:
-            with_log.close()
-        # workers of a killed service notice their channel closed and exit; make sure
-        wait_until(lambda: not _group_alive(self.proc.pid), 10, f"node {self.name}'s workers gone")
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-@pytest.fixture
-def facility(pg, tmp_path, s2cs_process):
-    """``f = facility(nodes=2, instances=2)``: f.url, f.nodes, f.instances (S2csProcess)."""
-    made: list[Node] = []
-
-    class Facility:
-        pass
-
-    def make(nodes: int = 2, instances: int = 2, node_timeout: float = 3.0, extra: tuple[str, ...] = (),
-             server=None):
-        f = Facility()
-        db = server or pg
-        f.url = db.url(db.createdb())
-        f.token = tmp_path / "node.token"
-        f.token.write_text(os.urandom(24).hex())
-        f.token.chmod(0o600)
-        f.nodes = []
-        for i in range(nodes):
-            n = Node(tmp_path, f.url, f.token, f"dtn{i + 1}", f"127.0.0.{i + 2}")
-            made.append(n)
-            f.nodes.append(n)
-        f.node_timeout = node_timeout
-        f.instances = [s2cs_process("--facility", "--store", f.url, "--node-token-file", str(f.token),
-                                    "--node-timeout", str(node_timeout), *extra) for _ in range(instances)]
-        return f
-    yield make
-    for n in made:
-        n.stop()
 
 
 async def live_rows(url: str):
@@ -439,8 +327,7 @@ def own_pg():
 async def test_database_restarted_under_load(own_pg, facility, servers, client_for, echo_server):
     """Calls fail clearly while the database is down, running streams keep flowing, and after
     it is back nothing is lost or doubled: every session a client saw set up is one row."""
-    pg = own_pg
-    f = facility(nodes=1, instances=2, node_timeout=2.0, server=pg)
+    f = facility(nodes=1, instances=2, node_timeout=2.0, server=own_pg)
     a, b = (client_for(p.target) for p in f.instances)
     cons = client_for(await servers())
     ep = f"{echo_server[0]}:{echo_server[1]}"
@@ -461,7 +348,7 @@ async def test_database_restarted_under_load(own_pg, facility, servers, client_f
                 await asyncio.sleep(0.05)   # a client's pause before trying again
     workers = [asyncio.create_task(load(a, b)), asyncio.create_task(load(b, a))]
     await async_wait_until(lambda: len(done) >= 6, 30, "sessions set up before the outage")
-    await asyncio.to_thread(pg.stop)
+    await asyncio.to_thread(own_pg.stop)
     before, down_at = len(errors), time.monotonic()
     # an outage longer than --node-timeout: the nodes miss heartbeats, and must not be failed for it
     await async_wait_until(lambda: len(errors) >= before + 4 and time.monotonic() > down_at + 3.0, 30,
@@ -471,7 +358,7 @@ async def test_database_restarted_under_load(own_pg, facility, servers, client_f
     assert all("session store unavailable" in e or "cannot reach" in e for e in down), down[:3]
     with pytest.raises(Exception, match="session store unavailable"):
         await a.status()
-    await asyncio.to_thread(pg.start)
+    await asyncio.to_thread(own_pg.start)
     n = len(done)
     await async_wait_until(lambda: len(done) >= n + 6, 60, "sessions set up again after the restart")
     stop.set()

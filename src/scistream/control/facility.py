@@ -146,8 +146,10 @@ class FacilityRegistry:
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         self.observers: list[Observer] = (
             [] if events is None else [events] if callable(events) else list(events))
-        self.active: dict = {}        # nothing in memory: metrics and web read the store
+        # nothing is kept in memory: these are the web view's copy of the store (refresh_view)
+        self.active: dict = {}
         self.ended: collections.OrderedDict = collections.OrderedDict()
+        self.nodes_view: list[dict] = []
         self.links = NodeLinks(token, self._node_event)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listen: Any = None
@@ -669,7 +671,18 @@ class FacilityRegistry:
         await asyncio.gather(*(one(n, g) for n, g in by_node.items()))
 
     def sessions(self) -> list[Session]:
-        return []
+        """The sessions as of the last ``refresh_view`` (the web view's), live first."""
+        return list(self.active.values()) + list(reversed(self.ended.values()))
+
+    async def refresh_view(self) -> None:
+        """Read the facility's sessions (live ones with fresh counters, the latest ended ones)
+        and nodes into ``active``, ``ended`` and ``nodes_view``: what the web view shows."""
+        sessions = await self.snapshot("", Identity("web"), True)
+        nodes = (await list_nodes(self.store, self.node_timeout))["nodes"]
+        self.active = {(s.uid, s.role): s for s in sessions if s.state not in TERMINAL}
+        self.ended = collections.OrderedDict(
+            ((s.uid, s.role, s.created), s) for s in reversed([s for s in sessions if s.state in TERMINAL]))
+        self.nodes_view = nodes
 
     async def facility_view(self) -> tuple[list[Session], list[dict]]:
         """Every live session of the facility (counters fresh from the nodes) and every node

@@ -146,9 +146,6 @@ def check(config: ServerConfig) -> None:
         if config.backend.kind != "Builtin":  # type: ignore[attr-defined]
             raise ConfigError(f"--facility places sessions on node services (the Builtin type); "
                               f"--type {config.server_type} is for a single gateway")
-        if config.web_port is not None:
-            raise ConfigError("--web-port is not available with --facility yet; run the web view on a "
-                              "single-gateway s2cs, or use s2uc status --watch")
         if config.data_service is not None:
             raise ConfigError("--data-service is for a single gateway; a facility's nodes register "
                               "themselves (s2ds serve --store ...)")
