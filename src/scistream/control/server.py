@@ -223,7 +223,9 @@ class ControlServer:
         if self.store is None and config.store:
             # a node's name in a shared store: this host and this state directory (two
             # s2cs on one host are two nodes; a restart on the same state dir is the same)
-            self.store = PostgresStore(config.store, node=f"{socket.gethostname()}:{self.state_dir}")
+            # a facility's instance runs every call as a transaction of its own: a bigger pool
+            self.store = PostgresStore(config.store, node=f"{socket.gethostname()}:{self.state_dir}",
+                                       pool_size=16 if config.facility else 4)
         elif self.store is None:
             self.store = SqliteStore(self.state_dir / "sessions.db")
         try:
