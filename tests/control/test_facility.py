@@ -445,3 +445,35 @@ async def test_metrics_per_node(facility, servers, client_for, echo_server):
         await a.release(r["uid"])
     for uid in made:
         await cons.release(uid)
+
+
+async def test_timers_acted_on_exactly_once_by_two_live_instances(facility, client_for, echo_server):
+    """Both instances run their timers over the same rows: every lease end is acted on by
+    exactly one of them (one ``expired`` line in the two audit logs together, one
+    transition in the store)."""
+    f = facility(nodes=1, instances=2)
+    a, b = (client_for(p.target) for p in f.instances)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uids = []
+    for i in range(12):
+        x, y = (a, b) if i % 2 else (b, a)
+        uid, _ = await prod_session(x, y, ep, lease=2)
+        uids.append(uid)
+
+    async def all_expired() -> bool:
+        rows = await sql(f.url, "SELECT state FROM fsessions WHERE uid = ANY($1::text[])", uids)
+        return len(rows) == 12 and all(r["state"] == "expired" for r in rows)
+    await async_wait_until(all_expired, 20, "every lease acted on")
+
+    def expired_lines() -> list[dict]:
+        out = []
+        for p in f.instances:
+            for line in (p.state_dir / "audit.log").read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("what") == "expired":
+                    out.append(rec)
+        return out
+    lines = expired_lines()
+    assert sorted(r["uid"] for r in lines) == sorted(uids)          # each once, no more
+    assert {r["uid"] for r in lines if "lease of 2 s ended" in r.get("detail", "")} == set(uids)
+    assert await live_rows(f.url) == []
