@@ -457,13 +457,13 @@ async def test_timers_acted_on_exactly_once_by_two_live_instances(facility, clie
     uids = []
     for i in range(12):
         x, y = (a, b) if i % 2 else (b, a)
-        uid, _ = await prod_session(x, y, ep, lease=2)
+        uid, _ = await prod_session(x, y, ep, lease=6)   # long enough to set them all up under load
         uids.append(uid)
 
     async def all_expired() -> bool:
         rows = await sql(f.url, "SELECT state FROM fsessions WHERE uid = ANY($1::text[])", uids)
         return len(rows) == 12 and all(r["state"] == "expired" for r in rows)
-    await async_wait_until(all_expired, 20, "every lease acted on")
+    await async_wait_until(all_expired, 30, "every lease acted on")
 
     def expired_lines() -> list[dict]:
         out = []
@@ -475,5 +475,5 @@ async def test_timers_acted_on_exactly_once_by_two_live_instances(facility, clie
         return out
     lines = expired_lines()
     assert sorted(r["uid"] for r in lines) == sorted(uids)          # each once, no more
-    assert {r["uid"] for r in lines if "lease of 2 s ended" in r.get("detail", "")} == set(uids)
+    assert {r["uid"] for r in lines if "lease of 6 s ended" in r.get("detail", "")} == set(uids)
     assert await live_rows(f.url) == []
