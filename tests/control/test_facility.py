@@ -477,3 +477,25 @@ async def test_timers_acted_on_exactly_once_by_two_live_instances(facility, clie
     assert sorted(r["uid"] for r in lines) == sorted(uids)          # each once, no more
     assert {r["uid"] for r in lines if "lease of 6 s ended" in r.get("detail", "")} == set(uids)
     assert await live_rows(f.url) == []
+
+
+async def test_instance_stopped_gracefully_leaves_waiting_req_to_another(facility, client_for, echo_server):
+    """SIGTERM (a rolling upgrade): a req waiting for its hello on the stopping instance
+    answers UNAVAILABLE at once, its session stays; the req retried on another instance
+    gets the same session."""
+    f = facility(nodes=1, instances=2)
+    a, b = (client_for(p.target) for p in f.instances)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uid = new_uid()
+    req = asyncio.create_task(a.req(uid, "PROD", 1, 0))
+    await async_wait_until(lambda: _has_row(f.url, uid), 10, "the req recorded")
+    assert f.instances[0].stop(signal.SIGTERM) == 0
+    with pytest.raises(Exception, match="shutting down; retry on another instance|cannot reach"):
+        await req
+    assert [r["state"] for r in await sql(f.url, "SELECT state FROM fsessions WHERE uid = $1", uid)] == ["requested"]
+    retry = asyncio.create_task(b.req(uid, "PROD", 1, 0))
+    await b.hello(uid, "PROD", [ep])
+    prod = await retry
+    await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+    assert [r["state"] for r in await sql(f.url, "SELECT state FROM fsessions WHERE uid = $1", uid)] == ["connected"]
+    await b.release(uid)

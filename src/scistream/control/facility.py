@@ -63,8 +63,9 @@ CHANNEL = "scistream_fsessions"
 NODE_CALL_TIMEOUT = 5.0
 
 
-class NoNodeAvailable(ScistreamError):
-    """No node of the facility is up and undrained; worth retrying later."""
+class Unavailable(ScistreamError):
+    """No node of the facility can take a session now, or this instance is stopping: worth
+    retrying (on another instance)."""
     status = grpc.StatusCode.UNAVAILABLE
 
 
@@ -203,6 +204,12 @@ class FacilityRegistry:
             for ev in evs:
                 ev.set()
 
+    def begin_shutdown(self) -> None:
+        """This instance stops: a req waiting here for its hello answers UNAVAILABLE at once
+        (its client retries on another instance and finds the same session there)."""
+        self._closed = True
+        self._wake_all()
+
     async def close(self, release: bool = False) -> None:
         """Stop this instance. Sessions stay: the store and the other instances keep them."""
         self._closed = True
@@ -302,9 +309,11 @@ class FacilityRegistry:
         try:
             return await self._wait_hello(row)
         except asyncio.CancelledError:
-            # the client went away before the hello: free what it reserved (if still waiting)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._give_up(row, S.RELEASED, "client went away before the hello"))
+            # the client went away before the hello: free what it reserved (if still waiting);
+            # not when this instance is stopping: the client retries on another one
+            if not self._closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._give_up(row, S.RELEASED, "client went away before the hello"))
             raise
 
     async def _place(self, conn: Any, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
@@ -325,7 +334,7 @@ class FacilityRegistry:
                 f"(SELECT count(*) FROM fsessions f WHERE f.node = n.name AND f.state IN {LIVE}), random()",
                 self.node_timeout)
             if not names:
-                raise NoNodeAvailable("no data-transfer node of this facility is up and accepting "
+                raise Unavailable("no data-transfer node of this facility is up and accepting "
                                       "sessions (s2cs nodes list); start or undrain one")
             why: list[str] = []
             for rec in names:
@@ -416,7 +425,7 @@ class FacilityRegistry:
                     await self._give_up(cur, S.EXPIRED, f"no hello within {self.config.hello_timeout:g} s")
                     continue
                 if self._closed:
-                    raise NoNodeAvailable("this control server is shutting down; retry on another instance")
+                    raise Unavailable("this control server is shutting down; retry on another instance")
                 # woken by NOTIFY; the bounded wait re-reads the row should a notice be lost
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ev.wait(), min(left, 5.0))

@@ -354,6 +354,8 @@ class ControlServer:
         self._tasks.clear()
         if self.web is not None:
             await self.web.close()
+        if self.registry is not None and hasattr(self.registry, "begin_shutdown"):
+            self.registry.begin_shutdown()   # a facility: waiting reqs go to another instance
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
