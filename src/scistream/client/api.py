@@ -39,6 +39,7 @@ class ChannelOptions:
     insecure: bool = False           # plaintext channel (server started with --insecure)
     token: str | None = None         # sent as "authorization: Bearer <token>"
     timeout: float | None = None     # per-call deadline for quick calls (update, release)
+    failover_window: float = FAILOVER_WINDOW  # several instances: how long to keep trying when unreachable
 
     def resolved_cert(self) -> str | None:
         if self.server_cert:
@@ -115,7 +116,8 @@ class AsyncClient:
 
     async def _failover(self, name: str, request, timeout: float | None):
         """The call on the current instance; on UNAVAILABLE on the next, round-robin, until
-        the call's deadline (or FAILOVER_WINDOW of unreachability without one)."""
+        the call's deadline, and at most ``failover_window`` seconds after the first
+        unreachable attempt."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         give_up, delay = deadline, FIRST_BACKOFF
@@ -136,8 +138,9 @@ class AsyncClient:
                             return pb.Response()
                         raise self._error(exc, self.targets[i]) from None
                     failed.append(Unreachable(self.targets[i], exc.details() or exc.code().name))
-                    if give_up is None:
-                        give_up = loop.time() + FAILOVER_WINDOW
+                    if len(failed) == 1:
+                        window_end = loop.time() + self.opts.failover_window
+                        give_up = window_end if give_up is None else min(give_up, window_end)
                     i, tries = (i + 1) % n, tries + 1
                     left = give_up - loop.time()
                     log.info("%s: the S2CS instance %s is unreachable (%s); %s", name, failed[-1].address,

@@ -12,8 +12,10 @@ one instance, and behaves exactly as before (no retry). With several, ``AsyncCli
 sends each call to the instance that answered last (sticky: a session's steps normally
 go to one instance; the first call goes to the first address) and, when that instance is
 unreachable, to the next one, in order, round-robin, with a short backoff after each
-full round, until the call's own timeout (a ``req`` without a timeout: until every
-instance has been unreachable for ``FAILOVER_WINDOW`` seconds). Unreachable
+full round (50 ms doubling to 1 s), until the call's own timeout and for at most
+``FAILOVER_WINDOW`` (15 s, ``ChannelOptions.failover_window``) after the first
+unreachable attempt; then it fails with ``UNAVAILABLE`` naming every instance and what
+each said. A ``req`` waiting for its hello keeps its own deadline as before. Unreachable
 (``moves_on``) means the call failed with ``UNAVAILABLE``: no connection, a connection
 refused or reset mid-call, or a server that answered "session store unavailable".
 Every other answer (``NOT_FOUND``, ``PERMISSION_DENIED``, ``INVALID_ARGUMENT``,
@@ -35,8 +37,8 @@ import grpc
 from ..addr import parse_listener
 from ..errors import InvalidArgument
 
-#: A call without a timeout (a req waiting for its hello) gives up when every instance has
-#: been unreachable for this many seconds since the first failure.
+#: A call gives up on unreachable instances this many seconds after the first unreachable
+#: attempt (or at its own deadline, if sooner).
 FAILOVER_WINDOW = 15.0
 #: The pause after a whole round of unreachable instances: doubling, bounded.
 FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0
