@@ -47,6 +47,30 @@ def dead():
         s.close()
 
 
+@pytest.fixture
+def silent():
+    """A loopback address that never answers a connection attempt, like a node that is off:
+    a listening socket whose accept queue is full (nobody accepts), so the kernel drops
+    every new SYN."""
+    made: list[socket.socket] = []
+
+    def make() -> str:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        made.append(srv)
+        for _ in range(3):   # fill the accept queue
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(srv.getsockname())
+            made.append(c)
+        return f"127.0.0.1:{srv.getsockname()[1]}"
+    yield make
+    for s in made:
+        s.close()
+
+
 class Resetter:
     """An instance that dies mid-call: it accepts the connection, speaks enough HTTP/2 for
     the call to go out (an empty SETTINGS frame), reads until the call's HEADERS frame has
@@ -287,6 +311,18 @@ async def test_sticky_to_the_instance_that_answered(servers, dead):
         order = [a.address for a in c.last_unreachable]
         assert order[:3] == [live.target, last, first] and len(order) > 3
         assert order == [[live.target, last, first][i % 3] for i in range(len(order))]
+
+
+async def test_an_instance_that_never_answers_is_left_after_the_connect_timeout(servers, silent):
+    """A node that is off answers no connection attempt: after ``connect_timeout`` the call
+    moves on (without it, gRPC waits 20 s and the 8 s call would fail DEADLINE_EXCEEDED)."""
+    live = await servers()
+    off = silent()
+    async with AsyncClient([off, live.target], insecure=True, connect_timeout=1.0) as c:
+        resp = await c.status(timeout=8)
+        assert list(resp.sessions) == [] and c.target == live.target
+        [miss] = c.last_unreachable
+        assert miss.address == off and not miss.may_have_arrived, miss
 
 
 def test_blocking_client_fails_over_too(s2cs_process, dead):

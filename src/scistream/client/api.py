@@ -25,8 +25,8 @@ import grpc
 from ..addr import parse_listener
 from ..errors import InvalidArgument, ScistreamError, from_status
 from ..proto import pb, pb_grpc
-from .instances import (FAILOVER_WINDOW, FIRST_BACKOFF, MAX_BACKOFF, Unreachable, moves_on,
-                        parse_instances, release_is_done)
+from .instances import (CONNECT_TIMEOUT, FAILOVER_WINDOW, FIRST_BACKOFF, MAX_BACKOFF, Unreachable,
+                        moves_on, parse_instances, release_is_done)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class ChannelOptions:
     token: str | None = None         # sent as "authorization: Bearer <token>"
     timeout: float | None = None     # per-call deadline for quick calls (update, release)
     failover_window: float = FAILOVER_WINDOW  # several instances: how long to keep trying when unreachable
+    connect_timeout: float = CONNECT_TIMEOUT  # several instances: a connection not made by then is unreachable
 
     def resolved_cert(self) -> str | None:
         if self.server_cert:
@@ -50,10 +51,14 @@ class ChannelOptions:
         return DEFAULT_CERT if Path(DEFAULT_CERT).exists() else None
 
 
-def open_channel(target: str, opts: ChannelOptions) -> grpc.aio.Channel:
+def open_channel(target: str, opts: ChannelOptions, *, connect_timeout: float | None = None) -> grpc.aio.Channel:
+    """A channel to one instance; ``connect_timeout``: seconds after which a connection
+    attempt that got no answer fails (gRPC's default: 20 s)."""
     parse_listener(target)
     options = [("grpc.max_receive_message_length", 1 << 20),
                ("grpc.enable_retries", 0)]
+    if connect_timeout is not None:   # gRPC's minimum connect timeout is this argument
+        options.append(("grpc.min_reconnect_backoff_ms", max(1, int(connect_timeout * 1000))))
     if opts.insecure:
         return grpc.aio.insecure_channel(target, options=options)
     cert = opts.resolved_cert()
@@ -69,7 +74,8 @@ class AsyncClient:
         self.targets: tuple[str, ...] = parse_instances(target)
         self.address = ",".join(self.targets)
         self.opts = opts or ChannelOptions(**kw)
-        self._channels = [open_channel(t, self.opts) for t in self.targets]
+        bound = self.opts.connect_timeout if len(self.targets) > 1 else None
+        self._channels = [open_channel(t, self.opts, connect_timeout=bound) for t in self.targets]
         self._stubs = [pb_grpc.ControlStub(ch) for ch in self._channels]
         self._current = 0
         self.last_unreachable: list[Unreachable] = []

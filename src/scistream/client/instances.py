@@ -16,8 +16,9 @@ full round (50 ms doubling to 1 s), until the call's own timeout and for at most
 ``FAILOVER_WINDOW`` (15 s, ``ChannelOptions.failover_window``) after the first
 unreachable attempt; then it fails with ``UNAVAILABLE`` naming every instance and what
 each said. A ``req`` waiting for its hello keeps its own deadline as before. Unreachable
-(``moves_on``) means the call failed with ``UNAVAILABLE``: no connection, a connection
-refused or reset mid-call, or a server that answered "session store unavailable".
+(``moves_on``) means the call failed with ``UNAVAILABLE``: no connection (refused, or no
+answer within ``CONNECT_TIMEOUT``, 5 s), a connection reset mid-call, or a server that
+answered "session store unavailable".
 Every other answer (``NOT_FOUND``, ``PERMISSION_DENIED``, ``INVALID_ARGUMENT``,
 ``FAILED_PRECONDITION``, ``ALREADY_EXISTS``, a ``DEADLINE_EXCEEDED``...) is the
 facility's answer and is not retried, with one exception:
@@ -40,6 +41,9 @@ from ..errors import InvalidArgument
 #: A call gives up on unreachable instances this many seconds after the first unreachable
 #: attempt (or at its own deadline, if sooner).
 FAILOVER_WINDOW = 15.0
+#: With several instances, a connection attempt that gets no answer (a node that is off)
+#: fails after this many seconds, so the call moves on (gRPC's own default: 20 s).
+CONNECT_TIMEOUT = 5.0
 #: The pause after a whole round of unreachable instances: doubling, bounded.
 FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0
 
@@ -125,5 +129,5 @@ def release_is_done(code: grpc.StatusCode, earlier: Sequence[Unreachable]) -> bo
     return code == grpc.StatusCode.NOT_FOUND and any(a.may_have_arrived for a in earlier)
 
 
-__all__ = ["FAILOVER_WINDOW", "BadInstances", "Unreachable", "parse_instances", "join_instances",
+__all__ = ["CONNECT_TIMEOUT", "FAILOVER_WINDOW", "BadInstances", "Unreachable", "parse_instances", "join_instances",
            "moves_on", "may_have_arrived", "release_is_done"]
