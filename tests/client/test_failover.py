@@ -466,3 +466,46 @@ async def test_release_cut_mid_call_then_not_found_is_done(servers, dead, cli_en
         assert not live.registry.active
         with pytest.raises(ScistreamError):
             await req
+
+
+# -- tokens: one login for the facility's instances ----------------------------------------
+def test_token_of_a_facility_is_looked_up_by_each_instance(tmp_path, monkeypatch):
+    """``resolve_token`` with several instances: the login of the whole value, else the first
+    instance with a login of its own, else the default login. Logins are made with the real
+    ``s2uc login`` flow and token store; only Globus Auth is canned."""
+    responses = pytest.importorskip("responses")
+    from click.testing import CliRunner
+    from globus_sdk.testing import RegisteredResponse
+    from scistream.auth import tokens
+    from scistream.cli.common import resolve_token
+    from scistream.cli.s2uc_auth import login
+
+    monkeypatch.setenv("SCISTREAM_CONFIG_DIR", str(tmp_path / "cfg"))
+    for var in ("SCISTREAM_TOKEN", "SCISTREAM_CLIENT_ID", "SCISTREAM_SCOPE", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(tokens, "RETRIES", 0)
+    native, rs = "2c8d0b4f-0000-4000-8000-6d26825f0002", "1b7c9a3e-0000-4000-8000-5c15714e0001"
+    scope = f"https://auth.globus.org/scopes/{rs}/scistream"
+    a, b, c = "127.0.0.1:5000", "127.0.0.1:5001", "127.0.0.1:5002"
+
+    def do_login(access: str, *args: str) -> None:
+        with responses.RequestsMock(assert_all_requests_are_fired=True) as rsps:
+            RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST", json={
+                "access_token": access, "scope": scope, "resource_server": rs, "expires_in": 172800,
+                "token_type": "Bearer", "state": "_default", "other_tokens": [], "refresh_token": "rt"},
+            ).add(requests_mock=rsps)
+            result = CliRunner().invoke(login, ["--no-browser", "--client-id", native, "--scope", scope, *args],
+                                        input="code-1\n")
+        assert result.exit_code == 0, result.output
+
+    assert resolve_token(None, f"{a},{b}") is None                 # no login at all
+    do_login("at-b", "--s2cs", b)
+    assert resolve_token(None, f"{a},{b}") == "at-b"               # the instance with a login
+    assert resolve_token(None, f"{a},{c}") is None                 # neither has one, no default
+    do_login("at-default")
+    assert resolve_token(None, f"{a},{b}") == "at-b"               # its own login before the default
+    assert resolve_token(None, f"{a},{c}") == "at-default"
+    do_login("at-ab", "--s2cs", f"{a},{b}")
+    assert resolve_token(None, f"{a},{b}") == "at-ab"              # the login of the whole value
+    assert resolve_token("explicit", f"{a},{b}") == "explicit"
+    assert resolve_token(None, b) == "at-b"                        # one address: as before
