@@ -255,6 +255,24 @@ def test_cli_session_over_a_dead_and_a_live_instance(s2cs_process, dead, cli_env
         close()
 
 
+def test_cli_connect_start_apps_over_dead_and_live_instances(s2cs_process, dead, cli_env):
+    """s2uc connect --start-apps with DEAD,LIVE on both sides: the appctrl processes it starts
+    get the lists too; 8 MiB streamed and verified; both sides released on LIVE."""
+    prod, cons = s2cs_process(insecure=False), s2cs_process(insecure=False)
+    pf, cf = f"{dead()},{prod.target}", f"{dead()},{cons.target}"
+    p = run("s2uc", "connect", "--prod-s2cs", pf, "--cons-s2cs", cf,
+            "--prod-server-cert", str(prod.state_dir / "server.crt"),
+            "--cons-server-cert", str(cons.state_dir / "server.crt"),
+            "--num-conn", "2", "--start-apps", "--size", "8M", "--json", env=cli_env, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(p.stdout)
+    assert (doc["prod_s2cs"], doc["cons_s2cs"]) == (pf, cf)
+    assert doc["transfer"]["bytes"] == 8 << 20 and doc["transfer"]["released"]["prod"] is True
+    for srv in (prod, cons):
+        assert sorted(e for e in served(srv.state_dir, doc["uid"]) if e[0] != "status") == \
+            [("hello", "OK"), ("release", "OK"), ("req", "OK"), ("update", "OK")]
+
+
 # -- 2. the Python API: a whole session, real bytes --------------------------------------
 async def _hello_when_requested(srv, uid: str, role: str, endpoints=()):
     await async_wait_until(lambda: (uid, role) in srv.registry.active, 20, f"{role} req")
