@@ -172,9 +172,10 @@ class AsyncClient:
         for a in failed:
             last[a.address] = a.details
         where = "; ".join(f"{addr}: {details}" for addr, details in last.items())
+        hint = ("" if all(a.may_have_arrived for a in failed) else
+                ". Is one running, and does --server-cert (or --insecure) match how they were started?")
         return from_status(grpc.StatusCode.UNAVAILABLE,
-                           f"cannot reach any instance of the S2CS at {self.address} ({where}). Is one "
-                           "running, and does --server-cert (or --insecure) match how they were started?")
+                           f"cannot reach any instance of the S2CS at {self.address} ({where}){hint}")
 
     async def req(self, uid: str, role: str, num_conn: int = 5, rate: int = 0, *,
                   lease: int = 0, timeout: float | None = None) -> pb.Response:
