@@ -255,22 +255,30 @@ def test_cli_session_over_a_dead_and_a_live_instance(s2cs_process, dead, cli_env
         close()
 
 
-def test_cli_connect_start_apps_over_dead_and_live_instances(s2cs_process, dead, cli_env):
+def test_cli_connect_start_apps_over_dead_and_live_instances(s2cs_process, dead, cli_env, tmp_path):
     """s2uc connect --start-apps with DEAD,LIVE on both sides: the appctrl processes it starts
-    get the lists too; 8 MiB streamed and verified; both sides released on LIVE."""
-    prod, cons = s2cs_process(insecure=False), s2cs_process(insecure=False)
+    get the lists too; 8 MiB streamed and verified; both sides released on LIVE. Then
+    s2uc status with one --s2cs per facility, each a list."""
+    cert, key = tmp_path / "gw.crt", tmp_path / "gw.key"
+    make_self_signed(cert, key, ["gw.example.org"])
+    tls = ("--server-cert", str(cert), "--server-key", str(key))
+    prod, cons = s2cs_process(*tls, insecure=False), s2cs_process(*tls, insecure=False)
     pf, cf = f"{dead()},{prod.target}", f"{dead()},{cons.target}"
-    p = run("s2uc", "connect", "--prod-s2cs", pf, "--cons-s2cs", cf,
-            "--prod-server-cert", str(prod.state_dir / "server.crt"),
-            "--cons-server-cert", str(cons.state_dir / "server.crt"),
+    p = run("s2uc", "connect", "--prod-s2cs", pf, "--cons-s2cs", cf, "--server-cert", str(cert),
             "--num-conn", "2", "--start-apps", "--size", "8M", "--json", env=cli_env, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(p.stdout)
+    uid = doc["uid"]
     assert (doc["prod_s2cs"], doc["cons_s2cs"]) == (pf, cf)
     assert doc["transfer"]["bytes"] == 8 << 20 and doc["transfer"]["released"]["prod"] is True
     for srv in (prod, cons):
-        assert sorted(e for e in served(srv.state_dir, doc["uid"]) if e[0] != "status") == \
+        assert sorted(e for e in served(srv.state_dir, uid) if e[0] != "status") == \
             [("hello", "OK"), ("release", "OK"), ("req", "OK"), ("update", "OK")]
+    # status: each --s2cs is one facility (PROD, CONS); a comma lists its instances
+    st = run("s2uc", "status", uid, "--s2cs", pf, "--s2cs", cf, "--json", "--server-cert", str(cert), env=cli_env)
+    assert st.returncode == 0, st.stderr
+    got = sorted((d["role"], d["server"], d["state"]) for d in json.loads(st.stdout))
+    assert got == [("CONS", cf, "released"), ("PROD", pf, "released")]
 
 
 # -- 2. the Python API: a whole session, real bytes --------------------------------------
