@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
@@ -499,3 +500,29 @@ async def test_instance_stopped_gracefully_leaves_waiting_req_to_another(facilit
     await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
     assert [r["state"] for r in await sql(f.url, "SELECT state FROM fsessions WHERE uid = $1", uid)] == ["connected"]
     await b.release(uid)
+
+
+async def test_cli_over_two_instances_and_status_columns(facility, echo_server, tmp_path):
+    """s2uc and appctrl given both instances (--s2cs A,B): a session made with A dead from the
+    start, its status with the node and the instance (list --json)."""
+    f = facility(nodes=2, instances=2)
+    a, b = (p.target for p in f.instances)
+    f.instances[0].stop(signal.SIGKILL)
+    env = {**os.environ, "HOME": str(tmp_path), "SCISTREAM_S2CS": f"{a},{b}"}
+    req = await asyncio.create_subprocess_exec(str(BIN / "s2uc"), "prod-req", "--insecure", "--num-conn", "1",
+                                               "--mock", env=env, stdout=asyncio.subprocess.PIPE,
+                                               stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(req.communicate(), 60)
+    assert req.returncode == 0, err.decode()
+    uid = out.decode().splitlines()[1].split()[0]     # "uid; s2cs; access_token; role", then the values
+    listed = await asyncio.create_subprocess_exec(str(BIN / "s2uc"), "list", "--json", "--insecure", env=env,
+                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    lout, lerr = await asyncio.wait_for(listed.communicate(), 60)
+    rows = [d for d in json.loads(lout) if d["uid"] == uid]
+    assert len(rows) == 1 and rows[0]["node"] in ("dtn1", "dtn2"), lerr.decode()
+    assert rows[0]["instance"].endswith(f":{f.instances[1].port}")
+    rel = await asyncio.create_subprocess_exec(str(BIN / "s2uc"), "release", uid, "--insecure", env=env,
+                                               stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await asyncio.wait_for(rel.communicate(), 60)
+    assert rel.returncode == 0
+    assert await live_rows(f.url) == []

@@ -63,6 +63,8 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
                          if info.lease_expires and not info.ended else None),
         "ended": info.ended or None, "last_error": info.last_error,
         "wan_security": info.wan_security, "server_type": info.server_type,
+        # a facility (s2cs --facility): the node carrying it, the instance that took its req
+        "node": getattr(info, "node", ""), "instance": getattr(info, "instance", ""),
     }
 
 
@@ -209,6 +211,7 @@ def _print_one(d: dict) -> None:
         ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),
         ("lease", lease),
         ("WAN leg", f"{d['wan_security'] or '-'} ({d['server_type']})"),
+        *([("node", f"{d['node']} (req taken by {d['instance'] or '-'})")] if d.get("node") else []),
         ("last error", d["last_error"] or "-"),
     ]
     for k, v in rows:
@@ -239,7 +242,8 @@ def _print_table(found: list[dict]) -> None:
         t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), duration(d["age_s"]),
                   duration(d["lease_left_s"]) if d["lease_expires"] and not d["ended"] else "-",
                   _size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"]),
-                  str(d["connections"]), _rate_cap(d, short=True), d["server"],
+                  str(d["connections"]), _rate_cap(d, short=True),
+                  d["server"] + (f" @{d['node']}" if d.get("node") else ""),
                   escape(d["last_error"][:60]))
     out.print(t)
 

@@ -173,6 +173,8 @@ class SessionStatus:
     wan_security: str
     server_type: str
     rate_enforced: bool = True  # False: a client of the original tooling; the rate is not enforced
+    node: str = ""              # a facility (s2cs --facility): the node carrying the session
+    instance: str = ""          # a facility: the control instance that took its req
 
     @property
     def active(self) -> bool:
@@ -187,7 +189,8 @@ class SessionStatus:
                    lease_expires=info.lease_expires, ended=getattr(info, "ended", 0.0),
                    last_error=info.last_error, wan_security=info.wan_security,
                    server_type=info.server_type,
-                   rate_enforced=not getattr(info, "rate_not_enforced", False))
+                   rate_enforced=not getattr(info, "rate_not_enforced", False),
+                   node=getattr(info, "node", ""), instance=getattr(info, "instance", ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
