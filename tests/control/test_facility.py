@@ -95,29 +95,33 @@ async def test_sessions_spread_over_nodes_req_and_hello_on_different_instances(
 
 
 async def test_kill_control_instance_between_req_and_update(facility, servers, client_for, echo_server):
+    """The user's client knows both instances (``--s2cs A,B``); A takes the req and is killed
+    -9 while the req waits for its hello: the client moves the req to B by itself, where it
+    finds the same session (same ports), and completes there with the hello sent to B."""
     f = facility(nodes=1, instances=2)
-    a, b = (client_for(p.target) for p in f.instances)
+    user = client_for(",".join(p.target for p in f.instances))     # A first
+    app = client_for(f.instances[1].target)                       # the app controller reaches B
     cons = client_for(await servers())
     ep = f"{echo_server[0]}:{echo_server[1]}"
     uid = new_uid()
-    req = asyncio.create_task(a.req(uid, "PROD", 2, 0))
+    req = asyncio.create_task(user.req(uid, "PROD", 2, 0))
     await async_wait_until(lambda: _has_row(f.url, uid), 10, "the req recorded")
+    first = (await sql(f.url, "SELECT instance, ports FROM fsessions WHERE uid = $1", uid))[0]
+    assert first["instance"].endswith(f":{f.instances[0].port}")    # A took it
     f.instances[0].proc.send_signal(signal.SIGKILL)
     f.instances[0].proc.wait()
-    with pytest.raises(Exception) as got:
-        await req
-    assert "cannot reach the S2CS" in str(got.value)        # unreachable: worth a retry elsewhere
-    # the client retries its req on the surviving instance: the same session, not a new one
-    retry = asyncio.create_task(b.req(uid, "PROD", 2, 0))
-    await b.hello(uid, "PROD", [ep])
-    prod = await retry
-    await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+    await app.hello(uid, "PROD", [ep])       # whether the retried req reached B yet or not
+    prod = await req
+    assert user.target == f.instances[1].target and [u.address for u in user.last_unreachable] == [
+        f.instances[0].target]
+    await user.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
     rows = await sql(f.url, "SELECT state, ports FROM fsessions WHERE uid = $1", uid)
-    assert [r["state"] for r in rows] == ["connected"]
+    assert [r["state"] for r in rows] == ["connected"]                # one session, not two
+    assert list(rows[0]["ports"]) == list(first["ports"])
     assert [f"127.0.0.2:{p}" for p in rows[0]["ports"]] == list(prod.listeners)
     await roundtrip_ok((await cons_session(cons, uid, prod))[0], 256 << 10)
     await cons.release(uid)
-    await b.release(uid)
+    await user.release(uid)
     assert await live_rows(f.url) == []
 
 
