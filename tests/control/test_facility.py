@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import BIN, async_wait_until, new_uid, roundtrip_ok
+from conftest import BIN, async_wait_until, new_uid, roundtrip_ok, still_listening
 from scistream.client import AsyncClient
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -530,3 +530,38 @@ async def test_cli_over_two_instances_and_status_columns(facility, echo_server, 
     await asyncio.wait_for(rel.communicate(), 60)
     assert rel.returncode == 0
     assert await live_rows(f.url) == []
+
+
+async def test_node_frozen_then_back_stops_what_the_store_no_longer_lists(facility, client_for, echo_server):
+    """A node cut off (frozen with SIGSTOP: it neither beats nor answers) past --node-timeout:
+    its sessions fail; when it comes back (SIGCONT) it removes them by itself, and takes new
+    sessions again."""
+    f = facility(nodes=1, instances=1, node_timeout=2.0)
+    a = client_for(f.instances[0].target)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    made = [await prod_session(a, a, ep) for _ in range(3)]
+    node = f.nodes[0]
+    os.killpg(node.proc.pid, signal.SIGSTOP)
+    try:
+        async def failed() -> bool:
+            rows = await sql(f.url, "SELECT state FROM fsessions WHERE node = 'dtn1'")
+            return len(rows) == 3 and all(r["state"] == "failed" for r in rows)
+        await async_wait_until(failed, 15, "the frozen node's sessions failed")
+        listeners = [listener for _, prod in made for listener in prod.listeners]
+        assert len(await still_listening(listeners)) == 3   # frozen, its sockets still open
+    finally:
+        os.killpg(node.proc.pid, signal.SIGCONT)
+    await async_wait_until(lambda: _node_state(f.url, "dtn1", "up"), 15, "the node beating again")
+    await async_wait_until(lambda: _nothing_listening(listeners), 15, "the node removed what the store no longer lists")
+    reply = json.loads(subprocess.run([str(BIN / "s2ds"), "status", "--json", "--socket",
+                                       str(node.dir / "node.sock")], capture_output=True, text=True,
+                                      timeout=30).stdout)
+    assert reply["sessions"] == 0
+    assert "is not live in the store any more; removing it" in (node.dir / "s2ds.log").read_text()
+    uid, prod = await prod_session(a, a, ep)
+    assert prod.listeners[0].startswith("127.0.0.2:")
+    await a.release(uid)
+
+
+async def _nothing_listening(listeners: list[str]) -> bool:
+    return not await still_listening(listeners)
