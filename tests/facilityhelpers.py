@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, port_block, wait_until
-from pghelpers import running_postgres
+from pghelpers import running_postgres, sql  # noqa: F401  (re-exported)
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -26,14 +26,6 @@ asyncpg = pytest.importorskip("asyncpg")
 def pg():
     with running_postgres() as server:
         yield server
-
-
-async def sql(url: str, query: str, *args):
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()
 
 
 def sql_sync(url: str, query: str, *args):

@@ -117,3 +117,13 @@ def running_postgres():
         yield server
     finally:
         server.close()
+
+
+async def sql(url: str, query: str, *args):
+    """One query on a fresh connection: its rows."""
+    import asyncpg
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()

@@ -24,7 +24,7 @@ from scistream.errors import ScistreamError
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from pghelpers import Postgres, _pg_bin, running_postgres  # noqa: E402
+from pghelpers import Postgres, _pg_bin, running_postgres, sql  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,6 @@ def record(state: str = "connected", **kw) -> SessionRecord:
     kw.setdefault("uid", new_uid())
     return SessionRecord(role=kw.pop("role", "PROD"), created=kw.pop("created", time.time()), state=state,
                          owner_id="alice", **kw)
-
-
-async def sql(url: str, query: str, *args):
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()
 
 
 # -- the store's contract -------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from conftest import async_wait_until, connect_session, parse_listener
 from scistream.auth.static import add_token
 from scistream.client import AsyncClient
-from webhelpers import Traffic, ahttp, artefact, browser_missing, chrome
+from webhelpers import Traffic, ahttp, artefact, browser_missing, browser  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 
@@ -35,15 +35,6 @@ def gateways(s2cs_process, tokens):
     cons = s2cs_process("--token-file", str(path), "--drain", auth="static")
     prod.web = f"http://127.0.0.1:{web_port(prod)}"
     return prod, cons
-
-
-@pytest.fixture
-async def browser(tmp_path):
-    driver = await asyncio.to_thread(chrome, tmp_path / "chromium-profile")
-    try:
-        yield driver
-    finally:
-        await asyncio.to_thread(driver.quit)
 
 
 async def run(fn, *args):

@@ -10,18 +10,9 @@ import pytest
 
 from conftest import async_wait_until, new_uid, roundtrip_ok
 from facilityhelpers import facility, pg, sql  # noqa: F401  (fixtures)
-from webhelpers import ahttp, artefact, browser_missing, chrome
+from webhelpers import ahttp, artefact, browser_missing, browser  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
-
-
-@pytest.fixture
-async def browser(tmp_path):
-    driver = await asyncio.to_thread(chrome, tmp_path / "chromium-profile")
-    try:
-        yield driver
-    finally:
-        await asyncio.to_thread(driver.quit)
 
 
 async def test_facility_sessions_and_nodes_live(facility, servers, client_for, echo_server, browser):  # noqa: F811

@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -117,3 +119,13 @@ class Traffic:
                 await asyncio.sleep(self.pace)   # pacing, so the browser keeps a core
         finally:
             w.close()
+
+
+@pytest.fixture
+async def browser(tmp_path):
+    """A headless chromium for the test (import this fixture into the test module)."""
+    driver = await asyncio.to_thread(chrome, tmp_path / "chromium-profile")
+    try:
+        yield driver
+    finally:
+        await asyncio.to_thread(driver.quit)

@@ -46,14 +46,15 @@ from typing import Any, Callable, Iterable
 
 import grpc
 
-from ..addr import check_role, check_uid, format_listener, parse_listener, resolve_listener
+from ..addr import check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
 from ..data.base import KEEPALIVE, Stats
 from ..data.nodeclient import ServiceConnection, ServiceError
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ScistreamError)
-from .sessions import MAX_TARGETS, Observer, RegistryConfig, Session, SessionState, TERMINAL
+from .sessions import (MAX_TARGETS, Observer, RegistryConfig, Session, SessionState, TERMINAL, check_request,
+                       check_update, choose_wan_secret)
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,20 @@ class FacilityRegistry:
         for ev in self._waiters.get(uid, ()):
             ev.set()
 
+    @contextlib.contextmanager
+    def _watching(self, uid: str):
+        """An event set by every NOTIFY about ``uid`` while the block runs."""
+        ev = asyncio.Event()
+        self._waiters.setdefault(uid, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            evs = self._waiters.get(uid)
+            if evs is not None:
+                evs.discard(ev)
+                if not evs:
+                    del self._waiters[uid]
+
     def _wake_all(self) -> None:
         for evs in self._waiters.values():
             for ev in evs:
@@ -280,24 +295,9 @@ class FacilityRegistry:
             return None
 
     # -- req ----------------------------------------------------------------------------
-    def _lease(self, lease: int) -> float:
-        top = self.config.max_lease
-        if lease < 0:
-            raise InvalidArgument(f"lease must be >= 0 seconds (0 = the server's default), got {lease}")
-        if top and lease > top:
-            raise InvalidArgument(f"lease {lease} s is longer than this server allows (--max-lease "
-                                  f"{top:g} s); ask for {top:g} s or less, or 0 for the longest")
-        return float(lease) or top
-
     async def request(self, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
                       lease: int = 0) -> Session:
-        check_uid(uid)
-        check_role(role)
-        if num_conn <= 0 or num_conn > self.config.max_conn:
-            raise InvalidArgument(f"num_conn must be 1-{self.config.max_conn} on this server, got {num_conn}")
-        if rate < 0:
-            raise InvalidArgument(f"rate must be >= 0 kbit/s (0 = no cap), got {rate}")
-        lease_s = self._lease(lease)
+        lease_s = check_request(self.config, uid, role, num_conn, rate, lease)
         row, attached = await self._call(
             lambda c: self._place(c, uid, role, num_conn, rate, owner, lease_s), "write")
         session = _session(row)
@@ -401,9 +401,7 @@ class FacilityRegistry:
 
     async def _wait_hello(self, row: Any) -> Session:
         uid, role, created = row["uid"], row["role"], row["created"]
-        ev = asyncio.Event()
-        self._waiters.setdefault(uid, set()).add(ev)
-        try:
+        with self._watching(uid) as ev:
             while True:
                 ev.clear()
                 cur = await self._read(uid, role, created)
@@ -429,12 +427,6 @@ class FacilityRegistry:
                 # woken by NOTIFY; the bounded wait re-reads the row should a notice be lost
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ev.wait(), min(left, 5.0))
-        finally:
-            evs = self._waiters.get(uid)
-            if evs is not None:
-                evs.discard(ev)
-                if not evs:
-                    del self._waiters[uid]
 
     async def _give_up(self, row: Any, state: SessionState, reason: str) -> None:
         """End a session still in the state ``row`` shows (exactly once across instances)."""
@@ -454,10 +446,8 @@ class FacilityRegistry:
             raise InvalidArgument(f"{len(endpoints)} endpoints in one hello; at most {MAX_TARGETS}")
         for e in endpoints:
             parse_listener(e)
-        ev = asyncio.Event()
-        self._waiters.setdefault(uid, set()).add(ev)
         deadline = time.time() + self.config.hello_grace
-        try:
+        with self._watching(uid) as ev:
             while True:
                 ev.clear()
                 row, fresh = await self._call(lambda c: self._hello_tx(c, uid, role, endpoints, who), "write")
@@ -471,12 +461,6 @@ class FacilityRegistry:
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ev.wait(), left)
-        finally:
-            evs = self._waiters.get(uid)
-            if evs is not None:
-                evs.discard(ev)
-                if not evs:
-                    del self._waiters[uid]
         raise NotFound(f"no request for session {uid} arrived within {self.config.hello_grace:g} s "
                        "of this hello; run s2uc prod-req/cons-req first, then the app controller")
 
@@ -516,16 +500,7 @@ class FacilityRegistry:
     # -- update -------------------------------------------------------------------------
     async def update(self, uid: str, role: str, remote_listeners: Iterable[str],
                      wan_secret: bytes, who: Identity) -> Session:
-        check_uid(uid)
-        if role:
-            check_role(role)
-        remote = list(remote_listeners)
-        if not remote:
-            raise InvalidArgument("update needs at least one remote listener (host:port)")
-        if len(remote) > MAX_TARGETS:
-            raise InvalidArgument(f"{len(remote)} remote listeners; at most {MAX_TARGETS}")
-        for r in remote:
-            parse_listener(r)
+        remote = check_update(uid, role, remote_listeners)
         names = list(dict.fromkeys(remote))
         resolved = dict(zip(names, await asyncio.gather(*(resolve_listener(r) for r in names))))
         failure: list[str] = []
@@ -557,7 +532,9 @@ class FacilityRegistry:
             if row["state"] == "requested":
                 raise FailedPrecondition(f"session {uid} has had no hello yet; start the application "
                                          "controller, then update")
-            secret = self._wan_secret_for(row, wan_secret)
+            secret = choose_wan_secret(self.config, row["uid"], row["role"],
+                                       bytes(row["wan_secret"]) if row["wan_secret"] is not None else None,
+                                       wan_secret)
             targets = [resolved[remote[i % len(remote)]] for i in range(row["num_conn"])]
             node = await self._node_row(conn, row["node"])
             if node is None or node["state"] != "up":
@@ -586,27 +563,6 @@ class FacilityRegistry:
                 "tls" if secret is not None else "plain", rate_enforced, now)
             await self._notify(conn, uid, row["role"])
             return new
-
-    def _wan_secret_for(self, row: Any, given: bytes) -> bytes | None:
-        if self.config.wan_plaintext:
-            return None
-        have = bytes(row["wan_secret"]) if row["wan_secret"] is not None else None
-        if given:
-            if len(given) != wankeys.SECRET_BYTES:
-                raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
-            if row["role"] == "PROD" and not wankeys.secrets_equal(given, have or b""):
-                raise PermissionDenied(f"wrong WAN secret for session {row['uid']}")
-            if row["role"] == "CONS" and have is not None and not wankeys.secrets_equal(given, have):
-                raise PermissionDenied(f"wrong WAN secret for session {row['uid']}")
-            return given
-        if self.config.allow_legacy_plaintext:
-            log.warning("session %s/%s: client sent no WAN secret (original tooling); "
-                        "the WAN leg is PLAINTEXT", row["uid"], row["role"])
-            return None
-        raise FailedPrecondition(
-            "this server encrypts the WAN leg and the update carries no wan_secret (a client of "
-            "the original tooling?); upgrade the client, or the operator may allow plaintext "
-            "with --allow-legacy-plaintext")
 
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:

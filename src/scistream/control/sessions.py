@@ -219,6 +219,63 @@ class RegistryConfig:
     data_service: str = ""           # Builtin: the node service's control socket
 
 
+def check_request(config: RegistryConfig, uid: str, role: str, num_conn: int, rate: int, lease: int) -> float:
+    """A req's arguments checked against the server's limits; the lease in seconds (0: none)."""
+    check_uid(uid)
+    check_role(role)
+    if num_conn <= 0 or num_conn > config.max_conn:
+        raise InvalidArgument(f"num_conn must be 1-{config.max_conn} on this server, got {num_conn}")
+    if rate < 0:
+        raise InvalidArgument(f"rate must be >= 0 kbit/s (0 = no cap), got {rate}")
+    top = config.max_lease
+    if lease < 0:
+        raise InvalidArgument(f"lease must be >= 0 seconds (0 = the server's default), got {lease}")
+    if top and lease > top:
+        raise InvalidArgument(f"lease {lease} s is longer than this server allows (--max-lease "
+                              f"{top:g} s); ask for {top:g} s or less, or 0 for the longest")
+    return float(lease) or top
+
+
+def check_update(uid: str, role: str, remote_listeners: Iterable[str]) -> list[str]:
+    """An update's arguments checked; its remote listeners as a list."""
+    check_uid(uid)
+    if role:
+        check_role(role)
+    remote = list(remote_listeners)
+    if not remote:
+        raise InvalidArgument("update needs at least one remote listener (host:port)")
+    if len(remote) > MAX_TARGETS:
+        raise InvalidArgument(f"{len(remote)} remote listeners; at most {MAX_TARGETS}")
+    for r in remote:
+        parse_listener(r)
+    return remote
+
+
+def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes | None,
+                      given: bytes) -> bytes | None:
+    """The WAN secret a session's data server uses: the one the update carries (checked
+    against the one the session has), or None for a plaintext WAN leg where that is allowed."""
+    if config.wan_plaintext:
+        return None
+    if given:
+        if len(given) != wankeys.SECRET_BYTES:
+            raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
+        if role == "PROD" and not wankeys.secrets_equal(given, have or b""):
+            raise PermissionDenied(f"wrong WAN secret for session {uid}")
+        if role == "CONS" and have is not None and not wankeys.secrets_equal(given, have):
+            raise PermissionDenied(f"wrong WAN secret for session {uid}")
+        return given
+    # A client of the original tooling: it knows no wan_secret.
+    if config.backend.legacy_plaintext or config.allow_legacy_plaintext:
+        log.warning("session %s/%s: client sent no WAN secret (original tooling); "
+                    "the WAN leg is PLAINTEXT", uid, role)
+        return None
+    raise FailedPrecondition(
+        "this server encrypts the WAN leg and the update carries no wan_secret (a client of "
+        "the original tooling?); upgrade the client, or the operator may allow plaintext "
+        "with --allow-legacy-plaintext")
+
+
 class SessionRegistry:
     def __init__(self, config: RegistryConfig, ports: PortPool, bandwidth: BandwidthPool,
                  events: Observer | Iterable[Observer] | None = None,
@@ -293,13 +350,7 @@ class SessionRegistry:
     async def request(self, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
                       lease: int = 0) -> Session:
         """Reserve ports and bandwidth, then wait for the application's hello."""
-        check_uid(uid)
-        check_role(role)
-        if num_conn <= 0 or num_conn > self.config.max_conn:
-            raise InvalidArgument(f"num_conn must be 1-{self.config.max_conn} on this server, got {num_conn}")
-        if rate < 0:
-            raise InvalidArgument(f"rate must be >= 0 kbit/s (0 = no cap), got {rate}")
-        lease_s = self._lease(lease)
+        lease_s = check_request(self.config, uid, role, num_conn, rate, lease)
         if (uid, role) in self.active:
             raise AlreadyExists(f"session {uid} is already active as {role} here; "
                                 "use a new uid, or release this one first")
@@ -345,15 +396,6 @@ class SessionRegistry:
             await self._finish(session, S.FAILED, f"req failed: {exc}")
             raise
         return session
-
-    def _lease(self, lease: int) -> float:
-        top = self.config.max_lease
-        if lease < 0:
-            raise InvalidArgument(f"lease must be >= 0 seconds (0 = the server's default), got {lease}")
-        if top and lease > top:
-            raise InvalidArgument(f"lease {lease} s is longer than this server allows (--max-lease "
-                                  f"{top:g} s); ask for {top:g} s or less, or 0 for the longest")
-        return float(lease) or top
 
     async def _wait_hello(self, session: Session) -> None:
         while True:
@@ -423,16 +465,7 @@ class SessionRegistry:
     # -- update -------------------------------------------------------------------------
     async def update(self, uid: str, role: str, remote_listeners: Iterable[str],
                      wan_secret: bytes, who: Identity) -> Session:
-        check_uid(uid)
-        if role:
-            check_role(role)
-        remote = list(remote_listeners)
-        if not remote:
-            raise InvalidArgument("update needs at least one remote listener (host:port)")
-        if len(remote) > MAX_TARGETS:
-            raise InvalidArgument(f"{len(remote)} remote listeners; at most {MAX_TARGETS}")
-        for r in remote:
-            parse_listener(r)
+        remote = check_update(uid, role, remote_listeners)
         session = self._find(uid, role or None)
         self._check_owner(session, who, "update")
         # A name that does not resolve is the caller's mistake: refuse it before anything
@@ -446,7 +479,7 @@ class SessionRegistry:
                                          "controller, then update")
             if session.state in TERMINAL:
                 raise NotFound(f"session {uid} is {session.state.value}")
-            secret = self._wan_secret_for(session, wan_secret)
+            secret = choose_wan_secret(self.config, session.uid, session.role, session.wan_secret, wan_secret)
             targets = tuple(resolved[remote[i % len(remote)]] for i in range(session.num_conn))
             first = session.server is None
             try:
@@ -492,28 +525,6 @@ class SessionRegistry:
                     "(no WAN secret), which never enforced it; s2cs --enforce-legacy-rate enforces it",
                     session.uid, session.role, session.rate)
         return False
-
-    def _wan_secret_for(self, session: Session, given: bytes) -> bytes | None:
-        if self.config.wan_plaintext:
-            return None
-        if given:
-            if len(given) != wankeys.SECRET_BYTES:
-                raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
-            if session.role == "PROD" and not wankeys.secrets_equal(given, session.wan_secret or b""):
-                raise PermissionDenied(f"wrong WAN secret for session {session.uid}")
-            if session.role == "CONS" and session.wan_secret is not None and not wankeys.secrets_equal(
-                    given, session.wan_secret):
-                raise PermissionDenied(f"wrong WAN secret for session {session.uid}")
-            return given
-        # A client of the original tooling: it knows no wan_secret.
-        if self.config.backend.legacy_plaintext or self.config.allow_legacy_plaintext:
-            log.warning("session %s/%s: client sent no WAN secret (original tooling); "
-                        "the WAN leg is PLAINTEXT", session.uid, session.role)
-            return None
-        raise FailedPrecondition(
-            "this server encrypts the WAN leg and the update carries no wan_secret (a client of "
-            "the original tooling?); upgrade the client, or the operator may allow plaintext "
-            "with --allow-legacy-plaintext")
 
     async def _watch(self, session: Session, server: DataServer) -> None:
         reason = await server.wait_exit()
