@@ -53,8 +53,8 @@ from ..data.base import KEEPALIVE, Stats
 from ..data.nodeclient import ServiceConnection, ServiceError
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ScistreamError)
-from .sessions import (MAX_TARGETS, Observer, RegistryConfig, Session, SessionState, TERMINAL, check_request,
-                       check_update, choose_wan_secret)
+from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
+                       check_request, check_update, choose_wan_secret)
 
 log = logging.getLogger(__name__)
 
@@ -440,12 +440,7 @@ class FacilityRegistry:
 
     # -- hello --------------------------------------------------------------------------
     async def hello(self, uid: str, role: str, prod_listeners: Iterable[str], who: Identity) -> Session:
-        check_uid(uid)
-        endpoints = list(prod_listeners)
-        if len(endpoints) > MAX_TARGETS:
-            raise InvalidArgument(f"{len(endpoints)} endpoints in one hello; at most {MAX_TARGETS}")
-        for e in endpoints:
-            parse_listener(e)
+        endpoints = check_hello(uid, prod_listeners)
         deadline = time.time() + self.config.hello_grace
         with self._watching(uid) as ev:
             while True:

@@ -236,6 +236,17 @@ def check_request(config: RegistryConfig, uid: str, role: str, num_conn: int, ra
     return float(lease) or top
 
 
+def check_hello(uid: str, prod_listeners: Iterable[str]) -> list[str]:
+    """A hello's arguments checked; the application's endpoints as a list."""
+    check_uid(uid)
+    endpoints = list(prod_listeners)
+    if len(endpoints) > MAX_TARGETS:
+        raise InvalidArgument(f"{len(endpoints)} endpoints in one hello; at most {MAX_TARGETS}")
+    for e in endpoints:
+        parse_listener(e)
+    return endpoints
+
+
 def check_update(uid: str, role: str, remote_listeners: Iterable[str]) -> list[str]:
     """An update's arguments checked; its remote listeners as a list."""
     check_uid(uid)
@@ -412,12 +423,7 @@ class SessionRegistry:
     # -- hello --------------------------------------------------------------------------
     async def hello(self, uid: str, role: str, prod_listeners: Iterable[str], who: Identity) -> Session:
         """The application's endpoints. Waits a bounded time for a req that has not come yet."""
-        check_uid(uid)
-        endpoints = list(prod_listeners)
-        if len(endpoints) > MAX_TARGETS:
-            raise InvalidArgument(f"{len(endpoints)} endpoints in one hello; at most {MAX_TARGETS}")
-        for e in endpoints:
-            parse_listener(e)
+        endpoints = check_hello(uid, prod_listeners)
         session = await self._await_session(uid, role)
         self._check_owner(session, who, "hello")
         async with session.lock:
