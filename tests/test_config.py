@@ -128,3 +128,13 @@ def test_load_raises_with_every_problem(tmp_path, schema):
 def test_key_lines():
     text = 'a = 1\n[t]\nb = """\nc = 2\n"""\n"d.e" = 3\nf.g = 4\n'
     assert key_lines(text) == {"a": 1, "t": 2, "t.b": 3, "t.d.e": 6, "t.f.g": 7}
+
+
+def test_facility_needs_its_store_and_node_token(tmp_path, schema):
+    out = problems(tmp_path, schema, 'auth = "none"\nfacility = true\nnode-token-file = "nope.token"\n')
+    assert any("facility: a facility needs store" in p for p in out), out
+    assert any("node_token_file" in p.replace("-", "_") and "does not exist" in p for p in out), out
+    (tmp_path / "t").write_text("x" * 32)
+    good = ('auth = "none"\nfacility = true\nnode-token-file = "t"\n'
+            'store = "postgresql://scistream@db.example.org/scistream"\n')
+    assert problems(tmp_path, schema, good) == []

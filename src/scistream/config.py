@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Flags that are not settings: the file itself, the test-only ready file, help and version.
 NOT_SETTINGS = {"config", "ready_file", "help", "version"}
 # Files that must exist when the server starts (a path that is only written is not here).
-MUST_EXIST = {"server_cert", "server_key", "token_file", "globus_config"}
+MUST_EXIST = {"server_cert", "server_key", "token_file", "globus_config", "node_token_file"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +219,11 @@ def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     if isinstance(jwks, str) and not jwks.startswith(("http://", "https://")):
         if not Path(jwks).is_file():
             yield "jwt_jwks", f"file {jwks} does not exist (give a path or an https:// URL)"
+    if values.get("facility"):
+        if not str(values.get("store") or "").startswith(("postgresql://", "postgres://")):
+            yield "facility", "a facility needs store = \"postgresql://...\": its shared database"
+        if "node_token_file" not in values:
+            yield "facility", "a facility needs node-token-file: the token its nodes obey"
     if "server_type" in values:
         from .data.base import BackendUnavailable, get_backend
         try:

@@ -7,132 +7,23 @@ listeners carry its node's address. The CONS side is a single-gateway s2cs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import BIN, async_wait_until, new_uid, port_block, roundtrip_ok, wait_until
+from conftest import BIN, async_wait_until, new_uid, roundtrip_ok, still_listening
 from scistream.client import AsyncClient
 
 asyncpg = pytest.importorskip("asyncpg")
 
+from facilityhelpers import Node, facility, pg, sql, sql_sync  # noqa: E402,F401  (fixtures too)
 from pghelpers import running_postgres  # noqa: E402
 
 LIVE = "('requested', 'ready', 'connected')"
-
-
-@pytest.fixture(scope="module")
-def pg():
-    with running_postgres() as server:
-        yield server
-
-
-async def sql(url: str, query: str, *args):
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()
-
-
-def sql_sync(url: str, query: str, *args):
-    """``sql`` from synchronous code that may run inside the test's event loop."""
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(asyncio.run, sql(url, query, *args)).result(30)
-
-
-class Node:
-    """An ``s2ds serve --store`` process: a node of the facility."""
-
-    def __init__(self, tmp: Path, url: str, token: Path, name: str, address: str, heartbeat: float = 0.3,
-                 extra: tuple[str, ...] = ()) -> None:
-        self.name, self.address, self.url = name, address, url
-        self.dir = tmp / f"node-{name}"
-        self.dir.mkdir(exist_ok=True)
-        self.range = port_block(20)
-        self.args = [str(BIN / "s2ds"), "serve", "--socket", str(self.dir / "node.sock"), "--fresh",
-                     "--workers", "1", "--store", url, "--node-name", name, "--address", address,
-                     "--control", f"{address}:0", "--port-range", self.range, "--token-file", str(token),
-                     "--heartbeat", str(heartbeat), *extra]
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.log = open(self.dir / "s2ds.log", "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        self.started = time.time()
-
-        def registered() -> bool:
-            assert self.proc.poll() is None, (self.dir / "s2ds.log").read_text()[-3000:]
-            try:
-                rows = sql_sync(self.url, "SELECT state, pid FROM nodes WHERE name = $1", self.name)
-            except asyncpg.UndefinedTableError:     # the first node has not migrated the schema yet
-                return False
-            return bool(rows) and rows[0]["state"] == "up" and rows[0]["pid"] == self.proc.pid
-        wait_until(registered, 30, f"node {self.name} registered")
-
-    def kill(self) -> None:
-        """kill -9 of the node: the service and its workers (its process group)."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with_log = getattr(self, "log", None)
-        if with_log is not None and not with_log.closed:
-            with_log.close()
-        # workers of a killed service notice their channel closed and exit; make sure
-        wait_until(lambda: not _group_alive(self.proc.pid), 10, f"node {self.name}'s workers gone")
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-@pytest.fixture
-def facility(pg, tmp_path, s2cs_process):
-    """``f = facility(nodes=2, instances=2)``: f.url, f.nodes, f.instances (S2csProcess)."""
-    made: list[Node] = []
-
-    class Facility:
-        pass
-
-    def make(nodes: int = 2, instances: int = 2, node_timeout: float = 3.0, extra: tuple[str, ...] = ()):
-        f = Facility()
-        f.url = pg.url(pg.createdb())
-        f.token = tmp_path / "node.token"
-        f.token.write_text(os.urandom(24).hex())
-        f.token.chmod(0o600)
-        f.nodes = []
-        for i in range(nodes):
-            n = Node(tmp_path, f.url, f.token, f"dtn{i + 1}", f"127.0.0.{i + 2}")
-            made.append(n)
-            f.nodes.append(n)
-        f.node_timeout = node_timeout
-        f.instances = [s2cs_process("--facility", "--store", f.url, "--node-token-file", str(f.token),
-                                    "--node-timeout", str(node_timeout), *extra) for _ in range(instances)]
-        return f
-    yield make
-    for n in made:
-        n.stop()
 
 
 async def live_rows(url: str):
@@ -144,7 +35,12 @@ async def prod_session(a: AsyncClient, b: AsyncClient, endpoint: str, num_conn: 
     update on b: the PROD half of a session in the facility."""
     uid = new_uid()
     req = asyncio.create_task(a.req(uid, "PROD", num_conn, 0, lease=lease))
-    await b.hello(uid, "PROD", [endpoint])
+    try:
+        await b.hello(uid, "PROD", [endpoint])
+    except BaseException:
+        req.cancel()
+        await asyncio.gather(req, return_exceptions=True)
+        raise
     prod = await req
     await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
     return uid, prod
@@ -199,29 +95,33 @@ async def test_sessions_spread_over_nodes_req_and_hello_on_different_instances(
 
 
 async def test_kill_control_instance_between_req_and_update(facility, servers, client_for, echo_server):
+    """The user's client knows both instances (``--s2cs A,B``); A takes the req and is killed
+    -9 while the req waits for its hello: the client moves the req to B by itself, where it
+    finds the same session (same ports), and completes there with the hello sent to B."""
     f = facility(nodes=1, instances=2)
-    a, b = (client_for(p.target) for p in f.instances)
+    user = client_for(",".join(p.target for p in f.instances))     # A first
+    app = client_for(f.instances[1].target)                       # the app controller reaches B
     cons = client_for(await servers())
     ep = f"{echo_server[0]}:{echo_server[1]}"
     uid = new_uid()
-    req = asyncio.create_task(a.req(uid, "PROD", 2, 0))
+    req = asyncio.create_task(user.req(uid, "PROD", 2, 0))
     await async_wait_until(lambda: _has_row(f.url, uid), 10, "the req recorded")
+    first = (await sql(f.url, "SELECT instance, ports FROM fsessions WHERE uid = $1", uid))[0]
+    assert first["instance"].endswith(f":{f.instances[0].port}")    # A took it
     f.instances[0].proc.send_signal(signal.SIGKILL)
     f.instances[0].proc.wait()
-    with pytest.raises(Exception) as got:
-        await req
-    assert "cannot reach the S2CS" in str(got.value)        # unreachable: worth a retry elsewhere
-    # the client retries its req on the surviving instance: the same session, not a new one
-    retry = asyncio.create_task(b.req(uid, "PROD", 2, 0))
-    await b.hello(uid, "PROD", [ep])
-    prod = await retry
-    await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+    await app.hello(uid, "PROD", [ep])       # whether the retried req reached B yet or not
+    prod = await req
+    assert user.target == f.instances[1].target and [u.address for u in user.last_unreachable] == [
+        f.instances[0].target]
+    await user.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
     rows = await sql(f.url, "SELECT state, ports FROM fsessions WHERE uid = $1", uid)
-    assert [r["state"] for r in rows] == ["connected"]
+    assert [r["state"] for r in rows] == ["connected"]                # one session, not two
+    assert list(rows[0]["ports"]) == list(first["ports"])
     assert [f"127.0.0.2:{p}" for p in rows[0]["ports"]] == list(prod.listeners)
     await roundtrip_ok((await cons_session(cons, uid, prod))[0], 256 << 10)
     await cons.release(uid)
-    await b.release(uid)
+    await user.release(uid)
     assert await live_rows(f.url) == []
 
 
@@ -420,3 +320,248 @@ async def test_facility_bad_configuration_is_a_clear_error(pg, tmp_path):
     node = subprocess.run([str(BIN / "s2ds"), "serve", "--socket", str(tmp_path / "n.sock"), "--store", url,
                            "--token-file", str(token)], capture_output=True, text=True, timeout=60)
     assert node.returncode == 2 and "--store needs --address" in node.stderr
+
+
+@pytest.fixture
+def own_pg():
+    """A PostgreSQL of the test's own (it is stopped and started again)."""
+    with running_postgres() as server:
+        yield server
+
+
+async def test_database_restarted_under_load(own_pg, facility, servers, client_for, echo_server):
+    """Calls fail clearly while the database is down, running streams keep flowing, and after
+    it is back nothing is lost or doubled: every session a client saw set up is one row."""
+    f = facility(nodes=1, instances=2, node_timeout=2.0, server=own_pg)
+    a, b = (client_for(p.target) for p in f.instances)
+    cons = client_for(await servers())
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uid0, prod0 = await prod_session(a, b, ep)
+    stream = (await cons_session(cons, uid0, prod0))[0]
+    done: list[str] = []
+    errors: list[str] = []
+    stop = asyncio.Event()
+
+    async def load(x: AsyncClient, y: AsyncClient) -> None:
+        while not stop.is_set():
+            try:
+                uid, _ = await prod_session(x, y, ep)
+                await y.release(uid)
+                done.append(uid)
+            except Exception as exc:  # noqa: BLE001 - counted and checked below
+                errors.append(str(exc))
+                await asyncio.sleep(0.05)   # a client's pause before trying again
+    workers = [asyncio.create_task(load(a, b)), asyncio.create_task(load(b, a))]
+    await async_wait_until(lambda: len(done) >= 6, 30, "sessions set up before the outage")
+    await asyncio.to_thread(own_pg.stop)
+    before, down_at = len(errors), time.monotonic()
+    # an outage longer than --node-timeout: the nodes miss heartbeats, and must not be failed for it
+    await async_wait_until(lambda: len(errors) >= before + 4 and time.monotonic() > down_at + 3.0, 30,
+                           "calls failing while the database is down")
+    await roundtrip_ok(stream, 256 << 10)          # the data plane does not need the database
+    down = errors[before:]
+    assert all("session store unavailable" in e or "cannot reach" in e for e in down), down[:3]
+    with pytest.raises(Exception, match="session store unavailable"):
+        await a.status()
+    await asyncio.to_thread(own_pg.start)
+    n = len(done)
+    await async_wait_until(lambda: len(done) >= n + 6, 60, "sessions set up again after the restart")
+    stop.set()
+    await asyncio.gather(*workers)
+    rows = await sql(f.url, "SELECT uid, role, state FROM fsessions WHERE uid = ANY($1::text[])", done)
+    assert sorted(r["uid"] for r in rows) == sorted(done)          # each exactly once
+    assert all(r["state"] == "released" for r in rows)
+    assert (await sql(f.url, "SELECT state FROM nodes"))[0]["state"] == "up"   # the outage failed no node
+    await roundtrip_ok(stream, 256 << 10)
+    live = await live_rows(f.url)
+    for uid in {r["uid"] for r in live}:
+        await a.release(uid)
+    await cons.release(uid0)
+    assert await live_rows(f.url) == []
+
+
+async def test_500_sessions_across_two_instances_every_reservation_back(facility, client_for, echo_server):
+    f = facility(nodes=2, instances=2)
+    a, b = (client_for(p.target) for p in f.instances)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    sem = asyncio.Semaphore(16)
+    peak = 0
+
+    async def one(i: int) -> None:
+        nonlocal peak
+        x, y = (a, b) if i % 2 else (b, a)
+        async with sem:
+            uid, prod = await prod_session(x, y, ep)
+            peak = max(peak, len(await live_rows(f.url))) if i % 50 == 0 else peak
+            await y.release(uid)
+    await asyncio.gather(*(one(i) for i in range(500)))
+    assert await live_rows(f.url) == []
+    rows = await sql(f.url, "SELECT state, count(*) AS n, count(DISTINCT instance) AS inst, "
+                            "count(DISTINCT node) AS nodes FROM fsessions GROUP BY state")
+    assert [(r["state"], r["n"]) for r in rows] == [("released", 500)]
+    assert rows[0]["inst"] == 2 and rows[0]["nodes"] == 2
+    listed = json.loads(subprocess.run([str(BIN / "s2cs"), "nodes", "list", "--json", "--store", f.url],
+                                       capture_output=True, text=True, timeout=60).stdout)
+    assert [(n["sessions"], n["ports_used"], n["bandwidth_used_kbps"]) for n in listed["nodes"]] == [(0, 0, 0)] * 2
+    for n in f.nodes:
+        reply = json.loads(subprocess.run([str(BIN / "s2ds"), "status", "--json", "--socket",
+                                           str(n.dir / "node.sock")], capture_output=True, text=True,
+                                          timeout=30).stdout)
+        assert reply["sessions"] == 0
+
+
+async def test_metrics_per_node(facility, servers, client_for, echo_server):
+    f = facility(nodes=2, instances=1, node_timeout=2.0, extra=("--metrics-port", "0"))
+    a = client_for(f.instances[0].target)
+    cons = client_for(await servers())
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    port = json.loads(f.instances[0].ready.read_text())["metrics_port"]
+    made = []
+    for _ in range(4):
+        uid, prod = await prod_session(a, a, ep)
+        made.append(uid)
+        await roundtrip_ok((await cons_session(cons, uid, prod))[0], 100_000)
+
+    def scrape() -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+        import urllib.request
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(body) for s in fam.samples}
+    m = await asyncio.to_thread(scrape)
+    assert m[("scistream_store_up", ())] == 1
+    per_node = {n.name: m[("scistream_node_sessions", (("node", n.name),))] for n in f.nodes}
+    assert sum(per_node.values()) == 4 and all(v >= 1 for v in per_node.values())
+    assert all(m[("scistream_node_up", (("node", n.name),))] == 1 for n in f.nodes)
+    carried = sum(m[("scistream_node_bytes_forwarded_total", (("direction", "to_producer"), ("node", n.name)))]
+                  for n in f.nodes)
+    assert carried >= 4 * 100_000
+    assert m[("scistream_sessions", (("state", "connected"),))] == 4
+    assert m[("scistream_ports", (("state", "used"),))] == 4
+    f.nodes[0].kill()
+
+    def lost() -> bool:
+        return asyncio.run(_node_state(f.url, f.nodes[0].name, "lost"))
+    await async_wait_until(lambda: asyncio.to_thread(lost), 15, "the node lost")
+    m = await asyncio.to_thread(scrape)
+    assert m[("scistream_node_up", (("node", f.nodes[0].name),))] == 0
+    assert m[("scistream_node_sessions", (("node", f.nodes[0].name),))] == 0
+    for r in await live_rows(f.url):
+        await a.release(r["uid"])
+    for uid in made:
+        await cons.release(uid)
+
+
+async def test_timers_acted_on_exactly_once_by_two_live_instances(facility, client_for, echo_server):
+    """Both instances run their timers over the same rows: every lease end is acted on by
+    exactly one of them (one ``expired`` line in the two audit logs together, one
+    transition in the store)."""
+    f = facility(nodes=1, instances=2)
+    a, b = (client_for(p.target) for p in f.instances)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uids = []
+    for i in range(12):
+        x, y = (a, b) if i % 2 else (b, a)
+        uid, _ = await prod_session(x, y, ep, lease=6)   # long enough to set them all up under load
+        uids.append(uid)
+
+    async def all_expired() -> bool:
+        rows = await sql(f.url, "SELECT state FROM fsessions WHERE uid = ANY($1::text[])", uids)
+        return len(rows) == 12 and all(r["state"] == "expired" for r in rows)
+    await async_wait_until(all_expired, 30, "every lease acted on")
+
+    def expired_lines() -> list[dict]:
+        out = []
+        for p in f.instances:
+            for line in (p.state_dir / "audit.log").read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("what") == "expired":
+                    out.append(rec)
+        return out
+    lines = expired_lines()
+    assert sorted(r["uid"] for r in lines) == sorted(uids)          # each once, no more
+    assert {r["uid"] for r in lines if "lease of 6 s ended" in r.get("detail", "")} == set(uids)
+    assert await live_rows(f.url) == []
+
+
+async def test_instance_stopped_gracefully_leaves_waiting_req_to_another(facility, client_for, echo_server):
+    """SIGTERM (a rolling upgrade): a req waiting for its hello on the stopping instance
+    answers UNAVAILABLE at once, its session stays; the req retried on another instance
+    gets the same session."""
+    f = facility(nodes=1, instances=2)
+    a, b = (client_for(p.target) for p in f.instances)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uid = new_uid()
+    req = asyncio.create_task(a.req(uid, "PROD", 1, 0))
+    await async_wait_until(lambda: _has_row(f.url, uid), 10, "the req recorded")
+    assert f.instances[0].stop(signal.SIGTERM) == 0
+    with pytest.raises(Exception, match="shutting down; retry on another instance|cannot reach"):
+        await req
+    assert [r["state"] for r in await sql(f.url, "SELECT state FROM fsessions WHERE uid = $1", uid)] == ["requested"]
+    retry = asyncio.create_task(b.req(uid, "PROD", 1, 0))
+    await b.hello(uid, "PROD", [ep])
+    prod = await retry
+    await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+    assert [r["state"] for r in await sql(f.url, "SELECT state FROM fsessions WHERE uid = $1", uid)] == ["connected"]
+    await b.release(uid)
+
+
+async def test_cli_over_two_instances_and_status_columns(facility, echo_server, tmp_path):
+    """s2uc and appctrl given both instances (--s2cs A,B): a session made with A dead from the
+    start, its status with the node and the instance (list --json)."""
+    f = facility(nodes=2, instances=2)
+    a, b = (p.target for p in f.instances)
+    f.instances[0].stop(signal.SIGKILL)
+    env = {**os.environ, "HOME": str(tmp_path), "SCISTREAM_S2CS": f"{a},{b}"}
+    req = await asyncio.create_subprocess_exec(str(BIN / "s2uc"), "prod-req", "--insecure", "--num-conn", "1",
+                                               "--mock", env=env, stdout=asyncio.subprocess.PIPE,
+                                               stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(req.communicate(), 60)
+    assert req.returncode == 0, err.decode()
+    uid = out.decode().splitlines()[1].split()[0]     # "uid; s2cs; access_token; role", then the values
+    listed = await asyncio.create_subprocess_exec(str(BIN / "s2uc"), "list", "--json", "--insecure", env=env,
+                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    lout, lerr = await asyncio.wait_for(listed.communicate(), 60)
+    rows = [d for d in json.loads(lout) if d["uid"] == uid]
+    assert len(rows) == 1 and rows[0]["node"] in ("dtn1", "dtn2"), lerr.decode()
+    assert rows[0]["instance"].endswith(f":{f.instances[1].port}")
+    rel = await asyncio.create_subprocess_exec(str(BIN / "s2uc"), "release", uid, "--insecure", env=env,
+                                               stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await asyncio.wait_for(rel.communicate(), 60)
+    assert rel.returncode == 0
+    assert await live_rows(f.url) == []
+
+
+async def test_node_frozen_then_back_stops_what_the_store_no_longer_lists(facility, client_for, echo_server):
+    """A node cut off (frozen with SIGSTOP: it neither beats nor answers) past --node-timeout:
+    its sessions fail; when it comes back (SIGCONT) it removes them by itself, and takes new
+    sessions again."""
+    f = facility(nodes=1, instances=1, node_timeout=2.0)
+    a = client_for(f.instances[0].target)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    made = [await prod_session(a, a, ep) for _ in range(3)]
+    node = f.nodes[0]
+    os.killpg(node.proc.pid, signal.SIGSTOP)
+    try:
+        async def failed() -> bool:
+            rows = await sql(f.url, "SELECT state FROM fsessions WHERE node = 'dtn1'")
+            return len(rows) == 3 and all(r["state"] == "failed" for r in rows)
+        await async_wait_until(failed, 15, "the frozen node's sessions failed")
+        listeners = [listener for _, prod in made for listener in prod.listeners]
+        assert len(await still_listening(listeners)) == 3   # frozen, its sockets still open
+    finally:
+        os.killpg(node.proc.pid, signal.SIGCONT)
+    await async_wait_until(lambda: _node_state(f.url, "dtn1", "up"), 15, "the node beating again")
+    await async_wait_until(lambda: _nothing_listening(listeners), 15, "the node removed what the store no longer lists")
+    reply = json.loads(subprocess.run([str(BIN / "s2ds"), "status", "--json", "--socket",
+                                       str(node.dir / "node.sock")], capture_output=True, text=True,
+                                      timeout=30).stdout)
+    assert reply["sessions"] == 0
+    assert "is not live in the store any more; removing it" in (node.dir / "s2ds.log").read_text()
+    uid, prod = await prod_session(a, a, ep)
+    assert prod.listeners[0].startswith("127.0.0.2:")
+    await a.release(uid)
+
+
+async def _nothing_listening(listeners: list[str]) -> bool:
+    return not await still_listening(listeners)

@@ -83,6 +83,10 @@ async def test_session_added_and_removed_in_place(servers, client_for, echo_serv
     s = cons.registry.active[(uid, "CONS")]
     cfg = await s.server.config()
     assert sorted(cfg["workers"]) == [0, 1] and sorted(cfg["also"]) == [0, 1]
+    # its TLS credentials live in the service's memory: no key file, and none shown
+    assert cfg["tls"] and "key_pem" not in cfg and "wan_secret" not in cfg
+    for gw in (prod, cons):
+        assert not [p for p in gw.state_dir.rglob("*") if p.name.endswith(".pem")]
     await client_for(prod).release(uid)
     await client_for(cons).release(uid)
     assert not await still_listening(list(p.listeners) + list(c.listeners))

@@ -5,7 +5,9 @@
     appctrl mock UID S2CS TOKEN PROD                         # hello with fixed test endpoints
 
 TOKEN is the session owner's token; ``-`` takes it from --token, SCISTREAM_TOKEN or the
-``s2uc login`` store.
+``s2uc login`` store. S2CS is one control server, or several instances of one facility's,
+comma-separated (``10.0.0.2:5000,10.0.0.3:5000``): the hello goes to the next one while
+one is unreachable (``scistream.client.instances``).
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import sys
 import click
 
 from .. import __version__
-from ..addr import check_uid, parse_listener
+from ..addr import check_uid
 from ..appctrl.controller import MOCK_ENDPOINTS, run_cons, run_prod
 from ..apps.demo import VerifyError
 from ..client import AsyncClient, ChannelOptions
+from ..client.instances import join_instances
 from ..client.order import hello_after_req
 from .common import EXIT_CODES_HELP, Exit, channel_options, err, handle_errors, option, out, resolve_token
 
@@ -61,9 +64,12 @@ def cli() -> None:
 @handle_errors("appctrl")
 def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, size, connections, endpoints,
                    connect_timeout, report, server_cert, insecure, **kw) -> None:
-    """Say hello to the S2CS for session UID and run the application (PROD or CONS)."""
+    """Say hello to the S2CS for session UID and run the application (PROD or CONS).
+
+    S2CS is HOST:PORT, or HOST:PORT,HOST:PORT for several instances of one facility's
+    control server (the next is tried while one is unreachable)."""
     check_uid(uid)
-    parse_listener(s2cs)
+    s2cs = join_instances(s2cs, "S2CS")
     role = role.upper()
 
     async def run() -> int:
@@ -101,6 +107,7 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
 def mock(uid, s2cs, access_token, role, controller_ip, server_cert, insecure, **kw) -> None:
     """Send a hello with fixed test endpoints (127.0.0.1:5074, 5075, 5076, 37000, 47000)."""
     check_uid(uid)
+    s2cs = join_instances(s2cs, "S2CS")
     role = role.upper()
 
     async def run() -> None:

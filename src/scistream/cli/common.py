@@ -96,7 +96,12 @@ def channel_options(fn):
 
 
 def resolve_token(explicit: str | None, s2cs: str | None = None) -> str | None:
-    """The token to send: --token / SCISTREAM_TOKEN, else the login store's, else none."""
+    """The token to send: --token / SCISTREAM_TOKEN, else the login store's, else none.
+
+    ``s2cs`` may name several instances of one facility ("a:5000,b:5000"): the login made
+    for that whole value (``s2uc login --s2cs a:5000,b:5000``) is used, else the first
+    instance, in order, with a login of its own (``s2uc login --s2cs a:5000``), else the
+    first instance that the scope configured for it, or the default login, fits."""
     if explicit and explicit not in ("-", "INVALID_TOKEN"):
         return explicit
     env = os.environ.get("SCISTREAM_TOKEN")
@@ -106,4 +111,25 @@ def resolve_token(explicit: str | None, s2cs: str | None = None) -> str | None:
         from ..auth.tokens import stored_token
     except ImportError:
         return None
-    return stored_token(s2cs)
+    if not s2cs or "," not in s2cs:
+        return stored_token(s2cs)
+    return _stored_token_of_instances(s2cs, stored_token)
+
+
+def _stored_token_of_instances(s2cs: str, stored_token) -> str | None:
+    from ..auth.base import AuthConfigError
+    from ..auth.tokens import namespace_for, namespaces
+    instances = [a.strip() for a in s2cs.split(",") if a.strip()]
+    try:
+        have = set(namespaces())
+    except AuthConfigError as exc:
+        logging.getLogger(__name__).warning("%s", exc)
+        return None
+    for name in (s2cs, *instances):
+        if namespace_for(name) in have:
+            return stored_token(name)
+    for name in instances:
+        token = stored_token(name)
+        if token:
+            return token
+    return None

@@ -36,7 +36,8 @@ def _socket_option(fn):
 
 
 @main.command()
-@_socket_option
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=SOCKET_HELP + " Default with --state-dir: STATE_DIR/node.sock.")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Worker processes (0: one per core this process may run on).")
 @click.option("--plain-relay", type=click.Choice(["auto", "splice", "copy"]), default="auto", show_default=True,
@@ -60,7 +61,8 @@ def _socket_option(fn):
 @click.option("--heartbeat", type=click.FloatRange(0.1), default=2.0, show_default=True,
               help="--store: seconds between heartbeats.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="--store: where the node keeps its control certificate (default: the socket's directory).")
+              help="Where the node keeps its control certificate (--store) and, without --socket, its "
+                   "socket (default: the socket's directory).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def serve(socket_path: Path, workers: int, plain_relay: str, fresh: bool, store: str | None,
           node_name: str | None, address: str | None, control: str | None, port_range: str, max_rate: int,
@@ -76,6 +78,10 @@ def serve(socket_path: Path, workers: int, plain_relay: str, fresh: bool, store:
         raise click.UsageError("--workers must be >= 0")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s s2ds[%(process)d] %(levelname)s %(message)s")
+    if socket_path is None:
+        if state_dir is None:
+            raise click.UsageError("give --socket PATH (or --state-dir DIR: the socket is DIR/node.sock)")
+        socket_path = state_dir / "node.sock"
     socket_path = socket_path.absolute()
     member = None
     if store is not None:

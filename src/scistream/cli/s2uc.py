@@ -5,6 +5,13 @@ The original tooling's commands, arguments and output, on top of ``scistream.cli
     s2uc prod-req --s2cs 10.0.0.2:5000 --num-conn 4           # PROD side: uid, listeners
     s2uc cons-req --s2cs 10.1.0.2:5000 UID 10.0.0.2:5100,...  # CONS side: consumer listeners
     s2uc release UID --s2cs 10.0.0.2:5000
+    s2uc prod-req --s2cs 10.0.0.2:5000,10.0.0.3:5000   # a facility of two instances: one may be down
+
+``--s2cs`` names one control server, or several instances of one facility's,
+comma-separated (IPv6 in brackets: ``[2001:db8::2]:5000``): a call that finds one
+unreachable goes to the next (``scistream.client.instances``). The session file keeps
+the whole list, so ``s2uc release UID`` and ``s2uc status UID`` without ``--s2cs`` use
+every instance.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from ..addr import format_listener
 from ..appctrl.controller import MOCK_ENDPOINTS
 from ..client import AsyncClient, ChannelOptions
 from ..client import sessionfile
+from ..client.instances import BadInstances, join_instances
 from ..client.order import (ORIGINAL_SERVER, BadTargets, check_targets, original_server_note,
                             req_and_hello, wan_security_of)
 from ..errors import InvalidArgument
@@ -52,9 +60,13 @@ def _proto_lines(field: str, values) -> None:
         out.print(f'{field}: "{escape(v)}"')
 
 
+S2CS_HELP = ("The control server to talk to; several instances of one facility's as "
+             "HOST:PORT,HOST:PORT (tried in order while one is unreachable).")
+
+
 def s2cs_option(fn):
-    return option("--s2cs", required=True, metavar="HOST:PORT", envvar="SCISTREAM_S2CS",
-                  help="The control server to talk to.")(fn)
+    return option("--s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
+                  help=S2CS_HELP)(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -97,6 +109,7 @@ def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) ->
 
     Prints the new uid and the line to give the producer's application controller, then the
     PROD listeners (what cons-req needs)."""
+    s2cs = join_instances(s2cs)
     uid = str(uuid.uuid4())
 
     async def run() -> None:
@@ -118,6 +131,7 @@ def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) ->
 @handle_errors("inbound-request")
 def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, server_cert, insecure, token) -> None:
     """PROD side with explicit producer endpoints: req, hello and update in one go."""
+    s2cs = join_instances(s2cs)
     endpoints = _endpoints(remote_ip, receiver_ports)
     uid = str(uuid.uuid4())
 
@@ -176,6 +190,7 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
 @handle_errors("cons-req")
 def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, server_cert, insecure, token) -> None:
     """Request the CONS side of session UID; wait for the consumer's hello; connect it to PROD_LISTENER(s)."""
+    s2cs = join_instances(s2cs)
     listeners = _split(prod_listener)
     _import_secret(uid, wan_secret_file)
 
@@ -205,6 +220,7 @@ def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, s
 def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, wan_secret_file, uid,
                      prod_listener, server_cert, insecure, token) -> None:
     """CONS side with no consumer controller: req, hello and update in one go."""
+    s2cs = join_instances(s2cs)
     listeners = _split(prod_listener)
     _import_secret(uid, wan_secret_file)
 
@@ -227,19 +243,44 @@ def _import_secret(uid: str, path: str | None) -> None:
 
 
 # -- release / status ------------------------------------------------------------------
-@cli.command("release", epilog="Example: s2uc release UID --s2cs 10.0.0.2:5000")
+@cli.command("release", epilog="Example: s2uc release UID --s2cs 10.0.0.2:5000\n\n"
+                               "Without --s2cs: the control server(s) prod-req or inbound-request "
+                               "of this client used for UID.")
 @click.argument("uid")
-@s2cs_option
+@option("--s2cs", default=None, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
+        help=S2CS_HELP + " Default: the one(s) this client used for UID.")
 @channel_options
 @handle_errors("release")
 def release(uid, s2cs, server_cert, insecure, token) -> None:
-    """Release session UID on one control server: stop its data servers, free its ports."""
-    async def run() -> None:
+    """Release session UID on one control server: stop its data servers, free its ports.
+
+    With several instances, a release whose attempt failed mid-call on one instance and
+    that the next one answers NOT_FOUND is taken as done (the first attempt may have
+    released it): a note says so and the exit code is 0."""
+    if s2cs is None:
+        s2cs = sessionfile.load(uid).get("s2cs") if _is_uid(uid) else None
+        if not s2cs:
+            raise BadInstances(f"give the control server with --s2cs HOST:PORT; this client has no "
+                               f"record of session {uid}")
+    s2cs = join_instances(s2cs)
+
+    async def run() -> str:
         async with _client(s2cs, server_cert, insecure, token) as c:
             await c.release(uid)
-    asyncio.run(run())
+            return c.note
+    note = asyncio.run(run())
+    if note:
+        err.print(f"[yellow]note[/]: {escape(note)}")
     sessionfile.forget(uid)
     out.print("Release completed")
+
+
+def _is_uid(uid: str) -> bool:
+    try:
+        uuid.UUID(uid)
+    except ValueError:
+        return False
+    return True
 
 
 def _add_optional_commands() -> None:

@@ -75,10 +75,11 @@ def _gateways(prod_s2cs, cons_s2cs, server_cert, prod_cert, cons_cert, insecure,
 def two_sides(fn):
     """--prod-s2cs/--cons-s2cs and how to reach each: shared and per-side certificates."""
     opts = [
-        option("--prod-s2cs", required=True, metavar="HOST:PORT", envvar="SCISTREAM_PROD_S2CS",
-               help="The producer facility's control server."),
-        option("--cons-s2cs", required=True, metavar="HOST:PORT", envvar="SCISTREAM_CONS_S2CS",
-               help="The consumer facility's control server."),
+        option("--prod-s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_PROD_S2CS",
+               help="The producer facility's control server (several instances: HOST:PORT,HOST:PORT, "
+                    "tried in order while one is unreachable)."),
+        option("--cons-s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_CONS_S2CS",
+               help="The consumer facility's control server (several instances: as --prod-s2cs)."),
         option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT",
                help="PEM certificate to verify both S2CS against (default: ./server.crt if present, "
                     "else the system's roots)."),

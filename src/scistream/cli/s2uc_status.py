@@ -2,6 +2,7 @@
 
     s2uc status UID --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000   # one session, both sides
     s2uc status UID                        # the S2CS this client used for UID (session file)
+    s2uc list --s2cs 10.0.0.2:5000,10.0.0.3:5000 --s2cs 10.1.0.2:5000   # PROD: 2 instances; CONS
     s2uc list --s2cs 10.0.0.2:5000 [--active] [--json]
     s2uc status --watch --s2cs 10.0.0.2:5000   # the table, live: rates, states, leases
 
@@ -12,6 +13,10 @@ clock, so a skewed laptop clock does not matter. ``--json`` prints one JSON arra
 scripts; the exit code is 0 only if every server answered. ``--watch`` redraws the table
 every ``--interval`` seconds with the throughput of each session (from the change of its
 byte counters), the terminal twin of the web view (``s2cs --web-port``); Ctrl-C ends it.
+
+Each ``--s2cs`` is one facility (the PROD one, the CONS one); a comma inside one value
+lists the instances of that facility's control server, asked in order until one answers
+(``scistream.client.instances``). The ``server`` of each session is that value.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from rich.table import Table
 
 from ..client import AsyncClient, ChannelOptions
 from ..client import sessionfile
+from ..client.instances import join_instances
 from ..units import bitrate, duration
 from ..addr import check_uid
 from ..errors import ScistreamError
@@ -57,6 +63,8 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
                          if info.lease_expires and not info.ended else None),
         "ended": info.ended or None, "last_error": info.last_error,
         "wan_security": info.wan_security, "server_type": info.server_type,
+        # a facility (s2cs --facility): the node carrying it, the instance that took its req
+        "node": getattr(info, "node", ""), "instance": getattr(info, "instance", ""),
     }
 
 
@@ -96,10 +104,10 @@ async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], 
 
 def _servers(s2cs: tuple[str, ...], uid: str | None) -> list[str]:
     if s2cs:
-        return list(dict.fromkeys(s2cs))
+        return list(dict.fromkeys(join_instances(s) for s in s2cs))
     known = sessionfile.load(uid).get("s2cs") if uid else None
     if known:
-        return [known]
+        return [join_instances(known)]
     raise click.UsageError("give the control server with --s2cs HOST:PORT (repeatable)"
                            + ("" if uid is None else f"; this client has no record of session {uid}"))
 
@@ -119,9 +127,10 @@ def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: st
 def _common(fn):
     fn = option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait per server.")(fn)
     fn = option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts).")(fn)
-    fn = option("--s2cs", multiple=True, metavar="HOST:PORT", envvar="SCISTREAM_S2CS",
-                help="Control server to ask (repeatable; status UID defaults to the one this "
-                     "client used for UID).")(fn)
+    fn = option("--s2cs", multiple=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
+                help="Control server to ask (repeatable: one per facility; several instances of one "
+                     "facility's as HOST:PORT,HOST:PORT, asked in order until one answers; status UID "
+                     "defaults to the one(s) this client used for UID).")(fn)
     return channel_options(fn)
 
 
@@ -202,6 +211,7 @@ def _print_one(d: dict) -> None:
         ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),
         ("lease", lease),
         ("WAN leg", f"{d['wan_security'] or '-'} ({d['server_type']})"),
+        *([("node", f"{d['node']} (req taken by {d['instance'] or '-'})")] if d.get("node") else []),
         ("last error", d["last_error"] or "-"),
     ]
     for k, v in rows:
@@ -232,7 +242,8 @@ def _print_table(found: list[dict]) -> None:
         t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), duration(d["age_s"]),
                   duration(d["lease_left_s"]) if d["lease_expires"] and not d["ended"] else "-",
                   _size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"]),
-                  str(d["connections"]), _rate_cap(d, short=True), d["server"],
+                  str(d["connections"]), _rate_cap(d, short=True),
+                  d["server"] + (f" @{d['node']}" if d.get("node") else ""),
                   escape(d["last_error"][:60]))
     out.print(t)
 

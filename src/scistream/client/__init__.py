@@ -12,6 +12,10 @@ Low level (one control server, the protocol's messages):
     async with AsyncClient("127.0.0.1:5000", server_cert="server.crt", token=tok) as c:
         resp = await c.req(uid, "PROD", num_conn=4)
 
+A facility that runs its control server on several nodes is one address list,
+``Gateway("10.0.0.2:5000,10.0.0.3:5000")`` or ``AsyncClient(["10.0.0.2:5000", "10.0.0.3:5000"])``:
+a call that finds one instance unreachable goes to the next (``scistream.client.instances``).
+
 Every failure is a ``scistream.errors.ScistreamError`` subclass carrying its gRPC status.
 """
 from . import sync

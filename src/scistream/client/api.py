@@ -1,13 +1,21 @@
-"""Talking to a control server: one channel, typed errors, optional token.
+"""Talking to a control server: one channel per instance, typed errors, optional token.
 
 ``AsyncClient`` wraps the four RPCs of the protocol (plus ``status``); every gRPC error
 comes out as the matching ``scistream.errors`` class, with the server's message.
 ``Client`` is the same thing for synchronous code.
+
+Its target is one control server ("10.0.0.2:5000") or several instances of one
+facility's ("10.0.0.2:5000,10.0.0.3:5000", or a list): a call that finds an instance
+unreachable goes to the next one (``scistream.client.instances`` has the rules).
+``target`` is the instance the next call goes to first (the one that answered last),
+``targets`` all of them, ``address`` the facility as one string, and ``last_unreachable``
+the instances the last finished call found unreachable on its way.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +25,10 @@ import grpc
 from ..addr import parse_listener
 from ..errors import InvalidArgument, ScistreamError, from_status
 from ..proto import pb, pb_grpc
+from .instances import (CONNECT_TIMEOUT, FAILOVER_WINDOW, FIRST_BACKOFF, MAX_BACKOFF, Unreachable,
+                        moves_on, parse_instances, release_is_done)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CERT = "server.crt"
 
@@ -27,6 +39,8 @@ class ChannelOptions:
     insecure: bool = False           # plaintext channel (server started with --insecure)
     token: str | None = None         # sent as "authorization: Bearer <token>"
     timeout: float | None = None     # per-call deadline for quick calls (update, release)
+    failover_window: float = FAILOVER_WINDOW  # several instances: how long to keep trying when unreachable
+    connect_timeout: float = CONNECT_TIMEOUT  # several instances: a connection not made by then is unreachable
 
     def resolved_cert(self) -> str | None:
         if self.server_cert:
@@ -37,10 +51,14 @@ class ChannelOptions:
         return DEFAULT_CERT if Path(DEFAULT_CERT).exists() else None
 
 
-def open_channel(target: str, opts: ChannelOptions) -> grpc.aio.Channel:
+def open_channel(target: str, opts: ChannelOptions, *, connect_timeout: float | None = None) -> grpc.aio.Channel:
+    """A channel to one instance; ``connect_timeout``: seconds after which a connection
+    attempt that got no answer fails (gRPC's default: 20 s)."""
     parse_listener(target)
     options = [("grpc.max_receive_message_length", 1 << 20),
                ("grpc.enable_retries", 0)]
+    if connect_timeout is not None:   # gRPC's minimum connect timeout is this argument
+        options.append(("grpc.min_reconnect_backoff_ms", max(1, int(connect_timeout * 1000))))
     if opts.insecure:
         return grpc.aio.insecure_channel(target, options=options)
     cert = opts.resolved_cert()
@@ -52,11 +70,21 @@ def open_channel(target: str, opts: ChannelOptions) -> grpc.aio.Channel:
 
 
 class AsyncClient:
-    def __init__(self, target: str, opts: ChannelOptions | None = None, **kw) -> None:
-        self.target = target
+    def __init__(self, target: "str | Sequence[str]", opts: ChannelOptions | None = None, **kw) -> None:
+        self.targets: tuple[str, ...] = parse_instances(target)
+        self.address = ",".join(self.targets)
         self.opts = opts or ChannelOptions(**kw)
-        self._channel = open_channel(target, self.opts)
-        self._stub = pb_grpc.ControlStub(self._channel)
+        bound = self.opts.connect_timeout if len(self.targets) > 1 else None
+        self._channels = [open_channel(t, self.opts, connect_timeout=bound) for t in self.targets]
+        self._stubs = [pb_grpc.ControlStub(ch) for ch in self._channels]
+        self._current = 0
+        self.last_unreachable: list[Unreachable] = []
+        self.note = ""   # what the last call wants the user told (a release taken as done)
+
+    @property
+    def target(self) -> str:
+        """The instance the next call goes to first: the one that answered last."""
+        return self.targets[self._current]
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -65,51 +93,123 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for ch in self._channels:
+            await ch.close()
 
     def _metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.opts.token}")] if self.opts.token else []
 
-    async def _call(self, method, request, timeout: float | None):
+    def _error(self, exc: grpc.aio.AioRpcError, target: str) -> ScistreamError:
+        msg = exc.details() or exc.code().name
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and not msg.startswith("session store"):
+            msg = (f"cannot reach the S2CS at {target}: {msg}. Is it running, and "
+                   "does --server-cert (or --insecure) match how it was started?")
+        elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            msg = (f"the S2CS at {target} does not know this call ({msg}); a server of "
+                   "the original SciStream tooling has no status: use our s2cs for that")
+        return from_status(exc.code(), msg)
+
+    async def _call(self, name: str, request, timeout: float | None):
+        self.note = ""
+        if len(self._stubs) == 1:
+            self.last_unreachable = []
+            try:
+                return await getattr(self._stubs[0], name)(request, metadata=self._metadata(),
+                                                           timeout=timeout, wait_for_ready=False)
+            except grpc.aio.AioRpcError as exc:
+                raise self._error(exc, self.targets[0]) from None
+        return await self._failover(name, request, timeout)
+
+    async def _failover(self, name: str, request, timeout: float | None):
+        """The call on the current instance; on UNAVAILABLE on the next, round-robin, until
+        the call's deadline, and at most ``failover_window`` seconds after the first
+        unreachable attempt."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        give_up, delay = deadline, FIRST_BACKOFF
+        failed: list[Unreachable] = []
+        i, tries, n = self._current, 0, len(self._stubs)
         try:
-            return await method(request, metadata=self._metadata(), timeout=timeout,
-                                wait_for_ready=False)
-        except grpc.aio.AioRpcError as exc:
-            msg = exc.details() or exc.code().name
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not msg.startswith("session store"):
-                msg = (f"cannot reach the S2CS at {self.target}: {msg}. Is it running, and "
-                       "does --server-cert (or --insecure) match how it was started?")
-            elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                msg = (f"the S2CS at {self.target} does not know this call ({msg}); a server of "
-                       "the original SciStream tooling has no status: use our s2cs for that")
-            raise from_status(exc.code(), msg) from None
+            while True:
+                remaining = None if deadline is None else deadline - loop.time()
+                try:
+                    resp = await getattr(self._stubs[i], name)(
+                        request, metadata=self._metadata(), timeout=remaining, wait_for_ready=False)
+                except grpc.aio.AioRpcError as exc:
+                    if not moves_on(exc.code()):
+                        self._current = i  # it answered: the next call goes there first
+                        if name == "release" and release_is_done(exc.code(), failed):
+                            self.note = _released_note(request.uid, failed, self.targets[i])
+                            log.warning("%s", self.note)
+                            return pb.Response()
+                        raise self._error(exc, self.targets[i]) from None
+                    failed.append(Unreachable(self.targets[i], exc.details() or exc.code().name))
+                    if len(failed) == 1:
+                        window_end = loop.time() + self.opts.failover_window
+                        give_up = window_end if give_up is None else min(give_up, window_end)
+                    i, tries = (i + 1) % n, tries + 1
+                    left = give_up - loop.time()
+                    log.info("%s: the S2CS instance %s is unreachable (%s); %s", name, failed[-1].address,
+                             failed[-1].details, f"trying {self.targets[i]}" if left > 0 else "giving up")
+                    if left <= 0:
+                        raise self._unreachable(failed) from None
+                    if tries % n == 0:  # a whole round unreachable: a short pause, then again
+                        await asyncio.sleep(min(delay, left))
+                        delay = min(delay * 2, MAX_BACKOFF)
+                        if loop.time() >= give_up:
+                            raise self._unreachable(failed) from None
+                    continue
+                self._current = i
+                if failed:
+                    log.info("%s answered by %s after %d unreachable attempt(s)", name, self.targets[i],
+                             len(failed))
+                return resp
+        finally:
+            self.last_unreachable = failed
+
+    def _unreachable(self, failed: list[Unreachable]) -> ScistreamError:
+        last: dict[str, str] = {}
+        for a in failed:
+            last[a.address] = a.details
+        where = "; ".join(f"{addr}: {details}" for addr, details in last.items())
+        hint = ("" if all(a.may_have_arrived for a in failed) else
+                ". Is one running, and does --server-cert (or --insecure) match how they were started?")
+        return from_status(grpc.StatusCode.UNAVAILABLE,
+                           f"cannot reach any instance of the S2CS at {self.address} ({where}){hint}")
 
     async def req(self, uid: str, role: str, num_conn: int = 5, rate: int = 0, *,
                   lease: int = 0, timeout: float | None = None) -> pb.Response:
-        return await self._call(self._stub.req, pb.Request(uid=uid, role=role, num_conn=num_conn,
-                                                           rate=rate, lease=lease), timeout)
+        return await self._call("req", pb.Request(uid=uid, role=role, num_conn=num_conn,
+                                                  rate=rate, lease=lease), timeout)
 
     async def hello(self, uid: str, role: str, prod_listeners: Sequence[str] = (), *,
                     timeout: float | None = 60) -> pb.AppResponse:
-        return await self._call(self._stub.hello, pb.Hello(uid=uid, role=role,
-                                                           prod_listeners=list(prod_listeners)), timeout)
+        return await self._call("hello", pb.Hello(uid=uid, role=role,
+                                                  prod_listeners=list(prod_listeners)), timeout)
 
     async def update(self, uid: str, role: str, remote_listeners: Sequence[str],
                      wan_secret: bytes = b"", *, timeout: float | None = 60) -> pb.Response:
-        return await self._call(self._stub.update, pb.UpdateTargets(
+        return await self._call("update", pb.UpdateTargets(
             uid=uid, role=role, remote_listeners=list(remote_listeners), wan_secret=wan_secret), timeout)
 
     async def release(self, uid: str, *, timeout: float | None = 60) -> pb.Response:
-        return await self._call(self._stub.release, pb.Release(uid=uid), timeout)
+        return await self._call("release", pb.Release(uid=uid), timeout)
 
     async def status(self, uid: str = "", *, timeout: float | None = 30) -> pb.StatusResponse:
-        return await self._call(self._stub.status, pb.StatusRequest(uid=uid), timeout)
+        return await self._call("status", pb.StatusRequest(uid=uid), timeout)
+
+
+def _released_note(uid: str, failed: list[Unreachable], target: str) -> str:
+    first = next(a for a in failed if a.may_have_arrived)
+    return (f"release {uid}: the attempt on {first.address} failed mid-call ({first.details}) and "
+            f"{target} does not know the session: taken as released (the first attempt may have "
+            "released it)")
 
 
 class Client:
     """Synchronous wrapper: each call runs the async one on a private event loop."""
 
-    def __init__(self, target: str, opts: ChannelOptions | None = None, **kw) -> None:
+    def __init__(self, target: "str | Sequence[str]", opts: ChannelOptions | None = None, **kw) -> None:
         self._loop = asyncio.new_event_loop()
         self._async = self._loop.run_until_complete(self._make(target, opts, kw))
 

@@ -15,32 +15,43 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from typing import Any
+from typing import Any, Sequence
 
-from ..addr import parse_listener
 from ..proto import pb
 from .api import AsyncClient, ChannelOptions
+from .instances import parse_instances
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Gateway:
-    """One control server (S2CS) and how to reach it.
+    """One facility's control server (S2CS) and how to reach it.
 
         Gateway("10.0.0.2:5000", server_cert="/etc/scistream/prod.crt", token=token)
-    """
-    address: str                      # host:port of its control port
+        Gateway("10.0.0.2:5000,10.0.0.3:5000")         # several instances of one facility's S2CS
+        Gateway(["10.0.0.2:5000", "10.0.0.3:5000"])    # the same; .address is "10.0.0.2:5000,10.0.0.3:5000"
+
+    With several instances, a call that finds one unreachable goes to the next
+    (``scistream.client.instances``)."""
+    address: str                      # host:port of its control port (several: comma-separated)
     server_cert: str | None = None    # PEM to verify it (default: $SCISTREAM_SERVER_CERT, ./server.crt)
     insecure: bool = False            # plaintext control channel (a server run with --insecure)
     token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, never shown
     timeout: float | None = 60.0      # deadline of the quick calls (update, release, status)
 
     def __post_init__(self) -> None:
-        parse_listener(self.address)
+        instances = parse_instances(self.address, "address")
+        if len(instances) > 1 or not isinstance(self.address, str):
+            object.__setattr__(self, "address", ",".join(instances))
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every instance of this facility's control server, in the order they are tried."""
+        return parse_instances(self.address, "address")
 
     @classmethod
-    def of(cls, gateway: "Gateway | str") -> "Gateway":
+    def of(cls, gateway: "Gateway | str | Sequence[str]") -> "Gateway":
         return gateway if isinstance(gateway, Gateway) else cls(gateway)
 
     def client(self) -> AsyncClient:
@@ -162,6 +173,8 @@ class SessionStatus:
     wan_security: str
     server_type: str
     rate_enforced: bool = True  # False: a client of the original tooling; the rate is not enforced
+    node: str = ""              # a facility (s2cs --facility): the node carrying the session
+    instance: str = ""          # a facility: the control instance that took its req
 
     @property
     def active(self) -> bool:
@@ -176,7 +189,8 @@ class SessionStatus:
                    lease_expires=info.lease_expires, ended=getattr(info, "ended", 0.0),
                    last_error=info.last_error, wan_security=info.wan_security,
                    server_type=info.server_type,
-                   rate_enforced=not getattr(info, "rate_not_enforced", False))
+                   rate_enforced=not getattr(info, "rate_not_enforced", False),
+                   node=getattr(info, "node", ""), instance=getattr(info, "instance", ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -14,6 +14,10 @@ the error propagates. ``s2uc connect`` is built on it.
     print(conn.consumer_listeners)       # where the consumer connects
     await release(conn)
 
+Each gateway may name several instances of its facility's control server
+(``Gateway("h1:5000,h2:5000")``): every call of a side moves to the next instance while
+one is unreachable (``scistream.client.instances``).
+
 ``request_prod`` and ``request_cons`` do one half each (``s2uc prod-req`` / ``cons-req``);
 ``status`` reads a server's sessions as ``SessionStatus`` records. The order the servers
 of the original tooling need (targets checked before any update; such a server named,
@@ -26,7 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import grpc
 
@@ -40,6 +44,8 @@ from .order import ORIGINAL_SERVER, check_targets, original_server_note, wan_sec
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Progress], None]
+#: A gateway, its address ("host:port"), or its instances ("h1:5000,h2:5000" or a list of them).
+GatewayLike = Union[Gateway, str, Sequence[str]]
 RELEASE_TIMEOUT = 15.0
 
 # A req that failed with one of these reserved nothing (or freed it): do not release the uid,
@@ -194,7 +200,7 @@ async def _run_halves(tasks: dict[asyncio.Task, _Half]) -> None:
                 raise exc
 
 
-async def connect(prod: Gateway | str, cons: Gateway | str, *, num_conn: int = 1, rate: int = 0,
+async def connect(prod: GatewayLike, cons: GatewayLike, *, num_conn: int = 1, rate: int = 0,
                   lease: int = 0, uid: str | None = None, hello_timeout: float | None = None,
                   on_progress: ProgressCallback | None = None) -> Connection:
     """Set up a whole session: both reqs, both hellos, both connection maps.
@@ -233,7 +239,7 @@ async def connect(prod: Gateway | str, cons: Gateway | str, *, num_conn: int = 1
                       steps=tuple(clock.steps), prod=prod, cons=cons)
 
 
-async def request_prod(gateway: Gateway | str, *, num_conn: int = 1, rate: int = 0, lease: int = 0,
+async def request_prod(gateway: GatewayLike, *, num_conn: int = 1, rate: int = 0, lease: int = 0,
                        uid: str | None = None, hello_timeout: float | None = None,
                        on_progress: ProgressCallback | None = None) -> ProdSide:
     """The PROD half alone (``s2uc prod-req``): req, the producer's hello, update PROD.
@@ -254,7 +260,7 @@ async def request_prod(gateway: Gateway | str, *, num_conn: int = 1, rate: int =
             raise
 
 
-async def request_cons(gateway: Gateway | str, uid: str, wan_listeners: Sequence[str],
+async def request_cons(gateway: GatewayLike, uid: str, wan_listeners: Sequence[str],
                        wan_secret: bytes = b"", *, num_conn: int | None = None, rate: int = 0,
                        lease: int = 0, hello_timeout: float | None = None,
                        on_progress: ProgressCallback | None = None) -> ConsSide:
@@ -279,8 +285,8 @@ async def request_cons(gateway: Gateway | str, uid: str, wan_listeners: Sequence
             raise
 
 
-async def release(session: Connection | str, prod: Gateway | str | None = None,
-                  cons: Gateway | str | None = None) -> Released:
+async def release(session: Connection | str, prod: GatewayLike | None = None,
+                  cons: GatewayLike | None = None) -> Released:
     """Release a session on both sides (or the sides given): stop its data servers, free ports.
 
     ``release(conn)`` for a ``Connection``; ``release(uid, prod, cons)`` otherwise. A side that
@@ -312,7 +318,7 @@ async def release(session: Connection | str, prod: Gateway | str | None = None,
     return Released(uid=uid, prod=done["PROD"], cons=done["CONS"])
 
 
-async def status(gateway: Gateway | str, uid: str = "") -> list[SessionStatus]:
+async def status(gateway: GatewayLike, uid: str = "") -> list[SessionStatus]:
     """The sessions of ``uid`` (or every session you may see) on one control server."""
     gateway = Gateway.of(gateway)
     if uid:

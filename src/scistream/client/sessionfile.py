@@ -3,7 +3,9 @@
 ``prod-req`` and ``cons-req`` are separate commands, yet the per-session WAN secret that
 the PROD S2CS hands to the owner must reach the CONS S2CS. The client keeps it in a file
 only the user can read (``~/.config/scistream/sessions/UID.json``, mode 0600), never on the
-terminal, and removes it on release.
+terminal, and removes it on release. It also keeps the control server the PROD side was
+requested from (``s2cs``: with several instances of one facility, the whole comma-separated
+list), which ``s2uc release UID`` and ``s2uc status UID`` use when given no ``--s2cs``.
 """
 from __future__ import annotations
 

@@ -63,8 +63,9 @@ CHANNEL = "scistream_fsessions"
 NODE_CALL_TIMEOUT = 5.0
 
 
-class NoNodeAvailable(ScistreamError):
-    """No node of the facility is up and undrained; worth retrying later."""
+class Unavailable(ScistreamError):
+    """No node of the facility can take a session now, or this instance is stopping: worth
+    retrying (on another instance)."""
     status = grpc.StatusCode.UNAVAILABLE
 
 
@@ -146,8 +147,10 @@ class FacilityRegistry:
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         self.observers: list[Observer] = (
             [] if events is None else [events] if callable(events) else list(events))
-        self.active: dict = {}        # nothing in memory: metrics and web read the store
+        # nothing is kept in memory: these are the web view's copy of the store (refresh_view)
+        self.active: dict = {}
         self.ended: collections.OrderedDict = collections.OrderedDict()
+        self.nodes_view: list[dict] = []
         self.links = NodeLinks(token, self._node_event)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listen: Any = None
@@ -200,6 +203,12 @@ class FacilityRegistry:
         for evs in self._waiters.values():
             for ev in evs:
                 ev.set()
+
+    def begin_shutdown(self) -> None:
+        """This instance stops: a req waiting here for its hello answers UNAVAILABLE at once
+        (its client retries on another instance and finds the same session there)."""
+        self._closed = True
+        self._wake_all()
 
     async def close(self, release: bool = False) -> None:
         """Stop this instance. Sessions stay: the store and the other instances keep them."""
@@ -300,9 +309,11 @@ class FacilityRegistry:
         try:
             return await self._wait_hello(row)
         except asyncio.CancelledError:
-            # the client went away before the hello: free what it reserved (if still waiting)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._give_up(row, S.RELEASED, "client went away before the hello"))
+            # the client went away before the hello: free what it reserved (if still waiting);
+            # not when this instance is stopping: the client retries on another one
+            if not self._closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._give_up(row, S.RELEASED, "client went away before the hello"))
             raise
 
     async def _place(self, conn: Any, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
@@ -323,7 +334,7 @@ class FacilityRegistry:
                 f"(SELECT count(*) FROM fsessions f WHERE f.node = n.name AND f.state IN {LIVE}), random()",
                 self.node_timeout)
             if not names:
-                raise NoNodeAvailable("no data-transfer node of this facility is up and accepting "
+                raise Unavailable("no data-transfer node of this facility is up and accepting "
                                       "sessions (s2cs nodes list); start or undrain one")
             why: list[str] = []
             for rec in names:
@@ -414,7 +425,7 @@ class FacilityRegistry:
                     await self._give_up(cur, S.EXPIRED, f"no hello within {self.config.hello_timeout:g} s")
                     continue
                 if self._closed:
-                    raise NoNodeAvailable("this control server is shutting down; retry on another instance")
+                    raise Unavailable("this control server is shutting down; retry on another instance")
                 # woken by NOTIFY; the bounded wait re-reads the row should a notice be lost
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ev.wait(), min(left, 5.0))
@@ -624,7 +635,7 @@ class FacilityRegistry:
             return out
 
     # -- status -------------------------------------------------------------------------
-    async def snapshot(self, uid: str, who: Identity, admin: bool) -> list[Session]:
+    async def snapshot(self, uid: str, who: Identity, admin: bool, *, ended: bool = True) -> list[Session]:
         """What ``status`` shows: live sessions first, then the most recently ended ones."""
         owner = None if admin else who.id
 
@@ -632,11 +643,13 @@ class FacilityRegistry:
             live = await c.fetch(
                 f"SELECT * FROM fsessions WHERE state IN {LIVE} AND ($1 = '' OR uid = $1) "
                 "AND ($2::text IS NULL OR owner_id = $2) ORDER BY created", uid, owner)
-            ended = await c.fetch(
+            if not ended:
+                return list(live)
+            gone = await c.fetch(
                 f"SELECT * FROM fsessions WHERE state NOT IN {LIVE} AND ($1 = '' OR uid = $1) "
                 "AND ($2::text IS NULL OR owner_id = $2) ORDER BY ended DESC LIMIT $3",
                 uid, owner, self.config.history)
-            return list(live) + list(ended)
+            return list(live) + list(gone)
         rows = await self._call(read, "read")
         sessions = [_session(r) for r in rows]
         await self._fresh_stats([s for s in sessions if s.state is S.CONNECTED])
@@ -667,7 +680,24 @@ class FacilityRegistry:
         await asyncio.gather(*(one(n, g) for n, g in by_node.items()))
 
     def sessions(self) -> list[Session]:
-        return []
+        """The sessions as of the last ``refresh_view`` (the web view's), live first."""
+        return list(self.active.values()) + list(reversed(self.ended.values()))
+
+    async def refresh_view(self) -> None:
+        """Read the facility's sessions (live ones with fresh counters, the latest ended ones)
+        and nodes into ``active``, ``ended`` and ``nodes_view``: what the web view shows."""
+        sessions = await self.snapshot("", Identity("web"), True)
+        nodes = (await list_nodes(self.store, self.node_timeout))["nodes"]
+        self.active = {(s.uid, s.role): s for s in sessions if s.state not in TERMINAL}
+        self.ended = collections.OrderedDict(
+            ((s.uid, s.role, s.created), s) for s in reversed([s for s in sessions if s.state in TERMINAL]))
+        self.nodes_view = nodes
+
+    async def facility_view(self) -> tuple[list[Session], list[dict]]:
+        """Every live session of the facility (counters fresh from the nodes) and every node
+        with its load: what the metrics endpoint exports."""
+        live = await self.snapshot("", Identity("metrics"), True, ended=False)
+        return live, (await list_nodes(self.store, self.node_timeout))["nodes"]
 
     async def stats(self, session: Session) -> Stats:
         return session.total_stats()
@@ -696,9 +726,12 @@ class FacilityRegistry:
         async def tx(c: Any) -> float:
             async with c.transaction():
                 await c.execute("UPDATE instances SET heartbeat = now() WHERE name = $1", self.instance)
+                # a database that was down missed every heartbeat: judge nodes only once it has
+                # been up for a whole --node-timeout (a restart of it must not fail every session)
                 lost = await c.fetch(
                     "UPDATE nodes SET state = 'lost', reason = $2 WHERE state = 'up' "
-                    "AND heartbeat < now() - make_interval(secs => $1) RETURNING *",
+                    "AND heartbeat < now() - make_interval(secs => $1) "
+                    "AND now() - pg_postmaster_start_time() > make_interval(secs => $1) RETURNING *",
                     self.node_timeout, f"no heartbeat for {self.node_timeout:g} s (--node-timeout)")
                 for node in lost:
                     log.error("node %s lost: no heartbeat for %g s; failing its sessions", node["name"],

@@ -13,6 +13,13 @@ What is exported (all prefixed ``scistream_``):
     rpc_errors_total{method,code}       counter  the ones that failed
     ports{state}, bandwidth_kbps{state} gauge    pool use: used / free, used / max
 
+A facility's control server (``s2cs --facility``) exports the facility's sessions, read
+from the store at each scrape (every instance shows the same: aggregate with ``max``),
+the pool gauges summed over the nodes, and per node (label ``node``): ``node_up``,
+``node_sessions``, ``node_ports_used``, ``node_bandwidth_kbps``,
+``node_heartbeat_age_seconds``, ``node_connections``, ``node_bytes_forwarded_total``;
+``store_up`` is 0 when the store did not answer the scrape.
+
 The byte and connection counts come from the data servers, asked right before each scrape
 (in parallel, bounded), on the event loop: no thread, no sampling interval to tune.
 Each server has its own ``CollectorRegistry``, so several can run in one process.
@@ -46,6 +53,12 @@ class _Live:
 
     def collect(self):
         reg = self.m.registry
+        facility = hasattr(reg, "facility_view")
+        view = self.m.view
+        if facility:
+            yield GaugeMetricFamily("scistream_store_up", "1 if the facility's store answered the last scrape",
+                                    value=0 if view is None else 1)
+        live = list(reg.active.values()) if not facility else (view[0] if view else [])
         by_state = {s.value: 0 for s in (S.REQUESTED, S.READY, S.CONNECTED)}
         to_prod, to_cons = self.m.ended_bytes
         refused = self.m.ended_refused
@@ -53,7 +66,7 @@ class _Live:
         per = CounterMetricFamily("scistream_session_bytes_forwarded",
                                   "Bytes carried by each live session's data server",
                                   labels=["uid", "role", "direction"])
-        for s in list(reg.active.values()):
+        for s in live:
             by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
             st = s.total_stats()
             to_prod += st.bytes_in
@@ -77,6 +90,9 @@ class _Live:
         yield CounterMetricFamily("scistream_connections_refused",
                                   "Connections the data servers refused: over the session's cap "
                                   "(--max-session-conns)", value=refused)
+        if facility:
+            yield from self._nodes(live, view[1] if view else [])
+            return
         p = GaugeMetricFamily("scistream_ports", "Data ports of --port-range", labels=["state"])
         p.add_metric(["used"], len(reg.ports.used))
         p.add_metric(["free"], reg.ports.free_count)
@@ -86,6 +102,49 @@ class _Live:
         b.add_metric(["used"], reg.bandwidth.used)
         b.add_metric(["max"], reg.bandwidth.max)
         yield b
+
+    @staticmethod
+    def _nodes(live: list[Session], nodes: list[dict]):
+        """A facility (s2cs --facility): the same pool gauges summed over its nodes, and each
+        node's own, labelled ``node``."""
+        p = GaugeMetricFamily("scistream_ports", "Data ports of the facility's nodes", labels=["state"])
+        used = sum(n["ports_used"] for n in nodes)
+        total = sum(int(n["ports"].split("-")[1]) - int(n["ports"].split("-")[0]) + 1 for n in nodes)
+        p.add_metric(["used"], used)
+        p.add_metric(["free"], total - used)
+        yield p
+        b = GaugeMetricFamily("scistream_bandwidth_kbps", "Admitted bandwidth (max 0 = unlimited)",
+                              labels=["state"])
+        b.add_metric(["used"], sum(n["bandwidth_used_kbps"] for n in nodes))
+        b.add_metric(["max"], sum(n["max_rate_kbps"] for n in nodes))
+        yield b
+        fams = {
+            "up": GaugeMetricFamily("scistream_node_up", "1: the node is up and takes sessions; 0: lost, "
+                                    "late or drained", labels=["node"]),
+            "sessions": GaugeMetricFamily("scistream_node_sessions", "Live sessions on the node", labels=["node"]),
+            "ports": GaugeMetricFamily("scistream_node_ports_used", "Ports reserved on the node", labels=["node"]),
+            "bw": GaugeMetricFamily("scistream_node_bandwidth_kbps", "Bandwidth admitted on the node",
+                                    labels=["node"]),
+            "age": GaugeMetricFamily("scistream_node_heartbeat_age_seconds", "Seconds since the node's "
+                                     "last heartbeat", labels=["node"]),
+        }
+        conns = GaugeMetricFamily("scistream_node_connections", "Connections open on the node", labels=["node"])
+        carried = CounterMetricFamily("scistream_node_bytes_forwarded", "Bytes carried by the node's live "
+                                      "sessions", labels=["node", "direction"])
+        for n in nodes:
+            name = n["name"]
+            fams["up"].add_metric([name], 1 if n["state"] == "up" else 0)
+            fams["sessions"].add_metric([name], n["sessions"])
+            fams["ports"].add_metric([name], n["ports_used"])
+            fams["bw"].add_metric([name], n["bandwidth_used_kbps"])
+            fams["age"].add_metric([name], n["heartbeat_age_s"])
+            mine = [s.total_stats() for s in live if s.node == name]
+            conns.add_metric([name], sum(st.connections for st in mine))
+            carried.add_metric([name, "to_producer"], sum(st.bytes_in for st in mine))
+            carried.add_metric([name, "to_consumer"], sum(st.bytes_out for st in mine))
+        yield from fams.values()
+        yield conns
+        yield carried
 
 
 class Metrics:
@@ -104,6 +163,7 @@ class Metrics:
             self.ended.labels(state)
         self.ended_bytes = [0, 0]
         self.ended_refused = 0
+        self.view: tuple[list[Session], list[dict]] | None = None   # a facility's, at the last scrape
         self.prom.register(_Live(self))
         self._server: asyncio.AbstractServer | None = None
 
@@ -126,7 +186,15 @@ class Metrics:
             self.ended_refused += st.refused_connections
 
     async def refresh(self, concurrency: int = 32) -> None:
-        """Ask every live data server for its counters (bounded in time and in parallel)."""
+        """Ask every live data server for its counters (bounded in time and in parallel); a
+        facility's control server reads its sessions and nodes from the store."""
+        if hasattr(self.registry, "facility_view"):
+            try:
+                self.view = await asyncio.wait_for(self.registry.facility_view(), 5.0)
+            except Exception as exc:  # noqa: BLE001 - a scrape says the store is down, it does not fail
+                log.warning("metrics: cannot read the facility's store: %s", exc)
+                self.view = None
+            return
         sem = asyncio.Semaphore(concurrency)
 
         async def one(s: Session) -> None:

@@ -146,9 +146,6 @@ def check(config: ServerConfig) -> None:
         if config.backend.kind != "Builtin":  # type: ignore[attr-defined]
             raise ConfigError(f"--facility places sessions on node services (the Builtin type); "
                               f"--type {config.server_type} is for a single gateway")
-        if config.web_port is not None:
-            raise ConfigError("--web-port is not available with --facility yet; run the web view on a "
-                              "single-gateway s2cs, or use s2uc status --watch")
         if config.data_service is not None:
             raise ConfigError("--data-service is for a single gateway; a facility's nodes register "
                               "themselves (s2ds serve --store ...)")
@@ -226,7 +223,9 @@ class ControlServer:
         if self.store is None and config.store:
             # a node's name in a shared store: this host and this state directory (two
             # s2cs on one host are two nodes; a restart on the same state dir is the same)
-            self.store = PostgresStore(config.store, node=f"{socket.gethostname()}:{self.state_dir}")
+            # a facility's instance runs every call as a transaction of its own: a bigger pool
+            self.store = PostgresStore(config.store, node=f"{socket.gethostname()}:{self.state_dir}",
+                                       pool_size=16 if config.facility else 4)
         elif self.store is None:
             self.store = SqliteStore(self.state_dir / "sessions.db")
         try:
@@ -355,6 +354,8 @@ class ControlServer:
         self._tasks.clear()
         if self.web is not None:
             await self.web.close()
+        if self.registry is not None and hasattr(self.registry, "begin_shutdown"):
+            self.registry.begin_shutdown()   # a facility: waiting reqs go to another instance
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None

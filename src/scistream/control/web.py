@@ -219,7 +219,12 @@ class WebView:
                 await reg.stats(s)
 
         live = [s for s in reg.active.values() if s.server is not None]
-        if live:
+        if hasattr(reg, "refresh_view"):   # a facility: sessions and counters come from the store and nodes
+            try:
+                await asyncio.wait_for(reg.refresh_view(), max(SAMPLE_EVERY * 0.9, 2.0))
+            except Exception as exc:  # noqa: BLE001 - the page shows what it had; the log says why
+                log.warning("web view: cannot read the facility's store: %s", exc)
+        elif live:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True),
                                        SAMPLE_EVERY * 0.9)
@@ -304,7 +309,7 @@ class WebView:
             "rate_in_h": bitrate(rate_in), "rate_out_h": bitrate(rate_out),
             "wan_security": s.wan_security or "-",
             "server_type": s.server_type or self.registry.config.server_type,
-            "node": s.listen_host or self.registry.config.listener_ip,
+            "node": s.node or s.listen_host or self.registry.config.listener_ip,
             "last_error": s.last_error, "ended": s.ended or None,
             "url": f"/session/{s.uid}/{s.role}",
         }
@@ -315,11 +320,27 @@ class WebView:
             steps.append((s.state.value, s.ended))
         return [{"state": name, "at": t, "when": _fmt_time(t)} for name, t in steps if t]
 
+    async def _fresh(self) -> None:
+        """A facility's view is a copy of the store: read it if the sampler has not lately."""
+        if hasattr(self.registry, "refresh_view") and time.time() - self.sampled > SAMPLE_EVERY:
+            await self.sample()
+
     def summary(self, sessions: list[Session]) -> dict[str, Any]:
         reg = self.registry
         states = {st.value: 0 for st in S}
         for s in sessions:
             states[s.state.value] += 1
+        if hasattr(reg, "nodes_view"):    # a facility: its nodes' pools
+            nodes = reg.nodes_view
+            return {"node": self.hostname, "listener_ip": "", "server_type": reg.config.server_type,
+                    "ports_used": sum(n["ports_used"] for n in nodes),
+                    "ports_total": sum(int(n["ports"].split("-")[1]) - int(n["ports"].split("-")[0]) + 1
+                                       for n in nodes),
+                    "bandwidth_used_kbps": sum(n["bandwidth_used_kbps"] for n in nodes),
+                    "bandwidth_max_kbps": sum(n["max_rate_kbps"] for n in nodes),
+                    "nodes": [{"name": n["name"], "state": n["state"], "sessions": n["sessions"],
+                               "address": n["address"]} for n in nodes],
+                    "states": states, "sampled": self.sampled}
         return {"node": self.hostname, "listener_ip": reg.config.listener_ip,
                 "server_type": reg.config.server_type,
                 "ports_used": len(reg.ports.used), "ports_total": len(reg.ports.ports),
@@ -403,11 +424,13 @@ class WebView:
 
     async def index(self, request: web.Request) -> web.Response:
         who = await self._who_or_login(request)
+        await self._fresh()
         data = self.table(who)
         return self._page("sessions", _index_body(data), who, "index")
 
     async def session_page(self, request: web.Request) -> web.Response:
         who = await self._who_or_login(request)
+        await self._fresh()
         s = self.find(who, request.match_info["uid"], request.match_info["role"])
         d = self.one(s)
         attrs = f' data-uid="{html.escape(s.uid)}" data-role="{html.escape(s.role)}"'
@@ -492,10 +515,12 @@ class WebView:
 
     async def api_sessions(self, request: web.Request) -> web.Response:
         who = await self._who_or_401(request)
+        await self._fresh()
         return web.json_response(self.table(who))
 
     async def api_session(self, request: web.Request) -> web.Response:
         who = await self._who_or_401(request)
+        await self._fresh()
         s = self.find(who, request.match_info["uid"], request.match_info["role"])
         return web.json_response(self.one(s, history=True))
 
@@ -504,6 +529,7 @@ class WebView:
         (its first event carries the chart's history)."""
         who = await self._who_or_401(request)
         uid, role = request.query.get("uid"), request.query.get("role")
+        await self._fresh()
         target = self.find(who, uid, role or "") if uid else None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
@@ -561,7 +587,16 @@ def _summary_html(sm: dict[str, Any]) -> str:
     return (f'<section id="summary"><div><span class="label">ports in use</span> '
             f'<b id="ports">{sm["ports_used"]} / {sm["ports_total"]}</b></div>'
             f'<div><span class="label">bandwidth admitted</span> <b id="bandwidth">{_e(bw)}</b></div>'
-            f'<div><span class="label">sessions</span> {states}</div></section>')
+            f'<div><span class="label">sessions</span> {states}</div>{_nodes_html(sm)}</section>')
+
+
+def _nodes_html(sm: dict[str, Any]) -> str:
+    """A facility's nodes: name, state, sessions."""
+    if "nodes" not in sm:
+        return ""
+    items = " ".join(f'<span class="node n-{_e(n["state"])}" data-node="{_e(n["name"])}">{_e(n["name"])} '
+                     f'{_e(n["state"])} <b>{n["sessions"]}</b></span>' for n in sm["nodes"])
+    return f'<div id="nodes"><span class="label">nodes</span> {items or "none registered"}</div>'
 
 
 def _row_html(r: dict[str, Any]) -> str:

@@ -278,6 +278,26 @@ class Entry:
         self.socks = []
 
 
+def with_credentials(cfg: Any) -> Any:
+    """A session given as its WAN secret (``wan_secret``, hex): its certificate and key,
+    derived here and kept in memory (``cert_pem``, ``key_pem``; the workers load them
+    through a memory file), so no credential file is written for it."""
+    if not isinstance(cfg, dict) or not cfg.get("wan_secret"):
+        return cfg
+    from . import wankeys
+    cfg = dict(cfg)
+    try:
+        secret = bytes.fromhex(str(cfg.pop("wan_secret")))
+    except ValueError:
+        raise OpError("wan_secret must be hex") from None
+    if len(secret) != wankeys.SECRET_BYTES:
+        raise OpError(f"wan_secret must be {wankeys.SECRET_BYTES} bytes")
+    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")))
+    cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode())
+    cfg.pop("cert", None), cfg.pop("key", None)
+    return cfg
+
+
 def check_cfg(cfg: Any) -> dict:
     """A session's configuration, checked; OpError (invalid) with the reason otherwise."""
     if not isinstance(cfg, dict):
@@ -293,7 +313,7 @@ def check_cfg(cfg: Any) -> dict:
             raise OpError("no targets given")
         for t in targets:
             resolve_target(t)
-        if cfg.get("tls"):
+        if cfg.get("tls") and not (cfg.get("cert_pem") and cfg.get("key_pem")):
             for k in ("cert", "key"):
                 if not cfg.get(k) or not Path(cfg[k]).is_file():
                     raise OpError(f"tls needs a readable {k} file, got {cfg.get(k)!r}")
@@ -339,7 +359,6 @@ class Node:
         self.restarting: set[int] = set()
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
-        self.workdir = path.parent / "node-sessions"   # WAN credentials of sessions added remotely
         self.tcp: asyncio.AbstractServer | None = None  # a facility's control servers (facilitynode)
         self.port_range: range | None = None            # remote adds must stay in it
 
@@ -527,7 +546,7 @@ class Node:
                 if remote and msg.get("op") in ("shutdown", "handover", "handover_done"):
                     raise OpError(f"{msg.get('op')} is for the node's own operator (its unix socket)")
                 if remote and msg.get("op") == "add":
-                    msg = {**msg, "cfg": self._remote_cfg(msg.get("sid"), msg.get("cfg"))}
+                    msg = {**msg, "cfg": self._remote_cfg(msg.get("cfg"))}
                 reply = await self.handle(msg, writer)
             except OpError as exc:
                 reply = {"ok": False, "error": str(exc), "code": exc.code}
@@ -594,7 +613,8 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            return {"ok": True, "cfg": e.cfg, "workers": e.placement, "also": e.also}
+            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem")}
+            return {"ok": True, "cfg": shown, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
                                              for sid, e in self.sessions.items()}}
@@ -625,9 +645,9 @@ class Node:
         except KeyError:
             raise OpError(f"no session {sid!r} in this node service", "unknown") from None
 
-    def _remote_cfg(self, sid: Any, cfg: Any) -> dict:
-        """A facility's add: derive the WAN credentials from the secret, check the ports."""
-        from . import wankeys
+    def _remote_cfg(self, cfg: Any) -> dict:
+        """A facility's add: the ports must lie in the node's range; paths on another host
+        mean nothing here (the credentials come as the session's secret)."""
         if not isinstance(cfg, dict):
             raise OpError("cfg must be an object")
         cfg = dict(cfg)
@@ -636,26 +656,14 @@ class Node:
             if bad:
                 raise OpError(f"ports {bad} are outside this node's range "
                               f"{self.port_range.start}-{self.port_range.stop - 1}")
-        secret = cfg.pop("wan_secret", None)
-        cfg.pop("cert", None), cfg.pop("key", None)   # paths on another host mean nothing here
-        if secret:
-            try:
-                raw = bytes.fromhex(str(secret))
-            except ValueError:
-                raise OpError("wan_secret must be hex") from None
-            name = str(sid or "").replace("/", "-")
-            if not name or name.startswith(".") or os.sep in name:
-                raise OpError(f"bad sid {sid!r}")
-            self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            files = wankeys.write_credentials(raw, str(cfg.get("uid")), self.workdir / name, only_pem=True)
-            cfg.update(tls=True, cert=str(files.cert), key=str(files.key))
+        cfg.pop("cert", None), cfg.pop("key", None), cfg.pop("cert_pem", None), cfg.pop("key_pem", None)
         return cfg
 
     # -- operations ---------------------------------------------------------
     async def add(self, sid: str, cfg: Any) -> dict:
         if not sid:
             raise OpError("sid is required")
-        cfg = check_cfg(cfg)
+        cfg = check_cfg(with_credentials(cfg))
         cfg.setdefault("plain_relay", self.plain_relay)
         old = self.sessions.get(sid)
         if old is not None:
@@ -688,9 +696,6 @@ class Node:
         for i in e.placement:
             self.workers[i].listeners -= 1
         e.close()
-        if self.workdir.is_dir():
-            import shutil
-            shutil.rmtree(self.workdir / sid.replace("/", "-"), ignore_errors=True)
         total["connections"] = 0
         log.info("session %s removed: in %d, out %d bytes, %d connections", sid, total["bytes_in"],
                  total["bytes_out"], total["total_connections"])

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import DataServerError
-from . import wankeys
 from .base import DataServer, DataSpec, Stats, register
 from .nodeclient import ServiceConnection, ServiceError
 from .supervise import ChildProcess, pid_alive
@@ -252,8 +251,9 @@ class NodeDataServer(DataServer):
             "max_conns": int(getattr(spec, "max_conns", 0) or 0),
         }
         if spec.wan_secret is not None:
-            files = wankeys.write_credentials(spec.wan_secret, spec.uid, spec.workdir, only_pem=True)
-            cfg.update(cert=str(files.cert), key=str(files.key))
+            # the service derives the certificate and key and keeps them in memory: no file
+            # (and no directory) is written for the session (1-2 ms of disk metadata an update)
+            cfg["wan_secret"] = spec.wan_secret.hex()
         return cfg
 
     def _future(self) -> asyncio.Future:
@@ -267,7 +267,6 @@ class NodeDataServer(DataServer):
             fut.set_result(reason)
 
     async def add(self) -> None:
-        self.spec.workdir.mkdir(parents=True, exist_ok=True)
         await self.node.call({"op": "add", "sid": self.sid, "cfg": self._config()})
 
     async def start(self) -> None:

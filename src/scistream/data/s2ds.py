@@ -98,8 +98,19 @@ def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | Non
     server = cfg["role"] == "PROD"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cfg["cert"], cfg["key"])
-    ctx.load_verify_locations(cafile=cfg["cert"])
+    if cfg.get("cert_pem"):
+        # the node service's sessions carry their credentials in memory: loaded through an
+        # anonymous memory file, never written to a disk
+        fd = os.memfd_create("scistream-session-credentials", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, (cfg["key_pem"] + cfg["cert_pem"]).encode())
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        ctx.load_verify_locations(cadata=cfg["cert_pem"])
+    else:
+        ctx.load_cert_chain(cfg["cert"], cfg["key"])
+        ctx.load_verify_locations(cafile=cfg["cert"])
     ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
     ctx.check_hostname = False               # the one trusted certificate is the identity
     if server:

@@ -8,6 +8,6 @@
         print(tb.describe())
 """
 from ..procs import spawn
-from .testbed import Host, Testbed, TestbedError, cleanup_leftovers, unavailable_reason
+from .testbed import FacilityTestbed, Host, Testbed, TestbedError, cleanup_leftovers, unavailable_reason
 
-__all__ = ["Host", "Testbed", "TestbedError", "cleanup_leftovers", "spawn", "unavailable_reason"]
+__all__ = ["FacilityTestbed", "Host", "Testbed", "TestbedError", "cleanup_leftovers", "spawn", "unavailable_reason"]

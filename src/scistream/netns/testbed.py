@@ -23,6 +23,9 @@ application controller's hello. Addresses come only from the documentation range
     with Testbed() as tb:                      # needs root; unavailable_reason() says why not
         tb.run(tb.consumer, "ip", "route")     # argv run inside the consumer's namespace
         argv = tb.argv(tb.gw_a, "s2cs", "--listener-ip", tb.gw_a.wan_ip, ...)
+
+``FacilityTestbed`` is the same with facility A as several hosts (issue 13): two control
+hosts, two data-transfer nodes and a database host on bridged LANs; see its docstring.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 PREFIX = "scistream-tb-"
 NETNS_DIR = Path("/run/netns")
 RANGES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")  # RFC 5737, nothing else
-_NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)-([0-9a-f]+)-[a-z-]+$")
+_NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)-([0-9a-f]+)-[a-z0-9-]+$")
 
 
 class TestbedError(RuntimeError):
@@ -194,18 +197,34 @@ class Testbed:
     without owning it: its ``destroy()`` does nothing."""
 
     __test__ = False  # not a pytest test class
+    SUMMARY = "facility A = producer + GW-A, facility B = consumer + GW-B"
 
     def __init__(self, tag: str | None = None, *, owner: bool = True) -> None:
         self.tag = tag or f"{os.getpid()}-{secrets.token_hex(3)}"
         self.owner = owner
         self.hosts: dict[str, Host] = {
-            name: Host(name, label, f"{PREFIX}{self.tag}-{name}", addrs) for name, label, addrs in _HOSTS}
+            name: Host(name, label, f"{PREFIX}{self.tag}-{name}", addrs) for name, label, addrs in self._hosts()}
+        # switches: a namespace holding one bridge (br0) that joins a LAN's hosts; no address
+        self.switches: dict[str, str] = {name: f"{PREFIX}{self.tag}-{name}" for name in self._switches()}
         self._created: list[str] = []
+
+    # The topology (read when used, so a test may patch the module's tables).
+    def _hosts(self) -> tuple:
+        return _HOSTS
+
+    def _links(self) -> tuple:
+        return _LINKS
+
+    def _routes(self) -> tuple:
+        return _ROUTES
+
+    def _switches(self) -> tuple:
+        return ()
 
     @classmethod
     def attach(cls, tag: str) -> "Testbed":
         tb = cls(tag, owner=False)
-        missing = [h.ns for h in tb.hosts.values() if not (NETNS_DIR / h.ns).exists()]
+        missing = [ns for ns in tb.namespaces if not (NETNS_DIR / ns).exists()]
         if missing:
             raise TestbedError(f"no testbed {tag!r}: namespaces {', '.join(missing)} do not exist")
         return tb
@@ -218,7 +237,7 @@ class Testbed:
 
     @property
     def namespaces(self) -> list[str]:
-        return [h.ns for h in self.hosts.values()]
+        return [h.ns for h in self.hosts.values()] + list(self.switches.values())
 
     # -- building and tearing down --------------------------------------------------------
     def create(self) -> "Testbed":
@@ -235,26 +254,41 @@ class Testbed:
         return self
 
     def _build(self) -> None:
-        for h in self.hosts.values():
-            _ip("netns", "add", h.ns)
-            self._created.append(h.ns)
+        for ns in self.namespaces:
+            _ip("netns", "add", ns)
+            self._created.append(ns)
             # Before any link exists: no forwarding, no IPv6 (nothing but our IPv4 leaves a veth).
-            self.run(h, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.disable_ipv6=1",
-                     "net.ipv6.conf.default.disable_ipv6=1")
-            _ip("-n", h.ns, "link", "set", "lo", "up")
-        for a, a_if, b, b_if in _LINKS:
-            ha, hb = self.hosts[a], self.hosts[b]
-            _ip("link", "add", a_if, "netns", ha.ns, "type", "veth", "peer", "name", b_if, "netns", hb.ns)
+            self._run_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.disable_ipv6=1",
+                         "net.ipv6.conf.default.disable_ipv6=1")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        for ns in self.switches.values():
+            # A bridge switches frames between a LAN's ports (layer 2, no IP, no STP delay).
+            _ip("-n", ns, "link", "add", "br0", "type", "bridge", "stp_state", "0")
+            _ip("-n", ns, "link", "set", "br0", "up")
+        for a, a_if, b, b_if in self._links():
+            ha = self.hosts[a].ns
+            hb = self.switches.get(b) or self.hosts[b].ns
+            _ip("link", "add", a_if, "netns", ha, "type", "veth", "peer", "name", b_if, "netns", hb)
+            if b in self.switches:
+                _ip("-n", hb, "link", "set", b_if, "master", "br0")
+                _ip("-n", hb, "link", "set", b_if, "up")
         for h in self.hosts.values():
             for ifname, addr in h.addrs:
                 _ip("-n", h.ns, "addr", "add", addr, "dev", ifname)
                 _ip("-n", h.ns, "link", "set", ifname, "up")
-        for host, dest, via in _ROUTES:
+        for host, dest, via in self._routes():
             _ip("-n", self.hosts[host].ns, "route", "add", dest, "via", via)
-        for h in self.hosts.values():
-            fwd = self.run(h, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
+        for ns in self.namespaces:
+            fwd = self._run_ns(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
             if fwd != "0":
-                raise TestbedError(f"{h.ns}: ip_forward is {fwd}, expected 0")
+                raise TestbedError(f"{ns}: ip_forward is {fwd}, expected 0")
+
+    def _run_ns(self, ns: str, *argv: str) -> subprocess.CompletedProcess:
+        p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise TestbedError(f"{ns}: {' '.join(argv)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
+        return p
 
     def destroy(self) -> None:
         """Stop every process left in the namespaces, then delete them (and their veths)."""
@@ -304,9 +338,91 @@ class Testbed:
         return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
     def describe(self) -> str:
-        lines = [f"testbed {self.tag}: facility A = producer + GW-A, facility B = consumer + GW-B"]
+        lines = [f"testbed {self.tag}: {self.SUMMARY}"]
         for h in self.hosts.values():
             lines.append(f"  {h.label:<8} {h.ns:<40} " + " ".join(f"{i}={a}" for i, a in h.addrs))
+        for name, ns in self.switches.items():
+            lines.append(f"  {'[' + name + ']':<8} {ns:<40} bridge of " + " ".join(
+                a for a, _, b, _ in self._links() if b == name))
         return "\n".join(lines)
 
 
+
+
+# Facility A of several nodes (issue 13): two control hosts, two data-transfer nodes, a database
+# host; facility B one gateway. LANs with more than two hosts are bridges in a switch namespace.
+_F_HOSTS = (
+    ("producer", "producer", (("eth0", "192.0.2.10/25"),)),
+    ("ctl-a1", "CTL-A1", (("lan0", "192.0.2.21/25"), ("mgt0", "192.0.2.131/25"), ("usr0", "198.51.100.81/28"))),
+    ("ctl-a2", "CTL-A2", (("lan0", "192.0.2.22/25"), ("mgt0", "192.0.2.132/25"), ("usr0", "198.51.100.82/28"))),
+    ("dtn-a1", "DTN-A1", (("lan0", "192.0.2.11/25"), ("mgt0", "192.0.2.141/25"), ("wan0", "198.51.100.11/28"))),
+    ("dtn-a2", "DTN-A2", (("lan0", "192.0.2.12/25"), ("mgt0", "192.0.2.142/25"), ("wan0", "198.51.100.12/28"))),
+    ("db-a", "DB-A", (("eth0", "192.0.2.150/25"),)),
+    ("gw-b", "GW-B", (("wan0", "198.51.100.2/28"), ("lan0", "203.0.113.1/24"), ("usr0", "198.51.100.69/30"))),
+    ("consumer", "consumer", (("eth0", "203.0.113.10/24"),)),
+    ("user", "user", (("ctl0", "198.51.100.94/28"), ("gwb0", "198.51.100.70/30"))),
+)
+_F_SWITCHES = ("lan-a", "mgmt-a", "wan", "usr-a")
+_F_LINKS = (  # (host, if, host or switch, if)
+    ("producer", "eth0", "lan-a", "producer"),    # A's LAN: the producer, the DTNs, the control hosts
+    ("dtn-a1", "lan0", "lan-a", "dtn-a1"),
+    ("dtn-a2", "lan0", "lan-a", "dtn-a2"),
+    ("ctl-a1", "lan0", "lan-a", "ctl-a1"),
+    ("ctl-a2", "lan0", "lan-a", "ctl-a2"),
+    ("ctl-a1", "mgt0", "mgmt-a", "ctl-a1"),       # A's management LAN: control hosts, DTNs, database
+    ("ctl-a2", "mgt0", "mgmt-a", "ctl-a2"),
+    ("dtn-a1", "mgt0", "mgmt-a", "dtn-a1"),
+    ("dtn-a2", "mgt0", "mgmt-a", "dtn-a2"),
+    ("db-a", "eth0", "mgmt-a", "db-a"),
+    ("dtn-a1", "wan0", "wan", "dtn-a1"),          # the WAN: A's DTNs and GW-B
+    ("dtn-a2", "wan0", "wan", "dtn-a2"),
+    ("gw-b", "wan0", "wan", "gw-b"),
+    ("ctl-a1", "usr0", "usr-a", "ctl-a1"),        # the user's path to A's control instances
+    ("ctl-a2", "usr0", "usr-a", "ctl-a2"),
+    ("user", "ctl0", "usr-a", "user"),
+    ("consumer", "eth0", "gw-b", "lan0"),         # B's LAN
+    ("user", "gwb0", "gw-b", "usr0"),             # ... and to GW-B's control port
+)
+_F_ROUTES = (
+    ("producer", "198.51.100.81/32", "192.0.2.21"),   # the producer's controller -> CTL-A1's S2CS
+    ("producer", "198.51.100.82/32", "192.0.2.22"),   # ... and CTL-A2's
+    ("consumer", "198.51.100.69/32", "203.0.113.1"),  # the consumer's controller -> GW-B's S2CS
+)
+
+
+class FacilityTestbed(Testbed):
+    """Facility A of several nodes and facility B of one gateway (issue 13)::
+
+        A's LAN 192.0.2.0/25 (bridge lan-a): producer .10, DTN-A1 .11, DTN-A2 .12, CTL-A1 .21, CTL-A2 .22
+        A's management LAN 192.0.2.128/25 (bridge mgmt-a): CTL-A1 .131, CTL-A2 .132,
+            DTN-A1 .141, DTN-A2 .142, DB-A .150 (PostgreSQL)
+        WAN 198.51.100.0/28 (bridge wan): DTN-A1 .11, DTN-A2 .12, GW-B .2
+        user <-> A's control 198.51.100.80/28 (bridge usr-a): CTL-A1 .81, CTL-A2 .82, user .94
+        user <-> GW-B 198.51.100.68/30: GW-B .69, user .70
+        B's LAN 203.0.113.0/24: GW-B .1, consumer .10
+
+    Each host reaches only the LANs it is on (no forwarding anywhere, bridges switch frames
+    only): the control hosts see the database and the DTNs' control addresses but no WAN,
+    the DTNs see the producer, the database and GW-B, the user only the control addresses.
+    The producer's controller reaches the control instances' user-facing addresses through
+    a host route to the control host's LAN address (delivered locally there, not forwarded)."""
+
+    SUMMARY = "facility A = producer + CTL-A1/A2 + DTN-A1/A2 + DB-A, facility B = consumer + GW-B"
+
+    def _hosts(self) -> tuple:
+        return _F_HOSTS
+
+    def _links(self) -> tuple:
+        return _F_LINKS
+
+    def _routes(self) -> tuple:
+        return _F_ROUTES
+
+    def _switches(self) -> tuple:
+        return _F_SWITCHES
+
+    ctl_a1 = property(lambda self: self.hosts["ctl-a1"])
+    ctl_a2 = property(lambda self: self.hosts["ctl-a2"])
+    dtn_a1 = property(lambda self: self.hosts["dtn-a1"])
+    dtn_a2 = property(lambda self: self.hosts["dtn-a2"])
+    db_a = property(lambda self: self.hosts["db-a"])

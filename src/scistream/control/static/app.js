@@ -57,6 +57,14 @@
     setText("bandwidth", sm.bandwidth_max_kbps ? sm.bandwidth_used_kbps + " / " + sm.bandwidth_max_kbps + " kbit/s"
                                                : sm.bandwidth_used_kbps + " kbit/s (no cap)");
     Object.keys(sm.states).forEach(function (k) { setText("n-" + k, sm.states[k]); });
+    var nodes = document.getElementById("nodes");
+    if (nodes && sm.nodes) {   /* a facility (s2cs --facility): its nodes, live */
+      var html = '<span class="label">nodes</span> ' + (sm.nodes.map(function (n) {
+        return '<span class="node n-' + esc(n.state) + '" data-node="' + esc(n.name) + '">' + esc(n.name) +
+               " " + esc(n.state) + " <b>" + esc(n.sessions) + "</b></span>";
+      }).join(" ") || "none registered");
+      if (nodes.innerHTML !== html) { nodes.innerHTML = html; }
+    }
   }
 
   function index() {
