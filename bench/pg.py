@@ -1,0 +1,140 @@
+"""A PostgreSQL server of the benchmark's own (Debian's postgresql-15), in a temporary directory.
+
+The same server as the tests' (tests/pghelpers.py), without pytest: bench/facility uses it.
+Run as the ``postgres`` system user when the benchmark runs as root; stopped and removed
+at the end. Not a test module.
+
+    with running_postgres(options=["-c", "shared_preload_libraries=pg_stat_statements"]) as pg:
+        url = pg.url(pg.createdb())          # a new empty database; unix socket in pg.dir
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def pg_bin() -> Path | None:
+    for cand in ["/usr/lib/postgresql/15/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]:
+        if os.access(os.path.join(cand, "postgres"), os.X_OK):
+            return Path(cand)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Postgres:
+    """A PostgreSQL server: ``url(db)``, ``createdb()``, ``psql(db, sql)``, ``pids()``."""
+
+    def __init__(self, bindir: Path, options: Sequence[str] = ()) -> None:
+        self.bin = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="scistream-bench-pg-"))
+        self.data = self.dir / "data"
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+        self.options = list(options)
+        self.user = None
+        if os.geteuid() == 0:  # postgres refuses to run as root
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                pw = pwd.getpwnam("nobody")
+            self.user = pw.pw_uid
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        self._dbs = 0
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / args[0]), *args[1:]], user=self.user, check=True,
+                              capture_output=True, text=True, cwd=self.dir, timeout=60)
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--no-sync", "--no-instructions")
+
+    def start(self, timeout: float = 30) -> None:
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", "127.0.0.1",
+             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options],
+            user=self.user, cwd=self.dir, stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "server.log", "ab"), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("postgres exited: " + (self.dir / "server.log").read_text()[-2000:])
+            if subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", str(self.dir), "-p",
+                               str(self.port)]).returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres not ready after {timeout:g} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients are disconnected
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def psql(self, db: str, sql: str) -> str:
+        return self._run("psql", "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "-d", db,
+                         "-q", "-At", "-c", sql).stdout
+
+    def createdb(self) -> str:
+        """A new empty database; its name."""
+        self._dbs += 1
+        name = f"bench{self._dbs}_{os.getpid()}"
+        self.psql("postgres", f"CREATE DATABASE {name}")
+        return name
+
+    def url(self, db: str) -> str:
+        return f"postgresql://postgres@/{db}?host={self.dir}&port={self.port}"
+
+    def pids(self) -> list[int]:
+        """The postmaster and every backend and helper process under it."""
+        if self.proc is None:
+            return []
+        out = [self.proc.pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        text = f.read()
+                except OSError:
+                    continue
+                if int(text.rpartition(")")[2].split()[1]) == self.proc.pid:
+                    out.append(int(entry))
+        return out
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_postgres(options: Sequence[str] = ()):
+    bindir = pg_bin()
+    if bindir is None:
+        raise SystemExit("PostgreSQL is not installed (scripts/setup --system installs it)")
+    server = Postgres(bindir, options)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.close()
