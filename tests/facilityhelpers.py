@@ -103,7 +103,7 @@ def facility(pg, tmp_path, s2cs_process):
         pass
 
     def make(nodes: int = 2, instances: int = 2, node_timeout: float = 3.0, extra: tuple[str, ...] = (),
-             server=None):
+             server=None, node_extra: tuple[str, ...] = ()):
         f = Facility()
         db = server or pg
         f.url = db.url(db.createdb())
@@ -112,7 +112,7 @@ def facility(pg, tmp_path, s2cs_process):
         f.token.chmod(0o600)
         f.nodes = []
         for i in range(nodes):
-            n = Node(tmp_path, f.url, f.token, f"dtn{i + 1}", f"127.0.0.{i + 2}")
+            n = Node(tmp_path, f.url, f.token, f"dtn{i + 1}", f"127.0.0.{i + 2}", extra=node_extra)
             made.append(n)
             f.nodes.append(n)
         f.node_timeout = node_timeout

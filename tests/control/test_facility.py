@@ -565,3 +565,71 @@ async def test_node_frozen_then_back_stops_what_the_store_no_longer_lists(facili
 
 async def _nothing_listening(listeners: list[str]) -> bool:
     return not await still_listening(listeners)
+
+
+async def test_port_held_by_another_program_is_skipped(facility, client_for, echo_server):
+    """A program holds ports of a node's range: the node reports them at its beat, and no
+    session is placed on them (none fails with 'address already in use')."""
+    import socket
+    f = facility(nodes=1, instances=1)
+    a = client_for(f.instances[0].target)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    lo, hi = (int(x) for x in f.nodes[0].range.split("-"))
+    held = []
+    for port in range(lo, lo + 5):
+        s = socket.socket()
+        s.bind(("127.0.0.2", port))
+        s.listen(1)
+        held.append(s)
+    try:
+        async def reported() -> bool:
+            rows = await sql(f.url, "SELECT busy_ports FROM nodes WHERE name = 'dtn1'")
+            return sorted(rows[0]["busy_ports"]) == list(range(lo, lo + 5))
+        await async_wait_until(reported, 10, "the node reporting the held ports")
+        made = [await prod_session(a, a, ep) for _ in range(hi - lo + 1 - 5)]   # every other port
+        used = {int(listener.rsplit(":", 1)[1]) for _, prod in made for listener in prod.listeners}
+        assert used == set(range(lo + 5, hi + 1))
+        with pytest.raises(Exception, match=r"0 ports free .*\(5 held by other programs\)"):
+            await a.req(new_uid(), "PROD", 1, 0)
+        for uid, _ in made:
+            await a.release(uid)
+    finally:
+        for s in held:
+            s.close()
+    await async_wait_until(lambda: _busy_cleared(f.url), 10, "the held ports free again")
+
+
+async def _busy_cleared(url: str) -> bool:
+    return (await sql(url, "SELECT busy_ports FROM nodes WHERE name = 'dtn1'"))[0]["busy_ports"] == []
+
+
+async def test_node_bandwidth_and_session_caps(facility, client_for, echo_server):
+    f = facility(nodes=1, instances=1, node_extra=("--max-rate", "10000", "--max-sessions", "3"))
+    a = client_for(f.instances[0].target)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+
+    async def session(rate: int, num_conn: int = 4) -> str:
+        uid = new_uid()
+        req = asyncio.create_task(a.req(uid, "PROD", num_conn, rate))
+        try:
+            await a.hello(uid, "PROD", [ep])
+        except BaseException:
+            await asyncio.gather(req, return_exceptions=True)
+            raise
+        await req
+        return uid
+    first = await session(6000)                       # 4 listeners, 6000 kbit/s once
+    with pytest.raises(Exception, match="4000 kbit/s left of 10000 kbit/s"):
+        await a.req(new_uid(), "PROD", 1, 5000)
+    with pytest.raises(Exception, match="every node of this facility caps bandwidth; ask for a rate"):
+        await a.req(new_uid(), "PROD", 1, 0)
+    second = await session(4000, num_conn=1)
+    with pytest.raises(Exception, match="0 kbit/s left"):
+        await a.req(new_uid(), "PROD", 1, 1)
+    await a.release(second)
+    more = [await session(1000, num_conn=1) for _ in range(2)]     # 3 sessions: the node's most
+    with pytest.raises(Exception, match=r"3 sessions, its most \(--max-sessions\)"):
+        await a.req(new_uid(), "PROD", 1, 1000)
+    for uid in [first, *more]:
+        await a.release(uid)
+    assert await live_rows(f.url) == []

@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import ssl
 import time
@@ -337,12 +338,19 @@ class FacilityRegistry:
                 raise Unavailable("no data-transfer node of this facility is up and accepting "
                                       "sessions (s2cs nodes list); start or undrain one")
             why: list[str] = []
-            for rec in names:
+            # a node another instance is placing on right now is passed over at first (SKIP
+            # LOCKED), so concurrent reqs spread over the nodes; then waited for
+            order = [(rec["name"], "SKIP LOCKED") for rec in names] + [(rec["name"], "") for rec in names]
+            tried: set[str] = set()
+            for name, how in order:
+                if name in tried:
+                    continue
                 node = await conn.fetchrow(
-                    "SELECT * FROM nodes WHERE name = $1 AND state = 'up' AND NOT drained FOR UPDATE",
-                    rec["name"])
+                    f"SELECT * FROM nodes WHERE name = $1 AND state = 'up' AND NOT drained FOR UPDATE {how}",
+                    name)
                 if node is None:
                     continue
+                tried.add(name)
                 ports, reason = await self._room(conn, node, num_conn, rate)
                 if ports is None:
                     why.append(f"{node['name']}: {reason}")
@@ -373,26 +381,29 @@ class FacilityRegistry:
             raise ResourceExhausted(f"no node of this facility has room for this session: {'; '.join(why)}")
 
     async def _room(self, conn: Any, node: Any, num_conn: int, rate: int) -> tuple[list[int] | None, str]:
-        """Free ports for the session on the node (its row locked), or None and why not."""
+        """Free ports for the session on the node (its row locked), or None and why not. A
+        port is free when no live session lists it and the node did not find it held by
+        another program; the search starts at a random port of the range."""
         used = await conn.fetchrow(
-            f"SELECT count(*) AS n, coalesce(sum(bandwidth), 0) AS bw, "
-            f"coalesce(array_agg(p) FILTER (WHERE p IS NOT NULL), '{{}}') AS ports "
-            f"FROM fsessions f LEFT JOIN LATERAL unnest(f.ports) p ON true "
-            f"WHERE f.node = $1 AND f.state IN {LIVE}", node["name"])
-        sessions = await conn.fetchval(
-            f"SELECT count(*) FROM fsessions WHERE node = $1 AND state IN {LIVE}", node["name"])
-        if node["max_sessions"] and sessions >= node["max_sessions"]:
-            return None, f"{sessions} sessions, its most (--max-sessions)"
+            f"SELECT count(*) AS n, coalesce(sum(bandwidth), 0) AS bw, coalesce((SELECT array_agg(p) "
+            f"FROM fsessions f, unnest(f.ports) p WHERE f.node = $1 AND f.state IN {LIVE}), '{{}}') AS ports "
+            f"FROM fsessions WHERE node = $1 AND state IN {LIVE}", node["name"])
+        if node["max_sessions"] and used["n"] >= node["max_sessions"]:
+            return None, f"{used['n']} sessions, its most (--max-sessions)"
         if node["max_rate"]:
             if rate <= 0:
                 return None, f"caps bandwidth at {node['max_rate']} kbit/s and this req asks no rate"
             left = node["max_rate"] - int(used["bw"])
             if rate > left:
                 return None, f"{left} kbit/s left of {node['max_rate']} kbit/s"
-        taken = set(used["ports"])
-        free = [p for p in range(node["port_lo"], node["port_hi"] + 1) if p not in taken]
+        taken = set(used["ports"]) | set(node["busy_ports"] or ())
+        ports = range(node["port_lo"], node["port_hi"] + 1)
+        start = random.randrange(len(ports))
+        free = [p for p in (*ports[start:], *ports[:start]) if p not in taken]
         if len(free) < num_conn:
-            return None, f"{len(free)} ports free in {node['port_lo']}-{node['port_hi']}"
+            held = len(set(node["busy_ports"] or ()) - set(used["ports"]))
+            return None, (f"{len(free)} ports free in {node['port_lo']}-{node['port_hi']}"
+                          + (f" ({held} held by other programs)" if held else ""))
         return free[:num_conn], ""
 
     async def _read(self, uid: str, role: str, created: float) -> Any:
@@ -420,7 +431,7 @@ class FacilityRegistry:
                                              + (f": {cur['last_error']}" if cur["last_error"] else ""))
                 left = cur["hello_due"] - time.time()
                 if left <= 0:
-                    await self._give_up(cur, S.EXPIRED, f"no hello within {self.config.hello_timeout:g} s")
+                    await self._give_up(cur, S.EXPIRED, f"no hello within {cur['hello_due'] - cur['created']:g} s")
                     continue
                 if self._closed:
                     raise Unavailable("this control server is shutting down; retry on another instance")
@@ -703,10 +714,10 @@ class FacilityRegistry:
                 for r in due:
                     if r["lease_expires"] and r["lease_expires"] <= now:
                         why = f"lease of {r['lease_expires'] - r['created']:g} s ended"
-                    elif r["state"] == "requested":
-                        why = f"no hello within {self.config.hello_timeout:g} s"
+                    elif r["state"] == "requested":   # the timeouts of the instance that set them
+                        why = f"no hello within {r['hello_due'] - r['created']:g} s"
                     else:
-                        why = (f"no update within {self.config.update_timeout:g} s of the hello "
+                        why = (f"no update within {r['update_due'] - r['ready_at']:g} s of the hello "
                                "(--update-timeout); every port is free again")
                     new = await self._end(c, r, S.EXPIRED, why)
                     if new is not None:

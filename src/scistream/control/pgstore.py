@@ -122,6 +122,10 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat TIMESTAMPTZ NOT NULL DEFAULT now()
     );
     """,
+    # 3: the ports of its range that a node found held by other programs (skipped by placement)
+    """
+    ALTER TABLE nodes ADD COLUMN busy_ports INTEGER[] NOT NULL DEFAULT '{}';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key that serialises migrations of several starting servers.

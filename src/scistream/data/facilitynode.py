@@ -15,6 +15,8 @@ sessions on the nodes that registered here. A member
 * upserts its row in ``nodes`` (name, the address its listeners carry, the control
   address, port range, bandwidth, most sessions; an operator's drain is kept) and beats
   every ``--heartbeat`` seconds (the database's clock: hosts' clocks do not matter);
+* reports the ports of its range that other programs hold (a bind test on each port its
+  sessions do not use, at each beat), which placement skips;
 * after each beat, removes the sessions it carries that the store does not list as live
   on it: ones released while it was unreachable, or failed because its heartbeat stopped
   for the control servers' ``--node-timeout`` (a node that comes back stops what the
@@ -33,6 +35,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LIVE = "('requested', 'ready', 'connected')"
+SCAN_PER_BEAT = 4096   # ports of the range tried for other programs' use at each heartbeat
 
 
 class Membership:
@@ -55,6 +58,8 @@ class Membership:
         self.cert_pem = ""
         self.lost_db = False
         self.beats = 0
+        self._scan = 0                 # where the next scan of the port range starts
+        self._held: set[int] = set()   # ports of the range other programs hold
 
     @property
     def control(self) -> str:
@@ -100,10 +105,11 @@ class Membership:
     async def beat(self) -> None:
         """One heartbeat, then stop what the store no longer lists on this node."""
         local = set(self.node.sessions)            # before the query: see reconcile below
+        busy = await asyncio.to_thread(self.held_ports, local)
         old = await self.store._call(lambda c: c.fetchval(
             "WITH old AS (SELECT state FROM nodes WHERE name = $1) "
-            "UPDATE nodes SET heartbeat = now(), state = 'up', reason = '' WHERE name = $1 "
-            "RETURNING (SELECT state FROM old)", self.name), "beat in")
+            "UPDATE nodes SET heartbeat = now(), state = 'up', reason = '', busy_ports = $2 WHERE name = $1 "
+            "RETURNING (SELECT state FROM old)", self.name, busy), "beat in")
         if old is None:                            # an operator deleted the row: register again
             await self._register()
         elif old != "up":
@@ -119,6 +125,25 @@ class Membership:
                             self.name, sid)
                 await self.node.remove(sid)
         self.beats += 1
+
+    def held_ports(self, local: set[str]) -> list[int]:
+        """The ports of the range that another program holds on the node's address (placement
+        skips them): every port the node's own sessions do not use is tried with a bind, at
+        most ``SCAN_PER_BEAT`` a beat, round the range."""
+        from .supervise import free_port_check
+        mine = {p for sid in local if (e := self.node.sessions.get(sid)) is not None for p in e.cfg["ports"]}
+        ports = list(self.port_range)
+        n = min(len(ports), SCAN_PER_BEAT)
+        window = [ports[(self._scan + i) % len(ports)] for i in range(n)]
+        self._scan = (self._scan + n) % len(ports)
+        for p in window:
+            if p in mine:
+                self._held.discard(p)
+            elif free_port_check(self.address, p):
+                self._held.discard(p)
+            else:
+                self._held.add(p)
+        return sorted(self._held - mine)
 
     async def _beat_loop(self) -> None:
         from ..control.store import StoreError
