@@ -5,7 +5,9 @@ the call that caused it is answered, so a control server killed at any moment ca
 restarted and re-adopt what was running (``scistream.control.recovery``).
 
 ``SessionStore`` is the interface. ``SqliteStore`` keeps the records in an embedded
-SQLite database in the state directory (WAL journal, ``synchronous=FULL``, file mode
+SQLite database in the state directory (WAL journal, ``synchronous=NORMAL``: a commit
+survives a crash of ``s2cs``; an operating-system crash may undo the last ones, with the
+data servers they describe - docs/performance.md measures why; file mode
 0600; the schema's version in ``PRAGMA user_version``, a newer one refused). ``PostgresStore`` (``scistream.control.pgstore``, ``s2cs --store postgresql://...``)
 implements the same coroutines for several gateway nodes on one shared database, over a
 table keyed by ``(node, uid, role, created)`` with ``INSERT ... ON CONFLICT DO UPDATE``;
@@ -176,7 +178,7 @@ class GroupCommitStore(SessionStore):
 class SqliteStore(GroupCommitStore):
     """Session records in one SQLite file (WAL), written on a thread of its own."""
 
-    def __init__(self, path: Path, node: str | None = None, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, node: str | None = None, *, synchronous: str = "NORMAL") -> None:
         self.path = Path(path)
         self.node = node or socket.gethostname()
         self.synchronous = synchronous
