@@ -141,6 +141,16 @@ _UPSERT = (
     "wan_secret = EXCLUDED.wan_secret, data = EXCLUDED.data")
 
 
+async def _light_reset(conn: Any) -> None:
+    """What a connection needs when it goes back to the pool. asyncpg's default sends
+    ``CLOSE ALL; UNLISTEN *; RESET ALL; SELECT pg_advisory_unlock_all()`` (a round trip
+    each time); these connections hold no cursor, LISTEN, setting or session lock (the
+    facility listens on a connection of its own, locks are transactions'), so only a
+    transaction left open by an error could remain, and it is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 def redact(url: str) -> str:
     """The URL without its password (for messages and logs)."""
     try:
@@ -199,7 +209,8 @@ class PostgresStore(GroupCommitStore):
             raise StoreError(f"--store {self.path} needs the asyncpg package: {exc}") from None
         try:
             pool = await asyncpg.create_pool(self.url, min_size=0, max_size=self.pool_size,
-                                             timeout=self.timeout, command_timeout=self.timeout)
+                                             timeout=self.timeout, command_timeout=self.timeout,
+                                             reset=_light_reset)
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad URL, TLS, auth
             raise StoreError(f"cannot open the session store {self.path}: {str(exc).strip() or type(exc).__name__}; "
                              "check the --store URL, the database's address and credentials") from None
