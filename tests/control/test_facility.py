@@ -633,3 +633,31 @@ async def test_node_bandwidth_and_session_caps(facility, client_for, echo_server
     for uid in [first, *more]:
         await a.release(uid)
     assert await live_rows(f.url) == []
+
+
+async def test_instance_gone_silent_mid_req(facility, client_for, echo_server):
+    """The instance holding a req vanishes without a reset (frozen: a power cut or a cut
+    cable looks the same to the client): the client's pings go unanswered, the call moves to
+    the other instance, which has the same session."""
+    from scistream.client import AsyncClient, ChannelOptions
+    f = facility(nodes=1, instances=2)
+    user = AsyncClient(",".join(p.target for p in f.instances), ChannelOptions(insecure=True, keepalive=1.0))
+    app = client_for(f.instances[1].target)
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uid = new_uid()
+    frozen = f.instances[0].proc
+    try:
+        req = asyncio.create_task(user.req(uid, "PROD", 1, 0))
+        await async_wait_until(lambda: _has_row(f.url, uid), 10, "the req recorded on A")
+        frozen.send_signal(signal.SIGSTOP)
+        await app.hello(uid, "PROD", [ep])        # B takes the hello; A will never answer
+        prod = await asyncio.wait_for(req, 20)     # without the pings: never
+        assert [u.address for u in user.last_unreachable] == [f.instances[0].target]
+        await user.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
+        assert user.target == f.instances[1].target
+        rows = await sql(f.url, "SELECT state FROM fsessions WHERE uid = $1", uid)
+        assert [r["state"] for r in rows] == ["connected"]
+        await user.release(uid)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+        await user.close()

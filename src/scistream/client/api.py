@@ -25,7 +25,7 @@ import grpc
 from ..addr import parse_listener
 from ..errors import InvalidArgument, ScistreamError, from_status
 from ..proto import pb, pb_grpc
-from .instances import (CONNECT_TIMEOUT, FAILOVER_WINDOW, FIRST_BACKOFF, MAX_BACKOFF, Unreachable,
+from .instances import (CONNECT_TIMEOUT, FAILOVER_WINDOW, FIRST_BACKOFF, KEEPALIVE, MAX_BACKOFF, Unreachable,
                         moves_on, parse_instances, release_is_done)
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class ChannelOptions:
     timeout: float | None = None     # per-call deadline for quick calls (update, release)
     failover_window: float = FAILOVER_WINDOW  # several instances: how long to keep trying when unreachable
     connect_timeout: float = CONNECT_TIMEOUT  # several instances: a connection not made by then is unreachable
+    keepalive: float = KEEPALIVE     # several instances: ping a quiet call this often (s); no answer -> next instance
 
     def resolved_cert(self) -> str | None:
         if self.server_cert:
@@ -59,6 +60,14 @@ def open_channel(target: str, opts: ChannelOptions, *, connect_timeout: float | 
                ("grpc.enable_retries", 0)]
     if connect_timeout is not None:   # gRPC's minimum connect timeout is this argument
         options.append(("grpc.min_reconnect_backoff_ms", max(1, int(connect_timeout * 1000))))
+        # an instance that vanished without a reset (power cut, partition) while a req waits
+        # for its hello: HTTP/2 pings find it, the call fails UNAVAILABLE and moves on.
+        # Only with several instances: our s2cs accepts a ping a second (control/server.py),
+        # the original's server would take pings on a quiet call as abuse.
+        options += [("grpc.keepalive_time_ms", max(1000, int(opts.keepalive * 1000))),
+                    ("grpc.keepalive_timeout_ms", max(1000, int(opts.keepalive * 1000))),
+                    ("grpc.http2.ping_timeout_ms", max(1000, int(opts.keepalive * 1000))),
+                    ("grpc.http2.max_pings_without_data", 0)]
     if opts.insecure:
         return grpc.aio.insecure_channel(target, options=options)
     cert = opts.resolved_cert()

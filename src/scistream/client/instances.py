@@ -44,6 +44,7 @@ FAILOVER_WINDOW = 15.0
 #: With several instances, a connection attempt that gets no answer (a node that is off)
 #: fails after this many seconds, so the call moves on (gRPC's own default: 20 s).
 CONNECT_TIMEOUT = 5.0
+KEEPALIVE = 10.0        # several instances: seconds between pings on a quiet call, and to wait for the answer
 #: The pause after a whole round of unreachable instances: doubling, bounded.
 FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0
 

@@ -266,6 +266,9 @@ class ControlServer:
             # 1000 wait (a burst of 1000 sessions is 4000 calls): let bursts queue instead
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", 3 * MAX_PENDING_CALLS),
+            # clients that know several instances ping a quiet call (a req waiting for its
+            # hello) to find an instance that vanished without a reset: allow a ping a second
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ])
         server.add_generic_rpc_handlers([generic_handler(
             ControlServicer(self.registry, self.auth, metrics=self.metrics, audit=self.audit))])
