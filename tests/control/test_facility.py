@@ -364,6 +364,11 @@ async def test_database_restarted_under_load(own_pg, facility, servers, client_f
     with pytest.raises(Exception, match="session store unavailable"):
         await a.status()
     await asyncio.to_thread(own_pg.start)
+
+    async def listening_again() -> bool:   # each instance LISTENs again (its waiting reqs wake on NOTIFY)
+        rows = await sql(f.url, "SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE 'LISTEN %'")
+        return rows[0]["n"] == 2
+    await async_wait_until(listening_again, 30, "both instances listening again")
     n = len(done)
     await async_wait_until(lambda: len(done) >= n + 6, 60, "sessions set up again after the restart")
     stop.set()
