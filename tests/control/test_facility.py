@@ -666,3 +666,53 @@ async def test_instance_gone_silent_mid_req(facility, client_for, echo_server):
     finally:
         frozen.send_signal(signal.SIGCONT)
         await user.close()
+
+
+async def test_facility_node_restarted_in_place(facility, servers, client_for, echo_server):
+    """`s2ds restart` of a facility node: the successor takes the sessions and listening
+    sockets over, registers itself (same name, same certificate, its own pid), and the
+    control servers drive it: the stream goes on through a new connection, release works."""
+    f = facility(nodes=1, instances=1)
+    a = client_for(f.instances[0].target)
+    cons = client_for(await servers())
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    uid, prod = await prod_session(a, a, ep)
+    stream = (await cons_session(cons, uid, prod))[0]
+    await roundtrip_ok(stream, 128 << 10)
+    node = f.nodes[0]
+    old = (await sql(f.url, "SELECT pid, cert FROM nodes WHERE name = 'dtn1'"))[0]
+    out = subprocess.run([str(BIN / "s2ds"), "restart", "--socket", str(node.dir / "node.sock")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    new_pid = int(out.stdout.split("->")[1].split(",")[0])
+    try:
+        async def registered() -> bool:
+            r = (await sql(f.url, "SELECT pid, cert, state FROM nodes WHERE name = 'dtn1'"))[0]
+            return r["pid"] == new_pid and r["state"] == "up" and r["cert"] == old["cert"]
+        await async_wait_until(registered, 15, "the successor registered")
+        await roundtrip_ok(stream, 128 << 10)             # a new connection through the same listeners
+        st = (await a.status(uid)).sessions[0]
+        assert st.state == "connected" and st.node == "dtn1"
+        uid2, prod2 = await prod_session(a, a, ep)          # and new sessions on the successor
+        await roundtrip_ok((await cons_session(cons, uid2, prod2))[0], 64 << 10)
+        for u in (uid, uid2):
+            await a.release(u)
+            await cons.release(u)
+        assert await live_rows(f.url) == []
+        reply = json.loads(subprocess.run([str(BIN / "s2ds"), "status", "--json", "--socket",
+                                           str(node.dir / "node.sock")], capture_output=True, text=True,
+                                          timeout=30).stdout)
+        assert reply["pid"] == new_pid and reply["sessions"] == 0
+    finally:
+        # the successor is not the test's child: stop it through its socket
+        subprocess.run([str(BIN / "s2ds"), "stop", "--socket", str(node.dir / "node.sock")],
+                       capture_output=True, timeout=30)
+        await async_wait_until(lambda: _gone(new_pid), 15, "the successor stopped")
+
+
+async def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
