@@ -716,3 +716,23 @@ async def _gone(pid: int) -> bool:
         return False
     except ProcessLookupError:
         return True
+
+
+async def test_original_tooling_client_against_a_facility(facility, echo_server, original_stubs):
+    """A client of the original tooling (its stubs, its order: the hello before the req, the
+    CONS-side hello saying PROD) against two instances of a facility that allows it a
+    plaintext WAN leg: both halves on the facility's nodes, bytes verified by the client."""
+    import sys
+    gen_dir, fixtures = original_stubs
+    f = facility(nodes=2, instances=2, extra=("--allow-legacy-plaintext",))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(fixtures / "original_client.py"), str(gen_dir), f.instances[1].target,
+        f"{echo_server[0]}:{echo_server[1]}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 90))[0].decode()
+    assert proc.returncode == 0, out
+    # it released the uid itself at the end: both halves, with their WAN leg and rate as set up
+    rows = await sql(f.url, "SELECT role, state, wan_security, rate_enforced, node FROM fsessions ORDER BY role")
+    assert [(r["role"], r["state"], r["wan_security"]) for r in rows] == [
+        ("CONS", "released", "plain"), ("PROD", "released", "plain")], [dict(r) for r in rows]
+    assert not any(r["rate_enforced"] for r in rows)      # its rate=10000 is the original's unenforced default
+    assert await live_rows(f.url) == []
