@@ -1,8 +1,8 @@
-"""A PostgreSQL server of the benchmark's own (Debian's postgresql-15), in a temporary directory.
+"""A PostgreSQL server of its own (Debian's postgresql-15), in a temporary directory.
 
-The same server as the tests' (tests/pghelpers.py), without pytest: bench/facility uses it.
-Run as the ``postgres`` system user when the benchmark runs as root; stopped and removed
-at the end. Not a test module.
+Without pytest: bench/facility uses it, and the tests through tests/pghelpers.py (which
+adds a skip when PostgreSQL is not installed). Run as the ``postgres`` system user when
+run as root; stopped and removed at the end. Not a test module.
 
     with running_postgres(options=["-c", "shared_preload_libraries=pg_stat_statements"]) as pg:
         url = pg.url(pg.createdb())          # a new empty database; unix socket in pg.dir
@@ -39,9 +39,9 @@ def _free_port() -> int:
 class Postgres:
     """A PostgreSQL server: ``url(db)``, ``createdb()``, ``psql(db, sql)``, ``pids()``."""
 
-    def __init__(self, bindir: Path, options: Sequence[str] = ()) -> None:
+    def __init__(self, bindir: Path, options: Sequence[str] = (), *, prefix: str = "scistream-pg-") -> None:
         self.bin = bindir
-        self.dir = Path(tempfile.mkdtemp(prefix="scistream-bench-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.dir / "data"
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
@@ -98,11 +98,14 @@ class Postgres:
     def createdb(self) -> str:
         """A new empty database; its name."""
         self._dbs += 1
-        name = f"bench{self._dbs}_{os.getpid()}"
+        name = f"t{self._dbs}_{os.getpid()}"
         self.psql("postgres", f"CREATE DATABASE {name}")
         return name
 
-    def url(self, db: str) -> str:
+    def url(self, db: str, *, tcp: bool = False) -> str:
+        """The database's URL: over the unix socket in ``dir``, or TCP on loopback."""
+        if tcp:
+            return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
         return f"postgresql://postgres@/{db}?host={self.dir}&port={self.port}"
 
     def pids(self) -> list[int]:
