@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
-from .tlsleg import DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, thread_buffers
+from .tlsleg import DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv, thread_buffers
 
 log = logging.getLogger(__name__)
 
@@ -232,19 +232,8 @@ class CopyPump(SendKeepingRest):
                 return
             if not dst.writable or not src.readable:
                 return
-            want = COPY_CHUNK
-            if self.bucket is not None:
-                want = self.bucket.take(want, self.conn.kick)
-                if not want:
-                    return
-            try:
-                n = src.sock.recv_into(rbuf, want)
-            except BlockingIOError:
-                src.readable = False
-                n = -1
-            if self.bucket is not None:
-                self.bucket.refund(want - max(n, 0))
-            if n < 0:
+            n = metered_recv(src, rbuf, COPY_CHUNK, self.bucket, self.conn.kick)
+            if n is None or n < 0:
                 return
             if n == 0:
                 self.eof = True

@@ -35,6 +35,23 @@ CHUNK = 256 * 1024
 SERVER_NAME = "scistream-session"
 
 
+def metered_recv(src: "Side", buf, want: int, bucket, kick) -> int | None:
+    """Read at most ``want`` bytes from ``src`` into ``buf``, fewer if the rate budget
+    (``bucket``, or None) has less: the count, 0 at EOF, -1 if the socket has nothing now
+    (``src`` is marked not readable), None if the budget has nothing now (``kick`` is
+    called when it has). What the read did not use goes back to the budget."""
+    if bucket is not None:
+        want = bucket.take(want, kick)
+        if not want:
+            return None
+    try:
+        n = src.sock.recv_into(buf, want)
+    except BlockingIOError:
+        src.readable = False
+        n = -1
+    if bucket is not None:
+        bucket.refund(want - max(n, 0))
+    return n
 
 class Buffers:
     """Scratch buffers of one thread, shared by its connections: whatever a pump puts in
@@ -175,19 +192,8 @@ class EncryptPump:
                 return
             if not src.readable:
                 return
-            want = CHUNK
-            if self.bucket is not None:
-                want = self.bucket.take(want, self.conn.kick)
-                if not want:
-                    return
-            try:
-                n = src.sock.recv_into(rbuf, want)
-            except BlockingIOError:
-                src.readable = False
-                n = -1
-            if self.bucket is not None:
-                self.bucket.refund(want - max(n, 0))
-            if n < 0:
+            n = metered_recv(src, rbuf, CHUNK, self.bucket, self.conn.kick)
+            if n is None or n < 0:
                 return
             if n == 0:
                 self.done = True
