@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from pg import Postgres, pg_bin  # noqa: E402  (bench/pg.py: the one implementation, without pytest)
+from pg import Postgres, pg_bin, running_postgres as _running_postgres  # noqa: E402  (bench/pg.py: the one implementation, without pytest)
 
 _pg_bin = pg_bin
 __all__ = ["Postgres", "pg_bin", "running_postgres", "sql"]
@@ -25,16 +25,10 @@ __all__ = ["Postgres", "pg_bin", "running_postgres", "sql"]
 
 @contextlib.contextmanager
 def running_postgres():
-    bindir = _pg_bin()
-    if bindir is None:
+    if pg_bin() is None:
         pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
-    server = Postgres(bindir)
-    try:
-        server.init()
-        server.start()
+    with _running_postgres() as server:
         yield server
-    finally:
-        server.close()
 
 
 async def sql(url: str, query: str, *args):

@@ -53,9 +53,9 @@ from ..data import wankeys
 from ..data.base import KEEPALIVE, Stats
 from ..data.nodeclient import ServiceConnection, ServiceError
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
-                      FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ScistreamError)
+                      FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError)
 from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
-                       check_request, check_update, choose_wan_secret)
+                       check_owner, check_request, check_update, choose_wan_secret, tell_observers)
 
 log = logging.getLogger(__name__)
 
@@ -246,24 +246,14 @@ class FacilityRegistry:
         return await self.store._call(fn, doing)
 
     def _events(self, event: str, session: Session, detail: str) -> None:
-        for observe in self.observers:
-            try:
-                observe(event, session, detail)
-            except Exception:  # an observer must never break a session
-                log.exception("event observer failed on %s", event)
+        tell_observers(self.observers, event, session, detail)
 
     @staticmethod
     async def _notify(conn: Any, uid: str, role: str) -> None:
         await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{uid}\n{role}")
 
     def _check_owner(self, row: Any, who: Identity, action: str) -> None:
-        if who.id == row["owner_id"]:
-            return
-        if action == "release" and who.id in self.config.admins:
-            log.info("admin %s releases session %s owned by %s", who.id, row["uid"], row["owner_id"])
-            return
-        raise PermissionDenied(f"session {row['uid']} belongs to another identity; "
-                               f"only its owner may {action} it")
+        check_owner(self.config, row["uid"], row["owner_id"], who, action)
 
     async def _end(self, conn: Any, row: Any, state: SessionState, reason: str,
                    stats: dict | None = None) -> Any:

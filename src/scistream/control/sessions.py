@@ -219,6 +219,25 @@ class RegistryConfig:
     data_service: str = ""           # Builtin: the node service's control socket
 
 
+def tell_observers(observers: Iterable[Observer], event: str, session: Session, detail: str) -> None:
+    """Every observer hears of the event; one that fails is logged, never breaks a session."""
+    for observe in observers:
+        try:
+            observe(event, session, detail)
+        except Exception:  # an observer must never break a session
+            log.exception("event observer failed on %s", event)
+
+
+def check_owner(config: RegistryConfig, uid: str, owner_id: str, who: Identity, action: str) -> None:
+    """Only a session's owner may act on it; an admin (``--admin``) may release it too."""
+    if who.id == owner_id:
+        return
+    if action == "release" and who.id in config.admins:
+        log.info("admin %s releases session %s owned by %s", who.id, uid, owner_id)
+        return
+    raise PermissionDenied(f"session {uid} belongs to another identity; only its owner may {action} it")
+
+
 def check_request(config: RegistryConfig, uid: str, role: str, num_conn: int, rate: int, lease: int) -> float:
     """A req's arguments checked against the server's limits; the lease in seconds (0: none)."""
     check_uid(uid)
@@ -308,11 +327,7 @@ class SessionRegistry:
         return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service)
 
     def _events(self, event: str, session: Session, detail: str) -> None:
-        for observe in self.observers:
-            try:
-                observe(event, session, detail)
-            except Exception:  # an observer must never break a session
-                log.exception("event observer failed on %s", event)
+        tell_observers(self.observers, event, session, detail)
 
     async def save(self, session: Session) -> None:
         """Write the session's record; durable when this returns."""
@@ -336,13 +351,7 @@ class SessionRegistry:
         return [s for role in ("PROD", "CONS") if (s := self.active.get((uid, role))) is not None]
 
     def _check_owner(self, session: Session, who: Identity, action: str) -> None:
-        if who.id == session.owner.id:
-            return
-        if action == "release" and who.id in self.config.admins:
-            log.info("admin %s releases session %s owned by %s", who.id, session.uid, session.owner.id)
-            return
-        raise PermissionDenied(f"session {session.uid} belongs to another identity; "
-                               f"only its owner may {action} it")
+        check_owner(self.config, session.uid, session.owner.id, who, action)
 
     def sessions(self) -> list[Session]:
         return list(self.active.values()) + list(reversed(self.ended.values()))
