@@ -765,6 +765,7 @@ async def list_nodes(store: Any, node_timeout: float = 15.0) -> dict[str, list[d
                        "drained": n["drained"], "reason": n["reason"],
                        "heartbeat_age_s": round(float(n["age"]), 1), "sessions": int(n["sessions"]),
                        "ports": f"{n['port_lo']}-{n['port_hi']}", "ports_used": int(n["ports_used"]),
+                       "ports_total": n["port_hi"] - n["port_lo"] + 1,
                        "max_rate_kbps": int(n["max_rate"]), "bandwidth_used_kbps": int(n["bandwidth_used"]),
                        "max_sessions": int(n["max_sessions"])} for n in nodes],
             "instances": [{"name": i["name"], "address": i["address"], "pid": i["pid"],

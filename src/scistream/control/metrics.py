@@ -109,7 +109,7 @@ class _Live:
         node's own, labelled ``node``."""
         p = GaugeMetricFamily("scistream_ports", "Data ports of the facility's nodes", labels=["state"])
         used = sum(n["ports_used"] for n in nodes)
-        total = sum(int(n["ports"].split("-")[1]) - int(n["ports"].split("-")[0]) + 1 for n in nodes)
+        total = sum(n["ports_total"] for n in nodes)
         p.add_metric(["used"], used)
         p.add_metric(["free"], total - used)
         yield p

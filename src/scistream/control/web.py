@@ -334,8 +334,7 @@ class WebView:
             nodes = reg.nodes_view
             return {"node": self.hostname, "listener_ip": "", "server_type": reg.config.server_type,
                     "ports_used": sum(n["ports_used"] for n in nodes),
-                    "ports_total": sum(int(n["ports"].split("-")[1]) - int(n["ports"].split("-")[0]) + 1
-                                       for n in nodes),
+                    "ports_total": sum(n["ports_total"] for n in nodes),
                     "bandwidth_used_kbps": sum(n["bandwidth_used_kbps"] for n in nodes),
                     "bandwidth_max_kbps": sum(n["max_rate_kbps"] for n in nodes),
                     "nodes": [{"name": n["name"], "state": n["state"], "sessions": n["sessions"],
