@@ -71,24 +71,27 @@ def find_parent() -> tuple[str, Path]:
     for mount, fstype, _opts in _mounts():
         if fstype != "cgroup2" or "" not in own:
             continue
-        parent = _under(mount, own[""])
-        try:
-            available = (parent / "cgroup.controllers").read_text().split()
-        except OSError as exc:
-            reasons.append(f"{parent}: {exc.strerror}")
-            continue
-        if "cpu" not in available:
-            reasons.append(f"cgroup v2 at {mount}: no cpu controller (it is bound to v1)")
-            continue
-        try:
-            if "cpu" not in (parent / "cgroup.subtree_control").read_text().split():
-                (parent / "cgroup.subtree_control").write_text("+cpu")
-        except OSError as exc:
-            reasons.append(f"cgroup v2 at {parent}: cannot enable cpu for children ({exc.strerror})")
-            continue
-        if os.access(parent, os.W_OK):
+        # our own group first; a group with processes in it cannot enable controllers for
+        # children (v2's rule), the hierarchy's root can
+        for parent in dict.fromkeys([_under(mount, own[""]), Path(mount)]):
+            try:
+                available = (parent / "cgroup.controllers").read_text().split()
+            except OSError as exc:
+                reasons.append(f"{parent}: {exc.strerror}")
+                continue
+            if "cpu" not in available:
+                reasons.append(f"cgroup v2 at {parent}: no cpu controller (it is bound to v1 or not delegated)")
+                continue
+            if not os.access(parent, os.W_OK):
+                reasons.append(f"cgroup v2 at {parent}: not writable")
+                continue
+            try:
+                if "cpu" not in (parent / "cgroup.subtree_control").read_text().split():
+                    (parent / "cgroup.subtree_control").write_text("+cpu")
+            except OSError as exc:
+                reasons.append(f"cgroup v2 at {parent}: cannot enable cpu for children ({exc.strerror})")
+                continue
             return "v2", parent
-        reasons.append(f"cgroup v2 at {parent}: not writable")
     for mount, fstype, opts in _mounts():
         if fstype != "cgroup" or "cpu" not in opts:
             continue
