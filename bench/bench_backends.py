@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import os
 import shutil
 import socket
 import sys
@@ -25,7 +24,9 @@ import uuid
 from pathlib import Path
 
 from scistream.data.backends.common import listening_ports
-from scistream.data.base import DataSpec, get_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chain import Chain  # noqa: E402
 
 
 def free_port() -> int:
@@ -64,45 +65,15 @@ async def measure(target_port: int, client_port: int, seconds: float, streams: i
             await server.wait()
 
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """user + system CPU seconds of these processes (all their threads)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
 async def chain(kind: str, tls: bool, seconds: float, streams: int, base: Path) -> tuple[float, float]:
-    """Gbit/s through a PROD+CONS chain, and the proxies' CPU seconds per GB carried."""
-    backend = get_backend(kind)
+    """Gbit/s through a PROD+CONS chain (chain.Chain: Builtin in node services of its own),
+    and the proxies' CPU seconds per GB carried."""
     target = free_port()
-    uid = str(uuid.uuid4())
-    secret = os.urandom(32) if tls else None
-    pport, cport = free_port(), free_port()
-    prod = backend(DataSpec(uid, "PROD", "127.0.0.1", (pport,), (f"127.0.0.1:{target}",),
-                            wan_secret=secret, workdir=base / f"{kind}-{uid}-P"))
-    cons = backend(DataSpec(uid, "CONS", "127.0.0.1", (cport,), (f"127.0.0.1:{pport}",),
-                            wan_secret=secret, workdir=base / f"{kind}-{uid}-C"))
-    await prod.start()
-    try:
-        await cons.start()
-        try:
-            before = cpu_seconds(prod.pids + cons.pids)
-            gbps = await measure(target, cport, seconds, streams)
-            cpu = cpu_seconds(prod.pids + cons.pids) - before
-            return gbps, cpu / max(gbps * seconds / 8, 1e-9)
-        finally:
-            await cons.stop()
-    finally:
-        await prod.stop()
+    async with Chain(kind, tls=tls, target=("127.0.0.1", target), workdir=base / f"{kind}-{uuid.uuid4()}") as ch:
+        before = ch.cpu_seconds()
+        gbps = await measure(target, ch.entry[1], seconds, streams)
+        cpu = ch.cpu_seconds() - before
+        return gbps, cpu / max(gbps * seconds / 8, 1e-9)
 
 
 async def main() -> None:

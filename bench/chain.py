@@ -76,11 +76,17 @@ class Chain:
         self.rate_kbps = rate_kbps
         self.listeners = listeners
         self.servers: list[DataServer] = []
+        self.nodes: list[Any] = []      # Builtin: the node service of each gateway
         self.entry: tuple[str, int] = ("127.0.0.1", 0)
 
     async def __aenter__(self) -> "Chain":
         cls = get_backend(self.backend)
         cls.check_available()
+        try:
+            services = await self._node_services()
+        except BaseException:
+            await self.close()
+            raise
         secret = wankeys.new_secret() if self.tls else None
         uid = str(uuid.uuid4())
         host = "127.0.0.1"
@@ -89,10 +95,10 @@ class Chain:
         cons_ports = tuple(free_port() for _ in range(self.listeners))
         prod = cls(DataSpec(uid=uid, role="PROD", listen_host=host, ports=prod_ports,
                             targets=(tgt,) * self.listeners, rate_kbps=self.rate_kbps,
-                            wan_secret=secret, workdir=self.workdir / "prod"))
+                            wan_secret=secret, workdir=self.workdir / "prod", service=services[0]))
         cons = cls(DataSpec(uid=uid, role="CONS", listen_host=host, ports=cons_ports,
                             targets=tuple(f"{host}:{p}" for p in prod_ports), rate_kbps=self.rate_kbps,
-                            wan_secret=secret, workdir=self.workdir / "cons"))
+                            wan_secret=secret, workdir=self.workdir / "cons", service=services[1]))
         try:
             for s in (prod, cons):
                 await s.start()
@@ -103,18 +109,34 @@ class Chain:
         self.entry = (host, cons_ports[0])
         return self
 
+    async def _node_services(self) -> tuple[str, str]:
+        """Builtin sessions live in a node service: one per gateway (PROD, CONS), started here
+        as s2cs starts its own. Other backends: no service ("", "")."""
+        if self.backend != "Builtin":
+            return "", ""
+        from scistream.data.nodebackend import NodeService
+        for role in ("prod", "cons"):
+            self.nodes.append(await NodeService.open(self.workdir / f"{role}-node.sock", managed=True))
+        return str(self.nodes[0].path), str(self.nodes[1].path)
+
     async def close(self) -> None:
         for s in reversed(self.servers):
             with contextlib.suppress(Exception):
                 await s.stop()
         self.servers.clear()
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                await node.close(keep_running=False)
+        self.nodes.clear()
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
     def pids(self) -> list[int]:
+        from gateway import descendants
         pgids = {p for s in self.servers for p in s.pids}
-        return group_pids(pgids)
+        nodes = [p for node in self.nodes if node.pid for p in [node.pid, *descendants(node.pid)]]
+        return group_pids(pgids) + nodes
 
     def cpu_seconds(self) -> float:
         return sum(self.cpu_split())
