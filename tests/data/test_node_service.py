@@ -261,7 +261,10 @@ async def test_dead_service_is_started_again_with_its_sessions(servers, client_f
     workers = pids_of(await node_status(cons))
     os.kill(old, signal.SIGKILL)
     await async_wait_until(lambda: not any(pid_alive(x) for x in [old, *workers]), what="service and workers gone")
-    await async_wait_until(lambda: cons.node.pid not in (0, old), timeout=20, what="a new service")
+    def back() -> bool:     # the new pid is known before the sessions are put back
+        rec = cons.node.recovering
+        return cons.node.pid not in (0, old) and rec is not None and rec.done()
+    await async_wait_until(back, timeout=20, what="a new service with the session put back")
     for listener in c.listeners:        # same ports, same secret: the chain works again
         await roundtrip_ok(listener)
     st = (await cc.status(uid)).sessions[0]
