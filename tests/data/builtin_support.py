@@ -91,6 +91,7 @@ class ConnResult:
     received: int = 0
     intact: bool = False
     error: str = ""
+    done: bool = False      # both directions ended, every error above written
 
 
 @dataclass
@@ -141,6 +142,7 @@ class PatternApp:
         except OSError as exc:
             res.error += f"recv: {exc}; "
         sender.join(130)
+        res.done = not sender.is_alive()
 
     def _send(self, conn: socket.socket, res: ConnResult) -> None:
         try:

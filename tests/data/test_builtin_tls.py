@@ -139,8 +139,7 @@ async def test_session_key_holder_speaks_tls13_to_prod(tmp_path):
 
 
 async def _app_done(app: PatternApp, i: int) -> bool:
-    return len(app.results) > i and (app.results[i].received > 0 or bool(app.results[i].error)) \
-        and not any(t.is_alive() for t in app.threads[i:i + 1])
+    return len(app.results) > i and app.results[i].done
 
 
 async def test_truncated_tls_stream_is_a_reset_not_an_eof(tmp_path):
@@ -169,7 +168,10 @@ async def test_truncated_tls_stream_is_a_reset_not_an_eof(tmp_path):
                 sock.close()
             await asyncio.to_thread(talk)
             await wait_for(lambda: _app_done(app, 0), what="the producer's connection to end")
-            assert "reset" in app.results[0].error.lower()
+            res = app.results[0]
+            # the producer's read ends in a reset, not an EOF (its half-close may fail too: ENOTCONN)
+            assert "recv: " in res.error and "reset" in res.error.lower(), res
+            assert app.accepted == 1
     finally:
         app.close()
 

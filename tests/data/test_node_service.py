@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -261,7 +262,10 @@ async def test_dead_service_is_started_again_with_its_sessions(servers, client_f
     workers = pids_of(await node_status(cons))
     os.kill(old, signal.SIGKILL)
     await async_wait_until(lambda: not any(pid_alive(x) for x in [old, *workers]), what="service and workers gone")
-    await async_wait_until(lambda: cons.node.pid not in (0, old), timeout=20, what="a new service")
+    def back() -> bool:     # the new pid is known before the sessions are put back
+        rec = cons.node.recovering
+        return cons.node.pid not in (0, old) and rec is not None and rec.done()
+    await async_wait_until(back, timeout=20, what="a new service with the session put back")
     for listener in c.listeners:        # same ports, same secret: the chain works again
         await roundtrip_ok(listener)
     st = (await cc.status(uid)).sessions[0]
@@ -437,13 +441,47 @@ async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode)
     await client_for(cons).release(uid)
 
 
+def _idle_marks(pids: list[int]) -> tuple[str, ...] | None:
+    """Each process's context switch counts, if every one of them sleeps in epoll_wait."""
+    marks = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/wchan").read_text() != "do_epoll_wait":
+                return None
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return None
+        marks.append(status[status.find("voluntary_ctxt_switches"):])
+    return tuple(marks)
+
+
+async def workers_idle(pids: list[int]) -> None:
+    """Until every worker waits in epoll_wait and did not run between two looks. With
+    EPOLLEXCLUSIVE the kernel offers a connection to the first worker in line that is
+    waiting: one that is running then (a late packet of the last stream, or preempted
+    on a loaded machine) is passed over, as it should be, and the turns shift by one."""
+    last: list[tuple[str, ...] | None] = [None]
+
+    def settled() -> bool:
+        now, before = _idle_marks(pids), last[0]
+        last[0] = now
+        return now is not None and now == before
+    await async_wait_until(settled, what="the workers to be idle")
+
+
 async def test_streams_on_one_listener_use_both_workers(servers, client_for, echo_server):
     """Several streams through one listener (iperf3 -P 4 does this) are dealt out over the
     workers: the home worker and the second one take turns."""
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod, cons = await servers(workers=2), await servers(workers=2)
     uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
-    streams = [await Stream(c.listeners[0]).open() for _ in range(4)]
+    # the first stream right after the session is made: both workers must be in line by
+    # then; the others each when both workers wait again
+    streams = [await Stream(c.listeners[0]).open()]
+    pids = [pid for srv in (prod, cons) for pid in pids_of(await node_status(srv))]
+    for _ in range(3):
+        await workers_idle(pids)
+        streams.append(await Stream(c.listeners[0]).open())
     for srv, role in ((prod, "PROD"), (cons, "CONS")):
         conns = await srv.registry.active[(uid, role)].server.connections()
         assert sorted(x["worker"] for x in conns) == [0, 0, 1, 1], conns

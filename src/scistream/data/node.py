@@ -257,10 +257,10 @@ class Entry:
 
     def share(self, index: int) -> tuple[dict, list[int]]:
         """The add message for worker ``index``: the listeners at home there, those it
-        accepts on as the second worker (``second``: it registers them a moment later, so
-        that the home worker is first in line for the first connection; with EPOLLEXCLUSIVE
-        the kernel offers a connection to the idle waiters in the order they registered),
-        and its share of the cap."""
+        accepts on as the second worker (``second``: it holds them until an ``attach``,
+        sent once the home workers accept, so that the home worker is first in line for the
+        first connection; with EPOLLEXCLUSIVE the kernel offers a connection to the idle
+        waiters in the order they registered), and its share of the cap."""
         home = [i for i, w in enumerate(self.placement) if w == index]
         second = [i for i, w in enumerate(self.also) if w == index and i not in home]
         cfg = dict(self.cfg)
@@ -271,6 +271,10 @@ class Entry:
         return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine, "second": second,
                  "shared": any(self.also[i] is not None for i in mine), "home": bool(home)},
                 [self.socks[i].fileno() for i in mine])
+
+    def seconds(self) -> list[int]:
+        """The workers that are second on one of the session's listeners (``attach``)."""
+        return sorted({w for i, w in enumerate(self.also) if w is not None and w != self.placement[i]})
 
     def close(self) -> None:
         for s in self.socks:
@@ -468,6 +472,8 @@ class Node:
                     for e in list(self.sessions.values()):
                         if w.index in e.workers():
                             reply = await w.call(*e.share(w.index))
+                            if reply.get("ok") and w.index in e.seconds():
+                                reply = await w.call({"op": "attach", "sid": e.sid})
                             if not reply.get("ok"):
                                 self._fail(e, f"worker {w.index} restarted but refused the session: "
                                               f"{reply.get('error')}")
@@ -762,14 +768,22 @@ class Node:
         return out
 
     async def _install(self, e: Entry) -> None:
-        """Give the session's listeners to its workers."""
-        replies = await asyncio.gather(*(self.workers[i].call(*e.share(i)) for i in e.workers()),
-                                       return_exceptions=True)
-        for r in replies:
-            if isinstance(r, BaseException):
-                raise OpError(f"a worker did not take the session: {r}", "busy")
-            if not r.get("ok"):
-                raise OpError(f"cannot start the session: {r.get('error')}")
+        """Give the session's listeners to its workers: each takes its share and accepts at
+        once on the listeners at home there; then the second workers join in, each behind
+        the home worker of the listener. Both steps are answered before the session is: a
+        connection that comes right after the add finds both workers in line. (A second
+        worker that joined later, after the home worker had taken a connection and gone to
+        the back of the line, would be behind it: the home worker would take the next one too.)"""
+        msgs = [[(i, e.share(i)) for i in e.workers()],
+                [(i, ({"op": "attach", "sid": e.sid},)) for i in e.seconds()]]
+        for step in msgs:
+            replies = await asyncio.gather(*(self.workers[i].call(*m) for i, m in step),
+                                           return_exceptions=True)
+            for r in replies:
+                if isinstance(r, BaseException):
+                    raise OpError(f"a worker did not take the session: {r}", "busy")
+                if not r.get("ok"):
+                    raise OpError(f"cannot start the session: {r.get('error')}")
 
     async def _adopt(self, info: dict, fds: list[int]) -> None:
         socks = [socket.socket(fileno=fd) for fd in fds]

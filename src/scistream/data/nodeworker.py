@@ -13,7 +13,10 @@ counters and connections. An idle plain session costs a few kilobytes.
 Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
 
     {"op": "add", "sid", "cfg", "listeners": [i, ..], "second": [i, ..], "nfds": n}  + n listening
-        sockets; those in ``second`` this worker accepts on after the home worker (EPOLLEXCLUSIVE)
+        sockets; those in ``second`` are held until the ``attach`` below
+    {"op": "attach", "sid"}                        accept on the held ``second`` listeners too:
+        the service sends it once every home worker accepts, so on each listener the home
+        worker is first in line (EPOLLEXCLUSIVE) and the add is answered with both in line
     {"op": "targets", "sid", "targets": [..]}      addresses, never names
     {"op": "remove", "sid"}                        -> the slice's final counters
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
@@ -48,7 +51,6 @@ log = logging.getLogger(__name__)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 WARM_DELAY = 0.003
-SECOND_DELAY = 0.001   # a second worker registers on a listener after its home worker
 
 
 class Slice:
@@ -72,6 +74,7 @@ class Slice:
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.listeners = listeners
         self.shared = shared            # another worker accepts on these listeners too
+        self.held: list[tuple[int, socket.socket]] = []   # "second" listeners until "attach"
         self.conns: dict[int, Conn] = {}
         self.bytes = {"in": 0, "out": 0}
         self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
@@ -158,15 +161,9 @@ class Slice:
         except (OSError, ssl.SSLError, ValueError) as exc:   # e.g. its credentials are unreadable
             conn.abort(f"cannot start: {exc}")
 
-    def attach_late(self, listeners: list[tuple[int, socket.socket]]) -> None:
-        """The listeners this worker accepts on as the second one, after its home worker."""
-        if self.open:
-            self.attach(listeners)
-        else:                           # removed meanwhile
-            for _, lsock in listeners:
-                lsock.close()
-
-    def attach(self, listeners: list[tuple[int, socket.socket]]) -> None:
+    def attach(self) -> None:
+        """Accept on the held listeners too, as their second worker (behind the home one)."""
+        listeners, self.held = self.held, []
         for index, lsock in listeners:
             lsock.setblocking(False)
             self.listeners.append((index, lsock))
@@ -189,15 +186,14 @@ class Slice:
                 "refused_connections": self.refused, "tls_resumed": self.resumed,
                 "tls_sessions_kept": self.sessions_kept}
 
-    @property
-    def open(self) -> bool:
-        return self.worker.slices.get(self.sid) is self
-
     def close(self) -> dict[str, int]:
         for _, lsock in self.listeners:
             self.loop.remove(lsock.fileno())
             lsock.close()
         self.listeners = []
+        for _, lsock in self.held:
+            lsock.close()
+        self.held = []
         for conn in list(self.conns.values()):
             conn.close(reset=True)
         for b in self.buckets.values():
@@ -277,10 +273,10 @@ class NodeWorker:
                     for _, s in listeners:
                         s.close()
                     raise
-                if second:
-                    sl = self.slices[sid]
-                    later = [x for x in listeners if x[0] in second]
-                    self.loop.call_later(SECOND_DELAY, lambda: sl.attach_late(later))
+                self.slices[sid].held = [x for x in listeners if x[0] in second]
+                return {"ok": True}
+            if op == "attach":
+                self._slice(msg["sid"]).attach()
                 return {"ok": True}
             if op == "targets":
                 self._slice(msg["sid"]).retarget([str(t) for t in msg["targets"]])
@@ -299,7 +295,9 @@ class NodeWorker:
                     for _, lsock in s.listeners:
                         self.loop.remove(lsock.fileno())
                         lsock.close()
-                    s.listeners = []
+                    for _, lsock in s.held:
+                        lsock.close()
+                    s.listeners, s.held = [], []
                 return {"ok": True}
             if op == "ping":
                 return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),
