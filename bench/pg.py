@@ -39,11 +39,14 @@ def _free_port() -> int:
 class Postgres:
     """A PostgreSQL server: ``url(db)``, ``createdb()``, ``psql(db, sql)``, ``pids()``."""
 
-    def __init__(self, bindir: Path, options: Sequence[str] = (), *, prefix: str = "scistream-pg-") -> None:
+    def __init__(self, bindir: Path, options: Sequence[str] = (), *, prefix: str = "scistream-pg-",
+                 port: int = 0) -> None:
         self.bin = bindir
         self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        # A server that is stopped and started again needs its port back: pass one outside
+        # the kernel's ephemeral range, where an outgoing connection cannot take it meanwhile.
+        self.port = port or _free_port()
         self.proc: subprocess.Popen | None = None
         self.options = list(options)
         self.user = None
@@ -130,11 +133,11 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def running_postgres(options: Sequence[str] = ()):
+def running_postgres(options: Sequence[str] = (), port: int = 0):
     bindir = pg_bin()
     if bindir is None:
         raise SystemExit("PostgreSQL is not installed (scripts/setup --system installs it)")
-    server = Postgres(bindir, options)
+    server = Postgres(bindir, options, port=port)
     try:
         server.init()
         server.start()

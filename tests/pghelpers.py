@@ -11,6 +11,7 @@ the end. ``stop()``/``start()`` take the database away and bring it back.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 from pathlib import Path
 
@@ -24,11 +25,27 @@ __all__ = ["Postgres", "pg_bin", "running_postgres", "sql"]
 
 
 @contextlib.contextmanager
-def running_postgres():
+def running_postgres(*, restartable: bool = False):
+    """``restartable``: the test stops and starts the server again, so its TCP port comes
+    from the tests' reserved blocks (conftest.port_block), below the kernel's ephemeral range:
+    no outgoing connection of the test can take it while the server is down."""
     if pg_bin() is None:
         pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
-    with _running_postgres() as server:
+    with _running_postgres(port=_reserved_port() if restartable else 0) as server:
         yield server
+
+
+def _reserved_port() -> int:
+    from conftest import port_block
+    first, last = map(int, port_block(8).split("-"))
+    for port in range(first, last + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue            # held by another program: the next one
+            return port
+    raise RuntimeError(f"no free port in {first}-{last}")
 
 
 async def sql(url: str, query: str, *args):

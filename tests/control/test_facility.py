@@ -325,7 +325,7 @@ async def test_facility_bad_configuration_is_a_clear_error(pg, tmp_path):
 @pytest.fixture
 def own_pg():
     """A PostgreSQL of the test's own (it is stopped and started again)."""
-    with running_postgres() as server:
+    with running_postgres(restartable=True) as server:
         yield server
 
 

@@ -190,7 +190,7 @@ def test_tls_to_the_database(tmp_path):
 @pytest.fixture
 def own_pg():
     """A PostgreSQL of the test's own (the test restarts it)."""
-    with running_postgres() as server:
+    with running_postgres(restartable=True) as server:
         yield server
 
 
