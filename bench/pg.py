@@ -59,8 +59,18 @@ class Postgres:
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         self._dbs = 0
 
+    def _as_user(self, argv: list[str]) -> list[str]:
+        """``argv`` run as the server's user: through setpriv rather than Popen's ``user=``,
+        which makes CPython fork() where it would vfork(). A fork in a process whose other
+        threads are inside gRPC (the tests', the benches') runs gRPC's fork handlers; a
+        restarted server was seen to die without a word at that moment."""
+        if self.user is None:
+            return argv
+        pw = pwd.getpwuid(self.user)
+        return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", *argv]
+
     def _run(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], user=self.user, check=True,
+        return subprocess.run(self._as_user([str(self.bin / args[0]), *args[1:]]), check=True,
                               capture_output=True, text=True, cwd=self.dir, timeout=60)
 
     def init(self) -> None:
@@ -68,15 +78,18 @@ class Postgres:
                   "--no-sync", "--no-instructions")
 
     def start(self, timeout: float = 30) -> None:
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(self._as_user(
             [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options],
-            user=self.user, cwd=self.dir, stdout=subprocess.DEVNULL,
+             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options]),
+            cwd=self.dir, stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "server.log", "ab"), start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError("postgres exited: " + (self.dir / "server.log").read_text()[-2000:])
+                code = self.proc.returncode
+                how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                raise RuntimeError(f"postgres (pid {self.proc.pid}) exited, {how}: "
+                                   + (self.dir / "server.log").read_text()[-2000:])
             if subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", str(self.dir), "-p",
                                str(self.port)]).returncode == 0:
                 return
