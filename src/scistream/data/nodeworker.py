@@ -186,14 +186,17 @@ class Slice:
                 "refused_connections": self.refused, "tls_resumed": self.resumed,
                 "tls_sessions_kept": self.sessions_kept}
 
-    def close(self) -> dict[str, int]:
+    def stop_accepting(self) -> None:
+        """Close the session's listeners here, the held ones too; its connections go on."""
         for _, lsock in self.listeners:
             self.loop.remove(lsock.fileno())
             lsock.close()
-        self.listeners = []
         for _, lsock in self.held:
             lsock.close()
-        self.held = []
+        self.listeners, self.held = [], []
+
+    def close(self) -> dict[str, int]:
+        self.stop_accepting()
         for conn in list(self.conns.values()):
             conn.close(reset=True)
         for b in self.buckets.values():
@@ -292,12 +295,7 @@ class NodeWorker:
                 return {"ok": True, "connections": [c.info() for c in self._slice(msg["sid"]).conns.values()]}
             if op == "quiesce":        # a successor serves: accept nothing more
                 for s in self.slices.values():
-                    for _, lsock in s.listeners:
-                        self.loop.remove(lsock.fileno())
-                        lsock.close()
-                    for _, lsock in s.held:
-                        lsock.close()
-                    s.listeners, s.held = [], []
+                    s.stop_accepting()
                 return {"ok": True}
             if op == "ping":
                 return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),

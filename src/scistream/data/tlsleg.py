@@ -53,6 +53,7 @@ def metered_recv(src: "Side", buf, want: int, bucket, kick) -> int | None:
         bucket.refund(want - max(n, 0))
     return n
 
+
 class Buffers:
     """Scratch buffers of one thread, shared by its connections: whatever a pump puts in
     them is consumed (or copied) before the pump returns."""

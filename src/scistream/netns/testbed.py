@@ -283,12 +283,6 @@ class Testbed:
             if fwd != "0":
                 raise TestbedError(f"{ns}: ip_forward is {fwd}, expected 0")
 
-    def _run_ns(self, ns: str, *argv: str) -> subprocess.CompletedProcess:
-        p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=30,
-                           stdin=subprocess.DEVNULL)
-        if p.returncode != 0:
-            raise TestbedError(f"{ns}: {' '.join(argv)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
-        return p
 
     def destroy(self) -> None:
         """Stop every process left in the namespaces, then delete them (and their veths)."""
@@ -312,10 +306,15 @@ class Testbed:
 
     def run(self, host: Host, *argv: str, check: bool = True, timeout: float = 30,
             env: dict | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run(self.argv(host, *argv), capture_output=True, text=True, timeout=timeout,
+        return self._run_ns(host.ns, *argv, label=host.label, check=check, timeout=timeout, env=env)
+
+    def _run_ns(self, ns: str, *argv: str, label: str = "", check: bool = True, timeout: float = 30,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+        """``argv`` run inside the namespace ``ns`` (a host's, or a switch's, which has no Host)."""
+        p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout,
                            env=env, stdin=subprocess.DEVNULL)
         if check and p.returncode != 0:
-            raise TestbedError(f"{host.label}: {' '.join(argv)} exited {p.returncode}: "
+            raise TestbedError(f"{label or ns}: {' '.join(argv)} exited {p.returncode}: "
                                f"{(p.stderr or p.stdout).strip()[-1000:]}")
         return p
 
@@ -345,8 +344,6 @@ class Testbed:
             lines.append(f"  {'[' + name + ']':<8} {ns:<40} bridge of " + " ".join(
                 a for a, _, b, _ in self._links() if b == name))
         return "\n".join(lines)
-
-
 
 
 # Facility A of several nodes (issue 13): two control hosts, two data-transfer nodes, a database
