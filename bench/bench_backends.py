@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import uuid
@@ -26,13 +25,7 @@ from pathlib import Path
 from scistream.data.backends.common import listening_ports
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain import Chain  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from chain import Chain, free_port  # noqa: E402
 
 
 async def run_client(port: int, seconds: float, streams: int) -> float:

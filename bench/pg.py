@@ -30,6 +30,16 @@ def pg_bin() -> Path | None:
     return None
 
 
+async def sql(url: str, query: str, *args):
+    """One query on a fresh connection: its rows."""
+    import asyncpg
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,11 +88,11 @@ class Postgres:
                   "--no-sync", "--no-instructions")
 
     def start(self, timeout: float = 30) -> None:
-        self.proc = subprocess.Popen(self._as_user(
-            [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options]),
-            cwd=self.dir, stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "server.log", "ab"), start_new_session=True)
+        with open(self.dir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(self._as_user(
+                [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", "127.0.0.1",
+                 "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options]),
+                cwd=self.dir, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from pg import Postgres, pg_bin, running_postgres as _running_postgres  # noqa: E402  (bench/pg.py: the one implementation, without pytest)
+from pg import Postgres, pg_bin, running_postgres as _running_postgres, sql  # noqa: E402  (bench/pg.py: the one implementation, without pytest)
 
-_pg_bin = pg_bin
 __all__ = ["Postgres", "pg_bin", "running_postgres", "sql"]
 
 
@@ -46,13 +45,3 @@ def _reserved_port() -> int:
                 continue            # held by another program: the next one
             return port
     raise RuntimeError(f"no free port in {first}-{last}")
-
-
-async def sql(url: str, query: str, *args):
-    """One query on a fresh connection: its rows."""
-    import asyncpg
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()

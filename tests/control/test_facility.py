@@ -17,6 +17,7 @@ import pytest
 
 from conftest import BIN, async_wait_until, new_uid, roundtrip_ok, still_listening
 from scistream.client import AsyncClient
+from scistream.data.supervise import pid_alive
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -707,15 +708,7 @@ async def test_facility_node_restarted_in_place(facility, servers, client_for, e
         # the successor is not the test's child: stop it through its socket
         subprocess.run([str(BIN / "s2ds"), "stop", "--socket", str(node.dir / "node.sock")],
                        capture_output=True, timeout=30)
-        await async_wait_until(lambda: _gone(new_pid), 15, "the successor stopped")
-
-
-async def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return False
-    except ProcessLookupError:
-        return True
+        await async_wait_until(lambda: not pid_alive(new_pid), 15, "the successor stopped")
 
 
 async def test_original_tooling_client_against_a_facility(facility, echo_server, original_stubs):

@@ -24,7 +24,7 @@ from scistream.errors import ScistreamError
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from pghelpers import Postgres, _pg_bin, running_postgres, sql  # noqa: E402
+from pghelpers import Postgres, pg_bin, running_postgres, sql  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ async def test_session_on_postgres_survives_a_restart_of_s2cs(pg, servers, clien
 
 def test_tls_to_the_database(tmp_path):
     """sslmode=verify-full with the server's CA works; without TLS, or with another CA, refused."""
-    bindir = _pg_bin()
+    bindir = pg_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
     from scistream.control.tlscert import make_self_signed

@@ -28,10 +28,9 @@ REASON = unavailable_reason()
 needs_testbed = pytest.mark.skipif(REASON is not None, reason=f"netns testbed unavailable: {REASON}")
 
 
-@pytest.fixture
-def testbed():
-    """A fresh pair of facilities; afterwards no namespace of it (nor its veths) remains."""
-    tb = Testbed()
+@contextlib.contextmanager
+def built(tb: Testbed):
+    """``tb`` created; afterwards destroyed, and no namespace of it (nor its veths) remains."""
     tb.create()
     try:
         yield tb
@@ -39,6 +38,13 @@ def testbed():
         tb.destroy()
         left = [ns for ns in tb.namespaces if (NETNS_DIR / ns).exists()]
         assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def testbed():
+    """A fresh pair of facilities."""
+    with built(Testbed()) as tb:
+        yield tb
 
 
 

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pwd
 import signal
 import subprocess
 import time
@@ -28,14 +27,14 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_until
-from nshelpers import (BIN, PY, S2cs, cli_env, needs_testbed, probes, read_line_matching, run_in, spawn,
+from nshelpers import (BIN, PY, S2cs, built, cli_env, needs_testbed, probes, read_line_matching, run_in, spawn,
                        start_s2cs, wait_for)
 from scistream.netns import FacilityTestbed
-from scistream.netns.testbed import _NAME_RE, NETNS_DIR, Host, namespace_pids
+from scistream.netns.testbed import _NAME_RE, Host, namespace_pids
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from pghelpers import Postgres, _pg_bin  # noqa: E402
+from pghelpers import Postgres, pg_bin  # noqa: E402
 
 pytestmark = [pytest.mark.root, needs_testbed]
 
@@ -49,14 +48,8 @@ SIZE = 256 << 10  # per connection, each way
 @pytest.fixture
 def ftb():
     """A fresh facility testbed; afterwards no namespace of it remains."""
-    tb = FacilityTestbed()
-    tb.create()
-    try:
+    with built(FacilityTestbed()) as tb:
         yield tb
-    finally:
-        tb.destroy()
-        left = [ns for ns in tb.namespaces if (NETNS_DIR / ns).exists()]
-        assert not left, f"namespaces left behind: {left}"
 
 
 def _cmdline(pid: int) -> str:
@@ -80,13 +73,12 @@ class NsPostgres(Postgres):
             f.write("host all all 192.0.2.128/25 trust\n")
 
     def start(self) -> None:
-        pw = pwd.getpwuid(self.user if self.user is not None else os.geteuid())
-        argv = self.tb.argv(self.tb.db_a, "setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
-                            "--clear-groups", str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir),
-                            "-h", self.tb.db_a.ip, "-p", str(self.port), "-c", "fsync=off",
-                            "-c", "logging_collector=off")
-        self.proc = subprocess.Popen(argv, cwd=self.dir, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "server.log", "ab"), start_new_session=True)
+        argv = self.tb.argv(self.tb.db_a, *self._as_user(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", self.tb.db_a.ip,
+             "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off"]))
+        with open(self.dir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=log,
+                                         start_new_session=True)
 
         def ready() -> bool:
             assert self.proc.poll() is None, (self.dir / "server.log").read_text()[-2000:]
@@ -154,7 +146,7 @@ async def start_node(stack, tb: FacilityTestbed, host: Host, url: str, token: Pa
 
 @contextlib.asynccontextmanager
 async def facility(tb: FacilityTestbed, tmp: Path):
-    bindir = _pg_bin()
+    bindir = pg_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (scripts/setup --system installs it)")
     async with contextlib.AsyncExitStack() as stack:
