@@ -18,6 +18,19 @@ from scistream.data.builtin import control_call
 GREETING = b"producer-data-" * 100
 
 
+@pytest.fixture(autouse=True, params=["c", "python"])
+def tls_engine(request, monkeypatch):
+    """Every test here runs with the compiled TLS engine and with the Python pumps (the data
+    servers are processes that read SCISTREAM_TLS_ENGINE at start)."""
+    if request.param == "c":
+        from scistream.data import tlsleg
+        assert tlsleg._tlspump is not None, (
+            "the compiled TLS engine (scistream.data._tlspump) was not built: scripts/setup --system "
+            "installs gcc, libssl-dev and python3-dev, then `pip install -e .` builds it")
+    monkeypatch.setenv("SCISTREAM_TLS_ENGINE", request.param)
+    return request.param
+
+
 async def failed_count(srv) -> int:
     return (await control_call(srv.control, {"op": "stats"}))["failed_connections"]
 
@@ -240,3 +253,57 @@ async def test_a_flood_of_refused_connections_is_counted_not_logged_line_by_line
         assert len(lines) == 20, log[-3000:]
         assert "180 failed connections were not logged one by one" in log
 
+
+
+async def test_tls_engine_carries_both_directions_through_a_full_chain_and_a_half_close(tmp_path, tls_engine):
+    """The engine chosen moves the bytes (``conns`` says which), while the consumer does not
+    read: every buffer of the chain fills up (the pumps keep what a full socket did not
+    take) and the consumer's half-close comes long before the producer is done. Then every
+    byte arrives, in order, both ways, and both data servers count them."""
+    pattern = Pattern()
+    back, forth = 48 << 20, 24 << 20
+    app = PatternApp(pattern, send_bytes=back)
+    try:
+        async with data_servers(tmp_path) as ds:
+            prod, cons = await ds.chain(app.target, tls=True)
+            sock = await asyncio.to_thread(socket.create_connection, entry(cons), 10)
+            try:
+                sock.settimeout(120)
+                await asyncio.to_thread(lambda: (pattern.send(sock, forth), sock.shutdown(socket.SHUT_WR)))
+
+                async def stalled_open() -> bool:
+                    for srv in (prod, cons):
+                        conns = (await control_call(srv.control, {"op": "conns"}))["connections"]
+                        if len(conns) != 1 or conns[0]["state"] != "open":
+                            return False
+                    return (await prod.stats()).bytes_out > 0
+                await wait_for(stalled_open, what="the connection to be open on both data servers")
+                for srv in (prod, cons):
+                    (conn,) = (await control_call(srv.control, {"op": "conns"}))["connections"]
+                    assert conn["relay"] == "tls" and conn["tls_engine"] == tls_engine, conn
+                got, intact = await asyncio.to_thread(pattern.recv_check, sock)
+            finally:
+                sock.close()
+            assert (got, intact) == (back, True)
+            await wait_for(lambda: _app_done(app, 0), what="the producer to finish")
+            res = app.results[0]
+            assert (res.received, res.intact, res.error) == (forth, True, "")
+
+            async def counted() -> bool:
+                a, b = await prod.stats(), await cons.stats()
+                return (a.connections == b.connections == 0 and a.bytes_in == b.bytes_in == forth
+                        and a.bytes_out == b.bytes_out == back)
+            await wait_for(counted, what="both data servers to count every byte")
+    finally:
+        app.close()
+
+
+async def test_tls_engine_many_short_connections_echo(tmp_path, echo_server, tls_engine):
+    """Connections that carry a few bytes and close at once, 1 to 70000 bytes each, in
+    parallel: the hand-over from the handshake to the engine loses nothing (records that
+    arrived with the last handshake flight, a close_notify right behind the data)."""
+    async with data_servers(tmp_path) as ds:
+        prod, cons = await ds.chain(f"{echo_server[0]}:{echo_server[1]}", tls=True, listeners=2)
+        payloads = [os.urandom(1 + 997 * i * i) for i in range(9)] * 4
+        got = await asyncio.gather(*(echo_roundtrip(*entry(cons, i % 2), p) for i, p in enumerate(payloads)))
+        assert got == payloads

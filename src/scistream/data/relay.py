@@ -34,7 +34,8 @@ import time
 from typing import Any, Callable, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
-from .tlsleg import DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv, thread_buffers
+from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
+                     thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +391,14 @@ class Conn:
                                         self.target[1]) else SplicePump
             self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
         else:
-            if self.tls.side is a:     # PROD: WAN side accepted
+            # The compiled engine, unless a rate limit meters the bytes (its buckets are Python's).
+            eng = self.tls.compiled() if all(v is None for v in self.ctx.buckets.values()) else None
+            if eng is not None:
+                if self.tls.side is a:
+                    self.pumps = [CDecryptPump(self, self.tls, eng, b, "in"), CEncryptPump(self, b, self.tls, eng, "out")]
+                else:
+                    self.pumps = [CEncryptPump(self, a, self.tls, eng, "in"), CDecryptPump(self, self.tls, eng, a, "out")]
+            elif self.tls.side is a:   # PROD: WAN side accepted
                 self.pumps = [DecryptPump(self, self.tls, b, "in"), EncryptPump(self, b, self.tls, "out")]
             else:                      # CONS: WAN side is the target
                 self.pumps = [EncryptPump(self, a, self.tls, "in"), DecryptPump(self, self.tls, a, "out")]
@@ -535,6 +543,8 @@ class Conn:
                 "target": _fmt(self.target[1]), "state": self.state,
                 "relay": ("tls" if self.tls is not None else "copy" if isinstance(self.pumps[0], CopyPump)
                           else "splice") if self.pumps else "",
+                "tls_engine": ("c" if isinstance(self.pumps[0], (CEncryptPump, CDecryptPump)) else "python")
+                if self.tls is not None and self.pumps else "",
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
 

@@ -22,9 +22,15 @@ cost at the cipher's; the scratch buffers are shared by the connections of a thr
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 from typing import TYPE_CHECKING
+
+try:                      # the compiled hot path (_tlspump.c); optional
+    from . import _tlspump
+except ImportError:       # pragma: no cover - built wherever a C compiler was there
+    _tlspump = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .relay import Conn, Side
@@ -33,6 +39,21 @@ log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 SERVER_NAME = "scistream-session"
+
+#: Which engine moves a TLS leg's bytes once its handshake is done: ``auto`` (the compiled
+#: one where it was built, else Python), ``c`` (the same; says so when it is missing),
+#: ``python`` (the pumps below). From ``SCISTREAM_TLS_ENGINE``, read at import.
+ENGINE = os.environ.get("SCISTREAM_TLS_ENGINE", "auto").strip().lower() or "auto"
+if ENGINE not in ("auto", "c", "python"):
+    log.warning("SCISTREAM_TLS_ENGINE=%r: not auto, c or python; using auto", ENGINE)
+    ENGINE = "auto"
+if ENGINE == "c" and _tlspump is None:
+    log.warning("SCISTREAM_TLS_ENGINE=c, but the compiled engine was not built: using Python")
+
+
+def engine_name() -> str:
+    """The engine a new TLS leg gets: ``c`` or ``python``."""
+    return "c" if _tlspump is not None and ENGINE != "python" else "python"
 
 
 def metered_recv(src: "Side", buf, want: int, bucket, kick) -> int | None:
@@ -145,6 +166,29 @@ class TlsEnd:
             self.flush()
             return True
 
+    def compiled(self) -> "_tlspump.Engine | None":
+        """Hand the engine's SSL* over to the compiled pumps (after the handshake, with no
+        rate limit): what the memory BIOs still hold moves along. None where it was not
+        built or is turned off, or if this Python's ``_ssl`` is laid out otherwise (said
+        once in the log); the Python pumps go on then, with nothing lost."""
+        global _layout_warned
+        if engine_name() != "c":
+            return None
+        pin = self.inc.read()
+        pout = (bytes(self.wbuf) if self.wbuf is not None else b"") + self.out.read()
+        try:
+            eng = _tlspump.Engine(self.raw, self.inc, self.out, pin, pout, self.eof_in)
+        except (TypeError, ValueError) as exc:
+            if pin:
+                self.inc.write(pin)
+            self.wbuf = memoryview(pout) if pout else None
+            if not _layout_warned:
+                _layout_warned = True
+                log.warning("compiled TLS engine not usable here (%s): using the Python pumps", exc)
+            return None
+        self.wbuf = None
+        return eng
+
     @property
     def input_drained(self) -> bool:
         return not self.inc.pending and not self.obj.pending()
@@ -164,6 +208,82 @@ class TlsEnd:
             pass  # sent; the peer's close_notify comes later (or already came)
         except ssl.SSLError as exc:
             log.debug("close_notify: %s", exc)
+
+
+_layout_warned = False
+
+
+class CEncryptPump:
+    """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``)."""
+    __slots__ = ("conn", "src", "dst", "eng", "direction", "done", "finished")
+
+    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, eng: "_tlspump.Engine", direction: str) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = tls.side
+        self.eng = eng
+        self.direction = direction
+        self.done = False        # EOF from src, close_notify queued
+        self.finished = False    # close_notify on the wire, TCP write side shut
+
+    def run(self) -> None:
+        if self.finished:
+            return
+        src, dst, eng = self.src, self.dst, self.eng
+        n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.done, dst.writable)
+        if n:
+            self.conn.counted(self.direction, n)
+        if fl & F_SRC_AGAIN:
+            src.readable = False
+        if fl & F_DST_AGAIN:
+            dst.writable = False
+        if fl & F_EOF:
+            self.done = True
+            eng.shutdown()       # once: it never reads, the other direction loses nothing
+            _, fl = eng.encrypt(src.fd, dst.fd, False, dst.writable)
+            if fl & F_DST_AGAIN:
+                dst.writable = False
+        if self.done and fl & F_EMPTY:
+            self.finished = True
+            self.conn.pump_done(dst)
+
+    def release(self) -> None:
+        pass
+
+
+class CDecryptPump:
+    """TLS socket -> compiled engine -> plain socket."""
+    __slots__ = ("conn", "src", "dst", "eng", "direction", "done")
+
+    def __init__(self, conn: "Conn", tls: TlsEnd, eng: "_tlspump.Engine", dst: "Side", direction: str) -> None:
+        self.conn = conn
+        self.src = tls.side
+        self.dst = dst
+        self.eng = eng
+        self.direction = direction
+        self.done = False        # the peer's close_notify passed on as a TCP EOF
+
+    def run(self) -> None:
+        if self.done:
+            return
+        src, dst = self.src, self.dst
+        n, fl = self.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
+        if n:
+            self.conn.counted(self.direction, n)
+        if fl & F_SRC_AGAIN:
+            src.readable = False
+        if fl & F_DST_AGAIN:
+            dst.writable = False
+        if fl & F_EOF:
+            self.done = True
+            self.conn.pump_done(dst)
+
+    def release(self) -> None:
+        pass
+
+
+F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((_tlspump.F_SRC_AGAIN, _tlspump.F_DST_AGAIN, _tlspump.F_EOF,
+                                             _tlspump.F_EMPTY) if _tlspump is not None else (1, 2, 4, 8))
 
 
 class EncryptPump:

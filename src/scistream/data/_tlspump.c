@@ -1,0 +1,596 @@
+/* The hot path of a built-in TLS leg, compiled: decrypt and encrypt with no interpreter per record.
+ *
+ * ``tlsleg.TlsEnd`` makes the handshake with an ``ssl.SSLObject`` over two memory BIOs (its
+ * bound, session resumption and certificate checks stay in Python). Once it is up,
+ * ``Engine(sslobj, pending_in, pending_out, eof_in)`` takes the SSL* of that SSLObject
+ * over: it swaps the memory BIOs for a BIO pair (the bytes they still hold are moved
+ * along), and from then on every byte goes through these calls:
+ *
+ *     n, flags = eng.encrypt(plain_fd, tls_fd, readable, writable)   # plain -> records
+ *     n, flags = eng.decrypt(tls_fd, plain_fd, readable, writable)   # records -> plain
+ *     eng.shutdown()                                                 # close_notify, once
+ *
+ * Each runs until a socket says EAGAIN (the loop is edge-triggered), the plain side says
+ * EOF or the peer's close_notify arrives, and returns the plaintext bytes it moved and
+ * F_* flags. ``recv`` writes ciphertext straight into the pair's ring and OpenSSL reads its
+ * records from there; SSL_write puts records into the other ring and ``send`` takes them
+ * from it in place: no copies besides the cipher's own. The semantics are tlsleg's:
+ * close_notify once when the plain side says EOF (SSL_shutdown called once never reads,
+ * so records still coming in are not thrown away), the peer's close_notify becomes a
+ * shutdown of the plain side's write half, and a TCP EOF without close_notify is an
+ * error (the connection is reset by the caller). The GIL is released while bytes move.
+ *
+ * The SSL* and BIO* are read from CPython's ``_ssl`` objects (3.11 layout), and checked:
+ * the SSL's rbio and wbio must be the memory BIOs' BIO*, else Engine() raises TypeError
+ * and tlsleg keeps its Python pumps. Built by setuptools (pyproject.toml), linked to the
+ * libssl that Python's ``_ssl`` uses; optional: without a compiler it is not built, and
+ * tlsleg uses the Python pumps.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#define CHUNK (256 * 1024)
+#define RING (CHUNK + 128 * 1024)
+
+#define F_SRC_AGAIN 1   /* the source socket has nothing now */
+#define F_DST_AGAIN 2   /* the destination socket is full */
+#define F_EOF 4         /* encrypt: the plain side said EOF; decrypt: the peer's close_notify */
+#define F_EMPTY 8       /* no ciphertext of ours waits for the TLS socket */
+
+/* CPython 3.11's Modules/_ssl.c, as far as we read it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    SSL *ssl;
+} SSLSocketHead;
+
+typedef struct {
+    PyObject_HEAD
+    BIO *bio;
+} MemoryBIOHead;
+
+static PyObject *SSLErrorType;
+static __thread unsigned char *scratch;   /* plaintext, one per thread: consumed before a call returns */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner;             /* the _ssl._SSLSocket that owns the SSL* (and frees it) */
+    SSL *ssl;
+    BIO *ext;                    /* our end of the pair */
+    unsigned char *pre;          /* ciphertext queued before the swap, sent first */
+    size_t pre_len, pre_off;
+    unsigned char *left;         /* decrypted plaintext the plain socket did not take yet */
+    size_t left_len, left_off, left_cap;
+    int tls_eof;                 /* TCP EOF on the TLS socket */
+    int peer_closed;             /* the peer's close_notify arrived */
+    int shut;                    /* 0: not asked; 1: close_notify owed (ring was full); 2: queued */
+} Engine;
+
+static unsigned char *thread_scratch(void) {
+    if (scratch == NULL)
+        scratch = malloc(CHUNK);
+    return scratch;
+}
+
+/* After an OpenSSL failure: raise ssl.SSLError with OpenSSL's reason (or the socket's errno). */
+static PyObject *raise_ssl(unsigned long code, int sys_errno, const char *fallback) {
+    char msg[256];
+    const char *reason = code ? ERR_reason_error_string(code) : NULL;
+    if (reason)
+        snprintf(msg, sizeof msg, "%s", reason);
+    else if (sys_errno)
+        snprintf(msg, sizeof msg, "%s", strerror(sys_errno));
+    else
+        snprintf(msg, sizeof msg, "%s", fallback);
+    PyObject *exc = PyObject_CallFunction(SSLErrorType, "is", 1, msg);
+    if (exc == NULL)
+        return NULL;
+    PyObject *text = PyUnicode_FromString(msg);
+    if (text != NULL) {
+        PyObject_SetAttrString(exc, "reason", text);
+        PyObject_SetAttrString(exc, "library", Py_None);
+        Py_DECREF(text);
+    }
+    PyErr_SetObject(SSLErrorType, exc);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+/* Send what waits for the TLS socket: the bytes from before the swap, then the ring.
+ * 1: all sent; 0: the socket is full; -1: error (errno). */
+static int flush_out(Engine *e, int fd, int *writable) {
+    while (e->pre != NULL) {
+        if (!*writable)
+            return 0;
+        ssize_t s = send(fd, e->pre + e->pre_off, e->pre_len - e->pre_off, MSG_NOSIGNAL);
+        if (s < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                *writable = 0;
+                return 0;
+            }
+            return -1;
+        }
+        e->pre_off += (size_t)s;
+        if (e->pre_off < e->pre_len) {
+            *writable = 0;           /* a short send: the socket is full, EPOLLOUT will say when not */
+            return 0;
+        }
+        free(e->pre);
+        e->pre = NULL;
+    }
+    for (;;) {
+        char *p;
+        int n = BIO_nread0(e->ext, &p);
+        if (n <= 0)
+            return 1;
+        if (!*writable)
+            return 0;
+        ssize_t s = send(fd, p, (size_t)n, MSG_NOSIGNAL);
+        if (s < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                *writable = 0;
+                return 0;
+            }
+            return -1;
+        }
+        BIO_nread(e->ext, &p, (int)s);
+        if (s < n) {
+            *writable = 0;
+            return 0;
+        }
+    }
+}
+
+static int out_empty(Engine *e) {
+    return e->pre == NULL && BIO_ctrl_pending(e->ext) == 0;
+}
+
+/* SSL_shutdown once; again only if the first could not queue its alert (the ring was
+ * full): a second call after a queued alert would read, and discard, records. */
+static int try_shutdown(Engine *e) {
+    ERR_clear_error();
+    int r = SSL_shutdown(e->ssl);
+    if (r >= 0) {
+        e->shut = 2;
+        return 0;
+    }
+    int ge = SSL_get_error(e->ssl, r);
+    if (ge == SSL_ERROR_WANT_WRITE) {
+        e->shut = 1;
+        return 0;
+    }
+    return -1;
+}
+
+static PyObject *Engine_encrypt(Engine *e, PyObject *args) {
+    int src, dst, readable, writable;
+    if (!PyArg_ParseTuple(args, "iipp", &src, &dst, &readable, &writable))
+        return NULL;
+    unsigned long long moved = 0;
+    int flags = 0, sys_err = 0, ssl_fail = 0;
+    unsigned long code = 0;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char *buf = thread_scratch();
+    if (buf == NULL) {
+        sys_err = ENOMEM;
+    } else {
+        for (;;) {
+            int f = flush_out(e, dst, &writable);
+            if (f < 0) {
+                sys_err = errno;
+                break;
+            }
+            if (f == 0) {
+                flags |= F_DST_AGAIN;
+                break;
+            }
+            if (e->shut == 1) {
+                if (try_shutdown(e) < 0) {
+                    ssl_fail = 1;
+                    code = ERR_peek_last_error();
+                    break;
+                }
+                continue;
+            }
+            if (e->shut || !readable)
+                break;
+            /* The ring is empty: 256 KiB of plaintext fit, with their records' overhead. */
+            ssize_t n = recv(src, buf, CHUNK, 0);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    flags |= F_SRC_AGAIN;
+                    break;
+                }
+                sys_err = errno;
+                break;
+            }
+            if (n == 0) {
+                flags |= F_EOF;
+                break;
+            }
+            ERR_clear_error();
+            int r = SSL_write(e->ssl, buf, (int)n);
+            if (r != (int)n) {
+                ssl_fail = 1;
+                code = ERR_peek_last_error();
+                break;
+            }
+            moved += (unsigned long long)n;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (ssl_fail) {
+        (void)flush_out(e, dst, &writable);   /* best effort: an alert, not just a reset */
+        ERR_clear_error();
+        return raise_ssl(code, 0, "TLS write failed");
+    }
+    if (sys_err) {
+        errno = sys_err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (out_empty(e))
+        flags |= F_EMPTY;
+    return Py_BuildValue("Ki", moved, flags);
+}
+
+/* Keep what the plain socket did not take (copied: the scratch buffer is the thread's). */
+static int keep_left(Engine *e, const unsigned char *p, size_t n) {
+    if (e->left_cap < n) {
+        unsigned char *b = realloc(e->left, n);
+        if (b == NULL)
+            return -1;
+        e->left = b;
+        e->left_cap = n;
+    }
+    memcpy(e->left, p, n);
+    e->left_len = n;
+    e->left_off = 0;
+    return 0;
+}
+
+static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
+    int src, dst, readable, writable;
+    if (!PyArg_ParseTuple(args, "iipp", &src, &dst, &readable, &writable))
+        return NULL;
+    unsigned long long moved = 0;
+    int flags = 0, sys_err = 0, ssl_fail = 0, ssl_errno = 0;
+    unsigned long code = 0;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char *buf = thread_scratch();
+    if (buf == NULL)
+        sys_err = ENOMEM;
+    while (buf != NULL) {
+        if (e->left_len) {
+            if (!writable) {
+                flags |= F_DST_AGAIN;
+                break;
+            }
+            ssize_t s = send(dst, e->left + e->left_off, e->left_len - e->left_off, MSG_NOSIGNAL);
+            if (s < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    flags |= F_DST_AGAIN;
+                    break;
+                }
+                sys_err = errno;
+                break;
+            }
+            moved += (unsigned long long)s;
+            e->left_off += (size_t)s;
+            if (e->left_off < e->left_len) {
+                flags |= F_DST_AGAIN;
+                break;
+            }
+            e->left_len = e->left_off = 0;
+            if (e->left_cap > CHUNK / 4) {       /* a burst is over: give the memory back */
+                free(e->left);
+                e->left = NULL;
+                e->left_cap = 0;
+            }
+            continue;
+        }
+        if (e->peer_closed) {
+            flags |= F_EOF;
+            break;
+        }
+        if (!writable) {
+            flags |= F_DST_AGAIN;
+            break;
+        }
+        size_t got = 0;
+        int src_again = 0;
+        while (got < CHUNK) {
+            ERR_clear_error();
+            int r = SSL_read(e->ssl, buf + got, (int)(CHUNK - got));
+            if (r > 0) {
+                got += (size_t)r;
+                continue;
+            }
+            int ge = SSL_get_error(e->ssl, r);
+            if (ge == SSL_ERROR_ZERO_RETURN) {
+                if (!(SSL_get_shutdown(e->ssl) & SSL_RECEIVED_SHUTDOWN)) {
+                    /* a TCP EOF taken for a close (SSL_OP_IGNORE_UNEXPECTED_EOF): a truncation */
+                    ssl_fail = 1;
+                    goto done;
+                }
+                e->peer_closed = 1;
+                break;
+            }
+            if (ge == SSL_ERROR_WANT_WRITE) {   /* a reply (key update) waits on a full ring */
+                int tw = 1;
+                int f = flush_out(e, src, &tw);
+                if (f < 0) {
+                    sys_err = errno;
+                    goto done;
+                }
+                if (f == 0)
+                    break;
+                continue;
+            }
+            if (ge != SSL_ERROR_WANT_READ) {
+                ssl_fail = 1;
+                code = ERR_peek_last_error();
+                ssl_errno = ge == SSL_ERROR_SYSCALL ? errno : 0;
+                goto done;
+            }
+            if (!readable) {
+                src_again = 1;
+                break;
+            }
+            char *p;
+            int room = BIO_nwrite0(e->ext, &p);
+            if (room <= 0)
+                break;   /* cannot happen: the ring holds more than a record */
+            ssize_t n = recv(src, p, (size_t)room, 0);
+            if (n > 0) {
+                BIO_nwrite(e->ext, &p, (int)n);
+            } else if (n == 0) {
+                e->tls_eof = 1;         /* SSL_read now fails unless close_notify came first */
+                BIO_shutdown_wr(e->ext);
+            } else if (errno == EINTR) {
+                continue;
+            } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                src_again = 1;
+                readable = 0;
+                break;
+            } else {
+                sys_err = errno;
+                goto done;
+            }
+        }
+        if (got) {
+            size_t off = 0;
+            while (off < got) {
+                ssize_t s = send(dst, buf + off, got - off, MSG_NOSIGNAL);
+                if (s < 0) {
+                    if (errno == EINTR)
+                        continue;
+                    if (errno == EAGAIN || errno == EWOULDBLOCK)
+                        break;
+                    sys_err = errno;
+                    goto done;
+                }
+                off += (size_t)s;
+                moved += (unsigned long long)s;
+                if (off < got)
+                    break;   /* short send: the socket is full */
+            }
+            if (off < got) {
+                if (keep_left(e, buf + off, got - off) < 0) {
+                    sys_err = ENOMEM;
+                    goto done;
+                }
+                writable = 0;
+                flags |= F_DST_AGAIN;
+                break;
+            }
+            if (src_again && !e->peer_closed) {
+                flags |= F_SRC_AGAIN;
+                break;
+            }
+            continue;
+        }
+        if (e->peer_closed)
+            continue;
+        if (src_again)
+            flags |= F_SRC_AGAIN;
+        break;
+    }
+done:
+    /* Anything the engine has to say on the TLS socket (alerts, key update replies). */
+    if (!sys_err && !ssl_fail && BIO_ctrl_pending(e->ext) > 0) {
+        int tw = 1;
+        if (flush_out(e, src, &tw) < 0)
+            sys_err = errno;
+    }
+    Py_END_ALLOW_THREADS
+    if (ssl_fail) {
+        int tw = 1;
+        (void)flush_out(e, src, &tw);
+        ERR_clear_error();
+        return raise_ssl(code, ssl_errno, e->tls_eof ? "EOF in violation of protocol" : "TLS read failed");
+    }
+    if (sys_err) {
+        errno = sys_err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("Ki", moved, flags);
+}
+
+static PyObject *Engine_shutdown(Engine *e, PyObject *Py_UNUSED(ignored)) {
+    if (e->shut)
+        Py_RETURN_NONE;
+    if (try_shutdown(e) < 0) {
+        unsigned long code = ERR_peek_last_error();
+        ERR_clear_error();
+        return raise_ssl(code, 0, "close_notify failed");
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_pending(Engine *e, void *Py_UNUSED(closure)) {
+    size_t n = BIO_ctrl_pending(e->ext) + (e->pre ? e->pre_len - e->pre_off : 0);
+    return PyLong_FromSize_t(n);
+}
+
+static PyObject *Engine_get_unsent(Engine *e, void *Py_UNUSED(closure)) {
+    return PyLong_FromSize_t(e->left_len - e->left_off);
+}
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"sslobj", "inc", "out", "pending_in", "pending_out", "eof_in", NULL};
+    PyObject *sslobj, *inc, *out;
+    Py_buffer pin, pout;
+    int eof_in = 0;
+    if (e->ssl != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOy*y*|p", kwlist, &sslobj, &inc, &out, &pin, &pout, &eof_in))
+        return -1;
+    int rc = -1;
+    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0 ||
+        strcmp(Py_TYPE(inc)->tp_name, "_ssl.MemoryBIO") != 0 ||
+        strcmp(Py_TYPE(out)->tp_name, "_ssl.MemoryBIO") != 0) {
+        PyErr_SetString(PyExc_TypeError, "need an _ssl._SSLSocket and its two _ssl.MemoryBIO");
+        goto out;
+    }
+    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
+    BIO *rb = ((MemoryBIOHead *)inc)->bio, *wb = ((MemoryBIOHead *)out)->bio;
+    if (ssl == NULL || rb == NULL || wb == NULL || SSL_get_rbio(ssl) != rb || SSL_get_wbio(ssl) != wb) {
+        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
+        goto out;
+    }
+    if (!SSL_is_init_finished(ssl)) {
+        PyErr_SetString(PyExc_ValueError, "the handshake is not complete");
+        goto out;
+    }
+    if (BIO_ctrl_pending(rb) != 0 || BIO_ctrl_pending(wb) != 0) {
+        PyErr_SetString(PyExc_ValueError, "read the memory BIOs into pending_in and pending_out first");
+        goto out;
+    }
+    if ((size_t)pin.len > RING) {
+        PyErr_SetString(PyExc_ValueError, "pending_in is larger than the ring");
+        goto out;
+    }
+    BIO *inner = NULL, *ext = NULL;
+    if (BIO_new_bio_pair(&inner, RING, &ext, RING) != 1) {
+        ERR_clear_error();
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (pin.len > 0 && BIO_write(ext, pin.buf, (int)pin.len) != (int)pin.len) {
+        BIO_free(inner);
+        BIO_free(ext);
+        ERR_clear_error();
+        PyErr_SetString(PyExc_RuntimeError, "cannot move pending ciphertext into the BIO pair");
+        goto out;
+    }
+    if (pout.len > 0) {
+        e->pre = malloc((size_t)pout.len);
+        if (e->pre == NULL) {
+            BIO_free(inner);
+            BIO_free(ext);
+            PyErr_NoMemory();
+            goto out;
+        }
+        memcpy(e->pre, pout.buf, (size_t)pout.len);
+        e->pre_len = (size_t)pout.len;
+        e->pre_off = 0;
+    }
+    if (eof_in) {
+        e->tls_eof = 1;
+        BIO_shutdown_wr(ext);
+    }
+    SSL_set_bio(ssl, inner, inner);   /* drops the SSL's references to the memory BIOs */
+    e->ssl = ssl;
+    e->ext = ext;
+    Py_INCREF(sslobj);
+    e->owner = sslobj;
+    rc = 0;
+out:
+    PyBuffer_Release(&pin);
+    PyBuffer_Release(&pout);
+    return rc;
+}
+
+static void Engine_dealloc(Engine *e) {
+    if (e->ext != NULL)
+        BIO_free(e->ext);
+    free(e->pre);
+    free(e->left);
+    Py_XDECREF(e->owner);     /* its SSL_free frees the pair's other half */
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"encrypt", (PyCFunction)Engine_encrypt, METH_VARARGS,
+     "encrypt(plain_fd, tls_fd, readable, writable) -> (plaintext bytes moved, flags)"},
+    {"decrypt", (PyCFunction)Engine_decrypt, METH_VARARGS,
+     "decrypt(tls_fd, plain_fd, readable, writable) -> (plaintext bytes moved, flags)"},
+    {"shutdown", (PyCFunction)Engine_shutdown, METH_NOARGS, "queue close_notify (once)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"pending", (getter)Engine_get_pending, NULL, "ciphertext bytes waiting for the TLS socket", NULL},
+    {"unsent", (getter)Engine_get_unsent, NULL, "plaintext bytes waiting for the plain socket", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "scistream.data._tlspump.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The TLS engine of one connection after its handshake (see the module's doc).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_tlspump", "The compiled hot path of the built-in TLS legs.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__tlspump(void) {
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *ssl = PyImport_ImportModule("ssl");
+    if (ssl == NULL)
+        return NULL;
+    SSLErrorType = PyObject_GetAttrString(ssl, "SSLError");
+    Py_DECREF(ssl);
+    if (SSLErrorType == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "F_SRC_AGAIN", F_SRC_AGAIN) < 0 ||
+        PyModule_AddIntConstant(m, "F_DST_AGAIN", F_DST_AGAIN) < 0 ||
+        PyModule_AddIntConstant(m, "F_EOF", F_EOF) < 0 ||
+        PyModule_AddIntConstant(m, "F_EMPTY", F_EMPTY) < 0 ||
+        PyModule_AddIntConstant(m, "CHUNK", CHUNK) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
