@@ -21,13 +21,13 @@ GREETING = b"producer-data-" * 100
 @pytest.fixture(autouse=True, params=["c", "python"])
 def tls_engine(request, monkeypatch):
     """Every test here runs with the compiled TLS engine and with the Python pumps (the data
-    servers are processes that read SCISTREAM_TLS_ENGINE at start)."""
+    servers are processes that read SCISTREAM_PUMPS at start)."""
     if request.param == "c":
         from scistream.data import tlsleg
-        assert tlsleg._tlspump is not None, (
-            "the compiled TLS engine (scistream.data._tlspump) was not built: scripts/setup --system "
+        assert tlsleg._pump is not None, (
+            "the compiled TLS engine (scistream.data._pump) was not built: scripts/setup --system "
             "installs gcc, libssl-dev and python3-dev, then `pip install -e .` builds it")
-    monkeypatch.setenv("SCISTREAM_TLS_ENGINE", request.param)
+    monkeypatch.setenv("SCISTREAM_PUMPS", request.param)
     return request.param
 
 
@@ -280,7 +280,7 @@ async def test_tls_engine_carries_both_directions_through_a_full_chain_and_a_hal
                 await wait_for(stalled_open, what="the connection to be open on both data servers")
                 for srv in (prod, cons):
                     (conn,) = (await control_call(srv.control, {"op": "conns"}))["connections"]
-                    assert conn["relay"] == "tls" and conn["tls_engine"] == tls_engine, conn
+                    assert conn["relay"] == "tls" and conn["pumps"] == tls_engine, conn
                 got, intact = await asyncio.to_thread(pattern.recv_check, sock)
             finally:
                 sock.close()

@@ -421,10 +421,13 @@ async def test_max_session_conns_refuses_and_counts(servers, client_for, echo_se
     await client_for(cons).release(uid)
 
 
-@pytest.mark.parametrize("mode", ["auto", "copy", "splice"])
-async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode):
+@pytest.mark.parametrize("mode,pumps", [("auto", "c"), ("copy", "c"), ("copy", "python"), ("splice", "c")])
+async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode, pumps, monkeypatch):
     """--plain-relay: auto copies on loopback legs (cheaper there, measured), splice and
-    copy are forced; bytes (both directions, a half-close) are the same either way."""
+    copy are forced; bytes (both directions, a half-close) are the same either way, with
+    the compiled copy pump (SCISTREAM_PUMPS=c, the default where it was built) and with
+    the Python one."""
+    monkeypatch.setenv("SCISTREAM_PUMPS", pumps)
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod = await servers(wan_plaintext=True, plain_relay=mode)
     cons = await servers(wan_plaintext=True, plain_relay=mode)
@@ -432,6 +435,8 @@ async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode)
     stream = await Stream(c.listeners[0]).open()
     conns = await prod.registry.active[(uid, "PROD")].server.connections()
     assert [x["relay"] for x in conns] == ["splice" if mode == "splice" else "copy"]
+    # splice is driven from Python whatever SCISTREAM_PUMPS says
+    assert [x["pumps"] for x in conns] == ["python" if mode == "splice" else pumps]
     await stream.exchange(4 << 20)
     stream.close()
     await roundtrip_ok(c.listeners[0], 8 << 20)       # echo_roundtrip half-closes at the end

@@ -34,8 +34,8 @@ import time
 from typing import Any, Callable, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
-from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
-                     thread_buffers)
+from .tlsleg import (F_DST_AGAIN, F_EOF, F_SRC_AGAIN, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump,
+                     SendKeepingRest, TlsEnd, _pump, engine_name, metered_recv, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,40 @@ class CopyPump(SendKeepingRest):
 COPY_CHUNK = 256 * 1024
 
 
+class CCopyPump:
+    """``CopyPump`` compiled (``_pump.Copier``): for legs with no rate limit."""
+    __slots__ = ("conn", "src", "dst", "direction", "cp", "eof", "done")
+
+    def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.direction = direction
+        self.cp = _pump.Copier()
+        self.eof = False
+        self.done = False
+
+    def run(self) -> None:
+        if self.done:
+            return
+        src, dst = self.src, self.dst
+        n, fl = self.cp.copy(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
+        if n:
+            self.conn.counted(self.direction, n)
+        if fl & F_SRC_AGAIN:
+            src.readable = False
+        if fl & F_DST_AGAIN:
+            dst.writable = False
+        if fl & F_EOF:
+            self.eof = True
+        if self.eof and not self.cp.unsent:
+            self.done = True
+            self.conn.pump_done(dst)
+
+    def release(self) -> None:
+        pass
+
+
 def accept_one(loop: Loop, lsock: socket.socket, label: str,
                resume: "Callable[[], None]") -> tuple[socket.socket, Any] | None:
     """One connection from a level-triggered listener (epoll reports it again at once if
@@ -387,8 +421,10 @@ class Conn:
             self.ctx.resumed += 1
         a, b = self.a, self.b
         if self.tls is None:
-            pump = CopyPump if use_copy(getattr(self.ctx, "plain_relay", "splice"), self.peer,
-                                        self.target[1]) else SplicePump
+            pump: Any = SplicePump
+            if use_copy(getattr(self.ctx, "plain_relay", "splice"), self.peer, self.target[1]):
+                metered = any(v is not None for v in self.ctx.buckets.values())
+                pump = CCopyPump if engine_name() == "c" and not metered else CopyPump
             self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
         else:
             # The compiled engine, unless a rate limit meters the bytes (its buckets are Python's).
@@ -541,10 +577,10 @@ class Conn:
         return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),
                 "peer": _fmt(self.peer),
                 "target": _fmt(self.target[1]), "state": self.state,
-                "relay": ("tls" if self.tls is not None else "copy" if isinstance(self.pumps[0], CopyPump)
+                "relay": ("tls" if self.tls is not None else "copy" if isinstance(self.pumps[0], (CopyPump, CCopyPump))
                           else "splice") if self.pumps else "",
-                "tls_engine": ("c" if isinstance(self.pumps[0], (CEncryptPump, CDecryptPump)) else "python")
-                if self.tls is not None and self.pumps else "",
+                "pumps": ("c" if isinstance(self.pumps[0], (CEncryptPump, CDecryptPump, CCopyPump)) else "python")
+                if self.pumps else "",
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
 

@@ -27,10 +27,10 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-try:                      # the compiled hot path (_tlspump.c); optional
-    from . import _tlspump
+try:                      # the compiled hot path (_pump.c); optional
+    from . import _pump
 except ImportError:       # pragma: no cover - built wherever a C compiler was there
-    _tlspump = None  # type: ignore[assignment]
+    _pump = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .relay import Conn, Side
@@ -40,20 +40,21 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 SERVER_NAME = "scistream-session"
 
-#: Which engine moves a TLS leg's bytes once its handshake is done: ``auto`` (the compiled
-#: one where it was built, else Python), ``c`` (the same; says so when it is missing),
-#: ``python`` (the pumps below). From ``SCISTREAM_TLS_ENGINE``, read at import.
-ENGINE = os.environ.get("SCISTREAM_TLS_ENGINE", "auto").strip().lower() or "auto"
+#: What moves a leg's bytes (a TLS leg's after its handshake, and a plain leg's that
+#: copies): ``auto`` (the compiled pumps of ``_pump.c`` where they were built, else
+#: Python), ``c`` (the same; says so when they are missing), ``python`` (the pumps
+#: written in Python). From ``SCISTREAM_PUMPS``, read at import.
+ENGINE = os.environ.get("SCISTREAM_PUMPS", "auto").strip().lower() or "auto"
 if ENGINE not in ("auto", "c", "python"):
-    log.warning("SCISTREAM_TLS_ENGINE=%r: not auto, c or python; using auto", ENGINE)
+    log.warning("SCISTREAM_PUMPS=%r: not auto, c or python; using auto", ENGINE)
     ENGINE = "auto"
-if ENGINE == "c" and _tlspump is None:
-    log.warning("SCISTREAM_TLS_ENGINE=c, but the compiled engine was not built: using Python")
+if ENGINE == "c" and _pump is None:
+    log.warning("SCISTREAM_PUMPS=c, but the compiled pumps were not built: using Python's")
 
 
 def engine_name() -> str:
-    """The engine a new TLS leg gets: ``c`` or ``python``."""
-    return "c" if _tlspump is not None and ENGINE != "python" else "python"
+    """The pumps a new connection gets: ``c`` or ``python``."""
+    return "c" if _pump is not None and ENGINE != "python" else "python"
 
 
 def metered_recv(src: "Side", buf, want: int, bucket, kick) -> int | None:
@@ -166,7 +167,7 @@ class TlsEnd:
             self.flush()
             return True
 
-    def compiled(self) -> "_tlspump.Engine | None":
+    def compiled(self) -> "_pump.Engine | None":
         """Hand the engine's SSL* over to the compiled pumps (after the handshake, with no
         rate limit): what the memory BIOs still hold moves along. None where it was not
         built or is turned off, or if this Python's ``_ssl`` is laid out otherwise (said
@@ -177,7 +178,7 @@ class TlsEnd:
         pin = self.inc.read()
         pout = (bytes(self.wbuf) if self.wbuf is not None else b"") + self.out.read()
         try:
-            eng = _tlspump.Engine(self.raw, self.inc, self.out, pin, pout, self.eof_in)
+            eng = _pump.Engine(self.raw, self.inc, self.out, pin, pout, self.eof_in)
         except (TypeError, ValueError) as exc:
             if pin:
                 self.inc.write(pin)
@@ -217,7 +218,7 @@ class CEncryptPump:
     """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``)."""
     __slots__ = ("conn", "src", "dst", "eng", "direction", "done", "finished")
 
-    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, eng: "_tlspump.Engine", direction: str) -> None:
+    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, eng: "_pump.Engine", direction: str) -> None:
         self.conn = conn
         self.src = src
         self.dst = tls.side
@@ -255,7 +256,7 @@ class CDecryptPump:
     """TLS socket -> compiled engine -> plain socket."""
     __slots__ = ("conn", "src", "dst", "eng", "direction", "done")
 
-    def __init__(self, conn: "Conn", tls: TlsEnd, eng: "_tlspump.Engine", dst: "Side", direction: str) -> None:
+    def __init__(self, conn: "Conn", tls: TlsEnd, eng: "_pump.Engine", dst: "Side", direction: str) -> None:
         self.conn = conn
         self.src = tls.side
         self.dst = dst
@@ -282,8 +283,8 @@ class CDecryptPump:
         pass
 
 
-F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((_tlspump.F_SRC_AGAIN, _tlspump.F_DST_AGAIN, _tlspump.F_EOF,
-                                             _tlspump.F_EMPTY) if _tlspump is not None else (1, 2, 4, 8))
+F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((_pump.F_SRC_AGAIN, _pump.F_DST_AGAIN, _pump.F_EOF,
+                                             _pump.F_EMPTY) if _pump is not None else (1, 2, 4, 8))
 
 
 class EncryptPump:

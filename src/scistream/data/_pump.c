@@ -1,4 +1,5 @@
-/* The hot path of a built-in TLS leg, compiled: decrypt and encrypt with no interpreter per record.
+/* The hot paths of the built-in data server, compiled: a TLS leg's bytes after its handshake
+ * (``Engine``), and a plain leg's copy (``Copier``), with no interpreter per chunk.
  *
  * ``tlsleg.TlsEnd`` makes the handshake with an ``ssl.SSLObject`` over two memory BIOs (its
  * bound, session resumption and certificate checks stay in Python). Once it is up,
@@ -537,6 +538,155 @@ static void Engine_dealloc(Engine *e) {
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
+/* A plain pump that copies: recv into the thread's buffer, send; what the destination did
+ * not take is kept (``unsent``) and goes first next time. ``relay.CopyPump`` in C. */
+typedef struct {
+    PyObject_HEAD
+    unsigned char *left;
+    size_t left_len, left_off, left_cap;
+} Copier;
+
+static PyObject *Copier_copy(Copier *c, PyObject *args) {
+    int src, dst, readable, writable;
+    if (!PyArg_ParseTuple(args, "iipp", &src, &dst, &readable, &writable))
+        return NULL;
+    unsigned long long moved = 0;
+    int flags = 0, sys_err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char *buf = thread_scratch();
+    if (buf == NULL)
+        sys_err = ENOMEM;
+    while (buf != NULL) {
+        if (c->left_len) {
+            if (!writable) {
+                flags |= F_DST_AGAIN;
+                break;
+            }
+            ssize_t s = send(dst, c->left + c->left_off, c->left_len - c->left_off, MSG_NOSIGNAL);
+            if (s < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    flags |= F_DST_AGAIN;
+                    break;
+                }
+                sys_err = errno;
+                break;
+            }
+            moved += (unsigned long long)s;
+            c->left_off += (size_t)s;
+            if (c->left_off < c->left_len) {
+                flags |= F_DST_AGAIN;
+                break;
+            }
+            c->left_len = c->left_off = 0;
+            if (c->left_cap > CHUNK / 4) {
+                free(c->left);
+                c->left = NULL;
+                c->left_cap = 0;
+            }
+            continue;
+        }
+        if (!readable) {
+            flags |= F_SRC_AGAIN;
+            break;
+        }
+        if (!writable) {
+            flags |= F_DST_AGAIN;
+            break;
+        }
+        ssize_t n = recv(src, buf, CHUNK, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                flags |= F_SRC_AGAIN;
+                break;
+            }
+            sys_err = errno;
+            break;
+        }
+        if (n == 0) {
+            flags |= F_EOF;
+            break;
+        }
+        size_t off = 0;
+        while (off < (size_t)n) {
+            ssize_t s = send(dst, buf + off, (size_t)n - off, MSG_NOSIGNAL);
+            if (s < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                sys_err = errno;
+                break;
+            }
+            off += (size_t)s;
+            moved += (unsigned long long)s;
+            if (off < (size_t)n)
+                break;
+        }
+        if (sys_err)
+            break;
+        if (off < (size_t)n) {
+            size_t rest = (size_t)n - off;
+            if (c->left_cap < rest) {
+                unsigned char *b = realloc(c->left, rest);
+                if (b == NULL) {
+                    sys_err = ENOMEM;
+                    break;
+                }
+                c->left = b;
+                c->left_cap = rest;
+            }
+            memcpy(c->left, buf + off, rest);
+            c->left_len = rest;
+            c->left_off = 0;
+            writable = 0;
+            flags |= F_DST_AGAIN;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (sys_err) {
+        errno = sys_err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("Ki", moved, flags);
+}
+
+static PyObject *Copier_get_unsent(Copier *c, void *Py_UNUSED(closure)) {
+    return PyLong_FromSize_t(c->left_len - c->left_off);
+}
+
+static void Copier_dealloc(Copier *c) {
+    free(c->left);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMethodDef Copier_methods[] = {
+    {"copy", (PyCFunction)Copier_copy, METH_VARARGS,
+     "copy(src_fd, dst_fd, readable, writable) -> (bytes sent, flags)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Copier_getset[] = {
+    {"unsent", (getter)Copier_get_unsent, NULL, "bytes waiting for the destination", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CopierType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "scistream.data._pump.Copier",
+    .tp_basicsize = sizeof(Copier),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One direction of a plain leg that copies (see the module's doc).",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Copier_dealloc,
+    .tp_methods = Copier_methods,
+    .tp_getset = Copier_getset,
+};
+
 static PyMethodDef Engine_methods[] = {
     {"encrypt", (PyCFunction)Engine_encrypt, METH_VARARGS,
      "encrypt(plain_fd, tls_fd, readable, writable) -> (plaintext bytes moved, flags)"},
@@ -554,7 +704,7 @@ static PyGetSetDef Engine_getset[] = {
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data._tlspump.Engine",
+    .tp_name = "scistream.data._pump.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The TLS engine of one connection after its handshake (see the module's doc).",
@@ -566,11 +716,12 @@ static PyTypeObject EngineType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_tlspump", "The compiled hot path of the built-in TLS legs.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_pump", "The compiled hot paths of the built-in data server.", -1, NULL,
+    NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__tlspump(void) {
-    if (PyType_Ready(&EngineType) < 0)
+PyMODINIT_FUNC PyInit__pump(void) {
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CopierType) < 0)
         return NULL;
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (ssl == NULL)
@@ -583,7 +734,9 @@ PyMODINIT_FUNC PyInit__tlspump(void) {
     if (m == NULL)
         return NULL;
     Py_INCREF(&EngineType);
+    Py_INCREF(&CopierType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObject(m, "Copier", (PyObject *)&CopierType) < 0 ||
         PyModule_AddIntConstant(m, "F_SRC_AGAIN", F_SRC_AGAIN) < 0 ||
         PyModule_AddIntConstant(m, "F_DST_AGAIN", F_DST_AGAIN) < 0 ||
         PyModule_AddIntConstant(m, "F_EOF", F_EOF) < 0 ||
