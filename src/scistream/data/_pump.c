@@ -39,6 +39,12 @@
 
 #define CHUNK (256 * 1024)
 #define RING (CHUNK + 128 * 1024)
+/* A plain copy reads up to 1 MiB at a time: fewer, larger reads and sends cost the relay
+ * less per byte (measured on loopback, docs/performance.md: 0.070 -> 0.063 CPU s/Gbit for
+ * two relays against 256 KiB). A destination that did not take all of the last one gets
+ * CHUNK at a time until it takes a whole read again: what is kept for it stays small. */
+#define COPY_CHUNK (1024 * 1024)
+#define SCRATCH (COPY_CHUNK > CHUNK ? COPY_CHUNK : CHUNK)
 
 #define F_SRC_AGAIN 1   /* the source socket has nothing now */
 #define F_DST_AGAIN 2   /* the destination socket is full */
@@ -58,7 +64,7 @@ typedef struct {
 } MemoryBIOHead;
 
 static PyObject *SSLErrorType;
-static __thread unsigned char *scratch;   /* plaintext, one per thread: consumed before a call returns */
+static __thread unsigned char *scratch;   /* SCRATCH bytes per thread: consumed before a call returns */
 
 typedef struct {
     PyObject_HEAD
@@ -76,7 +82,7 @@ typedef struct {
 
 static unsigned char *thread_scratch(void) {
     if (scratch == NULL)
-        scratch = malloc(CHUNK);
+        scratch = malloc(SCRATCH);
     return scratch;
 }
 
@@ -544,6 +550,7 @@ typedef struct {
     PyObject_HEAD
     unsigned char *left;
     size_t left_len, left_off, left_cap;
+    int slow;                    /* the destination did not take a whole read: read CHUNK */
 } Copier;
 
 static PyObject *Copier_copy(Copier *c, PyObject *args) {
@@ -595,7 +602,7 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
             flags |= F_DST_AGAIN;
             break;
         }
-        ssize_t n = recv(src, buf, CHUNK, 0);
+        ssize_t n = recv(src, buf, c->slow ? CHUNK : COPY_CHUNK, 0);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -628,6 +635,7 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
         }
         if (sys_err)
             break;
+        c->slow = off < (size_t)n;
         if (off < (size_t)n) {
             size_t rest = (size_t)n - off;
             if (c->left_cap < rest) {
