@@ -8,8 +8,6 @@ import ssl
 import subprocess
 import urllib.parse
 
-import pytest
-
 from conftest import BIN, port_block
 from scistream.auth.static import add_token, remove_identity
 from webhelpers import http

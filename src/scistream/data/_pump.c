@@ -70,15 +70,80 @@ typedef struct {
 static PyObject *SSLErrorType;
 static __thread unsigned char *scratch;   /* SCRATCH bytes per thread: consumed before a call returns */
 
+/* Bytes a destination did not take, kept for the next call (copied: the scratch buffer is
+ * the thread's). */
+typedef struct {
+    unsigned char *buf;
+    size_t len, off, cap;
+} Held;
+
+/* Send what is held. 1: all of it went (a large buffer is given back); 0: the socket is
+ * full; -1: error (errno). */
+static int held_flush(Held *h, int fd, unsigned long long *moved) {
+    while (h->len) {
+        ssize_t s = send(fd, h->buf + h->off, h->len - h->off, MSG_NOSIGNAL);
+        if (s < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        }
+        *moved += (unsigned long long)s;
+        h->off += (size_t)s;
+        if (h->off < h->len)
+            return 0;             /* a short send: the socket is full, EPOLLOUT will say when not */
+        h->len = h->off = 0;
+        if (h->cap > SLOW_CHUNK / 4) {   /* a burst is over: give the memory back */
+            free(h->buf);
+            h->buf = NULL;
+            h->cap = 0;
+        }
+    }
+    return 1;
+}
+
+/* Send n bytes, hold what the socket does not take. 1: all sent; 0: some held (the socket
+ * is full); -1: error (errno; ENOMEM if the rest could not be held). */
+static int send_or_hold(Held *h, int fd, const unsigned char *p, size_t n, unsigned long long *moved) {
+    size_t off = 0;
+    while (off < n) {
+        ssize_t s = send(fd, p + off, n - off, MSG_NOSIGNAL);
+        if (s < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return -1;
+        }
+        off += (size_t)s;
+        *moved += (unsigned long long)s;
+        if (off < n)
+            break;
+    }
+    if (off == n)
+        return 1;
+    size_t rest = n - off;
+    if (h->cap < rest) {
+        unsigned char *b = realloc(h->buf, rest);
+        if (b == NULL) {
+            errno = ENOMEM;
+            return -1;
+        }
+        h->buf = b;
+        h->cap = rest;
+    }
+    memcpy(h->buf, p + off, rest);
+    h->len = rest;
+    h->off = 0;
+    return 0;
+}
+
 typedef struct {
     PyObject_HEAD
     PyObject *owner;             /* the _ssl._SSLSocket that owns the SSL* (and frees it) */
     SSL *ssl;
     BIO *ext;                    /* our end of the pair */
-    unsigned char *pre;          /* ciphertext queued before the swap, sent first */
-    size_t pre_len, pre_off;
-    unsigned char *left;         /* decrypted plaintext the plain socket did not take yet */
-    size_t left_len, left_off, left_cap;
+    Held pre;                    /* ciphertext queued before the swap, sent first */
+    Held left;                   /* decrypted plaintext the plain socket did not take yet */
     int tls_eof;                 /* TCP EOF on the TLS socket */
     int peer_closed;             /* the peer's close_notify arrived */
     int shut;                    /* 0: not asked; 1: close_notify owed (ring was full); 2: queued */
@@ -117,26 +182,14 @@ static PyObject *raise_ssl(unsigned long code, int sys_errno, const char *fallba
 /* Send what waits for the TLS socket: the bytes from before the swap, then the ring.
  * 1: all sent; 0: the socket is full; -1: error (errno). */
 static int flush_out(Engine *e, int fd, int *writable) {
-    while (e->pre != NULL) {
-        if (!*writable)
-            return 0;
-        ssize_t s = send(fd, e->pre + e->pre_off, e->pre_len - e->pre_off, MSG_NOSIGNAL);
-        if (s < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+    if (e->pre.len) {
+        unsigned long long sent = 0;   /* ciphertext: not counted */
+        int r = *writable ? held_flush(&e->pre, fd, &sent) : 0;
+        if (r <= 0) {
+            if (r == 0)
                 *writable = 0;
-                return 0;
-            }
-            return -1;
+            return r;
         }
-        e->pre_off += (size_t)s;
-        if (e->pre_off < e->pre_len) {
-            *writable = 0;           /* a short send: the socket is full, EPOLLOUT will say when not */
-            return 0;
-        }
-        free(e->pre);
-        e->pre = NULL;
     }
     for (;;) {
         char *p;
@@ -164,7 +217,7 @@ static int flush_out(Engine *e, int fd, int *writable) {
 }
 
 static int out_empty(Engine *e) {
-    return e->pre == NULL && BIO_ctrl_pending(e->ext) == 0;
+    return e->pre.len == 0 && BIO_ctrl_pending(e->ext) == 0;
 }
 
 /* SSL_shutdown once; again only if the first could not queue its alert (the ring was
@@ -257,21 +310,6 @@ static PyObject *Engine_encrypt(Engine *e, PyObject *args) {
     return Py_BuildValue("Ki", moved, flags);
 }
 
-/* Keep what the plain socket did not take (copied: the scratch buffer is the thread's). */
-static int keep_left(Engine *e, const unsigned char *p, size_t n) {
-    if (e->left_cap < n) {
-        unsigned char *b = realloc(e->left, n);
-        if (b == NULL)
-            return -1;
-        e->left = b;
-        e->left_cap = n;
-    }
-    memcpy(e->left, p, n);
-    e->left_len = n;
-    e->left_off = 0;
-    return 0;
-}
-
 static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
     int src, dst, readable, writable;
     if (!PyArg_ParseTuple(args, "iipp", &src, &dst, &readable, &writable))
@@ -284,33 +322,15 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
     if (buf == NULL)
         sys_err = ENOMEM;
     while (buf != NULL) {
-        if (e->left_len) {
-            if (!writable) {
-                flags |= F_DST_AGAIN;
-                break;
-            }
-            ssize_t s = send(dst, e->left + e->left_off, e->left_len - e->left_off, MSG_NOSIGNAL);
-            if (s < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    flags |= F_DST_AGAIN;
-                    break;
-                }
+        if (e->left.len) {
+            int r = writable ? held_flush(&e->left, dst, &moved) : 0;
+            if (r < 0) {
                 sys_err = errno;
                 break;
             }
-            moved += (unsigned long long)s;
-            e->left_off += (size_t)s;
-            if (e->left_off < e->left_len) {
+            if (r == 0) {
                 flags |= F_DST_AGAIN;
                 break;
-            }
-            e->left_len = e->left_off = 0;
-            if (e->left_cap > CHUNK / 4) {       /* a burst is over: give the memory back */
-                free(e->left);
-                e->left = NULL;
-                e->left_cap = 0;
             }
             continue;
         }
@@ -384,27 +404,12 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
             }
         }
         if (got) {
-            size_t off = 0;
-            while (off < got) {
-                ssize_t s = send(dst, buf + off, got - off, MSG_NOSIGNAL);
-                if (s < 0) {
-                    if (errno == EINTR)
-                        continue;
-                    if (errno == EAGAIN || errno == EWOULDBLOCK)
-                        break;
-                    sys_err = errno;
-                    goto done;
-                }
-                off += (size_t)s;
-                moved += (unsigned long long)s;
-                if (off < got)
-                    break;   /* short send: the socket is full */
+            int r = send_or_hold(&e->left, dst, buf, got, &moved);
+            if (r < 0) {
+                sys_err = errno;
+                goto done;
             }
-            if (off < got) {
-                if (keep_left(e, buf + off, got - off) < 0) {
-                    sys_err = ENOMEM;
-                    goto done;
-                }
+            if (r == 0) {
                 writable = 0;
                 flags |= F_DST_AGAIN;
                 break;
@@ -454,12 +459,12 @@ static PyObject *Engine_shutdown(Engine *e, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *Engine_get_pending(Engine *e, void *Py_UNUSED(closure)) {
-    size_t n = BIO_ctrl_pending(e->ext) + (e->pre ? e->pre_len - e->pre_off : 0);
+    size_t n = BIO_ctrl_pending(e->ext) + (e->pre.len - e->pre.off);
     return PyLong_FromSize_t(n);
 }
 
 static PyObject *Engine_get_unsent(Engine *e, void *Py_UNUSED(closure)) {
-    return PyLong_FromSize_t(e->left_len - e->left_off);
+    return PyLong_FromSize_t(e->left.len - e->left.off);
 }
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
@@ -512,16 +517,16 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         goto out;
     }
     if (pout.len > 0) {
-        e->pre = malloc((size_t)pout.len);
-        if (e->pre == NULL) {
+        e->pre.buf = malloc((size_t)pout.len);
+        if (e->pre.buf == NULL) {
             BIO_free(inner);
             BIO_free(ext);
             PyErr_NoMemory();
             goto out;
         }
-        memcpy(e->pre, pout.buf, (size_t)pout.len);
-        e->pre_len = (size_t)pout.len;
-        e->pre_off = 0;
+        memcpy(e->pre.buf, pout.buf, (size_t)pout.len);
+        e->pre.cap = e->pre.len = (size_t)pout.len;
+        e->pre.off = 0;
     }
     if (eof_in) {
         e->tls_eof = 1;
@@ -542,8 +547,8 @@ out:
 static void Engine_dealloc(Engine *e) {
     if (e->ext != NULL)
         BIO_free(e->ext);
-    free(e->pre);
-    free(e->left);
+    free(e->pre.buf);
+    free(e->left.buf);
     Py_XDECREF(e->owner);     /* its SSL_free frees the pair's other half */
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
@@ -552,8 +557,7 @@ static void Engine_dealloc(Engine *e) {
  * not take is kept (``unsent``) and goes first next time. ``relay.CopyPump`` in C. */
 typedef struct {
     PyObject_HEAD
-    unsigned char *left;
-    size_t left_len, left_off, left_cap;
+    Held left;
     int slow;                    /* the destination did not take a whole read: read SLOW_CHUNK */
 } Copier;
 
@@ -568,33 +572,15 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
     if (buf == NULL)
         sys_err = ENOMEM;
     while (buf != NULL) {
-        if (c->left_len) {
-            if (!writable) {
-                flags |= F_DST_AGAIN;
-                break;
-            }
-            ssize_t s = send(dst, c->left + c->left_off, c->left_len - c->left_off, MSG_NOSIGNAL);
-            if (s < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    flags |= F_DST_AGAIN;
-                    break;
-                }
+        if (c->left.len) {
+            int r = writable ? held_flush(&c->left, dst, &moved) : 0;
+            if (r < 0) {
                 sys_err = errno;
                 break;
             }
-            moved += (unsigned long long)s;
-            c->left_off += (size_t)s;
-            if (c->left_off < c->left_len) {
+            if (r == 0) {
                 flags |= F_DST_AGAIN;
                 break;
-            }
-            c->left_len = c->left_off = 0;
-            if (c->left_cap > SLOW_CHUNK / 4) {
-                free(c->left);
-                c->left = NULL;
-                c->left_cap = 0;
             }
             continue;
         }
@@ -621,39 +607,13 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
             flags |= F_EOF;
             break;
         }
-        size_t off = 0;
-        while (off < (size_t)n) {
-            ssize_t s = send(dst, buf + off, (size_t)n - off, MSG_NOSIGNAL);
-            if (s < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    break;
-                sys_err = errno;
-                break;
-            }
-            off += (size_t)s;
-            moved += (unsigned long long)s;
-            if (off < (size_t)n)
-                break;
-        }
-        if (sys_err)
+        int r = send_or_hold(&c->left, dst, buf, (size_t)n, &moved);
+        if (r < 0) {
+            sys_err = errno;
             break;
-        c->slow = off < (size_t)n;
-        if (off < (size_t)n) {
-            size_t rest = (size_t)n - off;
-            if (c->left_cap < rest) {
-                unsigned char *b = realloc(c->left, rest);
-                if (b == NULL) {
-                    sys_err = ENOMEM;
-                    break;
-                }
-                c->left = b;
-                c->left_cap = rest;
-            }
-            memcpy(c->left, buf + off, rest);
-            c->left_len = rest;
-            c->left_off = 0;
+        }
+        c->slow = r == 0;
+        if (r == 0) {
             writable = 0;
             flags |= F_DST_AGAIN;
             break;
@@ -668,11 +628,11 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
 }
 
 static PyObject *Copier_get_unsent(Copier *c, void *Py_UNUSED(closure)) {
-    return PyLong_FromSize_t(c->left_len - c->left_off);
+    return PyLong_FromSize_t(c->left.len - c->left.off);
 }
 
 static void Copier_dealloc(Copier *c) {
-    free(c->left);
+    free(c->left.buf);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 

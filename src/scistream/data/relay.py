@@ -34,8 +34,8 @@ import time
 from typing import Any, Callable, Protocol
 
 from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
-from .tlsleg import (F_DST_AGAIN, F_EOF, F_SRC_AGAIN, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump,
-                     SendKeepingRest, TlsEnd, _pump, engine_name, metered_recv, thread_buffers)
+from .tlsleg import (F_EOF, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, _pump,
+                     engine_name, metered_recv, note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -267,12 +267,7 @@ class CCopyPump:
             return
         src, dst = self.src, self.dst
         n, fl = self.cp.copy(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
-        if n:
-            self.conn.counted(self.direction, n)
-        if fl & F_SRC_AGAIN:
-            src.readable = False
-        if fl & F_DST_AGAIN:
-            dst.writable = False
+        note_moved(self, src, dst, n, fl)
         if fl & F_EOF:
             self.eof = True
         if self.eof and not self.cp.unsent:

@@ -214,6 +214,17 @@ class TlsEnd:
 _layout_warned = False
 
 
+def note_moved(pump, src: "Side", dst: "Side", n: int, fl: int) -> None:
+    """After a compiled pump's call: count what it moved, and mark a socket that said
+    EAGAIN as not ready (the loop says when it is again)."""
+    if n:
+        pump.conn.counted(pump.direction, n)
+    if fl & F_SRC_AGAIN:
+        src.readable = False
+    if fl & F_DST_AGAIN:
+        dst.writable = False
+
+
 class CEncryptPump:
     """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``)."""
     __slots__ = ("conn", "src", "dst", "eng", "direction", "done", "finished")
@@ -232,12 +243,7 @@ class CEncryptPump:
             return
         src, dst, eng = self.src, self.dst, self.eng
         n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.done, dst.writable)
-        if n:
-            self.conn.counted(self.direction, n)
-        if fl & F_SRC_AGAIN:
-            src.readable = False
-        if fl & F_DST_AGAIN:
-            dst.writable = False
+        note_moved(self, src, dst, n, fl)
         if fl & F_EOF:
             self.done = True
             eng.shutdown()       # once: it never reads, the other direction loses nothing
@@ -269,12 +275,7 @@ class CDecryptPump:
             return
         src, dst = self.src, self.dst
         n, fl = self.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
-        if n:
-            self.conn.counted(self.direction, n)
-        if fl & F_SRC_AGAIN:
-            src.readable = False
-        if fl & F_DST_AGAIN:
-            dst.writable = False
+        note_moved(self, src, dst, n, fl)
         if fl & F_EOF:
             self.done = True
             self.conn.pump_done(dst)
