@@ -101,7 +101,8 @@ async def test_cancelled_connect_releases_both_sides(servers, echo_server):
     await async_wait_until(lambda: not prod.registry.active and not cons.registry.active
                            and not prod.registry.ports.used and not cons.registry.ports.used, 10,
                            "both sides released, every port free")
-    assert {s.state for s in await status(gw(prod), uid)} == {"released"}
+    sts = await status(gw(prod), uid)
+    assert {s.state for s in sts} == {"released"}, [(s.state, s.last_error) for s in sts]
     assert not await still_listening(listeners)
 
 

@@ -517,8 +517,17 @@ class SessionRegistry:
             except ScistreamError as exc:
                 await self._finish(session, S.FAILED, str(exc), locked=True)
                 raise
+            except asyncio.CancelledError:
+                if session.state is S.CONNECTED:
+                    # The caller went away (its call was cancelled) after its data server
+                    # took the update: the session runs, so it is recorded as it is, not
+                    # failed; the caller's cleanup (or its lease) releases it.
+                    await asyncio.shield(self.save(session))
+                    raise
+                await self._finish(session, S.FAILED, "update interrupted", locked=True)
+                raise
             except BaseException as exc:
-                reason = "update interrupted" if isinstance(exc, asyncio.CancelledError) else repr(exc)
+                reason = repr(exc)
                 await self._finish(session, S.FAILED, reason, locked=True)
                 if isinstance(exc, Exception):
                     raise DataServerError(f"data server failed to start: {exc}") from exc
