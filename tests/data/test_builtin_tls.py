@@ -299,7 +299,7 @@ async def test_tls_engine_carries_both_directions_through_a_full_chain_and_a_hal
 
 
 async def test_tls_engine_many_short_connections_echo(tmp_path, echo_server, tls_engine):
-    """Connections that carry a few bytes and close at once, 1 to 70000 bytes each, in
+    """Connections that carry a few bytes and close at once, 1 to 63809 bytes each, in
     parallel: the hand-over from the handshake to the engine loses nothing (records that
     arrived with the last handshake flight, a close_notify right behind the data)."""
     async with data_servers(tmp_path) as ds:
