@@ -70,6 +70,30 @@ typedef struct {
 static PyObject *SSLErrorType;
 static __thread unsigned char *scratch;   /* SCRATCH bytes per thread: consumed before a call returns */
 
+/* send and recv with EINTR retried: the bytes moved (recv: 0 at EOF), NOT_NOW when the
+ * socket is full or has nothing (EAGAIN), or -1 on an error (errno). */
+#define NOT_NOW (-2)
+
+static ssize_t io_send(int fd, const void *p, size_t n) {
+    for (;;) {
+        ssize_t s = send(fd, p, n, MSG_NOSIGNAL);
+        if (s >= 0)
+            return s;
+        if (errno != EINTR)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? NOT_NOW : -1;
+    }
+}
+
+static ssize_t io_recv(int fd, void *p, size_t n) {
+    for (;;) {
+        ssize_t s = recv(fd, p, n, 0);
+        if (s >= 0)
+            return s;
+        if (errno != EINTR)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? NOT_NOW : -1;
+    }
+}
+
 /* Bytes a destination did not take, kept for the next call (copied: the scratch buffer is
  * the thread's). */
 typedef struct {
@@ -81,12 +105,9 @@ typedef struct {
  * full; -1: error (errno). */
 static int held_flush(Held *h, int fd, unsigned long long *moved) {
     while (h->len) {
-        ssize_t s = send(fd, h->buf + h->off, h->len - h->off, MSG_NOSIGNAL);
-        if (s < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-        }
+        ssize_t s = io_send(fd, h->buf + h->off, h->len - h->off);
+        if (s < 0)
+            return s == NOT_NOW ? 0 : -1;
         *moved += (unsigned long long)s;
         h->off += (size_t)s;
         if (h->off < h->len)
@@ -104,24 +125,14 @@ static int held_flush(Held *h, int fd, unsigned long long *moved) {
 /* Send n bytes, hold what the socket does not take. 1: all sent; 0: some held (the socket
  * is full); -1: error (errno; ENOMEM if the rest could not be held). */
 static int send_or_hold(Held *h, int fd, const unsigned char *p, size_t n, unsigned long long *moved) {
-    size_t off = 0;
-    while (off < n) {
-        ssize_t s = send(fd, p + off, n - off, MSG_NOSIGNAL);
-        if (s < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            return -1;
-        }
-        off += (size_t)s;
-        *moved += (unsigned long long)s;
-        if (off < n)
-            break;
-    }
+    ssize_t s = io_send(fd, p, n);
+    if (s == -1)
+        return -1;
+    size_t off = s > 0 ? (size_t)s : 0;
+    *moved += off;
     if (off == n)
         return 1;
-    size_t rest = n - off;
+    size_t rest = n - off;     /* a short send (or none): the socket is full */
     if (h->cap < rest) {
         unsigned char *b = realloc(h->buf, rest);
         if (b == NULL) {
@@ -135,6 +146,28 @@ static int send_or_hold(Held *h, int fd, const unsigned char *p, size_t n, unsig
     h->len = rest;
     h->off = 0;
     return 0;
+}
+
+/* A pump's first step: what it holds goes before anything new. 1: nothing is held (any
+ * more), go on; 0: stop here (F_DST_AGAIN in *flags, or an error in *sys_err). */
+static int held_first(Held *h, int fd, int writable, unsigned long long *moved, int *flags, int *sys_err) {
+    if (!h->len)
+        return 1;
+    int r = writable ? held_flush(h, fd, moved) : 0;
+    if (r < 0)
+        *sys_err = errno;
+    else if (r == 0)
+        *flags |= F_DST_AGAIN;
+    return r > 0;
+}
+
+/* What a pump call returns: (bytes moved, flags), or OSError. */
+static PyObject *pump_result(unsigned long long moved, int flags, int sys_err) {
+    if (sys_err) {
+        errno = sys_err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("Ki", moved, flags);
 }
 
 typedef struct {
@@ -198,18 +231,12 @@ static int flush_out(Engine *e, int fd, int *writable) {
             return 1;
         if (!*writable)
             return 0;
-        ssize_t s = send(fd, p, (size_t)n, MSG_NOSIGNAL);
-        if (s < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                *writable = 0;
-                return 0;
-            }
+        ssize_t s = io_send(fd, p, (size_t)n);
+        if (s == -1)
             return -1;
-        }
-        BIO_nread(e->ext, &p, (int)s);
-        if (s < n) {
+        if (s > 0)
+            BIO_nread(e->ext, &p, (int)s);
+        if (s < n) {               /* none or a short send: the socket is full */
             *writable = 0;
             return 0;
         }
@@ -270,19 +297,14 @@ static PyObject *Engine_encrypt(Engine *e, PyObject *args) {
             if (e->shut || !readable)
                 break;
             /* The ring is empty: CHUNK of plaintext fits, with its records' overhead. */
-            ssize_t n = recv(src, buf, CHUNK, 0);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            ssize_t n = io_recv(src, buf, CHUNK);
+            if (n <= 0) {
+                if (n == NOT_NOW)
                     flags |= F_SRC_AGAIN;
-                    break;
-                }
-                sys_err = errno;
-                break;
-            }
-            if (n == 0) {
-                flags |= F_EOF;
+                else if (n == 0)
+                    flags |= F_EOF;
+                else
+                    sys_err = errno;
                 break;
             }
             ERR_clear_error();
@@ -301,13 +323,9 @@ static PyObject *Engine_encrypt(Engine *e, PyObject *args) {
         ERR_clear_error();
         return raise_ssl(code, 0, "TLS write failed");
     }
-    if (sys_err) {
-        errno = sys_err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (out_empty(e))
+    if (!sys_err && out_empty(e))
         flags |= F_EMPTY;
-    return Py_BuildValue("Ki", moved, flags);
+    return pump_result(moved, flags, sys_err);
 }
 
 static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
@@ -322,18 +340,8 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
     if (buf == NULL)
         sys_err = ENOMEM;
     while (buf != NULL) {
-        if (e->left.len) {
-            int r = writable ? held_flush(&e->left, dst, &moved) : 0;
-            if (r < 0) {
-                sys_err = errno;
-                break;
-            }
-            if (r == 0) {
-                flags |= F_DST_AGAIN;
-                break;
-            }
-            continue;
-        }
+        if (!held_first(&e->left, dst, writable, &moved, &flags, &sys_err))
+            break;
         if (e->peer_closed) {
             flags |= F_EOF;
             break;
@@ -386,15 +394,13 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
             int room = BIO_nwrite0(e->ext, &p);
             if (room <= 0)
                 break;   /* cannot happen: the ring holds more than a record */
-            ssize_t n = recv(src, p, (size_t)room, 0);
+            ssize_t n = io_recv(src, p, (size_t)room);
             if (n > 0) {
                 BIO_nwrite(e->ext, &p, (int)n);
             } else if (n == 0) {
                 e->tls_eof = 1;         /* SSL_read now fails unless close_notify came first */
                 BIO_shutdown_wr(e->ext);
-            } else if (errno == EINTR) {
-                continue;
-            } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            } else if (n == NOT_NOW) {
                 src_again = 1;
                 readable = 0;
                 break;
@@ -440,11 +446,7 @@ done:
         ERR_clear_error();
         return raise_ssl(code, ssl_errno, e->tls_eof ? "EOF in violation of protocol" : "TLS read failed");
     }
-    if (sys_err) {
-        errno = sys_err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return Py_BuildValue("Ki", moved, flags);
+    return pump_result(moved, flags, sys_err);
 }
 
 static PyObject *Engine_shutdown(Engine *e, PyObject *Py_UNUSED(ignored)) {
@@ -572,18 +574,8 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
     if (buf == NULL)
         sys_err = ENOMEM;
     while (buf != NULL) {
-        if (c->left.len) {
-            int r = writable ? held_flush(&c->left, dst, &moved) : 0;
-            if (r < 0) {
-                sys_err = errno;
-                break;
-            }
-            if (r == 0) {
-                flags |= F_DST_AGAIN;
-                break;
-            }
-            continue;
-        }
+        if (!held_first(&c->left, dst, writable, &moved, &flags, &sys_err))
+            break;
         if (!readable) {
             flags |= F_SRC_AGAIN;
             break;
@@ -592,19 +584,14 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
             flags |= F_DST_AGAIN;
             break;
         }
-        ssize_t n = recv(src, buf, c->slow ? SLOW_CHUNK : COPY_CHUNK, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        ssize_t n = io_recv(src, buf, c->slow ? SLOW_CHUNK : COPY_CHUNK);
+        if (n <= 0) {
+            if (n == NOT_NOW)
                 flags |= F_SRC_AGAIN;
-                break;
-            }
-            sys_err = errno;
-            break;
-        }
-        if (n == 0) {
-            flags |= F_EOF;
+            else if (n == 0)
+                flags |= F_EOF;
+            else
+                sys_err = errno;
             break;
         }
         int r = send_or_hold(&c->left, dst, buf, (size_t)n, &moved);
@@ -620,11 +607,7 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    if (sys_err) {
-        errno = sys_err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return Py_BuildValue("Ki", moved, flags);
+    return pump_result(moved, flags, sys_err);
 }
 
 static PyObject *Copier_get_unsent(Copier *c, void *Py_UNUSED(closure)) {

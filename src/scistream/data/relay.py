@@ -415,15 +415,15 @@ class Conn:
         if self.tls is not None and self.tls.obj.session_reused:
             self.ctx.resumed += 1
         a, b = self.a, self.b
+        # The compiled pumps, unless a rate limit meters the bytes (its buckets are Python's).
+        metered = any(v is not None for v in self.ctx.buckets.values())
         if self.tls is None:
             pump: Any = SplicePump
             if use_copy(getattr(self.ctx, "plain_relay", "splice"), self.peer, self.target[1]):
-                metered = any(v is not None for v in self.ctx.buckets.values())
                 pump = CCopyPump if engine_name() == "c" and not metered else CopyPump
             self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
         else:
-            # The compiled engine, unless a rate limit meters the bytes (its buckets are Python's).
-            eng = self.tls.compiled() if all(v is None for v in self.ctx.buckets.values()) else None
+            eng = None if metered else self.tls.compiled()
             if eng is not None:
                 if self.tls.side is a:
                     self.pumps = [CDecryptPump(self, self.tls, eng, b, "in"), CEncryptPump(self, b, self.tls, eng, "out")]

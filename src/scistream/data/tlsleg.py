@@ -32,6 +32,10 @@ try:                      # the compiled hot path (_pump.c); optional
 except ImportError:       # pragma: no cover - built wherever a C compiler was there
     _pump = None  # type: ignore[assignment]
 
+#: What a compiled pump's call found (``_pump.F_*``).
+F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((_pump.F_SRC_AGAIN, _pump.F_DST_AGAIN, _pump.F_EOF,
+                                             _pump.F_EMPTY) if _pump is not None else (1, 2, 4, 8))
+
 if TYPE_CHECKING:
     from .relay import Conn, Side
 
@@ -50,6 +54,9 @@ if ENGINE not in ("auto", "c", "python"):
     ENGINE = "auto"
 if ENGINE == "c" and _pump is None:
     log.warning("SCISTREAM_PUMPS=c, but the compiled pumps were not built: using Python's")
+
+
+_layout_warned = False   # said once: this Python's _ssl is not laid out as _pump.c reads it
 
 
 def engine_name() -> str:
@@ -211,9 +218,6 @@ class TlsEnd:
             log.debug("close_notify: %s", exc)
 
 
-_layout_warned = False
-
-
 def note_moved(pump, src: "Side", dst: "Side", n: int, fl: int) -> None:
     """After a compiled pump's call: count what it moved, and mark a socket that said
     EAGAIN as not ready (the loop says when it is again)."""
@@ -283,9 +287,6 @@ class CDecryptPump:
     def release(self) -> None:
         pass
 
-
-F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((_pump.F_SRC_AGAIN, _pump.F_DST_AGAIN, _pump.F_EOF,
-                                             _pump.F_EMPTY) if _pump is not None else (1, 2, 4, 8))
 
 
 class EncryptPump:
