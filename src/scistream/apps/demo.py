@@ -138,18 +138,40 @@ async def _connect(listener: str, deadline: float) -> socket.socket:
 
 
 async def consume_one(listener: str, size: int, *, connect_timeout: float = 60.0) -> StreamReport:
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            return await _consume_once(listener, size, deadline)
+        except _NotThroughYet:
+            # A proxy of the chain accepted but could not reach its next hop yet (a data
+            # server of the original tooling starts listening a moment after its update is
+            # answered) and reset the connection before the first byte: no byte of the
+            # stream was taken, so connect again, until the deadline.
+            await asyncio.sleep(0.05)
+
+
+class _NotThroughYet(Exception):
+    pass
+
+
+async def _consume_once(listener: str, size: int, deadline: float) -> StreamReport:
     loop = asyncio.get_running_loop()
-    sock = await _connect(listener, time.monotonic() + connect_timeout)
+    sock = await _connect(listener, deadline)
     start = time.monotonic()
+    got = 0
     try:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         expect = memoryview(pattern())
         buf = bytearray(BLOCK)
         view = memoryview(buf)
-        got = 0
         while True:
-            n = await loop.sock_recv_into(sock, view)
+            try:
+                n = await loop.sock_recv_into(sock, view)
+            except ConnectionResetError:
+                if got == 0 and time.monotonic() < deadline:
+                    raise _NotThroughYet() from None
+                raise
             if not n:
                 break
             if got + n > size:
