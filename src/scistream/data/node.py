@@ -10,10 +10,14 @@ session is ready in a millisecond and an idle one costs a few kilobytes.
 
 * **Placement.** A new session goes to the least loaded worker (fewest listeners).
   A session with several listeners is spread over the workers, listener *i* at home on
-  the *i*-th least loaded one, and a second worker accepts on each listener too
-  (``EPOLLEXCLUSIVE``: the kernel offers a connection to the first idle worker in line,
-  and a worker that accepted goes to the back of the line), so the streams of a session
-  are dealt out over two cores even on one listener. A rate-limited session stays
+  the *i*-th least loaded one, and each listener has a second worker: the home worker
+  accepts every connection, keeps it when it carries no other live connection of that
+  listener, and otherwise hands every other one to the second worker (the accepted
+  socket over ``SCM_RIGHTS``, through the second worker's inbox, a datagram socket pair
+  the service keeps). So the streams of a session are dealt out over two cores even on
+  one listener, while connections that come one after another stay with one worker and
+  wake no other (a second worker that accepted on the listener itself cost each such
+  connection about 70 µs, ``docs/performance.md``). A rate-limited session stays
   on one worker (its token buckets are one budget), and so does a session with a
   connection cap (``max_conns``, ``s2cs --max-session-conns``), which its worker counts
   exactly; a capped session with several listeners spread over workers gets a share of
@@ -103,6 +107,9 @@ class WorkerProc:
     def __init__(self, node: "Node", index: int) -> None:
         self.node = node
         self.index = index
+        # Its inbox: the other workers hand it connections through the second socket. The
+        # service keeps both ends, so a restarted worker reads the same inbox.
+        self.inbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.proc: asyncio.subprocess.Process | None = None
         self.chan: socket.socket | None = None
         self.decoder = Decoder()
@@ -118,10 +125,14 @@ class WorkerProc:
 
     async def spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        peers = [f"{w.index}:{w.inbox[1].fileno()}" for w in self.node.workers if w is not self]
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "scistream.data.nodeworker", str(child.fileno()), str(self.index),
-                stdin=asyncio.subprocess.DEVNULL, pass_fds=(child.fileno(),))
+                f"--inbox={self.inbox[0].fileno()}", *(f"--peer={p}" for p in peers),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(child.fileno(), self.inbox[0].fileno(),
+                          *(w.inbox[1].fileno() for w in self.node.workers if w is not self)))
         finally:
             child.close()
         parent.setblocking(False)
@@ -236,6 +247,10 @@ class WorkerProc:
         if self.monitor is not None:
             self.monitor.cancel()
 
+    def close_inbox(self) -> None:
+        for s in self.inbox:
+            s.close()
+
 
 class Entry:
     """A session as the service holds it: its config, listening sockets and placement."""
@@ -246,7 +261,7 @@ class Entry:
         self.cfg = cfg
         self.socks = socks
         self.placement = placement            # the worker of each listener (its home)
-        self.also = also or [None] * len(placement)   # a second worker accepting on it, if any
+        self.also = also or [None] * len(placement)   # the worker the home one hands to, if any
         self.base = _zero()                   # what workers that died had carried
         self.seen: dict[int, dict[str, int]] = {}   # last counters read, per worker
         self.failed = ""
@@ -256,25 +271,26 @@ class Entry:
         return sorted(set(self.placement) | {w for w in self.also if w is not None})
 
     def share(self, index: int) -> tuple[dict, list[int]]:
-        """The add message for worker ``index``: the listeners at home there, those it
-        accepts on as the second worker (``second``: it holds them until an ``attach``,
-        sent once the home workers accept, so that the home worker is first in line for the
-        first connection; with EPOLLEXCLUSIVE the kernel offers a connection to the idle
-        waiters in the order they registered), and its share of the cap."""
+        """The add message for worker ``index``: the listeners at home there (the second
+        worker of a listener gets none: it takes what the home worker hands it), and its
+        share of the cap."""
         home = [i for i, w in enumerate(self.placement) if w == index]
-        second = [i for i, w in enumerate(self.also) if w == index and i not in home]
         cfg = dict(self.cfg)
         cap = int(cfg.get("max_conns") or 0)
         if cap:
             cfg["max_conns"] = max(1, math.ceil(cap * len(home) / len(self.placement)))
-        mine = home + second
-        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": mine, "second": second,
-                 "shared": any(self.also[i] is not None for i in mine), "home": bool(home)},
-                [self.socks[i].fileno() for i in mine])
+        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": home, "home": bool(home)},
+                [self.socks[i].fileno() for i in home])
 
-    def seconds(self) -> list[int]:
-        """The workers that are second on one of the session's listeners (``attach``)."""
-        return sorted({w for i, w in enumerate(self.also) if w is not None and w != self.placement[i]})
+    def partners(self, index: int) -> dict[str, int]:
+        """The listeners at home on worker ``index`` that have a second worker, and that
+        worker (``attach``: sent once both carry the session)."""
+        return {str(i): w for i, (h, w) in enumerate(zip(self.placement, self.also))
+                if h == index and w is not None and w != index}
+
+    def spreading(self) -> list[int]:
+        """The home workers that hand connections to a second worker."""
+        return sorted({h for h, w in zip(self.placement, self.also) if w is not None and w != h})
 
     def close(self) -> None:
         for s in self.socks:
@@ -420,6 +436,7 @@ class Node:
                                  return_exceptions=True)
         for w in self.workers:
             await w.stop()
+            w.close_inbox()
         for e in self.sessions.values():
             e.close()
         for t in list(self.tasks):
@@ -472,8 +489,9 @@ class Node:
                     for e in list(self.sessions.values()):
                         if w.index in e.workers():
                             reply = await w.call(*e.share(w.index))
-                            if reply.get("ok") and w.index in e.seconds():
-                                reply = await w.call({"op": "attach", "sid": e.sid})
+                            if reply.get("ok") and w.index in e.spreading():
+                                reply = await w.call({"op": "attach", "sid": e.sid,
+                                                      "partners": e.partners(w.index)})
                             if not reply.get("ok"):
                                 self._fail(e, f"worker {w.index} restarted but refused the session: "
                                               f"{reply.get('error')}")
@@ -496,7 +514,8 @@ class Node:
 
     def _place(self, n: int, cfg: dict) -> tuple[list[int], list[int | None]]:
         """The home worker of each listener (least loaded first, round robin), and a second
-        worker that accepts on it too, so that several streams on one listener use two cores.
+        worker that the home worker hands connections to, so that several streams on one
+        listener use two cores.
         A rate-limited session stays on one worker (its buckets are one budget), and so does
         one with a connection cap (counted exactly there)."""
         order = sorted(self.workers, key=lambda w: (w.listeners, w.index))
@@ -768,14 +787,13 @@ class Node:
         return out
 
     async def _install(self, e: Entry) -> None:
-        """Give the session's listeners to its workers: each takes its share and accepts at
-        once on the listeners at home there; then the second workers join in, each behind
-        the home worker of the listener. Both steps are answered before the session is: a
-        connection that comes right after the add finds both workers in line. (A second
-        worker that joined later, after the home worker had taken a connection and gone to
-        the back of the line, would be behind it: the home worker would take the next one too.)"""
+        """Give the session to its workers: each takes its share and accepts at once on the
+        listeners at home there; then, once every worker carries the session, the home
+        workers learn where to hand connections (a connection handed to a worker that does
+        not know its session yet would be lost). Both steps are answered before the session
+        is, so the first streams of a session are dealt out already."""
         msgs = [[(i, e.share(i)) for i in e.workers()],
-                [(i, ({"op": "attach", "sid": e.sid},)) for i in e.seconds()]]
+                [(i, ({"op": "attach", "sid": e.sid, "partners": e.partners(i)},)) for i in e.spreading()]]
         for step in msgs:
             replies = await asyncio.gather(*(self.workers[i].call(*m) for i, m in step),
                                            return_exceptions=True)

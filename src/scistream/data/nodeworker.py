@@ -1,4 +1,5 @@
-"""A worker process of the node service: ``python -m scistream.data.nodeworker FD INDEX``.
+"""A worker process of the node service:
+``python -m scistream.data.nodeworker FD INDEX [--inbox=FD] [--peer=INDEX:FD ...]``.
 
 The node service (``scistream.data.node``) starts one worker per core and places each
 session's listeners on them. A worker is one ``evloop.Loop`` in one thread, with no
@@ -10,13 +11,20 @@ worker carries is a ``Slice``: the session's targets, TLS contexts (made just af
 session is added, off the path of its first connection; about 20 KB each), rate buckets,
 counters and connections. An idle plain session costs a few kilobytes.
 
+A listener with a second worker (``attach``) has its connections dealt out: the home
+worker accepts each one, keeps it if it carries no other live connection of that listener
+(one whose client has not closed its side), and otherwise gives every other one to the
+second worker: it sends the accepted socket (``SCM_RIGHTS``) with the session and
+listener to that worker's inbox (``--peer``: the sending ends of the other workers'
+inboxes; ``--inbox``: the receiving end of its own), and the second worker relays it as if
+it had accepted it. A connection that cannot be handed (the inbox is full) stays.
+
 Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
 
-    {"op": "add", "sid", "cfg", "listeners": [i, ..], "second": [i, ..], "nfds": n}  + n listening
-        sockets; those in ``second`` are held until the ``attach`` below
-    {"op": "attach", "sid"}                        accept on the held ``second`` listeners too:
-        the service sends it once every home worker accepts, so on each listener the home
-        worker is first in line (EPOLLEXCLUSIVE) and the add is answered with both in line
+    {"op": "add", "sid", "cfg", "listeners": [i, ..], "home": bool, "nfds": n}  + n listening
+        sockets, the listeners at home here (none for a worker that is only second)
+    {"op": "attach", "sid", "partners": {"i": worker}}   hand connections of listener i to
+        that worker: the service sends it once the second workers carry the session
     {"op": "targets", "sid", "targets": [..]}      addresses, never names
     {"op": "remove", "sid"}                        -> the slice's final counters
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
@@ -30,6 +38,7 @@ or on SIGTERM; either way every connection it carries is reset.
 from __future__ import annotations
 
 import gc
+import json
 import select
 import itertools
 import logging
@@ -57,7 +66,7 @@ class Slice:
     """The listeners and connections of one session in this worker (a ``relay.RelayContext``)."""
 
     def __init__(self, worker: "NodeWorker", sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]],
-                 *, shared: bool = False, home: bool = True) -> None:
+                 *, home: bool = True) -> None:
         self.worker = worker
         self.sid = sid
         self.cfg = cfg
@@ -73,8 +82,8 @@ class Slice:
         self.tls_session: ssl.SSLSession | None = None
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.listeners = listeners
-        self.shared = shared            # another worker accepts on these listeners too
-        self.held: list[tuple[int, socket.socket]] = []   # "second" listeners until "attach"
+        self.partners: dict[int, int] = {}   # listener -> the worker its connections are dealt to
+        self.turn: dict[int, bool] = {}      # per listener: the next busy-time connection is handed
         self.conns: dict[int, Conn] = {}
         self.bytes = {"in": 0, "out": 0}
         self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
@@ -120,8 +129,9 @@ class Slice:
 
     # -- accepting --------------------------------------------------------
     def _watch(self, index: int, lsock: socket.socket) -> None:
-        self.loop.add(lsock.fileno(), EPOLLIN | (EPOLLEXCLUSIVE if self.shared else 0),
-                      lambda ev: self._accept(index, lsock))
+        # EPOLLEXCLUSIVE: while a successor service takes over, its workers and ours wait on
+        # the same listening sockets; one is woken per connection, not all of them
+        self.loop.add(lsock.fileno(), EPOLLIN | EPOLLEXCLUSIVE, lambda ev: self._accept(index, lsock))
 
     def _accept(self, index: int, lsock: socket.socket) -> None:
         got = accept_one(self.loop, lsock, f"listener {index} of session {self.sid}",
@@ -129,12 +139,20 @@ class Slice:
         if got is None:
             return
         sock, peer = got
-        if self.shared:
-            # To the back of the listener's queue of waiting workers (EPOLLEXCLUSIVE wakes
-            # the first idle one): a burst of connections (iperf3 -P 4) is dealt out in turn
-            # over the workers instead of piling up on whichever registered first.
-            self.loop.remove(lsock.fileno())
-            self._watch(index, lsock)
+        to = self.partners.get(index)
+        if to is not None and self._busy(index):
+            hand = self.turn[index] = not self.turn.get(index, False)
+            if hand and self.worker.hand(to, self.sid, index, sock):
+                sock.close()
+                return
+        self.take(index, sock, peer)
+
+    def _busy(self, index: int) -> bool:
+        """A connection of this listener is live here: its client has not closed its side."""
+        return any(c.listener == index and not c.a.hup for c in self.conns.values())
+
+    def take(self, index: int, sock: socket.socket, peer: Any) -> None:
+        """Relay a connection of listener ``index``: accepted here, or handed over."""
         if self.max_conns and len(self.conns) >= self.max_conns:
             self.refused += 1
             ok, _ = FAILURE_LOG.allow()
@@ -161,14 +179,6 @@ class Slice:
         except (OSError, ssl.SSLError, ValueError) as exc:   # e.g. its credentials are unreadable
             conn.abort(f"cannot start: {exc}")
 
-    def attach(self) -> None:
-        """Accept on the held listeners too, as their second worker (behind the home one)."""
-        listeners, self.held = self.held, []
-        for index, lsock in listeners:
-            lsock.setblocking(False)
-            self.listeners.append((index, lsock))
-            self._watch(index, lsock)
-
     def _resume(self, index: int, lsock: socket.socket) -> None:
         if self.loop.running and lsock.fileno() >= 0 and (index, lsock) in self.listeners:
             self._watch(index, lsock)
@@ -187,13 +197,12 @@ class Slice:
                 "tls_sessions_kept": self.sessions_kept}
 
     def stop_accepting(self) -> None:
-        """Close the session's listeners here, the held ones too; its connections go on."""
+        """Close the session's listeners here; its connections go on."""
         for _, lsock in self.listeners:
             self.loop.remove(lsock.fileno())
             lsock.close()
-        for _, lsock in self.held:
-            lsock.close()
-        self.listeners, self.held = [], []
+        self.listeners = []
+        self.partners = {}
 
     def close(self) -> dict[str, int]:
         self.stop_accepting()
@@ -206,9 +215,12 @@ class Slice:
 
 
 class NodeWorker:
-    def __init__(self, chan: socket.socket, index: int) -> None:
+    def __init__(self, chan: socket.socket, index: int, inbox: socket.socket | None = None,
+                 peers: dict[int, socket.socket] | None = None) -> None:
         self.chan = chan
         self.index = index
+        self.inbox = inbox
+        self.peers = peers or {}
         self.loop = Loop()
         self.pipes = PipePool(DEFAULT_PIPE)
         self.slices: dict[str, Slice] = {}
@@ -217,6 +229,55 @@ class NodeWorker:
         self._ids = itertools.count(1)
         chan.setblocking(False)
         self.loop.add(chan.fileno(), EPOLLIN, self._on_chan)
+        if inbox is not None:
+            inbox.setblocking(False)
+            self.loop.add(inbox.fileno(), EPOLLIN, self._on_inbox)
+
+    # -- connections handed between workers -------------------------------
+    def hand(self, to: int, sid: str, index: int, sock: socket.socket) -> bool:
+        """Send an accepted connection to worker ``to``; False if it cannot go (it stays)."""
+        peer = self.peers.get(to)
+        if peer is None:
+            return False
+        note = json.dumps({"sid": sid, "listener": index}).encode()
+        try:
+            peer.sendmsg([note], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", sock.fileno()))],
+                         socket.MSG_DONTWAIT)
+        except OSError:         # its inbox is full (the worker is slow, or restarting)
+            return False
+        return True
+
+    def _on_inbox(self, ev: int) -> None:
+        assert self.inbox is not None
+        for _ in range(64):        # then the other events get their turn
+            try:
+                data, anc, _flags, _addr = self.inbox.recvmsg(1024, socket.CMSG_SPACE(struct.calcsize("i")))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("worker %d: inbox: %s", self.index, exc)
+                return
+            fds = [fd for level, kind, blob in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for (fd,) in struct.iter_unpack("i", blob[:len(blob) - len(blob) % 4])]
+            socks = [socket.socket(fileno=fd) for fd in fds]
+            try:
+                note = json.loads(data)
+                s = self.slices.get(str(note["sid"]))
+                if s is None or len(socks) != 1:   # removed meanwhile, or restarted before its add
+                    continue
+                sock = socks.pop()
+                sock.setblocking(False)
+                try:
+                    peer = sock.getpeername()
+                except OSError:          # the client is gone already
+                    sock.close()
+                    continue
+                s.take(int(note["listener"]), sock, peer)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("worker %d: a bad note in the inbox: %s", self.index, exc)
+            finally:
+                for x in socks:
+                    x.close()
 
     def new_id(self) -> int:
         return next(self._ids)
@@ -264,22 +325,21 @@ class NodeWorker:
                 sid = msg["sid"]
                 listeners = list(zip([int(i) for i in msg["listeners"]], socks))
                 socks = []
-                second = {int(i) for i in msg.get("second") or ()}
                 old = self.slices.pop(sid, None)
                 if old is not None:
                     old.close()
                 try:
-                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]),
-                                             [x for x in listeners if x[0] not in second],
-                                             shared=bool(msg.get("shared")), home=bool(msg.get("home", True)))
+                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
+                                             home=bool(msg.get("home", True)))
                 except BaseException:
                     for _, s in listeners:
                         s.close()
                     raise
-                self.slices[sid].held = [x for x in listeners if x[0] in second]
                 return {"ok": True}
             if op == "attach":
-                self._slice(msg["sid"]).attach()
+                slc = self._slice(msg["sid"])
+                slc.partners = {int(i): int(w) for i, w in (msg.get("partners") or {}).items()
+                                if int(w) in self.peers and int(w) != self.index}
                 return {"ok": True}
             if op == "targets":
                 self._slice(msg["sid"]).retarget([str(t) for t in msg["targets"]])
@@ -323,17 +383,30 @@ class NodeWorker:
                 s.close()
             self.slices.clear()
             self.pipes.close()
+            for s in (self.inbox, *self.peers.values()):
+                if s is not None:
+                    s.close()
             if FAILURE_LOG.held_total:
                 log.warning("%d failed connections were not logged one by one", FAILURE_LOG.held_total)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    opts = [a for a in argv if a.startswith("--")]
+    argv = [a for a in argv if not a.startswith("--")]
     index = int(argv[1]) if len(argv) > 1 else 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s s2ds-worker-{index}[%(process)d] %(levelname)s %(message)s")
     chan = socket.socket(fileno=int(argv[0]))
-    worker = NodeWorker(chan, index)
+    inbox, peers = None, {}
+    for opt in opts:
+        name, _, value = opt.partition("=")
+        if name == "--inbox":
+            inbox = socket.socket(fileno=int(value))
+        elif name == "--peer":
+            w, _, fd = value.partition(":")
+            peers[int(w)] = socket.socket(fileno=int(fd))
+    worker = NodeWorker(chan, index, inbox, peers)
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
