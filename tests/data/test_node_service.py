@@ -15,14 +15,21 @@ processes, real bytes through both gateways, content verified.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
 import os
 import signal
+import socket
+import struct
 import subprocess
+import sys
+import termios
 import time
 
 import pytest
 
 from scistream.client import AsyncClient
+from scistream.data.channel import Decoder, encode, send_frame
 from scistream.data.nodeclient import call_once
 from scistream.data.supervise import children, pid_alive
 
@@ -495,6 +502,80 @@ async def test_connections_one_after_another_stay_home(servers, client_for, echo
         s.close()
     await client_for(prod).release(uid)
     await client_for(cons).release(uid)
+
+
+async def test_connection_handed_to_a_restarting_worker_waits_for_it(servers, client_for, echo_server):
+    """kill -9 of the second worker of a listener: a connection the home worker hands it
+    meanwhile waits in its inbox (the service keeps the inbox) and is carried by the new
+    worker; the home worker's stream does not notice."""
+    ep = f"{echo_server[0]}:{echo_server[1]}"
+    prod, cons = await servers(workers=2), await servers(workers=2)
+    uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
+    first = await Stream(c.listeners[0]).open()           # at home on both gateways
+    home = (await cons.registry.active[(uid, "CONS")].server.config())["workers"][0]
+    victim = (await node_status(cons))["workers"][1 - home]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    second = await Stream(c.listeners[0]).open()          # handed to the killed worker
+    await async_wait_until(lambda: _restarted(cons, 1 - home, victim), timeout=10,
+                           what="the killed worker replaced")
+    conns = await cons.registry.active[(uid, "CONS")].server.connections()
+    assert sorted(x["worker"] for x in conns) == [0, 1], conns
+    for s in (first, second):
+        await s.exchange(256 << 10)
+        s.close()
+    await client_for(prod).release(uid)
+    await client_for(cons).release(uid)
+
+
+async def test_a_connection_handed_before_its_session_waits_for_it(echo_server):
+    """A worker process on its own: a connection arrives in its inbox for a session it does
+    not carry yet (a restarted worker reads its inbox before the service has given its
+    sessions back); it waits, and is relayed once the session is added (bytes checked)."""
+    chan, chan_child = socket.socketpair()
+    inbox, inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    worker = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()), "0",
+                               f"--inbox={inbox_child.fileno()}"],
+                              pass_fds=(chan_child.fileno(), inbox_child.fileno()), stdin=subprocess.DEVNULL)
+    chan_child.close()        # the inbox's reading end stays open here too, as in the service
+    lsock = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(lsock.getsockname())
+    try:
+        accepted, _ = lsock.accept()
+        inbox.sendmsg([json.dumps({"sid": "s1", "listener": 0}).encode()],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", accepted.fileno()))])
+        accepted.close()
+
+        def taken() -> bool:      # the worker has read the note: nothing left in its inbox
+            return struct.unpack("i", fcntl.ioctl(inbox_child.fileno(), termios.FIONREAD, b"\0" * 4))[0] == 0
+        await async_wait_until(taken, timeout=20, what="the worker to read its inbox")
+        # only now the session
+        cfg = {"uid": "s1", "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
+               "targets": [f"{echo_server[0]}:{echo_server[1]}"]}
+        send_frame(chan, encode({"op": "add", "id": 1, "sid": "s1", "cfg": cfg, "listeners": [],
+                                 "home": False, "nfds": 0}))
+        chan.setblocking(False)
+        dec = Decoder()
+
+        def reply():
+            try:
+                got = dec.feed(chan)
+            except BlockingIOError:
+                return None
+            return got[0][0] if got else None
+        answer = await async_wait_until(reply, timeout=10, what="the add answered")
+        assert answer["ok"], answer
+        client.setblocking(False)
+        r, w = await asyncio.open_connection(sock=client)
+        payload = os.urandom(1 << 20)
+        w.write(payload)
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(len(payload)), 10) == payload
+        w.close()
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        for s in (chan, inbox, inbox_child, lsock, client):
+            s.close()
 
 
 async def test_operator_run_service_lost_fails_its_sessions(servers, client_for, echo_server, tmp_path):

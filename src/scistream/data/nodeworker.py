@@ -17,7 +17,9 @@ worker accepts each one, keeps it if it carries no other live connection of that
 second worker: it sends the accepted socket (``SCM_RIGHTS``) with the session and
 listener to that worker's inbox (``--peer``: the sending ends of the other workers'
 inboxes; ``--inbox``: the receiving end of its own), and the second worker relays it as if
-it had accepted it. A connection that cannot be handed (the inbox is full) stays.
+it had accepted it. A connection that cannot be handed (the inbox is full) stays. One
+handed for a session this worker does not carry yet (it was restarted, and the service has
+not given it its sessions back) waits up to ``HANDED_WAIT`` seconds for it.
 
 Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
 
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
+HANDED_WAIT = 5.0
 WARM_DELAY = 0.003
 
 
@@ -221,6 +224,8 @@ class NodeWorker:
         self.index = index
         self.inbox = inbox
         self.peers = peers or {}
+        # handed connections of sessions not (yet) here: sid -> [(listener, socket, until)]
+        self.waiting: dict[str, list[tuple[int, socket.socket, float]]] = {}
         self.loop = Loop()
         self.pipes = PipePool(DEFAULT_PIPE)
         self.slices: dict[str, Slice] = {}
@@ -262,17 +267,17 @@ class NodeWorker:
             socks = [socket.socket(fileno=fd) for fd in fds]
             try:
                 note = json.loads(data)
-                s = self.slices.get(str(note["sid"]))
-                if s is None or len(socks) != 1:   # removed meanwhile, or restarted before its add
-                    continue
+                sid, index = str(note["sid"]), int(note["listener"])
+                if len(socks) != 1:
+                    raise ValueError(f"{len(socks)} sockets with one note")
                 sock = socks.pop()
                 sock.setblocking(False)
-                try:
-                    peer = sock.getpeername()
-                except OSError:          # the client is gone already
-                    sock.close()
-                    continue
-                s.take(int(note["listener"]), sock, peer)
+                if sid in self.slices:
+                    self._take(self.slices[sid], index, sock)
+                else:       # this worker restarted and has not got the session back yet
+                    if not self.waiting:
+                        self.loop.call_later(1.0, self._expire)
+                    self.waiting.setdefault(sid, []).append((index, sock, time.monotonic() + HANDED_WAIT))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("worker %d: a bad note in the inbox: %s", self.index, exc)
             finally:
@@ -281,6 +286,31 @@ class NodeWorker:
 
     def new_id(self) -> int:
         return next(self._ids)
+
+    @staticmethod
+    def _take(slc: Slice, index: int, sock: socket.socket) -> None:
+        try:
+            peer = sock.getpeername()
+        except OSError:          # the client is gone already
+            sock.close()
+            return
+        slc.take(index, sock, peer)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in list(self.waiting):
+            keep = [w for w in self.waiting[sid] if w[2] > now]
+            for _, sock, until in self.waiting[sid]:
+                if until <= now:
+                    log.info("session %s: a connection handed here waited %.0f s for the session; closed",
+                             sid, HANDED_WAIT)
+                    sock.close()
+            if keep:
+                self.waiting[sid] = keep
+            else:
+                del self.waiting[sid]
+        if self.waiting:
+            self.loop.call_later(1.0, self._expire)
 
     # -- channel ----------------------------------------------------------
     def _on_chan(self, ev: int) -> None:
@@ -335,6 +365,8 @@ class NodeWorker:
                     for _, s in listeners:
                         s.close()
                     raise
+                for index, sock, _ in self.waiting.pop(sid, ()):
+                    self._take(self.slices[sid], index, sock)
                 return {"ok": True}
             if op == "attach":
                 slc = self._slice(msg["sid"])
@@ -383,7 +415,7 @@ class NodeWorker:
                 s.close()
             self.slices.clear()
             self.pipes.close()
-            for s in (self.inbox, *self.peers.values()):
+            for s in (self.inbox, *self.peers.values(), *(w[1] for ws in self.waiting.values() for w in ws)):
                 if s is not None:
                     s.close()
             if FAILURE_LOG.held_total:
