@@ -31,6 +31,7 @@ import pytest
 from scistream.client import AsyncClient
 from scistream.data.channel import Decoder, encode, send_frame
 from scistream.data.nodeclient import call_once
+from scistream.data.relay import LOOPBACK_SNDBUF
 from scistream.data.supervise import children, pid_alive
 
 from conftest import (roundtrip_ok, BIN, async_wait_until, connect_session, parse_listener,
@@ -429,8 +430,8 @@ async def test_max_session_conns_refuses_and_counts(servers, client_for, echo_se
 
 @pytest.mark.parametrize("mode,pumps", [("auto", "c"), ("copy", "c"), ("copy", "python"), ("splice", "c")])
 async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode, pumps, monkeypatch):
-    """--plain-relay: auto copies on loopback legs (cheaper there, measured), splice and
-    copy are forced; bytes (both directions, a half-close) are the same either way, with
+    """--plain-relay: auto copies on loopback legs (cheaper there, measured), with a send
+    buffer of LOOPBACK_SNDBUF on both sockets; splice and copy are forced; bytes (both directions, a half-close) are the same either way, with
     the compiled copy pump (SCISTREAM_PUMPS=c, the default where it was built) and with
     the Python one."""
     monkeypatch.setenv("SCISTREAM_PUMPS", pumps)
@@ -444,6 +445,19 @@ async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode,
     # splice is driven from Python whatever SCISTREAM_PUMPS says
     assert [x["pumps"] for x in conns] == ["python" if mode == "splice" else pumps]
     await stream.exchange(4 << 20)
+    if mode != "splice":
+        # a copied loopback leg: both sockets have SO_SNDBUF = LOOPBACK_SNDBUF (the kernel
+        # reports twice that, ss -m "tb"), not autotuning's up to 4 MiB: the consumer's
+        # connection on CONS, and PROD's to the echo server
+        proc = await asyncio.create_subprocess_exec("ss", "-tnmOH", "state", "established",
+                                                    stdout=asyncio.subprocess.PIPE)
+        out = (await proc.communicate())[0].decode()
+        cons_port = parse_listener(c.listeners[0])[1]
+        rows = [ln for ln in out.splitlines() if ln.split()[2].endswith(f":{cons_port}")
+                or ln.split()[3].endswith(f"{echo_server[0]}:{echo_server[1]}")]
+        assert len(rows) == 2, out
+        for ln in rows:
+            assert f",tb{2 * LOOPBACK_SNDBUF}," in ln, ln
     stream.close()
     await roundtrip_ok(c.listeners[0], 8 << 20)       # echo_roundtrip half-closes at the end
     st = (await client_for(cons).status(uid)).sessions[0]
