@@ -37,7 +37,10 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip() for l in proc.stdout), daemon=True)
     reader.start()
     try:
-        wait_until(lambda: any("update CONS" in l for l in lines), 60, "the transfer to start")
+        try:
+            wait_until(lambda: any("update CONS" in l for l in lines), 60, "the transfer to start")
+        except AssertionError as exc:   # say how far the demo got
+            raise AssertionError(f"{exc}; the demo printed:\n" + "\n".join(lines[-30:])) from None
         work = re.search(r"work dir (\S+)", "\n".join(lines)).group(1)
         assert processes_mentioning(work), "the demo's servers should be running"
         proc.send_signal(signal.SIGINT)
@@ -110,7 +113,10 @@ def test_demo_netns_ctrl_c_removes_the_testbed(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip() for l in proc.stdout), daemon=True)
     reader.start()
     try:
-        wait_until(lambda: any("update CONS" in l for l in lines), 60, "the transfer to start")
+        try:
+            wait_until(lambda: any("update CONS" in l for l in lines), 60, "the transfer to start")
+        except AssertionError as exc:   # say how far the demo got
+            raise AssertionError(f"{exc}; the demo printed:\n" + "\n".join(lines[-30:])) from None
         text = "\n".join(lines)
         tag = re.search(r"^testbed (\S+): facility A", text, re.M).group(1)
         work = re.search(r"work dir (\S+)", text).group(1)
