@@ -314,6 +314,20 @@ def test_keepalive_setting():
             keepalive_setting(bad)
 
 
+def test_loopback_sndbuf_setting(caplog):
+    """SCISTREAM_LOOPBACK_SNDBUF: bytes, 0 for the kernel's autotuning; anything else is
+    said in the log and the default (512 KiB) is used, so a typo cannot stop the workers."""
+    from scistream.data.relay import _loopback_sndbuf
+    assert _loopback_sndbuf(None) == 512 << 10
+    assert _loopback_sndbuf("") == 512 << 10
+    assert _loopback_sndbuf("262144") == 262144
+    assert _loopback_sndbuf(" 0 ") == 0
+    for bad in ("512k", "-1", "1.5"):
+        caplog.clear()
+        assert _loopback_sndbuf(bad) == 512 << 10
+        assert "SCISTREAM_LOOPBACK_SNDBUF" in caplog.text and repr(bad) in caplog.text
+
+
 async def test_both_sockets_of_a_connection_have_keepalive(tmp_path, echo_server):
     """Seen from outside, as the kernel reports it (``ss -o``): a keepalive timer on the
     accepted socket and on the one to the target. (tests/netns: a cut link is detected.)"""

@@ -311,7 +311,21 @@ def _is_loopback(addr: Any) -> bool:
 # and four streams went from 0.95x to 1.2-1.4x the HAProxy chain (docs/performance.md,
 # "Send buffers on loopback legs"). Only where the round trip is microseconds: on a
 # network the window must be free to grow. SCISTREAM_LOOPBACK_SNDBUF=0: autotuning.
-LOOPBACK_SNDBUF = int(os.environ.get("SCISTREAM_LOOPBACK_SNDBUF", 512 << 10))
+def _loopback_sndbuf(text: str | None, default: int = 512 << 10) -> int:
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text.strip())
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        log.warning("SCISTREAM_LOOPBACK_SNDBUF=%r: not a whole number of bytes (0: autotuning); "
+                    "using %d", text, default)
+        return default
+    return value
+
+
+LOOPBACK_SNDBUF = _loopback_sndbuf(os.environ.get("SCISTREAM_LOOPBACK_SNDBUF"))
 
 
 def use_copy(mode: str, peer: Any, target: Any) -> bool:
