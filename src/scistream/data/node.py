@@ -125,14 +125,13 @@ class WorkerProc:
 
     async def spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        peers = [f"{w.index}:{w.inbox[1].fileno()}" for w in self.node.workers if w is not self]
+        others = [w for w in self.node.workers if w is not self]
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "scistream.data.nodeworker", str(child.fileno()), str(self.index),
-                f"--inbox={self.inbox[0].fileno()}", *(f"--peer={p}" for p in peers),
+                f"--inbox={self.inbox[0].fileno()}", *(f"--peer={w.index}:{w.inbox[1].fileno()}" for w in others),
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(child.fileno(), self.inbox[0].fileno(),
-                          *(w.inbox[1].fileno() for w in self.node.workers if w is not self)))
+                pass_fds=(child.fileno(), self.inbox[0].fileno(), *(w.inbox[1].fileno() for w in others)))
         finally:
             child.close()
         parent.setblocking(False)

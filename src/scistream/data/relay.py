@@ -328,14 +328,11 @@ def _loopback_sndbuf(text: str | None, default: int = 512 << 10) -> int:
 LOOPBACK_SNDBUF = _loopback_sndbuf(os.environ.get("SCISTREAM_LOOPBACK_SNDBUF"))
 
 
-def use_copy(mode: str, peer: Any, target: Any) -> bool:
+def use_copy(mode: str, local: bool) -> bool:
     """Plain legs: copy or splice. ``auto`` copies when both ends are loopback addresses
-    (where copying wins, measured), and splices otherwise (a NIC: splice saves two copies)."""
-    if mode == "copy":
-        return True
-    if mode == "auto":
-        return _is_loopback(peer) and _is_loopback(target)
-    return False
+    (``local``: where copying wins, measured), and splices otherwise (a NIC: splice saves
+    two copies)."""
+    return mode == "copy" or (mode == "auto" and local)
 
 
 def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
@@ -443,9 +440,10 @@ class Conn:
         metered = any(v is not None for v in self.ctx.buckets.values())
         if self.tls is None:
             pump: Any = SplicePump
-            if use_copy(getattr(self.ctx, "plain_relay", "splice"), self.peer, self.target[1]):
+            local = _is_loopback(self.peer) and _is_loopback(self.target[1])
+            if use_copy(getattr(self.ctx, "plain_relay", "splice"), local):
                 pump = CCopyPump if engine_name() == "c" and not metered else CopyPump
-                if LOOPBACK_SNDBUF > 0 and _is_loopback(self.peer) and _is_loopback(self.target[1]):
+                if LOOPBACK_SNDBUF > 0 and local:
                     for side in (a, b):
                         try:
                             side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOOPBACK_SNDBUF)
