@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -29,7 +28,7 @@ import time
 import pytest
 
 from scistream.client import AsyncClient
-from scistream.data.channel import Decoder, encode, send_frame
+from scistream.data.channel import Decoder, encode, send_frame, send_note
 from scistream.data.nodeclient import call_once
 from scistream.data.relay import LOOPBACK_SNDBUF
 from scistream.data.supervise import children, pid_alive
@@ -555,8 +554,7 @@ async def test_a_connection_handed_before_its_session_waits_for_it(echo_server):
     client = socket.create_connection(lsock.getsockname())
     try:
         accepted, _ = lsock.accept()
-        inbox.sendmsg([json.dumps({"sid": "s1", "listener": 0}).encode()],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", accepted.fileno()))])
+        send_note(inbox, {"sid": "s1", "listener": 0}, accepted.fileno())
         accepted.close()
 
         def taken() -> bool:      # the worker has read the note: nothing left in its inbox

@@ -54,6 +54,31 @@ def send_frame(sock: socket.socket, data: bytes, fds: list[int] | None = None) -
     return n
 
 
+def fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in the ancillary data of a ``recvmsg`` (SCM_RIGHTS)."""
+    fds = array.array("i")
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
+
+
+def send_note(sock: socket.socket, msg: dict, fd: int) -> None:
+    """One datagram on a SOCK_DGRAM socket: a JSON object and one descriptor (a worker hands
+    a connection to another worker's inbox this way). Never blocks: OSError (EAGAIN) when
+    the receiver's queue is full."""
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], socket.MSG_DONTWAIT)
+
+
+def recv_note(sock: socket.socket, size: int = 4096) -> tuple[bytes, list[int]]:
+    """One datagram of ``send_note``: its JSON text (not decoded: the caller owns the
+    descriptors whatever the text says) and its descriptors. BlockingIOError passes through."""
+    data, anc, _flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(array.array("i").itemsize),
+                                            socket.MSG_CMSG_CLOEXEC)
+    return data, fds_of(anc)
+
+
 class Decoder:
     """Turns what a socket delivers into ``(message, descriptors)`` pairs."""
 
@@ -65,11 +90,7 @@ class Decoder:
         """Read once (the socket may be non-blocking: BlockingIOError passes through);
         ChannelClosed on EOF."""
         data, anc, _flags, _addr = sock.recvmsg(size, _ANC, socket.MSG_CMSG_CLOEXEC)
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self.fds.extend(fds)
+        self.fds.extend(fds_of(anc))
         if not data:
             raise ChannelClosed("the other end closed the channel")
         self.buf += data

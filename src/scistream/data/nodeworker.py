@@ -39,6 +39,7 @@ or on SIGTERM; either way every connection it carries is reset.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import select
@@ -52,7 +53,7 @@ import sys
 import time
 from typing import Any
 
-from .channel import ChannelClosed, Decoder, encode
+from .channel import ChannelClosed, Decoder, encode, recv_note, send_note
 from .evloop import EPOLLIN, EPOLLOUT, Loop, PipePool, TokenBucket
 from .relay import FAILURE_LOG, Conn, accept_one
 from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
@@ -244,10 +245,8 @@ class NodeWorker:
         peer = self.peers.get(to)
         if peer is None:
             return False
-        note = json.dumps({"sid": sid, "listener": index}).encode()
         try:
-            peer.sendmsg([note], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", sock.fileno()))],
-                         socket.MSG_DONTWAIT)
+            send_note(peer, {"sid": sid, "listener": index}, sock.fileno())
         except OSError:         # its inbox is full (the worker is slow, or restarting)
             return False
         return True
@@ -256,14 +255,12 @@ class NodeWorker:
         assert self.inbox is not None
         for _ in range(64):        # then the other events get their turn
             try:
-                data, anc, _flags, _addr = self.inbox.recvmsg(1024, socket.CMSG_SPACE(struct.calcsize("i")))
+                data, fds = recv_note(self.inbox)
             except BlockingIOError:
                 return
             except OSError as exc:
                 log.error("worker %d: inbox: %s", self.index, exc)
                 return
-            fds = [fd for level, kind, blob in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                   for (fd,) in struct.iter_unpack("i", blob[:len(blob) - len(blob) % 4])]
             socks = [socket.socket(fileno=fd) for fd in fds]
             try:
                 note = json.loads(data)
@@ -298,13 +295,15 @@ class NodeWorker:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for sid in list(self.waiting):
-            keep = [w for w in self.waiting[sid] if w[2] > now]
-            for _, sock, until in self.waiting[sid]:
-                if until <= now:
+        for sid, handed in list(self.waiting.items()):
+            keep = []
+            for item in handed:
+                if item[2] > now:
+                    keep.append(item)
+                else:
                     log.info("session %s: a connection handed here waited %.0f s for the session; closed",
                              sid, HANDED_WAIT)
-                    sock.close()
+                    item[1].close()
             if keep:
                 self.waiting[sid] = keep
             else:
@@ -423,21 +422,20 @@ class NodeWorker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = [a for a in argv if a.startswith("--")]
-    argv = [a for a in argv if not a.startswith("--")]
-    index = int(argv[1]) if len(argv) > 1 else 0
+    p = argparse.ArgumentParser(prog="python -m scistream.data.nodeworker",
+                                description="A worker of the node service (started by it).")
+    p.add_argument("fd", type=int, help="the channel to the service")
+    p.add_argument("index", type=int, nargs="?", default=0)
+    p.add_argument("--inbox", type=int, help="the reading end of this worker's inbox")
+    p.add_argument("--peer", action="append", default=[], metavar="INDEX:FD",
+                   help="the sending end of another worker's inbox")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    index = args.index
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s s2ds-worker-{index}[%(process)d] %(levelname)s %(message)s")
-    chan = socket.socket(fileno=int(argv[0]))
-    inbox, peers = None, {}
-    for opt in opts:
-        name, _, value = opt.partition("=")
-        if name == "--inbox":
-            inbox = socket.socket(fileno=int(value))
-        elif name == "--peer":
-            w, _, fd = value.partition(":")
-            peers[int(w)] = socket.socket(fileno=int(fd))
+    chan = socket.socket(fileno=args.fd)
+    inbox = socket.socket(fileno=args.inbox) if args.inbox is not None else None
+    peers = {int(w): socket.socket(fileno=int(fd)) for w, _, fd in (x.partition(":") for x in args.peer)}
     worker = NodeWorker(chan, index, inbox, peers)
     gc.collect()
     gc.freeze()
