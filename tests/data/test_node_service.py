@@ -332,7 +332,9 @@ async def test_operator_run_service(servers, client_for, echo_server, tmp_path):
         uid, p, c = await connect_session(client_for(prod), client_for(cons), ep)
         for listener in c.listeners:
             await roundtrip_ok(listener)
-        assert (await call_once(sock, {"op": "status"}))["sessions"] == 2
+        st = await call_once(sock, {"op": "status"})
+        assert st["sessions"] == 2
+        assert [w["spin"]["us"] for w in st["workers"]] == [50, 50]     # SCISTREAM_SPIN_US's default
         await client_for(prod).release(uid)
         await client_for(cons).release(uid)
         await prod.stop()
@@ -341,6 +343,7 @@ async def test_operator_run_service(servers, client_for, echo_server, tmp_path):
         assert (await call_once(sock, {"op": "status"}))["sessions"] == 0
         r = subprocess.run([str(BIN / "s2ds"), "status", "--socket", str(sock)], capture_output=True, text=True)
         assert r.returncode == 0 and "0 sessions" in r.stdout and "worker 1" in r.stdout
+        assert r.stdout.count("spin 50 us:") == 2, r.stdout
     finally:
         service.send_signal(signal.SIGTERM)
         assert service.wait(20) == 0
@@ -582,6 +585,64 @@ async def test_a_connection_handed_before_its_session_waits_for_it(echo_server):
         w.write(payload)
         await w.drain()
         assert await asyncio.wait_for(r.readexactly(len(payload)), 10) == payload
+        w.close()
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        for s in (chan, inbox, inbox_child, lsock, client):
+            s.close()
+
+
+@pytest.mark.parametrize("spin_env, spin_us", [(None, 50), ("0", 0)])
+async def test_a_busy_worker_spins_before_it_sleeps(echo_server, spin_env, spin_us):
+    """A worker process on its own, carrying one connection of small messages back and
+    forth (every echo checked): its loop spins between them (SCISTREAM_SPIN_US, default
+    50 us), as its ping reports; with SCISTREAM_SPIN_US=0 it never does."""
+    env = {k: v for k, v in os.environ.items() if k != "SCISTREAM_SPIN_US"}
+    if spin_env is not None:
+        env["SCISTREAM_SPIN_US"] = spin_env
+    chan, chan_child = socket.socketpair()
+    inbox, inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    worker = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()), "0",
+                               f"--inbox={inbox_child.fileno()}"], env=env,
+                              pass_fds=(chan_child.fileno(), inbox_child.fileno()), stdin=subprocess.DEVNULL)
+    chan_child.close()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(lsock.getsockname())
+    chan.setblocking(False)
+    dec = Decoder()
+
+    async def call(msg: dict) -> dict:
+        send_frame(chan, encode(msg))
+
+        def reply():
+            try:
+                got = dec.feed(chan)
+            except BlockingIOError:
+                return None
+            return got[0][0] if got else None
+        answer = await async_wait_until(reply, timeout=10, what=f"the worker to answer {msg['op']}")
+        assert answer["ok"], answer
+        return answer
+    try:
+        cfg = {"uid": "s1", "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
+               "targets": [f"{echo_server[0]}:{echo_server[1]}"]}
+        await call({"op": "add", "id": 1, "sid": "s1", "cfg": cfg, "listeners": [], "home": False, "nfds": 0})
+        accepted, _ = lsock.accept()
+        send_note(inbox, {"sid": "s1", "listener": 0}, accepted.fileno())
+        accepted.close()
+        client.setblocking(False)
+        r, w = await asyncio.open_connection(sock=client)
+        for i in range(400):
+            msg = b"%05d" % i * 20
+            w.write(msg)
+            assert await asyncio.wait_for(r.readexactly(len(msg)), 10) == msg
+        spin = (await call({"op": "ping", "id": 2}))["spin"]
+        assert spin["us"] == spin_us
+        if spin_us:
+            assert spin["hits"] + spin["missed"] + spin["gave_way"] > 0, spin
+        else:
+            assert spin == {"us": 0, "hits": 0, "missed": 0, "gave_way": 0}
         w.close()
     finally:
         worker.terminate()

@@ -166,8 +166,11 @@ def status(socket_path: Path, as_json: bool) -> None:
         return
     click.echo(f"node service pid {reply['pid']}: {reply['sessions']} sessions")
     for w in reply["workers"]:
+        spin = w.get("spin")
+        spun = (f"; spin {spin['us']} us: {spin['hits']} met an event, {spin['missed']} ran out, "
+                f"{spin['gave_way']} gave way" if spin and spin.get("us") else "; no spin" if spin else "")
         click.echo(f"  worker {w['index']}: pid {w['pid']}, {w['sessions']} sessions, {w['listeners']} listeners, "
-                   f"{w['restarts']} restarts{'' if w['alive'] else ' (restarting)'}")
+                   f"{w['restarts']} restarts{'' if w['alive'] else ' (restarting)'}{spun}")
 
 
 @main.command()

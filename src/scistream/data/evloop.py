@@ -41,6 +41,28 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
+def _spin_us(text: str | None, default: int = 50) -> int:
+    """SCISTREAM_SPIN_US: microseconds a busy loop polls before it sleeps (0: never)."""
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError(value)
+    except ValueError:
+        log.warning("SCISTREAM_SPIN_US=%r: not a whole number of microseconds (0: no spin); "
+                    "using %d", text, default)
+        return default
+    return value
+
+
+SPIN_S = _spin_us(os.environ.get("SCISTREAM_SPIN_US")) / 1e6
+#: How many waits in a row that ended within the spin make a loop spin on every wait.
+SPIN_SCORE = 4
+#: A yield that took longer than this ran another task: the spin stops there.
+SPIN_GIVE_WAY = 20e-6
+
+
 class Timer:
     __slots__ = ("when", "fn", "cancelled")
 
@@ -64,7 +86,14 @@ def _nothing() -> None:
 class Loop:
     """An edge-triggered epoll loop with timers; ``stop()`` (or SIGTERM/SIGINT) ends ``run()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, spin: float = 0.0) -> None:
+        #: Seconds a wait may spin before it sleeps (0: never); see _wait_spinning.
+        #: The node service's workers spin SPIN_S, one loop per process.
+        self.spin = spin
+        self._short = 0                 # > 0: the recent waits ended within the spin
+        self.spin_hits = 0              # spins that met an event
+        self.spin_missed = 0            # spins that ran out, then slept
+        self.spin_gave_way = 0          # spins cut short: a yield ran another task
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
@@ -140,15 +169,15 @@ class Loop:
 
     def run(self) -> None:
         self.running = True
-        poll = self.ep.poll
         handlers = self.handlers
         timers = self._timers
+        wait = self._wait_spinning if self.spin else self.ep.poll
         while self.running:
             timeout = -1.0
             if timers:
                 timeout = max(0.0, timers[0][0] - time.monotonic())
             try:
-                events = poll(timeout, 1024)
+                events = wait(timeout, 1024)
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
             for fd, ev in events:
@@ -163,6 +192,46 @@ class Loop:
                         t.fn()
         for fn in self.on_stop:
             fn()
+
+    def _wait_spinning(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
+        """``epoll.poll``, but while the recent waits were short, first poll without
+        sleeping for up to ``self.spin`` seconds (yielding the core between polls).
+
+        A worker that sleeps on every wait pays a wake-up each time, and on a virtual
+        machine whose idle cores halt that wake-up is tens of microseconds: between two
+        buffers of one stream the worker would rather stay on its core. It spins only when
+        its last waits ended within the spin (``_short`` > 0), so a worker that is idle or
+        whose events come seldom sleeps at once; and it stops as soon as a yield gives the
+        core to some other task (the core is wanted, spinning would take it from them).
+        """
+        poll = self.ep.poll
+        clock = time.perf_counter
+        spin = self.spin
+        start = clock()
+        events = None
+        if self._short > 0 and timeout != 0.0:
+            end = start + (spin if timeout < 0 else min(spin, timeout))
+            t = start
+            yield_ = os.sched_yield
+            while not (events := poll(0, maxevents)):
+                yield_()
+                before, t = t, clock()
+                if t - before > SPIN_GIVE_WAY:
+                    self.spin_gave_way += 1
+                    self._short = 0
+                    break
+                if t >= end:
+                    self.spin_missed += 1
+                    break
+            else:
+                self.spin_hits += 1
+        if not events:
+            events = poll(timeout, maxevents)
+        if events and clock() - start < spin:
+            self._short = min(self._short + 1, SPIN_SCORE)
+        elif self._short > 0:
+            self._short -= 1
+        return events
 
     def close(self) -> None:
         self.ep.close()

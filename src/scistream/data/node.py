@@ -50,7 +50,7 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "conns", "sid"}                  -> {"ok", "connections": [..]}
     {"op": "config", "sid"}                 -> {"ok", "cfg", "workers": [index per listener]}
     {"op": "list"}                          -> {"ok", "sessions": {sid: {"workers", "failed"}}}
-    {"op": "status"}                        -> {"ok", "workers": [{"index", "pid", "sessions", "listeners",
+    {"op": "status"}                        -> {"ok", "workers": [{"index", "pid", "sessions", "listeners", "spin",
                                                 "restarts"}], "sessions": n}
     {"op": "watch"}                         -> {"ok"}; then {"event": "failed", "sid", "reason"} lines
     {"op": "shutdown"}                      -> {"ok"}; then the service stops
@@ -643,11 +643,14 @@ class Node:
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
                                              for sid, e in self.sessions.items()}}
         if op == "status":
+            pings = await asyncio.gather(*(w.call({"op": "ping"}, timeout=2) for w in self.workers),
+                                         return_exceptions=True)
             return {"ok": True, "pid": os.getpid(), "sessions": len(self.sessions),
                     "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None, "alive": w.alive,
                                  "listeners": w.listeners, "restarts": w.restarts,
-                                 "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement)}
-                                for w in self.workers]}
+                                 "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement),
+                                 "spin": None if isinstance(p, BaseException) else p.get("spin")}
+                                for w, p in zip(self.workers, pings)]}
         if op == "watch":
             self.watchers.add(writer)
             return {"ok": True}

@@ -32,7 +32,8 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
     {"op": "conns", "sid"}                         -> {"connections": [..]}
     {"op": "quiesce"}                              stop accepting (a successor serves)
-    {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections"}
+    {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections",
+                                                       "spin": {"us", "hits", "missed", "gave_way"}}
 
 The worker exits when its channel closes (the service is gone: its listeners close with it)
 or on SIGTERM; either way every connection it carries is reset.
@@ -54,7 +55,7 @@ import time
 from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, recv_note, send_note
-from .evloop import EPOLLIN, EPOLLOUT, Loop, PipePool, TokenBucket
+from .evloop import EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
 from .relay import FAILURE_LOG, Conn, accept_one
 from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
 
@@ -227,7 +228,7 @@ class NodeWorker:
         self.peers = peers or {}
         # handed connections of sessions not (yet) here: sid -> [(listener, socket, until)]
         self.waiting: dict[str, list[tuple[int, socket.socket, float]]] = {}
-        self.loop = Loop()
+        self.loop = Loop(spin=SPIN_S)
         self.pipes = PipePool(DEFAULT_PIPE)
         self.slices: dict[str, Slice] = {}
         self.decoder = Decoder()
@@ -389,8 +390,11 @@ class NodeWorker:
                     s.stop_accepting()
                 return {"ok": True}
             if op == "ping":
+                lp = self.loop
                 return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),
-                        "connections": sum(len(s.conns) for s in self.slices.values())}
+                        "connections": sum(len(s.conns) for s in self.slices.values()),
+                        "spin": {"us": round(lp.spin * 1e6), "hits": lp.spin_hits, "missed": lp.spin_missed,
+                                 "gave_way": lp.spin_gave_way}}
             return {"ok": False, "error": f"unknown op {op!r}"}
         except (ValueError, KeyError, TypeError, OSError, ssl.SSLError) as exc:
             return {"ok": False, "error": str(exc) or type(exc).__name__}
