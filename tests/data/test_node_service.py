@@ -543,42 +543,74 @@ async def test_connection_handed_to_a_restarting_worker_waits_for_it(servers, cl
     await client_for(cons).release(uid)
 
 
+class LoneWorker:
+    """A node worker process on its own: its channel and inbox held here as the service
+    holds them, its requests answered through ``call``; a connection to hand it comes from
+    ``connection()`` (the client side, and the accepted side to send to its inbox)."""
+
+    def __init__(self, env: dict | None = None) -> None:
+        self.chan, chan_child = socket.socketpair()
+        self.inbox, self.inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.proc = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()),
+                                      "0", f"--inbox={self.inbox_child.fileno()}"], env=env,
+                                     pass_fds=(chan_child.fileno(), self.inbox_child.fileno()),
+                                     stdin=subprocess.DEVNULL)
+        chan_child.close()    # the inbox's reading end stays open here too, as in the service
+        self.chan.setblocking(False)
+        self.decoder = Decoder()
+        self.ids = 0
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.clients: list[socket.socket] = []
+
+    def connection(self) -> tuple[socket.socket, socket.socket]:
+        client = socket.create_connection(self.lsock.getsockname())
+        self.clients.append(client)
+        accepted, _ = self.lsock.accept()
+        return client, accepted
+
+    def hand(self, sid: str, accepted: socket.socket) -> None:
+        send_note(self.inbox, {"sid": sid, "listener": 0}, accepted.fileno())
+        accepted.close()
+
+    async def call(self, msg: dict) -> dict:
+        self.ids += 1
+        send_frame(self.chan, encode({**msg, "id": self.ids}))
+
+        def reply():
+            try:
+                got = self.decoder.feed(self.chan)
+            except BlockingIOError:
+                return None
+            return got[0][0] if got else None
+        answer = await async_wait_until(reply, timeout=10, what=f"the worker to answer {msg['op']}")
+        assert answer["ok"], answer
+        return answer
+
+    async def add_plain(self, sid: str, target: tuple[str, int]) -> None:
+        cfg = {"uid": sid, "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
+               "targets": [f"{target[0]}:{target[1]}"]}
+        await self.call({"op": "add", "sid": sid, "cfg": cfg, "listeners": [], "home": False, "nfds": 0})
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        for s in (self.chan, self.inbox, self.inbox_child, self.lsock, *self.clients):
+            s.close()
+
+
 async def test_a_connection_handed_before_its_session_waits_for_it(echo_server):
     """A worker process on its own: a connection arrives in its inbox for a session it does
     not carry yet (a restarted worker reads its inbox before the service has given its
     sessions back); it waits, and is relayed once the session is added (bytes checked)."""
-    chan, chan_child = socket.socketpair()
-    inbox, inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    worker = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()), "0",
-                               f"--inbox={inbox_child.fileno()}"],
-                              pass_fds=(chan_child.fileno(), inbox_child.fileno()), stdin=subprocess.DEVNULL)
-    chan_child.close()        # the inbox's reading end stays open here too, as in the service
-    lsock = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(lsock.getsockname())
+    worker = LoneWorker()
     try:
-        accepted, _ = lsock.accept()
-        send_note(inbox, {"sid": "s1", "listener": 0}, accepted.fileno())
-        accepted.close()
+        client, accepted = worker.connection()
+        worker.hand("s1", accepted)
 
         def taken() -> bool:      # the worker has read the note: nothing left in its inbox
-            return struct.unpack("i", fcntl.ioctl(inbox_child.fileno(), termios.FIONREAD, b"\0" * 4))[0] == 0
+            return struct.unpack("i", fcntl.ioctl(worker.inbox_child.fileno(), termios.FIONREAD, b"\0" * 4))[0] == 0
         await async_wait_until(taken, timeout=20, what="the worker to read its inbox")
-        # only now the session
-        cfg = {"uid": "s1", "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
-               "targets": [f"{echo_server[0]}:{echo_server[1]}"]}
-        send_frame(chan, encode({"op": "add", "id": 1, "sid": "s1", "cfg": cfg, "listeners": [],
-                                 "home": False, "nfds": 0}))
-        chan.setblocking(False)
-        dec = Decoder()
-
-        def reply():
-            try:
-                got = dec.feed(chan)
-            except BlockingIOError:
-                return None
-            return got[0][0] if got else None
-        answer = await async_wait_until(reply, timeout=10, what="the add answered")
-        assert answer["ok"], answer
+        await worker.add_plain("s1", echo_server)         # only now the session
         client.setblocking(False)
         r, w = await asyncio.open_connection(sock=client)
         payload = os.urandom(1 << 20)
@@ -587,10 +619,7 @@ async def test_a_connection_handed_before_its_session_waits_for_it(echo_server):
         assert await asyncio.wait_for(r.readexactly(len(payload)), 10) == payload
         w.close()
     finally:
-        worker.terminate()
-        worker.wait(10)
-        for s in (chan, inbox, inbox_child, lsock, client):
-            s.close()
+        worker.close()
 
 
 @pytest.mark.parametrize("spin_env, spin_us", [(None, 50), ("0", 0)])
@@ -601,43 +630,18 @@ async def test_a_busy_worker_spins_before_it_sleeps(echo_server, spin_env, spin_
     env = {k: v for k, v in os.environ.items() if k != "SCISTREAM_SPIN_US"}
     if spin_env is not None:
         env["SCISTREAM_SPIN_US"] = spin_env
-    chan, chan_child = socket.socketpair()
-    inbox, inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    worker = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()), "0",
-                               f"--inbox={inbox_child.fileno()}"], env=env,
-                              pass_fds=(chan_child.fileno(), inbox_child.fileno()), stdin=subprocess.DEVNULL)
-    chan_child.close()
-    lsock = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(lsock.getsockname())
-    chan.setblocking(False)
-    dec = Decoder()
-
-    async def call(msg: dict) -> dict:
-        send_frame(chan, encode(msg))
-
-        def reply():
-            try:
-                got = dec.feed(chan)
-            except BlockingIOError:
-                return None
-            return got[0][0] if got else None
-        answer = await async_wait_until(reply, timeout=10, what=f"the worker to answer {msg['op']}")
-        assert answer["ok"], answer
-        return answer
+    worker = LoneWorker(env)
     try:
-        cfg = {"uid": "s1", "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
-               "targets": [f"{echo_server[0]}:{echo_server[1]}"]}
-        await call({"op": "add", "id": 1, "sid": "s1", "cfg": cfg, "listeners": [], "home": False, "nfds": 0})
-        accepted, _ = lsock.accept()
-        send_note(inbox, {"sid": "s1", "listener": 0}, accepted.fileno())
-        accepted.close()
+        await worker.add_plain("s1", echo_server)
+        client, accepted = worker.connection()
+        worker.hand("s1", accepted)
         client.setblocking(False)
         r, w = await asyncio.open_connection(sock=client)
         for i in range(400):
             msg = b"%05d" % i * 20
             w.write(msg)
             assert await asyncio.wait_for(r.readexactly(len(msg)), 10) == msg
-        spin = (await call({"op": "ping", "id": 2}))["spin"]
+        spin = (await worker.call({"op": "ping"}))["spin"]
         assert spin["us"] == spin_us
         if spin_us:
             assert spin["hits"] + spin["missed"] + spin["gave_way"] > 0, spin
@@ -645,10 +649,7 @@ async def test_a_busy_worker_spins_before_it_sleeps(echo_server, spin_env, spin_
             assert spin == {"us": 0, "hits": 0, "missed": 0, "gave_way": 0}
         w.close()
     finally:
-        worker.terminate()
-        worker.wait(10)
-        for s in (chan, inbox, inbox_child, lsock, client):
-            s.close()
+        worker.close()
 
 
 async def test_operator_run_service_lost_fails_its_sessions(servers, client_for, echo_server, tmp_path):

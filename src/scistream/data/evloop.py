@@ -14,6 +14,7 @@ registered with it, and a handler runs to completion before the next one.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import heapq
@@ -61,6 +62,25 @@ SPIN_S = _spin_us(os.environ.get("SCISTREAM_SPIN_US")) / 1e6
 SPIN_SCORE = 4
 #: A yield that took longer than this ran another task: the spin stops there.
 SPIN_GIVE_WAY = 20e-6
+#: Seconds after a connection closes when the heap's free memory goes back to the system.
+TRIM_AFTER = 1.0
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (another C library). A TLS connection's rings (1.25
+    MiB) are big enough for glibc to take them with mmap at first, but after the first is
+    freed it raises its threshold and takes them from the heap, where what is freed stays
+    with the process: a burst of connections would keep its peak in memory."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 class Timer:
@@ -94,6 +114,8 @@ class Loop:
         self.spin_hits = 0              # spins that met an event
         self.spin_missed = 0            # spins that ran out, then slept
         self.spin_gave_way = 0          # spins cut short: a yield ran another task
+        self.trims = 0                  # heap memory given back after connections closed
+        self._trim: Timer | None = None
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
@@ -137,6 +159,23 @@ class Loop:
         if len(live) * 2 < len(self._timers):
             heapq.heapify(live)
             self._timers[:] = live
+
+    def trim_soon(self) -> None:
+        """A connection closed: give the heap's free memory back to the system in
+        TRIM_AFTER seconds (once for every close in between, so a burst of closes costs one
+        trim, and a steady churn one per TRIM_AFTER)."""
+        if self._trim is None and _malloc_trim is not None:
+            self._trim = self.call_later(TRIM_AFTER, self._trim_now)
+
+    @property
+    def trim_pending(self) -> bool:
+        return self._trim is not None
+
+    def _trim_now(self) -> None:
+        self._trim = None
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+            self.trims += 1
 
     def catch_signals(self) -> None:
         """SIGTERM and SIGINT stop the loop (through the wake-up pipe, so epoll returns)."""

@@ -33,7 +33,8 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "conns", "sid"}                         -> {"connections": [..]}
     {"op": "quiesce"}                              stop accepting (a successor serves)
     {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections",
-                                                       "spin": {"us", "hits", "missed", "gave_way"}}
+                                                       "spin": {"us", "hits", "missed", "gave_way"},
+                                                       "memory_trims"}
 
 The worker exits when its channel closes (the service is gone: its listeners close with it)
 or on SIGTERM; either way every connection it carries is reset.
@@ -394,7 +395,7 @@ class NodeWorker:
                 return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),
                         "connections": sum(len(s.conns) for s in self.slices.values()),
                         "spin": {"us": round(lp.spin * 1e6), "hits": lp.spin_hits, "missed": lp.spin_missed,
-                                 "gave_way": lp.spin_gave_way}}
+                                 "gave_way": lp.spin_gave_way}, "memory_trims": lp.trims}
             return {"ok": False, "error": f"unknown op {op!r}"}
         except (ValueError, KeyError, TypeError, OSError, ssl.SSLError) as exc:
             return {"ok": False, "error": str(exc) or type(exc).__name__}

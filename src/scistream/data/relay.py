@@ -595,6 +595,7 @@ class Conn:
                     pass
             side.sock.close()
         self.ctx.conn_closed(self)
+        self.ctx.loop.trim_soon()
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),

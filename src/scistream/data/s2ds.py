@@ -18,7 +18,8 @@ Control socket: one JSON object per line in, one per line out.
                                                "connections": .., "total_connections": ..,
                                                "failed_connections": .., "tls_resumed": ..,
                                                "tls_sessions_kept": ..,
-                                               "threads": .., ...}
+                                               "threads": .., "memory_trims": ..,
+                                               "memory_trim_pending": .., ...}
     {"op": "conns"}                        -> {"ok": true, "connections": [{"id", "listener",
                                                "worker", "peer", "target", "state", "bytes_in",
                                                "bytes_out", "age"}, ...]}   (open connections)
@@ -277,6 +278,8 @@ class S2DS:
             if op == "stats":
                 return {"ok": True, **self.totals(), "connections": len(self.conns),
                         "threads": len(self.workers), "per_thread": [w.total for w in self.workers],
+                        "memory_trims": sum(w.loop.trims for w in self.workers),
+                        "memory_trim_pending": any(w.loop.trim_pending for w in self.workers),
                         "targets": self.target_texts,
                         "rate_kbps": int(self.cfg.get("rate_kbps") or 0),
                         "uptime": round(time.time() - self.started, 3)}
