@@ -236,9 +236,9 @@ class Loop:
         """``epoll.poll``, but while the recent waits were short, first poll without
         sleeping for up to ``self.spin`` seconds (yielding the core between polls).
 
-        A worker that sleeps on every wait pays a wake-up each time, and on a virtual
-        machine whose idle cores halt that wake-up is tens of microseconds: between two
-        buffers of one stream the worker would rather stay on its core. It spins only when
+        A worker that sleeps on every wait pays a sleep and a wake-up each time: between
+        two buffers of one stream (a few microseconds apart, docs/performance.md) it would
+        rather stay on its core. It spins only when
         its last waits ended within the spin (``_short`` > 0), so a worker that is idle or
         whose events come seldom sleeps at once; and it stops as soon as a yield gives the
         core to some other task (the core is wanted, spinning would take it from them).
