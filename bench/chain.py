@@ -46,6 +46,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    idle = v[3] + v[4]                    # idle + iowait
+    return (sum(v) - idle) / CLK_TCK, sum(v) / CLK_TCK
+
+
 def proc_cpu(pid: int) -> float:
     """user + system CPU seconds of one process (threads included), 0 if it is gone."""
     return sum(proc_cpu_split(pid))

@@ -92,18 +92,17 @@ async def test_churn_leaves_no_descriptor_or_connection_behind(tmp_path, echo_se
         pids = [prod.child.pid, cons.child.pid]
         host, port = entry(cons)
 
-        async def quiet():
+        async def both(test) -> bool:
             for srv in (prod, cons):
-                st = await control_call(srv.control, {"op": "stats"})
-                if st["connections"]:
+                if not test(await control_call(srv.control, {"op": "stats"})):
                     return False
             return True
 
-        async def trimmed():      # a second after the last close, free heap goes back
-            for srv in (prod, cons):
-                if (await control_call(srv.control, {"op": "stats"}))["memory_trim_pending"]:
-                    return False
-            return True
+        def quiet():
+            return both(lambda st: not st["connections"])
+
+        def trimmed():            # a second after the last close, free heap goes back
+            return both(lambda st: not st["memory_trim_pending"])
 
         # The first burst warms up what is kept on purpose (pooled pipes, TLS buffers,
         # the allocator's arenas); the second must not add to it.
@@ -116,8 +115,7 @@ async def test_churn_leaves_no_descriptor_or_connection_behind(tmp_path, echo_se
             await _burst(host, port)
             await async_wait_until(quiet, 30, "every connection of the burst to close")
         await async_wait_until(trimmed, 30, "the memory of the bursts to be trimmed")
-        for srv in (prod, cons):
-            assert (await control_call(srv.control, {"op": "stats"}))["memory_trims"] > 0
+        assert await both(lambda st: st["memory_trims"] > 0)
         assert [_fds(p) for p in pids] == fds
         grown = [_rss_kib(p) - before for p, before in zip(pids, rss)]
         assert all(g < 8 * 1024 for g in grown), f"RSS grew by {grown} KiB over 300 connections"

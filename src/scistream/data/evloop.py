@@ -42,19 +42,25 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
-def _spin_us(text: str | None, default: int = 50) -> int:
-    """SCISTREAM_SPIN_US: microseconds a busy loop polls before it sleeps (0: never)."""
+def whole_number_setting(name: str, text: str | None, default: int, meaning: str) -> int:
+    """An environment setting that is a whole number >= 0 (``meaning``: its unit, and what
+    0 does): unset or empty gives ``default``, and so does anything else, said in the log,
+    so that a typo cannot stop a data server from starting."""
     if text is None or not text.strip():
         return default
     try:
-        value = int(text)
+        value = int(text.strip())
         if value < 0:
             raise ValueError(value)
     except ValueError:
-        log.warning("SCISTREAM_SPIN_US=%r: not a whole number of microseconds (0: no spin); "
-                    "using %d", text, default)
+        log.warning("%s=%r: not a whole number of %s; using %d", name, text, meaning, default)
         return default
     return value
+
+
+def _spin_us(text: str | None, default: int = 50) -> int:
+    """SCISTREAM_SPIN_US: microseconds a busy loop polls before it sleeps (0: never)."""
+    return whole_number_setting("SCISTREAM_SPIN_US", text, default, "microseconds (0: no spin)")
 
 
 SPIN_S = _spin_us(os.environ.get("SCISTREAM_SPIN_US")) / 1e6
@@ -172,10 +178,10 @@ class Loop:
         return self._trim is not None
 
     def _trim_now(self) -> None:
+        assert _malloc_trim is not None     # trim_soon sets no timer without it
         self._trim = None
-        if _malloc_trim is not None:
-            _malloc_trim(0)
-            self.trims += 1
+        _malloc_trim(0)
+        self.trims += 1
 
     def catch_signals(self) -> None:
         """SIGTERM and SIGINT stop the loop (through the wake-up pipe, so epoll returns)."""

@@ -289,7 +289,7 @@ class Entry:
 
     def spreading(self) -> list[int]:
         """The home workers that hand connections to a second worker."""
-        return sorted({h for h, w in zip(self.placement, self.also) if w is not None and w != h})
+        return [i for i in self.workers() if self.partners(i)]
 
     def close(self) -> None:
         for s in self.socks:

@@ -33,7 +33,8 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
-from .evloop import EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket
+from .evloop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket,
+                     whole_number_setting)
 from .tlsleg import (F_EOF, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, _pump,
                      engine_name, metered_recv, note_moved, thread_buffers)
 
@@ -312,17 +313,7 @@ def _is_loopback(addr: Any) -> bool:
 # "Send buffers on loopback legs"). Only where the round trip is microseconds: on a
 # network the window must be free to grow. SCISTREAM_LOOPBACK_SNDBUF=0: autotuning.
 def _loopback_sndbuf(text: str | None, default: int = 512 << 10) -> int:
-    if text is None or not text.strip():
-        return default
-    try:
-        value = int(text.strip())
-        if value < 0:
-            raise ValueError
-    except ValueError:
-        log.warning("SCISTREAM_LOOPBACK_SNDBUF=%r: not a whole number of bytes (0: autotuning); "
-                    "using %d", text, default)
-        return default
-    return value
+    return whole_number_setting("SCISTREAM_LOOPBACK_SNDBUF", text, default, "bytes (0: autotuning)")
 
 
 LOOPBACK_SNDBUF = _loopback_sndbuf(os.environ.get("SCISTREAM_LOOPBACK_SNDBUF"))
