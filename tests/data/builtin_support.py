@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,7 +22,10 @@ from typing import AsyncIterator
 from scistream.data import wankeys
 from scistream.data.base import DataSpec, get_backend
 from scistream.data.builtin import BuiltinDataServer
+from scistream.data.channel import Decoder, encode, send_frame, send_note
 from scistream.data.supervise import free_port_check
+
+from conftest import async_wait_until
 
 BLOCK = 1 << 20
 
@@ -240,3 +245,58 @@ async def data_servers(workdir: Path) -> AsyncIterator[DataServers]:
 
 def entry(server: BuiltinDataServer, i: int = 0) -> tuple[str, int]:
     return server.spec.listen_host, server.spec.ports[i]
+
+
+class LoneWorker:
+    """A node worker process on its own: its channel and inbox held here as the service
+    holds them, its requests answered through ``call``; a connection to hand it comes from
+    ``connection()`` (the client side, and the accepted side to send to its inbox)."""
+
+    def __init__(self, env: dict | None = None) -> None:
+        self.chan, chan_child = socket.socketpair()
+        self.inbox, self.inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.proc = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()),
+                                      "0", f"--inbox={self.inbox_child.fileno()}"], env=env,
+                                     pass_fds=(chan_child.fileno(), self.inbox_child.fileno()),
+                                     stdin=subprocess.DEVNULL)
+        chan_child.close()    # the inbox's reading end stays open here too, as in the service
+        self.chan.setblocking(False)
+        self.decoder = Decoder()
+        self.ids = 0
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.clients: list[socket.socket] = []
+
+    def connection(self) -> tuple[socket.socket, socket.socket]:
+        client = socket.create_connection(self.lsock.getsockname())
+        self.clients.append(client)
+        accepted, _ = self.lsock.accept()
+        return client, accepted
+
+    def hand(self, sid: str, accepted: socket.socket) -> None:
+        send_note(self.inbox, {"sid": sid, "listener": 0}, accepted.fileno())
+        accepted.close()
+
+    async def call(self, msg: dict) -> dict:
+        self.ids += 1
+        send_frame(self.chan, encode({**msg, "id": self.ids}))
+
+        def reply():
+            try:
+                got = self.decoder.feed(self.chan)
+            except BlockingIOError:
+                return None
+            return got[0][0] if got else None
+        answer = await async_wait_until(reply, timeout=10, what=f"the worker to answer {msg['op']}")
+        assert answer["ok"], answer
+        return answer
+
+    async def add_plain(self, sid: str, target: tuple[str, int]) -> None:
+        cfg = {"uid": sid, "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
+               "targets": [f"{target[0]}:{target[1]}"]}
+        await self.call({"op": "add", "sid": sid, "cfg": cfg, "listeners": [], "home": False, "nfds": 0})
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        for s in (self.chan, self.inbox, self.inbox_child, self.lsock, *self.clients):
+            s.close()

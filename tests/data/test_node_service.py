@@ -28,11 +28,11 @@ import time
 import pytest
 
 from scistream.client import AsyncClient
-from scistream.data.channel import Decoder, encode, send_frame, send_note
 from scistream.data.nodeclient import call_once
 from scistream.data.relay import LOOPBACK_SNDBUF
 from scistream.data.supervise import children, pid_alive
 
+from builtin_support import LoneWorker
 from conftest import (roundtrip_ok, BIN, async_wait_until, connect_session, parse_listener,
                         port_block, still_listening)
 
@@ -541,61 +541,6 @@ async def test_connection_handed_to_a_restarting_worker_waits_for_it(servers, cl
         s.close()
     await client_for(prod).release(uid)
     await client_for(cons).release(uid)
-
-
-class LoneWorker:
-    """A node worker process on its own: its channel and inbox held here as the service
-    holds them, its requests answered through ``call``; a connection to hand it comes from
-    ``connection()`` (the client side, and the accepted side to send to its inbox)."""
-
-    def __init__(self, env: dict | None = None) -> None:
-        self.chan, chan_child = socket.socketpair()
-        self.inbox, self.inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.proc = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()),
-                                      "0", f"--inbox={self.inbox_child.fileno()}"], env=env,
-                                     pass_fds=(chan_child.fileno(), self.inbox_child.fileno()),
-                                     stdin=subprocess.DEVNULL)
-        chan_child.close()    # the inbox's reading end stays open here too, as in the service
-        self.chan.setblocking(False)
-        self.decoder = Decoder()
-        self.ids = 0
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.clients: list[socket.socket] = []
-
-    def connection(self) -> tuple[socket.socket, socket.socket]:
-        client = socket.create_connection(self.lsock.getsockname())
-        self.clients.append(client)
-        accepted, _ = self.lsock.accept()
-        return client, accepted
-
-    def hand(self, sid: str, accepted: socket.socket) -> None:
-        send_note(self.inbox, {"sid": sid, "listener": 0}, accepted.fileno())
-        accepted.close()
-
-    async def call(self, msg: dict) -> dict:
-        self.ids += 1
-        send_frame(self.chan, encode({**msg, "id": self.ids}))
-
-        def reply():
-            try:
-                got = self.decoder.feed(self.chan)
-            except BlockingIOError:
-                return None
-            return got[0][0] if got else None
-        answer = await async_wait_until(reply, timeout=10, what=f"the worker to answer {msg['op']}")
-        assert answer["ok"], answer
-        return answer
-
-    async def add_plain(self, sid: str, target: tuple[str, int]) -> None:
-        cfg = {"uid": sid, "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
-               "targets": [f"{target[0]}:{target[1]}"]}
-        await self.call({"op": "add", "sid": sid, "cfg": cfg, "listeners": [], "home": False, "nfds": 0})
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        for s in (self.chan, self.inbox, self.inbox_child, self.lsock, *self.clients):
-            s.close()
 
 
 async def test_a_connection_handed_before_its_session_waits_for_it(echo_server):

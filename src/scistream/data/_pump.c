@@ -29,10 +29,14 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -563,6 +567,49 @@ typedef struct {
     int slow;                    /* the destination did not take a whole read: read SLOW_CHUNK */
 } Copier;
 
+/* One call of a copying pump, without the interpreter (the GIL may be released): moves
+ * src -> dst until a socket says EAGAIN, EOF or an error; adds to *moved, ORs F_* into
+ * *flags, an errno into *sys_err. */
+static void copier_step(Copier *c, int src, int dst, int readable, int writable,
+                        unsigned long long *moved, int *flags, int *sys_err) {
+    unsigned char *buf = thread_scratch();
+    if (buf == NULL)
+        *sys_err = ENOMEM;
+    while (buf != NULL) {
+        if (!held_first(&c->left, dst, writable, moved, flags, sys_err))
+            break;
+        if (!readable) {
+            *flags |= F_SRC_AGAIN;
+            break;
+        }
+        if (!writable) {
+            *flags |= F_DST_AGAIN;
+            break;
+        }
+        ssize_t n = io_recv(src, buf, c->slow ? SLOW_CHUNK : COPY_CHUNK);
+        if (n <= 0) {
+            if (n == NOT_NOW)
+                *flags |= F_SRC_AGAIN;
+            else if (n == 0)
+                *flags |= F_EOF;
+            else
+                *sys_err = errno;
+            break;
+        }
+        int r = send_or_hold(&c->left, dst, buf, (size_t)n, moved);
+        if (r < 0) {
+            *sys_err = errno;
+            break;
+        }
+        c->slow = r == 0;
+        if (r == 0) {
+            writable = 0;
+            *flags |= F_DST_AGAIN;
+            break;
+        }
+    }
+}
+
 static PyObject *Copier_copy(Copier *c, PyObject *args) {
     int src, dst, readable, writable;
     if (!PyArg_ParseTuple(args, "iipp", &src, &dst, &readable, &writable))
@@ -570,42 +617,7 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
     unsigned long long moved = 0;
     int flags = 0, sys_err = 0;
     Py_BEGIN_ALLOW_THREADS
-    unsigned char *buf = thread_scratch();
-    if (buf == NULL)
-        sys_err = ENOMEM;
-    while (buf != NULL) {
-        if (!held_first(&c->left, dst, writable, &moved, &flags, &sys_err))
-            break;
-        if (!readable) {
-            flags |= F_SRC_AGAIN;
-            break;
-        }
-        if (!writable) {
-            flags |= F_DST_AGAIN;
-            break;
-        }
-        ssize_t n = io_recv(src, buf, c->slow ? SLOW_CHUNK : COPY_CHUNK);
-        if (n <= 0) {
-            if (n == NOT_NOW)
-                flags |= F_SRC_AGAIN;
-            else if (n == 0)
-                flags |= F_EOF;
-            else
-                sys_err = errno;
-            break;
-        }
-        int r = send_or_hold(&c->left, dst, buf, (size_t)n, &moved);
-        if (r < 0) {
-            sys_err = errno;
-            break;
-        }
-        c->slow = r == 0;
-        if (r == 0) {
-            writable = 0;
-            flags |= F_DST_AGAIN;
-            break;
-        }
-    }
+    copier_step(c, src, dst, readable, writable, &moved, &flags, &sys_err);
     Py_END_ALLOW_THREADS
     return pump_result(moved, flags, sys_err);
 }
@@ -642,6 +654,345 @@ static PyTypeObject CopierType = {
     .tp_getset = Copier_getset,
 };
 
+/* The event loop's wait, with the plain copying connections carried in C (``Hub``).
+ *
+ * A node worker spends its life in epoll_wait and in the pumps of its established plain
+ * connections; between the two, the interpreter dispatched every event (the loop, the
+ * connection's handler, the pump object), about a fifth of a relay's CPU time on one
+ * stream (docs/performance.md, "Events carried in C"). A connection whose two directions
+ * are ``Copier``s is attached here once it is open: its events are handled in this wait
+ * (note readable / writable, run both copiers), and only what needs the interpreter
+ * comes back: events of every other descriptor, and an attached connection's end (a
+ * hang-up, an error event, EOF, a failed call), which is handed over with the event that
+ * showed it, the connection then marked so that Python detaches it and goes on as before.
+ * Bytes moved are kept per connection until Python takes them (``take``, ``detach``).
+ *
+ * The spin before a sleep (evloop.Loop._wait_spinning) is here as well: while the recent
+ * waits ended within ``spin`` seconds, poll without sleeping (sched_yield between) for up
+ * to ``spin``, never past the timeout, and stop at a yield that took longer than
+ * ``give_way`` (it ran another task: the core is wanted). */
+
+#define HUB_SCORE 4
+#define EV_END (EPOLLHUP | EPOLLERR | EPOLLRDHUP)
+
+typedef struct {
+    Copier *cp[2];                  /* cp[0]: fd[0] -> fd[1] ("in"), cp[1]: fd[1] -> fd[0] */
+    int fd[2];
+    int readable[2], writable[2];
+    unsigned long long moved[2];    /* per direction, not yet taken */
+    int err;                        /* errno of a failed call: Python aborts the connection */
+    int ended;                      /* handed to Python: its events pass through */
+} Fast;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    Fast **tab;                     /* fd -> its connection, for both fds of each */
+    int cap;
+    int attached;
+    double spin, give_way;
+    int recent;
+    unsigned long long hits, missed, gave_way, carried;
+    struct epoll_event *evs;
+    int nevs;
+    int *out_fd;                    /* events for Python, gathered without the GIL */
+    unsigned int *out_ev;
+} Hub;
+
+static double mono(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static int Hub_init(Hub *h, PyObject *args, PyObject *kw) {
+    static char *names[] = {"epfd", "spin", "give_way", NULL};
+    int epfd;
+    double spin = 0.0, give_way = 20e-6;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|dd", names, &epfd, &spin, &give_way))
+        return -1;
+    h->epfd = epfd;
+    h->spin = spin > 0 ? spin : 0.0;
+    h->give_way = give_way;
+    return 0;
+}
+
+static void Hub_dealloc(Hub *h) {
+    for (int fd = 0; fd < h->cap; fd++) {
+        Fast *f = h->tab[fd];
+        if (f != NULL && f->fd[0] == fd) {   /* once per connection */
+            h->tab[f->fd[1]] = NULL;
+            Py_XDECREF(f->cp[0]);
+            Py_XDECREF(f->cp[1]);
+            free(f);
+        }
+        h->tab[fd] = NULL;
+    }
+    free(h->tab);
+    free(h->evs);
+    free(h->out_fd);
+    free(h->out_ev);
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+static Fast *hub_get(Hub *h, int fd) {
+    return fd >= 0 && fd < h->cap ? h->tab[fd] : NULL;
+}
+
+static PyObject *Hub_attach(Hub *h, PyObject *args) {
+    int fa, fb, ra, wa, rb, wb;
+    PyObject *ci, *co;
+    if (!PyArg_ParseTuple(args, "iiO!O!pppp", &fa, &fb, &CopierType, &ci, &CopierType, &co, &ra, &wa, &rb, &wb))
+        return NULL;
+    if (fa < 0 || fb < 0 || fa == fb) {
+        PyErr_SetString(PyExc_ValueError, "two different open descriptors wanted");
+        return NULL;
+    }
+    if (hub_get(h, fa) != NULL || hub_get(h, fb) != NULL) {
+        PyErr_SetString(PyExc_ValueError, "descriptor already attached");
+        return NULL;
+    }
+    int need = (fa > fb ? fa : fb) + 1;
+    if (need > h->cap) {
+        int cap = h->cap ? h->cap : 256;
+        while (cap < need)
+            cap *= 2;
+        Fast **t = realloc(h->tab, sizeof(Fast *) * (size_t)cap);
+        if (t == NULL)
+            return PyErr_NoMemory();
+        memset(t + h->cap, 0, sizeof(Fast *) * (size_t)(cap - h->cap));
+        h->tab = t;
+        h->cap = cap;
+    }
+    Fast *f = calloc(1, sizeof(Fast));
+    if (f == NULL)
+        return PyErr_NoMemory();
+    Py_INCREF(ci);
+    Py_INCREF(co);
+    f->cp[0] = (Copier *)ci;
+    f->cp[1] = (Copier *)co;
+    f->fd[0] = fa;
+    f->fd[1] = fb;
+    f->readable[0] = ra;
+    f->writable[0] = wa;
+    f->readable[1] = rb;
+    f->writable[1] = wb;
+    h->tab[fa] = h->tab[fb] = f;
+    h->attached++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Hub_detach(Hub *h, PyObject *args) {
+    int fa;
+    if (!PyArg_ParseTuple(args, "i", &fa))
+        return NULL;
+    Fast *f = hub_get(h, fa);
+    if (f == NULL || f->fd[0] != fa) {
+        PyErr_SetString(PyExc_KeyError, "not attached");
+        return NULL;
+    }
+    h->tab[f->fd[0]] = h->tab[f->fd[1]] = NULL;
+    h->attached--;
+    PyObject *r = Py_BuildValue("KKiiiii", f->moved[0], f->moved[1], f->readable[0], f->writable[0],
+                                f->readable[1], f->writable[1], f->err);
+    Py_DECREF(f->cp[0]);
+    Py_DECREF(f->cp[1]);
+    free(f);
+    return r;
+}
+
+static PyObject *Hub_take(Hub *h, PyObject *args) {
+    int fa;
+    if (!PyArg_ParseTuple(args, "i", &fa))
+        return NULL;
+    Fast *f = hub_get(h, fa);
+    if (f == NULL || f->fd[0] != fa) {
+        PyErr_SetString(PyExc_KeyError, "not attached");
+        return NULL;
+    }
+    PyObject *r = Py_BuildValue("KK", f->moved[0], f->moved[1]);
+    f->moved[0] = f->moved[1] = 0;
+    return r;
+}
+
+/* An event of an attached connection, in C: 1 if Python must see it. */
+static int hub_carry(Hub *h, Fast *f, int fd, unsigned int ev) {
+    if (f->ended)
+        return 1;
+    if (ev & EV_END) {                /* its end, or an error: Python's, untouched */
+        f->ended = 1;
+        return 1;
+    }
+    int i = f->fd[0] == fd ? 0 : 1;
+    if (ev & EPOLLIN)
+        f->readable[i] = 1;
+    if (ev & EPOLLOUT)
+        f->writable[i] = 1;
+    for (int d = 0; d < 2; d++) {
+        int s = d, t = 1 - d, flags = 0, err = 0;
+        copier_step(f->cp[d], f->fd[s], f->fd[t], f->readable[s], f->writable[t], &f->moved[d], &flags, &err);
+        if (flags & F_SRC_AGAIN)
+            f->readable[s] = 0;
+        if (flags & F_DST_AGAIN)
+            f->writable[t] = 0;
+        if (err || (flags & F_EOF)) {  /* EOF is said again by the next recv: Python's now */
+            f->err = err;
+            f->ended = 1;
+            return 1;
+        }
+    }
+    h->carried++;
+    return 0;
+}
+
+/* epoll_wait, with the spin first while the recent waits were short. */
+static int hub_epoll(Hub *h, int timeout_ms, double deadline) {
+    double start = mono();
+    int n = 0;
+    if (h->spin > 0 && h->recent > 0 && timeout_ms != 0) {
+        double end = start + h->spin, t = start;
+        if (deadline > 0 && deadline < end)
+            end = deadline;
+        while ((n = epoll_wait(h->epfd, h->evs, h->nevs, 0)) == 0) {
+            sched_yield();
+            double before = t;
+            t = mono();
+            if (t - before > h->give_way) {
+                h->gave_way++;
+                h->recent = 0;
+                break;
+            }
+            if (t >= end) {
+                h->missed++;
+                break;
+            }
+        }
+        if (n > 0)
+            h->hits++;
+        else if (n < 0)
+            return n;
+    }
+    if (n == 0)
+        n = epoll_wait(h->epfd, h->evs, h->nevs, timeout_ms);
+    if (h->spin > 0) {
+        if (n > 0 && mono() - start < h->spin) {
+            if (h->recent < HUB_SCORE)
+                h->recent++;
+        } else if (h->recent > 0) {
+            h->recent--;
+        }
+    }
+    return n;
+}
+
+static PyObject *Hub_wait(Hub *h, PyObject *args) {
+    double timeout = -1.0;
+    int maxevents = 1024;
+    if (!PyArg_ParseTuple(args, "|di", &timeout, &maxevents))
+        return NULL;
+    if (maxevents < 1)
+        maxevents = 1;
+    if (maxevents > h->nevs) {
+        struct epoll_event *e = realloc(h->evs, sizeof(*e) * (size_t)maxevents);
+        if (e == NULL)
+            return PyErr_NoMemory();
+        h->evs = e;
+        int *of = realloc(h->out_fd, sizeof(int) * (size_t)maxevents);
+        if (of == NULL)
+            return PyErr_NoMemory();
+        h->out_fd = of;
+        unsigned int *oe = realloc(h->out_ev, sizeof(unsigned int) * (size_t)maxevents);
+        if (oe == NULL)
+            return PyErr_NoMemory();
+        h->out_ev = oe;
+        h->nevs = maxevents;
+    }
+    int nout = 0, sys_err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double deadline = timeout >= 0 ? mono() + timeout : -1.0;
+    for (;;) {
+        int ms = -1;
+        if (deadline >= 0) {
+            double left = deadline - mono();
+            ms = left <= 0 ? 0 : (int)(left * 1000.0 + 0.999999);   /* rounded up, as epoll.poll */
+        }
+        int n = hub_epoll(h, ms, deadline);
+        if (n < 0) {
+            sys_err = errno;
+            break;
+        }
+        for (int k = 0; k < n; k++) {
+            int fd = h->evs[k].data.fd;
+            unsigned int ev = h->evs[k].events;
+            Fast *f = hub_get(h, fd);
+            if (f == NULL || hub_carry(h, f, fd, ev)) {
+                h->out_fd[nout] = fd;
+                h->out_ev[nout] = ev;
+                nout++;
+            }
+        }
+        if (nout || ms == 0)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    if (sys_err) {
+        if (sys_err == EINTR) {               /* a signal: its handler runs now (PEP 475) */
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+        } else {
+            errno = sys_err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    PyObject *list = PyList_New(nout);
+    if (list == NULL)
+        return NULL;
+    for (int k = 0; k < nout; k++) {
+        PyObject *item = Py_BuildValue("iI", h->out_fd[k], h->out_ev[k]);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, k, item);
+    }
+    return list;
+}
+
+static PyMethodDef Hub_methods[] = {
+    {"attach", (PyCFunction)Hub_attach, METH_VARARGS,
+     "attach(fd_a, fd_b, copier_in, copier_out, a_readable, a_writable, b_readable, b_writable)"},
+    {"detach", (PyCFunction)Hub_detach, METH_VARARGS,
+     "detach(fd_a) -> (moved_in, moved_out, a_readable, a_writable, b_readable, b_writable, errno)"},
+    {"take", (PyCFunction)Hub_take, METH_VARARGS, "take(fd_a) -> (moved_in, moved_out) since the last take"},
+    {"wait", (PyCFunction)Hub_wait, METH_VARARGS,
+     "wait(timeout=-1, maxevents=1024) -> [(fd, events)] for Python (epoll.poll's)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Hub_members[] = {
+    {"spin", T_DOUBLE, offsetof(Hub, spin), 0, "seconds a wait may spin before it sleeps"},
+    {"give_way", T_DOUBLE, offsetof(Hub, give_way), 0, "a yield longer than this ends the spin"},
+    {"spin_hits", T_ULONGLONG, offsetof(Hub, hits), READONLY, "spins that met an event"},
+    {"spin_missed", T_ULONGLONG, offsetof(Hub, missed), READONLY, "spins that ran out"},
+    {"spin_gave_way", T_ULONGLONG, offsetof(Hub, gave_way), READONLY, "spins ended by a long yield"},
+    {"carried", T_ULONGLONG, offsetof(Hub, carried), READONLY, "events handled without Python"},
+    {"attached", T_INT, offsetof(Hub, attached), READONLY, "connections attached"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject HubType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "scistream.data._pump.Hub",
+    .tp_basicsize = sizeof(Hub),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The event loop's wait with plain copying connections carried in C (see above).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Hub_init,
+    .tp_dealloc = (destructor)Hub_dealloc,
+    .tp_methods = Hub_methods,
+    .tp_members = Hub_members,
+};
+
 static PyMethodDef Engine_methods[] = {
     {"encrypt", (PyCFunction)Engine_encrypt, METH_VARARGS,
      "encrypt(plain_fd, tls_fd, readable, writable) -> (plaintext bytes moved, flags)"},
@@ -676,7 +1027,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__pump(void) {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CopierType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CopierType) < 0 || PyType_Ready(&HubType) < 0)
         return NULL;
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (ssl == NULL)
@@ -690,8 +1041,10 @@ PyMODINIT_FUNC PyInit__pump(void) {
         return NULL;
     Py_INCREF(&EngineType);
     Py_INCREF(&CopierType);
+    Py_INCREF(&HubType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
         PyModule_AddObject(m, "Copier", (PyObject *)&CopierType) < 0 ||
+        PyModule_AddObject(m, "Hub", (PyObject *)&HubType) < 0 ||
         PyModule_AddIntConstant(m, "F_SRC_AGAIN", F_SRC_AGAIN) < 0 ||
         PyModule_AddIntConstant(m, "F_DST_AGAIN", F_DST_AGAIN) < 0 ||
         PyModule_AddIntConstant(m, "F_EOF", F_EOF) < 0 ||

@@ -24,7 +24,7 @@ import os
 import select
 import signal
 import time
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,18 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
+#: SCISTREAM_CARRY=0: no connection is carried in C (Loop(carry=True) waits as any other).
+CARRY = whole_number_setting("SCISTREAM_CARRY", os.environ.get("SCISTREAM_CARRY"), 1, "a switch (0: off)") != 0
+
+
+def _new_hub(epfd: int, spin: float) -> Any:
+    """A ``_pump.Hub`` over the loop's epoll, or None (no compiled pumps, or turned off)."""
+    from .tlsleg import _pump, engine_name
+    if not CARRY or _pump is None or engine_name() != "c" or not hasattr(_pump, "Hub"):
+        return None
+    return _pump.Hub(epfd, spin, SPIN_GIVE_WAY)
+
+
 class Timer:
     __slots__ = ("when", "fn", "cancelled")
 
@@ -112,17 +124,23 @@ def _nothing() -> None:
 class Loop:
     """An edge-triggered epoll loop with timers; ``stop()`` (or SIGTERM/SIGINT) ends ``run()``."""
 
-    def __init__(self, spin: float = 0.0) -> None:
+    def __init__(self, spin: float = 0.0, carry: bool = False) -> None:
         #: Seconds a wait may spin before it sleeps (0: never); see _wait_spinning.
         #: The node service's workers spin SPIN_S, one loop per process.
         self.spin = spin
         self._short = 0                 # > 0: the recent waits ended within the spin
-        self.spin_hits = 0              # spins that met an event
-        self.spin_missed = 0            # spins that ran out, then slept
-        self.spin_gave_way = 0          # spins cut short: a yield ran another task
+        self._spin_hits = 0             # spins that met an event
+        self._spin_missed = 0           # spins that ran out, then slept
+        self._spin_gave_way = 0         # spins cut short: a yield ran another task
         self.trims = 0                  # heap memory given back after connections closed
         self._trim: Timer | None = None
         self.ep = select.epoll()
+        #: ``carry``: plain copying connections are carried in C (``_pump.Hub``: their
+        #: events never reach Python while bytes flow), and so is the spin. The node
+        #: service's workers; None without the compiled pumps (SCISTREAM_PUMPS=python).
+        self.hub = _new_hub(self.ep.fileno(), spin) if carry else None
+        #: Connections attached to the hub, by their first descriptor (relay.Conn.carry).
+        self.carried: dict[int, Any] = {}
         self.handlers: dict[int, Callable[[int], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -132,6 +150,24 @@ class Loop:
         self.wake_hooks: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add(self._wake_r, EPOLLIN, self._on_wake)
+
+    @property
+    def spin_hits(self) -> int:
+        return self._spin_hits + (self.hub.spin_hits if self.hub is not None else 0)
+
+    @property
+    def spin_missed(self) -> int:
+        return self._spin_missed + (self.hub.spin_missed if self.hub is not None else 0)
+
+    @property
+    def spin_gave_way(self) -> int:
+        return self._spin_gave_way + (self.hub.spin_gave_way if self.hub is not None else 0)
+
+    def settle(self) -> None:
+        """Bring the byte counts of the connections carried in C up to date (before they
+        are read: stats, connection lists)."""
+        for conn in list(self.carried.values()):
+            conn.settle()
 
     def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
         self.ep.register(fd, events)
@@ -216,7 +252,7 @@ class Loop:
         self.running = True
         handlers = self.handlers
         timers = self._timers
-        wait = self._wait_spinning if self.spin else self.ep.poll
+        wait = self.hub.wait if self.hub is not None else self._wait_spinning if self.spin else self.ep.poll
         while self.running:
             timeout = -1.0
             if timers:
@@ -262,14 +298,14 @@ class Loop:
                 yield_()
                 before, t = t, clock()
                 if t - before > SPIN_GIVE_WAY:
-                    self.spin_gave_way += 1
+                    self._spin_gave_way += 1
                     self._short = 0
                     break
                 if t >= end:
-                    self.spin_missed += 1
+                    self._spin_missed += 1
                     break
             else:
-                self.spin_hits += 1
+                self._spin_hits += 1
         if not events:
             events = poll(timeout, maxevents)
         if events and clock() - start < spin:

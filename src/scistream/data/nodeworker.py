@@ -197,6 +197,8 @@ class Slice:
         self.cfg["targets"] = list(texts)
 
     def counters(self) -> dict[str, int]:
+        for conn in self.conns.values():
+            conn.settle()
         return {"bytes_in": self.bytes["in"], "bytes_out": self.bytes["out"], "connections": len(self.conns),
                 "total_connections": self.total, "failed_connections": self.failed,
                 "refused_connections": self.refused, "tls_resumed": self.resumed,
@@ -229,7 +231,7 @@ class NodeWorker:
         self.peers = peers or {}
         # handed connections of sessions not (yet) here: sid -> [(listener, socket, until)]
         self.waiting: dict[str, list[tuple[int, socket.socket, float]]] = {}
-        self.loop = Loop(spin=SPIN_S)
+        self.loop = Loop(spin=SPIN_S, carry=True)
         self.pipes = PipePool(DEFAULT_PIPE)
         self.slices: dict[str, Slice] = {}
         self.decoder = Decoder()
@@ -395,7 +397,9 @@ class NodeWorker:
                 return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),
                         "connections": sum(len(s.conns) for s in self.slices.values()),
                         "spin": {"us": round(lp.spin * 1e6), "hits": lp.spin_hits, "missed": lp.spin_missed,
-                                 "gave_way": lp.spin_gave_way}, "memory_trims": lp.trims}
+                                 "gave_way": lp.spin_gave_way}, "memory_trims": lp.trims,
+                        "carried": {"connections": len(lp.carried),
+                                    "events": lp.hub.carried if lp.hub is not None else None}}
             return {"ok": False, "error": f"unknown op {op!r}"}
         except (ValueError, KeyError, TypeError, OSError, ssl.SSLError) as exc:
             return {"ok": False, "error": str(exc) or type(exc).__name__}

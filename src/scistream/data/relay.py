@@ -344,7 +344,7 @@ def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
 
 class Conn:
     __slots__ = ("ctx", "id", "listener", "peer", "target", "a", "b", "tls", "pumps", "state",
-                 "bytes_in", "bytes_out", "started", "timer", "why", "_done")
+                 "bytes_in", "bytes_out", "started", "timer", "why", "_done", "carried")
 
     def __init__(self, ctx: RelayContext, cid: int, listener: int, sock: socket.socket,
                  peer: Any, target: tuple[int, Any]) -> None:
@@ -366,6 +366,7 @@ class Conn:
         self.timer: Timer | None = None
         self.why = ""
         self._done = 0
+        self.carried = False    # its events and bytes are the loop's hub's (Loop(carry=True))
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
@@ -441,6 +442,10 @@ class Conn:
                         except OSError:
                             pass
             self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
+            if pump is CCopyPump:
+                self.step()
+                self._carry()
+                return
         else:
             eng = None if metered else self.tls.compiled()
             if eng is not None:
@@ -458,13 +463,66 @@ class Conn:
         self.timer = None
         self.abort(f"timed out while {self.state}")
 
+    # -- carried in C -----------------------------------------------------
+    def _carry(self) -> None:
+        """An open plain connection whose pumps copy goes to the loop's hub (if it has one)
+        while both directions flow: from here its events are handled in C, until its end
+        (a hang-up, EOF, an error) comes back to ``_on_a`` / ``_on_b``, which take it back."""
+        hub = self.ctx.loop.hub
+        if hub is None or self.state != "open" or any(p.eof or p.done for p in self.pumps):
+            return
+        a, b = self.a, self.b
+        assert b is not None
+        hub.attach(a.fd, b.fd, self.pumps[0].cp, self.pumps[1].cp, a.readable, a.writable, b.readable, b.writable)
+        self.carried = True
+        self.ctx.loop.carried[a.fd] = self
+
+    def _uncarry(self) -> int:
+        """Take the connection back from the hub: its counts and what it knows of the two
+        sockets; the errno of a call that failed there (0: none)."""
+        self.carried = False
+        loop = self.ctx.loop
+        loop.carried.pop(self.a.fd, None)
+        assert loop.hub is not None and self.b is not None
+        n_in, n_out, ra, wa, rb, wb, err = loop.hub.detach(self.a.fd)
+        self._count(n_in, n_out)
+        self.a.readable, self.a.writable = bool(ra), bool(wa)
+        self.b.readable, self.b.writable = bool(rb), bool(wb)
+        return err
+
+    def settle(self) -> None:
+        """The bytes the hub moved since the last look, counted."""
+        if self.carried:
+            hub = self.ctx.loop.hub
+            assert hub is not None
+            self._count(*hub.take(self.a.fd))
+
+    def _count(self, n_in: int, n_out: int) -> None:
+        if n_in:
+            self.counted("in", n_in)
+        if n_out:
+            self.counted("out", n_out)
+
+    def _taken_back(self) -> bool:
+        """Before Python handles an event of a carried connection: take it back; False if a
+        call failed in the hub (the connection is aborted)."""
+        err = self._uncarry()
+        if err:
+            self.abort(os.strerror(err))
+            return False
+        return True
+
     # -- events -----------------------------------------------------------
     def _on_a(self, ev: int) -> None:
+        if self.carried and not self._taken_back():
+            return
         self.a.seen(ev)
         self.step()
 
     def _on_b(self, ev: int) -> None:
         if self.b is None:
+            return
+        if self.carried and not self._taken_back():
             return
         self.b.seen(ev)
         self.step()
@@ -474,6 +532,8 @@ class Conn:
         self.step()
 
     def step(self) -> None:
+        if self.carried and not self._taken_back():
+            return
         try:
             if self.state == "open":
                 for p in self.pumps:
@@ -554,6 +614,8 @@ class Conn:
     def close(self, reset: bool = False) -> None:
         if self.state == "closed":
             return
+        if self.carried:
+            self._uncarry()
         kept = self.ctx.tls_session
         if (not reset and self.tls is not None and self.tls.side is self.b
                 and (kept is None or (self.tls.offered is kept and not self.tls.obj.session_reused))):
@@ -589,6 +651,7 @@ class Conn:
         self.ctx.loop.trim_soon()
 
     def info(self) -> dict[str, Any]:
+        self.settle()
         return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),
                 "peer": _fmt(self.peer),
                 "target": _fmt(self.target[1]), "state": self.state,
