@@ -18,10 +18,8 @@ import asyncio
 import fcntl
 import os
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 
@@ -335,6 +333,8 @@ async def test_operator_run_service(servers, client_for, echo_server, tmp_path):
         st = await call_once(sock, {"op": "status"})
         assert st["sessions"] == 2
         assert [w["spin"]["us"] for w in st["workers"]] == [50, 50]     # SCISTREAM_SPIN_US's default
+        # the listeners' connections were plain copies: carried in C (_pump.Hub) while open
+        assert sum(w["carried"]["events"] for w in st["workers"]) > 0, st
         await client_for(prod).release(uid)
         await client_for(cons).release(uid)
         await prod.stop()
@@ -344,6 +344,7 @@ async def test_operator_run_service(servers, client_for, echo_server, tmp_path):
         r = subprocess.run([str(BIN / "s2ds"), "status", "--socket", str(sock)], capture_output=True, text=True)
         assert r.returncode == 0 and "0 sessions" in r.stdout and "worker 1" in r.stdout
         assert r.stdout.count("spin 50 us:") == 2, r.stdout
+        assert r.stdout.count("in C: 0 connections") == 2, r.stdout
     finally:
         service.send_signal(signal.SIGTERM)
         assert service.wait(20) == 0

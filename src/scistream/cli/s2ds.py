@@ -169,8 +169,11 @@ def status(socket_path: Path, as_json: bool) -> None:
         spin = w.get("spin")
         spun = (f"; spin {spin['us']} us: {spin['hits']} met an event, {spin['missed']} ran out, "
                 f"{spin['gave_way']} gave way" if spin and spin.get("us") else "; no spin" if spin else "")
+        carried = w.get("carried")
+        carry = (f"; in C: {carried['connections']} connections, {carried['events']} events"
+                 if carried and carried.get("events") is not None else "")
         click.echo(f"  worker {w['index']}: pid {w['pid']}, {w['sessions']} sessions, {w['listeners']} listeners, "
-                   f"{w['restarts']} restarts{'' if w['alive'] else ' (restarting)'}{spun}")
+                   f"{w['restarts']} restarts{'' if w['alive'] else ' (restarting)'}{spun}{carry}")
 
 
 @main.command()

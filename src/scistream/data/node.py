@@ -51,7 +51,7 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "config", "sid"}                 -> {"ok", "cfg", "workers": [index per listener]}
     {"op": "list"}                          -> {"ok", "sessions": {sid: {"workers", "failed"}}}
     {"op": "status"}                        -> {"ok", "workers": [{"index", "pid", "sessions", "listeners", "spin",
-                                                "restarts"}], "sessions": n}
+                                                "carried", "restarts"}], "sessions": n}
     {"op": "watch"}                         -> {"ok"}; then {"event": "failed", "sid", "reason"} lines
     {"op": "shutdown"}                      -> {"ok"}; then the service stops
     {"op": "handover", "to": PATH}          (a successor asks; see above)
@@ -649,7 +649,8 @@ class Node:
                     "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None, "alive": w.alive,
                                  "listeners": w.listeners, "restarts": w.restarts,
                                  "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement),
-                                 "spin": None if isinstance(p, BaseException) else p.get("spin")}
+                                 "spin": None if isinstance(p, BaseException) else p.get("spin"),
+                                 "carried": None if isinstance(p, BaseException) else p.get("carried")}
                                 for w, p in zip(self.workers, pings)]}
         if op == "watch":
             self.watchers.add(writer)
