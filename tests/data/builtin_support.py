@@ -7,6 +7,7 @@ without hashing (a lost, duplicated or reordered block shows as a wrong index).
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -294,6 +295,15 @@ class LoneWorker:
         cfg = {"uid": sid, "role": "PROD", "listen_host": "127.0.0.1", "ports": [], "tls": False,
                "targets": [f"{target[0]}:{target[1]}"]}
         await self.call({"op": "add", "sid": sid, "cfg": cfg, "listeners": [], "home": False, "nfds": 0})
+
+    async def stream(self, sid: str, target: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain session ``sid`` to ``target`` on the worker, and a client connection
+        handed to it: the client's streams."""
+        await self.add_plain(sid, target)
+        client, accepted = self.connection()
+        self.hand(sid, accepted)
+        client.setblocking(False)
+        return await asyncio.open_connection(sock=client)
 
     def close(self) -> None:
         self.proc.terminate()

@@ -269,11 +269,7 @@ async def test_a_worker_carries_its_plain_connections_in_c(echo_server, pumps):
         env["SCISTREAM_PUMPS"] = "python"
     worker = LoneWorker(env)
     try:
-        await worker.add_plain("s1", echo_server)
-        client, accepted = worker.connection()
-        worker.hand("s1", accepted)
-        client.setblocking(False)
-        r, w = await asyncio.open_connection(sock=client)
+        r, w = await worker.stream("s1", echo_server)
         data = pattern(24 * MiB, 7)
 
         async def send() -> None:
@@ -325,11 +321,7 @@ async def test_a_reset_of_a_carried_connection_resets_the_other_side():
     server = await asyncio.start_server(target, "127.0.0.1", 0)
     worker = LoneWorker()
     try:
-        await worker.add_plain("s1", server.sockets[0].getsockname()[:2])
-        client, accepted = worker.connection()
-        worker.hand("s1", accepted)
-        client.setblocking(False)
-        r, w = await asyncio.open_connection(sock=client)
+        r, w = await worker.stream("s1", server.sockets[0].getsockname()[:2])
         with pytest.raises((ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)):
             for _ in range(64):
                 w.write(pattern(1 * MiB, 9))

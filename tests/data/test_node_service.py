@@ -333,8 +333,9 @@ async def test_operator_run_service(servers, client_for, echo_server, tmp_path):
         st = await call_once(sock, {"op": "status"})
         assert st["sessions"] == 2
         assert [w["spin"]["us"] for w in st["workers"]] == [50, 50]     # SCISTREAM_SPIN_US's default
-        # the listeners' connections were plain copies: carried in C (_pump.Hub) while open
-        assert sum(w["carried"]["events"] for w in st["workers"]) > 0, st
+        # each worker carries plain copying connections in C (_pump.Hub; these sessions'
+        # legs are TLS on the WAN side, so none of theirs: tests/data/test_hub.py)
+        assert all(isinstance(w["carried"]["events"], int) for w in st["workers"]), st
         await client_for(prod).release(uid)
         await client_for(cons).release(uid)
         await prod.stop()
@@ -579,11 +580,7 @@ async def test_a_busy_worker_spins_before_it_sleeps(echo_server, spin_env, spin_
         env["SCISTREAM_SPIN_US"] = spin_env
     worker = LoneWorker(env)
     try:
-        await worker.add_plain("s1", echo_server)
-        client, accepted = worker.connection()
-        worker.hand("s1", accepted)
-        client.setblocking(False)
-        r, w = await asyncio.open_connection(sock=client)
+        r, w = await worker.stream("s1", echo_server)
         for i in range(400):
             msg = b"%05d" % i * 20
             w.write(msg)
