@@ -258,15 +258,18 @@ def test_a_loop_that_carries_still_runs_its_timers_and_handlers():
         os.close(w)
 
 
-@pytest.mark.parametrize("pumps", ["c", "python"])
+@pytest.mark.parametrize("pumps", ["c", "python", "carry-off"])
 async def test_a_worker_carries_its_plain_connections_in_c(echo_server, pumps):
     """A node worker on its own, one plain connection to an echo server: 24 MiB there and
     back, every byte checked; while it is open the worker's ping says it is carried in C
-    (not with SCISTREAM_PUMPS=python), the session's counters are exact, and after the
-    client's half-close the rest comes back, then EOF, and nothing stays attached."""
-    env = {k: v for k, v in os.environ.items() if k != "SCISTREAM_PUMPS"}
+    (not with SCISTREAM_PUMPS=python, nor with SCISTREAM_CARRY=0), the session's counters
+    are exact, and after the client's half-close the rest comes back, then EOF, and
+    nothing stays attached."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SCISTREAM_PUMPS", "SCISTREAM_CARRY")}
     if pumps == "python":
         env["SCISTREAM_PUMPS"] = "python"
+    elif pumps == "carry-off":
+        env["SCISTREAM_CARRY"] = "0"
     worker = LoneWorker(env)
     try:
         r, w = await worker.stream("s1", echo_server)
