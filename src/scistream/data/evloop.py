@@ -11,6 +11,10 @@ registered with it, and a handler runs to completion before the next one.
     timer = loop.call_later(10.0, on_timeout)         # timer.cancel() to drop it
     bucket = TokenBucket(loop, rate_kbps=10_000)      # shared by every connection
     loop.run()                                        # until loop.stop()
+
+``Loop(carry=True)`` (the node service's workers) waits through the compiled ``_pump.Hub``:
+plain copying connections attached to it (``relay.Conn._carry``) have their events handled
+in C, and only the rest, and their end, reach the handlers here.
 """
 from __future__ import annotations
 
@@ -139,8 +143,6 @@ class Loop:
         #: events never reach Python while bytes flow), and so is the spin. The node
         #: service's workers; None without the compiled pumps (SCISTREAM_PUMPS=python).
         self.hub = _new_hub(self.ep.fileno(), spin) if carry else None
-        #: Connections attached to the hub, by their first descriptor (relay.Conn.carry).
-        self.carried: dict[int, Any] = {}
         self.handlers: dict[int, Callable[[int], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -162,12 +164,6 @@ class Loop:
     @property
     def spin_gave_way(self) -> int:
         return self._spin_gave_way + (self.hub.spin_gave_way if self.hub is not None else 0)
-
-    def settle(self) -> None:
-        """Bring the byte counts of the connections carried in C up to date (before they
-        are read: stats, connection lists)."""
-        for conn in list(self.carried.values()):
-            conn.settle()
 
     def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
         self.ep.register(fd, events)

@@ -398,7 +398,7 @@ class NodeWorker:
                         "connections": sum(len(s.conns) for s in self.slices.values()),
                         "spin": {"us": round(lp.spin * 1e6), "hits": lp.spin_hits, "missed": lp.spin_missed,
                                  "gave_way": lp.spin_gave_way}, "memory_trims": lp.trims,
-                        "carried": {"connections": len(lp.carried),
+                        "carried": {"connections": lp.hub.attached if lp.hub is not None else 0,
                                     "events": lp.hub.carried if lp.hub is not None else None}}
             return {"ok": False, "error": f"unknown op {op!r}"}
         except (ValueError, KeyError, TypeError, OSError, ssl.SSLError) as exc:

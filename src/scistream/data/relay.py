@@ -475,16 +475,14 @@ class Conn:
         assert b is not None
         hub.attach(a.fd, b.fd, self.pumps[0].cp, self.pumps[1].cp, a.readable, a.writable, b.readable, b.writable)
         self.carried = True
-        self.ctx.loop.carried[a.fd] = self
 
     def _uncarry(self) -> int:
         """Take the connection back from the hub: its counts and what it knows of the two
         sockets; the errno of a call that failed there (0: none)."""
         self.carried = False
-        loop = self.ctx.loop
-        loop.carried.pop(self.a.fd, None)
-        assert loop.hub is not None and self.b is not None
-        n_in, n_out, ra, wa, rb, wb, err = loop.hub.detach(self.a.fd)
+        hub = self.ctx.loop.hub
+        assert hub is not None and self.b is not None
+        n_in, n_out, ra, wa, rb, wb, err = hub.detach(self.a.fd)
         self._count(n_in, n_out)
         self.a.readable, self.a.writable = bool(ra), bool(wa)
         self.b.readable, self.b.writable = bool(rb), bool(wb)
