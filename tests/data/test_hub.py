@@ -205,7 +205,8 @@ def test_a_carried_wait_spins_and_stops_when_the_core_is_wanted():
             assert y1.recv(100) == b"m%d" % i
         assert hub.spin_hits > 0
         assert back == []
-    cpu = min(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         os.sched_setaffinity(busy.pid, {cpu})
@@ -228,7 +229,7 @@ def test_a_carried_wait_spins_and_stops_when_the_core_is_wanted():
         busy.wait()
         for tid in os.listdir(f"/proc/{os.getpid()}/task"):
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), set(range(os.cpu_count() or 1)))
+                os.sched_setaffinity(int(tid), allowed)
 
 
 # -- in the loop and the relay -------------------------------------------------------
