@@ -717,17 +717,19 @@ static int Hub_init(Hub *h, PyObject *args, PyObject *kw) {
     return 0;
 }
 
+/* Forget an attached connection: both descriptors, its copiers, its memory. */
+static void hub_remove(Hub *h, Fast *f) {
+    h->tab[f->fd[0]] = h->tab[f->fd[1]] = NULL;
+    h->attached--;
+    Py_DECREF(f->cp[0]);
+    Py_DECREF(f->cp[1]);
+    free(f);
+}
+
 static void Hub_dealloc(Hub *h) {
-    for (int fd = 0; fd < h->cap; fd++) {
-        Fast *f = h->tab[fd];
-        if (f != NULL && f->fd[0] == fd) {   /* once per connection */
-            h->tab[f->fd[1]] = NULL;
-            Py_XDECREF(f->cp[0]);
-            Py_XDECREF(f->cp[1]);
-            free(f);
-        }
-        h->tab[fd] = NULL;
-    }
+    for (int fd = 0; fd < h->cap; fd++)
+        if (h->tab[fd] != NULL)
+            hub_remove(h, h->tab[fd]);
     free(h->tab);
     free(h->evs);
     free(h->out_fd);
@@ -737,6 +739,20 @@ static void Hub_dealloc(Hub *h) {
 
 static Fast *hub_get(Hub *h, int fd) {
     return fd >= 0 && fd < h->cap ? h->tab[fd] : NULL;
+}
+
+/* The connection attached under its first descriptor, the call's one argument; or NULL
+ * with KeyError. */
+static Fast *hub_arg(Hub *h, PyObject *args) {
+    int fa;
+    if (!PyArg_ParseTuple(args, "i", &fa))
+        return NULL;
+    Fast *f = hub_get(h, fa);
+    if (f == NULL || f->fd[0] != fa) {
+        PyErr_SetString(PyExc_KeyError, "not attached");
+        return NULL;
+    }
+    return f;
 }
 
 static PyObject *Hub_attach(Hub *h, PyObject *args) {
@@ -783,33 +799,20 @@ static PyObject *Hub_attach(Hub *h, PyObject *args) {
 }
 
 static PyObject *Hub_detach(Hub *h, PyObject *args) {
-    int fa;
-    if (!PyArg_ParseTuple(args, "i", &fa))
+    Fast *f = hub_arg(h, args);
+    if (f == NULL)
         return NULL;
-    Fast *f = hub_get(h, fa);
-    if (f == NULL || f->fd[0] != fa) {
-        PyErr_SetString(PyExc_KeyError, "not attached");
-        return NULL;
-    }
-    h->tab[f->fd[0]] = h->tab[f->fd[1]] = NULL;
-    h->attached--;
     PyObject *r = Py_BuildValue("KKiiiii", f->moved[0], f->moved[1], f->readable[0], f->writable[0],
                                 f->readable[1], f->writable[1], f->err);
-    Py_DECREF(f->cp[0]);
-    Py_DECREF(f->cp[1]);
-    free(f);
+    if (r != NULL)
+        hub_remove(h, f);
     return r;
 }
 
 static PyObject *Hub_take(Hub *h, PyObject *args) {
-    int fa;
-    if (!PyArg_ParseTuple(args, "i", &fa))
+    Fast *f = hub_arg(h, args);
+    if (f == NULL)
         return NULL;
-    Fast *f = hub_get(h, fa);
-    if (f == NULL || f->fd[0] != fa) {
-        PyErr_SetString(PyExc_KeyError, "not attached");
-        return NULL;
-    }
     PyObject *r = Py_BuildValue("KK", f->moved[0], f->moved[1]);
     f->moved[0] = f->moved[1] = 0;
     return r;

@@ -34,7 +34,8 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "quiesce"}                              stop accepting (a successor serves)
     {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections",
                                                        "spin": {"us", "hits", "missed", "gave_way"},
-                                                       "memory_trims"}
+                                                       "memory_trims",
+                                                       "carried": {"connections", "events"}}
 
 The worker exits when its channel closes (the service is gone: its listeners close with it)
 or on SIGTERM; either way every connection it carries is reset.

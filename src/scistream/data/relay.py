@@ -442,10 +442,6 @@ class Conn:
                         except OSError:
                             pass
             self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
-            if pump is CCopyPump:
-                self.step()
-                self._carry()
-                return
         else:
             eng = None if metered else self.tls.compiled()
             if eng is not None:
@@ -458,6 +454,7 @@ class Conn:
             else:                      # CONS: WAN side is the target
                 self.pumps = [EncryptPump(self, a, self.tls, "in"), DecryptPump(self, self.tls, a, "out")]
         self.step()
+        self._carry()
 
     def _timeout(self) -> None:
         self.timer = None
@@ -469,7 +466,8 @@ class Conn:
         while both directions flow: from here its events are handled in C, until its end
         (a hang-up, EOF, an error) comes back to ``_on_a`` / ``_on_b``, which take it back."""
         hub = self.ctx.loop.hub
-        if hub is None or self.state != "open" or any(p.eof or p.done for p in self.pumps):
+        if (hub is None or self.state != "open" or not isinstance(self.pumps[0], CCopyPump)
+                or any(p.eof or p.done for p in self.pumps)):
             return
         a, b = self.a, self.b
         assert b is not None
