@@ -672,7 +672,6 @@ static PyTypeObject CopierType = {
  * to ``spin``, never past the timeout, and stop at a yield that took longer than
  * ``give_way`` (it ran another task: the core is wanted). */
 
-#define HUB_SCORE 4
 #define EV_END (EPOLLHUP | EPOLLERR | EPOLLRDHUP)
 
 typedef struct {
@@ -691,7 +690,7 @@ typedef struct {
     int cap;
     int attached;
     double spin, give_way;
-    int recent;
+    int recent, score;              /* waits within the spin, and how many make it spin on each */
     unsigned long long hits, missed, gave_way, carried;
     struct epoll_event *evs;
     int nevs;
@@ -706,14 +705,15 @@ static double mono(void) {
 }
 
 static int Hub_init(Hub *h, PyObject *args, PyObject *kw) {
-    static char *names[] = {"epfd", "spin", "give_way", NULL};
-    int epfd;
+    static char *names[] = {"epfd", "spin", "give_way", "score", NULL};
+    int epfd, score = 4;
     double spin = 0.0, give_way = 20e-6;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|dd", names, &epfd, &spin, &give_way))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|ddi", names, &epfd, &spin, &give_way, &score))
         return -1;
     h->epfd = epfd;
     h->spin = spin > 0 ? spin : 0.0;
     h->give_way = give_way;
+    h->score = score > 0 ? score : 1;
     return 0;
 }
 
@@ -879,7 +879,7 @@ static int hub_epoll(Hub *h, int timeout_ms, double deadline) {
         n = epoll_wait(h->epfd, h->evs, h->nevs, timeout_ms);
     if (h->spin > 0) {
         if (n > 0 && mono() - start < h->spin) {
-            if (h->recent < HUB_SCORE)
+            if (h->recent < h->score)
                 h->recent++;
         } else if (h->recent > 0) {
             h->recent--;

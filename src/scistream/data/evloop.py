@@ -102,7 +102,7 @@ def _new_hub(epfd: int, spin: float) -> Any:
     from .tlsleg import _pump, engine_name
     if not CARRY or _pump is None or engine_name() != "c" or not hasattr(_pump, "Hub"):
         return None
-    return _pump.Hub(epfd, spin, SPIN_GIVE_WAY)
+    return _pump.Hub(epfd, spin, SPIN_GIVE_WAY, SPIN_SCORE)
 
 
 class Timer:
