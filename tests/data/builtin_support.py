@@ -296,14 +296,18 @@ class LoneWorker:
                "targets": [f"{target[0]}:{target[1]}"]}
         await self.call({"op": "add", "sid": sid, "cfg": cfg, "listeners": [], "home": False, "nfds": 0})
 
-    async def stream(self, sid: str, target: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A plain session ``sid`` to ``target`` on the worker, and a client connection
-        handed to it: the client's streams."""
-        await self.add_plain(sid, target)
+    async def client(self, sid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A client connection handed to the worker's session ``sid``: the client's streams."""
         client, accepted = self.connection()
         self.hand(sid, accepted)
         client.setblocking(False)
         return await asyncio.open_connection(sock=client)
+
+    async def stream(self, sid: str, target: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain session ``sid`` to ``target`` on the worker, and a client connection
+        handed to it: the client's streams."""
+        await self.add_plain(sid, target)
+        return await self.client(sid)
 
     def close(self) -> None:
         self.proc.terminate()
