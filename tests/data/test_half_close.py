@@ -1,0 +1,196 @@
+"""Half-closed streams through a whole session of every type, built as s2cs builds it (two
+in-process control servers, req/hello/update through the real client): 4 connections,
+8 MiB each way per connection, every byte checked, several rounds, in three shapes:
+
+* ``echo``: the consumer sends, shuts down its write side and reads until the end; the
+  producer echoes as it reads and closes after the consumer's end (the consumer closes
+  first; the producer's last bytes follow the consumer's FIN);
+* ``late``: the same, but the producer answers only once it has read everything, so the
+  whole answer follows the consumer's FIN;
+* ``first``: the producer sends its payload and shuts down its write side at once, then
+  reads until the end; the consumer sends half of its payload, reads until the producer's
+  end, then sends the other half and closes (the producer closes first).
+
+Each with the TLS WAN leg and the plain one (``wan-plaintext``; Stunnel has no plain TCP
+leg: there it is the original's TLS 1.2 with the uid-derived key). Builtin, Haproxy and
+Nginx carry every stream whole. stunnel drops the end of some streams (see
+``scistream.data.backends.stunnel``): what arrives is always a prefix of what was sent, and
+every short stream is counted in the session's ``cut_streams`` (status RPC) on one of the
+two gateways.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import pytest
+
+from conftest import async_wait_until, connect_session, echo_roundtrip, parse_listener
+from scistream.data.base import get_backend
+from test_backends_support import _param
+
+TYPES = [_param(n) for n in ("Builtin", "Haproxy", "Nginx", "Stunnel", "StunnelSubprocess")]
+CONNS = 4
+SIZE = 8 << 20
+#: Rounds of each shape (the ``late`` shape is where stunnel loses most often).
+ROUNDS = {"echo": 2, "first": 2, "late": 3}
+#: At most this many more ``late`` rounds on a type that does not carry half-closes whole,
+#: until one of its streams comes short (so its counting is exercised).
+MORE_LATE_ROUNDS = 10
+TIMEOUT = 60.0
+KEY = 16   # a payload's first bytes name it (random payloads: unique)
+
+
+class Producer:
+    """The producer's endpoint: behaves as the current ``shape`` says, records what it
+    sent and what it read (by the payload's first bytes)."""
+
+    def __init__(self) -> None:
+        self.shape = "echo"
+        self.sent: dict[bytes, bytes] = {}
+        self.read: dict[bytes, bytes] = {}
+        self.ended = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "Producer":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def endpoint(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            if self.shape == "echo":
+                while chunk := await r.read(1 << 16):
+                    w.write(chunk)
+                    await w.drain()
+            elif self.shape == "late":
+                data = await r.read(-1)
+                w.write(data[::-1])   # the answer: what it read, reversed
+                await w.drain()
+            else:   # first: send everything and close the write side, then read
+                payload = os.urandom(SIZE)
+                self.sent[payload[:KEY]] = payload
+                w.write(payload)
+                await w.drain()
+                w.write_eof()
+                data = await r.read(-1)
+                self.read[data[:KEY]] = data
+            if w.can_write_eof():
+                w.write_eof()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+            self.ended += 1
+
+
+async def consumer_last(port: int, payload: bytes) -> bytes:
+    """Send half of ``payload``, read until the producer's end, send the other half, close
+    the write side; return what was read."""
+    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+    half = len(payload) // 2
+    ended = asyncio.Event()
+
+    async def send() -> None:
+        w.write(payload[:half])
+        await w.drain()
+        await ended.wait()
+        w.write(payload[half:])
+        await w.drain()
+        w.write_eof()
+
+    sender = asyncio.create_task(send())
+    try:
+        got = await asyncio.wait_for(r.read(-1), TIMEOUT)
+        ended.set()
+        await asyncio.wait_for(sender, TIMEOUT)
+    finally:
+        sender.cancel()
+        w.close()
+    return got
+
+
+def compare(what: str, sent: bytes, got: bytes, short: list[str], bad: list[str]) -> None:
+    """Whole, short (a prefix of what was sent) or bad (anything else)."""
+    if got == sent:
+        return
+    if len(got) < len(sent) and sent[:len(got)] == got:
+        short.append(f"{what}: {len(got)} of {len(sent)} bytes")
+    else:
+        bad.append(f"{what}: {len(got)} bytes that are not what was sent ({len(sent)})")
+
+
+async def one_round(shape: str, app: Producer, ports: list[int], short: list[str], bad: list[str]) -> None:
+    app.shape, ended = shape, app.ended
+    app.sent.clear()
+    app.read.clear()
+    payloads = [os.urandom(SIZE) for _ in ports]
+    if shape == "first":
+        got = await asyncio.gather(*(consumer_last(p, c) for p, c in zip(ports, payloads)))
+    else:
+        got = await asyncio.gather(*(echo_roundtrip("127.0.0.1", p, c, TIMEOUT) for p, c in zip(ports, payloads)))
+    # the producer's side of each stream is over once its handler ended
+    await async_wait_until(lambda: app.ended >= ended + len(ports), TIMEOUT, "the producer's streams to end")
+    for i, (c, g) in enumerate(zip(payloads, got)):
+        if shape == "echo":
+            compare(f"{shape} #{i} to the consumer", c, g, short, bad)
+        elif shape == "late":
+            compare(f"{shape} #{i} to the consumer", c[::-1], g, short, bad)
+        else:
+            compare(f"{shape} #{i} to the consumer", app.sent.get(g[:KEY], b"?"), g, short, bad)
+            compare(f"{shape} #{i} to the producer", c, app.read.get(c[:KEY], b""), short, bad)
+
+
+async def cut_streams(client, uid: str) -> int:
+    return sum(s.cut_streams for s in (await client.status(uid)).sessions)
+
+
+@pytest.mark.parametrize("leg", ["tls", "plain"])
+@pytest.mark.parametrize("kind", TYPES)
+async def test_half_closed_streams_arrive_whole_or_counted(kind, leg, servers, client_for, caplog):
+    caplog.set_level(logging.WARNING, logger="scistream")
+    carries = get_backend(kind).carries_half_close
+    async with Producer() as app:
+        prod_srv = await servers(server_type=kind, wan_plaintext=leg == "plain")
+        cons_srv = await servers(server_type=kind, wan_plaintext=leg == "plain")
+        pc, cc = client_for(prod_srv), client_for(cons_srv)
+        uid, prod, cons = await connect_session(pc, cc, app.endpoint, CONNS)
+        (info,) = (await cc.status(uid)).sessions
+        assert info.wan_security == ("tls" if leg == "tls" else "plain")
+        ports = [parse_listener(l)[1] for l in cons.listeners]
+        short: list[str] = []
+        bad: list[str] = []
+        for shape, rounds in ROUNDS.items():
+            for _ in range(rounds):
+                await one_round(shape, app, ports, short, bad)
+        if not carries:
+            # stunnel's documented limitation: late answers lose their end in about one
+            # stream of five here; more rounds until it shows (almost never needed)
+            for _ in range(MORE_LATE_ROUNDS):
+                if short:
+                    break
+                await one_round("late", app, ports, short, bad)
+        cut = await cut_streams(pc, uid) + await cut_streams(cc, uid)
+        await pc.release(uid)
+        await cc.release(uid)
+    print(f"{kind} {leg}: {len(short)} short streams, {cut} counted as cut: {short}")
+    assert not bad, bad
+    warned = "may drop the end of a half-closed stream" in caplog.text
+    if carries:
+        assert not short, short
+        assert cut == 0 and not warned
+    else:
+        assert warned, "no warning at session start"
+        assert len(short) <= cut, f"{len(short)} short streams, {cut} counted: {short}"
+        # if stunnel now carries them all, the docs and this test are out of date
+        assert short, (f"{kind} carried every half-closed stream whole, also "
+                       f"{MORE_LATE_ROUNDS} more late rounds: update the docs")
