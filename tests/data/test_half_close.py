@@ -26,9 +26,10 @@ import os
 
 import pytest
 
-from conftest import async_wait_until, connect_session, echo_roundtrip, parse_listener
-from scistream.data.base import get_backend
-from test_backends_support import _param
+from conftest import async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener
+from scistream.data.backends.stunnel import StunnelServer
+from scistream.data.base import DataSpec, get_backend
+from test_backends_support import _param, free_ports
 
 TYPES = [_param(n) for n in ("Builtin", "Haproxy", "Nginx", "Stunnel", "StunnelSubprocess")]
 CONNS = 4
@@ -40,6 +41,7 @@ ROUNDS = {"echo": 2, "first": 2, "late": 3}
 MORE_LATE_ROUNDS = 10
 TIMEOUT = 60.0
 KEY = 16   # a payload's first bytes name it (random payloads: unique)
+READ_PIECE = 1024   # the slow consumer's reads
 
 
 class Producer:
@@ -119,6 +121,22 @@ async def consumer_last(port: int, payload: bytes) -> bytes:
     return got
 
 
+async def consumer_slow(port: int, payload: bytes) -> bytes:
+    """Send ``payload``, close the write side, then read the answer in small pieces (a
+    consumer slower than the producer, so the answer queues up along the chain)."""
+    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+    try:
+        w.write(payload)
+        await w.drain()
+        w.write_eof()
+        got = bytearray()
+        while chunk := await asyncio.wait_for(r.read(READ_PIECE), TIMEOUT):
+            got += chunk
+    finally:
+        w.close()
+    return bytes(got)
+
+
 def compare(what: str, sent: bytes, got: bytes, short: list[str], bad: list[str]) -> None:
     """Whole, short (a prefix of what was sent) or bad (anything else)."""
     if got == sent:
@@ -136,6 +154,8 @@ async def one_round(shape: str, app: Producer, ports: list[int], short: list[str
     payloads = [os.urandom(SIZE) for _ in ports]
     if shape == "first":
         got = await asyncio.gather(*(consumer_last(p, c) for p, c in zip(ports, payloads)))
+    elif shape == "late":
+        got = await asyncio.gather(*(consumer_slow(p, c) for p, c in zip(ports, payloads)))
     else:
         got = await asyncio.gather(*(echo_roundtrip("127.0.0.1", p, c, TIMEOUT) for p, c in zip(ports, payloads)))
     # the producer's side of each stream is over once its handler ended
@@ -194,3 +214,59 @@ async def test_half_closed_streams_arrive_whole_or_counted(kind, leg, servers, c
         # if stunnel now carries them all, the docs and this test are out of date
         assert short, (f"{kind} carried every half-closed stream whole, also "
                        f"{MORE_LATE_ROUNDS} more late rounds: update the docs")
+
+
+class OriginalStunnel(StunnelServer):
+    """The original tooling's StunnelSubprocess configuration (its ``stunnel.conf.j2``,
+    scistream-proto 1.2.1): TLS 1.2 with the uid-derived PSK, ``ciphers = eNULL``, stunnel's
+    default timeouts and socket options, ``debug = 7``. Two changes, neither on the data
+    path: ``accept`` on 127.0.0.1 (the original binds every interface) and the log written
+    to our file (the original's went to a pipe nobody read)."""
+
+    def render(self) -> str:
+        spec = self.spec
+        lines = ["; the original's StunnelSubprocess configuration", "fips = no",
+                 f"PSKsecrets = {self.legacy_psk}", "securityLevel = 0", "debug = 7",
+                 "foreground = yes", "sslVersionMax = TLSv1.2",
+                 f"pid = {spec.workdir / 'stunnel.pid'}"]
+        for port, target in zip(spec.ports, spec.targets):
+            lines += ["", f"[{port}]", f"client = {'yes' if spec.role == 'CONS' else 'no'}",
+                      f"accept = 127.0.0.1:{port}", f"connect = {target}", "ciphers = eNULL"]
+        return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("kind", [p for p in TYPES if p.values[0] == "StunnelSubprocess"])
+async def test_the_originals_stunnel_configuration_drops_the_same_ends(kind, tmp_path):
+    """The same rounds through two stunnels configured as the original's StunnelSubprocess
+    gateways: the same streams come short, only by their end, and the same log lines
+    count them."""
+    uid = new_uid()
+    async with Producer() as app:
+        prod = OriginalStunnel(DataSpec(uid, "PROD", "127.0.0.1", free_ports(CONNS),
+                                        (app.endpoint,) * CONNS, workdir=tmp_path / "prod"))
+        await prod.start()
+        try:
+            cons = OriginalStunnel(DataSpec(uid, "CONS", "127.0.0.1", free_ports(CONNS),
+                                            tuple(f"127.0.0.1:{p}" for p in prod.spec.ports),
+                                            workdir=tmp_path / "cons"))
+            await cons.start()
+            try:
+                assert "ciphers = eNULL" in cons.conf_path.read_text()
+                short: list[str] = []
+                bad: list[str] = []
+                for shape, rounds in ROUNDS.items():
+                    for _ in range(rounds):
+                        await one_round(shape, app, list(cons.spec.ports), short, bad)
+                for _ in range(MORE_LATE_ROUNDS):
+                    if short:
+                        break
+                    await one_round("late", app, list(cons.spec.ports), short, bad)
+                cut = (await prod.stats()).cut_streams + (await cons.stats()).cut_streams
+            finally:
+                await cons.stop()
+        finally:
+            await prod.stop()
+    print(f"the original's configuration: {len(short)} short streams, {cut} counted as cut: {short}")
+    assert not bad, bad
+    assert short, "the original's configuration carried every half-closed stream whole"
+    assert len(short) <= cut, f"{len(short)} short streams, {cut} counted: {short}"

@@ -54,7 +54,7 @@ from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, Pro
 log = logging.getLogger(__name__)
 
 _CLOSED = re.compile(r"Connection (?:closed|reset): (\d+) byte\(s\) sent to TLS, (\d+) byte\(s\) sent to socket")
-_ACCEPTED = re.compile(r"LOG\d\[(\d+)\]: Service \[s2ds-\d+\] accepted connection")
+_ACCEPTED = re.compile(r"LOG\d\[(\d+)\]: Service \[[^]]+\] accepted connection")
 #: How stunnel stopped reading the plain side of connection N (``debug = info``): "HUP" is a
 #: hang-up seen while it was not reading (its buffer full), with the kernel's unread bytes
 #: dropped; "readsocket" and "read hangup" are an end of stream read in full.
