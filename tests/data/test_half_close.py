@@ -27,6 +27,7 @@ import os
 import pytest
 
 from conftest import async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener
+from scistream.data.backends.common import IDLE_TIMEOUT_S
 from scistream.data.backends.stunnel import StunnelServer
 from scistream.data.base import DataSpec, get_backend
 from test_backends_support import _param, free_ports
@@ -200,6 +201,13 @@ async def test_half_closed_streams_arrive_whole_or_counted(kind, leg, servers, c
                     break
                 await one_round("late", app, ports, short, bad)
         cut = await cut_streams(pc, uid) + await cut_streams(cc, uid)
+        if not carries:
+            # stunnel waits for the far side's end as long as it keeps an idle stream (its
+            # default, 60 s, cut off an answer that came later)
+            for srv in (prod_srv, cons_srv):
+                (session,) = srv.registry.active.values()
+                conf = session.server.conf_path.read_text()
+                assert conf.count(f"TIMEOUTclose = {IDLE_TIMEOUT_S}\n") == CONNS, conf
         await pc.release(uid)
         await cc.release(uid)
     print(f"{kind} {leg}: {len(short)} short streams, {cut} counted as cut: {short}")

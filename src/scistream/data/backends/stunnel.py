@@ -21,7 +21,10 @@ clients towards the PROD listeners.
   connections keep going, the listeners are re-bound.
 * Timeouts: ``TIMEOUTidle`` 7 days (default 12 h), TCP keepalive on every socket;
   ``TIMEOUTbusy`` 10 s bounds the TLS handshake (default 300 s; stunnel does not use it
-  while a stream carries data).
+  while a stream carries data). ``TIMEOUTclose`` 7 days too: it is how long stunnel waits,
+  once one side of a stream has closed, for the other side's end (its default, 60 s, cut
+  off an answer sent later than that, with a clean end of stream on both sides); a
+  ``TIMEOUTclose exceeded`` in the log counts as a cut stream.
 * Cap (``spec.max_conns``): **not enforced** (stunnel has no such setting; its only
   limit is derived from the file-descriptor limit); a warning is logged once.
 * Stats: from the log's "Connection closed" lines (closed connections only).
@@ -59,6 +62,8 @@ _ACCEPTED = re.compile(r"LOG\d\[(\d+)\]: Service \[[^]]+\] accepted connection")
 #: hang-up seen while it was not reading (its buffer full), with the kernel's unread bytes
 #: dropped; "readsocket" and "read hangup" are an end of stream read in full.
 _READ_CLOSED = re.compile(r"LOG\d\[(\d+)\]: Read socket closed \(([^)]*)\)")
+#: Connection N given up while one side was still open (``TIMEOUTclose``): a cut stream.
+_CLOSE_TIMEOUT = re.compile(r"LOG\d\[(\d+)\]: transfer: s_poll_wait: TIMEOUTclose exceeded")
 LEGACY_IDENTITY = "client1"
 LEGACY_CIPHERS = ("PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305:"
                   "PSK-NULL-SHA384:PSK-NULL-SHA256:PSK-NULL-SHA")
@@ -134,6 +139,9 @@ class StunnelServer(ProxyServer):
                       f"connect = {_endpoint(target)}",
                       f"client = {client}",
                       f"TIMEOUTidle = {IDLE_TIMEOUT_S}",
+                      # once one side has closed, stunnel waits this long for the other
+                      # (default 60 s: a later answer was cut off, silently)
+                      f"TIMEOUTclose = {IDLE_TIMEOUT_S}",
                       f"TIMEOUTconnect = {CONNECT_TIMEOUT_S}",
                       # the TLS handshake (and nothing on an established stream: transfer
                       # waits are TIMEOUTidle / TIMEOUTclose)
@@ -179,6 +187,8 @@ class StunnelServer(ProxyServer):
                             stats.bytes_in += to_socket
                             stats.bytes_out += to_tls
                         stats.total_connections += 1
+                    elif _CLOSE_TIMEOUT.search(line):
+                        stats.cut_streams += 1
                     elif m := _READ_CLOSED.search(line):
                         conn = int(m.group(1))
                         if conn in reading:
