@@ -16,7 +16,9 @@ leg: there it is the original's TLS 1.2 with the uid-derived key). Builtin, Hapr
 Nginx carry every stream whole. stunnel drops the end of some streams (see
 ``scistream.data.backends.stunnel``): what arrives is always a prefix of what was sent, and
 every short stream is counted in the session's ``cut_streams`` (status RPC) on one of the
-two gateways.
+two gateways; its sessions wait for the far side's end as long as for an idle stream
+(``TIMEOUTclose``). The original tooling's StunnelSubprocess configuration drops the same
+ends.
 """
 from __future__ import annotations
 
