@@ -5,8 +5,9 @@ in-process control servers, req/hello/update through the real client): 4 connect
 * ``echo``: the consumer sends, shuts down its write side and reads until the end; the
   producer echoes as it reads and closes after the consumer's end (the consumer closes
   first; the producer's last bytes follow the consumer's FIN);
-* ``late``: the same, but the producer answers only once it has read everything, so the
-  whole answer follows the consumer's FIN;
+* ``late``: the consumer sends, shuts down its write side, then reads the answer slowly
+  (1 KiB reads); the producer answers (what it read, reversed) only once it has read
+  everything, so the whole answer follows the consumer's FIN and queues up on the way;
 * ``first``: the producer sends its payload and shuts down its write side at once, then
   reads until the end; the consumer sends half of its payload, reads until the producer's
   end, then sends the other half and closes (the producer closes first).
