@@ -30,14 +30,15 @@ clients towards the PROD listeners.
 * Stats: from the log's "Connection closed" lines (closed connections only).
 * Rate: **not shaped** (stunnel has no bandwidth limit); a warning is logged once.
 * Half-close: **the end of a stream may be dropped.** Once a stream's far side has closed
-  (stunnel got the TLS close_notify and shut down its write side of the plain socket),
-  stunnel's buffer for the plain side full and the TLS side not writable, the plain peer's
-  FIN makes poll() report a hang-up with no POLLIN asked for, and stunnel (5.68, and the
-  same code up to 5.75) takes that as the end of reading: what the kernel still holds is
-  never read, and both ends see a clean end of stream. Nothing in stunnel's configuration
-  changes that path. Each such stream is counted (``Stats.cut_streams``: the log's "Read
-  socket closed (HUP)", hence ``debug = info``), a warning is logged at session start and
-  whenever the count grows.
+  (stunnel got the TLS close_notify and shut down its write side of the plain socket), the
+  plain peer's FIN makes poll() report a hang-up. If stunnel's buffer for the plain side is
+  full at that moment (it is not asking for POLLIN) and the TLS side is not writable,
+  stunnel (5.68, and the same code up to 5.75) takes the hang-up for the end of reading:
+  what the kernel still holds is never read, and both ends see a clean end of stream.
+  Nothing in stunnel's configuration changes that path. Each such stream is counted
+  (``Stats.cut_streams``: the log's "Read socket closed (HUP)", hence ``debug = info``,
+  about 1.4 KB of log per connection), a warning is logged at session start and whenever
+  the count grows.
 
     server = StunnelServer(DataSpec(uid, "PROD", "127.0.0.1", (5100,), ("10.0.0.5:7000",),
                                     wan_secret=secret, workdir=Path("/var/lib/s2cs/u1-PROD")))
