@@ -24,8 +24,10 @@ ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -246,38 +248,89 @@ class OriginalStunnel(StunnelServer):
         return "\n".join(lines) + "\n"
 
 
+@contextlib.asynccontextmanager
+async def stunnel_pair(cls: type[StunnelServer], endpoint: str, workdir: Path, n: int = CONNS):
+    """A PROD and a CONS stunnel of class ``cls`` for one session (no WAN secret: the
+    original's TLS 1.2 with the uid-derived key), forwarding to ``endpoint``."""
+    uid = new_uid()
+    prod = cls(DataSpec(uid, "PROD", "127.0.0.1", free_ports(n), (endpoint,) * n, workdir=workdir / "prod"))
+    await prod.start()
+    try:
+        cons = cls(DataSpec(uid, "CONS", "127.0.0.1", free_ports(n),
+                            tuple(f"127.0.0.1:{p}" for p in prod.spec.ports), workdir=workdir / "cons"))
+        await cons.start()
+        try:
+            yield prod, cons
+        finally:
+            await cons.stop()
+    finally:
+        await prod.stop()
+
+
 @pytest.mark.parametrize("kind", [p for p in TYPES if p.values[0] == "StunnelSubprocess"])
 async def test_the_originals_stunnel_configuration_drops_the_same_ends(kind, tmp_path):
     """The same rounds through two stunnels configured as the original's StunnelSubprocess
     gateways: the same streams come short, only by their end, and the same log lines
     count them."""
-    uid = new_uid()
-    async with Producer() as app:
-        prod = OriginalStunnel(DataSpec(uid, "PROD", "127.0.0.1", free_ports(CONNS),
-                                        (app.endpoint,) * CONNS, workdir=tmp_path / "prod"))
-        await prod.start()
-        try:
-            cons = OriginalStunnel(DataSpec(uid, "CONS", "127.0.0.1", free_ports(CONNS),
-                                            tuple(f"127.0.0.1:{p}" for p in prod.spec.ports),
-                                            workdir=tmp_path / "cons"))
-            await cons.start()
-            try:
-                assert "ciphers = eNULL" in cons.conf_path.read_text()
-                short: list[str] = []
-                bad: list[str] = []
-                for shape, rounds in ROUNDS.items():
-                    for _ in range(rounds):
-                        await one_round(shape, app, list(cons.spec.ports), short, bad)
-                for _ in range(MORE_LATE_ROUNDS):
-                    if short:
-                        break
-                    await one_round("late", app, list(cons.spec.ports), short, bad)
-                cut = (await prod.stats()).cut_streams + (await cons.stats()).cut_streams
-            finally:
-                await cons.stop()
-        finally:
-            await prod.stop()
+    async with Producer() as app, stunnel_pair(OriginalStunnel, app.endpoint, tmp_path) as (prod, cons):
+        assert "ciphers = eNULL" in cons.conf_path.read_text()
+        ports = list(cons.spec.ports)
+        short: list[str] = []
+        bad: list[str] = []
+        for shape, rounds in ROUNDS.items():
+            for _ in range(rounds):
+                await one_round(shape, app, ports, short, bad)
+        for _ in range(MORE_LATE_ROUNDS):
+            if short:
+                break
+            await one_round("late", app, ports, short, bad)
+        cut = (await prod.stats()).cut_streams + (await cons.stats()).cut_streams
     print(f"the original's configuration: {len(short)} short streams, {cut} counted as cut: {short}")
     assert not bad, bad
     assert short, "the original's configuration carried every half-closed stream whole"
     assert len(short) <= cut, f"{len(short)} short streams, {cut} counted: {short}"
+
+
+class ImpatientStunnel(StunnelServer):
+    """Our stunnel configuration waiting 1 s, not 7 days, for the far side's end."""
+    close_timeout = 1
+
+
+@pytest.mark.parametrize("kind", [p for p in TYPES if p.values[0] == "Stunnel"])
+async def test_a_stream_stunnel_gives_up_waiting_for_is_counted(kind, tmp_path):
+    """The producer answers only after the consumer has seen the end: with a 1 s
+    ``TIMEOUTclose`` stunnel ends the stream first (nothing of the answer, a clean end),
+    and counts it as cut."""
+    release = asyncio.Event()
+
+    async def late(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            data = await r.read(-1)
+            await release.wait()
+            w.write(data)
+            await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(late, "127.0.0.1", 0)
+    endpoint = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with stunnel_pair(ImpatientStunnel, endpoint, tmp_path, n=1) as (prod, cons):
+            assert "TIMEOUTclose = 1\n" in prod.conf_path.read_text()
+            r, w = await asyncio.open_connection("127.0.0.1", cons.spec.ports[0])
+            try:
+                w.write(os.urandom(1 << 20))
+                await w.drain()
+                w.write_eof()
+                assert await asyncio.wait_for(r.read(-1), TIMEOUT) == b""
+            finally:
+                w.close()
+                release.set()
+
+            async def counted() -> bool:
+                return (await prod.stats()).cut_streams + (await cons.stats()).cut_streams >= 1
+            await async_wait_until(counted, 15, "the cut stream counted")
+    finally:
+        server.close()

@@ -86,6 +86,8 @@ class StunnelServer(ProxyServer):
     env_var = "SCISTREAM_STUNNEL"
     shapes_rate = False
     carries_half_close = False
+    #: Seconds stunnel waits, once one side of a stream has closed, for the other's end.
+    close_timeout = IDLE_TIMEOUT_S
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)
@@ -142,7 +144,7 @@ class StunnelServer(ProxyServer):
                       f"TIMEOUTidle = {IDLE_TIMEOUT_S}",
                       # once one side has closed, stunnel waits this long for the other
                       # (default 60 s: a later answer was cut off, silently)
-                      f"TIMEOUTclose = {IDLE_TIMEOUT_S}",
+                      f"TIMEOUTclose = {self.close_timeout}",
                       f"TIMEOUTconnect = {CONNECT_TIMEOUT_S}",
                       # the TLS handshake (and nothing on an established stream: transfer
                       # waits are TIMEOUTidle / TIMEOUTclose)
