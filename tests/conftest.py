@@ -367,3 +367,14 @@ def no_leftover_processes(tmp_path):
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
         pytest.fail("test left processes behind: " + "; ".join(cmds))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """``@pytest.mark.compiled``: the test needs the compiled pumps (``_pump.c``): skipped,
+    saying why, where they were not built or where ``SCISTREAM_PUMPS=python`` runs the
+    suite with the Python pumps (.ci/run's second pass; .ci/run checks they were built)."""
+    if item.get_closest_marker("compiled"):
+        from scistream.data.engine import compiled
+        if compiled.pump is None:
+            pytest.skip("needs the compiled pumps (_pump.c): not built, or SCISTREAM_PUMPS=python")

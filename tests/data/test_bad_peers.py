@@ -21,7 +21,7 @@ from conftest import async_wait_until
 from scistream.data import wankeys
 from scistream.data.backends.common import HANDSHAKE_TIMEOUT_S
 from scistream.data.base import BackendUnavailable, get_backend
-from scistream.data.relay import HANDSHAKE_TIMEOUT
+from scistream.data.engine.conn import HANDSHAKE_TIMEOUT
 from test_backends_support import App, Chain, secret, sha, try_through
 
 #: Bad connections per kind (idle, garbage, stalled) per chain.
@@ -68,7 +68,7 @@ async def node_service(tmp_path, kinds):
     if "Builtin" not in kinds:
         yield None
         return
-    from scistream.data.nodebackend import NodeService
+    from scistream.data.node.backend import NodeService
     node = await NodeService.open(tmp_path / "node.sock", managed=True, workers=2,
                                   log_path=tmp_path / "node.log")
     try:

@@ -1,4 +1,4 @@
-"""The compiled pumps (``scistream.data._pump``) on their own: the plain copy against a
+"""The compiled pumps (``scistream.data.engine._pump``) on their own: the plain copy against a
 destination that stops reading, and the TLS engine's refusals of what it cannot take
 over. (Both carry real sessions in test_builtin_tls.py and test_node_service.py.)"""
 from __future__ import annotations
@@ -12,8 +12,11 @@ import time
 
 import pytest
 
-from scistream.data import _pump as pump   # built by scripts/setup (gcc, libssl-dev, python3-dev)
-from scistream.data import tlsleg, wankeys
+from scistream.data import wankeys
+from scistream.data.engine import compiled, tlsleg
+from scistream.data.engine.compiled import pump   # built by scripts/setup (gcc, libssl-dev, python3-dev)
+
+pytestmark = pytest.mark.compiled
 
 
 def _pair(buf: int = 64 * 1024) -> tuple[socket.socket, socket.socket]:

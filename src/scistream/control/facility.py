@@ -50,8 +50,8 @@ import grpc
 from ..addr import check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
-from ..data.base import KEEPALIVE, Stats
-from ..data.nodeclient import ServiceConnection, ServiceError
+from ..data.spec import KEEPALIVE, Stats
+from ..data.node.client import ServiceConnection, ServiceError
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError)
 from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,

@@ -25,8 +25,9 @@ from pathlib import Path
 import grpc
 
 from ..auth.base import Authenticator, NoAuth, make_authenticator
-from ..data.base import KEEPALIVE, BackendUnavailable, get_backend
-from ..data.nodebackend import NodeService
+from ..data.base import BackendUnavailable, get_backend
+from ..data.node.backend import NodeService
+from ..data.spec import KEEPALIVE
 from ..errors import DataServerError
 from ..addr import format_listener
 from . import tlscert
@@ -136,7 +137,7 @@ def check(config: ServerConfig) -> None:
             raise ConfigError("--facility needs --store postgresql://...: the facility's shared database")
         if config.node_token_file is None:
             raise ConfigError("--facility needs --node-token-file: the token the facility's nodes obey")
-        from ..data.facilitynode import read_token
+        from ..data.node.facility import read_token
         try:
             config.node_token = read_token(Path(config.node_token_file)).decode()  # type: ignore[attr-defined]
         except (OSError, ValueError, UnicodeDecodeError) as exc:

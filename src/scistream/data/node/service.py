@@ -51,12 +51,13 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "config", "sid"}                 -> {"ok", "cfg", "workers": [index per listener]}
     {"op": "list"}                          -> {"ok", "sessions": {sid: {"workers", "failed"}}}
     {"op": "status"}                        -> {"ok", "workers": [{"index", "pid", "sessions", "listeners", "spin",
-                                                "carried", "restarts"}], "sessions": n}
+                                                "carried", "restarts", "memory_trims",
+                                                "memory_trim_pending"}], "sessions": n}
     {"op": "watch"}                         -> {"ok"}; then {"event": "failed", "sid", "reason"} lines
     {"op": "shutdown"}                      -> {"ok"}; then the service stops
     {"op": "handover", "to": PATH}          (a successor asks; see above)
 
-``cfg`` is what a per-session data server takes (``scistream.data.s2ds``): uid, role,
+``cfg`` is a session's half: uid, role,
 listen_host, ports, targets (addresses), rate_kbps, tls, cert, key, keepalive, and
 ``max_conns``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
 "unknown"}``; ``busy`` is worth a retry (a handover is under way).
@@ -77,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, send_frame, MAX_FDS
-from .s2ds import resolve_target
+from ..spec import resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class WorkerProc:
         others = [w for w in self.node.workers if w is not self]
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "scistream.data.nodeworker", str(child.fileno()), str(self.index),
+                sys.executable, "-m", "scistream.data.node.worker", str(child.fileno()), str(self.index),
                 f"--inbox={self.inbox[0].fileno()}", *(f"--peer={w.index}:{w.inbox[1].fileno()}" for w in others),
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(child.fileno(), self.inbox[0].fileno(), *(w.inbox[1].fileno() for w in others)))
@@ -303,7 +304,7 @@ def with_credentials(cfg: Any) -> Any:
     through a memory file), so no credential file is written for it."""
     if not isinstance(cfg, dict) or not cfg.get("wan_secret"):
         return cfg
-    from . import wankeys
+    from .. import wankeys
     cfg = dict(cfg)
     try:
         secret = bytes.fromhex(str(cfg.pop("wan_secret")))
@@ -650,7 +651,10 @@ class Node:
                                  "listeners": w.listeners, "restarts": w.restarts,
                                  "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement),
                                  "spin": None if isinstance(p, BaseException) else p.get("spin"),
-                                 "carried": None if isinstance(p, BaseException) else p.get("carried")}
+                                 "carried": None if isinstance(p, BaseException) else p.get("carried"),
+                                 "memory_trims": None if isinstance(p, BaseException) else p.get("memory_trims"),
+                                 "memory_trim_pending": None if isinstance(p, BaseException)
+                                 else p.get("memory_trim_pending")}
                                 for w, p in zip(self.workers, pings)]}
         if op == "watch":
             self.watchers.add(writer)
@@ -941,7 +945,7 @@ async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: s
     try:
         await node.start(take_over=take_over)
         if member is not None:
-            from .facilitynode import Membership
+            from .facility import Membership
             membership = Membership(node, **member)
             await membership.start()
     except BaseException:
@@ -962,13 +966,3 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m scistream.data.node serve --socket PATH [--workers N]`` (the CLI is ``s2ds``)."""
-    from ..cli.s2ds import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

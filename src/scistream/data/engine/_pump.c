@@ -25,11 +25,15 @@
  * the SSL's rbio and wbio must be the memory BIOs' BIO*, else Engine() raises TypeError
  * and tlsleg keeps its Python pumps. Built by setuptools (pyproject.toml), linked to the
  * libssl that Python's ``_ssl`` uses; optional: without a compiler it is not built, and
- * tlsleg uses the Python pumps.
+ * tlsleg uses the Python pumps. Whether the libssl this module calls is the very one
+ * Python's ``_ssl`` runs (a Python that links OpenSSL statically has its own copy, whose
+ * structures this module must never touch) is asked once, by ``compiled.py``, through
+ * ``same_libssl(path)``: the address ``SSL_get_rbio`` has for ``_ssl`` against ours.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -644,7 +648,7 @@ static PyGetSetDef Copier_getset[] = {
 
 static PyTypeObject CopierType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data._pump.Copier",
+    .tp_name = "scistream.data.engine._pump.Copier",
     .tp_basicsize = sizeof(Copier),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "One direction of a plain leg that copies (see the module's doc).",
@@ -985,7 +989,7 @@ static PyMemberDef Hub_members[] = {
 
 static PyTypeObject HubType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data._pump.Hub",
+    .tp_name = "scistream.data.engine._pump.Hub",
     .tp_basicsize = sizeof(Hub),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The event loop's wait with plain copying connections carried in C (see above).",
@@ -1013,7 +1017,7 @@ static PyGetSetDef Engine_getset[] = {
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data._pump.Engine",
+    .tp_name = "scistream.data.engine._pump.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The TLS engine of one connection after its handshake (see the module's doc).",
@@ -1024,8 +1028,31 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* same_libssl(path or None) -> (same, OpenSSL_version_num of ours): whether the object at
+ * path (Python's _ssl extension; None: the main program, where a static Python keeps it)
+ * resolves SSL_get_rbio to the very function this module calls. */
+static PyObject *same_libssl(PyObject *self, PyObject *args) {
+    const char *path = NULL;
+    if (!PyArg_ParseTuple(args, "z", &path))
+        return NULL;
+    int same = 0;
+    void *h = dlopen(path, RTLD_LAZY | RTLD_NOLOAD);
+    if (h != NULL) {
+        void *theirs = dlsym(h, "SSL_get_rbio");
+        same = theirs != NULL && theirs == (void *)&SSL_get_rbio;
+        dlclose(h);
+    }
+    return Py_BuildValue("(OK)", same ? Py_True : Py_False, (unsigned long long)OpenSSL_version_num());
+}
+
+static PyMethodDef module_methods[] = {
+    {"same_libssl", same_libssl, METH_VARARGS,
+     "same_libssl(path or None) -> (the object at path calls our libssl, our OpenSSL_version_num())"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_pump", "The compiled hot paths of the built-in data server.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_pump", "The compiled hot paths of the built-in data server.", -1, module_methods,
     NULL, NULL, NULL, NULL,
 };
 

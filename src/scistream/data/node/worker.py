@@ -34,7 +34,7 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "quiesce"}                              stop accepting (a successor serves)
     {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections",
                                                        "spin": {"us", "hits", "missed", "gave_way"},
-                                                       "memory_trims",
+                                                       "memory_trims", "memory_trim_pending",
                                                        "carried": {"connections", "events"}}
 
 The worker exits when its channel closes (the service is gone: its listeners close with it)
@@ -57,9 +57,10 @@ import time
 from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, recv_note, send_note
-from .evloop import EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
-from .relay import FAILURE_LOG, Conn, accept_one
-from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
+from ..engine.conn import FAILURE_LOG, Conn, accept_one
+from ..engine.loop import DEFAULT_PIPE, EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
+from ..engine.tlsleg import tls_contexts
+from ..spec import keepalive_setting, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +400,7 @@ class NodeWorker:
                         "connections": sum(len(s.conns) for s in self.slices.values()),
                         "spin": {"us": round(lp.spin * 1e6), "hits": lp.spin_hits, "missed": lp.spin_missed,
                                  "gave_way": lp.spin_gave_way}, "memory_trims": lp.trims,
+                        "memory_trim_pending": lp.trim_pending,
                         "carried": {"connections": lp.hub.attached if lp.hub is not None else 0,
                                     "events": lp.hub.carried if lp.hub is not None else None}}
             return {"ok": False, "error": f"unknown op {op!r}"}

@@ -33,10 +33,11 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
-from .evloop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket,
+from .loop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket,
                      whole_number_setting)
-from .tlsleg import (F_EOF, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, _pump,
-                     engine_name, metered_recv, note_moved, thread_buffers)
+from .compiled import F_EOF, pump as compiled
+from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
+                     note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class CCopyPump:
         self.src = src
         self.dst = dst
         self.direction = direction
-        self.cp = _pump.Copier()
+        self.cp = compiled.Copier()
         self.eof = False
         self.done = False
 
@@ -434,7 +435,7 @@ class Conn:
             pump: Any = SplicePump
             local = _is_loopback(self.peer) and _is_loopback(self.target[1])
             if use_copy(getattr(self.ctx, "plain_relay", "splice"), local):
-                pump = CCopyPump if engine_name() == "c" and not metered else CopyPump
+                pump = CCopyPump if compiled is not None and not metered else CopyPump
                 if LOOPBACK_SNDBUF > 0 and local:
                     for side in (a, b):
                         try:
