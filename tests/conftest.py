@@ -371,10 +371,12 @@ def no_leftover_processes(tmp_path):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """``@pytest.mark.compiled``: the test needs the compiled pumps (``_pump.c``): skipped,
-    saying why, where they were not built or where ``SCISTREAM_PUMPS=python`` runs the
-    suite with the Python pumps (.ci/run's second pass; .ci/run checks they were built)."""
+    """``@pytest.mark.compiled``: the test needs the compiled module (``_pump.c``), built and
+    linked with the libssl Python's ssl runs: skipped, saying why, where it is not
+    (.ci/run checks that it was built)."""
     if item.get_closest_marker("compiled"):
         from scistream.data.engine import compiled
-        if compiled.pump is None:
-            pytest.skip("needs the compiled pumps (_pump.c): not built, or SCISTREAM_PUMPS=python")
+        if compiled.module is None:
+            pytest.skip("needs the compiled module (_pump.c), which was not built")
+        if compiled.ssl_ext is None:
+            pytest.skip("the compiled module is linked with another libssl than Python's ssl")

@@ -85,7 +85,7 @@ async def _burst(host: str, port: int) -> dict[str, int]:
     return {k: results.count(k) for k in set(results)}
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=pytest.mark.compiled)], ids=["plain", "tls"])
 async def test_churn_leaves_no_descriptor_or_connection_behind(tmp_path, echo_server, tls):
     async with data_servers(tmp_path) as ds:
         prod, cons = await ds.chain(f"{echo_server[0]}:{echo_server[1]}", tls=tls)
@@ -116,10 +116,9 @@ async def test_churn_leaves_no_descriptor_or_connection_behind(tmp_path, echo_se
         total = await stats(cons)
         assert total["total_connections"] == 3 * BURST
         if tls:
-            # CONS resumes a kept session instead of taking a new one at every close
-            # (reading a session leaks a copy of it in CPython 3.11: ~4.5 KB each time).
-            # PROD's listener is served by two workers, each with ticket keys of its own:
-            # a ticket one issued is refused by the other (a full handshake, and CONS
-            # keeps the new session), so about half the connections resume.
-            assert total["tls_resumed"] >= BURST, total
-            assert 1 <= total["tls_sessions_kept"] <= BURST // 3, total
+            # CONS resumes one kept session instead of taking a new one at every close
+            # (reading a session leaks a copy of it in CPython 3.11: ~4.5 KB each time),
+            # whichever of PROD's two workers serves the connection: they share their
+            # ticket keys (tlsleg.share_tickets).
+            assert total["tls_resumed"] >= 2 * BURST, total
+            assert 1 <= total["tls_sessions_kept"] <= 3, total

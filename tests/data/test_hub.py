@@ -19,7 +19,7 @@ import time
 import pytest
 
 from scistream.data.engine.loop import EPOLLIN, EV_ALL, Loop
-from scistream.data.engine.compiled import pump as _pump
+from scistream.data.engine.compiled import module as _pump
 
 from builtin_support import LoneWorker
 from conftest import async_wait_until, wait_until

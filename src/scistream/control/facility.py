@@ -5,7 +5,7 @@
 With ``--facility`` a control server keeps no session in memory and runs no data plane.
 Sessions live in the ``fsessions`` table of the shared PostgreSQL store, and their data
 servers on the facility's nodes: node services that registered themselves in ``nodes``
-(``s2ds serve --store ...``, ``scistream.data.facilitynode``). Any ``req``, ``hello``,
+(``s2ds serve --store ...``, ``scistream.data.node.facility``). Any ``req``, ``hello``,
 ``update``, ``release`` or ``status`` may reach any instance:
 
 * **req** places the session on a live node with room (heartbeat within

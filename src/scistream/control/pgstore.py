@@ -60,7 +60,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sessions_live ON sessions (node, state);
     CREATE INDEX sessions_ended ON sessions (node, ended);
     """,
-    # 2: a facility of several nodes (control/facility.py, data/facilitynode.py): the nodes
+    # 2: a facility of several nodes (control/facility.py, data/node/facility.py): the nodes
     # that registered, and the facility's sessions, each placed on one node. A port is
     # reserved while a live session lists it; the node's row lock serialises placement.
     """

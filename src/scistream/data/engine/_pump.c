@@ -1028,6 +1028,48 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys (80 bytes: name, HMAC
+ * secret, AES key) of the SSL_CTX behind an SSLObject of that context, so that every
+ * process that derives the same keys (a session's workers, its nodes) resumes the
+ * others' tickets. The SSL* is checked as Engine() checks it (its BIOs must be the
+ * SSLObject's memory BIOs) before its SSL_CTX is touched. */
+static PyObject *set_ticket_keys(PyObject *self, PyObject *args) {
+    PyObject *sslobj, *inc, *out;
+    Py_buffer keys;
+    if (!PyArg_ParseTuple(args, "OOOy*", &sslobj, &inc, &out, &keys))
+        return NULL;
+    PyObject *res = NULL;
+    unsigned char back[80];
+    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0 ||
+        strcmp(Py_TYPE(inc)->tp_name, "_ssl.MemoryBIO") != 0 ||
+        strcmp(Py_TYPE(out)->tp_name, "_ssl.MemoryBIO") != 0) {
+        PyErr_SetString(PyExc_TypeError, "need an _ssl._SSLSocket and its two _ssl.MemoryBIO");
+        goto out;
+    }
+    if (keys.len != (Py_ssize_t)sizeof back) {
+        PyErr_SetString(PyExc_ValueError, "ticket keys are 80 bytes");
+        goto out;
+    }
+    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
+    BIO *rb = ((MemoryBIOHead *)inc)->bio, *wb = ((MemoryBIOHead *)out)->bio;
+    if (ssl == NULL || rb == NULL || wb == NULL || SSL_get_rbio(ssl) != rb || SSL_get_wbio(ssl) != wb) {
+        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
+        goto out;
+    }
+    SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+    if (ctx == NULL || SSL_CTX_set_tlsext_ticket_keys(ctx, keys.buf, sizeof back) != 1 ||
+        SSL_CTX_get_tlsext_ticket_keys(ctx, back, sizeof back) != 1 || memcmp(back, keys.buf, sizeof back) != 0) {
+        ERR_clear_error();
+        PyErr_SetString(PyExc_ValueError, "the context did not take the ticket keys");
+        goto out;
+    }
+    res = Py_None;
+    Py_INCREF(res);
+out:
+    PyBuffer_Release(&keys);
+    return res;
+}
+
 /* same_libssl(path or None) -> (same, OpenSSL_version_num of ours): whether the object at
  * path (Python's _ssl extension; None: the main program, where a static Python keeps it)
  * resolves SSL_get_rbio to the very function this module calls. */
@@ -1046,6 +1088,8 @@ static PyObject *same_libssl(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef module_methods[] = {
+    {"set_ticket_keys", set_ticket_keys, METH_VARARGS,
+     "set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys of sslobj's context (80 bytes)"},
     {"same_libssl", same_libssl, METH_VARARGS,
      "same_libssl(path or None) -> (the object at path calls our libssl, our OpenSSL_version_num())"},
     {NULL, NULL, 0, NULL},

@@ -6,12 +6,14 @@ there). What it may do:
 
 * ``PUMPS``: ``"c"`` when the compiled plain copier, hub and TLS engine run, ``"python"``
   when the Python pumps do (not built, or ``SCISTREAM_PUMPS=python``).
-* ``TLS_ENGINE``: whether its TLS engine may take a connection's ``SSL*`` over from
-  Python's ``ssl``. Only when the libssl it calls is the very one Python's ``_ssl`` runs:
-  a Python that links OpenSSL statically (python-build-standalone, as uv installs it)
-  has a copy of its own whose structures ours must never read. Refused with one log
-  line; TLS legs then use the Python pumps (the plain copier and hub call no OpenSSL
-  and stay compiled).
+* ``ssl_ext``: the module, where it may touch Python's ``ssl`` objects at all: only when
+  the libssl it calls is the very one Python's ``_ssl`` runs. A Python that links
+  OpenSSL statically (python-build-standalone, as uv installs it) has a copy of its own
+  whose structures ours must never read: refused with one log line, and TLS legs use
+  the Python pumps (the plain copier and hub call no OpenSSL and stay compiled). Its
+  session-ticket keys (``tlsleg.share_tickets``) do not depend on ``SCISTREAM_PUMPS``.
+* ``TLS_ENGINE``: whether its TLS engine takes a connection's ``SSL*`` over (``ssl_ext``
+  and the compiled pumps).
 
     from .compiled import PUMPS, TLS_ENGINE, pump
     if PUMPS == "c": copier = pump.Copier()
@@ -57,22 +59,26 @@ def libssl_mismatch(module: ModuleType | None, ssl_file: str | None) -> str:
     return ""
 
 
-def _decide() -> tuple[ModuleType | None, str, bool]:
+def _decide() -> tuple[ModuleType | None, str, ModuleType | None]:
     choice = _choice(os.environ.get("SCISTREAM_PUMPS"))
     if _compiled is None:
         if choice == "c":
             log.warning("SCISTREAM_PUMPS=c, but the compiled pumps were not built: using Python's")
-        return None, "python", False
-    if choice == "python":
-        return None, "python", False
+        return None, "python", None
     why = libssl_mismatch(_compiled, getattr(ssl._ssl, "__file__", None))   # type: ignore[attr-defined]
     if why:
         log.warning("compiled TLS engine refused: %s; TLS legs use the Python pumps", why)
-    return _compiled, "c", not why
+    ssl_ext = None if why else _compiled
+    if choice == "python":
+        return None, "python", ssl_ext
+    return _compiled, "c", ssl_ext
 
 
-#: The compiled module where it is used, else None.
-pump, PUMPS, TLS_ENGINE = _decide()
+#: The compiled module where it was built, else None (its tests use it whatever the choice).
+module = _compiled
+#: The compiled module where its pumps are used, else None.
+pump, PUMPS, ssl_ext = _decide()
+TLS_ENGINE = pump is not None and ssl_ext is not None
 
 #: What a compiled pump's call found (``_pump.F_*``).
 F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((pump.F_SRC_AGAIN, pump.F_DST_AGAIN, pump.F_EOF, pump.F_EMPTY)

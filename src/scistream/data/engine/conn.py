@@ -14,8 +14,8 @@ direction keeps flowing; the connection closes when both directions are done, or
 (with a reset) when either side fails.
 
 Life of a ``Conn``: ``handshake`` (TLS server side only) -> ``connecting`` -> (TLS
-client handshake) -> ``open`` -> ``closed``. A connection belongs to one worker thread
-(``workers``) and is only ever touched by it.
+client handshake) -> ``open`` -> ``closed``. A connection belongs to the loop of one node
+worker (``node.worker``) and is only ever touched by it.
 
     conn = Conn(ctx, cid=1, listener=0, sock=accepted, peer=addr, target=("10.0.0.5", 5000))
     conn.start()      # registers with ctx.loop; from here on the loop drives it

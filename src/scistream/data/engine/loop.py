@@ -13,7 +13,7 @@ registered with it, and a handler runs to completion before the next one.
     loop.run()                                        # until loop.stop()
 
 ``Loop(carry=True)`` (the node service's workers) waits through the compiled ``_pump.Hub``:
-plain copying connections attached to it (``relay.Conn._carry``) have their events handled
+plain copying connections attached to it (``conn.Conn._carry``) have their events handled
 in C, and only the rest, and their end, reach the handlers here.
 """
 from __future__ import annotations

@@ -27,7 +27,10 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, PUMPS, TLS_ENGINE, pump  # noqa: F401
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, PUMPS, TLS_ENGINE, pump, ssl_ext  # noqa: F401
 
 if TYPE_CHECKING:
     from .conn import Conn, Side
@@ -57,14 +60,38 @@ def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | Non
         finally:
             os.close(fd)
         ctx.load_verify_locations(cadata=cfg["cert_pem"])
+        key = cfg["key_pem"].encode()
     else:                                    # files an operator gave (cert, key)
         ctx.load_cert_chain(cfg["cert"], cfg["key"])
         ctx.load_verify_locations(cafile=cfg["cert"])
+        with open(cfg["key"], "rb") as f:
+            key = f.read()
     ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
     ctx.check_hostname = False               # the one trusted certificate is the identity
     if server:
         ctx.num_tickets = 1                  # one resumption ticket per connection (see conn)
+        share_tickets(ctx, key)
     return (ctx, None) if server else (None, ctx)
+
+
+def share_tickets(ctx: ssl.SSLContext, key: bytes) -> bool:
+    """Give a session's PROD context ticket keys derived from its private key, so that every
+    worker (and every node) serving the session resumes the tickets any of them issued;
+    with its own random keys each, a ticket from one is refused by the other (a full
+    handshake, and CONS takes a new session). Needs the compiled module (``ssl_ext``):
+    without it each process keeps its own keys, and says nothing."""
+    if ssl_ext is None:
+        return False
+    keys = HKDF(algorithm=hashes.SHA256(), length=80, salt=None,
+                info=b"scistream session ticket keys").derive(key)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    probe = ctx.wrap_bio(inc, out, server_side=True)
+    try:
+        ssl_ext.set_ticket_keys(probe._sslobj, inc, out, keys)   # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        log.warning("session tickets not shared between workers: %s", exc)
+        return False
+    return True
 
 
 _layout_warned = False   # said once: this Python's _ssl is not laid out as _pump.c reads it

@@ -3,7 +3,7 @@
     s2ds serve --socket /run/scistream/node.sock --workers 4
 
 One service process owns the control socket and every session's listening sockets; it
-runs ``--workers`` worker processes (``scistream.data.nodeworker``, default one per
+runs ``--workers`` worker processes (``scistream.data.node.worker``, default one per
 core) that accept and relay the connections. A session is added, re-targeted,
 inspected and removed over the control socket, in place: no process starts, so a
 session is ready in a millisecond and an idle one costs a few kilobytes.
@@ -379,7 +379,7 @@ class Node:
         self.restarting: set[int] = set()
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
-        self.tcp: asyncio.AbstractServer | None = None  # a facility's control servers (facilitynode)
+        self.tcp: asyncio.AbstractServer | None = None  # a facility's control servers (node.facility)
         self.port_range: range | None = None            # remote adds must stay in it
 
     # -- life -------------------------------------------------------------
@@ -936,7 +936,7 @@ def sd_notify(state: str) -> None:
 
 async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: str = "auto",
                 member: dict | None = None) -> int:
-    """Run the service; ``member``: the options of a facility member (``data.facilitynode``)."""
+    """Run the service; ``member``: the options of a facility member (``data.node.facility``)."""
     node = Node(path, workers, plain_relay)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,11 +1,11 @@
 """A worker process of the node service:
-``python -m scistream.data.nodeworker FD INDEX [--inbox=FD] [--peer=INDEX:FD ...]``.
+``python -m scistream.data.node.worker FD INDEX [--inbox=FD] [--peer=INDEX:FD ...]``.
 
 The node service (``scistream.data.node``) starts one worker per core and places each
-session's listeners on them. A worker is one ``evloop.Loop`` in one thread, with no
+session's listeners on them. A worker is one ``engine.loop.Loop`` in one thread, with no
 locks: it accepts on the listening sockets it was given (they arrive over its channel,
 ``FD``, with ``SCM_RIGHTS``; the service keeps its own copy, so a worker that dies takes
-no port with it) and relays every connection it accepts (``relay.Conn``: splice on the
+no port with it) and relays every connection it accepts (``engine.conn.Conn``: splice on the
 plain legs, TLS 1.3 on the WAN leg) until the connection ends. The part of a session a
 worker carries is a ``Slice``: the session's targets, TLS contexts (made just after the
 session is added, off the path of its first connection; about 20 KB each), rate buckets,
@@ -71,7 +71,7 @@ WARM_DELAY = 0.003
 
 
 class Slice:
-    """The listeners and connections of one session in this worker (a ``relay.RelayContext``)."""
+    """The listeners and connections of one session in this worker (an ``engine.conn.RelayContext``)."""
 
     def __init__(self, worker: "NodeWorker", sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]],
                  *, home: bool = True) -> None:
@@ -434,7 +434,7 @@ class NodeWorker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scistream.data.nodeworker",
+    p = argparse.ArgumentParser(prog="python -m scistream.data.node.worker",
                                 description="A worker of the node service (started by it).")
     p.add_argument("fd", type=int, help="the channel to the service")
     p.add_argument("index", type=int, nargs="?", default=0)
