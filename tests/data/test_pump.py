@@ -122,11 +122,12 @@ logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 ssl._ssl.__file__ = _json.__file__          # where this "Python" keeps its OpenSSL
 from scistream.data import wankeys
 from scistream.data.engine import compiled, tlsleg
-creds = wankeys.derive_credentials(wankeys.new_secret(), "u")
+secret = wankeys.new_secret()
+creds = wankeys.derive_credentials(secret, "u")
 cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode()}
 server, _ = tlsleg.tls_contexts(cfg)
 print(compiled.PUMPS, compiled.TLS_ENGINE, compiled.ssl_ext is None, compiled.pump is not None,
-      tlsleg.share_tickets(server, b"key"))
+      tlsleg.share_tickets(server, wankeys.ticket_keys(secret)))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -163,11 +164,13 @@ def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, session=None):
 
 
 def test_workers_of_a_session_resume_each_others_tickets():
-    """Two workers build their PROD context from the same session credentials: a ticket
-    one issued resumes on the other (their ticket keys derive from the session's key).
-    Contexts that keep OpenSSL's own random keys do not."""
-    creds = wankeys.derive_credentials(wankeys.new_secret(), "u")
-    cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode()}
+    """Two workers build their PROD context from the same session configuration: a ticket
+    one issued resumes on the other (their ticket keys derive from the session's secret).
+    A context with other keys does not."""
+    secret = wankeys.new_secret()
+    creds = wankeys.derive_credentials(secret, "u")
+    cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode(),
+           "ticket_keys": wankeys.ticket_keys(secret).hex()}
     one, _ = tlsleg.tls_contexts(cfg)
     other, _ = tlsleg.tls_contexts(cfg)
     _, client = tlsleg.tls_contexts({**cfg, "role": "CONS"})
@@ -180,7 +183,7 @@ def test_workers_of_a_session_resume_each_others_tickets():
     lone.minimum_version = ssl.TLSVersion.TLSv1_3
     lone.verify_mode = ssl.CERT_REQUIRED
     lone.load_verify_locations(cadata=cfg["cert_pem"])
-    tlsleg.share_tickets(lone, b"another key entirely")
+    assert tlsleg.share_tickets(lone, wankeys.ticket_keys(wankeys.new_secret()))
     fd = os.memfd_create("c")
     os.write(fd, (cfg["key_pem"] + cfg["cert_pem"]).encode())
     lone.load_cert_chain(f"/proc/self/fd/{fd}")

@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import grpc
 
 from ..addr import check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
@@ -53,7 +52,7 @@ from ..data import wankeys
 from ..data.spec import KEEPALIVE, Stats
 from ..data.node.client import ServiceConnection, ServiceError
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
-                      FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError)
+                      FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError, Status)
 from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
                        check_owner, check_request, check_update, choose_wan_secret, tell_observers)
 
@@ -68,7 +67,7 @@ NODE_CALL_TIMEOUT = 5.0
 class Unavailable(ScistreamError):
     """No node of the facility can take a session now, or this instance is stopping: worth
     retrying (on another instance)."""
-    status = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 def _session(row: Any) -> Session:

@@ -42,9 +42,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import grpc
 
-from ..errors import ScistreamError
+from ..errors import ScistreamError, Status
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class SessionRecord:
 class StoreError(ScistreamError):
     """The session store cannot be opened or written; the caller may retry later."""
 
-    status = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 class SessionStore(abc.ABC):

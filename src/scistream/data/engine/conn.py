@@ -35,6 +35,7 @@ from typing import Any, Callable, Protocol
 
 from .loop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket,
                      whole_number_setting)
+from ...addr import format_listener
 from .compiled import F_EOF, pump as compiled
 from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
                      note_moved, thread_buffers)
@@ -662,6 +663,5 @@ class Conn:
 
 def _fmt(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+        return format_listener(str(addr[0]), addr[1])
     return str(addr)

@@ -27,9 +27,6 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, PUMPS, TLS_ENGINE, pump, ssl_ext  # noqa: F401
 
 if TYPE_CHECKING:
@@ -42,48 +39,39 @@ SERVER_NAME = "scistream-session"
 
 def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     """(server context for the listeners, client context for the targets) of a session's
-    WAN leg (``cfg``: its role, and ``cert_pem``/``key_pem`` when ``tls``): TLS 1.3, mutual,
-    the session's one certificate the only identity either end trusts; ``cert``/``key``
-    paths instead of the PEM texts where an operator gave files."""
+    WAN leg (``cfg``: its role, and ``cert_pem``/``key_pem`` when ``tls``, ``ticket_keys`` for
+    PROD): TLS 1.3, mutual, the session's one certificate the only identity either end trusts."""
     if not cfg.get("tls"):
         return None, None
     server = cfg["role"] == "PROD"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if cfg.get("cert_pem"):
-        # credentials derived from the session's secret live in memory only: loaded
-        # through an anonymous memory file, never written to a disk
-        fd = os.memfd_create("scistream-session-credentials", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, (cfg["key_pem"] + cfg["cert_pem"]).encode())
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        ctx.load_verify_locations(cadata=cfg["cert_pem"])
-        key = cfg["key_pem"].encode()
-    else:                                    # files an operator gave (cert, key)
-        ctx.load_cert_chain(cfg["cert"], cfg["key"])
-        ctx.load_verify_locations(cafile=cfg["cert"])
-        with open(cfg["key"], "rb") as f:
-            key = f.read()
+    # the credentials derived from the session's secret live in memory only: loaded
+    # through an anonymous memory file, never written to a disk
+    fd = os.memfd_create("scistream-session-credentials", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, (cfg["key_pem"] + cfg["cert_pem"]).encode())
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    ctx.load_verify_locations(cadata=cfg["cert_pem"])
     ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
     ctx.check_hostname = False               # the one trusted certificate is the identity
     if server:
         ctx.num_tickets = 1                  # one resumption ticket per connection (see conn)
-        share_tickets(ctx, key)
+        if cfg.get("ticket_keys"):
+            share_tickets(ctx, bytes.fromhex(cfg["ticket_keys"]))
     return (ctx, None) if server else (None, ctx)
 
 
-def share_tickets(ctx: ssl.SSLContext, key: bytes) -> bool:
-    """Give a session's PROD context ticket keys derived from its private key, so that every
-    worker (and every node) serving the session resumes the tickets any of them issued;
-    with its own random keys each, a ticket from one is refused by the other (a full
-    handshake, and CONS takes a new session). Needs the compiled module (``ssl_ext``):
+def share_tickets(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Give a session's PROD context the session's ticket keys (``wankeys.ticket_keys``), so
+    that every worker (and every node) serving the session resumes the tickets any of them
+    issued; with OpenSSL's random keys each, a ticket from one is refused by the other (a
+    full handshake, and CONS takes a new session). Needs the compiled module (``ssl_ext``):
     without it each process keeps its own keys, and says nothing."""
     if ssl_ext is None:
         return False
-    keys = HKDF(algorithm=hashes.SHA256(), length=80, salt=None,
-                info=b"scistream session ticket keys").derive(key)
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     probe = ctx.wrap_bio(inc, out, server_side=True)
     try:

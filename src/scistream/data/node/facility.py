@@ -32,6 +32,8 @@ import os
 import ssl
 from pathlib import Path
 
+from ...addr import format_listener
+
 log = logging.getLogger(__name__)
 
 LIVE = "('requested', 'ready', 'connected')"
@@ -63,8 +65,7 @@ class Membership:
 
     @property
     def control(self) -> str:
-        h = self.control_host
-        return f"[{h}]:{self.control_port}" if ":" in h else f"{h}:{self.control_port}"
+        return format_listener(self.control_host, self.control_port)
 
     def _tls(self) -> ssl.SSLContext:
         from ...control import tlscert

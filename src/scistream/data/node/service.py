@@ -58,7 +58,7 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "handover", "to": PATH}          (a successor asks; see above)
 
 ``cfg`` is a session's half: uid, role,
-listen_host, ports, targets (addresses), rate_kbps, tls, cert, key, keepalive, and
+listen_host, ports, targets (addresses), rate_kbps, wan_secret (hex: a TLS WAN leg), keepalive, and
 ``max_conns``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
 "unknown"}``; ``busy`` is worth a retry (a handover is under way).
 """
@@ -301,7 +301,8 @@ class Entry:
 def with_credentials(cfg: Any) -> Any:
     """A session given as its WAN secret (``wan_secret``, hex): its certificate and key,
     derived here and kept in memory (``cert_pem``, ``key_pem``; the workers load them
-    through a memory file), so no credential file is written for it."""
+    through a memory file), so no credential file is written for it; and the ticket keys
+    its PROD listeners share (``ticket_keys``)."""
     if not isinstance(cfg, dict) or not cfg.get("wan_secret"):
         return cfg
     from .. import wankeys
@@ -313,8 +314,8 @@ def with_credentials(cfg: Any) -> Any:
     if len(secret) != wankeys.SECRET_BYTES:
         raise OpError(f"wan_secret must be {wankeys.SECRET_BYTES} bytes")
     creds = wankeys.derive_credentials(secret, str(cfg.get("uid")))
-    cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode())
-    cfg.pop("cert", None), cfg.pop("key", None)
+    cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode(),
+               ticket_keys=wankeys.ticket_keys(secret).hex())
     return cfg
 
 
@@ -334,9 +335,7 @@ def check_cfg(cfg: Any) -> dict:
         for t in targets:
             resolve_target(t)
         if cfg.get("tls") and not (cfg.get("cert_pem") and cfg.get("key_pem")):
-            for k in ("cert", "key"):
-                if not cfg.get(k) or not Path(cfg[k]).is_file():
-                    raise OpError(f"tls needs a readable {k} file, got {cfg.get(k)!r}")
+            raise OpError("tls needs the session's wan_secret")
         str(cfg["listen_host"])
     except (KeyError, TypeError, ValueError) as exc:
         raise OpError(f"bad session configuration: {exc}") from None
@@ -638,7 +637,7 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem")}
+            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem", "ticket_keys")}
             return {"ok": True, "cfg": shown, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
@@ -688,7 +687,7 @@ class Node:
             if bad:
                 raise OpError(f"ports {bad} are outside this node's range "
                               f"{self.port_range.start}-{self.port_range.stop - 1}")
-        cfg.pop("cert", None), cfg.pop("key", None), cfg.pop("cert_pem", None), cfg.pop("key_pem", None)
+        cfg.pop("cert_pem", None), cfg.pop("key_pem", None), cfg.pop("ticket_keys", None)
         return cfg
 
     # -- operations ---------------------------------------------------------
