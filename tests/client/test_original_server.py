@@ -17,7 +17,6 @@ import json
 import os
 import re
 
-import grpc
 import pytest
 
 from conftest import BIN, async_wait_until, echo_roundtrip, new_uid, parse_listener, still_listening

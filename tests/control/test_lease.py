@@ -7,7 +7,6 @@ import hashlib
 import os
 import time
 
-import grpc
 import pytest
 
 from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener

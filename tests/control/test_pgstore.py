@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from conftest import (roundtrip_ok, async_wait_until, connect_session, free_port, new_uid, port_block)
