@@ -477,6 +477,24 @@ static PyObject *Engine_get_unsent(Engine *e, void *Py_UNUSED(closure)) {
     return PyLong_FromSize_t(e->left.len - e->left.off);
 }
 
+/* The SSL* of an _ssl._SSLSocket, checked against its two memory BIOs (the SSL's rbio and
+ * wbio must be theirs: this Python's _ssl is laid out as we read it); NULL with TypeError. */
+static SSL *checked_ssl(PyObject *sslobj, PyObject *inc, PyObject *out) {
+    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0 ||
+        strcmp(Py_TYPE(inc)->tp_name, "_ssl.MemoryBIO") != 0 ||
+        strcmp(Py_TYPE(out)->tp_name, "_ssl.MemoryBIO") != 0) {
+        PyErr_SetString(PyExc_TypeError, "need an _ssl._SSLSocket and its two _ssl.MemoryBIO");
+        return NULL;
+    }
+    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
+    BIO *rb = ((MemoryBIOHead *)inc)->bio, *wb = ((MemoryBIOHead *)out)->bio;
+    if (ssl == NULL || rb == NULL || wb == NULL || SSL_get_rbio(ssl) != rb || SSL_get_wbio(ssl) != wb) {
+        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
+        return NULL;
+    }
+    return ssl;
+}
+
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"sslobj", "inc", "out", "pending_in", "pending_out", "eof_in", NULL};
     PyObject *sslobj, *inc, *out;
@@ -489,18 +507,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOy*y*|p", kwlist, &sslobj, &inc, &out, &pin, &pout, &eof_in))
         return -1;
     int rc = -1;
-    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0 ||
-        strcmp(Py_TYPE(inc)->tp_name, "_ssl.MemoryBIO") != 0 ||
-        strcmp(Py_TYPE(out)->tp_name, "_ssl.MemoryBIO") != 0) {
-        PyErr_SetString(PyExc_TypeError, "need an _ssl._SSLSocket and its two _ssl.MemoryBIO");
+    SSL *ssl = checked_ssl(sslobj, inc, out);
+    if (ssl == NULL)
         goto out;
-    }
-    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
-    BIO *rb = ((MemoryBIOHead *)inc)->bio, *wb = ((MemoryBIOHead *)out)->bio;
-    if (ssl == NULL || rb == NULL || wb == NULL || SSL_get_rbio(ssl) != rb || SSL_get_wbio(ssl) != wb) {
-        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
-        goto out;
-    }
+    BIO *rb = SSL_get_rbio(ssl), *wb = SSL_get_wbio(ssl);
     if (!SSL_is_init_finished(ssl)) {
         PyErr_SetString(PyExc_ValueError, "the handshake is not complete");
         goto out;
@@ -1040,22 +1050,13 @@ static PyObject *set_ticket_keys(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *res = NULL;
     unsigned char back[80];
-    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0 ||
-        strcmp(Py_TYPE(inc)->tp_name, "_ssl.MemoryBIO") != 0 ||
-        strcmp(Py_TYPE(out)->tp_name, "_ssl.MemoryBIO") != 0) {
-        PyErr_SetString(PyExc_TypeError, "need an _ssl._SSLSocket and its two _ssl.MemoryBIO");
-        goto out;
-    }
     if (keys.len != (Py_ssize_t)sizeof back) {
         PyErr_SetString(PyExc_ValueError, "ticket keys are 80 bytes");
         goto out;
     }
-    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
-    BIO *rb = ((MemoryBIOHead *)inc)->bio, *wb = ((MemoryBIOHead *)out)->bio;
-    if (ssl == NULL || rb == NULL || wb == NULL || SSL_get_rbio(ssl) != rb || SSL_get_wbio(ssl) != wb) {
-        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
+    SSL *ssl = checked_ssl(sslobj, inc, out);
+    if (ssl == NULL)
         goto out;
-    }
     SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
     if (ctx == NULL || SSL_CTX_set_tlsext_ticket_keys(ctx, keys.buf, sizeof back) != 1 ||
         SSL_CTX_get_tlsext_ticket_keys(ctx, back, sizeof back) != 1 || memcmp(back, keys.buf, sizeof back) != 0) {
