@@ -26,10 +26,9 @@ import logging
 import time
 from typing import Awaitable, Sequence
 
-import grpc
 
 from ..addr import parse_listener
-from ..errors import InvalidArgument, NotFound, ScistreamError
+from ..errors import InvalidArgument, NotFound, ScistreamError, Status
 from ..proto import pb
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def check_targets(listeners: Sequence[str], what: str, *, usage: bool = True) ->
 
 def unknown_uid(exc: ScistreamError) -> bool:
     """True if a hello failed only because the server does not know its req yet."""
-    if exc.status == grpc.StatusCode.UNKNOWN:
+    if exc.status is Status.UNKNOWN:
         return "entry not found" in str(exc).lower()   # the original's server
     return isinstance(exc, NotFound)                      # ours, after --hello-grace
 
