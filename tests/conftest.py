@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import pytest
 
@@ -207,39 +207,46 @@ async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
-class Chained(NamedTuple):
-    """A session connected through a PROD and a CONS server (``chain_session``)."""
-    uid: str
-    prod: Any       # PROD's req response: listeners, prod_listeners, wan_secret
-    cons: Any       # CONS's req response: listeners (where the consumer connects)
-    update: Any     # CONS's update response: wan_security
-
-
-async def chain_session(pc: AsyncClient, cc: AsyncClient, endpoints: str | Iterable[str], num_conn: int = 2,
-                        rate: int = 0, lease: int = 0, *, legacy: bool = False) -> Chained:
-    """A whole session through the clients of a PROD and a CONS server, as a user and two
-    application controllers make it: req + the producer's hello naming ``endpoints``, update
-    PROD, req + the consumer's hello, update CONS. ``legacy``: both updates carry no WAN
-    secret, as the original tooling's client sends them. Checks that the consumer's hello
-    answered with the CONS listeners."""
+async def prod_session(req_client: AsyncClient, hello_client: AsyncClient, endpoints: str | Iterable[str],
+                       num_conn: int = 1, rate: int = 0, lease: int = 0, *, legacy: bool = False) -> tuple[str, Any]:
+    """The PROD half of a session: req on ``req_client``; the producer's hello naming
+    ``endpoints`` and the update on ``hello_client`` (the same client, or another instance
+    of a facility, which the application controller reached). ``legacy``: the update
+    carries no WAN secret, as the original tooling's client sends it. (uid, PROD's req
+    response: listeners, prod_listeners, wan_secret)."""
     uid = new_uid()
-    req = asyncio.create_task(pc.req(uid, "PROD", num_conn, rate, lease=lease))
-    await pc.hello(uid, "PROD", [endpoints] if isinstance(endpoints, str) else list(endpoints))
+    req = asyncio.create_task(req_client.req(uid, "PROD", num_conn, rate, lease=lease))
+    try:
+        await hello_client.hello(uid, "PROD", [endpoints] if isinstance(endpoints, str) else list(endpoints))
+    except BaseException:
+        req.cancel()
+        await asyncio.gather(req, return_exceptions=True)
+        raise
     prod = await req
-    secret = b"" if legacy else prod.wan_secret
-    await pc.update(uid, "PROD", prod.prod_listeners, secret)
-    creq = asyncio.create_task(cc.req(uid, "CONS", num_conn, rate, lease=lease))
+    await hello_client.update(uid, "PROD", prod.prod_listeners, b"" if legacy else prod.wan_secret)
+    return uid, prod
+
+
+async def cons_session(cc: AsyncClient, uid: str, prod: Any, rate: int = 0, lease: int = 0, *,
+                       legacy: bool = False) -> Any:
+    """The CONS half of session ``uid`` whose PROD half answered ``prod``: req + the
+    consumer's hello, update to PROD's listeners. CONS's update response: ``listeners``
+    (where the consumer connects, as the hello answered) and ``wan_security``."""
+    req = asyncio.create_task(cc.req(uid, "CONS", len(prod.listeners), rate, lease=lease))
     hello = await cc.hello(uid, "CONS")
-    cons = await creq
-    update = await cc.update(uid, "CONS", prod.listeners, secret)
-    assert list(hello.listeners) == list(cons.listeners)
-    return Chained(uid, prod, cons, update)
+    cons = await req
+    update = await cc.update(uid, "CONS", prod.listeners, b"" if legacy else prod.wan_secret)
+    assert list(hello.listeners) == list(cons.listeners) == list(update.listeners)
+    return update
 
 
-async def connect_session(pc: AsyncClient, cc: AsyncClient, endpoint: str, num_conn: int = 2,
-                          rate: int = 0, lease: int = 0) -> tuple[str, Any, Any]:
-    """``chain_session`` as (uid, PROD's req response, CONS's req response)."""
-    return (await chain_session(pc, cc, endpoint, num_conn, rate, lease))[:3]
+async def connect_session(pc: AsyncClient, cc: AsyncClient, endpoints: str | Iterable[str], num_conn: int = 2,
+                          rate: int = 0, lease: int = 0, *, legacy: bool = False) -> tuple[str, Any, Any]:
+    """A whole session through the clients of a PROD and a CONS server, as a user and two
+    application controllers make it (``prod_session`` on ``pc``, then ``cons_session`` on
+    ``cc``): (uid, PROD's req response, CONS's update response), both connected."""
+    uid, prod = await prod_session(pc, pc, endpoints, num_conn, rate, lease, legacy=legacy)
+    return uid, prod, await cons_session(cc, uid, prod, rate, lease, legacy=legacy)
 
 
 async def still_listening(listeners: Iterable[str]) -> list[str]:

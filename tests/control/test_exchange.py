@@ -5,14 +5,14 @@ import asyncio
 import hashlib
 import os
 
-from conftest import chain_session, echo_roundtrip, new_uid, parse_listener, still_listening
+from conftest import connect_session, echo_roundtrip, new_uid, parse_listener, still_listening
 
 
 async def test_two_servers_chain_bytes_both_ways(servers, client_for, echo_server):
     prod_srv, cons_srv = await servers(), await servers()
     pc, cc = client_for(prod_srv), client_for(cons_srv)
-    uid, prod, cons, upd = await chain_session(pc, cc, f"{echo_server[0]}:{echo_server[1]}", 3)
-    assert upd.wan_security == "tls"
+    uid, prod, cons = await connect_session(pc, cc, f"{echo_server[0]}:{echo_server[1]}", 3)
+    assert cons.wan_security == "tls"
     payload = os.urandom(4 << 20)
     results = await asyncio.gather(*(echo_roundtrip(*parse_listener(l), payload) for l in cons.listeners))
     for got in results:
