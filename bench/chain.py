@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from scistream.data import wankeys  # noqa: E402
-from scistream.data.base import DataServer, DataSpec, backend_names, get_backend  # noqa: E402
+from scistream.data.base import DataServer, backend_names, get_backend  # noqa: E402
+from scistream.data.spec import DataSpec  # noqa: E402
 from scistream.data.supervise import stat_fields  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -110,7 +111,7 @@ class Chain:
         as s2cs starts its own. Other backends: no service ("", "")."""
         if self.backend != "Builtin":
             return "", ""
-        from scistream.data.nodebackend import NodeService
+        from scistream.data.node.backend import NodeService
         for role in ("prod", "cons"):
             self.nodes.append(await NodeService.open(self.workdir / f"{role}-node.sock", managed=True))
         return str(self.nodes[0].path), str(self.nodes[1].path)

@@ -36,8 +36,9 @@ from scistream.addr import parse_listener  # noqa: E402
 from scistream.client import AsyncClient  # noqa: E402
 from scistream.data.supervise import free_port_check, stat_fields  # noqa: E402
 
-#: command-line marker of the node service and its workers under an s2cs
-NODE_MODULE = "scistream.data.node"
+#: command-line markers of the node service (``python -m scistream.cli.s2ds serve``) and
+#: its workers (``python -m scistream.data.node.worker``) under an s2cs
+NODE_MODULES = ("scistream.cli.s2ds", "scistream.data.node")
 
 
 class UnknownType(RuntimeError):
@@ -85,7 +86,7 @@ def data_plane_pids(s2cs_pid: int) -> dict[str, list[int]]:
         text = cmdline_text(p)
         if not text:
             continue
-        out["node" if NODE_MODULE in text else "other"].append(p)
+        out["node" if any(m in text for m in NODE_MODULES) else "other"].append(p)
     return out
 
 
