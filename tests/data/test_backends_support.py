@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import echo_roundtrip, free_ports, port_is_free  # noqa: F401  (port_is_free: test_backends_lifecycle's)
+from conftest import echo_roundtrip, free_ports
 from scistream.data.node.backend import NodeService
 from scistream.data.base import BackendUnavailable, DataServer, get_backend
 from scistream.data.spec import KEEPALIVE, DataSpec
