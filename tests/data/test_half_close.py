@@ -31,11 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener
+from conftest import (async_wait_until, connect_session, echo_roundtrip, free_ports, new_uid,
+                      parse_listener)
 from scistream.data.backends.common import IDLE_TIMEOUT_S
 from scistream.data.backends.stunnel import StunnelServer
-from scistream.data.base import DataSpec, get_backend
-from test_backends_support import _param, free_ports
+from scistream.data.base import get_backend
+from scistream.data.spec import DataSpec
+from test_backends_support import _param
 
 TYPES = [_param(n) for n in ("Builtin", "Haproxy", "Nginx", "Stunnel", "StunnelSubprocess")]
 CONNS = 4
@@ -190,8 +192,7 @@ async def test_half_closed_streams_arrive_whole_or_counted(kind, leg, servers, c
         cons_srv = await servers(server_type=kind, wan_plaintext=leg == "plain")
         pc, cc = client_for(prod_srv), client_for(cons_srv)
         uid, prod, cons = await connect_session(pc, cc, app.endpoint, CONNS)
-        (info,) = (await cc.status(uid)).sessions
-        assert info.wan_security == ("tls" if leg == "tls" else "plain")
+        assert cons.wan_security == ("tls" if leg == "tls" else "plain")
         ports = [parse_listener(l)[1] for l in cons.listeners]
         short: list[str] = []
         bad: list[str] = []
