@@ -200,8 +200,8 @@ async def test_half_closed_streams_arrive_whole_or_counted(kind, leg, servers, c
             for _ in range(rounds):
                 await one_round(shape, app, ports, short, bad)
         if not carries:
-            # stunnel's documented limitation: late answers lose their end in about one
-            # stream of five here; more rounds until it shows (almost never needed)
+            # stunnel's documented limitation: late answers lose their end in about half the
+            # streams here; more rounds until it shows (almost never needed)
             for _ in range(MORE_LATE_ROUNDS):
                 if short:
                     break
