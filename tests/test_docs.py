@@ -17,7 +17,7 @@ from conftest import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"s2cs": "scistream.cli.s2cs", "s2uc": "scistream.cli.s2uc", "appctrl": "scistream.cli.appctrl",
-            "scistream": "scistream.cli.scistream"}
+            "scistream": "scistream.cli.scistream", "s2ds": "scistream.cli.s2ds"}
 
 
 def test_cli_reference_is_up_to_date():
