@@ -243,30 +243,53 @@ def _rate_cap(d: dict, short: bool = False) -> str:
             "s2cs --enforce-legacy-rate enforces it)")
 
 
-def _table(found: list[dict], rates: dict | None = None, **kw) -> Table:
+# the table's columns, in their order, and which go first when the terminal is too narrow
+# for all (the uid and the state are never cut: they are what the user copies and checks)
+_COLUMNS = ("uid", "role", "state", "owner", "age", "lease left", "conns", "to producer", "to consumer",
+            "rate cap", "WAN", "server", "last error")
+_KEEP_FIRST = ("uid", "state", "role", "to consumer", "to producer", "conns", "age", "last error", "server",
+               "lease left", "owner", "rate cap", "WAN")
+
+
+def _row(d: dict, rates: dict | None) -> dict[str, str]:
+    live = not d["ended"]
+    flow = ["", ""]
+    if rates is not None and live:
+        r_in, r_out = rates.get((d["server"], d["uid"], d["role"], d["created"]), (0.0, 0.0))
+        flow = [f" {bitrate(int(r_in))}", f" {bitrate(int(r_out))}"]
+    return {"uid": d["uid"], "role": d["role"], "state": d["state"], "owner": escape(d["owner"]),
+            "age": duration(d["age_s"]),
+            "lease left": duration(d["lease_left_s"]) if d["lease_expires"] and live else "-",
+            "conns": f"{d['connections']}/{d['total_connections']}",
+            "to producer": _size(d["bytes_to_producer"]) + flow[0],
+            "to consumer": _size(d["bytes_to_consumer"]) + flow[1],
+            "rate cap": _rate_cap(d, short=True), "WAN": d["wan_security"] or "-",
+            "server": d["server"] + (f" @{d['node']}" if d.get("node") else ""),
+            "last error": escape(d["last_error"][:120]) or "-"}
+
+
+def _table(found: list[dict], rates: dict | None = None, width: int | None = None, **kw) -> Table:
     """The sessions, one row each, live ones first: the same columns for ``status``,
     ``list`` and ``status --watch`` (which adds each live session's current throughput to
-    the byte counts). The uid and the state are never cut; the last error goes first."""
+    the byte counts). Columns that do not fit the terminal's width are left out, the least
+    needed first (see _KEEP_FIRST); the uid and the state are never cut."""
+    rows = [_row(d, rates) for d in sorted(found, key=lambda d: (d["ended"] is not None,
+                                                                -(d["ended"] or 0), -d["created"]))]
+    width = width or out.width
+    need = {c: max([len(c)] + [len(r[c]) for r in rows]) + 3 for c in _COLUMNS}
+    shown, used = set(), 1
+    for c in _KEEP_FIRST:
+        want = need[c] if c != "last error" else min(need[c], 24)
+        if c in ("uid", "state", "role") or used + want <= width:
+            shown.add(c)
+            used += want
     t = Table(**kw)
-    t.add_column("uid", no_wrap=True, min_width=36)
-    t.add_column("role", no_wrap=True)
-    t.add_column("state", no_wrap=True, min_width=9)
-    for name in ("owner", "age", "lease left", "conns", "to producer", "to consumer", "rate cap", "WAN",
-                 "server", "last error"):
-        t.add_column(name, overflow="fold" if name in ("server", "last error") else "ellipsis")
-    for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
-        live = not d["ended"]
-        flow = ["", ""]
-        if rates is not None and live:
-            r_in, r_out = rates.get((d["server"], d["uid"], d["role"], d["created"]), (0.0, 0.0))
-            flow = [f" {bitrate(int(r_in))}", f" {bitrate(int(r_out))}"]
-        t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), duration(d["age_s"]),
-                  duration(d["lease_left_s"]) if d["lease_expires"] and live else "-",
-                  f"{d['connections']}/{d['total_connections']}",
-                  _size(d["bytes_to_producer"]) + flow[0], _size(d["bytes_to_consumer"]) + flow[1],
-                  _rate_cap(d, short=True), d["wan_security"] or "-",
-                  d["server"] + (f" @{d['node']}" if d.get("node") else ""),
-                  escape(d["last_error"][:120]) or "-")
+    for c in _COLUMNS:
+        if c in shown:
+            t.add_column(c, no_wrap=c in ("uid", "state", "role"), overflow="fold" if c == "last error" else "ellipsis",
+                         min_width=need[c] - 3 if c in ("uid", "state") else None)
+    for r in rows:
+        t.add_row(*(r[c] for c in _COLUMNS if c in shown))
     return t
 
 
