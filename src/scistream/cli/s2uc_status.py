@@ -253,16 +253,15 @@ _KEEP_FIRST = ("uid", "state", "role", "to consumer", "to producer", "conns", "a
 
 def _row(d: dict, rates: dict | None) -> dict[str, str]:
     live = not d["ended"]
-    flow = ["", ""]
-    if rates is not None and live:
+    flow = [_size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"])]
+    if rates is not None and live:   # --watch: the throughput now, then the bytes so far
         r_in, r_out = rates.get((d["server"], d["uid"], d["role"], d["created"]), (0.0, 0.0))
-        flow = [f" {bitrate(int(r_in))}", f" {bitrate(int(r_out))}"]
+        flow = [f"{bitrate(int(r_in))} ({flow[0]})", f"{bitrate(int(r_out))} ({flow[1]})"]
     return {"uid": d["uid"], "role": d["role"], "state": d["state"], "owner": escape(d["owner"]),
             "age": duration(d["age_s"]),
             "lease left": duration(d["lease_left_s"]) if d["lease_expires"] and live else "-",
             "conns": f"{d['connections']}/{d['total_connections']}",
-            "to producer": _size(d["bytes_to_producer"]) + flow[0],
-            "to consumer": _size(d["bytes_to_consumer"]) + flow[1],
+            "to producer": flow[0], "to consumer": flow[1],
             "rate cap": _rate_cap(d, short=True), "WAN": d["wan_security"] or "-",
             "server": d["server"] + (f" @{d['node']}" if d.get("node") else ""),
             "last error": escape(d["last_error"][:120]) or "-"}
@@ -270,8 +269,8 @@ def _row(d: dict, rates: dict | None) -> dict[str, str]:
 
 def _table(found: list[dict], rates: dict | None = None, width: int | None = None, **kw) -> Table:
     """The sessions, one row each, live ones first: the same columns for ``status``,
-    ``list`` and ``status --watch`` (which adds each live session's current throughput to
-    the byte counts). Columns that do not fit the terminal's width are left out, the least
+    ``list`` and ``status --watch`` (which shows each live session's throughput now before
+    its byte counts). Columns that do not fit the terminal's width are left out, the least
     needed first (see _KEEP_FIRST); the uid and the state are never cut."""
     rows = [_row(d, rates) for d in sorted(found, key=lambda d: (d["ended"] is not None,
                                                                 -(d["ended"] or 0), -d["created"]))]
