@@ -141,8 +141,8 @@ def channel_options(fn):
     fn = option("--insecure", is_flag=True, default=False,
                 help="Plaintext control channel (only for a server started with --insecure).")(fn)
     fn = option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
-                help="PEM certificate to verify the S2CS against (default: ./server.crt if present, "
-                     "else the system's roots).")(fn)
+                help="PEM certificate to verify the S2CS against (default: the one this client recorded "
+                     "for that address, else ./server.crt if present, else the system's roots).")(fn)
     return fn
 
 

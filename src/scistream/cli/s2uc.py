@@ -148,11 +148,11 @@ def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) ->
              epilog="Example: s2uc inbound-request --s2cs 127.0.0.1:5000 --num-conn 1 "
                     "--remote-ip 127.0.0.1 --receiver-ports 5074")
 @s2cs_option
-@option("--num-conn", type=click.IntRange(1), default=5, show_default=True)
+@option("--num-conn", type=click.IntRange(1), default=5, show_default=True, help="Parallel connections.")
 @option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
 @option("--remote-ip", required=True, help="The producer's address.")
 @option("--receiver-ports", required=True, help="The producer's ports, comma-separated (e.g. 5074,5075).")
-@option("--lease", type=click.IntRange(0), default=0)
+@option("--lease", type=click.IntRange(0), default=0, help="Session lifetime in seconds (0: the server's default).")
 @channel_options
 @handle_errors("inbound-request")
 def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, server_cert, insecure, token) -> None:
@@ -209,7 +209,7 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
 @click.argument("prod_listener", nargs=-1, required=True)
 @option("--num-conn", type=click.IntRange(1), default=None, help="Default: one per PROD listener.")
 @option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
-@option("--lease", type=click.IntRange(0), default=0)
+@option("--lease", type=click.IntRange(0), default=0, help="Session lifetime in seconds (0: the server's default).")
 @option("--wan-secret-file", type=click.Path(dir_okay=False), default=None,
         help="JSON session file from the PROD side's client (default: this user's local record).")
 @channel_options
@@ -233,11 +233,11 @@ def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, s
              epilog="Example: s2uc outbound-request --s2cs 127.0.0.1:5001 --num-conn 1 "
                     "--remote-ip 127.0.0.1 --receiver-ports 5074 UID 127.0.0.1:5100")
 @s2cs_option
-@option("--num-conn", type=click.IntRange(1), default=None)
-@option("--rate", type=click.IntRange(0), default=0, show_default=True)
+@option("--num-conn", type=click.IntRange(1), default=None, help="Default: one per PROD listener.")
+@option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
 @option("--remote-ip", default=None, help="Accepted for the original's scripts; not needed.")
 @option("--receiver-ports", default=None, help="Accepted for the original's scripts; not needed.")
-@option("--lease", type=click.IntRange(0), default=0)
+@option("--lease", type=click.IntRange(0), default=0, help="Session lifetime in seconds (0: the server's default).")
 @option("--wan-secret-file", type=click.Path(dir_okay=False), default=None,
         help="JSON session file from the PROD side's client (default: this user's local record).")
 @click.argument("uid")

@@ -320,13 +320,13 @@ async def _watch(servers: list[str], uid: str, opts: dict, interval: float) -> N
             found, failed = await _query(servers, uid, opts)
 
 
-def _watch_table(found: list[dict], rates: dict, failed: list, interval: float) -> Table:
+def _watch_table(found: list[dict], rates: dict, failed: list, interval: float, width: int | None = None) -> Table:
     states: dict[str, int] = {}
     for d in found:
         states[d["state"]] = states.get(d["state"], 0) + 1
     title = (f"{len(found)} session(s): " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
              if found else "no sessions")
-    return _table(found, rates, title=title + f"  (every {interval:g} s; Ctrl-C ends)",
+    return _table(found, rates, width, title=title + f"  (every {interval:g} s; Ctrl-C ends)",
                   caption=" ".join(f"[red]{escape(s)}: {escape(str(e))}[/]" for s, e in failed) or None)
 
 
