@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 import uuid
@@ -100,8 +101,10 @@ def _check_args(num_conn: int, rate: int, lease: int) -> None:
 
 
 def _side_error(half: _Half, exc: ScistreamError) -> ScistreamError:
-    """The same typed error, saying which side it came from."""
-    new = from_status(exc.status, f"{half.role} side ({half.gateway.address}): {exc}")
+    """The same typed error (its class and what it carries: a ``LocalMistake`` or a
+    ``CertificateRejected`` stays one), saying which side it came from."""
+    new = copy.copy(exc)
+    new.args = (f"{half.role} side ({half.gateway.address}): {exc}",)
     new.side = half.role  # type: ignore[attr-defined]
     return new
 
