@@ -367,3 +367,16 @@ def no_leftover_processes(tmp_path):
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
         pytest.fail("test left processes behind: " + "; ".join(cmds))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """``@pytest.mark.compiled``: the test needs the compiled module (``_pump.c``), built and
+    linked with the libssl Python's ssl runs: skipped, saying why, where it is not
+    (.ci/run checks that it was built)."""
+    if item.get_closest_marker("compiled"):
+        from scistream.data.engine import compiled
+        if compiled.module is None:
+            pytest.skip("needs the compiled module (_pump.c), which was not built")
+        if compiled.ssl_ext is None:
+            pytest.skip("the compiled module is linked with another libssl than Python's ssl")

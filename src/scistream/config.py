@@ -200,7 +200,7 @@ def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         if name in values and values[name] < 0:
             yield name, f"must be >= 0, got {values[name]}"
     if "tcp_keepalive" in values and not isinstance(values["tcp_keepalive"], tuple):
-        from .data.base import parse_keepalive
+        from .data.spec import parse_keepalive
         try:
             parse_keepalive(values["tcp_keepalive"])
         except ValueError as exc:

@@ -1,4 +1,4 @@
-"""Typed errors, each carrying the gRPC status it maps to.
+"""Typed errors, each carrying the status it maps to (``Status``: gRPC's codes, by name).
 
     ScistreamError
     ├── InvalidArgument        INVALID_ARGUMENT
@@ -17,23 +17,45 @@
     └── CertificateRejected    UNAVAILABLE (the server's TLS certificate does not verify
                                against the one the client was given: CLIs exit 2)
 
-The message of each says what to do next. The servicer turns them into a status code
-and message (``scistream.control.servicer``); the client turns status codes back into
-these classes (``scistream.client``), so both sides speak the same vocabulary.
+The message of each says what to do next. The servicer turns them into a gRPC status
+code and message (``scistream.control.servicer``, the one place that speaks gRPC's);
+the client turns status codes back into these classes (``from_status``), so both sides
+speak the same vocabulary. No gRPC here: the data plane uses these too.
 """
 from __future__ import annotations
 
-import grpc
+import enum
+
+
+class Status(enum.Enum):
+    """The status of a failed call, named as gRPC's codes are (``grpc.StatusCode[s.name]``)."""
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 class ScistreamError(Exception):
     """Base of every error this package raises on purpose."""
 
-    status: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    status: Status = Status.UNKNOWN
 
 
 class InvalidArgument(ScistreamError):
-    status = grpc.StatusCode.INVALID_ARGUMENT
+    status = Status.INVALID_ARGUMENT
 
 
 class LocalMistake(InvalidArgument):
@@ -44,15 +66,15 @@ class LocalMistake(InvalidArgument):
 
 
 class NotFound(ScistreamError):
-    status = grpc.StatusCode.NOT_FOUND
+    status = Status.NOT_FOUND
 
 
 class AlreadyExists(ScistreamError):
-    status = grpc.StatusCode.ALREADY_EXISTS
+    status = Status.ALREADY_EXISTS
 
 
 class FailedPrecondition(ScistreamError):
-    status = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class InvalidTransition(FailedPrecondition):
@@ -62,7 +84,7 @@ class InvalidTransition(FailedPrecondition):
 
 
 class ResourceExhausted(ScistreamError):
-    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class PortsExhausted(ResourceExhausted):
@@ -83,19 +105,19 @@ class BandwidthExhausted(ResourceExhausted):
 
 
 class Unauthenticated(ScistreamError):
-    status = grpc.StatusCode.UNAUTHENTICATED
+    status = Status.UNAUTHENTICATED
 
 
 class PermissionDenied(ScistreamError):
-    status = grpc.StatusCode.PERMISSION_DENIED
+    status = Status.PERMISSION_DENIED
 
 
 class DeadlineExceeded(ScistreamError):
-    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    status = Status.DEADLINE_EXCEEDED
 
 
 class DataServerError(ScistreamError):
-    status = grpc.StatusCode.INTERNAL
+    status = Status.INTERNAL
 
 
 class CertificateRejected(ScistreamError):
@@ -103,11 +125,11 @@ class CertificateRejected(ScistreamError):
     client was given (or the system's roots): a configuration mistake on the caller's side,
     not something to retry. CLIs exit 2."""
 
-    status = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
     usage = True
 
 
-_BY_STATUS: dict[grpc.StatusCode, type[ScistreamError]] = {
+_BY_STATUS: dict[Status, type[ScistreamError]] = {
     cls.status: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
                 ResourceExhausted, Unauthenticated, PermissionDenied, DeadlineExceeded,
@@ -115,9 +137,10 @@ _BY_STATUS: dict[grpc.StatusCode, type[ScistreamError]] = {
 }
 
 
-def from_status(code: grpc.StatusCode, message: str) -> ScistreamError:
-    """The typed error for a gRPC status (the client side of the mapping)."""
-    cls = _BY_STATUS.get(code, ScistreamError)
-    err = cls(message)
-    err.status = code
+def from_status(code: Status | str, message: str) -> ScistreamError:
+    """The typed error for a status, or for a status name (``grpc.StatusCode.X.name``): the
+    client side of the mapping."""
+    status = code if isinstance(code, Status) else Status[code]
+    err = _BY_STATUS.get(status, ScistreamError)(message)
+    err.status = status
     return err

@@ -17,7 +17,6 @@ import json
 import os
 import re
 
-import grpc
 import pytest
 
 from conftest import BIN, async_wait_until, echo_roundtrip, new_uid, parse_listener, still_listening
@@ -142,7 +141,7 @@ async def test_standin_keeps_the_originals_rules(originals, echo_server):
     async with AsyncClient(prod.target, insecure=True) as c:
         with pytest.raises(ScistreamError) as info:
             await c.hello(new_uid(), "PROD", [ep])
-        assert info.value.status == grpc.StatusCode.UNKNOWN and "entry not found" in str(info.value)
+        assert info.value.status.name == "UNKNOWN" and "entry not found" in str(info.value)
         uid = new_uid()
         req = asyncio.create_task(c.req(uid, "PROD", 1))
         with pytest.raises(ScistreamError) as info:  # hello sent at the same moment as the req
@@ -154,12 +153,12 @@ async def test_standin_keeps_the_originals_rules(originals, echo_server):
         assert resp.wan_secret == b"" and len(resp.listeners) == 1
         with pytest.raises(ScistreamError) as info:
             await c.update(uid, "PROD", [])
-        assert info.value.status == grpc.StatusCode.UNKNOWN
+        assert info.value.status.name == "UNKNOWN"
         upd = await c.update(uid, "PROD", [ep])
         assert upd.wan_security == "" and upd.wan_secret == b""
         with pytest.raises(ScistreamError) as info:
             await c.status(uid)
-        assert info.value.status == grpc.StatusCode.UNIMPLEMENTED and "original" in str(info.value)
+        assert info.value.status.name == "UNIMPLEMENTED" and "original" in str(info.value)
         await c.release(uid)
     assert_all_freed(prod)
 

@@ -263,7 +263,7 @@ async def test_drain_undrain_and_list(facility, client_for, echo_server):
 async def test_node_obeys_only_the_facility_token(facility, tmp_path):
     f = facility(nodes=1, instances=1)
     import ssl
-    from scistream.data.nodeclient import ServiceConnection, ServiceError
+    from scistream.data.node.client import ServiceConnection, ServiceError
     row = (await sql(f.url, "SELECT control, cert FROM nodes WHERE name = 'dtn1'"))[0]
     host, _, port = row["control"].rpartition(":")
     ctx = ssl.create_default_context(cadata=row["cert"])

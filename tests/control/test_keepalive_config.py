@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import new_uid
-from scistream.data.base import KEEPALIVE, parse_keepalive
+from scistream.data.spec import KEEPALIVE, parse_keepalive
 
 
 def test_parse_keepalive():

@@ -85,21 +85,21 @@ async def test_our_clients_rate_is_enforced(servers, client_for, echo_server):
 async def test_decision_survives_a_restart(servers, client_for, echo_server):
     """The decision is part of the session's record: a restarted control server whose data
     server died meanwhile starts the new one without the cap, and status still says so."""
-    srv = await servers(allow_legacy_plaintext=True, server_type="BuiltinProcess")   # a process to kill
+    srv = await servers(allow_legacy_plaintext=True)
     c = client_for(srv)
     uid = new_uid()
     req = asyncio.create_task(c.req(uid, "PROD", 1, LEGACY_RATE))
     await c.hello(uid, "PROD", [f"{echo_server[0]}:{echo_server[1]}"])
     resp = await req
     await c.update(uid, "PROD", list(resp.prod_listeners))  # no wan_secret: as the original's clients
-    (old_pid,) = srv.registry.active[(uid, "PROD")].server.pids
+    old_pid = srv.registry.active[(uid, "PROD")].server.handle()["service_pid"]   # the node service
     sd, rng = srv.state_dir, srv.config.port_range
     await srv.stop(release=False)
     os.killpg(old_pid, signal.SIGKILL)
-    await async_wait_until(lambda: not pid_alive(old_pid), what="the data server to be gone")
-    srv2 = await servers(state_dir=sd, port_range=rng, allow_legacy_plaintext=True, server_type="BuiltinProcess")
+    await async_wait_until(lambda: not pid_alive(old_pid), what="the node service to be gone")
+    srv2 = await servers(state_dir=sd, port_range=rng, allow_legacy_plaintext=True)
     session = srv2.registry.active[(uid, "PROD")]
-    assert session.server.pids != [old_pid] and session.server.spec.rate_kbps == 0
+    assert session.server.handle()["service_pid"] != old_pid and session.server.spec.rate_kbps == 0
     c2 = client_for(srv2)
     assert (await c2.status(uid)).sessions[0].rate_not_enforced is True
     payload = os.urandom(1 << 20)

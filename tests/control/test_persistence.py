@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,7 @@ from conftest import (roundtrip_ok, async_wait_until, connect_session, new_uid, 
 from scistream.client import AsyncClient
 from scistream.control.recovery import processes_under
 from scistream.control.store import SessionRecord, SqliteStore, StoreError
+from scistream.data.node.client import call_once
 from scistream.data.supervise import pid_alive
 
 
@@ -83,9 +85,24 @@ async def test_store_group_commit_and_prune(tmp_path):
     await store.close()
 
 
-#: The per-process data servers: these tests are about re-adopting (and restarting) those
-#: processes; the node service's own are in tests/data/test_node_service.py.
-PROCESS = "BuiltinProcess"
+#: The built-in type: its sessions live in the node service, a process of its own (in its
+#: own process group) that outlives the control server and is re-adopted by the next one.
+PROCESS = "Builtin"
+
+
+def service_pid(session) -> int:
+    """The pid of the node service that carries a session."""
+    return session.server.handle()["service_pid"]
+
+
+async def _empty(pending) -> bool:
+    return not await pending
+
+
+def data_processes(state_dir: Path) -> list[int]:
+    """The data-plane processes started from a state directory: the node service (its
+    socket is ``STATE_DIR/node.sock``), and any per-session process under ``sessions/``."""
+    return processes_under(state_dir)
 
 
 # -- in-process: clean stop without drain, then a new server on the same state ---------
@@ -140,21 +157,22 @@ async def test_ready_session_keeps_its_update_deadline_across_a_restart(servers,
 
 
 async def test_data_server_died_while_down_is_restarted(servers, client_for, echo_server):
-    """Per-process data servers (the node service's equivalent: tests/data/test_node_service.py)."""
+    """The node service killed while the control server was down: the next control server
+    starts a new one and puts the session back on its ports."""
     ep = f"{echo_server[0]}:{echo_server[1]}"
     prod, cons = await servers(server_type=PROCESS), await servers(server_type=PROCESS)
     uid, p, c = await connect_session(client_for(prod), client_for(cons), ep)
     await roundtrip_ok(c.listeners[0])
     sd, rng = cons.state_dir, cons.config.port_range
-    (old_pid,) = cons.registry.active[(uid, "CONS")].server.pids
+    old_pid = service_pid(cons.registry.active[(uid, "CONS")])
     await cons.stop(release=False)
     os.killpg(old_pid, signal.SIGKILL)
-    await async_wait_until(lambda: not pid_alive(old_pid), what="s2ds killed")
+    await async_wait_until(lambda: not pid_alive(old_pid), what="the node service killed")
     cons2 = await servers(state_dir=sd, port_range=rng, server_type=PROCESS)
     st = (await client_for(cons2).status(uid)).sessions[0]
     assert st.state == "connected"
     assert "restarted" in st.last_error and "stopped while the control server was down" in st.last_error
-    assert cons2.registry.active[(uid, "CONS")].server.pids != [old_pid]
+    assert service_pid(cons2.registry.active[(uid, "CONS")]) != old_pid
     for listener in c.listeners:  # same listeners, same WAN secret: the chain works again
         await roundtrip_ok(listener)
     st = (await client_for(cons2).status(uid)).sessions[0]
@@ -169,10 +187,10 @@ async def test_data_server_that_cannot_restart_fails_with_reason(servers, client
     prod, cons = await servers(server_type=PROCESS), await servers(server_type=PROCESS)
     uid, p, c = await connect_session(client_for(prod), client_for(cons), ep, num_conn=1)
     sd, rng = cons.state_dir, cons.config.port_range
-    (old_pid,) = cons.registry.active[(uid, "CONS")].server.pids
+    old_pid = service_pid(cons.registry.active[(uid, "CONS")])
     await cons.stop(release=False)
     os.killpg(old_pid, signal.SIGKILL)
-    await async_wait_until(lambda: not pid_alive(old_pid), what="s2ds killed")
+    await async_wait_until(lambda: not pid_alive(old_pid), what="the node service killed")
     squatter = await asyncio.start_server(lambda r, w: w.close(), *parse_listener(c.listeners[0]))
     async with squatter:  # another program took the port meanwhile
         cons2 = await servers(state_dir=sd, port_range=rng, server_type=PROCESS)
@@ -241,6 +259,7 @@ async def test_kill9_mid_transfer_restart_readopts_everything(s2cs_process, tmp_
 
         transfer = asyncio.gather(send(), recv())
         await async_wait_until(lambda: len(received) >= 4 << 20, timeout=30, what="4 MiB through")
+        before_kill = {k: data_processes(sd) for k, (sd, _) in sides.items()}
         for proc in procs.values():
             proc.proc.send_signal(signal.SIGKILL)
         for proc in procs.values():
@@ -273,13 +292,15 @@ async def test_kill9_mid_transfer_restart_readopts_everything(s2cs_process, tmp_
             print(f"received at kill {at_kill}, at restart {mid}, total {len(received)}")
         await roundtrip_ok(c.listeners[1], 4 << 20)  # a new connection after the restart
 
-        s2ds = {k: processes_under(sd / "sessions") for k, (sd, _) in sides.items()}
+        s2ds = {k: data_processes(sd) for k, (sd, _) in sides.items()}
         assert all(len(v) == 1 for v in s2ds.values()), s2ds
+        assert s2ds == before_kill, (s2ds, before_kill)      # re-adopted, not started again
         await clients["prod"].release(uid)
         await clients["cons"].release(uid)
         for k, (sd, _) in sides.items():
-            await async_wait_until(lambda sd=sd: not processes_under(sd / "sessions"),
-                                   what=f"{k} data server stopped")
+            async def carried(sd=sd) -> dict:
+                return (await call_once(sd / "node.sock", {"op": "list"}))["sessions"]
+            await async_wait_until(lambda: _empty(carried()), what=f"{k} node service to carry nothing")
         for listener in list(p.listeners) + list(c.listeners):
             assert not await still_listening([listener])
         # the whole port range is free again: one req can take every port of it
@@ -308,14 +329,14 @@ async def test_sigterm_keeps_sessions_and_drain_releases(s2cs_process, tmp_path,
         resp = await req
         await c.update(uid, "PROD", resp.prod_listeners, resp.wan_secret)
         assert await asyncio.to_thread(srv.stop) == 0  # SIGTERM, clean exit
-        (pid,) = processes_under(sd / "sessions")
+        (pid,) = data_processes(sd)
         assert pid_alive(pid)
         await c.close()
         srv = await _start(s2cs_process, *args, "--drain")
         c = AsyncClient(srv.target, insecure=True)
         assert (await c.status(uid)).sessions[0].state == "connected"
         assert await asyncio.to_thread(srv.stop) == 0  # SIGTERM with --drain: released
-        await async_wait_until(lambda: not pid_alive(pid), what="drained data server stopped")
+        await async_wait_until(lambda: not pid_alive(pid), what="drained node service stopped")
         assert not await still_listening(resp.listeners[:1])
         await c.close()
         srv = await _start(s2cs_process, *args)

@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from conftest import (roundtrip_ok, async_wait_until, connect_session, free_port, new_uid, port_block)
@@ -205,7 +204,7 @@ async def test_database_restarted_under_a_running_s2cs(own_pg, servers, client_f
         # a new session cannot be recorded: refused clearly, nothing of it kept reserved
         with pytest.raises(ScistreamError) as info:
             await client_for(prod).req(new_uid(), "PROD", 2)
-        assert info.value.status == grpc.StatusCode.UNAVAILABLE
+        assert info.value.status.name == "UNAVAILABLE"
         assert str(info.value).startswith("session store unavailable: cannot write postgresql://")
         assert prod.registry.ports.used == set(prod.registry.active[(uid, "PROD")].ports)
         # the running session keeps its bytes flowing; its release is answered and its end

@@ -42,7 +42,7 @@ async def name_table(monkeypatch):
 async def _code(coro) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(errors.ScistreamError) as info:
         await coro
-    return info.value.status, str(info.value)
+    return grpc.StatusCode[info.value.status.name], str(info.value)
 
 
 async def _roundtrip_ok(listener: str) -> None:

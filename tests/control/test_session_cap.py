@@ -28,7 +28,7 @@ def _capping(name: str):
     return name
 
 
-@pytest.mark.parametrize("kind", [_capping(n) for n in ("Builtin", "BuiltinProcess", "Haproxy", "Nginx")])
+@pytest.mark.parametrize("kind", [_capping(n) for n in ("Builtin", "Haproxy", "Nginx")])
 async def test_max_session_conns_refuses_and_counts(kind, servers, client_for, echo_server):
     srv = await servers(server_type=kind, max_session_conns=2, metrics_port=0, wan_plaintext=True,
                         port_range=port_block(4))

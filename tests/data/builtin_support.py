@@ -1,5 +1,6 @@
-"""Helpers for the built-in data server tests: data servers driven directly, a chain of
-two (PROD + CONS), and a pattern application that sends and checks numbered blocks.
+"""Helpers for the built-in data server tests: sessions in a node service started as
+s2cs starts it (``NodeService.open``, managed), a chain of two (PROD + CONS), and a
+pattern application that sends and checks numbered blocks.
 
 A *pattern stream* is ``n`` bytes made of 1 MiB blocks, each one a fixed random body
 whose first 8 bytes are the block's index: the receiver checks every byte, in order,
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from scistream.data import wankeys
-from scistream.data.base import DataSpec, get_backend
-from scistream.data.builtin import BuiltinDataServer
-from scistream.data.channel import Decoder, encode, send_frame, send_note
+from scistream.data.node.backend import NodeDataServer, NodeService
+from scistream.data.node.channel import Decoder, encode, send_frame, send_note
+from scistream.data.spec import DataSpec
 from scistream.data.supervise import free_port_check
 
 from conftest import async_wait_until
@@ -197,30 +198,47 @@ def pattern_exchange(host: str, port: int, pattern: Pattern, send: int, timeout:
 
 
 class DataServers:
-    """Start built-in data servers directly; all are stopped by ``close``."""
+    """Sessions in one node service of their own, started the way s2cs starts it (a
+    managed ``NodeService`` with ``workers`` worker processes, its environment: the
+    caller's, so ``SCISTREAM_PUMPS`` set before ``open`` chooses the pumps); ``close``
+    removes every session and stops the service."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, workers: int = 2) -> None:
         self.workdir = workdir
-        self.started: list[BuiltinDataServer] = []
+        self.workers = workers
+        self.node: NodeService | None = None
+        self.started: list[NodeDataServer] = []
+
+    async def open(self) -> "DataServers":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.node = await NodeService.open(self.workdir / "node.sock", managed=True, workers=self.workers,
+                                           log_path=self.workdir / "node.log")
+        return self
+
+    @property
+    def log(self) -> str:
+        """What the service and its workers logged so far."""
+        assert self.node is not None
+        return self.node.log_path.read_text()
 
     async def start(self, role: str, targets: list[str], *, listeners: int | None = None,
                     secret: bytes | None = None, rate_kbps: int = 0, uid: str | None = None,
-                    host: str = "127.0.0.1") -> BuiltinDataServer:
+                    host: str = "127.0.0.1") -> NodeDataServer:
+        assert self.node is not None
         n = listeners or len(targets)
         ports = tuple(free_port(host) for _ in range(n))
         targets = [targets[i % len(targets)] for i in range(n)]
         uid = uid or str(uuid.uuid4())
         spec = DataSpec(uid=uid, role=role, listen_host=host, ports=ports, targets=tuple(targets),
-                        rate_kbps=rate_kbps, wan_secret=secret,
+                        rate_kbps=rate_kbps, wan_secret=secret, service=str(self.node.path),
                         workdir=self.workdir / f"{role.lower()}-{uid[:8]}-{len(self.started)}")
-        server = get_backend("BuiltinProcess")(spec)
-        assert isinstance(server, BuiltinDataServer)
+        server = NodeDataServer(spec)
         await server.start()
         self.started.append(server)
         return server
 
     async def chain(self, target: str, *, tls: bool, rate_kbps: int = 0, listeners: int = 1,
-                    cons_secret: bytes | None = None) -> tuple[BuiltinDataServer, BuiltinDataServer]:
+                    cons_secret: bytes | None = None) -> tuple[NodeDataServer, NodeDataServer]:
         """PROD (-> target) and CONS (-> PROD); ``cons_secret`` gives CONS another secret."""
         secret = wankeys.new_secret() if tls else None
         uid = str(uuid.uuid4())
@@ -230,21 +248,45 @@ class DataServers:
                                 secret=cons_secret or secret, rate_kbps=rate_kbps, uid=uid)
         return prod, cons
 
+    async def status(self) -> dict:
+        """The service's ``status``: its pid and each worker's (pid, memory trims, ...)."""
+        assert self.node is not None
+        return await self.node.call({"op": "status"})
+
+    async def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in (await self.status())["workers"]]
+
+    async def worker_of(self, server: NodeDataServer, listener: int = 0) -> int:
+        """The pid of the worker that accepts on ``server``'s listener ``listener``."""
+        index = (await server.config())["workers"][listener]
+        return (await self.worker_pids())[index]
+
+    async def sessions(self) -> dict:
+        assert self.node is not None
+        return (await self.node.call({"op": "list"}))["sessions"]
+
     async def close(self) -> None:
         for s in self.started:
             await s.stop()
+        if self.node is not None:
+            await self.node.close(keep_running=False)
+
+
+async def stats(server: NodeDataServer) -> dict:
+    """Every counter of a session (``failed_connections``, ``tls_resumed``, ...)."""
+    return await server.details()
 
 
 @contextlib.asynccontextmanager
-async def data_servers(workdir: Path) -> AsyncIterator[DataServers]:
-    ds = DataServers(workdir)
+async def data_servers(workdir: Path, workers: int = 2) -> AsyncIterator[DataServers]:
+    ds = DataServers(workdir, workers)
     try:
-        yield ds
+        yield await ds.open()
     finally:
         await ds.close()
 
 
-def entry(server: BuiltinDataServer, i: int = 0) -> tuple[str, int]:
+def entry(server: NodeDataServer, i: int = 0) -> tuple[str, int]:
     return server.spec.listen_host, server.spec.ports[i]
 
 
@@ -256,7 +298,7 @@ class LoneWorker:
     def __init__(self, env: dict | None = None) -> None:
         self.chan, chan_child = socket.socketpair()
         self.inbox, self.inbox_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.proc = subprocess.Popen([sys.executable, "-m", "scistream.data.nodeworker", str(chan_child.fileno()),
+        self.proc = subprocess.Popen([sys.executable, "-m", "scistream.data.node.worker", str(chan_child.fileno()),
                                       "0", f"--inbox={self.inbox_child.fileno()}"], env=env,
                                      pass_fds=(chan_child.fileno(), self.inbox_child.fileno()),
                                      stdin=subprocess.DEVNULL)

@@ -330,7 +330,7 @@ def _keepalive_timers(out: str, local: set[int], peer: set[int]) -> dict[str, li
     return found
 
 
-@pytest.mark.parametrize("kind", ["Builtin", "BuiltinProcess", *EXTERNAL])
+@pytest.mark.parametrize("kind", ["Builtin", *EXTERNAL])
 async def test_tcp_keepalive_timings_reach_every_proxy_socket(kind, tmp_path):
     """The operator's --tcp-keepalive (here 30 s idle) is what the kernel runs on the
     sockets each data server accepts and opens (nginx: the accepted ones; it has no

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from conftest import echo_roundtrip
-from scistream.data.nodebackend import NodeService
-from scistream.data.base import KEEPALIVE, BackendUnavailable, DataServer, DataSpec, get_backend
+from scistream.data.node.backend import NodeService
+from scistream.data.base import BackendUnavailable, DataServer, get_backend
+from scistream.data.spec import KEEPALIVE, DataSpec
 from scistream.data.supervise import free_port_check, group_members
 
 NAMES = ("Haproxy", "Nginx", "Stunnel")

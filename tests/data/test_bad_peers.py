@@ -21,7 +21,7 @@ from conftest import async_wait_until
 from scistream.data import wankeys
 from scistream.data.backends.common import HANDSHAKE_TIMEOUT_S
 from scistream.data.base import BackendUnavailable, get_backend
-from scistream.data.relay import HANDSHAKE_TIMEOUT
+from scistream.data.engine.conn import HANDSHAKE_TIMEOUT
 from test_backends_support import App, Chain, secret, sha, try_through
 
 #: Bad connections per kind (idle, garbage, stalled) per chain.
@@ -36,8 +36,7 @@ STALLED = b"\x16\x03\x01\x02\x00" + b"\x01\x00\x01\xfc\x03\x03" + bytes(10)
 #: (label, backend, WAN secret): the TLS WAN leg on every type, and stunnel's legacy mode
 #: (TLS 1.2 with the uid-derived PSK; the other types' legacy mode is plain TCP, where a
 #: connection is forwarded at once and there is no handshake to bound).
-CHAINS = [("Builtin", "Builtin", True), ("BuiltinProcess", "BuiltinProcess", True),
-          ("Haproxy", "Haproxy", True), ("Nginx", "Nginx", True), ("Stunnel", "Stunnel", True),
+CHAINS = [("Builtin", "Builtin", True), ("Haproxy", "Haproxy", True), ("Nginx", "Nginx", True), ("Stunnel", "Stunnel", True),
           ("Stunnel-legacy", "Stunnel", False)]
 
 
@@ -68,7 +67,7 @@ async def node_service(tmp_path, kinds):
     if "Builtin" not in kinds:
         yield None
         return
-    from scistream.data.nodebackend import NodeService
+    from scistream.data.node.backend import NodeService
     node = await NodeService.open(tmp_path / "node.sock", managed=True, workers=2,
                                   log_path=tmp_path / "node.log")
     try:
@@ -231,7 +230,7 @@ async def test_every_backend_sheds_handshake_floods_and_keeps_quiet_streams(tmp_
 
 def _cap_params():
     params = []
-    for name in ("Builtin", "BuiltinProcess", "Haproxy", "Nginx", "Stunnel"):
+    for name in ("Builtin", "Haproxy", "Nginx", "Stunnel"):
         cls = get_backend(name)
         why = ""
         if not cls.caps_conns:

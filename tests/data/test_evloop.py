@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from scistream.data import evloop
-from scistream.data.evloop import EPOLLIN, Loop
+from scistream.data.engine import loop as evloop
+from scistream.data.engine.loop import EPOLLIN, Loop
 
 
 
@@ -133,7 +133,7 @@ def test_no_spin_by_default_and_for_a_spin_of_zero():
 @pytest.mark.parametrize("text, want", [(None, 50), ("", 50), ("0", 0), ("250", 250), (" 40 ", 40),
                                         ("fast", 50), ("-5", 50), ("1.5", 50)])
 def test_spin_setting(text, want, caplog):
-    with caplog.at_level(logging.WARNING, logger="scistream.data.evloop"):
+    with caplog.at_level(logging.WARNING, logger="scistream.data.engine.loop"):
         assert evloop._spin_us(text) == want
     bad = text not in (None, "") and want == 50
     assert ("SCISTREAM_SPIN_US" in caplog.text) == bad

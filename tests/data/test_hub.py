@@ -18,13 +18,13 @@ import time
 
 import pytest
 
-from scistream.data.evloop import EPOLLIN, EV_ALL, Loop
-from scistream.data.tlsleg import _pump
+from scistream.data.engine.loop import EPOLLIN, EV_ALL, Loop
+from scistream.data.engine.compiled import module as _pump
 
 from builtin_support import LoneWorker
 from conftest import async_wait_until, wait_until
 
-pytestmark = pytest.mark.skipif(_pump is None or not hasattr(_pump, "Hub"), reason="no compiled pumps")
+pytestmark = pytest.mark.compiled
 
 MiB = 1 << 20
 

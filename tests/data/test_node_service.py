@@ -26,8 +26,8 @@ import time
 import pytest
 
 from scistream.client import AsyncClient
-from scistream.data.nodeclient import call_once
-from scistream.data.relay import LOOPBACK_SNDBUF
+from scistream.data.node.client import call_once
+from scistream.data.engine.conn import LOOPBACK_SNDBUF
 from scistream.data.supervise import children, pid_alive
 
 from builtin_support import LoneWorker
@@ -371,7 +371,7 @@ async def test_s2ds_cli_errors(tmp_path):
 async def test_bad_requests_to_the_service_are_refused(servers):
     srv = await servers()
     path = srv.node.path
-    from scistream.data.nodeclient import ServiceError
+    from scistream.data.node.client import ServiceError
     bad = [
         ({"op": "nope"}, "unknown op"),
         ({"op": "add", "sid": "x", "cfg": {"role": "MIDDLE"}}, "role must be"),
@@ -432,7 +432,11 @@ async def test_max_session_conns_refuses_and_counts(servers, client_for, echo_se
     await client_for(cons).release(uid)
 
 
-@pytest.mark.parametrize("mode,pumps", [("auto", "c"), ("copy", "c"), ("copy", "python"), ("splice", "c")])
+C = pytest.mark.compiled
+
+
+@pytest.mark.parametrize("mode,pumps", [pytest.param("auto", "c", marks=C), pytest.param("copy", "c", marks=C),
+                                        ("copy", "python"), pytest.param("splice", "c", marks=C)])
 async def test_plain_legs_copy_or_splice(servers, client_for, echo_server, mode, pumps, monkeypatch):
     """--plain-relay: auto copies on loopback legs (cheaper there, measured), with a send
     buffer of LOOPBACK_SNDBUF on both sockets; splice and copy are forced; bytes (both directions, a half-close) are the same either way, with

@@ -1,9 +1,11 @@
-"""The compiled pumps (``scistream.data._pump``) on their own: the plain copy against a
+"""The compiled pumps (``scistream.data.engine._pump``) on their own: the plain copy against a
 destination that stops reading, and the TLS engine's refusals of what it cannot take
 over. (Both carry real sessions in test_builtin_tls.py and test_node_service.py.)"""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import select
 import socket
 import ssl
@@ -12,8 +14,11 @@ import time
 
 import pytest
 
-from scistream.data import _pump as pump   # built by scripts/setup (gcc, libssl-dev, python3-dev)
-from scistream.data import tlsleg, wankeys
+from scistream.data import wankeys
+from scistream.data.engine import compiled, tlsleg
+from scistream.data.engine.compiled import module as pump   # built by scripts/setup (gcc, libssl-dev, python3-dev)
+
+pytestmark = pytest.mark.compiled
 
 
 def _pair(buf: int = 64 * 1024) -> tuple[socket.socket, socket.socket]:
@@ -93,3 +98,94 @@ def test_engine_refuses_what_is_not_a_finished_ssl_object(tmp_path):
         pump.Engine(obj._sslobj, out, inc, b"", b"")          # BIOs the other way round
     with pytest.raises(ValueError, match="handshake"):
         pump.Engine(obj._sslobj, inc, out, b"", b"")          # no handshake yet
+
+
+def test_libssl_check_names_a_foreign_openssl():
+    """The TLS engine may take an SSL* over only from the libssl it was linked with: the
+    _ssl extension's own (same) and another object (a Python that links OpenSSL into
+    something else: here the _json extension, which has no SSL at all)."""
+    import _json
+    assert compiled.libssl_mismatch(pump, ssl._ssl.__file__) == ""
+    why = compiled.libssl_mismatch(pump, _json.__file__)
+    assert "another OpenSSL" in why and _json.__file__ in why
+    assert "not built" in compiled.libssl_mismatch(None, ssl._ssl.__file__)
+
+
+def test_a_foreign_libssl_refuses_the_tls_engine_and_keeps_the_rest(tmp_path):
+    """A process whose ``_ssl`` is not in the libssl the module was linked with (python-
+    build-standalone links OpenSSL into the executable): one log line, no TLS engine and
+    no shared ticket keys, the Python pumps on TLS legs, the plain copier still compiled;
+    a TLS leg set up there hands nothing to the compiled engine."""
+    script = r"""
+import _json, logging, ssl, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+ssl._ssl.__file__ = _json.__file__          # where this "Python" keeps its OpenSSL
+from scistream.data import wankeys
+from scistream.data.engine import compiled, tlsleg
+secret = wankeys.new_secret()
+creds = wankeys.derive_credentials(secret, "u")
+cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode()}
+server, _ = tlsleg.tls_contexts(cfg)
+print(compiled.PUMPS, compiled.TLS_ENGINE, compiled.ssl_ext is None, compiled.pump is not None,
+      tlsleg.share_tickets(server, wankeys.ticket_keys(secret)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["c", "False", "True", "True", "False"]
+    refusals = [ln for ln in done.stderr.splitlines() if "compiled TLS engine refused" in ln]
+    assert len(refusals) == 1 and "another OpenSSL" in refusals[0], done.stderr
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, session=None):
+    """A TLS 1.3 connection over memory: handshake, one record each way (the client then
+    holds the server's ticket); the client's session and whether it was resumed."""
+    bufs = [ssl.MemoryBIO() for _ in range(4)]
+    c = client.wrap_bio(bufs[0], bufs[1], server_hostname=tlsleg.SERVER_NAME, session=session)
+    s = server.wrap_bio(bufs[2], bufs[3], server_side=True)
+
+    def shuttle():
+        bufs[2].write(bufs[1].read())
+        bufs[0].write(bufs[3].read())
+    for _ in range(20):
+        done = 0
+        for end in (c, s):
+            try:
+                end.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        shuttle()
+        if done == 2:
+            break
+    s.write(b"ticket, please")
+    shuttle()
+    assert c.read(100) == b"ticket, please"
+    return c.session, c.session_reused
+
+
+def test_workers_of_a_session_resume_each_others_tickets():
+    """Two workers build their PROD context from the same session configuration: a ticket
+    one issued resumes on the other (their ticket keys derive from the session's secret).
+    A context with other keys does not."""
+    secret = wankeys.new_secret()
+    creds = wankeys.derive_credentials(secret, "u")
+    cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode(),
+           "ticket_keys": wankeys.ticket_keys(secret).hex()}
+    one, _ = tlsleg.tls_contexts(cfg)
+    other, _ = tlsleg.tls_contexts(cfg)
+    _, client = tlsleg.tls_contexts({**cfg, "role": "CONS"})
+    session, reused = _handshake(client, one)
+    assert not reused and session.has_ticket
+    assert _handshake(client, other, session)[1]
+    own, _ = tlsleg.tls_contexts(cfg)
+    assert _handshake(client, own, session)[1]
+    lone = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)        # the same credentials, keys of its own
+    lone.minimum_version = ssl.TLSVersion.TLSv1_3
+    lone.verify_mode = ssl.CERT_REQUIRED
+    lone.load_verify_locations(cadata=cfg["cert_pem"])
+    assert tlsleg.share_tickets(lone, wankeys.ticket_keys(wankeys.new_secret()))
+    fd = os.memfd_create("c")
+    os.write(fd, (cfg["key_pem"] + cfg["cert_pem"]).encode())
+    lone.load_cert_chain(f"/proc/self/fd/{fd}")
+    os.close(fd)
+    assert not _handshake(client, lone, session)[1]

@@ -1,6 +1,6 @@
 """A peer that vanishes without a word (the WAN link is cut: no FIN, no reset) is found by
-the built-in data server's TCP keepalive, and its connection is closed on both sides;
-a quiet but live connection is kept."""
+the built-in data server's TCP keepalive (a session in the node service on GW-A), and its
+connection is closed on both sides; a quiet but live connection is kept."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ import uuid
 
 from conftest import port_block
 from nshelpers import PY, needs_testbed, testbed, wait_for  # noqa: F401  (testbed is a fixture)
-from scistream.data.builtin import control_call, control_socket_path
+from scistream.data.node.client import ServiceError, call_once
 from scistream.netns import spawn
 
 pytestmark = needs_testbed
@@ -28,8 +28,8 @@ time.sleep(600)
 """
 
 
-async def _stats(control) -> dict:
-    return await control_call(control, {"op": "stats"})
+async def _stats(control, sid: str) -> dict:
+    return (await call_once(control, {"op": "stats", "sid": sid}))["stats"]
 
 
 async def test_vanished_wan_peer_is_dropped_by_keepalive(testbed, tmp_path):
@@ -45,23 +45,25 @@ async def test_vanished_wan_peer_is_dropped_by_keepalive(testbed, tmp_path):
         await wait_for(ready.exists, 20, "echo server")
         (endpoint,) = json.loads(ready.read_text())["endpoints"]
 
-        # GW-A's data server, plain WAN listener, keepalive after 1 s idle, 1 probe/s, 2 probes
+        # GW-A's node service, one session: a plain WAN listener, keepalive after 1 s idle,
+        # 1 probe/s, 2 probes
         port = int(port_block(1).split("-")[0])
-        control = control_socket_path(tmp_path / "s2ds")
-        cfg = tmp_path / "s2ds.json"
-        cfg.write_text(json.dumps({
-            "uid": str(uuid.uuid4()), "role": "PROD", "listen_host": tb.gw_a.wan_ip, "ports": [port],
-            "targets": [endpoint], "rate_kbps": 0, "tls": False, "control": str(control),
-            "keepalive": [1, 1, 2]}))
-        await stack.enter_async_context(spawn(tb.argv(tb.gw_a, PY, "-m", "scistream.data.s2ds", str(cfg)),
-                                              log_path=tmp_path / "s2ds.log"))
+        control = tmp_path / "node.sock"
+        await stack.enter_async_context(spawn(
+            tb.argv(tb.gw_a, PY, "-m", "scistream.cli.s2ds", "serve", "--socket", str(control), "--workers", "1",
+                    "--fresh"), log_path=tmp_path / "s2ds.log"))
 
         async def answers() -> bool:
             try:
-                return bool((await control_call(control, {"op": "ping"}, 1.0)).get("ok"))
-            except (OSError, asyncio.TimeoutError, ValueError):
+                return bool((await call_once(control, {"op": "ping"}, 1.0)).get("ok"))
+            except (OSError, ServiceError):
                 return False
-        await wait_for(answers, 20, "s2ds control socket")
+        await wait_for(answers, 20, "the node service's control socket")
+        uid = str(uuid.uuid4())
+        sid = f"{uid}/PROD"
+        await call_once(control, {"op": "add", "sid": sid, "cfg": {
+            "uid": uid, "role": "PROD", "listen_host": tb.gw_a.wan_ip, "ports": [port],
+            "targets": [endpoint], "rate_kbps": 0, "tls": False, "keepalive": [1, 1, 2]}})
 
         # GW-B's side of the WAN holds one quiet connection through GW-A's listener
         holder = await stack.enter_async_context(spawn(
@@ -73,7 +75,7 @@ async def test_vanished_wan_peer_is_dropped_by_keepalive(testbed, tmp_path):
         # time a dead peer takes to be found (1 s + 2 x 1 s).
         deadline = asyncio.get_running_loop().time() + 6
         while asyncio.get_running_loop().time() < deadline:
-            st = await _stats(control)
+            st = await _stats(control, sid)
             assert st["connections"] == 1 and st["failed_connections"] == 0, st
             await asyncio.sleep(0.5)
 
@@ -81,7 +83,7 @@ async def test_vanished_wan_peer_is_dropped_by_keepalive(testbed, tmp_path):
         tb.run(tb.gw_b, "ip", "link", "set", "wan0", "down")
 
         async def dropped() -> bool:
-            st = await _stats(control)
+            st = await _stats(control, sid)
             return st["connections"] == 0 and st["failed_connections"] == 1
         await wait_for(dropped, 20, "the vanished peer's connection to be dropped")
         # ... and the producer's side of it was closed too

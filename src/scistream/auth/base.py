@@ -14,9 +14,8 @@ import dataclasses
 import logging
 from typing import Any
 
-import grpc
 
-from ..errors import ScistreamError, Unauthenticated
+from ..errors import ScistreamError, Status, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class AuthConfigError(ValueError):
 class AuthUnavailable(ScistreamError):
     """The token could not be checked right now (identity provider unreachable): retry later."""
 
-    status = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 def bearer(value: str | None) -> str | None:

@@ -16,10 +16,11 @@ from .. import __version__
 from ..auth.base import AuthConfigError, make_authenticator
 from ..config import check_config_command, config_option
 from ..control.server import ConfigError, ServerConfig, serve
-from ..data.base import parse_keepalive
+from ..data.base import backend_names
+from ..data.spec import parse_keepalive
 from .common import Exit, err, option, setup_logging
 
-TYPES = ["Builtin", "BuiltinProcess", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
+TYPES = backend_names()
 
 
 class Keepalive(click.ParamType):

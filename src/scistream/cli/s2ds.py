@@ -82,7 +82,7 @@ def serve(socket_path: Path, workers: int, plain_relay: str, fresh: bool, store:
     If a service already answers on --socket, this one takes over its sessions and
     listening sockets (an upgrade without refusing a connection), unless --fresh.
     With --store the node joins a facility of several nodes (docs/operator-guide.md)."""
-    from ..data.node import default_workers, serve as run
+    from ..data.node.service import default_workers, serve as run
     if workers < 0:
         raise click.UsageError("--workers must be >= 0")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
@@ -119,7 +119,7 @@ def _membership(store, node_name, address, control, port_range, max_rate, max_se
     import socket as socketlib
     from ..addr import parse_listener
     from ..control.pgstore import is_postgres_url, redact
-    from ..data.facilitynode import read_token
+    from ..data.node.facility import read_token
     if not is_postgres_url(store):
         raise click.UsageError(f"--store {redact(store)}: give a postgresql://USER@HOST[:PORT]/DATABASE URL")
     if address is None:
@@ -156,7 +156,7 @@ def _membership(store, node_name, address, control, port_range, max_rate, max_se
 
 
 def _call(socket_path: Path, msg: dict, timeout: float = 5.0) -> dict:
-    from ..data.nodeclient import ServiceError, call_once
+    from ..data.node.client import ServiceError, call_once
     try:
         return asyncio.run(call_once(socket_path, msg, timeout))
     except ServiceError as exc:
@@ -200,7 +200,7 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
     argv = list(old.get("argv") or [])
     if workers is None:
         workers = len(old.get("workers") or []) or 0
-    cmd = [sys.executable, "-m", "scistream.data.node", "serve", "--socket", str(socket_path.absolute()),
+    cmd = [sys.executable, "-m", "scistream.cli.s2ds", "serve", "--socket", str(socket_path.absolute()),
            "--workers", str(workers)]
     if "--verbose" in argv or "-v" in argv:
         cmd.append("--verbose")
@@ -229,7 +229,7 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
         if proc.poll() is not None:
             click.echo(f"s2ds: the new service exited with code {proc.returncode}", err=True)
             sys.exit(5)
-        from ..data.nodeclient import ServiceError, call_once
+        from ..data.node.client import ServiceError, call_once
         try:
             reply = asyncio.run(call_once(socket_path, {"op": "ping"}, 2.0))
             if reply.get("pid") == proc.pid:

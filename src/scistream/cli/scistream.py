@@ -8,11 +8,12 @@ import sys
 import click
 
 from .. import __version__
+from ..data.base import backend_names
 from ..demo import DemoOptions, run_demo
 from ..errors import ScistreamError
 from .common import SIZE_OPTION_HELP, Exit, Size, err, out, setup_logging
 
-TYPES = ["Builtin", "BuiltinProcess", "Haproxy", "HaproxySubprocess", "Nginx", "Stunnel", "StunnelSubprocess"]
+TYPES = backend_names()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,7 +23,7 @@ from typing import Sequence
 import grpc
 
 from ..addr import parse_listener
-from ..errors import CertificateRejected, LocalMistake, ScistreamError, from_status
+from ..errors import CertificateRejected, LocalMistake, ScistreamError, Status, from_status
 from ..proto import pb, pb_grpc
 from .instances import (CONNECT_TIMEOUT, FAILOVER_WINDOW, FIRST_BACKOFF, KEEPALIVE, MAX_BACKOFF, Unreachable,
                         moves_on, parse_instances, release_is_done)
@@ -127,7 +127,7 @@ class AsyncClient:
         elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             msg = (f"the S2CS at {target} does not know this call ({msg}); a server of "
                    "the original SciStream tooling has no status: use our s2cs for that")
-        return from_status(exc.code(), msg)
+        return from_status(exc.code().name, msg)
 
     def _tls_mistake(self, details: str, target: str) -> ScistreamError | None:
         """The error for a connection that failed on TLS (not a server that is down):
@@ -222,7 +222,7 @@ class AsyncClient:
         where = "; ".join(f"{addr}: {details}" for addr, details in last.items())
         hint = ("" if all(a.may_have_arrived for a in failed) else
                 ". Is one running, and does --server-cert (or --insecure) match how they were started?")
-        return from_status(grpc.StatusCode.UNAVAILABLE,
+        return from_status(Status.UNAVAILABLE,
                            f"cannot reach any instance of the S2CS at {self.address} ({where}){hint}")
 
     async def req(self, uid: str, role: str, num_conn: int = 5, rate: int = 0, *,

@@ -26,10 +26,9 @@ import logging
 import time
 from typing import Awaitable, Sequence
 
-import grpc
 
 from ..addr import parse_listener
-from ..errors import InvalidArgument, LocalMistake, NotFound, ScistreamError
+from ..errors import InvalidArgument, LocalMistake, NotFound, ScistreamError, Status
 from ..proto import pb
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def check_targets(listeners: Sequence[str], what: str, *, usage: bool = True) ->
 
 def unknown_uid(exc: ScistreamError) -> bool:
     """True if a hello failed only because the server does not know its req yet."""
-    if exc.status == grpc.StatusCode.UNKNOWN:
+    if exc.status is Status.UNKNOWN:
         return "entry not found" in str(exc).lower()   # the original's server
     return isinstance(exc, NotFound)                      # ours, after --hello-grace
 
@@ -143,7 +142,7 @@ async def session_of(client, uid: str, role: str, *, req: "asyncio.Future | None
         try:
             resp = await client.status(uid, timeout=max(1.0, deadline - time.monotonic()))
         except ScistreamError as exc:
-            if exc.status == grpc.StatusCode.UNIMPLEMENTED:
+            if exc.status == Status.UNIMPLEMENTED:
                 return None
             if not isinstance(exc, NotFound):
                 if req is not None and req.done() and not req.cancelled() and req.exception() is not None:

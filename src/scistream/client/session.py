@@ -33,10 +33,9 @@ import time
 import uuid
 from typing import Callable, Sequence, Union
 
-import grpc
 
 from ..addr import check_uid
-from ..errors import DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, from_status
+from ..errors import DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status, from_status
 from .api import AsyncClient
 from .model import (ConsSide, Connection, Gateway, ProdSide, Progress, Released, SessionStatus,
                     Step)
@@ -51,9 +50,8 @@ RELEASE_TIMEOUT = 15.0
 
 # A req that failed with one of these reserved nothing (or freed it): do not release the uid,
 # which may be somebody else's session (ALREADY_EXISTS) or nothing at all.
-_REFUSED = {grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT,
-            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
-            grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE}
+_REFUSED = {Status.ALREADY_EXISTS, Status.INVALID_ARGUMENT, Status.RESOURCE_EXHAUSTED,
+            Status.UNAUTHENTICATED, Status.PERMISSION_DENIED, Status.UNAVAILABLE}
 
 
 def new_uid() -> str:

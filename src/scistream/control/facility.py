@@ -5,7 +5,7 @@
 With ``--facility`` a control server keeps no session in memory and runs no data plane.
 Sessions live in the ``fsessions`` table of the shared PostgreSQL store, and their data
 servers on the facility's nodes: node services that registered themselves in ``nodes``
-(``s2ds serve --store ...``, ``scistream.data.facilitynode``). Any ``req``, ``hello``,
+(``s2ds serve --store ...``, ``scistream.data.node.facility``). Any ``req``, ``hello``,
 ``update``, ``release`` or ``status`` may reach any instance:
 
 * **req** places the session on a live node with room (heartbeat within
@@ -45,15 +45,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import grpc
 
 from ..addr import check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
-from ..data.base import KEEPALIVE, Stats
-from ..data.nodeclient import ServiceConnection, ServiceError
+from ..data.spec import KEEPALIVE, Stats
+from ..data.node.client import ServiceConnection, ServiceError
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
-                      FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError)
+                      FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError, Status)
 from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
                        check_owner, check_request, check_update, choose_wan_secret, tell_observers)
 
@@ -68,7 +67,7 @@ NODE_CALL_TIMEOUT = 5.0
 class Unavailable(ScistreamError):
     """No node of the facility can take a session now, or this instance is stopping: worth
     retrying (on another instance)."""
-    status = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 def _session(row: Any) -> Session:

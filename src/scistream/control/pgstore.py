@@ -30,14 +30,14 @@ no release or expiry is lost. The WAN secret of an ended session is erased (NULL
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import urllib.parse
 from typing import Any
 
 from ..errors import ScistreamError
-from .store import GroupCommitStore, SessionRecord, StoreError
+from .store import (COLUMNS, LIVE, SELECTED, WRITTEN, GroupCommitStore, SessionRecord, StoreError, record_of,
+                    values_of)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sessions_live ON sessions (node, state);
     CREATE INDEX sessions_ended ON sessions (node, ended);
     """,
-    # 2: a facility of several nodes (control/facility.py, data/facilitynode.py): the nodes
+    # 2: a facility of several nodes (control/facility.py, data/node/facility.py): the nodes
     # that registered, and the facility's sessions, each placed on one node. A port is
     # reserved while a live session lists it; the node's row lock serialises placement.
     """
@@ -131,14 +131,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key that serialises migrations of several starting servers.
 _MIGRATION_LOCK = 0x5C157AE0
 
-_COLUMNS = "uid, role, created, state, owner_id, owner_name, ended, wan_secret, data"
-_LIVE = "state NOT IN ('released', 'expired', 'failed')"
 _UPSERT = (
-    "INSERT INTO sessions (node, uid, role, created, state, owner_id, owner_name, ended, "
-    "wan_secret, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb) "
-    "ON CONFLICT (node, uid, role, created) DO UPDATE SET state = EXCLUDED.state, "
-    "owner_id = EXCLUDED.owner_id, owner_name = EXCLUDED.owner_name, ended = EXCLUDED.ended, "
-    "wan_secret = EXCLUDED.wan_secret, data = EXCLUDED.data")
+    f"INSERT INTO sessions ({WRITTEN}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb) "
+    "ON CONFLICT (node, uid, role, created) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[3:]))
 
 
 async def _light_reset(conn: Any) -> None:
@@ -166,14 +162,6 @@ def redact(url: str) -> str:
 
 def is_postgres_url(value: str) -> bool:
     return value.startswith(("postgresql://", "postgres://"))
-
-
-def _record(row: Any) -> SessionRecord:
-    secret = row["wan_secret"]
-    return SessionRecord(uid=row["uid"], role=row["role"], created=row["created"], state=row["state"],
-                         owner_id=row["owner_id"], owner_name=row["owner_name"], ended=row["ended"],
-                         wan_secret=bytes(secret) if secret is not None else None,
-                         data=json.loads(row["data"]))
 
 
 class PostgresStore(GroupCommitStore):
@@ -339,9 +327,7 @@ class PostgresStore(GroupCommitStore):
                 del self._unsaved[key]
 
     async def _write(self, records: list[SessionRecord]) -> None:
-        rows = [(self.node, r.uid, r.role, r.created, r.state, r.owner_id, r.owner_name, r.ended,
-                 None if r.terminal else r.wan_secret, json.dumps(r.data, separators=(",", ":")))
-                for r in records]
+        rows = [values_of(self.node, r) for r in records]
 
         async def write(conn: Any) -> None:
             async with conn.transaction():
@@ -352,20 +338,20 @@ class PostgresStore(GroupCommitStore):
     # -- reads -----------------------------------------------------------------------------
     async def active(self) -> list[SessionRecord]:
         rows = await self._call(lambda c: c.fetch(
-            f"SELECT {_COLUMNS} FROM sessions WHERE node = $1 AND {_LIVE} ORDER BY created",
+            f"SELECT {SELECTED} FROM sessions WHERE node = $1 AND {LIVE} ORDER BY created",
             self.node), "read")
-        return [_record(r) for r in rows]
+        return [record_of(r) for r in rows]
 
     async def history(self, limit: int) -> list[SessionRecord]:
         rows = await self._call(lambda c: c.fetch(
-            f"SELECT {_COLUMNS} FROM sessions WHERE node = $1 AND NOT ({_LIVE}) "
+            f"SELECT {SELECTED} FROM sessions WHERE node = $1 AND NOT ({LIVE}) "
             "ORDER BY ended DESC LIMIT $2", self.node, limit), "read")
-        return [_record(r) for r in rows]
+        return [record_of(r) for r in rows]
 
     async def prune(self, keep: int) -> int:
         status = await self._call(lambda c: c.execute(
-            f"DELETE FROM sessions WHERE node = $1 AND NOT ({_LIVE}) AND (uid, role, created) NOT IN ("
-            f"SELECT uid, role, created FROM sessions WHERE node = $1 AND NOT ({_LIVE}) "
+            f"DELETE FROM sessions WHERE node = $1 AND NOT ({LIVE}) AND (uid, role, created) NOT IN ("
+            f"SELECT uid, role, created FROM sessions WHERE node = $1 AND NOT ({LIVE}) "
             "ORDER BY ended DESC LIMIT $2)", self.node, keep), "prune")
         return int(status.split()[-1])
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import grpc
 
 from ..auth.base import Authenticator, NoAuth, make_authenticator
-from ..data.base import KEEPALIVE, BackendUnavailable, get_backend
-from ..data.nodebackend import NodeService
+from ..data.base import BackendUnavailable, DataServer, get_backend
+from ..data.node.backend import NodeService
+from ..data.spec import KEEPALIVE
 from ..errors import DataServerError
 from ..addr import format_listener
 from . import tlscert
@@ -91,6 +92,12 @@ class ServerConfig:
     facility: bool = False           # sessions go to the facility's registered nodes (control/facility.py)
     node_token_file: Path | None = None  # --facility: the token the facility's nodes obey
     node_timeout: float = 15.0       # --facility: a node silent this long is lost, its sessions failed
+    node_token: str = dataclasses.field(default="", repr=False)   # read from node_token_file by check()
+
+    @property
+    def backend(self) -> type[DataServer]:
+        """The data-server type of ``server_type`` (ValueError if there is none)."""
+        return get_backend(self.server_type)
 
 
 class ConfigError(Exception):
@@ -102,8 +109,7 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("choose an authenticator with --auth (globus, jwt, static); "
                           "--auth none disables authentication for development only")
     try:
-        config.backend = get_backend(config.server_type)  # type: ignore[attr-defined]
-        config.backend.check_available()  # type: ignore[attr-defined]
+        config.backend.check_available()
     except (ValueError, BackendUnavailable) as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -140,14 +146,14 @@ def check(config: ServerConfig) -> None:
             raise ConfigError("--facility needs --store postgresql://...: the facility's shared database")
         if config.node_token_file is None:
             raise ConfigError("--facility needs --node-token-file: the token the facility's nodes obey")
-        from ..data.facilitynode import read_token
+        from ..data.node.facility import read_token
         try:
-            config.node_token = read_token(Path(config.node_token_file)).decode()  # type: ignore[attr-defined]
+            config.node_token = read_token(Path(config.node_token_file)).decode()
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--node-token-file: {exc}") from None
         if config.node_timeout <= 0:
             raise ConfigError("--node-timeout must be > 0 seconds")
-        if config.backend.kind != "Builtin":  # type: ignore[attr-defined]
+        if config.backend.kind != "Builtin":
             raise ConfigError(f"--facility places sessions on node services (the Builtin type); "
                               f"--type {config.server_type} is for a single gateway")
         if config.data_service is not None:
@@ -292,12 +298,12 @@ class ControlServer:
         except StoreError as exc:
             raise ConfigError(str(exc)) from None
         self.audit = AuditLog(self.state_dir / "audit.log")
-        if config.backend.kind == "Builtin" and not config.facility:  # type: ignore[attr-defined]
+        if config.backend.kind == "Builtin" and not config.facility:
             self.node = await self._open_node_service()
         self.registry = (self._facility_registry if config.facility else SessionRegistry)(  # type: ignore[operator]
             RegistryConfig(listener_ip=config.listener_ip, state_dir=self.state_dir,
-                           server_type=config.backend.kind,  # type: ignore[attr-defined]
-                           backend=config.backend,  # type: ignore[attr-defined]
+                           server_type=config.backend.kind,
+                           backend=config.backend,
                            hello_timeout=config.hello_timeout, hello_grace=config.hello_grace,
                            max_conn=config.max_conn, max_lease=config.max_lease,
                            update_timeout=config.update_timeout,
@@ -350,7 +356,7 @@ class ControlServer:
         self._grpc = server
         self.address = shown
         log.info("S2CS serving on %s (type %s, data ports %s, listener ip %s)", shown,
-                 config.backend.kind, config.port_range, config.listener_ip)  # type: ignore[attr-defined]
+                 config.backend.kind, config.port_range, config.listener_ip)
         if not config.facility:
             self._tasks.append(asyncio.create_task(_lease_loop(self.registry)))
         if self.metrics is not None:
@@ -389,7 +395,7 @@ class ControlServer:
 
     def _facility_registry(self, config: RegistryConfig, ports, bandwidth, *, events, store):
         from .facility import FacilityRegistry
-        return FacilityRegistry(config, store, token=self.config.node_token,  # type: ignore[attr-defined]
+        return FacilityRegistry(config, store, token=self.config.node_token,
                                 node_timeout=self.config.node_timeout, events=events)
 
     async def _open_node_service(self) -> NodeService:

@@ -64,7 +64,7 @@ def rpc(request_type):
             except ScistreamError as exc:
                 log.info("%s -> %s: %s", name, exc.status.name, exc)
                 self.record(call, exc.status.name, str(exc))
-                await context.abort(exc.status, str(exc))
+                await context.abort(grpc.StatusCode[exc.status.name], str(exc))
             except asyncio.CancelledError:
                 self.record(call, "CANCELLED", "the caller went away or the server is stopping")
                 raise

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable
 from ..addr import check_role, check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
-from ..data.base import KEEPALIVE, DataServer, DataSpec, Stats
+from ..data.base import DataServer
+from ..data.spec import KEEPALIVE, DataSpec, Stats
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded, FailedPrecondition,
                       InvalidArgument, InvalidTransition, NotFound, PermissionDenied,
                       ScistreamError)

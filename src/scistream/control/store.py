@@ -42,9 +42,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import grpc
 
-from ..errors import ScistreamError
+from ..errors import ScistreamError, Status
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class SessionRecord:
 class StoreError(ScistreamError):
     """The session store cannot be opened or written; the caller may retry later."""
 
-    status = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 class SessionStore(abc.ABC):
@@ -127,16 +126,27 @@ CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (node, ended);
 #: The schema's version, kept in SQLite's ``user_version``; a newer file is refused.
 SQLITE_SCHEMA_VERSION = 1
 
-_COLUMNS = "uid, role, created, state, owner_id, owner_name, ended, wan_secret, data"
-_LIVE = "state NOT IN ('released', 'expired', 'failed')"
+#: What both stores (SQLite here, PostgreSQL in pgstore) read and write of a record, in
+#: this order: ``values_of(node, record)`` and ``record_of(row)`` convert, ``LIVE`` selects the
+#: sessions not ended.
+COLUMNS = ("uid", "role", "created", "state", "owner_id", "owner_name", "ended", "wan_secret", "data")
+SELECTED = ", ".join(COLUMNS)
+WRITTEN = "node, " + SELECTED
+LIVE = "state NOT IN ('released', 'expired', 'failed')"
 
 
-def _row_to_record(row: tuple) -> SessionRecord:
-    uid, role, created, state, owner_id, owner_name, ended, secret, data = row
-    return SessionRecord(uid=uid, role=role, created=created, state=state, owner_id=owner_id,
-                         owner_name=owner_name, ended=ended,
-                         wan_secret=bytes(secret) if secret is not None else None,
-                         data=json.loads(data))
+def values_of(node: str, r: SessionRecord) -> tuple:
+    """The values of ``WRITTEN`` for a record (an ended session's secret is not kept)."""
+    return (node, r.uid, r.role, r.created, r.state, r.owner_id, r.owner_name, r.ended,
+            None if r.terminal else r.wan_secret, json.dumps(r.data, separators=(",", ":")))
+
+
+def record_of(values: Any) -> SessionRecord:
+    """The record of a row of ``SELECTED`` (a tuple, or a mapping such as asyncpg's Record)."""
+    got = dict(zip(COLUMNS, values)) if isinstance(values, tuple) else dict(values)
+    secret = got["wan_secret"]
+    return SessionRecord(**{**got, "wan_secret": bytes(secret) if secret is not None else None,
+                            "data": json.loads(got["data"])})
 
 
 class GroupCommitStore(SessionStore):
@@ -265,14 +275,11 @@ class SqliteStore(GroupCommitStore):
 
     def _write_sync(self, records: list[SessionRecord]) -> None:
         db = self._need_db()
-        rows = [(self.node, r.uid, r.role, r.created, r.state, r.owner_id, r.owner_name, r.ended,
-                 None if r.terminal else r.wan_secret, json.dumps(r.data, separators=(",", ":")))
-                for r in records]
+        rows = [values_of(self.node, r) for r in records]
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT OR REPLACE INTO sessions (node, uid, role, created, state, owner_id, "
-                "owner_name, ended, wan_secret, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(f"INSERT OR REPLACE INTO sessions ({WRITTEN}) VALUES "
+                           f"({', '.join('?' * (len(COLUMNS) + 1))})", rows)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
@@ -289,25 +296,25 @@ class SqliteStore(GroupCommitStore):
     async def active(self) -> list[SessionRecord]:
         def read() -> list[SessionRecord]:
             rows = self._need_db().execute(
-                f"SELECT {_COLUMNS} FROM sessions WHERE node = ? AND {_LIVE} ORDER BY created",
+                f"SELECT {SELECTED} FROM sessions WHERE node = ? AND {LIVE} ORDER BY created",
                 (self.node,)).fetchall()
-            return [_row_to_record(r) for r in rows]
+            return [record_of(r) for r in rows]
         return await self._run(read)
 
     async def history(self, limit: int) -> list[SessionRecord]:
         def read() -> list[SessionRecord]:
             rows = self._need_db().execute(
-                f"SELECT {_COLUMNS} FROM sessions WHERE node = ? AND NOT ({_LIVE}) "
+                f"SELECT {SELECTED} FROM sessions WHERE node = ? AND NOT ({LIVE}) "
                 "ORDER BY ended DESC LIMIT ?", (self.node, limit)).fetchall()
-            return [_row_to_record(r) for r in rows]
+            return [record_of(r) for r in rows]
         return await self._run(read)
 
     async def prune(self, keep: int) -> int:
         def delete() -> int:
             db = self._need_db()
             cur = db.execute(
-                f"DELETE FROM sessions WHERE node = ? AND NOT ({_LIVE}) AND rowid NOT IN ("
-                f"SELECT rowid FROM sessions WHERE node = ? AND NOT ({_LIVE}) "
+                f"DELETE FROM sessions WHERE node = ? AND NOT ({LIVE}) AND rowid NOT IN ("
+                f"SELECT rowid FROM sessions WHERE node = ? AND NOT ({LIVE}) "
                 "ORDER BY ended DESC LIMIT ?)", (self.node, self.node, keep))
             return cur.rowcount
         return await self._run(delete)

@@ -1,8 +1,12 @@
 """Data servers (S2DS): the proxies that move a session's bytes.
 
-``base`` defines the interface every backend implements and the registry of backends by
-the ``--type`` names the original tooling used; ``builtin`` is our own forwarder.
+``spec`` is what a session asks of a data server (``DataSpec``) and what it reports
+(``Stats``); ``base`` the interface every type implements and the registry of types by
+the ``--type`` names the original tooling used. ``engine`` moves the bytes of our own
+type, ``node`` is the service it runs in (``--type Builtin``), ``backends`` drive HAProxy,
+nginx and stunnel as processes.
 """
-from .base import BACKENDS, DataServer, DataSpec, Stats, get_backend
+from .base import TYPES, DataServer, backend_names, get_backend
+from .spec import DataSpec, Stats
 
-__all__ = ["BACKENDS", "DataServer", "DataSpec", "Stats", "get_backend"]
+__all__ = ["TYPES", "DataServer", "DataSpec", "Stats", "backend_names", "get_backend"]

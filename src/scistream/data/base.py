@@ -9,7 +9,8 @@ A *data server* serves one session on one gateway: it listens on ``spec.ports`` 
 * ``CONS``: the listeners face the consumer on the LAN (plain TCP), the targets are the
   PROD side's WAN listeners (TLS client when ``spec.wan_secret`` is set).
 
-Backends register by the ``--type`` name (``@register("Builtin")``). The control server
+Every type is named in ``TYPES`` (its ``--type`` names and where its class lives; the
+CLI's choices come from there, and a class is imported only when used). The control server
 calls ``check_available()`` at start, then per session ``start()``; ``retarget()`` on a
 later update; ``stop()`` on release; ``wait_exit()`` to learn of a crash; ``stats()``
 for the byte counters. Every method is a coroutine except ``check_available``; ``stop``
@@ -23,72 +24,13 @@ is idempotent and must leave no process and no listening port behind.
 from __future__ import annotations
 
 import abc
-import dataclasses
+import importlib
 import logging
-from pathlib import Path
 from typing import Any, ClassVar
 
+from .spec import DataSpec, Stats
+
 log = logging.getLogger(__name__)
-
-
-#: TCP keepalive of every data-server socket: (idle seconds, probe interval seconds, probes).
-#: A peer that vanishes without a FIN or a reset (a cut link, a host powered off) is found
-#: within idle + interval x probes (2 minutes), while a quiet but live stream lasts for ever
-#: (its peer's kernel answers the probes). (0, 0, 0): the system's settings
-#: (net.ipv4.tcp_keepalive_*; 2 hours and more by default).
-KEEPALIVE: tuple[int, int, int] = (60, 15, 4)
-
-
-def parse_keepalive(value: object) -> tuple[int, int, int]:
-    """``"60,15,4"``, ``[60, 15, 4]`` or ``"system"`` (= ``(0, 0, 0)``); ValueError otherwise."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("system", "0"):
-            return 0, 0, 0
-        parts: object = text.split(",")
-    else:
-        parts = value
-    try:
-        idle, interval, count = (int(str(v).strip()) for v in parts)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise ValueError(f"TCP keepalive must be IDLE,INTERVAL,COUNT (e.g. 60,15,4) or 'system', "
-                         f"got {value!r}") from None
-    if (idle, interval, count) == (0, 0, 0):
-        return 0, 0, 0
-    if not (1 <= idle <= 32767 and 1 <= interval <= 32767 and 1 <= count <= 127):
-        raise ValueError(f"TCP keepalive: idle and interval must be 1-32767 s and count 1-127, got {value!r}")
-    return idle, interval, count
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    uid: str
-    role: str                    # "PROD" or "CONS"
-    listen_host: str             # the --listener-ip the operator gave; never 0.0.0.0 unless asked
-    ports: tuple[int, ...]       # one listener per connection slot
-    targets: tuple[str, ...]     # "host:port", same length as ports (round-robin already applied)
-    rate_kbps: int = 0           # whole-session cap in kbit/s; 0 = unlimited
-    wan_secret: bytes | None = None  # 32 random bytes; None = plaintext WAN leg
-    workdir: Path = Path(".")    # per-session directory for configs, logs, sockets
-    keepalive: tuple[int, int, int] = KEEPALIVE   # see KEEPALIVE; (0, 0, 0) = the system's
-    max_conns: int = 0           # open connections per session at most (--max-session-conns); 0 = no cap
-    service: str = ""            # Builtin: the node service's control socket (scistream.data.node)
-
-    @property
-    def wan_tls(self) -> bool:
-        return self.wan_secret is not None
-
-    def with_targets(self, targets: tuple[str, ...]) -> "DataSpec":
-        return dataclasses.replace(self, targets=targets)
-
-
-@dataclasses.dataclass
-class Stats:
-    bytes_in: int = 0      # bytes carried towards the producer (consumer -> producer)
-    bytes_out: int = 0     # bytes carried towards the consumer (producer -> consumer)
-    connections: int = 0   # connections open now
-    total_connections: int = 0
-    refused_connections: int = 0   # refused by the max_conns cap (DataSpec.max_conns)
 
 
 class BackendUnavailable(RuntimeError):
@@ -163,40 +105,27 @@ class DataServer(abc.ABC):
         return []
 
 
-BACKENDS: dict[str, type[DataServer]] = {}
-
-
-def register(*names: str):
-    def deco(cls: type[DataServer]) -> type[DataServer]:
-        cls.kind = names[0]
-        for n in names:
-            BACKENDS[n.lower()] = cls
-        return cls
-    return deco
-
-
-def get_backend(name: str) -> type[DataServer]:
-    _load_all()
-    try:
-        return BACKENDS[name.lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown data server type {name!r}; choose one of {', '.join(backend_names())}") from None
+#: Every data-server type: ``--type`` name -> ``module:Class``. Names are matched without
+#: regard to case; two names of one class are the same type (the original's spellings).
+TYPES: dict[str, str] = {
+    "Builtin": "scistream.data.node.backend:NodeDataServer",
+    "Haproxy": "scistream.data.backends.haproxy:HaproxyServer",
+    "HaproxySubprocess": "scistream.data.backends.haproxy:HaproxyServer",
+    "Nginx": "scistream.data.backends.nginx:NginxServer",
+    "Stunnel": "scistream.data.backends.stunnel:StunnelServer",
+    "StunnelSubprocess": "scistream.data.backends.stunnel:StunnelServer",
+}
 
 
 def backend_names() -> list[str]:
-    _load_all()
-    seen: list[str] = []
-    for cls in BACKENDS.values():
-        for alias in getattr(cls, "aliases", (cls.kind,)):
-            if alias not in seen:
-                seen.append(alias)
-    return seen
+    """The ``--type`` names, in the order the docs list them."""
+    return list(TYPES)
 
 
-def _load_all() -> None:
-    from . import builtin, nodebackend  # noqa: F401
-    try:
-        from .backends import haproxy, nginx, stunnel  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - only while a backend is being written
-        log.debug("external backends not loaded: %s", exc)
+def get_backend(name: str) -> type[DataServer]:
+    """The class of a ``--type`` name (any case); ValueError naming the choices otherwise."""
+    found = next((where for known, where in TYPES.items() if known.lower() == str(name).lower()), None)
+    if found is None:
+        raise ValueError(f"unknown data server type {name!r}; choose one of {', '.join(TYPES)}")
+    module, _, attr = found.partition(":")
+    return getattr(importlib.import_module(module), attr)

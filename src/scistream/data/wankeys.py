@@ -47,6 +47,12 @@ def _derive(secret: bytes, label: bytes, n: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=n, salt=b"scistream-wan-v1", info=label).derive(secret)
 
 
+def ticket_keys(secret: bytes) -> bytes:
+    """The session-ticket keys of the session's PROD listeners (80 bytes: name, HMAC secret,
+    AES key): every worker and node that serves the session resumes the others' tickets."""
+    return _derive(secret, b"tls-ticket-keys", 80)
+
+
 def secrets_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 

@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Iterable
 from ...addr import format_listener, parse_listener
 from ...errors import DataServerError, InvalidArgument
 from .. import wankeys
-from ..base import BackendUnavailable, DataServer, DataSpec
+from ..base import BackendUnavailable, DataServer
+from ..spec import DataSpec
 from ..supervise import ChildProcess, cmdline, group_members, pid_alive, tail
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataServerError
-from ..base import DataSpec, Stats, register
+from ..spec import DataSpec, Stats
 from ..supervise import children
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME,
                      ProxyServer, error_lines, log_since, log_size, short_socket_path)
@@ -59,9 +59,8 @@ _WORKERS = re.compile(r"# workers\n(.*?)(?:\n#|\Z)", re.S)
 _WORKER_PID = re.compile(r"^(\d+)\s+worker\s", re.M)     # current and old workers alike
 
 
-@register("Haproxy", "HaproxySubprocess")
 class HaproxyServer(ProxyServer):
-    aliases = ("Haproxy", "HaproxySubprocess")
+    kind = "Haproxy"
     legacy_plaintext = True
     program = "haproxy"
     package = "haproxy"

@@ -33,7 +33,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from ..base import BackendUnavailable, Stats, register
+from ..base import BackendUnavailable
+from ..spec import Stats
 from ..supervise import children
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME,
                      ProxyServer, error_lines, log_since, log_size)
@@ -56,9 +57,8 @@ def stream_builtin(binary: str) -> bool:
     return "--with-stream" in args
 
 
-@register("Nginx")
 class NginxServer(ProxyServer):
-    aliases = ("Nginx",)
+    kind = "Nginx"
     legacy_plaintext = True
     program = "nginx"
     package = "nginx"

@@ -38,7 +38,7 @@ import os
 import re
 import signal
 
-from ..base import Stats, register
+from ..spec import Stats
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer,
                      error_lines, log_since, log_size, write_private)
 
@@ -57,9 +57,8 @@ def _endpoint(text: str) -> str:
     return f"{host.strip('[]')}:{port}"
 
 
-@register("Stunnel", "StunnelSubprocess")
 class StunnelServer(ProxyServer):
-    aliases = ("Stunnel", "StunnelSubprocess")
+    kind = "Stunnel"
     legacy_plaintext = False
     program = "stunnel"
     package = "stunnel4"

@@ -37,7 +37,7 @@ Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter
 class ServiceConnection:
     """``path``: the service's unix socket; or, with ``opener`` (a coroutine function that
     opens the stream, e.g. TCP with TLS to a facility's node), a name for messages, and
-    ``token`` is sent first (``{"op": "auth"}``, ``data.facilitynode``)."""
+    ``token`` is sent first (``{"op": "auth"}``, ``data.node.facility``)."""
 
     def __init__(self, path: Path | str, *, on_event: Callable[[dict], None] | None = None,
                  on_lost: Callable[[], Awaitable[None]] | None = None, opener: Opener | None = None,

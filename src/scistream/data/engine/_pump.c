@@ -25,11 +25,15 @@
  * the SSL's rbio and wbio must be the memory BIOs' BIO*, else Engine() raises TypeError
  * and tlsleg keeps its Python pumps. Built by setuptools (pyproject.toml), linked to the
  * libssl that Python's ``_ssl`` uses; optional: without a compiler it is not built, and
- * tlsleg uses the Python pumps.
+ * tlsleg uses the Python pumps. Whether the libssl this module calls is the very one
+ * Python's ``_ssl`` runs (a Python that links OpenSSL statically has its own copy, whose
+ * structures this module must never touch) is asked once, by ``compiled.py``, through
+ * ``same_libssl(path)``: the address ``SSL_get_rbio`` has for ``_ssl`` against ours.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -473,6 +477,24 @@ static PyObject *Engine_get_unsent(Engine *e, void *Py_UNUSED(closure)) {
     return PyLong_FromSize_t(e->left.len - e->left.off);
 }
 
+/* The SSL* of an _ssl._SSLSocket, checked against its two memory BIOs (the SSL's rbio and
+ * wbio must be theirs: this Python's _ssl is laid out as we read it); NULL with TypeError. */
+static SSL *checked_ssl(PyObject *sslobj, PyObject *inc, PyObject *out) {
+    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0 ||
+        strcmp(Py_TYPE(inc)->tp_name, "_ssl.MemoryBIO") != 0 ||
+        strcmp(Py_TYPE(out)->tp_name, "_ssl.MemoryBIO") != 0) {
+        PyErr_SetString(PyExc_TypeError, "need an _ssl._SSLSocket and its two _ssl.MemoryBIO");
+        return NULL;
+    }
+    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
+    BIO *rb = ((MemoryBIOHead *)inc)->bio, *wb = ((MemoryBIOHead *)out)->bio;
+    if (ssl == NULL || rb == NULL || wb == NULL || SSL_get_rbio(ssl) != rb || SSL_get_wbio(ssl) != wb) {
+        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
+        return NULL;
+    }
+    return ssl;
+}
+
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"sslobj", "inc", "out", "pending_in", "pending_out", "eof_in", NULL};
     PyObject *sslobj, *inc, *out;
@@ -485,18 +507,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOy*y*|p", kwlist, &sslobj, &inc, &out, &pin, &pout, &eof_in))
         return -1;
     int rc = -1;
-    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0 ||
-        strcmp(Py_TYPE(inc)->tp_name, "_ssl.MemoryBIO") != 0 ||
-        strcmp(Py_TYPE(out)->tp_name, "_ssl.MemoryBIO") != 0) {
-        PyErr_SetString(PyExc_TypeError, "need an _ssl._SSLSocket and its two _ssl.MemoryBIO");
+    SSL *ssl = checked_ssl(sslobj, inc, out);
+    if (ssl == NULL)
         goto out;
-    }
-    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
-    BIO *rb = ((MemoryBIOHead *)inc)->bio, *wb = ((MemoryBIOHead *)out)->bio;
-    if (ssl == NULL || rb == NULL || wb == NULL || SSL_get_rbio(ssl) != rb || SSL_get_wbio(ssl) != wb) {
-        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
-        goto out;
-    }
+    BIO *rb = SSL_get_rbio(ssl), *wb = SSL_get_wbio(ssl);
     if (!SSL_is_init_finished(ssl)) {
         PyErr_SetString(PyExc_ValueError, "the handshake is not complete");
         goto out;
@@ -644,7 +658,7 @@ static PyGetSetDef Copier_getset[] = {
 
 static PyTypeObject CopierType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data._pump.Copier",
+    .tp_name = "scistream.data.engine._pump.Copier",
     .tp_basicsize = sizeof(Copier),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "One direction of a plain leg that copies (see the module's doc).",
@@ -985,7 +999,7 @@ static PyMemberDef Hub_members[] = {
 
 static PyTypeObject HubType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data._pump.Hub",
+    .tp_name = "scistream.data.engine._pump.Hub",
     .tp_basicsize = sizeof(Hub),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The event loop's wait with plain copying connections carried in C (see above).",
@@ -1013,7 +1027,7 @@ static PyGetSetDef Engine_getset[] = {
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data._pump.Engine",
+    .tp_name = "scistream.data.engine._pump.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The TLS engine of one connection after its handshake (see the module's doc).",
@@ -1024,8 +1038,66 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys (80 bytes: name, HMAC
+ * secret, AES key) of the SSL_CTX behind an SSLObject of that context, so that every
+ * process that derives the same keys (a session's workers, its nodes) resumes the
+ * others' tickets. The SSL* is checked as Engine() checks it (its BIOs must be the
+ * SSLObject's memory BIOs) before its SSL_CTX is touched. */
+static PyObject *set_ticket_keys(PyObject *self, PyObject *args) {
+    PyObject *sslobj, *inc, *out;
+    Py_buffer keys;
+    if (!PyArg_ParseTuple(args, "OOOy*", &sslobj, &inc, &out, &keys))
+        return NULL;
+    PyObject *res = NULL;
+    unsigned char back[80];
+    if (keys.len != (Py_ssize_t)sizeof back) {
+        PyErr_SetString(PyExc_ValueError, "ticket keys are 80 bytes");
+        goto out;
+    }
+    SSL *ssl = checked_ssl(sslobj, inc, out);
+    if (ssl == NULL)
+        goto out;
+    SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+    if (ctx == NULL || SSL_CTX_set_tlsext_ticket_keys(ctx, keys.buf, sizeof back) != 1 ||
+        SSL_CTX_get_tlsext_ticket_keys(ctx, back, sizeof back) != 1 || memcmp(back, keys.buf, sizeof back) != 0) {
+        ERR_clear_error();
+        PyErr_SetString(PyExc_ValueError, "the context did not take the ticket keys");
+        goto out;
+    }
+    res = Py_None;
+    Py_INCREF(res);
+out:
+    PyBuffer_Release(&keys);
+    return res;
+}
+
+/* same_libssl(path or None) -> (same, OpenSSL_version_num of ours): whether the object at
+ * path (Python's _ssl extension; None: the main program, where a static Python keeps it)
+ * resolves SSL_get_rbio to the very function this module calls. */
+static PyObject *same_libssl(PyObject *self, PyObject *args) {
+    const char *path = NULL;
+    if (!PyArg_ParseTuple(args, "z", &path))
+        return NULL;
+    int same = 0;
+    void *h = dlopen(path, RTLD_LAZY | RTLD_NOLOAD);
+    if (h != NULL) {
+        void *theirs = dlsym(h, "SSL_get_rbio");
+        same = theirs != NULL && theirs == (void *)&SSL_get_rbio;
+        dlclose(h);
+    }
+    return Py_BuildValue("(OK)", same ? Py_True : Py_False, (unsigned long long)OpenSSL_version_num());
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_ticket_keys", set_ticket_keys, METH_VARARGS,
+     "set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys of sslobj's context (80 bytes)"},
+    {"same_libssl", same_libssl, METH_VARARGS,
+     "same_libssl(path or None) -> (the object at path calls our libssl, our OpenSSL_version_num())"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_pump", "The compiled hot paths of the built-in data server.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_pump", "The compiled hot paths of the built-in data server.", -1, module_methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -13,7 +13,7 @@ registered with it, and a handler runs to completion before the next one.
     loop.run()                                        # until loop.stop()
 
 ``Loop(carry=True)`` (the node service's workers) waits through the compiled ``_pump.Hub``:
-plain copying connections attached to it (``relay.Conn._carry``) have their events handled
+plain copying connections attached to it (``conn.Conn._carry``) have their events handled
 in C, and only the rest, and their end, reach the handlers here.
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ import select
 import signal
 import time
 from typing import Any, Callable
+
+from .compiled import pump
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +101,9 @@ CARRY = whole_number_setting("SCISTREAM_CARRY", os.environ.get("SCISTREAM_CARRY"
 
 def _new_hub(epfd: int, spin: float) -> Any:
     """A ``_pump.Hub`` over the loop's epoll, or None (no compiled pumps, or turned off)."""
-    from .tlsleg import _pump, engine_name
-    if not CARRY or _pump is None or engine_name() != "c" or not hasattr(_pump, "Hub"):
+    if not CARRY or pump is None:
         return None
-    return _pump.Hub(epfd, spin, SPIN_GIVE_WAY, SPIN_SCORE)
+    return pump.Hub(epfd, spin, SPIN_GIVE_WAY, SPIN_SCORE)
 
 
 class Timer:
@@ -149,7 +150,6 @@ class Loop:
         self._pushed = 0
         self.running = False
         self.on_stop: list[Callable[[], None]] = []
-        self.wake_hooks: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add(self._wake_r, EPOLLIN, self._on_wake)
 
@@ -227,11 +227,9 @@ class Loop:
                 pass
         except BlockingIOError:
             pass
-        for hook in self.wake_hooks:
-            hook()
 
     def wake(self) -> None:
-        """Make ``run`` call the wake hooks soon; safe from any thread."""
+        """Make the current wait return (it takes new timers into account); safe from any thread."""
         try:
             os.write(self._wake_w, b"\0")
         except OSError:   # pipe full: a wake-up is pending anyway
@@ -314,6 +312,10 @@ class Loop:
         self.ep.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+
+
+#: The size asked of a splice pipe (the kernel may give less: ``PipePool.size``).
+DEFAULT_PIPE = 1 << 20
 
 
 class PipePool:

@@ -27,41 +27,62 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-try:                      # the compiled hot path (_pump.c); optional
-    from . import _pump
-except ImportError:       # pragma: no cover - built wherever a C compiler was there
-    _pump = None  # type: ignore[assignment]
-
-#: What a compiled pump's call found (``_pump.F_*``).
-F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((_pump.F_SRC_AGAIN, _pump.F_DST_AGAIN, _pump.F_EOF,
-                                             _pump.F_EMPTY) if _pump is not None else (1, 2, 4, 8))
+from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, PUMPS, TLS_ENGINE, pump, ssl_ext  # noqa: F401
 
 if TYPE_CHECKING:
-    from .relay import Conn, Side
+    from .conn import Conn, Side
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 SERVER_NAME = "scistream-session"
 
-#: What moves a leg's bytes (a TLS leg's after its handshake, and a plain leg's that
-#: copies): ``auto`` (the compiled pumps of ``_pump.c`` where they were built, else
-#: Python), ``c`` (the same; says so when they are missing), ``python`` (the pumps
-#: written in Python). From ``SCISTREAM_PUMPS``, read at import.
-ENGINE = os.environ.get("SCISTREAM_PUMPS", "auto").strip().lower() or "auto"
-if ENGINE not in ("auto", "c", "python"):
-    log.warning("SCISTREAM_PUMPS=%r: not auto, c or python; using auto", ENGINE)
-    ENGINE = "auto"
-if ENGINE == "c" and _pump is None:
-    log.warning("SCISTREAM_PUMPS=c, but the compiled pumps were not built: using Python's")
+def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server context for the listeners, client context for the targets) of a session's
+    WAN leg (``cfg``: its role, and ``cert_pem``/``key_pem`` when ``tls``, ``ticket_keys`` for
+    PROD): TLS 1.3, mutual, the session's one certificate the only identity either end trusts."""
+    if not cfg.get("tls"):
+        return None, None
+    server = cfg["role"] == "PROD"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # the credentials derived from the session's secret live in memory only: loaded
+    # through an anonymous memory file, never written to a disk
+    fd = os.memfd_create("scistream-session-credentials", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, (cfg["key_pem"] + cfg["cert_pem"]).encode())
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    ctx.load_verify_locations(cadata=cfg["cert_pem"])
+    ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
+    ctx.check_hostname = False               # the one trusted certificate is the identity
+    if server:
+        ctx.num_tickets = 1                  # one resumption ticket per connection (see conn)
+        if cfg.get("ticket_keys"):
+            share_tickets(ctx, bytes.fromhex(cfg["ticket_keys"]))
+    return (ctx, None) if server else (None, ctx)
+
+
+def share_tickets(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Give a session's PROD context the session's ticket keys (``wankeys.ticket_keys``), so
+    that every worker (and every node) serving the session resumes the tickets any of them
+    issued; with OpenSSL's random keys each, a ticket from one is refused by the other (a
+    full handshake, and CONS takes a new session). Needs the compiled module (``ssl_ext``):
+    without it each process keeps its own keys, and says nothing."""
+    if ssl_ext is None:
+        return False
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    probe = ctx.wrap_bio(inc, out, server_side=True)
+    try:
+        ssl_ext.set_ticket_keys(probe._sslobj, inc, out, keys)   # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        log.warning("session tickets not shared between workers: %s", exc)
+        return False
+    return True
 
 
 _layout_warned = False   # said once: this Python's _ssl is not laid out as _pump.c reads it
-
-
-def engine_name() -> str:
-    """The pumps a new connection gets: ``c`` or ``python``."""
-    return "c" if _pump is not None and ENGINE != "python" else "python"
 
 
 def metered_recv(src: "Side", buf, want: int, bucket, kick) -> int | None:
@@ -174,18 +195,18 @@ class TlsEnd:
             self.flush()
             return True
 
-    def compiled(self) -> "_pump.Engine | None":
+    def compiled(self) -> "pump.Engine | None":
         """Hand the engine's SSL* over to the compiled pumps (after the handshake, with no
         rate limit): what the memory BIOs still hold moves along. None where it was not
         built or is turned off, or if this Python's ``_ssl`` is laid out otherwise (said
         once in the log); the Python pumps go on then, with nothing lost."""
         global _layout_warned
-        if engine_name() != "c":
+        if not TLS_ENGINE:
             return None
         pin = self.inc.read()
         pout = (bytes(self.wbuf) if self.wbuf is not None else b"") + self.out.read()
         try:
-            eng = _pump.Engine(self.raw, self.inc, self.out, pin, pout, self.eof_in)
+            eng = pump.Engine(self.raw, self.inc, self.out, pin, pout, self.eof_in)
         except (TypeError, ValueError) as exc:
             if pin:
                 self.inc.write(pin)
@@ -233,7 +254,7 @@ class CEncryptPump:
     """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``)."""
     __slots__ = ("conn", "src", "dst", "eng", "direction", "done", "finished")
 
-    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, eng: "_pump.Engine", direction: str) -> None:
+    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, eng: "pump.Engine", direction: str) -> None:
         self.conn = conn
         self.src = src
         self.dst = tls.side
@@ -266,7 +287,7 @@ class CDecryptPump:
     """TLS socket -> compiled engine -> plain socket."""
     __slots__ = ("conn", "src", "dst", "eng", "direction", "done")
 
-    def __init__(self, conn: "Conn", tls: TlsEnd, eng: "_pump.Engine", dst: "Side", direction: str) -> None:
+    def __init__(self, conn: "Conn", tls: TlsEnd, eng: "pump.Engine", dst: "Side", direction: str) -> None:
         self.conn = conn
         self.src = tls.side
         self.dst = dst

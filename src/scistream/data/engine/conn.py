@@ -14,8 +14,8 @@ direction keeps flowing; the connection closes when both directions are done, or
 (with a reset) when either side fails.
 
 Life of a ``Conn``: ``handshake`` (TLS server side only) -> ``connecting`` -> (TLS
-client handshake) -> ``open`` -> ``closed``. A connection belongs to one worker thread
-(``workers``) and is only ever touched by it.
+client handshake) -> ``open`` -> ``closed``. A connection belongs to the loop of one node
+worker (``node.worker``) and is only ever touched by it.
 
     conn = Conn(ctx, cid=1, listener=0, sock=accepted, peer=addr, target=("10.0.0.5", 5000))
     conn.start()      # registers with ctx.loop; from here on the loop drives it
@@ -33,10 +33,12 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
-from .evloop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket,
+from .loop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket,
                      whole_number_setting)
-from .tlsleg import (F_EOF, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, _pump,
-                     engine_name, metered_recv, note_moved, thread_buffers)
+from ...addr import format_listener
+from .compiled import F_EOF, pump as compiled
+from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
+                     note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +261,7 @@ class CCopyPump:
         self.src = src
         self.dst = dst
         self.direction = direction
-        self.cp = _pump.Copier()
+        self.cp = compiled.Copier()
         self.eof = False
         self.done = False
 
@@ -434,7 +436,7 @@ class Conn:
             pump: Any = SplicePump
             local = _is_loopback(self.peer) and _is_loopback(self.target[1])
             if use_copy(getattr(self.ctx, "plain_relay", "splice"), local):
-                pump = CCopyPump if engine_name() == "c" and not metered else CopyPump
+                pump = CCopyPump if compiled is not None and not metered else CopyPump
                 if LOOPBACK_SNDBUF > 0 and local:
                     for side in (a, b):
                         try:
@@ -661,6 +663,5 @@ class Conn:
 
 def _fmt(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+        return format_listener(str(addr[0]), addr[1])
     return str(addr)

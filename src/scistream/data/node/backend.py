@@ -26,10 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import DataServerError
-from .base import DataServer, DataSpec, Stats, register
-from .nodeclient import ServiceConnection, ServiceError
-from .supervise import ChildProcess, pid_alive
+from ...errors import DataServerError
+from ..base import DataServer
+from ..spec import DataSpec, Stats
+from ..supervise import ChildProcess, pid_alive
+from .client import ServiceConnection, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class NodeService:
 
     async def _spawn(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        argv = [sys.executable, "-m", "scistream.data.node", "serve", "--socket", str(self.path),
+        argv = [sys.executable, "-m", "scistream.cli.s2ds", "serve", "--socket", str(self.path),
                 "--workers", str(self.workers), "--plain-relay", self.plain_relay, "--fresh"]
         self.child = await ChildProcess.spawn(argv, log_path=self.log_path, name="s2ds node service")
 
@@ -230,10 +231,9 @@ async def _answers(path: Path) -> bool:
         await conn.close()
 
 
-@register("Builtin")
 class NodeDataServer(DataServer):
     """One session (uid and role) in the node service."""
-    aliases = ("Builtin",)
+    kind = "Builtin"
     caps_conns = True
 
     def __init__(self, spec: DataSpec) -> None:

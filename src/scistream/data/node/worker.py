@@ -1,11 +1,11 @@
 """A worker process of the node service:
-``python -m scistream.data.nodeworker FD INDEX [--inbox=FD] [--peer=INDEX:FD ...]``.
+``python -m scistream.data.node.worker FD INDEX [--inbox=FD] [--peer=INDEX:FD ...]``.
 
 The node service (``scistream.data.node``) starts one worker per core and places each
-session's listeners on them. A worker is one ``evloop.Loop`` in one thread, with no
+session's listeners on them. A worker is one ``engine.loop.Loop`` in one thread, with no
 locks: it accepts on the listening sockets it was given (they arrive over its channel,
 ``FD``, with ``SCM_RIGHTS``; the service keeps its own copy, so a worker that dies takes
-no port with it) and relays every connection it accepts (``relay.Conn``: splice on the
+no port with it) and relays every connection it accepts (``engine.conn.Conn``: splice on the
 plain legs, TLS 1.3 on the WAN leg) until the connection ends. The part of a session a
 worker carries is a ``Slice``: the session's targets, TLS contexts (made just after the
 session is added, off the path of its first connection; about 20 KB each), rate buckets,
@@ -34,7 +34,7 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "quiesce"}                              stop accepting (a successor serves)
     {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections",
                                                        "spin": {"us", "hits", "missed", "gave_way"},
-                                                       "memory_trims",
+                                                       "memory_trims", "memory_trim_pending",
                                                        "carried": {"connections", "events"}}
 
 The worker exits when its channel closes (the service is gone: its listeners close with it)
@@ -57,9 +57,10 @@ import time
 from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, recv_note, send_note
-from .evloop import EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
-from .relay import FAILURE_LOG, Conn, accept_one
-from .s2ds import DEFAULT_PIPE, keepalive_setting, resolve_target, tls_contexts
+from ..engine.conn import FAILURE_LOG, Conn, accept_one
+from ..engine.loop import DEFAULT_PIPE, EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
+from ..engine.tlsleg import tls_contexts
+from ..spec import keepalive_setting, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ WARM_DELAY = 0.003
 
 
 class Slice:
-    """The listeners and connections of one session in this worker (a ``relay.RelayContext``)."""
+    """The listeners and connections of one session in this worker (an ``engine.conn.RelayContext``)."""
 
     def __init__(self, worker: "NodeWorker", sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]],
                  *, home: bool = True) -> None:
@@ -399,6 +400,7 @@ class NodeWorker:
                         "connections": sum(len(s.conns) for s in self.slices.values()),
                         "spin": {"us": round(lp.spin * 1e6), "hits": lp.spin_hits, "missed": lp.spin_missed,
                                  "gave_way": lp.spin_gave_way}, "memory_trims": lp.trims,
+                        "memory_trim_pending": lp.trim_pending,
                         "carried": {"connections": lp.hub.attached if lp.hub is not None else 0,
                                     "events": lp.hub.carried if lp.hub is not None else None}}
             return {"ok": False, "error": f"unknown op {op!r}"}
@@ -432,7 +434,7 @@ class NodeWorker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scistream.data.nodeworker",
+    p = argparse.ArgumentParser(prog="python -m scistream.data.node.worker",
                                 description="A worker of the node service (started by it).")
     p.add_argument("fd", type=int, help="the channel to the service")
     p.add_argument("index", type=int, nargs="?", default=0)

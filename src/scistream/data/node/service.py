@@ -3,7 +3,7 @@
     s2ds serve --socket /run/scistream/node.sock --workers 4
 
 One service process owns the control socket and every session's listening sockets; it
-runs ``--workers`` worker processes (``scistream.data.nodeworker``, default one per
+runs ``--workers`` worker processes (``scistream.data.node.worker``, default one per
 core) that accept and relay the connections. A session is added, re-targeted,
 inspected and removed over the control socket, in place: no process starts, so a
 session is ready in a millisecond and an idle one costs a few kilobytes.
@@ -51,13 +51,14 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "config", "sid"}                 -> {"ok", "cfg", "workers": [index per listener]}
     {"op": "list"}                          -> {"ok", "sessions": {sid: {"workers", "failed"}}}
     {"op": "status"}                        -> {"ok", "workers": [{"index", "pid", "sessions", "listeners", "spin",
-                                                "carried", "restarts"}], "sessions": n}
+                                                "carried", "restarts", "memory_trims",
+                                                "memory_trim_pending"}], "sessions": n}
     {"op": "watch"}                         -> {"ok"}; then {"event": "failed", "sid", "reason"} lines
     {"op": "shutdown"}                      -> {"ok"}; then the service stops
     {"op": "handover", "to": PATH}          (a successor asks; see above)
 
-``cfg`` is what a per-session data server takes (``scistream.data.s2ds``): uid, role,
-listen_host, ports, targets (addresses), rate_kbps, tls, cert, key, keepalive, and
+``cfg`` is a session's half: uid, role,
+listen_host, ports, targets (addresses), rate_kbps, wan_secret (hex: a TLS WAN leg), keepalive, and
 ``max_conns``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
 "unknown"}``; ``busy`` is worth a retry (a handover is under way).
 """
@@ -67,7 +68,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -77,291 +77,11 @@ from pathlib import Path
 from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, send_frame, MAX_FDS
-from .s2ds import resolve_target
+from ..spec import resolve_target
+from .entry import Entry, OpError, add_counters, zero_counters, bind_listeners, check_cfg, with_credentials
+from .workerproc import WorkerProc
 
 log = logging.getLogger(__name__)
-
-COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
-            "refused_connections", "tls_resumed", "tls_sessions_kept")
-CALL_TIMEOUT = 10.0
-
-
-class OpError(Exception):
-    def __init__(self, message: str, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _zero() -> dict[str, int]:
-    return dict.fromkeys(COUNTERS, 0)
-
-
-def _add(into: dict[str, int], more: dict[str, int] | None) -> None:
-    for k in COUNTERS:
-        into[k] += int((more or {}).get(k, 0))
-
-
-class WorkerProc:
-    """One worker process and the channel to it."""
-
-    def __init__(self, node: "Node", index: int) -> None:
-        self.node = node
-        self.index = index
-        # Its inbox: the other workers hand it connections through the second socket. The
-        # service keeps both ends, so a restarted worker reads the same inbox.
-        self.inbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.proc: asyncio.subprocess.Process | None = None
-        self.chan: socket.socket | None = None
-        self.decoder = Decoder()
-        self.pending: dict[int, asyncio.Future] = {}
-        self.out: list[list[Any]] = []            # [data, fds, offset]
-        self.ids = 0
-        self.listeners = 0                         # placed here (the load)
-        self.restarts = 0
-        self.started = 0.0
-        self.quick_deaths = 0                      # in a row, each within a second of its start
-        self.alive = False
-        self.monitor: asyncio.Task | None = None
-
-    async def spawn(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        others = [w for w in self.node.workers if w is not self]
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "scistream.data.nodeworker", str(child.fileno()), str(self.index),
-                f"--inbox={self.inbox[0].fileno()}", *(f"--peer={w.index}:{w.inbox[1].fileno()}" for w in others),
-                stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(child.fileno(), self.inbox[0].fileno(), *(w.inbox[1].fileno() for w in others)))
-        finally:
-            child.close()
-        parent.setblocking(False)
-        self.chan = parent
-        self.decoder = Decoder()
-        self.out = []
-        self.alive = True
-        self.started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        loop.add_reader(parent.fileno(), self._readable)
-        self.monitor = asyncio.create_task(self._wait(self.proc))
-        log.info("worker %d started, pid %d", self.index, self.proc.pid)
-
-    async def _wait(self, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
-        if proc is self.proc:
-            self._lost(f"worker {self.index} (pid {proc.pid}) "
-                       + (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"))
-
-    def _readable(self) -> None:
-        assert self.chan is not None
-        try:
-            msgs = self.decoder.feed(self.chan)
-        except BlockingIOError:
-            return
-        except (ChannelClosed, OSError, ValueError) as exc:
-            self._lost(f"worker {self.index}: channel closed ({exc})")
-            return
-        for msg, fds in msgs:
-            for fd in fds:
-                os.close(fd)
-            fut = self.pending.pop(msg.get("id"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-
-    def _lost(self, why: str) -> None:
-        """The worker is gone (or going): fail its calls, let the node replace it."""
-        if not self.alive:
-            return
-        self.alive = False
-        loop = asyncio.get_running_loop()
-        if self.chan is not None:
-            loop.remove_reader(self.chan.fileno())
-            loop.remove_writer(self.chan.fileno())
-            self.chan.close()
-            self.chan = None
-        self.decoder.close()
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(ChannelClosed(why))
-        self.pending.clear()
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-        self.node.worker_lost(self, why)
-
-    def _write(self) -> None:
-        if self.chan is None:
-            return
-        while self.out:
-            data, fds, off = self.out[0]
-            try:
-                n = send_frame(self.chan, data[off:], fds if off == 0 else None)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._lost(f"worker {self.index}: cannot write to its channel ({exc})")
-                return
-            if off + n < len(data):
-                self.out[0][2] = off + n
-                break
-            self.out.pop(0)
-        loop = asyncio.get_running_loop()
-        if self.out:
-            loop.add_writer(self.chan.fileno(), self._write)
-        else:
-            loop.remove_writer(self.chan.fileno())
-
-    async def call(self, msg: dict, fds: list[int] | None = None, timeout: float = CALL_TIMEOUT) -> dict:
-        if not self.alive:
-            raise ChannelClosed(f"worker {self.index} is restarting")
-        self.ids += 1
-        msg = {**msg, "id": self.ids, "nfds": len(fds or [])}
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[self.ids] = fut
-        self.out.append([encode(msg), list(fds or []), 0])
-        if len(self.out) == 1:
-            self._write()
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self.pending.pop(msg["id"], None)
-
-    async def stop(self, grace: float = 5.0) -> None:
-        self.alive = False
-        proc = self.proc
-        if self.chan is not None:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self.chan.fileno())
-            loop.remove_writer(self.chan.fileno())
-            self.chan.close()
-            self.chan = None
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self.monitor is not None:
-            self.monitor.cancel()
-
-    def close_inbox(self) -> None:
-        for s in self.inbox:
-            s.close()
-
-
-class Entry:
-    """A session as the service holds it: its config, listening sockets and placement."""
-
-    def __init__(self, sid: str, cfg: dict, socks: list[socket.socket], placement: list[int],
-                 also: list[int | None] | None = None) -> None:
-        self.sid = sid
-        self.cfg = cfg
-        self.socks = socks
-        self.placement = placement            # the worker of each listener (its home)
-        self.also = also or [None] * len(placement)   # the worker the home one hands to, if any
-        self.base = _zero()                   # what workers that died had carried
-        self.seen: dict[int, dict[str, int]] = {}   # last counters read, per worker
-        self.failed = ""
-
-    def workers(self) -> list[int]:
-        """Every worker that accepts on one of the session's listeners."""
-        return sorted(set(self.placement) | {w for w in self.also if w is not None})
-
-    def share(self, index: int) -> tuple[dict, list[int]]:
-        """The add message for worker ``index``: the listeners at home there (the second
-        worker of a listener gets none: it takes what the home worker hands it), and its
-        share of the cap."""
-        home = [i for i, w in enumerate(self.placement) if w == index]
-        cfg = dict(self.cfg)
-        cap = int(cfg.get("max_conns") or 0)
-        if cap:
-            cfg["max_conns"] = max(1, math.ceil(cap * len(home) / len(self.placement)))
-        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": home, "home": bool(home)},
-                [self.socks[i].fileno() for i in home])
-
-    def partners(self, index: int) -> dict[str, int]:
-        """The listeners at home on worker ``index`` that have a second worker, and that
-        worker (``attach``: sent once both carry the session)."""
-        return {str(i): w for i, (h, w) in enumerate(zip(self.placement, self.also))
-                if h == index and w is not None and w != index}
-
-    def spreading(self) -> list[int]:
-        """The home workers that hand connections to a second worker."""
-        return [i for i in self.workers() if self.partners(i)]
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
-        self.socks = []
-
-
-def with_credentials(cfg: Any) -> Any:
-    """A session given as its WAN secret (``wan_secret``, hex): its certificate and key,
-    derived here and kept in memory (``cert_pem``, ``key_pem``; the workers load them
-    through a memory file), so no credential file is written for it."""
-    if not isinstance(cfg, dict) or not cfg.get("wan_secret"):
-        return cfg
-    from . import wankeys
-    cfg = dict(cfg)
-    try:
-        secret = bytes.fromhex(str(cfg.pop("wan_secret")))
-    except ValueError:
-        raise OpError("wan_secret must be hex") from None
-    if len(secret) != wankeys.SECRET_BYTES:
-        raise OpError(f"wan_secret must be {wankeys.SECRET_BYTES} bytes")
-    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")))
-    cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode())
-    cfg.pop("cert", None), cfg.pop("key", None)
-    return cfg
-
-
-def check_cfg(cfg: Any) -> dict:
-    """A session's configuration, checked; OpError (invalid) with the reason otherwise."""
-    if not isinstance(cfg, dict):
-        raise OpError("cfg must be an object")
-    try:
-        if cfg.get("role") not in ("PROD", "CONS"):
-            raise OpError(f"role must be PROD or CONS, got {cfg.get('role')!r}")
-        ports = [int(p) for p in cfg["ports"]]
-        targets = [str(t) for t in cfg["targets"]]
-        if not ports or not all(0 < p < 65536 for p in ports):
-            raise OpError(f"ports must be 1-65535, at least one: {cfg['ports']!r}")
-        if not targets:
-            raise OpError("no targets given")
-        for t in targets:
-            resolve_target(t)
-        if cfg.get("tls") and not (cfg.get("cert_pem") and cfg.get("key_pem")):
-            for k in ("cert", "key"):
-                if not cfg.get(k) or not Path(cfg[k]).is_file():
-                    raise OpError(f"tls needs a readable {k} file, got {cfg.get(k)!r}")
-        str(cfg["listen_host"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise OpError(f"bad session configuration: {exc}") from None
-    return {**cfg, "ports": ports, "targets": targets}
-
-
-def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:
-    socks: list[socket.socket] = []
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        for port in ports:
-            s = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host.strip("[]"), port))
-            except OSError as exc:
-                raise OpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-            s.listen(4096)
-            s.setblocking(False)
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    return socks
-
 
 class Node:
     def __init__(self, path: Path, workers: int, plain_relay: str = "auto") -> None:
@@ -378,7 +98,7 @@ class Node:
         self.restarting: set[int] = set()
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
-        self.tcp: asyncio.AbstractServer | None = None  # a facility's control servers (facilitynode)
+        self.tcp: asyncio.AbstractServer | None = None  # a facility's control servers (node.facility)
         self.port_range: range | None = None            # remote adds must stay in it
 
     # -- life -------------------------------------------------------------
@@ -454,9 +174,9 @@ class Node:
                   sum(1 for e in self.sessions.values() if w.index in e.workers()))
         for e in self.sessions.values():
             if w.index in e.workers():
-                seen = dict(e.seen.pop(w.index, None) or _zero())
+                seen = dict(e.seen.pop(w.index, None) or zero_counters())
                 seen["connections"] = 0
-                _add(e.base, seen)
+                add_counters(e.base, seen)
         if w.index not in self.restarting:
             self.restarting.add(w.index)
             self._spawn(self._restart(w))
@@ -637,7 +357,7 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem")}
+            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem", "ticket_keys")}
             return {"ok": True, "cfg": shown, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
@@ -650,7 +370,10 @@ class Node:
                                  "listeners": w.listeners, "restarts": w.restarts,
                                  "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement),
                                  "spin": None if isinstance(p, BaseException) else p.get("spin"),
-                                 "carried": None if isinstance(p, BaseException) else p.get("carried")}
+                                 "carried": None if isinstance(p, BaseException) else p.get("carried"),
+                                 "memory_trims": None if isinstance(p, BaseException) else p.get("memory_trims"),
+                                 "memory_trim_pending": None if isinstance(p, BaseException)
+                                 else p.get("memory_trim_pending")}
                                 for w, p in zip(self.workers, pings)]}
         if op == "watch":
             self.watchers.add(writer)
@@ -684,7 +407,7 @@ class Node:
             if bad:
                 raise OpError(f"ports {bad} are outside this node's range "
                               f"{self.port_range.start}-{self.port_range.stop - 1}")
-        cfg.pop("cert", None), cfg.pop("key", None), cfg.pop("cert_pem", None), cfg.pop("key_pem", None)
+        cfg.pop("cert_pem", None), cfg.pop("key_pem", None), cfg.pop("ticket_keys", None)
         return cfg
 
     # -- operations ---------------------------------------------------------
@@ -720,7 +443,7 @@ class Node:
             return {"ok": True, "stats": None}
         total = dict(e.base)
         for r in await self._ask(e, {"op": "remove", "sid": sid}, strict=False):
-            _add(total, r.get("stats"))
+            add_counters(total, r.get("stats"))
         for i in e.placement:
             self.workers[i].listeners -= 1
         e.close()
@@ -749,10 +472,10 @@ class Node:
                                                       keep_order=True)):
             got = (r.get("stats") or {}).get(e.sid) if r else None
             if got is None:
-                got = {**e.seen.get(i, _zero()), "connections": 0}
+                got = {**e.seen.get(i, zero_counters()), "connections": 0}
             else:
                 e.seen[i] = got
-            _add(total, got)
+            add_counters(total, got)
         return {**total, "failed": e.failed}
 
     async def all_stats(self) -> dict[str, dict]:
@@ -765,10 +488,10 @@ class Node:
                 r = per_worker[i]
                 got = None if isinstance(r, BaseException) else (r.get("stats") or {}).get(sid)
                 if got is None:
-                    got = {**e.seen.get(i, _zero()), "connections": 0}
+                    got = {**e.seen.get(i, zero_counters()), "connections": 0}
                 else:
                     e.seen[i] = got
-                _add(total, got)
+                add_counters(total, got)
             out[sid] = {**total, "failed": e.failed}
         return out
 
@@ -812,7 +535,7 @@ class Node:
             s.setblocking(False)
         sid = info["sid"]
         e = Entry(sid, info["cfg"], socks, *self._place(len(socks), info["cfg"]))
-        e.base = {**_zero(), **(info.get("base") or {})}
+        e.base = {**zero_counters(), **(info.get("base") or {})}
         for i in e.placement:
             self.workers[i].listeners += 1
         self.sessions[sid] = e
@@ -895,7 +618,7 @@ class Node:
                 for e in self.sessions.values():
                     base = dict(e.base)
                     for seen in e.seen.values():
-                        _add(base, seen)
+                        add_counters(base, seen)
                     info = {"sid": e.sid, "cfg": e.cfg, "base": base}
                     send_frame(sock, encode({"session": info, "nfds": len(e.socks)}), [s.fileno() for s in e.socks])
                 send_frame(sock, encode({"done": True}))
@@ -932,7 +655,7 @@ def sd_notify(state: str) -> None:
 
 async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: str = "auto",
                 member: dict | None = None) -> int:
-    """Run the service; ``member``: the options of a facility member (``data.facilitynode``)."""
+    """Run the service; ``member``: the options of a facility member (``data.node.facility``)."""
     node = Node(path, workers, plain_relay)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -941,7 +664,7 @@ async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: s
     try:
         await node.start(take_over=take_over)
         if member is not None:
-            from .facilitynode import Membership
+            from .facility import Membership
             membership = Membership(node, **member)
             await membership.start()
     except BaseException:
@@ -962,13 +685,3 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m scistream.data.node serve --socket PATH [--workers N]`` (the CLI is ``s2ds``)."""
-    from ..cli.s2ds import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

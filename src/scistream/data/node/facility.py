@@ -32,6 +32,8 @@ import os
 import ssl
 from pathlib import Path
 
+from ...addr import format_listener
+
 log = logging.getLogger(__name__)
 
 LIVE = "('requested', 'ready', 'connected')"
@@ -63,11 +65,10 @@ class Membership:
 
     @property
     def control(self) -> str:
-        h = self.control_host
-        return f"[{h}]:{self.control_port}" if ":" in h else f"{h}:{self.control_port}"
+        return format_listener(self.control_host, self.control_port)
 
     def _tls(self) -> ssl.SSLContext:
-        from ..control import tlscert
+        from ...control import tlscert
         cert, key = self.state_dir / "control.crt", self.state_dir / "control.key"
         hosts = [self.control_host, self.address]
         if not (cert.exists() and key.exists() and tlscert.cert_covers(cert, hosts)):
@@ -79,7 +80,7 @@ class Membership:
         return ctx
 
     async def start(self) -> None:
-        from ..control.pgstore import PostgresStore
+        from ...control.pgstore import PostgresStore
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.node.port_range = self.port_range
         ctx = self._tls()
@@ -130,7 +131,7 @@ class Membership:
         """The ports of the range that another program holds on the node's address (placement
         skips them): every port the node's own sessions do not use is tried with a bind, at
         most ``SCAN_PER_BEAT`` a beat, round the range."""
-        from .supervise import free_port_check
+        from ..supervise import free_port_check
         mine = {p for sid in local if (e := self.node.sessions.get(sid)) is not None for p in e.cfg["ports"]}
         ports = list(self.port_range)
         n = min(len(ports), SCAN_PER_BEAT)
@@ -146,7 +147,7 @@ class Membership:
         return sorted(self._held - mine)
 
     async def _beat_loop(self) -> None:
-        from ..control.store import StoreError
+        from ...control.store import StoreError
         while True:
             try:
                 await self.beat()

@@ -1,0 +1,148 @@
+"""A session as the node service holds it: its checked configuration, its credentials (in
+memory only), its listening sockets and which workers serve them.
+
+    cfg = with_credentials(check_cfg(msg["cfg"]))
+    e = Entry(sid, cfg, bind_listeners(cfg["listen_host"], cfg["ports"]), placement=[0, 1])
+"""
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from typing import Any
+
+from ..spec import resolve_target
+
+log = logging.getLogger(__name__)
+
+
+#: A session's counters, summed over its workers.
+COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
+            "refused_connections", "tls_resumed", "tls_sessions_kept")
+
+
+def zero_counters() -> dict[str, int]:
+    return dict.fromkeys(COUNTERS, 0)
+
+
+def add_counters(into: dict[str, int], more: dict[str, int] | None) -> None:
+    for k in COUNTERS:
+        into[k] += int((more or {}).get(k, 0))
+
+
+class OpError(Exception):
+    """A request the service refuses (``code``: invalid, busy, unknown)."""
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Entry:
+    """A session as the service holds it: its config, listening sockets and placement."""
+
+    def __init__(self, sid: str, cfg: dict, socks: list[socket.socket], placement: list[int],
+                 also: list[int | None] | None = None) -> None:
+        self.sid = sid
+        self.cfg = cfg
+        self.socks = socks
+        self.placement = placement            # the worker of each listener (its home)
+        self.also = also or [None] * len(placement)   # the worker the home one hands to, if any
+        self.base = zero_counters()                   # what workers that died had carried
+        self.seen: dict[int, dict[str, int]] = {}   # last counters read, per worker
+        self.failed = ""
+
+    def workers(self) -> list[int]:
+        """Every worker that accepts on one of the session's listeners."""
+        return sorted(set(self.placement) | {w for w in self.also if w is not None})
+
+    def share(self, index: int) -> tuple[dict, list[int]]:
+        """The add message for worker ``index``: the listeners at home there (the second
+        worker of a listener gets none: it takes what the home worker hands it), and its
+        share of the cap."""
+        home = [i for i, w in enumerate(self.placement) if w == index]
+        cfg = dict(self.cfg)
+        cap = int(cfg.get("max_conns") or 0)
+        if cap:
+            cfg["max_conns"] = max(1, math.ceil(cap * len(home) / len(self.placement)))
+        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": home, "home": bool(home)},
+                [self.socks[i].fileno() for i in home])
+
+    def partners(self, index: int) -> dict[str, int]:
+        """The listeners at home on worker ``index`` that have a second worker, and that
+        worker (``attach``: sent once both carry the session)."""
+        return {str(i): w for i, (h, w) in enumerate(zip(self.placement, self.also))
+                if h == index and w is not None and w != index}
+
+    def spreading(self) -> list[int]:
+        """The home workers that hand connections to a second worker."""
+        return [i for i in self.workers() if self.partners(i)]
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+def with_credentials(cfg: Any) -> Any:
+    """A session given as its WAN secret (``wan_secret``, hex): its certificate and key,
+    derived here and kept in memory (``cert_pem``, ``key_pem``; the workers load them
+    through a memory file), so no credential file is written for it; and the ticket keys
+    its PROD listeners share (``ticket_keys``)."""
+    if not isinstance(cfg, dict) or not cfg.get("wan_secret"):
+        return cfg
+    from .. import wankeys
+    cfg = dict(cfg)
+    try:
+        secret = bytes.fromhex(str(cfg.pop("wan_secret")))
+    except ValueError:
+        raise OpError("wan_secret must be hex") from None
+    if len(secret) != wankeys.SECRET_BYTES:
+        raise OpError(f"wan_secret must be {wankeys.SECRET_BYTES} bytes")
+    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")))
+    cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode(),
+               ticket_keys=wankeys.ticket_keys(secret).hex())
+    return cfg
+
+
+def check_cfg(cfg: Any) -> dict:
+    """A session's configuration, checked; OpError (invalid) with the reason otherwise."""
+    if not isinstance(cfg, dict):
+        raise OpError("cfg must be an object")
+    try:
+        if cfg.get("role") not in ("PROD", "CONS"):
+            raise OpError(f"role must be PROD or CONS, got {cfg.get('role')!r}")
+        ports = [int(p) for p in cfg["ports"]]
+        targets = [str(t) for t in cfg["targets"]]
+        if not ports or not all(0 < p < 65536 for p in ports):
+            raise OpError(f"ports must be 1-65535, at least one: {cfg['ports']!r}")
+        if not targets:
+            raise OpError("no targets given")
+        for t in targets:
+            resolve_target(t)
+        if cfg.get("tls") and not (cfg.get("cert_pem") and cfg.get("key_pem")):
+            raise OpError("tls needs the session's wan_secret")
+        str(cfg["listen_host"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OpError(f"bad session configuration: {exc}") from None
+    return {**cfg, "ports": ports, "targets": targets}
+
+
+def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        for port in ports:
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host.strip("[]"), port))
+            except OSError as exc:
+                raise OpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            s.listen(4096)
+            s.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
