@@ -370,9 +370,13 @@ class ControlServer:
         if config.web_port is not None:
             await self._start_web(bind_host)
         if config.ready_file:
-            Path(config.ready_file).write_text(json.dumps({
+            # written whole, then renamed: a reader polling for the file never reads it half-written
+            ready = Path(config.ready_file)
+            partial = ready.with_name(ready.name + ".partial")
+            partial.write_text(json.dumps({
                 "port": self.port, "pid": os.getpid(), "state_dir": str(self.state_dir),
                 "metrics_port": self.metrics_port, "web_port": self.web_port}))
+            os.replace(partial, ready)
 
     async def _start_web(self, bind_host: str) -> None:
         from .web import WebView, web_ssl_context  # aiohttp is imported only when asked for
