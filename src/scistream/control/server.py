@@ -276,7 +276,8 @@ class ControlServer:
             log.warning("state directory %s was open to other users; making it 0700", self.state_dir)
             self.state_dir.chmod(0o700)
         self._lock.acquire()
-        problem = _bind_problem(config.listener_ip, 0, "--listener-ip")
+        # the data servers listen on --listener-ip here (a facility's listen on its nodes)
+        problem = "" if config.facility else _bind_problem(config.listener_ip, 0, "--listener-ip")
         if problem:
             raise ConfigError(problem)
         if self.auth is None:
