@@ -139,9 +139,13 @@ class DocRun:
         return text
 
     def pattern(self, shown: str) -> re.Pattern:
+        if any(not old.startswith("/tmp/") for old in self.paths):   # addresses, file names
+            for old, new in self.paths.items():
+                if not old.startswith("/tmp/"):
+                    shown = shown.replace(old, new)
         out, pos = [], 0
         token = re.compile(rf"(?P<uid>{UUID})|(?P<hp>127\.0\.0\.1:(?P<port>\d+))|(?P<path>/tmp/[\w.-]+)"
-                           r"|(?P<num>\d+\.\d+)|(?P<fixed>\b\d{4}\b)")
+                           r"|(?P<num>\d+\.\d+)|(?P<fixed>\b\d{4}\b)|(?P<elided>\.\.\.)")
         for m in token.finditer(shown):
             out.append(re.escape(shown[pos:m.start()]))
             pos = m.end()
@@ -154,6 +158,8 @@ class DocRun:
                 out.append(re.escape(self.paths.get(m.group("path"), m.group("path"))))
             elif m.group("num"):
                 out.append(r"[0-9.]+")
+            elif m.group("elided"):
+                out.append(r".*?")
             else:
                 n = int(m.group("fixed"))
                 out.append(re.escape(str(self.ports.get(n, n))))

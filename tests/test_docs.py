@@ -1,5 +1,7 @@
 """The documentation cannot drift: docs/cli.md is regenerated and compared, every command
-has an example in its --help, shell completion works, links and code in docs/ hold."""
+has an example in its --help, shell completion works, links and code in docs/ hold, and
+the README's tutorial and the operator guide's first session run as written
+(tests/docrun.py), their outputs checked."""
 from __future__ import annotations
 
 import importlib
@@ -171,3 +173,49 @@ def test_readme_tutorial_runs_as_written(tmp_path):
             "the releases left a session record behind"
     finally:
         run.stop_all()
+
+
+def test_operator_guide_first_session_runs_as_written(tmp_path):
+    """The operator guide's first checks from a user's machine (check-auth, then a whole
+    session of test data with connect --start-apps), run on one machine: the two
+    gateways' addresses, certificate files and the producer's address are this host's;
+    the outputs shown are checked."""
+    from conftest import port_block
+    from docrun import DocRun, blocks_of
+    from scistream.auth.static import add_token
+    blocks = blocks_of(ROOT / "docs" / "operator-guide.md",
+                       "From a user's machine, check the gateway accepts the token", "## The node service")
+    assert [c.text.split()[:2] for b in blocks for c in b.commands] == [["s2uc", "check-auth"], ["s2uc", "connect"]]
+    tokens = tmp_path / "tokens"
+    token = add_token(tokens, "alice@uni.edu")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "SCISTREAM_CONFIG_DIR": str(tmp_path / "config"), "TOKEN": token}
+    env.pop("SCISTREAM_TOKEN", None)
+    gateways = []
+    try:
+        for name in ("prod", "cons"):
+            ready = tmp_path / f"{name}.ready"
+            p = subprocess.Popen([str(BIN / "s2cs"), "--port", "0", "--listener-ip", "127.0.0.1", "--port-range",
+                                  port_block(), "--state-dir", str(tmp_path / name), "--auth", "static",
+                                  "--token-file", str(tokens), "--ready-file", str(ready)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            gateways.append(p)
+            from conftest import wait_until
+            wait_until(lambda: ready.exists() or p.poll() is not None, 60, f"the {name} s2cs")
+            assert p.poll() is None
+        import json as jsonlib
+        port = {n: jsonlib.loads((tmp_path / f"{n}.ready").read_text())["port"] for n in ("prod", "cons")}
+        run = DocRun(blocks, ports={}, env=env, cwd=tmp_path, paths={
+            "10.0.0.2:5000": f"127.0.0.1:{port['prod']}", "10.1.0.2:5000": f"127.0.0.1:{port['cons']}",
+            "prod.crt": str(tmp_path / "prod" / "server.crt"), "cons.crt": str(tmp_path / "cons" / "server.crt"),
+            "10.0.0.5": "127.0.0.1"})
+        try:
+            run.all()
+            for p in run.procs:
+                assert p.finish(300) == 0, f"{p.cmd.text}: exit {p.p.returncode}\n{p.output()}"
+        finally:
+            run.stop_all()
+    finally:
+        for p in gateways:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(30) == 0
