@@ -35,7 +35,7 @@ from typing import Callable, Sequence, Union
 
 
 from ..addr import check_uid
-from ..errors import DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status, from_status
+from ..errors import CertificateRejected, DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status, from_status
 from .api import AsyncClient
 from .model import (ConsSide, Connection, Gateway, ProdSide, Progress, Released, SessionStatus,
                     Step)
@@ -179,6 +179,8 @@ async def _cleanup(clients: Sequence[AsyncClient], halves: Sequence[_Half], uid:
     clock.emit(Step.RELEASING, reason)
     results = await asyncio.gather(*(_release_half(c, h, uid) for c, h in todo), return_exceptions=True)
     for (_, h), r in zip(todo, results):
+        if isinstance(r, CertificateRejected):
+            continue   # no call reaches that server over this channel: its req never did either
         if isinstance(r, BaseException):
             log.error("session %s: could not release the %s side on %s: %s; it ends at the "
                       "server's hello timeout or lease", uid, h.role, h.gateway.address, r)
