@@ -10,7 +10,7 @@ from __future__ import annotations
 
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
-SIZE_HELP = "K, M, G, T suffixes (powers of 1024): 256M, 1G, 1000000"
+SIZE_HELP = "a whole number of bytes, or one with a K, M, G or T suffix (powers of 1024), e.g. 256M or 1G"
 
 
 def parse_size(text: str | int) -> int:
@@ -23,7 +23,7 @@ def parse_size(text: str | int) -> int:
         try:
             n = int(float(t[:-1]) * _UNITS[t[-1]]) if t and t[-1] in _UNITS else int(t)
         except (ValueError, KeyError, IndexError):
-            raise ValueError(f"{text!r} is not a size ({SIZE_HELP})") from None
+            raise ValueError(f"{text!r} is not a size: give {SIZE_HELP}") from None
     if n < 0:
         raise ValueError(f"{text!r}: a size cannot be negative")
     return n

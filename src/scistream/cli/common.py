@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ScistreamError
+from ..errors import CertificateRejected, ScistreamError
 from ..units import SIZE_HELP, parse_size
 
 out = Console(highlight=False, soft_wrap=True)
@@ -57,8 +57,10 @@ def exit_code(exc: ScistreamError) -> Exit:
 
 def error_label(exc: ScistreamError) -> str:
     """What kind of failure, in the parentheses of an error line."""
+    if isinstance(exc, CertificateRejected):
+        return "TLS"
     if getattr(exc, "usage", False):
-        return "TLS" if exc.status is not None and exc.status.name == "UNAVAILABLE" else "local mistake"
+        return "local mistake"
     return exc.status.name if exc.status is not None else "ERROR"
 
 
@@ -80,7 +82,7 @@ class Size(click.ParamType):
         return n
 
 
-SIZE_OPTION_HELP = f"Bytes to stream in all, over every connection ({SIZE_HELP})."
+SIZE_OPTION_HELP = f"Bytes to stream in all, over every connection: {SIZE_HELP}."
 
 
 def option(*names: str, **kw) -> Callable:
