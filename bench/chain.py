@@ -4,9 +4,9 @@ server, CPU accounting of data-server processes.
 Not a test module: the benchmarks under bench/ import it (they put bench/ on sys.path).
 
 ``UserChain`` builds the chain as a user does (two ``s2cs --type X`` and our client, see
-gateway.py): what bench/throughput measures. ``Chain`` constructs the two data servers
-directly from a ``DataSpec`` (no s2cs): bench/relay_floor, bench/rate and
-bench/bench_backends use it to look at one backend's data path alone.
+gateway.py): what bench/throughput and bench/settings measure. ``Chain`` constructs the
+two data servers directly from a ``DataSpec`` (no s2cs): bench/rate uses it to look at
+the built-in data server's rate cap alone.
 
     async with UserChain("Builtin", tls=True, target=("127.0.0.1", 5201), workdir=tmp) as chain:
         host, port = chain.entry          # where the consumer connects (the CONS listener)
@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from scistream.data import wankeys  # noqa: E402
-from scistream.data.base import DataServer, DataSpec, backend_names, get_backend  # noqa: E402
-from scistream.data.supervise import group_members, stat_fields  # noqa: E402
+from scistream.data.base import DataServer, backend_names, get_backend  # noqa: E402
+from scistream.data.spec import DataSpec  # noqa: E402
+from scistream.data.supervise import stat_fields  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -54,11 +55,6 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(v) - idle) / CLK_TCK, sum(v) / CLK_TCK
 
 
-def proc_cpu(pid: int) -> float:
-    """user + system CPU seconds of one process (threads included), 0 if it is gone."""
-    return sum(proc_cpu_split(pid))
-
-
 def proc_cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of one process (threads included), zeros if it is gone."""
     fields = stat_fields(pid)
@@ -67,22 +63,16 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
-def group_pids(pgids: set[int]) -> list[int]:
-    """Every live process whose process group is one of ``pgids`` (a backend's workers too)."""
-    return [pid for pgid in pgids for pid in group_members(pgid)]
-
-
 class Chain:
     """A PROD and a CONS data server of one backend, CONS -> PROD -> target."""
 
     def __init__(self, backend: str, *, tls: bool, target: tuple[str, int], workdir: Path,
-                 rate_kbps: int = 0, listeners: int = 1) -> None:
+                 rate_kbps: int = 0) -> None:
         self.backend = backend
         self.tls = tls
         self.target = target
         self.workdir = workdir
         self.rate_kbps = rate_kbps
-        self.listeners = listeners
         self.servers: list[DataServer] = []
         self.nodes: list[Any] = []      # Builtin: the node service of each gateway
         self.entry: tuple[str, int] = ("127.0.0.1", 0)
@@ -99,10 +89,9 @@ class Chain:
         uid = str(uuid.uuid4())
         host = "127.0.0.1"
         tgt = f"{self.target[0]}:{self.target[1]}"
-        prod_ports = tuple(free_port() for _ in range(self.listeners))
-        cons_ports = tuple(free_port() for _ in range(self.listeners))
+        prod_ports, cons_ports = (free_port(),), (free_port(),)
         prod = cls(DataSpec(uid=uid, role="PROD", listen_host=host, ports=prod_ports,
-                            targets=(tgt,) * self.listeners, rate_kbps=self.rate_kbps,
+                            targets=(tgt,), rate_kbps=self.rate_kbps,
                             wan_secret=secret, workdir=self.workdir / "prod", service=services[0]))
         cons = cls(DataSpec(uid=uid, role="CONS", listen_host=host, ports=cons_ports,
                             targets=tuple(f"{host}:{p}" for p in prod_ports), rate_kbps=self.rate_kbps,
@@ -122,7 +111,7 @@ class Chain:
         as s2cs starts its own. Other backends: no service ("", "")."""
         if self.backend != "Builtin":
             return "", ""
-        from scistream.data.nodebackend import NodeService
+        from scistream.data.node.backend import NodeService
         for role in ("prod", "cons"):
             self.nodes.append(await NodeService.open(self.workdir / f"{role}-node.sock", managed=True))
         return str(self.nodes[0].path), str(self.nodes[1].path)
@@ -140,19 +129,6 @@ class Chain:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    def pids(self) -> list[int]:
-        from gateway import descendants
-        pgids = {p for s in self.servers for p in s.pids}
-        nodes = [p for node in self.nodes if node.pid for p in [node.pid, *descendants(node.pid)]]
-        return group_pids(pgids) + nodes
-
-    def cpu_seconds(self) -> float:
-        return sum(self.cpu_split())
-
-    def cpu_split(self) -> tuple[float, float]:
-        """(user, system) CPU seconds of every data-server process."""
-        parts = [proc_cpu_split(p) for p in self.pids()]
-        return sum(u for u, _ in parts), sum(s for _, s in parts)
 
 
 class UserChain:
@@ -380,14 +356,11 @@ def all_backends() -> list[tuple[str, str, bool]]:
             continue
         seen.add(cls)
         name = cls.kind
-        if name.lower().startswith("builtin"):   # Builtin and BuiltinProcess
-            out += [(f"{name} plain", name, False), (f"{name} TLS", name, True)]
-        elif getattr(cls, "legacy_plaintext", False):
+        if name == "Builtin" or getattr(cls, "legacy_plaintext", False):
             out += [(f"{name} plain", name, False), (f"{name} TLS", name, True)]
         else:
             out.append((f"{name} TLS", name, True))
-    # Builtin first, then BuiltinProcess (the per-process baseline), then the others
-    out.sort(key=lambda c: 0 if c[1].lower() == "builtin" else 1 if c[1].lower().startswith("builtin") else 2)
+    out.sort(key=lambda c: c[1] != "Builtin")   # Builtin first, the others as registered
     return out
 
 

@@ -1,7 +1,7 @@
 """A CPU cap for one process: a cgroup of its own with a CFS quota, as a Kubernetes CPU limit is.
 
-Without pytest: bench/facility uses it (``--instance-cpu``), the tests through
-tests/test_cpucap.py. Not a test module.
+Without pytest: bench/facility uses it (``--instance-cpu``); bench/test_cpucap.py tests it
+(``.venv/bin/python -m pytest bench/test_cpucap.py``). Not a test module.
 
 cgroup v2 (``cpu.max``) where the unified hierarchy has the ``cpu`` controller, else cgroup
 v1's ``cpu`` controller (``cpu.cfs_period_us``, ``cpu.cfs_quota_us``). The group is made

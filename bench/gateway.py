@@ -36,10 +36,9 @@ from scistream.addr import parse_listener  # noqa: E402
 from scistream.client import AsyncClient  # noqa: E402
 from scistream.data.supervise import free_port_check, stat_fields  # noqa: E402
 
-#: command-line markers of data-plane processes under an s2cs: the node service and its
-#: workers (after issue 12), the per-process built-in data servers (today's Builtin).
-NODE_MODULE = "scistream.data.node"
-S2DS_MODULE = "scistream.data.s2ds"
+#: command-line markers of the node service (``python -m scistream.cli.s2ds serve``) and
+#: its workers (``python -m scistream.data.node.worker``) under an s2cs
+NODE_MODULES = ("scistream.cli.s2ds", "scistream.data.node")
 
 
 class UnknownType(RuntimeError):
@@ -81,15 +80,13 @@ def cmdline_text(pid: int) -> str:
 
 def data_plane_pids(s2cs_pid: int) -> dict[str, list[int]]:
     """The data-plane processes an s2cs started, by kind: ``node`` (the node service and its
-    workers), ``s2ds`` (per-process built-in data servers), ``other`` (HAProxy, nginx,
-    stunnel and anything else below the s2cs)."""
-    out: dict[str, list[int]] = {"node": [], "s2ds": [], "other": []}
+    workers), ``other`` (HAProxy, nginx, stunnel and anything else below the s2cs)."""
+    out: dict[str, list[int]] = {"node": [], "other": []}
     for p in descendants(s2cs_pid):
         text = cmdline_text(p)
         if not text:
             continue
-        kind = "node" if NODE_MODULE in text else "s2ds" if S2DS_MODULE in text else "other"
-        out[kind].append(p)
+        out["node" if any(m in text for m in NODE_MODULES) else "other"].append(p)
     return out
 
 

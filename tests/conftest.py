@@ -23,7 +23,7 @@ import pytest
 
 from scistream.client import AsyncClient
 from scistream.control.server import ControlServer, ServerConfig
-from scistream.data.supervise import children, cmdline, stat_fields
+from scistream.data.supervise import children, cmdline, free_port_check, stat_fields
 
 BIN = Path(sys.executable).parent
 
@@ -74,10 +74,24 @@ def port_block(size: int = 40) -> str:
 _next_block = 10000 + (os.getpid() % 100) * 200
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free on ``host`` right now (bound to port 0, then let go)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> tuple[int, ...]:
+    """``n`` distinct ports free on ``host`` right now (held together while picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+                 for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return tuple(s.getsockname()[1] for s in socks)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if ``port`` can be bound on ``host`` right now (a stopped server let it go)."""
+    return free_port_check(host, port)
 
 
 def new_uid() -> str:
@@ -193,20 +207,46 @@ async def roundtrip_ok(listener: str, size: int = 1 << 20) -> None:
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
-async def connect_session(pc: AsyncClient, cc: AsyncClient, endpoint: str, num_conn: int = 2,
-                          rate: int = 0, lease: int = 0) -> tuple[str, Any, Any]:
-    """A whole session through the clients of a PROD and a CONS server, the producer's
-    hello naming ``endpoint``: (uid, PROD's response, CONS's response), both connected."""
+async def prod_session(req_client: AsyncClient, hello_client: AsyncClient, endpoints: str | Iterable[str],
+                       num_conn: int = 1, rate: int = 0, lease: int = 0, *, legacy: bool = False) -> tuple[str, Any]:
+    """The PROD half of a session: req on ``req_client``; the producer's hello naming
+    ``endpoints`` and the update on ``hello_client`` (the same client, or another instance
+    of a facility, which the application controller reached). ``legacy``: the update
+    carries no WAN secret, as the original tooling's client sends it. (uid, PROD's req
+    response: listeners, prod_listeners, wan_secret)."""
     uid = new_uid()
-    req = asyncio.create_task(pc.req(uid, "PROD", num_conn, rate, lease=lease))
-    await pc.hello(uid, "PROD", [endpoint])
+    req = asyncio.create_task(req_client.req(uid, "PROD", num_conn, rate, lease=lease))
+    try:
+        await hello_client.hello(uid, "PROD", [endpoints] if isinstance(endpoints, str) else list(endpoints))
+    except BaseException:
+        req.cancel()
+        await asyncio.gather(req, return_exceptions=True)
+        raise
     prod = await req
-    await pc.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-    creq = asyncio.create_task(cc.req(uid, "CONS", num_conn, rate, lease=lease))
-    await cc.hello(uid, "CONS")
-    cons = await creq
-    await cc.update(uid, "CONS", prod.listeners, prod.wan_secret)
-    return uid, prod, cons
+    await hello_client.update(uid, "PROD", prod.prod_listeners, b"" if legacy else prod.wan_secret)
+    return uid, prod
+
+
+async def cons_session(cc: AsyncClient, uid: str, prod: Any, rate: int = 0, lease: int = 0, *,
+                       legacy: bool = False) -> Any:
+    """The CONS half of session ``uid`` whose PROD half answered ``prod``: req + the
+    consumer's hello, update to PROD's listeners. CONS's update response: ``listeners``
+    (where the consumer connects, as the hello answered) and ``wan_security``."""
+    req = asyncio.create_task(cc.req(uid, "CONS", len(prod.listeners), rate, lease=lease))
+    hello = await cc.hello(uid, "CONS")
+    cons = await req
+    update = await cc.update(uid, "CONS", prod.listeners, b"" if legacy else prod.wan_secret)
+    assert list(hello.listeners) == list(cons.listeners) == list(update.listeners)
+    return update
+
+
+async def connect_session(pc: AsyncClient, cc: AsyncClient, endpoints: str | Iterable[str], num_conn: int = 2,
+                          rate: int = 0, lease: int = 0, *, legacy: bool = False) -> tuple[str, Any, Any]:
+    """A whole session through the clients of a PROD and a CONS server, as a user and two
+    application controllers make it (``prod_session`` on ``pc``, then ``cons_session`` on
+    ``cc``): (uid, PROD's req response, CONS's update response), both connected."""
+    uid, prod = await prod_session(pc, pc, endpoints, num_conn, rate, lease, legacy=legacy)
+    return uid, prod, await cons_session(cc, uid, prod, rate, lease, legacy=legacy)
 
 
 async def still_listening(listeners: Iterable[str]) -> list[str]:

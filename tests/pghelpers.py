@@ -1,5 +1,6 @@
 """A PostgreSQL server of the tests' own (Debian's postgresql-15), in a temporary directory
-(``bench/pg.py``'s ``Postgres``; here the tests' ``running_postgres``, which skips without it).
+(``scistream.control.pglocal``'s ``Postgres``; here the tests' ``running_postgres``, which
+skips without it).
 
     with running_postgres() as pg:         # skips the test if PostgreSQL is not installed
         url = pg.url(pg.createdb())          # a new empty database; unix socket in pg.dir
@@ -12,13 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from pg import Postgres, pg_bin, running_postgres as _running_postgres, sql  # noqa: E402  (bench/pg.py: the one implementation, without pytest)
+from scistream.control.pglocal import Postgres, pg_bin, running_postgres as _running_postgres, sql
 
 __all__ = ["Postgres", "pg_bin", "running_postgres", "sql"]
 

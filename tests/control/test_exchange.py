@@ -5,28 +5,14 @@ import asyncio
 import hashlib
 import os
 
-from conftest import echo_roundtrip, new_uid, parse_listener, still_listening
-
-
-async def setup_chain(prod_client, cons_client, endpoints, num_conn=2):
-    uid = new_uid()
-    req = asyncio.create_task(prod_client.req(uid, "PROD", num_conn))
-    await prod_client.hello(uid, "PROD", endpoints)
-    prod = await req
-    await prod_client.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-    creq = asyncio.create_task(cons_client.req(uid, "CONS", num_conn))
-    hello = await cons_client.hello(uid, "CONS")
-    cons = await creq
-    upd = await cons_client.update(uid, "CONS", prod.listeners, prod.wan_secret)
-    assert list(hello.listeners) == list(cons.listeners)
-    return uid, prod, cons, upd
+from conftest import connect_session, echo_roundtrip, new_uid, parse_listener, still_listening
 
 
 async def test_two_servers_chain_bytes_both_ways(servers, client_for, echo_server):
     prod_srv, cons_srv = await servers(), await servers()
     pc, cc = client_for(prod_srv), client_for(cons_srv)
-    uid, prod, cons, upd = await setup_chain(pc, cc, [f"{echo_server[0]}:{echo_server[1]}"], 3)
-    assert upd.wan_security == "tls"
+    uid, prod, cons = await connect_session(pc, cc, f"{echo_server[0]}:{echo_server[1]}", 3)
+    assert cons.wan_security == "tls"
     payload = os.urandom(4 << 20)
     results = await asyncio.gather(*(echo_roundtrip(*parse_listener(l), payload) for l in cons.listeners))
     for got in results:

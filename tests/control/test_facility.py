@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import BIN, async_wait_until, new_uid, roundtrip_ok, still_listening
+from conftest import BIN, async_wait_until, cons_session, new_uid, prod_session, roundtrip_ok, still_listening
 from scistream.client import AsyncClient
 from scistream.data.supervise import pid_alive
 
@@ -31,30 +31,6 @@ async def live_rows(url: str):
     return await sql(url, f"SELECT uid, role, node, state, ports FROM fsessions WHERE state IN {LIVE}")
 
 
-async def prod_session(a: AsyncClient, b: AsyncClient, endpoint: str, num_conn: int = 1, lease: int = 0):
-    """req on instance a, hello on instance b (the app controller reached the other one),
-    update on b: the PROD half of a session in the facility."""
-    uid = new_uid()
-    req = asyncio.create_task(a.req(uid, "PROD", num_conn, 0, lease=lease))
-    try:
-        await b.hello(uid, "PROD", [endpoint])
-    except BaseException:
-        req.cancel()
-        await asyncio.gather(req, return_exceptions=True)
-        raise
-    prod = await req
-    await b.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-    return uid, prod
-
-
-async def cons_session(cons: AsyncClient, uid: str, prod) -> list[str]:
-    creq = asyncio.create_task(cons.req(uid, "CONS", len(prod.listeners), 0))
-    await cons.hello(uid, "CONS")
-    c = await creq
-    await cons.update(uid, "CONS", prod.listeners, prod.wan_secret)
-    return list(c.listeners)
-
-
 async def test_sessions_spread_over_nodes_req_and_hello_on_different_instances(
         facility, servers, client_for, echo_server):
     f = facility(nodes=2, instances=2)
@@ -66,7 +42,7 @@ async def test_sessions_spread_over_nodes_req_and_hello_on_different_instances(
     for i in range(4):
         x, y = (a, b) if i % 2 == 0 else (b, a)
         uid, prod = await prod_session(x, y, ep, num_conn=2)
-        made.append((uid, prod, await cons_session(cons, uid, prod)))
+        made.append((uid, prod, (await cons_session(cons, uid, prod)).listeners))
     rows = await live_rows(f.url)
     assert {r["node"] for r in rows} == {"dtn1", "dtn2"}          # both nodes carry sessions
     by_uid = {r["uid"]: r for r in rows}
@@ -120,7 +96,7 @@ async def test_kill_control_instance_between_req_and_update(facility, servers, c
     assert [r["state"] for r in rows] == ["connected"]                # one session, not two
     assert list(rows[0]["ports"]) == list(first["ports"])
     assert [f"127.0.0.2:{p}" for p in rows[0]["ports"]] == list(prod.listeners)
-    await roundtrip_ok((await cons_session(cons, uid, prod))[0], 256 << 10)
+    await roundtrip_ok((await cons_session(cons, uid, prod)).listeners[0], 256 << 10)
     await cons.release(uid)
     await user.release(uid)
     assert await live_rows(f.url) == []
@@ -181,7 +157,7 @@ async def test_node_killed_sessions_fail_new_ones_go_to_the_survivor(facility, s
     cons = client_for(await servers())
     ep = f"{echo_server[0]}:{echo_server[1]}"
     sessions = [await prod_session(a, b, ep) for _ in range(4)]
-    cons_of = {uid: (await cons_session(cons, uid, prod))[0] for uid, prod in sessions}
+    cons_of = {uid: (await cons_session(cons, uid, prod)).listeners[0] for uid, prod in sessions}
     rows = await live_rows(f.url)
     assert {r["node"] for r in rows} == {"dtn1", "dtn2"}
     victim = f.nodes[0]
@@ -208,7 +184,7 @@ async def test_node_killed_sessions_fail_new_ones_go_to_the_survivor(facility, s
     for _ in range(2):
         uid, prod = await prod_session(b, a, ep)
         assert prod.listeners[0].startswith("127.0.0.3:")
-        await roundtrip_ok((await cons_session(cons, uid, prod))[0], 128 << 10)
+        await roundtrip_ok((await cons_session(cons, uid, prod)).listeners[0], 128 << 10)
         cons_of[uid] = ""
     # status says why, on either instance
     st = await a.status(next(iter(on_victim)))
@@ -338,7 +314,7 @@ async def test_database_restarted_under_load(own_pg, facility, servers, client_f
     cons = client_for(await servers())
     ep = f"{echo_server[0]}:{echo_server[1]}"
     uid0, prod0 = await prod_session(a, b, ep)
-    stream = (await cons_session(cons, uid0, prod0))[0]
+    stream = (await cons_session(cons, uid0, prod0)).listeners[0]
     done: list[str] = []
     errors: list[str] = []
     stop = asyncio.Event()
@@ -426,7 +402,7 @@ async def test_metrics_per_node(facility, servers, client_for, echo_server):
     for _ in range(4):
         uid, prod = await prod_session(a, a, ep)
         made.append(uid)
-        await roundtrip_ok((await cons_session(cons, uid, prod))[0], 100_000)
+        await roundtrip_ok((await cons_session(cons, uid, prod)).listeners[0], 100_000)
 
     def scrape() -> dict:
         from prometheus_client.parser import text_string_to_metric_families
@@ -678,7 +654,7 @@ async def test_facility_node_restarted_in_place(facility, servers, client_for, e
     cons = client_for(await servers())
     ep = f"{echo_server[0]}:{echo_server[1]}"
     uid, prod = await prod_session(a, a, ep)
-    stream = (await cons_session(cons, uid, prod))[0]
+    stream = (await cons_session(cons, uid, prod)).listeners[0]
     await roundtrip_ok(stream, 128 << 10)
     node = f.nodes[0]
     old = (await sql(f.url, "SELECT pid, cert FROM nodes WHERE name = 'dtn1'"))[0]
@@ -695,7 +671,7 @@ async def test_facility_node_restarted_in_place(facility, servers, client_for, e
         st = (await a.status(uid)).sessions[0]
         assert st.state == "connected" and st.node == "dtn1"
         uid2, prod2 = await prod_session(a, a, ep)          # and new sessions on the successor
-        await roundtrip_ok((await cons_session(cons, uid2, prod2))[0], 64 << 10)
+        await roundtrip_ok((await cons_session(cons, uid2, prod2)).listeners[0], 64 << 10)
         for u in (uid, uid2):
             await a.release(u)
             await cons.release(u)

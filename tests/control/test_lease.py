@@ -9,23 +9,14 @@ import time
 
 import pytest
 
-from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener
+from conftest import async_wait_until, echo_roundtrip, new_uid, parse_listener, prod_session
 from scistream import errors
-
-
-async def prod_session(c, endpoint: str, *, lease: int = 0, num_conn: int = 1):
-    uid = new_uid()
-    req = asyncio.create_task(c.req(uid, "PROD", num_conn, lease=lease))
-    await c.hello(uid, "PROD", [endpoint])
-    resp = await req
-    await c.update(uid, "PROD", resp.prod_listeners, resp.wan_secret)
-    return uid, resp
 
 
 async def test_connected_session_expires_at_its_lease(servers, client_for, echo_server):
     srv = await servers(wan_plaintext=True)  # the PROD listener is then plain TCP to the echo app
     c = client_for(srv)
-    uid, resp = await prod_session(c, f"{echo_server[0]}:{echo_server[1]}", lease=2)
+    uid, resp = await prod_session(c, c, f"{echo_server[0]}:{echo_server[1]}", lease=2)
     payload = os.urandom(1 << 20)
     got = await echo_roundtrip(*parse_listener(resp.listeners[0]), payload)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
@@ -59,8 +50,8 @@ async def test_max_lease_is_the_default_and_the_ceiling(servers, client_for, ech
     with pytest.raises(errors.InvalidArgument, match="lease must be >= 0"):
         await c.req(new_uid(), "PROD", 1, lease=-5)
     assert srv.registry.ports.used == set() and srv.registry.active == {}
-    uid, _ = await prod_session(c, ep)  # lease 0: the server's maximum
-    shorter, _ = await prod_session(c, ep, lease=30)
+    uid, _ = await prod_session(c, c, ep)  # lease 0: the server's maximum
+    shorter, _ = await prod_session(c, c, ep, lease=30)
     st = {s.uid: s for s in (await c.status()).sessions}
     assert st[uid].lease_expires == pytest.approx(st[uid].created + 600, abs=0.01)
     assert st[shorter].lease_expires == pytest.approx(st[shorter].created + 30, abs=0.01)
@@ -71,7 +62,7 @@ async def test_max_lease_is_the_default_and_the_ceiling(servers, client_for, ech
 async def test_unlimited_by_default(servers, client_for, echo_server):
     srv = await servers()
     c = client_for(srv)
-    uid, _ = await prod_session(c, f"{echo_server[0]}:{echo_server[1]}")
+    uid, _ = await prod_session(c, c, f"{echo_server[0]}:{echo_server[1]}")
     (st,) = (await c.status(uid)).sessions
     assert st.lease_expires == 0
     await c.release(uid)
@@ -80,7 +71,7 @@ async def test_unlimited_by_default(servers, client_for, echo_server):
 async def test_lease_survives_a_restart_and_ends_on_time(servers, client_for, echo_server):
     srv = await servers(wan_plaintext=True)
     c = client_for(srv)
-    uid, resp = await prod_session(c, f"{echo_server[0]}:{echo_server[1]}", lease=3)
+    uid, resp = await prod_session(c, c, f"{echo_server[0]}:{echo_server[1]}", lease=3)
     expires = srv.registry.active[(uid, "PROD")].lease_expires
     await srv.stop(release=False)
     srv2 = await servers(wan_plaintext=True, state_dir=srv.state_dir, port_range=srv.config.port_range)

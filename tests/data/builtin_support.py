@@ -25,21 +25,10 @@ from scistream.data import wankeys
 from scistream.data.node.backend import NodeDataServer, NodeService
 from scistream.data.node.channel import Decoder, encode, send_frame, send_note
 from scistream.data.spec import DataSpec
-from scistream.data.supervise import free_port_check
 
-from conftest import async_wait_until
+from conftest import async_wait_until, free_ports
 
 BLOCK = 1 << 20
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    return free_port_check("127.0.0.1", port)
 
 
 class Pattern:
@@ -226,7 +215,7 @@ class DataServers:
                     host: str = "127.0.0.1") -> NodeDataServer:
         assert self.node is not None
         n = listeners or len(targets)
-        ports = tuple(free_port(host) for _ in range(n))
+        ports = free_ports(n, host)
         targets = [targets[i % len(targets)] for i in range(n)]
         uid = uid or str(uuid.uuid4())
         spec = DataSpec(uid=uid, role=role, listen_host=host, ports=ports, targets=tuple(targets),

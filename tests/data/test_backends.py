@@ -15,8 +15,8 @@ from scistream.data import wankeys
 from scistream.data.backends.common import listening_ports
 from scistream.data.base import DataSpec, get_backend
 from scistream.data.supervise import ChildProcess
-from test_backends_support import (EXTERNAL, App, Chain, free_ports, leftover, port_is_free, roundtrip,
-                                   secret, sha, try_through)
+from conftest import free_ports, port_is_free
+from test_backends_support import EXTERNAL, App, Chain, leftover, roundtrip, secret, sha, try_through
 
 MODES = ["tls", "plain"]
 

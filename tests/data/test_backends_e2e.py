@@ -8,27 +8,10 @@ import os
 
 import pytest
 
-from conftest import async_wait_until, new_uid, parse_listener, still_listening
+from conftest import async_wait_until, connect_session, new_uid, parse_listener, still_listening
 from scistream.data.supervise import pid_alive
 from scistream.errors import FailedPrecondition
 from test_backends_support import EXTERNAL, App, roundtrip, sha
-
-
-async def exchange(pc, cc, endpoint: str, num_conn: int, *, legacy: bool = False):
-    """req/hello/update on PROD, then on CONS; ``legacy`` sends no WAN secret (an
-    original-tooling client)."""
-    uid = new_uid()
-    req = asyncio.create_task(pc.req(uid, "PROD", num_conn))
-    await pc.hello(uid, "PROD", [endpoint])
-    prod = await req
-    secret = b"" if legacy else prod.wan_secret
-    await pc.update(uid, "PROD", prod.prod_listeners, secret)
-    creq = asyncio.create_task(cc.req(uid, "CONS", num_conn))
-    hello = await cc.hello(uid, "CONS")
-    cons = await creq
-    upd = await cc.update(uid, "CONS", prod.listeners, secret)
-    assert list(hello.listeners) == list(cons.listeners)
-    return uid, prod, cons, upd
 
 
 async def check_bytes(listeners, size: int = 2 << 20) -> None:
@@ -48,8 +31,8 @@ async def test_full_session_through_control_servers(kind, servers, client_for):
         prod_srv = await servers(server_type=kind)
         cons_srv = await servers(server_type=kind)
         pc, cc = client_for(prod_srv), client_for(cons_srv)
-        uid, prod, cons, upd = await exchange(pc, cc, app.endpoint, 3)
-        assert upd.wan_security == "tls"
+        uid, prod, cons = await connect_session(pc, cc, app.endpoint, 3)
+        assert cons.wan_security == "tls"
         await check_bytes(cons.listeners)
         await check_bytes(cons.listeners[:1] * 3, 1 << 20)  # several connections on one listener
         assert app.accepted == 6
@@ -72,8 +55,8 @@ async def test_original_client_without_secret_gets_plaintext(kind, servers, clie
     async with App() as app:
         prod_srv, cons_srv = await servers(server_type=kind), await servers(server_type=kind)
         pc, cc = client_for(prod_srv), client_for(cons_srv)
-        uid, prod, cons, upd = await exchange(pc, cc, app.endpoint, 2, legacy=True)
-        assert upd.wan_security == "plain"
+        uid, prod, cons = await connect_session(pc, cc, app.endpoint, 2, legacy=True)
+        assert cons.wan_security == "plain"
         await check_bytes(cons.listeners)
         await pc.release(uid)
         await cc.release(uid)
@@ -93,8 +76,8 @@ async def test_stunnel_legacy_client_needs_operator_consent(kind, servers, clien
         prod_srv = await servers(server_type=kind, allow_legacy_plaintext=True)
         cons_srv = await servers(server_type=kind, allow_legacy_plaintext=True)
         pc, cc = client_for(prod_srv), client_for(cons_srv)
-        uid2, prod, cons, upd = await exchange(pc, cc, app.endpoint, 2, legacy=True)
-        assert upd.wan_security == "plain"  # the original's uid-derived PSK: not confidential
+        uid2, prod, cons = await connect_session(pc, cc, app.endpoint, 2, legacy=True)
+        assert cons.wan_security == "plain"  # the original's uid-derived PSK: not confidential
         await check_bytes(cons.listeners)
         await pc.release(uid2)
         await cc.release(uid2)
@@ -105,7 +88,7 @@ async def test_restarted_control_server_readopts_the_proxies(kind, servers, clie
     async with App() as app:
         prod_srv, cons_srv = await servers(server_type=kind), await servers(server_type=kind)
         pc, cc = client_for(prod_srv), client_for(cons_srv)
-        uid, prod, cons, _ = await exchange(pc, cc, app.endpoint, 2)
+        uid, prod, cons = await connect_session(pc, cc, app.endpoint, 2)
         await check_bytes(cons.listeners)
         pids = server_pids(prod_srv)
         await prod_srv.stop(release=False)

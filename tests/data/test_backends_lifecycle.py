@@ -16,9 +16,8 @@ from scistream.data.backends import common, nginx
 from scistream.data.base import BackendUnavailable, DataSpec, get_backend
 from scistream.data.supervise import children
 from scistream.errors import DataServerError, InvalidArgument
-from conftest import async_wait_until
-from test_backends_support import (EXTERNAL, App, Chain, free_ports, leftover, port_is_free, roundtrip,
-                                   secret)
+from conftest import async_wait_until, free_ports, port_is_free
+from test_backends_support import EXTERNAL, App, Chain, leftover, roundtrip, secret
 
 
 # A well-formed target the proxies' own configuration checks refuse, found without a DNS

@@ -12,18 +12,17 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import echo_roundtrip
+from conftest import echo_roundtrip, free_ports
 from scistream.data.node.backend import NodeService
 from scistream.data.base import BackendUnavailable, DataServer, get_backend
 from scistream.data.spec import KEEPALIVE, DataSpec
-from scistream.data.supervise import free_port_check, group_members
+from scistream.data.supervise import group_members
 
 NAMES = ("Haproxy", "Nginx", "Stunnel")
 
@@ -37,30 +36,6 @@ def _param(name: str):
 
 
 EXTERNAL = [_param(n) for n in NAMES]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> tuple[int, ...]:
-    """``n`` distinct ports free right now (held together while picked)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            s.bind((host, 0))
-            socks.append(s)
-        return tuple(s.getsockname()[1] for s in socks)
-    finally:
-        for s in socks:
-            s.close()
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    return free_port_check(host, port)
 
 
 def sha(data: bytes) -> bytes:

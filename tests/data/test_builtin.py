@@ -9,8 +9,8 @@ import os
 import socket
 
 import pytest
-from builtin_support import Pattern, PatternApp, data_servers, entry, port_is_free, stats
-from conftest import async_wait_until as wait_for, echo_roundtrip
+from builtin_support import Pattern, PatternApp, data_servers, entry, stats
+from conftest import async_wait_until as wait_for, echo_roundtrip, port_is_free
 
 from scistream.errors import DataServerError
 

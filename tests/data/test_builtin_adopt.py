@@ -8,8 +8,8 @@ import os
 import signal
 
 import pytest
-from builtin_support import data_servers, entry, port_is_free
-from conftest import async_wait_until, echo_roundtrip
+from builtin_support import data_servers, entry
+from conftest import async_wait_until, echo_roundtrip, port_is_free
 from test_builtin import read_all, tag_server
 
 from scistream.data.base import get_backend

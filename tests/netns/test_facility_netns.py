@@ -1,4 +1,4 @@
-"""A facility of several nodes in network namespaces (issue 13).
+"""A facility of several nodes in network namespaces.
 
 Facility A is five hosts (``FacilityTestbed``): two control hosts running ``s2cs --facility``,
 two data-transfer nodes running ``s2ds serve --store``, and a database host running

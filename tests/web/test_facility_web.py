@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import async_wait_until, new_uid, roundtrip_ok
+from conftest import async_wait_until, cons_session, prod_session, roundtrip_ok
 from facilityhelpers import facility, pg, sql  # noqa: F401  (fixtures)
 from webhelpers import ahttp, artefact, browser_missing, browser  # noqa: F401  (fixture)
 
@@ -23,16 +23,8 @@ async def test_facility_sessions_and_nodes_live(facility, servers, client_for, e
     made = []
     for i in range(4):
         x, y = (a, b) if i % 2 else (b, a)
-        uid = new_uid()
-        req = asyncio.create_task(x.req(uid, "PROD", 1, 0))
-        await y.hello(uid, "PROD", [ep])
-        prod = await req
-        await y.update(uid, "PROD", prod.prod_listeners, prod.wan_secret)
-        creq = asyncio.create_task(cons.req(uid, "CONS", 1, 0))
-        await cons.hello(uid, "CONS")
-        c = await creq
-        await cons.update(uid, "CONS", prod.listeners, prod.wan_secret)
-        await roundtrip_ok(c.listeners[0], 64 << 10)
+        uid, prod = await prod_session(x, y, ep)
+        await roundtrip_ok((await cons_session(cons, uid, prod)).listeners[0], 64 << 10)
         made.append(uid)
     rows = {r["uid"]: r["node"] for r in await sql(f.url, "SELECT uid, node FROM fsessions")}
     # the page of the first instance shows every session of the facility, with its node

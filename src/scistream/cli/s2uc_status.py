@@ -56,6 +56,7 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
         "avg_bps_to_consumer": round(info.bytes_out * 8 / busy) if busy > 0 else 0,
         "connections": info.connections, "total_connections": info.total_connections,
         "refused_connections": info.refused_connections,
+        "cut_streams": getattr(info, "cut_streams", 0),
         # age: the session's life so far, or its whole life once it ended (as in the web view)
         "created": info.created, "age_s": round(max(0.0, end - info.created), 3),
         "setup_s": round(info.connected - info.created, 3) if info.connected else None,
@@ -216,7 +217,9 @@ def _print_one(d: dict) -> None:
         ("to consumer", f"{_size(d['bytes_to_consumer'])} ({d['bytes_to_consumer']} B, avg "
                         f"{bitrate(d['avg_bps_to_consumer'])})"),
         ("connections", f"{d['connections']} open, {d['total_connections']} in all, {d['num_conn']} slots"
-                        + (f", {d['refused_connections']} refused (over the cap)" if d["refused_connections"] else "")),
+                        + (f", {d['refused_connections']} refused (over the cap)" if d["refused_connections"] else "")
+                        + (f", {d['cut_streams']} CUT at a half-close (end possibly lost)"
+                           if d["cut_streams"] else "")),
         ("rate cap", _rate_cap(d)),
         ("age", f"{duration(d['age_s'])} (created {_when(d['created'])})"),
         ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),

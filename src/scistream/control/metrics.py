@@ -62,6 +62,7 @@ class _Live:
         by_state = {s.value: 0 for s in (S.REQUESTED, S.READY, S.CONNECTED)}
         to_prod, to_cons = self.m.ended_bytes
         refused = self.m.ended_refused
+        cut = self.m.ended_cut
         conns = 0
         per = CounterMetricFamily("scistream_session_bytes_forwarded",
                                   "Bytes carried by each live session's data server",
@@ -73,6 +74,7 @@ class _Live:
             to_cons += st.bytes_out
             conns += st.connections
             refused += st.refused_connections
+            cut += st.cut_streams
             per.add_metric([s.uid, s.role, "to_producer"], st.bytes_in)
             per.add_metric([s.uid, s.role, "to_consumer"], st.bytes_out)
         g = GaugeMetricFamily("scistream_sessions", "Live sessions by state", labels=["state"])
@@ -90,6 +92,9 @@ class _Live:
         yield CounterMetricFamily("scistream_connections_refused",
                                   "Connections the data servers refused: over the session's cap "
                                   "(--max-session-conns)", value=refused)
+        yield CounterMetricFamily("scistream_streams_cut",
+                                  "Streams whose end a data server may have dropped at a half-close "
+                                  "(Stunnel: the side that closed last)", value=cut)
         if facility:
             yield from self._nodes(live, view[1] if view else [])
             return
@@ -163,6 +168,7 @@ class Metrics:
             self.ended.labels(state)
         self.ended_bytes = [0, 0]
         self.ended_refused = 0
+        self.ended_cut = 0
         self.view: tuple[list[Session], list[dict]] | None = None   # a facility's, at the last scrape
         self.prom.register(_Live(self))
         self._server: asyncio.AbstractServer | None = None
@@ -184,6 +190,7 @@ class Metrics:
             self.ended_bytes[0] += st.bytes_in
             self.ended_bytes[1] += st.bytes_out
             self.ended_refused += st.refused_connections
+            self.ended_cut += st.cut_streams
 
     async def refresh(self, concurrency: int = 32) -> None:
         """Ask every live data server for its counters (bounded in time and in parallel); a

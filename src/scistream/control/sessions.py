@@ -74,7 +74,8 @@ def when(t: float) -> str:
 
 def _add(a: Stats, b: Stats) -> Stats:
     return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
-                 a.total_connections + b.total_connections, a.refused_connections + b.refused_connections)
+                 a.total_connections + b.total_connections, a.refused_connections + b.refused_connections,
+                 a.cut_streams + b.cut_streams)
 
 
 @dataclasses.dataclass
@@ -193,7 +194,8 @@ class Session:
             s.stats_base = Stats(**d["stats_base"]) if d.get("stats_base") else Stats()
             s.last_stats = Stats(st.bytes_in - s.stats_base.bytes_in, st.bytes_out - s.stats_base.bytes_out,
                                  0, st.total_connections - s.stats_base.total_connections,
-                                 st.refused_connections - s.stats_base.refused_connections)
+                                 st.refused_connections - s.stats_base.refused_connections,
+                                 st.cut_streams - s.stats_base.cut_streams)
         if s.state is not S.REQUESTED:
             s.hello_seen.set()
         return s

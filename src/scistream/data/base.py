@@ -44,6 +44,9 @@ class DataServer(abc.ABC):
     #: True for the types that enforce ``spec.max_conns`` and count the refusals
     #: (``Stats.refused_connections``).
     caps_conns: ClassVar[bool] = False
+    #: False for the types that may drop the end of a half-closed stream (the side that
+    #: closes last); each such stream is counted in ``Stats.cut_streams``.
+    carries_half_close: ClassVar[bool] = True
 
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec

@@ -77,6 +77,7 @@ class Stats:
     connections: int = 0   # connections open now
     total_connections: int = 0
     refused_connections: int = 0   # refused by the max_conns cap (DataSpec.max_conns)
+    cut_streams: int = 0   # streams whose end the data server may have dropped (stunnel, half-close)
 
 
 def keepalive_setting(value: Any) -> tuple[int, int, int]:

@@ -24,7 +24,7 @@ application controller's hello. Addresses come only from the documentation range
         tb.run(tb.consumer, "ip", "route")     # argv run inside the consumer's namespace
         argv = tb.argv(tb.gw_a, "s2cs", "--listener-ip", tb.gw_a.wan_ip, ...)
 
-``FacilityTestbed`` is the same with facility A as several hosts (issue 13): two control
+``FacilityTestbed`` is the same with facility A as several hosts: two control
 hosts, two data-transfer nodes and a database host on bridged LANs; see its docstring.
 """
 from __future__ import annotations
@@ -346,7 +346,7 @@ class Testbed:
         return "\n".join(lines)
 
 
-# Facility A of several nodes (issue 13): two control hosts, two data-transfer nodes, a database
+# Facility A of several nodes: two control hosts, two data-transfer nodes, a database
 # host; facility B one gateway. LANs with more than two hosts are bridges in a switch namespace.
 _F_HOSTS = (
     ("producer", "producer", (("eth0", "192.0.2.10/25"),)),
@@ -388,7 +388,7 @@ _F_ROUTES = (
 
 
 class FacilityTestbed(Testbed):
-    """Facility A of several nodes and facility B of one gateway (issue 13)::
+    """Facility A of several nodes and facility B of one gateway::
 
         A's LAN 192.0.2.0/25 (bridge lan-a): producer .10, DTN-A1 .11, DTN-A2 .12, CTL-A1 .21, CTL-A2 .22
         A's management LAN 192.0.2.128/25 (bridge mgmt-a): CTL-A1 .131, CTL-A2 .132,

@@ -61,7 +61,7 @@ HANDSHAKE_TIMEOUT_S = 10
 SESSION_NAME = "scistream-session"
 _ERROR_LINE = re.compile(r"\[ALERT\]|\[emerg\]|\[crit\]|\[alert\]|LOG[0-3]\[|\[!\]|error|failed|"
                          r"in use|cannot|could not|unable|not found", re.I)
-_NOISE = re.compile(r"No trusted certificates found")  # stunnel, harmless with PSK
+_NOISE = re.compile(r"No trusted certificates found|PSK identity not found")  # stunnel, harmless with PSK
 
 
 def find_binary(names: Iterable[str], *, env_var: str, package: str) -> str:

@@ -26,7 +26,7 @@ reload check and the byte counters.
   requested rate is reserved by the control server but not enforced (a warning is
   logged once).
 * Speed: 256 KiB buffers (``tune.bufsize``; default 16 KiB): on loopback they cut the
-  chain's CPU per GB carried by about a third (bench/bench_backends.py).
+  chain's CPU per GB carried by about a third.
   ``option splice-auto`` lets the kernel splice plain legs (neutral on loopback, where
   splice still copies; it saves copies on real NICs).
 

@@ -21,11 +21,24 @@ clients towards the PROD listeners.
   connections keep going, the listeners are re-bound.
 * Timeouts: ``TIMEOUTidle`` 7 days (default 12 h), TCP keepalive on every socket;
   ``TIMEOUTbusy`` 10 s bounds the TLS handshake (default 300 s; stunnel does not use it
-  while a stream carries data).
+  while a stream carries data). ``TIMEOUTclose`` 7 days too: it is how long stunnel waits,
+  once one side of a stream has closed, for the other side's end (its default, 60 s, cut
+  off an answer sent later than that, with a clean end of stream on both sides); a
+  ``TIMEOUTclose exceeded`` in the log counts as a cut stream.
 * Cap (``spec.max_conns``): **not enforced** (stunnel has no such setting; its only
   limit is derived from the file-descriptor limit); a warning is logged once.
 * Stats: from the log's "Connection closed" lines (closed connections only).
 * Rate: **not shaped** (stunnel has no bandwidth limit); a warning is logged once.
+* Half-close: **the end of a stream may be dropped.** Once a stream's far side has closed
+  (stunnel got the TLS close_notify and shut down its write side of the plain socket), the
+  plain peer's FIN makes poll() report a hang-up. If stunnel's buffer for the plain side is
+  full at that moment (it is not asking for POLLIN) and the TLS side is not writable,
+  stunnel (5.68, and the same code up to 5.75) takes the hang-up for the end of reading:
+  what the kernel still holds is never read, and both ends see a clean end of stream.
+  Nothing in stunnel's configuration changes that path. Each such stream is counted
+  (``Stats.cut_streams``: the log's "Read socket closed (HUP)", hence ``debug = info``,
+  about 1.4 KB of log per connection), a warning is logged at session start and whenever
+  the count grows.
 
     server = StunnelServer(DataSpec(uid, "PROD", "127.0.0.1", (5100,), ("10.0.0.5:7000",),
                                     wan_secret=secret, workdir=Path("/var/lib/s2cs/u1-PROD")))
@@ -38,14 +51,20 @@ import os
 import re
 import signal
 
-from ..spec import Stats
+from ..spec import DataSpec, Stats
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer,
                      error_lines, log_since, log_size, write_private)
 
 log = logging.getLogger(__name__)
 
 _CLOSED = re.compile(r"Connection (?:closed|reset): (\d+) byte\(s\) sent to TLS, (\d+) byte\(s\) sent to socket")
-_ACCEPTED = re.compile(r"Service \[s2ds-\d+\] accepted connection")
+_ACCEPTED = re.compile(r"LOG\d\[(\d+)\]: Service \[[^]]+\] accepted connection")
+#: How stunnel stopped reading the plain side of connection N (``debug = info``): "HUP" is a
+#: hang-up seen while it was not reading (its buffer full), with the kernel's unread bytes
+#: dropped; "readsocket" and "read hangup" are an end of stream read in full.
+_READ_CLOSED = re.compile(r"LOG\d\[(\d+)\]: Read socket closed \(([^)]*)\)")
+#: Connection N given up while one side was still open (``TIMEOUTclose``): a cut stream.
+_CLOSE_TIMEOUT = re.compile(r"LOG\d\[(\d+)\]: transfer: s_poll_wait: TIMEOUTclose exceeded")
 LEGACY_IDENTITY = "client1"
 LEGACY_CIPHERS = ("PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305:"
                   "PSK-NULL-SHA384:PSK-NULL-SHA256:PSK-NULL-SHA")
@@ -65,12 +84,24 @@ class StunnelServer(ProxyServer):
     binaries = ("stunnel", "stunnel4")
     env_var = "SCISTREAM_STUNNEL"
     shapes_rate = False
+    carries_half_close = False
+    #: Seconds stunnel waits, once one side of a stream has closed, for the other's end.
+    close_timeout = IDLE_TIMEOUT_S
+
+    def __init__(self, spec: DataSpec) -> None:
+        super().__init__(spec)
+        self._cut_seen = 0   # cut streams already warned about
 
     @property
     def legacy_psk(self):
         return self.spec.workdir / "legacy-psk.txt"
 
     def prepare(self) -> None:
+        log.warning("session %s/%s: stunnel may drop the end of a half-closed stream: once one "
+                    "side has closed, bytes the other side sends before it closes can be lost "
+                    "with no error on either side (a stunnel defect); such streams are counted "
+                    "as cut (s2uc status, scistream_streams_cut_total); use Builtin, Haproxy or "
+                    "Nginx for streams that half-close", self.spec.uid, self.spec.role)
         if self.spec.wan_secret is None:
             log.warning("session %s/%s: stunnel without a WAN secret uses the original's uid-derived "
                         "PSK with NULL ciphers: the WAN leg is NOT confidential",
@@ -93,7 +124,8 @@ class StunnelServer(ProxyServer):
             "pid =",
             f"output = {self.log_path}",
             "syslog = no",
-            "debug = notice",
+            # info: the "Read socket closed (HUP)" lines that count the cut streams
+            "debug = info",
             "socket = l:TCP_NODELAY=1",
             "socket = r:TCP_NODELAY=1",
             "socket = l:SO_KEEPALIVE=1",
@@ -109,6 +141,9 @@ class StunnelServer(ProxyServer):
                       f"connect = {_endpoint(target)}",
                       f"client = {client}",
                       f"TIMEOUTidle = {IDLE_TIMEOUT_S}",
+                      # once one side has closed, stunnel waits this long for the other
+                      # (default 60 s: a later answer was cut off, silently)
+                      f"TIMEOUTclose = {self.close_timeout}",
                       f"TIMEOUTconnect = {CONNECT_TIMEOUT_S}",
                       # the TLS handshake (and nothing on an established stream: transfer
                       # waits are TIMEOUTidle / TIMEOUTclose)
@@ -140,6 +175,7 @@ class StunnelServer(ProxyServer):
 
     async def stats(self) -> Stats:
         stats, accepted = Stats(), 0
+        reading: set[int] = set()   # connections whose plain side stunnel still reads
         try:
             with open(self.log_path, errors="replace") as f:
                 for line in f:
@@ -153,9 +189,23 @@ class StunnelServer(ProxyServer):
                             stats.bytes_in += to_socket
                             stats.bytes_out += to_tls
                         stats.total_connections += 1
-                    elif _ACCEPTED.search(line):
+                    elif _CLOSE_TIMEOUT.search(line):
+                        stats.cut_streams += 1
+                    elif m := _READ_CLOSED.search(line):
+                        conn = int(m.group(1))
+                        if conn in reading:
+                            reading.discard(conn)
+                            stats.cut_streams += m.group(2) == "HUP"
+                    elif m := _ACCEPTED.search(line):
                         accepted += 1
+                        reading.add(int(m.group(1)))
         except OSError:
             pass
         stats.connections = max(0, accepted - stats.total_connections)
+        if stats.cut_streams > self._cut_seen:
+            log.warning("session %s/%s: stunnel stopped reading %d more stream(s) at a hang-up with "
+                        "bytes possibly unread (%d in all): their receivers may have got a clean "
+                        "end of stream with the end missing", self.spec.uid, self.spec.role,
+                        stats.cut_streams - self._cut_seen, stats.cut_streams)
+            self._cut_seen = stats.cut_streams
         return stats

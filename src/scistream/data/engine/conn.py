@@ -203,7 +203,7 @@ class SplicePump:
 class CopyPump(SendKeepingRest):
     """src socket -> a scratch buffer -> dst socket (recv/send).
 
-    On loopback this beats splice per CPU second (bench/relay_floor, docs/performance.md):
+    On loopback this beats splice per CPU second (docs/performance.md):
     spliced pages make the receiving application pay more than the copy saves. The
     scratch buffer is the thread's (``tlsleg.thread_buffers``); only bytes the destination
     did not take are kept, per pump."""

@@ -1,22 +1,36 @@
 """bench/cpucap.py, the CPU cap of ``bench/facility --instance-cpu``: a real cgroup (v2
 ``cpu.max`` or v1 CFS quota) that throttles a busy process, and is removed afterwards with
-the process moved back. Skipped, with the reason, where no cpu controller is writable."""
+the process moved back. Skipped, with the reason, where no cpu controller is writable.
+
+A benchmark's tool, so its test lives with it, outside the test suite (tests/ never
+imports bench/). Run it before trusting ``--instance-cpu`` figures on a new host:
+
+    .venv/bin/python -m pytest bench/test_cpucap.py
+"""
 from __future__ import annotations
 
 import os
 import pwd
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from conftest import wait_until
+from cpucap import CpuCap, CpuCapUnavailable, find_parent   # pytest puts this file's directory on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from cpucap import CpuCap, CpuCapUnavailable, find_parent  # noqa: E402  (bench/cpucap.py, without pytest)
+BENCH = Path(__file__).resolve().parent
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def _cap(cores: float) -> CpuCap:
@@ -102,7 +116,7 @@ def test_not_available_without_a_writable_controller():
             "try:\n    cpucap.find_parent()\nexcept cpucap.CpuCapUnavailable as e:\n"
             "    print('unavailable:', e)\n    sys.exit(3)")
     try:
-        probe = subprocess.run([python, "-c", code, str(ROOT / "bench")], user=pwd.getpwnam("nobody").pw_uid,
+        probe = subprocess.run([python, "-c", code, str(BENCH)], user=pwd.getpwnam("nobody").pw_uid,
                                capture_output=True, text=True, timeout=60, cwd="/")
     except PermissionError as exc:
         pytest.skip(f"user nobody cannot run {python} or read this checkout: {exc}")

@@ -1,16 +1,25 @@
-"""A PostgreSQL server of its own (Debian's postgresql-15), in a temporary directory.
+"""A throwaway local PostgreSQL cluster, for development, tests and benchmarks.
 
-Without pytest: bench/facility uses it, and the tests through tests/pghelpers.py (which
-adds a skip when PostgreSQL is not installed). Run as the ``postgres`` system user when
-run as root; stopped and removed at the end. Not a test module.
+Not for production: the facility store (``control/pgstore.py``) talks to an operator's
+PostgreSQL by URL. This module gives a developer a server of its own to point that URL
+at: ``initdb`` into a new temporary directory, a ``postgres`` listening on its unix socket
+in that directory and on a loopback TCP port, trust authentication, ``fsync=off``;
+stopped and the directory removed at the end. It needs the server binaries (Debian's
+``postgresql-15``, or any ``/usr/lib/postgresql/*/bin``; ``scripts/setup --system``
+installs them). Run as the ``postgres`` system user when the caller is root (postgres
+refuses to run as root). The tests wrap it (tests/pghelpers.py, which skips a test when
+PostgreSQL is not installed); bench/facility uses it directly.
 
-    with running_postgres(options=["-c", "shared_preload_libraries=pg_stat_statements"]) as pg:
+    with running_postgres(options=["-c", "max_connections=200"]) as pg:
         url = pg.url(pg.createdb())          # a new empty database; unix socket in pg.dir
+        url = pg.url(name, tcp=True)         # over TCP on the server's loopback port
+        pg.stop(); pg.start()                # take the database away and bring it back
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import pwd
 import shutil
@@ -20,10 +29,21 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class PostgresNotInstalled(RuntimeError):
+    """No PostgreSQL server binaries on this machine."""
+
+    def __init__(self) -> None:
+        super().__init__("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/postgres "
+                         "(scripts/setup --system installs it)")
 
 
 def pg_bin() -> Path | None:
+    """The directory of the server binaries (15 first, else the newest), or None."""
     for cand in ["/usr/lib/postgresql/15/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]:
         if os.access(os.path.join(cand, "postgres"), os.X_OK):
             return Path(cand)
@@ -31,7 +51,7 @@ def pg_bin() -> Path | None:
 
 
 async def sql(url: str, query: str, *args):
-    """One query on a fresh connection: its rows."""
+    """One query on a fresh connection (asyncpg): its rows."""
     import asyncpg
     conn = await asyncpg.connect(url)
     try:
@@ -47,19 +67,22 @@ def _free_port() -> int:
 
 
 class Postgres:
-    """A PostgreSQL server: ``url(db)``, ``createdb()``, ``psql(db, sql)``, ``pids()``."""
+    """A PostgreSQL server in a temporary directory: ``init()``, ``start()``, ``stop()``,
+    ``close()``; ``url(db)``, ``createdb()``, ``psql(db, sql)``, ``pids()``.
+
+    ``port``: its TCP port on 127.0.0.1; 0 picks a free one. A server that is stopped and
+    started again needs its port back: pass one outside the kernel's ephemeral range,
+    where an outgoing connection cannot take it meanwhile."""
 
     def __init__(self, bindir: Path, options: Sequence[str] = (), *, prefix: str = "scistream-pg-",
                  port: int = 0) -> None:
         self.bin = bindir
         self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.dir / "data"
-        # A server that is stopped and started again needs its port back: pass one outside
-        # the kernel's ephemeral range, where an outgoing connection cannot take it meanwhile.
         self.port = port or _free_port()
         self.proc: subprocess.Popen | None = None
         self.options = list(options)
-        self.user = None
+        self.user: int | None = None
         if os.geteuid() == 0:  # postgres refuses to run as root
             try:
                 pw = pwd.getpwnam("postgres")
@@ -88,11 +111,13 @@ class Postgres:
                   "--no-sync", "--no-instructions")
 
     def start(self, timeout: float = 30) -> None:
-        with open(self.dir / "server.log", "ab") as log:
+        """Start the server and return once it accepts connections (RuntimeError with the
+        end of its log if it exits, or is not ready within ``timeout`` seconds)."""
+        with open(self.dir / "server.log", "ab") as server_log:
             self.proc = subprocess.Popen(self._as_user(
                 [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.dir), "-h", "127.0.0.1",
                  "-p", str(self.port), "-c", "fsync=off", "-c", "logging_collector=off", *self.options]),
-                cwd=self.dir, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+                cwd=self.dir, stdout=subprocess.DEVNULL, stderr=server_log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -102,6 +127,7 @@ class Postgres:
                                    + (self.dir / "server.log").read_text()[-2000:])
             if subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", str(self.dir), "-p",
                                str(self.port)]).returncode == 0:
+                log.debug("postgres (pid %d) ready in %s, port %d", self.proc.pid, self.dir, self.port)
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"postgres not ready after {timeout:g} s")
@@ -156,10 +182,12 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def running_postgres(options: Sequence[str] = (), port: int = 0):
+def running_postgres(options: Sequence[str] = (), port: int = 0) -> Iterator[Postgres]:
+    """A new cluster, started; stopped and removed on exit. ``options``: extra ``postgres``
+    arguments (``["-c", "name=value", ...]``). PostgresNotInstalled without the binaries."""
     bindir = pg_bin()
     if bindir is None:
-        raise SystemExit("PostgreSQL is not installed (scripts/setup --system installs it)")
+        raise PostgresNotInstalled()
     server = Postgres(bindir, options, port=port)
     try:
         server.init()
