@@ -26,7 +26,6 @@ async def main(args: argparse.Namespace) -> int:
     prod = Gateway(args.prod, server_cert=args.prod_cert, insecure=args.insecure, token=args.token)
     cons = Gateway(args.cons, server_cert=args.cons_cert, insecure=args.insecure, token=args.token)
     uid = new_uid()
-    per_conn = args.size // args.num_conn
 
     def progress(p: Progress) -> None:
         print(f"  {p.elapsed:6.2f} s  {p.step.value}")
@@ -34,8 +33,8 @@ async def main(args: argparse.Namespace) -> int:
     # The two application controllers (normally jobs at each facility, given the uid).
     async with prod.client() as pc, cons.client() as cc:
         producer = asyncio.create_task(run_prod(pc, uid, "127.0.0.1", app="demo", num_conn=args.num_conn,
-                                                size=per_conn, connections=args.num_conn, say=print))
-        consumer = asyncio.create_task(run_cons(cc, uid, app="demo", size=per_conn, say=print))
+                                                size=args.size, connections=args.num_conn, say=print))
+        consumer = asyncio.create_task(run_cons(cc, uid, app="demo", size=args.size, say=print))
         try:
             conn = await connect(prod, cons, num_conn=args.num_conn, uid=uid, hello_timeout=60,
                                  on_progress=progress)

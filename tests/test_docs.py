@@ -1,10 +1,13 @@
 """The documentation cannot drift: docs/cli.md is regenerated and compared, every command
-has an example in its --help, shell completion works, links and code in docs/ hold."""
+has an example in its --help, shell completion works, links and code in docs/ hold, and
+the README's tutorial and the operator guide's first session run as written
+(tests/docrun.py), their outputs checked."""
 from __future__ import annotations
 
 import importlib
 import os
 import re
+import signal
 import textwrap
 import subprocess
 import sys
@@ -17,7 +20,7 @@ from conftest import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"s2cs": "scistream.cli.s2cs", "s2uc": "scistream.cli.s2uc", "appctrl": "scistream.cli.appctrl",
-            "scistream": "scistream.cli.scistream"}
+            "scistream": "scistream.cli.scistream", "s2ds": "scistream.cli.s2ds"}
 
 
 def test_cli_reference_is_up_to_date():
@@ -111,3 +114,108 @@ def test_the_documents_exist_and_are_linked():
     guide = (ROOT / "docs" / "operator-guide.md").read_text()
     for f in ("deploy/s2cs.service", "deploy/Containerfile", "deploy/s2cs.toml", "check-config"):
         assert f in guide, f
+
+
+# -- the README's tutorial, run as written ----------------------------------------------
+def _s2cs_ready(command: str) -> bool:
+    """A background `s2cs` of the tutorial is up: its certificate written, its port open."""
+    import socket as socketlib
+    if not command.startswith("s2cs "):
+        return True
+    port = int(re.search(r"--port[= ](\d+)", command).group(1))
+    state = Path(re.search(r"--state-dir[= ](\S+)", command).group(1))
+    if not (state / "server.crt").exists():
+        return False
+    with socketlib.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_readme_tutorial_runs_as_written(tmp_path):
+    """Every shell block of the README's tutorial and of its one-command form, in order, as
+    written (only the fixed ports and /tmp directories changed), with the outputs shown
+    checked; at the end the producer's controller is stopped with Ctrl-C as the README says,
+    the control servers with SIGTERM, and every command exited 0."""
+    from conftest import free_port, port_block
+    from docrun import DocRun, blocks_of
+    blocks = blocks_of(ROOT / "README.md", "## Tutorial: the same session by hand",
+                       "### A facility of several control servers")
+    # what the README says of itself: eight commands in the tutorial proper, in four terminals
+    tutorial = blocks_of(ROOT / "README.md", "## Tutorial: the same session by hand",
+                         "### The same in one command, and from Python")
+    assert sum(len(b.commands) for b in tutorial) == 8
+    assert "Eight commands in four terminals" in (ROOT / "README.md").read_text()
+    prod_range, cons_range = port_block(51), port_block(51)
+    ports = {5000: free_port(), 5001: free_port()}
+    for base, block in ((5100, prod_range), (5200, cons_range)):
+        start = int(block.split("-")[0])
+        ports.update({base + k: start + k for k in range(51)})
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(BIN.parent),
+           "SCISTREAM_CONFIG_DIR": str(tmp_path / "config"), "HOME": str(tmp_path)}
+    env.pop("SCISTREAM_TOKEN", None)
+    env.pop("SCISTREAM_SERVER_CERT", None)
+    run = DocRun(blocks, ports=ports, env=env, cwd=tmp_path, ready=_s2cs_ready,
+                 paths={"/tmp/prod-s2cs": str(tmp_path / "prod-s2cs"), "/tmp/cons-s2cs": str(tmp_path / "cons-s2cs")})
+    try:
+        run.all()
+        servers = [p for p in run.procs if p.cmd.text.startswith("s2cs")]
+        [producer] = [p for p in run.procs if p.cmd.text.startswith("appctrl") and " PROD " in p.cmd.text]
+        for p in run.procs:   # every other command ends by itself, with exit code 0
+            if p not in servers and p is not producer:
+                assert p.finish(120) == 0, f"{p.cmd.text}: exit {p.p.returncode}\n{p.output()}"
+        # the producer's controller serves until Ctrl-C, as the README says; the servers until SIGTERM
+        assert producer.p.poll() is None, producer.output()
+        assert producer.stop(signal.SIGINT) == 130, producer.output()
+        for p in servers:
+            assert p.stop(signal.SIGTERM) == 0, p.output()
+        for p in run.procs:
+            assert "Traceback" not in p.output() and "ssl_transport_security" not in p.output(), p.output()
+        assert not list((tmp_path / "config" / "sessions").glob("*.json")), \
+            "the releases left a session record behind"
+    finally:
+        run.stop_all()
+
+
+def test_operator_guide_first_session_runs_as_written(tmp_path):
+    """The operator guide's first checks from a user's machine (check-auth, then a whole
+    session of test data with connect --start-apps), run on one machine: the two
+    gateways' addresses, certificate files and the producer's address are this host's;
+    the outputs shown are checked."""
+    from conftest import port_block
+    from docrun import DocRun, blocks_of
+    from scistream.auth.static import add_token
+    blocks = blocks_of(ROOT / "docs" / "operator-guide.md",
+                       "From a user's machine, check the gateway accepts the token", "## The node service")
+    assert [c.text.split()[:2] for b in blocks for c in b.commands] == [["s2uc", "check-auth"], ["s2uc", "connect"]]
+    tokens = tmp_path / "tokens"
+    token = add_token(tokens, "alice@uni.edu")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "SCISTREAM_CONFIG_DIR": str(tmp_path / "config"), "TOKEN": token}
+    env.pop("SCISTREAM_TOKEN", None)
+    gateways = []
+    try:
+        for name in ("prod", "cons"):
+            ready = tmp_path / f"{name}.ready"
+            p = subprocess.Popen([str(BIN / "s2cs"), "--port", "0", "--listener-ip", "127.0.0.1", "--port-range",
+                                  port_block(), "--state-dir", str(tmp_path / name), "--auth", "static",
+                                  "--token-file", str(tokens), "--ready-file", str(ready)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            gateways.append(p)
+            from conftest import wait_until
+            wait_until(lambda: ready.exists() or p.poll() is not None, 60, f"the {name} s2cs")
+            assert p.poll() is None
+        import json as jsonlib
+        port = {n: jsonlib.loads((tmp_path / f"{n}.ready").read_text())["port"] for n in ("prod", "cons")}
+        run = DocRun(blocks, ports={}, env=env, cwd=tmp_path, paths={
+            "10.0.0.2:5000": f"127.0.0.1:{port['prod']}", "10.1.0.2:5000": f"127.0.0.1:{port['cons']}",
+            "prod.crt": str(tmp_path / "prod" / "server.crt"), "cons.crt": str(tmp_path / "cons" / "server.crt"),
+            "10.0.0.5": "127.0.0.1"})
+        try:
+            run.all()
+            for p in run.procs:
+                assert p.finish(300) == 0, f"{p.cmd.text}: exit {p.p.returncode}\n{p.output()}"
+        finally:
+            run.stop_all()
+    finally:
+        for p in gateways:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(30) == 0

@@ -15,10 +15,11 @@ MAX_LISTENER_LEN = 300
 RESOLVE_TIMEOUT = 10.0
 
 
-def parse_listener(text: str) -> tuple[str, int]:
-    """Split ``host:port``; raise InvalidArgument naming what is wrong."""
+def parse_listener(text: str, example: str = "127.0.0.1:5100") -> tuple[str, int]:
+    """Split ``host:port``; raise InvalidArgument naming what is wrong (``example``: the
+    address shown as the right form)."""
     if not isinstance(text, str) or not text:
-        raise InvalidArgument("empty listener; expected host:port, e.g. 127.0.0.1:5100")
+        raise InvalidArgument(f"empty listener; expected host:port, e.g. {example}")
     if len(text) > MAX_LISTENER_LEN:
         raise InvalidArgument(f"listener is {len(text)} characters long; expected host:port")
     if text.startswith("["):
@@ -32,9 +33,9 @@ def parse_listener(text: str) -> tuple[str, int]:
     else:
         host, sep, port = text.rpartition(":")
         if not sep or not host:
-            raise InvalidArgument(f"bad listener {text!r}; expected host:port, e.g. 127.0.0.1:5100")
+            raise InvalidArgument(f"bad listener {text!r}; expected host:port, e.g. {example}")
         if ":" in host:
-            raise InvalidArgument(f"bad listener {text!r}; write IPv6 hosts in brackets: [::1]:5100")
+            raise InvalidArgument(f"bad listener {text!r}; write IPv6 hosts in brackets: [::1]:{example.rpartition(':')[2]}")
         if not _HOST_RE.match(host):
             raise InvalidArgument(f"bad listener {text!r}: {host!r} is not a host name or address")
     if not port.isdigit() or not 1 <= int(port) <= 65535:

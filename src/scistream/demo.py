@@ -125,7 +125,6 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
     work = Path(tempfile.mkdtemp(prefix="scistream-demo-"))
     os.chmod(work, 0o700)
     uid = str(uuid.uuid4())
-    per_conn = opts.size // opts.num_conn
     steps: list[tuple[str, float]] = []
     t = time.monotonic()
 
@@ -162,7 +161,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             req = asyncio.create_task(prod.req(uid, "PROD", opts.num_conn, opts.rate))
             producer = await stack.enter_async_context(spawn(
                 [*lay.producer, exe("appctrl"), "create-appctrl", uid, prod_s2cs, "-", "PROD", lay.producer_ip,
-                 "--num-conn", str(opts.num_conn), "--size", str(per_conn),
+                 "--num-conn", str(opts.num_conn), "--size", str(opts.size),
                  "--connections", str(opts.num_conn), "--server-cert", str(prod_cert)],
                 log_path=work / "producer.log"))
             prod_resp = await until_done(req, {producer: ("producer controller", work / "producer.log")})
@@ -181,7 +180,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             creq = asyncio.create_task(cons.req(uid, "CONS", opts.num_conn, opts.rate))
             consumer = await stack.enter_async_context(spawn(
                 [*lay.consumer, exe("appctrl"), "create-appctrl", uid, cons_s2cs, "-", "CONS",
-                 "--size", str(per_conn), "--server-cert", str(cons_cert), "--report", str(report_file)],
+                 "--size", str(opts.size), "--server-cert", str(cons_cert), "--report", str(report_file)],
                 log_path=work / "consumer.log"))
             cons_resp = await until_done(creq, {consumer: ("consumer controller", work / "consumer.log")})
             step(f"req CONS + consumer hello: consumer listeners {', '.join(cons_resp.listeners)}")

@@ -2,6 +2,7 @@
 
     ScistreamError
     ├── InvalidArgument        INVALID_ARGUMENT
+    │   └── LocalMistake       (found by the client, nothing sent: CLIs exit 2)
     ├── NotFound               NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS
     ├── FailedPrecondition     FAILED_PRECONDITION
@@ -12,7 +13,9 @@
     ├── Unauthenticated        UNAUTHENTICATED
     ├── PermissionDenied       PERMISSION_DENIED
     ├── DeadlineExceeded       DEADLINE_EXCEEDED
-    └── DataServerError        INTERNAL (a data server failed to start or died)
+    ├── DataServerError        INTERNAL (a data server failed to start or died)
+    └── CertificateRejected    UNAVAILABLE (the server's TLS certificate does not verify
+                               against the one the client was given: CLIs exit 2)
 
 The message of each says what to do next. The servicer turns them into a gRPC status
 code and message (``scistream.control.servicer``, the one place that speaks gRPC's);
@@ -53,6 +56,13 @@ class ScistreamError(Exception):
 
 class InvalidArgument(ScistreamError):
     status = Status.INVALID_ARGUMENT
+
+
+class LocalMistake(InvalidArgument):
+    """A mistake the client itself found before sending anything (a malformed address,
+    uid or size, a certificate file it cannot read). CLIs say so and exit 2 (usage)."""
+
+    usage = True
 
 
 class NotFound(ScistreamError):
@@ -108,6 +118,15 @@ class DeadlineExceeded(ScistreamError):
 
 class DataServerError(ScistreamError):
     status = Status.INTERNAL
+
+
+class CertificateRejected(ScistreamError):
+    """The control server's TLS certificate does not verify against the certificate the
+    client was given (or the system's roots): a configuration mistake on the caller's side,
+    not something to retry. CLIs exit 2."""
+
+    status = Status.UNAVAILABLE
+    usage = True
 
 
 _BY_STATUS: dict[Status, type[ScistreamError]] = {

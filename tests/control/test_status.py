@@ -145,7 +145,7 @@ async def test_s2uc_status_and_list(servers, client_for, echo_server):
     rc, out, err = await s2uc("status", new_uid(), "--s2cs", prod.target, "--insecure")
     assert rc == 1 and "NOT_FOUND" in err
     rc, out, err = await s2uc("status", "not-a-uid", "--s2cs", prod.target, "--insecure")
-    assert rc == 1 and "not a UUID" in err
+    assert rc == 2 and "(local mistake)" in err and "not a UUID" in err   # found here, nothing sent
     await pc.release(uid)
     await cc.release(uid)
     rc, out, err = await s2uc("list", "--s2cs", prod.target, "--s2cs", "127.0.0.1:1", "--insecure", "--json")

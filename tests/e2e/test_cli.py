@@ -110,7 +110,7 @@ def test_tutorial_exchange_with_real_clis(s2cs_process, cli_env, bg):
     assert (s2cs, token, role) == (prod.target, "-", "PROD")
     # terminal 2: the producer's controller, as the printed line says
     producer = bg("appctrl", "create-appctrl", uid, prod.target, token, "PROD", "127.0.0.1",
-                  "--num-conn", "2", "--size", str(32 << 20), "--connections", "2", "--server-cert", pcert,
+                  "--num-conn", "2", "--size", "32M", "--connections", "2", "--server-cert", pcert,
                   env=cli_env)
     assert preq.wait(60) == 0, "\n".join(preq.lines)
     out = "\n".join(preq.lines)
@@ -121,9 +121,9 @@ def test_tutorial_exchange_with_real_clis(s2cs_process, cli_env, bg):
     # terminal 3: cons-req and the consumer's controller
     creq = bg("s2uc", "cons-req", "--s2cs", cons.target, "--server-cert", ccert, uid, ",".join(listeners),
               env=cli_env)
-    consumer = _run("appctrl", "create-appctrl", uid, cons.target, "-", "CONS", "--size", str(32 << 20),
+    consumer = _run("appctrl", "create-appctrl", uid, cons.target, "-", "CONS", "--size", "32M",
                     "--server-cert", ccert, env=cli_env, timeout=120)
-    assert "consumer verified 67108864 bytes over 2 connection(s)" in consumer.stdout
+    assert "consumer verified 33554432 bytes over 2 connection(s)" in consumer.stdout  # --size: in all
     assert creq.wait(60) == 0
     assert re.search(r"^Listeners: \['127\.0\.0\.1:\d+', '127\.0\.0\.1:\d+'\]$", "\n".join(creq.lines), re.M)
     assert producer.wait(60) == 0
@@ -171,10 +171,14 @@ def test_inbound_outbound_both_directions(s2cs_process, cli_env):
 
 
 @pytest.mark.parametrize("args,code,text", [
-    (["release", "not-a-uuid", "--s2cs", "{t}", "--insecure"], 1, "INVALID_ARGUMENT"),
+    # mistakes the client finds before sending anything: usage (2), said as local
+    (["release", "not-a-uuid", "--s2cs", "{t}", "--insecure"], 2, "(local mistake): uid 'not-a-uuid' is not a UUID"),
     (["cons-req", "--s2cs", "{t}", "--insecure", "3f1c3f56-8f0e-4c35-9d33-3b0f0d1c2a11", "nonsense"], 2,
      "bad listener"),
-    (["prod-req", "--s2cs", "nonsense", "--insecure"], 1, "bad listener"),
+    (["prod-req", "--s2cs", "nonsense", "--insecure"], 2, "(local mistake): --s2cs: bad address 'nonsense'"),
+    (["prod-req", "--s2cs", "127.0.0.1", "--insecure"], 2, "e.g. 127.0.0.1:5000 (the control server's address"),
+    (["prod-req", "--s2cs", "{t}", "--server-cert", "/nonexistent/server.crt"], 2,
+     "(local mistake): cannot read the server certificate /nonexistent/server.crt"),
     (["prod-req", "--s2cs", "127.0.0.1:1", "--insecure"], 4, "cannot reach the S2CS"),
     (["prod-req", "--s2cs", "{t}", "--insecure", "--num-conn", "0"], 2, "Invalid value"),
 ])

@@ -159,11 +159,10 @@ def test_separate_apps_from_the_printed_lines(gateways, cli_env, procs, as_json)
     assert pargv[4:6] == ["-", "PROD"] and ["--num-conn", "2"] == pargv[7:9]
     assert pargv[pargv.index("--server-cert") + 1] == str(prod.state_dir / "server.crt")
     assert cargv[cargv.index("--server-cert") + 1] == str(cons.state_dir / "server.crt")
-    size = str(8 << 20)
-    producer = procs(*pargv, "--size", size, "--connections", "2", env=cli_env)
-    consumer = procs(*cargv, "--size", size, env=cli_env)
+    producer = procs(*pargv, "--size", "16M", "--connections", "2", env=cli_env)
+    consumer = procs(*cargv, "--size", "16M", env=cli_env)
     assert consumer.wait(120) == 0, consumer.text()
-    assert "consumer verified 16777216 bytes over 2 connection(s)" in "\n".join(consumer.out)
+    assert "consumer verified 16777216 bytes over 2 connection(s)" in "\n".join(consumer.out)  # --size: in all
     assert producer.wait(60) == 0, producer.text()
     assert conn.wait(60) == 0, conn.text()
     hello = re.search(r"consumer listeners: \[(.*)\]", "\n".join(consumer.out)).group(1)
@@ -176,10 +175,17 @@ def test_separate_apps_from_the_printed_lines(gateways, cli_env, procs, as_json)
     else:
         line = next(l for l in conn.out if l.startswith("consumer listeners: "))
         assert line.split(": ")[1].split() == from_hello
-        assert any(l.startswith(f"release with: s2uc disconnect {uid}") for l in conn.out)
-    # the session stays up after connect exits; disconnect releases both sides
+    # the session stays up after connect exits; the release line it printed releases both
+    # sides as printed (with the certificates); with --json, `s2uc disconnect UID` alone
+    # finds both sides and their certificates in the session file
     assert {s.state for s in sessions(pg, uid)} == {"connected"}
-    d = run("s2uc", "disconnect", uid, *args, env=cli_env)
+    if as_json:
+        argv = ["s2uc", "disconnect", uid]
+    else:
+        printed = next(l for l in conn.out if l.startswith("release with: "))
+        argv = shlex.split(printed.removeprefix("release with: "))
+        assert argv[:3] == ["s2uc", "disconnect", uid] and "--prod-server-cert" in argv
+    d = run(*argv, env=cli_env)
     assert d.returncode == 0 and d.stdout.strip() == "Release completed: PROD and CONS", d.stdout + d.stderr
     assert_released(pg, uid)
     assert_released(cg, uid)
@@ -286,9 +292,11 @@ def test_errors_are_one_line_with_the_fix(s2cs_process, cli_env):
     dead = run("s2uc", "connect", "--prod-s2cs", "127.0.0.1:9", "--cons-s2cs", cons.target, "--insecure",
                "--hello-timeout", "20", env=cli_env)
     assert dead.returncode == 4 and "cannot reach the S2CS at 127.0.0.1:9" in dead.stderr
+    # mistakes found before anything is sent: usage (2), said as local
     bad = run(*base, "--uid", "not-a-uuid", env=cli_env)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "is not a UUID" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "is not a UUID" in bad.stderr
+    assert "(local mistake)" in bad.stderr
     usage = run(*base, "--num-conn", "0", env=cli_env)
     assert usage.returncode == 2
     both = run(*base, "--start-apps", "--hold", env=cli_env)
-    assert both.returncode == 1 and "--hold and --start-apps" in both.stderr
+    assert both.returncode == 2 and "--hold and --start-apps" in both.stderr

@@ -3,6 +3,7 @@ channel's certificate, the login cookie's flags, --auth none, bad flags, static 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -111,3 +112,25 @@ def test_bad_web_flags_one_line_exit_2(tmp_path):
         taken = run("--web-port", str(busy.getsockname()[1]))
     assert taken.returncode == 2
     assert "cannot serve the web view on 127.0.0.1:" in taken.stderr
+
+
+async def test_first_paint_of_a_live_session_shows_its_bytes(servers, client_for, echo_server):
+    """No page listened before: the first paint reads the data servers' counters afresh
+    (not the 0 / 0 of a sampler that never ran), in KiB/MiB with the exact count in the
+    tooltip; the chart's time axis is UTC, as the timeline."""
+    from conftest import connect_session, roundtrip_ok
+    from webhelpers import ahttp
+    prod = await servers(web_port=0)
+    cons = await servers()
+    uid, _, cons_resp = await connect_session(client_for(prod), client_for(cons), "%s:%d" % echo_server,
+                                              num_conn=1)
+    await roundtrip_ok(cons_resp.listeners[0], 3 << 20)
+    base = f"http://127.0.0.1:{prod.web_port}"
+    status, _, page = await ahttp(f"{base}/session/{uid}/PROD")
+    assert status == 200
+    shown = re.search(r'<span id="bytes" title="(\d+) / (\d+) bytes">([^<]*)</span>', page)
+    assert shown and shown.group(1) == shown.group(2) == str(3 << 20), page
+    assert shown.group(3) == "3.0 MiB / 3.0 MiB"
+    assert re.search(r"<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ</time>", page)   # the timeline: UTC
+    status, _, script = await ahttp(f"{base}/static/app.js")
+    assert status == 200 and 'label: "UTC"' in script and "toISOString" in script   # the chart's axis too

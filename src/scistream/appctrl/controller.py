@@ -9,6 +9,12 @@ against them (the demo consumer, which verifies every byte, or an iperf3 client)
 
     await run_prod(client, uid, "127.0.0.1", app="demo", num_conn=4, size=1 << 30)
     report = await run_cons(client, uid, app="demo", size=1 << 30)
+
+``size`` is the bytes of the whole transfer, over all connections (as every ``--size``):
+each of the producer's ``num_conn`` endpoints serves ``size // num_conn`` bytes to each
+connection, and the consumer expects ``size // len(listeners)`` on each of its listeners;
+with as many listeners as producer endpoints, the consumer verifies ``size`` bytes (less
+the remainder of that division).
 """
 from __future__ import annotations
 
@@ -49,7 +55,8 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
         say(f"hello sent for {uid}; producer endpoints: {', '.join(endpoints)}")
         return
     if app == "demo":
-        producer = demo.Producer(size, connections)
+        per_conn = size // num_conn
+        producer = demo.Producer(per_conn, connections)
         try:
             eps = await producer.start(ip, [0] * num_conn)
             resp = await hello_after_req(client, uid, "PROD", eps)
@@ -57,7 +64,7 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
             if connections is None:
                 await asyncio.Event().wait()  # serve until interrupted
             await producer.done.wait()
-            say(f"producer served {connections} connection(s) of {size} bytes")
+            say(f"producer served {connections} connection(s) of {per_conn} bytes")
         finally:
             await producer.close()
         return
@@ -102,7 +109,7 @@ async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: in
     if app == "none":
         return None
     if app == "demo":
-        report = await demo.consume(listeners, size, connect_timeout=connect_timeout)
+        report = await demo.consume(listeners, size // max(1, len(listeners)), connect_timeout=connect_timeout)
         say(f"consumer verified {report.bytes} bytes over {len(listeners)} connection(s) "
             f"in {report.seconds:.2f} s ({report.gbps:.2f} Gbit/s)")
         return report

@@ -16,22 +16,31 @@ import json
 import sys
 
 import click
+from rich.markup import escape
 
 from .. import __version__
-from ..addr import check_uid
 from ..appctrl.controller import MOCK_ENDPOINTS, run_cons, run_prod
 from ..apps.demo import VerifyError
-from ..client import AsyncClient, ChannelOptions
+from ..client import AsyncClient
 from ..client.instances import join_instances
-from ..client.order import hello_after_req
-from .common import EXIT_CODES_HELP, Exit, channel_options, err, handle_errors, option, out, resolve_token
+from ..client.order import hello_after_req, session_of
+from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, channel_options, err,
+                     handle_errors, local_uid, option, out)
 
-SIZE = click.IntRange(0)
+
+def _client(s2cs: str, token_arg: str, server_cert, insecure, token_opt, uid: str) -> AsyncClient:
+    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token_opt or token_arg, uid))
 
 
-def _client(s2cs: str, token_arg: str, server_cert, insecure, token_opt) -> AsyncClient:
-    token = resolve_token(token_opt or token_arg, s2cs)
-    return AsyncClient(s2cs, ChannelOptions(server_cert=server_cert, insecure=insecure, token=token))
+async def _session_num_conn(c: AsyncClient, uid: str) -> int:
+    """The PROD side's connection count, as its req asked (the server's status); 1 when the
+    server cannot tell (the original tooling's has no status)."""
+    info = await session_of(c, uid, "PROD")
+    if info is None or not info.num_conn:
+        err.print(f"[yellow]note[/]: cannot learn the session's connection count from {escape(c.address)}; "
+                  "opening 1 producer endpoint (give --num-conn to match prod-req's)")
+        return 1
+    return info.num_conn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -41,8 +50,11 @@ def cli() -> None:
 
 
 @cli.command("create-appctrl",
-             epilog="Examples:\n\n  appctrl create-appctrl UID 10.0.0.2:5000 - PROD 10.0.0.5 --num-conn 4\n\n"
-                    "  appctrl create-appctrl UID 10.1.0.2:5000 - CONS --size 1073741824")
+             epilog="Examples:\n\n  appctrl create-appctrl UID 10.0.0.2:5000 - PROD 10.0.0.5 --size 1G\n\n"
+                    "  appctrl create-appctrl UID 10.1.0.2:5000 - CONS --size 1G\n\n"
+                    "CONTROLLER_IP (PROD): the address the producer listens on, which the PROD "
+                    "gateway's data server connects to (default 127.0.0.1: producer and gateway on one "
+                    "host). The PROD controller serves until Ctrl-C (or --connections N).")
 @click.argument("uid")
 @click.argument("s2cs")
 @click.argument("access_token", metavar="TOKEN")
@@ -50,9 +62,11 @@ def cli() -> None:
 @click.argument("controller_ip", required=False, default="127.0.0.1")
 @option("--app", type=click.Choice(["demo", "iperf3", "none"]), default="demo", show_default=True,
         help="What to run: the bundled demo producer/consumer, iperf3, or nothing (hello only).")
-@option("--num-conn", type=click.IntRange(1), default=1, show_default=True,
-        help="PROD: how many producer endpoints to open.")
-@option("--size", type=SIZE, default=1 << 30, show_default=True, help="Bytes per connection (demo app).")
+@option("--num-conn", type=click.IntRange(1), default=None,
+        help="PROD: how many producer endpoints to open (default: the session's connection count, "
+             "as prod-req asked).")
+@option("--size", type=Size(minimum=0), default="1G", show_default=True,
+        help="Demo app: " + SIZE_OPTION_HELP + " Give PROD and CONS the same.")
 @option("--connections", type=click.IntRange(1), default=None,
         help="PROD: exit after serving this many connections (default: serve until interrupted).")
 @option("--endpoint", "endpoints", multiple=True, help="PROD with --app none: the producer's HOST:PORT (repeatable).")
@@ -67,15 +81,17 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
     """Say hello to the S2CS for session UID and run the application (PROD or CONS).
 
     S2CS is HOST:PORT, or HOST:PORT,HOST:PORT for several instances of one facility's
-    control server (the next is tried while one is unreachable)."""
-    check_uid(uid)
+    control server (the next is tried while one is unreachable). CONTROLLER_IP (PROD only)
+    is where the producer listens: the PROD gateway's data server connects there."""
+    local_uid(uid)
     s2cs = join_instances(s2cs, "S2CS")
     role = role.upper()
 
     async def run() -> int:
-        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
+        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token"), uid) as c:
             if role == "PROD":
-                await run_prod(c, uid, controller_ip, app=app, num_conn=num_conn, size=size,
+                n = num_conn or (await _session_num_conn(c, uid) if app == "demo" else 1)
+                await run_prod(c, uid, controller_ip, app=app, num_conn=n, size=size,
                                endpoints=endpoints, connections=connections, say=out.print)
             else:
                 result = await run_cons(c, uid, app=app, size=size, connect_timeout=connect_timeout,
@@ -106,12 +122,12 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
 @handle_errors("appctrl mock")
 def mock(uid, s2cs, access_token, role, controller_ip, server_cert, insecure, **kw) -> None:
     """Send a hello with fixed test endpoints (127.0.0.1:5074, 5075, 5076, 37000, 47000)."""
-    check_uid(uid)
+    local_uid(uid)
     s2cs = join_instances(s2cs, "S2CS")
     role = role.upper()
 
     async def run() -> None:
-        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
+        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token"), uid) as c:
             resp = await hello_after_req(c, uid, role, MOCK_ENDPOINTS if role == "PROD" else [])
             out.print(resp.message)
             if resp.listeners:

@@ -16,7 +16,8 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ScistreamError
+from ..errors import CertificateRejected, ScistreamError
+from ..units import SIZE_HELP, parse_size
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -41,7 +42,47 @@ _EXIT_FOR = {
 }
 
 EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 refused by the server (bad input, unknown uid, not yours); "
-                   "2 usage; 3 not logged in; 4 unavailable/busy, retry later; 5 data path failed.")
+                   "2 usage or configuration mistake found here (bad address, uid or size, a "
+                   "certificate that does not verify); 3 not logged in; 4 unavailable/busy, retry "
+                   "later; 5 data path failed.")
+
+
+def exit_code(exc: ScistreamError) -> Exit:
+    """The exit code of an error, by the table above."""
+    if getattr(exc, "usage", False):
+        return Exit.USAGE
+    code = exc.status.name if exc.status is not None else "ERROR"
+    return _EXIT_FOR.get(code, Exit.REFUSED)
+
+
+def error_label(exc: ScistreamError) -> str:
+    """What kind of failure, in the parentheses of an error line."""
+    if isinstance(exc, CertificateRejected):
+        return "TLS"
+    if getattr(exc, "usage", False):
+        return "local mistake"
+    return exc.status.name if exc.status is not None else "ERROR"
+
+
+class Size(click.ParamType):
+    """A byte count, whole or with a K, M, G or T suffix (``units.parse_size``): the one
+    meaning of every ``--size``: the bytes of the whole transfer, over all connections."""
+    name = "size"
+
+    def __init__(self, minimum: int = 1) -> None:
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx) -> int:
+        try:
+            n = parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if n < self.minimum:
+            self.fail(f"{value!r}: the size must be at least {self.minimum} byte(s)", param, ctx)
+        return n
+
+
+SIZE_OPTION_HELP = f"Bytes to stream in all, over every connection: {SIZE_HELP}."
 
 
 def option(*names: str, **kw) -> Callable:
@@ -52,12 +93,11 @@ def option(*names: str, **kw) -> Callable:
 
 
 def fail(action: str, exc: ScistreamError) -> NoReturn:
-    if getattr(exc, "usage", False):  # refused by the client itself, before sending anything
-        err.print(f"[red]{escape(action)} failed[/] (usage): {escape(str(exc))}")
-        sys.exit(Exit.USAGE)
-    code = exc.status.name if exc.status is not None else "ERROR"
-    err.print(f"[red]{escape(action)} failed[/] ({code}): {escape(str(exc))}")
-    sys.exit(_EXIT_FOR.get(code, Exit.REFUSED))
+    """One line on stderr, ``ACTION failed (WHAT): message``, and the table's exit code.
+    WHAT is ``local mistake`` for what the client found before sending anything, ``TLS``
+    for a certificate that does not verify, else the server's gRPC status."""
+    err.print(f"[red]{escape(action)} failed[/] ({error_label(exc)}): {escape(str(exc))}")
+    sys.exit(exit_code(exc))
 
 
 def handle_errors(action: str):
@@ -83,16 +123,66 @@ def setup_logging(verbose: bool, *, quiet_default: bool = True) -> None:
         logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
+def _verbose(ctx: click.Context, param, value: bool) -> None:
+    if value:
+        setup_logging(True)
+
+
+def verbose_option(fn):
+    """-v/--verbose: debug logging, gRPC's own lines included (scistream.cli sets gRPC's
+    verbosity before it is imported, from the command line)."""
+    return click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
+                        help="Debug logging, gRPC's own included.")(fn)
+
+
 def channel_options(fn):
     """--server-cert, --insecure and --token for every command that calls an S2CS."""
+    fn = verbose_option(fn)
     fn = option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
                 help="Access token to send (default: from `s2uc login`).")(fn)
     fn = option("--insecure", is_flag=True, default=False,
                 help="Plaintext control channel (only for a server started with --insecure).")(fn)
-    fn = option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT",
-                help="PEM certificate to verify the S2CS against (default: ./server.crt if present, "
-                     "else the system's roots).")(fn)
+    fn = option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
+                help="PEM certificate to verify the S2CS against (default: the one this client recorded "
+                     "for that address, else ./server.crt if present, else the system's roots).")(fn)
     return fn
+
+
+def local_uid(uid: str) -> str:
+    """A uid from the command line: a UUID, or a local mistake (exit 2), before anything is sent."""
+    from ..addr import check_uid
+    from ..errors import InvalidArgument, LocalMistake
+    try:
+        return check_uid(uid)
+    except InvalidArgument as exc:
+        raise LocalMistake(f"{exc}; nothing was sent") from None
+
+
+def channel(s2cs: str, server_cert: str | None, insecure: bool, token: str | None, uid: str | None = None):
+    """How to reach ``s2cs``: as the command line says, else as this client recorded it for
+    ``uid`` (or for any session) in its session files (``client.sessionfile``)."""
+    from ..client import ChannelOptions, sessionfile
+    pem = None
+    if not server_cert and not insecure:
+        known = sessionfile.recorded_access(s2cs, uid)
+        if known is not None:
+            insecure = bool(known.get("insecure"))
+            pem = known["cert_pem"].encode() if known.get("cert_pem") else None
+    return ChannelOptions(server_cert=server_cert, insecure=insecure, token=resolve_token(token, s2cs),
+                          cert_pem=pem)
+
+
+def access_of(opts) -> tuple[bytes | None, bool]:
+    """What to record of a channel that worked: the certificate's PEM, and plaintext or not."""
+    if opts.insecure:
+        return None, True
+    cert = opts.resolved_cert()
+    if cert:
+        try:
+            return open(cert, "rb").read(), False
+        except OSError:
+            return None, False
+    return opts.cert_pem, False
 
 
 def resolve_token(explicit: str | None, s2cs: str | None = None) -> str | None:

@@ -38,7 +38,8 @@ class Keepalive(click.ParamType):
 def server_options(fn):
     opts = [
         config_option(),
-        option("--port", type=int, default=5000, show_default=True, help="gRPC control port (0: any free port)."),
+        option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
+               help="gRPC control port (0: any free port)."),
         option("--listener-ip", default="127.0.0.1", show_default=True,
                help="Address the data servers listen on and report in listeners."),
         option("--control-ip", default=None, help="Address the control port binds (default: --listener-ip)."),

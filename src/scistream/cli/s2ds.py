@@ -25,9 +25,18 @@ import click
 SOCKET_HELP = "The service's control socket (Unix, mode 0600)."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 refused by the service; 2 usage or configuration mistake; "
+                   "4 the service is unreachable or busy, retry; 5 a restart failed (the old service "
+                   "goes on).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="scistream", prog_name="s2ds")
 def main() -> None:
     """The SciStream data-plane node service."""
+
+
+cli = main  # the name every program's group has (scripts/gen-cli-docs, tests/test_docs.py)
 
 
 def _socket_option(fn):
@@ -35,7 +44,7 @@ def _socket_option(fn):
                         help=SOCKET_HELP)(fn)
 
 
-@main.command()
+@main.command(epilog="Example: s2ds serve --socket /run/scistream/node.sock --workers 4")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=SOCKET_HELP + " Default with --state-dir: STATE_DIR/node.sock.")
 @click.option("--workers", type=int, default=0, show_default=True,
@@ -155,7 +164,7 @@ def _call(socket_path: Path, msg: dict, timeout: float = 5.0) -> dict:
         sys.exit(4 if exc.code in ("unreachable", "busy") else 1)
 
 
-@main.command()
+@main.command(epilog="Example: s2ds status --socket /run/scistream/node.sock --json")
 @_socket_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def status(socket_path: Path, as_json: bool) -> None:
@@ -176,7 +185,7 @@ def status(socket_path: Path, as_json: bool) -> None:
                    f"{w['restarts']} restarts{'' if w['alive'] else ' (restarting)'}{spun}{carry}")
 
 
-@main.command()
+@main.command(epilog="Example: s2ds restart --socket /run/scistream/node.sock")
 @_socket_option
 @click.option("--workers", type=int, default=None, help="Workers of the new service (default: as the running one).")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -235,7 +244,7 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
     sys.exit(4)
 
 
-@main.command()
+@main.command(epilog="Example: s2ds stop --socket /run/scistream/node.sock")
 @_socket_option
 def stop(socket_path: Path) -> None:
     """Stop the service (every session it carries stops)."""

@@ -25,19 +25,25 @@ from rich.markup import escape
 from .. import __version__
 from ..addr import format_listener
 from ..appctrl.controller import MOCK_ENDPOINTS
-from ..client import AsyncClient, ChannelOptions
+from ..client import AsyncClient
 from ..client import sessionfile
 from ..client.instances import BadInstances, join_instances
 from ..client.order import (ORIGINAL_SERVER, BadTargets, check_targets, original_server_note,
-                            req_and_hello, wan_security_of)
-from ..errors import InvalidArgument
-from .common import EXIT_CODES_HELP, channel_options, err, handle_errors, option, out, resolve_token
+                            req_and_hello, session_of, wan_security_of)
+from ..errors import InvalidArgument, LocalMistake, ScistreamError
+from .common import (EXIT_CODES_HELP, access_of, channel, channel_options, err, error_label, exit_code,
+                     handle_errors, local_uid, option, out)
 
 
+def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None,
+            uid: str | None = None) -> AsyncClient:
+    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token, uid))
 
-def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None) -> AsyncClient:
-    return AsyncClient(s2cs, ChannelOptions(server_cert=server_cert, insecure=insecure,
-                                            token=resolve_token(token, s2cs)))
+
+def _remember(c: AsyncClient, uid: str, role: str, **fields) -> None:
+    """Record the side just set up: its address and how it was reached (sessionfile)."""
+    pem, insecure = access_of(c.opts)
+    sessionfile.save_side(uid, role, c.address, cert_pem=pem, insecure=insecure, **fields)
 
 
 def _split(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -78,15 +84,34 @@ def cli() -> None:
 # -- PROD side -------------------------------------------------------------------------
 async def _prod_req(c: AsyncClient, uid: str, num_conn: int, rate: int, lease: int, mock: bool,
                     s2cs: str) -> None:
-    out.print("uid; s2cs; access_token; role")
-    out.print(f"{uid} {s2cs} - PROD")
-    out.print("waiting for hello message")
-    req = c.req(uid, "PROD", num_conn, rate, lease=lease)
-    resp = await (req_and_hello(c, uid, "PROD", req, MOCK_ENDPOINTS) if mock else req)
-    sessionfile.save(uid, role="PROD", s2cs=s2cs, wan_secret=resp.wan_secret,
-                     listeners=list(resp.listeners))
+    def header() -> None:
+        out.print("uid; s2cs; access_token; role")
+        out.print(f"{uid} {s2cs} - PROD")
+        out.print("waiting for hello message")
+    if mock:
+        header()
+        resp = await req_and_hello(c, uid, "PROD", c.req(uid, "PROD", num_conn, rate, lease=lease),
+                                   MOCK_ENDPOINTS)
+    else:
+        # the uid is shown once the server took the req (reachable, certificate, token, ports
+        # all fine), not before: a uid printed for a req that then failed would be copied for nothing
+        req = asyncio.ensure_future(c.req(uid, "PROD", num_conn, rate, lease=lease))
+        try:
+            await session_of(c, uid, "PROD", req=req)
+        except BaseException:
+            req.cancel()
+            await asyncio.gather(req, return_exceptions=True)
+            raise
+        header()
+        resp = await req
+    _remember(c, uid, "PROD", wan_secret=resp.wan_secret, listeners=list(resp.listeners))
     _proto_lines("listeners", resp.listeners)
     _proto_lines("prod_listeners", resp.prod_listeners)
+    if not mock and len(resp.prod_listeners) != num_conn:
+        err.print(f"[yellow]note[/]: the producer's controller announced {len(resp.prod_listeners)} "
+                  f"endpoint(s) for the session's {num_conn} connection(s); start it with --num-conn "
+                  f"{num_conn} (or give prod-req the --num-conn of the producer) so every connection "
+                  "has an endpoint of its own")
     endpoints = check_targets(resp.prod_listeners, "the producer's endpoints (from its hello)", usage=False)
     out.print("Sending updated connection map information...")
     _note_wan("PROD", s2cs, await c.update(uid, "PROD", endpoints, resp.wan_secret))
@@ -107,13 +132,14 @@ async def _prod_req(c: AsyncClient, uid: str, num_conn: int, rate: int, lease: i
 def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) -> None:
     """Request the PROD side of a new session; wait for the producer's hello; push its endpoints.
 
-    Prints the new uid and the line to give the producer's application controller, then the
-    PROD listeners (what cons-req needs)."""
+    Once the server took the request, prints the new uid and the line to give the
+    producer's application controller, then (after its hello) the PROD listeners, which
+    cons-req needs."""
     s2cs = join_instances(s2cs)
     uid = str(uuid.uuid4())
 
     async def run() -> None:
-        async with _client(s2cs, server_cert, insecure, token) as c:
+        async with _client(s2cs, server_cert, insecure, token, uid) as c:
             await _prod_req(c, uid, num_conn, rate, lease, mock, s2cs)
     asyncio.run(run())
 
@@ -122,11 +148,11 @@ def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) ->
              epilog="Example: s2uc inbound-request --s2cs 127.0.0.1:5000 --num-conn 1 "
                     "--remote-ip 127.0.0.1 --receiver-ports 5074")
 @s2cs_option
-@option("--num-conn", type=click.IntRange(1), default=5, show_default=True)
+@option("--num-conn", type=click.IntRange(1), default=5, show_default=True, help="Parallel connections.")
 @option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
 @option("--remote-ip", required=True, help="The producer's address.")
 @option("--receiver-ports", required=True, help="The producer's ports, comma-separated (e.g. 5074,5075).")
-@option("--lease", type=click.IntRange(0), default=0)
+@option("--lease", type=click.IntRange(0), default=0, help="Session lifetime in seconds (0: the server's default).")
 @channel_options
 @handle_errors("inbound-request")
 def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, server_cert, insecure, token) -> None:
@@ -139,8 +165,7 @@ def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, serv
         async with _client(s2cs, server_cert, insecure, token) as c:
             resp = await req_and_hello(c, uid, "PROD", c.req(uid, "PROD", num_conn, rate, lease=lease),
                                        endpoints)
-            sessionfile.save(uid, role="PROD", s2cs=s2cs, wan_secret=resp.wan_secret,
-                             listeners=list(resp.listeners))
+            _remember(c, uid, "PROD", wan_secret=resp.wan_secret, listeners=list(resp.listeners))
             targets = check_targets(resp.prod_listeners, "the producer's endpoints", usage=False)
             _note_wan("PROD", s2cs, await c.update(uid, "PROD", targets, resp.wan_secret))
             _proto_lines("listeners", resp.listeners)
@@ -173,6 +198,7 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
     req = c.req(uid, "CONS", n, rate, lease=lease)
     # the original's outbound-request says PROD in this hello; every server accepts that
     resp = await (req_and_hello(c, uid, "PROD", req) if send_hello else req)
+    _remember(c, uid, "CONS")
     _note_wan("CONS", s2cs, await c.update(uid, "CONS", prod_listeners, secret))
     return list(resp.listeners)
 
@@ -183,7 +209,7 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
 @click.argument("prod_listener", nargs=-1, required=True)
 @option("--num-conn", type=click.IntRange(1), default=None, help="Default: one per PROD listener.")
 @option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
-@option("--lease", type=click.IntRange(0), default=0)
+@option("--lease", type=click.IntRange(0), default=0, help="Session lifetime in seconds (0: the server's default).")
 @option("--wan-secret-file", type=click.Path(dir_okay=False), default=None,
         help="JSON session file from the PROD side's client (default: this user's local record).")
 @channel_options
@@ -191,11 +217,12 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
 def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, server_cert, insecure, token) -> None:
     """Request the CONS side of session UID; wait for the consumer's hello; connect it to PROD_LISTENER(s)."""
     s2cs = join_instances(s2cs)
+    local_uid(uid)
     listeners = _split(prod_listener)
     _import_secret(uid, wan_secret_file)
 
     async def run() -> list[str]:
-        async with _client(s2cs, server_cert, insecure, token) as c:
+        async with _client(s2cs, server_cert, insecure, token, uid) as c:
             out.print("waiting for hello message")
             return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=False, s2cs=s2cs)
     result = asyncio.run(run())
@@ -206,11 +233,11 @@ def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, s
              epilog="Example: s2uc outbound-request --s2cs 127.0.0.1:5001 --num-conn 1 "
                     "--remote-ip 127.0.0.1 --receiver-ports 5074 UID 127.0.0.1:5100")
 @s2cs_option
-@option("--num-conn", type=click.IntRange(1), default=None)
-@option("--rate", type=click.IntRange(0), default=0, show_default=True)
+@option("--num-conn", type=click.IntRange(1), default=None, help="Default: one per PROD listener.")
+@option("--rate", type=click.IntRange(0), default=0, show_default=True, help="kbit/s (0: no cap).")
 @option("--remote-ip", default=None, help="Accepted for the original's scripts; not needed.")
 @option("--receiver-ports", default=None, help="Accepted for the original's scripts; not needed.")
-@option("--lease", type=click.IntRange(0), default=0)
+@option("--lease", type=click.IntRange(0), default=0, help="Session lifetime in seconds (0: the server's default).")
 @option("--wan-secret-file", type=click.Path(dir_okay=False), default=None,
         help="JSON session file from the PROD side's client (default: this user's local record).")
 @click.argument("uid")
@@ -221,11 +248,12 @@ def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, wan
                      prod_listener, server_cert, insecure, token) -> None:
     """CONS side with no consumer controller: req, hello and update in one go."""
     s2cs = join_instances(s2cs)
+    local_uid(uid)
     listeners = _split(prod_listener)
     _import_secret(uid, wan_secret_file)
 
     async def run() -> list[str]:
-        async with _client(s2cs, server_cert, insecure, token) as c:
+        async with _client(s2cs, server_cert, insecure, token, uid) as c:
             return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=True, s2cs=s2cs)
     result = asyncio.run(run())
     out.print(f"Listeners: {result}")
@@ -237,50 +265,67 @@ def _import_secret(uid: str, path: str | None) -> None:
     try:
         data = json.loads(open(path).read())
     except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"cannot read --wan-secret-file {path}: {exc}") from None
+        raise LocalMistake(f"cannot read --wan-secret-file {path}: {exc}; nothing was sent") from None
     import base64
     sessionfile.save(uid, wan_secret=base64.b64decode(data.get("wan_secret", "")))
 
 
 # -- release / status ------------------------------------------------------------------
 @cli.command("release", epilog="Example: s2uc release UID --s2cs 10.0.0.2:5000\n\n"
-                               "Without --s2cs: the control server(s) prod-req or inbound-request "
-                               "of this client used for UID.")
+                               "Without --s2cs: every side of UID this client set up (prod-req, "
+                               "cons-req, connect...), each with the certificate it was reached with.")
 @click.argument("uid")
 @option("--s2cs", default=None, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
         help=S2CS_HELP + " Default: the one(s) this client used for UID.")
 @channel_options
 @handle_errors("release")
 def release(uid, s2cs, server_cert, insecure, token) -> None:
-    """Release session UID on one control server: stop its data servers, free its ports.
+    """Release session UID on its control server(s): stop its data servers, free its ports.
+
+    With --s2cs, on that control server (its certificate, if not given, as this client
+    recorded it for UID); without, on every side of UID this client set up.
 
     With several instances, a release whose attempt failed mid-call on one instance and
     that the next one answers NOT_FOUND is taken as done (the first attempt may have
     released it): a note says so and the exit code is 0."""
+    local_uid(uid)
     if s2cs is None:
-        s2cs = sessionfile.load(uid).get("s2cs") if _is_uid(uid) else None
-        if not s2cs:
+        targets = [side["s2cs"] for side in sessionfile.sides(uid).values()]
+        if not targets:
             raise BadInstances(f"give the control server with --s2cs HOST:PORT; this client has no "
                                f"record of session {uid}")
-    s2cs = join_instances(s2cs)
+    else:
+        targets = [join_instances(s2cs)]
+    targets = list(dict.fromkeys(targets))
 
-    async def run() -> str:
-        async with _client(s2cs, server_cert, insecure, token) as c:
+    async def one(target: str) -> str:
+        async with _client(target, server_cert, insecure, token, uid) as c:
             await c.release(uid)
             return c.note
-    note = asyncio.run(run())
-    if note:
-        err.print(f"[yellow]note[/]: {escape(note)}")
-    sessionfile.forget(uid)
+
+    async def run() -> list:
+        return await asyncio.gather(*(one(t) for t in targets), return_exceptions=True)
+    results = asyncio.run(run())
+    failed = [(t, r) for t, r in zip(targets, results) if isinstance(r, BaseException)]
+    for target, r in zip(targets, results):
+        if isinstance(r, str) and r:
+            err.print(f"[yellow]note[/]: {escape(r)}")
+        if not isinstance(r, BaseException):
+            sessionfile.drop_side(uid, target)
+    if failed and len(targets) == 1:
+        raise failed[0][1]
+    for target, exc in failed:
+        if not isinstance(exc, ScistreamError):
+            raise exc
+        err.print(f"[red]release failed[/] on {escape(target)} ({error_label(exc)}): {escape(str(exc))}")
+    if len(targets) > 1:
+        done = [t for t, r in zip(targets, results) if not isinstance(r, BaseException)]
+        if done:
+            out.print(f"Release completed: {' and '.join(done)}")
+        if failed:
+            raise SystemExit(max(exit_code(e) for _, e in failed))  # type: ignore[arg-type]
+        return
     out.print("Release completed")
-
-
-def _is_uid(uid: str) -> bool:
-    try:
-        uuid.UUID(uid)
-    except ValueError:
-        return False
-    return True
 
 
 def _add_optional_commands() -> None:

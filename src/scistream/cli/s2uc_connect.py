@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,52 +36,51 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from ..addr import check_uid
 from ..client import Connection, Gateway, Progress, Step, connect as connect_session, new_uid
 from ..client import release as release_session
-from ..errors import InvalidArgument, ScistreamError
+from ..client import sessionfile
+from ..errors import LocalMistake, ScistreamError
 from ..procs import ChildExited, exe, spawn, tail_text, until_done
-from .common import EXIT_CODES_HELP, Exit, _EXIT_FOR, err, fail, handle_errors, option, out, resolve_token
+from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, err, exit_code, fail, handle_errors,
+                     local_uid, option, out, verbose_option)
 
 log = logging.getLogger(__name__)
 
-UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-class Size(click.ParamType):
-    """A byte count with an optional K, M, G or T suffix (powers of 1024)."""
-    name = "size"
-
-    def convert(self, value, param, ctx) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
-        try:
-            n = int(float(text[:-1]) * UNITS[text[-1]]) if text and text[-1] in UNITS else int(text)
-        except (ValueError, KeyError):
-            self.fail(f"{value!r} is not a size (e.g. 1G, 256M, 1000000)", param, ctx)
-        if n < 1:
-            self.fail(f"{value!r}: the size must be at least one byte", param, ctx)
-        return n
-
-
 # -- the two gateways ------------------------------------------------------------------
-def _gateways(prod_s2cs, cons_s2cs, server_cert, prod_cert, cons_cert, insecure, token) -> tuple[Gateway, Gateway]:
-    return (Gateway(prod_s2cs, server_cert=prod_cert or server_cert, insecure=insecure,
-                    token=resolve_token(token, prod_s2cs)),
-            Gateway(cons_s2cs, server_cert=cons_cert or server_cert, insecure=insecure,
-                    token=resolve_token(token, cons_s2cs)))
+def _gateway(s2cs: str, cert: str | None, insecure: bool, token: str | None, uid: str | None) -> Gateway:
+    opts = channel(s2cs, cert and os.path.abspath(cert), insecure, token, uid)
+    return Gateway(s2cs, server_cert=opts.server_cert, insecure=opts.insecure, token=opts.token,
+                   server_cert_pem=opts.cert_pem)
 
 
-def two_sides(fn):
+def _gateways(prod_s2cs, cons_s2cs, server_cert, prod_cert, cons_cert, insecure, token,
+              uid: str | None = None) -> tuple[Gateway, Gateway]:
+    return (_gateway(prod_s2cs, prod_cert or server_cert, insecure, token, uid),
+            _gateway(cons_s2cs, cons_cert or server_cert, insecure, token, uid))
+
+
+def _remember(uid: str, prod: Gateway, cons: Gateway) -> None:
+    """Record both sides, so `s2uc disconnect UID`, `release UID` and `status UID` find them."""
+    for role, g in (("PROD", prod), ("CONS", cons)):
+        pem = g.server_cert_pem
+        if g.server_cert and not g.insecure:
+            with contextlib.suppress(OSError):
+                pem = Path(g.server_cert).read_bytes()
+        sessionfile.save_side(uid, role, g.address, cert_pem=pem, insecure=g.insecure)
+
+
+def two_sides(fn=None, *, required: bool = True):
     """--prod-s2cs/--cons-s2cs and how to reach each: shared and per-side certificates."""
+    if fn is None:
+        return functools.partial(two_sides, required=required)
+    recorded = "" if required else " Default: the one this client recorded for UID."
     opts = [
-        option("--prod-s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_PROD_S2CS",
+        option("--prod-s2cs", required=required, metavar="HOST:PORT[,...]", envvar="SCISTREAM_PROD_S2CS",
                help="The producer facility's control server (several instances: HOST:PORT,HOST:PORT, "
-                    "tried in order while one is unreachable)."),
-        option("--cons-s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_CONS_S2CS",
-               help="The consumer facility's control server (several instances: as --prod-s2cs)."),
-        option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT",
+                    "tried in order while one is unreachable)." + recorded),
+        option("--cons-s2cs", required=required, metavar="HOST:PORT[,...]", envvar="SCISTREAM_CONS_S2CS",
+               help="The consumer facility's control server (several instances: as --prod-s2cs)." + recorded),
+        option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
                help="PEM certificate to verify both S2CS against (default: ./server.crt if present, "
                     "else the system's roots)."),
         option("--prod-server-cert", default=None, metavar="PEM",
@@ -91,6 +91,7 @@ def two_sides(fn):
                help="Plaintext control channels (only for servers started with --insecure)."),
         option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
                help="Access token to send to both (default: each S2CS's from `s2uc login`)."),
+        verbose_option,
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -187,7 +188,7 @@ async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, r
                      size: int, producer_ip: str, hello_timeout: float | None,
                      display: Display) -> tuple[Connection, dict]:
     """Start the demo producer and consumer, connect them, wait for the verified transfer."""
-    per_conn = max(1, size // num_conn)
+    size -= size % num_conn   # every connection carries as much
     work = Path(tempfile.mkdtemp(prefix="s2uc-connect-"))
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -197,8 +198,8 @@ async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, r
             stack.push_async_callback(_cancel, task)
             report = work / "consumer.json"
             pargv = appctrl_line(uid, prod, "PROD", producer_ip=producer_ip, num_conn=num_conn,
-                                 extra=["--size", str(per_conn), "--connections", str(num_conn)])
-            cargv = appctrl_line(uid, cons, "CONS", extra=["--size", str(per_conn), "--report", str(report)])
+                                 extra=["--size", str(size), "--connections", str(num_conn)])
+            cargv = appctrl_line(uid, cons, "CONS", extra=["--size", str(size), "--report", str(report)])
             producer = await stack.enter_async_context(
                 spawn([exe("appctrl"), *pargv[1:]], log_path=work / "producer.log", env=_child_env(prod.token)))
             consumer = await stack.enter_async_context(
@@ -207,7 +208,7 @@ async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, r
                     consumer: ("consumer's controller", work / "consumer.log")}
             conn = await until_done(task, apps, AppFailed)
             try:
-                display.note(f"connected; the demo apps are streaming {per_conn * num_conn} bytes")
+                display.note(f"connected; the demo apps are streaming {size} bytes")
                 rc = await consumer.wait()
                 if rc != 0:
                     raise AppFailed(f"the consumer failed (exit {rc}): {tail_text(work / 'consumer.log')}")
@@ -275,7 +276,20 @@ def _print_connection(conn: Connection, prod: Gateway, cons: Gateway, started_ap
     out.print(f"PROD WAN listeners: {' '.join(conn.wan_listeners)}")
     out.print(f"consumer listeners: {' '.join(conn.consumer_listeners)}")
     if not started_apps:
-        out.print(f"release with: s2uc disconnect {conn.uid} --prod-s2cs {prod.address} --cons-s2cs {cons.address}")
+        out.print("release with: " + shlex.join(disconnect_line(conn.uid, prod, cons)), markup=False)
+        out.print(f"  (or: s2uc disconnect {conn.uid}, which finds both in this client's session file)",
+                  markup=False)
+
+
+def disconnect_line(uid: str, prod: Gateway, cons: Gateway) -> list[str]:
+    """The full `s2uc disconnect` command for this session: it works as printed, anywhere."""
+    argv = ["s2uc", "disconnect", uid, "--prod-s2cs", prod.address, "--cons-s2cs", cons.address]
+    if prod.insecure or cons.insecure:
+        argv.append("--insecure")
+    for flag, g in (("--prod-server-cert", prod), ("--cons-server-cert", cons)):
+        if g.server_cert and not g.insecure:
+            argv += [flag, g.server_cert]
+    return argv
 
 
 @click.command("connect", epilog="""\b
@@ -303,7 +317,7 @@ Ctrl-C (or SIGTERM) while it waits releases both sides.
         help="Start the bundled demo producer and consumer (appctrl processes), stream, verify every "
              "byte, then release both sides.")
 @option("--size", type=Size(), default="64M", show_default=True,
-        help="--start-apps: bytes to stream in all (K, M, G suffixes).")
+        help="--start-apps: " + SIZE_OPTION_HELP)
 @option("--producer-ip", default="127.0.0.1", show_default=True,
         help="The address the producer listens on (must be reachable from the PROD gateway).")
 @option("--hold", is_flag=True, help="Stay until Ctrl-C or SIGTERM, then release both sides.")
@@ -316,14 +330,15 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
     try:
         prod, cons = _gateways(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cert,
                                insecure, token)
-        uid = check_uid(uid) if uid else new_uid()
+        uid = local_uid(uid) if uid else new_uid()
         if start_apps and hold:
-            raise InvalidArgument("--hold and --start-apps do not go together: with --start-apps the "
+            raise LocalMistake("--hold and --start-apps do not go together: with --start-apps the "
                                   "session ends when the demo transfer is verified")
         if start_apps and size < num_conn:
-            raise InvalidArgument(f"--size {size} is less than one byte per connection (--num-conn {num_conn})")
+            raise LocalMistake(f"--size {size} is less than one byte per connection (--num-conn {num_conn})")
     except ScistreamError as exc:
         _failed(exc, None, as_json)
+    _remember(uid, prod, cons)   # the appctrl lines printed below find their certificates there
     say = err if as_json else out
     say.print(f"session {uid}: PROD S2CS {prod.address}, CONS S2CS {cons.address}, {num_conn} connection(s)")
     if not start_apps:
@@ -360,7 +375,10 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
     try:
         with display:
             asyncio.run(_main(run, show, hold, interrupted))
+        if start_apps or hold:
+            sessionfile.forget(uid)   # released: nothing to remember
     except (KeyboardInterrupt, asyncio.CancelledError):
+        sessionfile.forget(uid)
         sig = interrupted.get("signal", "SIGINT")
         if as_json:
             click.echo(json.dumps({"uid": uid, "error": {"code": "INTERRUPTED", "signal": sig,
@@ -369,8 +387,10 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
                   + ("; the apps it started were stopped" if start_apps else ""))
         sys.exit(130 if sig == "SIGINT" else 143)
     except ScistreamError as exc:
+        sessionfile.forget(uid)
         _failed(exc, uid, as_json)
     except AppFailed as exc:
+        sessionfile.forget(uid)
         if as_json:
             click.echo(json.dumps({"uid": uid, "error": {"code": "APP_FAILED", "message": str(exc)}}))
         err.print(f"[red]connect failed[/]: {escape(str(exc))}; session {uid} released on both sides")
@@ -381,22 +401,32 @@ def _failed(exc: ScistreamError, uid: str | None, as_json: bool) -> NoReturn:
     if as_json:
         code = exc.status.name if exc.status is not None else "ERROR"
         click.echo(json.dumps({"uid": uid, "error": {"code": code, "message": str(exc),
-                                                     "exit": int(_EXIT_FOR.get(code, Exit.REFUSED))}}))
+                                                     "exit": int(exit_code(exc))}}))
     fail("connect", exc)
 
 
 @click.command("disconnect", epilog="Example: s2uc disconnect UID --prod-s2cs 10.0.0.2:5000 --cons-s2cs 10.1.0.2:5000\n\n"
-                                    + EXIT_CODES_HELP)
+                                    "Without --prod-s2cs/--cons-s2cs: the two this client recorded for UID "
+                                    "(`s2uc connect` records them).\n\n" + EXIT_CODES_HELP)
 @click.argument("uid")
-@two_sides
+@two_sides(required=False)
 @option("--json", "as_json", is_flag=True, help="Print what was released as JSON.")
 @handle_errors("disconnect")
 def disconnect(uid, prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cert, insecure, token,
                as_json) -> None:
     """Release session UID on both control servers: stop its data servers, free its ports."""
-    check_uid(uid)
-    prod, cons = _gateways(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cert, insecure, token)
+    local_uid(uid)
+    known = sessionfile.sides(uid)
+    prod_s2cs = prod_s2cs or known.get("PROD", {}).get("s2cs")
+    cons_s2cs = cons_s2cs or known.get("CONS", {}).get("s2cs")
+    if not prod_s2cs or not cons_s2cs:
+        raise LocalMistake(f"give --prod-s2cs and --cons-s2cs: this client has no record of "
+                           f"{'session ' + uid if not known else 'both sides of session ' + uid}; nothing was sent")
+    prod, cons = _gateways(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cert, insecure,
+                           token, uid)
     released = asyncio.run(release_session(uid, prod, cons))
+    for g in (prod, cons):
+        sessionfile.drop_side(uid, g.address)
     if as_json:
         click.echo(json.dumps(released.to_dict()))
         return

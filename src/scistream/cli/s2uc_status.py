@@ -31,14 +31,14 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ..client import AsyncClient, ChannelOptions
+from ..client import AsyncClient
 from ..client import sessionfile
 from ..client.instances import join_instances
-from ..units import bitrate, duration
-from ..addr import check_uid
-from ..errors import ScistreamError
+from ..units import bitrate, duration, size as _size
+from ..errors import LocalMistake, ScistreamError
 from ..proto import pb
-from .common import EXIT_CODES_HELP, Exit, _EXIT_FOR, channel_options, err, handle_errors, option, out, resolve_token
+from .common import (EXIT_CODES_HELP, Exit, channel, err, error_label, exit_code, handle_errors, local_uid,
+                     option, out, verbose_option)
 
 
 def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[str, Any]:
@@ -57,7 +57,8 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
         "connections": info.connections, "total_connections": info.total_connections,
         "refused_connections": info.refused_connections,
         "cut_streams": getattr(info, "cut_streams", 0),
-        "created": info.created, "age_s": round(max(0.0, now - info.created), 3),
+        # age: the session's life so far, or its whole life once it ended (as in the web view)
+        "created": info.created, "age_s": round(max(0.0, end - info.created), 3),
         "setup_s": round(info.connected - info.created, 3) if info.connected else None,
         "lease_expires": info.lease_expires or None,
         "lease_left_s": (round(max(0.0, info.lease_expires - now), 3)
@@ -69,25 +70,22 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
     }
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-
-
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _cert_for(opts: dict, server: str) -> str | None:
+    """--server-cert: one for every --s2cs, or one per --s2cs in the same order."""
+    certs, servers = opts["server_cert"], opts["servers"]
+    if not certs:
+        return None
+    return certs[0] if len(certs) == 1 else certs[servers.index(server)]
+
+
 async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], list[tuple[str, ScistreamError]]]:
     async def one(server: str) -> list[dict]:
-        token = resolve_token(opts["token"], server)
-        async with AsyncClient(server, ChannelOptions(server_cert=opts["server_cert"],
-                                                      insecure=opts["insecure"], token=token)) as c:
+        chan = channel(server, _cert_for(opts, server), opts["insecure"], opts["token"], uid or None)
+        async with AsyncClient(server, chan) as c:
             resp = await c.status(uid, timeout=opts["timeout"])
         return [session_dict(s, server, resp.server_time) for s in resp.sessions]
 
@@ -103,24 +101,28 @@ async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], 
     return found, failed
 
 
-def _servers(s2cs: tuple[str, ...], uid: str | None) -> list[str]:
+def _servers(s2cs: tuple[str, ...], uid: str | None, certs: tuple[str, ...]) -> list[str]:
     if s2cs:
-        return list(dict.fromkeys(join_instances(s) for s in s2cs))
-    known = sessionfile.load(uid).get("s2cs") if uid else None
-    if known:
-        return [join_instances(known)]
-    raise click.UsageError("give the control server with --s2cs HOST:PORT (repeatable)"
-                           + ("" if uid is None else f"; this client has no record of session {uid}"))
+        servers = list(dict.fromkeys(join_instances(s) for s in s2cs))
+    else:
+        servers = list(dict.fromkeys(side["s2cs"] for side in sessionfile.sides(uid).values())) if uid else []
+        if not servers:
+            raise LocalMistake("give the control server with --s2cs HOST:PORT (repeatable)"
+                               + ("" if uid is None else f"; this client has no record of session {uid}"))
+    if len(certs) > 1 and len(certs) != len(servers):
+        raise LocalMistake(f"{len(certs)} --server-cert for {len(servers)} --s2cs: give one for all, or one "
+                           "per --s2cs in the same order; nothing was sent")
+    return servers
 
 
 def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: str | None) -> None:
     worst = Exit.OK
     for server, exc in failed:
-        code = exc.status.name if exc.status is not None else "ERROR"
-        if uid and code == "NOT_FOUND" and found:
+        if uid and isinstance(exc, ScistreamError) and exc.status is not None \
+                and exc.status.name == "NOT_FOUND" and found:
             continue  # the other side has it: one side may have forgotten an old session
-        err.print(f"[red]{escape(server)}[/] ({code}): {escape(str(exc))}")
-        worst = max(worst, _EXIT_FOR.get(code, Exit.REFUSED))
+        err.print(f"[red]{escape(server)}[/] ({error_label(exc)}): {escape(str(exc))}")
+        worst = max(worst, exit_code(exc))
     if worst:
         sys.exit(worst)
 
@@ -132,7 +134,16 @@ def _common(fn):
                 help="Control server to ask (repeatable: one per facility; several instances of one "
                      "facility's as HOST:PORT,HOST:PORT, asked in order until one answers; status UID "
                      "defaults to the one(s) this client used for UID).")(fn)
-    return channel_options(fn)
+    fn = verbose_option(fn)
+    fn = option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
+                help="Access token to send (default: from `s2uc login`).")(fn)
+    fn = option("--insecure", is_flag=True, default=False,
+                help="Plaintext control channel (only for a server started with --insecure).")(fn)
+    fn = option("--server-cert", "--server-crt", multiple=True, envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
+                help="PEM certificate to verify the S2CS against; repeatable: one for every --s2cs, or one "
+                     "per --s2cs in the same order (default: the one this client recorded for that "
+                     "address, else ./server.crt if present, else the system's roots).")(fn)
+    return fn
 
 
 @click.command("status", epilog="Example: s2uc status 6f1c... --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000\n\n"
@@ -146,12 +157,12 @@ def _common(fn):
 def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, token) -> None:
     """Everything the control servers know of session UID (without UID: every session you may see)."""
     if uid:
-        check_uid(uid)
-    servers = _servers(s2cs, uid)
-    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout)
+        local_uid(uid)
+    servers = _servers(s2cs, uid, server_cert)
+    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout, servers=servers)
     if watch:
         if as_json:
-            raise click.UsageError("--watch draws a live table; use --json without --watch")
+            raise LocalMistake("--watch draws a live table; use --json without --watch")
         try:
             asyncio.run(_watch(servers, uid or "", opts, interval))
         except KeyboardInterrupt:
@@ -163,7 +174,7 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
     elif uid:
         for d in found:
             _print_one(d)
-    else:
+    elif found or not failed:
         _print_table(found)
     _finish(failed, found, uid)
     if uid and not found and not failed:
@@ -176,14 +187,14 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
 @handle_errors("list")
 def list_sessions(active, s2cs, as_json, timeout, server_cert, insecure, token) -> None:
     """One line per session you may see on the control servers, live ones first."""
-    servers = _servers(s2cs, None)
-    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout)
+    servers = _servers(s2cs, None, server_cert)
+    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout, servers=servers)
     found, failed = asyncio.run(_query(servers, "", opts))
     if active:
         found = [d for d in found if not d["ended"]]
     if as_json:
         click.echo(json.dumps(found, indent=1))
-    else:
+    elif found or not failed:
         _print_table(found)
     _finish(failed, found, None)
 
@@ -235,20 +246,57 @@ def _rate_cap(d: dict, short: bool = False) -> str:
             "s2cs --enforce-legacy-rate enforces it)")
 
 
+# the table's columns, in their order, and which go first when the terminal is too narrow
+# for all (the uid and the state are never cut: they are what the user copies and checks)
+_COLUMNS = ("uid", "role", "state", "owner", "age", "lease left", "conns", "to producer", "to consumer",
+            "rate cap", "WAN", "server", "last error")
+_KEEP_FIRST = ("uid", "state", "role", "to consumer", "to producer", "conns", "age", "last error", "server",
+               "lease left", "owner", "rate cap", "WAN")
+
+
+def _row(d: dict, rates: dict | None) -> dict[str, str]:
+    live = not d["ended"]
+    flow = [_size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"])]
+    if rates is not None and live:   # --watch: the throughput now, then the bytes so far
+        r_in, r_out = rates.get((d["server"], d["uid"], d["role"], d["created"]), (0.0, 0.0))
+        flow = [f"{bitrate(int(r_in))} ({flow[0]})", f"{bitrate(int(r_out))} ({flow[1]})"]
+    return {"uid": d["uid"], "role": d["role"], "state": d["state"], "owner": escape(d["owner"]),
+            "age": duration(d["age_s"]),
+            "lease left": duration(d["lease_left_s"]) if d["lease_expires"] and live else "-",
+            "conns": f"{d['connections']}/{d['total_connections']}",
+            "to producer": flow[0], "to consumer": flow[1],
+            "rate cap": _rate_cap(d, short=True), "WAN": d["wan_security"] or "-",
+            "server": d["server"] + (f" @{d['node']}" if d.get("node") else ""),
+            "last error": escape(d["last_error"][:120]) or "-"}
+
+
+def _table(found: list[dict], rates: dict | None = None, width: int | None = None, **kw) -> Table:
+    """The sessions, one row each, live ones first: the same columns for ``status``,
+    ``list`` and ``status --watch`` (which shows each live session's throughput now before
+    its byte counts). Columns that do not fit the terminal's width are left out, the least
+    needed first (see _KEEP_FIRST); the uid and the state are never cut."""
+    rows = [_row(d, rates) for d in sorted(found, key=lambda d: (d["ended"] is not None,
+                                                                -(d["ended"] or 0), -d["created"]))]
+    width = width or out.width
+    need = {c: max([len(c)] + [len(r[c]) for r in rows]) + 3 for c in _COLUMNS}
+    shown, used = set(), 1
+    for c in _KEEP_FIRST:
+        want = need[c] if c != "last error" else min(need[c], 24)
+        if c in ("uid", "state", "role") or used + want <= width:
+            shown.add(c)
+            used += want
+    t = Table(**kw)
+    for c in _COLUMNS:
+        if c in shown:
+            t.add_column(c, no_wrap=c in ("uid", "state", "role"), overflow="fold" if c == "last error" else "ellipsis",
+                         min_width=need[c] - 3 if c in ("uid", "state") else None)
+    for r in rows:
+        t.add_row(*(r[c] for c in _COLUMNS if c in shown))
+    return t
+
+
 def _print_table(found: list[dict]) -> None:
-    if not found:
-        out.print("no sessions")
-        return
-    t = Table("uid", "role", "state", "owner", "age", "lease left", "to prod", "to cons", "conns",
-              "rate cap", "server", "last error")
-    for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
-        t.add_row(d["uid"], d["role"], d["state"], escape(d["owner"]), duration(d["age_s"]),
-                  duration(d["lease_left_s"]) if d["lease_expires"] and not d["ended"] else "-",
-                  _size(d["bytes_to_producer"]), _size(d["bytes_to_consumer"]),
-                  str(d["connections"]), _rate_cap(d, short=True),
-                  d["server"] + (f" @{d['node']}" if d.get("node") else ""),
-                  escape(d["last_error"][:60]))
-    out.print(t)
+    out.print(_table(found) if found else "no sessions")
 
 
 async def _watch(servers: list[str], uid: str, opts: dict, interval: float) -> None:
@@ -275,23 +323,14 @@ async def _watch(servers: list[str], uid: str, opts: dict, interval: float) -> N
             found, failed = await _query(servers, uid, opts)
 
 
-def _watch_table(found: list[dict], rates: dict, failed: list, interval: float) -> Table:
+def _watch_table(found: list[dict], rates: dict, failed: list, interval: float, width: int | None = None) -> Table:
     states: dict[str, int] = {}
     for d in found:
         states[d["state"]] = states.get(d["state"], 0) + 1
     title = (f"{len(found)} session(s): " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
              if found else "no sessions")
-    t = Table("uid", "owner", "role", "state", "age", "lease left", "conns", "to producer", "to consumer",
-              "WAN", "type", "server", title=title + f"  (every {interval:g} s; Ctrl-C ends)",
-              caption=" ".join(f"[red]{escape(s)}: {escape(str(e))}[/]" for s, e in failed) or None)
-    for d in sorted(found, key=lambda d: (d["ended"] is not None, -(d["ended"] or 0), -d["created"])):
-        live = not d["ended"]
-        r_in, r_out = rates.get((d["server"], d["uid"], d["role"], d["created"]), (0.0, 0.0)) if live else (0, 0)
-        t.add_row(d["uid"], escape(d["owner"]), d["role"], d["state"], duration(d["age_s"]),
-                  duration(d["lease_left_s"]) if d["lease_expires"] and live else "-",
-                  f"{d['connections']}/{d['total_connections']}", bitrate(int(r_in)), bitrate(int(r_out)),
-                  d["wan_security"] or "-", d["server_type"], d["server"])
-    return t
+    return _table(found, rates, width, title=title + f"  (every {interval:g} s; Ctrl-C ends)",
+                  caption=" ".join(f"[red]{escape(s)}: {escape(str(e))}[/]" for s, e in failed) or None)
 
 
 status_commands = [status, list_sessions]

@@ -11,20 +11,9 @@ from .. import __version__
 from ..data.base import backend_names
 from ..demo import DemoOptions, run_demo
 from ..errors import ScistreamError
-from .common import Exit, err, out, setup_logging
+from .common import SIZE_OPTION_HELP, Exit, Size, err, out, setup_logging
 
 TYPES = backend_names()
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size (e.g. 1G, 256M, 1000000)") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,8 +23,9 @@ def cli() -> None:
 
 
 @cli.command(epilog="Example: scistream demo --size 256M --num-conn 2")
-@click.option("--size", default="1G", show_default=True, help="Total bytes to stream (K, M, G suffixes).")
-@click.option("--num-conn", "--num_conn", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--size", type=Size(), default="1G", show_default=True, help=SIZE_OPTION_HELP)
+@click.option("--num-conn", "--num_conn", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Parallel connections of the session (each carries --size / N bytes).")
 @click.option("--type", "server_type", type=click.Choice(TYPES, case_sensitive=False), default="Builtin",
               show_default=True, help="Data server kind on both gateways.")
 @click.option("--rate", type=click.IntRange(0), default=0, help="kbit/s cap per session (0: none).")
@@ -43,20 +33,20 @@ def cli() -> None:
 @click.option("--netns", is_flag=True,
               help="As root: run the two facilities in network namespaces that cannot reach each other.")
 @click.option("--in-testbed", default=None, hidden=True)  # set by --netns for the run inside the user's host
-@click.option("--verbose", "-v", is_flag=True)
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging, the control servers' and gRPC's included.")
 def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose) -> None:
     """Run a whole session on this machine: two control servers, a producer, a consumer,
     every byte verified, everything released."""
     setup_logging(verbose)
-    total = _size(size)
+    total = size
     if total < num_conn:
-        raise click.BadParameter("--size must be at least one byte per connection")
+        raise click.BadParameter("--size must be at least one byte per connection", param_hint="'--size'")
     testbed = None
     if netns and in_testbed is None:
         from ..netns import unavailable_reason
         reason = unavailable_reason()
         if reason is None:
-            sys.exit(_demo_in_testbed(["--size", size, "--num-conn", str(num_conn), "--type", server_type,
+            sys.exit(_demo_in_testbed(["--size", str(size), "--num-conn", str(num_conn), "--type", server_type,
                                        "--rate", str(rate)] + ["--keep-dir"] * keep_dir + ["-v"] * verbose))
         err.print(f"[yellow]--netns: {reason}; running on loopback instead[/]")
     if in_testbed is not None:

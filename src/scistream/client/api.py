@@ -23,7 +23,7 @@ from typing import Sequence
 import grpc
 
 from ..addr import parse_listener
-from ..errors import InvalidArgument, ScistreamError, Status, from_status
+from ..errors import CertificateRejected, LocalMistake, ScistreamError, Status, from_status
 from ..proto import pb, pb_grpc
 from .instances import (CONNECT_TIMEOUT, FAILOVER_WINDOW, FIRST_BACKOFF, KEEPALIVE, MAX_BACKOFF, Unreachable,
                         moves_on, parse_instances, release_is_done)
@@ -42,10 +42,15 @@ class ChannelOptions:
     failover_window: float = FAILOVER_WINDOW  # several instances: how long to keep trying when unreachable
     connect_timeout: float = CONNECT_TIMEOUT  # several instances: a connection not made by then is unreachable
     keepalive: float = KEEPALIVE     # several instances: ping a quiet call this often (s); no answer -> next instance
+    cert_pem: bytes | None = dataclasses.field(default=None, repr=False)  # the certificate itself,
+    # used when no server_cert file is given (what the session file recorded)
 
     def resolved_cert(self) -> str | None:
+        """The certificate file to verify against (None: ``cert_pem``, or the system's roots)."""
         if self.server_cert:
             return self.server_cert
+        if self.cert_pem:
+            return None
         env = os.environ.get("SCISTREAM_SERVER_CERT")
         if env:
             return env
@@ -72,9 +77,11 @@ def open_channel(target: str, opts: ChannelOptions, *, connect_timeout: float | 
         return grpc.aio.insecure_channel(target, options=options)
     cert = opts.resolved_cert()
     try:
-        roots = Path(cert).read_bytes() if cert else None
+        roots = Path(cert).read_bytes() if cert else opts.cert_pem
     except OSError as exc:
-        raise InvalidArgument(f"cannot read server certificate {cert}: {exc.strerror}") from None
+        raise LocalMistake(f"cannot read the server certificate {cert}: {exc.strerror}; give the "
+                           "S2CS's certificate with --server-cert FILE (s2cs prints where it is), or "
+                           "--insecure for a server started with --insecure; nothing was sent") from None
     return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
 
 
@@ -109,14 +116,43 @@ class AsyncClient:
         return [("authorization", f"Bearer {self.opts.token}")] if self.opts.token else []
 
     def _error(self, exc: grpc.aio.AioRpcError, target: str) -> ScistreamError:
-        msg = exc.details() or exc.code().name
+        msg = _details(exc)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            rejected = self._tls_mistake(msg, target)
+            if rejected is not None:
+                return rejected
         if exc.code() == grpc.StatusCode.UNAVAILABLE and not msg.startswith("session store"):
-            msg = (f"cannot reach the S2CS at {target}: {msg}. Is it running, and "
-                   "does --server-cert (or --insecure) match how it was started?")
+            msg = (f"cannot reach the S2CS at {target}: {msg}. Is it running there? "
+                   "Retry once it is")
         elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             msg = (f"the S2CS at {target} does not know this call ({msg}); a server of "
                    "the original SciStream tooling has no status: use our s2cs for that")
         return from_status(exc.code().name, msg)
+
+    def _tls_mistake(self, details: str, target: str) -> ScistreamError | None:
+        """The error for a connection that failed on TLS (not a server that is down):
+        a certificate that does not verify, or TLS against a plaintext server."""
+        cert = None if self.opts.insecure else self.opts.resolved_cert()
+        given = (f"the certificate {cert}" if cert else
+                 "the certificate recorded for it in this client's session file" if self.opts.cert_pem else
+                 "the system's trusted roots (no --server-cert given)")
+        low = details.lower()
+        if "certificate_verify_failed" in low or "certificate verify failed" in low:
+            why = details.rpartition("CERTIFICATE_VERIFY_FAILED")[2].strip(": ") or "verification failed"
+            return CertificateRejected(
+                f"the S2CS at {target} presented a TLS certificate that {given} does not verify ({why}); "
+                "give that server's certificate with --server-cert FILE (s2cs prints where it is: "
+                "by default STATE_DIR/server.crt)")
+        if self.opts.insecure and "socket closed" in low and "failed to connect" in low:
+            return CertificateRejected(
+                f"the S2CS at {target} closed a plaintext connection (--insecure): it speaks TLS; "
+                "drop --insecure and give its certificate with --server-cert FILE")
+        if "handshake" in low and ("wrong_version_number" in low or "packet_length_too_long" in low
+                                   or "http_request" in low):
+            return CertificateRejected(
+                f"the S2CS at {target} does not speak TLS: it was started with --insecure; "
+                "pass --insecure too (development only)")
+        return None
 
     async def _call(self, name: str, request, timeout: float | None):
         self.note = ""
@@ -152,7 +188,7 @@ class AsyncClient:
                             log.warning("%s", self.note)
                             return pb.Response()
                         raise self._error(exc, self.targets[i]) from None
-                    failed.append(Unreachable(self.targets[i], exc.details() or exc.code().name))
+                    failed.append(Unreachable(self.targets[i], _details(exc)))
                     if len(failed) == 1:
                         window_end = loop.time() + self.opts.failover_window
                         give_up = window_end if give_up is None else min(give_up, window_end)
@@ -180,6 +216,9 @@ class AsyncClient:
         last: dict[str, str] = {}
         for a in failed:
             last[a.address] = a.details
+        tls = [self._tls_mistake(d, addr) for addr, d in last.items()]
+        if tls and all(t is not None for t in tls):
+            return tls[0]  # type: ignore[return-value]
         where = "; ".join(f"{addr}: {details}" for addr, details in last.items())
         hint = ("" if all(a.may_have_arrived for a in failed) else
                 ". Is one running, and does --server-cert (or --insecure) match how they were started?")
@@ -206,6 +245,11 @@ class AsyncClient:
 
     async def status(self, uid: str = "", *, timeout: float | None = 30) -> pb.StatusResponse:
         return await self._call("status", pb.StatusRequest(uid=uid), timeout)
+
+
+def _details(exc: grpc.aio.AioRpcError) -> str:
+    """gRPC's message, without the ": OK" some versions leave at its end."""
+    return (exc.details() or exc.code().name).strip().removesuffix(": OK").removesuffix(": OK.")
 
 
 def _released_note(uid: str, failed: list[Unreachable], target: str) -> str:

@@ -36,7 +36,7 @@ from typing import Sequence
 import grpc
 
 from ..addr import parse_listener
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, LocalMistake
 
 #: A call gives up on unreachable instances this many seconds after the first unreachable
 #: attempt (or at its own deadline, if sooner).
@@ -49,7 +49,7 @@ KEEPALIVE = 10.0        # several instances: seconds between pings on a quiet ca
 FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0
 
 
-class BadInstances(InvalidArgument):
+class BadInstances(LocalMistake):
     """A list of control server addresses with an empty element, refused before anything
     was sent (a usage error: exit code 2)."""
 
@@ -69,12 +69,9 @@ class Unreachable:
 
 def parse_instances(value: str | Sequence[str], what: str = "--s2cs") -> tuple[str, ...]:
     """The instances named by ``value`` ("a:5000,b:5000" or a list of addresses), in order,
-    each once. An empty element is a ``BadInstances``; a bad address an ``InvalidArgument``
-    ("bad listener ..."), as for a single address."""
+    each once. An empty element or a bad address is a ``BadInstances`` (an
+    ``InvalidArgument`` found before anything was sent), for a single address too."""
     if isinstance(value, str):
-        if "," not in value:
-            parse_listener(value)  # one address: exactly as before
-            return (value,)
         items = value.split(",")
         shown = value
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -93,9 +90,12 @@ def parse_instances(value: str | Sequence[str], what: str = "--s2cs") -> tuple[s
             raise BadInstances(f"{what} {shown!r}: address {n} of {len(items)} is empty; expected "
                                "HOST:PORT[,HOST:PORT...] (IPv6 as [ADDR]:PORT); nothing was sent")
         try:
-            parse_listener(item)
+            parse_listener(item, example="127.0.0.1:5000")
         except InvalidArgument as exc:
-            raise InvalidArgument(f"{what} {shown!r}: {exc}") from None
+            msg = str(exc).replace("bad listener", "bad address", 1)
+            where = what if len(items) == 1 else f"{what} {shown!r}"
+            raise BadInstances(f"{where}: {msg} (the control server's address and port); "
+                               "nothing was sent") from None
         if item not in found:
             found.append(item)
     return tuple(found)

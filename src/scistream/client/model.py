@@ -39,6 +39,8 @@ class Gateway:
     insecure: bool = False            # plaintext control channel (a server run with --insecure)
     token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, never shown
     timeout: float | None = 60.0      # deadline of the quick calls (update, release, status)
+    server_cert_pem: bytes | None = dataclasses.field(default=None, repr=False)  # the certificate
+    # itself, when there is no file (server_cert wins when both are given)
 
     def __post_init__(self) -> None:
         instances = parse_instances(self.address, "address")
@@ -58,7 +60,7 @@ class Gateway:
         """A new low-level client for this gateway (close it, or use ``async with``)."""
         return AsyncClient(self.address, ChannelOptions(
             server_cert=self.server_cert, insecure=self.insecure, token=self.token,
-            timeout=self.timeout))
+            timeout=self.timeout, cert_pem=self.server_cert_pem))
 
 
 class Step(str, enum.Enum):

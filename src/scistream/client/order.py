@@ -28,7 +28,7 @@ from typing import Awaitable, Sequence
 
 
 from ..addr import parse_listener
-from ..errors import InvalidArgument, NotFound, ScistreamError, Status
+from ..errors import InvalidArgument, LocalMistake, NotFound, ScistreamError, Status
 from ..proto import pb
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ _FIRST_DELAY, _MAX_DELAY = 0.01, 0.2
 ORIGINAL_SERVER = "plain (original server)"
 
 
-class BadTargets(InvalidArgument):
+class BadTargets(LocalMistake):
     """An empty or malformed listener list, refused before anything was sent.
 
     ``usage`` is True when the list came from the command line (exit code 2)."""
@@ -124,6 +124,40 @@ async def req_and_hello(client, uid: str, role: str, req_call: Awaitable[pb.Resp
         raise
 
 
+async def session_of(client, uid: str, role: str, *, req: "asyncio.Future | None" = None,
+                     window: float = HELLO_RETRY_WINDOW) -> "pb.SessionInfo | None":
+    """The server's record of the ``role`` side of ``uid``, as soon as it has one (its
+    ``status``, asked again while it answers NOT_FOUND). None from a server that has no
+    ``status`` (the original tooling's) or when none appeared within ``window`` seconds.
+    ``req``: this client's pending req for it; if that fails meanwhile, its error is raised.
+
+    ``s2uc prod-req`` prints the uid only once this returns: the server took the req."""
+    deadline = time.monotonic() + window
+    delay = _FIRST_DELAY
+    while True:
+        if req is not None and req.done():
+            if req.cancelled() or req.exception() is None:
+                return None   # answered already (a hello came): nothing to wait for
+            raise req.exception()  # type: ignore[misc]
+        try:
+            resp = await client.status(uid, timeout=max(1.0, deadline - time.monotonic()))
+        except ScistreamError as exc:
+            if exc.status == Status.UNIMPLEMENTED:
+                return None
+            if not isinstance(exc, NotFound):
+                if req is not None and req.done() and not req.cancelled() and req.exception() is not None:
+                    raise req.exception() from None  # type: ignore[misc]
+                raise
+        else:
+            for s in resp.sessions:
+                if s.uid == uid and s.role == role and not s.ended:
+                    return s
+        if time.monotonic() + delay > deadline:
+            return None
+        await _wait(delay, req)
+        delay = min(delay * 2, _MAX_DELAY)
+
+
 def wan_security_of(resp: pb.Response) -> str:
     """A side's WAN protection from its update's answer: an original server says nothing."""
     return resp.wan_security or ORIGINAL_SERVER
@@ -138,4 +172,4 @@ def original_server_note(role: str, address: str) -> str:
 
 
 __all__ = ["HELLO_RETRY_WINDOW", "ORIGINAL_SERVER", "BadTargets", "check_targets", "unknown_uid",
-           "hello_after_req", "req_and_hello", "wan_security_of", "original_server_note"]
+           "hello_after_req", "req_and_hello", "session_of", "wan_security_of", "original_server_note"]

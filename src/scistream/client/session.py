@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 import uuid
@@ -34,7 +35,7 @@ from typing import Callable, Sequence, Union
 
 
 from ..addr import check_uid
-from ..errors import DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status, from_status
+from ..errors import CertificateRejected, DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status, from_status
 from .api import AsyncClient
 from .model import (ConsSide, Connection, Gateway, ProdSide, Progress, Released, SessionStatus,
                     Step)
@@ -98,8 +99,10 @@ def _check_args(num_conn: int, rate: int, lease: int) -> None:
 
 
 def _side_error(half: _Half, exc: ScistreamError) -> ScistreamError:
-    """The same typed error, saying which side it came from."""
-    new = from_status(exc.status, f"{half.role} side ({half.gateway.address}): {exc}")
+    """The same typed error (its class and what it carries: a ``LocalMistake`` or a
+    ``CertificateRejected`` stays one), saying which side it came from."""
+    new = copy.copy(exc)
+    new.args = (f"{half.role} side ({half.gateway.address}): {exc}",)
     new.side = half.role  # type: ignore[attr-defined]
     return new
 
@@ -176,6 +179,8 @@ async def _cleanup(clients: Sequence[AsyncClient], halves: Sequence[_Half], uid:
     clock.emit(Step.RELEASING, reason)
     results = await asyncio.gather(*(_release_half(c, h, uid) for c, h in todo), return_exceptions=True)
     for (_, h), r in zip(todo, results):
+        if isinstance(r, CertificateRejected):
+            continue   # no call reaches that server over this channel: its req never did either
         if isinstance(r, BaseException):
             log.error("session %s: could not release the %s side on %s: %s; it ends at the "
                       "server's hello timeout or lease", uid, h.role, h.gateway.address, r)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -130,6 +132,8 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--workers must be >= 0 (0: one per core)")
     if config.max_session_conns < 0:
         raise ConfigError("--max-session-conns must be >= 0 (0: no cap)")
+    if not 0 <= config.port <= 65535:
+        raise ConfigError(f"--port {config.port}: a port is 0-65535 (0: any free port)")
     if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
         raise ConfigError("--metrics-port must be 0-65535")
     if config.web_port is not None and not 0 <= config.web_port <= 65535:
@@ -155,6 +159,56 @@ def check(config: ServerConfig) -> None:
         if config.data_service is not None:
             raise ConfigError("--data-service is for a single gateway; a facility's nodes register "
                               "themselves (s2ds serve --store ...)")
+
+
+def _bind_problem(host: str, port: int, option: str) -> str:
+    """Why ``host:port`` cannot be listened on, said for the operator, or "" if it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except socket.gaierror as exc:
+            return f"{option} {host}: {exc.strerror}; give an IP address of this host"
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return (f"{option} {host}: {exc.strerror}: it is not an address of this host; give one "
+                        "of its addresses (ip -brief address)")
+            if exc.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host}: {exc.strerror}: another program (another s2cs?) listens "
+                        "there; choose another --port (0: any free port)")
+            if exc.errno == errno.EACCES:
+                return f"port {port} on {host}: {exc.strerror}: ports below 1024 need root"
+            return f"{format_listener(host, port)}: {exc.strerror}"
+    return ""
+
+
+class StateDirLock:
+    """``STATE_DIR/s2cs.lock``, held (flock) while an s2cs runs on the directory: a second
+    s2cs on it would share its node service, session database and configs. The kernel
+    drops the lock when its holder dies, even by kill -9."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "s2cs.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"--state-dir {self.path.parent} is in use by another s2cs (pid {holder}); "
+                              "give each s2cs its own --state-dir (or stop that one first)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
@@ -204,6 +258,7 @@ class ControlServer:
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self.node: NodeService | None = None
+        self._lock = StateDirLock(self.state_dir)
 
     async def start(self) -> None:
         """Open the store, re-adopt what a previous run left, then serve. On failure,
@@ -220,6 +275,11 @@ class ControlServer:
         if self.state_dir.stat().st_mode & 0o077:
             log.warning("state directory %s was open to other users; making it 0700", self.state_dir)
             self.state_dir.chmod(0o700)
+        self._lock.acquire()
+        # the data servers listen on --listener-ip here (a facility's listen on its nodes)
+        problem = "" if config.facility else _bind_problem(config.listener_ip, 0, "--listener-ip")
+        if problem:
+            raise ConfigError(problem)
         if self.auth is None:
             if config.auth == "none":
                 log.warning("!!! --auth none: AUTHENTICATION IS DISABLED. Anyone who reaches the "
@@ -287,7 +347,8 @@ class ControlServer:
             else:
                 self.port = server.add_secure_port(address, _tls_credentials(config, self.state_dir))
         except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {address}: {exc}; is another s2cs running there?") from None
+            why = _bind_problem(bind_host, config.port, "--control-ip" if config.control_ip else "--listener-ip")
+            raise ConfigError(f"cannot listen on {address}: {why or exc}") from None
         shown = f"[{bind_host}]:{self.port}" if ":" in bind_host else f"{bind_host}:{self.port}"
         if config.facility:
             self.registry.instance = f"{socket.gethostname()}:{self.port}"  # type: ignore[union-attr]
@@ -310,9 +371,13 @@ class ControlServer:
         if config.web_port is not None:
             await self._start_web(bind_host)
         if config.ready_file:
-            Path(config.ready_file).write_text(json.dumps({
+            # written whole, then renamed: a reader polling for the file never reads it half-written
+            ready = Path(config.ready_file)
+            partial = ready.with_name(ready.name + ".partial")
+            partial.write_text(json.dumps({
                 "port": self.port, "pid": os.getpid(), "state_dir": str(self.state_dir),
                 "metrics_port": self.metrics_port, "web_port": self.web_port}))
+            os.replace(partial, ready)
 
     async def _start_web(self, bind_host: str) -> None:
         from .web import WebView, web_ssl_context  # aiohttp is imported only when asked for
@@ -383,6 +448,7 @@ class ControlServer:
             self.audit.close()
         if self.auth is not None:
             await self.auth.close()
+        self._lock.release()
 
     async def __aenter__(self) -> "ControlServer":
         await self.start()

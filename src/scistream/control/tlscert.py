@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -41,7 +42,11 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
 def make_self_signed(cert_path: Path, key_path: Path, hosts: list[str]) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     names = hosts + ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+    # a name of its own (the state directory's s2cs, and a random tag): clients may verify
+    # several gateways' self-signed certificates from one PEM bundle, which needs distinct names
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "localhost"),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                                            f"{cert_path.parent.name or 's2cs'} {secrets.token_hex(4)}"),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SciStream S2CS (self-signed)")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (

@@ -47,7 +47,7 @@ from aiohttp import web
 
 from ..auth.base import ANONYMOUS, AuthUnavailable, Authenticator, Identity
 from ..errors import ScistreamError
-from ..units import bitrate, duration
+from ..units import bitrate, duration, size
 from .sessions import TERMINAL, S, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,7 @@ class WebView:
             "connections": st.connections, "total_connections": st.total_connections,
             "conns": f"{st.connections} / {st.total_connections}",
             "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
+            "bytes_in_h": size(st.bytes_in), "bytes_out_h": size(st.bytes_out),
             "rate_in": round(rate_in), "rate_out": round(rate_out),
             "rate_in_h": bitrate(rate_in), "rate_out_h": bitrate(rate_out),
             "wan_security": s.wan_security or "-",
@@ -321,9 +322,19 @@ class WebView:
         return [{"state": name, "at": t, "when": _fmt_time(t)} for name, t in steps if t]
 
     async def _fresh(self) -> None:
-        """A facility's view is a copy of the store: read it if the sampler has not lately."""
-        if hasattr(self.registry, "refresh_view") and time.time() - self.sampled > SAMPLE_EVERY:
+        """Fresh counters for a page's first paint when the sampler has not run lately (no
+        page listened): a facility's view is read from the store again; a single gateway's
+        data servers are asked for their byte counters (no rate point is made of it)."""
+        if time.time() - self.sampled <= SAMPLE_EVERY:
+            return
+        if hasattr(self.registry, "refresh_view"):
             await self.sample()
+            return
+        live = [s for s in self.registry.active.values() if s.server is not None]
+        if live:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(self.registry.stats(s) for s in live),
+                                                      return_exceptions=True), SAMPLE_EVERY * 0.9)
 
     def summary(self, sessions: list[Session]) -> dict[str, Any]:
         reg = self.registry
@@ -629,7 +640,9 @@ def _session_body(d: dict[str, Any]) -> str:
              ("connections open / total", f'<span id="conns">{_e(r["conns"])}</span>'),
              ("to producer", f'<span id="rate-in" data-bps="{r["rate_in"]}">{_e(r["rate_in_h"])}</span>'),
              ("to consumer", f'<span id="rate-out" data-bps="{r["rate_out"]}">{_e(r["rate_out_h"])}</span>'),
-             ("bytes to producer / consumer", f'<span id="bytes">{r["bytes_in"]} / {r["bytes_out"]}</span>'),
+             ("bytes to producer / consumer",
+              f'<span id="bytes" title="{r["bytes_in"]} / {r["bytes_out"]} bytes">'
+              f'{_e(r["bytes_in_h"])} / {_e(r["bytes_out_h"])}</span>'),
              ("WAN leg", _e(r["wan_security"])), ("data server", _e(r["server_type"])),
              ("node", _e(r["node"]))]
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)

@@ -25,6 +25,9 @@
     return "";
   }
 
+  /* times read as the timeline's: UTC, 24-hour */
+  function utc(t) { return new Date(t * 1000).toISOString().substr(11, 8); }
+
   function setText(id, text) {
     var el = document.getElementById(id);
     if (el && el.textContent !== String(text)) { el.textContent = text; }
@@ -87,9 +90,11 @@
       return new uPlot({
         width: Math.max(320, (holder.clientWidth || 640) - 24), height: 260,
         scales: {x: {time: true}, y: {range: function (u, lo, hi) { return [0, Math.max(hi, 1000)]; }}},
-        series: [{}, {label: "to producer", stroke: "#1f77b4", width: 2, dash: [8, 4], value: function (u, v) { return v == null ? "-" : rate(v); }},
+        series: [{label: "UTC", value: function (u, v) { return v == null ? "-" : utc(v); }},
+                 {label: "to producer", stroke: "#1f77b4", width: 2, dash: [8, 4], value: function (u, v) { return v == null ? "-" : rate(v); }},
                      {label: "to consumer", stroke: "#d62728", width: 2, value: function (u, v) { return v == null ? "-" : rate(v); }}],
-        axes: [{}, {size: 96, values: function (u, vals) { return vals.map(rate); }}]
+        axes: [{label: "UTC", values: function (u, vals) { return vals.map(utc); }},
+               {size: 96, values: function (u, vals) { return vals.map(rate); }}]
       }, data, holder);
     }
     function push(p) {
@@ -111,7 +116,8 @@
       var ri = setText("rate-in", r.rate_in_h), ro = setText("rate-out", r.rate_out_h);
       if (ri) { ri.dataset.bps = r.rate_in; }
       if (ro) { ro.dataset.bps = r.rate_out; }
-      setText("bytes", r.bytes_in + " / " + r.bytes_out);
+      var by = setText("bytes", r.bytes_in_h + " / " + r.bytes_out_h);
+      if (by) { by.title = r.bytes_in + " / " + r.bytes_out + " bytes"; }
       setText("last-error", r.last_error || "none");
       var tl = document.getElementById("timeline");
       var items = d.timeline.map(function (t) {
