@@ -28,14 +28,16 @@ from scistream.data.supervise import children, cmdline, free_port_check, stat_fi
 BIN = Path(sys.executable).parent
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Until ``cond()`` is true; returns its value."""
     deadline = time.monotonic() + timeout
     delay = 0.01
-    while not cond():
+    while not (value := cond()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
+    return value
 
 
 async def async_wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

@@ -97,6 +97,38 @@ def test_release_and_status_from_the_session_file_reach_both_tls_sides(s2cs_proc
     assert again.returncode == 2 and "no record of session" in one_line(again)
 
 
+# -- 5. a data server that cannot reach its next hop says so in status ---------------------
+def test_a_mistyped_prod_listener_shows_in_the_consumer_sides_status(s2cs_process, env):
+    """cons-req with a PROD listener where nothing listens: the consumer's connections are
+    reset, and `s2uc status` says why in the session's last error (not only the node log)."""
+    import socket
+    cons = s2cs_process("--allow-legacy-plaintext")
+    with socket.socket() as nothing:          # bound, never listening: connections are refused
+        nothing.bind(("127.0.0.1", 0))
+        wrong = f"127.0.0.1:{nothing.getsockname()[1]}"
+        c = run("s2uc", "outbound-request", "--s2cs", cons.target, "--insecure", UID, wrong, env=env)
+        assert c.returncode == 0, c.stderr
+        (listener,) = re.findall(r"Listeners: \['(.+?)'\]", c.stdout)
+        host, port = listener.rsplit(":", 1)
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), 10) as conn:
+                conn.settimeout(10)
+                try:
+                    assert conn.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+
+        def said() -> str:
+            st = run("s2uc", "status", UID, "--s2cs", cons.target, "--insecure", "--json", env=env)
+            assert st.returncode == 0, st.stderr
+            (info,) = json.loads(st.stdout)
+            return info["last_error"] if "connections failed so far" in info["last_error"] else ""
+        error = wait_until(said, 20, "the failed connections in the session's last error")
+        assert f"to {wrong}: cannot connect to target: Connection refused" in error, error
+        assert error.startswith("data server: 20") and "(3 connections failed so far)" in error, error
+        run("s2uc", "release", UID, "--s2cs", cons.target, "--insecure", env=env)
+
+
 # -- 3. a wrong or missing certificate: said as such, exit 2, no gRPC log ------------------
 def test_a_certificate_that_does_not_verify_is_a_configuration_mistake(s2cs_process, env, tmp_path):
     srv = s2cs_process(insecure=False)

@@ -185,7 +185,7 @@ class ControlServicer:
         return pb.SessionInfo(
             uid=s.uid, role=s.role, state=s.state.value, owner=str(s.owner), listeners=s.listeners,
             targets=s.targets, num_conn=s.num_conn, rate=s.rate, created=s.created,
-            lease_expires=s.lease_expires, last_error=s.last_error, wan_security=s.wan_security,
+            lease_expires=s.lease_expires, last_error=s.error(stats), wan_security=s.wan_security,
             server_type=s.server_type or self.registry.config.server_type,
             bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, connections=stats.connections,
             total_connections=stats.total_connections, refused_connections=stats.refused_connections,

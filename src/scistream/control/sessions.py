@@ -75,7 +75,7 @@ def when(t: float) -> str:
 def _add(a: Stats, b: Stats) -> Stats:
     return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
                  a.total_connections + b.total_connections, a.refused_connections + b.refused_connections,
-                 a.cut_streams + b.cut_streams)
+                 a.cut_streams + b.cut_streams, b.failure or a.failure)
 
 
 @dataclasses.dataclass
@@ -151,6 +151,12 @@ class Session:
         if self.final_stats is not None:
             return self.final_stats
         return _add(self.stats_base, self.last_stats)
+
+    def error(self, stats: Stats) -> str:
+        """What went wrong last, for status: the session's own last error and the data
+        server's last failed connection (a target that refuses, a peer without the key)."""
+        data = f"data server: {stats.failure}" if stats.failure else ""
+        return "; ".join(e for e in (self.last_error, data) if e)
 
     # -- persistence -------------------------------------------------------------------
     def to_record(self) -> SessionRecord:

@@ -311,7 +311,7 @@ class WebView:
             "wan_security": s.wan_security or "-",
             "server_type": s.server_type or self.registry.config.server_type,
             "node": s.node or s.listen_host or self.registry.config.listener_ip,
-            "last_error": s.last_error, "ended": s.ended or None,
+            "last_error": s.error(st), "ended": s.ended or None,
             "url": f"/session/{s.uid}/{s.role}",
         }
 

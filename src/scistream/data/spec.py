@@ -78,6 +78,7 @@ class Stats:
     total_connections: int = 0
     refused_connections: int = 0   # refused by the max_conns cap (DataSpec.max_conns)
     cut_streams: int = 0   # streams whose end the data server may have dropped (stunnel, half-close)
+    failure: str = ""      # the last connection that failed, when and why (Builtin), e.g. its target refused
 
 
 def keepalive_setting(value: Any) -> tuple[int, int, int]:

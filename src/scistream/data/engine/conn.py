@@ -606,7 +606,7 @@ class Conn:
                         held, FAILURE_LOG.window)
         if ok:
             level = logging.INFO if self.state == "open" else logging.WARNING
-            log.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener, _fmt(self.peer), why)
+            log.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener, address_text(self.peer), why)
         self.close(reset=True)
 
     def close(self, reset: bool = False) -> None:
@@ -651,8 +651,8 @@ class Conn:
     def info(self) -> dict[str, Any]:
         self.settle()
         return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),
-                "peer": _fmt(self.peer),
-                "target": _fmt(self.target[1]), "state": self.state,
+                "peer": address_text(self.peer),
+                "target": address_text(self.target[1]), "state": self.state,
                 "relay": ("tls" if self.tls is not None else "copy" if isinstance(self.pumps[0], (CopyPump, CCopyPump))
                           else "splice") if self.pumps else "",
                 "pumps": ("c" if isinstance(self.pumps[0], (CEncryptPump, CDecryptPump, CCopyPump)) else "python")
@@ -661,7 +661,7 @@ class Conn:
                 "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
 
 
-def _fmt(addr: Any) -> str:
+def address_text(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return format_listener(str(addr[0]), addr[1])
     return str(addr)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -312,8 +313,12 @@ class NodeDataServer(DataServer):
     async def stats(self) -> Stats:
         with contextlib.suppress(ServiceError, KeyError, TypeError):
             r = (await self.node.call({"op": "stats", "sid": self.sid}, 3.0))["stats"]
+            failure = ""
+            if r.get("failure"):
+                at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(r.get("failure_at") or 0)))
+                failure = f"{at}: {r['failure']} ({r.get('failed_connections', 0)} connections failed so far)"
             return Stats(r["bytes_in"], r["bytes_out"], r["connections"], r["total_connections"],
-                         int(r.get("refused_connections", 0)))
+                         int(r.get("refused_connections", 0)), failure=failure)
         return Stats()
 
     async def details(self) -> dict[str, Any]:

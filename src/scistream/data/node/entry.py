@@ -30,6 +30,14 @@ def add_counters(into: dict[str, int], more: dict[str, int] | None) -> None:
         into[k] += int((more or {}).get(k, 0))
 
 
+def newest_failure(e: "Entry") -> dict:
+    """The last connection of the session that failed, of all its workers' (what each said
+    last): ``failure`` (what happened) and ``failure_at`` (unix time), or nothing."""
+    at, what = max(((c.get("failure_at") or 0.0, c.get("failure") or "") for c in e.seen.values()),
+                   default=(0.0, ""))
+    return {"failure": what, "failure_at": at} if what else {}
+
+
 class OpError(Exception):
     """A request the service refuses (``code``: invalid, busy, unknown)."""
     def __init__(self, message: str, code: str = "invalid") -> None:

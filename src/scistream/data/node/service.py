@@ -78,7 +78,8 @@ from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, send_frame, MAX_FDS
 from ..spec import resolve_target
-from .entry import Entry, OpError, add_counters, zero_counters, bind_listeners, check_cfg, with_credentials
+from .entry import (Entry, OpError, add_counters, bind_listeners, check_cfg, newest_failure, with_credentials,
+                    zero_counters)
 from .workerproc import WorkerProc
 
 log = logging.getLogger(__name__)
@@ -476,7 +477,7 @@ class Node:
             else:
                 e.seen[i] = got
             add_counters(total, got)
-        return {**total, "failed": e.failed}
+        return {**total, "failed": e.failed, **newest_failure(e)}
 
     async def all_stats(self) -> dict[str, dict]:
         per_worker = await asyncio.gather(*(w.call({"op": "stats", "sids": None}) for w in self.workers),
@@ -492,7 +493,7 @@ class Node:
                 else:
                     e.seen[i] = got
                 add_counters(total, got)
-            out[sid] = {**total, "failed": e.failed}
+            out[sid] = {**total, "failed": e.failed, **newest_failure(e)}
         return out
 
     async def _ask(self, e: Entry, msg: dict, *, strict: bool = True, keep_order: bool = False) -> list:

@@ -57,7 +57,7 @@ import time
 from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, recv_note, send_note
-from ..engine.conn import FAILURE_LOG, Conn, accept_one
+from ..engine.conn import FAILURE_LOG, Conn, address_text, accept_one
 from ..engine.loop import DEFAULT_PIPE, EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
 from ..engine.tlsleg import tls_contexts
 from ..spec import keepalive_setting, resolve_target
@@ -95,6 +95,7 @@ class Slice:
         self.conns: dict[int, Conn] = {}
         self.bytes = {"in": 0, "out": 0}
         self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
+        self.failure = (0.0, "")      # the last connection that failed: (when, what happened)
         for index, lsock in listeners:
             lsock.setblocking(False)
             self._watch(index, lsock)
@@ -134,6 +135,8 @@ class Slice:
         self.conns.pop(conn.id, None)
         if conn.why:
             self.failed += 1
+            self.failure = (time.time(), f"connection from {address_text(conn.peer)} to "
+                                         f"{address_text(conn.target[1])}: {conn.why}")
 
     # -- accepting --------------------------------------------------------
     def _watch(self, index: int, lsock: socket.socket) -> None:
@@ -204,7 +207,8 @@ class Slice:
         return {"bytes_in": self.bytes["in"], "bytes_out": self.bytes["out"], "connections": len(self.conns),
                 "total_connections": self.total, "failed_connections": self.failed,
                 "refused_connections": self.refused, "tls_resumed": self.resumed,
-                "tls_sessions_kept": self.sessions_kept}
+                "tls_sessions_kept": self.sessions_kept, "failure_at": self.failure[0],
+                "failure": self.failure[1]}
 
     def stop_accepting(self) -> None:
         """Close the session's listeners here; its connections go on."""
