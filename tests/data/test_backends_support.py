@@ -42,17 +42,13 @@ def sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-class App:
-    """An application endpoint on 127.0.0.1: optional greeting ``tag``, then echo."""
+class Served:
+    """An application on 127.0.0.1 while in ``async with``: each connection goes to
+    ``_serve``; ``endpoint`` is where to reach it."""
+    server: asyncio.AbstractServer | None = None
+    port = 0
 
-    def __init__(self, tag: bytes = b"") -> None:
-        self.tag = tag
-        self.accepted = 0
-        self.received = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> "App":
+    async def __aenter__(self):
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -66,6 +62,18 @@ class App:
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class App(Served):
+    """An application endpoint on 127.0.0.1: optional greeting ``tag``, then echo."""
+
+    def __init__(self, tag: bytes = b"") -> None:
+        self.tag = tag
+        self.accepted = 0
+        self.received = 0
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.accepted += 1

@@ -22,7 +22,7 @@ from scistream.data import wankeys
 from scistream.data.backends.common import HANDSHAKE_TIMEOUT_S
 from scistream.data.base import BackendUnavailable, get_backend
 from scistream.data.engine.conn import HANDSHAKE_TIMEOUT
-from test_backends_support import App, Chain, secret, sha, try_through
+from test_backends_support import App, Chain, Served, secret, sha, try_through
 
 #: Bad connections per kind (idle, garbage, stalled) per chain.
 FLOOD = 100
@@ -115,27 +115,13 @@ async def quiet_stream(port: int, quiet_for: float, started: asyncio.Event) -> N
         w.close()
 
 
-class LateApp:
+class LateApp(Served):
     """An application endpoint that reads until the consumer's end of stream, then holds its
     answer (the SHA-256 of what it read) until ``release`` is set."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.got_all = asyncio.Event()
-        self.server: asyncio.AbstractServer | None = None
-
-    async def __aenter__(self) -> "LateApp":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    @property
-    def endpoint(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:

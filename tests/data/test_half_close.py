@@ -37,7 +37,7 @@ from scistream.data.backends.common import IDLE_TIMEOUT_S
 from scistream.data.backends.stunnel import StunnelServer
 from scistream.data.base import get_backend
 from scistream.data.spec import DataSpec
-from test_backends_support import _param
+from test_backends_support import Served, _param
 
 TYPES = [_param(n) for n in ("Builtin", "Haproxy", "Nginx", "Stunnel", "StunnelSubprocess")]
 CONNS = 4
@@ -52,7 +52,7 @@ KEY = 16   # a payload's first bytes name it (random payloads: unique)
 READ_PIECE = 1024   # the slow consumer's reads
 
 
-class Producer:
+class Producer(Served):
     """The producer's endpoint: behaves as the current ``shape`` says, records what it
     sent and what it read (by the payload's first bytes)."""
 
@@ -61,20 +61,6 @@ class Producer:
         self.sent: dict[bytes, bytes] = {}
         self.read: dict[bytes, bytes] = {}
         self.ended = 0
-        self.server: asyncio.AbstractServer | None = None
-
-    async def __aenter__(self) -> "Producer":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    @property
-    def endpoint(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
