@@ -96,6 +96,19 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return free_port_check(host, port)
 
 
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict:
+    """The environment of a CLI run as a new user's: its own client config directory (session
+    files, tokens) in the test's tmp dir, and none of the settings a developer's shell may
+    carry (token, server certificate, addresses, gRPC's logging)."""
+    env = dict(os.environ)
+    env["SCISTREAM_CONFIG_DIR"] = str(tmp_path / "client-config")
+    for k in ("SCISTREAM_TOKEN", "SCISTREAM_SERVER_CERT", "SCISTREAM_S2CS", "SCISTREAM_PROD_S2CS",
+              "SCISTREAM_CONS_S2CS", "GRPC_VERBOSITY"):
+        env.pop(k, None)
+    return env
+
 def new_uid() -> str:
     return str(uuid.uuid4())
 

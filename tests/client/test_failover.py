@@ -124,15 +124,6 @@ def served(state_dir: Path, uid: str) -> list[tuple[str, str]]:
 
 
 # -- CLI helpers -------------------------------------------------------------------------
-@pytest.fixture
-def cli_env(tmp_path):
-    import os
-    env = dict(os.environ)
-    env["SCISTREAM_CONFIG_DIR"] = str(tmp_path / "client-config")
-    env.pop("SCISTREAM_TOKEN", None)
-    env.pop("SCISTREAM_S2CS", None)
-    return env
-
 
 def run(*args, env, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env,

@@ -49,14 +49,6 @@ class Bg:
 
 
 @pytest.fixture
-def cli_env(tmp_path):
-    env = dict(os.environ)
-    env["SCISTREAM_CONFIG_DIR"] = str(tmp_path / "client-config")
-    env.pop("SCISTREAM_TOKEN", None)
-    return env
-
-
-@pytest.fixture
 def bg():
     started: list[Bg] = []
 

@@ -54,15 +54,6 @@ class Proc:
 
 
 @pytest.fixture
-def cli_env(tmp_path):
-    env = dict(os.environ)
-    env["SCISTREAM_CONFIG_DIR"] = str(tmp_path / "client-config")
-    for k in ("SCISTREAM_TOKEN", "SCISTREAM_SERVER_CERT", "SCISTREAM_PROD_S2CS", "SCISTREAM_CONS_S2CS"):
-        env.pop(k, None)
-    return env
-
-
-@pytest.fixture
 def procs():
     started: list[Proc] = []
 

@@ -5,7 +5,6 @@ tests/test_docs.py."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -34,12 +33,8 @@ def one_line(p: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def env(tmp_path):
-    e = dict(os.environ)
-    e["SCISTREAM_CONFIG_DIR"] = str(tmp_path / "client-config")
-    for k in ("SCISTREAM_TOKEN", "SCISTREAM_SERVER_CERT", "SCISTREAM_S2CS", "GRPC_VERBOSITY"):
-        e.pop(k, None)
-    return e
+def env(cli_env):
+    return cli_env
 
 
 def sessions_dir(env: dict) -> Path:
