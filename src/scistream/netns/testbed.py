@@ -374,7 +374,8 @@ class Testbed:
 
     def wan_stats(self, timeout: float = 5.0) -> dict:
         """The WAN element's counters now: per direction ("ab": GW-A to GW-B, "ba") the packets
-        read, sent, lost (the loss model), overflowed (its buffer full) and write errors."""
+        read, sent, lost (the loss model), overflowed (its buffer full) and write errors, and
+        "cut": the joined (GSO) TCP packets it cut into segments because one of them was lost."""
         if self._element is None or self._wan_dir is None or self._element.poll() is not None:
             raise TestbedError("no WAN element runs in this testbed (built by this process with wan=...)")
         path = self._wan_dir / "stats.json"

@@ -132,7 +132,8 @@ class WanSpec:
     jitter_ms: float = 0.0                # uniform +- on each one-way delay
     queue: int | None = None              # bottleneck queue, bytes; None: one BDP
     loss_run: float = 1.0                 # mean packets lost in a row; 1: independent
-    seed: int = 1
+    seed: int = 1                         # of the loss model's and the jitter's random numbers
+    offload: bool = True                  # the element takes TCP segments joined (GSO); False: one by one
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
@@ -194,7 +195,7 @@ class WanSpec:
         return [str(binary), "--a", dev_a, "--b", dev_b, "--delay-ab-us", f"{us:.3f}", "--delay-ba-us", f"{us:.3f}",
                 "--jitter-us", f"{self.jitter_ms * 1000:.3f}", "--loss", repr(self.loss),
                 "--loss-run", repr(self.loss_run), "--ring-bytes", str(self.ring_bytes), "--seed", str(self.seed),
-                "--stats", str(stats)]
+                "--offload", "1" if self.offload else "0", "--stats", str(stats)]
 
     def tbf_args(self) -> list[str]:
         """``tc qdisc ... tbf`` arguments for the bottleneck (rate set)."""

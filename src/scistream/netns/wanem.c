@@ -11,19 +11,21 @@
  * read ahead of it, also with jitter), so the ring is a FIFO and needs no heap.
  *
  *   wanem --a tun-a --b tun-b --delay-ab-us 25000 --delay-ba-us 25000 \
- *         [--jitter-us 0] [--loss 1e-4] [--loss-run 1] [--ring-bytes N] [--seed N] --stats PATH
+ *         [--jitter-us 0] [--loss 1e-4] [--loss-run 1] [--ring-bytes N] [--seed N] [--offload 1] --stats PATH
  *
  * The rate and its queue are not here: a tbf qdisc on each TUN device's egress is the
  * bottleneck, before the delay. Once both devices are attached the element writes its
  * counters to PATH (then again on SIGUSR1, and on SIGTERM/SIGINT before it exits 0):
  * one JSON object with "seq" (incremented per write) and per direction the packets read,
- * sent, lost (the loss model), overflowed (ring full) and write errors.
+ * sent, lost (the loss model), overflowed (ring full) and write errors (all in packets), and the
+ * joined (GSO) packets cut because one of their segments was lost.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
+#include <linux/virtio_net.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -38,13 +40,21 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAXPKT 65536u          /* a TUN read never returns more (no GSO asked for) */
-#define HDR 16u                /* record header: due time (8), length (4), pad (4) */
+#define MAXPKT (65536u + 64u)  /* a TUN read never returns more: a 64 KiB GSO packet and its vnet header */
+#define HDR 16u                /* record header: due time (8), length (4), packets in it (4) */
 #define PAD_LEN 0xffffffffu    /* a record that fills the ring's end: skip to offset 0 */
 #define BATCH 64               /* packets read per wakeup at most */
 #define EARLY_NS 20000ull      /* a packet due within 20 us is sent now (fewer wakeups) */
 
-struct rec { uint64_t due; uint32_t len; uint32_t pad; };
+struct rec { uint64_t due; uint32_t len; uint32_t segs; };
+
+/* With offloads (the default) each TUN read/write carries a virtio_net_hdr first, and the kernel
+ * hands over TCP segments still joined as one GSO packet (up to 64 KiB): one system call and one
+ * pass through the router's forwarding for up to 44 packets of 1500 bytes. The loss model still
+ * decides per packet (segment); a GSO packet with a lost segment is cut into its segments here
+ * (IPv4/TCP: lengths, IP ids, sequence numbers, flags, checksums) and only the lost ones go. */
+static int offload = 1;
+static unsigned vhl;  /* sizeof(struct virtio_net_hdr) with offloads, else 0 */
 
 struct dir {
     const char *name;
@@ -55,7 +65,7 @@ struct dir {
     uint64_t rng;
     unsigned char *ring;
     uint64_t cap, head, tail, last_due;  /* head/tail: byte counts, positions mod cap */
-    atomic_uint_least64_t rx, tx, tx_bytes, lost, overflow, werr;
+    atomic_uint_least64_t rx, tx, tx_bytes, lost, overflow, werr, cut;
 };
 
 static struct dir dirs[2];
@@ -99,12 +109,14 @@ static int tun_attach(const char *name) {
         die("open /dev/net/tun");
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
-    ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+    ifr.ifr_flags = IFF_TUN | IFF_NO_PI | (offload ? IFF_VNET_HDR : 0);
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
     if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
         fprintf(stderr, "wanem: attach to TUN device %s: %s\n", name, strerror(errno));
         exit(2);
     }
+    if (offload && ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN) < 0)
+        die("TUNSETOFFLOAD");
     if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
         die("O_NONBLOCK");
     return fd;
@@ -138,10 +150,67 @@ static unsigned char *reserve(struct dir *d) {
     return d->ring + d->tail % d->cap + HDR;
 }
 
+static uint32_t csum_add(uint32_t sum, const unsigned char *p, size_t n) {
+    for (; n > 1; p += 2, n -= 2)
+        sum += (uint32_t)p[0] << 8 | p[1];
+    if (n)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static uint16_t csum_fold(uint32_t sum) {
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+static void put16(unsigned char *p, uint16_t v) { p[0] = (unsigned char)(v >> 8); p[1] = (unsigned char)v; }
+static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+static void put32(unsigned char *p, uint32_t v) { put16(p, (uint16_t)(v >> 16)); put16(p + 2, (uint16_t)v); }
+
+/* Segment i of a TCP/IPv4 GSO packet (pkt, without vnet header), with full checksums, into out
+ * (a vnet header saying "nothing to do", then the packet); returns the bytes written. */
+static uint32_t segment(const unsigned char *pkt, uint32_t ihl, uint32_t thl, uint32_t payload, uint32_t gso,
+                        uint32_t i, unsigned char *out) {
+    uint32_t off = i * gso, len = payload - off < gso ? payload - off : gso, hl = ihl + thl;
+    int last = off + len >= payload;
+    memset(out, 0, vhl);
+    unsigned char *ip = out + vhl, *th = ip + ihl;
+    memcpy(ip, pkt, hl);
+    memcpy(ip + hl, pkt + hl + off, len);
+    put16(ip + 2, (uint16_t)(hl + len));
+    put16(ip + 4, (uint16_t)(get16(pkt + 4) + i));
+    put16(ip + 10, 0);
+    put16(ip + 10, csum_fold(csum_add(0, ip, ihl)));
+    put32(th + 4, get32(pkt + ihl + 4) + off);
+    if (i > 0)
+        th[13] &= (unsigned char)~0x80;           /* CWR: first segment only */
+    if (!last)
+        th[13] &= (unsigned char)~(0x01 | 0x08);  /* FIN, PSH: last segment only */
+    put16(th + 16, 0);
+    unsigned char pseudo[12];
+    memcpy(pseudo, ip + 12, 8);
+    pseudo[8] = 0;
+    pseudo[9] = 6;
+    put16(pseudo + 10, (uint16_t)(thl + len));
+    put16(th + 16, csum_fold(csum_add(csum_add(0, pseudo, 12), th, thl + len)));
+    return vhl + hl + len;
+}
+
+static void commit(struct dir *d, uint64_t due, uint32_t len, uint32_t segs) {
+    struct rec *r = at(d, d->tail);
+    r->due = due;
+    r->len = len;
+    r->segs = segs;
+    d->tail += rec_size(len);
+}
+
 static void *run(void *arg) {
     struct dir *d = arg;
-    unsigned char *scratch = malloc(MAXPKT);  /* where a packet that finds the ring full goes */
-    if (!scratch)
+    unsigned char *scratch = malloc(MAXPKT);  /* a packet that finds the ring full; a GSO packet being cut */
+    unsigned char *lost_at = malloc(65536);   /* per segment of the packet read: lost? */
+    if (!scratch || !lost_at)
         die("malloc");
     prctl(PR_SET_TIMERSLACK, 1UL);  /* wake on time: the delay is the point */
     for (;;) {
@@ -155,16 +224,32 @@ static void *run(void *arg) {
                     break;
                 die("read");
             }
+            if ((size_t)n <= vhl)
+                continue;
             got++;
-            atomic_fetch_add_explicit(&d->rx, 1, memory_order_relaxed);
+            unsigned char *buf = slot ? slot : scratch;
+            const struct virtio_net_hdr *vh = (const struct virtio_net_hdr *)buf;
+            const unsigned char *pkt = buf + vhl;
+            uint32_t plen = (uint32_t)n - vhl, segs = 1, ihl = 0, thl = 0, payload = 0, gso = 0;
+            if (vhl && vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+                ihl = (pkt[0] & 15u) * 4;
+                if ((vh->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_TCPV4 && pkt[9] == 6
+                    && plen > ihl + 20) {
+                    thl = (pkt[ihl + 12] >> 4) * 4u;
+                    gso = vh->gso_size;
+                    payload = plen > ihl + thl ? plen - ihl - thl : 0;
+                    if (gso && payload)
+                        segs = (payload + gso - 1) / gso;
+                }
+            }
+            atomic_fetch_add_explicit(&d->rx, segs, memory_order_relaxed);
             if (!slot) {
-                atomic_fetch_add_explicit(&d->overflow, 1, memory_order_relaxed);
+                atomic_fetch_add_explicit(&d->overflow, segs, memory_order_relaxed);
                 continue;
             }
-            if (lose(d)) {
-                atomic_fetch_add_explicit(&d->lost, 1, memory_order_relaxed);
-                continue;
-            }
+            uint32_t nlost = 0;
+            for (uint32_t k = 0; k < segs; k++)
+                nlost += (lost_at[k] = (unsigned char)lose(d));
             uint64_t due = now_ns() + d->delay_ns;
             if (d->jitter_ns) {
                 int64_t j = (int64_t)((uniform(d) * 2.0 - 1.0) * (double)d->jitter_ns);
@@ -172,21 +257,37 @@ static void *run(void *arg) {
             }
             if (due < d->last_due)
                 due = d->last_due;  /* never ahead of the packet read before it */
+            if (nlost)
+                atomic_fetch_add_explicit(&d->lost, nlost, memory_order_relaxed);
+            if (nlost == segs)
+                continue;
             d->last_due = due;
-            struct rec *r = at(d, d->tail);
-            r->due = due;
-            r->len = (uint32_t)n;
-            d->tail += rec_size((uint32_t)n);
+            if (nlost == 0) {
+                commit(d, due, (uint32_t)n, segs);
+                continue;
+            }
+            atomic_fetch_add_explicit(&d->cut, 1, memory_order_relaxed);
+            memcpy(scratch, buf, (size_t)n);  /* cut it: its segments go into the ring from its slot on */
+            for (uint32_t k = 0; k < segs; k++) {
+                if (lost_at[k])
+                    continue;
+                unsigned char *seg = reserve(d);
+                if (!seg) {
+                    atomic_fetch_add_explicit(&d->overflow, 1, memory_order_relaxed);
+                    continue;
+                }
+                commit(d, due, segment(scratch + vhl, ihl, thl, payload, gso, k, seg), 1);
+            }
         }
         /* send what is due */
         uint64_t now = now_ns();
         struct rec *r;
         while ((r = first(d)) && r->due <= now + EARLY_NS) {
             if (write(d->out, (unsigned char *)r + HDR, r->len) < 0) {
-                atomic_fetch_add_explicit(&d->werr, 1, memory_order_relaxed);
+                atomic_fetch_add_explicit(&d->werr, r->segs, memory_order_relaxed);
             } else {
-                atomic_fetch_add_explicit(&d->tx, 1, memory_order_relaxed);
-                atomic_fetch_add_explicit(&d->tx_bytes, r->len, memory_order_relaxed);
+                atomic_fetch_add_explicit(&d->tx, r->segs, memory_order_relaxed);
+                atomic_fetch_add_explicit(&d->tx_bytes, r->len - vhl, memory_order_relaxed);
             }
             d->head += rec_size(r->len);
         }
@@ -215,10 +316,11 @@ static void write_stats(void) {
         struct dir *d = &dirs[i];
         len += snprintf(buf + len, sizeof buf - len,
                         ", \"%s\": {\"read\": %llu, \"sent\": %llu, \"sent_bytes\": %llu, \"lost\": %llu, "
-                        "\"overflow\": %llu, \"write_errors\": %llu}", d->name,
+                        "\"overflow\": %llu, \"write_errors\": %llu, \"cut\": %llu}", d->name,
                         (unsigned long long)atomic_load(&d->rx), (unsigned long long)atomic_load(&d->tx),
                         (unsigned long long)atomic_load(&d->tx_bytes), (unsigned long long)atomic_load(&d->lost),
-                        (unsigned long long)atomic_load(&d->overflow), (unsigned long long)atomic_load(&d->werr));
+                        (unsigned long long)atomic_load(&d->overflow), (unsigned long long)atomic_load(&d->werr),
+                        (unsigned long long)atomic_load(&d->cut));
     }
     len += snprintf(buf + len, sizeof buf - len, "}\n");
     snprintf(tmp, sizeof tmp, "%s.tmp", stats_path);
@@ -229,7 +331,7 @@ static void write_stats(void) {
 
 static void usage(void) {
     fprintf(stderr, "usage: wanem --a DEV --b DEV --delay-ab-us N --delay-ba-us N [--jitter-us N] [--loss P] "
-                    "[--loss-run N] [--ring-bytes N] [--seed N] --stats PATH\n");
+                    "[--loss-run N] [--ring-bytes N] [--seed N] [--offload 0|1] --stats PATH\n");
     exit(64);
 }
 
@@ -255,6 +357,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--loss-run")) run_len = x;
         else if (!strcmp(k, "--ring-bytes")) ring = x;
         else if (!strcmp(k, "--seed")) seed = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "--offload")) offload = x != 0;
         else usage();
     }
     if (!a || !b || !stats_path || delay_us[0] < 0 || delay_us[1] < 0 || jitter_us < 0 || loss < 0 || loss >= 1
@@ -267,6 +370,7 @@ int main(int argc, char **argv) {
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    vhl = offload ? (unsigned)sizeof(struct virtio_net_hdr) : 0;
     int fa = tun_attach(a), fb = tun_attach(b);
     const char *names[2] = {"ab", "ba"};
     for (int i = 0; i < 2; i++) {
