@@ -278,3 +278,41 @@ def test_element_that_cannot_start_leaves_nothing(monkeypatch):
         tb.create()
     assert not any((NETNS_DIR / ns).exists() for ns in tb.namespaces)
     assert tb._element is None and tb._wan_dir is None
+
+
+# -- scistream demo --netns --wan-* ----------------------------------------------------------
+BIN = Path(PY).parent
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--wan-rtt", "50ms"], "need --netns"),
+    (["--netns", "--wan-rate", "1gbit"], "needs its round trip: --wan-rtt"),
+    (["--netns", "--wan-rtt", "50ms", "--wan-loss", "200%"], "below 100%"),
+    (["--netns", "--wan-rtt", "soon"], "not a duration"),
+    (["--netns", "--wan-rtt", "50ms", "--wan-mtu", "100"], "1280<=x<=9000"),
+])
+def test_demo_wan_options_refused_with_a_reason(args, words, tmp_path):
+    p = subprocess.run([str(BIN / "scistream"), "demo", "--size", "1M", *args], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert words in " ".join(p.stderr.split()), p.stderr
+
+
+@pytest.mark.root
+@needs_testbed
+@pytest.mark.timeout(240)
+def test_demo_over_the_emulated_wan(tmp_path):
+    p = subprocess.run([str(BIN / "scistream"), "demo", "--netns", "--size", "16M", "--num-conn", "2",
+                        "--wan-rtt", "20ms", "--wan-rate", "500mbit", "--wan-loss", "0.01%", "--wan-mtu", "9000"],
+                       capture_output=True, text=True, timeout=200, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    out = p.stdout
+    assert p.returncode == 0, out + p.stderr
+    assert "WAN (GW-A <-> router <-> GW-B): RTT 20 ms, rate 500.0 Mbit/s" in out and "MTU 9000" in out
+    assert "verified 16777216 bytes" in out
+    assert "-> [WAN, TLS] -> GW-A 198.51.100.9:" in out
+    tag = out.split("testbed ", 1)[1].split(":", 1)[0]
+    assert f"testbed {tag} removed" in out
+    assert f"scistream-tb-{tag}-" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                        text=True).stdout
+    assert not [l for l in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+                if "wanem-" in l and "--stats" in l and tag in l]
