@@ -114,9 +114,9 @@ def test_router_forwards_only_between_the_gateways():
         mtus = {json.loads(tb.run(h, "ip", "-j", "link", "show", dev).stdout)[0]["mtu"]
                 for h, dev in ((tb.gw_a, "wan0"), (tb.router, "tun-a"), (tb.router, "b0"), (tb.gw_b, "wan0"))}
         assert mtus == {1500}
-        element = tb._element
-        assert element is not None and element.poll() is None
-    assert element.poll() is not None  # stopped with the testbed
+        pid = tb.element_pid
+        assert pid is not None and "wanem-" in open(f"/proc/{pid}/cmdline").read()
+    assert tb.element_pid is None and not os.path.exists(f"/proc/{pid}")  # stopped (and reaped) with the testbed
     assert tb.wan_final_stats and tb.wan_final_stats["ab"]["sent"] >= 3
     assert not any((NETNS_DIR / ns).exists() for ns in tb.namespaces)
 
@@ -277,7 +277,7 @@ def test_element_that_cannot_start_leaves_nothing(monkeypatch):
     with pytest.raises(TestbedError, match="the WAN element did not start"):
         tb.create()
     assert not any((NETNS_DIR / ns).exists() for ns in tb.namespaces)
-    assert tb._element is None and tb._wan_dir is None
+    assert tb.element_pid is None
 
 
 # -- scistream demo --netns --wan-* ----------------------------------------------------------

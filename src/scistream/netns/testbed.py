@@ -230,7 +230,9 @@ class Testbed:
     """The two facilities; ``create()`` builds them, ``destroy()`` removes every trace.
 
     ``Testbed.attach(tag)`` describes an existing testbed (built by another process)
-    without owning it: its ``destroy()`` does nothing."""
+    without owning it: its ``destroy()`` does nothing. ``Testbed(wan=WanSpec(...))`` puts
+    the emulated WAN of ``scistream.netns.wan`` between the gateways (a router host, its
+    element process owned by this object: stopped by ``destroy()``)."""
 
     __test__ = False  # not a pytest test class
     SUMMARY = "facility A = producer + GW-A, facility B = consumer + GW-B"
@@ -371,6 +373,11 @@ class Testbed:
             if spec.rate:
                 self.run(r, "tc", "qdisc", "add", "dev", tun, "root", *spec.tbf_args())
         log.info("testbed %s: emulated WAN %s", self.tag, spec.describe())
+
+    @property
+    def element_pid(self) -> int | None:
+        """The WAN element's process id while it runs (this process built the testbed with a WAN)."""
+        return self._element.pid if self._element is not None and self._element.poll() is None else None
 
     def wan_stats(self, timeout: float = 5.0) -> dict:
         """The WAN element's counters now: per direction ("ab": GW-A to GW-B, "ba") the packets
