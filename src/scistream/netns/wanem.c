@@ -17,7 +17,8 @@
  * bottleneck, before the delay. Once both devices are attached the element writes its
  * counters to PATH (then again on SIGUSR1, and on SIGTERM/SIGINT before it exits 0):
  * one JSON object with "seq" (incremented per write) and per direction the packets read,
- * sent, lost (the loss model), overflowed (ring full) and write errors (all in packets), and the
+ * sent, lost (the loss model), overflowed (ring full) and write errors (all in packets, a joined
+ * packet counting its segments), the IP bytes sent (each segment's headers counted) and the
  * joined (GSO) packets cut because one of their segments was lost.
  */
 #define _GNU_SOURCE
@@ -287,7 +288,13 @@ static void *run(void *arg) {
                 atomic_fetch_add_explicit(&d->werr, r->segs, memory_order_relaxed);
             } else {
                 atomic_fetch_add_explicit(&d->tx, r->segs, memory_order_relaxed);
-                atomic_fetch_add_explicit(&d->tx_bytes, r->len - vhl, memory_order_relaxed);
+                const unsigned char *pkt = (unsigned char *)r + HDR + vhl;
+                uint32_t wire = r->len - vhl;  /* IP bytes as the segments go on a wire: headers each */
+                if (r->segs > 1) {
+                    uint32_t ihl = (pkt[0] & 15u) * 4;
+                    wire += (r->segs - 1) * (ihl + (pkt[ihl + 12] >> 4) * 4u);
+                }
+                atomic_fetch_add_explicit(&d->tx_bytes, wire, memory_order_relaxed);
             }
             d->head += rec_size(r->len);
         }
