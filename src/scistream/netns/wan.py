@@ -173,10 +173,11 @@ class WanSpec:
 
     @property
     def ring_bytes(self) -> int:
-        """The element's buffer per direction: what arrives during the longest delay, twice, + 8 MiB."""
+        """The element's buffer per direction: what arrives during the longest delay, twice, + 64 MiB
+        (a late wake-up on a busy machine); memory is used only as packets fill it."""
         rate = self.rate or 10_000_000_000
         held = rate / 8 * (self.one_way_ms + self.jitter_ms) / 1000
-        return int(min(2 * held + (8 << 20), 1 << 30))
+        return int(min(2 * held + (64 << 20), 1 << 30))
 
     def describe(self) -> str:
         from ..units import bitrate
