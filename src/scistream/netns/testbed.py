@@ -32,7 +32,7 @@ the router forwards, and only between the gateways' WAN addresses::
     GW-A wan0 198.51.100.9/30 --- a0 198.51.100.10  router  198.51.100.13 b0 --- 198.51.100.14/30 wan0 GW-B
 
     with Testbed(wan=WanSpec(rtt_ms=50, rate="1gbit", loss="0.01%")) as tb:
-        tb.run(tb.gw_a, "ping", "-c", "3", tb.gw_b.wan_ip)   # about 50 ms
+        tb.run(tb.gw_a, sys.executable, "-m", "scistream.netns.peer", "ping", tb.gw_b.wan_ip)  # ~50 ms
         tb.wan_stats()                                       # the element's packet counters
 
 ``FacilityTestbed`` is the same with facility A as several hosts: two control
