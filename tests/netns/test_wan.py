@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,6 +121,45 @@ def test_router_forwards_only_between_the_gateways():
     assert tb.element_pid is None and not os.path.exists(f"/proc/{pid}")  # stopped (and reaped) with the testbed
     assert tb.wan_final_stats and tb.wan_final_stats["ab"]["sent"] >= 3
     assert not any((NETNS_DIR / ns).exists() for ns in tb.namespaces)
+
+
+@pytest.mark.root
+@needs_testbed
+@pytest.mark.timeout(60)
+def test_an_error_inside_stops_the_element_and_removes_the_namespaces():
+    tb = Testbed(wan=WanSpec(rtt_ms=2))
+    with pytest.raises(RuntimeError, match="boom"):
+        with tb:
+            pid = tb.element_pid
+            raise RuntimeError("boom")
+    assert tb.element_pid is None and not os.path.exists(f"/proc/{pid}")
+    assert not any((NETNS_DIR / ns).exists() for ns in tb.namespaces)
+
+
+@pytest.mark.root
+@needs_testbed
+@pytest.mark.timeout(60)
+def test_element_of_a_killed_run_is_removed_with_its_namespaces(tmp_path):
+    """The process that built the testbed is killed -9: the next testbed removes its
+    namespaces, and the element in them, as leftovers of a dead run."""
+    out = tmp_path / "tag"
+    code = ("import sys, time; from scistream.netns import Testbed, WanSpec\n"
+            "tb = Testbed(wan=WanSpec(rtt_ms=2)).create()\n"
+            f"open({str(out)!r}, 'w').write(tb.tag + ' ' + str(tb.element_pid))\n"
+            "time.sleep(600)\n")
+    owner = subprocess.Popen([PY, "-c", code], stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: out.exists() and out.read_text(), 30, "the testbed of the other process")
+    finally:
+        owner.kill()
+        owner.wait()
+    tag, pid = out.read_text().split()
+    assert os.path.exists(f"/proc/{pid}")  # its element outlived it, in the router's namespace
+    removed = tbmod.cleanup_leftovers()
+    assert f"scistream-tb-{tag}-router" in removed
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+               open(f"/proc/{pid}/stat").read().split()[2] == "Z", 10, "the element to go")
+    assert not list(Path(tempfile.gettempdir()).glob(f"scistream-wan-{tag}-*"))  # its stats and log too
 
 
 @pytest.mark.root

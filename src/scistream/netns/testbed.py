@@ -214,15 +214,20 @@ def our_namespaces() -> list[str]:
 
 
 def cleanup_leftovers() -> list[str]:
-    """Delete the namespaces (and their processes) of testbeds whose creator is dead."""
-    stale = []
+    """Delete the namespaces (and their processes: a WAN element too) of testbeds whose
+    creator is dead, and their WAN elements' directories."""
+    stale, tags = [], set()
     for ns in our_namespaces():
         m = _NAME_RE.match(ns)
         if m and not pid_alive(int(m.group(1))):
             stale.append(ns)
+            tags.add(f"{m.group(1)}-{m.group(2)}")
     if stale:
         log.warning("testbed: removing %d namespaces left by crashed runs: %s", len(stale), ", ".join(stale))
         _delete(stale)
+    for tag in tags:
+        for path in Path(tempfile.gettempdir()).glob(f"scistream-wan-{tag}-*"):
+            shutil.rmtree(path, ignore_errors=True)
     return stale
 
 
