@@ -187,7 +187,8 @@ class WanSpec:
         parts.append("rate " + (bitrate(self.rate) if self.rate else "unlimited (the element's own)"))
         if self.rate:
             parts.append(f"queue {self.queue_bytes / 1e6:.2f} MB")
-        parts.append(f"loss {self.loss * 100:g}% each way" + (f" in runs of {self.loss_run:g}" if self.loss_run > 1 else ""))
+        runs = f" in runs of {self.loss_run:g}" if self.loss_run > 1 else ""
+        parts.append(f"loss {self.loss * 100:g}% each way{runs}")
         parts.append(f"MTU {self.mtu}")
         return ", ".join(parts)
 
