@@ -164,6 +164,26 @@ def test_element_of_a_killed_run_is_removed_with_its_namespaces(tmp_path):
 
 @pytest.mark.root
 @needs_testbed
+@pytest.mark.timeout(60)
+def test_bottleneck_queue_holds_its_set_size():
+    """A burst of 100 datagrams of 1500 bytes into a 10 Mbit/s bottleneck with a queue of
+    30000 bytes: the queue takes 20 of them, the token bucket's burst 2 more, the rest is
+    dropped at its tail (a packet leaves every 1.2 ms meanwhile: a few more get in)."""
+    spec = WanSpec(rtt_ms=2, rate="10mbit", queue=30000)
+    assert spec.tbf_args()[-2:] == ["limit", "30000"]
+    send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20); "
+            "[s.sendto(bytes(1472), (%r, 9)) for _ in range(100)]")
+    with built(Testbed(wan=spec)) as tb:
+        tb.run(tb.gw_a, PY, "-c", send % tb.gw_b.wan_ip)
+        wait_until(lambda: "backlog 0b" in tb.run(tb.router, "tc", "-s", "qdisc", "show", "dev", "tun-a").stdout,
+                   10, "the queue to drain")
+        got = tb.wan_stats()["ab"]["read"]
+    assert 20 <= got <= 27, got
+
+
+@pytest.mark.root
+@needs_testbed
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("rtt", [10, 100])
 def test_ping_rtt_within_1ms_of_the_set_value(rtt):
