@@ -32,9 +32,14 @@ def cli() -> None:
 @click.option("--keep-dir", is_flag=True, help="Keep the work directory (logs, configs).")
 @click.option("--netns", is_flag=True,
               help="As root: run the two facilities in network namespaces that cannot reach each other.")
+@click.option("--wan-rtt", help="With --netns: an emulated WAN between the gateways, of this round trip (e.g. 50ms).")
+@click.option("--wan-rate", help="With --netns: the emulated WAN's bottleneck (e.g. 1gbit, 200mbit) [1gbit].")
+@click.option("--wan-loss", help="With --netns: the emulated WAN's loss, each way (e.g. 0.01%, 1e-4) [0].")
+@click.option("--wan-mtu", type=click.IntRange(1280, 9000), help="With --netns: the emulated WAN's MTU [1500].")
+@click.option("--wan-jitter", help="With --netns: +- on each one-way delay of the emulated WAN (e.g. 1ms) [0].")
 @click.option("--in-testbed", default=None, hidden=True)  # set by --netns for the run inside the user's host
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging, the control servers' and gRPC's included.")
-def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose) -> None:
+def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose, **wan_opts) -> None:
     """Run a whole session on this machine: two control servers, a producer, a consumer,
     every byte verified, everything released."""
     setup_logging(verbose)
@@ -42,17 +47,22 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose
     if total < num_conn:
         raise click.BadParameter("--size must be at least one byte per connection", param_hint="'--size'")
     testbed = None
+    wan, wan_args = _wan_spec(wan_opts, netns or in_testbed is not None)
     if netns and in_testbed is None:
         from ..netns import unavailable_reason
         reason = unavailable_reason()
         if reason is None:
             sys.exit(_demo_in_testbed(["--size", str(size), "--num-conn", str(num_conn), "--type", server_type,
-                                       "--rate", str(rate)] + ["--keep-dir"] * keep_dir + ["-v"] * verbose))
+                                       "--rate", str(rate)] + ["--keep-dir"] * keep_dir + ["-v"] * verbose
+                                      + wan_args, wan))
+        if wan is not None:  # no emulated WAN on loopback
+            err.print(f"[red]demo failed[/]: --netns: {reason}; the emulated WAN (--wan-*) needs it")
+            sys.exit(Exit.FAILED)
         err.print(f"[yellow]--netns: {reason}; running on loopback instead[/]")
     if in_testbed is not None:
         from ..netns import Testbed, TestbedError
         try:
-            testbed = Testbed.attach(in_testbed)
+            testbed = Testbed.attach(in_testbed, wan=wan)
         except TestbedError as exc:
             err.print(f"[red]demo failed[/]: {exc}")
             sys.exit(Exit.FAILED)
@@ -73,12 +83,33 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose
               f"over {report.streams} connections in {report.transfer_seconds:.2f} s: "
               f"{report.gbps:.2f} Gbit/s through PROD and CONS data servers ({report.server_type}, "
               f"WAN leg {report.wan_security})")
+    if wan is not None:
+        out.print(f"  over the emulated WAN: {wan.describe()}; the gateways keep Linux's default TCP settings")
 
 
-def _demo_in_testbed(args: list[str]) -> int:
+def _wan_spec(opts: dict, netns: bool):
+    """The emulated WAN the ``--wan-*`` options ask for (None if none), and those options again
+    for the demo's run inside the testbed."""
+    given = {k: v for k, v in opts.items() if v is not None}
+    if not given:
+        return None, []
+    if not netns:
+        raise click.UsageError("the --wan-* options need --netns (the WAN is emulated between the testbed's gateways)")
+    if "wan_rtt" not in given:
+        raise click.UsageError("an emulated WAN needs its round trip: --wan-rtt (e.g. 50ms)")
+    from ..netns import WanSpec, WanSpecError
+    try:
+        spec = WanSpec(rtt_ms=given["wan_rtt"], rate=given.get("wan_rate", "1gbit"), loss=given.get("wan_loss", 0),
+                       mtu=given.get("wan_mtu", 1500), jitter_ms=given.get("wan_jitter", 0))
+    except WanSpecError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return spec, [f"--{k.replace('_', '-')}={v}" for k, v in given.items()]
+
+
+def _demo_in_testbed(args: list[str], wan=None) -> int:
     """Build the namespaces, run the demo from the user's host inside them, remove them all."""
     from ..netns import Testbed, TestbedError
-    tb = Testbed()
+    tb = Testbed(wan=wan)
     try:
         tb.create()
     except TestbedError as exc:
@@ -87,7 +118,9 @@ def _demo_in_testbed(args: list[str]) -> int:
     try:
         out.print(tb.describe())
         out.print("  no route between the facilities, ip_forward=0 everywhere: "
-                  "only a SciStream session connects them")
+                  "only a SciStream session connects them" if wan is None else
+                  "  no route between the facilities' LANs; only the router forwards, and only between the "
+                  "gateways' WAN addresses: only a SciStream session connects the facilities")
         inner = subprocess.Popen(tb.argv(tb.user, sys.executable, "-m", "scistream.cli.scistream", "demo",
                                          *args, "--in-testbed", tb.tag), stdin=subprocess.DEVNULL)
         try:

@@ -13,6 +13,10 @@
   came back, then closes (no half-close: not every proxy carries one, and this tool checks
   the path, not that); writes what it sent (sha256) to ``--report``; exit 0 only if all
   matched.
+* ``ping HOST``: ``--count`` ICMP echo requests, one every ``--interval`` seconds (a raw
+  socket: root), each round trip timed by the kernel's receive timestamp; prints one line
+  ``{"sent": .., "received": .., "rtt_ms": [..], "lost": [seq, ..]}`` (a reply not back
+  ``--wait`` seconds after the last request counts as lost). Needs no ``ping`` installed.
 
     ip netns exec NS python -m scistream.netns.peer connect 192.0.2.10:5074
     ip netns exec NS python -m scistream.netns.peer echo-client --size 1048576 \
@@ -27,8 +31,12 @@ import hashlib
 import json
 import logging
 import os
+import select
 import signal
+import socket
+import struct
 import sys
+import time
 from pathlib import Path
 
 from ..addr import format_listener, parse_listener
@@ -131,6 +139,59 @@ async def echo_client(listeners: list[str], size: int, marker: bytes, timeout: f
         _one_client(l, payload(size, marker, f"{i}:{l}".encode()), timeout) for i, l in enumerate(listeners))))
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; not named by every Python
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(host: str, count: int, interval: float, wait: float, size: int = 56) -> dict:
+    """ICMP echo round trips to ``host``: {"sent", "received", "rtt_ms" (by sequence order), "lost"}."""
+    ident = os.getpid() & 0xFFFF
+    pad = bytes(range(256)) * (size // 256 + 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sent: dict[int, int] = {}   # seq -> send time (ns, CLOCK_REALTIME like the kernel's stamp)
+    rtt: dict[int, float] = {}
+    start = time.monotonic()
+    try:
+        seq = 0
+        while True:
+            now = time.monotonic()
+            if seq < count and now >= start + seq * interval:
+                head = struct.pack("!BBHHH", 8, 0, 0, ident, seq & 0xFFFF)
+                body = pad[:size]
+                packet = struct.pack("!BBHHH", 8, 0, _checksum(head + body), ident, seq & 0xFFFF) + body
+                sent[seq] = time.time_ns()
+                sock.sendto(packet, (host, 0))
+                seq += 1
+                continue
+            until = start + seq * interval if seq < count else start + (count - 1) * interval + wait
+            if seq >= count and (now >= until or len(rtt) == count):
+                break
+            if not select.select([sock], [], [], max(0.0, until - now))[0]:
+                continue
+            data, anc, _, _ = sock.recvmsg(65536, 1024)
+            stamp = next((struct.unpack("qq", d[:16]) for lvl, typ, d in anc
+                          if lvl == socket.SOL_SOCKET and typ == SO_TIMESTAMPNS), None)
+            got = stamp[0] * 1_000_000_000 + stamp[1] if stamp else time.time_ns()
+            ihl = (data[0] & 0x0F) * 4
+            kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+            if kind == 0 and rid == ident and rseq in sent and rseq not in rtt:
+                rtt[rseq] = (got - sent[rseq]) / 1e6
+    finally:
+        sock.close()
+    return {"sent": count, "received": len(rtt), "rtt_ms": [rtt[i] for i in sorted(rtt)],
+            "lost": [i for i in range(count) if i not in rtt]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scistream.netns.peer", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -149,7 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--marker", default="SCISTREAM-MARKER")
     e.add_argument("--timeout", type=float, default=30.0)
     e.add_argument("--report", type=Path, required=True)
+    p = sub.add_parser("ping")
+    p.add_argument("host")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--interval", type=float, default=0.01)
+    p.add_argument("--wait", type=float, default=2.0)
+    p.add_argument("--size", type=int, default=56)
     a = ap.parse_args(argv)
+    if a.cmd == "ping":
+        print(json.dumps(ping(a.host, a.count, a.interval, a.wait, a.size)))
+        return 0
     if a.cmd == "connect":
         results = asyncio.run(probe_all(a.listeners, a.timeout))
         for r in results:

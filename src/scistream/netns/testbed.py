@@ -24,6 +24,17 @@ application controller's hello. Addresses come only from the documentation range
         tb.run(tb.consumer, "ip", "route")     # argv run inside the consumer's namespace
         argv = tb.argv(tb.gw_a, "s2cs", "--listener-ip", tb.gw_a.wan_ip, ...)
 
+With ``wan=WanSpec(...)`` (``scistream.netns.wan``) the WAN is no direct link but a path
+through a sixth host, the router, that carries a one-way delay each way (optional
+jitter), random loss (optional runs), a bottleneck rate with its queue and an MTU; only
+the router forwards, and only between the gateways' WAN addresses::
+
+    GW-A wan0 198.51.100.9/30 --- a0 198.51.100.10  router  198.51.100.13 b0 --- 198.51.100.14/30 wan0 GW-B
+
+    with Testbed(wan=WanSpec(rtt_ms=50, rate="1gbit", loss="0.01%")) as tb:
+        tb.run(tb.gw_a, sys.executable, "-m", "scistream.netns.peer", "ping", tb.gw_b.wan_ip)  # ~50 ms
+        tb.wan_stats()                                       # the element's packet counters
+
 ``FacilityTestbed`` is the same with facility A as several hosts: two control
 hosts, two data-transfer nodes and a database host on bridged LANs; see its docstring.
 """
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -38,11 +50,13 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
 
 from ..data.supervise import pid_alive
+from .wan import WanSpec, element_binary
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +122,28 @@ _ROUTES = (
     ("producer", "198.51.100.65/32", "192.0.2.1"),    # the producer's controller -> GW-A's S2CS
     ("consumer", "198.51.100.69/32", "203.0.113.1"),  # the consumer's controller -> GW-B's S2CS
 )
+
+
+# With an emulated WAN (Testbed(wan=...)): the gateways' WAN addresses are on two /30s, one each
+# side of the router, which alone forwards (between the two gateways' WAN addresses only).
+_W_HOSTS = (
+    _HOSTS[0],
+    ("gw-a", "GW-A", (("lan0", "192.0.2.1/24"), ("wan0", "198.51.100.9/30"), ("usr0", "198.51.100.65/30"))),
+    ("router", "router", (("a0", "198.51.100.10/30"), ("b0", "198.51.100.13/30"))),
+    ("gw-b", "GW-B", (("wan0", "198.51.100.14/30"), ("lan0", "203.0.113.1/24"), ("usr0", "198.51.100.69/30"))),
+    *_HOSTS[3:],
+)
+_W_LINKS = (
+    ("producer", "eth0", "gw-a", "lan0"),   # A's LAN
+    ("gw-a", "wan0", "router", "a0"),       # the WAN, A's side
+    ("router", "b0", "gw-b", "wan0"),       # the WAN, B's side
+    *_LINKS[2:],
+)
+_W_ROUTES = _ROUTES + (
+    ("gw-a", "198.51.100.14/32", "198.51.100.10"),   # GW-A -> GW-B's WAN address, through the router
+    ("gw-b", "198.51.100.9/32", "198.51.100.13"),    # and back
+)
+_TUN = {"gw-a": ("a0", "tun-a", 100), "gw-b": ("b0", "tun-b", 101)}  # side: veth, its TUN, rule table
 
 
 def unavailable_reason() -> str | None:
@@ -178,15 +214,20 @@ def our_namespaces() -> list[str]:
 
 
 def cleanup_leftovers() -> list[str]:
-    """Delete the namespaces (and their processes) of testbeds whose creator is dead."""
-    stale = []
+    """Delete the namespaces (and their processes: a WAN element too) of testbeds whose
+    creator is dead, and their WAN elements' directories."""
+    stale, tags = [], set()
     for ns in our_namespaces():
         m = _NAME_RE.match(ns)
         if m and not pid_alive(int(m.group(1))):
             stale.append(ns)
+            tags.add(f"{m.group(1)}-{m.group(2)}")
     if stale:
         log.warning("testbed: removing %d namespaces left by crashed runs: %s", len(stale), ", ".join(stale))
         _delete(stale)
+    for tag in tags:
+        for path in Path(tempfile.gettempdir()).glob(f"scistream-wan-{tag}-*"):
+            shutil.rmtree(path, ignore_errors=True)
     return stale
 
 
@@ -194,14 +235,20 @@ class Testbed:
     """The two facilities; ``create()`` builds them, ``destroy()`` removes every trace.
 
     ``Testbed.attach(tag)`` describes an existing testbed (built by another process)
-    without owning it: its ``destroy()`` does nothing."""
+    without owning it: its ``destroy()`` does nothing. ``Testbed(wan=WanSpec(...))`` puts
+    the emulated WAN of ``scistream.netns.wan`` between the gateways (a router host, its
+    element process owned by this object: stopped by ``destroy()``)."""
 
     __test__ = False  # not a pytest test class
     SUMMARY = "facility A = producer + GW-A, facility B = consumer + GW-B"
 
-    def __init__(self, tag: str | None = None, *, owner: bool = True) -> None:
+    def __init__(self, tag: str | None = None, *, owner: bool = True, wan: WanSpec | None = None) -> None:
         self.tag = tag or f"{os.getpid()}-{secrets.token_hex(3)}"
         self.owner = owner
+        self.wan = wan
+        self._element: subprocess.Popen | None = None  # the WAN element (wanem) in the router
+        self._wan_dir: Path | None = None              # its stats file and log
+        self.wan_final_stats: dict | None = None       # its counters when it was stopped
         self.hosts: dict[str, Host] = {
             name: Host(name, label, f"{PREFIX}{self.tag}-{name}", addrs) for name, label, addrs in self._hosts()}
         # switches: a namespace holding one bridge (br0) that joins a LAN's hosts; no address
@@ -210,23 +257,26 @@ class Testbed:
 
     # The topology (read when used, so a test may patch the module's tables).
     def _hosts(self) -> tuple:
-        return _HOSTS
+        return _W_HOSTS if self.wan else _HOSTS
 
     def _links(self) -> tuple:
-        return _LINKS
+        return _W_LINKS if self.wan else _LINKS
 
     def _routes(self) -> tuple:
-        return _ROUTES
+        return _W_ROUTES if self.wan else _ROUTES
 
     def _switches(self) -> tuple:
         return ()
 
     @classmethod
-    def attach(cls, tag: str) -> "Testbed":
-        tb = cls(tag, owner=False)
+    def attach(cls, tag: str, *, wan: WanSpec | None = None) -> "Testbed":
+        """The testbed ``tag`` built by another process (with ``wan`` if it was built with one)."""
+        tb = cls(tag, owner=False, wan=wan)
         missing = [ns for ns in tb.namespaces if not (NETNS_DIR / ns).exists()]
         if missing:
             raise TestbedError(f"no testbed {tag!r}: namespaces {', '.join(missing)} do not exist")
+        if wan is None and (NETNS_DIR / f"{PREFIX}{tag}-router").exists():
+            raise TestbedError(f"testbed {tag!r} has an emulated WAN: attach with its WanSpec")
         return tb
 
     producer = property(lambda self: self.hosts["producer"])
@@ -234,6 +284,7 @@ class Testbed:
     gw_b = property(lambda self: self.hosts["gw-b"])
     consumer = property(lambda self: self.hosts["consumer"])
     user = property(lambda self: self.hosts["user"])
+    router = property(lambda self: self.hosts["router"])  # with an emulated WAN only
 
     @property
     def namespaces(self) -> list[str]:
@@ -282,12 +333,109 @@ class Testbed:
             fwd = self._run_ns(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
             if fwd != "0":
                 raise TestbedError(f"{ns}: ip_forward is {fwd}, expected 0")
+        if self.wan:
+            self._build_wan(self.wan)
+
+    def _build_wan(self, spec: WanSpec) -> None:
+        """The router's path: a TUN device per side, the element between them, a tbf on each."""
+        r = self.router
+        try:
+            binary = element_binary()
+        except RuntimeError as exc:
+            raise TestbedError(str(exc)) from None
+        for _, tun, _ in _TUN.values():
+            _ip("-n", r.ns, "tuntap", "add", "dev", tun, "mode", "tun")
+        self._wan_dir = Path(tempfile.mkdtemp(prefix=f"scistream-wan-{self.tag}-"))
+        stats, logf = self._wan_dir / "stats.json", self._wan_dir / "element.log"
+        with open(logf, "wb") as f:
+            self._element = subprocess.Popen(self.argv(r, *spec.element_argv(binary, stats)), stdin=subprocess.DEVNULL,
+                                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        delay = 0.005
+        while not stats.exists():  # written once both devices are attached
+            if self._element.poll() is not None or time.monotonic() > deadline:
+                why = logf.read_text(errors="replace").strip()[-1000:] or f"exit {self._element.returncode}"
+                raise TestbedError(f"the WAN element did not start: {why}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        mtu = str(spec.mtu)
+        for gw, (veth, tun, table) in _TUN.items():
+            _ip("-n", self.hosts[gw].ns, "link", "set", "wan0", "mtu", mtu)
+            _ip("-n", r.ns, "link", "set", veth, "mtu", mtu)
+            _ip("-n", r.ns, "link", "set", tun, "mtu", mtu, "txqueuelen", "10000", "up")
+        # Forwarding, without reverse-path checks (a packet comes back in on the other TUN).
+        devs = ["all", "default", *(v for v, _, _ in _TUN.values()), *(t for _, t, _ in _TUN.values())]
+        self.run(r, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+                 *(f"net.ipv4.conf.{d}.rp_filter=0" for d in devs))
+        # What comes in from a gateway's side goes into that side's TUN (to the element), and
+        # only if it is for the other gateway's WAN address; what the element writes out of the
+        # other TUN is routed by the main table, to the other side's veth.
+        (a_veth, a_tun, a_table), (b_veth, b_tun, b_table) = _TUN["gw-a"], _TUN["gw-b"]
+        for veth, tun, table, dest in ((a_veth, a_tun, a_table, self.gw_b.wan_ip),
+                                       (b_veth, b_tun, b_table, self.gw_a.wan_ip)):
+            _ip("-n", r.ns, "rule", "add", "iif", veth, "lookup", str(table), "pref", str(table))
+            _ip("-n", r.ns, "route", "add", f"{dest}/32", "dev", tun, "table", str(table))
+            if spec.rate:
+                self.run(r, "tc", "qdisc", "add", "dev", tun, "root", *spec.tbf_args())
+        log.info("testbed %s: emulated WAN %s", self.tag, spec.describe())
+
+    @property
+    def element_pid(self) -> int | None:
+        """The WAN element's process id while it runs (this process built the testbed with a WAN)."""
+        return self._element.pid if self._element is not None and self._element.poll() is None else None
+
+    def wan_stats(self, timeout: float = 5.0) -> dict:
+        """The WAN element's counters now: per direction ("ab": GW-A to GW-B, "ba") the packets
+        read, sent, lost (the loss model), overflowed (its buffer full) and write errors, and
+        "cut": the joined (GSO) TCP packets it cut into segments because one of them was lost."""
+        if self._element is None or self._wan_dir is None or self._element.poll() is not None:
+            raise TestbedError("no WAN element runs in this testbed (built by this process with wan=...)")
+        path = self._wan_dir / "stats.json"
+        before = json.loads(path.read_text())["seq"]
+        self._element.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(ValueError, OSError):
+                now = json.loads(path.read_text())
+                if now["seq"] > before:
+                    return now
+            if time.monotonic() > deadline:
+                raise TestbedError(f"the WAN element did not answer within {timeout} s")
+            time.sleep(0.01)
+
+    def tune_tcp(self, *hosts: Host, buffer_max: int, congestion: str | None = None) -> None:
+        """Let TCP in ``hosts`` autotune its buffers up to ``buffer_max`` bytes (``tcp_rmem`` and
+        ``tcp_wmem``, per namespace) and, if given, use ``congestion`` by default."""
+        for h in hosts:
+            sets = [f"net.ipv4.tcp_rmem=4096 131072 {buffer_max}", f"net.ipv4.tcp_wmem=4096 16384 {buffer_max}"]
+            if congestion:
+                sets.append(f"net.ipv4.tcp_congestion_control={congestion}")
+            self.run(h, "sysctl", "-q", "-w", *sets)
+
+    def _stop_element(self) -> None:
+        proc, self._element = self._element, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    log.warning("the WAN element ignored SIGTERM; sending SIGKILL")
+                    proc.kill()
+                    proc.wait()
+            if self._wan_dir is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    self.wan_final_stats = json.loads((self._wan_dir / "stats.json").read_text())
+        if self._wan_dir is not None:
+            shutil.rmtree(self._wan_dir, ignore_errors=True)
+            self._wan_dir = None
 
 
     def destroy(self) -> None:
         """Stop every process left in the namespaces, then delete them (and their veths)."""
         if not self.owner:
             return
+        self._stop_element()
         created, self._created = self._created, []
         if created:
             _delete(reversed(created))
@@ -340,6 +488,8 @@ class Testbed:
         lines = [f"testbed {self.tag}: {self.SUMMARY}"]
         for h in self.hosts.values():
             lines.append(f"  {h.label:<8} {h.ns:<40} " + " ".join(f"{i}={a}" for i, a in h.addrs))
+        if self.wan:
+            lines.append(f"  WAN (GW-A <-> router <-> GW-B): {self.wan.describe()}")
         for name, ns in self.switches.items():
             lines.append(f"  {'[' + name + ']':<8} {ns:<40} bridge of " + " ".join(
                 a for a, _, b, _ in self._links() if b == name))
@@ -405,6 +555,11 @@ class FacilityTestbed(Testbed):
     a host route to the control host's LAN address (delivered locally there, not forwarded)."""
 
     SUMMARY = "facility A = producer + CTL-A1/A2 + DTN-A1/A2 + DB-A, facility B = consumer + GW-B"
+
+    def __init__(self, tag: str | None = None, *, owner: bool = True, wan: WanSpec | None = None) -> None:
+        if wan is not None:
+            raise TestbedError("FacilityTestbed has no emulated WAN (its WAN is a bridge); use Testbed(wan=...)")
+        super().__init__(tag, owner=owner)
 
     def _hosts(self) -> tuple:
         return _F_HOSTS
