@@ -186,8 +186,6 @@ def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     """Checks across values, as (param, message)."""
     from .control.ports import parse_port_range
     from .errors import InvalidArgument
-    if "port" in values and not 0 <= values["port"] <= 65535:
-        yield "port", f"{values['port']} is not a port; use 1-65535 (or 0: any free port)"
     if "port_range" in values:
         try:
             parse_port_range(values["port_range"])
