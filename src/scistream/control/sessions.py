@@ -136,7 +136,8 @@ class Session:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate if self.rate_enforced else 0, wan_secret=self.wan_secret,
-                        workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service)
+                        workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service,
+                        lease_end=self.lease_expires)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""

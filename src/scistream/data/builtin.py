@@ -85,8 +85,9 @@ class BuiltinDataServer(DataServer):
             "keepalive": list(spec.keepalive),
         }
         if spec.wan_secret is not None:
-            files = wankeys.write_credentials(spec.wan_secret, spec.uid, spec.workdir)
-            cfg.update(cert=str(files.cert), key=str(files.key))
+            files = wankeys.write_credentials(spec.wan_secret, spec.uid, spec.workdir,
+                                              not_after=wankeys.leaf_until(spec.lease_end))
+            cfg.update(cert=str(files.cert), key=str(files.key), ca=str(files.ca))
         return cfg
 
     async def start(self) -> None:

@@ -311,8 +311,13 @@ def with_credentials(cfg: Any) -> Any:
         raise OpError("wan_secret must be hex") from None
     if len(secret) != wankeys.SECRET_BYTES:
         raise OpError(f"wan_secret must be {wankeys.SECRET_BYTES} bytes")
-    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")))
-    cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode())
+    try:
+        lease_end = float(cfg.get("lease_end") or 0)
+    except (TypeError, ValueError):
+        raise OpError("lease_end must be a number (epoch seconds, 0: none)") from None
+    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")), not_after=wankeys.leaf_until(lease_end))
+    cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode(),
+               ca_pem=creds.ca_pem.decode())
     cfg.pop("cert", None), cfg.pop("key", None)
     return cfg
 

@@ -254,6 +254,7 @@ class NodeDataServer(DataServer):
             # the service derives the certificate and key and keeps them in memory: no file
             # (and no directory) is written for the session (1-2 ms of disk metadata an update)
             cfg["wan_secret"] = spec.wan_secret.hex()
+            cfg["lease_end"] = spec.lease_end     # the leaf certificate ends with the lease
         return cfg
 
     def _future(self) -> asyncio.Future:

@@ -99,6 +99,7 @@ def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | Non
     server = cfg["role"] == "PROD"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ecdh_curve("X25519")             # both ends ours: this group alone (wankeys.WAN_GROUP)
     if cfg.get("cert_pem"):
         # the node service's sessions carry their credentials in memory: loaded through an
         # anonymous memory file, never written to a disk
@@ -108,11 +109,11 @@ def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | Non
             ctx.load_cert_chain(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
-        ctx.load_verify_locations(cadata=cfg["cert_pem"])
+        ctx.load_verify_locations(cadata=cfg.get("ca_pem") or cfg["cert_pem"])
     else:
         ctx.load_cert_chain(cfg["cert"], cfg["key"])
-        ctx.load_verify_locations(cafile=cfg["cert"])
-    ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
+        ctx.load_verify_locations(cafile=cfg.get("ca") or cfg["cert"])
+    ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer's leaf must come from the session anchor
     ctx.check_hostname = False               # the one trusted certificate is the identity
     if server:
         ctx.num_tickets = 1                  # one resumption ticket per connection (see relay)

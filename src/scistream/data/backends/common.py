@@ -380,7 +380,8 @@ class ProxyServer(DataServer):
 
     def _credentials(self) -> None:
         if self.spec.wan_secret is not None:
-            self.creds = wankeys.write_credentials(self.spec.wan_secret, self.spec.uid, self.spec.workdir)
+            self.creds = wankeys.write_credentials(self.spec.wan_secret, self.spec.uid, self.spec.workdir,
+                                                   not_after=wankeys.leaf_until(self.spec.lease_end))
 
     def _warn_rate(self) -> None:
         cls = type(self)
