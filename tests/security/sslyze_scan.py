@@ -91,8 +91,11 @@ def _summary(result) -> dict:
                        "signature": leaf.signature_algorithm_oid._name,
                        "chain_length": len(d.received_certificate_chain),
                        "path_valid": bool(d.verified_certificate_chain),
+                       # the verdict of the trust store we supplied (ca_file): the public
+                       # stores know nothing of our CAs
                        "path_errors": sorted({str(p.validation_error) for p in d.path_validation_results
-                                              if not p.was_validation_successful}),
+                                              if p.trust_store.name == "Supplied CA file"
+                                              and not p.was_validation_successful}),
                        "chain_order_ok": d.received_chain_has_valid_order}
     issues: dict = {}
     if not failed:

@@ -162,12 +162,19 @@ def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCreden
     else:
         cert, key = state_dir / "server.crt", state_dir / "server.key"
         hosts = [h for h in (config.listener_ip, config.control_ip) if h]
-        if not (cert.exists() and key.exists() and tlscert.cert_covers(cert, hosts)):
-            tlscert.make_self_signed(cert, key, hosts)
+        if tlscert.ensure_self_signed(cert, key, hosts):
+            log.info("control channel: issued a new leaf certificate %s", cert)
         cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
-        msg = (f"control channel: TLS with a self-signed certificate {cert} "
-               f"(SHA256 {tlscert.fingerprint(cert_pem)}); hand this file to clients (--server-cert)")
+        ca_pem = tlscert.ca_path(cert)[0].read_bytes()
+        msg = (f"control channel: TLS with a self-signed certificate {cert} (its CA's SHA256 "
+               f"{tlscert.fingerprint(ca_pem)}); hand this file to clients (--server-cert)")
         log.warning(msg)
+    try:
+        warning = tlscert.expiry_warning(cert_pem)
+    except ValueError as exc:
+        raise ConfigError(f"{cert} is not a PEM certificate: {exc}") from None
+    if warning:
+        log.warning("control channel: %s", warning)
     return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
 

@@ -1024,8 +1024,51 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* set_groups(ctx, "X25519:P-256:P-384", options, verify_mode): the key exchange groups of
+ * an ssl.SSLContext, which Python 3.11 can only set one at a time (set_ecdh_curve). The
+ * SSL_CTX* is read as _ssl's 3.11 layout (its first member); ``options`` and ``verify_mode``
+ * (the context's, read in Python) must match what that SSL_CTX says, else TypeError. */
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} SSLContextHead;
+
+static PyObject *set_groups(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *pyctx;
+    const char *groups;
+    unsigned long long options;
+    int verify_mode;
+    if (!PyArg_ParseTuple(args, "OsKi", &pyctx, &groups, &options, &verify_mode))
+        return NULL;
+    PyTypeObject *t = Py_TYPE(pyctx);     /* ssl.SSLContext is a Python subclass of _ssl._SSLContext */
+    while (t != NULL && strcmp(t->tp_name, "_ssl._SSLContext") != 0)
+        t = t->tp_base;
+    if (t == NULL) {
+        PyErr_SetString(PyExc_TypeError, "need an ssl.SSLContext");
+        return NULL;
+    }
+    SSL_CTX *ctx = ((SSLContextHead *)pyctx)->ctx;
+    if (ctx == NULL || (unsigned long long)SSL_CTX_get_options(ctx) != options ||
+        ((SSL_CTX_get_verify_mode(ctx) & SSL_VERIFY_PEER) != 0) != (verify_mode != 0)) {
+        PyErr_SetString(PyExc_TypeError, "this Python's _ssl objects are not laid out as expected");
+        return NULL;
+    }
+    if (SSL_CTX_set1_groups_list(ctx, groups) != 1) {
+        ERR_clear_error();
+        PyErr_Format(PyExc_ValueError, "OpenSSL refuses the groups %s", groups);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_groups", set_groups, METH_VARARGS,
+     "set_groups(ctx, groups, options, verify_mode): the key exchange groups of an ssl.SSLContext"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_pump", "The compiled hot paths of the built-in data server.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_pump", "The compiled hot paths of the built-in data server.", -1, module_methods,
     NULL, NULL, NULL, NULL,
 };
 
