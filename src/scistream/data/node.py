@@ -45,6 +45,7 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "ping"}                          -> {"ok", "pid", "workers": [pids], "sessions": n, "argv"}
     {"op": "add", "sid", "cfg"}             -> {"ok", "workers": [index per listener]}
     {"op": "targets", "sid", "targets"}     -> {"ok"}
+    {"op": "credentials", "sid", "wan_secret", "cert_until"} -> {"ok"}   a new WAN leaf (new connections)
     {"op": "remove", "sid"}                 -> {"ok", "stats"}        (unknown sid: ok, stats null)
     {"op": "stats", "sid"}                  -> {"ok", "stats"}        (no sid: {"stats": {sid: ..}})
     {"op": "conns", "sid"}                  -> {"ok", "connections": [..]}
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -312,10 +314,11 @@ def with_credentials(cfg: Any) -> Any:
     if len(secret) != wankeys.SECRET_BYTES:
         raise OpError(f"wan_secret must be {wankeys.SECRET_BYTES} bytes")
     try:
-        lease_end = float(cfg.get("lease_end") or 0)
+        until = float(cfg.pop("cert_until", 0) or 0)
     except (TypeError, ValueError):
-        raise OpError("lease_end must be a number (epoch seconds, 0: none)") from None
-    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")), not_after=wankeys.leaf_until(lease_end))
+        raise OpError("cert_until must be a number (epoch seconds, 0: the default lifetime)") from None
+    not_after = datetime.datetime.fromtimestamp(until, datetime.timezone.utc) if until > 0 else None
+    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")), not_after=not_after)
     cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode(),
                ca_pem=creds.ca_pem.decode())
     cfg.pop("cert", None), cfg.pop("key", None)
@@ -622,7 +625,7 @@ class Node:
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "workers": [w.proc.pid if w.proc else None for w in self.workers],
                     "sessions": len(self.sessions), "argv": sys.argv[1:], "uptime": round(time.time() - self.started, 3)}
-        if op in ("add", "remove", "targets") and self.handing_over:
+        if op in ("add", "remove", "targets", "credentials") and self.handing_over:
             raise OpError("the node service is handing over to a new instance; retry", "busy")
         if op == "add":
             return await self.add(str(msg.get("sid") or ""), msg.get("cfg"))
@@ -630,6 +633,8 @@ class Node:
             return await self.remove(str(msg.get("sid") or ""))
         if op == "targets":
             return await self.retarget(self._entry(msg), msg.get("targets"))
+        if op == "credentials":
+            return await self.new_credentials(self._entry(msg), msg)
         if op == "stats":
             if msg.get("sid") is None:
                 return {"ok": True, "stats": await self.all_stats()}
@@ -642,7 +647,7 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem")}
+            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem", "ca_pem")}
             return {"ok": True, "cfg": shown, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
@@ -690,6 +695,7 @@ class Node:
                 raise OpError(f"ports {bad} are outside this node's range "
                               f"{self.port_range.start}-{self.port_range.stop - 1}")
         cfg.pop("cert", None), cfg.pop("key", None), cfg.pop("cert_pem", None), cfg.pop("key_pem", None)
+        cfg.pop("ca", None), cfg.pop("ca_pem", None)
         return cfg
 
     # -- operations ---------------------------------------------------------
@@ -746,6 +752,20 @@ class Node:
         e.cfg["targets"] = texts
         await self._ask(e, {"op": "targets", "sid": e.sid, "targets": texts})
         log.info("session %s retargeted -> %s", e.sid, texts)
+        return {"ok": True}
+
+    async def new_credentials(self, e: Entry, msg: dict) -> dict:
+        """A new WAN leaf for the session (``wan_secret``, ``cert_until``), for its new connections."""
+        if not e.cfg.get("tls"):
+            raise OpError(f"session {e.sid} has no TLS WAN leg")
+        made = with_credentials({"uid": e.cfg.get("uid"), "wan_secret": msg.get("wan_secret"),
+                                 "cert_until": msg.get("cert_until")})
+        if not isinstance(made, dict) or not made.get("cert_pem"):
+            raise OpError("wan_secret is required")
+        pems = {k: made[k] for k in ("cert_pem", "key_pem", "ca_pem")}
+        await self._ask(e, {"op": "credentials", "sid": e.sid, **pems})
+        e.cfg.update(pems)
+        log.info("session %s: WAN certificate issued again", e.sid)
         return {"ok": True}
 
     async def stats(self, e: Entry) -> dict:

@@ -44,6 +44,8 @@ _NOT_AFTER = datetime.datetime(2200, 1, 1, tzinfo=datetime.timezone.utc)   # the
 MARGIN = datetime.timedelta(hours=1)
 #: A session without a lease: its leaf lives this long, and is issued again before it ends.
 LIFETIME = datetime.timedelta(days=30)
+#: A facility's session without a lease (its leaf is not issued again): Mozilla's longest.
+FACILITY_LIFETIME = datetime.timedelta(days=365)
 #: A leaf with less than this left is issued again (a session without a lease).
 RENEW_BEFORE = datetime.timedelta(days=7)
 #: Its start: a few minutes back, for the peer gateway's clock.
@@ -72,6 +74,12 @@ def leaf_until(lease_end: float = 0.0) -> datetime.datetime:
     if lease_end > 0:
         return max(datetime.datetime.fromtimestamp(lease_end, datetime.timezone.utc), now) + MARGIN
     return now + LIFETIME
+
+
+def renew_at(not_after: datetime.datetime, lease_end: float = 0.0) -> float:
+    """When a leaf ending at ``not_after`` must be issued again (epoch s): ``RENEW_BEFORE``
+    before its end without a lease; 0 (never) with one, which it outlives."""
+    return 0.0 if lease_end > 0 else (not_after - RENEW_BEFORE).timestamp()
 
 
 def needs_renewal(cert_pem: bytes | str, lease_end: float = 0.0) -> bool:

@@ -66,6 +66,7 @@ class StunnelServer(ProxyServer):
     binaries = ("stunnel", "stunnel4")
     env_var = "SCISTREAM_STUNNEL"
     shapes_rate = False
+    shows_certificate = False   # PSK only: no certificate to renew
 
     @property
     def legacy_psk(self):
@@ -84,7 +85,7 @@ class StunnelServer(ProxyServer):
         if self.creds is not None:
             tls = [f"PSKsecrets = {self.creds.psk}", "sslVersionMin = TLSv1.3"]
             if spec.role == "CONS":
-                tls += ["verifyChain = yes", f"CAfile = {self.creds.cert}"]
+                tls += ["verifyChain = yes", f"CAfile = {self.creds.ca}"]
         else:
             tls = [f"PSKsecrets = {self.legacy_psk}", "sslVersionMax = TLSv1.2",
                    f"ciphers = {LEGACY_CIPHERS}", "securityLevel = 0"]
