@@ -7,14 +7,19 @@ one that is no longer found. Our generated certificates verify under strict X.50
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import json
 import ssl
 import time
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from conftest import connect_session, parse_listener, roundtrip_ok
+from facilityhelpers import facility, pg, sql_sync  # noqa: F401  (fixtures)
 from scanner import scan
 from scistream.client import AsyncClient
 from scistream.control import tlscert
@@ -27,6 +32,7 @@ ED25519 = {"certificate_types", "certificate_signatures", "certificate_path_vali
 DEVIATIONS = {
     "control": {"tls_curves"},   # gRPC's TLS (BoringSSL) also accepts P-521; grpcio cannot say otherwise
     "web": set(),
+    "node-control": set(),       # a facility node's control port (s2ds serve --store): TLS 1.3 only
     "wan-Builtin": ED25519,
     "wan-Haproxy": ED25519,
     "wan-Nginx": ED25519,
@@ -39,6 +45,10 @@ LEASE = 600
 
 def _check(results: dict, name: str) -> dict:
     r = results[name]
+    leaf = r.get("leaf") or {}
+    print(f"{name}: versions {r['versions']}; TLS 1.2 {r['ciphers'].get('TLSv1.2', [])}; "   # the docs' table (-s)
+          f"TLS 1.3 {r['ciphers'].get('TLSv1.3', [])}; groups {r['curves']}; leaf {leaf.get('key')} "
+          f"{leaf.get('signature')} {leaf.get('lifespan_seconds')} s; findings {sorted(r['issues'])}")
     assert set(r["issues"]) == DEVIATIONS[name], (name, r["issues"])
     return r
 
@@ -47,7 +57,7 @@ async def test_control_port_and_web_view(s2cs_process):
     """The gRPC control port and the web view of one s2cs, with its own certificate."""
     p = s2cs_process("--web-port", "0", "--drain", insecure=False)
     ca = tlscert.ca_path(p.state_dir / "server.crt")[0]
-    ready = __import__("json").loads(p.ready.read_text())
+    ready = json.loads(p.ready.read_text())
     targets = [dict(name="control", ip="127.0.0.1", port=p.port, hostname="localhost", ca_file=str(ca)),
                dict(name="web", ip="127.0.0.1", port=ready["web_port"], hostname="localhost", ca_file=str(ca))]
     results = scan(targets)
@@ -61,6 +71,23 @@ async def test_control_port_and_web_view(s2cs_process):
         assert leaf["lifespan_days"] <= 366 and leaf["chain_length"] == 2, leaf
     assert set(results["web"]["curves"]) == {"X25519", "secp256r1", "secp384r1"}
     assert set(results["control"]["curves"]) == {"X25519", "secp256r1", "secp384r1", "secp521r1"}
+
+
+def test_node_service_control_port_of_a_facility(facility, tmp_path):
+    """The control port a node of a facility serves to its control servers (s2ds serve
+    --store), with the certificate it made and registered in the store."""
+    f = facility(nodes=1, instances=0)
+    (row,) = sql_sync(f.url, "SELECT control, cert FROM nodes WHERE name = $1", f.nodes[0].name)
+    chain = x509.load_pem_x509_certificates(row["cert"].encode())
+    assert len(chain) == 2 and chain[0].issuer == chain[1].subject
+    ca = tmp_path / "node-ca.pem"
+    ca.write_bytes(chain[1].public_bytes(serialization.Encoding.PEM))
+    host, port = parse_listener(row["control"])
+    r = _check(scan([dict(name="node-control", ip=host, port=port, hostname=host, ca_file=str(ca))]),
+               "node-control")
+    assert r["versions"] == ["TLSv1.3"], r
+    assert set(r["curves"]) == {"X25519", "secp256r1", "secp384r1"}, r
+    assert r["leaf"]["path_valid"] and not r["leaf"]["path_errors"] and r["leaf"]["lifespan_days"] <= 366, r
 
 
 @pytest.mark.parametrize("kind,lease", [("Builtin", LEASE), ("Haproxy", 0), ("Nginx", LEASE)])
@@ -148,7 +175,6 @@ def test_control_certificate_verifies_strictly(tmp_path, name):
         cli = _handshake(server, _strict_context(trust), name)
         assert cli.version() == "TLSv1.3"
         store = Store(x509.load_pem_x509_certificates(trust.read_bytes()))
-        import ipaddress
         try:
             subject: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
         except ValueError:
@@ -179,8 +205,6 @@ def test_control_certificate_renewal_keeps_pinned_clients(tmp_path):
 
 def _near_end(tmp_path) -> bytes:
     """A leaf of the CA in tmp_path that ends in 10 days."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
     ca_crt, ca_key = tlscert.ca_path(tmp_path / "server.crt")
     ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
     signer = serialization.load_pem_private_key(ca_key.read_bytes(), None)
