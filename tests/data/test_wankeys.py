@@ -10,7 +10,6 @@ import time
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from scistream.data import wankeys
 
@@ -41,15 +40,13 @@ def test_the_leaf_lives_as_long_as_the_lease_plus_a_margin():
     want = datetime.datetime.fromtimestamp(lease_end, UTC) + wankeys.MARGIN
     assert abs((leaf.not_valid_after_utc - want).total_seconds()) <= 1
     assert leaf.not_valid_before_utc <= datetime.datetime.now(UTC) - wankeys.SKEW + datetime.timedelta(seconds=2)
-    assert not wankeys.needs_renewal(leaf.public_bytes(serialization.Encoding.PEM), lease_end)
+    assert wankeys.renew_at(leaf.not_valid_after_utc, lease_end) == 0     # it outlives the lease
     assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     # no lease: a bounded lifetime, issued again once less than RENEW_BEFORE is left
     free = wankeys.derive_credentials(secret, "u")
     life = free.not_after - datetime.datetime.now(UTC)
     assert wankeys.LIFETIME - datetime.timedelta(minutes=1) < life <= wankeys.LIFETIME
-    assert not wankeys.needs_renewal(free.cert_pem)
-    soon = wankeys.derive_credentials(secret, "u", not_after=datetime.datetime.now(UTC) + datetime.timedelta(days=1))
-    assert wankeys.needs_renewal(soon.cert_pem)
+    assert wankeys.renew_at(free.not_after) == (free.not_after - wankeys.RENEW_BEFORE).timestamp()
 
 
 def test_each_gateways_own_leaf_verifies_under_strict_x509_flags(tmp_path):

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -371,6 +372,8 @@ class NodeDataServer(DataServer):
             raise DataServerError(f"session {self.sid} is not in the node service: {exc}") from None
         self._future()
         self.node.servers[self.sid] = self
+        if spec.wan_secret is not None and not spec.lease_end:
+            self.renew_at = time.time()      # when its leaf ends is the service's: issue one now
         log.info("re-adopted session %s in the node service (pid %d)", self.sid, self.node.pid)
         return self
 

@@ -82,16 +82,12 @@ def renew_at(not_after: datetime.datetime, lease_end: float = 0.0) -> float:
     return 0.0 if lease_end > 0 else (not_after - RENEW_BEFORE).timestamp()
 
 
-def needs_renewal(cert_pem: bytes | str, lease_end: float = 0.0) -> bool:
-    """True if the leaf ``cert_pem`` ends before the session can (no lease: within
-    ``RENEW_BEFORE``; a lease: before its end)."""
-    if isinstance(cert_pem, str):
-        cert_pem = cert_pem.encode()
-    end = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if lease_end > 0:
-        return end < datetime.datetime.fromtimestamp(lease_end, datetime.timezone.utc)
-    return end - now < RENEW_BEFORE
+def leaf_end(path: Path) -> datetime.datetime | None:
+    """When the leaf in the PEM file ``path`` ends; None if there is none to read."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

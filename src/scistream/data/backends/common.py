@@ -353,9 +353,10 @@ class ProxyServer(DataServer):
         self = cls(spec)
         self.binary = handle.get("binary") or cls.binary_path()
         self._addrs = await resolve_host(spec.listen_host)
+        shown = wankeys.leaf_end(spec.workdir / "wan-cert.pem")   # the leaf the running proxy loaded
         self._credentials()
         if self.renew_at:
-            self.renew_at = time.time()   # it still shows the leaf of its start: reload with the new one
+            self.renew_at = wankeys.renew_at(shown, spec.lease_end) if shown else time.time()
         self.child = ChildProcess.adopt(pid, cls.program, Path(handle.get("log") or self.log_path))
         missing = self._missing_ports()
         if missing:
