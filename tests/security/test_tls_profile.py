@@ -198,13 +198,23 @@ def test_control_certificate_renewal_keeps_pinned_clients(tmp_path):
     assert cert.read_bytes() != old_leaf
     cli = _handshake(tlscert.server_context(cert, key), _strict_context(pinned), "gw.example.org")
     assert cli.getpeercert()["subjectAltName"]
-    soon = _near_end(tmp_path)
+    soon, _ = _near_end(tmp_path)
     msg = tlscert.expiry_warning(soon)
     assert msg and "expires on" in msg and "rotate" in msg
 
 
-def _near_end(tmp_path) -> bytes:
-    """A leaf of the CA in tmp_path that ends in 10 days."""
+def test_s2cs_warns_at_start_when_its_certificate_nears_its_end(s2cs_process, tmp_path):
+    tlscert.make_self_signed(tmp_path / "server.crt", tmp_path / "server.key", ["127.0.0.1"])
+    cert_pem, key_pem = _near_end(tmp_path)
+    (tmp_path / "soon.crt").write_bytes(cert_pem)
+    (tmp_path / "soon.key").write_bytes(key_pem)
+    p = s2cs_process("--server-cert", str(tmp_path / "soon.crt"), "--server-key", str(tmp_path / "soon.key"),
+                     insecure=False)
+    assert "WARNING" in p.log() and "(9 days left): rotate it" in p.log(), p.log()
+
+
+def _near_end(tmp_path) -> tuple[bytes, bytes]:
+    """A leaf of the CA in tmp_path that ends in 10 days less a minute, and its key (PEM)."""
     ca_crt, ca_key = tlscert.ca_path(tmp_path / "server.crt")
     ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
     signer = serialization.load_pem_private_key(ca_key.read_bytes(), None)
@@ -212,6 +222,11 @@ def _near_end(tmp_path) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=355)).not_valid_after(now + datetime.timedelta(days=10))
+            .not_valid_before(now - datetime.timedelta(days=355))
+            .not_valid_after(now + datetime.timedelta(days=10, minutes=-1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
             .sign(signer, hashes.SHA256()))
-    return leaf.public_bytes(serialization.Encoding.PEM)
+    return (leaf.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))

@@ -5,8 +5,9 @@ the session's owner, whose client passes them to the CONS S2CS. From that secret
 gateways derive, bit for bit, the same:
 
 * **session anchor**: an Ed25519 key and a self-signed CA certificate (Ed25519 signatures
-  are deterministic, so both sides build the identical one). It is never sent: each S2DS
-  trusts it, and only it;
+  are deterministic, so both sides build the identical one). Each S2DS trusts it, and
+  only it (OpenSSL may send it after the leaf, completing the chain: it is no secret; its
+  key, derived from the secret, signs nothing but the session's leaves);
 * **leaf key**: an Ed25519 key. Each side issues its own leaf certificate for that key,
   signed by the anchor, valid from a few minutes ago until ``not_after``: the session's
   lease end plus ``MARGIN``, or ``LIFETIME`` from now for a session without a lease
@@ -39,7 +40,7 @@ from cryptography.x509.oid import NameOID
 
 SECRET_BYTES = 32
 _EPOCH = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
-_NOT_AFTER = datetime.datetime(2200, 1, 1, tzinfo=datetime.timezone.utc)   # the anchor's (never sent)
+_NOT_AFTER = datetime.datetime(2200, 1, 1, tzinfo=datetime.timezone.utc)   # the anchor's: it lives as long as its secret
 #: A leaf lives until the session's lease ends plus this (the lease loop's delay, clock skew).
 MARGIN = datetime.timedelta(hours=1)
 #: A session without a lease: its leaf lives this long, and is issued again before it ends.
@@ -94,7 +95,7 @@ def leaf_end(path: Path) -> datetime.datetime | None:
 class Credentials:
     cert_pem: bytes   # this side's leaf certificate, signed by the anchor
     key_pem: bytes    # the leaf's private key
-    ca_pem: bytes     # the session anchor: trusted, never sent
+    ca_pem: bytes     # the session anchor: the one trusted certificate
     psk_identity: str
     psk_key_hex: str
     fingerprint: str  # sha256 of the anchor (DER), hex: the same on both gateways
