@@ -6,11 +6,14 @@ outside ``DEVIATIONS`` (the table of docs/security.md) fails, and so does a docu
 one that is no longer found. Our generated certificates verify under strict X.509 checks."""
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -18,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from conftest import connect_session, parse_listener, roundtrip_ok
+from conftest import async_wait_until, connect_session, parse_listener, roundtrip_ok
 from facilityhelpers import facility, pg, sql_sync  # noqa: F401  (fixtures)
 from scanner import scan
 from scistream.client import AsyncClient
@@ -230,3 +233,42 @@ def _near_end(tmp_path) -> tuple[bytes, bytes]:
     return (leaf.public_bytes(serialization.Encoding.PEM),
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))
+
+
+def _served(port: int, trust: Path) -> x509.Certificate:
+    """The leaf the control port serves now, verified against ``trust`` (a new connection)."""
+    ctx = _strict_context(trust)
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["self-signed", "operator's"])
+async def test_control_certificate_changes_without_a_restart(ours, servers, tmp_path, monkeypatch):
+    """A running s2cs serves a new control certificate on new connections: ours when its
+    leaf is due (issued again by the same CA), the operator's when its files are replaced.
+    A client that pinned the first server.crt keeps working through the change."""
+    monkeypatch.setattr(tlscert, "CHECK_EVERY", 0.0)
+    if ours:
+        srv = await servers(insecure=False, listener_ip="127.0.0.1")
+        cert = Path(srv.config.state_dir) / "server.crt"
+    else:
+        cert, key = tmp_path / "mine.crt", tmp_path / "mine.key"
+        tlscert.make_self_signed(cert, key, ["127.0.0.1"])
+        srv = await servers(insecure=False, listener_ip="127.0.0.1", server_cert=str(cert), server_key=str(key))
+    pinned = tmp_path / "pinned.crt"
+    pinned.write_bytes(cert.read_bytes())
+    first = await asyncio.to_thread(_served, srv.port, pinned)
+    if ours:        # due: less than RENEW_BEFORE left, as a year later
+        monkeypatch.setattr(tlscert, "RENEW_BEFORE", tlscert.LEAF_LIFETIME)
+    else:           # the operator puts a new leaf from the same CA in place
+        tlscert.make_self_signed(cert, tmp_path / "mine.key", ["127.0.0.1"])
+
+    async def new_leaf():
+        leaf = await asyncio.to_thread(_served, srv.port, pinned)
+        return leaf if leaf.serial_number != first.serial_number else None
+    second = await async_wait_until(new_leaf, 10, "the new control certificate")
+    assert second.issuer == first.issuer
+    async with AsyncClient(f"127.0.0.1:{srv.port}", server_cert=str(pinned)) as client:
+        assert (await client.status()) is not None

@@ -152,6 +152,10 @@ def check(config: ServerConfig) -> None:
 
 
 def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
+    """The control port's TLS: gRPC asks ``LiveCertificate`` on new connections, so a leaf
+    of ours issued again, or a certificate of yours replaced on disk, is served without a
+    restart."""
+    hosts: list[str] | None = None
     if config.server_cert is not None:
         cert, key = Path(config.server_cert), Path(config.server_key)  # type: ignore[arg-type]
         try:
@@ -175,7 +179,13 @@ def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCreden
         raise ConfigError(f"{cert} is not a PEM certificate: {exc}") from None
     if warning:
         log.warning("control channel: %s", warning)
-    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    live = tlscert.LiveCertificate(cert, key, hosts, warned=bool(warning))
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:   # gRPC's thread, every new connection
+        new = live.changed()
+        return None if new is None else grpc.ssl_server_certificate_configuration([new])
+    return grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)]), fetch)
 
 
 class ControlServer:

@@ -7,11 +7,13 @@ directory: ``server-ca.crt``/``server-ca.key`` (the CA: ``cA=TRUE``, path length
 and Mozilla's profile allow; ``server.crt`` holds the leaf followed by the CA). The leaf
 names the listener IP, localhost, 127.0.0.1, ::1 and the host name, so a client handed
 ``server.crt`` verifies whichever of them it dials. A leaf that no longer covers those
-names, or has less than ``RENEW_BEFORE`` left, is issued again at start by the same CA:
-a client that trusts ``server.crt`` (which holds the CA) keeps trusting its successors.
+names, or has less than ``RENEW_BEFORE`` left, is issued again by the same CA (at start,
+and by ``LiveCertificate`` while the server runs): a client that trusts ``server.crt``
+(which holds the CA) keeps trusting its successors.
 
     ensure_self_signed(state_dir / "server.crt", state_dir / "server.key", ["10.0.0.2"])
     expiry_warning(cert_pem)   # a sentence when the served leaf ends within RENEW_BEFORE
+    server_context(cert, key)  # Python ssl: Mozilla's "intermediate" profile
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -232,3 +235,61 @@ def server_context(cert: Path | str, key: Path | str, *, tls13_only: bool = Fals
     set_groups(ctx, INTERMEDIATE_GROUPS)
     ctx.load_cert_chain(str(cert), str(key))
     return ctx
+
+
+#: How often a running server looks at its certificate again (on a new connection).
+CHECK_EVERY = 60.0
+
+
+class LiveCertificate:
+    """The control channel's certificate and key while the server runs: ``changed()``, asked
+    on new connections (at most every ``CHECK_EVERY`` seconds), returns the new (key PEM,
+    chain PEM) when there is one, else None. Ours (``hosts`` given) is issued again by its
+    CA when it has less than ``RENEW_BEFORE`` left; yours is read again when its files
+    change (replace both, the key first), and warned about once a day near its end."""
+
+    def __init__(self, cert: Path, key: Path, hosts: list[str] | None = None, *, warned: bool = False) -> None:
+        self.cert, self.key, self.hosts = cert, key, hosts
+        self.key_pem, self.cert_pem = key.read_bytes(), cert.read_bytes()
+        self._stamp = self._files()
+        now = time.time()
+        self._next = now + CHECK_EVERY       # the server just looked at it
+        self._warned = now if warned else 0.0   # a warning at start counts as today's
+
+    def _files(self) -> tuple:
+        return tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (self.cert, self.key))
+
+    def changed(self, now: float | None = None) -> tuple[bytes, bytes] | None:
+        now = time.time() if now is None else now
+        if now < self._next:
+            return None
+        self._next = now + CHECK_EVERY
+        try:
+            if self.hosts is not None and ensure_self_signed(self.cert, self.key, self.hosts):
+                log.info("control channel: issued a new leaf certificate %s", self.cert)
+            stamp = self._files()
+            if stamp == self._stamp:
+                self._warn(now)
+                return None
+            key_pem, cert_pem = self.key.read_bytes(), self.cert.read_bytes()
+            check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            check.load_cert_chain(self.cert, self.key)      # the pair must match
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.warning("control channel: keeping the certificate it serves: %s or %s cannot be used (%s)",
+                        self.cert, self.key, exc)
+            return None
+        self._stamp, self.key_pem, self.cert_pem = stamp, key_pem, cert_pem
+        log.info("control channel: now serving the certificate in %s (%s)", self.cert, fingerprint(cert_pem))
+        self._warn(now)
+        return key_pem, cert_pem
+
+    def _warn(self, now: float) -> None:
+        if now - self._warned < 86400:
+            return
+        self._warned = now
+        try:
+            warning = expiry_warning(self.cert_pem)
+        except ValueError:
+            return
+        if warning:
+            log.warning("control channel: %s", warning)
