@@ -246,29 +246,40 @@ def _served(port: int, trust: Path) -> x509.Certificate:
 
 @pytest.mark.parametrize("ours", [True, False], ids=["self-signed", "operator's"])
 async def test_control_certificate_changes_without_a_restart(ours, servers, tmp_path, monkeypatch):
-    """A running s2cs serves a new control certificate on new connections: ours when its
-    leaf is due (issued again by the same CA), the operator's when its files are replaced.
-    A client that pinned the first server.crt keeps working through the change."""
+    """A running s2cs serves a new control certificate on new connections, on the control
+    port and the web view: ours when its leaf is due (issued again by the same CA), the
+    operator's when its files are replaced. A client that pinned the first server.crt keeps
+    working through the change."""
     monkeypatch.setattr(tlscert, "CHECK_EVERY", 0.0)
+    renew_before = tlscert.RENEW_BEFORE
     if ours:
-        srv = await servers(insecure=False, listener_ip="127.0.0.1")
+        srv = await servers(insecure=False, listener_ip="127.0.0.1", web_port=0)
         cert = Path(srv.config.state_dir) / "server.crt"
     else:
         cert, key = tmp_path / "mine.crt", tmp_path / "mine.key"
         tlscert.make_self_signed(cert, key, ["127.0.0.1"])
-        srv = await servers(insecure=False, listener_ip="127.0.0.1", server_cert=str(cert), server_key=str(key))
+        srv = await servers(insecure=False, listener_ip="127.0.0.1", server_cert=str(cert), server_key=str(key),
+                            web_port=0)
     pinned = tmp_path / "pinned.crt"
     pinned.write_bytes(cert.read_bytes())
     first = await asyncio.to_thread(_served, srv.port, pinned)
+    assert (await asyncio.to_thread(_served, srv.web_port, pinned)).serial_number == first.serial_number
     if ours:        # due: less than RENEW_BEFORE left, as a year later
         monkeypatch.setattr(tlscert, "RENEW_BEFORE", tlscert.LEAF_LIFETIME)
     else:           # the operator puts a new leaf from the same CA in place
         tlscert.make_self_signed(cert, tmp_path / "mine.key", ["127.0.0.1"])
 
-    async def new_leaf():
-        leaf = await asyncio.to_thread(_served, srv.port, pinned)
+    async def new_leaf(port):
+        leaf = await asyncio.to_thread(_served, port, pinned)
         return leaf if leaf.serial_number != first.serial_number else None
-    second = await async_wait_until(new_leaf, 10, "the new control certificate")
+    second = await async_wait_until(lambda: new_leaf(srv.port), 10, "the new control certificate")
     assert second.issuer == first.issuer
+    monkeypatch.setattr(tlscert, "RENEW_BEFORE", renew_before)   # the new leaf is not due: it stays
+
+    async def web_follows():   # the web view serves what the control port serves
+        now = await asyncio.to_thread(_served, srv.port, pinned)
+        web = await asyncio.to_thread(_served, srv.web_port, pinned)
+        return web.serial_number == now.serial_number != first.serial_number
+    await async_wait_until(web_follows, 10, "the web view's new certificate")
     async with AsyncClient(f"127.0.0.1:{srv.port}", server_cert=str(pinned)) as client:
         assert (await client.status()) is not None

@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -242,46 +243,58 @@ CHECK_EVERY = 60.0
 
 
 class LiveCertificate:
-    """The control channel's certificate and key while the server runs: ``changed()``, asked
-    on new connections (at most every ``CHECK_EVERY`` seconds), returns the new (key PEM,
-    chain PEM) when there is one, else None. Ours (``hosts`` given) is issued again by its
-    CA when it has less than ``RENEW_BEFORE`` left; yours is read again when its files
-    change (replace both, the key first), and warned about once a day near its end."""
+    """The control channel's certificate and key while the server runs. ``refresh()``, asked
+    on new connections (at most every ``CHECK_EVERY`` seconds; from gRPC's threads and the
+    event loop alike), looks again: ours (``hosts`` given) is issued again by its CA when
+    it has less than ``RENEW_BEFORE`` left; yours is read again when its files change
+    (replace both, the key first; a pair that does not match is not taken). Each change
+    bumps ``version``; ``current()`` gives (version, key PEM, chain PEM). Warns once a day
+    near the end."""
 
     def __init__(self, cert: Path, key: Path, hosts: list[str] | None = None, *, warned: bool = False) -> None:
         self.cert, self.key, self.hosts = cert, key, hosts
         self.key_pem, self.cert_pem = key.read_bytes(), cert.read_bytes()
+        self.version = 0
+        self._lock = threading.Lock()
         self._stamp = self._files()
         now = time.time()
-        self._next = now + CHECK_EVERY       # the server just looked at it
-        self._warned = now if warned else 0.0   # a warning at start counts as today's
+        self._next = now + CHECK_EVERY           # the server just looked at it
+        self._warned = now if warned else 0.0    # a warning at start counts as today's
 
     def _files(self) -> tuple:
         return tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (self.cert, self.key))
 
-    def changed(self, now: float | None = None) -> tuple[bytes, bytes] | None:
+    def current(self) -> tuple[int, bytes, bytes]:
+        with self._lock:
+            return self.version, self.key_pem, self.cert_pem
+
+    def refresh(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        if now < self._next:
-            return None
-        self._next = now + CHECK_EVERY
-        try:
-            if self.hosts is not None and ensure_self_signed(self.cert, self.key, self.hosts):
-                log.info("control channel: issued a new leaf certificate %s", self.cert)
-            stamp = self._files()
-            if stamp == self._stamp:
-                self._warn(now)
-                return None
-            key_pem, cert_pem = self.key.read_bytes(), self.cert.read_bytes()
-            check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            check.load_cert_chain(self.cert, self.key)      # the pair must match
-        except (OSError, ValueError, ssl.SSLError) as exc:
-            log.warning("control channel: keeping the certificate it serves: %s or %s cannot be used (%s)",
-                        self.cert, self.key, exc)
-            return None
-        self._stamp, self.key_pem, self.cert_pem = stamp, key_pem, cert_pem
-        log.info("control channel: now serving the certificate in %s (%s)", self.cert, fingerprint(cert_pem))
-        self._warn(now)
-        return key_pem, cert_pem
+        with self._lock:
+            if now < self._next:
+                return
+            self._next = now + CHECK_EVERY
+            try:
+                if self.hosts is not None and ensure_self_signed(self.cert, self.key, self.hosts):
+                    log.info("control channel: issued a new leaf certificate %s", self.cert)
+                stamp = self._files()
+                if stamp != self._stamp:
+                    key_pem, cert_pem = self.key.read_bytes(), self.cert.read_bytes()
+                    check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                    check.load_cert_chain(self.cert, self.key)      # the pair must match
+                    self._stamp, self.key_pem, self.cert_pem = stamp, key_pem, cert_pem
+                    self.version += 1
+                    log.info("control channel: now serving the certificate in %s (%s)", self.cert,
+                             fingerprint(cert_pem))
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                log.warning("control channel: keeping the certificate it serves: %s or %s cannot be used (%s)",
+                            self.cert, self.key, exc)
+            self._warn(now)
+
+    def load_into(self, ctx: ssl.SSLContext) -> None:
+        """Put the current pair into ``ctx`` (its new connections get it)."""
+        with self._lock:
+            ctx.load_cert_chain(self.cert, self.key)
 
     def _warn(self, now: float) -> None:
         if now - self._warned < 86400:
