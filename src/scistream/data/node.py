@@ -762,6 +762,8 @@ class Node:
                                  "cert_until": msg.get("cert_until")})
         if not isinstance(made, dict) or not made.get("cert_pem"):
             raise OpError("wan_secret is required")
+        if e.cfg.get("ca_pem") and made["ca_pem"] != e.cfg["ca_pem"]:
+            raise OpError(f"that wan_secret is not session {e.sid}'s")
         pems = {k: made[k] for k in ("cert_pem", "key_pem", "ca_pem")}
         await self._ask(e, {"op": "credentials", "sid": e.sid, **pems})
         e.cfg.update(pems)
