@@ -13,6 +13,7 @@ from cryptography import x509
 
 from conftest import async_wait_until, connect_session, parse_listener, roundtrip_ok
 from scistream.data import wankeys
+from scistream.data.nodeclient import ServiceError
 
 
 async def served_leaf(listener: str, files: wankeys.CredentialFiles) -> x509.Certificate:
@@ -55,5 +56,10 @@ async def test_the_leaf_of_a_session_without_a_lease_is_issued_again(kind, serve
     await async_wait_until(lambda: now() > first.not_valid_after_utc + datetime.timedelta(seconds=1), 30,
                            "the first leaf to end")
     await roundtrip_ok(cons.listeners[0])
+    if kind == "Builtin":   # the node service takes a new leaf only from the session's own secret
+        with pytest.raises(ServiceError, match="not session"):
+            await prod_srv.node.call({"op": "credentials", "sid": f"{uid}/PROD",
+                                      "wan_secret": wankeys.new_secret().hex(), "cert_until": 0})
+        await roundtrip_ok(cons.listeners[0])
     await pc.release(uid)
     await cc.release(uid)
