@@ -13,7 +13,8 @@ import pytest
 
 from scistream.data import wankeys
 from scistream.data.backends.common import listening_ports
-from scistream.data.base import DataSpec, get_backend
+from scistream.data.base import get_backend
+from scistream.data.spec import DataSpec
 from scistream.data.supervise import ChildProcess
 from conftest import free_ports, port_is_free
 from test_backends_support import EXTERNAL, App, Chain, leftover, roundtrip, secret, sha, try_through

@@ -124,7 +124,8 @@ from scistream.data import wankeys
 from scistream.data.engine import compiled, tlsleg
 secret = wankeys.new_secret()
 creds = wankeys.derive_credentials(secret, "u")
-cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode()}
+cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode(),
+       "ca_pem": creds.ca_pem.decode()}
 server, _ = tlsleg.tls_contexts(cfg)
 print(compiled.PUMPS, compiled.TLS_ENGINE, compiled.ssl_ext is None, compiled.pump is not None,
       tlsleg.share_tickets(server, wankeys.ticket_keys(secret)))
@@ -170,7 +171,7 @@ def test_workers_of_a_session_resume_each_others_tickets():
     secret = wankeys.new_secret()
     creds = wankeys.derive_credentials(secret, "u")
     cfg = {"tls": True, "role": "PROD", "cert_pem": creds.cert_pem.decode(), "key_pem": creds.key_pem.decode(),
-           "ticket_keys": wankeys.ticket_keys(secret).hex()}
+           "ca_pem": creds.ca_pem.decode(), "ticket_keys": wankeys.ticket_keys(secret).hex()}
     one, _ = tlsleg.tls_contexts(cfg)
     other, _ = tlsleg.tls_contexts(cfg)
     _, client = tlsleg.tls_contexts({**cfg, "role": "CONS"})
@@ -182,7 +183,7 @@ def test_workers_of_a_session_resume_each_others_tickets():
     lone = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)        # the same credentials, keys of its own
     lone.minimum_version = ssl.TLSVersion.TLSv1_3
     lone.verify_mode = ssl.CERT_REQUIRED
-    lone.load_verify_locations(cadata=cfg["cert_pem"])
+    lone.load_verify_locations(cadata=cfg["ca_pem"])
     assert tlsleg.share_tickets(lone, wankeys.ticket_keys(wankeys.new_secret()))
     fd = os.memfd_create("c")
     os.write(fd, (cfg["key_pem"] + cfg["cert_pem"]).encode())

@@ -25,7 +25,8 @@ def test_tls_with_the_control_certificate_and_a_secure_cookie(s2cs_process, tmp_
     base = f"https://127.0.0.1:{web_port(p)}"
     cert = str(p.state_dir / "server.crt")
     served = ssl.get_server_certificate(("127.0.0.1", web_port(p)))
-    assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(open(cert).read())
+    leaf = open(cert).read().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(leaf)   # server.crt: leaf, then its CA
     status, _, body = http(base + "/api/sessions", token=alice, cafile=cert)
     assert status == 200 and json.loads(body)["sessions"] == []
     assert http(base + "/api/sessions", cafile=cert)[0] == 401

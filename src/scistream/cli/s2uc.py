@@ -30,7 +30,7 @@ from ..client import sessionfile
 from ..client.instances import BadInstances, join_instances
 from ..client.order import (ORIGINAL_SERVER, BadTargets, check_targets, original_server_note,
                             req_and_hello, session_of, wan_security_of)
-from ..errors import InvalidArgument, LocalMistake, ScistreamError
+from ..errors import LocalMistake, ScistreamError
 from .common import (EXIT_CODES_HELP, access_of, channel, channel_options, err, error_label, exit_code,
                      handle_errors, local_uid, option, out)
 

@@ -35,7 +35,7 @@ from typing import Callable, Sequence, Union
 
 
 from ..addr import check_uid
-from ..errors import CertificateRejected, DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status, from_status
+from ..errors import CertificateRejected, DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status
 from .api import AsyncClient
 from .model import (ConsSide, Connection, Gateway, ProdSide, Progress, Released, SessionStatus,
                     Step)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -544,6 +545,12 @@ class FacilityRegistry:
                    "max_conns": self.config.max_session_conns}
             if secret is not None:
                 cfg["wan_secret"] = secret.hex()
+                # the leaf ends with the lease plus a margin; a facility does not issue it again
+                # yet, so a session without a lease gets the longest leaf the profile allows
+                lease_end = float(row["lease_expires"] or 0)
+                until = wankeys.leaf_until(lease_end) if lease_end else \
+                    datetime.datetime.now(datetime.timezone.utc) + wankeys.FACILITY_LIFETIME
+                cfg["cert_until"] = until.timestamp()
             try:
                 await self.links.call(node, {"op": "add", "sid": f"{uid}/{row['role']}", "cfg": cfg})
             except ServiceError as exc:

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from pathlib import Path
 
 import grpc
@@ -211,7 +212,12 @@ class StateDirLock:
             self._fd = None
 
 
-def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCredentials:
+def _tls_credentials(config: ServerConfig, state_dir: Path) -> tuple[grpc.ServerCredentials,
+                                                                     tlscert.LiveCertificate]:
+    """The control port's TLS, and the certificate as it lives: gRPC asks it again on new
+    connections (the web view every ``CHECK_EVERY`` seconds), so a leaf of ours issued
+    again, or a certificate of yours replaced on disk, is served without a restart."""
+    hosts: list[str] | None = None
     if config.server_cert is not None:
         cert, key = Path(config.server_cert), Path(config.server_key)  # type: ignore[arg-type]
         try:
@@ -222,13 +228,32 @@ def _tls_credentials(config: ServerConfig, state_dir: Path) -> grpc.ServerCreden
     else:
         cert, key = state_dir / "server.crt", state_dir / "server.key"
         hosts = [h for h in (config.listener_ip, config.control_ip) if h]
-        if not (cert.exists() and key.exists() and tlscert.cert_covers(cert, hosts)):
-            tlscert.make_self_signed(cert, key, hosts)
+        if tlscert.ensure_self_signed(cert, key, hosts):
+            log.info("control channel: issued a new leaf certificate %s", cert)
         cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
-        msg = (f"control channel: TLS with a self-signed certificate {cert} "
-               f"(SHA256 {tlscert.fingerprint(cert_pem)}); hand this file to clients (--server-cert)")
+        ca_pem = tlscert.ca_path(cert)[0].read_bytes()
+        msg = (f"control channel: TLS with a self-signed certificate {cert} (its CA's SHA256 "
+               f"{tlscert.fingerprint(ca_pem)}); hand this file to clients (--server-cert)")
         log.warning(msg)
-    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    try:
+        warning = tlscert.expiry_warning(cert_pem)
+    except ValueError as exc:
+        raise ConfigError(f"{cert} is not a PEM certificate: {exc}") from None
+    if warning:
+        log.warning("control channel: %s", warning)
+    live = tlscert.LiveCertificate(cert, key, hosts, warned=bool(warning))
+    seen = [0]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:   # gRPC's thread, every new connection
+        live.refresh()
+        version, key_now, cert_now = live.current()
+        if version == seen[0]:
+            return None
+        seen[0] = version
+        return grpc.ssl_server_certificate_configuration([(key_now, cert_now)])
+    creds = grpc.dynamic_ssl_server_credentials(grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)]),
+                                                fetch)
+    return creds, live
 
 
 class ControlServer:
@@ -250,6 +275,7 @@ class ControlServer:
         self.port = 0
         self.metrics_port = 0
         self.web_port = 0
+        self.certificate: tlscert.LiveCertificate | None = None   # the control port's, as it changes
         self.web = None  # control.web.WebView when --web-port is given
         self.registry: SessionRegistry | None = None
         self.metrics: Metrics | None = None
@@ -345,7 +371,8 @@ class ControlServer:
                 log.warning("control channel: PLAINTEXT (--insecure); tokens cross the network unprotected")
                 self.port = server.add_insecure_port(address)
             else:
-                self.port = server.add_secure_port(address, _tls_credentials(config, self.state_dir))
+                creds, self.certificate = _tls_credentials(config, self.state_dir)
+                self.port = server.add_secure_port(address, creds)
         except RuntimeError as exc:
             why = _bind_problem(bind_host, config.port, "--control-ip" if config.control_ip else "--listener-ip")
             raise ConfigError(f"cannot listen on {address}: {why or exc}") from None
@@ -387,6 +414,8 @@ class ControlServer:
             cert = Path(config.server_cert) if config.server_cert else self.state_dir / "server.crt"
             key = Path(config.server_key) if config.server_key else self.state_dir / "server.key"
             ctx = web_ssl_context(cert, key)
+            if self.certificate is not None:
+                self._tasks.append(asyncio.create_task(_follow_certificate(self.certificate, ctx)))
         self.web = WebView(self.registry, self.auth,  # type: ignore[arg-type]
                            auth_none=isinstance(self.auth, NoAuth))
         web_ip = config.web_ip or bind_host
@@ -485,6 +514,22 @@ async def serve(config: ServerConfig, *, authenticator: Authenticator | None = N
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+async def _follow_certificate(live: tlscert.LiveCertificate, ctx: ssl.SSLContext) -> None:
+    """The web view's TLS context takes the control certificate's changes (new connections)."""
+    seen = live.current()[0]
+    while True:
+        await asyncio.sleep(tlscert.CHECK_EVERY or 0.05)
+        try:
+            await asyncio.to_thread(live.refresh)
+            version = live.current()[0]
+            if version != seen:
+                live.load_into(ctx)
+                seen = version
+                log.info("web view: now serving the new control certificate")
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("web view: keeps its certificate: %s", exc)
 
 
 async def _lease_loop(registry: SessionRegistry) -> None:

@@ -44,6 +44,7 @@ from .store import SessionRecord, SessionStore
 log = logging.getLogger(__name__)
 
 MAX_TARGETS = 4096
+RENEW_RETRY = 60   # seconds: a WAN certificate that could not be issued again is tried again after
 
 Observer = Callable[[str, "Session", str], None]
 
@@ -138,7 +139,8 @@ class Session:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate if self.rate_enforced else 0, wan_secret=self.wan_secret,
-                        workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service)
+                        workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service,
+                        lease_end=self.lease_expires)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
@@ -634,7 +636,8 @@ class SessionRegistry:
 
     async def expire_leases(self) -> float:
         """End every session whose lease is over, or that had its hello but no update within
-        ``update_timeout``; return seconds until the next one is due."""
+        ``update_timeout``; issue the WAN certificate of a session without a lease again
+        when due (``DataServer.renew_at``); return seconds until the next one is due."""
         now = time.time()
         soonest = float("inf")
         wait_update = self.config.update_timeout
@@ -645,6 +648,12 @@ class SessionRegistry:
                     await self._finish(s, S.EXPIRED, f"lease of {lease:g} s ended at {when(s.lease_expires)}")
                     continue
                 soonest = min(soonest, s.lease_expires - now)
+            server = s.server
+            if server is not None and server.renew_at:
+                if server.renew_at <= now:
+                    await self._renew(s, server)
+                if server.renew_at:
+                    soonest = min(soonest, max(server.renew_at - now, 0.0))
             if wait_update and s.state is S.READY and s.ready_at:
                 due = s.ready_at + wait_update
                 if due <= now:
@@ -653,6 +662,16 @@ class SessionRegistry:
                 else:
                     soonest = min(soonest, due - now)
         return soonest
+
+    async def _renew(self, s: Session, server: Any) -> None:
+        try:
+            await server.renew_credentials()       # sets the next renew_at
+            if server.renew_at and server.renew_at <= time.time():
+                server.renew_at = time.time() + RENEW_RETRY    # it did nothing (not running)
+        except Exception as exc:  # noqa: BLE001 - a data server's own error; tried again later
+            server.renew_at = time.time() + RENEW_RETRY
+            log.warning("session %s/%s: cannot issue its WAN certificate again (%s); again in %d s",
+                        s.uid, s.role, exc, RENEW_RETRY)
 
     async def close(self, release: bool) -> None:
         """Shut down: release every session (``release``), or leave the connected ones running.

@@ -76,11 +76,10 @@ NO_AUTH_BANNER = ("--auth none: AUTHENTICATION IS DISABLED on this control serve
 
 
 def web_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server TLS context from the control channel's certificate and key."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
+    """A server TLS context from the control channel's certificate and key: Mozilla's
+    "intermediate" profile (TLS 1.2 with AEAD suites and forward secrecy, and TLS 1.3)."""
+    from . import tlscert
+    return tlscert.server_context(cert, key)
 
 
 class _Answer(Exception):

@@ -50,6 +50,13 @@ class DataServer(abc.ABC):
 
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec
+        #: When the WAN leaf certificate must be issued again (epoch s; 0: never, e.g. it
+        #: ends with the lease): ``renew_credentials`` then, by the control server.
+        self.renew_at = 0.0
+
+    async def renew_credentials(self) -> None:
+        """Issue the session's WAN leaf certificate again, for new connections (a session
+        without a lease that outlives it); established ones keep theirs. Default: nothing."""
 
     @classmethod
     def check_available(cls) -> None:

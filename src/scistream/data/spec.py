@@ -61,6 +61,7 @@ class DataSpec:
     keepalive: tuple[int, int, int] = KEEPALIVE   # see KEEPALIVE; (0, 0, 0) = the system's
     max_conns: int = 0           # open connections per session at most (--max-session-conns); 0 = no cap
     service: str = ""            # Builtin: the node service's control socket (scistream.data.node)
+    lease_end: float = 0.0       # the session's lease end (epoch s; 0 = none): its WAN leaf ends a margin after
 
     @property
     def wan_tls(self) -> bool:

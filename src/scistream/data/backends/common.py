@@ -214,6 +214,7 @@ class ProxyServer(DataServer):
     binaries: ClassVar[tuple[str, ...]] = ()
     env_var: ClassVar[str] = ""            # overrides the binary's path
     shapes_rate: ClassVar[bool] = False    # honours spec.rate_kbps
+    shows_certificate: ClassVar[bool] = True   # its WAN leg shows the session's leaf (not stunnel's PSK)
     _rate_warned: ClassVar[bool] = False
     _cap_warned: ClassVar[bool] = False
 
@@ -353,7 +354,10 @@ class ProxyServer(DataServer):
         self = cls(spec)
         self.binary = handle.get("binary") or cls.binary_path()
         self._addrs = await resolve_host(spec.listen_host)
+        shown = wankeys.leaf_end(spec.workdir / "wan-cert.pem")   # the leaf the running proxy loaded
         self._credentials()
+        if self.renew_at:
+            self.renew_at = wankeys.renew_at(shown, spec.lease_end) if shown else time.time()
         self.child = ChildProcess.adopt(pid, cls.program, Path(handle.get("log") or self.log_path))
         missing = self._missing_ports()
         if missing:
@@ -381,7 +385,22 @@ class ProxyServer(DataServer):
 
     def _credentials(self) -> None:
         if self.spec.wan_secret is not None:
-            self.creds = wankeys.write_credentials(self.spec.wan_secret, self.spec.uid, self.spec.workdir)
+            self.creds = wankeys.write_credentials(self.spec.wan_secret, self.spec.uid, self.spec.workdir,
+                                                   not_after=wankeys.leaf_until(self.spec.lease_end))
+            if type(self).shows_certificate:
+                self.renew_at = wankeys.renew_at(self.creds.creds.not_after, self.spec.lease_end)
+
+    async def renew_credentials(self) -> None:
+        """A new leaf in the session's files, then a reload: new connections get it."""
+        if self.spec.wan_secret is None or not type(self).shows_certificate:
+            return
+        async with self._lock:
+            if self.child is None or not self.child.running:
+                return
+            self._credentials()
+            await self.reload()
+        log.info("%s of session %s/%s: WAN certificate issued again, until %s", self.program, self.spec.uid,
+                 self.spec.role, self.creds.creds.not_after if self.creds else "?")
 
     def _warn_rate(self) -> None:
         cls = type(self)

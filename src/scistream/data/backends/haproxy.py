@@ -8,7 +8,7 @@ reload check and the byte counters.
 
 * WAN leg: with ``spec.wan_secret``, TLS 1.3 with mutual authentication against the
   session certificate (Ed25519, from ``wankeys``): PROD ``bind ... ssl crt <bundle>
-  ca-file <cert> verify required``, CONS ``server ... ssl crt <bundle> ca-file <cert>
+  ca-file <anchor> verify required curves X25519``, CONS ``server ... ssl crt <bundle> ca-file <anchor>
   verify required verifyhost scistream-session``. Without a secret: plain TCP (the
   original's behaviour; ``legacy_plaintext``).
 * Retarget: the new config is tested (``haproxy -c``), then SIGUSR2 to the master; a new
@@ -46,6 +46,7 @@ from typing import Any
 
 from ...errors import DataServerError
 from ..spec import DataSpec, Stats
+from ..wankeys import WAN_GROUP
 from ..supervise import children
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME,
                      ProxyServer, error_lines, log_since, log_size, short_socket_path)
@@ -79,10 +80,12 @@ class HaproxyServer(ProxyServer):
         spec = self.spec
         bind_ssl = server_ssl = ""
         if self.creds is not None:
-            tls = (f" ssl crt {self.creds.bundle} ca-file {self.creds.cert} verify required"
+            tls = (f" ssl crt {self.creds.bundle} ca-file {self.creds.ca} verify required"
                    " ssl-min-ver TLSv1.3")
             if spec.role == "PROD":
-                bind_ssl = tls
+                # the listener accepts the one group (HAProxy 2.6 has no 'curves' for a
+                # server line: the CONS side offers its defaults, of which it picks X25519)
+                bind_ssl = f"{tls} curves {WAN_GROUP}"
             else:
                 server_ssl = f"{tls} verifyhost {SESSION_NAME} sni str({SESSION_NAME})"
         lines = [

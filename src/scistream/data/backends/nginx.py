@@ -5,8 +5,9 @@ group), loading ``ngx_stream_module.so`` (package libnginx-mod-stream). One ``se
 per port in the ``stream`` block, ``listen`` on ``spec.listen_host`` only.
 
 * WAN leg: with ``spec.wan_secret``, TLS 1.3 with mutual authentication against the
-  session certificate (Ed25519): PROD ``listen ... ssl`` + ``ssl_verify_client on``,
-  CONS ``proxy_ssl on`` + ``proxy_ssl_verify on`` (name scistream-session). Without a
+  session anchor (Ed25519, from ``wankeys``), X25519 alone: PROD ``listen ... ssl`` +
+  ``ssl_verify_client on`` + ``ssl_ecdh_curve``, CONS ``proxy_ssl on`` + ``proxy_ssl_verify on``
+  (name scistream-session) + ``proxy_ssl_conf_command Groups``. Without a
   secret: plain TCP (the original's behaviour; ``legacy_plaintext``).
 * Retarget: ``nginx -t`` on the new config, then SIGHUP; new workers take new
   connections, old workers finish their established ones (no worker_shutdown_timeout).
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from ..base import BackendUnavailable
 from ..spec import Stats
+from ..wankeys import WAN_GROUP
 from ..supervise import children
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, SESSION_NAME,
                      ProxyServer, error_lines, log_since, log_size)
@@ -118,13 +120,15 @@ class NginxServer(ProxyServer):
             if spec.role == "PROD":
                 listen_ssl = " ssl"
                 lines += [f"    ssl_certificate {c.cert};", f"    ssl_certificate_key {c.key};",
-                          "    ssl_protocols TLSv1.3;", "    ssl_verify_client on;",
-                          f"    ssl_client_certificate {c.cert};", "    ssl_verify_depth 1;",
+                          "    ssl_protocols TLSv1.3;", f"    ssl_ecdh_curve {WAN_GROUP};",
+                          "    ssl_verify_client on;",
+                          f"    ssl_client_certificate {c.ca};", "    ssl_verify_depth 1;",
                           f"    ssl_handshake_timeout {HANDSHAKE_TIMEOUT_S}s;"]
             else:
                 lines += ["    proxy_ssl on;", f"    proxy_ssl_certificate {c.cert};",
                           f"    proxy_ssl_certificate_key {c.key};", "    proxy_ssl_protocols TLSv1.3;",
-                          f"    proxy_ssl_trusted_certificate {c.cert};", "    proxy_ssl_verify on;",
+                          f"    proxy_ssl_conf_command Groups {WAN_GROUP};",
+                          f"    proxy_ssl_trusted_certificate {c.ca};", "    proxy_ssl_verify on;",
                           "    proxy_ssl_verify_depth 1;", f"    proxy_ssl_name {SESSION_NAME};",
                           "    proxy_ssl_server_name on;", "    proxy_ssl_session_reuse on;"]
         for port, target in zip(spec.ports, spec.targets):

@@ -85,6 +85,7 @@ class StunnelServer(ProxyServer):
     env_var = "SCISTREAM_STUNNEL"
     shapes_rate = False
     carries_half_close = False
+    shows_certificate = False   # PSK only: no certificate to renew
     #: Seconds stunnel waits, once one side of a stream has closed, for the other's end.
     close_timeout = IDLE_TIMEOUT_S
 
@@ -114,7 +115,7 @@ class StunnelServer(ProxyServer):
         if self.creds is not None:
             tls = [f"PSKsecrets = {self.creds.psk}", "sslVersionMin = TLSv1.3"]
             if spec.role == "CONS":
-                tls += ["verifyChain = yes", f"CAfile = {self.creds.cert}"]
+                tls += ["verifyChain = yes", f"CAfile = {self.creds.ca}"]
         else:
             tls = [f"PSKsecrets = {self.legacy_psk}", "sslVersionMax = TLSv1.2",
                    f"ciphers = {LEGACY_CIPHERS}", "securityLevel = 0"]

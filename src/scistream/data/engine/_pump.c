@@ -1071,6 +1071,26 @@ out:
     return res;
 }
 
+/* set_groups(sslobj, inc, out, "X25519:P-256:P-384"): the key exchange groups of the SSL_CTX
+ * behind an SSLObject of that context (Python 3.11 sets one group at most: set_ecdh_curve);
+ * the SSL* is checked as for the ticket keys. */
+static PyObject *set_groups(PyObject *self, PyObject *args) {
+    PyObject *sslobj, *inc, *out;
+    const char *groups;
+    if (!PyArg_ParseTuple(args, "OOOs", &sslobj, &inc, &out, &groups))
+        return NULL;
+    SSL *ssl = checked_ssl(sslobj, inc, out);
+    if (ssl == NULL)
+        return NULL;
+    SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+    if (ctx == NULL || SSL_CTX_set1_groups_list(ctx, groups) != 1) {
+        ERR_clear_error();
+        PyErr_Format(PyExc_ValueError, "OpenSSL refuses the groups %s", groups);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* same_libssl(path or None) -> (same, OpenSSL_version_num of ours): whether the object at
  * path (Python's _ssl extension; None: the main program, where a static Python keeps it)
  * resolves SSL_get_rbio to the very function this module calls. */
@@ -1091,6 +1111,8 @@ static PyObject *same_libssl(PyObject *self, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"set_ticket_keys", set_ticket_keys, METH_VARARGS,
      "set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys of sslobj's context (80 bytes)"},
+    {"set_groups", set_groups, METH_VARARGS,
+     "set_groups(sslobj, inc, out, groups): the key exchange groups of sslobj's context (OpenSSL's list)"},
     {"same_libssl", same_libssl, METH_VARARGS,
      "same_libssl(path or None) -> (the object at path calls our libssl, our OpenSSL_version_num())"},
     {NULL, NULL, 0, NULL},

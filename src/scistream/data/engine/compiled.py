@@ -83,3 +83,14 @@ TLS_ENGINE = pump is not None and ssl_ext is not None
 #: What a compiled pump's call found (``_pump.F_*``).
 F_SRC_AGAIN, F_DST_AGAIN, F_EOF, F_EMPTY = ((pump.F_SRC_AGAIN, pump.F_DST_AGAIN, pump.F_EOF, pump.F_EMPTY)
                                             if pump is not None else (1, 2, 4, 8))
+
+
+def on_context(ctx: ssl.SSLContext, call: str, *args: object) -> None:
+    """Run the compiled module's ``call`` (``set_ticket_keys``, ``set_groups``) on the SSL_CTX
+    behind ``ctx``, through an SSLObject of it that the module checks before it reads
+    anything; RuntimeError where the module may not touch Python's ssl (``ssl_ext``)."""
+    if ssl_ext is None:
+        raise RuntimeError("the compiled module is not built, or not linked with the libssl Python's ssl runs")
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    probe = ctx.wrap_bio(inc, out, server_side=ctx.protocol is not ssl.PROTOCOL_TLS_CLIENT)
+    getattr(ssl_ext, call)(probe._sslobj, inc, out, *args)   # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, PUMPS, TLS_ENGINE, pump, ssl_ext  # noqa: F401
+from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, PUMPS, TLS_ENGINE, on_context, pump, ssl_ext  # noqa: F401
 
 if TYPE_CHECKING:
     from .conn import Conn, Side
@@ -46,6 +46,7 @@ def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | Non
     server = cfg["role"] == "PROD"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ecdh_curve("X25519")             # both ends ours: this group alone (wankeys.WAN_GROUP)
     # the credentials derived from the session's secret live in memory only: loaded
     # through an anonymous memory file, never written to a disk
     fd = os.memfd_create("scistream-session-credentials", os.MFD_CLOEXEC)
@@ -54,8 +55,8 @@ def tls_contexts(cfg: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | Non
         ctx.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-    ctx.load_verify_locations(cadata=cfg["cert_pem"])
-    ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer must hold the session key
+    ctx.load_verify_locations(cadata=cfg.get("ca_pem") or cfg["cert_pem"])
+    ctx.verify_mode = ssl.CERT_REQUIRED      # mutual: the peer's leaf must come from the session anchor
     ctx.check_hostname = False               # the one trusted certificate is the identity
     if server:
         ctx.num_tickets = 1                  # one resumption ticket per connection (see conn)
@@ -72,10 +73,8 @@ def share_tickets(ctx: ssl.SSLContext, keys: bytes) -> bool:
     without it each process keeps its own keys, and says nothing."""
     if ssl_ext is None:
         return False
-    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    probe = ctx.wrap_bio(inc, out, server_side=True)
     try:
-        ssl_ext.set_ticket_keys(probe._sslobj, inc, out, keys)   # type: ignore[attr-defined]
+        on_context(ctx, "set_ticket_keys", keys)
     except (TypeError, ValueError) as exc:
         log.warning("session tickets not shared between workers: %s", exc)
         return False

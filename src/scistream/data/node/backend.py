@@ -255,6 +255,7 @@ class NodeDataServer(DataServer):
             # the service derives the certificate and key and keeps them in memory: no file
             # (and no directory) is written for the session (1-2 ms of disk metadata an update)
             cfg["wan_secret"] = spec.wan_secret.hex()
+            cfg["cert_until"] = self._leaf_until()
         return cfg
 
     def _future(self) -> asyncio.Future:
@@ -283,6 +284,24 @@ class NodeDataServer(DataServer):
             with contextlib.suppress(Exception):
                 await self.node.call({"op": "remove", "sid": self.sid}, 5.0)
             raise
+
+    def _leaf_until(self) -> float:
+        """When the session's WAN leaf, issued now, ends (epoch s); sets ``renew_at``."""
+        from .. import wankeys
+        until = wankeys.leaf_until(self.spec.lease_end)
+        self.renew_at = wankeys.renew_at(until, self.spec.lease_end)
+        return until.timestamp()
+
+    async def renew_credentials(self) -> None:
+        if self.spec.wan_secret is None:
+            return
+        msg = {"op": "credentials", "sid": self.sid, "wan_secret": self.spec.wan_secret.hex(),
+               "cert_until": self._leaf_until()}
+        try:
+            await self.node.call(msg)
+        except ServiceError as exc:
+            raise DataServerError(f"data server refused the new WAN certificate: {exc}") from None
+        log.info("session %s: WAN certificate issued again", self.sid)
 
     async def retarget(self, targets: tuple[str, ...]) -> None:
         try:
@@ -357,6 +376,8 @@ class NodeDataServer(DataServer):
             raise DataServerError(f"session {self.sid} is not in the node service: {exc}") from None
         self._future()
         self.node.servers[self.sid] = self
+        if spec.wan_secret is not None and not spec.lease_end:
+            self.renew_at = time.time()      # when its leaf ends is the service's: issue one now
         log.info("re-adopted session %s in the node service (pid %d)", self.sid, self.node.pid)
         return self
 

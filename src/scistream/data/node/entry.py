@@ -6,6 +6,7 @@ memory only), its listening sockets and which workers serve them.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import socket
@@ -106,9 +107,14 @@ def with_credentials(cfg: Any) -> Any:
         raise OpError("wan_secret must be hex") from None
     if len(secret) != wankeys.SECRET_BYTES:
         raise OpError(f"wan_secret must be {wankeys.SECRET_BYTES} bytes")
-    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")))
+    try:
+        until = float(cfg.pop("cert_until", 0) or 0)
+    except (TypeError, ValueError):
+        raise OpError("cert_until must be a number (epoch seconds, 0: the default lifetime)") from None
+    not_after = datetime.datetime.fromtimestamp(until, datetime.timezone.utc) if until > 0 else None
+    creds = wankeys.derive_credentials(secret, str(cfg.get("uid")), not_after=not_after)
     cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode(),
-               ticket_keys=wankeys.ticket_keys(secret).hex())
+               ca_pem=creds.ca_pem.decode(), ticket_keys=wankeys.ticket_keys(secret).hex())
     return cfg
 
 

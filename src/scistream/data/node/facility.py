@@ -71,13 +71,9 @@ class Membership:
         from ...control import tlscert
         cert, key = self.state_dir / "control.crt", self.state_dir / "control.key"
         hosts = [self.control_host, self.address]
-        if not (cert.exists() and key.exists() and tlscert.cert_covers(cert, hosts)):
-            tlscert.make_self_signed(cert, key, hosts)
+        tlscert.ensure_self_signed(cert, key, hosts)
         self.cert_pem = cert.read_text()
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_cert_chain(cert, key)
-        return ctx
+        return tlscert.server_context(cert, key, tls13_only=True)
 
     async def start(self) -> None:
         from ...control.pgstore import PostgresStore

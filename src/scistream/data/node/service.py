@@ -45,6 +45,7 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "ping"}                          -> {"ok", "pid", "workers": [pids], "sessions": n, "argv"}
     {"op": "add", "sid", "cfg"}             -> {"ok", "workers": [index per listener]}
     {"op": "targets", "sid", "targets"}     -> {"ok"}
+    {"op": "credentials", "sid", "wan_secret", "cert_until"} -> {"ok"}   a new WAN leaf (new connections)
     {"op": "remove", "sid"}                 -> {"ok", "stats"}        (unknown sid: ok, stats null)
     {"op": "stats", "sid"}                  -> {"ok", "stats"}        (no sid: {"stats": {sid: ..}})
     {"op": "conns", "sid"}                  -> {"ok", "connections": [..]}
@@ -338,7 +339,7 @@ class Node:
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "workers": [w.proc.pid if w.proc else None for w in self.workers],
                     "sessions": len(self.sessions), "argv": sys.argv[1:], "uptime": round(time.time() - self.started, 3)}
-        if op in ("add", "remove", "targets") and self.handing_over:
+        if op in ("add", "remove", "targets", "credentials") and self.handing_over:
             raise OpError("the node service is handing over to a new instance; retry", "busy")
         if op == "add":
             return await self.add(str(msg.get("sid") or ""), msg.get("cfg"))
@@ -346,6 +347,8 @@ class Node:
             return await self.remove(str(msg.get("sid") or ""))
         if op == "targets":
             return await self.retarget(self._entry(msg), msg.get("targets"))
+        if op == "credentials":
+            return await self.new_credentials(self._entry(msg), msg)
         if op == "stats":
             if msg.get("sid") is None:
                 return {"ok": True, "stats": await self.all_stats()}
@@ -358,7 +361,7 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem", "ticket_keys")}
+            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem", "ca_pem", "ticket_keys")}
             return {"ok": True, "cfg": shown, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
@@ -408,7 +411,8 @@ class Node:
             if bad:
                 raise OpError(f"ports {bad} are outside this node's range "
                               f"{self.port_range.start}-{self.port_range.stop - 1}")
-        cfg.pop("cert_pem", None), cfg.pop("key_pem", None), cfg.pop("ticket_keys", None)
+        for k in ("cert_pem", "key_pem", "ca_pem", "ticket_keys"):
+            cfg.pop(k, None)
         return cfg
 
     # -- operations ---------------------------------------------------------
@@ -465,6 +469,22 @@ class Node:
         e.cfg["targets"] = texts
         await self._ask(e, {"op": "targets", "sid": e.sid, "targets": texts})
         log.info("session %s retargeted -> %s", e.sid, texts)
+        return {"ok": True}
+
+    async def new_credentials(self, e: Entry, msg: dict) -> dict:
+        """A new WAN leaf for the session (``wan_secret``, ``cert_until``), for its new connections."""
+        if not e.cfg.get("tls"):
+            raise OpError(f"session {e.sid} has no TLS WAN leg")
+        made = with_credentials({"uid": e.cfg.get("uid"), "wan_secret": msg.get("wan_secret"),
+                                 "cert_until": msg.get("cert_until")})
+        if not isinstance(made, dict) or not made.get("cert_pem"):
+            raise OpError("wan_secret is required")
+        if e.cfg.get("ca_pem") and made["ca_pem"] != e.cfg["ca_pem"]:
+            raise OpError(f"that wan_secret is not session {e.sid}'s")
+        pems = {k: made[k] for k in ("cert_pem", "key_pem", "ca_pem")}
+        await self._ask(e, {"op": "credentials", "sid": e.sid, **pems})
+        e.cfg.update(pems)
+        log.info("session %s: WAN certificate issued again", e.sid)
         return {"ok": True}
 
     async def stats(self, e: Entry) -> dict:

@@ -28,6 +28,7 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "attach", "sid", "partners": {"i": worker}}   hand connections of listener i to
         that worker: the service sends it once the second workers carry the session
     {"op": "targets", "sid", "targets": [..]}      addresses, never names
+    {"op": "credentials", "sid", "cert_pem", "key_pem", "ca_pem"}   a new WAN leaf, for new connections
     {"op": "remove", "sid"}                        -> the slice's final counters
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
     {"op": "conns", "sid"}                         -> {"connections": [..]}
@@ -384,6 +385,12 @@ class NodeWorker:
                 return {"ok": True}
             if op == "targets":
                 self._slice(msg["sid"]).retarget([str(t) for t in msg["targets"]])
+                return {"ok": True}
+            if op == "credentials":     # a new WAN leaf: new connections get it
+                slc = self._slice(msg["sid"])
+                slc.cfg.update({k: str(msg[k]) for k in ("cert_pem", "key_pem", "ca_pem")})
+                slc._tls = None
+                slc.tls_session = None     # a session of the old context cannot be resumed in the new
                 return {"ok": True}
             if op == "remove":
                 s = self.slices.pop(msg["sid"], None)
