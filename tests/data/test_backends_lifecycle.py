@@ -13,7 +13,8 @@ import time
 import pytest
 
 from scistream.data.backends import common, nginx
-from scistream.data.base import BackendUnavailable, DataSpec, get_backend
+from scistream.data.base import BackendUnavailable, get_backend
+from scistream.data.spec import DataSpec
 from scistream.data.supervise import children
 from scistream.errors import DataServerError, InvalidArgument
 from conftest import async_wait_until, free_ports, port_is_free

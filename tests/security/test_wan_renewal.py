@@ -13,7 +13,7 @@ from cryptography import x509
 
 from conftest import async_wait_until, connect_session, parse_listener, roundtrip_ok
 from scistream.data import wankeys
-from scistream.data.nodeclient import ServiceError
+from scistream.data.node.client import ServiceError
 
 
 async def served_leaf(listener: str, files: wankeys.CredentialFiles) -> x509.Certificate:
