@@ -302,3 +302,22 @@ async def test_tls_engine_many_short_connections_echo(tmp_path, echo_server, tls
         payloads = [os.urandom(1 + 997 * i * i) for i in range(9)] * 4
         got = await asyncio.gather(*(echo_roundtrip(*entry(cons, i % 2), p) for i, p in enumerate(payloads)))
         assert got == payloads
+
+
+async def test_new_credentials_while_a_connection_is_open(tmp_path, echo_server):
+    """A session's WAN leaf is issued again (``renew_credentials``) while CONS's first
+    connection is still open: when that connection ends, its TLS session (of the replaced
+    context) is not kept for resumption, and the next connections get through."""
+    async with data_servers(tmp_path) as ds:
+        prod, cons = await ds.chain(f"{echo_server[0]}:{echo_server[1]}", tls=True)
+        r, w = await asyncio.open_connection(*entry(cons))
+        try:
+            w.write(b"open across the renewal")
+            assert await asyncio.wait_for(r.readexactly(23), 10) == b"open across the renewal"
+            await cons.renew_credentials()
+            await prod.renew_credentials()
+        finally:
+            w.close()
+        for i in range(3):
+            assert await echo_roundtrip(*entry(cons), b"after %d" % i) == b"after %d" % i
+        assert await failed_count(cons) == 0 and await failed_count(prod) == 0

@@ -616,7 +616,8 @@ class Conn:
             self._uncarry()
         kept = self.ctx.tls_session
         if (not reset and self.tls is not None and self.tls.side is self.b
-                and (kept is None or (self.tls.offered is kept and not self.tls.obj.session_reused))):
+                and (kept is None or (self.tls.offered is kept and not self.tls.obj.session_reused))
+                and self.tls.obj.context is self.ctx.client_tls):   # not one of a context since replaced
             # TLS 1.3 resumption: the next connection to this PROD skips the certificate
             # exchange (both signatures and verifications), as HAProxy does by default.
             # One session serves until PROD turns it down (its ticket expired): only then
