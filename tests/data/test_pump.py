@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from tlsmemory import handshake
 
 from scistream.data import wankeys
 from scistream.data.engine import compiled, tlsleg
@@ -140,28 +141,11 @@ print(compiled.PUMPS, compiled.TLS_ENGINE, compiled.ssl_ext is None, compiled.pu
 def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, session=None):
     """A TLS 1.3 connection over memory: handshake, one record each way (the client then
     holds the server's ticket); the client's session and whether it was resumed."""
-    bufs = [ssl.MemoryBIO() for _ in range(4)]
-    c = client.wrap_bio(bufs[0], bufs[1], server_hostname=tlsleg.SERVER_NAME, session=session)
-    s = server.wrap_bio(bufs[2], bufs[3], server_side=True)
-
-    def shuttle():
-        bufs[2].write(bufs[1].read())
-        bufs[0].write(bufs[3].read())
-    for _ in range(20):
-        done = 0
-        for end in (c, s):
-            try:
-                end.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-        shuttle()
-        if done == 2:
-            break
-    s.write(b"ticket, please")
-    shuttle()
-    assert c.read(100) == b"ticket, please"
-    return c.session, c.session_reused
+    t = handshake(server, client, session=session)
+    t.server.write(b"ticket, please")
+    t.shuttle()
+    assert t.client.read(100) == b"ticket, please"
+    return t.client.session, t.client.session_reused
 
 
 def test_workers_of_a_session_resume_each_others_tickets():

@@ -9,6 +9,7 @@ import stat
 import time
 
 import pytest
+from tlsmemory import handshake
 from cryptography import x509
 
 from scistream.data import wankeys
@@ -97,30 +98,8 @@ def test_files_are_private(tmp_path):
 
 def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A TLS handshake in memory; raises ssl.SSLError if either side refuses."""
-    sbio = (ssl.MemoryBIO(), ssl.MemoryBIO())
-    cbio = (ssl.MemoryBIO(), ssl.MemoryBIO())
-    srv = server_ctx.wrap_bio(*sbio, server_side=True)
-    cli = client_ctx.wrap_bio(*cbio, server_side=False, server_hostname="scistream-session")
-    for _ in range(10):
-        done = 0
-        for obj in (cli, srv):
-            try:
-                obj.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-        if cbio[1].pending:
-            sbio[0].write(cbio[1].read())
-        if sbio[1].pending:
-            cbio[0].write(sbio[1].read())
-        if done == 2:
-            # the server learns the client's verdict only with the next read
-            try:
-                srv.read(1)
-            except ssl.SSLWantReadError:
-                pass
-            return srv, cli
-    raise AssertionError("handshake did not finish")
+    t = handshake(server_ctx, client_ctx)
+    return t.server, t.client
 
 
 def test_same_secret_handshakes_mutually_in_tls13(tmp_path):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tlsmemory import handshake
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -141,24 +142,7 @@ def _strict_context(cafile) -> ssl.SSLContext:
 
 
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> ssl.SSLObject:
-    sbio, cbio = (ssl.MemoryBIO(), ssl.MemoryBIO()), (ssl.MemoryBIO(), ssl.MemoryBIO())
-    srv = server.wrap_bio(*sbio, server_side=True)
-    cli = client.wrap_bio(*cbio, server_side=False, server_hostname=name)
-    for _ in range(10):
-        done = 0
-        for obj in (cli, srv):
-            try:
-                obj.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-        if cbio[1].pending:
-            sbio[0].write(cbio[1].read())
-        if sbio[1].pending:
-            cbio[0].write(sbio[1].read())
-        if done == 2:
-            return cli
-    raise AssertionError("handshake did not finish")
+    return handshake(server, client, name).client
 
 
 @pytest.mark.parametrize("name", ["localhost", "127.0.0.1", "::1", "gw.example.org"])
