@@ -426,12 +426,15 @@ def no_leftover_processes(tmp_path):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """``@pytest.mark.compiled``: the test needs the compiled module (``_pump.c``), built and
-    linked with the libssl Python's ssl runs: skipped, saying why, where it is not
-    (.ci/run checks that it was built)."""
+    """``@pytest.mark.compiled``: the test needs the compiled pumps (``_pump.c``), built,
+    linked with the libssl Python's ssl runs, and chosen: skipped, saying why, where they
+    are not (.ci/run checks that they were built, and runs the data-plane tests again
+    with ``SCISTREAM_PUMPS=python``, where these are skipped)."""
     if item.get_closest_marker("compiled"):
         from scistream.data.engine import compiled
         if compiled.module is None:
             pytest.skip("needs the compiled module (_pump.c), which was not built")
         if compiled.ssl_ext is None:
             pytest.skip("the compiled module is linked with another libssl than Python's ssl")
+        if compiled.pump is None:
+            pytest.skip("SCISTREAM_PUMPS=python: the Python pumps are chosen")
