@@ -224,17 +224,7 @@ class CopyPump(SendKeepingRest):
         src, dst = self.src, self.dst
         rbuf, rview = self.bufs.rbuf, self.bufs.rview
         while not self.done:
-            if self.pending is not None:
-                if not dst.writable:
-                    return
-                data, self.pending = self.pending, None
-                self._send(data)
-                continue
-            if self.eof:
-                self.done = True
-                self.conn.pump_done(dst)
-                return
-            if not dst.writable or not src.readable:
+            if self._settle() or not dst.writable or not src.readable:
                 return
             n = metered_recv(src, rbuf, COPY_CHUNK, self.bucket, self.conn.kick)
             if n is None or n < 0:

@@ -373,6 +373,20 @@ class SendKeepingRest:
         if n:
             self.conn.counted(self.direction, n)  # type: ignore[attr-defined]
 
+    def _settle(self) -> bool:
+        """Send what the destination did not take before, while it takes it; at the source's
+        EOF with nothing left, end this direction. True: nothing more to do for now."""
+        while self.pending is not None:                     # type: ignore[attr-defined]
+            if not self.dst.writable:                       # type: ignore[attr-defined]
+                return True
+            data, self.pending = self.pending, None         # type: ignore[attr-defined]
+            self._send(data)
+        if self.eof:                                        # type: ignore[attr-defined]
+            self.done = True
+            self.conn.pump_done(self.dst)                   # type: ignore[attr-defined]
+            return True
+        return False
+
 
 class DecryptPump(SendKeepingRest):
     """TLS socket -> TLS engine -> plain socket."""
@@ -393,17 +407,7 @@ class DecryptPump(SendKeepingRest):
         read = tls.raw.read
         pview = tls.bufs.pview
         while not self.done:
-            if self.pending is not None:
-                if not dst.writable:
-                    return
-                data, self.pending = self.pending, None
-                self._send(data)
-                continue
-            if self.eof:
-                self.done = True
-                self.conn.pump_done(dst)
-                return
-            if not dst.writable:
+            if self._settle() or not dst.writable:
                 return
             room = CHUNK
             if self.bucket is not None:
