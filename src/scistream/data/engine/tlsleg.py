@@ -27,7 +27,7 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, PUMPS, TLS_ENGINE, on_context, pump, ssl_ext  # noqa: F401
+from .compiled import F_DST_AGAIN, F_EMPTY, F_EOF, F_SRC_AGAIN, TLS_ENGINE, on_context, pump, ssl_ext
 
 if TYPE_CHECKING:
     from .conn import Conn, Side
