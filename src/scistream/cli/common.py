@@ -135,16 +135,21 @@ def verbose_option(fn):
                         help="Debug logging, gRPC's own included.")(fn)
 
 
-def channel_options(fn):
-    """--server-cert, --insecure and --token for every command that calls an S2CS."""
+def channel_options(fn=None, *, several: bool = False):
+    """--server-cert, --insecure and --token (and -v) for every command that calls an S2CS;
+    ``several``: --server-cert repeats, one per --s2cs (status and list ask several)."""
+    if fn is None:
+        return lambda f: channel_options(f, several=several)
     fn = verbose_option(fn)
     fn = option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
                 help="Access token to send (default: from `s2uc login`).")(fn)
     fn = option("--insecure", is_flag=True, default=False,
                 help="Plaintext control channel (only for a server started with --insecure).")(fn)
-    fn = option("--server-cert", "--server-crt", default=None, envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
-                help="PEM certificate to verify the S2CS against (default: the one this client recorded "
-                     "for that address, else ./server.crt if present, else the system's roots).")(fn)
+    which = ("; repeatable: one for every --s2cs, or one per --s2cs in the same order" if several else "")
+    fn = option("--server-cert", "--server-crt", multiple=several, default=() if several else None,
+                envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
+                help=f"PEM certificate to verify the S2CS against{which} (default: the one this client "
+                     "recorded for that address, else ./server.crt if present, else the system's roots).")(fn)
     return fn
 
 

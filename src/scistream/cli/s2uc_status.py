@@ -37,8 +37,8 @@ from ..client.instances import join_instances
 from ..units import bitrate, duration, size as _size
 from ..errors import LocalMistake, ScistreamError
 from ..proto import pb
-from .common import (EXIT_CODES_HELP, Exit, channel, err, error_label, exit_code, handle_errors, local_uid,
-                     option, out, verbose_option)
+from .common import (EXIT_CODES_HELP, Exit, channel, channel_options, err, error_label, exit_code, handle_errors,
+                     local_uid, option, out)
 
 
 def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[str, Any]:
@@ -134,16 +134,7 @@ def _common(fn):
                 help="Control server to ask (repeatable: one per facility; several instances of one "
                      "facility's as HOST:PORT,HOST:PORT, asked in order until one answers; status UID "
                      "defaults to the one(s) this client used for UID).")(fn)
-    fn = verbose_option(fn)
-    fn = option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
-                help="Access token to send (default: from `s2uc login`).")(fn)
-    fn = option("--insecure", is_flag=True, default=False,
-                help="Plaintext control channel (only for a server started with --insecure).")(fn)
-    fn = option("--server-cert", "--server-crt", multiple=True, envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
-                help="PEM certificate to verify the S2CS against; repeatable: one for every --s2cs, or one "
-                     "per --s2cs in the same order (default: the one this client recorded for that "
-                     "address, else ./server.crt if present, else the system's roots).")(fn)
-    return fn
+    return channel_options(fn, several=True)
 
 
 @click.command("status", epilog="Example: s2uc status 6f1c... --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000\n\n"
