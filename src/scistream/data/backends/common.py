@@ -138,6 +138,23 @@ def listening(pids: Iterable[int], addrs: set) -> dict[int, set[int]]:
     return found
 
 
+def unix_listening(pids: Iterable[int]) -> dict[str, int]:
+    """Unix stream sockets listening on a path, held by one of ``pids``: path -> inode."""
+    inodes = _socket_inodes(pids)
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return found
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path; Flags 00010000: accepting
+        fields = line.split()
+        if len(fields) >= 8 and fields[3] == "00010000" and int(fields[6]) in inodes:
+            found[fields[7]] = int(fields[6])
+    return found
+
+
 def listening_ports(pids: Iterable[int], addrs: set) -> set[int]:
     """TCP ports in LISTEN state, on one of ``addrs``, held by one of ``pids``."""
     return set(listening(pids, addrs))

@@ -46,14 +46,21 @@ clients towards the PROD listeners.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import signal
+import sys
+from pathlib import Path
+from typing import Any
 
 from ..spec import DataSpec, Stats
+from ..supervise import group_members
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer,
-                     error_lines, log_since, log_size, write_private)
+                     error_lines, log_since, log_size, short_socket_path, unix_listening,
+                     write_private)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ _ACCEPTED = re.compile(r"LOG\d\[(\d+)\]: Service \[[^]]+\] accepted connection")
 _READ_CLOSED = re.compile(r"LOG\d\[(\d+)\]: Read socket closed \(([^)]*)\)")
 #: Connection N given up while one side was still open (``TIMEOUTclose``): a cut stream.
 _CLOSE_TIMEOUT = re.compile(r"LOG\d\[(\d+)\]: transfer: s_poll_wait: TIMEOUTclose exceeded")
+#: The relay passed an end on although stunnel had closed with bytes unread (stunnel_relay).
+_RELAY_CUT = re.compile(r"^relay: route \d+: stunnel closed the stream with \d+ byte\(s\) unread")
 LEGACY_IDENTITY = "client1"
 LEGACY_CIPHERS = ("PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305:"
                   "PSK-NULL-SHA384:PSK-NULL-SHA256:PSK-NULL-SHA")
@@ -84,7 +93,11 @@ class StunnelServer(ProxyServer):
     binaries = ("stunnel", "stunnel4")
     env_var = "SCISTREAM_STUNNEL"
     shapes_rate = False
-    carries_half_close = False
+    carries_half_close = True
+    #: The applications' sockets go through ``stunnel_relay`` (stunnel's plain sides are
+    #: Unix sockets to it). False: stunnel's own TCP sockets, which lose the end of some
+    #: half-closed streams (the original's way).
+    relayed = True
     shows_certificate = False   # PSK only: no certificate to renew
     #: Seconds stunnel waits, once one side of a stream has closed, for the other's end.
     close_timeout = IDLE_TIMEOUT_S
@@ -92,17 +105,42 @@ class StunnelServer(ProxyServer):
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)
         self._cut_seen = 0   # cut streams already warned about
+        self.relayed = type(self).relayed
+
+    @property
+    def relay_conf(self) -> Path:
+        return self.spec.workdir / "relay.json"
+
+    def plain_path(self, i: int) -> str:
+        """The Unix socket between stunnel and the relay for port ``i``."""
+        return str(short_socket_path(self.spec.workdir, f"s{i}"))
+
+    def relay_routes(self) -> dict[str, Any]:
+        """The relay's config: CONS, the session's ports -> stunnel's Unix listeners; PROD,
+        the Unix sockets stunnel connects to -> the producer's endpoints."""
+        spec, routes = self.spec, []
+        for i, (port, target) in enumerate(zip(spec.ports, spec.targets)):
+            unix = ["unix", self.plain_path(i)]
+            if spec.role == "CONS":
+                routes.append({"listen": ["tcp", spec.listen_host.strip("[]"), port], "connect": unix})
+            else:
+                host, _, tport = _endpoint(target).rpartition(":")
+                routes.append({"listen": unix, "connect": ["tcp", host, int(tport)]})
+        return {"routes": routes, "keepalive": list(spec.keepalive)}
 
     @property
     def legacy_psk(self):
         return self.spec.workdir / "legacy-psk.txt"
 
     def prepare(self) -> None:
-        log.warning("session %s/%s: stunnel may drop the end of a half-closed stream: once one "
-                    "side has closed, bytes the other side sends before it closes can be lost "
-                    "with no error on either side (a stunnel defect); such streams are counted "
-                    "as cut (s2uc status, scistream_streams_cut_total); use Builtin, Haproxy or "
-                    "Nginx for streams that half-close", self.spec.uid, self.spec.role)
+        if self.relayed:
+            write_private(self.relay_conf, json.dumps(self.relay_routes(), indent=1) + "\n")
+        else:
+            log.warning("session %s/%s: stunnel may drop the end of a half-closed stream: once one "
+                        "side has closed, bytes the other side sends before it closes can be lost "
+                        "with no error on either side (a stunnel defect); such streams are counted "
+                        "as cut (s2uc status, scistream_streams_cut_total); use Builtin, Haproxy or "
+                        "Nginx for streams that half-close", self.spec.uid, self.spec.role)
         if self.spec.wan_secret is None:
             log.warning("session %s/%s: stunnel without a WAN secret uses the original's uid-derived "
                         "PSK with NULL ciphers: the WAN leg is NOT confidential",
@@ -125,21 +163,27 @@ class StunnelServer(ProxyServer):
             "pid =",
             f"output = {self.log_path}",
             "syslog = no",
-            # info: the "Read socket closed (HUP)" lines that count the cut streams
+            # info: the "Read socket closed (HUP)" lines that count the cut streams (unrelayed)
             "debug = info",
-            "socket = l:TCP_NODELAY=1",
-            "socket = r:TCP_NODELAY=1",
-            "socket = l:SO_KEEPALIVE=1",
-            "socket = r:SO_KEEPALIVE=1",
         ]
+        # TCP options on stunnel's TCP sides only: with the relay, the plain side is a Unix
+        # socket (the relay sets them on the applications' sockets)
+        wan = "r" if spec.role == "CONS" else "l"
+        sides = (wan,) if self.relayed else ("l", "r")
+        lines += [f"socket = {side}:{opt}=1" for opt in ("TCP_NODELAY", "SO_KEEPALIVE") for side in sides]
         if spec.keepalive[0]:
             idle, interval, count = spec.keepalive
-            lines += [f"socket = {side}:{opt}={v}" for side in ("l", "r")
+            lines += [f"socket = {side}:{opt}={v}" for side in sides
                       for opt, v in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count))]
         for i, (port, target) in enumerate(zip(spec.ports, spec.targets)):
+            accept, connect = f"{spec.listen_host}:{port}", _endpoint(target)
+            if self.relayed and spec.role == "CONS":
+                accept = self.plain_path(i)
+            elif self.relayed:
+                connect = self.plain_path(i)
             lines += ["", f"[s2ds-{i}]",
-                      f"accept = {spec.listen_host}:{port}",
-                      f"connect = {_endpoint(target)}",
+                      f"accept = {accept}",
+                      f"connect = {connect}",
                       f"client = {client}",
                       f"TIMEOUTidle = {IDLE_TIMEOUT_S}",
                       # once one side has closed, stunnel waits this long for the other
@@ -153,24 +197,67 @@ class StunnelServer(ProxyServer):
         return "\n".join(lines) + "\n"
 
     def argv(self) -> list[str]:
-        return [self.binary, str(self.conf_path)]
+        if not self.relayed:
+            return [self.binary, str(self.conf_path)]
+        return [sys.executable, "-m", "scistream.data.backends.stunnel_relay", str(self.relay_conf),
+                "--", self.binary, str(self.conf_path)]
+
+    def handle(self) -> dict[str, Any]:
+        return {**super().handle(), "relayed": self.relayed}
+
+    @classmethod
+    async def adopt(cls, spec: DataSpec, handle: dict[str, Any]) -> "StunnelServer":
+        self = await super().adopt(spec, handle)
+        self.relayed = bool(handle.get("relayed", False))   # an older control server's: none
+        return self
+
+    def _group(self) -> list[int]:
+        assert self.child is not None
+        return group_members(self.child.pid) or [self.child.pid]
+
+    def _stunnel_listeners(self) -> dict[Any, int]:
+        """stunnel's own listeners (port or path -> inode): the session's TCP ports, or with
+        the relay on CONS its Unix sockets (the relay holds the TCP ports there)."""
+        if self.relayed and self.spec.role == "CONS":
+            paths = {self.plain_path(i) for i in range(len(self.spec.ports))}
+            return {p: inode for p, inode in unix_listening(self._group()).items() if p in paths}
+        return {p: min(inodes) for p, inodes in self._listening_in(self._group()).items()}
+
+    async def _ready(self) -> bool:
+        if not await super()._ready():
+            return False
+        if not self.relayed:
+            return True
+        paths = {self.plain_path(i) for i in range(len(self.spec.ports))}
+        return paths <= set(unix_listening(self._group()))
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.relayed:
+            for i in range(len(self.spec.ports)):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.plain_path(i))
 
     async def reload(self) -> None:
         assert self.child is not None
         offset = log_size(self.log_path)
-        old = {inode for inodes in self._listening_in([self.child.pid]).values() for inode in inodes}
+        old = set(self._stunnel_listeners().values())
+        if self.relayed:
+            write_private(self.relay_conf, json.dumps(self.relay_routes(), indent=1) + "\n")
         os.kill(self.child.pid, signal.SIGHUP)
 
         def done() -> bool:
             # stunnel re-binds its listeners on reload: wait for new sockets on every port
-            held = self._listening_in([self.child.pid])
-            return ("Configuration successful" in log_since(self.log_path, offset)
+            held = self._stunnel_listeners()
+            text = log_since(self.log_path, offset)
+            return ("Configuration successful" in text
+                    and (not self.relayed or "relay: routes reloaded" in text)
                     and len(held) == len(self.spec.ports)
-                    and not any(inodes & old for inodes in held.values()))
+                    and not set(held.values()) & old)
 
         def failed() -> str:
             text = log_since(self.log_path, offset)
-            return error_lines(text) if "Failed to reload" in text else ""
+            return error_lines(text) if "Failed to reload" in text or "relay: reload failed" in text else ""
 
         await self._wait_for(done, "stunnel reload", fail=failed)
 
@@ -190,13 +277,15 @@ class StunnelServer(ProxyServer):
                             stats.bytes_in += to_socket
                             stats.bytes_out += to_tls
                         stats.total_connections += 1
-                    elif _CLOSE_TIMEOUT.search(line):
+                    elif _CLOSE_TIMEOUT.search(line) or _RELAY_CUT.search(line):
                         stats.cut_streams += 1
                     elif m := _READ_CLOSED.search(line):
                         conn = int(m.group(1))
                         if conn in reading:
                             reading.discard(conn)
-                            stats.cut_streams += m.group(2) == "HUP"
+                            # with the relay a hang-up leaves nothing unread: it passes the
+                            # end on only once stunnel has read everything before it
+                            stats.cut_streams += m.group(2) == "HUP" and not self.relayed
                     elif m := _ACCEPTED.search(line):
                         accepted += 1
                         reading.add(int(m.group(1)))
