@@ -380,3 +380,28 @@ async def test_haproxy_counters_survive_a_reload(kind, tmp_path):
         assert await roundtrip(chain.entries[0], second) == second
         st = await async_wait_until(lambda: prod_bytes_at_least(2 << 20), 15, "both connections' bytes")
         assert st.total_connections == 2, st
+
+
+@pytest.mark.parametrize("kind", [p for p in EXTERNAL if p.values[0] == "Stunnel"])
+async def test_stunnel_relay_is_owned_with_stunnel(kind, tmp_path):
+    """stunnel runs behind our relay (its plain sides are Unix sockets to it), both in the
+    process group the server owns: after a stream, a kill -9 of the PROD relay takes the
+    session down with a reason, and stop leaves no process, port or socket file."""
+    async with App() as app, Chain(kind, tmp_path, [app.endpoint], n=2, secret=secret()) as chain:
+        r, w = await asyncio.open_connection("127.0.0.1", chain.entries[0])
+        try:
+            assert await exchange(r, w, b"x") == b"x"
+        finally:
+            w.close()
+        servers = (chain.prod, chain.cons)
+        paths = [s.plain_path(i) for s in servers for i in range(2)]
+        assert all(os.path.exists(p) for p in paths)
+        for server in servers:
+            assert server.relayed and len(leftover(server)) == 2, leftover(server)   # relay + stunnel
+        watcher = asyncio.create_task(chain.prod.wait_exit())
+        os.kill(chain.prod.child.pid, signal.SIGKILL)
+        assert "signal 9" in await asyncio.wait_for(watcher, 15)
+    for server in servers:
+        assert leftover(server) == []
+        assert all(port_is_free(p) for p in server.spec.ports)
+    assert not any(os.path.exists(p) for p in paths)

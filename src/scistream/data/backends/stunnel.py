@@ -1,11 +1,12 @@
 """The stunnel backend (``--type Stunnel`` or ``StunnelSubprocess``): Debian's stunnel 5.68.
 
-One stunnel per session, ``foreground = quiet`` with its log written to a file in the
-workdir (``output``): the original piped its log to a pipe nobody read, which froze the
-data path after a few connections. One service per port, ``accept`` on
+One stunnel per session, behind our relay (below), ``foreground = quiet`` with its log
+written to a file in the workdir (``output``): the original piped its log to a pipe nobody
+read, which froze the data path after a few connections. One service per port, ``accept`` on
 ``spec.listen_host`` only. PROD services are TLS servers (WAN side) that connect in plain
-TCP to the producer; CONS services accept plain TCP from the consumer and are TLS
-clients towards the PROD listeners.
+to the producer (through the relay); CONS services accept plain connections from the
+consumer (the relay listens on the session's ports) and are TLS clients towards the PROD
+listeners.
 
 * WAN leg with ``spec.wan_secret``: TLS 1.3 with the per-session pre-shared key
   (``PSKsecrets``, identity and key derived from the secret by ``wankeys``). A peer
@@ -17,8 +18,9 @@ clients towards the PROD listeners.
   ``client1`` with the uid (dashes removed) as key, NULL ciphers accepted - interoperable
   with an original StunnelSubprocess gateway, and NOT confidential (anyone who knows
   the uid has the key).
-* Retarget: the config is rewritten and stunnel reloads it on SIGHUP; established
-  connections keep going, the listeners are re-bound.
+* Retarget: the configs are rewritten and the relay reloads its routes (PROD: the
+  producer's endpoints) and has stunnel reload its own on SIGHUP; established connections
+  keep going, stunnel's listeners are re-bound.
 * Timeouts: ``TIMEOUTidle`` 7 days (default 12 h), TCP keepalive on every socket;
   ``TIMEOUTbusy`` 10 s bounds the TLS handshake (default 300 s; stunnel does not use it
   while a stream carries data). ``TIMEOUTclose`` 7 days too: it is how long stunnel waits,
@@ -29,16 +31,19 @@ clients towards the PROD listeners.
   limit is derived from the file-descriptor limit); a warning is logged once.
 * Stats: from the log's "Connection closed" lines (closed connections only).
 * Rate: **not shaped** (stunnel has no bandwidth limit); a warning is logged once.
-* Half-close: **the end of a stream may be dropped.** Once a stream's far side has closed
-  (stunnel got the TLS close_notify and shut down its write side of the plain socket), the
-  plain peer's FIN makes poll() report a hang-up. If stunnel's buffer for the plain side is
-  full at that moment (it is not asking for POLLIN) and the TLS side is not writable,
-  stunnel (5.68, and the same code up to 5.75) takes the hang-up for the end of reading:
-  what the kernel still holds is never read, and both ends see a clean end of stream.
-  Nothing in stunnel's configuration changes that path. Each such stream is counted
-  (``Stats.cut_streams``: the log's "Read socket closed (HUP)", hence ``debug = info``,
-  about 1.4 KB of log per connection), a warning is logged at session start and whenever
-  the count grows.
+* Half-close: carried whole, through our relay (``stunnel_relay``). Left to itself, stunnel
+  (5.68, and the same code up to 5.75) drops the end of some half-closed streams: once a
+  stream's far side has closed (stunnel got the TLS close_notify and shut down its write
+  side of the plain socket), the plain peer's FIN makes poll() report a hang-up, and if
+  stunnel's buffer for the plain side is full at that moment (it is not asking for POLLIN)
+  it takes the hang-up for the end of reading: what the kernel still holds is never read,
+  and both ends see a clean end of stream. Nothing in stunnel's configuration changes that
+  path. So stunnel's plain sides are Unix sockets to the relay, which is the process we
+  supervise (stunnel runs as its child) and holds each application's FIN until stunnel has
+  read every byte before it; the hang-up then finds nothing unread. ``SCISTREAM_STUNNEL_RELAY=off``
+  drives stunnel without it, as the original did: those streams are then counted
+  (``Stats.cut_streams``: the log's "Read socket closed (HUP)", hence ``debug = info``) and
+  warned about at session start and whenever the count grows.
 
     server = StunnelServer(DataSpec(uid, "PROD", "127.0.0.1", (5100,), ("10.0.0.5:7000",),
                                     wan_secret=secret, workdir=Path("/var/lib/s2cs/u1-PROD")))
@@ -79,6 +84,17 @@ LEGACY_CIPHERS = ("PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY
                   "PSK-NULL-SHA384:PSK-NULL-SHA256:PSK-NULL-SHA")
 
 
+def relay_setting() -> str:
+    """``SCISTREAM_STUNNEL_RELAY``: ``on`` (default) or ``off`` (stunnel's own TCP sockets, as
+    the original drives it: the end of some half-closed streams is lost, warned and counted;
+    for comparison)."""
+    value = os.environ.get("SCISTREAM_STUNNEL_RELAY", "on").strip().lower() or "on"
+    if value not in ("on", "off"):
+        log.warning("SCISTREAM_STUNNEL_RELAY=%r: not on or off; using on", value)
+        return "on"
+    return value
+
+
 def _endpoint(text: str) -> str:
     """stunnel wants host:port with a bare IPv6 host (it splits at the last colon)."""
     host, _, port = text.rpartition(":")
@@ -105,7 +121,7 @@ class StunnelServer(ProxyServer):
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)
         self._cut_seen = 0   # cut streams already warned about
-        self.relayed = type(self).relayed
+        self.relayed = type(self).relayed and relay_setting() == "on"
 
     @property
     def relay_conf(self) -> Path:
