@@ -174,8 +174,23 @@ async def cut_streams(client, uid: str) -> int:
 @pytest.mark.parametrize("leg", ["tls", "plain"])
 @pytest.mark.parametrize("kind", TYPES)
 async def test_half_closed_streams_arrive_whole_or_counted(kind, leg, servers, client_for, caplog):
+    await rounds_through_a_session(kind, leg, servers, client_for, caplog,
+                                   carries=get_backend(kind).carries_half_close)
+
+
+@pytest.mark.parametrize("leg", ["tls", "plain"])
+@pytest.mark.parametrize("kind", [p for p in TYPES if p.values[0] == "Stunnel"])
+async def test_stunnel_without_the_relay_drops_ends_and_counts_them(kind, leg, servers, client_for, caplog,
+                                                                     monkeypatch):
+    """``SCISTREAM_STUNNEL_RELAY=off``: stunnel's own TCP sockets face the applications, as
+    the original drives it; some ends are lost, every short stream is counted, the session
+    start warns."""
+    monkeypatch.setenv("SCISTREAM_STUNNEL_RELAY", "off")
+    await rounds_through_a_session(kind, leg, servers, client_for, caplog, carries=False)
+
+
+async def rounds_through_a_session(kind, leg, servers, client_for, caplog, *, carries: bool) -> None:
     caplog.set_level(logging.WARNING, logger="scistream")
-    carries = get_backend(kind).carries_half_close
     async with Producer() as app:
         prod_srv = await servers(server_type=kind, wan_plaintext=leg == "plain")
         cons_srv = await servers(server_type=kind, wan_plaintext=leg == "plain")
@@ -204,7 +219,8 @@ async def test_half_closed_streams_arrive_whole_or_counted(kind, leg, servers, c
                 # sides are the relay's Unix sockets
                 conf = session.server.conf_path.read_text()
                 assert conf.count(f"TIMEOUTclose = {IDLE_TIMEOUT_S}\n") == CONNS, conf
-                assert session.server.relayed and conf.count(".sock\n") == CONNS, conf
+                assert session.server.relayed == carries, conf
+                assert conf.count(".sock\n") == (CONNS if carries else 0), conf
         await pc.release(uid)
         await cc.release(uid)
     rounds = sum(ROUNDS.values())
