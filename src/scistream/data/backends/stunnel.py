@@ -63,6 +63,7 @@ from typing import Any
 
 from ..spec import DataSpec, Stats
 from ..supervise import group_members
+from . import stunnel_relay
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer,
                      error_lines, log_since, log_size, short_socket_path, unix_listening,
                      write_private)
@@ -215,7 +216,8 @@ class StunnelServer(ProxyServer):
     def argv(self) -> list[str]:
         if not self.relayed:
             return [self.binary, str(self.conf_path)]
-        return [sys.executable, "-m", "scistream.data.backends.stunnel_relay", str(self.relay_conf),
+        # by its file, without site (it imports the standard library only): half the memory
+        return [sys.executable, "-I", "-S", stunnel_relay.__file__, str(self.relay_conf),
                 "--", self.binary, str(self.conf_path)]
 
     def handle(self) -> dict[str, Any]:

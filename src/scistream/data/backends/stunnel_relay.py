@@ -23,7 +23,7 @@ Config (JSON, ``CONFIG``), one route per session port::
     {"routes": [{"listen": ["tcp", "127.0.0.1", 5100], "connect": ["unix", "/tmp/..-s0.sock"]}],
      "keepalive": [60, 15, 4]}        # TCP keepalive of the application sockets (0: system)
 
-    python -m scistream.data.backends.stunnel_relay relay.json -- stunnel stunnel.conf
+    python -I -S .../stunnel_relay.py relay.json -- stunnel stunnel.conf
 
 Its log lines (stdout, the session's stunnel log) start with ``relay:``.
 """
@@ -305,7 +305,7 @@ class Relay:
 
 def main(args: list[str]) -> int:
     if len(args) < 3 or args[1] != "--":
-        sys.stderr.write("usage: python -m scistream.data.backends.stunnel_relay CONFIG -- ARGV...\n")
+        sys.stderr.write("usage: python stunnel_relay.py CONFIG -- ARGV...\n")
         return 2
     relay = Relay(args[0], args[2:])
     try:
