@@ -19,6 +19,8 @@ import struct
 import threading
 from pathlib import Path
 
+import pytest
+
 from conftest import free_ports, port_is_free, wait_until
 from scistream.data.backends import stunnel_relay
 from scistream.data.backends.common import short_socket_path
@@ -105,7 +107,8 @@ def test_an_end_reaches_stunnel_only_after_every_byte_before_it(tmp_path):
 def test_the_relay_ends_with_its_child_and_stops_it(tmp_path):
     (port,) = free_ports(1)
     routes = [{"listen": ["tcp", "127.0.0.1", port], "connect": ["tcp", "127.0.0.1", 9]}]
-    with relay(tmp_path, routes, child=[sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"]) as proc:
+    exits_3 = [sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"]
+    with relay(tmp_path, routes, child=exits_3) as proc:
         assert proc.wait(15) == 3                 # the child's status
     assert "relay: " in (tmp_path / "relay.log").read_text()
     with relay(tmp_path, routes) as proc:
@@ -114,3 +117,37 @@ def test_the_relay_ends_with_its_child_and_stops_it(tmp_path):
         assert proc.wait(15) == 0
         wait_until(lambda: not os.path.exists(f"/proc/{child}"), 10, "the child to be stopped")
     assert port_is_free(port)
+
+
+def test_stunnel_closing_a_stream_outright_resets_the_application(tmp_path):
+    """stunnel that closes a stream (it failed, or gave up waiting) while the application
+    has not ended its side: the application sees a reset, not a clean end of stream."""
+    path = str(short_socket_path(tmp_path, "t"))
+    stunnel_side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stunnel_side.bind(path)
+    stunnel_side.listen()
+    stunnel_side.settimeout(10)
+    (port,) = free_ports(1)
+    try:
+        with relay(tmp_path, [{"listen": ["tcp", "127.0.0.1", port], "connect": ["unix", path]}]):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as app:
+                peer, _ = stunnel_side.accept()
+                peer.sendall(b"partial")
+                peer.close()
+                got = b""
+                with pytest.raises(ConnectionResetError):
+                    while chunk := app.recv(1 << 16):
+                        got += chunk
+                assert got in (b"", b"partial")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as app:
+                peer, _ = stunnel_side.accept()     # a clean end: stunnel ends its side only
+                peer.sendall(b"whole")
+                peer.shutdown(socket.SHUT_WR)
+                assert app.recv(16) == b"whole" and app.recv(16) == b""
+                app.sendall(b"answer")
+                app.shutdown(socket.SHUT_WR)
+                assert peer.recv(16) == b"answer" and peer.recv(16) == b""
+                peer.close()
+    finally:
+        stunnel_side.close()
+        os.unlink(path)

@@ -94,7 +94,8 @@ class _Live:
                                   "(--max-session-conns)", value=refused)
         yield CounterMetricFamily("scistream_streams_cut",
                                   "Streams whose end a data server may have dropped at a half-close "
-                                  "(Stunnel: the side that closed last)", value=cut)
+                                  "(Stunnel: streams it gave up waiting on; the ends it dropped with "
+                                  "SCISTREAM_STUNNEL_RELAY=off)", value=cut)
         if facility:
             yield from self._nodes(live, view[1] if view else [])
             return

@@ -45,7 +45,8 @@ class DataServer(abc.ABC):
     #: (``Stats.refused_connections``).
     caps_conns: ClassVar[bool] = False
     #: False for the types that may drop the end of a half-closed stream (the side that
-    #: closes last); each such stream is counted in ``Stats.cut_streams``.
+    #: closes last); each such stream is counted in ``Stats.cut_streams``. (The stunnel
+    #: types carry them, through their relay.)
     carries_half_close: ClassVar[bool] = True
 
     def __init__(self, spec: DataSpec) -> None:

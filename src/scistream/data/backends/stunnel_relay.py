@@ -119,14 +119,19 @@ def unread(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
+def hung_up(sock: socket.socket) -> bool:
+    """Whether a Unix socket's peer has closed it (not only ended its side)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP)
+    return bool(poller.poll(0))
+
+
 def hold_until_read(sock: socket.socket) -> int:
     """Wait until the peer of Unix socket ``sock`` has read everything written to it, or
     has closed; return what it left unread (0: everything read)."""
     delay = 0.0005
-    poller = select.poll()
-    poller.register(sock, select.POLLHUP | select.POLLERR)
     while (left := unread(sock)) > 0:
-        if poller.poll(0):         # the peer closed: nothing more will be read
+        if hung_up(sock):          # the peer closed: nothing more will be read
             return unread(sock)
         time.sleep(delay)
         delay = min(delay * 2, HOLD_POLL_MAX_S)
@@ -139,6 +144,7 @@ class Stream:
     def __init__(self, route: int, a: socket.socket, b: socket.socket) -> None:
         self.route, self.a, self.b = route, a, b
         self.failed = False
+        self.ended_to_stunnel = False   # the application's end passed on to stunnel
         self.lock = threading.Lock()
 
     def pump(self, src: socket.socket, dst: socket.socket) -> None:
@@ -155,8 +161,14 @@ class Stream:
                     n -= os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
             if self.failed:
                 return
-            if dst.family == socket.AF_UNIX and (left := hold_until_read(dst)):
-                say(f"route {self.route}: stunnel closed the stream with {left} byte(s) unread (cut)")
+            if dst.family == socket.AF_UNIX:
+                if left := hold_until_read(dst):
+                    say(f"route {self.route}: stunnel closed the stream with {left} byte(s) unread (cut)")
+                self.ended_to_stunnel = True
+            elif not self.ended_to_stunnel and hung_up(src):
+                # stunnel closed the stream outright (it failed or gave up), not just its
+                # side of it: the application's side is reset, not ended
+                raise ConnectionAbortedError("stunnel closed the stream before the application ended its side")
             dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self.fail(exc)
@@ -170,13 +182,15 @@ class Stream:
             if self.failed:
                 return
             self.failed = True
-        if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+        if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED):
             say(f"route {self.route}: {exc}")
         for sock in (self.a, self.b):
             try:
-                if sock.family != socket.AF_UNIX:
+                if sock.family == socket.AF_UNIX:
+                    sock.shutdown(socket.SHUT_RDWR)
+                else:   # no FIN: the reset goes out when the stream closes its sockets
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                sock.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
 
