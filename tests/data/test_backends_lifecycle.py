@@ -405,3 +405,29 @@ async def test_stunnel_relay_is_owned_with_stunnel(kind, tmp_path):
         assert leftover(server) == []
         assert all(port_is_free(p) for p in server.spec.ports)
     assert not any(os.path.exists(p) for p in paths)
+
+
+@pytest.mark.parametrize("kind", [p for p in EXTERNAL if p.values[0] == "Stunnel"])
+async def test_stunnel_starts_over_the_socket_files_of_a_killed_one(kind, tmp_path):
+    """A session's stunnel and relay killed outright leave their Unix socket files behind
+    (stunnel does not bind over one): the next start of the same session removes them."""
+    async with App() as app:
+        spec = DataSpec("11111111-2222-3333-4444-555555555555", "CONS", "127.0.0.1", free_ports(1),
+                        (app.endpoint,), workdir=tmp_path)
+        server = get_backend(kind)(spec)
+        await server.start()
+        path = server.plain_path(0)
+        try:
+            os.killpg(server.child.pid, signal.SIGKILL)
+            await async_wait_until(lambda: leftover(server) == [], 10, "the group to die")
+            assert os.path.exists(path)
+        finally:
+            await server.stop()
+        os.mknod(path, 0o600 | 0o140000)    # as a killed stunnel leaves it: a socket file
+        again = get_backend(kind)(spec)
+        await again.start()
+        try:   # started: the relay on the port, stunnel on the Unix socket
+            assert await again._ready() and path in common.unix_listening(leftover(again))
+        finally:
+            await again.stop()
+        assert leftover(again) == [] and not os.path.exists(path)

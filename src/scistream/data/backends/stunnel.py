@@ -152,6 +152,7 @@ class StunnelServer(ProxyServer):
     def prepare(self) -> None:
         if self.relayed:
             write_private(self.relay_conf, json.dumps(self.relay_routes(), indent=1) + "\n")
+            self._remove_plain_paths()   # a killed predecessor's: stunnel will not bind over one
         else:
             log.warning("session %s/%s: stunnel may drop the end of a half-closed stream: once one "
                         "side has closed, bytes the other side sends before it closes can be lost "
@@ -252,9 +253,12 @@ class StunnelServer(ProxyServer):
     async def stop(self) -> None:
         await super().stop()
         if self.relayed:
-            for i in range(len(self.spec.ports)):
-                with contextlib.suppress(OSError):
-                    os.unlink(self.plain_path(i))
+            self._remove_plain_paths()
+
+    def _remove_plain_paths(self) -> None:
+        for i in range(len(self.spec.ports)):
+            with contextlib.suppress(OSError):
+                os.unlink(self.plain_path(i))
 
     async def reload(self) -> None:
         assert self.child is not None
