@@ -1,0 +1,129 @@
+"""Per-hop telemetry of a live session on loopback (Builtin): every leg of both gateways
+is sampled, reaches status (the RPC, ``s2uc status --json``, the Python API) and
+Prometheus, and is gone once the session ends."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+
+from conftest import async_wait_until, connect_session, parse_listener
+from scistream.client import SessionStatus, chain
+from scistream.data.engine import tcpinfo
+from test_status import s2uc
+
+
+async def _stream(listener: str, stop: asyncio.Event) -> int:
+    """Send random bytes through the chain to the echo application and read them back until
+    ``stop``; the bytes that came back, checked against what was sent."""
+    r, w = await asyncio.open_connection(*parse_listener(listener))
+    sent = bytearray()
+    got = 0
+
+    async def reader() -> None:
+        nonlocal got
+        while chunk := await r.read(1 << 16):
+            assert chunk == sent[got:got + len(chunk)]
+            got += len(chunk)
+
+    task = asyncio.create_task(reader())
+    try:
+        while not stop.is_set():
+            block = os.urandom(1 << 16)
+            sent += block
+            w.write(block)
+            await w.drain()
+            if len(sent) - got > 32 << 20:      # keep what is in flight bounded
+                await asyncio.sleep(0.01)
+        w.write_eof()
+        await asyncio.wait_for(task, 30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        w.close()
+    assert got == len(sent)
+    return got
+
+
+def test_tcp_info_of_a_real_socket():
+    """The parsed struct agrees with what the socket did: bytes acknowledged, an RTT."""
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        with c, s:
+            sampler = tcpinfo.LegSampler()
+            first = sampler.sample(c, 100.0)
+            assert first is not None and "interval_s" not in first
+            c.sendall(b"x" * 200_000)
+            got = 0
+            while got < 200_000:
+                got += len(s.recv(1 << 16))
+            async_done = tcpinfo.read(c)
+            assert async_done is not None and async_done["bytes_acked"] >= 200_000
+            later = sampler.sample(c, 101.0)
+            assert later["interval_s"] == 1.0 and later["sent_bps"] >= 200_000 * 8 * 0.99
+            assert later["rtt_ms"] > 0 and later["cwnd"] > 0 and later["mss"] > 0
+            rx = tcpinfo.read(s)
+            assert rx["bytes_received"] == 200_000
+            shares = [later[k] for k in ("rwnd_limited", "sndbuf_limited", "cwnd_limited", "app_limited")]
+            assert all(0 <= x <= 1 for x in shares) and abs(sum(shares) - 1) < 0.01
+
+
+async def test_every_leg_of_a_live_session(servers, client_for, echo_server, tmp_path):
+    prod, cons = await servers(metrics_port=0), await servers()
+    pc, cc = client_for(prod), client_for(cons)
+    uid, p, c = await connect_session(pc, cc, f"{echo_server[0]}:{echo_server[1]}", num_conn=2)
+    stop = asyncio.Event()
+    streams = [asyncio.create_task(_stream(listener, stop)) for listener in c.listeners]
+    try:
+        async def sampled() -> list[SessionStatus] | None:
+            got = [SessionStatus.from_pb(s) for cl in (pc, cc) for s in (await cl.status(uid)).sessions]
+            ok = all(set(s.legs) == {"lan", "wan"} and all(leg["sampled"] and leg["connections"] == 2
+                                                           and leg["sent_bps"] > 0 and leg["received_bps"] > 0
+                                                           and leg["rtt_ms"] > 0 and leg["cwnd"] > 0
+                                                           for leg in s.legs.values())
+                     for s in got)
+            return got if ok and len(got) == 2 else None
+
+        statuses = await async_wait_until(sampled, timeout=20, what="both legs sampled on both gateways")
+        for s in statuses:
+            assert s.bottleneck and s.bottleneck not in ("no sample yet", "no connection open")
+        whole = chain(statuses)
+        assert [h["hop"] for h in whole["hops"]] == ["producer", "A's LAN", "WAN", "B's LAN", "consumer"]
+        assert all(h["rate_bps"] > 0 for h in whole["hops"])
+        assert whole["hop"] in ("producer", "a_lan", "wan", "b_lan", "consumer") and whole["bottleneck"]
+
+        env = {"COLUMNS": "250"}
+        code, out, err = await s2uc("status", uid, "--s2cs", prod.target, "--s2cs", cons.target,
+                                    "--insecure", "--json")
+        assert code == 0, err
+        rows = json.loads(out)
+        assert {d["role"] for d in rows} == {"PROD", "CONS"}
+        for d in rows:
+            assert set(d["legs"]) == {"lan", "wan"} and d["legs"]["wan"]["connections"] == 2
+            assert [h["hop"] for h in d["chain"]["hops"]][2] == "WAN" and d["chain"]["sides"] == ["CONS", "PROD"]
+        code, out, err = await s2uc("status", uid, "--s2cs", prod.target, "--s2cs", cons.target, "--insecure")
+        assert code == 0, err
+        for text in ("A's LAN leg", "WAN leg (A)", "WAN leg (B)", "B's LAN leg", "chain", "bottleneck",
+                     "producer", "consumer"):
+            assert text in out, (text, out)
+        del env
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", prod.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        text = (await asyncio.wait_for(reader.read(-1), 10)).decode()
+        writer.close()
+        for leg in ("lan", "wan"):
+            assert f'scistream_session_leg_rtt_seconds{{leg="{leg}",role="PROD",uid="{uid}"}}' in text
+        assert "scistream_session_bottleneck{" in text and 'conn' not in text.split("scistream_session_leg")[1][:80]
+    finally:
+        stop.set()
+        carried = await asyncio.gather(*streams)
+    assert all(n > 0 for n in carried)
+    await pc.release(uid)
+    await cc.release(uid)
+    (ps,) = (await pc.status(uid)).sessions
+    assert ps.state == "released" and not ps.legs and not ps.bottleneck
