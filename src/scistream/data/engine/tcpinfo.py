@@ -14,7 +14,7 @@ holds rates and shares of the interval, not counters since the connection began:
   by the network (busy, neither of those two: the congestion window) and by having nothing
   to send (not busy at all);
   (busy time counts any time data is unacknowledged, so an interval that ends with nothing
-  left unsent and the kernel's rate sample marked application-limited counts as
+  left unsent, or that carried under a third of what the window allows, counts as
   application-limited, however busy);
 * ``rcv_rtt_ms``: the round trip the receiving end estimates (a leg this host receives on).
 
@@ -97,9 +97,12 @@ def between(old: dict[str, int], new: dict[str, int], dt: float) -> dict[str, An
     rwnd = min(d["rwnd_limited"], busy)
     sndbuf = min(d["sndbuf_limited"], busy - rwnd)
     # Busy time is any time with data unacknowledged: on a long path a slow writer keeps
-    # the sender "busy" though it waits for the application. Nothing left unsent and the
-    # kernel's last rate sample marked application-limited: the writer is the limit.
-    if out["delivery_app_limited"] and not new["notsent_bytes"] and d["bytes_acked"]:
+    # the sender "busy" though it waits for the application. A sender held by the network
+    # has bytes waiting in its buffer (a relay keeps it full) and sends about a window per
+    # round trip; nothing left unsent, or under a third of what its window allows: the
+    # writer is the limit.
+    window_bps = new["snd_cwnd"] * new["snd_mss"] * 8 / (new["rtt"] / 1e6) if new["rtt"] else 0.0
+    if d["bytes_acked"] and (not new["notsent_bytes"] or d["bytes_acked"] * 8 / dt < window_bps / 3):
         busy = rwnd + sndbuf
     out.update({
         "interval_s": round(dt, 3),
