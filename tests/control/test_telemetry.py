@@ -9,8 +9,11 @@ import json
 import os
 import socket
 
+import pytest
+
 from conftest import async_wait_until, connect_session, parse_listener
 from scistream.client import SessionStatus, chain
+from scistream.data.base import BackendUnavailable, get_backend
 from scistream.data.engine import tcpinfo
 from test_status import s2uc
 
@@ -72,8 +75,16 @@ def test_tcp_info_of_a_real_socket():
             assert all(0 <= x <= 1 for x in shares) and abs(sum(shares) - 1) < 0.01
 
 
-async def test_every_leg_of_a_live_session(servers, client_for, echo_server, tmp_path):
-    prod, cons = await servers(metrics_port=0), await servers()
+@pytest.mark.parametrize("server_type", ["Builtin", "Haproxy", "Nginx", "Stunnel"])
+async def test_every_leg_of_a_live_session(servers, client_for, echo_server, tmp_path, server_type):
+    """Builtin samples its sockets itself; the external proxies' sockets are read from
+    outside (``ss``): the same legs, the same fields."""
+    try:
+        get_backend(server_type).check_available()
+    except BackendUnavailable as exc:
+        pytest.skip(f"{server_type} cannot run here: {exc}")
+    prod = await servers(metrics_port=0, server_type=server_type)
+    cons = await servers(server_type=server_type)
     pc, cc = client_for(prod), client_for(cons)
     uid, p, c = await connect_session(pc, cc, f"{echo_server[0]}:{echo_server[1]}", num_conn=2)
     stop = asyncio.Event()

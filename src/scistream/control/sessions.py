@@ -377,7 +377,7 @@ class SessionRegistry:
                 if session.server is server:
                     session.last_stats = fresh
             legs: dict[str, dict[str, Any]] = {}
-            if session.last_stats.connections:
+            if session.state is S.CONNECTED:
                 with contextlib.suppress(Exception):
                     legs = await asyncio.wait_for(server.telemetry(), 3.0) or {}
             if session.server is server:
