@@ -138,3 +138,54 @@ async def test_every_leg_of_a_live_session(servers, client_for, echo_server, tmp
     await cc.release(uid)
     (ps,) = (await pc.status(uid)).sessions
     assert ps.state == "released" and not ps.legs and not ps.bottleneck
+
+
+def test_ss_reads_what_tcp_info_says():
+    """The external proxies' reading (``ss`` from outside) agrees with the socket's own
+    TCP_INFO: the same connection, found by its port, with its counters."""
+    import subprocess
+    from scistream.data.backends.sockets import parse_ss
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        with c, s:
+            c.sendall(b"y" * 300_000)
+            got = 0
+            while got < 300_000:
+                got += len(s.recv(1 << 16))
+            port = ls.getsockname()[1]
+            text = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
+                                  capture_output=True, text=True, timeout=10, check=True).stdout
+            mine = tcpinfo.read(c)
+            (key, info), = parse_ss(text).items()
+            assert key == (f"127.0.0.1:{c.getsockname()[1]}", f"127.0.0.1:{port}")
+            assert info["bytes_acked"] == mine["bytes_acked"] >= 300_000
+            assert info["snd_cwnd"] == mine["snd_cwnd"] and info["snd_mss"] == mine["snd_mss"]
+            assert info["data_segs_out"] == mine["data_segs_out"] > 0
+            assert abs(info["busy_time"] - mine["busy_time"]) < 2000     # ss prints milliseconds
+
+
+def _leg(**kw):
+    base = {"connections": 1, "rtt_ms": 50.0, "min_rtt_ms": 50.0, "rcv_rtt_ms": 0.0, "cwnd": 100, "mss": 1448,
+            "delivery_rate_bps": 0, "sent_bps": 10**8, "received_bps": 0, "retrans": 0, "segs_sent": 1000,
+            "retrans_pct": 0.0, "total_retrans": 0, "sampled": True, "busy": 1.0, "rwnd_limited": 0.0,
+            "sndbuf_limited": 0.0, "cwnd_limited": 0.0, "app_limited": 0.0}
+    return {**base, **kw}
+
+
+def test_verdict_rules():
+    """The rules the testbed cannot make on demand: a full send buffer, one side only,
+    nothing flowing, bytes towards the producer."""
+    from scistream.data.telemetry import verdict
+    fine_lan = _leg(rtt_ms=0.1, app_limited=1.0, busy=0.0)
+    assert verdict({"PROD": {"lan": _leg(sent_bps=0, received_bps=10**8), "wan": _leg(sndbuf_limited=0.7)},
+                    "CONS": {"lan": fine_lan, "wan": _leg(sent_bps=0, received_bps=10**8)}}) == (
+        "wan", "the WAN leg: the send buffer of gateway A (70% of the time; raise net.ipv4.tcp_wmem for 50 ms)")
+    hop, words = verdict({"PROD": {"lan": _leg(sent_bps=0, received_bps=10**8), "wan": _leg(app_limited=1.0)}})
+    assert hop == "producer" and words.endswith("as far as gateway A sees (ask the other gateway for the whole chain)")
+    assert verdict({"PROD": {"wan": _leg(sent_bps=0)}})[1] == "idle: nothing flows"
+    assert verdict({}) == ("none", "no connection open")
+    # towards the producer: the senders are B on the WAN and A on A's LAN
+    up = verdict({"PROD": {"lan": _leg(rwnd_limited=0.9), "wan": _leg(sent_bps=0, received_bps=10**8)},
+                  "CONS": {"lan": _leg(sent_bps=0, received_bps=10**8), "wan": _leg(rwnd_limited=0.9)}})
+    assert up == ("producer", "the producer reads slowly (receive window on A's LAN leg, 90% of the time)")

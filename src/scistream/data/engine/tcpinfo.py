@@ -59,17 +59,10 @@ def parse(raw: bytes) -> dict[str, int]:
     return dict(zip(_NAMES, _STRUCT.unpack(raw[:SIZE].ljust(SIZE, b"\0"))))
 
 
-def read(sock: socket.socket | int) -> dict[str, int] | None:
+def read(sock: socket.socket) -> dict[str, int] | None:
     """The socket's ``tcp_info``; None if it has none (closed, not TCP)."""
     try:
-        if isinstance(sock, int):
-            with socket.socket(fileno=sock) as s:   # borrowed: detached before it closes
-                try:
-                    raw = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, SIZE)
-                finally:
-                    s.detach()
-        else:
-            raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, SIZE)
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, SIZE)
     except OSError:
         return None
     return parse(raw)
@@ -125,7 +118,7 @@ class LegSampler:
         self.prev_t = 0.0
         self.last: dict[str, Any] | None = None
 
-    def sample(self, sock: socket.socket | int, now: float | None = None) -> dict[str, Any] | None:
+    def sample(self, sock: socket.socket, now: float | None = None) -> dict[str, Any] | None:
         ti = read(sock)
         if ti is None:
             return self.last

@@ -203,10 +203,10 @@ class Slice:
             self._watch(index, lsock)
 
     # -- telemetry --------------------------------------------------------
-    def _legs(self, conn: Conn) -> tuple[Any, Any]:
+    def _legs(self, conn: Conn) -> tuple[socket.socket | None, socket.socket | None]:
         """(lan socket, wan socket) of a connection (None: not open yet)."""
         wan, lan = (conn.a, conn.b) if self.wan_side == "a" else (conn.b, conn.a)
-        return (lan.fd if lan is not None else None), (wan.fd if wan is not None else None)
+        return (lan.sock if lan is not None else None), (wan.sock if wan is not None else None)
 
     def sample(self, now: float) -> None:
         """Read TCP_INFO on both legs of every open connection (``SAMPLE_S``)."""
@@ -216,9 +216,9 @@ class Slice:
             samplers = self.tcp.get(cid)
             if samplers is None:
                 samplers = self.tcp[cid] = (LegSampler(), LegSampler())
-            for sampler, fd in zip(samplers, self._legs(conn)):
-                if fd is not None and fd >= 0:
-                    sampler.sample(fd, now)
+            for sampler, sock in zip(samplers, self._legs(conn)):
+                if sock is not None:
+                    sampler.sample(sock, now)
 
     def telemetry(self, cid: int) -> dict[str, Any]:
         samplers = self.tcp.get(cid)
