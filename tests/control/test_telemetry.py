@@ -64,8 +64,8 @@ def test_tcp_info_of_a_real_socket():
             got = 0
             while got < 200_000:
                 got += len(s.recv(1 << 16))
-            async_done = tcpinfo.read(c)
-            assert async_done is not None and async_done["bytes_acked"] >= 200_000
+            now = tcpinfo.read(c)
+            assert now is not None and now["bytes_acked"] >= 200_000
             later = sampler.sample(c, 101.0)
             assert later["interval_s"] == 1.0 and later["sent_bps"] >= 200_000 * 8 * 0.99
             assert later["rtt_ms"] > 0 and later["cwnd"] > 0 and later["mss"] > 0
@@ -107,7 +107,6 @@ async def test_every_leg_of_a_live_session(servers, client_for, echo_server, tmp
         assert all(h["rate_bps"] > 0 for h in whole["hops"])
         assert whole["hop"] in ("producer", "a_lan", "wan", "b_lan", "consumer") and whole["bottleneck"]
 
-        env = {"COLUMNS": "250"}
         code, out, err = await s2uc("status", uid, "--s2cs", prod.target, "--s2cs", cons.target,
                                     "--insecure", "--json")
         assert code == 0, err
@@ -121,7 +120,6 @@ async def test_every_leg_of_a_live_session(servers, client_for, echo_server, tmp
         for text in ("A's LAN leg", "WAN leg (A)", "WAN leg (B)", "B's LAN leg", "chain", "bottleneck",
                      "producer", "consumer"):
             assert text in out, (text, out)
-        del env
 
         reader, writer = await asyncio.open_connection("127.0.0.1", prod.metrics_port)
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")

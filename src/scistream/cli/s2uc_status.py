@@ -344,7 +344,8 @@ def _table(found: list[dict], rates: dict | None = None, width: int | None = Non
     t = Table(**kw)
     for c in _COLUMNS:
         if c in shown:
-            t.add_column(c, no_wrap=c in ("uid", "state", "role"), overflow="fold" if c in ("last error", "bottleneck") else "ellipsis",
+            t.add_column(c, no_wrap=c in ("uid", "state", "role"),
+                         overflow="fold" if c in ("last error", "bottleneck") else "ellipsis",
                          min_width=need[c] - 3 if c in ("uid", "state") else None)
     for r in rows:
         t.add_row(*(r[c] for c in _COLUMNS if c in shown))

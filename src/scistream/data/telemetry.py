@@ -154,7 +154,8 @@ def hops(sides: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         return {"hop": name, "rate_bps": rate, "rtt_ms": rtt,
                 "retrans_pct": max(x.get("retrans_pct", 0.0) for x in got)}
 
-    lan_a, wan, lan_b = leg("A's LAN", a.get("lan")), leg("WAN", a.get("wan"), b.get("wan")), leg("B's LAN", b.get("lan"))
+    lan_a, lan_b = leg("A's LAN", a.get("lan")), leg("B's LAN", b.get("lan"))
+    wan = leg("WAN", a.get("wan"), b.get("wan"))
     return [{"hop": "producer", "rate_bps": lan_a["rate_bps"], "rtt_ms": None, "retrans_pct": None},
             lan_a, wan, lan_b,
             {"hop": "consumer", "rate_bps": lan_b["rate_bps"], "rtt_ms": None, "retrans_pct": None}]
