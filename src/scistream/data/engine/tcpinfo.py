@@ -110,24 +110,38 @@ def between(old: dict[str, int], new: dict[str, int], dt: float) -> dict[str, An
 
 
 class LegSampler:
-    """The readings of one socket: the last one, and what the last interval showed."""
-    __slots__ = ("prev", "prev_t", "last")
+    """The readings of one socket: the last two (kept raw: a reading costs one system call),
+    and what the interval between them showed, worked out when asked (``last``)."""
+    __slots__ = ("prev", "cur", "_done")
 
     def __init__(self) -> None:
-        self.prev: dict[str, int] | None = None
-        self.prev_t = 0.0
-        self.last: dict[str, Any] | None = None
+        self.prev: tuple[float, bytes] | None = None
+        self.cur: tuple[float, bytes] | None = None
+        self._done: tuple[float, dict[str, Any] | None] = (-1.0, None)
 
     def sample(self, sock: socket.socket, now: float | None = None) -> dict[str, Any] | None:
-        ti = read(sock)
-        if ti is None:
-            return self.last
-        now = time.monotonic() if now is None else now
-        if self.prev is None:
-            self.last = instant(ti)
-        elif now - self.prev_t >= 0.2:     # a shorter interval says too little (a second sampler)
-            self.last = between(self.prev, ti, now - self.prev_t)
-        else:
-            return self.last
-        self.prev, self.prev_t = ti, now
+        """Take a reading (none within 0.2 s of the last: too short an interval says too
+        little); return ``last``."""
+        self.take(sock, now)
         return self.last
+
+    def take(self, sock: socket.socket, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.cur is not None and now - self.cur[0] < 0.2:
+            return
+        try:
+            raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, SIZE)
+        except OSError:
+            return
+        self.prev, self.cur = self.cur, (now, raw)
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The latest interval's sample (``between``), or the one reading's (``instant``)."""
+        if self.cur is None:
+            return None
+        if self._done[0] != self.cur[0]:
+            new = parse(self.cur[1])
+            out = instant(new) if self.prev is None else between(parse(self.prev[1]), new, self.cur[0] - self.prev[0])
+            self._done = (self.cur[0], out)
+        return self._done[1]

@@ -218,7 +218,7 @@ class Slice:
                 samplers = self.tcp[cid] = (LegSampler(), LegSampler())
             for sampler, sock in zip(samplers, self._legs(conn)):
                 if sock is not None:
-                    sampler.sample(sock, now)
+                    sampler.take(sock, now)
 
     def telemetry(self, cid: int) -> dict[str, Any]:
         samplers = self.tcp.get(cid)
@@ -326,9 +326,12 @@ class NodeWorker:
 
     def _sample(self) -> None:
         now = time.monotonic()
-        for slc in self.slices.values():
-            if slc.conns:
-                slc.sample(now)
+        try:
+            for slc in self.slices.values():
+                if slc.conns:
+                    slc.sample(now)
+        except Exception:   # telemetry must never stop the relay
+            log.exception("worker %d: sampling TCP_INFO failed", self.index)
         self.loop.call_later(SAMPLE_S, self._sample)
 
     def new_id(self) -> int:
