@@ -14,6 +14,12 @@ scripts; the exit code is 0 only if every server answered. ``--watch`` redraws t
 every ``--interval`` seconds with the throughput of each session (from the change of its
 byte counters), the terminal twin of the web view (``s2cs --web-port``); Ctrl-C ends it.
 
+Per-hop telemetry (docs/telemetry.md): each gateway reports its session's two legs (round
+trip, congestion window, retransmits, rates, what limits the sender); ``status UID``
+prints them, then the chain from producer to consumer and its bottleneck read from both
+gateways' answers (``--json``: ``legs``, ``bottleneck``, ``chain``); ``--watch`` adds the
+legs' round trips and the bottleneck to the table.
+
 Each ``--s2cs`` is one facility (the PROD one, the CONS one); a comma inside one value
 lists the instances of that facility's control server, asked in order until one answers
 (``scistream.client.instances``). The ``server`` of each session is that value.
