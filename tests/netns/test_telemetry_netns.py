@@ -1,7 +1,8 @@
 """Per-hop telemetry names the hop that holds a session back, over the emulated WAN: each of
 three hops is made the bottleneck in turn (a consumer that reads slowly, a lossy WAN, a
 producer that sends slowly) and what both gateways' status says must name it. Real
-control servers (Builtin) on the gateways, a real session, every byte checked by the
+control servers on the gateways (Builtin, which samples its sockets itself, and HAProxy,
+whose sockets are read from outside), a real session, every byte checked by the
 consumer; bounded in time, the namespaces removed afterwards."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from nshelpers import PY, built, needs_testbed, run_in, spawn, start_s2cs, wait_for
+from scistream.data.base import BackendUnavailable, get_backend
 from scistream.netns import Testbed, WanSpec
 
 pytestmark = needs_testbed
@@ -32,8 +34,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("server_type", ["Builtin", "Haproxy"])
 @pytest.mark.parametrize("case", list(CASES))
-async def test_telemetry_names_the_bottleneck(case, tmp_path):
+async def test_telemetry_names_the_bottleneck(case, server_type, tmp_path):
+    """Builtin samples its sockets itself; HAProxy's are read from outside (``ss``)."""
+    try:
+        get_backend(server_type).check_available()
+    except BackendUnavailable as exc:
+        pytest.skip(f"{server_type} cannot run here: {exc}")
     loss, prod_rate, cons_rate, hop, words = CASES[case]
     with built(Testbed(wan=WanSpec(rtt_ms=20, rate="200mbit", loss=loss))) as tb:
         async with contextlib.AsyncExitStack() as stack:
@@ -43,8 +51,8 @@ async def test_telemetry_names_the_bottleneck(case, tmp_path):
                 "--ports", str(NUM_CONN), "--rate", str(prod_rate), "--ready", str(ready)),
                 log_path=tmp_path / "source.log"))
             prod, cons = await asyncio.gather(
-                start_s2cs(stack, tb, tb.gw_a, tmp_path, listener_ip=tb.gw_a.wan_ip),
-                start_s2cs(stack, tb, tb.gw_b, tmp_path, listener_ip=tb.gw_b.lan_ip))
+                start_s2cs(stack, tb, tb.gw_a, tmp_path, listener_ip=tb.gw_a.wan_ip, server_type=server_type),
+                start_s2cs(stack, tb, tb.gw_b, tmp_path, listener_ip=tb.gw_b.lan_ip, server_type=server_type))
             await wait_for(lambda: ready.exists() or src.returncode is not None, 20, "the source")
             endpoints = json.loads(ready.read_text())["endpoints"]
             gateways = (prod.target, str(prod.cert), cons.target, str(cons.cert))
