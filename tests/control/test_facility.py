@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import BIN, async_wait_until, cons_session, new_uid, prod_session, roundtrip_ok, still_listening
+from conftest import (BIN, async_wait_until, cons_session, new_uid, parse_listener, prod_session, roundtrip_ok,
+                      still_listening)
 from scistream.client import AsyncClient
 from scistream.data.supervise import pid_alive
 
@@ -705,3 +706,30 @@ async def test_original_tooling_client_against_a_facility(facility, echo_server,
         ("CONS", "released", "plain"), ("PROD", "released", "plain")], [dict(r) for r in rows]
     assert not any(r["rate_enforced"] for r in rows)      # its rate=10000 is the original's unenforced default
     assert await live_rows(f.url) == []
+
+
+async def test_status_carries_the_legs_from_the_node(facility, servers, client_for, echo_server):
+    """A facility's status reads each connected session's per-hop telemetry from the node
+    that carries it (its connections' TCP samples), as a single gateway's does."""
+    from scistream.client import SessionStatus
+    f = facility(nodes=1, instances=1)
+    a, cons = client_for(f.instances[0].target), client_for((await servers()).target)
+    uid, prod = await prod_session(a, a, f"{echo_server[0]}:{echo_server[1]}", num_conn=1)
+    listeners = (await cons_session(cons, uid, prod)).listeners
+    r, w = await asyncio.open_connection(*parse_listener(listeners[0]))
+    try:
+        async def sampled():
+            block = os.urandom(1 << 16)
+            w.write(block)
+            await w.drain()
+            assert await r.readexactly(len(block)) == block
+            (s,) = [SessionStatus.from_pb(x) for x in (await a.status(uid)).sessions]
+            ok = set(s.legs) == {"lan", "wan"} and all(leg["sampled"] for leg in s.legs.values())
+            return s if ok else None
+        s = await async_wait_until(sampled, 20, "the legs in the facility's status")
+        assert s.node == "dtn1" and s.legs["wan"]["connections"] == 1 and s.legs["lan"]["rtt_ms"] > 0
+        assert s.bottleneck
+    finally:
+        w.close()
+    await a.release(uid)
+    await cons.release(uid)

@@ -1,6 +1,7 @@
 """deploy/grafana-dashboard.json asks only for metrics a real control server serves."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import connect_session, echo_roundtrip, new_uid, parse_listener
+from conftest import async_wait_until, connect_session, echo_roundtrip, new_uid, parse_listener
 from scistream import errors
 from test_metrics import scrape
 
@@ -40,7 +41,22 @@ async def test_every_query_names_a_served_metric(servers, client_for, echo_serve
     assert await echo_roundtrip(*parse_listener(cons_resp.listeners[0]), payload) == payload
     with pytest.raises(errors.NotFound):     # one error, so errors by code has a series
         await client_for(prod).release(new_uid())
-    _, samples = await scrape(prod.metrics_port)
+    # a connection that stays open and carries bytes, so the legs' telemetry has samples
+    r, w = await asyncio.open_connection(*parse_listener(cons_resp.listeners[0]))
+    streamed = 0
+    try:
+        async def sampled():
+            nonlocal streamed
+            block = os.urandom(1 << 16)
+            w.write(block)
+            await w.drain()
+            assert await r.readexactly(len(block)) == block
+            streamed += len(block)
+            _, got = await scrape(prod.metrics_port)
+            return got if any(n == "scistream_session_leg_limited_ratio" for n, _ in got) else None
+        samples = await async_wait_until(sampled, 20, "the legs' telemetry in the metrics")
+    finally:
+        w.close()
     served = {name for name, _ in samples}
     asked = {n for q in queries(dash) for n in NAME.findall(q)}
     missing = asked - served
@@ -49,10 +65,11 @@ async def test_every_query_names_a_served_metric(servers, client_for, echo_serve
     # the setup time histogram, errors by code
     assert {"scistream_sessions", "scistream_bytes_forwarded_total",
             "scistream_session_bytes_forwarded_total", "scistream_session_setup_seconds_bucket",
-            "scistream_rpc_errors_total"} <= asked
+            "scistream_rpc_errors_total", "scistream_session_leg_rtt_seconds",
+            "scistream_session_leg_limited_ratio", "scistream_session_bottleneck"} <= asked
     per_session = {labels for name, labels in samples if name == "scistream_session_bytes_forwarded_total"}
     assert (("direction", "to_consumer"), ("role", "PROD"), ("uid", uid)) in per_session
     assert samples[("scistream_session_bytes_forwarded_total",
-                    (("direction", "to_consumer"), ("role", "PROD"), ("uid", uid)))] == len(payload)
+                    (("direction", "to_consumer"), ("role", "PROD"), ("uid", uid)))] == len(payload) + streamed
     await client_for(cons).release(uid)
     await client_for(prod).release(uid)

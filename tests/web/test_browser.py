@@ -89,6 +89,23 @@ async def test_live_session_rate_rises_then_released(gateways, tokens, browser, 
             assert await js(browser, "return typeof uPlot === 'function' && "
                                      "document.querySelector('#chart .uplot canvas') !== null")
             assert await js(browser, "return document.getElementById('live').classList.contains('on')")
+            # the chain hop by hop: this gateway (PROD) sees the producer, A's LAN and the WAN,
+            # each with its rate (and the legs their round trip), and names what holds it back
+            hops = await async_wait_until(
+                lambda: js(browser, "var h = Array.from(document.querySelectorAll('#chain .hop'));"
+                                    "return h.length === 5 && h[2].querySelector('.rtt').textContent !== '' && "
+                                    "h.map(x => [x.dataset.hop, x.querySelector('.name').textContent,"
+                                    " x.querySelector('.rate').textContent, x.querySelector('.rtt').textContent])"),
+                20, "the chain's hops with their rates")
+            assert [h[0] for h in hops] == ["producer", "a_lan", "wan", "b_lan", "consumer"]
+            assert [h[1] for h in hops] == ["producer", "A's LAN", "WAN", "B's LAN", "consumer"]
+            assert all(h[2] != "?" and h[2].endswith("bit/s") for h in hops[:3]), hops
+            assert hops[1][3].endswith(" ms") and hops[2][3].endswith(" ms") and hops[3][2] == "?"
+            words = await js(browser, "return document.getElementById('bottleneck').textContent")
+            assert words and words not in ("no sample yet", "no connection open"), words
+            marked = await js(browser, "return Array.from(document.querySelectorAll('#chain .hop.bottleneck'))"
+                                       ".map(x => x.dataset.hop)")
+            assert len(marked) <= 1
             shot = artefact("session-live.png")
             assert await run(browser.save_screenshot, str(shot))
             assert shot.stat().st_size > 10000

@@ -71,6 +71,10 @@ async def test_watch_shows_the_rate_and_the_release(servers, client_for, echo_se
             await async_wait_until(
                 lambda: any(float(m.group(1)) > 0 for m in rate.finditer(term.last_frame())), 20,
                 "a throughput above zero")
+            # the legs' round trips and what holds the session back, as this gateway sees it
+            await async_wait_until(lambda: re.search(r"lan [\d.]+ms wan [\d.]+ms", term.last_frame()), 20,
+                                   "the legs' round trips")
+            assert re.search(r"(producer|consumer|WAN|LAN)", term.last_frame().split("rtt", 1)[-1])
         await pc.release(uid)
         await async_wait_until(lambda: re.search(re.escape(uid) + r".*?released", term.last_frame()), 20,
                                "released in the live table")

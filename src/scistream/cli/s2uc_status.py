@@ -14,6 +14,12 @@ scripts; the exit code is 0 only if every server answered. ``--watch`` redraws t
 every ``--interval`` seconds with the throughput of each session (from the change of its
 byte counters), the terminal twin of the web view (``s2cs --web-port``); Ctrl-C ends it.
 
+Per-hop telemetry (docs/telemetry.md): each gateway reports its session's two legs (round
+trip, congestion window, retransmits, rates, what limits the sender); ``status UID``
+prints them, then the chain from producer to consumer and its bottleneck read from both
+gateways' answers (``--json``: ``legs``, ``bottleneck``, ``chain``); ``--watch`` adds the
+legs' round trips and the bottleneck to the table.
+
 Each ``--s2cs`` is one facility (the PROD one, the CONS one); a comma inside one value
 lists the instances of that facility's control server, asked in order until one answers
 (``scistream.client.instances``). The ``server`` of each session is that value.
@@ -34,6 +40,8 @@ from rich.table import Table
 from ..client import AsyncClient
 from ..client import sessionfile
 from ..client.instances import join_instances
+from ..client.model import legs_dict
+from ..data.telemetry import hops as chain_hops, verdict
 from ..units import bitrate, duration, size as _size
 from ..errors import LocalMistake, ScistreamError
 from ..proto import pb
@@ -67,7 +75,25 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
         "wan_security": info.wan_security, "server_type": info.server_type,
         # a facility (s2cs --facility): the node carrying it, the instance that took its req
         "node": getattr(info, "node", ""), "instance": getattr(info, "instance", ""),
+        # per-hop telemetry: this gateway's legs (lan, wan) and what holds the session back
+        "legs": legs_dict(info), "bottleneck": getattr(info, "bottleneck", ""),
     }
+
+
+def with_chains(found: list[dict]) -> list[dict]:
+    """Each live session seen on both gateways gets ``chain``: its hops from producer to
+    consumer with their rate and round trip, and the bottleneck read from both sides."""
+    by_uid: dict[str, dict[str, dict]] = {}
+    for d in found:
+        if not d["ended"] and d["legs"]:
+            by_uid.setdefault(d["uid"], {})[d["role"]] = d["legs"]
+    for d in found:
+        sides = by_uid.get(d["uid"])
+        if sides and not d["ended"]:
+            hop, words = verdict(sides)
+            d["chain"] = {"hops": chain_hops(sides), "bottleneck": words, "hop": hop,
+                          "sides": sorted(sides)}
+    return found
 
 
 def _when(t: float | None) -> str:
@@ -98,7 +124,7 @@ async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], 
             raise r
         else:
             found.extend(r)
-    return found, failed
+    return with_chains(found), failed
 
 
 def _servers(s2cs: tuple[str, ...], uid: str | None, certs: tuple[str, ...]) -> list[str]:
@@ -165,6 +191,9 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
     elif uid:
         for d in found:
             _print_one(d)
+        chained = next((d for d in found if d.get("chain")), None)
+        if chained is not None:
+            _print_chain(chained)
     elif found or not failed:
         _print_table(found)
     _finish(failed, found, uid)
@@ -218,9 +247,49 @@ def _print_one(d: dict) -> None:
         ("WAN leg", f"{d['wan_security'] or '-'} ({d['server_type']})"),
         *([("node", f"{d['node']} (req taken by {d['instance'] or '-'})")] if d.get("node") else []),
         ("last error", d["last_error"] or "-"),
+        *_telemetry_rows(d),
     ]
     for k, v in rows:
         t.add_row(k, escape(str(v)))
+    out.print(t)
+    out.print()
+
+
+_LEG_NAMES = {("PROD", "lan"): "A's LAN leg", ("PROD", "wan"): "WAN leg (A)",
+              ("CONS", "wan"): "WAN leg (B)", ("CONS", "lan"): "B's LAN leg"}
+
+
+def _leg_text(leg: dict) -> str:
+    rate = max(leg.get("sent_bps", 0), leg.get("received_bps", 0))
+    text = (f"{bitrate(int(rate))}, rtt {leg['rtt_ms']:.2f} ms, cwnd {leg['cwnd']}, "
+            f"{leg['retrans_pct']:.2g}% retransmits, {leg['connections']} conn")
+    if leg.get("sent_bps"):
+        text += (f"; sender limited by: receive window {leg['rwnd_limited']:.0%}, send buffer "
+                 f"{leg['sndbuf_limited']:.0%}, network {leg['cwnd_limited']:.0%}, "
+                 f"nothing to send {leg['app_limited']:.0%}")
+    return text
+
+
+def _telemetry_rows(d: dict) -> list[tuple[str, str]]:
+    first = "lan" if d["role"] == "PROD" else "wan"     # in the order the bytes go to the consumer
+    rows = [(_LEG_NAMES.get((d["role"], name), name), _leg_text(leg))
+            for name, leg in sorted(d.get("legs", {}).items(), key=lambda x: x[0] != first)]
+    if d.get("bottleneck") and not d.get("chain"):
+        rows.append(("bottleneck", d["bottleneck"] + " (this gateway's view)"))
+    return rows
+
+
+def _print_chain(d: dict) -> None:
+    """The session's chain, hop by hop, and what holds it back (both gateways' view)."""
+    chain = d["chain"]
+    hops = " -> ".join(f"{h['hop']} {bitrate(int(h['rate_bps'])) if h['rate_bps'] is not None else '?'}"
+                       + (f" ({h['rtt_ms']:.1f} ms)" if h.get("rtt_ms") else "") for h in chain["hops"])
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("chain", escape(hops))
+    t.add_row("bottleneck", escape(chain["bottleneck"]
+                                   + ("" if len(chain["sides"]) == 2 else " (one gateway's view)")))
     out.print(t)
     out.print()
 
@@ -240,9 +309,9 @@ def _rate_cap(d: dict, short: bool = False) -> str:
 # the table's columns, in their order, and which go first when the terminal is too narrow
 # for all (the uid and the state are never cut: they are what the user copies and checks)
 _COLUMNS = ("uid", "role", "state", "owner", "age", "lease left", "conns", "to producer", "to consumer",
-            "rate cap", "WAN", "server", "last error")
-_KEEP_FIRST = ("uid", "state", "role", "to consumer", "to producer", "conns", "age", "last error", "server",
-               "lease left", "owner", "rate cap", "WAN")
+            "rtt", "bottleneck", "rate cap", "WAN", "server", "last error")
+_KEEP_FIRST = ("uid", "state", "role", "to consumer", "to producer", "conns", "bottleneck", "rtt", "age",
+               "last error", "server", "lease left", "owner", "rate cap", "WAN")
 
 
 def _row(d: dict, rates: dict | None) -> dict[str, str]:
@@ -257,6 +326,8 @@ def _row(d: dict, rates: dict | None) -> dict[str, str]:
             "conns": f"{d['connections']}/{d['total_connections']}",
             "to producer": flow[0], "to consumer": flow[1],
             "rate cap": _rate_cap(d, short=True), "WAN": d["wan_security"] or "-",
+            "rtt": " ".join(f"{k} {v['rtt_ms']:.1f}ms" for k, v in sorted(d.get("legs", {}).items())) if live else "",
+            "bottleneck": escape((d.get("chain") or {}).get("bottleneck") or d.get("bottleneck") or "") if live else "",
             "server": d["server"] + (f" @{d['node']}" if d.get("node") else ""),
             "last error": escape(d["last_error"][:120]) or "-"}
 
@@ -272,14 +343,15 @@ def _table(found: list[dict], rates: dict | None = None, width: int | None = Non
     need = {c: max([len(c)] + [len(r[c]) for r in rows]) + 3 for c in _COLUMNS}
     shown, used = set(), 1
     for c in _KEEP_FIRST:
-        want = need[c] if c != "last error" else min(need[c], 24)
+        want = need[c] if c not in ("last error", "bottleneck") else min(need[c], 24)
         if c in ("uid", "state", "role") or used + want <= width:
             shown.add(c)
             used += want
     t = Table(**kw)
     for c in _COLUMNS:
         if c in shown:
-            t.add_column(c, no_wrap=c in ("uid", "state", "role"), overflow="fold" if c == "last error" else "ellipsis",
+            t.add_column(c, no_wrap=c in ("uid", "state", "role"),
+                         overflow="fold" if c in ("last error", "bottleneck") else "ellipsis",
                          min_width=need[c] - 3 if c in ("uid", "state") else None)
     for r in rows:
         t.add_row(*(r[c] for c in _COLUMNS if c in shown))

@@ -21,9 +21,10 @@ Every failure is a ``scistream.errors.ScistreamError`` subclass carrying its gRP
 from . import sync
 from .api import AsyncClient, ChannelOptions, Client
 from .model import (ConsSide, Connection, Gateway, ProdSide, Progress, Released, SessionStatus,
-                    Step)
+                    Step, chain)
 from .session import connect, new_uid, release, request_cons, request_prod, status
 
 __all__ = ["AsyncClient", "Client", "ChannelOptions",
            "Gateway", "Connection", "ProdSide", "ConsSide", "Released", "SessionStatus", "Progress", "Step",
-           "connect", "request_prod", "request_cons", "release", "status", "new_uid", "sync"]
+           "connect", "request_prod", "request_cons", "release", "status", "chain", "new_uid",
+           "sync"]

@@ -177,6 +177,11 @@ class SessionStatus:
     rate_enforced: bool = True  # False: a client of the original tooling; the rate is not enforced
     node: str = ""              # a facility (s2cs --facility): the node carrying the session
     instance: str = ""          # a facility: the control instance that took its req
+    #: per-hop telemetry: this gateway's legs, ``{"lan": {...}, "wan": {...}}`` (rtt_ms, cwnd,
+    #: retrans_pct, delivery_rate_bps, sent_bps, received_bps, rwnd_limited, sndbuf_limited,
+    #: cwnd_limited, app_limited, ...; see docs/telemetry.md); empty: none sampled
+    legs: dict = dataclasses.field(default_factory=dict)
+    bottleneck: str = ""        # the hop that holds the session back, as far as this gateway sees
 
     @property
     def active(self) -> bool:
@@ -192,7 +197,8 @@ class SessionStatus:
                    last_error=info.last_error, wan_security=info.wan_security,
                    server_type=info.server_type,
                    rate_enforced=not getattr(info, "rate_not_enforced", False),
-                   node=getattr(info, "node", ""), instance=getattr(info, "instance", ""))
+                   node=getattr(info, "node", ""), instance=getattr(info, "instance", ""),
+                   legs=legs_dict(info), bottleneck=getattr(info, "bottleneck", ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -200,4 +206,20 @@ class SessionStatus:
         return d
 
 
-__all__ = ["Gateway", "Step", "Progress", "ProdSide", "ConsSide", "Connection", "Released", "SessionStatus"]
+def legs_dict(info: pb.SessionInfo) -> dict[str, dict[str, Any]]:
+    """The legs of a status answer as plain data: ``{"lan": {...}, "wan": {...}}``."""
+    return {leg.leg: {f.name: getattr(leg, f.name) for f in leg.DESCRIPTOR.fields if f.name != "leg"}
+            for leg in getattr(info, "legs", ())}
+
+
+def chain(statuses: "list[SessionStatus]") -> dict[str, Any]:
+    """One session's whole chain from both gateways' answers (the PROD one and the CONS
+    one): ``hops`` (producer, A's LAN, WAN, B's LAN, consumer, each with ``rate_bps`` and
+    ``rtt_ms``), ``bottleneck`` (words) and ``hop`` (which one limits it)."""
+    from ..data.telemetry import hops, verdict
+    sides = {s.role: s.legs for s in statuses if s.active and s.legs}
+    hop, words = verdict(sides)
+    return {"hops": hops(sides), "bottleneck": words, "hop": hop}
+
+
+__all__ = ["chain", "Gateway", "Step", "Progress", "ProdSide", "ConsSide", "Connection", "Released", "SessionStatus"]

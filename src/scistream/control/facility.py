@@ -51,6 +51,7 @@ from ..addr import check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
 from ..data.spec import KEEPALIVE, Stats
+from ..data.telemetry import summarize
 from ..data.node.client import ServiceConnection, ServiceError
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError, Status)
@@ -635,6 +636,16 @@ class FacilityRegistry:
                 if r:
                     s.last_stats = Stats(int(r["bytes_in"]), int(r["bytes_out"]), int(r["connections"]),
                                          int(r["total_connections"]), int(r.get("refused_connections", 0)))
+            await asyncio.gather(*(legs(node, s) for s in group if s.last_stats.connections))
+
+        sem = asyncio.Semaphore(16)
+
+        async def legs(node: Any, s: Session) -> None:
+            """The session's per-hop telemetry: its connections' TCP samples on the node."""
+            async with sem:
+                with contextlib.suppress(ServiceError, KeyError, TypeError):
+                    r = await self.links.call(node, {"op": "conns", "sid": f"{s.uid}/{s.role}"}, 3.0)
+                    s.legs = summarize(r.get("connections") or [])
         await asyncio.gather(*(one(n, g) for n, g in by_node.items()))
 
     def sessions(self) -> list[Session]:

@@ -13,6 +13,20 @@ What is exported (all prefixed ``scistream_``):
     rpc_errors_total{method,code}       counter  the ones that failed
     ports{state}, bandwidth_kbps{state} gauge    pool use: used / free, used / max
 
+Per-hop telemetry of each live session on this gateway (labels ``uid``, ``role``, ``leg``:
+``lan`` or ``wan``; never one per connection), from the data server's TCP_INFO samples:
+
+    session_leg_rtt_seconds                      gauge  smoothed round trip (mean of the connections)
+    session_leg_rate_bps{direction}              gauge  sent / received in the last second (sum)
+    session_leg_delivery_rate_bps                gauge  the kernel's estimate of what the path delivers
+    session_leg_cwnd_segments                    gauge  congestion window (mean)
+    session_leg_retransmit_ratio                 gauge  segments sent again / sent, last second
+    session_leg_retransmits_total                counter  since the open connections began
+    session_leg_limited_ratio{cause}             gauge  share of the last second the sender was held
+                                                        by rwnd, sndbuf, cwnd (the network) or app
+    session_bottleneck{uid,role,hop}             gauge  1 for the hop this gateway sees limiting
+                                                        (producer, a_lan, wan, b_lan, consumer, none)
+
 A facility's control server (``s2cs --facility``) exports the facility's sessions, read
 from the store at each scrape (every instance shows the same: aggregate with ``max``),
 the pool gauges summed over the nodes, and per node (label ``node``): ``node_up``,
@@ -37,6 +51,7 @@ import logging
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..data.telemetry import verdict
 from .sessions import S, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -96,6 +111,7 @@ class _Live:
                                   "Streams whose end a data server may have dropped at a half-close "
                                   "(Stunnel: streams it gave up waiting on; the ends it dropped with "
                                   "SCISTREAM_STUNNEL_RELAY=off)", value=cut)
+        yield from self._legs(live)
         if facility:
             yield from self._nodes(live, view[1] if view else [])
             return
@@ -108,6 +124,49 @@ class _Live:
         b.add_metric(["used"], reg.bandwidth.used)
         b.add_metric(["max"], reg.bandwidth.max)
         yield b
+
+    @staticmethod
+    def _legs(live: list[Session]):
+        """Each live session's legs on this gateway (bounded labels: uid, role, leg)."""
+        labels = ["uid", "role", "leg"]
+        fams = {
+            "rtt": GaugeMetricFamily("scistream_session_leg_rtt_seconds", "Smoothed round trip of a session's "
+                                     "leg (TCP_INFO, mean over its connections)", labels=labels),
+            "rate": GaugeMetricFamily("scistream_session_leg_rate_bps", "Bits per second sent / received on a "
+                                      "session's leg in the last sample interval", labels=labels + ["direction"]),
+            "delivery": GaugeMetricFamily("scistream_session_leg_delivery_rate_bps", "The kernel's estimate of "
+                                          "the rate a session's leg delivers (sum)", labels=labels),
+            "cwnd": GaugeMetricFamily("scistream_session_leg_cwnd_segments", "Congestion window of a session's "
+                                      "leg (mean, segments)", labels=labels),
+            "retrans": GaugeMetricFamily("scistream_session_leg_retransmit_ratio", "Segments sent again over "
+                                         "segments sent on a session's leg, last interval", labels=labels),
+            "limited": GaugeMetricFamily("scistream_session_leg_limited_ratio", "Share of the last interval the "
+                                         "leg's sender was held back, by cause: rwnd (the receiver), sndbuf (its "
+                                         "send buffer), cwnd (the network), app (nothing to send)",
+                                         labels=labels + ["cause"]),
+        }
+        total = CounterMetricFamily("scistream_session_leg_retransmits", "Segments sent again on a session's "
+                                    "leg since its open connections began", labels=labels)
+        hop = GaugeMetricFamily("scistream_session_bottleneck", "1 for the hop this gateway sees holding the "
+                                "session back", labels=["uid", "role", "hop"])
+        for s in live:
+            if not s.legs:
+                continue
+            for name, leg in s.legs.items():
+                key = [s.uid, s.role, name]
+                fams["rtt"].add_metric(key, leg["rtt_ms"] / 1000)
+                fams["rate"].add_metric(key + ["sent"], leg["sent_bps"])
+                fams["rate"].add_metric(key + ["received"], leg["received_bps"])
+                fams["delivery"].add_metric(key, leg["delivery_rate_bps"])
+                fams["cwnd"].add_metric(key, leg["cwnd"])
+                fams["retrans"].add_metric(key, leg["retrans_pct"] / 100)
+                for cause in ("rwnd", "sndbuf", "cwnd", "app"):
+                    fams["limited"].add_metric(key + [cause], leg[f"{cause}_limited"])
+                total.add_metric(key, leg["total_retrans"])
+            hop.add_metric([s.uid, s.role, verdict({s.role: s.legs})[0]], 1)
+        yield from fams.values()
+        yield total
+        yield hop
 
     @staticmethod
     def _nodes(live: list[Session], nodes: list[dict]):

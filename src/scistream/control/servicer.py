@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..auth.base import Identity
+from ..data.telemetry import verdict
 from ..errors import InvalidArgument, NotFound, ScistreamError
 from ..proto import pb
 from .sessions import Session, SessionRegistry
@@ -189,9 +190,17 @@ class ControlServicer:
             server_type=s.server_type or self.registry.config.server_type,
             bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, connections=stats.connections,
             total_connections=stats.total_connections, refused_connections=stats.refused_connections,
-            cut_streams=stats.cut_streams,
+            cut_streams=stats.cut_streams, legs=legs_pb(s.legs),
+            bottleneck=verdict({s.role: s.legs})[1] if s.legs else "",
             ended=s.ended, connected=s.connected_at,
             rate_not_enforced=bool(s.rate) and not s.rate_enforced, node=s.node, instance=s.instance)
+
+
+def legs_pb(legs: dict[str, dict]) -> list[pb.LegTelemetry]:
+    """A gateway's legs (``data.telemetry.summarize``) as the status answer carries them."""
+    fields = set(pb.LegTelemetry.DESCRIPTOR.fields_by_name) - {"leg"}
+    return [pb.LegTelemetry(leg=name, **{k: v for k, v in leg.items() if k in fields})
+            for name, leg in sorted(legs.items())]
 
 
 _RESPONSES = {"req": pb.Response, "hello": pb.AppResponse, "update": pb.Response,

@@ -109,6 +109,7 @@ class Session:
     stats_base: Stats = dataclasses.field(default_factory=Stats)      # from data servers replaced
     last_stats: Stats = dataclasses.field(default_factory=Stats)      # current server, last seen
     final_stats: Stats | None = None
+    legs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # telemetry, last seen
     hello_seen: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     freed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # _finish is through
@@ -375,6 +376,14 @@ class SessionRegistry:
                 fresh = await asyncio.wait_for(server.stats(), 3.0)
                 if session.server is server:
                     session.last_stats = fresh
+            legs: dict[str, dict[str, Any]] = {}
+            if session.state is S.CONNECTED:
+                with contextlib.suppress(Exception):
+                    legs = await asyncio.wait_for(server.telemetry(), 3.0) or {}
+            if session.server is server:
+                session.legs = legs
+        elif session.legs and session.final_stats is not None:
+            session.legs = {}
         return session.total_stats()
 
     # -- req ----------------------------------------------------------------------------

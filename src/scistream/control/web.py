@@ -46,6 +46,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth.base import ANONYMOUS, AuthUnavailable, Authenticator, Identity
+from ..data.telemetry import hops as chain_hops, verdict
 from ..errors import ScistreamError
 from ..units import bitrate, duration, size
 from .sessions import TERMINAL, S, Session, SessionRegistry
@@ -362,9 +363,22 @@ class WebView:
         return {"now": now, "summary": self.summary(sessions),
                 "sessions": [self.row(s, now) for s in sessions]}
 
+    @staticmethod
+    def chain(s: Session) -> dict[str, Any]:
+        """The session's chain hop by hop as this gateway sees it (its two legs; the other
+        gateway's hops are unknown here), each with its rate and round trip, and the hop
+        that holds the session back."""
+        sides = {s.role: s.legs} if s.legs and s.state not in TERMINAL else {}
+        hop, words = verdict(sides)
+        hops = chain_hops(sides)
+        for h in hops:
+            h["rate_h"] = bitrate(h["rate_bps"]) if h["rate_bps"] is not None else "?"
+            h["rtt_h"] = f"{h['rtt_ms']:.1f} ms" if h["rtt_ms"] else ""
+        return {"hops": hops, "hop": hop, "bottleneck": words}
+
     def one(self, s: Session, history: bool = False) -> dict[str, Any]:
         d: dict[str, Any] = {"now": time.time(), "session": self.row(s, time.time()),
-                             "timeline": self.timeline(s)}
+                             "timeline": self.timeline(s), "chain": self.chain(s)}
         r = self.rates.get(_key(s))
         if history:
             d["history"] = [list(p) for p in r.history] if r is not None else []
@@ -631,6 +645,19 @@ def _index_body(data: dict[str, Any]) -> str:
             f'<table id="sessions"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{empty}')
 
 
+_HOP_KEYS = ("producer", "a_lan", "wan", "b_lan", "consumer")
+
+
+def _chain_html(c: dict[str, Any]) -> str:
+    """Producer, A's LAN, WAN, B's LAN, consumer: each hop with its rate and round trip (as
+    this gateway sees them), the one holding the session back marked (app.js redraws it)."""
+    items = "".join(
+        f'<li class="hop{" bottleneck" if key == c["hop"] else ""}" data-hop="{key}">'
+        f'<span class="name">{_e(h["hop"])}</span> <span class="rate">{_e(h["rate_h"])}</span> '
+        f'<span class="rtt">{_e(h["rtt_h"])}</span></li>' for key, h in zip(_HOP_KEYS, c["hops"]))
+    return f'<ol id="chain">{items}</ol><p id="bottleneck">{_e(c["bottleneck"])}</p>'
+
+
 def _session_body(d: dict[str, Any]) -> str:
     r = d["session"]
     facts = [("state", f'<span class="state s-{_e(r["state"])}" id="state">{_e(r["state"])}</span>'),
@@ -650,5 +677,6 @@ def _session_body(d: dict[str, Any]) -> str:
     return (f'<p><a href="/">&larr; all sessions</a></p><h1>session <code>{_e(r["uid"])}</code> '
             f'{_e(r["role"])}</h1><div class="cols"><dl id="facts">{dl}</dl>'
             f'<div><h2>Throughput</h2><div id="chart"></div></div></div>'
+            f'<h2>Chain</h2>{_chain_html(d["chain"])}'
             f'<h2>Timeline</h2><ol id="timeline">{tl}</ol>'
             f'<h2>Last error</h2><pre id="last-error">{_e(r["last_error"] or "none")}</pre>')

@@ -89,6 +89,11 @@ class DataServer(abc.ABC):
     async def stats(self) -> Stats:
         return Stats()
 
+    async def telemetry(self) -> dict[str, dict[str, Any]] | None:
+        """The session's legs on this gateway (``data.telemetry.summarize``: ``lan``,
+        ``wan``), from TCP_INFO sampled about once a second; None: this type cannot say."""
+        return None
+
     def handle(self) -> dict[str, Any]:
         """What the control server stores (JSON) to re-adopt this server after a restart."""
         return {}

@@ -13,6 +13,12 @@
   came back, then closes (no half-close: not every proxy carries one, and this tool checks
   the path, not that); writes what it sent (sha256) to ``--report``; exit 0 only if all
   matched.
+* ``source --bind IP --ports N``: N listeners; every connection gets a known byte pattern
+  (``pattern``) at ``--rate`` bit/s (0: as fast as it goes) until the peer closes it or
+  the tool is stopped; writes the endpoints to ``--ready``. A producer that sends slowly.
+* ``sink LISTENER...``: one connection per listener, each read at ``--rate`` bit/s (0: as
+  fast as it comes) for ``--seconds``, every byte checked against the pattern; prints
+  ``{"received": [..], "ok": ..}``. A consumer that reads slowly.
 * ``ping HOST``: ``--count`` ICMP echo requests, one every ``--interval`` seconds (a raw
   socket: root), each round trip timed by the kernel's receive timestamp; prints one line
   ``{"sent": .., "received": .., "rtt_ms": [..], "lost": [seq, ..]}`` (a reply not back
@@ -110,6 +116,78 @@ async def echo_server(bind: str, ports: int, connections: int, ready: Path, repo
     for s in servers:
         s.close()
     report.write_text(json.dumps(results))
+
+
+_BLOCK = bytes((i * 131 + 7) % 256 for i in range(65521))   # a prime length: no alignment with reads
+_TWICE = _BLOCK * 2
+
+
+def pattern(offset: int, n: int) -> bytes:
+    """The stream's bytes ``offset`` to ``offset + n`` (n <= 65521)."""
+    at = offset % len(_BLOCK)
+    return _TWICE[at:at + n]
+
+
+async def _paced(rate_bps: float, start: float, done_bytes: int) -> None:
+    """Sleep until ``done_bytes`` are due at ``rate_bps`` since ``start`` (0: never)."""
+    if rate_bps > 0:
+        due = start + done_bytes * 8 / rate_bps
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def source(bind: str, ports: int, rate_bps: float, ready: Path) -> None:
+    stop = asyncio.Event()
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        sent, start = 0, time.monotonic()
+        chunk = 16384 if rate_bps else 65521
+        try:
+            while not stop.is_set():
+                w.write(pattern(sent, chunk))
+                sent += chunk
+                await w.drain()
+                await _paced(rate_bps, start, sent)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    servers = [await asyncio.start_server(serve, bind, 0) for _ in range(ports)]
+    endpoints = [format_listener(bind, s.sockets[0].getsockname()[1]) for s in servers]
+    tmp = ready.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"endpoints": endpoints, "pid": os.getpid()}))
+    tmp.rename(ready)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    for s in servers:
+        s.close()
+
+
+async def _sink_one(listener: str, rate_bps: float, seconds: float) -> dict:
+    r, w = await asyncio.wait_for(asyncio.open_connection(*parse_listener(listener)), 10)
+    got, ok, start = 0, True, time.monotonic()
+    size = 4096 if rate_bps else 65521
+    try:
+        while time.monotonic() - start < seconds:
+            try:
+                chunk = await asyncio.wait_for(r.read(size), max(0.01, seconds - (time.monotonic() - start)))
+            except asyncio.TimeoutError:
+                break
+            if not chunk:
+                break
+            ok = ok and chunk == pattern(got, len(chunk))
+            got += len(chunk)
+            await _paced(rate_bps, start, got)
+    finally:
+        w.close()
+    return {"listener": listener, "received": got, "ok": ok and got > 0,
+            "bps": round(got * 8 / max(1e-3, time.monotonic() - start))}
+
+
+async def sink(listeners: list[str], rate_bps: float, seconds: float) -> list[dict]:
+    return list(await asyncio.gather(*(_sink_one(l, rate_bps, seconds) for l in listeners)))
 
 
 async def _one_client(listener: str, data: bytes, timeout: float) -> dict:
@@ -210,6 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--marker", default="SCISTREAM-MARKER")
     e.add_argument("--timeout", type=float, default=30.0)
     e.add_argument("--report", type=Path, required=True)
+    so = sub.add_parser("source")
+    so.add_argument("--bind", required=True)
+    so.add_argument("--ports", type=int, default=1)
+    so.add_argument("--rate", type=float, default=0.0, help="bit/s per connection; 0: as fast as it goes")
+    so.add_argument("--ready", type=Path, required=True)
+    si = sub.add_parser("sink")
+    si.add_argument("listeners", nargs="+")
+    si.add_argument("--rate", type=float, default=0.0, help="bit/s per connection; 0: as fast as it comes")
+    si.add_argument("--seconds", type=float, default=10.0)
     p = sub.add_parser("ping")
     p.add_argument("host")
     p.add_argument("--count", type=int, default=10)
@@ -224,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         results = asyncio.run(probe_all(a.listeners, a.timeout))
         for r in results:
             print(json.dumps(r))
+        return 0 if all(r["ok"] for r in results) else 1
+    if a.cmd == "source":
+        asyncio.run(source(a.bind, a.ports, a.rate, a.ready))
+        return 0
+    if a.cmd == "sink":
+        results = asyncio.run(sink(a.listeners, a.rate, a.seconds))
+        print(json.dumps({"received": results, "ok": all(r["ok"] for r in results)}))
         return 0 if all(r["ok"] for r in results) else 1
     if a.cmd == "echo-server":
         asyncio.run(echo_server(a.bind, a.ports, a.connections, a.ready, a.report))

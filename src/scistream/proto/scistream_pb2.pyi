@@ -75,7 +75,7 @@ class StatusRequest(_message.Message):
     def __init__(self, uid: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("uid", "role", "state", "owner", "listeners", "targets", "num_conn", "rate", "bytes_in", "bytes_out", "created", "lease_expires", "last_error", "wan_security", "server_type", "connections", "ended", "connected", "total_connections", "refused_connections", "rate_not_enforced", "node", "instance", "cut_streams")
+    __slots__ = ("uid", "role", "state", "owner", "listeners", "targets", "num_conn", "rate", "bytes_in", "bytes_out", "created", "lease_expires", "last_error", "wan_security", "server_type", "connections", "ended", "connected", "total_connections", "refused_connections", "rate_not_enforced", "node", "instance", "cut_streams", "legs", "bottleneck")
     UID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class SessionInfo(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     CUT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    LEGS_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
     uid: str
     role: str
     state: str
@@ -124,7 +126,53 @@ class SessionInfo(_message.Message):
     node: str
     instance: str
     cut_streams: int
-    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., owner: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., created: _Optional[float] = ..., lease_expires: _Optional[float] = ..., last_error: _Optional[str] = ..., wan_security: _Optional[str] = ..., server_type: _Optional[str] = ..., connections: _Optional[int] = ..., ended: _Optional[float] = ..., connected: _Optional[float] = ..., total_connections: _Optional[int] = ..., refused_connections: _Optional[int] = ..., rate_not_enforced: _Optional[bool] = ..., node: _Optional[str] = ..., instance: _Optional[str] = ..., cut_streams: _Optional[int] = ...) -> None: ...
+    legs: _containers.RepeatedCompositeFieldContainer[LegTelemetry]
+    bottleneck: str
+    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., owner: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., created: _Optional[float] = ..., lease_expires: _Optional[float] = ..., last_error: _Optional[str] = ..., wan_security: _Optional[str] = ..., server_type: _Optional[str] = ..., connections: _Optional[int] = ..., ended: _Optional[float] = ..., connected: _Optional[float] = ..., total_connections: _Optional[int] = ..., refused_connections: _Optional[int] = ..., rate_not_enforced: _Optional[bool] = ..., node: _Optional[str] = ..., instance: _Optional[str] = ..., cut_streams: _Optional[int] = ..., legs: _Optional[_Iterable[_Union[LegTelemetry, _Mapping]]] = ..., bottleneck: _Optional[str] = ...) -> None: ...
+
+class LegTelemetry(_message.Message):
+    __slots__ = ("leg", "connections", "rtt_ms", "min_rtt_ms", "rcv_rtt_ms", "cwnd", "mss", "delivery_rate_bps", "sent_bps", "received_bps", "retrans", "segs_sent", "retrans_pct", "total_retrans", "busy", "rwnd_limited", "sndbuf_limited", "cwnd_limited", "app_limited", "sampled")
+    LEG_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    RCV_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    CWND_FIELD_NUMBER: _ClassVar[int]
+    MSS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_RATE_BPS_FIELD_NUMBER: _ClassVar[int]
+    SENT_BPS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BPS_FIELD_NUMBER: _ClassVar[int]
+    RETRANS_FIELD_NUMBER: _ClassVar[int]
+    SEGS_SENT_FIELD_NUMBER: _ClassVar[int]
+    RETRANS_PCT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_RETRANS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    RWND_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    SNDBUF_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    CWND_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    APP_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    leg: str
+    connections: int
+    rtt_ms: float
+    min_rtt_ms: float
+    rcv_rtt_ms: float
+    cwnd: int
+    mss: int
+    delivery_rate_bps: int
+    sent_bps: int
+    received_bps: int
+    retrans: int
+    segs_sent: int
+    retrans_pct: float
+    total_retrans: int
+    busy: float
+    rwnd_limited: float
+    sndbuf_limited: float
+    cwnd_limited: float
+    app_limited: float
+    sampled: bool
+    def __init__(self, leg: _Optional[str] = ..., connections: _Optional[int] = ..., rtt_ms: _Optional[float] = ..., min_rtt_ms: _Optional[float] = ..., rcv_rtt_ms: _Optional[float] = ..., cwnd: _Optional[int] = ..., mss: _Optional[int] = ..., delivery_rate_bps: _Optional[int] = ..., sent_bps: _Optional[int] = ..., received_bps: _Optional[int] = ..., retrans: _Optional[int] = ..., segs_sent: _Optional[int] = ..., retrans_pct: _Optional[float] = ..., total_retrans: _Optional[int] = ..., busy: _Optional[float] = ..., rwnd_limited: _Optional[float] = ..., sndbuf_limited: _Optional[float] = ..., cwnd_limited: _Optional[float] = ..., app_limited: _Optional[float] = ..., sampled: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("sessions", "server_time", "omitted")

@@ -80,6 +80,19 @@
     });
   }
 
+  var HOPS = ["producer", "a_lan", "wan", "b_lan", "consumer"];
+  function drawChain(c) {
+    var ol = document.getElementById("chain");
+    if (!ol) { return; }
+    var items = c.hops.map(function (h, i) {
+      return '<li class="hop' + (HOPS[i] === c.hop ? " bottleneck" : "") + '" data-hop="' + HOPS[i] + '">' +
+             '<span class="name">' + esc(h.hop) + '</span> <span class="rate">' + esc(h.rate_h) + "</span> " +
+             '<span class="rtt">' + esc(h.rtt_h) + "</span></li>";
+    }).join("");
+    if (ol.innerHTML !== items) { ol.innerHTML = items; }
+    setText("bottleneck", c.bottleneck);
+  }
+
   function session() {
     var uid = body.dataset.uid, role = body.dataset.role;
     var holder = document.getElementById("chart");
@@ -119,6 +132,7 @@
       var by = setText("bytes", r.bytes_in_h + " / " + r.bytes_out_h);
       if (by) { by.title = r.bytes_in + " / " + r.bytes_out + " bytes"; }
       setText("last-error", r.last_error || "none");
+      if (d.chain) { drawChain(d.chain); }
       var tl = document.getElementById("timeline");
       var items = d.timeline.map(function (t) {
         return '<li><span class="state s-' + esc(t.state) + '">' + esc(t.state) + "</span> <time>" + esc(t.when) + "</time></li>";

@@ -243,6 +243,20 @@ class ProxyServer(DataServer):
         self._addrs: set = set()
         self._lock = asyncio.Lock()
 
+    async def telemetry(self) -> dict[str, dict[str, Any]] | None:
+        """The session's legs, read from outside with ``ss`` (``backends.sockets``)."""
+        from .sockets import SocketWatch
+        watch = getattr(self, "_watch", None)
+        if watch is None or watch.targets != self.spec.targets:
+            watch = self._watch = SocketWatch(role=self.spec.role, ports=self.spec.ports, targets=self.spec.targets)
+        if not watch.available():
+            return None
+        try:
+            return await watch.legs()
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            log.debug("session %s: cannot read its sockets: %s", self.spec.uid, exc)
+            return None
+
     # -- hooks ------------------------------------------------------------------------
     def render(self) -> str:
         raise NotImplementedError

@@ -363,6 +363,10 @@ class NodeDataServer(DataServer):
             raise DataServerError(f"data server does not answer: {exc}") from None
         return list(r.get("connections", []))
 
+    async def telemetry(self) -> dict[str, dict[str, Any]] | None:
+        from ..telemetry import summarize
+        return summarize(await self.connections())
+
     def handle(self) -> dict[str, Any]:
         return {"service": str(self.node.path), "sid": self.sid, "service_pid": self.node.pid}
 

@@ -31,7 +31,8 @@ Messages from the service (``channel`` frames, each with an ``id`` echoed in the
     {"op": "credentials", "sid", "cert_pem", "key_pem", "ca_pem"}   a new WAN leaf, for new connections
     {"op": "remove", "sid"}                        -> the slice's final counters
     {"op": "stats", "sids": [..] | null}           -> {"stats": {sid: counters}}
-    {"op": "conns", "sid"}                         -> {"connections": [..]}
+    {"op": "conns", "sid"}                         -> {"connections": [..]}, each with "tcp": {"lan", "wan"}:
+                                                      its legs' last TCP_INFO sample (``engine.tcpinfo``)
     {"op": "quiesce"}                              stop accepting (a successor serves)
     {"op": "ping"}                                 -> {"pid", "index", "sessions", "connections",
                                                        "spin": {"us", "hits", "missed", "gave_way"},
@@ -60,6 +61,7 @@ from typing import Any
 from .channel import ChannelClosed, Decoder, encode, recv_note, send_note
 from ..engine.conn import FAILURE_LOG, Conn, address_text, accept_one
 from ..engine.loop import DEFAULT_PIPE, EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
+from ..engine.tcpinfo import LegSampler
 from ..engine.tlsleg import tls_contexts
 from ..spec import keepalive_setting, resolve_target
 
@@ -69,6 +71,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 HANDED_WAIT = 5.0
 WARM_DELAY = 0.003
+#: Seconds between two TCP_INFO samples of every open connection's two legs.
+SAMPLE_S = 1.0
 
 
 class Slice:
@@ -94,6 +98,8 @@ class Slice:
         self.partners: dict[int, int] = {}   # listener -> the worker its connections are dealt to
         self.turn: dict[int, bool] = {}      # per listener: the next busy-time connection is handed
         self.conns: dict[int, Conn] = {}
+        self.wan_side = "a" if cfg.get("role") == "PROD" else "b"   # PROD accepts from the WAN
+        self.tcp: dict[int, tuple[LegSampler, LegSampler]] = {}   # per connection: (lan, wan)
         self.bytes = {"in": 0, "out": 0}
         self.total = self.failed = self.refused = self.resumed = self.sessions_kept = 0
         self.failure = (0.0, "")      # the last connection that failed: (when, what happened)
@@ -134,6 +140,7 @@ class Slice:
 
     def conn_closed(self, conn: Conn) -> None:
         self.conns.pop(conn.id, None)
+        self.tcp.pop(conn.id, None)
         if conn.why:
             self.failed += 1
             self.failure = (time.time(), f"connection from {address_text(conn.peer)} to "
@@ -195,6 +202,30 @@ class Slice:
         if self.loop.running and lsock.fileno() >= 0 and (index, lsock) in self.listeners:
             self._watch(index, lsock)
 
+    # -- telemetry --------------------------------------------------------
+    def _legs(self, conn: Conn) -> tuple[socket.socket | None, socket.socket | None]:
+        """(lan socket, wan socket) of a connection (None: not open yet)."""
+        wan, lan = (conn.a, conn.b) if self.wan_side == "a" else (conn.b, conn.a)
+        return (lan.sock if lan is not None else None), (wan.sock if wan is not None else None)
+
+    def sample(self, now: float) -> None:
+        """Read TCP_INFO on both legs of every open connection (``SAMPLE_S``)."""
+        for cid, conn in self.conns.items():
+            if conn.state != "open":
+                continue
+            samplers = self.tcp.get(cid)
+            if samplers is None:
+                samplers = self.tcp[cid] = (LegSampler(), LegSampler())
+            for sampler, sock in zip(samplers, self._legs(conn)):
+                if sock is not None:
+                    sampler.take(sock, now)
+
+    def telemetry(self, cid: int) -> dict[str, Any]:
+        samplers = self.tcp.get(cid)
+        if samplers is None:
+            return {}
+        return {"lan": samplers[0].last, "wan": samplers[1].last}
+
     # -- control ----------------------------------------------------------
     def retarget(self, texts: list[str]) -> None:
         if not texts:
@@ -244,6 +275,7 @@ class NodeWorker:
         self.decoder = Decoder()
         self.outbuf = bytearray()
         self._ids = itertools.count(1)
+        self.loop.call_later(SAMPLE_S, self._sample)
         chan.setblocking(False)
         self.loop.add(chan.fileno(), EPOLLIN, self._on_chan)
         if inbox is not None:
@@ -291,6 +323,16 @@ class NodeWorker:
             finally:
                 for x in socks:
                     x.close()
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        try:
+            for slc in self.slices.values():
+                if slc.conns:
+                    slc.sample(now)
+        except Exception:   # telemetry must never stop the relay
+            log.exception("worker %d: sampling TCP_INFO failed", self.index)
+        self.loop.call_later(SAMPLE_S, self._sample)
 
     def new_id(self) -> int:
         return next(self._ids)
@@ -400,7 +442,9 @@ class NodeWorker:
                 chosen = self.slices if sids is None else {k: self.slices[k] for k in sids if k in self.slices}
                 return {"ok": True, "stats": {k: s.counters() for k, s in chosen.items()}}
             if op == "conns":
-                return {"ok": True, "connections": [c.info() for c in self._slice(msg["sid"]).conns.values()]}
+                slc = self._slice(msg["sid"])
+                return {"ok": True, "connections": [{**c.info(), "tcp": slc.telemetry(c.id)}
+                                                    for c in slc.conns.values()]}
             if op == "quiesce":        # a successor serves: accept nothing more
                 for s in self.slices.values():
                     s.stop_accepting()
