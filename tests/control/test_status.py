@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import BIN, connect_session, echo_roundtrip, new_uid, parse_listener
+from conftest import BIN, connect_session, echo_roundtrip, free_port, new_uid, parse_listener
 from scistream import errors
 from scistream.client import AsyncClient
 
@@ -148,6 +148,7 @@ async def test_s2uc_status_and_list(servers, client_for, echo_server):
     assert rc == 2 and "(local mistake)" in err and "not a UUID" in err   # found here, nothing sent
     await pc.release(uid)
     await cc.release(uid)
-    rc, out, err = await s2uc("list", "--s2cs", prod.target, "--s2cs", "127.0.0.1:1", "--insecure", "--json")
-    assert rc == 4 and "127.0.0.1:1" in err  # one server unreachable: say so, show the rest
+    nobody = f"127.0.0.1:{free_port()}"
+    rc, out, err = await s2uc("list", "--s2cs", prod.target, "--s2cs", nobody, "--insecure", "--json")
+    assert rc == 4 and nobody in err  # one server unreachable: say so, show the rest
     assert {d["state"] for d in json.loads(out)} == {"released"}

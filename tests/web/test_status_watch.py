@@ -11,7 +11,7 @@ import struct
 import subprocess
 import termios
 
-from conftest import BIN, async_wait_until, connect_session, parse_listener
+from conftest import BIN, async_wait_until, connect_session, free_port, parse_listener
 from webhelpers import Traffic
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -91,7 +91,8 @@ def test_watch_with_json_is_a_usage_error():
 
 
 async def test_watch_against_no_server_fails_like_status():
+    nobody = f"127.0.0.1:{free_port()}"  # a port the OS just handed out and nothing listens on
     p = await asyncio.to_thread(subprocess.run, [str(BIN / "s2uc"), "status", "--watch", "--s2cs",
-                                                 "127.0.0.1:1", "--insecure", "--timeout", "3"],
+                                                 nobody, "--insecure", "--timeout", "3"],
                                 capture_output=True, text=True, timeout=60)
-    assert p.returncode == 4 and "127.0.0.1:1" in p.stderr
+    assert p.returncode == 4 and nobody in p.stderr
