@@ -129,6 +129,17 @@ class ChildProcess:
                 await asyncio.sleep(0.5)
         return self.exit_reason()
 
+    async def exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to end; whether it did."""
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            if self.proc is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 0.05)
+            else:
+                await asyncio.sleep(0.02)
+        return not self.running
+
     async def wait_ready(self, ready: Callable[[], Awaitable[bool]], *, timeout: float) -> None:
         """Poll ``ready`` until true; fail (and stop the child) if it exits or time runs out."""
         deadline = time.monotonic() + timeout
@@ -171,14 +182,7 @@ class ChildProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.running and time.monotonic() < deadline:
-            if self.proc is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.proc.wait(), 0.05)
-            else:
-                await asyncio.sleep(0.02)
-        if self.running:
+        if not await self.exited(grace):
             log.warning("%s (pid %d) ignored SIGTERM; sending SIGKILL", self.name, self.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
