@@ -40,6 +40,7 @@ from .. import wankeys
 from ..base import BackendUnavailable, DataServer
 from ..spec import DataSpec
 from ..supervise import ChildProcess, cmdline, group_members, pid_alive, tail
+from ..wankeys import write_private
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +169,6 @@ async def run_check(argv: list[str], timeout: float = CHECK_TIMEOUT) -> tuple[in
         await asyncio.shield(proc.wait())
         raise
     return proc.returncode or 0, out.decode(errors="replace")
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode 0600."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def error_lines(text: str, limit: int = 4) -> str:
