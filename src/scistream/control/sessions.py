@@ -266,15 +266,20 @@ def check_request(config: RegistryConfig, uid: str, role: str, num_conn: int, ra
     return float(lease) or top
 
 
+def _addresses(items: Iterable[str], what: str) -> list[str]:
+    """At most MAX_TARGETS host:port addresses, each checked; as a list."""
+    out = list(items)
+    if len(out) > MAX_TARGETS:
+        raise InvalidArgument(f"{len(out)} {what}; at most {MAX_TARGETS}")
+    for a in out:
+        parse_listener(a)
+    return out
+
+
 def check_hello(uid: str, prod_listeners: Iterable[str]) -> list[str]:
     """A hello's arguments checked; the application's endpoints as a list."""
     check_uid(uid)
-    endpoints = list(prod_listeners)
-    if len(endpoints) > MAX_TARGETS:
-        raise InvalidArgument(f"{len(endpoints)} endpoints in one hello; at most {MAX_TARGETS}")
-    for e in endpoints:
-        parse_listener(e)
-    return endpoints
+    return _addresses(prod_listeners, "endpoints in one hello")
 
 
 def check_update(uid: str, role: str, remote_listeners: Iterable[str]) -> list[str]:
@@ -282,13 +287,9 @@ def check_update(uid: str, role: str, remote_listeners: Iterable[str]) -> list[s
     check_uid(uid)
     if role:
         check_role(role)
-    remote = list(remote_listeners)
+    remote = _addresses(remote_listeners, "remote listeners")
     if not remote:
         raise InvalidArgument("update needs at least one remote listener (host:port)")
-    if len(remote) > MAX_TARGETS:
-        raise InvalidArgument(f"{len(remote)} remote listeners; at most {MAX_TARGETS}")
-    for r in remote:
-        parse_listener(r)
     return remote
 
 
