@@ -236,13 +236,18 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def free_port_check(host: str, port: int) -> bool:
-    """True if ``port`` can be bound on ``host`` right now."""
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a TCP listener cannot bind ``host:port`` right now, or None if it can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            return exc
+    return None
+
+
+def free_port_check(host: str, port: int) -> bool:
+    """True if ``port`` can be bound on ``host`` right now."""
+    return bind_error(host, port) is None
