@@ -427,11 +427,7 @@ class Node:
                 raise OpError(f"session {sid} exists with other ports {old.cfg['ports']}")
             await self.retarget(old, cfg["targets"])          # an add retried: same session
             return {"ok": True, "workers": old.placement}
-        socks = bind_listeners(str(cfg["listen_host"]), cfg["ports"])
-        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg))
-        for i in e.placement:
-            self.workers[i].listeners += 1
-        self.sessions[sid] = e
+        e = self._enter(sid, cfg, bind_listeners(str(cfg["listen_host"]), cfg["ports"]))
         try:
             await self._install(e)
         except BaseException:
@@ -533,6 +529,14 @@ class Node:
             out.append(r)
         return out
 
+    def _enter(self, sid: str, cfg: dict, socks: list[socket.socket]) -> Entry:
+        """A new session's entry, its listeners placed on the workers and counted there."""
+        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg))
+        for i in e.placement:
+            self.workers[i].listeners += 1
+        self.sessions[sid] = e
+        return e
+
     async def _install(self, e: Entry) -> None:
         """Give the session to its workers: each takes its share and accepts at once on the
         listeners at home there; then, once every worker carries the session, the home
@@ -554,12 +558,8 @@ class Node:
         socks = [socket.socket(fileno=fd) for fd in fds]
         for s in socks:
             s.setblocking(False)
-        sid = info["sid"]
-        e = Entry(sid, info["cfg"], socks, *self._place(len(socks), info["cfg"]))
+        e = self._enter(info["sid"], info["cfg"], socks)
         e.base = {**zero_counters(), **(info.get("base") or {})}
-        for i in e.placement:
-            self.workers[i].listeners += 1
-        self.sessions[sid] = e
         try:
             await self._install(e)
         except OpError as exc:
