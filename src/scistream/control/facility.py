@@ -56,7 +56,8 @@ from . import facilitydb as db
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError, Status)
 from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
-                       check_owner, check_request, check_update, choose_wan_secret, tell_observers)
+                       check_owner, check_request, check_update, choose_wan_secret, rate_enforced,
+                       tell_observers)
 
 log = logging.getLogger(__name__)
 
@@ -488,11 +489,10 @@ class FacilityRegistry:
             if node is None or node["state"] != "up":
                 raise FailedPrecondition(f"session {uid}'s node {row['node']} is "
                                          f"{'gone' if node is None else node['state']}; release it and ask again")
-            rate_enforced = bool(wan_secret) or not row["rate"] or self.config.wan_plaintext \
-                or self.config.enforce_legacy_rate
+            enforced = rate_enforced(self.config, uid, row["role"], int(row["rate"]), wan_secret)
             host = node["address"]
             cfg = {"uid": uid, "role": row["role"], "listen_host": host, "ports": list(row["ports"]),
-                   "targets": targets, "rate_kbps": int(row["rate"]) if rate_enforced else 0,
+                   "targets": targets, "rate_kbps": int(row["rate"]) if enforced else 0,
                    "tls": secret is not None, "keepalive": list(self.config.keepalive or KEEPALIVE),
                    "max_conns": self.config.max_session_conns}
             if secret is not None:
@@ -509,7 +509,7 @@ class FacilityRegistry:
                 failure.append(str(exc))
                 return await self._end(conn, row, S.FAILED, f"data server failed to start: {exc}")
             return await db.set_connected(conn, row, targets, secret, "tls" if secret is not None else "plain",
-                                          rate_enforced, time.time())
+                                          enforced, time.time())
 
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:

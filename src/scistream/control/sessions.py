@@ -293,6 +293,20 @@ def check_update(uid: str, role: str, remote_listeners: Iterable[str]) -> list[s
     return remote
 
 
+def rate_enforced(config: RegistryConfig, uid: str, role: str, rate: int, given: bytes) -> bool:
+    """Whether to enforce a session's rate. A client of the original tooling (its update
+    carries no wan_secret although this server draws them) sends rate=10000 kbit/s by
+    default, a value that tooling never enforced: its rate is not enforced unless the
+    operator asks for it (--enforce-legacy-rate). Under --wan-plaintext nobody carries a
+    secret, so nobody can be told apart: every rate is enforced there."""
+    if given or not rate or config.wan_plaintext or config.enforce_legacy_rate:
+        return True
+    log.warning("session %s/%s: rate %d kbit/s NOT enforced: a client of the original tooling "
+                "(no WAN secret), which never enforced it; s2cs --enforce-legacy-rate enforces it",
+                uid, role, rate)
+    return False
+
+
 def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes | None,
                       given: bytes) -> bytes | None:
     """The WAN secret a session's data server uses: the one the update carries (checked
@@ -512,7 +526,7 @@ class SessionRegistry:
             try:
                 if first:
                     session.wan_secret = secret
-                    session.rate_enforced = self._legacy_rate_enforced(session, wan_secret)
+                    session.rate_enforced = rate_enforced(self.config, uid, session.role, session.rate, wan_secret)
                     server = self.config.backend(self.spec_for(session, targets))
                     session.server = server
                     await server.start()
@@ -548,19 +562,6 @@ class SessionRegistry:
             self._events("connected", session, f"{session.connected_at - session.created:.3f}")
         self._events("update", session, f"targets={len(remote)} wan={session.wan_security}")
         return session
-
-    def _legacy_rate_enforced(self, session: Session, given: bytes) -> bool:
-        """Whether to enforce the session's rate. A client of the original tooling (its update
-        carries no wan_secret although this server draws them) sends rate=10000 kbit/s by
-        default, a value that tooling never enforced: its rate is not enforced unless the
-        operator asks for it (--enforce-legacy-rate). Under --wan-plaintext nobody carries a
-        secret, so nobody can be told apart: every rate is enforced there."""
-        if given or not session.rate or self.config.wan_plaintext or self.config.enforce_legacy_rate:
-            return True
-        log.warning("session %s/%s: rate %d kbit/s NOT enforced: a client of the original tooling "
-                    "(no WAN secret), which never enforced it; s2cs --enforce-legacy-rate enforces it",
-                    session.uid, session.role, session.rate)
-        return False
 
     async def _watch(self, session: Session, server: DataServer) -> None:
         reason = await server.wait_exit()
