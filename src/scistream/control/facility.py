@@ -649,9 +649,9 @@ class FacilityRegistry:
 
     def _node_event(self, node: str, msg: dict) -> None:
         """A node reports a session it can no longer carry (e.g. its worker could not be restarted)."""
-        if msg.get("event") != "failed":
-            return
         uid, _, role = str(msg.get("sid") or "").partition("/")
+        if msg.get("event") != "failed" or not uid or not role:
+            return
         reason = f"data server died on node {node}: {msg.get('reason')}"
 
         async def fail() -> None:

@@ -190,6 +190,8 @@ async def live(c: Any, *, uid: str = "", role: str = "", node: str = "", lock: b
                columns: str = "*") -> list[Any]:
     """The live sessions of a uid (and role), or of a node, ordered by role; locked for this
     transaction (``FOR UPDATE``) unless ``lock`` is false."""
+    if not (uid or node):
+        raise ValueError("facilitydb.live needs a uid or a node")
     where, args = [f"state IN {LIVE}"], []
     for col, value in (("uid", uid), ("role", role), ("node", node)):
         if value:
