@@ -199,17 +199,22 @@ def _token_file(fn):
                   help="The token file the server reads (created mode 0600 if missing).")(fn)
 
 
+def _tokens(action: str, fn, *args):
+    """``fn(*args)`` on the token file; a bad one: its line, and exit 2."""
+    try:
+        return fn(*args)
+    except AuthConfigError as exc:
+        err.print(f"[red]s2cs token {action}: {escape(str(exc))}[/]")
+        sys.exit(Exit.USAGE)
+
+
 @token.command("add", epilog="Example: s2cs token add alice@uni.edu --token-file /etc/scistream/tokens")
 @click.argument("identity")
 @_token_file
 def token_add(identity: str, token_file: Path) -> None:
     """Make a token for IDENTITY; print it once (only its hash is kept)."""
     from ..auth.static import add_token
-    try:
-        new = add_token(token_file, identity)
-    except AuthConfigError as exc:
-        err.print(f"[red]s2cs token add: {escape(str(exc))}[/]")
-        sys.exit(Exit.USAGE)
+    new = _tokens("add", add_token, token_file, identity)
     err.print(f"token for {escape(identity)} added to {token_file}; copy it now, it is not stored:")
     click.echo(new)
 
@@ -219,12 +224,8 @@ def token_add(identity: str, token_file: Path) -> None:
 def token_list(token_file: Path) -> None:
     """List the identities that have tokens."""
     from ..auth.static import list_identities
-    try:
-        for ident, digest in list_identities(token_file):
-            click.echo(f"{ident}\t{digest}")
-    except AuthConfigError as exc:
-        err.print(f"[red]s2cs token list: {escape(str(exc))}[/]")
-        sys.exit(Exit.USAGE)
+    for ident, digest in _tokens("list", list_identities, token_file):
+        click.echo(f"{ident}\t{digest}")
 
 
 @token.command("remove", epilog="Example: s2cs token remove alice@uni.edu --token-file /etc/scistream/tokens")
@@ -233,11 +234,7 @@ def token_list(token_file: Path) -> None:
 def token_remove(identity: str, token_file: Path) -> None:
     """Remove every token of IDENTITY (takes effect without a restart)."""
     from ..auth.static import remove_identity
-    try:
-        n = remove_identity(token_file, identity)
-    except AuthConfigError as exc:
-        err.print(f"[red]s2cs token remove: {escape(str(exc))}[/]")
-        sys.exit(Exit.USAGE)
+    n = _tokens("remove", remove_identity, token_file, identity)
     err.print(f"{n} token(s) of {escape(identity)} removed")
     if not n:
         sys.exit(Exit.REFUSED)
@@ -255,14 +252,12 @@ def _store_option(fn):
 
 def _nodes_call(url: str, what):
     """Run ``what(store)`` on the facility's store; a clear line and exit code on failure."""
-    from ..control.pgstore import PostgresStore, is_postgres_url, redact
+    from ..control.pgstore import PostgresStore
     from ..control.store import StoreError
     from ..errors import ScistreamError
 
     async def run():
-        if not is_postgres_url(url):
-            raise StoreError(f"--store {redact(url)}: give a postgresql://USER@HOST[:PORT]/DATABASE URL")
-        store = PostgresStore(url, node="s2cs-nodes")
+        store = PostgresStore(url, node="s2cs-nodes")   # StoreError for a URL that is not postgresql://
         await store.open()
         try:
             return await what(store)
@@ -270,12 +265,9 @@ def _nodes_call(url: str, what):
             await store.close()
     try:
         return asyncio.run(run())
-    except StoreError as exc:
-        err.print(f"[red]s2cs nodes: {escape(str(exc))}[/]")
-        sys.exit(Exit.RETRY)
     except ScistreamError as exc:
         err.print(f"[red]s2cs nodes: {escape(str(exc))}[/]")
-        sys.exit(Exit.REFUSED)
+        sys.exit(Exit.RETRY if isinstance(exc, StoreError) else Exit.REFUSED)
 
 
 @nodes.command("list", epilog="Example: s2cs nodes list --store postgresql://scistream@db/scistream")

@@ -214,19 +214,9 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
         help="JSON session file from the PROD side's client (default: this user's local record).")
 @channel_options
 @handle_errors("cons-req")
-def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, server_cert, insecure, token) -> None:
+def cons_req(**kw) -> None:
     """Request the CONS side of session UID; wait for the consumer's hello; connect it to PROD_LISTENER(s)."""
-    s2cs = join_instances(s2cs)
-    local_uid(uid)
-    listeners = _split(prod_listener)
-    _import_secret(uid, wan_secret_file)
-
-    async def run() -> list[str]:
-        async with _client(s2cs, server_cert, insecure, token, uid) as c:
-            out.print("waiting for hello message")
-            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=False, s2cs=s2cs)
-    result = asyncio.run(run())
-    out.print(f"Listeners: {result}")
+    _cons_command(send_hello=False, **kw)
 
 
 @cli.command("outbound-request",
@@ -244,9 +234,14 @@ def cons_req(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, s
 @click.argument("prod_listener", nargs=-1, required=True)
 @channel_options
 @handle_errors("outbound-request")
-def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, wan_secret_file, uid,
-                     prod_listener, server_cert, insecure, token) -> None:
+def outbound_request(remote_ip, receiver_ports, **kw) -> None:
     """CONS side with no consumer controller: req, hello and update in one go."""
+    _cons_command(send_hello=True, **kw)
+
+
+def _cons_command(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_file, server_cert, insecure, token,
+                  send_hello: bool) -> None:
+    """cons-req (the consumer's controller says hello) and outbound-request (this client does)."""
     s2cs = join_instances(s2cs)
     local_uid(uid)
     listeners = _split(prod_listener)
@@ -254,9 +249,10 @@ def outbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, wan
 
     async def run() -> list[str]:
         async with _client(s2cs, server_cert, insecure, token, uid) as c:
-            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=True, s2cs=s2cs)
-    result = asyncio.run(run())
-    out.print(f"Listeners: {result}")
+            if not send_hello:
+                out.print("waiting for hello message")
+            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=send_hello, s2cs=s2cs)
+    out.print(f"Listeners: {asyncio.run(run())}")
 
 
 def _import_secret(uid: str, path: str | None) -> None:

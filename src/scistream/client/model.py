@@ -83,6 +83,12 @@ class Progress:
     detail: str = ""
 
 
+def _plain(obj: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A result's fields but ``drop``, as JSON takes them (tuples as lists)."""
+    return {f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
+            for f in dataclasses.fields(obj) if f.name not in drop}
+
+
 @dataclasses.dataclass(frozen=True)
 class ProdSide:
     """The PROD half of a session, connected: the producer's facility is ready."""
@@ -94,8 +100,7 @@ class ProdSide:
     wan_secret: bytes = dataclasses.field(default=b"", repr=False)  # for the CONS side only
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uid": self.uid, "s2cs": self.s2cs, "wan_listeners": list(self.wan_listeners),
-                "producer_endpoints": list(self.producer_endpoints), "wan_security": self.wan_security}
+        return _plain(self, drop=("wan_secret",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +113,7 @@ class ConsSide:
     wan_security: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uid": self.uid, "s2cs": self.s2cs, "consumer_listeners": list(self.consumer_listeners),
-                "targets": list(self.targets), "wan_security": self.wan_security}
+        return _plain(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +138,7 @@ class Connection:
         return self.steps[-1][1] if self.steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uid": self.uid, "prod_s2cs": self.prod_s2cs, "cons_s2cs": self.cons_s2cs,
-                "num_conn": self.num_conn, "rate": self.rate,
-                "producer_endpoints": list(self.producer_endpoints),
-                "wan_listeners": list(self.wan_listeners),
-                "consumer_listeners": list(self.consumer_listeners),
-                "wan_security": self.wan_security,
+        return {**_plain(self, drop=("steps", "prod", "cons")),
                 "steps": [{"step": s, "seconds": round(t, 4)} for s, t in self.steps]}
 
 
@@ -201,9 +200,7 @@ class SessionStatus:
                    legs=legs_dict(info), bottleneck=getattr(info, "bottleneck", ""))
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["listeners"], d["targets"] = list(self.listeners), list(self.targets)
-        return d
+        return _plain(self)
 
 
 def legs_dict(info: pb.SessionInfo) -> dict[str, dict[str, Any]]:

@@ -31,7 +31,7 @@ import copy
 import logging
 import time
 import uuid
-from typing import Callable, Sequence, Union
+from typing import Any, Awaitable, Callable, Sequence, Union
 
 
 from ..addr import check_uid
@@ -252,15 +252,8 @@ async def request_prod(gateway: GatewayLike, *, num_conn: int = 1, rate: int = 0
     uid = check_uid(uid) if uid else new_uid()
     _check_args(num_conn, rate, lease)
     clock, half = _Clock(uid, on_progress), _Half("PROD", gateway)
-    async with gateway.client() as c:
-        clock.emit(Step.REQUESTED, f"req sent to PROD {gateway.address}")
-        try:
-            return await _prod_half(c, half, uid, num_conn, rate, lease, hello_timeout, clock)
-        except BaseException as exc:
-            await _cleanup([c], [half], uid, clock, str(exc) or type(exc).__name__)
-            if isinstance(exc, ScistreamError):
-                raise _side_error(half, exc) from None
-            raise
+    return await _one_half(half, uid, clock, lambda c: _prod_half(c, half, uid, num_conn, rate, lease,
+                                                                  hello_timeout, clock))
 
 
 async def request_cons(gateway: GatewayLike, uid: str, wan_listeners: Sequence[str],
@@ -277,10 +270,17 @@ async def request_cons(gateway: GatewayLike, uid: str, wan_listeners: Sequence[s
     clock, half = _Clock(uid, on_progress), _Half("CONS", gateway)
     prod = ProdSide(uid=uid, s2cs="", wan_listeners=tuple(wan_listeners), producer_endpoints=(),
                     wan_security="", wan_secret=wan_secret)
-    async with gateway.client() as c:
-        clock.emit(Step.REQUESTED, f"req sent to CONS {gateway.address}")
+    return await _one_half(half, uid, clock, lambda c: _cons_half(c, half, uid, num_conn, rate, lease,
+                                                                  hello_timeout, clock, prod))
+
+
+async def _one_half(half: _Half, uid: str, clock: _Clock, run: Callable[[AsyncClient], Awaitable[Any]]) -> Any:
+    """``run(client)`` on the half's gateway; on failure or cancellation the half is released
+    and a typed error names its side."""
+    async with half.gateway.client() as c:
+        clock.emit(Step.REQUESTED, f"req sent to {half.role} {half.gateway.address}")
         try:
-            return await _cons_half(c, half, uid, num_conn, rate, lease, hello_timeout, clock, prod)
+            return await run(c)
         except BaseException as exc:
             await _cleanup([c], [half], uid, clock, str(exc) or type(exc).__name__)
             if isinstance(exc, ScistreamError):

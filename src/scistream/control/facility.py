@@ -53,16 +53,16 @@ from ..data import wankeys
 from ..data.spec import KEEPALIVE, Stats
 from ..data.telemetry import summarize
 from ..data.node.client import ServiceConnection, ServiceError
+from . import facilitydb as db
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError, Status)
 from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
-                       check_owner, check_request, check_update, choose_wan_secret, tell_observers)
+                       check_owner, check_request, check_update, choose_wan_secret, rate_enforced,
+                       tell_observers)
 
 log = logging.getLogger(__name__)
 
 S = SessionState
-LIVE = "('requested', 'ready', 'connected')"
-CHANNEL = "scistream_fsessions"
 NODE_CALL_TIMEOUT = 5.0
 
 
@@ -85,8 +85,7 @@ def _session(row: Any) -> Session:
                 ready_at=row["ready_at"], ended=row["ended"], lease_expires=row["lease_expires"],
                 last_error=row["last_error"], bandwidth=int(row["bandwidth"]))
     s.node, s.instance = row["node"], row["instance"]
-    stats = Stats(**{k: int(st.get(k, 0)) for k in ("bytes_in", "bytes_out", "connections",
-                                                     "total_connections", "refused_connections")})
+    stats = Stats(**_counters(st))
     if s.state in TERMINAL:
         stats.connections = 0
         s.final_stats = stats
@@ -95,10 +94,10 @@ def _session(row: Any) -> Session:
     return s
 
 
-def _stats_json(r: dict | None) -> str:
-    r = r or {}
-    return json.dumps({k: int(r.get(k, 0) or 0) for k in ("bytes_in", "bytes_out", "connections",
-                                                          "total_connections", "refused_connections")})
+def _counters(r: dict | None) -> dict[str, int]:
+    """The counters a row's ``stats`` keeps (from a node's stats or the row)."""
+    return {k: int((r or {}).get(k, 0) or 0) for k in ("bytes_in", "bytes_out", "connections",
+                                                       "total_connections", "refused_connections")}
 
 
 class NodeLinks:
@@ -164,17 +163,15 @@ class FacilityRegistry:
     # -- life ---------------------------------------------------------------------------
     async def start(self, address: str = "") -> None:
         await self._connect_listener()
-        await self._call(lambda c: c.execute(
-            "INSERT INTO instances (name, address, pid) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE "
-            "SET address = EXCLUDED.address, pid = EXCLUDED.pid, started = now(), heartbeat = now()",
-            self.instance, address, os.getpid()), "register the instance in")
+        await self._call(lambda c: db.register_instance(c, self.instance, address, os.getpid()),
+                         "register the instance in")
         self._tasks.append(asyncio.create_task(self._timer_loop()))
 
     async def _connect_listener(self) -> None:
         import asyncpg
         try:
             conn = await asyncpg.connect(self.store.url, timeout=self.store.timeout)
-            await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(db.CHANNEL, self._notified)
         except Exception as exc:  # noqa: BLE001
             raise self.store._unavailable(exc, "listen on") from None
         conn.add_termination_listener(lambda _c: self._listener_lost())
@@ -239,8 +236,7 @@ class FacilityRegistry:
                 await asyncio.wait_for(self._listen.close(), 5)
         await self.links.close()
         with contextlib.suppress(ScistreamError):
-            await self._call(lambda c: c.execute("DELETE FROM instances WHERE name = $1", self.instance),
-                             "unregister the instance from")
+            await self._call(lambda c: db.unregister_instance(c, self.instance), "unregister the instance from")
 
     # -- helpers ------------------------------------------------------------------------
     async def _call(self, fn: Callable[[Any], Any], doing: str) -> Any:
@@ -249,10 +245,6 @@ class FacilityRegistry:
     def _events(self, event: str, session: Session, detail: str) -> None:
         tell_observers(self.observers, event, session, detail)
 
-    @staticmethod
-    async def _notify(conn: Any, uid: str, role: str) -> None:
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{uid}\n{role}")
-
     def _check_owner(self, row: Any, who: Identity, action: str) -> None:
         check_owner(self.config, row["uid"], row["owner_id"], who, action)
 
@@ -260,18 +252,8 @@ class FacilityRegistry:
                    stats: dict | None = None) -> Any:
         """Move a live row to a terminal state (only if it is still ``row['state']``);
         its ports and bandwidth are free from this commit on. Returns the new row or None."""
-        new = await conn.fetchrow(
-            "UPDATE fsessions SET state = $4, last_error = $5, ended = $6, wan_secret = NULL, "
-            "stats = coalesce($7::jsonb, stats) "
-            "WHERE uid = $1 AND role = $2 AND created = $3 AND state = $8 RETURNING *",
-            row["uid"], row["role"], row["created"], state.value, reason, time.time(),
-            None if stats is None else _stats_json(stats), row["state"])
-        if new is not None:
-            await self._notify(conn, row["uid"], row["role"])
-        return new
-
-    async def _node_row(self, conn: Any, name: str) -> Any:
-        return await conn.fetchrow("SELECT * FROM nodes WHERE name = $1", name)
+        return await db.end(conn, row, state.value, reason, time.time(),
+                            None if stats is None else json.dumps(_counters(stats)))
 
     async def _remove_from_node(self, node: Any, uid: str, role: str) -> dict | None:
         """Take the session off its node; its last counters, or None if the node is away
@@ -312,33 +294,25 @@ class FacilityRegistry:
                      lease_s: float) -> tuple[Any, bool]:
         import asyncpg
         async with conn.transaction():
-            old = await conn.fetchrow(
-                f"SELECT * FROM fsessions WHERE uid = $1 AND role = $2 AND state IN {LIVE} FOR UPDATE", uid, role)
-            if old is not None:
+            for old in await db.live(conn, uid=uid, role=role):
                 if (old["owner_id"] == owner.id and old["state"] in ("requested", "ready")
                         and old["num_conn"] == num_conn):
                     return old, True       # a retried req: the same session
                 raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
                                     "use a new uid, or release this one first")
-            names = await conn.fetch(
-                f"SELECT n.name FROM nodes n WHERE n.state = 'up' AND NOT n.drained "
-                f"AND n.heartbeat > now() - make_interval(secs => $1) ORDER BY "
-                f"(SELECT count(*) FROM fsessions f WHERE f.node = n.name AND f.state IN {LIVE}), random()",
-                self.node_timeout)
+            names = await db.candidates(conn, self.node_timeout)
             if not names:
                 raise Unavailable("no data-transfer node of this facility is up and accepting "
                                       "sessions (s2cs nodes list); start or undrain one")
             why: list[str] = []
             # a node another instance is placing on right now is passed over at first (SKIP
             # LOCKED), so concurrent reqs spread over the nodes; then waited for
-            order = [(rec["name"], "SKIP LOCKED") for rec in names] + [(rec["name"], "") for rec in names]
+            order = [(name, True) for name in names] + [(name, False) for name in names]
             tried: set[str] = set()
-            for name, how in order:
+            for name, skip_locked in order:
                 if name in tried:
                     continue
-                node = await conn.fetchrow(
-                    f"SELECT * FROM nodes WHERE name = $1 AND state = 'up' AND NOT drained FOR UPDATE {how}",
-                    name)
+                node = await db.lock_node(conn, name, skip_locked=skip_locked)
                 if node is None:
                     continue
                 tried.add(name)
@@ -349,19 +323,15 @@ class FacilityRegistry:
                 now = time.time()
                 secret = wankeys.new_secret() if role == "PROD" and not self.config.wan_plaintext else None
                 try:
-                    row = await conn.fetchrow(
-                        "INSERT INTO fsessions (uid, role, created, state, owner_id, owner_name, node, instance, "
-                        "num_conn, rate, bandwidth, ports, listeners, wan_secret, hello_due, lease_expires) "
-                        "VALUES ($1, $2, $3, 'requested', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
-                        "RETURNING *",
-                        uid, role, now, owner.id, owner.name, node["name"], self.instance, num_conn, rate,
-                        rate if node["max_rate"] else 0, ports,
-                        [format_listener(node["address"], p) for p in ports], secret,
-                        now + self.config.hello_timeout, now + lease_s if lease_s else 0.0)
+                    row = await db.insert_session(
+                        conn, uid=uid, role=role, created=now, owner_id=owner.id, owner_name=owner.name,
+                        node=node["name"], instance=self.instance, num_conn=num_conn, rate=rate,
+                        bandwidth=rate if node["max_rate"] else 0, ports=ports,
+                        listeners=[format_listener(node["address"], p) for p in ports], wan_secret=secret,
+                        hello_due=now + self.config.hello_timeout, lease_expires=now + lease_s if lease_s else 0.0)
                 except asyncpg.UniqueViolationError:
                     raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
                                         "use a new uid, or release this one first") from None
-                await self._notify(conn, uid, role)
                 return row, False
             if all("kbit/s" in w for w in why) and rate <= 0:
                 raise InvalidArgument("every node of this facility caps bandwidth; ask for a rate (kbit/s) "
@@ -375,10 +345,7 @@ class FacilityRegistry:
         """Free ports for the session on the node (its row locked), or None and why not. A
         port is free when no live session lists it and the node did not find it held by
         another program; the search starts at a random port of the range."""
-        used = await conn.fetchrow(
-            f"SELECT count(*) AS n, coalesce(sum(bandwidth), 0) AS bw, coalesce((SELECT array_agg(p) "
-            f"FROM fsessions f, unnest(f.ports) p WHERE f.node = $1 AND f.state IN {LIVE}), '{{}}') AS ports "
-            f"FROM fsessions WHERE node = $1 AND state IN {LIVE}", node["name"])
+        used = await db.usage(conn, node["name"])
         if node["max_sessions"] and used["n"] >= node["max_sessions"]:
             return None, f"{used['n']} sessions, its most (--max-sessions)"
         if node["max_rate"]:
@@ -397,16 +364,12 @@ class FacilityRegistry:
                           + (f" ({held} held by other programs)" if held else ""))
         return free[:num_conn], ""
 
-    async def _read(self, uid: str, role: str, created: float) -> Any:
-        return await self._call(lambda c: c.fetchrow(
-            "SELECT * FROM fsessions WHERE uid = $1 AND role = $2 AND created = $3", uid, role, created), "read")
-
     async def _wait_hello(self, row: Any) -> Session:
         uid, role, created = row["uid"], row["role"], row["created"]
         with self._watching(uid) as ev:
             while True:
                 ev.clear()
-                cur = await self._read(uid, role, created)
+                cur = await self._call(lambda c: db.session(c, uid, role, created), "read")
                 if cur is None:
                     raise NotFound(f"session {uid} is gone from the store")
                 state = S(cur["state"])
@@ -463,8 +426,7 @@ class FacilityRegistry:
 
     async def _hello_tx(self, conn: Any, uid: str, role: str, endpoints: list[str], who: Identity) -> Any:
         async with conn.transaction():
-            rows = await conn.fetch(
-                f"SELECT * FROM fsessions WHERE uid = $1 AND state IN {LIVE} ORDER BY role FOR UPDATE", uid)
+            rows = await db.live(conn, uid=uid)
             if not rows:
                 return None, False
             waiting = [r for r in rows if r["state"] == "requested"]
@@ -486,12 +448,8 @@ class FacilityRegistry:
             if row["role"] == "PROD" and not endpoints:
                 raise InvalidArgument("a PROD hello must name the producer's endpoints (host:port)")
             now = time.time()
-            new = await conn.fetchrow(
-                "UPDATE fsessions SET state = 'ready', prod_listeners = $4, ready_at = $5, update_due = $6 "
-                "WHERE uid = $1 AND role = $2 AND created = $3 AND state = 'requested' RETURNING *",
-                row["uid"], row["role"], row["created"], endpoints if row["role"] == "PROD" else [],
-                now, now + self.config.update_timeout if self.config.update_timeout else 0.0)
-            await self._notify(conn, uid, row["role"])
+            new = await db.set_ready(conn, row, endpoints if row["role"] == "PROD" else [], now,
+                                     now + self.config.update_timeout if self.config.update_timeout else 0.0)
             return new, True
 
     # -- update -------------------------------------------------------------------------
@@ -513,12 +471,7 @@ class FacilityRegistry:
     async def _update_tx(self, conn: Any, uid: str, role: str, remote: list[str], resolved: dict,
                          wan_secret: bytes, who: Identity, failure: list[str]) -> Any:
         async with conn.transaction():
-            if role:
-                rows = await conn.fetch(f"SELECT * FROM fsessions WHERE uid = $1 AND role = $2 "
-                                        f"AND state IN {LIVE} FOR UPDATE", uid, role)
-            else:
-                rows = await conn.fetch(f"SELECT * FROM fsessions WHERE uid = $1 AND state IN {LIVE} "
-                                        "FOR UPDATE", uid)
+            rows = await db.live(conn, uid=uid, role=role)
             if not rows:
                 raise NotFound(f"no active session {uid} in this facility; check the uid, or it was "
                                "released or expired")
@@ -533,15 +486,14 @@ class FacilityRegistry:
                                        bytes(row["wan_secret"]) if row["wan_secret"] is not None else None,
                                        wan_secret)
             targets = [resolved[remote[i % len(remote)]] for i in range(row["num_conn"])]
-            node = await self._node_row(conn, row["node"])
+            node = await db.node(conn, row["node"])
             if node is None or node["state"] != "up":
                 raise FailedPrecondition(f"session {uid}'s node {row['node']} is "
                                          f"{'gone' if node is None else node['state']}; release it and ask again")
-            rate_enforced = bool(wan_secret) or not row["rate"] or self.config.wan_plaintext \
-                or self.config.enforce_legacy_rate
+            enforced = rate_enforced(self.config, uid, row["role"], int(row["rate"]), wan_secret)
             host = node["address"]
             cfg = {"uid": uid, "role": row["role"], "listen_host": host, "ports": list(row["ports"]),
-                   "targets": targets, "rate_kbps": int(row["rate"]) if rate_enforced else 0,
+                   "targets": targets, "rate_kbps": int(row["rate"]) if enforced else 0,
                    "tls": secret is not None, "keepalive": list(self.config.keepalive or KEEPALIVE),
                    "max_conns": self.config.max_session_conns}
             if secret is not None:
@@ -557,15 +509,8 @@ class FacilityRegistry:
             except ServiceError as exc:
                 failure.append(str(exc))
                 return await self._end(conn, row, S.FAILED, f"data server failed to start: {exc}")
-            now = time.time()
-            new = await conn.fetchrow(
-                "UPDATE fsessions SET state = 'connected', targets = $4, wan_secret = $5, wan_security = $6, "
-                "rate_enforced = $7, connected_at = CASE WHEN connected_at = 0 THEN $8 ELSE connected_at END, "
-                "update_due = 0 WHERE uid = $1 AND role = $2 AND created = $3 RETURNING *",
-                row["uid"], row["role"], row["created"], targets, secret,
-                "tls" if secret is not None else "plain", rate_enforced, now)
-            await self._notify(conn, uid, row["role"])
-            return new
+            return await db.set_connected(conn, row, targets, secret, "tls" if secret is not None else "plain",
+                                          enforced, time.time())
 
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:
@@ -578,7 +523,7 @@ class FacilityRegistry:
 
     async def _release_tx(self, conn: Any, uid: str, who: Identity) -> list[Any]:
         async with conn.transaction():
-            rows = await conn.fetch(f"SELECT * FROM fsessions WHERE uid = $1 AND state IN {LIVE} FOR UPDATE", uid)
+            rows = await db.live(conn, uid=uid)
             if not rows:
                 raise NotFound(f"no active session {uid} in this facility; it may be released already")
             for r in rows:
@@ -587,7 +532,7 @@ class FacilityRegistry:
             for r in rows:
                 stats = None
                 if r["state"] == "connected":
-                    stats = await self._remove_from_node(await self._node_row(conn, r["node"]), uid, r["role"])
+                    stats = await self._remove_from_node(await db.node(conn, r["node"]), uid, r["role"])
                 new = await self._end(conn, r, S.RELEASED, "", stats)
                 if new is not None:
                     out.append(new)
@@ -596,20 +541,8 @@ class FacilityRegistry:
     # -- status -------------------------------------------------------------------------
     async def snapshot(self, uid: str, who: Identity, admin: bool, *, ended: bool = True) -> list[Session]:
         """What ``status`` shows: live sessions first, then the most recently ended ones."""
-        owner = None if admin else who.id
-
-        async def read(c: Any) -> list[Any]:
-            live = await c.fetch(
-                f"SELECT * FROM fsessions WHERE state IN {LIVE} AND ($1 = '' OR uid = $1) "
-                "AND ($2::text IS NULL OR owner_id = $2) ORDER BY created", uid, owner)
-            if not ended:
-                return list(live)
-            gone = await c.fetch(
-                f"SELECT * FROM fsessions WHERE state NOT IN {LIVE} AND ($1 = '' OR uid = $1) "
-                "AND ($2::text IS NULL OR owner_id = $2) ORDER BY ended DESC LIMIT $3",
-                uid, owner, self.config.history)
-            return list(live) + list(gone)
-        rows = await self._call(read, "read")
+        rows = await self._call(lambda c: db.sessions(c, uid, None if admin else who.id,
+                                                      self.config.history if ended else None), "read")
         sessions = [_session(r) for r in rows]
         await self._fresh_stats([s for s in sessions if s.state is S.CONNECTED])
         return sessions
@@ -620,8 +553,7 @@ class FacilityRegistry:
             by_node.setdefault(s.node, []).append(s)
         if not by_node:
             return
-        nodes = {r["name"]: r for r in await self._call(lambda c: c.fetch(
-            "SELECT * FROM nodes WHERE name = ANY($1::text[])", list(by_node)), "read")}
+        nodes = {r["name"]: r for r in await self._call(lambda c: db.nodes_named(c, list(by_node)), "read")}
 
         async def one(name: str, group: list[Session]) -> None:
             node = nodes.get(name)
@@ -634,8 +566,7 @@ class FacilityRegistry:
             for s in group:
                 r = stats.get(f"{s.uid}/{s.role}")
                 if r:
-                    s.last_stats = Stats(int(r["bytes_in"]), int(r["bytes_out"]), int(r["connections"]),
-                                         int(r["total_connections"]), int(r.get("refused_connections", 0)))
+                    s.last_stats = Stats(**_counters(r))
             await asyncio.gather(*(legs(node, s) for s in group if s.last_stats.connections))
 
         sem = asyncio.Semaphore(16)
@@ -646,6 +577,7 @@ class FacilityRegistry:
                 with contextlib.suppress(ServiceError, KeyError, TypeError):
                     r = await self.links.call(node, {"op": "conns", "sid": f"{s.uid}/{s.role}"}, 3.0)
                     s.legs = summarize(r.get("connections") or [])
+
         await asyncio.gather(*(one(n, g) for n, g in by_node.items()))
 
     def sessions(self) -> list[Session]:
@@ -694,31 +626,18 @@ class FacilityRegistry:
 
         async def tx(c: Any) -> float:
             async with c.transaction():
-                await c.execute("UPDATE instances SET heartbeat = now() WHERE name = $1", self.instance)
-                # a database that was down missed every heartbeat: judge nodes only once it has
-                # been up for a whole --node-timeout (a restart of it must not fail every session)
-                lost = await c.fetch(
-                    "UPDATE nodes SET state = 'lost', reason = $2 WHERE state = 'up' "
-                    "AND heartbeat < now() - make_interval(secs => $1) "
-                    "AND now() - pg_postmaster_start_time() > make_interval(secs => $1) RETURNING *",
-                    self.node_timeout, f"no heartbeat for {self.node_timeout:g} s (--node-timeout)")
+                await db.beat_instance(c, self.instance)
+                lost = await db.mark_lost(c, self.node_timeout,
+                                          f"no heartbeat for {self.node_timeout:g} s (--node-timeout)")
                 for node in lost:
                     log.error("node %s lost: no heartbeat for %g s; failing its sessions", node["name"],
                               self.node_timeout)
-                    rows = await c.fetch(
-                        f"SELECT * FROM fsessions WHERE node = $1 AND state IN {LIVE} FOR UPDATE", node["name"])
-                    for r in rows:
+                    for r in await db.live(c, node=node["name"]):
                         why = f"node {node['name']} lost: no heartbeat for {self.node_timeout:g} s"
                         new = await self._end(c, r, S.FAILED, why)
                         if new is not None:
                             events.append(("failed", _session(new), why))
-                due = await c.fetch(
-                    f"SELECT * FROM fsessions WHERE state IN {LIVE} AND ("
-                    "(state = 'requested' AND hello_due > 0 AND hello_due <= $1) OR "
-                    "(state = 'ready' AND update_due > 0 AND update_due <= $1) OR "
-                    "(lease_expires > 0 AND lease_expires <= $1)) "
-                    "ORDER BY created LIMIT 200 FOR UPDATE SKIP LOCKED", now)
-                for r in due:
+                for r in await db.due(c, now):
                     if r["lease_expires"] and r["lease_expires"] <= now:
                         why = f"lease of {r['lease_expires'] - r['created']:g} s ended"
                     elif r["state"] == "requested":   # the timeouts of the instance that set them
@@ -730,11 +649,8 @@ class FacilityRegistry:
                     if new is not None:
                         events.append(("expired", _session(new), why))
                         if r["state"] == "connected":
-                            removals.append((r, await self._node_row(c, r["node"])))
-                nxt = await c.fetchval(
-                    f"SELECT min(least(CASE WHEN state = 'requested' AND hello_due > 0 THEN hello_due END, "
-                    "CASE WHEN state = 'ready' AND update_due > 0 THEN update_due END, "
-                    f"CASE WHEN lease_expires > 0 THEN lease_expires END)) FROM fsessions WHERE state IN {LIVE}")
+                            removals.append((r, await db.node(c, r["node"])))
+                nxt = await db.next_due(c)
                 return (nxt - time.time()) if nxt is not None else 1.0
         wait = await self._call(tx, "run the timers in")
         for r, node in removals:
@@ -745,17 +661,16 @@ class FacilityRegistry:
 
     def _node_event(self, node: str, msg: dict) -> None:
         """A node reports a session it can no longer carry (e.g. its worker could not be restarted)."""
-        if msg.get("event") != "failed":
-            return
         uid, _, role = str(msg.get("sid") or "").partition("/")
+        if msg.get("event") != "failed" or not uid or not role:
+            return
         reason = f"data server died on node {node}: {msg.get('reason')}"
 
         async def fail() -> None:
             async def tx(c: Any) -> Any:
                 async with c.transaction():
-                    row = await c.fetchrow(f"SELECT * FROM fsessions WHERE uid = $1 AND role = $2 AND node = $3 "
-                                           f"AND state IN {LIVE} FOR UPDATE", uid, role, node)
-                    return None if row is None else await self._end(c, row, S.FAILED, reason)
+                    rows = await db.live(c, uid=uid, role=role, node=node)
+                    return await self._end(c, rows[0], S.FAILED, reason) if rows else None
             with contextlib.suppress(ScistreamError):
                 new = await self._call(tx, "write")
                 if new is not None:
@@ -766,33 +681,22 @@ class FacilityRegistry:
 # -- the operator's view (s2cs nodes) ---------------------------------------------------
 async def list_nodes(store: Any, node_timeout: float = 15.0) -> dict[str, list[dict]]:
     """Every node with its load, and every control instance (``s2cs nodes list``)."""
-    async def read(c: Any) -> dict[str, list[dict]]:
-        nodes = await c.fetch(
-            f"SELECT n.*, extract(epoch from now() - n.heartbeat) AS age, "
-            f"(SELECT count(*) FROM fsessions f WHERE f.node = n.name AND f.state IN {LIVE}) AS sessions, "
-            f"(SELECT coalesce(sum(cardinality(f.ports)), 0) FROM fsessions f WHERE f.node = n.name "
-            f"AND f.state IN {LIVE}) AS ports_used, "
-            f"(SELECT coalesce(sum(f.bandwidth), 0) FROM fsessions f WHERE f.node = n.name "
-            f"AND f.state IN {LIVE}) AS bandwidth_used FROM nodes n ORDER BY n.name")
-        inst = await c.fetch("SELECT *, extract(epoch from now() - heartbeat) AS age FROM instances ORDER BY name")
-        return {
-            "nodes": [{"name": n["name"], "address": n["address"], "control": n["control"],
-                       "state": ("drained" if n["drained"] and n["state"] == "up" else n["state"])
-                       if not (n["state"] == "up" and float(n["age"]) > node_timeout) else "late",
-                       "drained": n["drained"], "reason": n["reason"],
-                       "heartbeat_age_s": round(float(n["age"]), 1), "sessions": int(n["sessions"]),
-                       "ports": f"{n['port_lo']}-{n['port_hi']}", "ports_used": int(n["ports_used"]),
-                       "ports_total": n["port_hi"] - n["port_lo"] + 1,
-                       "max_rate_kbps": int(n["max_rate"]), "bandwidth_used_kbps": int(n["bandwidth_used"]),
-                       "max_sessions": int(n["max_sessions"])} for n in nodes],
-            "instances": [{"name": i["name"], "address": i["address"], "pid": i["pid"],
-                           "heartbeat_age_s": round(float(i["age"]), 1)} for i in inst],
-        }
-    return await store._call(read, "read")
+    nodes, inst = await store._call(db.overview, "read")
+    return {
+        "nodes": [{"name": n["name"], "address": n["address"], "control": n["control"],
+                   "state": ("drained" if n["drained"] and n["state"] == "up" else n["state"])
+                   if not (n["state"] == "up" and float(n["age"]) > node_timeout) else "late",
+                   "drained": n["drained"], "reason": n["reason"],
+                   "heartbeat_age_s": round(float(n["age"]), 1), "sessions": int(n["sessions"]),
+                   "ports": f"{n['port_lo']}-{n['port_hi']}", "ports_used": int(n["ports_used"]),
+                   "ports_total": n["port_hi"] - n["port_lo"] + 1,
+                   "max_rate_kbps": int(n["max_rate"]), "bandwidth_used_kbps": int(n["bandwidth_used"]),
+                   "max_sessions": int(n["max_sessions"])} for n in nodes],
+        "instances": [{"name": i["name"], "address": i["address"], "pid": i["pid"],
+                       "heartbeat_age_s": round(float(i["age"]), 1)} for i in inst],
+    }
 
 
 async def set_drained(store: Any, name: str, drained: bool) -> None:
-    status = await store._call(lambda c: c.execute("UPDATE nodes SET drained = $2 WHERE name = $1", name, drained),
-                               "write")
-    if status.split()[-1] == "0":
+    if not await store._call(lambda c: db.set_drained(c, name, drained), "write"):
         raise NotFound(f"no node named {name!r} in this facility (s2cs nodes list shows them)")

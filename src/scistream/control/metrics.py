@@ -60,6 +60,17 @@ SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 
 _ENDED = {"release": "released", "released": "released", "expired": "expired", "failed": "failed"}
 
 
+def _pools(ports_help: str, ports_used: int, ports_free: int, bw_used: int, bw_max: int):
+    """The port and bandwidth pool gauges (of one gateway, or summed over a facility's nodes)."""
+    p = GaugeMetricFamily("scistream_ports", ports_help, labels=["state"])
+    p.add_metric(["used"], ports_used)
+    p.add_metric(["free"], ports_free)
+    b = GaugeMetricFamily("scistream_bandwidth_kbps", "Admitted bandwidth (max 0 = unlimited)", labels=["state"])
+    b.add_metric(["used"], bw_used)
+    b.add_metric(["max"], bw_max)
+    return p, b
+
+
 class _Live:
     """Collector for what is read from the registry at scrape time."""
 
@@ -115,15 +126,8 @@ class _Live:
         if facility:
             yield from self._nodes(live, view[1] if view else [])
             return
-        p = GaugeMetricFamily("scistream_ports", "Data ports of --port-range", labels=["state"])
-        p.add_metric(["used"], len(reg.ports.used))
-        p.add_metric(["free"], reg.ports.free_count)
-        yield p
-        b = GaugeMetricFamily("scistream_bandwidth_kbps", "Admitted bandwidth (max 0 = unlimited)",
-                              labels=["state"])
-        b.add_metric(["used"], reg.bandwidth.used)
-        b.add_metric(["max"], reg.bandwidth.max)
-        yield b
+        yield from _pools("Data ports of --port-range", len(reg.ports.used), reg.ports.free_count,
+                          reg.bandwidth.used, reg.bandwidth.max)
 
     @staticmethod
     def _legs(live: list[Session]):
@@ -172,17 +176,9 @@ class _Live:
     def _nodes(live: list[Session], nodes: list[dict]):
         """A facility (s2cs --facility): the same pool gauges summed over its nodes, and each
         node's own, labelled ``node``."""
-        p = GaugeMetricFamily("scistream_ports", "Data ports of the facility's nodes", labels=["state"])
         used = sum(n["ports_used"] for n in nodes)
-        total = sum(n["ports_total"] for n in nodes)
-        p.add_metric(["used"], used)
-        p.add_metric(["free"], total - used)
-        yield p
-        b = GaugeMetricFamily("scistream_bandwidth_kbps", "Admitted bandwidth (max 0 = unlimited)",
-                              labels=["state"])
-        b.add_metric(["used"], sum(n["bandwidth_used_kbps"] for n in nodes))
-        b.add_metric(["max"], sum(n["max_rate_kbps"] for n in nodes))
-        yield b
+        yield from _pools("Data ports of the facility's nodes", used, sum(n["ports_total"] for n in nodes) - used,
+                          sum(n["bandwidth_used_kbps"] for n in nodes), sum(n["max_rate_kbps"] for n in nodes))
         fams = {
             "up": GaugeMetricFamily("scistream_node_up", "1: the node is up and takes sessions; 0: lost, "
                                     "late or drained", labels=["node"]),

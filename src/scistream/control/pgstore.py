@@ -36,6 +36,7 @@ import urllib.parse
 from typing import Any
 
 from ..errors import ScistreamError
+from . import facilitydb
 from .store import (COLUMNS, LIVE, SELECTED, WRITTEN, GroupCommitStore, SessionRecord, StoreError, record_of,
                     values_of)
 
@@ -60,72 +61,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sessions_live ON sessions (node, state);
     CREATE INDEX sessions_ended ON sessions (node, ended);
     """,
-    # 2: a facility of several nodes (control/facility.py, data/node/facility.py): the nodes
-    # that registered, and the facility's sessions, each placed on one node. A port is
-    # reserved while a live session lists it; the node's row lock serialises placement.
-    """
-    CREATE TABLE nodes (
-        name TEXT PRIMARY KEY,
-        address TEXT NOT NULL,
-        control TEXT NOT NULL,
-        cert TEXT NOT NULL,
-        port_lo INTEGER NOT NULL,
-        port_hi INTEGER NOT NULL,
-        max_rate BIGINT NOT NULL DEFAULT 0,
-        max_sessions INTEGER NOT NULL DEFAULT 0,
-        state TEXT NOT NULL DEFAULT 'up',
-        drained BOOLEAN NOT NULL DEFAULT false,
-        reason TEXT NOT NULL DEFAULT '',
-        pid INTEGER NOT NULL DEFAULT 0,
-        registered TIMESTAMPTZ NOT NULL DEFAULT now(),
-        heartbeat TIMESTAMPTZ NOT NULL DEFAULT now()
-    );
-    CREATE TABLE fsessions (
-        uid TEXT NOT NULL,
-        role TEXT NOT NULL,
-        created DOUBLE PRECISION NOT NULL,
-        state TEXT NOT NULL,
-        owner_id TEXT NOT NULL,
-        owner_name TEXT NOT NULL DEFAULT '',
-        node TEXT NOT NULL,
-        instance TEXT NOT NULL,
-        num_conn INTEGER NOT NULL,
-        rate BIGINT NOT NULL DEFAULT 0,
-        bandwidth BIGINT NOT NULL DEFAULT 0,
-        ports INTEGER[] NOT NULL,
-        listeners TEXT[] NOT NULL,
-        prod_listeners TEXT[] NOT NULL DEFAULT '{}',
-        targets TEXT[] NOT NULL DEFAULT '{}',
-        wan_secret BYTEA,
-        wan_security TEXT NOT NULL DEFAULT '',
-        rate_enforced BOOLEAN NOT NULL DEFAULT true,
-        hello_due DOUBLE PRECISION NOT NULL DEFAULT 0,
-        update_due DOUBLE PRECISION NOT NULL DEFAULT 0,
-        lease_expires DOUBLE PRECISION NOT NULL DEFAULT 0,
-        ready_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-        connected_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-        ended DOUBLE PRECISION NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT '',
-        stats JSONB NOT NULL DEFAULT '{}',
-        PRIMARY KEY (uid, role, created)
-    );
-    CREATE UNIQUE INDEX fsessions_one_live ON fsessions (uid, role)
-        WHERE state IN ('requested', 'ready', 'connected');
-    CREATE INDEX fsessions_node_live ON fsessions (node)
-        WHERE state IN ('requested', 'ready', 'connected');
-    CREATE INDEX fsessions_ended ON fsessions (ended);
-    CREATE TABLE instances (
-        name TEXT PRIMARY KEY,
-        address TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        started TIMESTAMPTZ NOT NULL DEFAULT now(),
-        heartbeat TIMESTAMPTZ NOT NULL DEFAULT now()
-    );
-    """,
-    # 3: the ports of its range that a node found held by other programs (skipped by placement)
-    """
-    ALTER TABLE nodes ADD COLUMN busy_ports INTEGER[] NOT NULL DEFAULT '{}';
-    """,
+    # 2 and 3: a facility of several nodes (its tables: control/facilitydb.py)
+    *facilitydb.MIGRATIONS,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key that serialises migrations of several starting servers.

@@ -165,25 +165,21 @@ async def sweep(sessions_dir: Path, keep_pids: set[int], keep_dirs: set[str],
         if pid in keep_pids or pgid in keep_groups:
             continue
         groups.setdefault(pgid, []).append(pid)
-    stopped: list[int] = []
-    for pgid, pids in groups.items():
+    def send(sig: int) -> None:
+        for pgid, pids in groups.items():
+            for pid in filter(pid_alive, pids):  # the group, when it is theirs alone; else each process
+                with contextlib.suppress(OSError):
+                    if pgid not in (own, 0, 1):
+                        os.killpg(pgid, sig)
+                    os.kill(pid, sig)
+    for pids in groups.values():
         log.warning("stopping orphaned processes %s (from %s)", pids, sessions_dir)
-        stopped.extend(pids)
-        for pid in pids:  # the group, when it is theirs alone; else each process
-            with contextlib.suppress(OSError):
-                if pgid not in (own, 0, 1):
-                    os.killpg(pgid, signal.SIGTERM)
-                os.kill(pid, signal.SIGTERM)
+    stopped = [pid for pids in groups.values() for pid in pids]
+    send(signal.SIGTERM)
     deadline = time.monotonic() + grace
     while any(pid_alive(p) for p in stopped) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    for pgid, pids in groups.items():
-        for pid in pids:
-            if pid_alive(pid):
-                with contextlib.suppress(OSError):
-                    if pgid not in (own, 0, 1):
-                        os.killpg(pgid, signal.SIGKILL)
-                    os.kill(pid, signal.SIGKILL)
+    send(signal.SIGKILL)
     for entry in sessions_dir.iterdir():
         if entry.is_dir() and entry.name not in keep_dirs:
             shutil.rmtree(entry, ignore_errors=True)

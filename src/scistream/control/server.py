@@ -31,6 +31,7 @@ from ..auth.base import Authenticator, NoAuth, make_authenticator
 from ..data.base import BackendUnavailable, DataServer, get_backend
 from ..data.node.backend import NodeService
 from ..data.spec import KEEPALIVE
+from ..data.supervise import bind_error
 from ..errors import DataServerError
 from ..addr import format_listener
 from . import tlscert
@@ -164,24 +165,20 @@ def check(config: ServerConfig) -> None:
 
 def _bind_problem(host: str, port: int, option: str) -> str:
     """Why ``host:port`` cannot be listened on, said for the operator, or "" if it can."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except socket.gaierror as exc:
-            return f"{option} {host}: {exc.strerror}; give an IP address of this host"
-        except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
-                return (f"{option} {host}: {exc.strerror}: it is not an address of this host; give one "
-                        "of its addresses (ip -brief address)")
-            if exc.errno == errno.EADDRINUSE:
-                return (f"port {port} on {host}: {exc.strerror}: another program (another s2cs?) listens "
-                        "there; choose another --port (0: any free port)")
-            if exc.errno == errno.EACCES:
-                return f"port {port} on {host}: {exc.strerror}: ports below 1024 need root"
-            return f"{format_listener(host, port)}: {exc.strerror}"
-    return ""
+    exc = bind_error(host, port)
+    if exc is None:
+        return ""
+    if isinstance(exc, socket.gaierror):
+        return f"{option} {host}: {exc.strerror}; give an IP address of this host"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{option} {host}: {exc.strerror}: it is not an address of this host; give one "
+                "of its addresses (ip -brief address)")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host}: {exc.strerror}: another program (another s2cs?) listens "
+                "there; choose another --port (0: any free port)")
+    if exc.errno == errno.EACCES:
+        return f"port {port} on {host}: {exc.strerror}: ports below 1024 need root"
+    return f"{format_listener(host, port)}: {exc.strerror}"
 
 
 class StateDirLock:

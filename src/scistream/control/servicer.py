@@ -104,10 +104,6 @@ class ControlServicer:
         self.metrics = metrics
         self.audit = audit
 
-    def count_error(self, method: str, code: grpc.StatusCode) -> None:
-        if self.metrics is not None:
-            self.metrics.error(method, code.name)
-
     def record(self, call: Call, code: str, detail: str) -> None:
         if self.metrics is not None:
             self.metrics.call(call.method, code)

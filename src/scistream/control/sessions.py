@@ -267,15 +267,20 @@ def check_request(config: RegistryConfig, uid: str, role: str, num_conn: int, ra
     return float(lease) or top
 
 
+def _addresses(items: Iterable[str], what: str) -> list[str]:
+    """At most MAX_TARGETS host:port addresses, each checked; as a list."""
+    out = list(items)
+    if len(out) > MAX_TARGETS:
+        raise InvalidArgument(f"{len(out)} {what}; at most {MAX_TARGETS}")
+    for a in out:
+        parse_listener(a)
+    return out
+
+
 def check_hello(uid: str, prod_listeners: Iterable[str]) -> list[str]:
     """A hello's arguments checked; the application's endpoints as a list."""
     check_uid(uid)
-    endpoints = list(prod_listeners)
-    if len(endpoints) > MAX_TARGETS:
-        raise InvalidArgument(f"{len(endpoints)} endpoints in one hello; at most {MAX_TARGETS}")
-    for e in endpoints:
-        parse_listener(e)
-    return endpoints
+    return _addresses(prod_listeners, "endpoints in one hello")
 
 
 def check_update(uid: str, role: str, remote_listeners: Iterable[str]) -> list[str]:
@@ -283,14 +288,24 @@ def check_update(uid: str, role: str, remote_listeners: Iterable[str]) -> list[s
     check_uid(uid)
     if role:
         check_role(role)
-    remote = list(remote_listeners)
+    remote = _addresses(remote_listeners, "remote listeners")
     if not remote:
         raise InvalidArgument("update needs at least one remote listener (host:port)")
-    if len(remote) > MAX_TARGETS:
-        raise InvalidArgument(f"{len(remote)} remote listeners; at most {MAX_TARGETS}")
-    for r in remote:
-        parse_listener(r)
     return remote
+
+
+def rate_enforced(config: RegistryConfig, uid: str, role: str, rate: int, given: bytes) -> bool:
+    """Whether to enforce a session's rate. A client of the original tooling (its update
+    carries no wan_secret although this server draws them) sends rate=10000 kbit/s by
+    default, a value that tooling never enforced: its rate is not enforced unless the
+    operator asks for it (--enforce-legacy-rate). Under --wan-plaintext nobody carries a
+    secret, so nobody can be told apart: every rate is enforced there."""
+    if given or not rate or config.wan_plaintext or config.enforce_legacy_rate:
+        return True
+    log.warning("session %s/%s: rate %d kbit/s NOT enforced: a client of the original tooling "
+                "(no WAN secret), which never enforced it; s2cs --enforce-legacy-rate enforces it",
+                uid, role, rate)
+    return False
 
 
 def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes | None,
@@ -520,7 +535,7 @@ class SessionRegistry:
             try:
                 if first:
                     session.wan_secret = secret
-                    session.rate_enforced = self._legacy_rate_enforced(session, wan_secret)
+                    session.rate_enforced = rate_enforced(self.config, uid, session.role, session.rate, wan_secret)
                     server = self.config.backend(self.spec_for(session, targets))
                     session.server = server
                     await server.start()
@@ -556,19 +571,6 @@ class SessionRegistry:
             self._events("connected", session, f"{session.connected_at - session.created:.3f}")
         self._events("update", session, f"targets={len(remote)} wan={session.wan_security}")
         return session
-
-    def _legacy_rate_enforced(self, session: Session, given: bytes) -> bool:
-        """Whether to enforce the session's rate. A client of the original tooling (its update
-        carries no wan_secret although this server draws them) sends rate=10000 kbit/s by
-        default, a value that tooling never enforced: its rate is not enforced unless the
-        operator asks for it (--enforce-legacy-rate). Under --wan-plaintext nobody carries a
-        secret, so nobody can be told apart: every rate is enforced there."""
-        if given or not session.rate or self.config.wan_plaintext or self.config.enforce_legacy_rate:
-            return True
-        log.warning("session %s/%s: rate %d kbit/s NOT enforced: a client of the original tooling "
-                    "(no WAN secret), which never enforced it; s2cs --enforce-legacy-rate enforces it",
-                    session.uid, session.role, session.rate)
-        return False
 
     async def _watch(self, session: Session, server: DataServer) -> None:
         reason = await server.wait_exit()

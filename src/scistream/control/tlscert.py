@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..data.wankeys import write_private
+
 log = logging.getLogger(__name__)
 
 #: Mozilla's "intermediate" profile (5.7) for TLS 1.2, less its DHE suites (no DH parameters
@@ -82,15 +84,6 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -133,7 +126,7 @@ def _make_ca(cert_path: Path, host: str) -> tuple[x509.Certificate, ec.EllipticC
         .sign(key, hashes.SHA256())
     )
     crt, key_path = ca_path(cert_path)
-    _write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key))
     crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     return ca, key
 
@@ -162,7 +155,7 @@ def make_self_signed(cert_path: Path, key_path: Path, hosts: list[str]) -> None:
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key))
     tmp = cert_path.with_name(cert_path.name + ".new")
     tmp.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
     os.replace(tmp, cert_path)

@@ -209,25 +209,30 @@ class WebView:
                 self._tick.notify_all()
             await asyncio.sleep(max(0.05, SAMPLE_EVERY - (time.monotonic() - started)))
 
-    async def sample(self, concurrency: int = 32) -> None:
-        """Read every live data server's counters once; add a rate point to each session."""
-        reg = self.registry
+    async def _read_counters(self, concurrency: int = 32) -> None:
+        """Ask a single gateway's live data servers for their counters (within a sample's time)."""
         sem = asyncio.Semaphore(concurrency)
 
         async def one(s: Session) -> None:
             async with sem:
-                await reg.stats(s)
+                await self.registry.stats(s)
 
-        live = [s for s in reg.active.values() if s.server is not None]
+        live = [s for s in self.registry.active.values() if s.server is not None]
+        if live:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True),
+                                       SAMPLE_EVERY * 0.9)
+
+    async def sample(self) -> None:
+        """Read every live data server's counters once; add a rate point to each session."""
+        reg = self.registry
         if hasattr(reg, "refresh_view"):   # a facility: sessions and counters come from the store and nodes
             try:
                 await asyncio.wait_for(reg.refresh_view(), max(SAMPLE_EVERY * 0.9, 2.0))
             except Exception as exc:  # noqa: BLE001 - the page shows what it had; the log says why
                 log.warning("web view: cannot read the facility's store: %s", exc)
-        elif live:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True),
-                                       SAMPLE_EVERY * 0.9)
+        else:
+            await self._read_counters()
         now = time.time()
         keep = set()
         for s in reg.sessions():
@@ -327,14 +332,7 @@ class WebView:
         data servers are asked for their byte counters (no rate point is made of it)."""
         if time.time() - self.sampled <= SAMPLE_EVERY:
             return
-        if hasattr(self.registry, "refresh_view"):
-            await self.sample()
-            return
-        live = [s for s in self.registry.active.values() if s.server is not None]
-        if live:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(self.registry.stats(s) for s in live),
-                                                      return_exceptions=True), SAMPLE_EVERY * 0.9)
+        await (self.sample() if hasattr(self.registry, "refresh_view") else self._read_counters())
 
     def summary(self, sessions: list[Session]) -> dict[str, Any]:
         reg = self.registry

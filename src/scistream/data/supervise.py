@@ -129,6 +129,17 @@ class ChildProcess:
                 await asyncio.sleep(0.5)
         return self.exit_reason()
 
+    async def exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to end; whether it did."""
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            if self.proc is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 0.05)
+            else:
+                await asyncio.sleep(0.02)
+        return not self.running
+
     async def wait_ready(self, ready: Callable[[], Awaitable[bool]], *, timeout: float) -> None:
         """Poll ``ready`` until true; fail (and stop the child) if it exits or time runs out."""
         deadline = time.monotonic() + timeout
@@ -171,14 +182,7 @@ class ChildProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.running and time.monotonic() < deadline:
-            if self.proc is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.proc.wait(), 0.05)
-            else:
-                await asyncio.sleep(0.02)
-        if self.running:
+        if not await self.exited(grace):
             log.warning("%s (pid %d) ignored SIGTERM; sending SIGKILL", self.name, self.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
@@ -232,13 +236,18 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def free_port_check(host: str, port: int) -> bool:
-    """True if ``port`` can be bound on ``host`` right now."""
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a TCP listener cannot bind ``host:port`` right now, or None if it can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            return exc
+    return None
+
+
+def free_port_check(host: str, port: int) -> bool:
+    """True if ``port`` can be bound on ``host`` right now."""
+    return bind_error(host, port) is None

@@ -175,6 +175,16 @@ class CredentialFiles:
     creds: Credentials
 
 
+def write_private(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path``, mode 0600, replaced whole (a reader sees the old file or the new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 def write_credentials(secret: bytes, uid: str, workdir: Path, *, only_pem: bool = False,
                       not_after: datetime.datetime | None = None) -> CredentialFiles:
     """The session's credentials as files in ``workdir`` (mode 0600; written again, with a
@@ -187,11 +197,7 @@ def write_credentials(secret: bytes, uid: str, workdir: Path, *, only_pem: bool 
         path = workdir / name
         if only_pem and name not in ("wan-cert.pem", "wan-key.pem", "wan-ca.pem"):
             return path
-        tmp = path.with_name(path.name + ".new")      # replaced whole: a reader sees old or new
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_private(path, data)      # replaced whole: a reader sees old or new
         return path
 
     return CredentialFiles(

@@ -40,6 +40,7 @@ from .. import wankeys
 from ..base import BackendUnavailable, DataServer
 from ..spec import DataSpec
 from ..supervise import ChildProcess, cmdline, group_members, pid_alive, tail
+from ..wankeys import write_private
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +188,6 @@ async def run_check(argv: list[str], timeout: float = CHECK_TIMEOUT) -> tuple[in
     return proc.returncode or 0, out.decode(errors="replace")
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode 0600."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def error_lines(text: str, limit: int = 4) -> str:
     """The last error lines of a proxy's output (its own words for what went wrong)."""
     lines = [ln.strip() for ln in text.splitlines()
@@ -217,10 +209,6 @@ def log_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def hostport(host: str, port: int | str) -> str:
-    return format_listener(host, int(port))
 
 
 class ProxyServer(DataServer):
@@ -309,8 +297,7 @@ class ProxyServer(DataServer):
             self._credentials()
             self.prepare()
             await self._install_config(self.render())
-            self._warn_rate()
-            self._warn_cap()
+            self._warn_unenforced()
             await self._spawn()
 
     async def _spawn(self) -> None:
@@ -433,21 +420,17 @@ class ProxyServer(DataServer):
         log.info("%s of session %s/%s: WAN certificate issued again, until %s", self.program, self.spec.uid,
                  self.spec.role, self.creds.creds.not_after if self.creds else "?")
 
-    def _warn_rate(self) -> None:
-        cls = type(self)
-        if self.spec.rate_kbps and not cls.shapes_rate and not cls._rate_warned:
-            cls._rate_warned = True
-            log.warning("the %s backend does not shape bandwidth: the requested rate (%d kbit/s) is "
-                        "reserved but not enforced; use Nginx or Builtin to enforce it",
-                        cls.kind, self.spec.rate_kbps)
-
-    def _warn_cap(self) -> None:
-        cls = type(self)
-        if self.spec.max_conns and not cls.caps_conns and not cls._cap_warned:
-            cls._cap_warned = True
-            log.warning("the %s backend cannot cap the connections of a session: the cap (%d, "
-                        "--max-session-conns) is not enforced; use Haproxy or Nginx to enforce it",
-                        cls.kind, self.spec.max_conns)
+    def _warn_unenforced(self) -> None:
+        """Once a backend class: a rate or a connection cap asked of a backend that cannot enforce it."""
+        cls, spec = type(self), self.spec
+        for asked, able, flag, what, use in (
+                (spec.rate_kbps, cls.shapes_rate, "_rate_warned", "does not shape bandwidth: the requested "
+                 f"rate ({spec.rate_kbps} kbit/s) is reserved but not enforced", "Nginx or Builtin"),
+                (spec.max_conns, cls.caps_conns, "_cap_warned", "cannot cap the connections of a session: "
+                 f"the cap ({spec.max_conns}, --max-session-conns) is not enforced", "Haproxy or Nginx")):
+            if asked and not able and not getattr(cls, flag):
+                setattr(cls, flag, True)
+                log.warning("the %s backend %s; use %s to enforce it", cls.kind, what, use)
 
     async def _install_config(self, text: str) -> None:
         """Validate ``text`` with the binary's config test, then make it the config."""

@@ -204,21 +204,10 @@ class NodeService:
         await self.conn.close()
         if self.child is not None:
             if self.managed and not keep_running:
-                await self._wait_gone(self.child)
+                await self.child.exited(5.0)
+                await self.child.stop()     # SIGKILL if it did not go; reaps
             else:
                 self.child.detach()
-
-    @staticmethod
-    async def _wait_gone(child: ChildProcess, grace: float = 5.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while child.running and loop.time() < deadline:
-            if child.proc is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(child.proc.wait(), 0.05)
-            else:
-                await asyncio.sleep(0.02)
-        await child.stop()     # SIGKILL if it did not go; reaps
 
 
 async def _answers(path: Path) -> bool:

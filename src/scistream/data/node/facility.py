@@ -33,10 +33,10 @@ import ssl
 from pathlib import Path
 
 from ...addr import format_listener
+from ...control import facilitydb as db
 
 log = logging.getLogger(__name__)
 
-LIVE = "('requested', 'ready', 'connected')"
 SCAN_PER_BEAT = 4096   # ports of the range tried for other programs' use at each heartbeat
 
 
@@ -89,30 +89,21 @@ class Membership:
                  self.store.path, self.address, self.port_range.start, self.port_range.stop - 1, self.control)
 
     async def _register(self) -> None:
-        await self.store._call(lambda c: c.execute(
-            "INSERT INTO nodes (name, address, control, cert, port_lo, port_hi, max_rate, max_sessions, pid) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (name) DO UPDATE SET "
-            "address = EXCLUDED.address, control = EXCLUDED.control, cert = EXCLUDED.cert, "
-            "port_lo = EXCLUDED.port_lo, port_hi = EXCLUDED.port_hi, max_rate = EXCLUDED.max_rate, "
-            "max_sessions = EXCLUDED.max_sessions, pid = EXCLUDED.pid, state = 'up', reason = '', "
-            "heartbeat = now()",
-            self.name, self.address, self.control, self.cert_pem, self.port_range.start,
-            self.port_range.stop - 1, self.max_rate, self.max_sessions, os.getpid()), "register the node in")
+        await self.store._call(lambda c: db.register_node(
+            c, self.name, self.address, self.control, self.cert_pem, self.port_range, self.max_rate,
+            self.max_sessions, os.getpid()), "register the node in")
 
     async def beat(self) -> None:
         """One heartbeat, then stop what the store no longer lists on this node."""
         local = set(self.node.sessions)            # before the query: see reconcile below
         busy = await asyncio.to_thread(self.held_ports, local)
-        old = await self.store._call(lambda c: c.fetchval(
-            "WITH old AS (SELECT state FROM nodes WHERE name = $1) "
-            "UPDATE nodes SET heartbeat = now(), state = 'up', reason = '', busy_ports = $2 WHERE name = $1 "
-            "RETURNING (SELECT state FROM old)", self.name, busy), "beat in")
+        old = await self.store._call(lambda c: db.beat_node(c, self.name, busy), "beat in")
         if old is None:                            # an operator deleted the row: register again
             await self._register()
         elif old != "up":
             log.warning("node %s is back; the control servers had marked it %s", self.name, old)
-        live = await self.store._call(lambda c: c.fetch(
-            f"SELECT uid, role FROM fsessions WHERE node = $1 AND state IN {LIVE}", self.name), "read")
+        live = await self.store._call(lambda c: db.live(c, node=self.name, lock=False, columns="uid, role"),
+                                      "read")
         # a session added after ``local`` was taken is not touched; one in ``local`` had its row
         # written (at its req) before its add, so the query sees it while it is live
         keep = {f"{r['uid']}/{r['role']}" for r in live}

@@ -427,11 +427,7 @@ class Node:
                 raise OpError(f"session {sid} exists with other ports {old.cfg['ports']}")
             await self.retarget(old, cfg["targets"])          # an add retried: same session
             return {"ok": True, "workers": old.placement}
-        socks = bind_listeners(str(cfg["listen_host"]), cfg["ports"])
-        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg))
-        for i in e.placement:
-            self.workers[i].listeners += 1
-        self.sessions[sid] = e
+        e = self._enter(sid, cfg, bind_listeners(str(cfg["listen_host"]), cfg["ports"]))
         try:
             await self._install(e)
         except BaseException:
@@ -488,10 +484,24 @@ class Node:
         return {"ok": True}
 
     async def stats(self, e: Entry) -> dict:
+        idx = e.workers()
+        replies = await asyncio.gather(*(self.workers[i].call({"op": "stats", "sids": [e.sid]}) for i in idx),
+                                       return_exceptions=True)
+        return self._total(e, dict(zip(idx, replies)))
+
+    async def all_stats(self) -> dict[str, dict]:
+        per_worker = await asyncio.gather(*(w.call({"op": "stats", "sids": None}) for w in self.workers),
+                                          return_exceptions=True)
+        return {sid: self._total(e, per_worker) for sid, e in self.sessions.items()}
+
+    @staticmethod
+    def _total(e: Entry, replies: Any) -> dict:
+        """A session's counters: its base plus each of its workers' stats reply (``replies[i]``);
+        a worker that did not answer counts what it reported last, with no open connection."""
         total = dict(e.base)
-        for i, r in zip(e.workers(), await self._ask(e, {"op": "stats", "sids": [e.sid]}, strict=False,
-                                                      keep_order=True)):
-            got = (r.get("stats") or {}).get(e.sid) if r else None
+        for i in e.workers():
+            r = replies[i]
+            got = None if not r or isinstance(r, BaseException) else (r.get("stats") or {}).get(e.sid)
             if got is None:
                 got = {**e.seen.get(i, zero_counters()), "connections": 0}
             else:
@@ -499,26 +509,9 @@ class Node:
             add_counters(total, got)
         return {**total, "failed": e.failed, **newest_failure(e)}
 
-    async def all_stats(self) -> dict[str, dict]:
-        per_worker = await asyncio.gather(*(w.call({"op": "stats", "sids": None}) for w in self.workers),
-                                          return_exceptions=True)
-        out = {}
-        for sid, e in self.sessions.items():
-            total = dict(e.base)
-            for i in e.workers():
-                r = per_worker[i]
-                got = None if isinstance(r, BaseException) else (r.get("stats") or {}).get(sid)
-                if got is None:
-                    got = {**e.seen.get(i, zero_counters()), "connections": 0}
-                else:
-                    e.seen[i] = got
-                add_counters(total, got)
-            out[sid] = {**total, "failed": e.failed, **newest_failure(e)}
-        return out
-
-    async def _ask(self, e: Entry, msg: dict, *, strict: bool = True, keep_order: bool = False) -> list:
+    async def _ask(self, e: Entry, msg: dict, *, strict: bool = True) -> list:
         """Send ``msg`` to every worker carrying ``e``. strict: any failure is an error;
-        otherwise failures (a worker restarting) give None (keep_order) or are skipped."""
+        otherwise failures (a worker restarting) are skipped."""
         idx = e.workers()
         replies = await asyncio.gather(*(self.workers[i].call(msg) for i in idx), return_exceptions=True)
         out = []
@@ -527,11 +520,17 @@ class Node:
                 if strict:
                     why = r if isinstance(r, BaseException) else r.get("error")
                     raise OpError(f"session {e.sid}: {why}", "busy" if isinstance(r, BaseException) else "invalid")
-                if keep_order:
-                    out.append(None)
                 continue
             out.append(r)
         return out
+
+    def _enter(self, sid: str, cfg: dict, socks: list[socket.socket]) -> Entry:
+        """A new session's entry, its listeners placed on the workers and counted there."""
+        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg))
+        for i in e.placement:
+            self.workers[i].listeners += 1
+        self.sessions[sid] = e
+        return e
 
     async def _install(self, e: Entry) -> None:
         """Give the session to its workers: each takes its share and accepts at once on the
@@ -554,12 +553,8 @@ class Node:
         socks = [socket.socket(fileno=fd) for fd in fds]
         for s in socks:
             s.setblocking(False)
-        sid = info["sid"]
-        e = Entry(sid, info["cfg"], socks, *self._place(len(socks), info["cfg"]))
+        e = self._enter(info["sid"], info["cfg"], socks)
         e.base = {**zero_counters(), **(info.get("base") or {})}
-        for i in e.placement:
-            self.workers[i].listeners += 1
-        self.sessions[sid] = e
         try:
             await self._install(e)
         except OpError as exc:
