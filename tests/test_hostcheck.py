@@ -28,11 +28,13 @@ def check_config(*args: str, ns: str | None = None) -> subprocess.CompletedProce
 
 
 def expected_limit(rtt_s: float, proc: dict[str, str]) -> float:
-    """What one stream reaches, from the sysctls as read (half of each buffer cap is window)."""
+    """What one stream reaches, from the sysctls as read: 0.6 of the receive cap (before
+    kernel 6.6: what tcp_adv_win_scale says), 0.8 of the send cap (measured: hosttcp)."""
     rmem, wmem = int(proc["tcp_rmem"].split()[2]), int(proc["tcp_wmem"].split()[2])
     scale = int(proc["tcp_adv_win_scale"])
-    share = 1 - 2.0 ** -scale if scale > 0 else 2.0 ** scale if scale < 0 else 0.5
-    return min(rmem * share, wmem * 0.5) * 8 / rtt_s
+    major, minor = (int("".join(c for c in x if c.isdigit()) or 0) for x in os.uname().release.split(".")[:2])
+    share = 0.6 if (major, minor) >= (6, 6) else 1 - 2.0 ** -scale if scale > 0 else 2.0 ** scale if scale < 0 else 0.6
+    return min(rmem * share, wmem * 0.8) * 8 / rtt_s
 
 
 def read_proc(ns: str | None = None) -> dict[str, str]:

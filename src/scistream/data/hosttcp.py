@@ -17,11 +17,15 @@ interfaces are per namespace), so ``ip netns exec NS s2cs check-config`` reads N
     for line in host.advice(0.1, 10e9): print(line) # sysctl -w ... lines
 
 The window a buffer allows: Linux counts a socket's buffer in memory, packets and their
-overhead together, so about half of ``tcp_rmem``'s maximum is offered as receive window
-(``tcp_adv_win_scale`` = 1; kernels from 6.6 measure the ratio per socket, starting at
-one half) and about half of ``tcp_wmem``'s maximum can be in flight unacknowledged.
-Measured through the testbed's emulated WAN (50 ms, BBR, ``tcp_wmem`` max 4 MiB):
-0.34 Gbit/s, 2.1 MB in flight, half the 4 MiB.
+overhead together, so only a share of ``tcp_rmem``'s maximum is offered as receive window
+(before kernel 6.6 set by ``tcp_adv_win_scale``, 1: a half; from 6.6 measured per socket)
+and a share of ``tcp_wmem``'s maximum can be in flight unacknowledged. Measured through
+the testbed's emulated WAN on kernel 6.18 (150 ms, 1 Gbit/s, BBR, one iperf3 stream, MTU
+1500): with tcp_rmem max 64 MiB and tcp_wmem max 4 MiB, 3.54 MB in flight (0.84 of the
+4 MiB); with 4 MiB and 64 MiB, 2.54 MB (0.61); with Linux's defaults (6 MiB, 4 MiB),
+3.39 MB. So: 0.6 of the receive cap (on older kernels what tcp_adv_win_scale says), 0.8
+of the send cap; the advice adds a quarter for the bottleneck's queue and rounds up to a
+power of two.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import errno
 import fcntl
 import logging
 import math
+import os
 import socket
 import struct
 from pathlib import Path
@@ -41,7 +46,9 @@ PROC_NET = Path("/proc/sys/net")
 SIOCGIFMTU = 0x8921
 AUTO, SYSTEM = "auto", "system"
 PREFERRED = "bbr"          # the default WAN-leg congestion control, where the kernel has it
-WINDOW_SHARE = 0.5         # of a buffer's maximum, offered as window / kept in flight (see above)
+RECV_SHARE = 0.6           # of tcp_rmem's maximum, offered as window (kernels from 6.6; see above)
+SEND_SHARE = 0.8           # of tcp_wmem's maximum, kept in flight
+HEADROOM = 1.25            # the advice's margin over the bandwidth-delay product (the bottleneck's queue)
 
 
 class CongestionError(ValueError):
@@ -83,6 +90,14 @@ def interface_mtus() -> dict[str, int]:
     return out
 
 
+def kernel_version() -> tuple[int, int]:
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except ValueError:
+        return 0, 0
+
+
 def try_congestion(name: str) -> str | None:
     """Why a TCP socket of this process cannot take congestion control ``name``, or None if it can."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -110,6 +125,7 @@ class HostTcp:
     allowed: tuple[str, ...]             # ... any process may set
     default_cc: str                      # net.ipv4.tcp_congestion_control
     mtus: dict[str, int]
+    kernel: tuple[int, int] = (0, 0)     # the running kernel's version (the receive share depends on it)
 
     @classmethod
     def read(cls, proc_net: Path = PROC_NET) -> "HostTcp":
@@ -122,18 +138,20 @@ class HostTcp:
             available=tuple(_read(ipv4 / "tcp_available_congestion_control").split()),
             allowed=tuple(_read(ipv4 / "tcp_allowed_congestion_control").split()),
             default_cc=_read(ipv4 / "tcp_congestion_control"),
-            mtus=interface_mtus())
+            mtus=interface_mtus(), kernel=kernel_version())
 
     # -- windows --------------------------------------------------------------------------
     def window_share(self) -> float:
-        """The part of a buffer that is window (tcp_adv_win_scale, see the module's docstring)."""
+        """The part of the receive buffer that is window (see the module's docstring)."""
+        if self.kernel >= (6, 6):
+            return RECV_SHARE
         s = self.adv_win_scale
-        return 1 - 2.0 ** -s if s > 0 else 2.0 ** s if s < 0 else WINDOW_SHARE
+        return 1 - 2.0 ** -s if s > 0 else 2.0 ** s if s < 0 else RECV_SHARE
 
     def window_bytes(self) -> tuple[int, str]:
         """(bytes one stream may have in flight, the sysctl that bounds it)."""
         share = self.window_share()
-        recv, send = int(self.tcp_rmem[2] * share), int(self.tcp_wmem[2] * WINDOW_SHARE)
+        recv, send = int(self.tcp_rmem[2] * share), int(self.tcp_wmem[2] * SEND_SHARE)
         return (recv, "net.ipv4.tcp_rmem") if recv < send else (send, "net.ipv4.tcp_wmem")
 
     def stream_limit(self, rtt_s: float) -> float:
@@ -142,7 +160,7 @@ class HostTcp:
 
     def buffer_for(self, rtt_s: float, rate_bps: float) -> int:
         """The buffer maximum (bytes, a power of two) that lets one stream reach ``rate_bps``."""
-        need = rate_bps * rtt_s / 8 / min(self.window_share(), WINDOW_SHARE)
+        need = HEADROOM * rate_bps * rtt_s / 8 / min(self.window_share(), SEND_SHARE)
         return 1 << max(22, math.ceil(math.log2(max(need, 1))))
 
     def advice(self, rtt_s: float, rate_bps: float) -> list[tuple[str, str]]:
