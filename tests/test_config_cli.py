@@ -29,7 +29,8 @@ def test_check_config_good_and_bad(tmp_path):
     good.write_text('auth = "none"\nport = 5000\nlistener-ip = "127.0.0.1"\nport-range = "5100-5110"\n')
     p = s2cs("check-config", str(good))
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == f"{good}: OK (4 settings: port, listener-ip, port-range, auth)"
+    assert p.stdout.splitlines()[0] == f"{good}: OK (4 settings: port, listener-ip, port-range, auth)"
+    assert "host TCP (this network namespace):" in p.stdout   # then this host's limits (test_hostcheck)
     bad = tmp_path / "bad.toml"
     bad.write_text('auth = "none"\nlistner-ip = "127.0.0.1"\nport = "5000"\nport-range = "1-70000"\n'
                    'type = "Squid"\nserver-cert = "missing.crt"\nserver-key = "missing.key"\n')

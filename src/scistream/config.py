@@ -203,6 +203,12 @@ def _semantic(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
             parse_keepalive(values["tcp_keepalive"])
         except ValueError as exc:
             yield "tcp_keepalive", str(exc)
+    if isinstance(values.get("wan_congestion"), str):
+        from .data.hosttcp import CongestionError, resolve_congestion
+        try:
+            resolve_congestion(values["wan_congestion"])
+        except CongestionError as exc:
+            yield "wan_congestion", str(exc)
     if ("server_cert" in values) != ("server_key" in values):
         have, missing = ("server_cert", "server-key") if "server_cert" in values else ("server_key", "server-cert")
         yield have, f"set {missing} too: the certificate and its key go together"
@@ -341,26 +347,78 @@ def config_option() -> Any:
 
 
 def check_config_command(settings_of: Any) -> click.Command:
-    """``check-config FILE`` for the command ``settings_of()`` returns."""
+    """``check-config [FILE] [--max-rtt D] [--rate R]`` for the command ``settings_of()`` returns:
+    the file's settings, then this host's TCP limits against the rate wanted."""
+    from .cli.s2cs import Rate, Rtt
     @click.command("check-config", epilog="\b\nExamples:\n  s2cs check-config /etc/scistream/s2cs.toml\n"
-                                          "  s2cs check-config s2cs.toml && systemctl restart s2cs\n\n"
-                                          "Exit codes: 0 the file is good; 2 it has problems (each "
-                                          "printed as FILE:LINE: KEY: what is wrong).")
-    @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-    def check_config(file: Path) -> None:
-        """Check a configuration file without starting: unknown keys, wrong types, bad port
-        ranges, missing certificate or token files, unknown data-server types."""
-        schema = schema_for(settings_of())
-        problems = check(file, schema)
-        if problems:
-            for p in problems:
-                click.echo(str(p), err=True)
-            click.echo(f"{file}: {len(problems)} problem(s)", err=True)
-            raise SystemExit(2)
-        values = load(file, schema)
-        click.echo(f"{file}: OK ({len(values)} settings: "
-                   f"{', '.join(s.key for s in _unique(schema.values()) if s.param in values)})")
+                                          "  s2cs check-config s2cs.toml && systemctl restart s2cs\n"
+                                          "  s2cs check-config --max-rtt 150ms --rate 10gbit\n\n"
+                                          "Exit codes: 0 the file is good and one stream reaches --rate at "
+                                          "--max-rtt; 1 it cannot (the sysctls to raise are printed); "
+                                          "2 the file has problems (each printed as FILE:LINE: KEY: what is "
+                                          "wrong) or --wan-congestion names a control this host lacks.")
+    @click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+    @click.option("--max-rtt", type=Rtt(), default=None,
+                  help="Round trip of the longest WAN path [the file's max-rtt, else 100ms].")
+    @click.option("--rate", type=Rate(), default=None,
+                  help="Rate one stream should reach, e.g. 10gbit; without it the host's figures only.")
+    @click.option("--wan-congestion", default=None, metavar="NAME",
+                  help="The congestion control to check [the file's wan-congestion, else auto].")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines.")
+    def check_config(file: Path | None, max_rtt: float | None, rate: float | None, wan_congestion: str | None,
+                     as_json: bool) -> None:
+        """Check a configuration file without starting (unknown keys, wrong types, bad port
+        ranges, missing certificate or token files, unknown data-server types), then this
+        host's TCP: what one stream reaches at --max-rtt with its buffer limits, its
+        congestion controls and MTUs, and which sysctl to raise, to what, for --rate."""
+        values: dict[str, Any] = {}
+        if file is not None:
+            schema = schema_for(settings_of())
+            problems = check(file, schema)
+            if problems:
+                for p in problems:
+                    click.echo(str(p), err=True)
+                click.echo(f"{file}: {len(problems)} problem(s)", err=True)
+                raise SystemExit(2)
+            values = load(file, schema)
+            if not as_json:
+                click.echo(f"{file}: OK ({len(values)} settings: "
+                           f"{', '.join(s.key for s in _unique(schema.values()) if s.param in values)})")
+        host_check(max_rtt if max_rtt is not None else _seconds(values.get("max_rtt", "100ms")), rate,
+                   wan_congestion or values.get("wan_congestion") or "auto", as_json)
     return check_config
+
+
+def _seconds(value: Any) -> float:
+    from .cli.s2cs import Rtt
+    return Rtt().convert(value, None, None)
+
+
+def host_check(rtt_s: float, rate_bps: float | None, wan_congestion: str, as_json: bool) -> None:
+    """Print this host's TCP report; exit 1 if one stream cannot reach ``rate_bps``, 2 if
+    ``wan_congestion`` cannot be had here."""
+    import json
+    from .data.hosttcp import CongestionError, HostTcp, resolve_congestion
+    host = HostTcp.read()
+    try:
+        wan_cc = resolve_congestion(wan_congestion, host)
+    except CongestionError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(2) from None
+    lines, ok = host.report(rtt_s, rate_bps, wan_cc, wan_congestion)
+    if as_json:
+        win, bound = host.window_bytes()
+        click.echo(json.dumps({
+            "rtt_s": rtt_s, "rate_bps": rate_bps, "stream_limit_bps": host.stream_limit(rtt_s), "ok": ok,
+            "in_flight_bytes": win, "bounded_by": bound, "wan_congestion": wan_cc,
+            "tcp_rmem": host.tcp_rmem, "tcp_wmem": host.tcp_wmem, "rmem_max": host.rmem_max,
+            "wmem_max": host.wmem_max, "available": host.available, "allowed": host.allowed,
+            "default": host.default_cc, "mtus": host.mtus,
+            "advice": dict(host.advice(rtt_s, rate_bps)) if rate_bps else {}}, indent=1))
+    else:
+        click.echo("\n".join(lines))
+    if not ok:
+        raise SystemExit(1)
 
 
 def _unique(settings: Iterable[Setting]) -> list[Setting]:
@@ -371,4 +429,4 @@ def _unique(settings: Iterable[Setting]) -> list[Setting]:
 
 
 __all__ = ["Setting", "Problem", "ConfigFileError", "schema_for", "load", "check", "key_lines",
-           "config_option", "check_config_command"]
+           "config_option", "check_config_command", "host_check"]

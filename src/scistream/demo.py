@@ -188,6 +188,11 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             await cons.update(uid, "CONS", list(prod_resp.listeners), prod_resp.wan_secret)
             step("update CONS -> PROD WAN listeners")
             # 6: the consumer streams and verifies.
+            watch = None
+            if tb is not None:
+                watch = asyncio.create_task(_leg_congestion(
+                    tb, _port(prod_resp.listeners[0]), _port(prod_resp.prod_listeners[0]),
+                    _port(cons_resp.listeners[0])))
             rc = await consumer.wait()
             if rc != 0:
                 raise RuntimeError(f"consumer failed (exit {rc}): "
@@ -195,6 +200,10 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             result = json.loads(report_file.read_text())
             await asyncio.wait_for(producer.wait(), 30)
             step(f"transfer: {result['bytes']} bytes verified")
+            if watch is not None:
+                seen = await _finish(watch)
+                if seen:
+                    say(f"      congestion control of the legs (ss -ti during the transfer): {seen}")
             if tb is not None:
                 await _show_paths(tb, prod, cons, uid, cons_resp, prod_resp, upd.wan_security, say)
                 t = time.monotonic()
@@ -216,6 +225,54 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
     finally:
         if not opts.keep_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _port(listener: str) -> int:
+    return int(listener.rpartition(":")[2])
+
+
+async def _finish(task: asyncio.Task) -> str:
+    task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return ""
+
+
+async def _ss(tb: Testbed, host, flt: str) -> list[str]:
+    """The congestion control of each established connection of ``host`` that ``flt`` selects."""
+    proc = await asyncio.create_subprocess_exec(
+        *tb.argv(host, "ss", "-tinH", "state", "established", flt), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return [line.split()[0] for line in out.decode().splitlines() if line[:1].isspace() and line.split()]
+
+
+async def _leg_congestion(tb: Testbed, wan_port: int, producer_port: int, consumer_port: int,
+                          limit: float = 60.0) -> str:
+    """The congestion control each leg's sockets show (``ss -ti`` on each gateway) while the
+    transfer runs: polled until every leg has been seen (or ``limit`` s, or cancelled)."""
+    legs = {"GW-B LAN": (tb.gw_b, f"( sport = :{consumer_port} )"), "GW-B WAN": (tb.gw_b, f"( dport = :{wan_port} )"),
+            "GW-A WAN": (tb.gw_a, f"( sport = :{wan_port} )"), "GW-A LAN": (tb.gw_a, f"( dport = :{producer_port} )")}
+    seen: dict[str, str] = {}
+
+    def text() -> str:
+        return ", ".join(f"{k} {seen[k]}" for k in legs if k in seen)
+    deadline = time.monotonic() + limit
+    try:
+        while len(seen) < len(legs) and time.monotonic() < deadline:
+            for name, (host, flt) in legs.items():
+                if name not in seen and (got := await _ss(tb, host, flt)):
+                    seen[name] = "/".join(sorted(set(got)))
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        return text()
+    return text()
 
 
 async def _probe(tb: Testbed, host, listener: str) -> str:

@@ -374,9 +374,40 @@ def test_demo_over_the_emulated_wan(tmp_path):
     assert "WAN (GW-A <-> router <-> GW-B): RTT 20 ms, rate 500.0 Mbit/s" in out and "MTU 9000" in out
     assert "verified 16777216 bytes" in out
     assert "-> [WAN, TLS] -> GW-A 198.51.100.9:" in out
+    for gw in ("GW-A", "GW-B"):   # set up as check-config advises, and said so
+        assert f"  {gw}: as `s2cs check-config --max-rtt 20ms --rate 500mbit` advises: " in out, out
     tag = out.split("testbed ", 1)[1].split(":", 1)[0]
     assert f"testbed {tag} removed" in out
     assert f"scistream-tb-{tag}-" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                         text=True).stdout
     assert not [l for l in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
                 if "wanem-" in l and "--stats" in l and tag in l]
+
+
+@pytest.mark.root
+@needs_testbed
+@pytest.mark.timeout(240)
+@pytest.mark.skipif("bbr" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split(),
+                    reason="this kernel has no bbr (the data servers' default)")
+def test_demo_on_typical_gateways_the_wan_legs_take_the_data_servers_congestion_control(tmp_path):
+    """Typical gateways: CUBIC on every route (congctl), Linux's default buffer caps. The data
+    servers give their WAN-leg sockets BBR after connect and accept, over the route's choice;
+    the LAN legs keep the route's CUBIC (seen with ss -ti on each gateway during the transfer)."""
+    p = subprocess.run([str(BIN / "scistream"), "demo", "--netns", "--size", "64M", "--num-conn", "2",
+                        "--wan-rtt", "20ms", "--wan-rate", "500mbit", "--wan-hosts", "typical"],
+                       capture_output=True, text=True, timeout=200, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    out = p.stdout
+    assert p.returncode == 0, out + p.stderr
+    assert "verified 67108864 bytes" in out
+    for gw in ("GW-A", "GW-B"):
+        assert (f"  {gw}: typical: net.ipv4.tcp_rmem=4096 131072 6291456, net.ipv4.tcp_wmem=4096 16384 4194304; "
+                "every route congctl cubic") in out, out
+    assert ("congestion control of the legs (ss -ti during the transfer): GW-B LAN cubic, GW-B WAN bbr, "
+            "GW-A WAN bbr, GW-A LAN cubic") in out, out
+    assert "gateways set up as typical gateways" in out
+
+
+def test_demo_wan_hosts_needs_a_wan(tmp_path):
+    p = subprocess.run([str(BIN / "scistream"), "demo", "--size", "1M", "--netns", "--wan-hosts", "typical"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and "give --wan-rtt too" in " ".join(p.stderr.split()), p.stderr

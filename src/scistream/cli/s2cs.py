@@ -35,6 +35,41 @@ class Keepalive(click.ParamType):
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
+
+class Rtt(click.ParamType):
+    """A round trip: ``100ms``, ``0.15s``, ``50`` (ms) -> seconds."""
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        from ..netns.wan import WanSpecError, parse_ms
+        try:
+            ms = parse_ms(value, "round trip")
+        except WanSpecError as exc:
+            self.fail(str(exc), param, ctx)
+        if ms <= 0:
+            self.fail(f"round trip {value!r} must be above 0", param, ctx)
+        return ms / 1000
+
+
+class Rate(click.ParamType):
+    """A rate: ``10gbit``, ``400mbit``, ``1e9`` -> bit/s."""
+    name = "RATE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        from ..netns.wan import WanSpecError, parse_rate
+        try:
+            bps = parse_rate(value)
+        except WanSpecError as exc:
+            self.fail(str(exc), param, ctx)
+        if bps is None:
+            self.fail(f"rate {value!r} must be above 0", param, ctx)
+        return float(bps)
+
+
 def server_options(fn):
     opts = [
         config_option(),
@@ -107,6 +142,14 @@ def server_options(fn):
                help="TCP keepalive of the data servers' sockets, IDLE,INTERVAL,COUNT (seconds, "
                     "seconds, probes): a peer that vanished silently is dropped after "
                     "IDLE + INTERVAL x COUNT seconds; 'system' keeps the kernel's settings."),
+        option("--wan-congestion", default="auto", show_default=True, metavar="NAME",
+               help="Builtin: congestion control of the WAN leg's sockets (TCP_CONGESTION): a name this "
+                    "kernel has (net.ipv4.tcp_available_congestion_control), 'auto' (bbr where the kernel "
+                    "has it, else the kernel's default) or 'system' (the kernel's default, or a route's "
+                    "congctl). The LAN legs keep the kernel's default."),
+        option("--max-rtt", type=Rtt(), default="100ms", show_default=True,
+               help="The longest round trip of a WAN path this gateway serves: the line at start says "
+                    "what one stream can reach there with this host's buffer limits."),
         option("--drain", is_flag=True,
                help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
                     "running and the next start re-adopts them."),
@@ -170,7 +213,8 @@ def _run(**kw) -> None:
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="\b\nExamples:\n  s2cs --config /etc/scistream/s2cs.toml\n"
                     "  s2cs --port 5000 --listener-ip 10.0.0.2 --type Builtin --auth none\n"
-                    "  s2cs check-config /etc/scistream/s2cs.toml\n\n"
+                    "  s2cs check-config /etc/scistream/s2cs.toml\n"
+                    "  s2cs check-config --max-rtt 100ms --rate 10gbit\n\n"
                     "Exit codes: 0 stopped (SIGTERM, Ctrl-C); 2 bad flags or configuration (the "
                     "message says which); 1 another failure.")
 @click.version_option(__version__, prog_name="s2cs")

@@ -37,9 +37,14 @@ def cli() -> None:
 @click.option("--wan-loss", help="With --netns: the emulated WAN's loss, each way (e.g. 0.01%, 1e-4) [0].")
 @click.option("--wan-mtu", type=click.IntRange(1280, 9000), help="With --netns: the emulated WAN's MTU [1500].")
 @click.option("--wan-jitter", help="With --netns: +- on each one-way delay of the emulated WAN (e.g. 1ms) [0].")
+@click.option("--wan-hosts", type=click.Choice(["advised", "typical"]), default=None,
+              help="With --wan-rtt: the gateways' TCP as `s2cs check-config` advises for the WAN's round "
+                   "trip and rate (advised, the default), or as Linux sets it up (typical: CUBIC on every "
+                   "route, tcp_rmem/tcp_wmem max 6/4 MiB); the data servers set their WAN legs' congestion "
+                   "control either way (s2cs --wan-congestion, BBR).")
 @click.option("--in-testbed", default=None, hidden=True)  # set by --netns for the run inside the user's host
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging, the control servers' and gRPC's included.")
-def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose, **wan_opts) -> None:
+def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose, wan_hosts, **wan_opts) -> None:
     """Run a whole session on this machine: two control servers, a producer, a consumer,
     every byte verified, everything released."""
     setup_logging(verbose)
@@ -48,13 +53,16 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose
         raise click.BadParameter("--size must be at least one byte per connection", param_hint="'--size'")
     testbed = None
     wan, wan_args = _wan_spec(wan_opts, netns or in_testbed is not None)
+    if wan_hosts is not None and wan is None:
+        raise click.UsageError("--wan-hosts sets the gateways up for an emulated WAN: give --wan-rtt too")
+    wan_hosts = wan_hosts or "advised"
     if netns and in_testbed is None:
         from ..netns import unavailable_reason
         reason = unavailable_reason()
         if reason is None:
             sys.exit(_demo_in_testbed(["--size", str(size), "--num-conn", str(num_conn), "--type", server_type,
                                        "--rate", str(rate)] + ["--keep-dir"] * keep_dir + ["-v"] * verbose
-                                      + wan_args, wan))
+                                      + wan_args + ["--wan-hosts", wan_hosts] * (wan is not None), wan, wan_hosts))
         if wan is not None:  # no emulated WAN on loopback
             err.print(f"[red]demo failed[/]: --netns: {reason}; the emulated WAN (--wan-*) needs it")
             sys.exit(Exit.FAILED)
@@ -84,7 +92,10 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose
               f"{report.gbps:.2f} Gbit/s through PROD and CONS data servers ({report.server_type}, "
               f"WAN leg {report.wan_security})")
     if wan is not None:
-        out.print(f"  over the emulated WAN: {wan.describe()}; the gateways keep Linux's default TCP settings")
+        out.print(f"  over the emulated WAN: {wan.describe()}; gateways set up "
+                  + ("as `s2cs check-config` advises" if wan_hosts == "advised" else
+                     "as typical gateways (CUBIC routes, Linux's default buffer caps)")
+                  + "; WAN legs' congestion control: the data servers' (s2cs --wan-congestion auto)")
 
 
 def _wan_spec(opts: dict, netns: bool):
@@ -106,7 +117,7 @@ def _wan_spec(opts: dict, netns: bool):
     return spec, [f"--{k.replace('_', '-')}={v}" for k, v in given.items()]
 
 
-def _demo_in_testbed(args: list[str], wan=None) -> int:
+def _demo_in_testbed(args: list[str], wan=None, wan_hosts: str = "advised") -> int:
     """Build the namespaces, run the demo from the user's host inside them, remove them all."""
     from ..netns import Testbed, TestbedError
     tb = Testbed(wan=wan)
@@ -121,6 +132,14 @@ def _demo_in_testbed(args: list[str], wan=None) -> int:
                   "only a SciStream session connects them" if wan is None else
                   "  no route between the facilities' LANs; only the router forwards, and only between the "
                   "gateways' WAN addresses: only a SciStream session connects the facilities")
+        if wan is not None:
+            out.print(f"  gateways' TCP set up {wan_hosts}:")
+            try:
+                for line in tb.set_up_gateways(wan_hosts):
+                    out.print(line)
+            except TestbedError as exc:
+                err.print(f"[red]demo failed[/]: cannot set the gateways up: {exc}")
+                return Exit.FAILED
         inner = subprocess.Popen(tb.argv(tb.user, sys.executable, "-m", "scistream.cli.scistream", "demo",
                                          *args, "--in-testbed", tb.tag), stdin=subprocess.DEVNULL)
         try:

@@ -495,7 +495,7 @@ class FacilityRegistry:
             cfg = {"uid": uid, "role": row["role"], "listen_host": host, "ports": list(row["ports"]),
                    "targets": targets, "rate_kbps": int(row["rate"]) if enforced else 0,
                    "tls": secret is not None, "keepalive": list(self.config.keepalive or KEEPALIVE),
-                   "max_conns": self.config.max_session_conns}
+                   "max_conns": self.config.max_session_conns, "wan_congestion": self.config.wan_congestion}
             if secret is not None:
                 cfg["wan_secret"] = secret.hex()
                 # the leaf ends with the lease plus a margin; a facility does not issue it again

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from ..auth.base import Authenticator, NoAuth, make_authenticator
+from ..data.hosttcp import HostTcp, congestion_line
 from ..data.base import BackendUnavailable, DataServer, get_backend
 from ..data.node.backend import NodeService
 from ..data.spec import KEEPALIVE
@@ -82,6 +83,8 @@ class ServerConfig:
     max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
     update_timeout: float = 3600.0   # seconds a session may wait between its hello and its update; 0 = no limit
     tcp_keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' sockets; (0, 0, 0) = the system's
+    wan_congestion: str = "auto"     # WAN-leg congestion control (data.hosttcp): auto, system or a kernel name
+    max_rtt: float = 0.1             # seconds: the round trip the start line's host check assumes
     metrics_port: int | None = None  # Prometheus endpoint (0: any free port); None = off
     metrics_ip: str | None = None    # default: the control ip
     workers: int = 0                 # Builtin: worker processes of the node service s2cs starts; 0 = one per core
@@ -95,6 +98,7 @@ class ServerConfig:
     node_token_file: Path | None = None  # --facility: the token the facility's nodes obey
     node_timeout: float = 15.0       # --facility: a node silent this long is lost, its sessions failed
     node_token: str = dataclasses.field(default="", repr=False)   # read from node_token_file by check()
+    wan_cc: str = ""                 # wan_congestion resolved by check(): a kernel name, "" = the kernel's choice
 
     @property
     def backend(self) -> type[DataServer]:
@@ -143,6 +147,11 @@ def check(config: ServerConfig) -> None:
     if config.store is not None and not is_postgres_url(config.store):
         raise ConfigError(f"--store {redact(config.store)}: give a postgresql://USER@HOST[:PORT]/DATABASE "
                           "URL (leave --store out for SQLite in the state directory)")
+    from ..data.hosttcp import CongestionError, resolve_congestion
+    try:
+        config.wan_cc = resolve_congestion(config.wan_congestion)
+    except CongestionError as exc:
+        raise ConfigError(str(exc)) from None
     if config.facility:
         if config.store is None:
             raise ConfigError("--facility needs --store postgresql://...: the facility's shared database")
@@ -332,6 +341,7 @@ class ControlServer:
                            max_conn=config.max_conn, max_lease=config.max_lease,
                            update_timeout=config.update_timeout,
                            keepalive=tuple(config.tcp_keepalive),  # type: ignore[arg-type]
+                           wan_congestion=config.wan_cc,
                            wan_plaintext=config.wan_plaintext,
                            allow_legacy_plaintext=config.allow_legacy_plaintext,
                            enforce_legacy_rate=config.enforce_legacy_rate,
@@ -382,6 +392,9 @@ class ControlServer:
         self.address = shown
         log.info("S2CS serving on %s (type %s, data ports %s, listener ip %s)", shown,
                  config.backend.kind, config.port_range, config.listener_ip)
+        host = HostTcp.read()
+        log.info("%s", congestion_line(config.wan_cc, host, config.backend.kind))
+        log.info("%s", host.start_line(config.max_rtt))
         if not config.facility:
             self._tasks.append(asyncio.create_task(_lease_loop(self.registry)))
         if self.metrics is not None:

@@ -136,11 +136,13 @@ class Session:
         self.changed.set()
 
     def spec(self, targets: tuple[str, ...] | None = None,
-             keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "") -> DataSpec:
+             keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "",
+             wan_congestion: str = "") -> DataSpec:
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate if self.rate_enforced else 0, wan_secret=self.wan_secret,
                         workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service,
+                        wan_congestion=wan_congestion,
                         lease_end=self.lease_expires)
 
     def restarted_server(self) -> None:
@@ -222,6 +224,7 @@ class RegistryConfig:
     max_lease: float = 0.0           # longest lease in seconds; also the default; 0 = unlimited
     update_timeout: float = 3600.0   # a session READY this long without an update expires; 0 = never
     keepalive: tuple[int, int, int] = KEEPALIVE   # data servers' TCP keepalive (base.KEEPALIVE)
+    wan_congestion: str = ""         # WAN-leg congestion control (data.hosttcp); "" = the kernel's choice
     wan_plaintext: bool = False      # operator asked for a plaintext WAN leg
     allow_legacy_plaintext: bool = False  # clients without wan_secret get plaintext on any type
     enforce_legacy_rate: bool = False     # enforce the rate of clients without wan_secret too
@@ -351,7 +354,8 @@ class SessionRegistry:
     def spec_for(self, session: Session, targets: tuple[str, ...] | None = None) -> DataSpec:
         """What the session's data server is started with."""
         c = self.config
-        return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service)
+        return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service,
+                            wan_congestion=c.wan_congestion)
 
     def _events(self, event: str, session: Session, detail: str) -> None:
         tell_observers(self.observers, event, session, detail)

@@ -62,6 +62,13 @@ class DataSpec:
     max_conns: int = 0           # open connections per session at most (--max-session-conns); 0 = no cap
     service: str = ""            # Builtin: the node service's control socket (scistream.data.node)
     lease_end: float = 0.0       # the session's lease end (epoch s; 0 = none): its WAN leaf ends a margin after
+    wan_congestion: str = ""     # the WAN leg's congestion control (data.hosttcp); "" = the kernel's choice
+
+    @property
+    def wan_side(self) -> str:
+        """Which socket of a connection is on the WAN leg: PROD's listener faces the WAN (the
+        accepted side, ``a``), CONS connects across it (the target side, ``b``)."""
+        return "a" if self.role == "PROD" else "b"
 
     @property
     def wan_tls(self) -> bool:

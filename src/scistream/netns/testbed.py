@@ -50,6 +50,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -411,6 +412,51 @@ class Testbed:
             if congestion:
                 sets.append(f"net.ipv4.tcp_congestion_control={congestion}")
             self.run(h, "sysctl", "-q", "-w", *sets)
+
+    #: A gateway as Linux sets it up, nothing tuned: its default buffer caps (tcp_rmem max
+    #: 6 MiB, tcp_wmem max 4 MiB) and CUBIC, Linux's default congestion control.
+    TYPICAL_TCP = ("net.ipv4.tcp_rmem=4096 131072 6291456", "net.ipv4.tcp_wmem=4096 16384 4194304")
+    GATEWAY_SETUPS = ("advised", "typical")
+
+    def set_up_gateways(self, how: str = "advised") -> list[str]:
+        """Each gateway's TCP for this testbed's WAN; returns what was done, in lines for people.
+
+        ``advised``: the buffer caps ``s2cs check-config --max-rtt RTT --rate RATE`` advises,
+        run in the gateway's namespace (the per-namespace ``net.ipv4`` ones; ``net.core``'s
+        belong to the first namespace); the WAN legs' congestion control is the data server's
+        (``s2cs --wan-congestion``, BBR by default). ``typical``: a gateway as Linux sets it up,
+        Linux's default buffer caps and CUBIC on every route (``ip route ... congctl cubic``:
+        a namespace's default may only be one of tcp_allowed_congestion_control, and this
+        machine's own default is BBR)."""
+        if how not in self.GATEWAY_SETUPS:
+            raise TestbedError(f"gateways are set up {' or '.join(self.GATEWAY_SETUPS)}, not {how!r}")
+        if self.wan is None:
+            raise TestbedError("set_up_gateways needs an emulated WAN (Testbed(wan=...))")
+        done = []
+        for gw in (self.gw_a, self.gw_b):
+            if how == "typical":
+                self.run(gw, "sysctl", "-q", "-w", *self.TYPICAL_TCP)
+                for route in self.run(gw, "ip", "-4", "route", "show").stdout.splitlines():
+                    self.run(gw, "ip", "route", "change", *route.split(), "congctl", "cubic")
+                done.append(f"  {gw.label}: typical: {', '.join(self.TYPICAL_TCP)}; every route congctl cubic")
+                continue
+            s2cs = Path(sys.executable).with_name("s2cs")
+            argv = [str(s2cs), "check-config", "--max-rtt", f"{self.wan.rtt_ms}ms", "--json"]
+            rate = f"{self.wan.rate / 1e6:g}mbit" if self.wan.rate else ""
+            if rate:
+                argv += ["--rate", rate]
+            p = self.run(gw, *argv, check=False, timeout=60)
+            try:
+                advice = json.loads(p.stdout)["advice"]
+            except (ValueError, KeyError):
+                raise TestbedError(f"{gw.label}: s2cs check-config failed: {(p.stderr or p.stdout).strip()[-500:]}")
+            sets = [f"{k}={v}" for k, v in advice.items() if k.startswith("net.ipv4.")]
+            if sets:
+                self.run(gw, "sysctl", "-q", "-w", *sets)
+            done.append(f"  {gw.label}: as `s2cs check-config --max-rtt {self.wan.rtt_ms:g}ms"
+                        + (f" --rate {rate}" if rate else "") + "` advises: "
+                        + (", ".join(sets) if sets else "nothing to raise"))
+        return done
 
     def _stop_element(self) -> None:
         proc, self._element = self._element, None

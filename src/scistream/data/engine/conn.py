@@ -36,6 +36,7 @@ from typing import Any, Callable, Protocol
 from .loop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePool, Timer, TokenBucket,
                      whole_number_setting)
 from ...addr import format_listener
+from ..hosttcp import prepare_wan_socket
 from .compiled import F_EOF, pump as compiled
 from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
                      note_moved, thread_buffers)
@@ -85,6 +86,8 @@ class RelayContext(Protocol):
     """What a connection needs from its data server."""
     loop: Loop
     keepalive: tuple[int, int, int]      # base.KEEPALIVE; (0, 0, 0) = the system's timings
+    wan_side: str                        # the side on the WAN leg: "a" (PROD: accepted) or "b" (CONS: connected)
+    wan_congestion: str                  # its congestion control (hosttcp.prepare_wan_socket); "": the kernel's
     pipes: PipePool
     buckets: dict[str, TokenBucket | None]
     server_tls: ssl.SSLContext | None    # accepted side is a TLS server (PROD)
@@ -347,6 +350,8 @@ class Conn:
         self.target = target          # (family, sockaddr)
         sock.setblocking(False)
         _tune(sock, ctx.keepalive)
+        if getattr(ctx, "wan_side", "") == "a":
+            prepare_wan_socket(sock, ctx.wan_congestion)
         self.a = Side(sock, ready=True)
         self.b: Side | None = None
         self.tls: TlsEnd | None = None
@@ -386,6 +391,8 @@ class Conn:
             sock.close()
             self.abort(f"cannot connect to target: {os.strerror(err)}")
             return
+        if getattr(self.ctx, "wan_side", "") == "b":   # after connect: a route's congctl is set by it
+            prepare_wan_socket(sock, self.ctx.wan_congestion)
         self.b = Side(sock, ready=False)
         self.state = "connecting"
         if self.timer is not None:

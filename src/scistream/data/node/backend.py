@@ -239,6 +239,7 @@ class NodeDataServer(DataServer):
             "ports": list(spec.ports), "targets": list(spec.targets), "rate_kbps": spec.rate_kbps,
             "tls": spec.wan_tls, "keepalive": list(spec.keepalive),
             "max_conns": int(getattr(spec, "max_conns", 0) or 0),
+            "wan_congestion": spec.wan_congestion,
         }
         if spec.wan_secret is not None:
             # the service derives the certificate and key and keeps them in memory: no file

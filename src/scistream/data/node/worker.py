@@ -87,6 +87,8 @@ class Slice:
         self.pipes = worker.pipes
         self.index = worker.index
         self.keepalive = keepalive_setting(cfg.get("keepalive"))
+        self.wan_congestion = str(cfg.get("wan_congestion") or "")   # engine.conn.RelayContext
+        self.wan_side = "a" if cfg.get("role") == "PROD" else "b"
         rate = int(cfg.get("rate_kbps") or 0)
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
         self.plain_relay = str(cfg.get("plain_relay") or "auto")   # relay.use_copy
