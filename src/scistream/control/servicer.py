@@ -189,7 +189,7 @@ class ControlServicer:
             server_type=s.server_type or self.registry.config.server_type,
             bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, connections=stats.connections,
             total_connections=stats.total_connections, refused_connections=stats.refused_connections,
-            cut_streams=stats.cut_streams,
+            cut_streams=stats.cut_streams, udp=s.udp, udp_counters=stats.udp,
             ended=s.ended, connected=s.connected_at,
             rate_not_enforced=bool(s.rate) and not s.rate_enforced, node=s.node, instance=s.instance)
 

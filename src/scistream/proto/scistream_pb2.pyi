@@ -75,7 +75,14 @@ class StatusRequest(_message.Message):
     def __init__(self, uid: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("uid", "role", "state", "owner", "listeners", "targets", "num_conn", "rate", "bytes_in", "bytes_out", "created", "lease_expires", "last_error", "wan_security", "server_type", "connections", "ended", "connected", "total_connections", "refused_connections", "rate_not_enforced", "node", "instance", "cut_streams")
+    __slots__ = ("uid", "role", "state", "owner", "listeners", "targets", "num_conn", "rate", "bytes_in", "bytes_out", "created", "lease_expires", "last_error", "wan_security", "server_type", "connections", "ended", "connected", "total_connections", "refused_connections", "rate_not_enforced", "node", "instance", "cut_streams", "udp", "udp_counters")
+    class UdpCountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     UID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +107,8 @@ class SessionInfo(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     CUT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    UDP_FIELD_NUMBER: _ClassVar[int]
+    UDP_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     uid: str
     role: str
     state: str
@@ -124,7 +133,9 @@ class SessionInfo(_message.Message):
     node: str
     instance: str
     cut_streams: int
-    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., owner: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., created: _Optional[float] = ..., lease_expires: _Optional[float] = ..., last_error: _Optional[str] = ..., wan_security: _Optional[str] = ..., server_type: _Optional[str] = ..., connections: _Optional[int] = ..., ended: _Optional[float] = ..., connected: _Optional[float] = ..., total_connections: _Optional[int] = ..., refused_connections: _Optional[int] = ..., rate_not_enforced: _Optional[bool] = ..., node: _Optional[str] = ..., instance: _Optional[str] = ..., cut_streams: _Optional[int] = ...) -> None: ...
+    udp: str
+    udp_counters: _containers.ScalarMap[str, int]
+    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., owner: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., created: _Optional[float] = ..., lease_expires: _Optional[float] = ..., last_error: _Optional[str] = ..., wan_security: _Optional[str] = ..., server_type: _Optional[str] = ..., connections: _Optional[int] = ..., ended: _Optional[float] = ..., connected: _Optional[float] = ..., total_connections: _Optional[int] = ..., refused_connections: _Optional[int] = ..., rate_not_enforced: _Optional[bool] = ..., node: _Optional[str] = ..., instance: _Optional[str] = ..., cut_streams: _Optional[int] = ..., udp: _Optional[str] = ..., udp_counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("sessions", "server_time", "omitted")

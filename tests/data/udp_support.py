@@ -1,0 +1,117 @@
+"""UDP test support: an echoing UDP application, numbered flows checked datagram by
+datagram, and a check that nothing of a session is bound any more.
+
+    async with UdpEcho(port) as app:          # the producer, on the TCP app's port
+        await flow_exchange(("127.0.0.1", cons_port), flow=1, count=50)
+        assert app.sources[1] == {one address}   # one source per flow at the producer
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+
+HEADER = struct.Struct("!IQ")        # flow id, sequence number
+#: Seconds a datagram waits for its echo before it is sent again, and how many times.
+REPLY_WAIT = 2.0
+TRIES = 4
+
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, owner: "UdpEcho") -> None:
+        self.owner = owner
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.owner.received += 1
+        if len(data) >= HEADER.size:
+            flow, _ = HEADER.unpack_from(data)
+            self.owner.sources.setdefault(flow, set()).add(addr)
+        self.transport.sendto(b"echo" + data, addr)
+
+
+class UdpEcho:
+    """A UDP application on 127.0.0.1:``port``: answers each datagram with ``b"echo"`` +
+    the datagram, to its source; ``sources``: flow id -> the addresses it came from."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.host, self.port = host, port
+        self.sources: dict[int, set] = {}
+        self.received = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    async def __aenter__(self) -> "UdpEcho":
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self),
+                                                                local_addr=(self.host, self.port))
+        self.port = self.transport.get_extra_info("sockname")[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def datagram(flow: int, seq: int, size: int) -> bytes:
+    head = HEADER.pack(flow, seq)
+    body = (head * (size // len(head) + 1))[:max(0, size - len(head))]
+    return head + body
+
+
+async def flow_exchange(addr: tuple[str, int], flow: int, count: int, size: int = 1200) -> socket.socket:
+    """Send ``count`` numbered datagrams of ``size`` bytes from one socket (one source: one
+    flow) to ``addr``, each verified by its echo (same flow, same number, same bytes); a
+    datagram without an echo within REPLY_WAIT is sent again, at most TRIES times.
+    Returns the socket (closed by the caller) so that more can go on the same flow."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect(addr)
+    try:
+        await flow_more(sock, flow, range(count), size)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def flow_more(sock: socket.socket, flow: int, seqs, size: int = 1200) -> None:
+    loop = asyncio.get_running_loop()
+    for seq in seqs:
+        want = datagram(flow, seq, size)
+        for _ in range(TRIES):
+            await loop.sock_sendall(sock, want)
+            deadline = time.monotonic() + REPLY_WAIT
+            got = None
+            while time.monotonic() < deadline:
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(sock, 65536), deadline - time.monotonic())
+                except (asyncio.TimeoutError, ConnectionRefusedError):
+                    break
+                assert data.startswith(b"echo"), f"flow {flow}: not an echo: {data[:20]!r}"
+                rflow, rseq = HEADER.unpack_from(data, 4)
+                assert rflow == flow, f"flow {flow} got flow {rflow}'s reply"
+                if rseq == seq:
+                    got = data
+                    break
+                assert rseq < seq, f"flow {flow}: a reply to {rseq} before {seq} was sent"
+            if got is not None:
+                assert got[4:] == want
+                break
+        else:
+            raise AssertionError(f"flow {flow}: no echo of datagram {seq} after {TRIES} tries")
+
+
+def udp_port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if UDP ``port`` can be bound on ``host`` (no data server holds it)."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
