@@ -79,7 +79,7 @@ from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, send_frame, MAX_FDS
 from ..spec import resolve_target
-from .entry import (Entry, OpError, add_counters, bind_listeners, check_cfg, newest_failure, with_credentials,
+from .entry import (Entry, OpError, add_counters, bind_listeners, bind_udp_listeners, check_cfg, newest_failure, with_credentials,
                     zero_counters)
 from .workerproc import WorkerProc
 
@@ -177,7 +177,7 @@ class Node:
         for e in self.sessions.values():
             if w.index in e.workers():
                 seen = dict(e.seen.pop(w.index, None) or zero_counters())
-                seen["connections"] = 0
+                seen["connections"] = seen["udp_flows"] = 0
                 add_counters(e.base, seen)
         if w.index not in self.restarting:
             self.restarting.add(w.index)
@@ -428,7 +428,13 @@ class Node:
             await self.retarget(old, cfg["targets"])          # an add retried: same session
             return {"ok": True, "workers": old.placement}
         socks = bind_listeners(str(cfg["listen_host"]), cfg["ports"])
-        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg))
+        try:
+            udp_socks = bind_udp_listeners(cfg)
+        except BaseException:
+            for x in socks:
+                x.close()
+            raise
+        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg), udp_socks=udp_socks)
         for i in e.placement:
             self.workers[i].listeners += 1
         self.sessions[sid] = e
@@ -437,9 +443,9 @@ class Node:
         except BaseException:
             await self.remove(sid)
             raise
-        log.info("session %s %s: listening on %s ports %s -> %s (workers %s)%s", sid, cfg["role"],
+        log.info("session %s %s: listening on %s ports %s -> %s (workers %s)%s%s", sid, cfg["role"],
                  cfg["listen_host"], cfg["ports"], cfg["targets"], e.placement,
-                 " (TLS WAN leg)" if cfg.get("tls") else "")
+                 " (TLS WAN leg)" if cfg.get("tls") else "", " (UDP too)" if udp_socks else "")
         return {"ok": True, "workers": e.placement}
 
     async def remove(self, sid: str) -> dict:
@@ -452,7 +458,7 @@ class Node:
         for i in e.placement:
             self.workers[i].listeners -= 1
         e.close()
-        total["connections"] = 0
+        total["connections"] = total["udp_flows"] = 0
         log.info("session %s removed: in %d, out %d bytes, %d connections", sid, total["bytes_in"],
                  total["bytes_out"], total["total_connections"])
         return {"ok": True, "stats": total}
@@ -493,7 +499,7 @@ class Node:
                                                       keep_order=True)):
             got = (r.get("stats") or {}).get(e.sid) if r else None
             if got is None:
-                got = {**e.seen.get(i, zero_counters()), "connections": 0}
+                got = {**e.seen.get(i, zero_counters()), "connections": 0, "udp_flows": 0}
             else:
                 e.seen[i] = got
             add_counters(total, got)
@@ -509,7 +515,7 @@ class Node:
                 r = per_worker[i]
                 got = None if isinstance(r, BaseException) else (r.get("stats") or {}).get(sid)
                 if got is None:
-                    got = {**e.seen.get(i, zero_counters()), "connections": 0}
+                    got = {**e.seen.get(i, zero_counters()), "connections": 0, "udp_flows": 0}
                 else:
                     e.seen[i] = got
                 add_counters(total, got)
@@ -555,7 +561,10 @@ class Node:
         for s in socks:
             s.setblocking(False)
         sid = info["sid"]
-        e = Entry(sid, info["cfg"], socks, *self._place(len(socks), info["cfg"]))
+        n_udp = int(info.get("udp") or 0)        # the UDP sockets come after the TCP listeners
+        udp_socks = socks[len(socks) - n_udp:] if n_udp else []
+        socks = socks[:len(socks) - n_udp]
+        e = Entry(sid, info["cfg"], socks, *self._place(len(socks), info["cfg"]), udp_socks=udp_socks)
         e.base = {**zero_counters(), **(info.get("base") or {})}
         for i in e.placement:
             self.workers[i].listeners += 1
@@ -624,7 +633,7 @@ class Node:
         says it serves (``handover_done``), or carry on if it never does."""
         if self.handing_over:
             raise OpError("a handover is already under way", "busy")
-        wide = [e.sid for e in self.sessions.values() if len(e.socks) > MAX_FDS]
+        wide = [e.sid for e in self.sessions.values() if len(e.socks) + len(e.udp_socks) > MAX_FDS]
         if wide:
             raise OpError(f"sessions of more than {MAX_FDS} listeners cannot be handed over: {wide}")
         self.handing_over = True
@@ -640,8 +649,9 @@ class Node:
                     base = dict(e.base)
                     for seen in e.seen.values():
                         add_counters(base, seen)
-                    info = {"sid": e.sid, "cfg": e.cfg, "base": base}
-                    send_frame(sock, encode({"session": info, "nfds": len(e.socks)}), [s.fileno() for s in e.socks])
+                    info = {"sid": e.sid, "cfg": e.cfg, "base": base, "udp": len(e.udp_socks)}
+                    fds = [s.fileno() for s in e.socks + e.udp_socks]
+                    send_frame(sock, encode({"session": info, "nfds": len(fds)}), fds)
                 send_frame(sock, encode({"done": True}))
         except BaseException:
             self.handing_over = False

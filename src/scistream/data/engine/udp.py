@@ -1,0 +1,309 @@
+"""UDP on a session's ports in the built-in data server: listeners, flows, counters.
+
+Each port of a session has a UDP socket beside its TCP listener (``UdpRelay``: one per
+session in a worker, on the worker's own ``engine.loop.Loop``). A datagram from a source
+the listener has not seen opens a *flow*: a socket of its own, connected to the
+listener's target, so the next hop sees one source per flow and its replies, read from
+that socket, go back to the flow's source through the listener. The side that sends
+first opens the flow, as TCP's connecting side does.
+
+Flows are bounded per session (``max_flows``: a datagram that would open one more is
+dropped and counted) and end after ``idle`` seconds without a datagram either way (their
+socket closed). ``close()`` closes every socket: the listeners and the flows.
+
+The leg that crosses the WAN is sealed when the session has a WAN secret
+(``engine.udpseal``): on PROD the listener faces the WAN (datagrams are opened as they
+arrive and sealed as they go back), on CONS each flow's socket does (sealed towards the
+PROD gateway, opened as replies arrive). A datagram that does not open is dropped and
+counted by cause, never delivered; a flow on PROD is opened only by a datagram that opens.
+
+Direction names as the TCP counters: ``in`` is towards the producer (what the listener
+receives), ``out`` towards the consumer. The session's rate buckets (the TCP
+connections' too) police both: a datagram the bucket cannot pay for now is dropped and
+counted (``drops_rate``); UDP is not queued.
+
+    relay = UdpRelay(loop, [(0, sock)], targets, sid="u1/PROD", buckets={"in": None, "out": None},
+                     max_flows=256, idle=60.0, sealer=None, wan_side="listener")
+    relay.counters()     # {"datagrams_in": ..., "flows": ..., "drops_rate": ...}
+    relay.close()
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from typing import Any, Callable
+
+from .loop import EPOLLIN, Loop, Timer, TokenBucket
+
+log = logging.getLogger(__name__)
+
+#: Every UDP counter of a session (summed over its workers; ``flows`` is open now).
+COUNTERS = ("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "flows", "total_flows",
+            "flows_expired", "drops_flow_limit", "drops_rate", "drops_send", "drops_forged",
+            "drops_replayed", "drops_truncated", "drops_foreign", "over_mtu")
+#: Datagrams read per readiness event before the other sockets get their turn.
+BATCH = 64
+MAX_DATAGRAM = 65535
+
+
+def zero_counters() -> dict[str, int]:
+    return dict.fromkeys(COUNTERS, 0)
+
+
+def bind_udp(host: str, ports: list[int]) -> list[socket.socket]:
+    """One UDP socket bound on ``host`` per port (the TCP listeners' ports); OSError says
+    which port cannot be bound."""
+    socks: list[socket.socket] = []
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        for port in ports:
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.setblocking(False)
+            try:
+                s.bind((host.strip("[]"), port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def try_pay(bucket: TokenBucket | None, n: int) -> bool:
+    """Take ``n`` bytes from the session's bucket now, or False (the datagram is dropped).
+    A datagram larger than the burst passes once the bucket is full (the debt is paid by
+    the time that follows), so no size is refused for ever."""
+    if bucket is None:
+        return True
+    bucket._refill()
+    if bucket.tokens >= min(n, bucket.burst):
+        bucket.tokens -= n
+        return True
+    return False
+
+
+class Flow:
+    __slots__ = ("key", "listener", "source", "sock", "last", "state", "mtu")
+
+    def __init__(self, key: tuple, listener: int, source: Any, sock: socket.socket) -> None:
+        self.key = key
+        self.listener = listener
+        self.source = source
+        self.sock = sock
+        self.last = time.monotonic()
+        self.state: Any = None       # the sealer's per-flow state (keys, counters, replay window)
+        self.mtu = 0                 # the path MTU of the flow's socket (sealed flows), 0: unknown
+
+
+class UdpRelay:
+    """The UDP of one session in one worker: its listeners and their flows."""
+
+    def __init__(self, loop: Loop, listeners: list[tuple[int, socket.socket]], targets: Callable[[], list],
+                 *, sid: str, buckets: dict[str, TokenBucket | None], max_flows: int = 0, idle: float = 60.0,
+                 sealer: Any = None, wan_side: str = "listener") -> None:
+        self.loop = loop
+        self.sid = sid
+        self.listeners = dict(listeners)
+        self.targets = targets          # () -> [(family, sockaddr)], the session's current targets
+        self.buckets = buckets
+        self.max_flows = max_flows
+        self.idle = idle
+        self.sealer = sealer            # engine.udpseal.Sealer, or None: a plain WAN leg
+        self.wan_side = wan_side        # "listener" (PROD) or "flow" (CONS): which side is sealed
+        self.flows: dict[tuple, Flow] = {}
+        self.by_fd: dict[int, Flow] = {}
+        self.c = zero_counters()
+        self._sweep: Timer | None = None
+        for index, sock in self.listeners.items():
+            sock.setblocking(False)
+            loop.add(sock.fileno(), EPOLLIN, self._listener_handler(index, sock))
+
+    def _listener_handler(self, index: int, sock: socket.socket) -> Callable[[int], None]:
+        return lambda ev: self._from_source(index, sock)
+
+    # -- towards the producer: the listener's datagrams ------------------------
+    def _from_source(self, index: int, lsock: socket.socket) -> None:
+        c = self.c
+        flows = self.flows
+        bucket = self.buckets.get("in")
+        sealed_here = self.sealer is not None and self.wan_side == "listener"
+        for _ in range(BATCH):
+            try:
+                data, src = lsock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:          # an ICMP error of an earlier reply: nothing to read
+                continue
+            flow = flows.get((index, src))
+            if sealed_here:
+                opened = self.sealer.open(flow.state if flow is not None else None, data, c)
+                if opened is None:
+                    continue
+                state, data = opened
+            if flow is None:
+                flow = self._open_flow(index, src)
+                if flow is None:
+                    continue
+                if sealed_here:
+                    flow.state = state
+            if not try_pay(bucket, len(data)):
+                c["drops_rate"] += 1
+                continue
+            flow.last = time.monotonic()
+            out = data
+            if self.sealer is not None and self.wan_side == "flow":
+                out = self.sealer.seal(flow, data, c)
+                if out is None:
+                    continue
+            try:
+                flow.sock.send(out)
+            except OSError:
+                c["drops_send"] += 1
+                continue
+            c["datagrams_in"] += 1
+            c["bytes_in"] += len(data)
+
+    def _open_flow(self, index: int, src: Any) -> Flow | None:
+        c = self.c
+        if self.max_flows and len(self.flows) >= self.max_flows:
+            c["drops_flow_limit"] += 1
+            return None
+        targets = self.targets()
+        family, addr = targets[index % len(targets)]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            c["drops_send"] += 1
+            log.info("session %s: cannot open a UDP flow from %s: %s", self.sid, src, exc)
+            return None
+        flow = Flow((index, src), index, src, sock)
+        if self.sealer is not None and self.wan_side == "flow":
+            flow.state = self.sealer.new_flow()
+            flow.mtu = path_mtu(sock)
+        self.flows[flow.key] = flow
+        self.by_fd[sock.fileno()] = flow
+        self.loop.add(sock.fileno(), EPOLLIN, lambda ev: self._from_target(flow))
+        c["total_flows"] += 1
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self._sweep_every(), self._expire)
+        return flow
+
+    # -- towards the consumer: replies on a flow's socket ----------------------
+    def _from_target(self, flow: Flow) -> None:
+        c = self.c
+        bucket = self.buckets.get("out")
+        lsock = self.listeners.get(flow.listener)
+        sock = flow.sock
+        for _ in range(BATCH):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:          # ICMP: the target is not there (yet); the flow stays
+                continue
+            if self.sealer is not None and self.wan_side == "flow":
+                opened = self.sealer.open(flow.state, data, c)
+                if opened is None:
+                    continue
+                data = opened[1]
+            if lsock is None:
+                c["drops_send"] += 1
+                continue
+            if not try_pay(bucket, len(data)):
+                c["drops_rate"] += 1
+                continue
+            flow.last = time.monotonic()
+            out = data
+            if self.sealer is not None and self.wan_side == "listener":
+                out = self.sealer.seal(flow, data, c)
+                if out is None:
+                    continue
+            try:
+                lsock.sendto(out, flow.source)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED, errno.EMSGSIZE):
+                    log.debug("session %s: UDP reply to %s: %s", self.sid, flow.source, exc)
+                c["drops_send"] += 1
+                continue
+            c["datagrams_out"] += 1
+            c["bytes_out"] += len(data)
+
+    # -- idle flows -------------------------------------------------------------
+    def _sweep_every(self) -> float:
+        return max(0.05, min(self.idle / 4, 5.0))
+
+    def _expire(self) -> None:
+        self._sweep = None
+        cutoff = time.monotonic() - self.idle
+        for flow in [f for f in self.flows.values() if f.last <= cutoff]:
+            self._close_flow(flow)
+            self.c["flows_expired"] += 1
+        if self.flows and self.listeners:
+            self._sweep = self.loop.call_later(self._sweep_every(), self._expire)
+
+    def _close_flow(self, flow: Flow) -> None:
+        self.flows.pop(flow.key, None)
+        fd = flow.sock.fileno()
+        self.by_fd.pop(fd, None)
+        self.loop.remove(fd)
+        flow.sock.close()
+
+    # -- control ------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {**self.c, "flows": len(self.flows)}
+
+    def flow_info(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"listener": f.listener, "source": list(f.source[:2]), "idle_s": round(now - f.last, 3),
+                 "local": list(f.sock.getsockname()[:2])} for f in self.flows.values()]
+
+    def quiesce(self) -> None:
+        """Read the listeners no more (a successor reads them); the flows go on, their
+        replies still sent through the listeners."""
+        for sock in self.listeners.values():
+            self.loop.remove(sock.fileno())
+
+    def close(self) -> dict[str, int]:
+        """Close every flow and listener of the session here; the final counters."""
+        final = self.counters()
+        for flow in list(self.flows.values()):
+            self._close_flow(flow)
+        for sock in self.listeners.values():
+            self.loop.remove(sock.fileno())
+            sock.close()
+        self.listeners = {}
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        return {**final, "flows": 0}
+
+
+def udp_relay(loop: Loop, sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]],
+              targets: Callable[[], list], buckets: dict[str, TokenBucket | None]) -> UdpRelay:
+    """The UDP of a session's slice in a worker, from its configuration: ``udp_max_flows``,
+    ``udp_idle``; sealed on the WAN leg when it has the session's UDP key (``udp_key``)."""
+    sealer = None
+    if cfg.get("udp_key"):
+        from .udpseal import Sealer
+        sealer = Sealer(bytes.fromhex(str(cfg["udp_key"])))
+    return UdpRelay(loop, listeners, targets, sid=sid, buckets=buckets,
+                    max_flows=int(cfg.get("udp_max_flows") or 0), idle=float(cfg.get("udp_idle") or 60.0),
+                    sealer=sealer, wan_side="listener" if cfg.get("role") == "PROD" else "flow")
+
+
+def path_mtu(sock: socket.socket) -> int:
+    """The path MTU the kernel knows for a connected socket (IP_MTU), 0 if it says none."""
+    opt = getattr(socket, "IP_MTU", 14)
+    try:
+        if sock.family == socket.AF_INET6:
+            return sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
+        return sock.getsockopt(socket.IPPROTO_IP, opt)
+    except OSError:
+        return 0
