@@ -5,10 +5,12 @@ cap and idle expiry; stop closes every UDP socket (listeners and flows)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 from builtin_support import data_servers, entry, stats
-from conftest import async_wait_until as wait_for
-from udp_support import UdpEcho, flow_exchange, flow_more, udp_port_free
+from conftest import async_wait_until as wait_for, connect_session, parse_listener
+from udp_support import UdpEcho, datagram, flow_exchange, flow_more, scrape, udp_port_free, val
 
 
 def udp(st: dict) -> dict:
@@ -79,8 +81,6 @@ async def _flows(srv, n: int) -> bool:
 async def _no_echo(addr) -> bool:
     """A third flow's datagram gets no echo within half a second."""
     loop = asyncio.get_running_loop()
-    import socket
-    from udp_support import datagram
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setblocking(False)
         s.connect(addr)
@@ -90,3 +90,48 @@ async def _no_echo(addr) -> bool:
         except asyncio.TimeoutError:
             return True
     return False
+
+
+async def test_udp_through_s2cs_status_metrics_and_rate(servers, client_for):
+    """Sessions made the way a user makes them (the original tooling's client, plain WAN leg
+    allowed), UDP counted in status and Prometheus; the session's rate polices datagrams."""
+    async with UdpEcho() as app:
+        prod_srv = await servers(server_type="Builtin", allow_legacy_plaintext=True, enforce_legacy_rate=True,
+                                 metrics_port=0)
+        cons_srv = await servers(server_type="Builtin", allow_legacy_plaintext=True, enforce_legacy_rate=True)
+        pc, cc = client_for(prod_srv), client_for(cons_srv)
+        rate_kbps = 8000         # 1 MB/s; the bucket's burst: 50 kB
+        uid, prod, cons = await connect_session(pc, cc, f"127.0.0.1:{app.port}", 1, rate=rate_kbps, legacy=True)
+        addr = parse_listener(cons.listeners[0])
+        (sock,) = [await flow_exchange(addr, 1, 20)]
+        loop = asyncio.get_running_loop()
+        # 300 datagrams of 1200 bytes at ~5 MB/s: far over the rate, many are dropped
+        start = time.monotonic()
+        for i in range(300):
+            await loop.sock_sendall(sock, datagram(1, 1000 + i, 1200))
+            if i % 20 == 19:
+                await asyncio.sleep(0.005)    # pacing (~5 MB/s): the listener's buffer never fills
+        sock.close()
+
+        async def counted():
+            info = (await cc.status(uid)).sessions[0]
+            c = dict(info.udp_counters)
+            return c.get("datagrams_in", 0) + c.get("drops_rate", 0) >= 320 and (info, c)
+        info, c = await wait_for(counted, what="the burst counted")
+        elapsed = time.monotonic() - start      # every datagram was relayed or dropped by now
+        assert info.udp == "plain"
+        assert c["drops_rate"] > 0
+        # at most the bucket's burst plus the rate over the time since the first datagram
+        assert (c["datagrams_in"] - 20) * 1200 <= 50_000 + 1_000_000 * elapsed
+        pinfo = (await pc.status(uid)).sessions[0]
+        assert pinfo.udp_counters["datagrams_in"] >= 20 and pinfo.udp_counters["flows"] == 1
+        m = await scrape(prod_srv.metrics_port)
+        assert val(m, "scistream_udp_datagrams_total", direction="to_producer") == pinfo.udp_counters["datagrams_in"]
+        assert val(m, "scistream_udp_flows") == 1
+        assert ("scistream_udp_drops_total", (("cause", "forged"),)) in m
+        await pc.release(uid)
+        await cc.release(uid)
+        m = await scrape(prod_srv.metrics_port)
+        assert val(m, "scistream_udp_flows") == 0
+        assert val(m, "scistream_udp_datagrams_total", direction="to_producer") >= 20
+        assert all(udp_port_free(parse_listener(x)[1]) for x in list(prod.listeners) + list(cons.listeners))

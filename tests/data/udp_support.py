@@ -115,3 +115,19 @@ def udp_port_free(port: int, host: str = "127.0.0.1") -> bool:
         return False
     finally:
         s.close()
+
+
+async def scrape(port: int) -> dict[tuple, float]:
+    """The Prometheus samples of a control server's /metrics: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw = await asyncio.wait_for(r.read(), 10)
+    w.close()
+    body = raw.partition(b"\r\n\r\n")[2]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+
+
+def val(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
