@@ -135,3 +135,118 @@ async def test_udp_through_s2cs_status_metrics_and_rate(servers, client_for):
         assert val(m, "scistream_udp_flows") == 0
         assert val(m, "scistream_udp_datagrams_total", direction="to_producer") >= 20
         assert all(udp_port_free(parse_listener(x)[1]) for x in list(prod.listeners) + list(cons.listeners))
+
+
+async def test_flows_through_an_encrypted_chain(tmp_path):
+    async with data_servers(tmp_path) as ds, UdpEcho() as app:
+        prod, cons = await ds.chain(f"127.0.0.1:{app.port}", tls=True, listeners=2, udp=True)
+        assert type(cons).udp_carriage(cons.spec) == "encrypted"
+        a, b = entry(cons, 0), entry(cons, 1)
+        socks = await asyncio.gather(flow_exchange(a, 1, 60), flow_exchange(a, 2, 60),
+                                     flow_exchange(b, 3, 30, size=8000))
+        for s in socks:
+            s.close()
+        assert all(len(app.sources[f]) == 1 for f in (1, 2, 3))
+        assert len(set().union(*app.sources.values())) == 3
+        p, c = udp(await stats(prod)), udp(await stats(cons))
+        for side in (p, c):
+            assert side["flows"] == 3 and side["datagrams_in"] >= 150 and side["datagrams_out"] >= 150
+            assert not any(v for k, v in side.items() if k.startswith("drops_"))
+        # the payload bytes are counted, not the sealing overhead
+        assert p["bytes_in"] == c["bytes_in"] and p["bytes_out"] == c["bytes_out"]
+        # a plain datagram sent straight to the PROD gateway's WAN port is never delivered
+        before = app.received
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            for i in range(5):
+                raw.sendto(datagram(9, i, 1200), entry(prod))
+        await wait_for(lambda: _dropped(prod, "truncated", 5), what="plain datagrams dropped")
+        assert app.received == before and 9 not in app.sources
+        ports = list(prod.spec.ports) + list(cons.spec.ports)
+        await prod.stop()
+        await cons.stop()
+        await wait_for(lambda: all(udp_port_free(p) for p in ports), what="UDP listeners closed")
+
+
+async def _dropped(srv, cause: str, n: int) -> bool:
+    return udp(await stats(srv))[f"drops_{cause}"] >= n
+
+
+async def test_forged_replayed_truncated_and_foreign_datagrams_are_dropped(tmp_path):
+    """Datagrams on the PROD gateway's WAN port, sealed here with the session's key (as its
+    CONS gateway seals them) and then tampered with: only the genuine ones reach the
+    producer, each other one is dropped and counted by its cause."""
+    from scistream.data import wankeys
+    from scistream.data.engine.udp import zero_counters
+    from scistream.data.engine.udpseal import Sealer, master_key
+
+    async with data_servers(tmp_path, workers=1) as ds, UdpEcho() as app:
+        secret = wankeys.new_secret()
+        prod = await ds.start("PROD", [f"127.0.0.1:{app.port}"], secret=secret, udp=True)
+        ours = Sealer(master_key(secret), "CONS")
+        other = Sealer(master_key(wankeys.new_secret()), "CONS")
+        flow = ours.new_flow()
+        loop = asyncio.get_running_loop()
+        counts = zero_counters()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as elsewhere:
+            s.setblocking(False)
+            s.connect(entry(prod))
+            genuine = []
+            for i in range(10):
+                wire = ours.seal_state(flow, datagram(1, i, 1000))
+                genuine.append(wire)
+                await loop.sock_sendall(s, wire)
+                reply = await asyncio.wait_for(loop.sock_recv(s, 65536), 5)
+                opened = ours.open(flow, reply, counts)
+                assert opened is not None and opened[1] == b"echo" + datagram(1, i, 1000)
+            assert app.received == 10
+            # forgeries carry counters not seen yet (a seen one is refused as replayed first)
+            flipped = bytearray(ours.seal_state(flow, datagram(1, 20, 1000)))
+            flipped[40] ^= 0x10
+            fresh = ours.seal_state(flow, datagram(1, 21, 1000))
+            bad = {
+                "replayed": [genuine[0], genuine[9], genuine[5]],
+                "forged": [bytes(flipped), fresh[:23] + bytes(len(fresh) - 23)],
+                "truncated": [genuine[2][:30], b"", datagram(1, 99, 500)],
+                "foreign": [other.seal_state(other.new_flow(), datagram(1, 50, 800))],
+            }
+            for wires in bad.values():
+                for w in wires:
+                    await loop.sock_sendall(s, w)
+            # a recorded datagram sent from another source cannot open a flow there either
+            elsewhere.sendto(genuine[7], entry(prod))
+            want = {k: len(v) for k, v in bad.items()}
+            want["replayed"] += 1
+
+            async def all_counted():
+                c = udp(await stats(prod))
+                return all(c[f"drops_{k}"] >= n for k, n in want.items()) and c
+            try:
+                c = await wait_for(all_counted, what="every bad datagram counted")
+            except AssertionError:
+                raise AssertionError(f"counted {udp(await stats(prod))}, want {want}") from None
+            assert {k: c[f"drops_{k}"] for k in want} == want
+            assert app.received == 10 and c["datagrams_in"] == 10 and c["flows"] == 1
+            # the flow goes on after all that
+            await loop.sock_sendall(s, ours.seal_state(flow, datagram(1, 10, 1000)))
+            reply = await asyncio.wait_for(loop.sock_recv(s, 65536), 5)
+            assert ours.open(flow, reply, counts)[1] == b"echo" + datagram(1, 10, 1000)
+        assert not any(counts.values())
+
+
+async def test_encrypted_udp_through_s2cs(servers, client_for):
+    """Our client's session (a WAN secret): UDP sealed on the WAN leg, said in status."""
+    async with UdpEcho() as app:
+        prod_srv, cons_srv = await servers(server_type="Builtin"), await servers(server_type="Builtin")
+        pc, cc = client_for(prod_srv), client_for(cons_srv)
+        uid, prod, cons = await connect_session(pc, cc, f"127.0.0.1:{app.port}", 2)
+        assert cons.wan_security == "tls"
+        socks = await asyncio.gather(*(flow_exchange(parse_listener(x), i, 30) for i, x in enumerate(cons.listeners)))
+        for s in socks:
+            s.close()
+        for c in (pc, cc):
+            info = (await c.status(uid)).sessions[0]
+            assert info.udp == "encrypted" and info.udp_counters["datagrams_in"] == 60
+        await pc.release(uid)
+        await cc.release(uid)
+        assert all(udp_port_free(parse_listener(x)[1]) for x in list(prod.listeners) + list(cons.listeners))

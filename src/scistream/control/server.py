@@ -336,7 +336,8 @@ class ControlServer:
                             "control port can create and release sessions. For development only. !!!")
             self.auth = make_authenticator(config.auth, **config.auth_options)  # type: ignore[arg-type]
         udp_notice(config)
-        ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip)
+        ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip,
+                         udp=config.udp and bool(config.backend.udp_support))
         if self.store is None and config.store:
             # a node's name in a shared store: this host and this state directory (two
             # s2cs on one host are two nodes; a restart on the same state dir is the same)

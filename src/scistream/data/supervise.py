@@ -232,8 +232,8 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def free_port_check(host: str, port: int) -> bool:
-    """True if ``port`` can be bound on ``host`` right now."""
+def free_port_check(host: str, port: int, *, udp: bool = False) -> bool:
+    """True if ``port`` can be bound on ``host`` right now (``udp``: for UDP as well)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -241,4 +241,10 @@ def free_port_check(host: str, port: int) -> bool:
             s.bind((host, port))
         except OSError:
             return False
+    if udp:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
     return True

@@ -224,9 +224,12 @@ class UdpRelay:
             log.info("session %s: cannot open a UDP flow from %s: %s", self.sid, src, exc)
             return None
         flow = Flow((index, src), index, src, sock)
-        if self.sealer is not None and self.wan_side == "flow":
-            flow.state = self.sealer.new_flow()
-            flow.mtu = path_mtu(sock)
+        if self.sealer is not None:
+            if self.wan_side == "flow":
+                flow.state = self.sealer.new_flow()
+                flow.mtu = path_mtu(sock)
+            else:
+                flow.mtu = route_mtu(self.listeners[index].family, src)
         self.flows[flow.key] = flow
         self.by_fd[sock.fileno()] = flow
         self.loop.add(sock.fileno(), EPOLLIN, lambda ev: self._from_target(flow))
@@ -290,6 +293,8 @@ class UdpRelay:
 
     def _close_flow(self, flow: Flow) -> None:
         self.flows.pop(flow.key, None)
+        if self.sealer is not None:
+            self.sealer.forget(flow.state)
         fd = flow.sock.fileno()
         self.by_fd.pop(fd, None)
         self.loop.remove(fd)
@@ -334,11 +339,22 @@ def udp_relay(loop: Loop, sid: str, cfg: dict, listeners: list[tuple[int, socket
     ``udp_idle``; sealed on the WAN leg when it has the session's UDP key (``udp_key``)."""
     sealer = None
     if cfg.get("udp_key"):
-        from .udpseal import Sealer
-        sealer = Sealer(bytes.fromhex(str(cfg["udp_key"])))
+        from .udpseal import REKEY_AFTER, Sealer
+        sealer = Sealer(bytes.fromhex(str(cfg["udp_key"])), role=str(cfg.get("role")),
+                        rekey_after=int(cfg.get("udp_rekey_after") or REKEY_AFTER))
     return UdpRelay(loop, listeners, targets, sid=sid, buckets=buckets,
                     max_flows=int(cfg.get("udp_max_flows") or 0), idle=float(cfg.get("udp_idle") or 60.0),
                     sealer=sealer, wan_side="listener" if cfg.get("role") == "PROD" else "flow")
+
+
+def route_mtu(family: int, addr: Any) -> int:
+    """The path MTU towards ``addr`` (a connected probe socket; nothing is sent), 0 if unknown."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)
+            return path_mtu(probe)
+    except OSError:
+        return 0
 
 
 def path_mtu(sock: socket.socket) -> int:

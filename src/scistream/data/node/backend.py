@@ -236,7 +236,7 @@ class NodeDataServer(DataServer):
     """One session (uid and role) in the node service."""
     kind = "Builtin"
     caps_conns = True
-    udp_support = "plain"
+    udp_support = "sealed"
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)

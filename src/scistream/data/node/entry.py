@@ -126,6 +126,9 @@ def with_credentials(cfg: Any) -> Any:
     creds = wankeys.derive_credentials(secret, str(cfg.get("uid")), not_after=not_after)
     cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode(),
                ca_pem=creds.ca_pem.decode(), ticket_keys=wankeys.ticket_keys(secret).hex())
+    if cfg.get("udp"):     # the sealed UDP leg's master key (engine.udpseal)
+        from ..engine.udpseal import master_key
+        cfg["udp_key"] = master_key(secret).hex()
     return cfg
 
 

@@ -411,7 +411,7 @@ class Node:
             if bad:
                 raise OpError(f"ports {bad} are outside this node's range "
                               f"{self.port_range.start}-{self.port_range.stop - 1}")
-        for k in ("cert_pem", "key_pem", "ca_pem", "ticket_keys"):
+        for k in ("cert_pem", "key_pem", "ca_pem", "ticket_keys", "udp_key"):
             cfg.pop(k, None)
         return cfg
 
