@@ -10,7 +10,7 @@ import time
 
 from builtin_support import data_servers, entry, stats
 from conftest import async_wait_until as wait_for, connect_session, parse_listener
-from udp_support import UdpEcho, datagram, flow_exchange, flow_more, scrape, udp_port_free, val
+from udp_support import UdpEcho, datagram, flow_exchange, flow_more, paced_stream, scrape, udp_port_free, val
 
 
 def udp(st: dict) -> dict:
@@ -250,3 +250,58 @@ async def test_encrypted_udp_through_s2cs(servers, client_for):
         await pc.release(uid)
         await cc.release(uid)
         assert all(udp_port_free(parse_listener(x)[1]) for x in list(prod.listeners) + list(cons.listeners))
+
+
+FLOOD = r"""
+import os, socket, struct, sys, time
+host, port, seconds, tag = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), bytes.fromhex(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + seconds
+n = 0
+while time.monotonic() < end:
+    for k in range(50):
+        if k % 2:   # random bytes; and headers of this session with a fresh flow id, then garbage
+            s.sendto(os.urandom(200), (host, port))
+        else:
+            head = struct.pack("!B4s8sHQ", 1, tag, struct.pack("!I", int(time.time())) + os.urandom(4), 0, n)
+            s.sendto(head + os.urandom(300), (host, port))
+        n += 1
+    time.sleep(0.001)
+print(n)
+"""
+
+
+async def test_a_flood_of_garbage_on_the_wan_port_costs_the_flow_nothing(tmp_path):
+    """While a paced flow crosses an encrypted chain, another process floods the PROD
+    gateway's WAN port with garbage (random bytes, and datagrams with the session's tag
+    that do not authenticate): the flow loses no more than the same flow sent straight
+    to an echo beside it (the machine's own loss, plus 1% of the flow), and the garbage is
+    dropped and counted, never delivered."""
+    import subprocess
+    import sys
+
+    from scistream.data.engine.udpseal import Sealer, master_key
+
+    async with data_servers(tmp_path) as ds, UdpEcho() as app, UdpEcho() as beside:
+        prod, cons = await ds.chain(f"127.0.0.1:{app.port}", tls=True, udp=True)
+        tag = Sealer(master_key(prod.spec.wan_secret), "PROD").tag
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, *map(str, entry(prod)), "4", tag.hex()],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            count = 3000
+            through, own = await asyncio.gather(paced_stream(entry(cons), 1, count, 1000, 1000),
+                                                paced_stream(("127.0.0.1", beside.port), 2, count, 1000, 1000))
+            sent = int(flood.communicate(timeout=60)[0])
+        finally:
+            if flood.poll() is None:
+                flood.kill()
+                flood.wait()
+        assert sent > 1000
+        assert count - through <= (count - own) + count // 100, (through, own)
+
+        async def garbage_counted():
+            c = udp(await stats(prod))
+            return c["drops_truncated"] + c["drops_forged"] + c["drops_foreign"] + c["drops_kernel"] >= sent and c
+        c = await wait_for(garbage_counted, what="every garbage datagram dropped and counted")
+        assert c["drops_truncated"] + c["drops_forged"] + c["drops_foreign"] + c["drops_kernel"] == sent, c
+        assert set(app.sources) == {1} and c["flows"] == 1

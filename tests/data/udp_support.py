@@ -131,3 +131,45 @@ async def scrape(port: int) -> dict[tuple, float]:
 
 def val(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def paced_stream(addr: tuple[str, int], flow: int, count: int, size: int, per_s: float,
+                       linger: float = 3.0) -> int:
+    """Send ``count`` numbered datagrams to ``addr`` at ``per_s`` a second from one socket
+    while reading the echoes; return how many distinct ones came back (each checked),
+    waiting at most ``linger`` seconds after the last send for the rest."""
+    loop = asyncio.get_running_loop()
+    got: set[int] = set()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.setblocking(False)
+    sock.connect(addr)
+    done = asyncio.Event()
+
+    async def reader() -> None:
+        while len(got) < count:
+            try:
+                data = await loop.sock_recv(sock, 65536)
+            except ConnectionRefusedError:
+                continue
+            rflow, rseq = HEADER.unpack_from(data, 4)
+            assert rflow == flow and data[4:] == datagram(flow, rseq, size)
+            got.add(rseq)
+        done.set()
+
+    task = loop.create_task(reader())
+    try:
+        start = time.monotonic()
+        for seq in range(count):
+            await loop.sock_sendall(sock, datagram(flow, seq, size))
+            if seq % 10 == 9:
+                await asyncio.sleep(max(0.0, start + (seq + 1) / per_s - time.monotonic()))
+        try:
+            await asyncio.wait_for(done.wait(), linger)
+        except asyncio.TimeoutError:
+            pass
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sock.close()
+    return len(got)

@@ -152,7 +152,7 @@ class NginxServer(ProxyServer):
                 # the original's "listen PORT udp; proxy_pass TARGET;"; reuseport: each worker
                 # its own socket, the kernel hashing each source to one of them, so a flow
                 # stays with one worker (one upstream socket: replies reach its sender)
-                lines += [f"    server {{ listen {host}:{port} udp reuseport; proxy_pass {target}; "
+                lines += [f"    server {{ listen {host}:{port} udp reuseport rcvbuf=4m sndbuf=4m; proxy_pass {target}; "
                           f"proxy_timeout {self.spec.udp_idle:g}s;"
                           + (f" limit_conn {FLOWS_ZONE} {spec.udp_max_flows};" if spec.udp_max_flows else "")
                           + (" proxy_ssl off;" if self.creds is not None and spec.role == "CONS" else "")
