@@ -305,3 +305,62 @@ async def test_a_flood_of_garbage_on_the_wan_port_costs_the_flow_nothing(tmp_pat
         c = await wait_for(garbage_counted, what="every garbage datagram dropped and counted")
         assert c["drops_truncated"] + c["drops_forged"] + c["drops_foreign"] + c["drops_kernel"] == sent, c
         assert set(app.sources) == {1} and c["flows"] == 1
+
+
+async def test_udp_survives_a_service_restart(servers, client_for):
+    """``s2ds restart``: the successor takes the sessions' UDP sockets with their TCP
+    listeners; new flows cross on the same ports, and release frees them."""
+    from conftest import BIN
+    from scistream.data.supervise import pid_alive
+
+    async with UdpEcho() as app:
+        prod_srv, cons_srv = await servers(workers=2), await servers(workers=2)
+        pc, cc = client_for(prod_srv), client_for(cons_srv)
+        uid, prod, cons = await connect_session(pc, cc, f"127.0.0.1:{app.port}", 2)
+        addr = parse_listener(cons.listeners[1])
+        (await flow_exchange(addr, 1, 10)).close()
+        old = cons_srv.node.pid
+        proc = await asyncio.create_subprocess_exec(str(BIN / "s2ds"), "restart", "--socket", str(cons_srv.node.path),
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        await wait_for(lambda: not pid_alive(old), what="the old service gone")
+        (await flow_exchange(addr, 2, 10)).close()
+        assert len(app.sources[2]) == 1
+        await wait_for(lambda: cons_srv.node.pid != old, what="s2cs follows the new service")
+        info = (await cc.status(uid)).sessions[0]
+        assert info.udp == "encrypted" and info.udp_counters["datagrams_in"] >= 10
+        await pc.release(uid)
+        await cc.release(uid)
+        assert all(udp_port_free(parse_listener(x)[1]) for x in list(prod.listeners) + list(cons.listeners))
+
+
+async def test_a_restarted_worker_gets_the_udp_sockets_back(servers, client_for):
+    """kill -9 of the worker carrying a session: its flows go with it, the service keeps the
+    UDP sockets and gives them to the new worker, and new flows cross again."""
+    import os
+    import signal
+
+    from scistream.data.node.client import call_once
+
+    async with UdpEcho() as app:
+        prod_srv, cons_srv = await servers(workers=1), await servers(workers=1)
+        pc, cc = client_for(prod_srv), client_for(cons_srv)
+        uid, prod, cons = await connect_session(pc, cc, f"127.0.0.1:{app.port}", 1)
+        addr = parse_listener(cons.listeners[0])
+        (await flow_exchange(addr, 1, 10)).close()
+        # counters read before the kill are kept (a dead worker's since the last read are lost, as for TCP)
+        assert (await cc.status(uid)).sessions[0].udp_counters["datagrams_in"] == 10
+        (victim,) = [w["pid"] for w in (await call_once(cons_srv.node.path, {"op": "status"}))["workers"]]
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced():
+            (w,) = (await call_once(cons_srv.node.path, {"op": "status"}))["workers"]
+            return w["alive"] and w["pid"] != victim
+        await wait_for(replaced, what="the worker replaced")
+        (await flow_exchange(addr, 2, 10)).close()
+        info = (await cc.status(uid)).sessions[0]
+        assert info.udp_counters["datagrams_in"] >= 20 and info.udp_counters["flows"] == 1
+        await pc.release(uid)
+        await cc.release(uid)
+        assert udp_port_free(addr[1])

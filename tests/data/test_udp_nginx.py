@@ -99,3 +99,24 @@ async def test_no_udp(servers, client_for):
         assert udp_port_free(parse_listener(cons.listeners[0])[1])
         await pc.release(uid)
         await cc.release(uid)
+
+
+async def test_web_view_says_udp_crosses_in_the_clear(servers, client_for):
+    import re
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "web"))
+    from webhelpers import ahttp
+
+    async with App() as app, UdpEcho(app.port):
+        prod_srv = await servers(server_type="Nginx", udp_plaintext=True, web_port=0)
+        cons_srv = await servers(server_type="Nginx", udp_plaintext=True)
+        uid, _, cons = await connect_session(client_for(prod_srv), client_for(cons_srv), app.endpoint, 1)
+        status, _, page = await ahttp(f"http://127.0.0.1:{prod_srv.web_port}/session/{uid}/PROD")
+        assert status == 200
+        shown = re.search(r'<span id="udp" class="udp-plaintext">([^<]*)</span>', page)
+        assert shown and "IN THE CLEAR" in shown.group(1), page
+        status, _, body = await ahttp(f"http://127.0.0.1:{prod_srv.web_port}/api/session/{uid}/PROD")
+        assert status == 200 and '"udp": "plaintext"' in body.replace('":"', '": "'), body
+        await client_for(prod_srv).release(uid)
+        await client_for(cons_srv).release(uid)
