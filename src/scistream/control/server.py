@@ -110,6 +110,8 @@ def udp_notice(config: ServerConfig) -> None:
     backend = config.backend
     if not config.udp:
         log.info("UDP: off (--no-udp); sessions carry TCP only")
+    elif config.facility:
+        log.info("UDP: a facility of several nodes carries none yet; sessions carry TCP only")
     elif not backend.udp_support:
         log.info("UDP: the %s type carries none (Nginx and Builtin do); sessions carry TCP only", backend.kind)
     elif config.udp_plaintext and backend.udp_support != "sealed":
@@ -337,7 +339,7 @@ class ControlServer:
             self.auth = make_authenticator(config.auth, **config.auth_options)  # type: ignore[arg-type]
         udp_notice(config)
         ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip,
-                         udp=config.udp and bool(config.backend.udp_support))
+                         udp=config.udp and bool(config.backend.udp_support) and not config.facility)
         if self.store is None and config.store:
             # a node's name in a shared store: this host and this state directory (two
             # s2cs on one host are two nodes; a restart on the same state dir is the same)
