@@ -364,3 +364,26 @@ async def test_a_restarted_worker_gets_the_udp_sockets_back(servers, client_for)
         await pc.release(uid)
         await cc.release(uid)
         assert udp_port_free(addr[1])
+
+
+async def test_the_service_refuses_udp_it_cannot_seal_or_bind(servers):
+    """An add asking for UDP beside a TLS leg without the session's secret (no key to seal
+    with), or on a port whose UDP another program holds: refused, nothing left behind."""
+    import pytest
+
+    from conftest import free_port
+    from scistream.data.node.client import ServiceError, call_once
+
+    srv = await servers()
+    base = {"role": "PROD", "targets": ["127.0.0.1:1"], "listen_host": "127.0.0.1", "udp": True}
+    with pytest.raises(ServiceError, match="needs the session's wan_secret"):
+        await call_once(srv.node.path, {"op": "add", "sid": "x", "cfg": {
+            **base, "ports": [free_port()], "tls": True, "cert_pem": "x", "key_pem": "y"}})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        with pytest.raises(ServiceError, match="cannot bind UDP"):
+            await call_once(srv.node.path, {"op": "add", "sid": "y", "cfg": {**base, "ports": [port]}})
+        from conftest import port_is_free
+        assert port_is_free(port)        # the TCP listener bound before the UDP one failed: closed
+    assert (await call_once(srv.node.path, {"op": "status"}))["sessions"] == 0

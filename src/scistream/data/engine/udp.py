@@ -88,26 +88,42 @@ def big_buffers(sock: socket.socket) -> None:
             pass
 
 
-def kernel_drops(socks: list[socket.socket]) -> int:
-    """Datagrams the kernel dropped on these sockets (their receive buffer was full), from
-    /proc/net/udp{,6} (the ``drops`` column, by socket inode)."""
-    import os
-    inodes = set()
-    for s in socks:
+#: /proc/net/udp{,6} read at most this often (seconds): one read serves every session's
+#: counters of a stats request.
+DROPS_FRESH = 0.5
+_drops: tuple[float, dict[int, int]] = (0.0, {})
+
+
+def _drops_by_inode() -> dict[int, int]:
+    global _drops
+    now = time.monotonic()
+    if now - _drops[0] < DROPS_FRESH:
+        return _drops[1]
+    table: dict[int, int] = {}
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
         try:
-            inodes.add(os.fstat(s.fileno()).st_ino)
-        except OSError:
-            pass
-    total = 0
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            with open(table) as f:
+            with open(path) as f:
                 next(f, None)
                 for line in f:
                     fields = line.split()
-                    if len(fields) >= 13 and int(fields[9]) in inodes:
-                        total += int(fields[12])
+                    if len(fields) >= 13:
+                        table[int(fields[9])] = int(fields[12])
         except (OSError, ValueError):
+            pass
+    _drops = (now, table)
+    return table
+
+
+def kernel_drops(socks: list[socket.socket]) -> int:
+    """Datagrams the kernel dropped on these sockets (their receive buffer was full), from
+    /proc/net/udp{,6} (the ``drops`` column, by socket inode; read at most every DROPS_FRESH s)."""
+    import os
+    table = _drops_by_inode()
+    total = 0
+    for s in socks:
+        try:
+            total += table.get(os.fstat(s.fileno()).st_ino, 0)
+        except OSError:
             pass
     return total
 

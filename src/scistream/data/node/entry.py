@@ -159,6 +159,9 @@ def bind_udp_listeners(cfg: dict) -> list[socket.socket]:
     """The session's UDP sockets, one per port, if it carries UDP (``cfg["udp"]``)."""
     if not cfg.get("udp"):
         return []
+    if cfg.get("tls") and not cfg.get("udp_key"):
+        # never datagrams in the clear beside an encrypted TCP leg: the key comes with wan_secret
+        raise OpError("udp beside a TLS WAN leg needs the session's wan_secret (its datagrams are sealed)")
     try:
         return bind_udp(str(cfg["listen_host"]), list(cfg["ports"]))
     except OSError as exc:
