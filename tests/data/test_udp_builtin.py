@@ -387,3 +387,17 @@ async def test_the_service_refuses_udp_it_cannot_seal_or_bind(servers):
         from conftest import port_is_free
         assert port_is_free(port)        # the TCP listener bound before the UDP one failed: closed
     assert (await call_once(srv.node.path, {"op": "status"}))["sessions"] == 0
+
+
+async def test_the_udp_key_never_leaves_the_service(tmp_path):
+    """The service's ``config`` answer leaves out the session's sealing key, as it leaves
+    out the TLS key; the s2cs side never holds it (only the WAN secret it already has)."""
+    from scistream.data.node.client import call_once
+
+    async with data_servers(tmp_path, workers=1) as ds, UdpEcho() as app:
+        prod, cons = await ds.chain(f"127.0.0.1:{app.port}", tls=True, udp=True)
+        (await flow_exchange(entry(cons), 1, 3)).close()
+        for srv in (prod, cons):
+            got = await call_once(ds.node.path, {"op": "config", "sid": srv.sid})
+            assert got["cfg"]["udp"] is True
+            assert not {"udp_key", "key_pem", "wan_secret"} & set(got["cfg"]), sorted(got["cfg"])

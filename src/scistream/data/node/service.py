@@ -59,8 +59,9 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "handover", "to": PATH}          (a successor asks; see above)
 
 ``cfg`` is a session's half: uid, role,
-listen_host, ports, targets (addresses), rate_kbps, wan_secret (hex: a TLS WAN leg), keepalive, and
-``max_conns``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
+listen_host, ports, targets (addresses), rate_kbps, wan_secret (hex: a TLS WAN leg), keepalive,
+``max_conns``, and ``udp`` (true: a UDP socket beside each listener, ``engine.udp``; sealed with a
+key derived from wan_secret when there is one), ``udp_max_flows``, ``udp_idle``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
 "unknown"}``; ``busy`` is worth a retry (a handover is under way).
 """
 from __future__ import annotations
@@ -361,7 +362,8 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem", "ca_pem", "ticket_keys")}
+            shown = {k: v for k, v in e.cfg.items()
+                     if k not in ("key_pem", "cert_pem", "ca_pem", "ticket_keys", "udp_key")}
             return {"ok": True, "cfg": shown, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}

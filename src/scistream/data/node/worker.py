@@ -23,8 +23,9 @@ not given it its sessions back) waits up to ``HANDED_WAIT`` seconds for it.
 
 Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
 
-    {"op": "add", "sid", "cfg", "listeners": [i, ..], "home": bool, "nfds": n}  + n listening
-        sockets, the listeners at home here (none for a worker that is only second)
+    {"op": "add", "sid", "cfg", "listeners": [i, ..], "home": bool, "udp": [i, ..], "nfds": n}
+        + n sockets: the listening sockets at home here (none for a worker that is only
+        second), then the UDP sockets of those listeners (``udp``, when the session carries UDP)
     {"op": "attach", "sid", "partners": {"i": worker}}   hand connections of listener i to
         that worker: the service sends it once the second workers carry the session
     {"op": "targets", "sid", "targets": [..]}      addresses, never names
