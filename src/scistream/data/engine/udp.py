@@ -249,7 +249,6 @@ class UdpRelay:
         self.sealer = sealer            # engine.udpseal.Sealer, or None: a plain WAN leg
         self.wan_side = wan_side        # "listener" (PROD) or "flow" (CONS): which side is sealed
         self.flows: dict[tuple, Flow] = {}
-        self.by_fd: dict[int, Flow] = {}
         self.c = zero_counters()
         self.gso = GSO                  # UDP GSO on the sends (off once the kernel refuses it)
         self._sweep: Timer | None = None
@@ -325,7 +324,6 @@ class UdpRelay:
             else:
                 flow.mtu = route_mtu(self.listeners[index].family, src)
         self.flows[flow.key] = flow
-        self.by_fd[sock.fileno()] = flow
         self.loop.add(sock.fileno(), EPOLLIN, lambda ev: self._from_target(flow))
         c["total_flows"] += 1
         if self._sweep is None:
@@ -385,9 +383,7 @@ class UdpRelay:
         self.flows.pop(flow.key, None)
         if self.sealer is not None:
             self.sealer.forget(flow.state)
-        fd = flow.sock.fileno()
-        self.by_fd.pop(fd, None)
-        self.loop.remove(fd)
+        self.loop.remove(flow.sock.fileno())
         flow.sock.close()
 
     # -- control ------------------------------------------------------------------
@@ -396,11 +392,6 @@ class UdpRelay:
         seen = kernel_drops(list(self.listeners.values()))
         self.c["drops_kernel"] = max(self.c["drops_kernel"], seen)
         return {**self.c, "flows": len(self.flows)}
-
-    def flow_info(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        return [{"listener": f.listener, "source": list(f.source[:2]), "idle_s": round(now - f.last, 3),
-                 "local": list(f.sock.getsockname()[:2])} for f in self.flows.values()]
 
     def quiesce(self) -> None:
         """Read the listeners no more (a successor reads them); the flows go on, their
