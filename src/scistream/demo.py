@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from .client import AsyncClient, ChannelOptions
+from .data.base import get_backend
 from .netns.testbed import Testbed
 from .procs import exe, spawn, tail_text, until_done
 
@@ -48,6 +49,8 @@ class DemoOptions:
     keep_dir: bool = False
     say: Callable[[str], None] = print
     testbed: Testbed | None = None  # run across the namespaces of this (attached) testbed
+    udp: bool = False               # numbered datagrams instead of a TCP stream (appctrl --udp)
+    datagram_size: int = 1200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,7 @@ class DemoReport:
     streams: int
     server_type: str
     wan_security: str
+    udp: dict | None = None     # --udp: the consumer's report (datagrams, lost, reordered, ...)
 
     @property
     def gbps(self) -> float:
@@ -107,6 +111,8 @@ async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: D
     argv = [*where, exe("s2cs"), "--port", "0", "--listener-ip", listener_ip, "--type", opts.server_type,
             "--port-range", _port_range(), "--state-dir", str(work / name), "--auth", "none",
             "--drain", "--ready-file", str(ready)] + (["--control-ip", control_ip] if control_ip else [])
+    if opts.udp and get_backend(opts.server_type).udp_support == "plain":
+        argv.append("--udp-plaintext")      # nginx cannot seal datagrams: the demo's UDP crosses in the clear
     proc = await stack.enter_async_context(spawn(argv, log_path=work / f"{name}.log", grace=15))
     deadline = time.monotonic() + 30
     while not ready.exists():
@@ -137,6 +143,12 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
 
     lay = _layout(opts)
     tb = opts.testbed
+    udp_args: list[str] = []
+    if opts.udp:
+        backend = get_backend(opts.server_type)
+        if not backend.udp_support:
+            raise RuntimeError(f"the {backend.kind} type carries no UDP; use --type Builtin or Nginx with --udp")
+        udp_args = ["--udp", "--datagram-size", str(opts.datagram_size)]
     try:
         async with contextlib.AsyncExitStack() as stack:
             say(f"SciStream demo: {opts.size} bytes over {opts.num_conn} connections, "
@@ -162,7 +174,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             producer = await stack.enter_async_context(spawn(
                 [*lay.producer, exe("appctrl"), "create-appctrl", uid, prod_s2cs, "-", "PROD", lay.producer_ip,
                  "--num-conn", str(opts.num_conn), "--size", str(opts.size),
-                 "--connections", str(opts.num_conn), "--server-cert", str(prod_cert)],
+                 "--connections", str(opts.num_conn), "--server-cert", str(prod_cert), *udp_args],
                 log_path=work / "producer.log"))
             prod_resp = await until_done(req, {producer: ("producer controller", work / "producer.log")})
             step(f"req PROD + producer hello: WAN listeners {', '.join(prod_resp.listeners)}")
@@ -180,7 +192,8 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             creq = asyncio.create_task(cons.req(uid, "CONS", opts.num_conn, opts.rate))
             consumer = await stack.enter_async_context(spawn(
                 [*lay.consumer, exe("appctrl"), "create-appctrl", uid, cons_s2cs, "-", "CONS",
-                 "--size", str(opts.size), "--server-cert", str(cons_cert), "--report", str(report_file)],
+                 "--size", str(opts.size), "--server-cert", str(cons_cert), "--report", str(report_file),
+                 *udp_args],
                 log_path=work / "consumer.log"))
             cons_resp = await until_done(creq, {consumer: ("consumer controller", work / "consumer.log")})
             step(f"req CONS + consumer hello: consumer listeners {', '.join(cons_resp.listeners)}")
@@ -189,7 +202,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             step("update CONS -> PROD WAN listeners")
             # 6: the consumer streams and verifies.
             watch = None
-            if tb is not None:
+            if tb is not None and not opts.udp:   # the TCP legs' congestion control, seen with ss
                 watch = asyncio.create_task(_leg_congestion(
                     tb, _port(prod_resp.listeners[0]), _port(prod_resp.prod_listeners[0]),
                     _port(cons_resp.listeners[0])))
@@ -199,7 +212,11 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
                                    + tail_text(work / "consumer.log", 2000))
             result = json.loads(report_file.read_text())
             await asyncio.wait_for(producer.wait(), 30)
-            step(f"transfer: {result['bytes']} bytes verified")
+            if opts.udp:
+                step(f"transfer: {result['datagrams']} datagrams ({result['bytes']} bytes) verified, "
+                     f"{result['lost']} lost, {result['reordered']} out of order")
+            else:
+                step(f"transfer: {result['bytes']} bytes verified")
             if watch is not None:
                 seen = await _finish(watch)
                 if seen:
@@ -221,7 +238,8 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
         say("  all processes stopped")
         return DemoReport(uid=uid, steps=steps, bytes_verified=result["bytes"],
                           transfer_seconds=result["seconds"], streams=result["streams"],
-                          server_type=opts.server_type, wan_security=upd.wan_security)
+                          server_type=opts.server_type, wan_security=upd.wan_security,
+                          udp=result if opts.udp else None)
     finally:
         if not opts.keep_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -212,7 +212,8 @@ class DataServers:
 
     async def start(self, role: str, targets: list[str], *, listeners: int | None = None,
                     secret: bytes | None = None, rate_kbps: int = 0, uid: str | None = None,
-                    host: str = "127.0.0.1") -> NodeDataServer:
+                    host: str = "127.0.0.1", **extra) -> NodeDataServer:
+        """``extra``: more DataSpec fields (udp=True, udp_max_flows, ...)."""
         assert self.node is not None
         n = listeners or len(targets)
         ports = free_ports(n, host)
@@ -220,21 +221,22 @@ class DataServers:
         uid = uid or str(uuid.uuid4())
         spec = DataSpec(uid=uid, role=role, listen_host=host, ports=ports, targets=tuple(targets),
                         rate_kbps=rate_kbps, wan_secret=secret, service=str(self.node.path),
-                        workdir=self.workdir / f"{role.lower()}-{uid[:8]}-{len(self.started)}")
+                        workdir=self.workdir / f"{role.lower()}-{uid[:8]}-{len(self.started)}", **extra)
         server = NodeDataServer(spec)
         await server.start()
         self.started.append(server)
         return server
 
     async def chain(self, target: str, *, tls: bool, rate_kbps: int = 0, listeners: int = 1,
-                    cons_secret: bytes | None = None) -> tuple[NodeDataServer, NodeDataServer]:
-        """PROD (-> target) and CONS (-> PROD); ``cons_secret`` gives CONS another secret."""
+                    cons_secret: bytes | None = None, **extra) -> tuple[NodeDataServer, NodeDataServer]:
+        """PROD (-> target) and CONS (-> PROD); ``cons_secret`` gives CONS another secret;
+        ``extra``: more DataSpec fields of both."""
         secret = wankeys.new_secret() if tls else None
         uid = str(uuid.uuid4())
         prod = await self.start("PROD", [target], listeners=listeners, secret=secret,
-                                rate_kbps=rate_kbps, uid=uid)
+                                rate_kbps=rate_kbps, uid=uid, **extra)
         cons = await self.start("CONS", [f"127.0.0.1:{p}" for p in prod.spec.ports],
-                                secret=cons_secret or secret, rate_kbps=rate_kbps, uid=uid)
+                                secret=cons_secret or secret, rate_kbps=rate_kbps, uid=uid, **extra)
         return prod, cons
 
     async def status(self) -> dict:

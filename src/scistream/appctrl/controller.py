@@ -19,12 +19,13 @@ the remainder of that division).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 from typing import Callable, Sequence
 
 from ..addr import format_listener, parse_listener
-from ..apps import demo
+from ..apps import demo, udpdemo
 from ..client import AsyncClient
 from ..client.order import hello_after_req
 from ..data.supervise import port_listening
@@ -43,9 +44,20 @@ async def _free_port(host: str) -> int:
     return port
 
 
+@dataclasses.dataclass(frozen=True)
+class UdpDemo:
+    """The demo apps over UDP (``--udp``): datagrams of ``size`` bytes, each flow paced at
+    ``rate_mbps`` (apps.udpdemo)."""
+    size: int = 1200
+    rate_mbps: float = 50.0
+
+    def count(self, total: int, flows: int) -> int:
+        return max(1, total // max(1, flows) // self.size)
+
+
 async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo", num_conn: int = 1,
                    size: int = 1 << 30, endpoints: Sequence[str] = (), connections: int | None = None,
-                   say: Callable[[str], None] = print) -> None:
+                   say: Callable[[str], None] = print, udp: UdpDemo | None = None) -> None:
     if app == "none":
         if not endpoints:
             raise InvalidArgument("--app none needs the producer's endpoints (--endpoint HOST:PORT)")
@@ -53,6 +65,9 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
             parse_listener(e)
         await hello_after_req(client, uid, "PROD", list(endpoints))
         say(f"hello sent for {uid}; producer endpoints: {', '.join(endpoints)}")
+        return
+    if app == "demo" and udp is not None:
+        await _run_udp_prod(client, uid, ip, num_conn, size, connections, say, udp)
         return
     if app == "demo":
         per_conn = size // num_conn
@@ -90,6 +105,24 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
     raise InvalidArgument(f"unknown --app {app!r}; choose demo, iperf3 or none")
 
 
+async def _run_udp_prod(client: AsyncClient, uid: str, ip: str, num_conn: int, size: int,
+                        connections: int | None, say: Callable[[str], None], udp: UdpDemo) -> None:
+    """The demo producer over UDP: datagrams to each flow a consumer opens, on ports where
+    the TCP demo producer listens too (a session's port carries both to the same target)."""
+    tcp = demo.Producer(size // num_conn)
+    producer = udpdemo.UdpProducer(udp.count(size, num_conn), udp.size, udp.rate_mbps, connections)
+    try:
+        eps = await tcp.start(ip, [0] * num_conn)
+        await producer.start(ip, [parse_listener(e)[1] for e in eps])
+        resp = await hello_after_req(client, uid, "PROD", eps)
+        say(f"hello sent for {uid}: {resp.message}; producer endpoints (TCP and UDP): {', '.join(eps)}")
+        await producer.done.wait()       # never set without --connections: serve until interrupted
+        say(f"producer sent {producer.count} datagrams of {udp.size} bytes to each of {connections} flow(s)")
+    finally:
+        await producer.close()
+        await tcp.close()
+
+
 async def _wait_listening(host: str, port: int, proc) -> None:
     for _ in range(200):
         if proc.returncode is not None:
@@ -102,12 +135,19 @@ async def _wait_listening(host: str, port: int, proc) -> None:
 
 async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: int = 1 << 30,
                    connect_timeout: float = 120.0, iperf_args: Sequence[str] = (),
-                   say: Callable[[str], None] = print) -> demo.ConsumeReport | None:
+                   say: Callable[[str], None] = print,
+                   udp: UdpDemo | None = None) -> demo.ConsumeReport | udpdemo.UdpReport | None:
     resp = await hello_after_req(client, uid, "CONS")
     listeners = list(resp.listeners)
     say(f"hello sent for {uid}; consumer listeners: {listeners}")
     if app == "none":
         return None
+    if app == "demo" and udp is not None:
+        r = await udpdemo.udp_consume(listeners, udp.count(size, len(listeners)), udp.size,
+                                      connect_timeout=connect_timeout)
+        say(f"consumer verified {r.received} datagrams ({r.bytes} bytes) over {len(listeners)} flow(s) "
+            f"in {r.seconds:.2f} s: {r.lost} lost ({r.loss:.3%}), {r.reordered} out of order")
+        return r
     if app == "demo":
         report = await demo.consume(listeners, size // max(1, len(listeners)), connect_timeout=connect_timeout)
         say(f"consumer verified {report.bytes} bytes over {len(listeners)} connection(s) "

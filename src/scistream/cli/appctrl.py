@@ -19,7 +19,8 @@ import click
 from rich.markup import escape
 
 from .. import __version__
-from ..appctrl.controller import MOCK_ENDPOINTS, run_cons, run_prod
+from ..appctrl.controller import MOCK_ENDPOINTS, UdpDemo, run_cons, run_prod
+from ..apps.udpdemo import UdpReport
 from ..apps.demo import VerifyError
 from ..client import AsyncClient
 from ..client.instances import join_instances
@@ -74,10 +75,18 @@ def cli() -> None:
         help="CONS: how long to wait for the listeners to accept connections.")
 @option("--report", type=click.Path(dir_okay=False), default=None,
         help="CONS with the demo app: also write the transfer report (JSON) to this file.")
+@option("--udp", is_flag=True,
+        help="Demo app over UDP: the consumer opens a flow on each listener, the producer answers it "
+             "with numbered datagrams (--size in all), the consumer checks each and reports loss and "
+             "reordering. The session's data servers must carry UDP (Builtin, or Nginx on a plain leg).")
+@option("--datagram-size", type=click.IntRange(21, 65000), default=1200, show_default=True,
+        help="--udp: bytes per datagram. Give PROD and CONS the same.")
+@option("--udp-rate", type=click.FloatRange(0), default=50.0, show_default=True,
+        help="--udp, PROD: Mbit/s each flow is sent at (0: as fast as the producer can).")
 @channel_options
 @handle_errors("appctrl")
 def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, size, connections, endpoints,
-                   connect_timeout, report, server_cert, insecure, **kw) -> None:
+                   connect_timeout, report, udp, datagram_size, udp_rate, server_cert, insecure, **kw) -> None:
     """Say hello to the S2CS for session UID and run the application (PROD or CONS).
 
     S2CS is HOST:PORT, or HOST:PORT,HOST:PORT for several instances of one facility's
@@ -87,19 +96,20 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
     s2cs = join_instances(s2cs, "S2CS")
     role = role.upper()
 
+    dgrams = UdpDemo(datagram_size, udp_rate) if udp else None
+
     async def run() -> int:
         async with _client(s2cs, access_token, server_cert, insecure, kw.get("token"), uid) as c:
             if role == "PROD":
                 n = num_conn or (await _session_num_conn(c, uid) if app == "demo" else 1)
                 await run_prod(c, uid, controller_ip, app=app, num_conn=n, size=size,
-                               endpoints=endpoints, connections=connections, say=out.print)
+                               endpoints=endpoints, connections=connections, say=out.print, udp=dgrams)
             else:
                 result = await run_cons(c, uid, app=app, size=size, connect_timeout=connect_timeout,
-                                        say=out.print)
+                                        say=out.print, udp=dgrams)
                 if report and result is not None:
                     with open(report, "w") as f:
-                        json.dump({"bytes": result.bytes, "seconds": result.seconds,
-                                   "streams": len(result.streams), "gbps": result.gbps}, f)
+                        json.dump(_report(result), f)
         return Exit.OK
 
     try:
@@ -110,6 +120,15 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
     except (ConnectionError, OSError) as exc:
         err.print(f"[red]application failed[/]: {exc}")
         sys.exit(Exit.FAILED)
+
+
+def _report(result) -> dict:
+    if isinstance(result, UdpReport):
+        return {"bytes": result.bytes, "seconds": result.seconds, "streams": len(result.flows),
+                "datagrams": result.received, "lost": result.lost, "reordered": result.reordered,
+                "duplicates": sum(f.duplicates for f in result.flows), "loss": result.loss,
+                "gbps": result.bytes * 8 / result.seconds / 1e9 if result.seconds else 0.0}
+    return {"bytes": result.bytes, "seconds": result.seconds, "streams": len(result.streams), "gbps": result.gbps}
 
 
 @cli.command("mock", epilog="Example: appctrl mock UID 127.0.0.1:5000 - PROD --insecure")

@@ -17,7 +17,7 @@ from ..auth.base import AuthConfigError, make_authenticator
 from ..config import check_config_command, config_option
 from ..control.server import ConfigError, ServerConfig, serve
 from ..data.base import backend_names
-from ..data.spec import parse_keepalive
+from ..data.spec import UDP_IDLE, UDP_MAX_FLOWS, parse_keepalive
 from .common import Exit, err, option, setup_logging
 
 TYPES = backend_names()
@@ -169,6 +169,19 @@ def server_options(fn):
         option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
                help="Open connections one session may have; data servers refuse more and count "
                     "the refusals (0: no cap; Stunnel cannot enforce it)."),
+        click.option("--udp/--no-udp", "udp", default=True, show_default=True,
+               help="Carry UDP on every session port beside TCP, to the same targets (the first "
+                    "datagram from a new source opens a flow). Builtin and Nginx only: HAProxy and "
+                    "stunnel carry no UDP. Builtin encrypts it on the WAN leg; Nginx cannot, so it "
+                    "carries UDP only on sessions whose WAN leg is plain, unless --udp-plaintext."),
+        option("--udp-plaintext", is_flag=True,
+               help="Nginx: carry UDP IN THE CLEAR across the WAN even beside an encrypted TCP leg "
+                    "(logged at start, shown in status and the web view)."),
+        option("--udp-max-flows", type=click.IntRange(0), default=UDP_MAX_FLOWS, show_default=True,
+               help="UDP flows (sources) one session may have open at once; datagrams of more are "
+                    "dropped and counted (0: no cap)."),
+        option("--udp-idle", type=click.FloatRange(0, min_open=True), default=UDP_IDLE, show_default=True,
+               help="Seconds a UDP flow lasts without a datagram either way."),
         option("--web-port", type=click.IntRange(0, 65535), default=None,
                help="Serve the read-only web view of sessions and throughput on this port, with "
                     "the same authentication and TLS as the control channel (0: any free port; "

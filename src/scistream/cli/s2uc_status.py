@@ -45,6 +45,7 @@ from ..data.telemetry import hops as chain_hops, verdict
 from ..units import bitrate, duration, size as _size
 from ..errors import LocalMistake, ScistreamError
 from ..proto import pb
+from ..data.spec import udp_summary
 from .common import (EXIT_CODES_HELP, Exit, channel, channel_options, err, error_label, exit_code, handle_errors,
                      local_uid, option, out)
 
@@ -73,6 +74,7 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
                          if info.lease_expires and not info.ended else None),
         "ended": info.ended or None, "last_error": info.last_error,
         "wan_security": info.wan_security, "server_type": info.server_type,
+        "udp": getattr(info, "udp", ""), "udp_counters": dict(getattr(info, "udp_counters", {}) or {}),
         # a facility (s2cs --facility): the node carrying it, the instance that took its req
         "node": getattr(info, "node", ""), "instance": getattr(info, "instance", ""),
         # per-hop telemetry: this gateway's legs (lan, wan) and what holds the session back
@@ -245,6 +247,7 @@ def _print_one(d: dict) -> None:
         ("setup", f"{d['setup_s']:.3f} s req -> connected" if d["setup_s"] is not None else "-"),
         ("lease", lease),
         ("WAN leg", f"{d['wan_security'] or '-'} ({d['server_type']})"),
+        ("UDP", udp_summary(d.get("udp", ""), d.get("udp_counters") or {})),
         *([("node", f"{d['node']} (req taken by {d['instance'] or '-'})")] if d.get("node") else []),
         ("last error", d["last_error"] or "-"),
         *_telemetry_rows(d),

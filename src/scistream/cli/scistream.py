@@ -22,7 +22,7 @@ def cli() -> None:
     """SciStream tools."""
 
 
-@cli.command(epilog="Example: scistream demo --size 256M --num-conn 2")
+@cli.command(epilog="Examples:\n\n  scistream demo --size 256M --num-conn 2\n\n  scistream demo --udp --size 64M")
 @click.option("--size", type=Size(), default="1G", show_default=True, help=SIZE_OPTION_HELP)
 @click.option("--num-conn", "--num_conn", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Parallel connections of the session (each carries --size / N bytes).")
@@ -42,9 +42,17 @@ def cli() -> None:
                    "trip and rate (advised, the default), or as Linux sets it up (typical: CUBIC on every "
                    "route, tcp_rmem/tcp_wmem max 6/4 MiB); the data servers set their WAN legs' congestion "
                    "control either way (s2cs --wan-congestion, BBR).")
+@click.option("--udp", is_flag=True,
+              help="Datagrams instead of TCP streams: the consumer opens a UDP flow on each listener, the "
+                   "producer answers with numbered datagrams (--size in all), each one checked; loss and "
+                   "reordering reported. Builtin seals them on the WAN leg; Nginx carries them in the clear "
+                   "(its control servers get --udp-plaintext).")
+@click.option("--datagram-size", type=click.IntRange(21, 65000), default=1200, show_default=True,
+              help="With --udp: bytes per datagram.")
 @click.option("--in-testbed", default=None, hidden=True)  # set by --netns for the run inside the user's host
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging, the control servers' and gRPC's included.")
-def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose, wan_hosts, **wan_opts) -> None:
+def demo(size, num_conn, server_type, rate, keep_dir, netns, udp, datagram_size, in_testbed, verbose, wan_hosts,
+         **wan_opts) -> None:
     """Run a whole session on this machine: two control servers, a producer, a consumer,
     every byte verified, everything released."""
     setup_logging(verbose)
@@ -61,7 +69,8 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose
         reason = unavailable_reason()
         if reason is None:
             sys.exit(_demo_in_testbed(["--size", str(size), "--num-conn", str(num_conn), "--type", server_type,
-                                       "--rate", str(rate)] + ["--keep-dir"] * keep_dir + ["-v"] * verbose
+                                       "--rate", str(rate), "--datagram-size", str(datagram_size)]
+                                      + ["--keep-dir"] * keep_dir + ["-v"] * verbose + ["--udp"] * udp
                                       + wan_args + ["--wan-hosts", wan_hosts] * (wan is not None), wan, wan_hosts))
         if wan is not None:  # no emulated WAN on loopback
             err.print(f"[red]demo failed[/]: --netns: {reason}; the emulated WAN (--wan-*) needs it")
@@ -75,7 +84,8 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose
             err.print(f"[red]demo failed[/]: {exc}")
             sys.exit(Exit.FAILED)
     opts = DemoOptions(size=total - total % num_conn, num_conn=num_conn, server_type=server_type,
-                       rate=rate, keep_dir=keep_dir, say=out.print, testbed=testbed)
+                       rate=rate, keep_dir=keep_dir, say=out.print, testbed=testbed, udp=udp,
+                       datagram_size=datagram_size)
     try:
         report = asyncio.run(run_demo(opts))
     except KeyboardInterrupt:
@@ -87,6 +97,14 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, in_testbed, verbose
     setup = sum(secs for name, secs in report.steps if not name.startswith("transfer"))
     out.print(f"report: session {report.uid}; setup and release took {setup * 1000:.0f} ms over "
               f"{len(report.steps) - 1} steps (times above)")
+    if report.udp is not None:
+        u = report.udp
+        out.print(f"[green]verified {u['datagrams']} datagrams[/] of {datagram_size} bytes ({u['bytes']} bytes) over "
+                  f"{report.streams} UDP flows in {report.transfer_seconds:.2f} s: {u['lost']} lost "
+                  f"({u['loss']:.3%}), {u['reordered']} out of order, {u['duplicates']} duplicated, through PROD "
+                  f"and CONS data servers ({report.server_type}, WAN leg {report.wan_security}, UDP "
+                  f"{'sealed' if report.server_type.lower() == 'builtin' and report.wan_security == 'tls' else 'in the clear'})")
+        return
     out.print(f"[green]verified {report.bytes_verified} bytes[/] ({report.bytes_verified / (1 << 20):.0f} MiB) "
               f"over {report.streams} connections in {report.transfer_seconds:.2f} s: "
               f"{report.gbps:.2f} Gbit/s through PROD and CONS data servers ({report.server_type}, "

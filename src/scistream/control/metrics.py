@@ -9,6 +9,13 @@ What is exported (all prefixed ``scistream_``):
     connections                         gauge    connections open through the data servers
     connections_refused_total           counter  refused by the per-session cap (--max-session-conns)
     session_setup_seconds               histogram  req -> connected
+    udp_datagrams_total{direction}      counter  UDP datagrams carried, to_producer / to_consumer
+    udp_bytes_total{direction}          counter  their bytes (payload)
+    udp_drops_total{cause}              counter  datagrams dropped: flow_limit, rate, send, forged,
+                                                 replayed, truncated, foreign, kernel (a full
+                                                 receive buffer of a listener)
+    udp_flows                           gauge    UDP flows open through the data servers
+    udp_over_mtu_total                  counter  sealed datagrams larger than the path MTU (fragmented)
     rpc_calls_total{method,code}        counter  every RPC answered, by status code
     rpc_errors_total{method,code}       counter  the ones that failed
     ports{state}, bandwidth_kbps{state} gauge    pool use: used / free, used / max
@@ -56,6 +63,7 @@ from .sessions import S, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
 
+UDP_DROPS = ("flow_limit", "rate", "send", "forged", "replayed", "truncated", "foreign", "kernel")
 SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _ENDED = {"release": "released", "released": "released", "expired": "expired", "failed": "failed"}
 
@@ -90,6 +98,7 @@ class _Live:
         refused = self.m.ended_refused
         cut = self.m.ended_cut
         conns = 0
+        udp = dict(self.m.ended_udp)
         per = CounterMetricFamily("scistream_session_bytes_forwarded",
                                   "Bytes carried by each live session's data server",
                                   labels=["uid", "role", "direction"])
@@ -103,6 +112,8 @@ class _Live:
             cut += st.cut_streams
             per.add_metric([s.uid, s.role, "to_producer"], st.bytes_in)
             per.add_metric([s.uid, s.role, "to_consumer"], st.bytes_out)
+            for k, v in st.udp.items():
+                udp[k] = udp.get(k, 0) + v
         g = GaugeMetricFamily("scistream_sessions", "Live sessions by state", labels=["state"])
         for state, n in by_state.items():
             g.add_metric([state], n)
@@ -123,6 +134,7 @@ class _Live:
                                   "(Stunnel: streams it gave up waiting on; the ends it dropped with "
                                   "SCISTREAM_STUNNEL_RELAY=off)", value=cut)
         yield from self._legs(live)
+        yield from self._udp(udp)
         if facility:
             yield from self._nodes(live, view[1] if view else [])
             return
@@ -171,6 +183,25 @@ class _Live:
         yield from fams.values()
         yield total
         yield hop
+
+    @staticmethod
+    def _udp(udp: dict[str, int]):
+        """The UDP counters of every session (ended ones included; ``flows``: open now)."""
+        for what, unit in (("datagrams", "datagrams"), ("bytes", "bytes")):
+            c = CounterMetricFamily(f"scistream_udp_{what}", f"UDP {unit} carried by the data servers",
+                                    labels=["direction"])
+            c.add_metric(["to_producer"], udp.get(f"{what}_in", 0))
+            c.add_metric(["to_consumer"], udp.get(f"{what}_out", 0))
+            yield c
+        d = CounterMetricFamily("scistream_udp_drops", "UDP datagrams the data servers dropped, by cause",
+                                labels=["cause"])
+        for cause in UDP_DROPS:
+            d.add_metric([cause], udp.get(f"drops_{cause}", 0))
+        yield d
+        yield GaugeMetricFamily("scistream_udp_flows", "UDP flows open through the data servers",
+                                value=udp.get("flows", 0))
+        yield CounterMetricFamily("scistream_udp_over_mtu", "Sealed UDP datagrams larger than the path "
+                                  "MTU (sent, fragmented by the kernel)", value=udp.get("over_mtu", 0))
 
     @staticmethod
     def _nodes(live: list[Session], nodes: list[dict]):
@@ -225,6 +256,7 @@ class Metrics:
         self.ended_bytes = [0, 0]
         self.ended_refused = 0
         self.ended_cut = 0
+        self.ended_udp: dict[str, int] = {}    # UDP counters of the sessions that ended
         self.view: tuple[list[Session], list[dict]] | None = None   # a facility's, at the last scrape
         self.prom.register(_Live(self))
         self._server: asyncio.AbstractServer | None = None
@@ -247,6 +279,9 @@ class Metrics:
             self.ended_bytes[1] += st.bytes_out
             self.ended_refused += st.refused_connections
             self.ended_cut += st.cut_streams
+            for k, v in st.udp.items():
+                if k != "flows":
+                    self.ended_udp[k] = self.ended_udp.get(k, 0) + v
 
     async def refresh(self, concurrency: int = 32) -> None:
         """Ask every live data server for its counters (bounded in time and in parallel); a

@@ -31,9 +31,10 @@ def parse_port_range(text: str) -> range:
 
 
 class PortPool:
-    def __init__(self, ports: range, host: str) -> None:
+    def __init__(self, ports: range, host: str, *, udp: bool = False) -> None:
         self.ports = ports
         self.host = host
+        self.udp = udp          # sessions carry UDP too: a port is free only if free for both
         self.used: set[int] = set()
         self._next = ports.start
 
@@ -51,7 +52,7 @@ class PortPool:
         while len(got) < n and tried < len(self.ports):
             tried += 1
             if port not in self.used:
-                if free_port_check(self.host, port):
+                if free_port_check(self.host, port, udp=self.udp):
                     got.append(port)
                     self.used.add(port)
                 else:

@@ -31,7 +31,7 @@ from ..auth.base import Authenticator, NoAuth, make_authenticator
 from ..data.hosttcp import HostTcp, congestion_line
 from ..data.base import BackendUnavailable, DataServer, get_backend
 from ..data.node.backend import NodeService
-from ..data.spec import KEEPALIVE
+from ..data.spec import KEEPALIVE, UDP_IDLE, UDP_MAX_FLOWS
 from ..data.supervise import bind_error
 from ..errors import DataServerError
 from ..addr import format_listener
@@ -90,6 +90,10 @@ class ServerConfig:
     workers: int = 0                 # Builtin: worker processes of the node service s2cs starts; 0 = one per core
     data_service: Path | None = None  # Builtin: an operator-run node service's socket; None = s2cs runs its own
     max_session_conns: int = 0       # open connections per session; 0 = no cap
+    udp: bool = True                 # UDP on every session port beside TCP, where the type can (--no-udp)
+    udp_plaintext: bool = False      # Nginx: UDP in the clear beside an encrypted TCP leg (--udp-plaintext)
+    udp_max_flows: int = UDP_MAX_FLOWS   # UDP flows per session; 0 = no cap
+    udp_idle: float = UDP_IDLE       # seconds a UDP flow lasts without a datagram
     plain_relay: str = "auto"        # Builtin: copy or splice plain legs (auto: copy on loopback legs)
     web_port: int | None = None      # web view (control/web.py; 0: any free port); None = off
     web_ip: str | None = None        # default: the control ip
@@ -104,6 +108,24 @@ class ServerConfig:
     def backend(self) -> type[DataServer]:
         """The data-server type of ``server_type`` (ValueError if there is none)."""
         return get_backend(self.server_type)
+
+
+def udp_notice(config: ServerConfig) -> None:
+    """Say at start what this server does with UDP; loudly when it may cross in the clear."""
+    backend = config.backend
+    if not config.udp:
+        log.info("UDP: off (--no-udp); sessions carry TCP only")
+    elif config.facility:
+        log.info("UDP: a facility of several nodes carries none yet; sessions carry TCP only")
+    elif not backend.udp_support:
+        log.info("UDP: the %s type carries none (Nginx and Builtin do); sessions carry TCP only", backend.kind)
+    elif config.udp_plaintext and backend.udp_support != "sealed":
+        log.warning("!!! --udp-plaintext: the %s type carries UDP IN THE CLEAR across the WAN, "
+                    "unauthenticated, even beside an encrypted TCP leg. Anyone on the path reads and "
+                    "forges the datagrams. !!!", backend.kind)
+    elif backend.udp_support != "sealed":
+        log.info("UDP: the %s type carries it only on sessions whose WAN leg is plain (it cannot "
+                 "encrypt datagrams; --udp-plaintext carries it in the clear beside encrypted TCP)", backend.kind)
 
 
 class ConfigError(Exception):
@@ -138,6 +160,10 @@ def check(config: ServerConfig) -> None:
         raise ConfigError("--workers must be >= 0 (0: one per core)")
     if config.max_session_conns < 0:
         raise ConfigError("--max-session-conns must be >= 0 (0: no cap)")
+    if config.udp_max_flows < 0:
+        raise ConfigError("--udp-max-flows must be >= 0 (0: no cap)")
+    if not config.udp_idle > 0:
+        raise ConfigError("--udp-idle must be > 0 seconds")
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"--port {config.port}: a port is 0-65535 (0: any free port)")
     if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
@@ -317,7 +343,9 @@ class ControlServer:
                 log.warning("!!! --auth none: AUTHENTICATION IS DISABLED. Anyone who reaches the "
                             "control port can create and release sessions. For development only. !!!")
             self.auth = make_authenticator(config.auth, **config.auth_options)  # type: ignore[arg-type]
-        ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip)
+        udp_notice(config)
+        ports = PortPool(parse_port_range(config.port_range), host=config.listener_ip,
+                         udp=config.udp and bool(config.backend.udp_support) and not config.facility)
         if self.store is None and config.store:
             # a node's name in a shared store: this host and this state directory (two
             # s2cs on one host are two nodes; a restart on the same state dir is the same)
@@ -347,6 +375,8 @@ class ControlServer:
                            enforce_legacy_rate=config.enforce_legacy_rate,
                            admins=frozenset(config.admins),
                            max_session_conns=config.max_session_conns,
+                           udp=config.udp, udp_plaintext=config.udp_plaintext,
+                           udp_max_flows=config.udp_max_flows, udp_idle=config.udp_idle,
                            data_service=str(self.node.path) if self.node else ""),
             ports, BandwidthPool(config.max_rate), events=[self.audit.event], store=self.store)
         if config.metrics_port is not None:

@@ -188,6 +188,7 @@ class ControlServicer:
             total_connections=stats.total_connections, refused_connections=stats.refused_connections,
             cut_streams=stats.cut_streams, legs=legs_pb(s.legs),
             bottleneck=verdict({s.role: s.legs})[1] if s.legs else "",
+            udp=s.udp, udp_counters=stats.udp,
             ended=s.ended, connected=s.connected_at,
             rate_not_enforced=bool(s.rate) and not s.rate_enforced, node=s.node, instance=s.instance)
 

@@ -34,7 +34,7 @@ from ..addr import check_role, check_uid, format_listener, parse_listener, resol
 from ..auth.base import Identity
 from ..data import wankeys
 from ..data.base import DataServer
-from ..data.spec import KEEPALIVE, DataSpec, Stats
+from ..data.spec import KEEPALIVE, UDP_IDLE, UDP_MAX_FLOWS, DataSpec, Stats
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded, FailedPrecondition,
                       InvalidArgument, InvalidTransition, NotFound, PermissionDenied,
                       ScistreamError)
@@ -76,7 +76,8 @@ def when(t: float) -> str:
 def _add(a: Stats, b: Stats) -> Stats:
     return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
                  a.total_connections + b.total_connections, a.refused_connections + b.refused_connections,
-                 a.cut_streams + b.cut_streams, b.failure or a.failure)
+                 a.cut_streams + b.cut_streams, b.failure or a.failure,
+                 {k: a.udp.get(k, 0) + b.udp.get(k, 0) for k in {**a.udp, **b.udp}})
 
 
 @dataclasses.dataclass
@@ -93,6 +94,7 @@ class Session:
     server_type: str = ""
     wan_secret: bytes | None = None        # PROD: drawn at req; CONS: learned at update
     wan_security: str = ""                 # "tls" or "plain" once connected
+    udp: str = ""                          # how its data server carries UDP (DataServer.udp_carriage)
     rate_enforced: bool = True             # False: a legacy client's rate, not enforced (update)
     prod_listeners: list[str] = dataclasses.field(default_factory=list)
     targets: list[str] = dataclasses.field(default_factory=list)
@@ -137,18 +139,20 @@ class Session:
 
     def spec(self, targets: tuple[str, ...] | None = None,
              keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "",
-             wan_congestion: str = "") -> DataSpec:
+             wan_congestion: str = "", **udp: Any) -> DataSpec:
+        """``udp``: the DataSpec's udp settings (udp, udp_plaintext, udp_max_flows, udp_idle)."""
         return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
                         ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
                         rate_kbps=self.rate if self.rate_enforced else 0, wan_secret=self.wan_secret,
                         workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service,
                         wan_congestion=wan_congestion,
-                        lease_end=self.lease_expires)
+                        lease_end=self.lease_expires, **udp)
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
         self.stats_base = _add(self.stats_base, self.last_stats)
         self.stats_base.connections = 0
+        self.stats_base.udp.pop("flows", None)
         self.last_stats = Stats()
 
     def total_stats(self) -> Stats:
@@ -173,7 +177,7 @@ class Session:
                 "num_conn": self.num_conn, "rate": self.rate, "bandwidth": self.bandwidth,
                 "ports": self.ports, "listeners": self.listeners, "workdir": str(self.workdir),
                 "listen_host": self.listen_host, "server_type": self.server_type,
-                "wan_security": self.wan_security, "rate_enforced": self.rate_enforced,
+                "wan_security": self.wan_security, "udp": self.udp, "rate_enforced": self.rate_enforced,
                 "prod_listeners": self.prod_listeners,
                 "targets": self.targets, "connected_at": self.connected_at, "ready_at": self.ready_at,
                 "lease_expires": self.lease_expires, "last_error": self.last_error,
@@ -189,7 +193,7 @@ class Session:
                 ports=[int(p) for p in d.get("ports", [])], listeners=list(d.get("listeners", [])),
                 workdir=Path(d.get("workdir", ".")), listen_host=d.get("listen_host", ""),
                 server_type=d.get("server_type", ""), wan_secret=rec.wan_secret,
-                wan_security=d.get("wan_security", ""),
+                wan_security=d.get("wan_security", ""), udp=d.get("udp", ""),
                 rate_enforced=bool(d.get("rate_enforced", True)), prod_listeners=list(d.get("prod_listeners", [])),
                 targets=list(d.get("targets", [])), state=SessionState(rec.state), created=rec.created,
                 connected_at=float(d.get("connected_at", 0.0)), ready_at=float(d.get("ready_at", 0.0)),
@@ -232,6 +236,14 @@ class RegistryConfig:
     history: int = 1000              # terminal sessions kept for status
     max_session_conns: int = 0       # open connections per session (data servers refuse more); 0 = no cap
     data_service: str = ""           # Builtin: the node service's control socket
+    udp: bool = True                 # UDP on every session port beside TCP, where the type can (--no-udp)
+    udp_plaintext: bool = False      # Nginx: UDP in the clear beside an encrypted TCP leg (--udp-plaintext)
+    udp_max_flows: int = UDP_MAX_FLOWS   # UDP flows per session (--udp-max-flows; 0: no cap)
+    udp_idle: float = UDP_IDLE       # seconds a UDP flow lasts without a datagram (--udp-idle)
+
+    def udp_settings(self) -> dict[str, Any]:
+        return {"udp": self.udp, "udp_plaintext": self.udp_plaintext, "udp_max_flows": self.udp_max_flows,
+                "udp_idle": self.udp_idle}
 
 
 def tell_observers(observers: Iterable[Observer], event: str, session: Session, detail: str) -> None:
@@ -355,7 +367,7 @@ class SessionRegistry:
         """What the session's data server is started with."""
         c = self.config
         return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service,
-                            wan_congestion=c.wan_congestion)
+                            wan_congestion=c.wan_congestion, **c.udp_settings())
 
     def _events(self, event: str, session: Session, detail: str) -> None:
         tell_observers(self.observers, event, session, detail)
@@ -545,6 +557,7 @@ class SessionRegistry:
                     await server.start()
                     session.handle = server.handle()
                     session.wan_security = "tls" if secret is not None else "plain"
+                    session.udp = server.udp_carriage(server.spec)
                     session.watcher = asyncio.create_task(self._watch(session, server))
                 else:
                     await session.server.retarget(targets)  # type: ignore[union-attr]

@@ -48,6 +48,7 @@ from aiohttp import web
 from ..auth.base import ANONYMOUS, AuthUnavailable, Authenticator, Identity
 from ..data.telemetry import hops as chain_hops, verdict
 from ..errors import ScistreamError
+from ..data.spec import udp_summary
 from ..units import bitrate, duration, size
 from .sessions import TERMINAL, S, Session, SessionRegistry
 
@@ -314,6 +315,7 @@ class WebView:
             "rate_in": round(rate_in), "rate_out": round(rate_out),
             "rate_in_h": bitrate(rate_in), "rate_out_h": bitrate(rate_out),
             "wan_security": s.wan_security or "-",
+            "udp": s.udp, "udp_counters": dict(st.udp), "udp_h": udp_summary(s.udp, st.udp),
             "server_type": s.server_type or self.registry.config.server_type,
             "node": s.node or s.listen_host or self.registry.config.listener_ip,
             "last_error": s.error(st), "ended": s.ended or None,
@@ -667,7 +669,9 @@ def _session_body(d: dict[str, Any]) -> str:
              ("bytes to producer / consumer",
               f'<span id="bytes" title="{r["bytes_in"]} / {r["bytes_out"]} bytes">'
               f'{_e(r["bytes_in_h"])} / {_e(r["bytes_out_h"])}</span>'),
-             ("WAN leg", _e(r["wan_security"])), ("data server", _e(r["server_type"])),
+             ("WAN leg", _e(r["wan_security"])),
+             ("UDP", f'<span id="udp" class="udp-{_e(r["udp"] or "none")}">{_e(r["udp_h"])}</span>'),
+             ("data server", _e(r["server_type"])),
              ("node", _e(r["node"]))]
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     tl = "".join(f'<li><span class="state s-{_e(t["state"])}">{_e(t["state"])}</span> '

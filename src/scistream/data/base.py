@@ -48,6 +48,31 @@ class DataServer(abc.ABC):
     #: closes last); each such stream is counted in ``Stats.cut_streams``. (The stunnel
     #: types carry them, through their relay.)
     carries_half_close: ClassVar[bool] = True
+    #: What the type does with UDP (``DataSpec.udp``): "" carries none (HAProxy, stunnel),
+    #: "plain" carries datagrams in the clear only (Nginx), "sealed" encrypts them on the
+    #: WAN leg as it does TCP (Builtin). See ``udp_carriage``.
+    udp_support: ClassVar[str] = ""
+
+    @classmethod
+    def udp_carriage(cls, spec: DataSpec) -> str:
+        """How this type carries the UDP of ``spec``: "off" (s2cs --no-udp), "unsupported"
+        (the type carries none), "plain" (the WAN leg is plain anyway), "encrypted" (sealed
+        on the WAN leg), "plaintext" (in the clear beside an encrypted TCP leg, as the
+        operator said: --udp-plaintext) or "withheld" (the type cannot encrypt datagrams and
+        the TCP leg is encrypted: it carries none rather than leak them)."""
+        if not spec.udp:
+            return "off"
+        if not cls.udp_support:
+            return "unsupported"
+        if spec.wan_secret is None:
+            return "plain"
+        if cls.udp_support == "sealed":
+            return "encrypted"
+        return "plaintext" if spec.udp_plaintext else "withheld"
+
+    @property
+    def carries_udp(self) -> bool:
+        return self.udp_carriage(self.spec) in ("plain", "encrypted", "plaintext")
 
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec

@@ -48,6 +48,12 @@ def parse_keepalive(value: object) -> tuple[int, int, int]:
     return idle, interval, count
 
 
+#: UDP flows a session may have open at once, and seconds a flow lasts without a datagram
+#: either way (s2cs --udp-max-flows, --udp-idle).
+UDP_MAX_FLOWS = 256
+UDP_IDLE = 60.0
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     uid: str
@@ -63,6 +69,11 @@ class DataSpec:
     service: str = ""            # Builtin: the node service's control socket (scistream.data.node)
     lease_end: float = 0.0       # the session's lease end (epoch s; 0 = none): its WAN leaf ends a margin after
     wan_congestion: str = ""     # the WAN leg's congestion control (data.hosttcp); "" = the kernel's choice
+    udp: bool = False            # carry UDP on every port beside TCP, where the type can (s2cs: on unless --no-udp)
+    udp_plaintext: bool = False  # a type that cannot encrypt datagrams carries them in the clear
+                                 # beside an encrypted TCP leg (s2cs --udp-plaintext)
+    udp_max_flows: int = UDP_MAX_FLOWS   # UDP flows one session may have open at once (0: no cap)
+    udp_idle: float = UDP_IDLE           # seconds a UDP flow lasts without a datagram
 
     @property
     def wan_side(self) -> str:
@@ -87,6 +98,27 @@ class Stats:
     refused_connections: int = 0   # refused by the max_conns cap (DataSpec.max_conns)
     cut_streams: int = 0   # streams whose end the data server may have dropped (stunnel, half-close)
     failure: str = ""      # the last connection that failed, when and why (Builtin), e.g. its target refused
+    udp: dict[str, int] = dataclasses.field(default_factory=dict)   # UDP counters (udp.COUNTERS); {}: none
+
+
+UDP_WORDS = {"off": "off (s2cs --no-udp)", "unsupported": "not carried by this type",
+             "plain": "carried, plain (as the WAN leg)", "encrypted": "carried, encrypted on the WAN leg",
+             "plaintext": "carried IN THE CLEAR beside the encrypted TCP leg (s2cs --udp-plaintext)",
+             "withheld": "not carried: this type cannot encrypt datagrams and the WAN leg is encrypted"}
+
+
+def udp_summary(mode: str, c: dict) -> str:
+    """How the session carries UDP, and its counters (udp_counters of SessionInfo)."""
+    text = UDP_WORDS.get(mode, mode or "-")
+    if c:
+        drops = {k[6:]: v for k, v in sorted(c.items()) if k.startswith("drops_") and v}
+        text += (f"; {c.get('flows', 0)} flows open, {c.get('total_flows', 0)} in all; to producer "
+                 f"{c.get('datagrams_in', 0)} datagrams ({c.get('bytes_in', 0)} B), to consumer "
+                 f"{c.get('datagrams_out', 0)} datagrams ({c.get('bytes_out', 0)} B)")
+        text += "; dropped: " + (", ".join(f"{v} {k}" for k, v in drops.items()) if drops else "none")
+        if c.get("over_mtu"):
+            text += f"; {c['over_mtu']} over the path MTU (fragmented)"
+    return text
 
 
 def keepalive_setting(value: Any) -> tuple[int, int, int]:

@@ -248,6 +248,15 @@ def bind_error(host: str, port: int) -> OSError | None:
     return None
 
 
-def free_port_check(host: str, port: int) -> bool:
-    """True if ``port`` can be bound on ``host`` right now."""
-    return bind_error(host, port) is None
+def free_port_check(host: str, port: int, *, udp: bool = False) -> bool:
+    """True if ``port`` can be bound on ``host`` right now (``udp``: for UDP as well)."""
+    if bind_error(host, port) is not None:
+        return False
+    if udp:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True

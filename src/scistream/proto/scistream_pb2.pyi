@@ -75,7 +75,14 @@ class StatusRequest(_message.Message):
     def __init__(self, uid: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("uid", "role", "state", "owner", "listeners", "targets", "num_conn", "rate", "bytes_in", "bytes_out", "created", "lease_expires", "last_error", "wan_security", "server_type", "connections", "ended", "connected", "total_connections", "refused_connections", "rate_not_enforced", "node", "instance", "cut_streams", "legs", "bottleneck")
+    __slots__ = ("uid", "role", "state", "owner", "listeners", "targets", "num_conn", "rate", "bytes_in", "bytes_out", "created", "lease_expires", "last_error", "wan_security", "server_type", "connections", "ended", "connected", "total_connections", "refused_connections", "rate_not_enforced", "node", "instance", "cut_streams", "legs", "bottleneck", "udp", "udp_counters")
+    class UdpCountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     UID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +109,8 @@ class SessionInfo(_message.Message):
     CUT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     LEGS_FIELD_NUMBER: _ClassVar[int]
     BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
+    UDP_FIELD_NUMBER: _ClassVar[int]
+    UDP_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     uid: str
     role: str
     state: str
@@ -128,7 +137,9 @@ class SessionInfo(_message.Message):
     cut_streams: int
     legs: _containers.RepeatedCompositeFieldContainer[LegTelemetry]
     bottleneck: str
-    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., owner: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., created: _Optional[float] = ..., lease_expires: _Optional[float] = ..., last_error: _Optional[str] = ..., wan_security: _Optional[str] = ..., server_type: _Optional[str] = ..., connections: _Optional[int] = ..., ended: _Optional[float] = ..., connected: _Optional[float] = ..., total_connections: _Optional[int] = ..., refused_connections: _Optional[int] = ..., rate_not_enforced: _Optional[bool] = ..., node: _Optional[str] = ..., instance: _Optional[str] = ..., cut_streams: _Optional[int] = ..., legs: _Optional[_Iterable[_Union[LegTelemetry, _Mapping]]] = ..., bottleneck: _Optional[str] = ...) -> None: ...
+    udp: str
+    udp_counters: _containers.ScalarMap[str, int]
+    def __init__(self, uid: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., owner: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., num_conn: _Optional[int] = ..., rate: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., created: _Optional[float] = ..., lease_expires: _Optional[float] = ..., last_error: _Optional[str] = ..., wan_security: _Optional[str] = ..., server_type: _Optional[str] = ..., connections: _Optional[int] = ..., ended: _Optional[float] = ..., connected: _Optional[float] = ..., total_connections: _Optional[int] = ..., refused_connections: _Optional[int] = ..., rate_not_enforced: _Optional[bool] = ..., node: _Optional[str] = ..., instance: _Optional[str] = ..., cut_streams: _Optional[int] = ..., legs: _Optional[_Iterable[_Union[LegTelemetry, _Mapping]]] = ..., bottleneck: _Optional[str] = ..., udp: _Optional[str] = ..., udp_counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class LegTelemetry(_message.Message):
     __slots__ = ("leg", "connections", "rtt_ms", "min_rtt_ms", "rcv_rtt_ms", "cwnd", "mss", "delivery_rate_bps", "sent_bps", "received_bps", "retrans", "segs_sent", "retrans_pct", "total_retrans", "busy", "rwnd_limited", "sndbuf_limited", "cwnd_limited", "app_limited", "sampled")

@@ -119,11 +119,14 @@ def _decode_addr(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addre
     return ipaddress.ip_address(raw), int(port_hex, 16)
 
 
-def listening(pids: Iterable[int], addrs: set) -> dict[int, set[int]]:
-    """TCP ports in LISTEN state on one of ``addrs`` held by one of ``pids``: port -> inodes."""
+def listening(pids: Iterable[int], addrs: set, *, udp: bool = False) -> dict[int, set[int]]:
+    """TCP ports in LISTEN state on one of ``addrs`` held by one of ``pids``: port -> inodes
+    (``udp``: UDP ports bound there, unconnected)."""
     inodes = _socket_inodes(pids)
     found: dict[int, set[int]] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    proto = "udp" if udp else "tcp"
+    state = "07" if udp else "0A"      # UDP: TCP_CLOSE (unconnected); TCP: LISTEN
+    for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
         try:
             with open(table) as f:
                 lines = f.readlines()[1:]
@@ -131,7 +134,7 @@ def listening(pids: Iterable[int], addrs: set) -> dict[int, set[int]]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 10 or fields[3] != "0A" or int(fields[9]) not in inodes:
+            if len(fields) < 10 or fields[3] != state or int(fields[9]) not in inodes:
                 continue
             ip, port = _decode_addr(fields[1])
             if ip in addrs:
@@ -298,6 +301,7 @@ class ProxyServer(DataServer):
             self.prepare()
             await self._install_config(self.render())
             self._warn_unenforced()
+            self._warn_udp()
             await self._spawn()
 
     async def _spawn(self) -> None:
@@ -432,6 +436,16 @@ class ProxyServer(DataServer):
                 setattr(cls, flag, True)
                 log.warning("the %s backend %s; use %s to enforce it", cls.kind, what, use)
 
+    def _warn_udp(self) -> None:
+        carriage = self.udp_carriage(self.spec)
+        if carriage == "withheld":
+            log.warning("session %s/%s: %s cannot encrypt datagrams and the WAN leg is encrypted: "
+                        "no UDP is carried (s2cs --udp-plaintext carries it in the clear)",
+                        self.spec.uid, self.spec.role, self.kind)
+        elif carriage == "plaintext":
+            log.warning("session %s/%s: UDP crosses the WAN IN THE CLEAR beside the encrypted TCP leg "
+                        "(--udp-plaintext)", self.spec.uid, self.spec.role)
+
     async def _install_config(self, text: str) -> None:
         """Validate ``text`` with the binary's config test, then make it the config."""
         tmp = self.conf_path.with_name(self.conf_path.name + ".new")
@@ -448,7 +462,10 @@ class ProxyServer(DataServer):
     def _missing_ports(self) -> set[int]:
         assert self.child is not None
         pids = group_members(self.child.pid) or [self.child.pid]
-        return set(self.spec.ports) - listening_ports(pids, self._addrs)
+        missing = set(self.spec.ports) - listening_ports(pids, self._addrs)
+        if self.carries_udp:
+            missing |= set(self.spec.ports) - set(listening(pids, self._addrs, udp=True))
+        return missing
 
     def _listening_in(self, pids: Iterable[int]) -> dict[int, set[int]]:
         """Our ports (-> socket inodes) that ``pids`` hold in LISTEN state."""

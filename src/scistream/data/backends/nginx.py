@@ -18,7 +18,12 @@ per port in the ``stream`` block, ``listen`` on ``spec.listen_host`` only.
   rate is divided by the number of listeners (one stream per listener).
 * Speed: 256 KiB proxy buffers (default 16 KiB; a third less CPU per GB on loopback,
   1 MiB gains nothing more); nginx's stream module has no splice.
-* Stats: from the stream access log (closed connections only).
+* UDP (``spec.udp``): beside each TCP ``server``, the original's ``listen PORT udp;
+  proxy_pass TARGET;`` (with ``reuseport``, so each source stays with one worker and
+  its one upstream socket; ``proxy_timeout`` the flow idle time). nginx cannot encrypt
+  datagrams: UDP is carried only where the WAN leg is plain, or in the clear beside an
+  encrypted TCP leg when the operator says so (``spec.udp_plaintext``; ``udp_carriage``).
+* Stats: from the stream access log (closed connections only; UDP flows once they idle out).
 * Cap (``spec.max_conns``): ``limit_conn`` on one shared-memory zone with a constant key
   (every listener, every worker); refused connections are ``REJECTED`` in the access log.
 
@@ -47,6 +52,7 @@ STREAM_MODULE = Path(os.environ.get("SCISTREAM_NGINX_STREAM_MODULE",
                                     "/usr/lib/nginx/modules/ngx_stream_module.so"))
 BUFFER = "256k"
 CONNS_ZONE = "s2ds_conns"   # limit_conn zone (and key) of the session's max_conns cap
+FLOWS_ZONE = "s2ds_flows"   # limit_conn zone (and key) of the session's UDP flow cap
 
 
 def stream_builtin(binary: str) -> bool:
@@ -68,6 +74,7 @@ class NginxServer(ProxyServer):
     env_var = "SCISTREAM_NGINX"
     shapes_rate = True
     caps_conns = True
+    udp_support = "plain"
 
     @classmethod
     def check_available(cls) -> None:
@@ -95,7 +102,7 @@ class NginxServer(ProxyServer):
             f"error_log {self.log_path} info;",
             f"events {{ worker_connections {max(1024, 8 * len(spec.ports))}; }}",
             "stream {",
-            "    log_format scistream '$bytes_received $bytes_sent $session_time $limit_conn_status';",
+            "    log_format scistream '$bytes_received $bytes_sent $session_time $limit_conn_status $protocol';",
             f"    access_log {self.access_log} scistream;",
             "    proxy_half_close on;",
             f"    proxy_connect_timeout {CONNECT_TIMEOUT_S}s;",
@@ -114,6 +121,12 @@ class NginxServer(ProxyServer):
         if spec.rate_kbps:
             per_conn = max(1, spec.rate_kbps * 1000 // 8 // len(spec.ports))
             lines += [f"    proxy_upload_rate {per_conn};", f"    proxy_download_rate {per_conn};"]
+        if self.carries_udp and spec.udp_max_flows:
+            # the UDP servers' own limit_conn (it replaces the stream level's there): the
+            # flows of the session, over every listener and worker
+            lines += [f"    limit_conn_zone {FLOWS_ZONE} zone={FLOWS_ZONE}:64k;"]
+            if not spec.max_conns:
+                lines += ["    limit_conn_log_level warn;"]
         listen_ssl = ""
         if self.creds is not None:
             c = self.creds
@@ -135,6 +148,15 @@ class NginxServer(ProxyServer):
             host = f"[{spec.listen_host}]" if ":" in spec.listen_host else spec.listen_host
             lines += [f"    server {{ listen {host}:{port}{listen_ssl} so_keepalive={self._so_keepalive()}; "
                       f"proxy_pass {target}; }}"]
+            if self.carries_udp:
+                # the original's "listen PORT udp; proxy_pass TARGET;"; reuseport: each worker
+                # its own socket, the kernel hashing each source to one of them, so a flow
+                # stays with one worker (one upstream socket: replies reach its sender)
+                lines += [f"    server {{ listen {host}:{port} udp reuseport rcvbuf=4m sndbuf=4m; proxy_pass {target}; "
+                          f"proxy_timeout {self.spec.udp_idle:g}s;"
+                          + (f" limit_conn {FLOWS_ZONE} {spec.udp_max_flows};" if spec.udp_max_flows else "")
+                          + (" proxy_ssl off;" if self.creds is not None and spec.role == "CONS" else "")
+                          + " }"]
         lines.append("}")
         return "\n".join(lines) + "\n"
 
@@ -174,8 +196,15 @@ class NginxServer(ProxyServer):
             with open(self.access_log) as f:
                 for line in f:
                     parts = line.split()
-                    if len(parts) >= 4 and parts[3] == "REJECTED":   # the max_conns cap
+                    udp = len(parts) >= 5 and parts[4] == "UDP"
+                    if len(parts) >= 4 and parts[3] == "REJECTED" and udp:   # the UDP flow cap
+                        stats.udp["drops_flow_limit"] = stats.udp.get("drops_flow_limit", 0) + 1
+                    elif len(parts) >= 4 and parts[3] == "REJECTED":   # the max_conns cap
                         stats.refused_connections += 1
+                    elif udp and parts[0].isdigit() and parts[1].isdigit():
+                        # an ended UDP flow (nginx logs it at its idle timeout)
+                        for k, v in (("bytes_in", int(parts[0])), ("bytes_out", int(parts[1])), ("total_flows", 1)):
+                            stats.udp[k] = stats.udp.get(k, 0) + v
                     elif len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
                         stats.bytes_in += int(parts[0])
                         stats.bytes_out += int(parts[1])

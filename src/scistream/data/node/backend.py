@@ -225,6 +225,7 @@ class NodeDataServer(DataServer):
     """One session (uid and role) in the node service."""
     kind = "Builtin"
     caps_conns = True
+    udp_support = "sealed"
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__(spec)
@@ -241,6 +242,8 @@ class NodeDataServer(DataServer):
             "max_conns": int(getattr(spec, "max_conns", 0) or 0),
             "wan_congestion": spec.wan_congestion,
         }
+        if self.carries_udp:
+            cfg.update(udp=True, udp_max_flows=spec.udp_max_flows, udp_idle=spec.udp_idle)
         if spec.wan_secret is not None:
             # the service derives the certificate and key and keeps them in memory: no file
             # (and no directory) is written for the session (1-2 ms of disk metadata an update)
@@ -326,8 +329,9 @@ class NodeDataServer(DataServer):
             if r.get("failure"):
                 at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(r.get("failure_at") or 0)))
                 failure = f"{at}: {r['failure']} ({r.get('failed_connections', 0)} connections failed so far)"
+            udp = {k[4:]: int(v) for k, v in r.items() if k.startswith("udp_")} if self.carries_udp else {}
             return Stats(r["bytes_in"], r["bytes_out"], r["connections"], r["total_connections"],
-                         int(r.get("refused_connections", 0)), failure=failure)
+                         int(r.get("refused_connections", 0)), failure=failure, udp=udp)
         return Stats()
 
     async def details(self) -> dict[str, Any]:

@@ -12,14 +12,16 @@ import math
 import socket
 from typing import Any
 
+from ..engine.udp import COUNTERS as UDP_COUNTERS, bind_udp
 from ..spec import resolve_target
 
 log = logging.getLogger(__name__)
 
 
-#: A session's counters, summed over its workers.
+#: A session's counters, summed over its workers (the UDP ones: ``engine.udp.COUNTERS``, as
+#: ``udp_``-prefixed keys).
 COUNTERS = ("bytes_in", "bytes_out", "connections", "total_connections", "failed_connections",
-            "refused_connections", "tls_resumed", "tls_sessions_kept")
+            "refused_connections", "tls_resumed", "tls_sessions_kept") + tuple(f"udp_{k}" for k in UDP_COUNTERS)
 
 
 def zero_counters() -> dict[str, int]:
@@ -50,10 +52,11 @@ class Entry:
     """A session as the service holds it: its config, listening sockets and placement."""
 
     def __init__(self, sid: str, cfg: dict, socks: list[socket.socket], placement: list[int],
-                 also: list[int | None] | None = None) -> None:
+                 also: list[int | None] | None = None, udp_socks: list[socket.socket] | None = None) -> None:
         self.sid = sid
         self.cfg = cfg
         self.socks = socks
+        self.udp_socks = udp_socks or []     # one per listener (cfg "udp"), at its home worker
         self.placement = placement            # the worker of each listener (its home)
         self.also = also or [None] * len(placement)   # the worker the home one hands to, if any
         self.base = zero_counters()                   # what workers that died had carried
@@ -73,8 +76,15 @@ class Entry:
         cap = int(cfg.get("max_conns") or 0)
         if cap:
             cfg["max_conns"] = max(1, math.ceil(cap * len(home) / len(self.placement)))
-        return ({"op": "add", "sid": self.sid, "cfg": cfg, "listeners": home, "home": bool(home)},
-                [self.socks[i].fileno() for i in home])
+        flows = int(cfg.get("udp_max_flows") or 0)
+        if flows:
+            cfg["udp_max_flows"] = max(1, math.ceil(flows * len(home) / len(self.placement)))
+        msg = {"op": "add", "sid": self.sid, "cfg": cfg, "listeners": home, "home": bool(home)}
+        fds = [self.socks[i].fileno() for i in home]
+        if self.udp_socks and home:      # after the TCP listeners' sockets
+            msg["udp"] = home
+            fds += [self.udp_socks[i].fileno() for i in home]
+        return msg, fds
 
     def partners(self, index: int) -> dict[str, int]:
         """The listeners at home on worker ``index`` that have a second worker, and that
@@ -87,9 +97,10 @@ class Entry:
         return [i for i in self.workers() if self.partners(i)]
 
     def close(self) -> None:
-        for s in self.socks:
+        for s in self.socks + self.udp_socks:
             s.close()
         self.socks = []
+        self.udp_socks = []
 
 
 def with_credentials(cfg: Any) -> Any:
@@ -115,6 +126,9 @@ def with_credentials(cfg: Any) -> Any:
     creds = wankeys.derive_credentials(secret, str(cfg.get("uid")), not_after=not_after)
     cfg.update(tls=True, cert_pem=creds.cert_pem.decode(), key_pem=creds.key_pem.decode(),
                ca_pem=creds.ca_pem.decode(), ticket_keys=wankeys.ticket_keys(secret).hex())
+    if cfg.get("udp"):     # the sealed UDP leg's master key (engine.udpseal)
+        from ..engine.udpseal import master_key
+        cfg["udp_key"] = master_key(secret).hex()
     return cfg
 
 
@@ -139,6 +153,19 @@ def check_cfg(cfg: Any) -> dict:
     except (KeyError, TypeError, ValueError) as exc:
         raise OpError(f"bad session configuration: {exc}") from None
     return {**cfg, "ports": ports, "targets": targets}
+
+
+def bind_udp_listeners(cfg: dict) -> list[socket.socket]:
+    """The session's UDP sockets, one per port, if it carries UDP (``cfg["udp"]``)."""
+    if not cfg.get("udp"):
+        return []
+    if cfg.get("tls") and not cfg.get("udp_key"):
+        # never datagrams in the clear beside an encrypted TCP leg: the key comes with wan_secret
+        raise OpError("udp beside a TLS WAN leg needs the session's wan_secret (its datagrams are sealed)")
+    try:
+        return bind_udp(str(cfg["listen_host"]), list(cfg["ports"]))
+    except OSError as exc:
+        raise OpError(str(exc.strerror or exc)) from None
 
 
 def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:

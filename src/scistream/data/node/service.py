@@ -59,8 +59,9 @@ Control socket: one JSON object per line in, one per line out, with the request'
     {"op": "handover", "to": PATH}          (a successor asks; see above)
 
 ``cfg`` is a session's half: uid, role,
-listen_host, ports, targets (addresses), rate_kbps, wan_secret (hex: a TLS WAN leg), keepalive, and
-``max_conns``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
+listen_host, ports, targets (addresses), rate_kbps, wan_secret (hex: a TLS WAN leg), keepalive,
+``max_conns``, and ``udp`` (true: a UDP socket beside each listener, ``engine.udp``; sealed with a
+key derived from wan_secret when there is one), ``udp_max_flows``, ``udp_idle``. Errors: ``{"ok": false, "error": "...", "code": "invalid" | "busy" |
 "unknown"}``; ``busy`` is worth a retry (a handover is under way).
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, send_frame, MAX_FDS
 from ..spec import resolve_target
-from .entry import (Entry, OpError, add_counters, bind_listeners, check_cfg, newest_failure, with_credentials,
+from .entry import (Entry, OpError, add_counters, bind_listeners, bind_udp_listeners, check_cfg, newest_failure, with_credentials,
                     zero_counters)
 from .workerproc import WorkerProc
 
@@ -177,7 +178,7 @@ class Node:
         for e in self.sessions.values():
             if w.index in e.workers():
                 seen = dict(e.seen.pop(w.index, None) or zero_counters())
-                seen["connections"] = 0
+                seen["connections"] = seen["udp_flows"] = 0
                 add_counters(e.base, seen)
         if w.index not in self.restarting:
             self.restarting.add(w.index)
@@ -361,7 +362,8 @@ class Node:
             return {"ok": True, "connections": out}
         if op == "config":
             e = self._entry(msg)
-            shown = {k: v for k, v in e.cfg.items() if k not in ("key_pem", "cert_pem", "ca_pem", "ticket_keys")}
+            shown = {k: v for k, v in e.cfg.items()
+                     if k not in ("key_pem", "cert_pem", "ca_pem", "ticket_keys", "udp_key")}
             return {"ok": True, "cfg": shown, "workers": e.placement, "also": e.also}
         if op == "list":
             return {"ok": True, "sessions": {sid: {"workers": e.workers(), "failed": e.failed}
@@ -411,7 +413,7 @@ class Node:
             if bad:
                 raise OpError(f"ports {bad} are outside this node's range "
                               f"{self.port_range.start}-{self.port_range.stop - 1}")
-        for k in ("cert_pem", "key_pem", "ca_pem", "ticket_keys"):
+        for k in ("cert_pem", "key_pem", "ca_pem", "ticket_keys", "udp_key"):
             cfg.pop(k, None)
         return cfg
 
@@ -427,15 +429,22 @@ class Node:
                 raise OpError(f"session {sid} exists with other ports {old.cfg['ports']}")
             await self.retarget(old, cfg["targets"])          # an add retried: same session
             return {"ok": True, "workers": old.placement}
-        e = self._enter(sid, cfg, bind_listeners(str(cfg["listen_host"]), cfg["ports"]))
+        socks = bind_listeners(str(cfg["listen_host"]), cfg["ports"])
+        try:
+            udp_socks = bind_udp_listeners(cfg)
+        except BaseException:
+            for x in socks:
+                x.close()
+            raise
+        e = self._enter(sid, cfg, socks, udp_socks)
         try:
             await self._install(e)
         except BaseException:
             await self.remove(sid)
             raise
-        log.info("session %s %s: listening on %s ports %s -> %s (workers %s)%s", sid, cfg["role"],
+        log.info("session %s %s: listening on %s ports %s -> %s (workers %s)%s%s", sid, cfg["role"],
                  cfg["listen_host"], cfg["ports"], cfg["targets"], e.placement,
-                 " (TLS WAN leg)" if cfg.get("tls") else "")
+                 " (TLS WAN leg)" if cfg.get("tls") else "", " (UDP too)" if udp_socks else "")
         return {"ok": True, "workers": e.placement}
 
     async def remove(self, sid: str) -> dict:
@@ -448,7 +457,7 @@ class Node:
         for i in e.placement:
             self.workers[i].listeners -= 1
         e.close()
-        total["connections"] = 0
+        total["connections"] = total["udp_flows"] = 0
         log.info("session %s removed: in %d, out %d bytes, %d connections", sid, total["bytes_in"],
                  total["bytes_out"], total["total_connections"])
         return {"ok": True, "stats": total}
@@ -503,7 +512,7 @@ class Node:
             r = replies[i]
             got = None if not r or isinstance(r, BaseException) else (r.get("stats") or {}).get(e.sid)
             if got is None:
-                got = {**e.seen.get(i, zero_counters()), "connections": 0}
+                got = {**e.seen.get(i, zero_counters()), "connections": 0, "udp_flows": 0}
             else:
                 e.seen[i] = got
             add_counters(total, got)
@@ -524,9 +533,10 @@ class Node:
             out.append(r)
         return out
 
-    def _enter(self, sid: str, cfg: dict, socks: list[socket.socket]) -> Entry:
+    def _enter(self, sid: str, cfg: dict, socks: list[socket.socket],
+               udp_socks: list[socket.socket] = ()) -> Entry:
         """A new session's entry, its listeners placed on the workers and counted there."""
-        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg))
+        e = Entry(sid, cfg, socks, *self._place(len(socks), cfg), udp_socks=list(udp_socks))
         for i in e.placement:
             self.workers[i].listeners += 1
         self.sessions[sid] = e
@@ -553,7 +563,9 @@ class Node:
         socks = [socket.socket(fileno=fd) for fd in fds]
         for s in socks:
             s.setblocking(False)
-        e = self._enter(info["sid"], info["cfg"], socks)
+        n_udp = int(info.get("udp") or 0)        # the UDP sockets come after the TCP listeners
+        udp_socks = socks[len(socks) - n_udp:] if n_udp else []
+        e = self._enter(info["sid"], info["cfg"], socks[:len(socks) - n_udp], udp_socks)
         e.base = {**zero_counters(), **(info.get("base") or {})}
         try:
             await self._install(e)
@@ -619,7 +631,7 @@ class Node:
         says it serves (``handover_done``), or carry on if it never does."""
         if self.handing_over:
             raise OpError("a handover is already under way", "busy")
-        wide = [e.sid for e in self.sessions.values() if len(e.socks) > MAX_FDS]
+        wide = [e.sid for e in self.sessions.values() if len(e.socks) + len(e.udp_socks) > MAX_FDS]
         if wide:
             raise OpError(f"sessions of more than {MAX_FDS} listeners cannot be handed over: {wide}")
         self.handing_over = True
@@ -635,8 +647,9 @@ class Node:
                     base = dict(e.base)
                     for seen in e.seen.values():
                         add_counters(base, seen)
-                    info = {"sid": e.sid, "cfg": e.cfg, "base": base}
-                    send_frame(sock, encode({"session": info, "nfds": len(e.socks)}), [s.fileno() for s in e.socks])
+                    info = {"sid": e.sid, "cfg": e.cfg, "base": base, "udp": len(e.udp_socks)}
+                    fds = [s.fileno() for s in e.socks + e.udp_socks]
+                    send_frame(sock, encode({"session": info, "nfds": len(fds)}), fds)
                 send_frame(sock, encode({"done": True}))
         except BaseException:
             self.handing_over = False

@@ -23,8 +23,9 @@ not given it its sessions back) waits up to ``HANDED_WAIT`` seconds for it.
 
 Messages from the service (``channel`` frames, each with an ``id`` echoed in the reply):
 
-    {"op": "add", "sid", "cfg", "listeners": [i, ..], "home": bool, "nfds": n}  + n listening
-        sockets, the listeners at home here (none for a worker that is only second)
+    {"op": "add", "sid", "cfg", "listeners": [i, ..], "home": bool, "udp": [i, ..], "nfds": n}
+        + n sockets: the listening sockets at home here (none for a worker that is only
+        second), then the UDP sockets of those listeners (``udp``, when the session carries UDP)
     {"op": "attach", "sid", "partners": {"i": worker}}   hand connections of listener i to
         that worker: the service sends it once the second workers carry the session
     {"op": "targets", "sid", "targets": [..]}      addresses, never names
@@ -63,6 +64,7 @@ from ..engine.conn import FAILURE_LOG, Conn, address_text, accept_one
 from ..engine.loop import DEFAULT_PIPE, EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
 from ..engine.tcpinfo import LegSampler
 from ..engine.tlsleg import tls_contexts
+from ..engine.udp import udp_relay
 from ..spec import keepalive_setting, resolve_target
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class Slice:
     """The listeners and connections of one session in this worker (an ``engine.conn.RelayContext``)."""
 
     def __init__(self, worker: "NodeWorker", sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]],
-                 *, home: bool = True) -> None:
+                 *, home: bool = True, udp: list[tuple[int, socket.socket]] | None = None) -> None:
         self.worker = worker
         self.sid = sid
         self.cfg = cfg
@@ -108,6 +110,8 @@ class Slice:
         for index, lsock in listeners:
             lsock.setblocking(False)
             self._watch(index, lsock)
+        #: the session's UDP here (engine.udp): its sockets of the listeners at home here, and their flows
+        self.udp = udp_relay(self.loop, sid, cfg, udp, lambda: self.targets, self.buckets) if udp else None
         if cfg.get("tls") and home:     # elsewhere: at the first connection, if one comes
             # Made a moment after the add is answered, off the update's path (0.7 ms of a
             # core: at once, it held the core the service and s2cs need to finish the update,
@@ -242,7 +246,8 @@ class Slice:
                 "total_connections": self.total, "failed_connections": self.failed,
                 "refused_connections": self.refused, "tls_resumed": self.resumed,
                 "tls_sessions_kept": self.sessions_kept, "failure_at": self.failure[0],
-                "failure": self.failure[1]}
+                "failure": self.failure[1],
+                **({f"udp_{k}": v for k, v in self.udp.counters().items()} if self.udp is not None else {})}
 
     def stop_accepting(self) -> None:
         """Close the session's listeners here; its connections go on."""
@@ -251,9 +256,13 @@ class Slice:
             lsock.close()
         self.listeners = []
         self.partners = {}
+        if self.udp is not None:
+            self.udp.quiesce()
 
     def close(self) -> dict[str, int]:
         self.stop_accepting()
+        if self.udp is not None:
+            self.udp.close()
         for conn in list(self.conns.values()):
             conn.close(reset=True)
         for b in self.buckets.values():
@@ -407,16 +416,18 @@ class NodeWorker:
             op = msg.get("op")
             if op == "add":
                 sid = msg["sid"]
-                listeners = list(zip([int(i) for i in msg["listeners"]], socks))
-                socks = []
+                tcp = [int(i) for i in msg["listeners"]]
+                listeners = list(zip(tcp, socks))
+                udp = list(zip([int(i) for i in msg.get("udp") or ()], socks[len(tcp):]))   # after the TCP ones
+                socks = socks[len(tcp) + len(udp):]
                 old = self.slices.pop(sid, None)
                 if old is not None:
                     old.close()
                 try:
                     self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
-                                             home=bool(msg.get("home", True)))
+                                             home=bool(msg.get("home", True)), udp=udp)
                 except BaseException:
-                    for _, s in listeners:
+                    for _, s in listeners + udp:
                         s.close()
                     raise
                 for index, sock, _ in self.waiting.pop(sid, ()):

@@ -1,0 +1,449 @@
+"""UDP on a session's ports in the built-in data server: listeners, flows, counters.
+
+Each port of a session has a UDP socket beside its TCP listener (``UdpRelay``: one per
+session in a worker, on the worker's own ``engine.loop.Loop``). A datagram from a source
+the listener has not seen opens a *flow*: a socket of its own, connected to the
+listener's target, so the next hop sees one source per flow and its replies, read from
+that socket, go back to the flow's source through the listener. The side that sends
+first opens the flow, as TCP's connecting side does.
+
+Flows are bounded per session (``max_flows``: a datagram that would open one more is
+dropped and counted) and end after ``idle`` seconds without a datagram either way (their
+socket closed). ``close()`` closes every socket: the listeners and the flows.
+
+The leg that crosses the WAN is sealed when the session has a WAN secret
+(``engine.udpseal``): on PROD the listener faces the WAN (datagrams are opened as they
+arrive and sealed as they go back), on CONS each flow's socket does (sealed towards the
+PROD gateway, opened as replies arrive). A datagram that does not open is dropped and
+counted by cause, never delivered; a flow on PROD is opened only by a datagram that opens.
+
+Direction names as the TCP counters: ``in`` is towards the producer (what the listener
+receives), ``out`` towards the consumer. The session's rate buckets (the TCP
+connections' too) police both: a datagram the bucket cannot pay for now is dropped and
+counted (``drops_rate``); UDP is not queued.
+
+    relay = UdpRelay(loop, [(0, sock)], targets, sid="u1/PROD", buckets={"in": None, "out": None},
+                     max_flows=256, idle=60.0, sealer=None, wan_side="listener")
+    relay.counters()     # {"datagrams_in": ..., "flows": ..., "drops_rate": ...}
+    relay.close()
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from typing import Any, Callable
+
+from .loop import EPOLLIN, Loop, Timer, TokenBucket
+
+log = logging.getLogger(__name__)
+
+#: Every UDP counter of a session (summed over its workers; ``flows`` is open now).
+COUNTERS = ("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "flows", "total_flows",
+            "flows_expired", "drops_flow_limit", "drops_rate", "drops_send", "drops_forged",
+            "drops_replayed", "drops_truncated", "drops_foreign", "drops_kernel", "over_mtu")
+#: Datagrams read per readiness event before the other sockets get their turn.
+BATCH = 64
+MAX_DATAGRAM = 65535
+
+
+def zero_counters() -> dict[str, int]:
+    return dict.fromkeys(COUNTERS, 0)
+
+
+def bind_udp(host: str, ports: list[int]) -> list[socket.socket]:
+    """One UDP socket bound on ``host`` per port (the TCP listeners' ports); OSError says
+    which port cannot be bound."""
+    socks: list[socket.socket] = []
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        for port in ports:
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.setblocking(False)
+            big_buffers(s)
+            try:
+                s.bind((host.strip("[]"), port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+#: The receive and send buffers asked for each UDP socket of a session (the kernel caps
+#: them at net.core.rmem_max / wmem_max): a burst waits there rather than being dropped
+#: while the worker serves other sockets; memory is taken only as datagrams queue.
+SOCKET_BUFFER = 4 << 20
+
+
+def big_buffers(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+#: /proc/net/udp{,6} read at most this often (seconds): one read serves every session's
+#: counters of a stats request.
+DROPS_FRESH = 0.5
+_drops: tuple[float, dict[int, int]] = (0.0, {})
+
+
+def _drops_by_inode() -> dict[int, int]:
+    global _drops
+    now = time.monotonic()
+    if now - _drops[0] < DROPS_FRESH:
+        return _drops[1]
+    table: dict[int, int] = {}
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 13:
+                        table[int(fields[9])] = int(fields[12])
+        except (OSError, ValueError):
+            pass
+    _drops = (now, table)
+    return table
+
+
+def kernel_drops(socks: list[socket.socket]) -> int:
+    """Datagrams the kernel dropped on these sockets (their receive buffer was full), from
+    /proc/net/udp{,6} (the ``drops`` column, by socket inode; read at most every DROPS_FRESH s)."""
+    import os
+    table = _drops_by_inode()
+    total = 0
+    for s in socks:
+        try:
+            total += table.get(os.fstat(s.fileno()).st_ino, 0)
+        except OSError:
+            pass
+    return total
+
+
+def try_pay(bucket: TokenBucket | None, n: int) -> bool:
+    """Take ``n`` bytes from the session's bucket now, or False (the datagram is dropped).
+    A datagram larger than the burst passes once the bucket is full (the debt is paid by
+    the time that follows), so no size is refused for ever."""
+    if bucket is None:
+        return True
+    bucket._refill()
+    if bucket.tokens >= min(n, bucket.burst):
+        bucket.tokens -= n
+        return True
+    return False
+
+
+class Flow:
+    __slots__ = ("key", "listener", "source", "sock", "last", "state", "mtu")
+
+    def __init__(self, key: tuple, listener: int, source: Any, sock: socket.socket) -> None:
+        self.key = key
+        self.listener = listener
+        self.source = source
+        self.sock = sock
+        self.last = time.monotonic()
+        self.state: Any = None       # the sealer's per-flow state (keys, counters, replay window)
+        self.mtu = 0                 # the path MTU of the flow's socket (sealed flows), 0: unknown
+
+
+#: UDP generic segmentation offload: a run of datagrams of one size to one destination
+#: leaves in one system call (the kernel cuts it into the datagrams), at most GSO_SEGMENTS
+#: of them and GSO_BYTES in all. SCISTREAM_UDP_GSO=0 turns it off.
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+GSO_SEGMENTS = 64
+GSO_BYTES = 60000
+GSO = os.environ.get("SCISTREAM_UDP_GSO", "1").strip() != "0"
+
+
+class Run:
+    """Datagrams read in one readiness event, on their way out: consecutive ones of one
+    size to one destination are sent together (``flush``), with UDP GSO where the kernel
+    takes it, else one by one; counted as they leave (``direction`` in or out, the bytes
+    before sealing)."""
+    __slots__ = ("relay", "direction", "sock", "addr", "parts", "plains", "size")
+
+    def __init__(self, relay: "UdpRelay", direction: str) -> None:
+        self.relay = relay
+        self.direction = direction
+        self.sock: socket.socket | None = None
+        self.addr: Any = None
+        self.parts: list[bytes] = []
+        self.plains: list[int] = []
+        self.size = 0
+
+    def add(self, sock: socket.socket, addr: Any, out: bytes, plain: int) -> None:
+        parts = self.parts
+        if parts and (sock is not self.sock or addr != self.addr or len(out) > self.size
+                      or len(parts) >= GSO_SEGMENTS or (len(parts) + 1) * self.size > GSO_BYTES
+                      or len(parts[-1]) < self.size):
+            self.flush()
+        if not parts:
+            self.sock, self.addr, self.size = sock, addr, len(out)
+        parts.append(out)
+        self.plains.append(plain)
+
+    def flush(self) -> None:
+        parts, plains = self.parts, self.plains
+        if not parts:
+            return
+        relay, c, sock, addr = self.relay, self.relay.c, self.sock, self.addr
+        assert sock is not None
+        sent, nbytes = 0, 0
+        if len(parts) > 1 and relay.gso:
+            cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.size))]
+            try:
+                if addr is None:
+                    sock.sendmsg([b"".join(parts)], cmsg)
+                else:
+                    sock.sendmsg([b"".join(parts)], cmsg, 0, addr)
+                sent, nbytes = len(parts), sum(plains)
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    relay.gso = False       # not here (a datagram over the MTU, an old kernel): one by one
+                    log.info("session %s: UDP GSO refused (%s); sending datagrams one by one", relay.sid, exc)
+                else:
+                    c["drops_send"] += len(parts)
+                    parts.clear()
+        if not sent:
+            for out, plain in zip(parts, plains):
+                try:
+                    if addr is None:
+                        sock.send(out)
+                    else:
+                        sock.sendto(out, addr)
+                except OSError:
+                    c["drops_send"] += 1
+                    continue
+                sent += 1
+                nbytes += plain
+        c[f"datagrams_{self.direction}"] += sent
+        c[f"bytes_{self.direction}"] += nbytes
+        parts.clear()
+        plains.clear()
+
+
+class UdpRelay:
+    """The UDP of one session in one worker: its listeners and their flows."""
+
+    def __init__(self, loop: Loop, listeners: list[tuple[int, socket.socket]], targets: Callable[[], list],
+                 *, sid: str, buckets: dict[str, TokenBucket | None], max_flows: int = 0, idle: float = 60.0,
+                 sealer: Any = None, wan_side: str = "listener") -> None:
+        self.loop = loop
+        self.sid = sid
+        self.listeners = dict(listeners)
+        self.targets = targets          # () -> [(family, sockaddr)], the session's current targets
+        self.buckets = buckets
+        self.max_flows = max_flows
+        self.idle = idle
+        self.sealer = sealer            # engine.udpseal.Sealer, or None: a plain WAN leg
+        self.wan_side = wan_side        # "listener" (PROD) or "flow" (CONS): which side is sealed
+        self.flows: dict[tuple, Flow] = {}
+        self.c = zero_counters()
+        self.gso = GSO                  # UDP GSO on the sends (off once the kernel refuses it)
+        self._sweep: Timer | None = None
+        for index, sock in self.listeners.items():
+            sock.setblocking(False)
+            loop.add(sock.fileno(), EPOLLIN, self._listener_handler(index, sock))
+
+    def _listener_handler(self, index: int, sock: socket.socket) -> Callable[[int], None]:
+        return lambda ev: self._from_source(index, sock)
+
+    # -- towards the producer: the listener's datagrams ------------------------
+    def _from_source(self, index: int, lsock: socket.socket) -> None:
+        c = self.c
+        flows = self.flows
+        bucket = self.buckets.get("in")
+        sealed_here = self.sealer is not None and self.wan_side == "listener"
+        run = Run(self, "in")
+        try:
+            for _ in range(BATCH):
+                try:
+                    data, src = lsock.recvfrom(MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:          # an ICMP error of an earlier reply: nothing to read
+                    continue
+                flow = flows.get((index, src))
+                if sealed_here:
+                    opened = self.sealer.open(flow.state if flow is not None else None, data, c)
+                    if opened is None:
+                        continue
+                    state, data = opened
+                if flow is None:
+                    flow = self._open_flow(index, src)
+                    if flow is None:
+                        continue
+                    if sealed_here:
+                        flow.state = state
+                if not try_pay(bucket, len(data)):
+                    c["drops_rate"] += 1
+                    continue
+                flow.last = time.monotonic()
+                out = data
+                if self.sealer is not None and self.wan_side == "flow":
+                    out = self.sealer.seal(flow, data, c)
+                    if out is None:
+                        continue
+                run.add(flow.sock, None, out, len(data))
+        finally:
+            run.flush()
+
+    def _open_flow(self, index: int, src: Any) -> Flow | None:
+        c = self.c
+        if self.max_flows and len(self.flows) >= self.max_flows:
+            c["drops_flow_limit"] += 1
+            return None
+        targets = self.targets()
+        family, addr = targets[index % len(targets)]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            big_buffers(sock)
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            c["drops_send"] += 1
+            log.info("session %s: cannot open a UDP flow from %s: %s", self.sid, src, exc)
+            return None
+        flow = Flow((index, src), index, src, sock)
+        if self.sealer is not None:
+            if self.wan_side == "flow":
+                flow.state = self.sealer.new_flow()
+                flow.mtu = path_mtu(sock)
+            else:
+                flow.mtu = route_mtu(self.listeners[index].family, src)
+        self.flows[flow.key] = flow
+        self.loop.add(sock.fileno(), EPOLLIN, lambda ev: self._from_target(flow))
+        c["total_flows"] += 1
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self._sweep_every(), self._expire)
+        return flow
+
+    # -- towards the consumer: replies on a flow's socket ----------------------
+    def _from_target(self, flow: Flow) -> None:
+        c = self.c
+        bucket = self.buckets.get("out")
+        lsock = self.listeners.get(flow.listener)
+        sock = flow.sock
+        run = Run(self, "out")
+        try:
+            for _ in range(BATCH):
+                try:
+                    data = sock.recv(MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:          # ICMP: the target is not there (yet); the flow stays
+                    continue
+                if self.sealer is not None and self.wan_side == "flow":
+                    opened = self.sealer.open(flow.state, data, c)
+                    if opened is None:
+                        continue
+                    data = opened[1]
+                if lsock is None:
+                    c["drops_send"] += 1
+                    continue
+                if not try_pay(bucket, len(data)):
+                    c["drops_rate"] += 1
+                    continue
+                flow.last = time.monotonic()
+                out = data
+                if self.sealer is not None and self.wan_side == "listener":
+                    out = self.sealer.seal(flow, data, c)
+                    if out is None:
+                        continue
+                run.add(lsock, flow.source, out, len(data))
+        finally:
+            run.flush()
+
+    # -- idle flows -------------------------------------------------------------
+    def _sweep_every(self) -> float:
+        return max(0.05, min(self.idle / 4, 5.0))
+
+    def _expire(self) -> None:
+        self._sweep = None
+        cutoff = time.monotonic() - self.idle
+        for flow in [f for f in self.flows.values() if f.last <= cutoff]:
+            self._close_flow(flow)
+            self.c["flows_expired"] += 1
+        if self.flows and self.listeners:
+            self._sweep = self.loop.call_later(self._sweep_every(), self._expire)
+
+    def _close_flow(self, flow: Flow) -> None:
+        self.flows.pop(flow.key, None)
+        if self.sealer is not None:
+            self.sealer.forget(flow.state)
+        self.loop.remove(flow.sock.fileno())
+        flow.sock.close()
+
+    # -- control ------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        # the kernel's drops on the listeners (a full receive buffer), never less than seen before
+        seen = kernel_drops(list(self.listeners.values()))
+        self.c["drops_kernel"] = max(self.c["drops_kernel"], seen)
+        return {**self.c, "flows": len(self.flows)}
+
+    def quiesce(self) -> None:
+        """Read the listeners no more (a successor reads them); the flows go on, their
+        replies still sent through the listeners."""
+        for sock in self.listeners.values():
+            self.loop.remove(sock.fileno())
+
+    def close(self) -> dict[str, int]:
+        """Close every flow and listener of the session here; the final counters."""
+        final = self.counters()
+        for flow in list(self.flows.values()):
+            self._close_flow(flow)
+        for sock in self.listeners.values():
+            self.loop.remove(sock.fileno())
+            sock.close()
+        self.listeners = {}
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        return {**final, "flows": 0}
+
+
+def udp_relay(loop: Loop, sid: str, cfg: dict, listeners: list[tuple[int, socket.socket]],
+              targets: Callable[[], list], buckets: dict[str, TokenBucket | None]) -> UdpRelay:
+    """The UDP of a session's slice in a worker, from its configuration: ``udp_max_flows``,
+    ``udp_idle``; sealed on the WAN leg when it has the session's UDP key (``udp_key``)."""
+    sealer = None
+    if cfg.get("udp_key"):
+        from .udpseal import REKEY_AFTER, Sealer
+        sealer = Sealer(bytes.fromhex(str(cfg["udp_key"])), role=str(cfg.get("role")),
+                        rekey_after=int(cfg.get("udp_rekey_after") or REKEY_AFTER))
+    return UdpRelay(loop, listeners, targets, sid=sid, buckets=buckets,
+                    max_flows=int(cfg.get("udp_max_flows") or 0), idle=float(cfg.get("udp_idle") or 60.0),
+                    sealer=sealer, wan_side="listener" if cfg.get("role") == "PROD" else "flow")
+
+
+def route_mtu(family: int, addr: Any) -> int:
+    """The path MTU towards ``addr`` (a connected probe socket; nothing is sent), 0 if unknown."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)
+            return path_mtu(probe)
+    except OSError:
+        return 0
+
+
+def path_mtu(sock: socket.socket) -> int:
+    """The path MTU the kernel knows for a connected socket (IP_MTU), 0 if it says none."""
+    opt = getattr(socket, "IP_MTU", 14)
+    try:
+        if sock.family == socket.AF_INET6:
+            return sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
+        return sock.getsockopt(socket.IPPROTO_IP, opt)
+    except OSError:
+        return 0
