@@ -1343,7 +1343,7 @@ static PyMethodDef UdpDir_methods[] = {
 };
 
 static PyMemberDef UdpDir_members[] = {
-    {"epoch", T_UINT, offsetof(UdpDir, epoch), READONLY, "the epoch of this direction's key"},
+    {"epoch", T_UINT, offsetof(UdpDir, epoch), 0, "the epoch of this direction's key"},
     {"counter", T_ULONGLONG, offsetof(UdpDir, counter), 0, "sending: the next counter"},
     {"top", T_LONGLONG, offsetof(UdpDir, top), 0, "receiving: the highest counter accepted (-1: none)"},
     {NULL, 0, 0, 0, NULL},
