@@ -240,7 +240,7 @@ class UdpRelay:
 
     def __init__(self, loop: Loop, listeners: list[tuple[int, socket.socket]], targets: Callable[[], list],
                  *, sid: str, buckets: dict[str, TokenBucket | None], max_flows: int = 0, idle: float = 60.0,
-                 sealer: Any = None, wan_side: str = "listener") -> None:
+                 sealer: Any = None, wan_side: str = "listener", compiled: bool | None = None) -> None:
         self.loop = loop
         self.sid = sid
         self.listeners = dict(listeners)
@@ -254,9 +254,12 @@ class UdpRelay:
         self.c = zero_counters()
         self.gso = GSO                  # UDP GSO on the sends (off once the kernel refuses it)
         # the compiled batches (engine.compiled: where the compiled pumps are chosen, and the
-        # sealer, if any, uses the compiled AEAD), else the Python path
-        from .compiled import pump
-        self.compiled: Any = pump if pump is not None and (sealer is None or getattr(sealer, "fast", False)) else None
+        # sealer, if any, uses the compiled AEAD), else the Python path; ``compiled`` True or
+        # False (tests): the compiled module where built, or the Python path, whatever was chosen
+        from . import compiled as _compiled
+        mod = _compiled.pump if compiled is None else _compiled.module if compiled else None
+        self.compiled: Any = mod if mod is not None and (sealer is None or getattr(sealer, "fast", False)) else None
+        self.given_back = 0             # datagrams the compiled path gave back to the Python path
         self.by_sa: dict[int, dict[bytes, Flow]] = {}   # the compiled path's flows: by listener, source sockaddr
         self._sweep: Timer | None = None
         for index, sock in self.listeners.items():
@@ -337,6 +340,7 @@ class UdpRelay:
         if bucket is not None:
             bucket.tokens = left
         if slow:
+            self.given_back += len(slow)
             run = Run(self, direction)
             try:
                 for src, sa, data in slow:
