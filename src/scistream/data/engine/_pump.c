@@ -1,5 +1,6 @@
 /* The hot paths of the built-in data server, compiled: a TLS leg's bytes after its handshake
- * (``Engine``), and a plain leg's copy (``Copier``), with no interpreter per chunk.
+ * (``Engine``), and a plain leg's copy (``Copier``), with no interpreter per chunk; and the
+ * UDP relay's batches with their AEAD (``udp_pass``, ``UdpDir``: see "UDP" below).
  *
  * ``tlsleg.TlsEnd`` makes the handshake with an ``ssl.SSLObject`` over two memory BIOs (its
  * bound, session resumption and certificate checks stay in Python). Once it is up,
@@ -1468,7 +1469,7 @@ static void udp_send_all(UdpSend *s, UdpOut *outs, int n) {
     int i = 0;
     while (i < n) {
         int j = i + 1, size = outs[i].n;
-        while (j < n && j - i < GSO_SEGMENTS && outs[j].fd == outs[i].fd && outs[j].destlen == outs[i].destlen &&
+        while (size > 0 && j < n && j - i < GSO_SEGMENTS && outs[j].fd == outs[i].fd && outs[j].destlen == outs[i].destlen &&
                (outs[i].dest == NULL || memcmp(outs[j].dest, outs[i].dest, outs[i].destlen) == 0) &&
                outs[j].n <= size && outs[j - 1].n == size && (j - i + 1) * size <= GSO_BYTES)
             j++;

@@ -17,6 +17,14 @@ arrive and sealed as they go back), on CONS each flow's socket does (sealed towa
 PROD gateway, opened as replies arrive). A datagram that does not open is dropped and
 counted by cause, never delivered; a flow on PROD is opened only by a datagram that opens.
 
+Where the compiled pumps are chosen (``engine.compiled``; not ``SCISTREAM_PUMPS=python``),
+a readiness event is one call of the compiled module (``_pump.udp_pass``): one
+``recvmmsg`` of up to 64 datagrams, each opened or sealed there (AES-256-GCM through
+libcrypto, udpseal's bytes, keys and replay rules: its ``UdpDir`` is the sealer's
+``Direction``), the rate paid, and the sends in runs (UDP GSO, else ``sendmmsg``). What
+it cannot finish (a source without a flow, another flow id, a new epoch, a rekey due) it
+gives back, in order, to the Python path below, which is also the whole path elsewhere.
+
 Direction names as the TCP counters: ``in`` is towards the producer (what the listener
 receives), ``out`` towards the consumer. The session's rate buckets (the TCP
 connections' too) police both: a datagram the bucket cannot pay for now is dropped and
@@ -186,7 +194,7 @@ class Run:
 
     def add(self, sock: socket.socket, addr: Any, out: bytes, plain: int) -> None:
         parts = self.parts
-        if parts and (sock is not self.sock or addr != self.addr or len(out) > self.size
+        if parts and (sock is not self.sock or addr != self.addr or len(out) > self.size or not self.size
                       or len(parts) >= GSO_SEGMENTS or (len(parts) + 1) * self.size > GSO_BYTES
                       or len(parts[-1]) < self.size):
             self.flush()
