@@ -273,3 +273,38 @@ async def test_gateways_on_the_compiled_and_the_python_path_carry_a_sealed_sessi
                     c = {k[4:]: v for k, v in (await stats(srv)).items() if k.startswith("udp_")}
                     assert c["flows"] == 2 and c["datagrams_in"] >= 120 and c["datagrams_out"] >= 120
                     assert not any(v for k, v in c.items() if k.startswith("drops_")), c
+
+
+def test_a_gro_run_is_split_and_each_datagram_opened_on_its_own():
+    """A GSO run of sealed datagrams reaches a compiled PROD relay's listener as one read
+    (UDP GRO, over loopback): each datagram in it is opened, delivered or dropped on its
+    own (one forged in the middle, one replayed), in order."""
+    ch = Chain(True, True)
+    a = _udp()
+    try:
+        a.sendto(b"first", ch.cons_l.getsockname())
+        ch.forward()
+        assert ch.app.recvfrom(100)[0] == b"first"
+        (cflow,) = ch.cons.flows.values()
+        sealer = ch.cons.sealer
+        wires = [sealer.seal_state(cflow.state, b"%04d" % i + bytes(996)) for i in range(12)]
+        forged = bytearray(wires[5])
+        forged[-1] ^= 1
+        wires[5] = bytes(forged)
+        wires[8] = wires[7]                    # a replay inside the run
+        size = len(wires[0])
+        cflow.sock.sendmsg([b"".join(wires)], [(socket.SOL_UDP, 103, struct.pack("=H", size))])
+        ch.prod._from_source(0, ch.prod_l)
+        got = []
+        ch.app.settimeout(0.5)
+        try:
+            while True:
+                got.append(ch.app.recvfrom(2000)[0][:4])
+        except TimeoutError:
+            pass
+        assert got == [b"%04d" % i for i in range(12) if i not in (5, 8)]
+        c = ch.prod.counters()
+        assert (c["drops_forged"], c["drops_replayed"], c["datagrams_in"]) == (1, 1, 11)
+    finally:
+        a.close()
+        ch.close()

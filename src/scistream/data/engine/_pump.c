@@ -1149,6 +1149,10 @@ static PyObject *same_libssl(PyObject *self, PyObject *args) {
 #define UDP_IP_UDP 28
 #define GSO_SEGMENTS 64
 #define GSO_BYTES 60000
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#define UDP_OUTS (UDP_BATCH * 128)   /* datagrams in one batch: GRO runs hold at most 64 (128) */
 
 typedef struct {
     PyObject_HEAD
@@ -1366,15 +1370,6 @@ static PyTypeObject UdpDirType = {
 /* The attribute names udp_pass reads (engine.udp.Flow, engine.udpseal.FlowKeys). */
 static PyObject *s_fd, *s_state, *s_mtu, *s_last, *s_sa, *s_flow_id, *s_send, *s_recv;
 
-/* One batch's buffers, per thread (pages are touched only as datagrams fill them). */
-typedef struct {
-    unsigned char *slots;                     /* UDP_BATCH slots of UDP_SLOT bytes */
-    struct mmsghdr msgs[UDP_BATCH];
-    struct iovec iov[UDP_BATCH];
-    struct sockaddr_storage names[UDP_BATCH];
-} UdpBatch;
-static __thread UdpBatch *udp_batch;
-
 /* What leaves: where, which bytes, and the plaintext length it counts for. */
 typedef struct {
     int fd;
@@ -1383,6 +1378,22 @@ typedef struct {
     unsigned char *p;
     int n, plain;
 } UdpOut;
+
+/* One batch's buffers, per thread (pages are touched only as datagrams fill them). A
+ * slot holds one datagram, or (UDP GRO) a run of them the kernel delivered together. */
+typedef struct {
+    unsigned char *slots;                     /* UDP_BATCH slots of UDP_SLOT bytes */
+    struct mmsghdr msgs[UDP_BATCH];
+    struct iovec iov[UDP_BATCH];
+    struct sockaddr_storage names[UDP_BATCH];
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl[UDP_BATCH];
+    UdpOut outs[UDP_OUTS];
+    PyObject *slowed[UDP_OUTS];               /* flows with a datagram given back (borrowed) */
+} UdpBatch;
+static __thread UdpBatch *udp_batch;
 
 enum { C_DGRAMS, C_BYTES, C_RATE, C_SEND, C_FORGED, C_REPLAYED, C_TRUNCATED, C_FOREIGN, C_MTU, C_N };
 
@@ -1552,10 +1563,11 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *slow = NULL, *nowf = NULL, *result = NULL;
     UdpSend s = {{0}, gso};
-    UdpOut outs[UDP_BATCH];
+    UdpOut *outs;
     int nout = 0;
-    PyObject *slowed[UDP_BATCH];     /* flows with a datagram given back in this batch (borrowed) */
+    PyObject **slowed;
     int nslowed = 0;
+    PyObject *msgkey = NULL;
     if (!PyDict_Check(counters) || (flows != Py_None && !PyDict_Check(flows)) || (flows == Py_None && fixed == Py_None) ||
         (mode != MODE_PLAIN && tag.len != 4)) {
         PyErr_SetString(PyExc_TypeError, "udp_pass: counters a dict, flows a dict or a flow, a 4-byte tag when sealed");
@@ -1573,6 +1585,8 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         }
     }
     UdpBatch *b = udp_batch;
+    outs = b->outs;
+    slowed = b->slowed;
     for (int i = 0; i < UDP_BATCH; i++) {
         b->iov[i].iov_base = b->slots + (size_t)i * UDP_SLOT + UDP_HEAD;
         b->iov[i].iov_len = UDP_MAX;
@@ -1581,6 +1595,8 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         b->msgs[i].msg_hdr.msg_iovlen = 1;
         b->msgs[i].msg_hdr.msg_name = &b->names[i];
         b->msgs[i].msg_hdr.msg_namelen = sizeof b->names[i];
+        b->msgs[i].msg_hdr.msg_control = b->ctl[i].buf;
+        b->msgs[i].msg_hdr.msg_controllen = sizeof b->ctl[i].buf;
     }
     int got;
     for (;;) {
@@ -1614,10 +1630,18 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
     PyObject *prev_key = NULL, *prev_flow = NULL;   /* the last datagram's source and flow (owned) */
     for (int i = 0; i < got; i++) {
         unsigned char *slot = b->slots + (size_t)i * UDP_SLOT;
-        unsigned char *p = slot + UDP_HEAD;
-        int n = (int)b->msgs[i].msg_len;
+        int total = (int)b->msgs[i].msg_len;
         if (b->msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
             continue;                            /* over 65535: cannot be */
+        int segsize = total;                     /* UDP GRO: datagrams of segsize bytes (the last shorter) */
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&b->msgs[i].msg_hdr); cm != NULL;
+             cm = CMSG_NXTHDR(&b->msgs[i].msg_hdr, cm))
+            if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO) {
+                int v;
+                memcpy(&v, CMSG_DATA(cm), sizeof v);
+                if (v > 0 && v < total)
+                    segsize = v;
+            }
         socklen_t nl = b->msgs[i].msg_hdr.msg_namelen;
         PyObject *flow;
         PyObject *key = NULL;
@@ -1647,6 +1671,15 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         } else {
             flow = fixed;
         }
+        msgkey = key;
+        key = NULL;
+        int nseg = total == 0 ? 1 : (total + segsize - 1) / segsize;
+        for (int sg = 0; sg < nseg; sg++) {
+        int whole = nseg == 1;
+        unsigned char *p = slot + UDP_HEAD + (size_t)sg * (size_t)segsize;
+        int n = total - sg * segsize < segsize ? total - sg * segsize : segsize;
+        key = msgkey;
+        Py_XINCREF(key);
         /* checks that need no flow: as udpseal's open, first */
         if (mode == MODE_OPEN) {
             if (n < UDP_OVERHEAD || p[0] != UDP_VERSION) {
@@ -1660,7 +1693,7 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
                 continue;
             }
         }
-        int fast = flow != NULL;
+        int fast = flow != NULL && nout < UDP_OUTS && (whole || mode != MODE_SEAL);
         for (int k = 0; fast && k < nslowed; k++)
             if (slowed[k] == flow)
                 fast = 0;
@@ -1685,7 +1718,7 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         }
         if (!fast) {
             Py_XDECREF(state);
-            if (flow != NULL && nslowed < UDP_BATCH)
+            if (flow != NULL && nslowed < UDP_OUTS)
                 slowed[nslowed++] = flow;
             PyObject *src = udp_source(&b->names[i]);
             PyObject *sa = key != NULL ? key : PyBytes_FromStringAndSize((const char *)&b->names[i], nl);
@@ -1792,10 +1825,14 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         Py_XDECREF(state);
         Py_XDECREF(key);
     loop_error:
+        Py_XDECREF(msgkey);
         Py_XDECREF(prev_key);
         Py_XDECREF(prev_flow);
         Py_XDECREF(fixed_sa);
         goto done;
+        }
+        Py_XDECREF(msgkey);
+        msgkey = NULL;
     }
     Py_XDECREF(prev_key);
     Py_XDECREF(prev_flow);

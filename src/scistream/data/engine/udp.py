@@ -174,6 +174,10 @@ SOL_UDP = getattr(socket, "SOL_UDP", 17)
 GSO_SEGMENTS = 64
 GSO_BYTES = 60000
 GSO = os.environ.get("SCISTREAM_UDP_GSO", "1").strip() != "0"
+#: UDP generic receive offload on the compiled path's sockets (``UdpRelay._gro``);
+#: SCISTREAM_UDP_GRO=0 turns it off.
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+GRO = os.environ.get("SCISTREAM_UDP_GRO", "1").strip() != "0"
 
 
 class Run:
@@ -272,7 +276,20 @@ class UdpRelay:
         self._sweep: Timer | None = None
         for index, sock in self.listeners.items():
             sock.setblocking(False)
+            self._gro(sock, sealed_side=wan_side == "listener")
             loop.add(sock.fileno(), EPOLLIN, self._listener_handler(index, sock))
+
+    def _gro(self, sock: socket.socket, *, sealed_side: bool) -> None:
+        """UDP GRO on a socket the compiled path reads where its datagrams need no room added
+        around them (opened, or plain): the kernel may then hand over a run of datagrams of
+        one size in one read (over loopback, a GSO run as it was sent), which the compiled
+        path splits. Off elsewhere, and always off for the Python path (it reads one
+        datagram a read), also on a listener a successor inherits."""
+        on = self.compiled is not None and GRO and (self.sealer is None or sealed_side)
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, int(on))
+        except OSError:
+            pass
 
     def _listener_handler(self, index: int, sock: socket.socket) -> Callable[[int], None]:
         return lambda ev: self._from_source(index, sock)
@@ -370,6 +387,7 @@ class UdpRelay:
         try:
             sock.setblocking(False)
             big_buffers(sock)
+            self._gro(sock, sealed_side=self.wan_side == "flow")
             sock.connect(addr)
         except OSError as exc:
             sock.close()
