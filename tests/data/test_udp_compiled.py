@@ -308,3 +308,48 @@ def test_a_gro_run_is_split_and_each_datagram_opened_on_its_own():
     finally:
         a.close()
         ch.close()
+
+
+@pytest.mark.parametrize("compiled_path", [True, False])
+def test_a_plain_relay_over_ipv6(compiled_path):
+    """A plain (unsealed) relay on ::1, compiled or Python: datagrams through, replies back to
+    their sender (the compiled path's IPv6 sockaddr as key and as reply address)."""
+    def udp6() -> socket.socket:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.bind(("::1", 0))
+        s.settimeout(5)
+        return s
+    try:
+        app, lsock, a = udp6(), udp6(), udp6()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    loop = Loop()
+    lsock.setblocking(False)
+    app_addr = app.getsockname()
+    relay = UdpRelay(loop, [(0, lsock)], lambda: [(socket.AF_INET6, app_addr)], sid="t6",
+                     buckets={"in": None, "out": None}, compiled=compiled_path)
+    try:
+        assert (relay.compiled is not None) == compiled_path
+        for rnd in range(3):
+            sent = [b"%d-%d" % (rnd, i) + bytes(i) for i in range(30)]
+            for d in sent:
+                a.sendto(d, lsock.getsockname())
+            relay._from_source(0, lsock)
+            got = []
+            for _ in sent:
+                d, src = app.recvfrom(2000)
+                got.append(d)
+                app.sendto(b"re" + d, src)
+            assert got == sent
+            (flow,) = relay.flows.values()
+            relay._from_target(flow)
+            assert [a.recv(2000) for _ in sent] == [b"re" + d for d in sent]
+        c = relay.counters()
+        assert c["datagrams_in"] == c["datagrams_out"] == 90 and c["flows"] == 1
+        if compiled_path:
+            assert flow.source == a.getsockname() and relay.given_back == 30   # the first batch: a new source
+    finally:
+        relay.close()
+        loop.close()
+        app.close()
+        a.close()
