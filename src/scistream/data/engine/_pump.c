@@ -1,5 +1,6 @@
 /* The hot paths of the built-in data server, compiled: a TLS leg's bytes after its handshake
- * (``Engine``), and a plain leg's copy (``Copier``), with no interpreter per chunk.
+ * (``Engine``), and a plain leg's copy (``Copier``), with no interpreter per chunk; and the
+ * UDP relay's batches with their AEAD (``udp_pass``, ``UdpDir``: see "UDP" below).
  *
  * ``tlsleg.TlsEnd`` makes the handshake with an ``ssl.SSLObject`` over two memory BIOs (its
  * bound, session resumption and certificate checks stay in Python). Once it is up,
@@ -1108,6 +1109,766 @@ static PyObject *same_libssl(PyObject *self, PyObject *args) {
     return Py_BuildValue("(OK)", same ? Py_True : Py_False, (unsigned long long)OpenSSL_version_num());
 }
 
+/* ---- UDP: the built-in type's datagram relay (``engine.udp``), batched, and its AEAD ------
+ *
+ * ``UdpDir(key, epoch, sending)``: one direction of one flow of ``engine.udpseal`` (AES-256-GCM
+ * through libcrypto's EVP, the key schedule made once): the sending counter, or the
+ * receiving replay window (``WINDOW`` counters, a ring of bits: counter c at bit c mod
+ * WINDOW). udpseal's Sealer uses it as its Python ``Direction`` (same methods), so a
+ * compiled and a Python gateway speak the same bytes.
+ *
+ *     d.seal(head, ctr, data) -> ciphertext + tag      d.open(head, ctr, body) -> plain or None
+ *     d.replayed(ctr) -> bool                          d.accept(ctr)
+ *
+ * ``udp_pass(...)``: what ``UdpRelay`` does for one readiness event of one UDP socket,
+ * with one ``recvmmsg`` (up to UDP_BATCH datagrams) and the sends in runs (UDP GSO: one
+ * ``sendmsg`` a run; else ``sendmmsg``). Datagrams it cannot finish here (a source with no
+ * flow yet, another flow id, a new epoch, a rekey due) are given back, in order, for the
+ * Python path; once a flow has one given back, the rest of its datagrams in the batch are
+ * too, so a flow's datagrams keep their order and its state moves as in Python. */
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <openssl/evp.h>
+#include <stdint.h>
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#define UDP_BATCH 64
+#define UDP_HEAD 23              /* version(1) tag(4) flow id(8) epoch(2) counter(8) */
+#define UDP_TAG 16
+#define UDP_OVERHEAD (UDP_HEAD + UDP_TAG)
+#define UDP_MAX 65535
+#define UDP_SLOT (UDP_HEAD + UDP_MAX + UDP_TAG + 8)
+#define UDP_WINDOW 4096
+#define UDP_WORDS (UDP_WINDOW / 64)
+#define UDP_VERSION 1
+#define UDP_IP_UDP 28
+#define GSO_SEGMENTS 64
+#define GSO_BYTES 60000
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#define UDP_OUTS (UDP_BATCH * 128)   /* datagrams in one batch: GRO runs hold at most 64 (128) */
+
+typedef struct {
+    PyObject_HEAD
+    EVP_CIPHER_CTX *ctx;
+    int sending;
+    unsigned int epoch;
+    unsigned long long counter;  /* sending: the next counter */
+    long long top;               /* receiving: the highest counter accepted, -1: none */
+    uint64_t seen[UDP_WORDS];
+} UdpDir;
+
+static PyTypeObject UdpDirType;
+
+static int UdpDir_init(UdpDir *d, PyObject *args, PyObject *kw) {
+    static char *names[] = {"key", "epoch", "sending", NULL};
+    Py_buffer key;
+    unsigned int epoch;
+    int sending;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*Ip", names, &key, &epoch, &sending))
+        return -1;
+    if (key.len != 32) {
+        PyBuffer_Release(&key);
+        PyErr_SetString(PyExc_ValueError, "UdpDir: the key is 32 bytes");
+        return -1;
+    }
+    if (d->ctx == NULL)
+        d->ctx = EVP_CIPHER_CTX_new();
+    int ok = d->ctx != NULL &&
+             (sending ? EVP_EncryptInit_ex(d->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL)
+                      : EVP_DecryptInit_ex(d->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL)) == 1;
+    PyBuffer_Release(&key);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "UdpDir: libcrypto refused AES-256-GCM");
+        return -1;
+    }
+    d->sending = sending;
+    d->epoch = epoch & 0xFFFF;
+    d->counter = 0;
+    d->top = -1;
+    memset(d->seen, 0, sizeof d->seen);
+    return 0;
+}
+
+static void UdpDir_dealloc(UdpDir *d) {
+    if (d->ctx != NULL)
+        EVP_CIPHER_CTX_free(d->ctx);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+static void udp_iv(unsigned char iv[12], unsigned long long ctr) {
+    memset(iv, 0, 4);
+    for (int i = 0; i < 8; i++)
+        iv[4 + i] = (unsigned char)(ctr >> (56 - 8 * i));
+}
+
+/* Seal n bytes at p in place, the tag written at p + n. 1: done. */
+static int dir_seal(UdpDir *d, const unsigned char *head, unsigned long long ctr, unsigned char *p, int n) {
+    unsigned char iv[12];
+    int len;
+    udp_iv(iv, ctr);
+    if (EVP_EncryptInit_ex(d->ctx, NULL, NULL, NULL, iv) != 1 ||
+        EVP_EncryptUpdate(d->ctx, NULL, &len, head, UDP_HEAD) != 1)
+        return 0;
+    if (n > 0 && EVP_EncryptUpdate(d->ctx, p, &len, p, n) != 1)
+        return 0;
+    if (EVP_EncryptFinal_ex(d->ctx, p + n, &len) != 1)
+        return 0;
+    return EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_GCM_GET_TAG, UDP_TAG, p + n) == 1;
+}
+
+/* Open n bytes of ciphertext at p (its tag at p + n) in place. 1: it authenticated. */
+static int dir_open(UdpDir *d, const unsigned char *head, unsigned long long ctr, unsigned char *p, int n) {
+    unsigned char iv[12];
+    int len;
+    udp_iv(iv, ctr);
+    if (EVP_DecryptInit_ex(d->ctx, NULL, NULL, NULL, iv) != 1 ||
+        EVP_DecryptUpdate(d->ctx, NULL, &len, head, UDP_HEAD) != 1)
+        return 0;
+    if (n > 0 && EVP_DecryptUpdate(d->ctx, p, &len, p, n) != 1)
+        return 0;
+    if (EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_GCM_SET_TAG, UDP_TAG, p + n) != 1)
+        return 0;
+    return EVP_DecryptFinal_ex(d->ctx, p + n, &len) == 1;
+}
+
+static int bit_get(const UdpDir *d, unsigned long long c) {
+    unsigned int i = (unsigned int)(c % UDP_WINDOW);
+    return (int)(d->seen[i / 64] >> (i % 64) & 1);
+}
+
+static void bit_set(UdpDir *d, unsigned long long c) {
+    unsigned int i = (unsigned int)(c % UDP_WINDOW);
+    d->seen[i / 64] |= (uint64_t)1 << (i % 64);
+}
+
+static void bit_clear(UdpDir *d, unsigned long long c) {
+    unsigned int i = (unsigned int)(c % UDP_WINDOW);
+    d->seen[i / 64] &= ~((uint64_t)1 << (i % 64));
+}
+
+/* As udpseal: older than the window, or seen in it. */
+static int dir_replayed(const UdpDir *d, unsigned long long ctr) {
+    if (d->top < 0)
+        return 0;
+    unsigned long long top = (unsigned long long)d->top;
+    if (top >= UDP_WINDOW && ctr <= top - UDP_WINDOW)
+        return 1;
+    return ctr <= top && bit_get(d, ctr);
+}
+
+static void dir_accept(UdpDir *d, unsigned long long ctr) {
+    if (d->top < 0 || ctr > (unsigned long long)d->top) {
+        unsigned long long from = d->top < 0 ? 0 : (unsigned long long)d->top + 1;
+        if (d->top < 0 || ctr - from >= UDP_WINDOW)
+            memset(d->seen, 0, sizeof d->seen);
+        else
+            for (unsigned long long c = from; c < ctr; c++)
+                bit_clear(d, c);
+        d->top = (long long)ctr;
+    }
+    bit_set(d, ctr);
+}
+
+static PyObject *UdpDir_seal(UdpDir *d, PyObject *args) {
+    Py_buffer head, data;
+    unsigned long long ctr;
+    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &data))
+        return NULL;
+    PyObject *out = NULL;
+    if (!d->sending || head.len != UDP_HEAD || data.len > UDP_MAX) {
+        PyErr_SetString(PyExc_ValueError, "UdpDir.seal: a sending direction, a 23-byte header, at most 65535 bytes");
+    } else if ((out = PyBytes_FromStringAndSize(NULL, data.len + UDP_TAG)) != NULL) {
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+        memcpy(p, data.buf, data.len);
+        if (!dir_seal(d, head.buf, ctr, p, (int)data.len)) {
+            Py_CLEAR(out);
+            PyErr_SetString(PyExc_RuntimeError, "UdpDir.seal: libcrypto failed");
+        }
+    }
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+static PyObject *UdpDir_open(UdpDir *d, PyObject *args) {
+    Py_buffer head, body;
+    unsigned long long ctr;
+    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &body))
+        return NULL;
+    PyObject *out = NULL;
+    if (d->sending || head.len != UDP_HEAD || body.len > UDP_MAX + UDP_TAG) {
+        PyErr_SetString(PyExc_ValueError, "UdpDir.open: a receiving direction, a 23-byte header");
+    } else if (body.len < UDP_TAG) {
+        out = Py_None;
+        Py_INCREF(out);
+    } else if ((out = PyBytes_FromStringAndSize(NULL, body.len)) != NULL) {
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+        memcpy(p, body.buf, body.len);
+        if (!dir_open(d, head.buf, ctr, p, (int)(body.len - UDP_TAG))) {
+            Py_DECREF(out);
+            out = Py_None;
+            Py_INCREF(out);
+        } else if (_PyBytes_Resize(&out, body.len - UDP_TAG) < 0) {
+            out = NULL;
+        }
+    }
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&body);
+    return out;
+}
+
+static PyObject *UdpDir_replayed(UdpDir *d, PyObject *arg) {
+    unsigned long long ctr = PyLong_AsUnsignedLongLong(arg);
+    if (ctr == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(dir_replayed(d, ctr));
+}
+
+static PyObject *UdpDir_accept(UdpDir *d, PyObject *arg) {
+    unsigned long long ctr = PyLong_AsUnsignedLongLong(arg);
+    if (ctr == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    dir_accept(d, ctr);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef UdpDir_methods[] = {
+    {"seal", (PyCFunction)UdpDir_seal, METH_VARARGS, "seal(head, ctr, data) -> ciphertext + tag"},
+    {"open", (PyCFunction)UdpDir_open, METH_VARARGS, "open(head, ctr, body) -> plaintext, or None if it does not authenticate"},
+    {"replayed", (PyCFunction)UdpDir_replayed, METH_O, "replayed(ctr): older than the window or seen in it"},
+    {"accept", (PyCFunction)UdpDir_accept, METH_O, "accept(ctr): an authenticated counter moves the window"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef UdpDir_members[] = {
+    {"epoch", T_UINT, offsetof(UdpDir, epoch), 0, "the epoch of this direction's key"},
+    {"counter", T_ULONGLONG, offsetof(UdpDir, counter), 0, "sending: the next counter"},
+    {"top", T_LONGLONG, offsetof(UdpDir, top), 0, "receiving: the highest counter accepted (-1: none)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject UdpDirType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "scistream.data.engine._pump.UdpDir",
+    .tp_basicsize = sizeof(UdpDir),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "UdpDir(key, epoch, sending): one direction of a sealed UDP flow (AES-256-GCM)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)UdpDir_init,
+    .tp_dealloc = (destructor)UdpDir_dealloc,
+    .tp_methods = UdpDir_methods,
+    .tp_members = UdpDir_members,
+};
+
+/* The attribute names udp_pass reads (engine.udp.Flow, engine.udpseal.FlowKeys). */
+static PyObject *s_fd, *s_state, *s_mtu, *s_last, *s_sa, *s_flow_id, *s_send, *s_recv;
+
+/* What leaves: where, which bytes, and the plaintext length it counts for. */
+typedef struct {
+    int fd;
+    const struct sockaddr *dest;
+    socklen_t destlen;
+    unsigned char *p;
+    int n, plain;
+} UdpOut;
+
+/* One batch's buffers, per thread (pages are touched only as datagrams fill them). A
+ * slot holds one datagram, or (UDP GRO) a run of them the kernel delivered together. */
+typedef struct {
+    unsigned char *slots;                     /* UDP_BATCH slots of UDP_SLOT bytes */
+    struct mmsghdr msgs[UDP_BATCH];
+    struct iovec iov[UDP_BATCH];
+    struct sockaddr_storage names[UDP_BATCH];
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl[UDP_BATCH];
+    UdpOut outs[UDP_OUTS];
+    PyObject *slowed[UDP_OUTS];               /* flows with a datagram given back (borrowed) */
+} UdpBatch;
+static __thread UdpBatch *udp_batch;
+
+enum { C_DGRAMS, C_BYTES, C_RATE, C_SEND, C_FORGED, C_REPLAYED, C_TRUNCATED, C_FOREIGN, C_MTU, C_N };
+
+typedef struct {
+    unsigned long long c[C_N];
+    int gso;
+} UdpSend;
+
+static int udp_is_gso_refusal(int e) {
+    return e == EINVAL || e == EIO || e == ENOPROTOOPT || e == EOPNOTSUPP;
+}
+
+/* Send outs[0..n) (one destination, segments of one size but the last): one sendmsg with
+ * UDP GSO, else sendmmsg one datagram each. */
+static void udp_send_run(UdpSend *s, UdpOut *outs, int n) {
+    struct iovec iov[GSO_SEGMENTS];
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = outs[i].p;
+        iov[i].iov_len = (size_t)outs[i].n;
+    }
+    if (n > 1 && s->gso) {
+        union {
+            char buf[CMSG_SPACE(sizeof(uint16_t))];
+            struct cmsghdr align;
+        } ctl;
+        memset(&ctl, 0, sizeof ctl);
+        struct msghdr m = {0};
+        m.msg_name = (void *)outs[0].dest;
+        m.msg_namelen = outs[0].destlen;
+        m.msg_iov = iov;
+        m.msg_iovlen = (size_t)n;
+        m.msg_control = ctl.buf;
+        m.msg_controllen = sizeof ctl.buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+        cm->cmsg_level = SOL_UDP;
+        cm->cmsg_type = UDP_SEGMENT;
+        cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t size = (uint16_t)outs[0].n;
+        memcpy(CMSG_DATA(cm), &size, sizeof size);
+        ssize_t r;
+        do
+            r = sendmsg(outs[0].fd, &m, MSG_NOSIGNAL);
+        while (r < 0 && errno == EINTR);
+        if (r >= 0) {
+            s->c[C_DGRAMS] += (unsigned long long)n;
+            for (int i = 0; i < n; i++)
+                s->c[C_BYTES] += (unsigned long long)outs[i].plain;
+            return;
+        }
+        if (!udp_is_gso_refusal(errno)) {
+            s->c[C_SEND] += (unsigned long long)n;
+            return;
+        }
+        s->gso = 0;              /* not here: one by one, now and from now on */
+    }
+    struct mmsghdr mm[GSO_SEGMENTS];
+    memset(mm, 0, sizeof(mm[0]) * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        mm[i].msg_hdr.msg_name = (void *)outs[i].dest;
+        mm[i].msg_hdr.msg_namelen = outs[i].destlen;
+        mm[i].msg_hdr.msg_iov = &iov[i];
+        mm[i].msg_hdr.msg_iovlen = 1;
+    }
+    int k = 0;
+    while (k < n) {
+        int r = sendmmsg(outs[0].fd, mm + k, (unsigned int)(n - k), MSG_NOSIGNAL);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            s->c[C_SEND]++;      /* this one failed: the next ones may go */
+            k++;
+            continue;
+        }
+        for (int i = k; i < k + r; i++) {
+            s->c[C_DGRAMS]++;
+            s->c[C_BYTES] += (unsigned long long)outs[i].plain;
+        }
+        k += r;
+    }
+}
+
+/* The outs in runs, as engine.udp.Run groups them. */
+static void udp_send_all(UdpSend *s, UdpOut *outs, int n) {
+    int i = 0;
+    while (i < n) {
+        int j = i + 1, size = outs[i].n;
+        while (size > 0 && j < n && j - i < GSO_SEGMENTS && outs[j].fd == outs[i].fd && outs[j].destlen == outs[i].destlen &&
+               (outs[i].dest == NULL || memcmp(outs[j].dest, outs[i].dest, outs[i].destlen) == 0) &&
+               outs[j].n <= size && outs[j - 1].n == size && (j - i + 1) * size <= GSO_BYTES)
+            j++;
+        udp_send_run(s, outs + i, j - i);
+        i = j;
+    }
+}
+
+static long long get_ll(PyObject *o, PyObject *name, int *err) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) {
+        *err = 1;
+        return 0;
+    }
+    long long x = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred())
+        *err = 1;
+    return x;
+}
+
+/* A flow's keys' direction (send or recv), borrowed-through-owner: NULL if none (or not ours). */
+static UdpDir *flow_dir(PyObject *state, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(state, name);
+    if (v == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(v, &UdpDirType)) {
+        Py_DECREF(v);
+        return NULL;
+    }
+    Py_DECREF(v);                /* the state holds it for the call */
+    return (UdpDir *)v;
+}
+
+static int flow_id_is(PyObject *state, const unsigned char *id) {
+    PyObject *v = PyObject_GetAttr(state, s_flow_id);
+    if (v == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int same = PyBytes_Check(v) && PyBytes_GET_SIZE(v) == 8 && memcmp(PyBytes_AS_STRING(v), id, 8) == 0;
+    Py_DECREF(v);
+    return same;
+}
+
+static PyObject *udp_source(const struct sockaddr_storage *ss) {
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo), a->sin6_scope_id);
+    }
+    const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+}
+
+#define MODE_PLAIN 0
+#define MODE_OPEN 1
+#define MODE_SEAL 2
+
+/* udp_pass(fd, flows, flow, mode, out_fd, counters, direction, tokens, burst, tag, rekey_after, now, gso)
+ *   -> (slow, tokens, gso)
+ * fd: the socket read (a listener, or a flow's socket). flows: a listener's {source
+ * sockaddr bytes: Flow} (each out through its flow's connected socket ``fd``), or None and
+ * ``flow`` the one flow whose socket fd is (out through out_fd, to ``flow.sa``). mode: what
+ * the datagrams read need (0 plain, 1 open, 2 seal). tokens < 0: no rate. slow: the datagrams
+ * for the Python path, [(source, sockaddr bytes, data)]. */
+static PyObject *udp_pass(PyObject *self, PyObject *args) {
+    int fd, mode, out_fd, gso;
+    PyObject *flows, *fixed, *counters;
+    const char *direction;
+    double tokens, burst, now;
+    Py_buffer tag;
+    unsigned long long rekey_after;
+    if (!PyArg_ParseTuple(args, "iOOiiOsddy*Kdp", &fd, &flows, &fixed, &mode, &out_fd, &counters, &direction,
+                          &tokens, &burst, &tag, &rekey_after, &now, &gso))
+        return NULL;
+    PyObject *slow = NULL, *nowf = NULL, *result = NULL;
+    UdpSend s = {{0}, gso};
+    UdpOut *outs;
+    int nout = 0;
+    PyObject **slowed;
+    int nslowed = 0;
+    PyObject *msgkey = NULL;
+    if (!PyDict_Check(counters) || (flows != Py_None && !PyDict_Check(flows)) || (flows == Py_None && fixed == Py_None) ||
+        (mode != MODE_PLAIN && tag.len != 4)) {
+        PyErr_SetString(PyExc_TypeError, "udp_pass: counters a dict, flows a dict or a flow, a 4-byte tag when sealed");
+        goto done;
+    }
+    if (udp_batch == NULL) {
+        udp_batch = calloc(1, sizeof *udp_batch);
+        if (udp_batch != NULL && (udp_batch->slots = malloc((size_t)UDP_BATCH * UDP_SLOT)) == NULL) {
+            free(udp_batch);
+            udp_batch = NULL;
+        }
+        if (udp_batch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    UdpBatch *b = udp_batch;
+    outs = b->outs;
+    slowed = b->slowed;
+    for (int i = 0; i < UDP_BATCH; i++) {
+        b->iov[i].iov_base = b->slots + (size_t)i * UDP_SLOT + UDP_HEAD;
+        b->iov[i].iov_len = UDP_MAX;
+        memset(&b->msgs[i].msg_hdr, 0, sizeof b->msgs[i].msg_hdr);
+        b->msgs[i].msg_hdr.msg_iov = &b->iov[i];
+        b->msgs[i].msg_hdr.msg_iovlen = 1;
+        b->msgs[i].msg_hdr.msg_name = &b->names[i];
+        b->msgs[i].msg_hdr.msg_namelen = sizeof b->names[i];
+        b->msgs[i].msg_hdr.msg_control = b->ctl[i].buf;
+        b->msgs[i].msg_hdr.msg_controllen = sizeof b->ctl[i].buf;
+    }
+    int got;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        got = recvmmsg(fd, b->msgs, UDP_BATCH, MSG_DONTWAIT, NULL);
+        Py_END_ALLOW_THREADS
+        if (got >= 0 || errno != EINTR)
+            break;
+    }
+    slow = PyList_New(0);
+    nowf = PyFloat_FromDouble(now);
+    if (slow == NULL || nowf == NULL)
+        goto done;
+    if (got < 0)
+        got = 0;    /* nothing now (EAGAIN), or an ICMP error of an earlier send: as Python, read on later */
+    /* the fixed flow's reply address (flow path) */
+    const struct sockaddr *fixed_dest = NULL;
+    socklen_t fixed_len = 0;
+    PyObject *fixed_sa = NULL;
+    if (flows == Py_None) {
+        fixed_sa = PyObject_GetAttr(fixed, s_sa);
+        if (fixed_sa == NULL || !PyBytes_Check(fixed_sa) || PyBytes_GET_SIZE(fixed_sa) == 0) {
+            Py_XDECREF(fixed_sa);
+            PyErr_SetString(PyExc_TypeError, "udp_pass: the flow has no sockaddr (sa)");
+            goto done;
+        }
+        fixed_dest = (const struct sockaddr *)PyBytes_AS_STRING(fixed_sa);
+        fixed_len = (socklen_t)PyBytes_GET_SIZE(fixed_sa);
+    }
+    const unsigned char *tagp = tag.buf;
+    PyObject *prev_key = NULL, *prev_flow = NULL;   /* the last datagram's source and flow (owned) */
+    for (int i = 0; i < got; i++) {
+        unsigned char *slot = b->slots + (size_t)i * UDP_SLOT;
+        int total = (int)b->msgs[i].msg_len;
+        if (b->msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+            continue;                            /* over 65535: cannot be */
+        int segsize = total;                     /* UDP GRO: datagrams of segsize bytes (the last shorter) */
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&b->msgs[i].msg_hdr); cm != NULL;
+             cm = CMSG_NXTHDR(&b->msgs[i].msg_hdr, cm))
+            if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO) {
+                int v;
+                memcpy(&v, CMSG_DATA(cm), sizeof v);
+                if (v > 0 && v < total)
+                    segsize = v;
+            }
+        socklen_t nl = b->msgs[i].msg_hdr.msg_namelen;
+        PyObject *flow;
+        PyObject *key = NULL;
+        if (flows != Py_None) {
+            if (prev_key != NULL && (socklen_t)PyBytes_GET_SIZE(prev_key) == nl &&
+                memcmp(PyBytes_AS_STRING(prev_key), &b->names[i], nl) == 0) {
+                key = prev_key;
+                Py_INCREF(key);
+            } else if ((key = PyBytes_FromStringAndSize((const char *)&b->names[i], nl)) == NULL) {
+                goto loop_error;
+            }
+            if (key == prev_key) {
+                flow = prev_flow;
+            } else {
+                flow = PyDict_GetItemWithError(flows, key);     /* borrowed */
+                if (flow == NULL && PyErr_Occurred()) {
+                    Py_DECREF(key);
+                    goto loop_error;
+                }
+                Py_XDECREF(prev_key);
+                Py_XDECREF(prev_flow);
+                prev_key = key;
+                Py_INCREF(prev_key);
+                prev_flow = flow;
+                Py_XINCREF(prev_flow);
+            }
+        } else {
+            flow = fixed;
+        }
+        msgkey = key;
+        key = NULL;
+        int nseg = total == 0 ? 1 : (total + segsize - 1) / segsize;
+        for (int sg = 0; sg < nseg; sg++) {
+        int whole = nseg == 1;
+        unsigned char *p = slot + UDP_HEAD + (size_t)sg * (size_t)segsize;
+        int n = total - sg * segsize < segsize ? total - sg * segsize : segsize;
+        key = msgkey;
+        Py_XINCREF(key);
+        /* checks that need no flow: as udpseal's open, first */
+        if (mode == MODE_OPEN) {
+            if (n < UDP_OVERHEAD || p[0] != UDP_VERSION) {
+                s.c[C_TRUNCATED]++;
+                Py_XDECREF(key);
+                continue;
+            }
+            if (memcmp(p + 1, tagp, 4) != 0) {
+                s.c[C_FOREIGN]++;
+                Py_XDECREF(key);
+                continue;
+            }
+        }
+        int fast = flow != NULL && nout < UDP_OUTS && (whole || mode != MODE_SEAL);
+        for (int k = 0; fast && k < nslowed; k++)
+            if (slowed[k] == flow)
+                fast = 0;
+        PyObject *state = NULL;
+        UdpDir *d = NULL;
+        if (fast && mode != MODE_PLAIN) {
+            state = PyObject_GetAttr(flow, s_state);
+            if (state == NULL)
+                goto key_error;
+            if (state == Py_None)
+                fast = 0;
+            else if (mode == MODE_OPEN) {
+                d = flow_dir(state, s_recv);
+                unsigned int epoch = (unsigned int)p[13] << 8 | p[14];
+                if (d == NULL || !flow_id_is(state, p + 5) || epoch != d->epoch)
+                    fast = 0;
+            } else {
+                d = flow_dir(state, s_send);
+                if (d == NULL || d->counter >= rekey_after)
+                    fast = 0;
+            }
+        }
+        if (!fast) {
+            Py_XDECREF(state);
+            if (flow != NULL && nslowed < UDP_OUTS)
+                slowed[nslowed++] = flow;
+            PyObject *src = udp_source(&b->names[i]);
+            PyObject *sa = key != NULL ? key : PyBytes_FromStringAndSize((const char *)&b->names[i], nl);
+            if (key != NULL)
+                Py_INCREF(sa);
+            PyObject *item = src && sa ? Py_BuildValue("(OOy#)", src, sa, p, (Py_ssize_t)n) : NULL;
+            Py_XDECREF(src);
+            Py_XDECREF(sa);
+            if (item == NULL || PyList_Append(slow, item) < 0) {
+                Py_XDECREF(item);
+                goto key_error;
+            }
+            Py_DECREF(item);
+            Py_XDECREF(key);
+            continue;
+        }
+        unsigned char *out = p;
+        int outn = n, plain = n;
+        if (mode == MODE_OPEN) {
+            unsigned long long ctr = 0;
+            for (int k = 0; k < 8; k++)
+                ctr = ctr << 8 | p[15 + k];
+            if (dir_replayed(d, ctr)) {
+                s.c[C_REPLAYED]++;
+                Py_DECREF(state);
+                Py_XDECREF(key);
+                continue;
+            }
+            plain = n - UDP_OVERHEAD;
+            if (!dir_open(d, p, ctr, p + UDP_HEAD, plain)) {
+                s.c[C_FORGED]++;
+                Py_DECREF(state);
+                Py_XDECREF(key);
+                continue;
+            }
+            dir_accept(d, ctr);
+            out = p + UDP_HEAD;
+            outn = plain;
+        }
+        /* the session's rate, as engine.udp.try_pay */
+        if (tokens >= 0) {
+            double want = (double)plain < burst ? (double)plain : burst;
+            if (tokens < want) {
+                s.c[C_RATE]++;
+                Py_XDECREF(state);
+                Py_XDECREF(key);
+                continue;
+            }
+            tokens -= (double)plain;
+        }
+        if (PyObject_SetAttr(flow, s_last, nowf) < 0)
+            goto key_error;
+        if (mode == MODE_SEAL) {
+            unsigned long long ctr = d->counter++;
+            slot[0] = UDP_VERSION;
+            memcpy(slot + 1, tagp, 4);
+            PyObject *fid = PyObject_GetAttr(state, s_flow_id);
+            if (fid == NULL || !PyBytes_Check(fid) || PyBytes_GET_SIZE(fid) != 8) {
+                Py_XDECREF(fid);
+                PyErr_SetString(PyExc_TypeError, "udp_pass: a flow id is 8 bytes");
+                goto key_error;
+            }
+            memcpy(slot + 5, PyBytes_AS_STRING(fid), 8);
+            Py_DECREF(fid);
+            slot[13] = (unsigned char)(d->epoch >> 8);
+            slot[14] = (unsigned char)d->epoch;
+            for (int k = 0; k < 8; k++)
+                slot[15 + k] = (unsigned char)(ctr >> (56 - 8 * k));
+            if (!dir_seal(d, slot, ctr, p, n)) {
+                PyErr_SetString(PyExc_RuntimeError, "udp_pass: libcrypto failed to seal");
+                goto key_error;
+            }
+            out = slot;
+            outn = n + UDP_OVERHEAD;
+            int err = 0;
+            long long mtu = get_ll(flow, s_mtu, &err);
+            if (err)
+                goto key_error;
+            if (mtu && outn + UDP_IP_UDP > mtu)
+                s.c[C_MTU]++;
+        }
+        Py_XDECREF(state);
+        state = NULL;
+        UdpOut *o = &outs[nout];
+        o->p = out;
+        o->n = outn;
+        o->plain = plain;
+        if (flows != Py_None) {
+            int err = 0;
+            o->fd = (int)get_ll(flow, s_fd, &err);
+            if (err)
+                goto key_error;
+            o->dest = NULL;
+            o->destlen = 0;
+        } else {
+            o->fd = out_fd;
+            o->dest = fixed_dest;
+            o->destlen = fixed_len;
+        }
+        nout++;
+        Py_XDECREF(key);
+        continue;
+    key_error:
+        Py_XDECREF(state);
+        Py_XDECREF(key);
+    loop_error:
+        Py_XDECREF(msgkey);
+        Py_XDECREF(prev_key);
+        Py_XDECREF(prev_flow);
+        Py_XDECREF(fixed_sa);
+        goto done;
+        }
+        Py_XDECREF(msgkey);
+        msgkey = NULL;
+    }
+    Py_XDECREF(prev_key);
+    Py_XDECREF(prev_flow);
+    udp_send_all(&s, outs, nout);
+    Py_XDECREF(fixed_sa);
+    {
+        static const char *names[C_N] = {"datagrams_", "bytes_", "drops_rate", "drops_send", "drops_forged",
+                                         "drops_replayed", "drops_truncated", "drops_foreign", "over_mtu"};
+        char name[32];
+        for (int k = 0; k < C_N; k++) {
+            if (!s.c[k])
+                continue;
+            if (k <= C_BYTES)
+                snprintf(name, sizeof name, "%s%s", names[k], direction);
+            else
+                snprintf(name, sizeof name, "%s", names[k]);
+            PyObject *was = PyDict_GetItemString(counters, name);
+            unsigned long long v = was != NULL ? PyLong_AsUnsignedLongLong(was) : 0;
+            if (PyErr_Occurred())
+                goto done;
+            PyObject *nv = PyLong_FromUnsignedLongLong(v + s.c[k]);
+            if (nv == NULL || PyDict_SetItemString(counters, name, nv) < 0) {
+                Py_XDECREF(nv);
+                goto done;
+            }
+            Py_DECREF(nv);
+        }
+    }
+    result = Py_BuildValue("(Odi)", slow, tokens, s.gso);
+done:
+    Py_XDECREF(slow);
+    Py_XDECREF(nowf);
+    PyBuffer_Release(&tag);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"set_ticket_keys", set_ticket_keys, METH_VARARGS,
      "set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys of sslobj's context (80 bytes)"},
@@ -1115,6 +1876,9 @@ static PyMethodDef module_methods[] = {
      "set_groups(sslobj, inc, out, groups): the key exchange groups of sslobj's context (OpenSSL's list)"},
     {"same_libssl", same_libssl, METH_VARARGS,
      "same_libssl(path or None) -> (the object at path calls our libssl, our OpenSSL_version_num())"},
+    {"udp_pass", udp_pass, METH_VARARGS,
+     "udp_pass(fd, flows, flow, mode, out_fd, counters, direction, tokens, burst, tag, rekey_after, now, gso)"
+     " -> (slow datagrams, tokens, gso): one batch of a UDP socket (engine.udp)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1124,7 +1888,13 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__pump(void) {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CopierType) < 0 || PyType_Ready(&HubType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CopierType) < 0 || PyType_Ready(&HubType) < 0 ||
+        PyType_Ready(&UdpDirType) < 0)
+        return NULL;
+    if ((s_fd = PyUnicode_InternFromString("fd")) == NULL || (s_state = PyUnicode_InternFromString("state")) == NULL ||
+        (s_mtu = PyUnicode_InternFromString("mtu")) == NULL || (s_last = PyUnicode_InternFromString("last")) == NULL ||
+        (s_sa = PyUnicode_InternFromString("sa")) == NULL || (s_flow_id = PyUnicode_InternFromString("flow_id")) == NULL ||
+        (s_send = PyUnicode_InternFromString("send")) == NULL || (s_recv = PyUnicode_InternFromString("recv")) == NULL)
         return NULL;
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (ssl == NULL)
@@ -1139,9 +1909,12 @@ PyMODINIT_FUNC PyInit__pump(void) {
     Py_INCREF(&EngineType);
     Py_INCREF(&CopierType);
     Py_INCREF(&HubType);
+    Py_INCREF(&UdpDirType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
         PyModule_AddObject(m, "Copier", (PyObject *)&CopierType) < 0 ||
         PyModule_AddObject(m, "Hub", (PyObject *)&HubType) < 0 ||
+        PyModule_AddObject(m, "UdpDir", (PyObject *)&UdpDirType) < 0 ||
+        PyModule_AddIntConstant(m, "UDP_BATCH", UDP_BATCH) < 0 ||
         PyModule_AddIntConstant(m, "F_SRC_AGAIN", F_SRC_AGAIN) < 0 ||
         PyModule_AddIntConstant(m, "F_DST_AGAIN", F_DST_AGAIN) < 0 ||
         PyModule_AddIntConstant(m, "F_EOF", F_EOF) < 0 ||

@@ -4,7 +4,9 @@ they may do here.
 ``_pump`` is optional (built where a C compiler, Python's headers and libssl-dev were
 there). What it may do:
 
-* ``PUMPS``: ``"c"`` when the compiled plain copier, hub and TLS engine run, ``"python"``
+* ``PUMPS``: ``"c"`` when the compiled plain copier, hub, TLS engine and UDP batches
+  (``udp_pass``, and ``UdpDir`` for the sealed UDP leg; they call libcrypto only, never
+  Python's ``ssl``) run, ``"python"``
   when the Python pumps do (not built, or ``SCISTREAM_PUMPS=python``).
 * ``ssl_ext``: the module, where it may touch Python's ``ssl`` objects at all: only when
   the libssl it calls is the very one Python's ``_ssl`` runs. A Python that links

@@ -17,6 +17,14 @@ arrive and sealed as they go back), on CONS each flow's socket does (sealed towa
 PROD gateway, opened as replies arrive). A datagram that does not open is dropped and
 counted by cause, never delivered; a flow on PROD is opened only by a datagram that opens.
 
+Where the compiled pumps are chosen (``engine.compiled``; not ``SCISTREAM_PUMPS=python``),
+a readiness event is one call of the compiled module (``_pump.udp_pass``): one
+``recvmmsg`` of up to 64 datagrams, each opened or sealed there (AES-256-GCM through
+libcrypto, udpseal's bytes, keys and replay rules: its ``UdpDir`` is the sealer's
+``Direction``), the rate paid, and the sends in runs (UDP GSO, else ``sendmmsg``). What
+it cannot finish (a source without a flow, another flow id, a new epoch, a rekey due) it
+gives back, in order, to the Python path below, which is also the whole path elsewhere.
+
 Direction names as the TCP counters: ``in`` is towards the producer (what the listener
 receives), ``out`` towards the consumer. The session's rate buckets (the TCP
 connections' too) police both: a datagram the bucket cannot pay for now is dropped and
@@ -144,13 +152,15 @@ def try_pay(bucket: TokenBucket | None, n: int) -> bool:
 
 
 class Flow:
-    __slots__ = ("key", "listener", "source", "sock", "last", "state", "mtu")
+    __slots__ = ("key", "listener", "source", "sock", "fd", "sa", "last", "state", "mtu")
 
     def __init__(self, key: tuple, listener: int, source: Any, sock: socket.socket) -> None:
         self.key = key
         self.listener = listener
         self.source = source
         self.sock = sock
+        self.fd = sock.fileno()
+        self.sa = b""                # the source's sockaddr (the compiled path's key and reply address)
         self.last = time.monotonic()
         self.state: Any = None       # the sealer's per-flow state (keys, counters, replay window)
         self.mtu = 0                 # the path MTU of the flow's socket (sealed flows), 0: unknown
@@ -164,6 +174,10 @@ SOL_UDP = getattr(socket, "SOL_UDP", 17)
 GSO_SEGMENTS = 64
 GSO_BYTES = 60000
 GSO = os.environ.get("SCISTREAM_UDP_GSO", "1").strip() != "0"
+#: UDP generic receive offload on the compiled path's sockets (``UdpRelay._gro``);
+#: SCISTREAM_UDP_GRO=0 turns it off.
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+GRO = os.environ.get("SCISTREAM_UDP_GRO", "1").strip() != "0"
 
 
 class Run:
@@ -184,7 +198,7 @@ class Run:
 
     def add(self, sock: socket.socket, addr: Any, out: bytes, plain: int) -> None:
         parts = self.parts
-        if parts and (sock is not self.sock or addr != self.addr or len(out) > self.size
+        if parts and (sock is not self.sock or addr != self.addr or len(out) > self.size or not self.size
                       or len(parts) >= GSO_SEGMENTS or (len(parts) + 1) * self.size > GSO_BYTES
                       or len(parts[-1]) < self.size):
             self.flush()
@@ -238,7 +252,7 @@ class UdpRelay:
 
     def __init__(self, loop: Loop, listeners: list[tuple[int, socket.socket]], targets: Callable[[], list],
                  *, sid: str, buckets: dict[str, TokenBucket | None], max_flows: int = 0, idle: float = 60.0,
-                 sealer: Any = None, wan_side: str = "listener") -> None:
+                 sealer: Any = None, wan_side: str = "listener", compiled: bool | None = None) -> None:
         self.loop = loop
         self.sid = sid
         self.listeners = dict(listeners)
@@ -251,20 +265,40 @@ class UdpRelay:
         self.flows: dict[tuple, Flow] = {}
         self.c = zero_counters()
         self.gso = GSO                  # UDP GSO on the sends (off once the kernel refuses it)
+        # the compiled batches (engine.compiled: where the compiled pumps are chosen, and the
+        # sealer, if any, uses the compiled AEAD), else the Python path; ``compiled`` True or
+        # False (tests): the compiled module where built, or the Python path, whatever was chosen
+        from . import compiled as _compiled
+        mod = _compiled.pump if compiled is None else _compiled.module if compiled else None
+        self.compiled: Any = mod if mod is not None and (sealer is None or getattr(sealer, "fast", False)) else None
+        self.given_back = 0             # datagrams the compiled path gave back to the Python path
+        self.by_sa: dict[int, dict[bytes, Flow]] = {}   # the compiled path's flows: by listener, source sockaddr
         self._sweep: Timer | None = None
         for index, sock in self.listeners.items():
             sock.setblocking(False)
+            self._gro(sock, sealed_side=wan_side == "listener")
             loop.add(sock.fileno(), EPOLLIN, self._listener_handler(index, sock))
+
+    def _gro(self, sock: socket.socket, *, sealed_side: bool) -> None:
+        """UDP GRO on a socket the compiled path reads where its datagrams need no room added
+        around them (opened, or plain): the kernel may then hand over a run of datagrams of
+        one size in one read (over loopback, a GSO run as it was sent), which the compiled
+        path splits. Off elsewhere, and always off for the Python path (it reads one
+        datagram a read), also on a listener a successor inherits."""
+        on = self.compiled is not None and GRO and (self.sealer is None or sealed_side)
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, int(on))
+        except OSError:
+            pass
 
     def _listener_handler(self, index: int, sock: socket.socket) -> Callable[[int], None]:
         return lambda ev: self._from_source(index, sock)
 
     # -- towards the producer: the listener's datagrams ------------------------
     def _from_source(self, index: int, lsock: socket.socket) -> None:
-        c = self.c
-        flows = self.flows
-        bucket = self.buckets.get("in")
-        sealed_here = self.sealer is not None and self.wan_side == "listener"
+        if self.compiled:
+            self._pass(lsock.fileno(), index, None, "in")
+            return
         run = Run(self, "in")
         try:
             for _ in range(BATCH):
@@ -274,32 +308,75 @@ class UdpRelay:
                     return
                 except OSError:          # an ICMP error of an earlier reply: nothing to read
                     continue
-                flow = flows.get((index, src))
-                if sealed_here:
-                    opened = self.sealer.open(flow.state if flow is not None else None, data, c)
-                    if opened is None:
-                        continue
-                    state, data = opened
-                if flow is None:
-                    flow = self._open_flow(index, src)
-                    if flow is None:
-                        continue
-                    if sealed_here:
-                        flow.state = state
-                if not try_pay(bucket, len(data)):
-                    c["drops_rate"] += 1
-                    continue
-                flow.last = time.monotonic()
-                out = data
-                if self.sealer is not None and self.wan_side == "flow":
-                    out = self.sealer.seal(flow, data, c)
-                    if out is None:
-                        continue
-                run.add(flow.sock, None, out, len(data))
+                self._source_datagram(index, src, None, data, run)
         finally:
             run.flush()
 
-    def _open_flow(self, index: int, src: Any) -> Flow | None:
+    def _source_datagram(self, index: int, src: Any, sa: bytes | None, data: bytes, run: Run) -> None:
+        """One datagram a listener read from ``src`` (``sa``: its sockaddr, as the compiled
+        path keys its flows), on its way to the flow's socket."""
+        c = self.c
+        sealed_here = self.sealer is not None and self.wan_side == "listener"
+        flow = self.flows.get((index, src))
+        if sealed_here:
+            opened = self.sealer.open(flow.state if flow is not None else None, data, c)
+            if opened is None:
+                return
+            state, data = opened
+        if flow is None:
+            flow = self._open_flow(index, src, sa)
+            if flow is None:
+                return
+            if sealed_here:
+                flow.state = state
+        if not try_pay(self.buckets.get("in"), len(data)):
+            c["drops_rate"] += 1
+            return
+        flow.last = time.monotonic()
+        out = data
+        if self.sealer is not None and self.wan_side == "flow":
+            out = self.sealer.seal(flow, data, c)
+            if out is None:
+                return
+        run.add(flow.sock, None, out, len(data))
+
+    def _pass(self, fd: int, index: int, flow: Flow | None, direction: str) -> None:
+        """One readiness event of a listener (``flow`` None) or of a flow's socket, through the
+        compiled module (``_pump.udp_pass``: one recvmmsg, the AEAD, the sends in runs); the
+        datagrams it gives back (a new source, a new epoch, ...) through the Python path."""
+        bucket = self.buckets.get(direction)
+        tokens, burst = -1.0, 0.0
+        if bucket is not None:
+            bucket._refill()
+            tokens, burst = float(bucket.tokens), float(bucket.burst)
+        if flow is None:
+            sealed = self.wan_side == "listener"
+            flows, fixed, out_fd = self.by_sa.setdefault(index, {}), None, -1
+        else:
+            sealed = self.wan_side == "flow"
+            lsock = self.listeners[flow.listener]
+            flows, fixed, out_fd = None, flow, lsock.fileno()
+        sealer = self.sealer
+        mode = 0 if sealer is None else 1 if sealed else 2
+        slow, left, self.gso = self.compiled.udp_pass(
+            fd, flows, fixed, mode, out_fd, self.c, direction, tokens, burst,
+            sealer.tag if sealer is not None else b"", sealer.rekey_after if sealer is not None else 0,
+            time.monotonic(), self.gso)
+        if bucket is not None:
+            bucket.tokens = left
+        if slow:
+            self.given_back += len(slow)
+            run = Run(self, direction)
+            try:
+                for src, sa, data in slow:
+                    if flow is None:
+                        self._source_datagram(index, src, sa, data, run)
+                    elif flow.key in self.flows:
+                        self._target_datagram(flow, data, run)
+            finally:
+                run.flush()
+
+    def _open_flow(self, index: int, src: Any, sa: bytes | None = None) -> Flow | None:
         c = self.c
         if self.max_flows and len(self.flows) >= self.max_flows:
             c["drops_flow_limit"] += 1
@@ -310,6 +387,7 @@ class UdpRelay:
         try:
             sock.setblocking(False)
             big_buffers(sock)
+            self._gro(sock, sealed_side=self.wan_side == "flow")
             sock.connect(addr)
         except OSError as exc:
             sock.close()
@@ -317,6 +395,9 @@ class UdpRelay:
             log.info("session %s: cannot open a UDP flow from %s: %s", self.sid, src, exc)
             return None
         flow = Flow((index, src), index, src, sock)
+        if self.compiled:
+            flow.sa = sa if sa is not None else sockaddr(self.listeners[index].family, src)
+            self.by_sa.setdefault(index, {})[flow.sa] = flow
         if self.sealer is not None:
             if self.wan_side == "flow":
                 flow.state = self.sealer.new_flow()
@@ -332,10 +413,10 @@ class UdpRelay:
 
     # -- towards the consumer: replies on a flow's socket ----------------------
     def _from_target(self, flow: Flow) -> None:
-        c = self.c
-        bucket = self.buckets.get("out")
-        lsock = self.listeners.get(flow.listener)
         sock = flow.sock
+        if self.compiled and flow.listener in self.listeners:
+            self._pass(flow.fd, flow.listener, flow, "out")
+            return
         run = Run(self, "out")
         try:
             for _ in range(BATCH):
@@ -345,26 +426,32 @@ class UdpRelay:
                     return
                 except OSError:          # ICMP: the target is not there (yet); the flow stays
                     continue
-                if self.sealer is not None and self.wan_side == "flow":
-                    opened = self.sealer.open(flow.state, data, c)
-                    if opened is None:
-                        continue
-                    data = opened[1]
-                if lsock is None:
-                    c["drops_send"] += 1
-                    continue
-                if not try_pay(bucket, len(data)):
-                    c["drops_rate"] += 1
-                    continue
-                flow.last = time.monotonic()
-                out = data
-                if self.sealer is not None and self.wan_side == "listener":
-                    out = self.sealer.seal(flow, data, c)
-                    if out is None:
-                        continue
-                run.add(lsock, flow.source, out, len(data))
+                self._target_datagram(flow, data, run)
         finally:
             run.flush()
+
+    def _target_datagram(self, flow: Flow, data: bytes, run: Run) -> None:
+        """One reply read on a flow's socket, on its way to the flow's source."""
+        c = self.c
+        if self.sealer is not None and self.wan_side == "flow":
+            opened = self.sealer.open(flow.state, data, c)
+            if opened is None:
+                return
+            data = opened[1]
+        lsock = self.listeners.get(flow.listener)
+        if lsock is None:
+            c["drops_send"] += 1
+            return
+        if not try_pay(self.buckets.get("out"), len(data)):
+            c["drops_rate"] += 1
+            return
+        flow.last = time.monotonic()
+        out = data
+        if self.sealer is not None and self.wan_side == "listener":
+            out = self.sealer.seal(flow, data, c)
+            if out is None:
+                return
+        run.add(lsock, flow.source, out, len(data))
 
     # -- idle flows -------------------------------------------------------------
     def _sweep_every(self) -> float:
@@ -381,6 +468,8 @@ class UdpRelay:
 
     def _close_flow(self, flow: Flow) -> None:
         self.flows.pop(flow.key, None)
+        if flow.sa:
+            self.by_sa.get(flow.listener, {}).pop(flow.sa, None)
         if self.sealer is not None:
             self.sealer.forget(flow.state)
         self.loop.remove(flow.sock.fileno())
@@ -426,6 +515,17 @@ def udp_relay(loop: Loop, sid: str, cfg: dict, listeners: list[tuple[int, socket
     return UdpRelay(loop, listeners, targets, sid=sid, buckets=buckets,
                     max_flows=int(cfg.get("udp_max_flows") or 0), idle=float(cfg.get("udp_idle") or 60.0),
                     sealer=sealer, wan_side="listener" if cfg.get("role") == "PROD" else "flow")
+
+
+def sockaddr(family: int, addr: Any) -> bytes:
+    """The kernel's ``struct sockaddr_in``/``sockaddr_in6`` of a Python address, as recvmmsg
+    gives it (the compiled path's key of a flow's source, and where its replies go)."""
+    if family == socket.AF_INET6:
+        host, port, flowinfo, scope = (tuple(addr) + (0, 0))[:4]
+        return (struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", port, flowinfo)
+                + socket.inet_pton(socket.AF_INET6, host.split("%")[0]) + struct.pack("=I", scope))
+    host, port = addr[:2]
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(host) + bytes(8)
 
 
 def route_mtu(family: int, addr: Any) -> int:

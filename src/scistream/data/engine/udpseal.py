@@ -80,15 +80,37 @@ def new_flow_id() -> bytes:
 
 
 class Direction:
-    """One direction of one flow: its epoch's key, and (receiving) the replay window."""
+    """One direction of one flow: its epoch's key, the sending counter, or (receiving) the
+    replay window. The compiled module's ``UdpDir`` has the same methods and is used in
+    its place where the compiled pumps are (``Sealer(fast=...)``); the bytes are the same."""
     __slots__ = ("epoch", "aead", "counter", "top", "seen")
 
-    def __init__(self, epoch: int, aead: AESGCM) -> None:
+    def __init__(self, key: bytes, epoch: int, sending: bool) -> None:
         self.epoch = epoch
-        self.aead = aead
+        self.aead = AESGCM(key)
         self.counter = 0        # sending: the next counter
         self.top = -1           # receiving: the highest counter accepted
         self.seen = 0           # receiving: bit i set = counter top - i accepted
+
+    def seal(self, head: bytes, ctr: int, data: bytes) -> bytes:
+        return self.aead.encrypt(b"\0\0\0\0" + ctr.to_bytes(8, "big"), data, head)
+
+    def open(self, head: bytes, ctr: int, body: bytes) -> bytes | None:
+        try:
+            return self.aead.decrypt(b"\0\0\0\0" + ctr.to_bytes(8, "big"), body, head)
+        except InvalidTag:
+            return None
+
+    def replayed(self, ctr: int) -> bool:
+        return ctr <= self.top - WINDOW or (ctr <= self.top and bool(self.seen >> (self.top - ctr) & 1))
+
+    def accept(self, ctr: int) -> None:
+        if ctr > self.top:
+            shift = ctr - self.top
+            self.seen = ((self.seen << shift) | 1) & _MASK if shift < WINDOW else 1
+            self.top = ctr
+        else:
+            self.seen |= 1 << (self.top - ctr)
 
 
 class FlowKeys:
@@ -105,8 +127,21 @@ class FlowKeys:
 class Sealer:
     """Seals and opens one session's datagrams on one gateway (``role`` PROD or CONS)."""
 
-    def __init__(self, master: bytes, role: str = "CONS", rekey_after: int = REKEY_AFTER) -> None:
+    def __init__(self, master: bytes, role: str = "CONS", rekey_after: int = REKEY_AFTER,
+                 fast: bool | None = None) -> None:
         self.master = master
+        # the compiled AEAD (``_pump.UdpDir``) where the compiled pumps are chosen, else Python's
+        if fast is None:
+            from .compiled import pump
+            fast = pump is not None
+        if fast:
+            from .compiled import module
+            if module is None:
+                raise RuntimeError("the compiled module is not built")
+            self._dir: Any = module.UdpDir
+        else:
+            self._dir = Direction
+        self.fast = bool(fast)
         self.role = role
         self.tag = _kdf(master, b"session tag", 4)
         self.rekey_after = max(1, int(rekey_after))
@@ -114,8 +149,9 @@ class Sealer:
         self.flows: dict[bytes, FlowKeys] = {}      # PROD: the flows it holds, by flow id
         self.ended: dict[bytes, float] = {}         # PROD: ended flow ids -> until when remembered
 
-    def _aead(self, direction: bytes, flow_id: bytes, epoch: int) -> AESGCM:
-        return AESGCM(_kdf(self.master, b"key " + direction + flow_id + struct.pack("!H", epoch)))
+    def _direction(self, sending: bool, flow_id: bytes, epoch: int) -> Any:
+        direction = self.out_dir if sending else self.in_dir
+        return self._dir(_kdf(self.master, b"key " + direction + flow_id + struct.pack("!H", epoch)), epoch, sending)
 
     def new_flow(self) -> FlowKeys:
         keys = FlowKeys(new_flow_id())
@@ -125,15 +161,15 @@ class Sealer:
     def seal_state(self, keys: FlowKeys, data: bytes) -> bytes | None:
         d = keys.send
         if d is None:
-            d = keys.send = Direction(0, self._aead(self.out_dir, keys.flow_id, 0))
+            d = keys.send = self._direction(True, keys.flow_id, 0)
         elif d.counter >= self.rekey_after:
             if d.epoch >= MAX_EPOCH:
                 return None
-            d = keys.send = Direction(d.epoch + 1, self._aead(self.out_dir, keys.flow_id, d.epoch + 1))
+            d = keys.send = self._direction(True, keys.flow_id, d.epoch + 1)
         ctr = d.counter
         d.counter = ctr + 1
         head = HEADER.pack(VERSION, self.tag, keys.flow_id, d.epoch, ctr)
-        return head + d.aead.encrypt(b"\0\0\0\0" + ctr.to_bytes(8, "big"), data, head)
+        return head + d.seal(head, ctr, data)
 
     def seal(self, flow: Any, data: bytes, c: dict[str, int]) -> bytes | None:
         """``flow``: an ``engine.udp.Flow`` (its ``state``: FlowKeys, ``mtu``)."""
@@ -173,24 +209,17 @@ class Sealer:
             if d is not None and epoch != d.epoch + 1:     # only forward, one epoch at a time
                 c["drops_replayed" if epoch < d.epoch else "drops_forged"] += 1
                 return None
-            d = Direction(epoch, self._aead(self.in_dir, flow_id, epoch))
-        elif ctr <= d.top - WINDOW or (ctr <= d.top and d.seen >> (d.top - ctr) & 1):
+            d = self._direction(False, flow_id, epoch)
+        elif d.replayed(ctr):
             c["drops_replayed"] += 1
             return None
-        head = data[:HEADER.size]
-        try:
-            plain = d.aead.decrypt(b"\0\0\0\0" + ctr.to_bytes(8, "big"), data[HEADER.size:], head)
-        except InvalidTag:
+        plain = d.open(data[:HEADER.size], ctr, data[HEADER.size:])
+        if plain is None:
             c["drops_forged"] += 1
             return None
         if d is not keys.recv:       # the first datagram of a (new) epoch: it authenticated
             keys.recv = d
-        if ctr > d.top:
-            shift = ctr - d.top
-            d.seen = ((d.seen << shift) | 1) & _MASK if shift < WINDOW else 1
-            d.top = ctr
-        else:
-            d.seen |= 1 << (d.top - ctr)
+        d.accept(ctr)
         if new:
             self.flows[flow_id] = keys
         return keys, plain
