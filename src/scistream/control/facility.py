@@ -85,7 +85,7 @@ def _session(row: Any) -> Session:
                 ready_at=row["ready_at"], ended=row["ended"], lease_expires=row["lease_expires"],
                 last_error=row["last_error"], bandwidth=int(row["bandwidth"]), udp=row["udp"])
     s.node, s.instance = row["node"], row["instance"]
-    stats = _stats(st)
+    stats = _stats(st, s.udp)
     if s.state in TERMINAL:
         stats.connections = 0
         if stats.udp:
@@ -106,11 +106,15 @@ def _counters(r: dict | None) -> dict[str, int]:
     return out
 
 
-def _stats(r: dict | None) -> Stats:
-    """A node's counters (or a row's ``stats``) as Stats, the UDP ones in ``udp``."""
+CARRIED = ("plain", "encrypted")   # the udp carriages of a session whose data server carries UDP
+
+
+def _stats(r: dict | None, udp: str) -> Stats:
+    """A node's counters (or a row's ``stats``) as Stats; the UDP ones in ``udp`` if the
+    session carries UDP (its carriage ``udp``: see ``udp_carriage``), as a single gateway's."""
     c = _counters(r)
-    udp = {k[4:]: c.pop(k) for k in [k for k in c if k.startswith("udp_")]}
-    return Stats(**c, udp=udp)
+    counted = {k[4:]: c.pop(k) for k in [k for k in c if k.startswith("udp_")]}
+    return Stats(**c, udp=counted if udp in CARRIED else {})
 
 
 def udp_carriage(config: RegistryConfig, secret: bytes | None) -> str:
@@ -590,7 +594,7 @@ class FacilityRegistry:
             for s in group:
                 r = stats.get(f"{s.uid}/{s.role}")
                 if r:
-                    s.last_stats = _stats(r)
+                    s.last_stats = _stats(r, s.udp)
             await asyncio.gather(*(legs(node, s) for s in group if s.last_stats.connections))
 
         sem = asyncio.Semaphore(16)
