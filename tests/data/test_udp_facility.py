@@ -77,7 +77,8 @@ async def test_flows_through_facility_sessions_status_metrics_web_release(facili
         first, second = (parse_listener(x) for x in cons.listeners)
         socks = await asyncio.gather(flow_exchange(first, 1, 60), flow_exchange(second, 2, 60, size=8000))
         try:
-            await asyncio.gather(flow_more(socks[0], 1, range(60, 80)), flow_more(socks[1], 2, range(60, 80), size=8000))
+            await asyncio.gather(flow_more(socks[0], 1, range(60, 80)),
+                                 flow_more(socks[1], 2, range(60, 80), size=8000))
             # one source per flow at the producer, each its own (the PROD node's flow sockets)
             assert all(len(app.sources[n]) == 1 for n in (1, 2))
             assert app.sources[1] != app.sources[2]

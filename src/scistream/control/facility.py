@@ -98,7 +98,7 @@ def _session(row: Any) -> Session:
 
 def _counters(r: dict | None) -> dict[str, int]:
     """The counters a row's ``stats`` keeps (from a node's stats or the row): the TCP ones and
-    the UDP ones (``udp_``-prefixed, as the node reports them), if the session carries UDP."""
+    the UDP ones (``udp_``-prefixed, as the node reports them)."""
     r = r or {}
     out = {k: int(r.get(k, 0) or 0) for k in ("bytes_in", "bytes_out", "connections",
                                                "total_connections", "refused_connections")}
@@ -521,7 +521,8 @@ class FacilityRegistry:
                    "targets": targets, "rate_kbps": int(row["rate"]) if enforced else 0,
                    "tls": secret is not None, "keepalive": list(self.config.keepalive or KEEPALIVE),
                    "max_conns": self.config.max_session_conns, "wan_congestion": self.config.wan_congestion}
-            udp = udp_carriage(self.config, secret)
+            # an update again (new targets) is a retarget on the node: the session keeps its UDP
+            udp = row["udp"] if row["state"] == "connected" and row["udp"] else udp_carriage(self.config, secret)
             if udp != "off":     # a UDP socket beside each listener; sealed with a key the node derives
                 cfg.update(udp=True, udp_max_flows=self.config.udp_max_flows, udp_idle=self.config.udp_idle)
             if secret is not None:
