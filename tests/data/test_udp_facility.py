@@ -3,7 +3,7 @@ real PostgreSQL): numbered datagrams verified both ways on two flows at once thr
 PROD and a CONS half each carried by a node (sealed on the WAN leg between them), replies
 to the right sender; how the session carries UDP and its counters in status, Prometheus
 and the web view, read from the nodes; release closes every UDP socket; a plain leg;
---no-udp; a node restarted in place keeps its sessions' UDP."""
+--no-udp; a node restarted in place keeps its sessions' UDP; a node killed fails them."""
 from __future__ import annotations
 
 import asyncio
@@ -190,3 +190,37 @@ async def test_node_restarted_in_place_keeps_the_udp(facility, client_for):
                 await wait_for(lambda: not pid_alive(new_pid), 15, "the successor stopped")
         finally:
             sock.close()
+
+
+async def test_node_killed_sessions_fail_new_ones_carry_udp_on_the_survivor(facility, client_for):
+    """kill -9 of the node that carries a session's PROD half: its UDP sockets go with it,
+    the session fails after --node-timeout as a TCP one does, and a new session goes to the
+    other node and carries datagrams."""
+    f = facility(nodes=2, instances=1, node_timeout=2.0)
+    a = client_for(f.instances[0].target)
+    async with UdpEcho() as app:
+        uid, prod = await prod_session(a, a, f"127.0.0.1:{app.port}")
+        cons = await cons_half(f.url, a, uid, prod)
+        (sock,) = [await flow_exchange(parse_listener(cons.listeners[0]), 1, 10)]
+        sock.close()
+        (row,) = await sql(f.url, "SELECT node FROM fsessions WHERE uid = $1 AND role = 'PROD'", uid)
+        dead = next(n for n in f.nodes if n.name == row["node"])
+        dead.kill()
+        host, port = parse_listener(prod.listeners[0])
+        await wait_for(lambda: udp_port_free(port, host), 10, "the dead node's UDP socket gone")
+        failed = await wait_for(lambda: _prod_in_state(a, uid, "failed"), 20, "the session failed")
+        assert "lost" in failed.last_error and failed.udp == "encrypted"
+        await a.release(uid)                                       # its CONS half, on the survivor
+        uid2, prod2 = await prod_session(a, a, f"127.0.0.1:{app.port}")
+        (row2,) = await sql(f.url, "SELECT node FROM fsessions WHERE uid = $1", uid2)
+        assert row2["node"] != dead.name
+        cons2 = await cons_half(f.url, a, uid2, prod2)
+        (sock,) = [await flow_exchange(parse_listener(cons2.listeners[0]), 2, 20)]
+        sock.close()
+        assert (await status_of(a, uid2, "PROD")).udp_counters["datagrams_in"] >= 20
+        await a.release(uid2)
+
+
+async def _prod_in_state(client, uid: str, state: str):
+    s = next(x for x in (await client.status(uid)).sessions if x.role == "PROD")
+    return s if s.state == state else None
