@@ -551,8 +551,9 @@ async def _nothing_listening(listeners: list[str]) -> bool:
 
 
 async def test_port_held_by_another_program_is_skipped(facility, client_for, echo_server):
-    """A program holds ports of a node's range: the node reports them at its beat, and no
-    session is placed on them (none fails with 'address already in use')."""
+    """A program holds ports of a node's range, for TCP or for UDP only (a session's port
+    carries both): the node reports them at its beat, and no session is placed on them
+    (none fails with 'address already in use')."""
     import socket
     f = facility(nodes=1, instances=1)
     a = client_for(f.instances[0].target)
@@ -560,9 +561,10 @@ async def test_port_held_by_another_program_is_skipped(facility, client_for, ech
     lo, hi = (int(x) for x in f.nodes[0].range.split("-"))
     held = []
     for port in range(lo, lo + 5):
-        s = socket.socket()
+        s = socket.socket(type=socket.SOCK_STREAM if port < lo + 3 else socket.SOCK_DGRAM)
         s.bind(("127.0.0.2", port))
-        s.listen(1)
+        if port < lo + 3:
+            s.listen(1)
         held.append(s)
     try:
         async def reported() -> bool:

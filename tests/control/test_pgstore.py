@@ -90,15 +90,15 @@ async def test_fresh_database_migrated_then_newer_schema_refused(pg, tmp_path):
     url = pg.url(pg.createdb())
     store = PostgresStore(url, node="n1")
     await store.open()
-    assert await store.schema_version() == SCHEMA_VERSION == 3
+    assert await store.schema_version() == SCHEMA_VERSION == 4
     await store.close()
     again = PostgresStore(url, node="n1")   # a second start applies nothing twice
     await again.open()
     await again.close()
-    assert [r["version"] for r in await sql(url, "SELECT version FROM schema_version")] == [1, 2, 3]
-    await sql(url, "INSERT INTO schema_version (version) VALUES (4)")
+    assert [r["version"] for r in await sql(url, "SELECT version FROM schema_version")] == [1, 2, 3, 4]
+    await sql(url, "INSERT INTO schema_version (version) VALUES (5)")
     newer = PostgresStore(url, node="n1")
-    with pytest.raises(StoreError, match=r"has schema version 4, newer than this scistream knows \(3\)"):
+    with pytest.raises(StoreError, match=r"has schema version 5, newer than this scistream knows \(4\)"):
         await newer.open()
     # s2cs itself: a ConfigError (exit 2, one line), nothing left started
     srv = ControlServer(ServerConfig(port=0, auth="none", insecure=True, store=url, port_range=port_block(),

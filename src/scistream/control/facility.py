@@ -83,11 +83,13 @@ def _session(row: Any) -> Session:
                 prod_listeners=list(row["prod_listeners"]), targets=list(row["targets"]),
                 state=S(row["state"]), created=row["created"], connected_at=row["connected_at"],
                 ready_at=row["ready_at"], ended=row["ended"], lease_expires=row["lease_expires"],
-                last_error=row["last_error"], bandwidth=int(row["bandwidth"]))
+                last_error=row["last_error"], bandwidth=int(row["bandwidth"]), udp=row["udp"])
     s.node, s.instance = row["node"], row["instance"]
-    stats = Stats(**_counters(st))
+    stats = _stats(st, s.udp)
     if s.state in TERMINAL:
         stats.connections = 0
+        if stats.udp:
+            stats.udp["flows"] = 0
         s.final_stats = stats
     else:
         s.last_stats = stats
@@ -95,9 +97,32 @@ def _session(row: Any) -> Session:
 
 
 def _counters(r: dict | None) -> dict[str, int]:
-    """The counters a row's ``stats`` keeps (from a node's stats or the row)."""
-    return {k: int((r or {}).get(k, 0) or 0) for k in ("bytes_in", "bytes_out", "connections",
-                                                       "total_connections", "refused_connections")}
+    """The counters a row's ``stats`` keeps (from a node's stats or the row): the TCP ones and
+    the UDP ones (``udp_``-prefixed, as the node reports them)."""
+    r = r or {}
+    out = {k: int(r.get(k, 0) or 0) for k in ("bytes_in", "bytes_out", "connections",
+                                               "total_connections", "refused_connections")}
+    out.update({k: int(v or 0) for k, v in r.items() if k.startswith("udp_")})
+    return out
+
+
+CARRIED = ("plain", "encrypted")   # the udp carriages of a session whose data server carries UDP
+
+
+def _stats(r: dict | None, udp: str) -> Stats:
+    """A node's counters (or a row's ``stats``) as Stats; the UDP ones in ``udp`` if the
+    session carries UDP (its carriage ``udp``: see ``udp_carriage``), as a single gateway's."""
+    c = _counters(r)
+    counted = {k[4:]: c.pop(k) for k in [k for k in c if k.startswith("udp_")]}
+    return Stats(**c, udp=counted if udp in CARRIED else {})
+
+
+def udp_carriage(config: RegistryConfig, secret: bytes | None) -> str:
+    """How a facility's session carries UDP (its nodes seal it, as the Builtin type does):
+    "off" (s2cs --no-udp), "plain" (the WAN leg is plain) or "encrypted"."""
+    if not config.udp:
+        return "off"
+    return "plain" if secret is None else "encrypted"
 
 
 class NodeLinks:
@@ -496,6 +521,10 @@ class FacilityRegistry:
                    "targets": targets, "rate_kbps": int(row["rate"]) if enforced else 0,
                    "tls": secret is not None, "keepalive": list(self.config.keepalive or KEEPALIVE),
                    "max_conns": self.config.max_session_conns, "wan_congestion": self.config.wan_congestion}
+            # an update again (new targets) is a retarget on the node: the session keeps its UDP
+            udp = row["udp"] if row["state"] == "connected" and row["udp"] else udp_carriage(self.config, secret)
+            if udp != "off":     # a UDP socket beside each listener; sealed with a key the node derives
+                cfg.update(udp=True, udp_max_flows=self.config.udp_max_flows, udp_idle=self.config.udp_idle)
             if secret is not None:
                 cfg["wan_secret"] = secret.hex()
                 # the leaf ends with the lease plus a margin; a facility does not issue it again
@@ -510,7 +539,7 @@ class FacilityRegistry:
                 failure.append(str(exc))
                 return await self._end(conn, row, S.FAILED, f"data server failed to start: {exc}")
             return await db.set_connected(conn, row, targets, secret, "tls" if secret is not None else "plain",
-                                          enforced, time.time())
+                                          enforced, time.time(), udp)
 
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:
@@ -566,7 +595,7 @@ class FacilityRegistry:
             for s in group:
                 r = stats.get(f"{s.uid}/{s.role}")
                 if r:
-                    s.last_stats = Stats(**_counters(r))
+                    s.last_stats = _stats(r, s.udp)
             await asyncio.gather(*(legs(node, s) for s in group if s.last_stats.connections))
 
         sem = asyncio.Semaphore(16)

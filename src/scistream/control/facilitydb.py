@@ -3,7 +3,7 @@
 The control servers (``s2cs --facility``, ``control/facility.py``) place, change and end
 sessions; the nodes (``s2ds serve --store``, ``data/node/facility.py``) register and beat.
 Both speak to the same PostgreSQL through a ``PostgresStore`` (``control/pgstore.py``, which
-applies ``MIGRATIONS`` as its schema versions 2 and 3). Every function takes an asyncpg
+applies ``MIGRATIONS`` as its schema versions 2 to 4). Every function takes an asyncpg
 connection (what ``PostgresStore._call`` hands its callback) and returns rows; the
 decisions stay with the callers. This module imports nothing of scistream, so each side
 imports it without loading the other.
@@ -22,7 +22,7 @@ from typing import Any
 LIVE = "('requested', 'ready', 'connected')"
 CHANNEL = "scistream_fsessions"
 
-#: PostgresStore's schema versions 2 and 3 (version 1 is the node-local ``sessions`` table).
+#: PostgresStore's schema versions 2 to 4 (version 1 is the node-local ``sessions`` table).
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE nodes (
@@ -86,6 +86,10 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: the ports of its range that a node found held by other programs (skipped by placement)
     """
     ALTER TABLE nodes ADD COLUMN busy_ports INTEGER[] NOT NULL DEFAULT '{}';
+    """,
+    # 4: how a session carries UDP beside TCP ("off", "plain", "encrypted"; '' before its update)
+    """
+    ALTER TABLE fsessions ADD COLUMN udp TEXT NOT NULL DEFAULT '';
     """,
 )
 
@@ -228,13 +232,14 @@ async def set_ready(c: Any, row: Any, prod_listeners: list[str], ready_at: float
 
 
 async def set_connected(c: Any, row: Any, targets: list[str], wan_secret: bytes | None, wan_security: str,
-                        rate_enforced: bool, now: float) -> Any:
-    """The update the node carried out: ``connected``, its targets and WAN security; notifies."""
+                        rate_enforced: bool, now: float, udp: str) -> Any:
+    """The update the node carried out: ``connected``, its targets, WAN security and UDP
+    carriage; notifies."""
     new = await c.fetchrow(
         "UPDATE fsessions SET state = 'connected', targets = $4, wan_secret = $5, wan_security = $6, "
         "rate_enforced = $7, connected_at = CASE WHEN connected_at = 0 THEN $8 ELSE connected_at END, "
-        f"update_due = 0 WHERE {_KEY} RETURNING *",
-        *_row_key(row), targets, wan_secret, wan_security, rate_enforced, now)
+        f"update_due = 0, udp = $9 WHERE {_KEY} RETURNING *",
+        *_row_key(row), targets, wan_secret, wan_security, rate_enforced, now, udp)
     await notify(c, row["uid"], row["role"])
     return new
 

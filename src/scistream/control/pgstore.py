@@ -61,7 +61,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sessions_live ON sessions (node, state);
     CREATE INDEX sessions_ended ON sessions (node, ended);
     """,
-    # 2 and 3: a facility of several nodes (its tables: control/facilitydb.py)
+    # 2 to 4: a facility of several nodes (its tables: control/facilitydb.py)
     *facilitydb.MIGRATIONS,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -115,8 +115,6 @@ def udp_notice(config: ServerConfig) -> None:
     backend = config.backend
     if not config.udp:
         log.info("UDP: off (--no-udp); sessions carry TCP only")
-    elif config.facility:
-        log.info("UDP: a facility of several nodes carries none yet; sessions carry TCP only")
     elif not backend.udp_support:
         log.info("UDP: the %s type carries none (Nginx and Builtin do); sessions carry TCP only", backend.kind)
     elif config.udp_plaintext and backend.udp_support != "sealed":

@@ -15,8 +15,9 @@ sessions on the nodes that registered here. A member
 * upserts its row in ``nodes`` (name, the address its listeners carry, the control
   address, port range, bandwidth, most sessions; an operator's drain is kept) and beats
   every ``--heartbeat`` seconds (the database's clock: hosts' clocks do not matter);
-* reports the ports of its range that other programs hold (a bind test on each port its
-  sessions do not use, at each beat), which placement skips;
+* reports the ports of its range that other programs hold (a TCP and a UDP bind test on
+  each port its sessions do not use, at each beat: a session's port carries both), which
+  placement skips;
 * after each beat, removes the sessions it carries that the store does not list as live
   on it: ones released while it was unreachable, or failed because its heartbeat stopped
   for the control servers' ``--node-timeout`` (a node that comes back stops what the
@@ -116,8 +117,8 @@ class Membership:
 
     def held_ports(self, local: set[str]) -> list[int]:
         """The ports of the range that another program holds on the node's address (placement
-        skips them): every port the node's own sessions do not use is tried with a bind, at
-        most ``SCAN_PER_BEAT`` a beat, round the range."""
+        skips them): every port the node's own sessions do not use is tried with a TCP and a
+        UDP bind, at most ``SCAN_PER_BEAT`` a beat, round the range."""
         from ..supervise import free_port_check
         mine = {p for sid in local if (e := self.node.sessions.get(sid)) is not None for p in e.cfg["ports"]}
         ports = list(self.port_range)
@@ -127,7 +128,7 @@ class Membership:
         for p in window:
             if p in mine:
                 self._held.discard(p)
-            elif free_port_check(self.address, p):
+            elif free_port_check(self.address, p, udp=True):
                 self._held.discard(p)
             else:
                 self._held.add(p)
