@@ -62,28 +62,6 @@ def zero_counters() -> dict[str, int]:
     return dict.fromkeys(COUNTERS, 0)
 
 
-def bind_udp(host: str, ports: list[int]) -> list[socket.socket]:
-    """One UDP socket bound on ``host`` per port (the TCP listeners' ports); OSError says
-    which port cannot be bound."""
-    socks: list[socket.socket] = []
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        for port in ports:
-            s = socket.socket(family, socket.SOCK_DGRAM)
-            socks.append(s)
-            s.setblocking(False)
-            big_buffers(s)
-            try:
-                s.bind((host.strip("[]"), port))
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    return socks
-
-
 #: The receive and send buffers asked for each UDP socket of a session (the kernel caps
 #: them at net.core.rmem_max / wmem_max): a burst waits there rather than being dropped
 #: while the worker serves other sockets; memory is taken only as datagrams queue.

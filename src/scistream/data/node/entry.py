@@ -12,7 +12,7 @@ import math
 import socket
 from typing import Any
 
-from ..engine.udp import COUNTERS as UDP_COUNTERS, bind_udp
+from ..engine.udp import COUNTERS as UDP_COUNTERS, big_buffers
 from ..spec import resolve_target
 
 log = logging.getLogger(__name__)
@@ -162,25 +162,29 @@ def bind_udp_listeners(cfg: dict) -> list[socket.socket]:
     if cfg.get("tls") and not cfg.get("udp_key"):
         # never datagrams in the clear beside an encrypted TCP leg: the key comes with wan_secret
         raise OpError("udp beside a TLS WAN leg needs the session's wan_secret (its datagrams are sealed)")
-    try:
-        return bind_udp(str(cfg["listen_host"]), list(cfg["ports"]))
-    except OSError as exc:
-        raise OpError(str(exc.strerror or exc)) from None
+    return bind_listeners(str(cfg["listen_host"]), list(cfg["ports"]), udp=True)
 
 
-def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:
+def bind_listeners(host: str, ports: list[int], *, udp: bool = False) -> list[socket.socket]:
+    """One socket bound on ``host`` per port: TCP listeners, or (``udp``) UDP sockets with
+    big buffers on the same ports; OpError says which port cannot be bound, and none stays open."""
     socks: list[socket.socket] = []
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         for port in ports:
-            s = socket.socket(family, socket.SOCK_STREAM)
+            s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
             socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if udp:
+                big_buffers(s)
+            else:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host.strip("[]"), port))
             except OSError as exc:
-                raise OpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-            s.listen(4096)
+                raise OpError(f"cannot {'bind UDP' if udp else 'listen on'} {host}:{port}: "
+                              f"{exc.strerror or exc}") from None
+            if not udp:
+                s.listen(4096)
             s.setblocking(False)
     except BaseException:
         for s in socks:
