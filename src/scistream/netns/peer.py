@@ -44,6 +44,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from ..addr import format_listener, parse_listener
 
@@ -105,17 +106,22 @@ async def echo_server(bind: str, ports: int, connections: int, ready: Path, repo
             if len(results) >= connections:
                 done.set()
 
+    await _serve_until_done(serve, bind, ports, ready, done)
+    report.write_text(json.dumps(results))
+
+
+async def _serve_until_done(serve: Callable[..., Awaitable[None]], bind: str, ports: int, ready: Path, done: asyncio.Event) -> None:
+    """Listen on ``ports`` OS-picked ports of ``bind`` with ``serve``, say the endpoints in
+    ``ready`` (written whole), and serve until ``done`` is set or SIGTERM comes."""
     servers = [await asyncio.start_server(serve, bind, 0) for _ in range(ports)]
     endpoints = [format_listener(bind, s.sockets[0].getsockname()[1]) for s in servers]
     tmp = ready.with_suffix(".tmp")
     tmp.write_text(json.dumps({"endpoints": endpoints, "pid": os.getpid()}))
     tmp.rename(ready)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, done.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
     await done.wait()
     for s in servers:
         s.close()
-    report.write_text(json.dumps(results))
 
 
 _BLOCK = bytes((i * 131 + 7) % 256 for i in range(65521))   # a prime length: no alignment with reads
@@ -154,15 +160,7 @@ async def source(bind: str, ports: int, rate_bps: float, ready: Path) -> None:
         finally:
             w.close()
 
-    servers = [await asyncio.start_server(serve, bind, 0) for _ in range(ports)]
-    endpoints = [format_listener(bind, s.sockets[0].getsockname()[1]) for s in servers]
-    tmp = ready.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"endpoints": endpoints, "pid": os.getpid()}))
-    tmp.rename(ready)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    for s in servers:
-        s.close()
+    await _serve_until_done(serve, bind, ports, ready, stop)
 
 
 async def _sink_one(listener: str, rate_bps: float, seconds: float) -> dict:
