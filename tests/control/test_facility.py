@@ -735,3 +735,30 @@ async def test_status_carries_the_legs_from_the_node(facility, servers, client_f
         w.close()
     await a.release(uid)
     await cons.release(uid)
+
+
+async def test_cons_hello_before_its_req_while_prod_is_connected_waits_for_the_req(
+        facility, client_for, echo_server):
+    """Both halves of a uid in one facility: the consumer's hello comes before the CONS req
+    (the original tooling's order) while the PROD half is connected already. The hello waits
+    for its req, as on a single gateway, instead of being refused as a repeated hello."""
+    f = facility(nodes=2, instances=2)
+    a, b = (client_for(p.target) for p in f.instances)
+    uid, prod = await prod_session(a, b, f"{echo_server[0]}:{echo_server[1]}", num_conn=2)
+    hello = asyncio.create_task(b.hello(uid, "CONS"))
+    try:
+        # a window for a refusal to come back before the req exists (a refusal takes
+        # milliseconds; the hello may wait for its req up to --hello-grace)
+        await asyncio.wait({hello}, timeout=1.0)
+        assert not hello.done() or hello.exception() is None, hello.exception()
+        cons = await a.req(uid, "CONS", len(prod.listeners), 0)
+        said = await hello
+    except BaseException:
+        hello.cancel()
+        await asyncio.gather(hello, return_exceptions=True)
+        raise
+    assert list(said.listeners) == list(cons.listeners)
+    update = await b.update(uid, "CONS", prod.listeners, prod.wan_secret)
+    await roundtrip_ok(update.listeners[0], 256 << 10)     # consumer -> CONS -> PROD -> producer
+    await a.release(uid)
+    assert await live_rows(f.url) == []

@@ -42,13 +42,11 @@ async def status_of(client, uid: str, role: str) -> Shown:
     return next(Shown(s) for s in (await client.status(uid)).sessions if s.role == role)
 
 
-async def cons_half(url: str, client, uid: str, prod, legacy: bool = False):
-    """The CONS half of ``uid`` in the same facility as its PROD half: the consumer's hello
-    once the req is in the store (before it, the hello would find PROD's, done already)."""
+async def cons_half(client, uid: str, prod, legacy: bool = False):
+    """The CONS half of ``uid`` in the same facility as its PROD half: its req, and the
+    consumer's hello (which waits for that req if it comes first)."""
     req = asyncio.create_task(client.req(uid, "CONS", len(prod.listeners), 0))
     try:
-        await wait_for(lambda: sql(url, "SELECT 1 FROM fsessions WHERE uid = $1 AND role = 'CONS'", uid),
-                       15, "the CONS req in the store")
         await client.hello(uid, "CONS")
         await req
     except BaseException:
@@ -66,7 +64,7 @@ async def test_flows_through_facility_sessions_status_metrics_web_release(facili
     a, b = (client_for(p.target) for p in f.instances)
     async with UdpEcho() as app:
         uid, prod = await prod_session(a, b, f"127.0.0.1:{app.port}", num_conn=2)
-        cons = await cons_half(f.url, b, uid, prod)
+        cons = await cons_half(b, uid, prod)
         assert cons.wan_security == "tls"
         rows = {r["role"]: r for r in await sql(f.url, "SELECT role, node, ports, udp FROM fsessions WHERE uid = $1",
                                                 uid)}
@@ -130,7 +128,7 @@ async def test_plain_leg(facility, client_for):
     a = client_for(f.instances[0].target)
     async with UdpEcho() as app:
         uid, prod = await prod_session(a, a, f"127.0.0.1:{app.port}", legacy=True)
-        cons = await cons_half(f.url, a, uid, prod, legacy=True)
+        cons = await cons_half(a, uid, prod, legacy=True)
         assert cons.wan_security == "plain"
         (sock,) = [await flow_exchange(parse_listener(cons.listeners[0]), 7, 30)]
         sock.close()
@@ -160,7 +158,7 @@ async def test_node_restarted_in_place_keeps_the_udp(facility, client_for):
     node = f.nodes[0]
     async with UdpEcho() as app:
         uid, prod = await prod_session(a, a, f"127.0.0.1:{app.port}")
-        cons = await cons_half(f.url, a, uid, prod)
+        cons = await cons_half(a, uid, prod)
         addr = parse_listener(cons.listeners[0])
         sock = await flow_exchange(addr, 1, 20)
         try:
@@ -200,7 +198,7 @@ async def test_node_killed_sessions_fail_new_ones_carry_udp_on_the_survivor(faci
     a = client_for(f.instances[0].target)
     async with UdpEcho() as app:
         uid, prod = await prod_session(a, a, f"127.0.0.1:{app.port}")
-        cons = await cons_half(f.url, a, uid, prod)
+        cons = await cons_half(a, uid, prod)
         (sock,) = [await flow_exchange(parse_listener(cons.listeners[0]), 1, 10)]
         sock.close()
         (row,) = await sql(f.url, "SELECT node FROM fsessions WHERE uid = $1 AND role = 'PROD'", uid)
@@ -214,7 +212,7 @@ async def test_node_killed_sessions_fail_new_ones_carry_udp_on_the_survivor(faci
         uid2, prod2 = await prod_session(a, a, f"127.0.0.1:{app.port}")
         (row2,) = await sql(f.url, "SELECT node FROM fsessions WHERE uid = $1", uid2)
         assert row2["node"] != dead.name
-        cons2 = await cons_half(f.url, a, uid2, prod2)
+        cons2 = await cons_half(a, uid2, prod2)
         (sock,) = [await flow_exchange(parse_listener(cons2.listeners[0]), 2, 20)]
         sock.close()
         assert (await status_of(a, uid2, "PROD")).udp_counters["datagrams_in"] >= 20

@@ -467,6 +467,10 @@ class FacilityRegistry:
                             and r["owner_id"] == who.id
                             and (r["role"] != "PROD" or list(r["prod_listeners"]) == endpoints)):
                         return r, False
+                if role and all(r["role"] != role for r in rows):
+                    # the other half of the uid is live here and this role's req has not come
+                    # yet (the original's order: hello first): wait for it, as one gateway does
+                    return None, False
                 raise FailedPrecondition(f"session {uid} already had its hello")
             row = waiting[0]
             self._check_owner(row, who, "hello")
