@@ -2,8 +2,8 @@
 three hops is made the bottleneck in turn (a consumer that reads slowly, a lossy WAN, a
 producer that sends slowly) and what both gateways' status says must name it. Real
 control servers on the gateways (Builtin, which samples its sockets itself, and HAProxy,
-whose sockets are read from outside), a real session, every byte checked by the
-consumer; bounded in time, the namespaces removed afterwards."""
+Nginx and stunnel, whose sockets are read from outside), a real session, every byte
+checked by the consumer; bounded in time, the namespaces removed afterwards."""
 from __future__ import annotations
 
 import asyncio
@@ -34,10 +34,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("server_type", ["Builtin", "Haproxy"])
+@pytest.mark.parametrize("server_type", ["Builtin", "Haproxy", "Nginx", "Stunnel"])
 @pytest.mark.parametrize("case", list(CASES))
 async def test_telemetry_names_the_bottleneck(case, server_type, tmp_path):
-    """Builtin samples its sockets itself; HAProxy's are read from outside (``ss``)."""
+    """Builtin samples its sockets itself; the external proxies' are read from outside (``ss``)."""
     try:
         get_backend(server_type).check_available()
     except BackendUnavailable as exc:
