@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, port_block, wait_until
+from conftest import BIN, async_wait_until, port_block, wait_until
 from pghelpers import running_postgres, sql  # noqa: F401  (re-exported)
+from scistream.data.supervise import pid_alive
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -122,3 +124,24 @@ def facility(pg, tmp_path, s2cs_process):
     yield make
     for n in made:
         n.stop()
+
+
+@contextlib.asynccontextmanager
+async def restarted_node(url: str, node):
+    """``s2ds restart`` of ``node`` (its service hands its sessions to a successor); yields
+    the successor's pid once it is registered and up in the store, and stops it at the end
+    (it is not the test's child: through its socket)."""
+    sock = str(node.dir / "node.sock")
+    out = subprocess.run([str(BIN / "s2ds"), "restart", "--socket", sock], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    new_pid = int(out.stdout.split("->")[1].split(",")[0])
+    try:
+        async def registered() -> bool:
+            r = (await sql(url, "SELECT pid, state FROM nodes WHERE name = $1", node.name))[0]
+            return r["pid"] == new_pid and r["state"] == "up"
+        await async_wait_until(registered, 15, "the successor registered")
+        yield new_pid
+    finally:
+        subprocess.run([str(BIN / "s2ds"), "stop", "--socket", sock], capture_output=True, timeout=30)
+        await async_wait_until(lambda: not pid_alive(new_pid), 15, "the successor stopped")

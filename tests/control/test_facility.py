@@ -18,11 +18,10 @@ import pytest
 from conftest import (BIN, async_wait_until, cons_session, new_uid, parse_listener, prod_session, roundtrip_ok,
                       still_listening)
 from scistream.client import AsyncClient
-from scistream.data.supervise import pid_alive
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from facilityhelpers import Node, facility, pg, sql, sql_sync  # noqa: E402,F401  (fixtures too)
+from facilityhelpers import Node, facility, pg, restarted_node, sql, sql_sync  # noqa: E402,F401  (fixtures too)
 from pghelpers import running_postgres  # noqa: E402
 
 LIVE = "('requested', 'ready', 'connected')"
@@ -661,15 +660,9 @@ async def test_facility_node_restarted_in_place(facility, servers, client_for, e
     await roundtrip_ok(stream, 128 << 10)
     node = f.nodes[0]
     old = (await sql(f.url, "SELECT pid, cert FROM nodes WHERE name = 'dtn1'"))[0]
-    out = subprocess.run([str(BIN / "s2ds"), "restart", "--socket", str(node.dir / "node.sock")],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    new_pid = int(out.stdout.split("->")[1].split(",")[0])
-    try:
-        async def registered() -> bool:
-            r = (await sql(f.url, "SELECT pid, cert, state FROM nodes WHERE name = 'dtn1'"))[0]
-            return r["pid"] == new_pid and r["state"] == "up" and r["cert"] == old["cert"]
-        await async_wait_until(registered, 15, "the successor registered")
+    async with restarted_node(f.url, node) as new_pid:
+        now = (await sql(f.url, "SELECT pid, cert FROM nodes WHERE name = 'dtn1'"))[0]
+        assert now["pid"] == new_pid != old["pid"] and now["cert"] == old["cert"]   # same certificate
         await roundtrip_ok(stream, 128 << 10)             # a new connection through the same listeners
         st = (await a.status(uid)).sessions[0]
         assert st.state == "connected" and st.node == "dtn1"
@@ -683,11 +676,6 @@ async def test_facility_node_restarted_in_place(facility, servers, client_for, e
                                            str(node.dir / "node.sock")], capture_output=True, text=True,
                                           timeout=30).stdout)
         assert reply["pid"] == new_pid and reply["sessions"] == 0
-    finally:
-        # the successor is not the test's child: stop it through its socket
-        subprocess.run([str(BIN / "s2ds"), "stop", "--socket", str(node.dir / "node.sock")],
-                       capture_output=True, timeout=30)
-        await async_wait_until(lambda: not pid_alive(new_pid), 15, "the successor stopped")
 
 
 async def test_original_tooling_client_against_a_facility(facility, echo_server, original_stubs):

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, async_wait_until as wait_for, parse_listener, prod_session
-from scistream.data.supervise import pid_alive
+from conftest import async_wait_until as wait_for, parse_listener, prod_session
 from udp_support import UdpEcho, flow_exchange, flow_more, scrape, udp_port_free, val
 
 pytest.importorskip("asyncpg")
 
-from facilityhelpers import facility, pg, sql  # noqa: E402,F401  (fixtures too)
+from facilityhelpers import facility, pg, restarted_node, sql  # noqa: E402,F401  (fixtures too)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "web"))
 from webhelpers import ahttp  # noqa: E402
@@ -162,15 +160,7 @@ async def test_node_restarted_in_place_keeps_the_udp(facility, client_for):
         addr = parse_listener(cons.listeners[0])
         sock = await flow_exchange(addr, 1, 20)
         try:
-            out = subprocess.run([str(BIN / "s2ds"), "restart", "--socket", str(node.dir / "node.sock")],
-                                 capture_output=True, text=True, timeout=60)
-            assert out.returncode == 0, out.stderr
-            new_pid = int(out.stdout.split("->")[1].split(",")[0])
-            try:
-                async def registered() -> bool:
-                    r = (await sql(f.url, "SELECT pid, state FROM nodes WHERE name = 'dtn1'"))[0]
-                    return r["pid"] == new_pid and r["state"] == "up"
-                await wait_for(registered, 15, "the successor registered")
+            async with restarted_node(f.url, node):
                 # the same source: a new flow through the successor's workers (as on a single
                 # gateway, the flows and their counters are the workers'), on the same ports
                 await flow_more(sock, 1, range(20, 40))
@@ -182,10 +172,6 @@ async def test_node_restarted_in_place_keeps_the_udp(facility, client_for):
                 ports = [parse_listener(x) for x in (*prod.listeners, *cons.listeners)]
                 await a.release(uid)
                 await wait_for(lambda: all(udp_port_free(p, h) for h, p in ports), what="UDP sockets closed")
-            finally:
-                subprocess.run([str(BIN / "s2ds"), "stop", "--socket", str(node.dir / "node.sock")],
-                               capture_output=True, timeout=30)
-                await wait_for(lambda: not pid_alive(new_pid), 15, "the successor stopped")
         finally:
             sock.close()
 
