@@ -337,7 +337,7 @@ async def test_facility_topology_reaches_only_what_it_needs(ftb):
         for listener, expected in w.items():
             assert answers[listener]["error"] == expected, (src, listener, answers[listener])
     for ns in tb.namespaces:
-        assert tb._run_ns(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0", ns
+        assert tb.run(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0", ns
         assert _NAME_RE.match(ns), ns   # a crashed run's namespaces are recognised (cleanup_leftovers)
 
 

@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from ..data.supervise import pid_alive
 from .wan import WanSpec, element_binary
@@ -90,18 +90,9 @@ class Host:
         d = dict(self.addrs)
         return (d.get("wan0") or d.get("eth0") or self.addrs[0][1]).split("/")[0]
 
-    @property
-    def lan_ip(self) -> str:
-        return self.addr("lan0")
-
-    @property
-    def wan_ip(self) -> str:
-        return self.addr("wan0")
-
-    @property
-    def control_ip(self) -> str:
-        """A gateway's address on the user's link: where its S2CS takes control calls."""
-        return self.addr("usr0")
+    lan_ip = property(lambda self: self.addr("lan0"))
+    wan_ip = property(lambda self: self.addr("wan0"))
+    control_ip = property(lambda self: self.addr("usr0"))  # on the user's link: where its S2CS takes calls
 
 
 # (host, label, [(ifname, addr)]); links: (host, if, host, if); routes: (host, dest, via)
@@ -144,7 +135,8 @@ _W_ROUTES = _ROUTES + (
     ("gw-a", "198.51.100.14/32", "198.51.100.10"),   # GW-A -> GW-B's WAN address, through the router
     ("gw-b", "198.51.100.9/32", "198.51.100.13"),    # and back
 )
-_TUN = {"gw-a": ("a0", "tun-a", 100), "gw-b": ("b0", "tun-b", 101)}  # side: veth, its TUN, rule table
+# side: its veth, its TUN, its rule table, the side its packets go to
+_TUN = {"gw-a": ("a0", "tun-a", 100, "gw-b"), "gw-b": ("b0", "tun-b", 101, "gw-a")}
 
 
 def unavailable_reason() -> str | None:
@@ -175,24 +167,27 @@ def namespace_pids(ns: str) -> list[int]:
     return [int(x) for x in p.stdout.split() if x.isdigit() and int(x) != os.getpid()]
 
 
+def _poll(done: Callable[[], Any], timeout: float) -> Any:
+    """``done()`` until it gives something true or ``timeout`` seconds pass; its last value."""
+    deadline, delay = time.monotonic() + timeout, 0.005
+    while not (value := done()) and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return value
+
+
 def _kill_all(namespaces: Iterable[str], grace: float = 3.0) -> None:
     """SIGTERM every process in the namespaces, then SIGKILL what is left; bounded."""
     namespaces = list(namespaces)
+    pids = lambda: [pid for ns in namespaces for pid in namespace_pids(ns)]  # noqa: E731
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids = [pid for ns in namespaces for pid in namespace_pids(ns)]
-        if not pids:
-            return
-        for pid in pids:
+        for pid in pids():
             log.info("testbed: stopping process %d left in a namespace (%s)", pid, sig.name)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        delay = 0.01
-        while any(namespace_pids(ns) for ns in namespaces) and time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
-    left = [pid for ns in namespaces for pid in namespace_pids(ns)]
-    if left:
+        if _poll(lambda: not pids(), wait):
+            return
+    if left := pids():
         raise TestbedError(f"processes {left} survived SIGKILL in {namespaces}")
 
 
@@ -208,17 +203,12 @@ def _delete(namespaces: Iterable[str]) -> None:
         raise TestbedError("could not delete namespaces: " + "; ".join(errors))
 
 
-def our_namespaces() -> list[str]:
-    """Every namespace with this module's prefix, from any run."""
-    p = _ip("netns", "list", check=False)
-    return [line.split()[0] for line in p.stdout.splitlines() if line.startswith(PREFIX)]
-
-
 def cleanup_leftovers() -> list[str]:
     """Delete the namespaces (and their processes: a WAN element too) of testbeds whose
     creator is dead, and their WAN elements' directories."""
     stale, tags = [], set()
-    for ns in our_namespaces():
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        ns = line.partition(" ")[0]
         m = _NAME_RE.match(ns)
         if m and not pid_alive(int(m.group(1))):
             stale.append(ns)
@@ -250,24 +240,16 @@ class Testbed:
         self._element: subprocess.Popen | None = None  # the WAN element (wanem) in the router
         self._wan_dir: Path | None = None              # its stats file and log
         self.wan_final_stats: dict | None = None       # its counters when it was stopped
+        hosts, self.links, self.routes, switches = self._topology()
         self.hosts: dict[str, Host] = {
-            name: Host(name, label, f"{PREFIX}{self.tag}-{name}", addrs) for name, label, addrs in self._hosts()}
+            name: Host(name, label, f"{PREFIX}{self.tag}-{name}", addrs) for name, label, addrs in hosts}
         # switches: a namespace holding one bridge (br0) that joins a LAN's hosts; no address
-        self.switches: dict[str, str] = {name: f"{PREFIX}{self.tag}-{name}" for name in self._switches()}
+        self.switches: dict[str, str] = {name: f"{PREFIX}{self.tag}-{name}" for name in switches}
         self._created: list[str] = []
 
-    # The topology (read when used, so a test may patch the module's tables).
-    def _hosts(self) -> tuple:
-        return _W_HOSTS if self.wan else _HOSTS
-
-    def _links(self) -> tuple:
-        return _W_LINKS if self.wan else _LINKS
-
-    def _routes(self) -> tuple:
-        return _W_ROUTES if self.wan else _ROUTES
-
-    def _switches(self) -> tuple:
-        return ()
+    def _topology(self) -> tuple:
+        """(hosts, links, routes, switches), read per testbed (so a test may patch the module's tables)."""
+        return (_W_HOSTS, _W_LINKS, _W_ROUTES, ()) if self.wan else (_HOSTS, _LINKS, _ROUTES, ())
 
     @classmethod
     def attach(cls, tag: str, *, wan: WanSpec | None = None) -> "Testbed":
@@ -310,14 +292,14 @@ class Testbed:
             _ip("netns", "add", ns)
             self._created.append(ns)
             # Before any link exists: no forwarding, no IPv6 (nothing but our IPv4 leaves a veth).
-            self._run_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.disable_ipv6=1",
-                         "net.ipv6.conf.default.disable_ipv6=1")
+            self.run(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.disable_ipv6=1",
+                     "net.ipv6.conf.default.disable_ipv6=1")
             _ip("-n", ns, "link", "set", "lo", "up")
         for ns in self.switches.values():
             # A bridge switches frames between a LAN's ports (layer 2, no IP, no STP delay).
             _ip("-n", ns, "link", "add", "br0", "type", "bridge", "stp_state", "0")
             _ip("-n", ns, "link", "set", "br0", "up")
-        for a, a_if, b, b_if in self._links():
+        for a, a_if, b, b_if in self.links:
             ha = self.hosts[a].ns
             hb = self.switches.get(b) or self.hosts[b].ns
             _ip("link", "add", a_if, "netns", ha, "type", "veth", "peer", "name", b_if, "netns", hb)
@@ -328,10 +310,10 @@ class Testbed:
             for ifname, addr in h.addrs:
                 _ip("-n", h.ns, "addr", "add", addr, "dev", ifname)
                 _ip("-n", h.ns, "link", "set", ifname, "up")
-        for host, dest, via in self._routes():
+        for host, dest, via in self.routes:
             _ip("-n", self.hosts[host].ns, "route", "add", dest, "via", via)
         for ns in self.namespaces:
-            fwd = self._run_ns(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
+            fwd = self.run(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
             if fwd != "0":
                 raise TestbedError(f"{ns}: ip_forward is {fwd}, expected 0")
         if self.wan:
@@ -344,40 +326,33 @@ class Testbed:
             binary = element_binary()
         except RuntimeError as exc:
             raise TestbedError(str(exc)) from None
-        for _, tun, _ in _TUN.values():
+        for _, tun, _, _ in _TUN.values():
             _ip("-n", r.ns, "tuntap", "add", "dev", tun, "mode", "tun")
         self._wan_dir = Path(tempfile.mkdtemp(prefix=f"scistream-wan-{self.tag}-"))
         stats, logf = self._wan_dir / "stats.json", self._wan_dir / "element.log"
         with open(logf, "wb") as f:
             self._element = subprocess.Popen(self.argv(r, *spec.element_argv(binary, stats)), stdin=subprocess.DEVNULL,
                                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
-        delay = 0.005
-        while not stats.exists():  # written once both devices are attached
-            if self._element.poll() is not None or time.monotonic() > deadline:
-                why = logf.read_text(errors="replace").strip()[-1000:] or f"exit {self._element.returncode}"
-                raise TestbedError(f"the WAN element did not start: {why}")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        _poll(lambda: stats.exists() or self._element.poll() is not None, 10)
+        if not stats.exists():  # written once both devices are attached
+            why = logf.read_text(errors="replace").strip()[-1000:] or f"exit {self._element.returncode}"
+            raise TestbedError(f"the WAN element did not start: {why}")
         mtu = str(spec.mtu)
-        for gw, (veth, tun, table) in _TUN.items():
-            _ip("-n", self.hosts[gw].ns, "link", "set", "wan0", "mtu", mtu)
-            _ip("-n", r.ns, "link", "set", veth, "mtu", mtu)
-            _ip("-n", r.ns, "link", "set", tun, "mtu", mtu, "txqueuelen", "10000", "up")
-        # Forwarding, without reverse-path checks (a packet comes back in on the other TUN).
-        devs = ["all", "default", *(v for v, _, _ in _TUN.values()), *(t for _, t, _ in _TUN.values())]
-        self.run(r, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-                 *(f"net.ipv4.conf.{d}.rp_filter=0" for d in devs))
         # What comes in from a gateway's side goes into that side's TUN (to the element), and
         # only if it is for the other gateway's WAN address; what the element writes out of the
         # other TUN is routed by the main table, to the other side's veth.
-        (a_veth, a_tun, a_table), (b_veth, b_tun, b_table) = _TUN["gw-a"], _TUN["gw-b"]
-        for veth, tun, table, dest in ((a_veth, a_tun, a_table, self.gw_b.wan_ip),
-                                       (b_veth, b_tun, b_table, self.gw_a.wan_ip)):
+        for gw, (veth, tun, table, other) in _TUN.items():
+            _ip("-n", self.hosts[gw].ns, "link", "set", "wan0", "mtu", mtu)
+            _ip("-n", r.ns, "link", "set", veth, "mtu", mtu)
+            _ip("-n", r.ns, "link", "set", tun, "mtu", mtu, "txqueuelen", "10000", "up")
             _ip("-n", r.ns, "rule", "add", "iif", veth, "lookup", str(table), "pref", str(table))
-            _ip("-n", r.ns, "route", "add", f"{dest}/32", "dev", tun, "table", str(table))
+            _ip("-n", r.ns, "route", "add", f"{self.hosts[other].wan_ip}/32", "dev", tun, "table", str(table))
             if spec.rate:
                 self.run(r, "tc", "qdisc", "add", "dev", tun, "root", *spec.tbf_args())
+        # Forwarding, without reverse-path checks (a packet comes back in on the other TUN).
+        devs = ["all", "default", *(dev for veth, tun, _, _ in _TUN.values() for dev in (veth, tun))]
+        self.run(r, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+                 *(f"net.ipv4.conf.{d}.rp_filter=0" for d in devs))
         log.info("testbed %s: emulated WAN %s", self.tag, spec.describe())
 
     @property
@@ -389,20 +364,19 @@ class Testbed:
         """The WAN element's counters now: per direction ("ab": GW-A to GW-B, "ba") the packets
         read, sent, lost (the loss model), overflowed (its buffer full) and write errors, and
         "cut": the joined (GSO) TCP packets it cut into segments because one of them was lost."""
-        if self._element is None or self._wan_dir is None or self._element.poll() is not None:
+        if self.element_pid is None:
             raise TestbedError("no WAN element runs in this testbed (built by this process with wan=...)")
         path = self._wan_dir / "stats.json"
         before = json.loads(path.read_text())["seq"]
         self._element.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def answer() -> dict | None:
             with contextlib.suppress(ValueError, OSError):
                 now = json.loads(path.read_text())
-                if now["seq"] > before:
-                    return now
-            if time.monotonic() > deadline:
-                raise TestbedError(f"the WAN element did not answer within {timeout} s")
-            time.sleep(0.01)
+                return now if now["seq"] > before else None
+        if now := _poll(answer, timeout):
+            return now
+        raise TestbedError(f"the WAN element did not answer within {timeout} s")
 
     def tune_tcp(self, *hosts: Host, buffer_max: int, congestion: str | None = None) -> None:
         """Let TCP in ``hosts`` autotune its buffers up to ``buffer_max`` bytes (``tcp_rmem`` and
@@ -440,12 +414,11 @@ class Testbed:
                     self.run(gw, "ip", "route", "change", *route.split(), "congctl", "cubic")
                 done.append(f"  {gw.label}: typical: {', '.join(self.TYPICAL_TCP)}; every route congctl cubic")
                 continue
-            s2cs = Path(sys.executable).with_name("s2cs")
-            argv = [str(s2cs), "check-config", "--max-rtt", f"{self.wan.rtt_ms}ms", "--json"]
-            rate = f"{self.wan.rate / 1e6:g}mbit" if self.wan.rate else ""
-            if rate:
-                argv += ["--rate", rate]
-            p = self.run(gw, *argv, check=False, timeout=60)
+            opts = ["--max-rtt", f"{self.wan.rtt_ms:g}ms"]
+            if self.wan.rate:
+                opts += ["--rate", f"{self.wan.rate / 1e6:g}mbit"]
+            s2cs = str(Path(sys.executable).with_name("s2cs"))
+            p = self.run(gw, s2cs, "check-config", *opts, "--json", check=False, timeout=60)
             try:
                 advice = json.loads(p.stdout)["advice"]
             except (ValueError, KeyError):
@@ -453,29 +426,25 @@ class Testbed:
             sets = [f"{k}={v}" for k, v in advice.items() if k.startswith("net.ipv4.")]
             if sets:
                 self.run(gw, "sysctl", "-q", "-w", *sets)
-            done.append(f"  {gw.label}: as `s2cs check-config --max-rtt {self.wan.rtt_ms:g}ms"
-                        + (f" --rate {rate}" if rate else "") + "` advises: "
-                        + (", ".join(sets) if sets else "nothing to raise"))
+            done.append(f"  {gw.label}: as `s2cs check-config {' '.join(opts)}` advises: "
+                        + (", ".join(sets) or "nothing to raise"))
         return done
 
     def _stop_element(self) -> None:
         proc, self._element = self._element, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    log.warning("the WAN element ignored SIGTERM; sending SIGKILL")
-                    proc.kill()
-                    proc.wait()
-            if self._wan_dir is not None:
-                with contextlib.suppress(ValueError, OSError):
-                    self.wan_final_stats = json.loads((self._wan_dir / "stats.json").read_text())
-        if self._wan_dir is not None:
-            shutil.rmtree(self._wan_dir, ignore_errors=True)
-            self._wan_dir = None
-
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.warning("the WAN element ignored SIGTERM; sending SIGKILL")
+                proc.kill()
+                proc.wait()
+        wan_dir, self._wan_dir = self._wan_dir, None
+        if wan_dir is not None:
+            with contextlib.suppress(ValueError, OSError):  # its last counters, written as it stopped
+                self.wan_final_stats = json.loads((wan_dir / "stats.json").read_text())
+            shutil.rmtree(wan_dir, ignore_errors=True)
 
     def destroy(self) -> None:
         """Stop every process left in the namespaces, then delete them (and their veths)."""
@@ -498,29 +467,21 @@ class Testbed:
         """``argv`` as run inside ``host``'s namespace."""
         return ["ip", "netns", "exec", host.ns, *argv]
 
-    def run(self, host: Host, *argv: str, check: bool = True, timeout: float = 30,
+    def run(self, host: Host | str, *argv: str, check: bool = True, timeout: float = 30,
             env: dict | None = None) -> subprocess.CompletedProcess:
-        return self._run_ns(host.ns, *argv, label=host.label, check=check, timeout=timeout, env=env)
-
-    def _run_ns(self, ns: str, *argv: str, label: str = "", check: bool = True, timeout: float = 30,
-                env: dict | None = None) -> subprocess.CompletedProcess:
-        """``argv`` run inside the namespace ``ns`` (a host's, or a switch's, which has no Host)."""
+        """``argv`` run inside ``host``'s namespace (or the one named ``host``: a switch has no Host)."""
+        ns, label = (host, host) if isinstance(host, str) else (host.ns, host.label)
         p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout,
                            env=env, stdin=subprocess.DEVNULL)
         if check and p.returncode != 0:
-            raise TestbedError(f"{label or ns}: {' '.join(argv)} exited {p.returncode}: "
+            raise TestbedError(f"{label}: {' '.join(argv)} exited {p.returncode}: "
                                f"{(p.stderr or p.stdout).strip()[-1000:]}")
         return p
 
     def listening_ports(self, host: Host) -> set[int]:
         """The TCP ports something listens on inside ``host`` (``ss -ltn``)."""
-        out = self.run(host, "ss", "-ltnH").stdout
-        ports = set()
-        for line in out.splitlines():
-            fields = line.split()
-            if len(fields) >= 4:
-                ports.add(int(fields[3].rpartition(":")[2]))
-        return ports
+        lines = self.run(host, "ss", "-ltnH").stdout.splitlines()
+        return {int(fields[3].rpartition(":")[2]) for fields in map(str.split, lines) if len(fields) >= 4}
 
     def inside(self, host: Host) -> bool:
         """True if this process runs in ``host``'s namespace."""
@@ -538,7 +499,7 @@ class Testbed:
             lines.append(f"  WAN (GW-A <-> router <-> GW-B): {self.wan.describe()}")
         for name, ns in self.switches.items():
             lines.append(f"  {'[' + name + ']':<8} {ns:<40} bridge of " + " ".join(
-                a for a, _, b, _ in self._links() if b == name))
+                a for a, _, b, _ in self.links if b == name))
         return "\n".join(lines)
 
 
@@ -607,17 +568,8 @@ class FacilityTestbed(Testbed):
             raise TestbedError("FacilityTestbed has no emulated WAN (its WAN is a bridge); use Testbed(wan=...)")
         super().__init__(tag, owner=owner)
 
-    def _hosts(self) -> tuple:
-        return _F_HOSTS
-
-    def _links(self) -> tuple:
-        return _F_LINKS
-
-    def _routes(self) -> tuple:
-        return _F_ROUTES
-
-    def _switches(self) -> tuple:
-        return _F_SWITCHES
+    def _topology(self) -> tuple:
+        return _F_HOSTS, _F_LINKS, _F_ROUTES, _F_SWITCHES
 
     ctl_a1 = property(lambda self: self.hosts["ctl-a1"])
     ctl_a2 = property(lambda self: self.hosts["ctl-a2"])
