@@ -66,8 +66,9 @@ async def probe(listener: str, timeout: float = 3.0) -> dict:
     return {**result, "ok": True, "error": "", "message": f"connected from {me}"}
 
 
-async def probe_all(listeners: list[str], timeout: float) -> list[dict]:
-    return list(await asyncio.gather(*(probe(l, timeout) for l in listeners)))
+async def _each(one: Callable[..., Awaitable[dict]], listeners: list[str], *args) -> list[dict]:
+    """``one(listener, *args)`` for every listener, all at once."""
+    return list(await asyncio.gather(*(one(l, *args) for l in listeners)))
 
 
 def payload(size: int, marker: bytes, seed: bytes) -> bytes:
@@ -184,13 +185,9 @@ async def _sink_one(listener: str, rate_bps: float, seconds: float) -> dict:
             "bps": round(got * 8 / max(1e-3, time.monotonic() - start))}
 
 
-async def sink(listeners: list[str], rate_bps: float, seconds: float) -> list[dict]:
-    return list(await asyncio.gather(*(_sink_one(l, rate_bps, seconds) for l in listeners)))
-
-
-async def _one_client(listener: str, data: bytes, timeout: float) -> dict:
-    host, port = parse_listener(listener)
-    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+async def _echo_one(listener: str, size: int, marker: bytes, timeout: float) -> dict:
+    data = payload(size, marker, listener.encode())
+    r, w = await asyncio.wait_for(asyncio.open_connection(*parse_listener(listener)), timeout)
 
     async def send() -> None:
         for i in range(0, len(data), 1 << 16):
@@ -210,18 +207,11 @@ async def _one_client(listener: str, data: bytes, timeout: float) -> dict:
             "received": len(got), "echo_ok": got == data}
 
 
-async def echo_client(listeners: list[str], size: int, marker: bytes, timeout: float) -> list[dict]:
-    return list(await asyncio.gather(*(
-        _one_client(l, payload(size, marker, f"{i}:{l}".encode()), timeout) for i, l in enumerate(listeners))))
-
-
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; not named by every Python
 
 
 def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = sum(struct.unpack(f"!{(len(data) + 1) // 2}H", data + b"\0" * (len(data) % 2)))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
     return ~total & 0xFFFF
@@ -230,7 +220,7 @@ def _checksum(data: bytes) -> int:
 def ping(host: str, count: int, interval: float, wait: float, size: int = 56) -> dict:
     """ICMP echo round trips to ``host``: {"sent", "received", "rtt_ms" (by sequence order), "lost"}."""
     ident = os.getpid() & 0xFFFF
-    pad = bytes(range(256)) * (size // 256 + 1)
+    body = (bytes(range(256)) * (size // 256 + 1))[:size]
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -242,9 +232,8 @@ def ping(host: str, count: int, interval: float, wait: float, size: int = 56) ->
         while True:
             now = time.monotonic()
             if seq < count and now >= start + seq * interval:
-                head = struct.pack("!BBHHH", 8, 0, 0, ident, seq & 0xFFFF)
-                body = pad[:size]
-                packet = struct.pack("!BBHHH", 8, 0, _checksum(head + body), ident, seq & 0xFFFF) + body
+                csum = _checksum(struct.pack("!BBHHH", 8, 0, 0, ident, seq & 0xFFFF) + body)
+                packet = struct.pack("!BBHHH", 8, 0, csum, ident, seq & 0xFFFF) + body
                 sent[seq] = time.time_ns()
                 sock.sendto(packet, (host, 0))
                 seq += 1
@@ -271,28 +260,25 @@ def ping(host: str, count: int, interval: float, wait: float, size: int = 56) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scistream.netns.peer", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("connect")
-    c.add_argument("listeners", nargs="+")
+    clients = argparse.ArgumentParser(add_help=False)  # the options of the tools that connect ...
+    clients.add_argument("listeners", nargs="+")
+    servers = argparse.ArgumentParser(add_help=False)  # ... and of those that listen
+    servers.add_argument("--bind", required=True)
+    servers.add_argument("--ports", type=int, default=1)
+    servers.add_argument("--ready", type=Path, required=True)
+    c = sub.add_parser("connect", parents=[clients])
     c.add_argument("--timeout", type=float, default=3.0)
-    s = sub.add_parser("echo-server")
-    s.add_argument("--bind", required=True)
-    s.add_argument("--ports", type=int, default=1)
+    s = sub.add_parser("echo-server", parents=[servers])
     s.add_argument("--connections", type=int, default=1)
-    s.add_argument("--ready", type=Path, required=True)
     s.add_argument("--report", type=Path, required=True)
-    e = sub.add_parser("echo-client")
-    e.add_argument("listeners", nargs="+")
+    e = sub.add_parser("echo-client", parents=[clients])
     e.add_argument("--size", type=int, default=1 << 20)
     e.add_argument("--marker", default="SCISTREAM-MARKER")
     e.add_argument("--timeout", type=float, default=30.0)
     e.add_argument("--report", type=Path, required=True)
-    so = sub.add_parser("source")
-    so.add_argument("--bind", required=True)
-    so.add_argument("--ports", type=int, default=1)
+    so = sub.add_parser("source", parents=[servers])
     so.add_argument("--rate", type=float, default=0.0, help="bit/s per connection; 0: as fast as it goes")
-    so.add_argument("--ready", type=Path, required=True)
-    si = sub.add_parser("sink")
-    si.add_argument("listeners", nargs="+")
+    si = sub.add_parser("sink", parents=[clients])
     si.add_argument("--rate", type=float, default=0.0, help="bit/s per connection; 0: as fast as it comes")
     si.add_argument("--seconds", type=float, default=10.0)
     p = sub.add_parser("ping")
@@ -302,27 +288,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=2.0)
     p.add_argument("--size", type=int, default=56)
     a = ap.parse_args(argv)
+    ok = True
     if a.cmd == "ping":
         print(json.dumps(ping(a.host, a.count, a.interval, a.wait, a.size)))
-        return 0
-    if a.cmd == "connect":
-        results = asyncio.run(probe_all(a.listeners, a.timeout))
-        for r in results:
-            print(json.dumps(r))
-        return 0 if all(r["ok"] for r in results) else 1
-    if a.cmd == "source":
+    elif a.cmd == "source":
         asyncio.run(source(a.bind, a.ports, a.rate, a.ready))
-        return 0
-    if a.cmd == "sink":
-        results = asyncio.run(sink(a.listeners, a.rate, a.seconds))
-        print(json.dumps({"received": results, "ok": all(r["ok"] for r in results)}))
-        return 0 if all(r["ok"] for r in results) else 1
-    if a.cmd == "echo-server":
+    elif a.cmd == "echo-server":
         asyncio.run(echo_server(a.bind, a.ports, a.connections, a.ready, a.report))
-        return 0
-    results = asyncio.run(echo_client(a.listeners, a.size, a.marker.encode(), a.timeout))
-    a.report.write_text(json.dumps(results))
-    return 0 if all(r["echo_ok"] for r in results) else 1
+    elif a.cmd == "connect":
+        results = asyncio.run(_each(probe, a.listeners, a.timeout))
+        print("\n".join(map(json.dumps, results)))
+        ok = all(r["ok"] for r in results)
+    elif a.cmd == "sink":
+        results = asyncio.run(_each(_sink_one, a.listeners, a.rate, a.seconds))
+        ok = all(r["ok"] for r in results)
+        print(json.dumps({"received": results, "ok": ok}))
+    else:
+        results = asyncio.run(_each(_echo_one, a.listeners, a.size, a.marker.encode(), a.timeout))
+        a.report.write_text(json.dumps(results))
+        ok = all(r["echo_ok"] for r in results)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -48,37 +48,36 @@ class WanSpecError(ValueError):
 
 
 _NUM = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
+_MS_UNITS = {"": 1, "ms": 1, "s": 1000, "us": 1e-3, "µs": 1e-3}
+_RATE_UNITS = {"": 1, "bit": 1, "k": 1e3, "kbit": 1e3, "m": 1e6, "mbit": 1e6, "g": 1e9, "gbit": 1e9}
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+               "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def _scaled(value: str, what: str, units: dict[str, float], expected: str, tail: str = "") -> float:
+    """The number in ``value`` times its unit's factor (``units``: by lower-case name; ``tail``: a
+    pattern allowed after the unit)."""
+    m = re.fullmatch(f"{_NUM}({'|'.join(map(re.escape, units))}){tail}\\s*", value, re.IGNORECASE)
+    if not m:
+        raise WanSpecError(f"{what} {value!r} is not {expected}")
+    return float(m[1]) * units[m[2].lower()]
 
 
 def parse_ms(value: str | float | int, what: str = "duration") -> float:
     """Milliseconds from 50, "50ms", "0.05s", "50000us"."""
-    if isinstance(value, (int, float)):
-        ms = float(value)
-    else:
-        m = re.fullmatch(_NUM + r"(ms|s|us|µs)?\s*", str(value), re.IGNORECASE)
-        if not m:
-            raise WanSpecError(f"{what} {value!r} is not a duration (e.g. 50ms, 0.1s)")
-        ms = float(m.group(1)) * {"ms": 1, None: 1, "s": 1000, "us": 1e-3, "µs": 1e-3}[
-            m.group(2).lower() if m.group(2) else None]
+    ms = float(value) if isinstance(value, (int, float)) else _scaled(
+        str(value), what, _MS_UNITS, "a duration (e.g. 50ms, 0.1s)")
     if not 0 <= ms <= 10_000:
         raise WanSpecError(f"{what} {value!r} is out of range (0 to 10 s)")
     return ms
-
-
-_RATE_UNITS = {"": 1, "bit": 1, "k": 1e3, "kbit": 1e3, "m": 1e6, "mbit": 1e6, "g": 1e9, "gbit": 1e9}
 
 
 def parse_rate(value: str | float | int | None) -> int | None:
     """Bits per second from 1e9, "1gbit", "200Mbit/s", "500m"; None, 0 or "none": no limit."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "0", "")):
         return None
-    if isinstance(value, (int, float)):
-        bps = float(value)
-    else:
-        m = re.fullmatch(_NUM + r"([kmg]?(?:bit)?)(?:/s|ps)?\s*", value, re.IGNORECASE)
-        if not m:
-            raise WanSpecError(f"rate {value!r} is not a rate (e.g. 1gbit, 200mbit, 1e9)")
-        bps = float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
+    bps = float(value) if isinstance(value, (int, float)) else _scaled(
+        value, "rate", _RATE_UNITS, "a rate (e.g. 1gbit, 200mbit, 1e9)", tail="(?:/s|ps)?")
     if bps == 0:
         return None
     if not 8_000 <= bps <= 100e9:
@@ -98,10 +97,6 @@ def parse_loss(value: str | float | int) -> float:
     return p
 
 
-_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-               "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
-
-
 def parse_queue(value: str | int | None, rate: int | None) -> int | None:
     """Queue bytes from 6250000, "4MiB", "6MB", or a time at the rate: "20ms"; None: one BDP."""
     if value is None or isinstance(value, int):
@@ -113,10 +108,7 @@ def parse_queue(value: str | int | None, rate: int | None) -> int | None:
                 raise WanSpecError(f"queue {value!r} is a time, which needs a rate")
             n = int(parse_ms(text, "queue") / 1000 * rate / 8)
         else:
-            m = re.fullmatch(_NUM + r"([kmg]?i?b?)\s*", text, re.IGNORECASE)
-            if not m:
-                raise WanSpecError(f"queue {value!r} is not a size or a time (e.g. 4MiB, 20ms)")
-            n = int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+            n = int(_scaled(text, "queue", _BYTE_UNITS, "a size or a time (e.g. 4MiB, 20ms)"))
     if n is not None and not 3000 <= n <= 1 << 30:
         raise WanSpecError(f"queue {value!r} is out of range (3000 bytes to 1 GiB)")
     return n
@@ -207,21 +199,14 @@ class WanSpec:
         return ["tbf", "rate", f"{self.rate}bit", "burst", str(burst), "limit", str(self.queue_bytes)]
 
 
-def cache_dir() -> Path:
-    """Where the compiled element is kept: $SCISTREAM_CACHE_DIR, else $XDG_CACHE_HOME/scistream,
-    else ~/.cache/scistream."""
-    if env := os.environ.get("SCISTREAM_CACHE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "scistream"
-
-
 def element_binary() -> Path:
-    """The compiled ``wanem`` for this source (built with ``cc`` the first time, kept by the source's hash).
+    """The compiled ``wanem`` for this source (built with ``cc`` the first time, kept by the source's hash
+    in $SCISTREAM_CACHE_DIR, else $XDG_CACHE_HOME/scistream, else ~/.cache/scistream).
 
     Raises ``RuntimeError`` saying what to install if it cannot be built."""
-    source = SOURCE.read_bytes()
-    out = cache_dir() / f"wanem-{hashlib.sha256(source).hexdigest()[:16]}"
+    cache = os.environ.get("SCISTREAM_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "scistream")
+    out = Path(cache, f"wanem-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}")
     if out.exists():
         return out
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -229,19 +214,13 @@ def element_binary() -> Path:
         raise RuntimeError("the WAN element needs a C compiler (cc) to build once: install gcc "
                            "(scripts/setup --system does)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
-    os.close(fd)
-    try:
-        p = subprocess.run([cc, "-O2", "-pthread", "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                           timeout=120, stdin=subprocess.DEVNULL)
+    with tempfile.TemporaryDirectory(prefix=out.name + ".", dir=out.parent) as tmp:
+        p = subprocess.run([cc, "-O2", "-pthread", "-o", f"{tmp}/wanem", str(SOURCE)], capture_output=True,
+                           text=True, timeout=120, stdin=subprocess.DEVNULL)
         if p.returncode != 0:
             raise RuntimeError(f"cannot build the WAN element ({SOURCE.name}) with {cc}: "
                                f"{(p.stderr or p.stdout).strip()[-1000:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)  # atomic: a parallel build leaves one good binary
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.replace(f"{tmp}/wanem", out)  # atomic: a parallel build leaves one good binary
     log.info("built the WAN element: %s", out)
     return out
 
