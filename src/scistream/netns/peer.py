@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -73,13 +74,8 @@ async def _each(one: Callable[..., Awaitable[dict]], listeners: list[str], *args
 
 def payload(size: int, marker: bytes, seed: bytes) -> bytes:
     """``size`` pseudo-random bytes (from ``seed``) with ``marker`` every 1000 bytes."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest() * 31  # 992 bytes
-        out += marker
-        counter += 1
-    return bytes(out[:size])
+    blocks = range(size // (992 + len(marker)) + 1)  # 992 bytes: 31 times a sha256, then the marker
+    return b"".join(hashlib.sha256(seed + i.to_bytes(8, "big")).digest() * 31 + marker for i in blocks)[:size]
 
 
 async def echo_server(bind: str, ports: int, connections: int, ready: Path, report: Path) -> None:
@@ -150,16 +146,12 @@ async def source(bind: str, ports: int, rate_bps: float, ready: Path) -> None:
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         sent, start = 0, time.monotonic()
         chunk = 16384 if rate_bps else 65521
-        try:
+        with contextlib.closing(w), contextlib.suppress(OSError):  # OSError: the peer went away
             while not stop.is_set():
                 w.write(pattern(sent, chunk))
                 sent += chunk
                 await w.drain()
                 await _paced(rate_bps, start, sent)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            w.close()
 
     await _serve_until_done(serve, bind, ports, ready, stop)
 
@@ -168,19 +160,12 @@ async def _sink_one(listener: str, rate_bps: float, seconds: float) -> dict:
     r, w = await asyncio.wait_for(asyncio.open_connection(*parse_listener(listener)), 10)
     got, ok, start = 0, True, time.monotonic()
     size = 4096 if rate_bps else 65521
-    try:
-        while time.monotonic() - start < seconds:
-            try:
-                chunk = await asyncio.wait_for(r.read(size), max(0.01, seconds - (time.monotonic() - start)))
-            except asyncio.TimeoutError:
-                break
-            if not chunk:
-                break
-            ok = ok and chunk == pattern(got, len(chunk))
-            got += len(chunk)
-            await _paced(rate_bps, start, got)
-    finally:
-        w.close()
+    with contextlib.closing(w), contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while chunk := await r.read(size):
+                ok = ok and chunk == pattern(got, len(chunk))
+                got += len(chunk)
+                await _paced(rate_bps, start, got)
     return {"listener": listener, "received": got, "ok": ok and got > 0,
             "bps": round(got * 8 / max(1e-3, time.monotonic() - start))}
 
@@ -221,13 +206,12 @@ def ping(host: str, count: int, interval: float, wait: float, size: int = 56) ->
     """ICMP echo round trips to ``host``: {"sent", "received", "rtt_ms" (by sequence order), "lost"}."""
     ident = os.getpid() & 0xFFFF
     body = (bytes(range(256)) * (size // 256 + 1))[:size]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sent: dict[int, int] = {}   # seq -> send time (ns, CLOCK_REALTIME like the kernel's stamp)
     rtt: dict[int, float] = {}
     start = time.monotonic()
-    try:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         seq = 0
         while True:
             now = time.monotonic()
@@ -251,8 +235,6 @@ def ping(host: str, count: int, interval: float, wait: float, size: int = 56) ->
             kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
             if kind == 0 and rid == ident and rseq in sent and rseq not in rtt:
                 rtt[rseq] = (got - sent[rseq]) / 1e6
-    finally:
-        sock.close()
     return {"sent": count, "received": len(rtt), "rtt_ms": [rtt[i] for i in sorted(rtt)],
             "lost": [i for i in range(count) if i not in rtt]}
 

@@ -485,11 +485,9 @@ class Testbed:
 
     def inside(self, host: Host) -> bool:
         """True if this process runs in ``host``'s namespace."""
-        try:
-            mine, theirs = os.stat("/proc/self/ns/net"), os.stat(NETNS_DIR / host.ns)
-        except OSError:
-            return False
-        return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+        with contextlib.suppress(OSError):
+            return os.path.samefile("/proc/self/ns/net", NETNS_DIR / host.ns)
+        return False
 
     def describe(self) -> str:
         lines = [f"testbed {self.tag}: {self.SUMMARY}"]

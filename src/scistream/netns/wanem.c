@@ -203,10 +203,7 @@ static uint32_t segment(const unsigned char *pkt, uint32_t ihl, uint32_t thl, ui
 }
 
 static void commit(struct dir *d, uint64_t due, uint32_t len, uint32_t segs) {
-    struct rec *r = at(d, d->tail);
-    r->due = due;
-    r->len = len;
-    r->segs = segs;
+    *at(d, d->tail) = (struct rec){.due = due, .len = len, .segs = segs};
     d->tail += rec_size(len);
 }
 
@@ -255,10 +252,8 @@ static void *run(void *arg) {
             for (uint32_t k = 0; k < segs; k++)
                 nlost += (lost_at[k] = (unsigned char)lose(d));
             uint64_t due = now_ns() + d->delay_ns;
-            if (d->jitter_ns) {
-                int64_t j = (int64_t)((uniform(d) * 2.0 - 1.0) * (double)d->jitter_ns);
-                due = (uint64_t)((int64_t)due + j);
-            }
+            if (d->jitter_ns)  /* +-jitter: a negative one wraps around, as a subtraction */
+                due += (uint64_t)(int64_t)((uniform(d) * 2.0 - 1.0) * (double)d->jitter_ns);
             if (due < d->last_due)
                 due = d->last_due;  /* never ahead of the packet read before it */
             if (nlost)
