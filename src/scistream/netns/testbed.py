@@ -262,12 +262,12 @@ class Testbed:
             raise TestbedError(f"testbed {tag!r} has an emulated WAN: attach with its WanSpec")
         return tb
 
-    producer = property(lambda self: self.hosts["producer"])
-    gw_a = property(lambda self: self.hosts["gw-a"])
-    gw_b = property(lambda self: self.hosts["gw-b"])
-    consumer = property(lambda self: self.hosts["consumer"])
-    user = property(lambda self: self.hosts["user"])
-    router = property(lambda self: self.hosts["router"])  # with an emulated WAN only
+    def __getattr__(self, name: str) -> Host:
+        """A host by its role: ``tb.gw_a`` is ``tb.hosts["gw-a"]`` (``tb.router`` with an emulated WAN only)."""
+        host = self.__dict__.get("hosts", {}).get(name.replace("_", "-"))
+        if host is None:
+            raise AttributeError(f"{type(self).__name__} has no host or attribute {name!r}")
+        return host
 
     @property
     def namespaces(self) -> list[str]:
@@ -568,9 +568,3 @@ class FacilityTestbed(Testbed):
 
     def _topology(self) -> tuple:
         return _F_HOSTS, _F_LINKS, _F_ROUTES, _F_SWITCHES
-
-    ctl_a1 = property(lambda self: self.hosts["ctl-a1"])
-    ctl_a2 = property(lambda self: self.hosts["ctl-a2"])
-    dtn_a1 = property(lambda self: self.hosts["dtn-a1"])
-    dtn_a2 = property(lambda self: self.hosts["dtn-a2"])
-    db_a = property(lambda self: self.hosts["db-a"])
