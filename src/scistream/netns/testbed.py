@@ -263,7 +263,7 @@ class Testbed:
         return tb
 
     def __getattr__(self, name: str) -> Host:
-        """A host by its role: ``tb.gw_a`` is ``tb.hosts["gw-a"]`` (``tb.router`` with an emulated WAN only)."""
+        """A host by its role: ``tb.gw_a`` is ``tb.hosts["gw-a"]`` (``tb.router``: with a WAN only)."""
         host = self.__dict__.get("hosts", {}).get(name.replace("_", "-"))
         if host is None:
             raise AttributeError(f"{type(self).__name__} has no host or attribute {name!r}")
