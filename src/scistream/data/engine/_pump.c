@@ -195,14 +195,9 @@ static unsigned char *thread_scratch(void) {
 
 /* After an OpenSSL failure: raise ssl.SSLError with OpenSSL's reason (or the socket's errno). */
 static PyObject *raise_ssl(unsigned long code, int sys_errno, const char *fallback) {
-    char msg[256];
-    const char *reason = code ? ERR_reason_error_string(code) : NULL;
-    if (reason)
-        snprintf(msg, sizeof msg, "%s", reason);
-    else if (sys_errno)
-        snprintf(msg, sizeof msg, "%s", strerror(sys_errno));
-    else
-        snprintf(msg, sizeof msg, "%s", fallback);
+    const char *msg = code ? ERR_reason_error_string(code) : NULL;
+    if (msg == NULL)
+        msg = sys_errno ? strerror(sys_errno) : fallback;
     PyObject *exc = PyObject_CallFunction(SSLErrorType, "is", 1, msg);
     if (exc == NULL)
         return NULL;
@@ -218,34 +213,27 @@ static PyObject *raise_ssl(unsigned long code, int sys_errno, const char *fallba
 }
 
 /* Send what waits for the TLS socket: the bytes from before the swap, then the ring.
- * 1: all sent; 0: the socket is full; -1: error (errno). */
+ * 1: all sent; 0: the socket is full (*writable cleared; NULL: try it); -1: error (errno). */
 static int flush_out(Engine *e, int fd, int *writable) {
-    if (e->pre.len) {
-        unsigned long long sent = 0;   /* ciphertext: not counted */
-        int r = *writable ? held_flush(&e->pre, fd, &sent) : 0;
-        if (r <= 0) {
-            if (r == 0)
-                *writable = 0;
-            return r;
-        }
-    }
-    for (;;) {
+    unsigned long long sent = 0;   /* ciphertext: not counted */
+    int w = writable == NULL || *writable;
+    int r = !e->pre.len ? 1 : w ? held_flush(&e->pre, fd, &sent) : 0;
+    while (r > 0) {
         char *p;
         int n = BIO_nread0(e->ext, &p);
         if (n <= 0)
-            return 1;
-        if (!*writable)
-            return 0;
-        ssize_t s = io_send(fd, p, (size_t)n);
+            break;
+        ssize_t s = w ? io_send(fd, p, (size_t)n) : 0;
         if (s == -1)
             return -1;
         if (s > 0)
             BIO_nread(e->ext, &p, (int)s);
-        if (s < n) {               /* none or a short send: the socket is full */
-            *writable = 0;
-            return 0;
-        }
+        if (s < n)                 /* none or a short send: the socket is full */
+            r = 0;
     }
+    if (r == 0 && writable != NULL)
+        *writable = 0;
+    return r;
 }
 
 static int out_empty(Engine *e) {
@@ -369,8 +357,7 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
                 break;
             }
             if (ge == SSL_ERROR_WANT_WRITE) {   /* a reply (key update) waits on a full ring */
-                int tw = 1;
-                int f = flush_out(e, src, &tw);
+                int f = flush_out(e, src, NULL);
                 if (f < 0) {
                     sys_err = errno;
                     goto done;
@@ -433,15 +420,11 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
     }
 done:
     /* Anything the engine has to say on the TLS socket (alerts, key update replies). */
-    if (!sys_err && !ssl_fail && BIO_ctrl_pending(e->ext) > 0) {
-        int tw = 1;
-        if (flush_out(e, src, &tw) < 0)
-            sys_err = errno;
-    }
+    if (!sys_err && !ssl_fail && BIO_ctrl_pending(e->ext) > 0 && flush_out(e, src, NULL) < 0)
+        sys_err = errno;
     Py_END_ALLOW_THREADS
     if (ssl_fail) {
-        int tw = 1;
-        (void)flush_out(e, src, &tw);
+        (void)flush_out(e, src, NULL);
         ERR_clear_error();
         return raise_ssl(code, ssl_errno, e->tls_eof ? "EOF in violation of protocol" : "TLS read failed");
     }
@@ -516,6 +499,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "pending_in is larger than the ring");
         goto out;
     }
+    if (pout.len > 0 && hold(&e->pre, pout.buf, (size_t)pout.len) < 0) {   /* freed with e */
+        PyErr_NoMemory();
+        goto out;
+    }
     BIO *inner = NULL, *ext = NULL;
     if (BIO_new_bio_pair(&inner, RING, &ext, RING) != 1) {
         ERR_clear_error();
@@ -527,12 +514,6 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         BIO_free(ext);
         ERR_clear_error();
         PyErr_SetString(PyExc_RuntimeError, "cannot move pending ciphertext into the BIO pair");
-        goto out;
-    }
-    if (pout.len > 0 && hold(&e->pre, pout.buf, (size_t)pout.len) < 0) {
-        BIO_free(inner);
-        BIO_free(ext);
-        PyErr_NoMemory();
         goto out;
     }
     if (eof_in) {
@@ -988,7 +969,8 @@ static PyMethodDef Engine_methods[] = {
 
 static PyGetSetDef Engine_getset[] = {
     {"pending", (getter)Engine_get_pending, NULL, "ciphertext bytes waiting for the TLS socket", NULL},
-    {"unsent", get_held, NULL, "plaintext bytes waiting for the plain socket", (void *)offsetof(Engine, left)},
+    {"unsent", get_held, NULL, "plaintext bytes waiting for the plain socket",
+     (void *)offsetof(Engine, left)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1144,7 +1126,8 @@ static int UdpDir_init(UdpDir *d, PyObject *args, PyObject *kw) {
     }
     if (d->ctx == NULL)
         d->ctx = EVP_CIPHER_CTX_new();
-    int ok = d->ctx != NULL && EVP_CipherInit_ex(d->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL, sending) == 1;
+    int ok = d->ctx != NULL &&
+             EVP_CipherInit_ex(d->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL, sending) == 1;
     PyBuffer_Release(&key);
     if (!ok) {
         PyErr_SetString(PyExc_RuntimeError, "UdpDir: libcrypto refused AES-256-GCM");
@@ -1212,52 +1195,45 @@ static void dir_accept(UdpDir *d, unsigned long long ctr) {
     SEEN_WORD(d, ctr) |= SEEN_BIT(ctr);
 }
 
-static PyObject *UdpDir_seal(UdpDir *d, PyObject *args) {
-    Py_buffer head, data;
+/* seal(head, ctr, data) -> ciphertext + tag, on a sending direction; open(head, ctr, body)
+ * -> plaintext, or None if it does not authenticate, on a receiving one. */
+static PyObject *UdpDir_crypt(UdpDir *d, PyObject *args, int seal) {
+    Py_buffer head, in;
     unsigned long long ctr;
-    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &data))
+    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &in))
         return NULL;
     PyObject *out = NULL;
-    if (!d->sending || head.len != UDP_HEAD || data.len > UDP_MAX) {
-        PyErr_SetString(PyExc_ValueError, "UdpDir.seal: a sending direction, a 23-byte header, at most 65535 bytes");
-    } else if ((out = PyBytes_FromStringAndSize(NULL, data.len + UDP_TAG)) != NULL) {
+    Py_ssize_t n = seal ? in.len : in.len - UDP_TAG;    /* the plaintext's length */
+    if (d->sending != seal || head.len != UDP_HEAD || n > UDP_MAX) {
+        PyErr_SetString(PyExc_ValueError,
+                        seal ? "UdpDir.seal: a sending direction, a 23-byte header, at most 65535 bytes"
+                             : "UdpDir.open: a receiving direction, a 23-byte header");
+    } else if (n < 0) {
+        out = Py_NewRef(Py_None);
+    } else if ((out = PyBytes_FromStringAndSize(NULL, n + UDP_TAG)) != NULL) {
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
-        memcpy(p, data.buf, data.len);
-        if (!dir_crypt(d, head.buf, ctr, p, (int)data.len)) {
+        memcpy(p, in.buf, in.len);
+        if (!dir_crypt(d, head.buf, ctr, p, (int)n)) {
             Py_CLEAR(out);
-            PyErr_SetString(PyExc_RuntimeError, "UdpDir.seal: libcrypto failed");
-        }
-    }
-    PyBuffer_Release(&head);
-    PyBuffer_Release(&data);
-    return out;
-}
-
-static PyObject *UdpDir_open(UdpDir *d, PyObject *args) {
-    Py_buffer head, body;
-    unsigned long long ctr;
-    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &body))
-        return NULL;
-    PyObject *out = NULL;
-    if (d->sending || head.len != UDP_HEAD || body.len > UDP_MAX + UDP_TAG) {
-        PyErr_SetString(PyExc_ValueError, "UdpDir.open: a receiving direction, a 23-byte header");
-    } else if (body.len < UDP_TAG) {
-        out = Py_None;
-        Py_INCREF(out);
-    } else if ((out = PyBytes_FromStringAndSize(NULL, body.len)) != NULL) {
-        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
-        memcpy(p, body.buf, body.len);
-        if (!dir_crypt(d, head.buf, ctr, p, (int)(body.len - UDP_TAG))) {
-            Py_DECREF(out);
-            out = Py_None;
-            Py_INCREF(out);
-        } else if (_PyBytes_Resize(&out, body.len - UDP_TAG) < 0) {
+            if (seal)
+                PyErr_SetString(PyExc_RuntimeError, "UdpDir.seal: libcrypto failed");
+            else
+                out = Py_NewRef(Py_None);
+        } else if (!seal && _PyBytes_Resize(&out, n) < 0) {
             out = NULL;
         }
     }
     PyBuffer_Release(&head);
-    PyBuffer_Release(&body);
+    PyBuffer_Release(&in);
     return out;
+}
+
+static PyObject *UdpDir_seal(UdpDir *d, PyObject *args) {
+    return UdpDir_crypt(d, args, 1);
+}
+
+static PyObject *UdpDir_open(UdpDir *d, PyObject *args) {
+    return UdpDir_crypt(d, args, 0);
 }
 
 static PyObject *UdpDir_replayed(UdpDir *d, PyObject *arg) {
@@ -1318,7 +1294,6 @@ typedef struct {
 /* One batch's buffers, per thread (pages are touched only as datagrams fill them). A
  * slot holds one datagram, or (UDP GRO) a run of them the kernel delivered together. */
 typedef struct {
-    unsigned char *slots;                     /* UDP_BATCH slots of UDP_SLOT bytes */
     struct mmsghdr msgs[UDP_BATCH];
     struct iovec iov[UDP_BATCH];
     struct sockaddr_storage names[UDP_BATCH];
@@ -1328,6 +1303,7 @@ typedef struct {
     } ctl[UDP_BATCH];
     UdpOut outs[UDP_OUTS];
     PyObject *slowed[UDP_OUTS];               /* flows with a datagram given back (borrowed) */
+    unsigned char slots[];                    /* UDP_BATCH slots of UDP_SLOT bytes */
 } UdpBatch;
 static __thread UdpBatch *udp_batch;
 
@@ -1509,16 +1485,11 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "udp_pass: counters a dict, flows a dict or a flow, a 4-byte tag when sealed");
         goto done;
     }
+    if (udp_batch == NULL)
+        udp_batch = calloc(1, sizeof *udp_batch + (size_t)UDP_BATCH * UDP_SLOT);
     if (udp_batch == NULL) {
-        udp_batch = calloc(1, sizeof *udp_batch);
-        if (udp_batch != NULL && (udp_batch->slots = malloc((size_t)UDP_BATCH * UDP_SLOT)) == NULL) {
-            free(udp_batch);
-            udp_batch = NULL;
-        }
-        if (udp_batch == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
+        PyErr_NoMemory();
+        goto done;
     }
     UdpBatch *b = udp_batch;
     outs = b->outs;
