@@ -76,6 +76,20 @@ typedef struct {
     BIO *bio;
 } MemoryBIOHead;
 
+/* One of this module's types: its Name (Name_dealloc and Name_methods go with it), its doc,
+ * and the slots it has besides (designated initializers). */
+#define PUMP_TYPE(Name, doc, ...) {                    \
+    PyVarObject_HEAD_INIT(NULL, 0)                      \
+    .tp_name = "scistream.data.engine._pump." #Name,    \
+    .tp_basicsize = sizeof(Name),                       \
+    .tp_flags = Py_TPFLAGS_DEFAULT,                     \
+    .tp_doc = doc,                                      \
+    .tp_new = PyType_GenericNew,                        \
+    .tp_dealloc = (destructor)Name##_dealloc,           \
+    .tp_methods = Name##_methods,                       \
+    __VA_ARGS__                                         \
+}
+
 static PyObject *SSLErrorType;
 static __thread unsigned char *scratch;   /* SCRATCH bytes per thread: consumed before a call returns */
 
@@ -620,17 +634,9 @@ static PyGetSetDef Copier_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject CopierType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.Copier",
-    .tp_basicsize = sizeof(Copier),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "One direction of a plain leg that copies (see the module's doc).",
-    .tp_new = PyType_GenericNew,
-    .tp_dealloc = (destructor)Copier_dealloc,
-    .tp_methods = Copier_methods,
-    .tp_getset = Copier_getset,
-};
+static PyTypeObject CopierType = PUMP_TYPE(
+    Copier, "One direction of a plain leg that copies (see the module's doc).",
+    .tp_getset = Copier_getset);
 
 /* The event loop's wait, with the plain copying connections carried in C (``Hub``).
  *
@@ -945,18 +951,9 @@ static PyMemberDef Hub_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyTypeObject HubType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.Hub",
-    .tp_basicsize = sizeof(Hub),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The event loop's wait with plain copying connections carried in C (see above).",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Hub_init,
-    .tp_dealloc = (destructor)Hub_dealloc,
-    .tp_methods = Hub_methods,
-    .tp_members = Hub_members,
-};
+static PyTypeObject HubType = PUMP_TYPE(
+    Hub, "The event loop's wait with plain copying connections carried in C (see above).",
+    .tp_init = (initproc)Hub_init, .tp_members = Hub_members);
 
 static PyMethodDef Engine_methods[] = {
     {"encrypt", (PyCFunction)Engine_encrypt, METH_VARARGS,
@@ -974,18 +971,9 @@ static PyGetSetDef Engine_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The TLS engine of one connection after its handshake (see the module's doc).",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Engine_init,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-    .tp_getset = Engine_getset,
-};
+static PyTypeObject EngineType = PUMP_TYPE(
+    Engine, "The TLS engine of one connection after its handshake (see the module's doc).",
+    .tp_init = (initproc)Engine_init, .tp_getset = Engine_getset);
 
 /* set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys (80 bytes: name, HMAC
  * secret, AES key) of the SSL_CTX behind an SSLObject of that context, so that every
@@ -1266,18 +1254,9 @@ static PyMemberDef UdpDir_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyTypeObject UdpDirType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.UdpDir",
-    .tp_basicsize = sizeof(UdpDir),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "UdpDir(key, epoch, sending): one direction of a sealed UDP flow (AES-256-GCM)",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)UdpDir_init,
-    .tp_dealloc = (destructor)UdpDir_dealloc,
-    .tp_methods = UdpDir_methods,
-    .tp_members = UdpDir_members,
-};
+static PyTypeObject UdpDirType = PUMP_TYPE(
+    UdpDir, "UdpDir(key, epoch, sending): one direction of a sealed UDP flow (AES-256-GCM)",
+    .tp_init = (initproc)UdpDir_init, .tp_members = UdpDir_members);
 
 /* The attribute names udp_pass reads (engine.udp.Flow, engine.udpseal.FlowKeys). */
 static PyObject *s_fd, *s_state, *s_mtu, *s_last, *s_sa, *s_flow_id, *s_send, *s_recv;
