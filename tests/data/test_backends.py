@@ -12,7 +12,7 @@ import ssl
 import pytest
 
 from scistream.data import wankeys
-from scistream.data.backends.common import listening_ports
+from scistream.data.backends.common import listening
 from scistream.data.base import get_backend
 from scistream.data.spec import DataSpec
 from scistream.data.supervise import ChildProcess
@@ -259,7 +259,7 @@ async def test_stunnel_legacy_mode_talks_to_an_original_gateway(kind, tmp_path):
                                                 name="original-stunnel")
             try:
                 lo = {ipaddress.ip_address("127.0.0.1")}
-                await original.wait_ready(lambda: _true(entry in listening_ports([original.pid], lo)),
+                await original.wait_ready(lambda: _true(entry in listening([original.pid], lo)),
                                           timeout=15)
                 payload = os.urandom(1 << 20)
                 assert sha(await roundtrip(entry, payload)) == sha(payload)

@@ -200,8 +200,7 @@ class HostTcp:
                          "as cubic keeps a lossy long path far below these figures)")
         if rate_bps is None:
             return lines, True
-        ok = limit >= rate_bps
-        if ok:
+        if limit >= rate_bps:
             lines.append(f"OK: one stream can reach {bitrate(rate_bps)} at {ms}")
             return lines, True
         lines.append(f"one stream cannot reach {bitrate(rate_bps)} at {ms}; as root, raise (and keep them in "

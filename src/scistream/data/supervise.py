@@ -5,7 +5,7 @@ server does not take the streams down; ``ChildProcess.stop`` always kills the wh
 group and reaps the child, even when the caller is cancelled.
 
     child = await ChildProcess.spawn(argv, log_path=workdir / "haproxy.log", name="haproxy")
-    await child.wait_ready(lambda: ports_listening(host, ports), timeout=10)
+    await child.wait_ready(ready, timeout=10)    # ready(): async, e.g. whether its ports listen
     ...
     await child.stop()
 """
@@ -51,14 +51,7 @@ def pid_alive(pid: int) -> bool:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    return True
-        except OSError:
-            continue
-    return False
+    return any((f := stat_fields(f"{pid}/task/{tid}")) and f[0] not in ("Z", "X") for tid in tasks)
 
 
 async def port_listening(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -70,11 +63,6 @@ async def port_listening(host: str, port: int, timeout: float = 0.5) -> bool:
     with contextlib.suppress(OSError):
         await w.wait_closed()
     return True
-
-
-async def ports_listening(host: str, ports: Sequence[int]) -> bool:
-    results = await asyncio.gather(*(port_listening(host, p) for p in ports))
-    return all(results)
 
 
 class ChildProcess:
@@ -120,13 +108,16 @@ class ChildProcess:
         detail = tail(self.log_path)
         return f"{self.name} (pid {self.pid}) {how}" + (f": {detail}" if detail else "")
 
-    async def wait(self) -> str:
-        """Wait for the process to end by itself; return why."""
+    async def _reaped(self, poll: float) -> None:
+        """Until the process has ended: reaped if it is our child, else looked at every ``poll`` s."""
         if self.proc is not None:
             await self.proc.wait()
-        else:
-            while pid_alive(self.pid):
-                await asyncio.sleep(0.5)
+        while self.proc is None and pid_alive(self.pid):
+            await asyncio.sleep(poll)
+
+    async def wait(self) -> str:
+        """Wait for the process to end by itself; return why."""
+        await self._reaped(0.5)
         return self.exit_reason()
 
     async def exited(self, timeout: float) -> bool:
@@ -177,8 +168,7 @@ class ChildProcess:
 
     async def _stop(self, grace: float) -> None:
         if not self.running:
-            if self.proc is not None:
-                await self.proc.wait()
+            await self._reaped(0.02)
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGTERM)
@@ -186,19 +176,16 @@ class ChildProcess:
             log.warning("%s (pid %d) ignored SIGTERM; sending SIGKILL", self.name, self.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-        if self.proc is not None:
-            await self.proc.wait()
-        else:
-            while pid_alive(self.pid):
-                await asyncio.sleep(0.02)
+        await self._reaped(0.02)
         # A child of ours may have left grandchildren in the group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
 
 
 # -- /proc: process state, groups, children, command lines ------------------------------
-def stat_fields(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state first); None if gone."""
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat (``pid`` "PID/task/TID": a thread's) after the command
+    name (state first); None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()
@@ -236,11 +223,13 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def bind_error(host: str, port: int) -> OSError | None:
-    """Why a TCP listener cannot bind ``host:port`` right now, or None if it can."""
+def bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError | None:
+    """Why a TCP listener (``kind`` SOCK_DGRAM: a UDP socket) cannot bind ``host:port`` right
+    now, or None if it can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with socket.socket(family, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -250,13 +239,4 @@ def bind_error(host: str, port: int) -> OSError | None:
 
 def free_port_check(host: str, port: int, *, udp: bool = False) -> bool:
     """True if ``port`` can be bound on ``host`` right now (``udp``: for UDP as well)."""
-    if bind_error(host, port) is not None:
-        return False
-    if udp:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
+    return bind_error(host, port) is None and not (udp and bind_error(host, port, socket.SOCK_DGRAM))

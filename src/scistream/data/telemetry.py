@@ -4,12 +4,12 @@ A session's chain has five hops: the producer, A's LAN leg (producer - gateway A
 PROD side), the WAN leg (gateway A - gateway B), B's LAN leg (gateway B - consumer) and
 the consumer. Each gateway samples ``TCP_INFO`` on both legs of every connection about
 once a second (``engine.tcpinfo``); ``summarize`` turns one gateway's connections into
-one figure per leg (``lan``, ``wan``); ``bottleneck`` reads both gateways' legs and says
+one figure per leg (``lan``, ``wan``); ``verdict`` reads both gateways' legs and says
 which hop limits the stream towards the consumer (or towards the producer, if more flows
 that way), in words:
 
     legs = {"PROD": summarize(prod_conns), "CONS": summarize(cons_conns)}
-    bottleneck(legs)   # "the WAN: 0.9% retransmits at 52 ms"
+    verdict(legs)      # ("wan", "the WAN: 0.9% retransmits at 52 ms")
 
 The sending end of a leg knows why it does not send faster (the receiver's window, its
 own send buffer, the network, or nothing to send); the receiving end knows only its
@@ -133,11 +133,6 @@ def verdict(sides: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
         return source, writer
     seen = "gateway A" if a else "gateway B"
     return source, f"{writer.split(' (')[0]}, as far as {seen} sees (ask the other gateway for the whole chain)"
-
-
-def bottleneck(sides: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """The words of ``verdict``."""
-    return verdict(sides)[1]
 
 
 def hops(sides: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -191,14 +191,11 @@ def write_credentials(secret: bytes, uid: str, workdir: Path, *, only_pem: bool 
     new leaf, to renew it); ``only_pem``: just the leaf, its key and the anchor (what the
     built-in data servers read)."""
     creds = derive_credentials(secret, uid, not_after=not_after)
-    workdir.mkdir(parents=True, exist_ok=True)
 
     def put(name: str, data: bytes) -> Path:
-        path = workdir / name
-        if only_pem and name not in ("wan-cert.pem", "wan-key.pem", "wan-ca.pem"):
-            return path
-        write_private(path, data)      # replaced whole: a reader sees old or new
-        return path
+        if not only_pem or name in ("wan-cert.pem", "wan-key.pem", "wan-ca.pem"):
+            write_private(workdir / name, data)      # replaced whole: a reader sees old or new
+        return workdir / name
 
     return CredentialFiles(
         cert=put("wan-cert.pem", creds.cert_pem),

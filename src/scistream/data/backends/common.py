@@ -119,6 +119,15 @@ def _decode_addr(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addre
     return ipaddress.ip_address(raw), int(port_hex, 16)
 
 
+def _rows(table: str) -> list[list[str]]:
+    """The rows of a /proc/net table, split into fields ([] if it cannot be read)."""
+    try:
+        with open(table) as f:
+            return [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return []
+
+
 def listening(pids: Iterable[int], addrs: set, *, udp: bool = False) -> dict[int, set[int]]:
     """TCP ports in LISTEN state on one of ``addrs`` held by one of ``pids``: port -> inodes
     (``udp``: UDP ports bound there, unconnected)."""
@@ -126,42 +135,21 @@ def listening(pids: Iterable[int], addrs: set, *, udp: bool = False) -> dict[int
     found: dict[int, set[int]] = {}
     proto = "udp" if udp else "tcp"
     state = "07" if udp else "0A"      # UDP: TCP_CLOSE (unconnected); TCP: LISTEN
-    for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except OSError:
+    for fields in _rows(f"/proc/net/{proto}") + _rows(f"/proc/net/{proto}6"):
+        if len(fields) < 10 or fields[3] != state or int(fields[9]) not in inodes:
             continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[3] != state or int(fields[9]) not in inodes:
-                continue
-            ip, port = _decode_addr(fields[1])
-            if ip in addrs:
-                found.setdefault(port, set()).add(int(fields[9]))
+        ip, port = _decode_addr(fields[1])
+        if ip in addrs:
+            found.setdefault(port, set()).add(int(fields[9]))
     return found
 
 
 def unix_listening(pids: Iterable[int]) -> dict[str, int]:
     """Unix stream sockets listening on a path, held by one of ``pids``: path -> inode."""
     inodes = _socket_inodes(pids)
-    found: dict[str, int] = {}
-    try:
-        with open("/proc/net/unix") as f:
-            lines = f.readlines()[1:]
-    except OSError:
-        return found
-    for line in lines:
-        # Num RefCount Protocol Flags Type St Inode Path; Flags 00010000: accepting
-        fields = line.split()
-        if len(fields) >= 8 and fields[3] == "00010000" and int(fields[6]) in inodes:
-            found[fields[7]] = int(fields[6])
-    return found
-
-
-def listening_ports(pids: Iterable[int], addrs: set) -> set[int]:
-    """TCP ports in LISTEN state, on one of ``addrs``, held by one of ``pids``."""
-    return set(listening(pids, addrs))
+    # Num RefCount Protocol Flags Type St Inode Path; Flags 00010000: accepting
+    return {fields[7]: int(fields[6]) for fields in _rows("/proc/net/unix")
+            if len(fields) >= 8 and fields[3] == "00010000" and int(fields[6]) in inodes}
 
 
 async def resolve_host(host: str) -> set:
@@ -176,11 +164,12 @@ async def resolve_host(host: str) -> set:
     return {ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos}
 
 
-async def run_check(argv: list[str], timeout: float = CHECK_TIMEOUT) -> tuple[int, str]:
-    """Run a short command (a config test); return its exit code and output."""
+async def run_check(argv: list[str], timeout: float = CHECK_TIMEOUT,
+                    stderr: int = asyncio.subprocess.STDOUT) -> tuple[int, str]:
+    """Run a short command (a config test); return its exit code and output (with its
+    ``stderr``, unless that says otherwise)."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except BaseException:
@@ -263,8 +252,9 @@ class ProxyServer(DataServer):
         """Write whatever else the config refers to (called before ``render``)."""
 
     async def reload(self) -> None:
-        """Make the running process use the (already written) new config."""
-        await self._restart()
+        """Make the running process use the (already written) new config (default: restart it)."""
+        await self.stop()
+        await self._spawn()
 
     # -- paths ------------------------------------------------------------------------
     @property
@@ -321,13 +311,6 @@ class ProxyServer(DataServer):
         log.info("%s pid %d serving session %s/%s on %s ports %s -> %s", self.program,
                  self.child.pid, self.spec.uid, self.spec.role, self.spec.listen_host,
                  list(self.spec.ports), list(self.spec.targets))
-
-    async def _restart(self) -> None:
-        if self.child is not None:
-            old = self.child
-            await old.stop()
-            await self._reap_group(old.pid)
-        await self._spawn()
 
     async def retarget(self, targets: tuple[str, ...]) -> None:
         async with self._lock:
@@ -459,10 +442,13 @@ class ProxyServer(DataServer):
                                       f"{error_lines(out) or out.strip()[-500:]}")
         os.replace(tmp, self.conf_path)
 
-    def _missing_ports(self) -> set[int]:
+    def _group(self) -> list[int]:
         assert self.child is not None
-        pids = group_members(self.child.pid) or [self.child.pid]
-        missing = set(self.spec.ports) - listening_ports(pids, self._addrs)
+        return group_members(self.child.pid) or [self.child.pid]
+
+    def _missing_ports(self) -> set[int]:
+        pids = self._group()
+        missing = set(self.spec.ports) - set(listening(pids, self._addrs))
         if self.carries_udp:
             missing |= set(self.spec.ports) - set(listening(pids, self._addrs, udp=True))
         return missing
@@ -472,18 +458,18 @@ class ProxyServer(DataServer):
         held = listening(pids, self._addrs)
         return {p: held[p] for p in self.spec.ports if p in held}
 
-    def _old_workers_stopped_accepting(self, old: set[int]) -> bool:
-        """True once none of the pre-reload workers ``old`` still holds one of our listeners
-        (until then, they may still accept new connections for the old targets)."""
+    async def _taken_over(self, old: set[int]) -> bool:
+        """True once every listener is bound and none of the pre-reload workers ``old`` still
+        holds one (until then, they may still accept new connections for the old targets)."""
         alive = [pid for pid in old if pid_alive(pid)]
-        return not alive or not self._listening_in(alive)
+        return not self._missing_ports() and (not alive or not self._listening_in(alive))
 
     async def _ready(self) -> bool:
         return not self._missing_ports()
 
     async def _wait_for(self, cond, what: str, timeout: float = RELOAD_TIMEOUT,
                         fail=None) -> None:
-        """Poll ``cond()`` (sync) until true; raise with ``fail()``'s text if it says so."""
+        """Poll ``await cond()`` until true; raise with ``fail()``'s text (sync) if it says so."""
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
@@ -491,7 +477,7 @@ class ProxyServer(DataServer):
                 raise DataServerError(f"{what}: {self.child.exit_reason() if self.child else 'not running'}")
             if fail is not None and (why := fail()):
                 raise DataServerError(f"{what}: {why}")
-            if cond():
+            if await cond():
                 return
             if time.monotonic() > deadline:
                 raise DataServerError(f"{what}: nothing after {timeout:.0f} s: {tail(self.log_path)}")

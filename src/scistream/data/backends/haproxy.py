@@ -42,8 +42,8 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Any
 
+from ...addr import format_listener
 from ...errors import DataServerError
 from ..spec import DataSpec, Stats
 from ..wankeys import WAN_GROUP
@@ -117,9 +117,8 @@ class HaproxyServer(ProxyServer):
             # one counter for the whole session (every listener tracks the same key)
             lines += ["", f"backend {CONNS_TABLE}", "    stick-table type integer size 1 store conn_cur"]
         for i, (port, target) in enumerate(zip(spec.ports, spec.targets)):
-            host, _, tport = target.rpartition(":")
             lines += ["", f"listen s2ds-{i}",
-                      f"    bind {_addr(spec.listen_host, port)}{bind_ssl}{ut}"]
+                      f"    bind {format_listener(spec.listen_host, port)}{bind_ssl}{ut}"]
             if spec.max_conns:
                 lines += [f"    tcp-request connection track-sc0 int(1) table {CONNS_TABLE}",
                           f"    tcp-request connection reject if {{ sc0_conn_cur gt {spec.max_conns} }}"]
@@ -129,7 +128,7 @@ class HaproxyServer(ProxyServer):
                 # tunnel' supersedes client and server, so a quiet stream is not cut.
                 lines += [f"    timeout client {HANDSHAKE_TIMEOUT_S}s",
                           f"    timeout tunnel {IDLE_TIMEOUT_S}s"]
-            lines += [f"    server target-{i} {_addr(host.strip('[]'), tport)}{server_ssl}{ut}"]
+            lines += [f"    server target-{i} {target}{server_ssl}{ut}"]
         return "\n".join(lines) + "\n"
 
     def _keepalive_lines(self) -> list[str]:
@@ -180,32 +179,18 @@ class HaproxyServer(ProxyServer):
         offset = log_size(self.log_path)
         old_workers = children(self.child.pid)
         os.kill(self.child.pid, signal.SIGUSR2)
-        state: dict[str, Any] = {}
+        counts = before
 
-        async def poll() -> None:
-            while True:
-                counts = await self._reload_counts()
-                if counts is not None and counts[0] > before[0]:
-                    state["counts"] = counts
-                    return
-                if not self.child.running:
-                    return
-                await asyncio.sleep(0.05)
+        async def reloaded() -> bool:   # the master has counted one more reload
+            nonlocal counts
+            counts = await self._reload_counts() or counts
+            return counts[0] > before[0]
 
-        try:
-            await asyncio.wait_for(poll(), 15)
-        except asyncio.TimeoutError:
-            raise DataServerError(f"haproxy did not reload within 15 s: "
-                                  f"{error_lines(log_since(self.log_path, offset))}") from None
-        counts = state.get("counts")
-        if counts is None:
-            raise DataServerError(f"haproxy died during reload: {self.child.exit_reason()}")
+        await self._wait_for(reloaded, "haproxy reload")
         if counts[1] > before[1] or counts[2] < 1:
             raise DataServerError(f"haproxy rejected the new configuration (old one kept): "
                                   f"{error_lines(log_since(self.log_path, offset))}")
-        await self._wait_for(
-            lambda: not self._missing_ports() and self._old_workers_stopped_accepting(old_workers),
-            "haproxy listeners after reload")
+        await self._wait_for(lambda: self._taken_over(old_workers), "haproxy listeners after reload")
 
     async def stats(self) -> Stats:
         """The session's counters across reloads.
@@ -224,23 +209,15 @@ class HaproxyServer(ProxyServer):
                 self._seen[pid] = parse_stat_csv(await self.cli(f"@!{pid} show stat", 2.0))
             except (OSError, asyncio.TimeoutError, ConnectionError):
                 continue
-        total = Stats()
-        for pid, s in self._seen.items():
-            total.bytes_in += s.bytes_in
-            total.bytes_out += s.bytes_out
-            total.total_connections += s.total_connections
-            total.refused_connections += s.refused_connections
-            if pid in pids:
-                total.connections += s.connections
-        return total
+        seen = self._seen.values()
+        return Stats(bytes_in=sum(s.bytes_in for s in seen), bytes_out=sum(s.bytes_out for s in seen),
+                     total_connections=sum(s.total_connections for s in seen),
+                     refused_connections=sum(s.refused_connections for s in seen),
+                     connections=sum(s.connections for pid, s in self._seen.items() if pid in pids))
 
     async def stop(self) -> None:
         await super().stop()
         self.master_socket.unlink(missing_ok=True)
-
-
-def _addr(host: str, port: int | str) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_stat_csv(text: str) -> Stats:

@@ -39,6 +39,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from ...addr import format_listener
 from ..base import BackendUnavailable
 from ..spec import Stats
 from ..wankeys import WAN_GROUP
@@ -145,15 +146,15 @@ class NginxServer(ProxyServer):
                           "    proxy_ssl_verify_depth 1;", f"    proxy_ssl_name {SESSION_NAME};",
                           "    proxy_ssl_server_name on;", "    proxy_ssl_session_reuse on;"]
         for port, target in zip(spec.ports, spec.targets):
-            host = f"[{spec.listen_host}]" if ":" in spec.listen_host else spec.listen_host
-            lines += [f"    server {{ listen {host}:{port}{listen_ssl} so_keepalive={self._so_keepalive()}; "
+            host = format_listener(spec.listen_host, port)
+            lines += [f"    server {{ listen {host}{listen_ssl} so_keepalive={self._so_keepalive()}; "
                       f"proxy_pass {target}; }}"]
             if self.carries_udp:
                 # the original's "listen PORT udp; proxy_pass TARGET;"; reuseport: each worker
                 # its own socket, the kernel hashing each source to one of them, so a flow
                 # stays with one worker (one upstream socket: replies reach its sender)
-                lines += [f"    server {{ listen {host}:{port} udp reuseport rcvbuf=4m sndbuf=4m; proxy_pass {target}; "
-                          f"proxy_timeout {self.spec.udp_idle:g}s;"
+                lines += [f"    server {{ listen {host} udp reuseport rcvbuf=4m sndbuf=4m; "
+                          f"proxy_pass {target}; proxy_timeout {self.spec.udp_idle:g}s;"
                           + (f" limit_conn {FLOWS_ZONE} {spec.udp_max_flows};" if spec.udp_max_flows else "")
                           + (" proxy_ssl off;" if self.creds is not None and spec.role == "CONS" else "")
                           + " }"]
@@ -184,9 +185,8 @@ class NginxServer(ProxyServer):
             text = log_since(self.log_path, offset)
             return error_lines(text) if "[emerg]" in text or "[alert]" in text else ""
 
-        def done() -> bool:
-            return (bool(children(master) - old_workers) and not self._missing_ports()
-                    and self._old_workers_stopped_accepting(old_workers))
+        async def done() -> bool:
+            return bool(children(master) - old_workers) and await self._taken_over(old_workers)
 
         await self._wait_for(done, "nginx reload", fail=failed)
 

@@ -25,11 +25,12 @@ import logging
 import re
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
-from ...addr import parse_listener
+from ...addr import format_listener, parse_listener
 from ..engine.tcpinfo import between, instant
 from ..telemetry import summarize
+from .common import run_check
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,19 @@ _KV = re.compile(r"([a-z_]+):(\S+)")
 
 
 def _us(ms: str) -> int:
-    return int(float(ms.rstrip("ms")) * 1000)
+    """``"1.5ms"`` (or ``"1.5ms(12.3%)"``) -> 1500 (microseconds)."""
+    return int(float(ms.split("(")[0].rstrip("ms")) * 1000)
+
+
+#: ``ss -ti``'s fields but rtt (two in one): their ``tcp_info`` names, and how each value reads.
+_FIELDS: dict[str, tuple[str, Callable[[str], int]]] = {
+    "minrtt": ("min_rtt", _us), "rcv_rtt": ("rcv_rtt", _us), "busy": ("busy_time", _us),
+    "rwnd_limited": ("rwnd_limited", _us), "sndbuf_limited": ("sndbuf_limited", _us),
+    "cwnd": ("snd_cwnd", int), "mss": ("snd_mss", int), "pmtu": ("pmtu", int),
+    "retrans": ("total_retrans", lambda v: int(v.partition("/")[2] or 0)),   # "now/total"
+    "bytes_acked": ("bytes_acked", int), "bytes_received": ("bytes_received", int),
+    "data_segs_out": ("data_segs_out", int), "notsent": ("notsent_bytes", int),
+}
 
 
 def parse_ss(text: str) -> dict[tuple[str, str], dict[str, int]]:
@@ -54,27 +67,16 @@ def parse_ss(text: str) -> dict[tuple[str, str], dict[str, int]]:
             continue
         if key is None:
             continue
-        info = dict.fromkeys(("rtt", "rttvar", "min_rtt", "rcv_rtt", "snd_cwnd", "snd_mss", "pmtu",
-                              "total_retrans", "bytes_acked", "bytes_received", "data_segs_out",
-                              "delivery_rate", "busy_time", "rwnd_limited", "sndbuf_limited",
-                              "notsent_bytes", "app_limited_flags"), 0)
+        info = dict.fromkeys(("rtt", "rttvar", "delivery_rate", "app_limited_flags",
+                              *(name for name, _ in _FIELDS.values())), 0)
         for k, v in _KV.findall(line):
             try:
                 if k == "rtt":
                     rtt, _, var = v.partition("/")
                     info["rtt"], info["rttvar"] = _us(rtt), _us(var or "0")
-                elif k in ("minrtt", "rcv_rtt"):
-                    info["min_rtt" if k == "minrtt" else "rcv_rtt"] = _us(v)
-                elif k in ("cwnd", "mss", "pmtu"):
-                    info[{"cwnd": "snd_cwnd", "mss": "snd_mss", "pmtu": "pmtu"}[k]] = int(v)
-                elif k == "retrans":
-                    info["total_retrans"] = int(v.partition("/")[2] or 0)
-                elif k in ("bytes_acked", "bytes_received", "data_segs_out"):
-                    info[k] = int(v)
-                elif k == "notsent":
-                    info["notsent_bytes"] = int(v)
-                elif k in ("busy", "rwnd_limited", "sndbuf_limited"):
-                    info["busy_time" if k == "busy" else k] = _us(v.split("(")[0])
+                elif k in _FIELDS:
+                    name, read = _FIELDS[k]
+                    info[name] = read(v)
             except ValueError:
                 continue
         m = re.search(r"delivery_rate (\d+)bps", line)
@@ -88,15 +90,8 @@ def parse_ss(text: str) -> dict[tuple[str, str], dict[str, int]]:
 
 
 async def run_ss(filter_expr: str, timeout: float = 3.0) -> str:
-    proc = await asyncio.create_subprocess_exec("ss", "-tinH", "state", "established", filter_expr,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return out.decode(errors="replace")
+    argv = ["ss", "-tinH", "state", "established", filter_expr]
+    return (await run_check(argv, timeout, stderr=asyncio.subprocess.DEVNULL))[1]
 
 
 class SocketWatch:
@@ -116,11 +111,8 @@ class SocketWatch:
 
     def _filters(self) -> tuple[str, str]:
         listeners = " or ".join(f"sport = :{p}" for p in self.ports)
-        dests = []
-        for t in dict.fromkeys(self.targets):
-            host, port = parse_listener(t)
-            dests.append(f"dst [{host}]:{port}" if ":" in host else f"dst {host}:{port}")
-        return f"( {listeners} )", f"( {' or '.join(dests)} )"
+        dests = " or ".join(f"dst {format_listener(*parse_listener(t))}" for t in dict.fromkeys(self.targets))
+        return f"( {listeners} )", f"( {dests} )"
 
     async def legs(self) -> dict[str, dict[str, Any]]:
         """The session's legs now (``summarize``); the last reading if asked again within 0.2 s."""

@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Any
 
 from ..spec import DataSpec, Stats
-from ..supervise import group_members
 from . import stunnel_relay
 from .common import (CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, ProxyServer,
                      error_lines, log_since, log_size, short_socket_path, unix_listening,
@@ -132,9 +131,16 @@ class StunnelServer(ProxyServer):
         """The Unix socket between stunnel and the relay for port ``i``."""
         return str(short_socket_path(self.spec.workdir, f"s{i}"))
 
-    def relay_routes(self) -> dict[str, Any]:
+    @property
+    def plain_paths(self) -> set[str]:
+        return {self.plain_path(i) for i in range(len(self.spec.ports))}
+
+    def write_relay_conf(self) -> None:
         """The relay's config: CONS, the session's ports -> stunnel's Unix listeners; PROD,
         the Unix sockets stunnel connects to -> the producer's endpoints."""
+        write_private(self.relay_conf, json.dumps(self.relay_routes(), indent=1) + "\n")
+
+    def relay_routes(self) -> dict[str, Any]:
         spec, routes = self.spec, []
         for i, (port, target) in enumerate(zip(spec.ports, spec.targets)):
             unix = ["unix", self.plain_path(i)]
@@ -151,7 +157,7 @@ class StunnelServer(ProxyServer):
 
     def prepare(self) -> None:
         if self.relayed:
-            write_private(self.relay_conf, json.dumps(self.relay_routes(), indent=1) + "\n")
+            self.write_relay_conf()
             self._remove_plain_paths()   # a killed predecessor's: stunnel will not bind over one
         else:
             log.warning("session %s/%s: stunnel may drop the end of a half-closed stream: once one "
@@ -230,25 +236,17 @@ class StunnelServer(ProxyServer):
         self.relayed = bool(handle.get("relayed", False))   # an older control server's: none
         return self
 
-    def _group(self) -> list[int]:
-        assert self.child is not None
-        return group_members(self.child.pid) or [self.child.pid]
-
     def _stunnel_listeners(self) -> dict[Any, int]:
         """stunnel's own listeners (port or path -> inode): the session's TCP ports, or with
         the relay on CONS its Unix sockets (the relay holds the TCP ports there)."""
         if self.relayed and self.spec.role == "CONS":
-            paths = {self.plain_path(i) for i in range(len(self.spec.ports))}
-            return {p: inode for p, inode in unix_listening(self._group()).items() if p in paths}
+            held = unix_listening(self._group())
+            return {p: held[p] for p in self.plain_paths if p in held}
         return {p: min(inodes) for p, inodes in self._listening_in(self._group()).items()}
 
     async def _ready(self) -> bool:
-        if not await super()._ready():
-            return False
-        if not self.relayed:
-            return True
-        paths = {self.plain_path(i) for i in range(len(self.spec.ports))}
-        return paths <= set(unix_listening(self._group()))
+        return await super()._ready() and (not self.relayed
+                                           or self.plain_paths <= set(unix_listening(self._group())))
 
     async def stop(self) -> None:
         await super().stop()
@@ -256,19 +254,19 @@ class StunnelServer(ProxyServer):
             self._remove_plain_paths()
 
     def _remove_plain_paths(self) -> None:
-        for i in range(len(self.spec.ports)):
+        for path in self.plain_paths:
             with contextlib.suppress(OSError):
-                os.unlink(self.plain_path(i))
+                os.unlink(path)
 
     async def reload(self) -> None:
         assert self.child is not None
         offset = log_size(self.log_path)
         old = set(self._stunnel_listeners().values())
         if self.relayed:
-            write_private(self.relay_conf, json.dumps(self.relay_routes(), indent=1) + "\n")
+            self.write_relay_conf()
         os.kill(self.child.pid, signal.SIGHUP)
 
-        def done() -> bool:
+        async def done() -> bool:
             # stunnel re-binds its listeners on reload: wait for new sockets on every port
             held = self._stunnel_listeners()
             text = log_since(self.log_path, offset)

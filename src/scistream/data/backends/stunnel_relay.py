@@ -29,6 +29,7 @@ Its log lines (stdout, the session's stunnel log) start with ``relay:``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -67,7 +68,7 @@ def _name(addr: list) -> str:
 def listen(addr: list) -> socket.socket:
     if addr[0] == "unix":
         path = addr[1]
-        if os.path.exists(path):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)       # a stale one (a killed relay); the path is ours
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(path)
@@ -152,10 +153,8 @@ class Stream:
         not read all of it, when dst is stunnel's Unix socket)."""
         r, w = os.pipe()
         try:
-            try:
+            with contextlib.suppress(OSError):
                 fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass
             while n := os.splice(src.fileno(), w, CHUNK, flags=os.SPLICE_F_MOVE):
                 while n:
                     n -= os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
@@ -185,14 +184,12 @@ class Stream:
         if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED):
             say(f"route {self.route}: {exc}")
         for sock in (self.a, self.b):
-            try:
+            with contextlib.suppress(OSError):
                 if sock.family == socket.AF_UNIX:
                     sock.shutdown(socket.SHUT_RDWR)
                 else:   # no FIN: the reset goes out when the stream closes its sockets
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
 
     def run(self) -> None:
         other = threading.Thread(target=self.pump, args=(self.b, self.a), daemon=True)
@@ -233,11 +230,9 @@ class Relay:
             say(f"route {index}: cannot connect to {_name(route['connect'])}: {exc}")
             accepted.close()
             return
-        try:
+        with contextlib.suppress(OSError):
             for sock in (accepted, outgoing):
                 tune(sock, self.config.get("keepalive") or [])
-        except OSError:
-            pass
         Stream(index, accepted, outgoing).run()
 
     def reload(self) -> None:
@@ -279,11 +274,9 @@ class Relay:
         while True:
             for key, _ in sel.select():
                 if key.data == -1:
-                    while True:
-                        try:
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
                             wake_r.recv(4096)
-                        except BlockingIOError:
-                            break
                 else:
                     self.accept(key.data)
             while self.signals:
@@ -311,10 +304,8 @@ class Relay:
         for route, sock in zip(self.config["routes"], self.listeners):
             sock.close()
             if route["listen"][0] == "unix":
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(route["listen"][1])
-                except OSError:
-                    pass
 
 
 def main(args: list[str]) -> int:

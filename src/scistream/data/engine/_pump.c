@@ -76,26 +76,32 @@ typedef struct {
     BIO *bio;
 } MemoryBIOHead;
 
+/* One of this module's types: its Name (Name_dealloc and Name_methods go with it), its doc,
+ * and the slots it has besides (designated initializers). */
+#define PUMP_TYPE(Name, doc, ...) {                    \
+    PyVarObject_HEAD_INIT(NULL, 0)                      \
+    .tp_name = "scistream.data.engine._pump." #Name,    \
+    .tp_basicsize = sizeof(Name),                       \
+    .tp_flags = Py_TPFLAGS_DEFAULT,                     \
+    .tp_doc = doc,                                      \
+    .tp_new = PyType_GenericNew,                        \
+    .tp_dealloc = (destructor)Name##_dealloc,           \
+    .tp_methods = Name##_methods,                       \
+    __VA_ARGS__                                         \
+}
+
 static PyObject *SSLErrorType;
 static __thread unsigned char *scratch;   /* SCRATCH bytes per thread: consumed before a call returns */
 
-/* send and recv with EINTR retried: the bytes moved (recv: 0 at EOF), NOT_NOW when the
+/* send (out) or recv with EINTR retried: the bytes moved (recv: 0 at EOF), NOT_NOW when the
  * socket is full or has nothing (EAGAIN), or -1 on an error (errno). */
 #define NOT_NOW (-2)
+#define io_send(fd, p, n) io_move(fd, (void *)(p), n, 1)
+#define io_recv(fd, p, n) io_move(fd, p, n, 0)
 
-static ssize_t io_send(int fd, const void *p, size_t n) {
+static ssize_t io_move(int fd, void *p, size_t n, int out) {
     for (;;) {
-        ssize_t s = send(fd, p, n, MSG_NOSIGNAL);
-        if (s >= 0)
-            return s;
-        if (errno != EINTR)
-            return errno == EAGAIN || errno == EWOULDBLOCK ? NOT_NOW : -1;
-    }
-}
-
-static ssize_t io_recv(int fd, void *p, size_t n) {
-    for (;;) {
-        ssize_t s = recv(fd, p, n, 0);
+        ssize_t s = out ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
         if (s >= 0)
             return s;
         if (errno != EINTR)
@@ -131,6 +137,23 @@ static int held_flush(Held *h, int fd, unsigned long long *moved) {
     return 1;
 }
 
+/* Hold n bytes (in place of what was held). 0, or -1 with ENOMEM. */
+static int hold(Held *h, const unsigned char *p, size_t n) {
+    if (h->cap < n) {
+        unsigned char *b = realloc(h->buf, n);
+        if (b == NULL) {
+            errno = ENOMEM;
+            return -1;
+        }
+        h->buf = b;
+        h->cap = n;
+    }
+    memcpy(h->buf, p, n);
+    h->len = n;
+    h->off = 0;
+    return 0;
+}
+
 /* Send n bytes, hold what the socket does not take. 1: all sent; 0: some held (the socket
  * is full); -1: error (errno; ENOMEM if the rest could not be held). */
 static int send_or_hold(Held *h, int fd, const unsigned char *p, size_t n, unsigned long long *moved) {
@@ -141,20 +164,7 @@ static int send_or_hold(Held *h, int fd, const unsigned char *p, size_t n, unsig
     *moved += off;
     if (off == n)
         return 1;
-    size_t rest = n - off;     /* a short send (or none): the socket is full */
-    if (h->cap < rest) {
-        unsigned char *b = realloc(h->buf, rest);
-        if (b == NULL) {
-            errno = ENOMEM;
-            return -1;
-        }
-        h->buf = b;
-        h->cap = rest;
-    }
-    memcpy(h->buf, p + off, rest);
-    h->len = rest;
-    h->off = 0;
-    return 0;
+    return hold(h, p + off, n - off);     /* a short send (or none): the socket is full */
 }
 
 /* A pump's first step: what it holds goes before anything new. 1: nothing is held (any
@@ -199,14 +209,9 @@ static unsigned char *thread_scratch(void) {
 
 /* After an OpenSSL failure: raise ssl.SSLError with OpenSSL's reason (or the socket's errno). */
 static PyObject *raise_ssl(unsigned long code, int sys_errno, const char *fallback) {
-    char msg[256];
-    const char *reason = code ? ERR_reason_error_string(code) : NULL;
-    if (reason)
-        snprintf(msg, sizeof msg, "%s", reason);
-    else if (sys_errno)
-        snprintf(msg, sizeof msg, "%s", strerror(sys_errno));
-    else
-        snprintf(msg, sizeof msg, "%s", fallback);
+    const char *msg = code ? ERR_reason_error_string(code) : NULL;
+    if (msg == NULL)
+        msg = sys_errno ? strerror(sys_errno) : fallback;
     PyObject *exc = PyObject_CallFunction(SSLErrorType, "is", 1, msg);
     if (exc == NULL)
         return NULL;
@@ -222,34 +227,27 @@ static PyObject *raise_ssl(unsigned long code, int sys_errno, const char *fallba
 }
 
 /* Send what waits for the TLS socket: the bytes from before the swap, then the ring.
- * 1: all sent; 0: the socket is full; -1: error (errno). */
+ * 1: all sent; 0: the socket is full (*writable cleared; NULL: try it); -1: error (errno). */
 static int flush_out(Engine *e, int fd, int *writable) {
-    if (e->pre.len) {
-        unsigned long long sent = 0;   /* ciphertext: not counted */
-        int r = *writable ? held_flush(&e->pre, fd, &sent) : 0;
-        if (r <= 0) {
-            if (r == 0)
-                *writable = 0;
-            return r;
-        }
-    }
-    for (;;) {
+    unsigned long long sent = 0;   /* ciphertext: not counted */
+    int w = writable == NULL || *writable;
+    int r = !e->pre.len ? 1 : w ? held_flush(&e->pre, fd, &sent) : 0;
+    while (r > 0) {
         char *p;
         int n = BIO_nread0(e->ext, &p);
         if (n <= 0)
-            return 1;
-        if (!*writable)
-            return 0;
-        ssize_t s = io_send(fd, p, (size_t)n);
+            break;
+        ssize_t s = w ? io_send(fd, p, (size_t)n) : 0;
         if (s == -1)
             return -1;
         if (s > 0)
             BIO_nread(e->ext, &p, (int)s);
-        if (s < n) {               /* none or a short send: the socket is full */
-            *writable = 0;
-            return 0;
-        }
+        if (s < n)                 /* none or a short send: the socket is full */
+            r = 0;
     }
+    if (r == 0 && writable != NULL)
+        *writable = 0;
+    return r;
 }
 
 static int out_empty(Engine *e) {
@@ -261,16 +259,10 @@ static int out_empty(Engine *e) {
 static int try_shutdown(Engine *e) {
     ERR_clear_error();
     int r = SSL_shutdown(e->ssl);
-    if (r >= 0) {
-        e->shut = 2;
-        return 0;
-    }
-    int ge = SSL_get_error(e->ssl, r);
-    if (ge == SSL_ERROR_WANT_WRITE) {
-        e->shut = 1;
-        return 0;
-    }
-    return -1;
+    if (r < 0 && SSL_get_error(e->ssl, r) != SSL_ERROR_WANT_WRITE)
+        return -1;
+    e->shut = r >= 0 ? 2 : 1;
+    return 0;
 }
 
 static PyObject *Engine_encrypt(Engine *e, PyObject *args) {
@@ -379,8 +371,7 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
                 break;
             }
             if (ge == SSL_ERROR_WANT_WRITE) {   /* a reply (key update) waits on a full ring */
-                int tw = 1;
-                int f = flush_out(e, src, &tw);
+                int f = flush_out(e, src, NULL);
                 if (f < 0) {
                     sys_err = errno;
                     goto done;
@@ -443,15 +434,11 @@ static PyObject *Engine_decrypt(Engine *e, PyObject *args) {
     }
 done:
     /* Anything the engine has to say on the TLS socket (alerts, key update replies). */
-    if (!sys_err && !ssl_fail && BIO_ctrl_pending(e->ext) > 0) {
-        int tw = 1;
-        if (flush_out(e, src, &tw) < 0)
-            sys_err = errno;
-    }
+    if (!sys_err && !ssl_fail && BIO_ctrl_pending(e->ext) > 0 && flush_out(e, src, NULL) < 0)
+        sys_err = errno;
     Py_END_ALLOW_THREADS
     if (ssl_fail) {
-        int tw = 1;
-        (void)flush_out(e, src, &tw);
+        (void)flush_out(e, src, NULL);
         ERR_clear_error();
         return raise_ssl(code, ssl_errno, e->tls_eof ? "EOF in violation of protocol" : "TLS read failed");
     }
@@ -474,8 +461,10 @@ static PyObject *Engine_get_pending(Engine *e, void *Py_UNUSED(closure)) {
     return PyLong_FromSize_t(n);
 }
 
-static PyObject *Engine_get_unsent(Engine *e, void *Py_UNUSED(closure)) {
-    return PyLong_FromSize_t(e->left.len - e->left.off);
+/* The bytes a Held (at offset ``closure`` in the object) still has for its socket. */
+static PyObject *get_held(PyObject *o, void *closure) {
+    Held *h = (Held *)((char *)o + (size_t)closure);
+    return PyLong_FromSize_t(h->len - h->off);
 }
 
 /* The SSL* of an _ssl._SSLSocket, checked against its two memory BIOs (the SSL's rbio and
@@ -524,6 +513,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "pending_in is larger than the ring");
         goto out;
     }
+    if (pout.len > 0 && hold(&e->pre, pout.buf, (size_t)pout.len) < 0) {   /* freed with e */
+        PyErr_NoMemory();
+        goto out;
+    }
     BIO *inner = NULL, *ext = NULL;
     if (BIO_new_bio_pair(&inner, RING, &ext, RING) != 1) {
         ERR_clear_error();
@@ -536,18 +529,6 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         ERR_clear_error();
         PyErr_SetString(PyExc_RuntimeError, "cannot move pending ciphertext into the BIO pair");
         goto out;
-    }
-    if (pout.len > 0) {
-        e->pre.buf = malloc((size_t)pout.len);
-        if (e->pre.buf == NULL) {
-            BIO_free(inner);
-            BIO_free(ext);
-            PyErr_NoMemory();
-            goto out;
-        }
-        memcpy(e->pre.buf, pout.buf, (size_t)pout.len);
-        e->pre.cap = e->pre.len = (size_t)pout.len;
-        e->pre.off = 0;
     }
     if (eof_in) {
         e->tls_eof = 1;
@@ -637,10 +618,6 @@ static PyObject *Copier_copy(Copier *c, PyObject *args) {
     return pump_result(moved, flags, sys_err);
 }
 
-static PyObject *Copier_get_unsent(Copier *c, void *Py_UNUSED(closure)) {
-    return PyLong_FromSize_t(c->left.len - c->left.off);
-}
-
 static void Copier_dealloc(Copier *c) {
     free(c->left.buf);
     Py_TYPE(c)->tp_free((PyObject *)c);
@@ -653,21 +630,13 @@ static PyMethodDef Copier_methods[] = {
 };
 
 static PyGetSetDef Copier_getset[] = {
-    {"unsent", (getter)Copier_get_unsent, NULL, "bytes waiting for the destination", NULL},
+    {"unsent", get_held, NULL, "bytes waiting for the destination", (void *)offsetof(Copier, left)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject CopierType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.Copier",
-    .tp_basicsize = sizeof(Copier),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "One direction of a plain leg that copies (see the module's doc).",
-    .tp_new = PyType_GenericNew,
-    .tp_dealloc = (destructor)Copier_dealloc,
-    .tp_methods = Copier_methods,
-    .tp_getset = Copier_getset,
-};
+static PyTypeObject CopierType = PUMP_TYPE(
+    Copier, "One direction of a plain leg that copies (see the module's doc).",
+    .tp_getset = Copier_getset);
 
 /* The event loop's wait, with the plain copying connections carried in C (``Hub``).
  *
@@ -707,10 +676,8 @@ typedef struct {
     double spin, give_way;
     int recent, score;              /* waits within the spin, and how many make it spin on each */
     unsigned long long hits, missed, gave_way, carried;
-    struct epoll_event *evs;
+    struct epoll_event *evs;        /* a wait's events; those for Python moved to its front */
     int nevs;
-    int *out_fd;                    /* events for Python, gathered without the GIL */
-    unsigned int *out_ev;
 } Hub;
 
 static double mono(void) {
@@ -747,8 +714,6 @@ static void Hub_dealloc(Hub *h) {
             hub_remove(h, h->tab[fd]);
     free(h->tab);
     free(h->evs);
-    free(h->out_fd);
-    free(h->out_ev);
     Py_TYPE(h)->tp_free((PyObject *)h);
 }
 
@@ -915,14 +880,6 @@ static PyObject *Hub_wait(Hub *h, PyObject *args) {
         if (e == NULL)
             return PyErr_NoMemory();
         h->evs = e;
-        int *of = realloc(h->out_fd, sizeof(int) * (size_t)maxevents);
-        if (of == NULL)
-            return PyErr_NoMemory();
-        h->out_fd = of;
-        unsigned int *oe = realloc(h->out_ev, sizeof(unsigned int) * (size_t)maxevents);
-        if (oe == NULL)
-            return PyErr_NoMemory();
-        h->out_ev = oe;
         h->nevs = maxevents;
     }
     int nout = 0, sys_err = 0;
@@ -941,13 +898,9 @@ static PyObject *Hub_wait(Hub *h, PyObject *args) {
         }
         for (int k = 0; k < n; k++) {
             int fd = h->evs[k].data.fd;
-            unsigned int ev = h->evs[k].events;
             Fast *f = hub_get(h, fd);
-            if (f == NULL || hub_carry(h, f, fd, ev)) {
-                h->out_fd[nout] = fd;
-                h->out_ev[nout] = ev;
-                nout++;
-            }
+            if (f == NULL || hub_carry(h, f, fd, h->evs[k].events))
+                h->evs[nout++] = h->evs[k];     /* nout <= k: nothing unread is overwritten */
         }
         if (nout || ms == 0)
             break;
@@ -966,7 +919,7 @@ static PyObject *Hub_wait(Hub *h, PyObject *args) {
     if (list == NULL)
         return NULL;
     for (int k = 0; k < nout; k++) {
-        PyObject *item = Py_BuildValue("iI", h->out_fd[k], h->out_ev[k]);
+        PyObject *item = Py_BuildValue("iI", h->evs[k].data.fd, h->evs[k].events);
         if (item == NULL) {
             Py_DECREF(list);
             return NULL;
@@ -998,18 +951,9 @@ static PyMemberDef Hub_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyTypeObject HubType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.Hub",
-    .tp_basicsize = sizeof(Hub),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The event loop's wait with plain copying connections carried in C (see above).",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Hub_init,
-    .tp_dealloc = (destructor)Hub_dealloc,
-    .tp_methods = Hub_methods,
-    .tp_members = Hub_members,
-};
+static PyTypeObject HubType = PUMP_TYPE(
+    Hub, "The event loop's wait with plain copying connections carried in C (see above).",
+    .tp_init = (initproc)Hub_init, .tp_members = Hub_members);
 
 static PyMethodDef Engine_methods[] = {
     {"encrypt", (PyCFunction)Engine_encrypt, METH_VARARGS,
@@ -1022,22 +966,14 @@ static PyMethodDef Engine_methods[] = {
 
 static PyGetSetDef Engine_getset[] = {
     {"pending", (getter)Engine_get_pending, NULL, "ciphertext bytes waiting for the TLS socket", NULL},
-    {"unsent", (getter)Engine_get_unsent, NULL, "plaintext bytes waiting for the plain socket", NULL},
+    {"unsent", get_held, NULL, "plaintext bytes waiting for the plain socket",
+     (void *)offsetof(Engine, left)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The TLS engine of one connection after its handshake (see the module's doc).",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Engine_init,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-    .tp_getset = Engine_getset,
-};
+static PyTypeObject EngineType = PUMP_TYPE(
+    Engine, "The TLS engine of one connection after its handshake (see the module's doc).",
+    .tp_init = (initproc)Engine_init, .tp_getset = Engine_getset);
 
 /* set_ticket_keys(sslobj, inc, out, keys): the session-ticket keys (80 bytes: name, HMAC
  * secret, AES key) of the SSL_CTX behind an SSLObject of that context, so that every
@@ -1164,8 +1100,6 @@ typedef struct {
     uint64_t seen[UDP_WORDS];
 } UdpDir;
 
-static PyTypeObject UdpDirType;
-
 static int UdpDir_init(UdpDir *d, PyObject *args, PyObject *kw) {
     static char *names[] = {"key", "epoch", "sending", NULL};
     Py_buffer key;
@@ -1181,8 +1115,7 @@ static int UdpDir_init(UdpDir *d, PyObject *args, PyObject *kw) {
     if (d->ctx == NULL)
         d->ctx = EVP_CIPHER_CTX_new();
     int ok = d->ctx != NULL &&
-             (sending ? EVP_EncryptInit_ex(d->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL)
-                      : EVP_DecryptInit_ex(d->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL)) == 1;
+             EVP_CipherInit_ex(d->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL, sending) == 1;
     PyBuffer_Release(&key);
     if (!ok) {
         PyErr_SetString(PyExc_RuntimeError, "UdpDir: libcrypto refused AES-256-GCM");
@@ -1202,56 +1135,30 @@ static void UdpDir_dealloc(UdpDir *d) {
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
 
-static void udp_iv(unsigned char iv[12], unsigned long long ctr) {
-    memset(iv, 0, 4);
+/* A counter's 8 bytes, big-endian, at p. */
+static void put_ctr(unsigned char *p, unsigned long long ctr) {
     for (int i = 0; i < 8; i++)
-        iv[4 + i] = (unsigned char)(ctr >> (56 - 8 * i));
+        p[i] = (unsigned char)(ctr >> (56 - 8 * i));
 }
 
-/* Seal n bytes at p in place, the tag written at p + n. 1: done. */
-static int dir_seal(UdpDir *d, const unsigned char *head, unsigned long long ctr, unsigned char *p, int n) {
-    unsigned char iv[12];
+/* In place, the way the direction goes: seal n bytes at p, the tag written at p + n; or open
+ * n bytes of ciphertext at p, its tag at p + n. 1: done (opening: it authenticated). */
+static int dir_crypt(UdpDir *d, const unsigned char *head, unsigned long long ctr, unsigned char *p, int n) {
+    unsigned char iv[12] = {0};
     int len;
-    udp_iv(iv, ctr);
-    if (EVP_EncryptInit_ex(d->ctx, NULL, NULL, NULL, iv) != 1 ||
-        EVP_EncryptUpdate(d->ctx, NULL, &len, head, UDP_HEAD) != 1)
+    put_ctr(iv + 4, ctr);
+    if (EVP_CipherInit_ex(d->ctx, NULL, NULL, NULL, iv, -1) != 1 ||
+        EVP_CipherUpdate(d->ctx, NULL, &len, head, UDP_HEAD) != 1 ||
+        (n > 0 && EVP_CipherUpdate(d->ctx, p, &len, p, n) != 1) ||
+        (!d->sending && EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_GCM_SET_TAG, UDP_TAG, p + n) != 1) ||
+        EVP_CipherFinal_ex(d->ctx, p + n, &len) != 1)
         return 0;
-    if (n > 0 && EVP_EncryptUpdate(d->ctx, p, &len, p, n) != 1)
-        return 0;
-    if (EVP_EncryptFinal_ex(d->ctx, p + n, &len) != 1)
-        return 0;
-    return EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_GCM_GET_TAG, UDP_TAG, p + n) == 1;
+    return !d->sending || EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_GCM_GET_TAG, UDP_TAG, p + n) == 1;
 }
 
-/* Open n bytes of ciphertext at p (its tag at p + n) in place. 1: it authenticated. */
-static int dir_open(UdpDir *d, const unsigned char *head, unsigned long long ctr, unsigned char *p, int n) {
-    unsigned char iv[12];
-    int len;
-    udp_iv(iv, ctr);
-    if (EVP_DecryptInit_ex(d->ctx, NULL, NULL, NULL, iv) != 1 ||
-        EVP_DecryptUpdate(d->ctx, NULL, &len, head, UDP_HEAD) != 1)
-        return 0;
-    if (n > 0 && EVP_DecryptUpdate(d->ctx, p, &len, p, n) != 1)
-        return 0;
-    if (EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_GCM_SET_TAG, UDP_TAG, p + n) != 1)
-        return 0;
-    return EVP_DecryptFinal_ex(d->ctx, p + n, &len) == 1;
-}
-
-static int bit_get(const UdpDir *d, unsigned long long c) {
-    unsigned int i = (unsigned int)(c % UDP_WINDOW);
-    return (int)(d->seen[i / 64] >> (i % 64) & 1);
-}
-
-static void bit_set(UdpDir *d, unsigned long long c) {
-    unsigned int i = (unsigned int)(c % UDP_WINDOW);
-    d->seen[i / 64] |= (uint64_t)1 << (i % 64);
-}
-
-static void bit_clear(UdpDir *d, unsigned long long c) {
-    unsigned int i = (unsigned int)(c % UDP_WINDOW);
-    d->seen[i / 64] &= ~((uint64_t)1 << (i % 64));
-}
+/* Counter c's bit in the window: its word, and its mask in that word. */
+#define SEEN_WORD(d, c) ((d)->seen[(c) % UDP_WINDOW / 64])
+#define SEEN_BIT(c) ((uint64_t)1 << ((c) % 64))
 
 /* As udpseal: older than the window, or seen in it. */
 static int dir_replayed(const UdpDir *d, unsigned long long ctr) {
@@ -1260,7 +1167,7 @@ static int dir_replayed(const UdpDir *d, unsigned long long ctr) {
     unsigned long long top = (unsigned long long)d->top;
     if (top >= UDP_WINDOW && ctr <= top - UDP_WINDOW)
         return 1;
-    return ctr <= top && bit_get(d, ctr);
+    return ctr <= top && (SEEN_WORD(d, ctr) & SEEN_BIT(ctr)) != 0;
 }
 
 static void dir_accept(UdpDir *d, unsigned long long ctr) {
@@ -1270,58 +1177,51 @@ static void dir_accept(UdpDir *d, unsigned long long ctr) {
             memset(d->seen, 0, sizeof d->seen);
         else
             for (unsigned long long c = from; c < ctr; c++)
-                bit_clear(d, c);
+                SEEN_WORD(d, c) &= ~SEEN_BIT(c);
         d->top = (long long)ctr;
     }
-    bit_set(d, ctr);
+    SEEN_WORD(d, ctr) |= SEEN_BIT(ctr);
 }
 
-static PyObject *UdpDir_seal(UdpDir *d, PyObject *args) {
-    Py_buffer head, data;
+/* seal(head, ctr, data) -> ciphertext + tag, on a sending direction; open(head, ctr, body)
+ * -> plaintext, or None if it does not authenticate, on a receiving one. */
+static PyObject *UdpDir_crypt(UdpDir *d, PyObject *args, int seal) {
+    Py_buffer head, in;
     unsigned long long ctr;
-    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &data))
+    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &in))
         return NULL;
     PyObject *out = NULL;
-    if (!d->sending || head.len != UDP_HEAD || data.len > UDP_MAX) {
-        PyErr_SetString(PyExc_ValueError, "UdpDir.seal: a sending direction, a 23-byte header, at most 65535 bytes");
-    } else if ((out = PyBytes_FromStringAndSize(NULL, data.len + UDP_TAG)) != NULL) {
+    Py_ssize_t n = seal ? in.len : in.len - UDP_TAG;    /* the plaintext's length */
+    if (d->sending != seal || head.len != UDP_HEAD || n > UDP_MAX) {
+        PyErr_SetString(PyExc_ValueError,
+                        seal ? "UdpDir.seal: a sending direction, a 23-byte header, at most 65535 bytes"
+                             : "UdpDir.open: a receiving direction, a 23-byte header");
+    } else if (n < 0) {
+        out = Py_NewRef(Py_None);
+    } else if ((out = PyBytes_FromStringAndSize(NULL, n + UDP_TAG)) != NULL) {
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
-        memcpy(p, data.buf, data.len);
-        if (!dir_seal(d, head.buf, ctr, p, (int)data.len)) {
+        memcpy(p, in.buf, in.len);
+        if (!dir_crypt(d, head.buf, ctr, p, (int)n)) {
             Py_CLEAR(out);
-            PyErr_SetString(PyExc_RuntimeError, "UdpDir.seal: libcrypto failed");
-        }
-    }
-    PyBuffer_Release(&head);
-    PyBuffer_Release(&data);
-    return out;
-}
-
-static PyObject *UdpDir_open(UdpDir *d, PyObject *args) {
-    Py_buffer head, body;
-    unsigned long long ctr;
-    if (!PyArg_ParseTuple(args, "y*Ky*", &head, &ctr, &body))
-        return NULL;
-    PyObject *out = NULL;
-    if (d->sending || head.len != UDP_HEAD || body.len > UDP_MAX + UDP_TAG) {
-        PyErr_SetString(PyExc_ValueError, "UdpDir.open: a receiving direction, a 23-byte header");
-    } else if (body.len < UDP_TAG) {
-        out = Py_None;
-        Py_INCREF(out);
-    } else if ((out = PyBytes_FromStringAndSize(NULL, body.len)) != NULL) {
-        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
-        memcpy(p, body.buf, body.len);
-        if (!dir_open(d, head.buf, ctr, p, (int)(body.len - UDP_TAG))) {
-            Py_DECREF(out);
-            out = Py_None;
-            Py_INCREF(out);
-        } else if (_PyBytes_Resize(&out, body.len - UDP_TAG) < 0) {
+            if (seal)
+                PyErr_SetString(PyExc_RuntimeError, "UdpDir.seal: libcrypto failed");
+            else
+                out = Py_NewRef(Py_None);
+        } else if (!seal && _PyBytes_Resize(&out, n) < 0) {
             out = NULL;
         }
     }
     PyBuffer_Release(&head);
-    PyBuffer_Release(&body);
+    PyBuffer_Release(&in);
     return out;
+}
+
+static PyObject *UdpDir_seal(UdpDir *d, PyObject *args) {
+    return UdpDir_crypt(d, args, 1);
+}
+
+static PyObject *UdpDir_open(UdpDir *d, PyObject *args) {
+    return UdpDir_crypt(d, args, 0);
 }
 
 static PyObject *UdpDir_replayed(UdpDir *d, PyObject *arg) {
@@ -1354,18 +1254,9 @@ static PyMemberDef UdpDir_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyTypeObject UdpDirType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "scistream.data.engine._pump.UdpDir",
-    .tp_basicsize = sizeof(UdpDir),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "UdpDir(key, epoch, sending): one direction of a sealed UDP flow (AES-256-GCM)",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)UdpDir_init,
-    .tp_dealloc = (destructor)UdpDir_dealloc,
-    .tp_methods = UdpDir_methods,
-    .tp_members = UdpDir_members,
-};
+static PyTypeObject UdpDirType = PUMP_TYPE(
+    UdpDir, "UdpDir(key, epoch, sending): one direction of a sealed UDP flow (AES-256-GCM)",
+    .tp_init = (initproc)UdpDir_init, .tp_members = UdpDir_members);
 
 /* The attribute names udp_pass reads (engine.udp.Flow, engine.udpseal.FlowKeys). */
 static PyObject *s_fd, *s_state, *s_mtu, *s_last, *s_sa, *s_flow_id, *s_send, *s_recv;
@@ -1382,7 +1273,6 @@ typedef struct {
 /* One batch's buffers, per thread (pages are touched only as datagrams fill them). A
  * slot holds one datagram, or (UDP GRO) a run of them the kernel delivered together. */
 typedef struct {
-    unsigned char *slots;                     /* UDP_BATCH slots of UDP_SLOT bytes */
     struct mmsghdr msgs[UDP_BATCH];
     struct iovec iov[UDP_BATCH];
     struct sockaddr_storage names[UDP_BATCH];
@@ -1392,6 +1282,7 @@ typedef struct {
     } ctl[UDP_BATCH];
     UdpOut outs[UDP_OUTS];
     PyObject *slowed[UDP_OUTS];               /* flows with a datagram given back (borrowed) */
+    unsigned char slots[];                    /* UDP_BATCH slots of UDP_SLOT bytes */
 } UdpBatch;
 static __thread UdpBatch *udp_batch;
 
@@ -1561,28 +1452,23 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iOOiiOsddy*Kdp", &fd, &flows, &fixed, &mode, &out_fd, &counters, &direction,
                           &tokens, &burst, &tag, &rekey_after, &now, &gso))
         return NULL;
-    PyObject *slow = NULL, *nowf = NULL, *result = NULL;
+    PyObject *slow = NULL, *nowf = NULL, *result = NULL, *fixed_sa = NULL, *state = NULL;
+    PyObject *prev_key = NULL, *prev_flow = NULL;   /* the last datagram's source and flow (owned) */
     UdpSend s = {{0}, gso};
     UdpOut *outs;
     int nout = 0;
     PyObject **slowed;
     int nslowed = 0;
-    PyObject *msgkey = NULL;
     if (!PyDict_Check(counters) || (flows != Py_None && !PyDict_Check(flows)) || (flows == Py_None && fixed == Py_None) ||
         (mode != MODE_PLAIN && tag.len != 4)) {
         PyErr_SetString(PyExc_TypeError, "udp_pass: counters a dict, flows a dict or a flow, a 4-byte tag when sealed");
         goto done;
     }
+    if (udp_batch == NULL)
+        udp_batch = calloc(1, sizeof *udp_batch + (size_t)UDP_BATCH * UDP_SLOT);
     if (udp_batch == NULL) {
-        udp_batch = calloc(1, sizeof *udp_batch);
-        if (udp_batch != NULL && (udp_batch->slots = malloc((size_t)UDP_BATCH * UDP_SLOT)) == NULL) {
-            free(udp_batch);
-            udp_batch = NULL;
-        }
-        if (udp_batch == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
+        PyErr_NoMemory();
+        goto done;
     }
     UdpBatch *b = udp_batch;
     outs = b->outs;
@@ -1615,11 +1501,9 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
     /* the fixed flow's reply address (flow path) */
     const struct sockaddr *fixed_dest = NULL;
     socklen_t fixed_len = 0;
-    PyObject *fixed_sa = NULL;
     if (flows == Py_None) {
         fixed_sa = PyObject_GetAttr(fixed, s_sa);
         if (fixed_sa == NULL || !PyBytes_Check(fixed_sa) || PyBytes_GET_SIZE(fixed_sa) == 0) {
-            Py_XDECREF(fixed_sa);
             PyErr_SetString(PyExc_TypeError, "udp_pass: the flow has no sockaddr (sa)");
             goto done;
         }
@@ -1627,7 +1511,6 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         fixed_len = (socklen_t)PyBytes_GET_SIZE(fixed_sa);
     }
     const unsigned char *tagp = tag.buf;
-    PyObject *prev_key = NULL, *prev_flow = NULL;   /* the last datagram's source and flow (owned) */
     for (int i = 0; i < got; i++) {
         unsigned char *slot = b->slots + (size_t)i * UDP_SLOT;
         int total = (int)b->msgs[i].msg_len;
@@ -1643,53 +1526,36 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
                     segsize = v;
             }
         socklen_t nl = b->msgs[i].msg_hdr.msg_namelen;
-        PyObject *flow;
-        PyObject *key = NULL;
+        PyObject *flow = fixed;
         if (flows != Py_None) {
-            if (prev_key != NULL && (socklen_t)PyBytes_GET_SIZE(prev_key) == nl &&
-                memcmp(PyBytes_AS_STRING(prev_key), &b->names[i], nl) == 0) {
-                key = prev_key;
-                Py_INCREF(key);
-            } else if ((key = PyBytes_FromStringAndSize((const char *)&b->names[i], nl)) == NULL) {
-                goto loop_error;
-            }
-            if (key == prev_key) {
-                flow = prev_flow;
-            } else {
-                flow = PyDict_GetItemWithError(flows, key);     /* borrowed */
-                if (flow == NULL && PyErr_Occurred()) {
-                    Py_DECREF(key);
-                    goto loop_error;
-                }
+            if (prev_key == NULL || (socklen_t)PyBytes_GET_SIZE(prev_key) != nl ||
+                memcmp(PyBytes_AS_STRING(prev_key), &b->names[i], nl) != 0) {
                 Py_XDECREF(prev_key);
-                Py_XDECREF(prev_flow);
-                prev_key = key;
-                Py_INCREF(prev_key);
-                prev_flow = flow;
+                Py_CLEAR(prev_flow);
+                prev_key = PyBytes_FromStringAndSize((const char *)&b->names[i], nl);
+                if (prev_key == NULL)
+                    goto done;
+                prev_flow = PyDict_GetItemWithError(flows, prev_key);
+                if (prev_flow == NULL && PyErr_Occurred())
+                    goto done;
                 Py_XINCREF(prev_flow);
             }
-        } else {
-            flow = fixed;
+            flow = prev_flow;
         }
-        msgkey = key;
-        key = NULL;
         int nseg = total == 0 ? 1 : (total + segsize - 1) / segsize;
         for (int sg = 0; sg < nseg; sg++) {
+        Py_CLEAR(state);
         int whole = nseg == 1;
         unsigned char *p = slot + UDP_HEAD + (size_t)sg * (size_t)segsize;
         int n = total - sg * segsize < segsize ? total - sg * segsize : segsize;
-        key = msgkey;
-        Py_XINCREF(key);
         /* checks that need no flow: as udpseal's open, first */
         if (mode == MODE_OPEN) {
             if (n < UDP_OVERHEAD || p[0] != UDP_VERSION) {
                 s.c[C_TRUNCATED]++;
-                Py_XDECREF(key);
                 continue;
             }
             if (memcmp(p + 1, tagp, 4) != 0) {
                 s.c[C_FOREIGN]++;
-                Py_XDECREF(key);
                 continue;
             }
         }
@@ -1697,12 +1563,11 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
         for (int k = 0; fast && k < nslowed; k++)
             if (slowed[k] == flow)
                 fast = 0;
-        PyObject *state = NULL;
         UdpDir *d = NULL;
         if (fast && mode != MODE_PLAIN) {
             state = PyObject_GetAttr(flow, s_state);
             if (state == NULL)
-                goto key_error;
+                goto done;
             if (state == Py_None)
                 fast = 0;
             else if (mode == MODE_OPEN) {
@@ -1717,22 +1582,17 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
             }
         }
         if (!fast) {
-            Py_XDECREF(state);
             if (flow != NULL && nslowed < UDP_OUTS)
                 slowed[nslowed++] = flow;
             PyObject *src = udp_source(&b->names[i]);
-            PyObject *sa = key != NULL ? key : PyBytes_FromStringAndSize((const char *)&b->names[i], nl);
-            if (key != NULL)
-                Py_INCREF(sa);
-            PyObject *item = src && sa ? Py_BuildValue("(OOy#)", src, sa, p, (Py_ssize_t)n) : NULL;
+            PyObject *item = src ? Py_BuildValue("(Oy#y#)", src, (const char *)&b->names[i], (Py_ssize_t)nl,
+                                                 p, (Py_ssize_t)n) : NULL;
             Py_XDECREF(src);
-            Py_XDECREF(sa);
             if (item == NULL || PyList_Append(slow, item) < 0) {
                 Py_XDECREF(item);
-                goto key_error;
+                goto done;
             }
             Py_DECREF(item);
-            Py_XDECREF(key);
             continue;
         }
         unsigned char *out = p;
@@ -1743,15 +1603,11 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
                 ctr = ctr << 8 | p[15 + k];
             if (dir_replayed(d, ctr)) {
                 s.c[C_REPLAYED]++;
-                Py_DECREF(state);
-                Py_XDECREF(key);
                 continue;
             }
             plain = n - UDP_OVERHEAD;
-            if (!dir_open(d, p, ctr, p + UDP_HEAD, plain)) {
+            if (!dir_crypt(d, p, ctr, p + UDP_HEAD, plain)) {
                 s.c[C_FORGED]++;
-                Py_DECREF(state);
-                Py_XDECREF(key);
                 continue;
             }
             dir_accept(d, ctr);
@@ -1763,14 +1619,12 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
             double want = (double)plain < burst ? (double)plain : burst;
             if (tokens < want) {
                 s.c[C_RATE]++;
-                Py_XDECREF(state);
-                Py_XDECREF(key);
                 continue;
             }
             tokens -= (double)plain;
         }
         if (PyObject_SetAttr(flow, s_last, nowf) < 0)
-            goto key_error;
+            goto done;
         if (mode == MODE_SEAL) {
             unsigned long long ctr = d->counter++;
             slot[0] = UDP_VERSION;
@@ -1779,29 +1633,26 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
             if (fid == NULL || !PyBytes_Check(fid) || PyBytes_GET_SIZE(fid) != 8) {
                 Py_XDECREF(fid);
                 PyErr_SetString(PyExc_TypeError, "udp_pass: a flow id is 8 bytes");
-                goto key_error;
+                goto done;
             }
             memcpy(slot + 5, PyBytes_AS_STRING(fid), 8);
             Py_DECREF(fid);
             slot[13] = (unsigned char)(d->epoch >> 8);
             slot[14] = (unsigned char)d->epoch;
-            for (int k = 0; k < 8; k++)
-                slot[15 + k] = (unsigned char)(ctr >> (56 - 8 * k));
-            if (!dir_seal(d, slot, ctr, p, n)) {
+            put_ctr(slot + 15, ctr);
+            if (!dir_crypt(d, slot, ctr, p, n)) {
                 PyErr_SetString(PyExc_RuntimeError, "udp_pass: libcrypto failed to seal");
-                goto key_error;
+                goto done;
             }
             out = slot;
             outn = n + UDP_OVERHEAD;
             int err = 0;
             long long mtu = get_ll(flow, s_mtu, &err);
             if (err)
-                goto key_error;
+                goto done;
             if (mtu && outn + UDP_IP_UDP > mtu)
                 s.c[C_MTU]++;
         }
-        Py_XDECREF(state);
-        state = NULL;
         UdpOut *o = &outs[nout];
         o->p = out;
         o->n = outn;
@@ -1810,7 +1661,7 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
             int err = 0;
             o->fd = (int)get_ll(flow, s_fd, &err);
             if (err)
-                goto key_error;
+                goto done;
             o->dest = NULL;
             o->destlen = 0;
         } else {
@@ -1819,25 +1670,9 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
             o->destlen = fixed_len;
         }
         nout++;
-        Py_XDECREF(key);
-        continue;
-    key_error:
-        Py_XDECREF(state);
-        Py_XDECREF(key);
-    loop_error:
-        Py_XDECREF(msgkey);
-        Py_XDECREF(prev_key);
-        Py_XDECREF(prev_flow);
-        Py_XDECREF(fixed_sa);
-        goto done;
         }
-        Py_XDECREF(msgkey);
-        msgkey = NULL;
     }
-    Py_XDECREF(prev_key);
-    Py_XDECREF(prev_flow);
     udp_send_all(&s, outs, nout);
-    Py_XDECREF(fixed_sa);
     {
         static const char *names[C_N] = {"datagrams_", "bytes_", "drops_rate", "drops_send", "drops_forged",
                                          "drops_replayed", "drops_truncated", "drops_foreign", "over_mtu"};
@@ -1863,6 +1698,10 @@ static PyObject *udp_pass(PyObject *self, PyObject *args) {
     }
     result = Py_BuildValue("(Odi)", slow, tokens, s.gso);
 done:
+    Py_XDECREF(state);
+    Py_XDECREF(prev_key);
+    Py_XDECREF(prev_flow);
+    Py_XDECREF(fixed_sa);
     Py_XDECREF(slow);
     Py_XDECREF(nowf);
     PyBuffer_Release(&tag);
@@ -1888,9 +1727,6 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__pump(void) {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CopierType) < 0 || PyType_Ready(&HubType) < 0 ||
-        PyType_Ready(&UdpDirType) < 0)
-        return NULL;
     if ((s_fd = PyUnicode_InternFromString("fd")) == NULL || (s_state = PyUnicode_InternFromString("state")) == NULL ||
         (s_mtu = PyUnicode_InternFromString("mtu")) == NULL || (s_last = PyUnicode_InternFromString("last")) == NULL ||
         (s_sa = PyUnicode_InternFromString("sa")) == NULL || (s_flow_id = PyUnicode_InternFromString("flow_id")) == NULL ||
@@ -1906,14 +1742,8 @@ PyMODINIT_FUNC PyInit__pump(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&EngineType);
-    Py_INCREF(&CopierType);
-    Py_INCREF(&HubType);
-    Py_INCREF(&UdpDirType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
-        PyModule_AddObject(m, "Copier", (PyObject *)&CopierType) < 0 ||
-        PyModule_AddObject(m, "Hub", (PyObject *)&HubType) < 0 ||
-        PyModule_AddObject(m, "UdpDir", (PyObject *)&UdpDirType) < 0 ||
+    if (PyModule_AddType(m, &EngineType) < 0 || PyModule_AddType(m, &CopierType) < 0 ||
+        PyModule_AddType(m, &HubType) < 0 || PyModule_AddType(m, &UdpDirType) < 0 ||
         PyModule_AddIntConstant(m, "UDP_BATCH", UDP_BATCH) < 0 ||
         PyModule_AddIntConstant(m, "F_SRC_AGAIN", F_SRC_AGAIN) < 0 ||
         PyModule_AddIntConstant(m, "F_DST_AGAIN", F_DST_AGAIN) < 0 ||
