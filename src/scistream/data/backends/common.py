@@ -480,7 +480,7 @@ class ProxyServer(DataServer):
             if await cond():
                 return
             if time.monotonic() > deadline:
-                raise DataServerError(f"{what}: nothing after {timeout:.0f} s: {tail(self.log_path)}")
+                raise DataServerError(f"{what}: not done within {timeout:.0f} s: {tail(self.log_path)}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
