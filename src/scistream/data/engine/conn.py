@@ -22,7 +22,9 @@ worker (``node.worker``) and is only ever touched by it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -38,8 +40,8 @@ from .loop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePo
 from ...addr import format_listener
 from ..hosttcp import prepare_wan_socket
 from .compiled import F_EOF, pump as compiled
-from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
-                     note_moved, thread_buffers)
+from .tlsleg import (CHUNK, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, Pump, SendKeepingRest, TlsEnd,
+                     metered_recv, note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -124,26 +126,18 @@ class Side:
     def shutdown_write(self) -> None:
         if not self.shut_wr:
             self.shut_wr = True
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
 
-class SplicePump:
+class SplicePump(Pump):
     """src socket -> pipe -> dst socket, in the kernel."""
-    __slots__ = ("conn", "src", "dst", "direction", "pipe", "inpipe", "eof", "done", "bucket", "chunk", "slots")
+    __slots__ = ("pipe", "inpipe", "chunk", "slots")
 
     def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.dst = dst
-        self.direction = direction
+        super().__init__(conn, src, dst, direction)
         self.pipe = conn.ctx.pipes.get()
         self.inpipe = 0          # bytes in the pipe, not yet spliced out
-        self.eof = False         # src said EOF
-        self.done = False        # EOF carried over to dst
-        self.bucket = conn.ctx.buckets.get(direction)
         self.chunk = conn.ctx.pipes.size
         self.slots = conn.ctx.pipes.slots
 
@@ -189,8 +183,7 @@ class SplicePump:
                         if was_empty and n < want and n < self.slots and not src.hup:
                             src.readable = False
             if self.eof and not self.inpipe and not self.done:
-                self.done = True
-                self.conn.pump_done(dst)
+                self.finish()
                 return
             if not moved:
                 return
@@ -199,8 +192,7 @@ class SplicePump:
         if self.pipe is not None:
             self.conn.ctx.pipes.put(self.pipe, empty=self.inpipe == 0)
             self.pipe = None
-        if self.bucket is not None:
-            self.bucket.discard(self.conn.kick)
+        super().release()
 
 
 class CopyPump(SendKeepingRest):
@@ -210,17 +202,10 @@ class CopyPump(SendKeepingRest):
     spliced pages make the receiving application pay more than the copy saves. The
     scratch buffer is the thread's (``tlsleg.thread_buffers``); only bytes the destination
     did not take are kept, per pump."""
-    __slots__ = ("conn", "src", "dst", "direction", "pending", "eof", "done", "bucket", "bufs")
+    __slots__ = ("bufs",)
 
     def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.dst = dst
-        self.direction = direction
-        self.pending: memoryview | None = None
-        self.eof = False
-        self.done = False
-        self.bucket = conn.ctx.buckets.get(direction)
+        super().__init__(conn, src, dst, direction)
         self.bufs = thread_buffers()
 
     def run(self) -> None:
@@ -229,7 +214,7 @@ class CopyPump(SendKeepingRest):
         while not self.done:
             if self._settle() or not dst.writable or not src.readable:
                 return
-            n = metered_recv(src, rbuf, COPY_CHUNK, self.bucket, self.conn.kick)
+            n = metered_recv(src, rbuf, CHUNK, self.bucket, self.conn.kick)
             if n is None or n < 0:
                 return
             if n == 0:
@@ -237,41 +222,25 @@ class CopyPump(SendKeepingRest):
                 continue
             self._send(rview[:n])
 
-    def release(self) -> None:
-        if self.bucket is not None:
-            self.bucket.discard(self.conn.kick)
 
-
-COPY_CHUNK = 256 * 1024
-
-
-class CCopyPump:
+class CCopyPump(Pump):
     """``CopyPump`` compiled (``_pump.Copier``): for legs with no rate limit."""
-    __slots__ = ("conn", "src", "dst", "direction", "cp", "eof", "done")
+    __slots__ = ("cp",)
 
     def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.dst = dst
-        self.direction = direction
+        super().__init__(conn, src, dst, direction)
         self.cp = compiled.Copier()
-        self.eof = False
-        self.done = False
 
     def run(self) -> None:
         if self.done:
             return
         src, dst = self.src, self.dst
         n, fl = self.cp.copy(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
-        note_moved(self, src, dst, n, fl)
+        note_moved(self, n, fl)
         if fl & F_EOF:
             self.eof = True
         if self.eof and not self.cp.unsent:
-            self.done = True
-            self.conn.pump_done(dst)
-
-    def release(self) -> None:
-        pass
+            self.finish()
 
 
 def accept_one(loop: Loop, lsock: socket.socket, label: str,
@@ -290,6 +259,13 @@ def accept_one(loop: Loop, lsock: socket.socket, label: str,
             loop.remove(lsock.fileno())
             loop.call_later(0.2, resume)
         return None            # anything else (ECONNABORTED): that client is gone
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close ``sock`` so that its peer sees a reset, not an EOF."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
 
 
 def _is_loopback(addr: Any) -> bool:
@@ -325,7 +301,7 @@ def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
     """No Nagle delay; keepalive probes, and the same bound on data left unacknowledged
     (TCP_USER_TIMEOUT: keepalive alone says nothing while we are sending into a dead link)."""
     idle, interval, count = keepalive
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if idle > 0:
@@ -333,8 +309,6 @@ def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000)
-    except OSError:
-        pass
 
 
 class Conn:
@@ -367,12 +341,11 @@ class Conn:
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
-        loop = self.ctx.loop
-        loop.add(self.a.fd, EV_ALL, self._on_a)
+        self.ctx.loop.add(self.a.fd, EV_ALL, functools.partial(self._on_event, self.a))
         if self.ctx.server_tls is not None:
             self.tls = TlsEnd(self.a, self.ctx.server_tls, server_side=True)
             self.state = "handshake"
-            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
+            self._arm(HANDSHAKE_TIMEOUT)
             self.step()
         else:
             self._connect()
@@ -395,15 +368,13 @@ class Conn:
             prepare_wan_socket(sock, self.ctx.wan_congestion)
         self.b = Side(sock, ready=False)
         self.state = "connecting"
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.ctx.loop.add(self.b.fd, EV_ALL, self._on_b)
+        self._arm(None)
+        self.ctx.loop.add(self.b.fd, EV_ALL, functools.partial(self._on_event, self.b))
         # On loopback and LANs the connection is usually up already: skip one wake-up.
         self.b.writable = True
         self.step()
         if self.state == "connecting":
-            self.timer = self.ctx.loop.call_later(CONNECT_TIMEOUT, self._timeout)
+            self._arm(CONNECT_TIMEOUT)
 
     def _connected(self) -> None:
         """The target connection is up: start the TLS client or the pumps."""
@@ -411,18 +382,14 @@ class Conn:
         if self.ctx.client_tls is not None:
             self.tls = TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=self.ctx.tls_session)
             self.state = "handshake"
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.ctx.loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
+            self._arm(HANDSHAKE_TIMEOUT)
             self.step()
         else:
             self._open()
 
     def _open(self) -> None:
         assert self.b is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._arm(None)
         self.state = "open"
         if self.tls is not None and self.tls.obj.session_reused:
             self.ctx.resumed += 1
@@ -430,30 +397,28 @@ class Conn:
         # The compiled pumps, unless a rate limit meters the bytes (its buckets are Python's).
         metered = any(v is not None for v in self.ctx.buckets.values())
         if self.tls is None:
-            pump: Any = SplicePump
+            kind: Any = SplicePump
             local = _is_loopback(self.peer) and _is_loopback(self.target[1])
             if use_copy(getattr(self.ctx, "plain_relay", "splice"), local):
-                pump = CCopyPump if compiled is not None and not metered else CopyPump
+                kind = CCopyPump if compiled is not None and not metered else CopyPump
                 if LOOPBACK_SNDBUF > 0 and local:
                     for side in (a, b):
-                        try:
+                        with contextlib.suppress(OSError):
                             side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOOPBACK_SNDBUF)
-                        except OSError:
-                            pass
-            self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
+            kinds = (kind, kind)
         else:
-            eng = None if metered else self.tls.compiled()
-            if eng is not None:
-                if self.tls.side is a:
-                    self.pumps = [CDecryptPump(self, self.tls, eng, b, "in"), CEncryptPump(self, b, self.tls, eng, "out")]
-                else:
-                    self.pumps = [CEncryptPump(self, a, self.tls, eng, "in"), CDecryptPump(self, self.tls, eng, a, "out")]
-            elif self.tls.side is a:   # PROD: WAN side accepted
-                self.pumps = [DecryptPump(self, self.tls, b, "in"), EncryptPump(self, b, self.tls, "out")]
-            else:                      # CONS: WAN side is the target
-                self.pumps = [EncryptPump(self, a, self.tls, "in"), DecryptPump(self, self.tls, a, "out")]
+            fast = not metered and self.tls.compiled() is not None
+            dec, enc = (CDecryptPump, CEncryptPump) if fast else (DecryptPump, EncryptPump)
+            kinds = (dec, enc) if self.tls.side is a else (enc, dec)   # PROD: the WAN side accepted
+        self.pumps = [kinds[0](self, a, b, "in"), kinds[1](self, b, a, "out")]
         self.step()
         self._carry()
+
+    def _arm(self, delay: float | None) -> None:
+        """Cancel the pending timeout, and start one of ``delay`` seconds (None: none)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None if delay is None else self.ctx.loop.call_later(delay, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None
@@ -463,7 +428,7 @@ class Conn:
     def _carry(self) -> None:
         """An open plain connection whose pumps copy goes to the loop's hub (if it has one)
         while both directions flow: from here its events are handled in C, until its end
-        (a hang-up, EOF, an error) comes back to ``_on_a`` / ``_on_b``, which take it back."""
+        (a hang-up, EOF, an error) comes back to ``_on_event``, which takes it back."""
         hub = self.ctx.loop.hub
         if (hub is None or self.state != "open" or not isinstance(self.pumps[0], CCopyPump)
                 or any(p.eof or p.done for p in self.pumps)):
@@ -508,18 +473,10 @@ class Conn:
         return True
 
     # -- events -----------------------------------------------------------
-    def _on_a(self, ev: int) -> None:
+    def _on_event(self, side: Side, ev: int) -> None:
         if self.carried and not self._taken_back():
             return
-        self.a.seen(ev)
-        self.step()
-
-    def _on_b(self, ev: int) -> None:
-        if self.b is None:
-            return
-        if self.carried and not self._taken_back():
-            return
-        self.b.seen(ev)
+        side.seen(ev)
         self.step()
 
     def kick(self) -> None:
@@ -547,10 +504,8 @@ class Conn:
                         self._open()
         except ssl.SSLError as exc:
             if self.tls is not None:    # best effort: let the peer see the alert, not a reset
-                try:
+                with contextlib.suppress(OSError):
                     self.tls.flush()
-                except OSError:
-                    pass
             self.abort(f"TLS: {exc.reason or exc}")
         except OSError as exc:
             self.abort(str(exc.strerror or exc))
@@ -627,9 +582,7 @@ class Conn:
                 self.ctx.tls_session = session
                 self.ctx.sessions_kept += 1
         self.state = "closed"
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._arm(None)
         for p in self.pumps:
             p.release()
         self.pumps = []   # no cycles left: nothing for the garbage collector to chase
@@ -638,11 +591,9 @@ class Conn:
                 continue
             self.ctx.loop.forget(side.fd)   # close() takes it out of epoll
             if reset:
-                try:
-                    side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
-            side.sock.close()
+                close_with_reset(side.sock)
+            else:
+                side.sock.close()
         self.ctx.conn_closed(self)
         self.ctx.loop.trim_soon()
 
