@@ -18,6 +18,7 @@ in C, and only the rest, and their end, reach the handlers here.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -171,10 +172,8 @@ class Loop:
 
     def remove(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     def forget(self, fd: int) -> None:
         """Drop the handler of an fd about to be closed (closing removes it from epoll)."""
@@ -222,25 +221,18 @@ class Loop:
             signal.signal(sig, lambda *_: self.stop())
 
     def _on_wake(self, _events: int) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def wake(self) -> None:
         """Make the current wait return (it takes new timers into account); safe from any thread."""
-        try:
+        with contextlib.suppress(OSError):   # pipe full: a wake-up is pending anyway
             os.write(self._wake_w, b"\0")
-        except OSError:   # pipe full: a wake-up is pending anyway
-            pass
 
     def stop(self) -> None:
         self.running = False
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self.wake()
 
     def run(self) -> None:
         self.running = True

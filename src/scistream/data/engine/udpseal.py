@@ -154,8 +154,7 @@ class Sealer:
         return self._dir(_kdf(self.master, b"key " + direction + flow_id + struct.pack("!H", epoch)), epoch, sending)
 
     def new_flow(self) -> FlowKeys:
-        keys = FlowKeys(new_flow_id())
-        return keys
+        return FlowKeys(new_flow_id())
 
     # -- sealing --------------------------------------------------------------------------
     def seal_state(self, keys: FlowKeys, data: bytes) -> bytes | None:
