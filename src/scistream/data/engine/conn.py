@@ -290,13 +290,6 @@ def _loopback_sndbuf(text: str | None, default: int = 512 << 10) -> int:
 LOOPBACK_SNDBUF = _loopback_sndbuf(os.environ.get("SCISTREAM_LOOPBACK_SNDBUF"))
 
 
-def use_copy(mode: str, local: bool) -> bool:
-    """Plain legs: copy or splice. ``auto`` copies when both ends are loopback addresses
-    (``local``: where copying wins, measured), and splices otherwise (a NIC: splice saves
-    two copies)."""
-    return mode == "copy" or (mode == "auto" and local)
-
-
 def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
     """No Nagle delay; keepalive probes, and the same bound on data left unacknowledged
     (TCP_USER_TIMEOUT: keepalive alone says nothing while we are sending into a dead link)."""
@@ -398,8 +391,11 @@ class Conn:
         metered = any(v is not None for v in self.ctx.buckets.values())
         if self.tls is None:
             kind: Any = SplicePump
+            # ``plain_relay`` auto copies when both ends are loopback addresses (where copying
+            # wins, measured), and splices otherwise (a NIC: splice saves two copies).
             local = _is_loopback(self.peer) and _is_loopback(self.target[1])
-            if use_copy(getattr(self.ctx, "plain_relay", "splice"), local):
+            mode = getattr(self.ctx, "plain_relay", "splice")
+            if mode == "copy" or (mode == "auto" and local):
                 kind = CCopyPump if compiled is not None and not metered else CopyPump
                 if LOOPBACK_SNDBUF > 0 and local:
                     for side in (a, b):
@@ -599,15 +595,13 @@ class Conn:
 
     def info(self) -> dict[str, Any]:
         self.settle()
+        p = self.pumps[0] if self.pumps else None
         return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),
-                "peer": address_text(self.peer),
-                "target": address_text(self.target[1]), "state": self.state,
-                "relay": ("tls" if self.tls is not None else "copy" if isinstance(self.pumps[0], (CopyPump, CCopyPump))
-                          else "splice") if self.pumps else "",
-                "pumps": ("c" if isinstance(self.pumps[0], (CEncryptPump, CDecryptPump, CCopyPump)) else "python")
-                if self.pumps else "",
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
+                "peer": address_text(self.peer), "target": address_text(self.target[1]), "state": self.state,
+                "relay": "" if p is None else "tls" if self.tls is not None
+                else "copy" if isinstance(p, (CopyPump, CCopyPump)) else "splice",
+                "pumps": "" if p is None else "c" if isinstance(p, (CEncryptPump, CDecryptPump, CCopyPump)) else "python",
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
 
 
 def address_text(addr: Any) -> str:

@@ -492,10 +492,9 @@ def route_mtu(family: int, addr: Any) -> int:
 
 def path_mtu(sock: socket.socket) -> int:
     """The path MTU the kernel knows for a connected socket (IP_MTU), 0 if it says none."""
-    opt = getattr(socket, "IP_MTU", 14)
     try:
         if sock.family == socket.AF_INET6:
             return sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
-        return sock.getsockopt(socket.IPPROTO_IP, opt)
+        return sock.getsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU", 14))
     except OSError:
         return 0

@@ -48,6 +48,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import compiled
+
 VERSION = 1
 HEADER = struct.Struct("!B4s8sHQ")
 TAG = 16
@@ -132,15 +134,10 @@ class Sealer:
         self.master = master
         # the compiled AEAD (``_pump.UdpDir``) where the compiled pumps are chosen, else Python's
         if fast is None:
-            from .compiled import pump
-            fast = pump is not None
-        if fast:
-            from .compiled import module
-            if module is None:
-                raise RuntimeError("the compiled module is not built")
-            self._dir: Any = module.UdpDir
-        else:
-            self._dir = Direction
+            fast = compiled.pump is not None
+        if fast and compiled.module is None:
+            raise RuntimeError("the compiled module is not built")
+        self._dir: Any = compiled.module.UdpDir if fast else Direction
         self.fast = bool(fast)
         self.role = role
         self.tag = _kdf(master, b"session tag", 4)

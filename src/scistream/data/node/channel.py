@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -115,7 +116,5 @@ class Decoder:
     def close(self) -> None:
         """Close descriptors that arrived but were never taken."""
         while self.fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fds.popleft())
-            except OSError:
-                pass

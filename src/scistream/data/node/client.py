@@ -147,17 +147,14 @@ class ServiceConnection:
             except ServiceError as exc:
                 if exc.code != "unreachable" or loop.time() > deadline or self.closed:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
-                continue
-            if reply.get("ok"):
-                return reply
-            code = reply.get("code") or "invalid"
-            if code == "busy" and loop.time() < deadline:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
-                continue
-            raise ServiceError(str(reply.get("error") or "refused"), code)
+            else:
+                if reply.get("ok"):
+                    return reply
+                code = reply.get("code") or "invalid"
+                if code != "busy" or loop.time() >= deadline:
+                    raise ServiceError(str(reply.get("error") or "refused"), code)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
     async def close(self) -> None:
         self.closed = True

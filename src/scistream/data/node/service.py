@@ -308,13 +308,7 @@ class Node:
                     await writer.drain()
 
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (OSError, ValueError):
-                    break
-                if not line:
-                    break
+            async for line in reader:      # until EOF; OSError or ValueError (a line too long): the end
                 if not line.strip():
                     continue
                 try:
@@ -329,6 +323,8 @@ class Node:
                 t = asyncio.create_task(answer(msg))
                 pending.add(t)
                 t.add_done_callback(pending.discard)
+        except (OSError, ValueError):
+            pass
         finally:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -375,11 +371,8 @@ class Node:
                     "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None, "alive": w.alive,
                                  "listeners": w.listeners, "restarts": w.restarts,
                                  "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement),
-                                 "spin": None if isinstance(p, BaseException) else p.get("spin"),
-                                 "carried": None if isinstance(p, BaseException) else p.get("carried"),
-                                 "memory_trims": None if isinstance(p, BaseException) else p.get("memory_trims"),
-                                 "memory_trim_pending": None if isinstance(p, BaseException)
-                                 else p.get("memory_trim_pending")}
+                                 **{k: None if isinstance(p, BaseException) else p.get(k)
+                                    for k in ("spin", "carried", "memory_trims", "memory_trim_pending")}}
                                 for w, p in zip(self.workers, pings)]}
         if op == "watch":
             self.watchers.add(writer)
@@ -592,28 +585,8 @@ class Node:
             writer.write(json.dumps({"op": "handover", "to": str(ho_path), "id": "ho"}).encode() + b"\n")
             await writer.drain()
             conn, _ = await asyncio.wait_for(loop.sock_accept(lsock), 10)
-            got: list[tuple[dict, list[int]]] = []
-            dec = Decoder()
-            conn.setblocking(False)
-            done = False
-            deadline = time.monotonic() + 30
             with conn:
-                while not done:
-                    fut = loop.create_future()
-                    loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
-                    try:
-                        await asyncio.wait_for(fut, max(0.1, deadline - time.monotonic()))
-                    finally:
-                        loop.remove_reader(conn.fileno())
-                    try:
-                        frames = dec.feed(conn)
-                    except BlockingIOError:
-                        continue
-                    for msg, fds in frames:
-                        if msg.get("done"):
-                            done = True
-                            continue
-                        got.append((msg["session"], fds))
+                got = await asyncio.to_thread(_receive_sessions, conn, time.monotonic() + 30)
             reply = json.loads(await asyncio.wait_for(reader.readline(), 10) or b"{}")
             if not reply.get("ok"):
                 for _, fds in got:
@@ -667,6 +640,19 @@ class Node:
             self.handing_over = False
 
 
+def _receive_sessions(conn: socket.socket, deadline: float) -> list[tuple[dict, list[int]]]:
+    """What a predecessor hands over (blocking, in a thread): each session and its sockets,
+    until it says it is done; TimeoutError past ``deadline``."""
+    got: list[tuple[dict, list[int]]] = []
+    dec = Decoder()
+    while True:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        for msg, fds in dec.feed(conn):
+            if msg.get("done"):
+                return got
+            got.append((msg["session"], fds))
+
+
 def sd_notify(state: str) -> None:
     """Tell systemd (Type=notify units, deploy/s2ds.service) we are ready, and which process
     is the service's main one: a successor that took over says so. No-op elsewhere."""
@@ -710,7 +696,4 @@ async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: s
 
 
 def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0))
