@@ -336,12 +336,15 @@ class Conn:
     def start(self) -> None:
         self.ctx.loop.add(self.a.fd, EV_ALL, functools.partial(self._on_event, self.a))
         if self.ctx.server_tls is not None:
-            self.tls = TlsEnd(self.a, self.ctx.server_tls, server_side=True)
-            self.state = "handshake"
-            self._arm(HANDSHAKE_TIMEOUT)
-            self.step()
+            self._handshake(TlsEnd(self.a, self.ctx.server_tls, server_side=True))
         else:
             self._connect()
+
+    def _handshake(self, tls: TlsEnd) -> None:
+        self.tls = tls
+        self.state = "handshake"
+        self._arm(HANDSHAKE_TIMEOUT)
+        self.step()
 
     def _connect(self) -> None:
         family, addr = self.target
@@ -349,13 +352,11 @@ class Conn:
         try:
             _tune(sock, self.ctx.keepalive)
             err = sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
         except OSError as exc:
             sock.close()
-            self.abort(f"cannot connect to target: {exc}")
-            return
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            self.abort(f"cannot connect to target: {os.strerror(err)}")
+            self.abort(f"cannot connect to target: {exc.strerror or exc}")
             return
         if getattr(self.ctx, "wan_side", "") == "b":   # after connect: a route's congctl is set by it
             prepare_wan_socket(sock, self.ctx.wan_congestion)
@@ -373,10 +374,7 @@ class Conn:
         """The target connection is up: start the TLS client or the pumps."""
         assert self.b is not None
         if self.ctx.client_tls is not None:
-            self.tls = TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=self.ctx.tls_session)
-            self.state = "handshake"
-            self._arm(HANDSHAKE_TIMEOUT)
-            self.step()
+            self._handshake(TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=self.ctx.tls_session))
         else:
             self._open()
 

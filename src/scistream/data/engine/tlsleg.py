@@ -313,16 +313,12 @@ def note_moved(pump: Pump, n: int, fl: int) -> None:
 class CEncryptPump(Pump):
     """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``). ``eof``: the
     source's EOF, close_notify queued; ``done``: close_notify on the wire, TCP write side shut."""
-    __slots__ = ("eng",)
-
-    def __init__(self, conn: "Conn", src: "Side", dst: "Side", direction: str) -> None:
-        super().__init__(conn, src, dst, direction)
-        self.eng = conn.tls.eng
+    __slots__ = ()
 
     def run(self) -> None:
         if self.done:
             return
-        src, dst, eng = self.src, self.dst, self.eng
+        src, dst, eng = self.src, self.dst, self.conn.tls.eng
         n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
         note_moved(self, n, fl)
         if fl & F_EOF:
@@ -338,17 +334,13 @@ class CEncryptPump(Pump):
 class CDecryptPump(Pump):
     """TLS socket -> compiled engine -> plain socket; ``done``: the peer's close_notify
     passed on as a TCP EOF."""
-    __slots__ = ("eng",)
-
-    def __init__(self, conn: "Conn", src: "Side", dst: "Side", direction: str) -> None:
-        super().__init__(conn, src, dst, direction)
-        self.eng = conn.tls.eng
+    __slots__ = ()
 
     def run(self) -> None:
         if self.done:
             return
         src, dst = self.src, self.dst
-        n, fl = self.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
+        n, fl = self.conn.tls.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
         note_moved(self, n, fl)
         if fl & F_EOF:
             self.finish()
@@ -357,14 +349,10 @@ class CDecryptPump(Pump):
 class EncryptPump(Pump):
     """plain socket -> TLS engine -> TLS socket. ``eof``: the source's EOF; ``done``:
     close_notify on the wire, TCP write side shut."""
-    __slots__ = ("tls",)
-
-    def __init__(self, conn: "Conn", src: "Side", dst: "Side", direction: str) -> None:
-        super().__init__(conn, src, dst, direction)
-        self.tls = conn.tls
+    __slots__ = ()
 
     def run(self) -> None:
-        tls, src = self.tls, self.src
+        tls, src = self.conn.tls, self.src
         write = tls.raw.write
         rbuf, rview = tls.bufs.rbuf, tls.bufs.rview
         while True:
@@ -388,22 +376,18 @@ class EncryptPump(Pump):
 
     def resume_close(self) -> None:
         """The engine's input is drained: the owed close_notify can go now."""
-        if self.eof and self.tls.close_wanted:
-            self.tls.close_notify()
+        if self.eof and self.conn.tls.close_wanted:
+            self.conn.tls.close_notify()
             self.run()
 
 
 class DecryptPump(SendKeepingRest):
     """TLS socket -> TLS engine -> plain socket. ``pending``: plaintext not yet on dst;
     ``eof``: the peer's close_notify arrived; ``done``: ... and was passed on as a TCP EOF."""
-    __slots__ = ("tls",)
-
-    def __init__(self, conn: "Conn", src: "Side", dst: "Side", direction: str) -> None:
-        super().__init__(conn, src, dst, direction)
-        self.tls = conn.tls
+    __slots__ = ()
 
     def run(self) -> None:
-        tls, dst = self.tls, self.dst
+        tls, dst = self.conn.tls, self.dst
         read = tls.raw.read
         pview = tls.bufs.pview
         while not self.done:
