@@ -40,8 +40,8 @@ from .loop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePo
 from ...addr import format_listener
 from ..hosttcp import prepare_wan_socket
 from .compiled import F_EOF, pump as compiled
-from .tlsleg import (CHUNK, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, Pump, SendKeepingRest, TlsEnd,
-                     metered_recv, note_moved, thread_buffers)
+from .tlsleg import (CHUNK, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, Pump, SendKeepingRest,
+                     TlsEnd, metered_recv, note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,8 @@ class Conn:
         """The target connection is up: start the TLS client or the pumps."""
         assert self.b is not None
         if self.ctx.client_tls is not None:
-            self._handshake(TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=self.ctx.tls_session))
+            session = self.ctx.tls_session
+            self._handshake(TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=session))
         else:
             self._open()
 
@@ -598,8 +599,10 @@ class Conn:
                 "peer": address_text(self.peer), "target": address_text(self.target[1]), "state": self.state,
                 "relay": "" if p is None else "tls" if self.tls is not None
                 else "copy" if isinstance(p, (CopyPump, CCopyPump)) else "splice",
-                "pumps": "" if p is None else "c" if isinstance(p, (CEncryptPump, CDecryptPump, CCopyPump)) else "python",
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
+                "pumps": "" if p is None else "c" if isinstance(p, (CEncryptPump, CDecryptPump, CCopyPump))
+                else "python",
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "age": round(time.time() - self.started, 3)}
 
 
 def address_text(addr: Any) -> str:

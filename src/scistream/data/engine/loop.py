@@ -127,6 +127,13 @@ def _nothing() -> None:
     pass
 
 
+def _spins(name: str) -> property:
+    """A spin counter of a loop (``_`` + name), and its hub's."""
+    def count(loop: "Loop") -> int:
+        return getattr(loop, "_" + name) + (getattr(loop.hub, name) if loop.hub is not None else 0)
+    return property(count)
+
+
 class Loop:
     """An edge-triggered epoll loop with timers; ``stop()`` (or SIGTERM/SIGINT) ends ``run()``."""
 
@@ -154,17 +161,9 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add(self._wake_r, EPOLLIN, self._on_wake)
 
-    @property
-    def spin_hits(self) -> int:
-        return self._spin_hits + (self.hub.spin_hits if self.hub is not None else 0)
-
-    @property
-    def spin_missed(self) -> int:
-        return self._spin_missed + (self.hub.spin_missed if self.hub is not None else 0)
-
-    @property
-    def spin_gave_way(self) -> int:
-        return self._spin_gave_way + (self.hub.spin_gave_way if self.hub is not None else 0)
+    spin_hits = _spins("spin_hits")
+    spin_missed = _spins("spin_missed")
+    spin_gave_way = _spins("spin_gave_way")
 
     def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
         self.ep.register(fd, events)
@@ -240,9 +239,7 @@ class Loop:
         timers = self._timers
         wait = self.hub.wait if self.hub is not None else self._wait_spinning if self.spin else self.ep.poll
         while self.running:
-            timeout = -1.0
-            if timers:
-                timeout = max(0.0, timers[0][0] - time.monotonic())
+            timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else -1.0
             try:
                 events = wait(timeout, 1024)
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us

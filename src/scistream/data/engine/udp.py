@@ -261,7 +261,8 @@ class UdpRelay:
         if self.compiled:
             self._pass(lsock.fileno(), index, None, "in")
         else:
-            self._read(lsock.recvfrom, "in", lambda got, run: self._source_datagram(index, got[1], None, got[0], run))
+            self._read(lsock.recvfrom, "in",
+                       lambda got, run: self._source_datagram(index, got[1], None, got[0], run))
 
     def _read(self, recv: Callable[[int], Any], direction: str, handle: Callable[[Any, Run], None]) -> None:
         """The Python path of one readiness event: up to BATCH datagrams, each to ``handle``
@@ -299,7 +300,8 @@ class UdpRelay:
                 flow.state = state
         self._forward(flow, data, "in", flow.sock, None, run)
 
-    def _forward(self, flow: Flow, data: bytes, direction: str, sock: socket.socket, addr: Any, run: Run) -> None:
+    def _forward(self, flow: Flow, data: bytes, direction: str, sock: socket.socket, addr: Any,
+                 run: Run) -> None:
         """A datagram of ``flow`` paid for (else dropped), sealed if it goes out on the WAN
         leg, and on its way to ``addr`` (None: where ``sock`` is connected)."""
         if not try_pay(self.buckets.get(direction), len(data)):
@@ -323,13 +325,11 @@ class UdpRelay:
             bucket._refill()
             tokens, burst = float(bucket.tokens), float(bucket.burst)
         if flow is None:
-            sealed = self.wan_side == "listener"
             flows, fixed, out_fd = self.by_sa.setdefault(index, {}), None, -1
         else:
-            sealed = self.wan_side == "flow"
-            lsock = self.listeners[flow.listener]
-            flows, fixed, out_fd = None, flow, lsock.fileno()
+            flows, fixed, out_fd = None, flow, self.listeners[flow.listener].fileno()
         sealer = self.sealer
+        sealed = self.wan_side == ("listener" if flow is None else "flow")   # the datagrams read are sealed
         mode = 0 if sealer is None else 1 if sealed else 2
         slow, left, self.gso = self.compiled.udp_pass(
             fd, flows, fixed, mode, out_fd, self.c, direction, tokens, burst,
@@ -445,8 +445,8 @@ class UdpRelay:
         final = self.counters()
         for flow in list(self.flows.values()):
             self._close_flow(flow)
+        self.quiesce()
         for sock in self.listeners.values():
-            self.loop.remove(sock.fileno())
             sock.close()
         self.listeners = {}
         if self._sweep is not None:

@@ -31,7 +31,7 @@ from ...errors import DataServerError
 from ..base import DataServer
 from ..spec import DataSpec, Stats
 from ..supervise import ChildProcess, pid_alive
-from .client import ServiceConnection, ServiceError
+from .client import ServiceConnection, ServiceError, call_once
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +211,11 @@ class NodeService:
 
 
 async def _answers(path: Path) -> bool:
-    conn = ServiceConnection(path)
     try:
-        await conn.call({"op": "ping"}, 1.0, busy_retry=0)
-        return True
+        await call_once(path, {"op": "ping"}, 1.0)
     except ServiceError:
         return False
-    finally:
-        await conn.close()
+    return True
 
 
 class NodeDataServer(DataServer):
@@ -312,8 +309,7 @@ class NodeDataServer(DataServer):
             log.warning("session %s: node service unreachable at release (%s)", self.sid, exc)
 
     async def wait_exit(self) -> str:
-        fut = self._future()
-        return await asyncio.shield(fut)
+        return await asyncio.shield(self._future())
 
     async def stats(self) -> Stats:
         with contextlib.suppress(ServiceError, KeyError, TypeError):

@@ -82,10 +82,7 @@ class ServiceConnection:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
+            async for line in reader:
                 try:
                     msg = json.loads(line)
                 except ValueError:
@@ -100,7 +97,7 @@ class ServiceConnection:
                 fut = self.pending.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, ValueError):    # ValueError: a line over the limit
             pass
         finally:
             for fut in self.pending.values():

@@ -352,10 +352,8 @@ class Node:
             return {"ok": True, "stats": await self.stats(self._entry(msg))}
         if op == "conns":
             e = self._entry(msg)
-            out: list[dict] = []
-            for r in await self._ask(e, {"op": "conns", "sid": e.sid}):
-                out.extend(r.get("connections") or [])
-            return {"ok": True, "connections": out}
+            replies = await self._ask(e, {"op": "conns", "sid": e.sid})
+            return {"ok": True, "connections": [c for r in replies for c in r.get("connections") or []]}
         if op == "config":
             e = self._entry(msg)
             shown = {k: v for k, v in e.cfg.items()
@@ -614,8 +612,7 @@ class Node:
             sock.setblocking(False)
             with sock:
                 await asyncio.wait_for(loop.sock_connect(sock, to), 5)
-                sock.setblocking(True)
-                sock.settimeout(10)
+                sock.settimeout(10)     # blocking, as send_frame wants, but bounded
                 for e in self.sessions.values():
                     base = dict(e.base)
                     for seen in e.seen.values():

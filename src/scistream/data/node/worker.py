@@ -215,9 +215,7 @@ class Slice:
 
     def telemetry(self, cid: int) -> dict[str, Any]:
         samplers = self.tcp.get(cid)
-        if samplers is None:
-            return {}
-        return {"lan": samplers[0].last, "wan": samplers[1].last}
+        return {} if samplers is None else {"lan": samplers[0].last, "wan": samplers[1].last}
 
     # -- control ----------------------------------------------------------
     def retarget(self, texts: list[str]) -> None:
