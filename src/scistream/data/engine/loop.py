@@ -108,23 +108,18 @@ def _new_hub(epfd: int, spin: float) -> Any:
 
 
 class Timer:
-    __slots__ = ("when", "fn", "cancelled")
+    """A callback due at ``when``; ``fn`` is None once it is cancelled."""
+    __slots__ = ("when", "fn")
 
     def __init__(self, when: float, fn: Callable[[], None]) -> None:
         self.when = when
-        self.fn = fn
-        self.cancelled = False
+        self.fn: Callable[[], None] | None = fn
 
     def cancel(self) -> None:
-        self.cancelled = True
         # The entry stays in the heap until its time (up to the 15 s connect timeout):
         # let go of the callback now, or it keeps its closed connection (and the TLS
         # engine's buffers) alive until then.
-        self.fn = _nothing
-
-
-def _nothing() -> None:
-    pass
+        self.fn = None
 
 
 def _spins(name: str) -> property:
@@ -191,7 +186,7 @@ class Loop:
         """Drop cancelled timers when they are most of the heap: a connection cancels its
         connect or handshake timeout within milliseconds, and under churn thousands of
         them would otherwise wait for their due time (15 s) in the heap."""
-        live = [e for e in self._timers if not e[2].cancelled]
+        live = [e for e in self._timers if e[2].fn is not None]
         if len(live) * 2 < len(self._timers):
             heapq.heapify(live)
             self._timers[:] = live
@@ -252,7 +247,7 @@ class Loop:
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
                     t = heapq.heappop(timers)[2]
-                    if not t.cancelled:
+                    if t.fn is not None:
                         t.fn()
         for fn in self.on_stop:
             fn()

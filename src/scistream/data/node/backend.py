@@ -66,16 +66,14 @@ class NodeService:
 
     @classmethod
     def for_spec(cls, spec: DataSpec) -> "NodeService":
+        if not spec.service:
+            if len(cls.by_path) != 1:
+                raise DataServerError("the Builtin type needs the node service: give DataSpec.service")
+            return next(iter(cls.by_path.values()))
         try:
-            return cls.by_path[str(Path(spec.service).absolute())] if spec.service else cls._only()
+            return cls.by_path[str(Path(spec.service).absolute())]
         except KeyError:
             raise DataServerError(f"no node service is open at {spec.service!r} in this control server") from None
-
-    @classmethod
-    def _only(cls) -> "NodeService":
-        if len(cls.by_path) != 1:
-            raise DataServerError("the Builtin type needs the node service: give DataSpec.service")
-        return next(iter(cls.by_path.values()))
 
     async def _ensure(self) -> None:
         """Connect to the service; start it first if it is ours and does not answer."""

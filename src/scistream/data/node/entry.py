@@ -14,6 +14,7 @@ from typing import Any
 
 from ..engine.udp import COUNTERS as UDP_COUNTERS, big_buffers
 from ..spec import resolve_target
+from .client import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,8 @@ def newest_failure(e: "Entry") -> dict:
     return {"failure": what, "failure_at": at} if what else {}
 
 
-class OpError(Exception):
-    """A request the service refuses (``code``: invalid, busy, unknown)."""
-    def __init__(self, message: str, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.code = code
+#: A request the service refuses (``code``: invalid, busy, unknown): what its clients raise too.
+OpError = ServiceError
 
 
 class Entry:

@@ -141,10 +141,6 @@ class Node:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)         # atomic: the socket path always answers
 
-    async def run(self) -> None:
-        await self.stopped.wait()
-        await self.close()
-
     async def close(self) -> None:
         self.closing = True
         if self.server is not None:
@@ -679,16 +675,11 @@ async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: s
             from .facility import Membership
             membership = Membership(node, **member)
             await membership.start()
-    except BaseException:
-        if membership is not None:
-            await membership.close()
-        await node.close()
-        raise
-    try:
-        await node.run()
+        await node.stopped.wait()       # shutdown, a successor took over, or a signal
     finally:
         if membership is not None:
             await membership.close()
+        await node.close()
     return 0
 
 

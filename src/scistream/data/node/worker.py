@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import select
@@ -93,7 +94,6 @@ class Slice:
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
         self.plain_relay = str(cfg.get("plain_relay") or "auto")   # copy or splice (conn.Conn._open)
         self.max_conns = int(cfg.get("max_conns") or 0)      # this worker's share of the session cap
-        self._tls: tuple[ssl.SSLContext | None, ssl.SSLContext | None] | None = None
         self.tls_session: ssl.SSLSession | None = None
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.listeners = listeners
@@ -118,26 +118,26 @@ class Slice:
             self.loop.call_later(WARM_DELAY, self._warm)
 
     # -- RelayContext -----------------------------------------------------
-    def _contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-        if self._tls is None:
-            self._tls = tls_contexts(self.cfg)
-        return self._tls
+    @functools.cached_property
+    def contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        """(server, client) TLS contexts of the session's WAN leg (made once, again after ``credentials``)."""
+        return tls_contexts(self.cfg)
 
     def _warm(self) -> None:
         if not self.listeners:      # removed meanwhile
             return
         try:
-            self._contexts()
+            self.contexts
         except (OSError, ssl.SSLError, ValueError) as exc:  # the first connection says it again
             log.warning("session %s: cannot load its TLS credentials: %s", self.sid, exc)
 
     @property
     def server_tls(self) -> ssl.SSLContext | None:
-        return self._contexts()[0] if self.cfg.get("tls") else None
+        return self.contexts[0] if self.cfg.get("tls") else None
 
     @property
     def client_tls(self) -> ssl.SSLContext | None:
-        return self._contexts()[1] if self.cfg.get("tls") else None
+        return self.contexts[1] if self.cfg.get("tls") else None
 
     def count(self, direction: str, n: int) -> None:
         self.bytes[direction] += n
@@ -174,8 +174,14 @@ class Slice:
         """A connection of this listener is live here: its client has not closed its side."""
         return any(c.listener == index and not c.a.hup for c in self.conns.values())
 
-    def take(self, index: int, sock: socket.socket, peer: Any) -> None:
-        """Relay a connection of listener ``index``: accepted here, or handed over."""
+    def take(self, index: int, sock: socket.socket, peer: Any = None) -> None:
+        """Relay a connection of listener ``index``: accepted here, or handed over (``peer`` None)."""
+        if peer is None:
+            try:
+                peer = sock.getpeername()
+            except OSError:          # the client is gone already
+                sock.close()
+                return
         if self.max_conns and len(self.conns) >= self.max_conns:
             self.refused += 1
             ok, _ = FAILURE_LOG.allow()
@@ -186,7 +192,7 @@ class Slice:
             return
         targets = self.targets
         try:
-            conn = Conn(self, self.worker.new_id(), index, sock, peer, targets[index % len(targets)])
+            conn = Conn(self, next(self.worker.conn_ids), index, sock, peer, targets[index % len(targets)])
         except OSError as exc:
             log.info("session %s: dropped a connection from %s: %s", self.sid, peer, exc)
             sock.close()
@@ -270,7 +276,7 @@ class NodeWorker:
         self.slices: dict[str, Slice] = {}
         self.decoder = Decoder()
         self.outbuf = bytearray()
-        self._ids = itertools.count(1)
+        self.conn_ids = itertools.count(1)     # of this worker's connections
         self.loop.call_later(SAMPLE_S, self._sample)
         chan.setblocking(False)
         self.loop.add(chan.fileno(), EPOLLIN, self._on_chan)
@@ -309,7 +315,7 @@ class NodeWorker:
                 sock = socks.pop()
                 sock.setblocking(False)
                 if sid in self.slices:
-                    self._take(self.slices[sid], index, sock)
+                    self.slices[sid].take(index, sock)
                 else:       # this worker restarted and has not got the session back yet
                     if not self.waiting:
                         self.loop.call_later(1.0, self._expire)
@@ -330,17 +336,6 @@ class NodeWorker:
             log.exception("worker %d: sampling TCP_INFO failed", self.index)
         self.loop.call_later(SAMPLE_S, self._sample)
 
-    def new_id(self) -> int:
-        return next(self._ids)
-
-    @staticmethod
-    def _take(slc: Slice, index: int, sock: socket.socket) -> None:
-        try:
-            peer = sock.getpeername()
-        except OSError:          # the client is gone already
-            sock.close()
-            return
-        slc.take(index, sock, peer)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -410,7 +405,7 @@ class NodeWorker:
                         s.close()
                     raise
                 for index, sock, _ in self.waiting.pop(sid, ()):
-                    self._take(self.slices[sid], index, sock)
+                    self.slices[sid].take(index, sock)
             elif op == "attach":
                 slc = self._slice(msg["sid"])
                 slc.partners = {int(i): int(w) for i, w in (msg.get("partners") or {}).items()
@@ -420,7 +415,7 @@ class NodeWorker:
             elif op == "credentials":     # a new WAN leaf: new connections get it
                 slc = self._slice(msg["sid"])
                 slc.cfg.update({k: str(msg[k]) for k in ("cert_pem", "key_pem", "ca_pem")})
-                slc._tls = None
+                slc.__dict__.pop("contexts", None)     # made again for the next connection
                 slc.tls_session = None     # a session of the old context cannot be resumed in the new
             elif op == "quiesce":        # a successor serves: accept nothing more
                 for s in self.slices.values():
