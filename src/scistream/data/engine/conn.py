@@ -41,7 +41,7 @@ from ...addr import format_listener
 from ..hosttcp import prepare_wan_socket
 from .compiled import F_EOF, pump as compiled
 from .tlsleg import (CHUNK, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, Pump, SendKeepingRest,
-                     TlsEnd, metered_recv, note_moved, thread_buffers)
+                     TlsEnd, note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,26 @@ class LogBudget:
         self.held = 0            # held back in the current window
         self.held_total = 0      # since start
 
-    def allow(self) -> tuple[bool, int]:
-        """(may this line be logged, lines held back in the window that just ended)."""
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        """Log ``msg`` if the budget allows it; first say how many lines the window that
+        just ended held back."""
         with self.lock:
             now = time.monotonic()
             ended = 0
             if now - self.start >= self.window:
                 ended, self.held = self.held, 0
                 self.start, self.used = now, 0
-            if self.used < self.burst:
+            ok = self.used < self.burst
+            if ok:
                 self.used += 1
-                return True, ended
-            self.held += 1
-            self.held_total += 1
-            return False, ended
+            else:
+                self.held += 1
+                self.held_total += 1
+        if ended:
+            log.warning("%d more failed connections in the last %g s were not logged one by one",
+                        ended, self.window)
+        if ok:
+            log.log(level, msg, *args)
 
 
 #: Lines about connections that failed (the one place a remote peer decides how much we log).
@@ -160,7 +166,7 @@ class SplicePump(Pump):
                 was_empty = not self.inpipe
                 want = self.chunk - self.inpipe
                 if self.bucket is not None:
-                    want = self.bucket.take(want, self.conn.kick)
+                    want = self.bucket.take(want, self.conn.step)
                 if want:
                     try:
                         n = splice(src.fd, wfd, want, flags=SPLICE_FLAGS)
@@ -214,7 +220,7 @@ class CopyPump(SendKeepingRest):
         while not self.done:
             if self._settle() or not dst.writable or not src.readable:
                 return
-            n = metered_recv(src, rbuf, CHUNK, self.bucket, self.conn.kick)
+            n = self._recv(rbuf, CHUNK)
             if n is None or n < 0:
                 return
             if n == 0:
@@ -474,11 +480,8 @@ class Conn:
         side.seen(ev)
         self.step()
 
-    def kick(self) -> None:
-        """Run again (tokens arrived)."""
-        self.step()
-
     def step(self) -> None:
+        """Move the connection on as far as it goes now (also when a rate budget has tokens again)."""
         if self.carried and not self._taken_back():
             return
         try:
@@ -547,13 +550,9 @@ class Conn:
         if self.state == "closed":
             return
         self.why = why
-        ok, held = FAILURE_LOG.allow()
-        if held:
-            log.warning("%d more failed connections in the last %g s were not logged one by one",
-                        held, FAILURE_LOG.window)
-        if ok:
-            level = logging.INFO if self.state == "open" else logging.WARNING
-            log.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener, address_text(self.peer), why)
+        level = logging.INFO if self.state == "open" else logging.WARNING
+        FAILURE_LOG.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener,
+                        address_text(self.peer), why)
         self.close(reset=True)
 
     def close(self, reset: bool = False) -> None:

@@ -43,8 +43,6 @@ EV_READ = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 EV_WRITE = EPOLLOUT | EPOLLHUP | EPOLLERR
 EV_HUP = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
@@ -309,7 +307,7 @@ class PipePool:
         self.keep = keep
         self.free: list[tuple[int, int]] = []
         r, w = self._new(size)     # learn the size the kernel really gives
-        self.size = fcntl.fcntl(w, F_GETPIPE_SZ)
+        self.size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
         self.slots = max(1, self.size // PAGE)
         self.free.append((r, w))
 
@@ -317,7 +315,7 @@ class PipePool:
     def _new(size: int) -> tuple[int, int]:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
         except OSError as exc:  # pipe-max-size lower than asked: keep the default size
             if exc.errno not in (errno.EPERM, errno.EINVAL):
                 os.close(r)

@@ -85,25 +85,6 @@ def share_tickets(ctx: ssl.SSLContext, keys: bytes) -> bool:
 _layout_warned = False   # said once: this Python's _ssl is not laid out as _pump.c reads it
 
 
-def metered_recv(src: "Side", buf, want: int, bucket, kick) -> int | None:
-    """Read at most ``want`` bytes from ``src`` into ``buf``, fewer if the rate budget
-    (``bucket``, or None) has less: the count, 0 at EOF, -1 if the socket has nothing now
-    (``src`` is marked not readable), None if the budget has nothing now (``kick`` is
-    called when it has). What the read did not use goes back to the budget."""
-    if bucket is not None:
-        want = bucket.take(want, kick)
-        if not want:
-            return None
-    try:
-        n = src.sock.recv_into(buf, want)
-    except BlockingIOError:
-        src.readable = False
-        n = -1
-    if bucket is not None:
-        bucket.refund(want - max(n, 0))
-    return n
-
-
 class Buffers:
     """Scratch buffers of one thread, shared by its connections: whatever a pump puts in
     them is consumed (or copied) before the pump returns."""
@@ -262,7 +243,26 @@ class Pump:
 
     def release(self) -> None:
         if self.bucket is not None:
-            self.bucket.discard(self.conn.kick)
+            self.bucket.discard(self.conn.step)
+
+    def _recv(self, buf: bytearray, want: int) -> int | None:
+        """Read at most ``want`` bytes from ``src`` into ``buf``, fewer if the rate budget
+        (``bucket``, or None) has less: the count, 0 at EOF, -1 if the socket has nothing now
+        (``src`` is marked not readable), None if the budget has nothing now (the connection
+        runs again when it has). What the read did not use goes back to the budget."""
+        bucket, src = self.bucket, self.src
+        if bucket is not None:
+            want = bucket.take(want, self.conn.step)
+            if not want:
+                return None
+        try:
+            n = src.sock.recv_into(buf, want)
+        except BlockingIOError:
+            src.readable = False
+            n = -1
+        if bucket is not None:
+            bucket.refund(want - max(n, 0))
+        return n
 
 
 class SendKeepingRest(Pump):
@@ -364,7 +364,7 @@ class EncryptPump(Pump):
                 return
             if not src.readable:
                 return
-            n = metered_recv(src, rbuf, CHUNK, self.bucket, self.conn.kick)
+            n = self._recv(rbuf, CHUNK)
             if n is None or n < 0:
                 return
             if n == 0:
@@ -395,7 +395,7 @@ class DecryptPump(SendKeepingRest):
                 return
             room = CHUNK
             if self.bucket is not None:
-                room = self.bucket.take(room, self.conn.kick)
+                room = self.bucket.take(room, self.conn.step)
                 if not room:
                     return
             got = 0

@@ -82,27 +82,21 @@ DROPS_FRESH = 0.5
 _drops: tuple[float, dict[int, int]] = (0.0, {})
 
 
-def _drops_by_inode() -> dict[int, int]:
-    global _drops
-    now = time.monotonic()
-    if now - _drops[0] < DROPS_FRESH:
-        return _drops[1]
-    table: dict[int, int] = {}
-    for path in ("/proc/net/udp", "/proc/net/udp6"):
-        with contextlib.suppress(OSError, ValueError), open(path) as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 13:
-                    table[int(fields[9])] = int(fields[12])
-    _drops = (now, table)
-    return table
-
-
 def kernel_drops(socks: list[socket.socket]) -> int:
     """Datagrams the kernel dropped on these sockets (their receive buffer was full), from
     /proc/net/udp{,6} (the ``drops`` column, by socket inode; read at most every DROPS_FRESH s)."""
-    table = _drops_by_inode()
+    global _drops
+    now = time.monotonic()
+    if now - _drops[0] >= DROPS_FRESH:
+        _drops = (now, {})
+        for path in ("/proc/net/udp", "/proc/net/udp6"):
+            with contextlib.suppress(OSError, ValueError), open(path) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 13:
+                        _drops[1][int(fields[9])] = int(fields[12])
+    table = _drops[1]
     total = 0
     for s in socks:
         with contextlib.suppress(OSError):
@@ -142,7 +136,6 @@ class Flow:
 #: leaves in one system call (the kernel cuts it into the datagrams), at most GSO_SEGMENTS
 #: of them and GSO_BYTES in all. SCISTREAM_UDP_GSO=0 turns it off.
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
 GSO_SEGMENTS = 64
 GSO_BYTES = 60000
 GSO = os.environ.get("SCISTREAM_UDP_GSO", "1").strip() != "0"
@@ -188,7 +181,7 @@ class Run:
         to = () if self.addr is None else (self.addr,)    # none: the socket is connected
         sent, nbytes = 0, 0
         if len(parts) > 1 and relay.gso:
-            cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.size))]
+            cmsg = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.size))]
             try:
                 sock.sendmsg([b"".join(parts)], cmsg, 0, *to)
                 sent, nbytes = len(parts), sum(plains)
@@ -254,7 +247,7 @@ class UdpRelay:
         datagram a read), also on a listener a successor inherits."""
         on = self.compiled is not None and GRO and (self.sealer is None or sealed_side)
         with contextlib.suppress(OSError):
-            sock.setsockopt(SOL_UDP, UDP_GRO, int(on))
+            sock.setsockopt(socket.SOL_UDP, UDP_GRO, int(on))
 
     # -- towards the producer: the listener's datagrams ------------------------
     def _from_source(self, index: int, lsock: socket.socket, _ev: int = 0) -> None:

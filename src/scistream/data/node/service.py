@@ -169,13 +169,12 @@ class Node:
     def worker_lost(self, w: WorkerProc, why: str) -> None:
         if self.closing:
             return
-        log.error("%s; %d sessions had listeners on it, restarting it", why,
-                  sum(1 for e in self.sessions.values() if w.index in e.workers()))
-        for e in self.sessions.values():
-            if w.index in e.workers():
-                seen = dict(e.seen.pop(w.index, None) or zero_counters())
-                seen["connections"] = seen["udp_flows"] = 0
-                add_counters(e.base, seen)
+        carried = [e for e in self.sessions.values() if w.index in e.workers()]
+        log.error("%s; %d sessions had listeners on it, restarting it", why, len(carried))
+        for e in carried:      # what the worker said last stays counted, with no open connection
+            seen = dict(e.seen.pop(w.index, None) or zero_counters())
+            seen["connections"] = seen["udp_flows"] = 0
+            add_counters(e.base, seen)
         if w.index not in self.restarting:
             self.restarting.add(w.index)
             self._spawn(self._restart(w))

@@ -184,10 +184,8 @@ class Slice:
                 return
         if self.max_conns and len(self.conns) >= self.max_conns:
             self.refused += 1
-            ok, _ = FAILURE_LOG.allow()
-            if ok:
-                log.warning("session %s: refused a connection from %s: %d open, the cap is %d "
-                            "(--max-session-conns)", self.sid, peer, len(self.conns), self.max_conns)
+            FAILURE_LOG.log(logging.WARNING, "session %s: refused a connection from %s: %d open, the cap "
+                            "is %d (--max-session-conns)", self.sid, peer, len(self.conns), self.max_conns)
             close_with_reset(sock)
             return
         targets = self.targets
@@ -393,17 +391,12 @@ class NodeWorker:
                 tcp = [int(i) for i in msg["listeners"]]
                 listeners = list(zip(tcp, socks))
                 udp = list(zip([int(i) for i in msg.get("udp") or ()], socks[len(tcp):]))   # after the TCP ones
-                socks = socks[len(tcp) + len(udp):]
                 old = self.slices.pop(sid, None)
                 if old is not None:
                     old.close()
-                try:
-                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
-                                             home=bool(msg.get("home", True)), udp=udp)
-                except BaseException:
-                    for _, s in listeners + udp:
-                        s.close()
-                    raise
+                self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
+                                         home=bool(msg.get("home", True)), udp=udp)
+                socks = socks[len(listeners) + len(udp):]     # the slice's now; any others are closed
                 for index, sock, _ in self.waiting.pop(sid, ()):
                     self.slices[sid].take(index, sock)
             elif op == "attach":
