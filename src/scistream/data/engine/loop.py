@@ -150,7 +150,6 @@ class Loop:
         self._seq = itertools.count()
         self._pushed = 0
         self.running = False
-        self.on_stop: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add(self._wake_r, EPOLLIN, self._on_wake)
 
@@ -247,8 +246,6 @@ class Loop:
                     t = heapq.heappop(timers)[2]
                     if t.fn is not None:
                         t.fn()
-        for fn in self.on_stop:
-            fn()
 
     def _wait_spinning(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
         """``epoll.poll``, but while the recent waits were short, first poll without
@@ -324,9 +321,7 @@ class PipePool:
         return r, w
 
     def get(self) -> tuple[int, int]:
-        if self.free:
-            return self.free.pop()
-        return self._new(self.size)
+        return self.free.pop() if self.free else self._new(self.size)
 
     def put(self, pipe: tuple[int, int], empty: bool) -> None:
         if empty and len(self.free) < self.keep:

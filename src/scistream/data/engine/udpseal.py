@@ -77,10 +77,6 @@ def _kdf(master: bytes, info: bytes, n: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=n, salt=None, info=info).derive(master)
 
 
-def new_flow_id() -> bytes:
-    return struct.pack("!I", int(time.time()) & 0xFFFFFFFF) + os.urandom(4)
-
-
 class Direction:
     """One direction of one flow: its epoch's key, the sending counter, or (receiving) the
     replay window. The compiled module's ``UdpDir`` has the same methods and is used in
@@ -151,7 +147,8 @@ class Sealer:
         return self._dir(_kdf(self.master, b"key " + direction + flow_id + struct.pack("!H", epoch)), epoch, sending)
 
     def new_flow(self) -> FlowKeys:
-        return FlowKeys(new_flow_id())
+        """A CONS flow: a fresh id, this gateway's clock first."""
+        return FlowKeys(struct.pack("!I", int(time.time()) & 0xFFFFFFFF) + os.urandom(4))
 
     # -- sealing --------------------------------------------------------------------------
     def seal_state(self, keys: FlowKeys, data: bytes) -> bytes | None:

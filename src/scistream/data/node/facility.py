@@ -70,8 +70,7 @@ class Membership:
     def _tls(self) -> ssl.SSLContext:
         from ...control import tlscert
         cert, key = self.state_dir / "control.crt", self.state_dir / "control.key"
-        hosts = [self.control_host, self.address]
-        tlscert.ensure_self_signed(cert, key, hosts)
+        tlscert.ensure_self_signed(cert, key, [self.control_host, self.address])
         self.cert_pem = cert.read_text()
         return tlscert.server_context(cert, key, tls13_only=True)
 

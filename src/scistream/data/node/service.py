@@ -259,19 +259,18 @@ class Node:
                       and hmac.compare_digest(str(msg.get("token") or "").encode(), token))
             except (OSError, ValueError, asyncio.TimeoutError):
                 ok, msg = False, {}
-            if not ok:
+            reply = {"ok": True} if ok else {"ok": False, "error": "this node obeys only its facility's "
+                                             "control servers: wrong or missing node token", "code": "denied"}
+            with contextlib.suppress(OSError):
+                writer.write(json.dumps({**reply, "id": msg.get("id") if isinstance(msg, dict) else None}
+                                        ).encode() + b"\n")
+                await writer.drain()
+            if ok:
+                await self._client(reader, writer, remote=True)
+            else:
                 log.warning("control connection from %s refused: no valid node token",
                             writer.get_extra_info("peername"))
-                with contextlib.suppress(OSError):
-                    writer.write(json.dumps({"ok": False, "error": "this node obeys only its facility's "
-                                             "control servers: wrong or missing node token",
-                                             "code": "denied", "id": msg.get("id") if isinstance(msg, dict) else None}
-                                            ).encode() + b"\n")
-                    await writer.drain()
                 writer.close()
-                return
-            writer.write(json.dumps({"ok": True, "id": msg.get("id")}).encode() + b"\n")
-            await self._client(reader, writer, remote=True)
 
         # reuse_port: a successor (s2ds restart) listens beside its predecessor until it goes
         self.tcp = await asyncio.start_server(client, host.strip("[]"), port, ssl=ssl_ctx, limit=16 << 20,
