@@ -234,7 +234,8 @@ class Slice:
         return {"bytes_in": self.bytes["in"], "bytes_out": self.bytes["out"], "connections": len(self.conns),
                 "total_connections": self.total, "failed_connections": self.failed,
                 "refused_connections": self.refused, "tls_resumed": self.resumed,
-                "tls_sessions_kept": self.sessions_kept, "failure_at": self.failure[0], "failure": self.failure[1],
+                "tls_sessions_kept": self.sessions_kept, "failure_at": self.failure[0],
+                "failure": self.failure[1],
                 **({f"udp_{k}": v for k, v in self.udp.counters().items()} if self.udp is not None else {})}
 
     def stop_accepting(self) -> None:
