@@ -143,10 +143,9 @@ class Node:
 
     async def close(self) -> None:
         self.closing = True
-        if self.server is not None:
-            self.server.close()
-        if self.tcp is not None:
-            self.tcp.close()
+        for server in (self.server, self.tcp):     # the control sockets
+            if server is not None:
+                server.close()
         if self.handover_done.is_set():
             # the successor's workers accept on the same sockets: ours stop accepting first,
             # so only the connections they already carry are reset

@@ -328,8 +328,7 @@ class NodeWorker:
         now = time.monotonic()
         try:
             for slc in self.slices.values():
-                if slc.conns:
-                    slc.sample(now)
+                slc.sample(now)
         except Exception:   # telemetry must never stop the relay
             log.exception("worker %d: sampling TCP_INFO failed", self.index)
         self.loop.call_later(SAMPLE_S, self._sample)
