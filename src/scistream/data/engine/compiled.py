@@ -35,16 +35,6 @@ except ImportError:       # pragma: no cover - built wherever a C compiler was t
     _compiled = None
 
 
-def _choice(text: str | None) -> str:
-    """``SCISTREAM_PUMPS``: auto (the compiled pumps where built), c (the same; says so when
-    they are missing), python (the pumps written in Python)."""
-    value = (text or "auto").strip().lower() or "auto"
-    if value not in ("auto", "c", "python"):
-        log.warning("SCISTREAM_PUMPS=%r: not auto, c or python; using auto", text)
-        return "auto"
-    return value
-
-
 def libssl_mismatch(module: ModuleType | None, ssl_file: str | None) -> str:
     """Why ``module``'s TLS engine must not take over Python's ``SSL*`` ('' if it may):
     ``ssl_file`` is the file of Python's ``_ssl`` extension (None: built into the program)."""
@@ -62,7 +52,13 @@ def libssl_mismatch(module: ModuleType | None, ssl_file: str | None) -> str:
 
 
 def _decide() -> tuple[ModuleType | None, str, ModuleType | None]:
-    choice = _choice(os.environ.get("SCISTREAM_PUMPS"))
+    """``SCISTREAM_PUMPS``: auto (the compiled pumps where built), c (the same; says so when
+    they are missing), python (the pumps written in Python)."""
+    text = os.environ.get("SCISTREAM_PUMPS")
+    choice = (text or "auto").strip().lower() or "auto"
+    if choice not in ("auto", "c", "python"):
+        log.warning("SCISTREAM_PUMPS=%r: not auto, c or python; using auto", text)
+        choice = "auto"
     if _compiled is None:
         if choice == "c":
             log.warning("SCISTREAM_PUMPS=c, but the compiled pumps were not built: using Python's")
@@ -71,9 +67,7 @@ def _decide() -> tuple[ModuleType | None, str, ModuleType | None]:
     if why:
         log.warning("compiled TLS engine refused: %s; TLS legs use the Python pumps", why)
     ssl_ext = None if why else _compiled
-    if choice == "python":
-        return None, "python", ssl_ext
-    return _compiled, "c", ssl_ext
+    return (None, "python", ssl_ext) if choice == "python" else (_compiled, "c", ssl_ext)
 
 
 #: The compiled module where it was built, else None (its tests use it whatever the choice).

@@ -22,7 +22,9 @@ worker (``node.worker``) and is only ever touched by it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -38,8 +40,8 @@ from .loop import (EV_ALL, EV_HUP, EV_READ, EV_WRITE, SPLICE_FLAGS, Loop, PipePo
 from ...addr import format_listener
 from ..hosttcp import prepare_wan_socket
 from .compiled import F_EOF, pump as compiled
-from .tlsleg import (CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, SendKeepingRest, TlsEnd, metered_recv,
-                     note_moved, thread_buffers)
+from .tlsleg import (CHUNK, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, Pump, SendKeepingRest,
+                     TlsEnd, note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +64,26 @@ class LogBudget:
         self.held = 0            # held back in the current window
         self.held_total = 0      # since start
 
-    def allow(self) -> tuple[bool, int]:
-        """(may this line be logged, lines held back in the window that just ended)."""
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        """Log ``msg`` if the budget allows it; first say how many lines the window that
+        just ended held back."""
         with self.lock:
             now = time.monotonic()
             ended = 0
             if now - self.start >= self.window:
                 ended, self.held = self.held, 0
                 self.start, self.used = now, 0
-            if self.used < self.burst:
+            ok = self.used < self.burst
+            if ok:
                 self.used += 1
-                return True, ended
-            self.held += 1
-            self.held_total += 1
-            return False, ended
+            else:
+                self.held += 1
+                self.held_total += 1
+        if ended:
+            log.warning("%d more failed connections in the last %g s were not logged one by one",
+                        ended, self.window)
+        if ok:
+            log.log(level, msg, *args)
 
 
 #: Lines about connections that failed (the one place a remote peer decides how much we log).
@@ -124,26 +132,18 @@ class Side:
     def shutdown_write(self) -> None:
         if not self.shut_wr:
             self.shut_wr = True
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
 
-class SplicePump:
+class SplicePump(Pump):
     """src socket -> pipe -> dst socket, in the kernel."""
-    __slots__ = ("conn", "src", "dst", "direction", "pipe", "inpipe", "eof", "done", "bucket", "chunk", "slots")
+    __slots__ = ("pipe", "inpipe", "chunk", "slots")
 
     def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.dst = dst
-        self.direction = direction
+        super().__init__(conn, src, dst, direction)
         self.pipe = conn.ctx.pipes.get()
         self.inpipe = 0          # bytes in the pipe, not yet spliced out
-        self.eof = False         # src said EOF
-        self.done = False        # EOF carried over to dst
-        self.bucket = conn.ctx.buckets.get(direction)
         self.chunk = conn.ctx.pipes.size
         self.slots = conn.ctx.pipes.slots
 
@@ -166,7 +166,7 @@ class SplicePump:
                 was_empty = not self.inpipe
                 want = self.chunk - self.inpipe
                 if self.bucket is not None:
-                    want = self.bucket.take(want, self.conn.kick)
+                    want = self.bucket.take(want, self.conn.step)
                 if want:
                     try:
                         n = splice(src.fd, wfd, want, flags=SPLICE_FLAGS)
@@ -189,8 +189,7 @@ class SplicePump:
                         if was_empty and n < want and n < self.slots and not src.hup:
                             src.readable = False
             if self.eof and not self.inpipe and not self.done:
-                self.done = True
-                self.conn.pump_done(dst)
+                self.finish()
                 return
             if not moved:
                 return
@@ -199,8 +198,7 @@ class SplicePump:
         if self.pipe is not None:
             self.conn.ctx.pipes.put(self.pipe, empty=self.inpipe == 0)
             self.pipe = None
-        if self.bucket is not None:
-            self.bucket.discard(self.conn.kick)
+        super().release()
 
 
 class CopyPump(SendKeepingRest):
@@ -210,17 +208,10 @@ class CopyPump(SendKeepingRest):
     spliced pages make the receiving application pay more than the copy saves. The
     scratch buffer is the thread's (``tlsleg.thread_buffers``); only bytes the destination
     did not take are kept, per pump."""
-    __slots__ = ("conn", "src", "dst", "direction", "pending", "eof", "done", "bucket", "bufs")
+    __slots__ = ("bufs",)
 
     def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.dst = dst
-        self.direction = direction
-        self.pending: memoryview | None = None
-        self.eof = False
-        self.done = False
-        self.bucket = conn.ctx.buckets.get(direction)
+        super().__init__(conn, src, dst, direction)
         self.bufs = thread_buffers()
 
     def run(self) -> None:
@@ -229,7 +220,7 @@ class CopyPump(SendKeepingRest):
         while not self.done:
             if self._settle() or not dst.writable or not src.readable:
                 return
-            n = metered_recv(src, rbuf, COPY_CHUNK, self.bucket, self.conn.kick)
+            n = self._recv(rbuf, CHUNK)
             if n is None or n < 0:
                 return
             if n == 0:
@@ -237,41 +228,25 @@ class CopyPump(SendKeepingRest):
                 continue
             self._send(rview[:n])
 
-    def release(self) -> None:
-        if self.bucket is not None:
-            self.bucket.discard(self.conn.kick)
 
-
-COPY_CHUNK = 256 * 1024
-
-
-class CCopyPump:
+class CCopyPump(Pump):
     """``CopyPump`` compiled (``_pump.Copier``): for legs with no rate limit."""
-    __slots__ = ("conn", "src", "dst", "direction", "cp", "eof", "done")
+    __slots__ = ("cp",)
 
     def __init__(self, conn: "Conn", src: Side, dst: Side, direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.dst = dst
-        self.direction = direction
+        super().__init__(conn, src, dst, direction)
         self.cp = compiled.Copier()
-        self.eof = False
-        self.done = False
 
     def run(self) -> None:
         if self.done:
             return
         src, dst = self.src, self.dst
         n, fl = self.cp.copy(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
-        note_moved(self, src, dst, n, fl)
+        note_moved(self, n, fl)
         if fl & F_EOF:
             self.eof = True
         if self.eof and not self.cp.unsent:
-            self.done = True
-            self.conn.pump_done(dst)
-
-    def release(self) -> None:
-        pass
+            self.finish()
 
 
 def accept_one(loop: Loop, lsock: socket.socket, label: str,
@@ -290,6 +265,13 @@ def accept_one(loop: Loop, lsock: socket.socket, label: str,
             loop.remove(lsock.fileno())
             loop.call_later(0.2, resume)
         return None            # anything else (ECONNABORTED): that client is gone
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close ``sock`` so that its peer sees a reset, not an EOF."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
 
 
 def _is_loopback(addr: Any) -> bool:
@@ -314,18 +296,11 @@ def _loopback_sndbuf(text: str | None, default: int = 512 << 10) -> int:
 LOOPBACK_SNDBUF = _loopback_sndbuf(os.environ.get("SCISTREAM_LOOPBACK_SNDBUF"))
 
 
-def use_copy(mode: str, local: bool) -> bool:
-    """Plain legs: copy or splice. ``auto`` copies when both ends are loopback addresses
-    (``local``: where copying wins, measured), and splices otherwise (a NIC: splice saves
-    two copies)."""
-    return mode == "copy" or (mode == "auto" and local)
-
-
 def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
     """No Nagle delay; keepalive probes, and the same bound on data left unacknowledged
     (TCP_USER_TIMEOUT: keepalive alone says nothing while we are sending into a dead link)."""
     idle, interval, count = keepalive
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if idle > 0:
@@ -333,8 +308,6 @@ def _tune(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000)
-    except OSError:
-        pass
 
 
 class Conn:
@@ -367,15 +340,17 @@ class Conn:
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
-        loop = self.ctx.loop
-        loop.add(self.a.fd, EV_ALL, self._on_a)
+        self.ctx.loop.add(self.a.fd, EV_ALL, functools.partial(self._on_event, self.a))
         if self.ctx.server_tls is not None:
-            self.tls = TlsEnd(self.a, self.ctx.server_tls, server_side=True)
-            self.state = "handshake"
-            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
-            self.step()
+            self._handshake(TlsEnd(self.a, self.ctx.server_tls, server_side=True))
         else:
             self._connect()
+
+    def _handshake(self, tls: TlsEnd) -> None:
+        self.tls = tls
+        self.state = "handshake"
+        self._arm(HANDSHAKE_TIMEOUT)
+        self.step()
 
     def _connect(self) -> None:
         family, addr = self.target
@@ -383,46 +358,36 @@ class Conn:
         try:
             _tune(sock, self.ctx.keepalive)
             err = sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
         except OSError as exc:
             sock.close()
-            self.abort(f"cannot connect to target: {exc}")
-            return
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            self.abort(f"cannot connect to target: {os.strerror(err)}")
+            self.abort(f"cannot connect to target: {exc.strerror or exc}")
             return
         if getattr(self.ctx, "wan_side", "") == "b":   # after connect: a route's congctl is set by it
             prepare_wan_socket(sock, self.ctx.wan_congestion)
         self.b = Side(sock, ready=False)
         self.state = "connecting"
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.ctx.loop.add(self.b.fd, EV_ALL, self._on_b)
+        self._arm(None)
+        self.ctx.loop.add(self.b.fd, EV_ALL, functools.partial(self._on_event, self.b))
         # On loopback and LANs the connection is usually up already: skip one wake-up.
         self.b.writable = True
         self.step()
         if self.state == "connecting":
-            self.timer = self.ctx.loop.call_later(CONNECT_TIMEOUT, self._timeout)
+            self._arm(CONNECT_TIMEOUT)
 
     def _connected(self) -> None:
         """The target connection is up: start the TLS client or the pumps."""
         assert self.b is not None
         if self.ctx.client_tls is not None:
-            self.tls = TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=self.ctx.tls_session)
-            self.state = "handshake"
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.ctx.loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
-            self.step()
+            session = self.ctx.tls_session
+            self._handshake(TlsEnd(self.b, self.ctx.client_tls, server_side=False, session=session))
         else:
             self._open()
 
     def _open(self) -> None:
         assert self.b is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._arm(None)
         self.state = "open"
         if self.tls is not None and self.tls.obj.session_reused:
             self.ctx.resumed += 1
@@ -430,30 +395,31 @@ class Conn:
         # The compiled pumps, unless a rate limit meters the bytes (its buckets are Python's).
         metered = any(v is not None for v in self.ctx.buckets.values())
         if self.tls is None:
-            pump: Any = SplicePump
+            kind: Any = SplicePump
+            # ``plain_relay`` auto copies when both ends are loopback addresses (where copying
+            # wins, measured), and splices otherwise (a NIC: splice saves two copies).
             local = _is_loopback(self.peer) and _is_loopback(self.target[1])
-            if use_copy(getattr(self.ctx, "plain_relay", "splice"), local):
-                pump = CCopyPump if compiled is not None and not metered else CopyPump
+            mode = getattr(self.ctx, "plain_relay", "splice")
+            if mode == "copy" or (mode == "auto" and local):
+                kind = CCopyPump if compiled is not None and not metered else CopyPump
                 if LOOPBACK_SNDBUF > 0 and local:
                     for side in (a, b):
-                        try:
+                        with contextlib.suppress(OSError):
                             side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOOPBACK_SNDBUF)
-                        except OSError:
-                            pass
-            self.pumps = [pump(self, a, b, "in"), pump(self, b, a, "out")]
+            kinds = (kind, kind)
         else:
-            eng = None if metered else self.tls.compiled()
-            if eng is not None:
-                if self.tls.side is a:
-                    self.pumps = [CDecryptPump(self, self.tls, eng, b, "in"), CEncryptPump(self, b, self.tls, eng, "out")]
-                else:
-                    self.pumps = [CEncryptPump(self, a, self.tls, eng, "in"), CDecryptPump(self, self.tls, eng, a, "out")]
-            elif self.tls.side is a:   # PROD: WAN side accepted
-                self.pumps = [DecryptPump(self, self.tls, b, "in"), EncryptPump(self, b, self.tls, "out")]
-            else:                      # CONS: WAN side is the target
-                self.pumps = [EncryptPump(self, a, self.tls, "in"), DecryptPump(self, self.tls, a, "out")]
+            fast = not metered and self.tls.compiled() is not None
+            dec, enc = (CDecryptPump, CEncryptPump) if fast else (DecryptPump, EncryptPump)
+            kinds = (dec, enc) if self.tls.side is a else (enc, dec)   # PROD: the WAN side accepted
+        self.pumps = [kinds[0](self, a, b, "in"), kinds[1](self, b, a, "out")]
         self.step()
         self._carry()
+
+    def _arm(self, delay: float | None) -> None:
+        """Cancel the pending timeout, and start one of ``delay`` seconds (None: none)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None if delay is None else self.ctx.loop.call_later(delay, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None
@@ -463,7 +429,7 @@ class Conn:
     def _carry(self) -> None:
         """An open plain connection whose pumps copy goes to the loop's hub (if it has one)
         while both directions flow: from here its events are handled in C, until its end
-        (a hang-up, EOF, an error) comes back to ``_on_a`` / ``_on_b``, which take it back."""
+        (a hang-up, EOF, an error) comes back to ``_on_event``, which takes it back."""
         hub = self.ctx.loop.hub
         if (hub is None or self.state != "open" or not isinstance(self.pumps[0], CCopyPump)
                 or any(p.eof or p.done for p in self.pumps)):
@@ -508,25 +474,14 @@ class Conn:
         return True
 
     # -- events -----------------------------------------------------------
-    def _on_a(self, ev: int) -> None:
+    def _on_event(self, side: Side, ev: int) -> None:
         if self.carried and not self._taken_back():
             return
-        self.a.seen(ev)
-        self.step()
-
-    def _on_b(self, ev: int) -> None:
-        if self.b is None:
-            return
-        if self.carried and not self._taken_back():
-            return
-        self.b.seen(ev)
-        self.step()
-
-    def kick(self) -> None:
-        """Run again (tokens arrived)."""
+        side.seen(ev)
         self.step()
 
     def step(self) -> None:
+        """Move the connection on as far as it goes now (also when a rate budget has tokens again)."""
         if self.carried and not self._taken_back():
             return
         try:
@@ -547,10 +502,8 @@ class Conn:
                         self._open()
         except ssl.SSLError as exc:
             if self.tls is not None:    # best effort: let the peer see the alert, not a reset
-                try:
+                with contextlib.suppress(OSError):
                     self.tls.flush()
-                except OSError:
-                    pass
             self.abort(f"TLS: {exc.reason or exc}")
         except OSError as exc:
             self.abort(str(exc.strerror or exc))
@@ -597,13 +550,9 @@ class Conn:
         if self.state == "closed":
             return
         self.why = why
-        ok, held = FAILURE_LOG.allow()
-        if held:
-            log.warning("%d more failed connections in the last %g s were not logged one by one",
-                        held, FAILURE_LOG.window)
-        if ok:
-            level = logging.INFO if self.state == "open" else logging.WARNING
-            log.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener, address_text(self.peer), why)
+        level = logging.INFO if self.state == "open" else logging.WARNING
+        FAILURE_LOG.log(level, "conn %d (listener %d, from %s): %s", self.id, self.listener,
+                        address_text(self.peer), why)
         self.close(reset=True)
 
     def close(self, reset: bool = False) -> None:
@@ -627,9 +576,7 @@ class Conn:
                 self.ctx.tls_session = session
                 self.ctx.sessions_kept += 1
         self.state = "closed"
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._arm(None)
         for p in self.pumps:
             p.release()
         self.pumps = []   # no cycles left: nothing for the garbage collector to chase
@@ -638,25 +585,23 @@ class Conn:
                 continue
             self.ctx.loop.forget(side.fd)   # close() takes it out of epoll
             if reset:
-                try:
-                    side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
-            side.sock.close()
+                close_with_reset(side.sock)
+            else:
+                side.sock.close()
         self.ctx.conn_closed(self)
         self.ctx.loop.trim_soon()
 
     def info(self) -> dict[str, Any]:
         self.settle()
+        p = self.pumps[0] if self.pumps else None
         return {"id": self.id, "listener": self.listener, "worker": getattr(self.ctx, "index", 0),
-                "peer": address_text(self.peer),
-                "target": address_text(self.target[1]), "state": self.state,
-                "relay": ("tls" if self.tls is not None else "copy" if isinstance(self.pumps[0], (CopyPump, CCopyPump))
-                          else "splice") if self.pumps else "",
-                "pumps": ("c" if isinstance(self.pumps[0], (CEncryptPump, CDecryptPump, CCopyPump)) else "python")
-                if self.pumps else "",
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "age": round(time.time() - self.started, 3)}
+                "peer": address_text(self.peer), "target": address_text(self.target[1]), "state": self.state,
+                "relay": "" if p is None else "tls" if self.tls is not None
+                else "copy" if isinstance(p, (CopyPump, CCopyPump)) else "splice",
+                "pumps": "" if p is None else "c" if isinstance(p, (CEncryptPump, CDecryptPump, CCopyPump))
+                else "python",
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "age": round(time.time() - self.started, 3)}
 
 
 def address_text(addr: Any) -> str:

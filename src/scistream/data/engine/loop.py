@@ -18,6 +18,7 @@ in C, and only the rest, and their end, reach the handlers here.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -42,8 +43,6 @@ EV_READ = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 EV_WRITE = EPOLLOUT | EPOLLHUP | EPOLLERR
 EV_HUP = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
@@ -107,23 +106,25 @@ def _new_hub(epfd: int, spin: float) -> Any:
 
 
 class Timer:
-    __slots__ = ("when", "fn", "cancelled")
+    """A callback due at ``when``; ``fn`` is None once it is cancelled."""
+    __slots__ = ("when", "fn")
 
     def __init__(self, when: float, fn: Callable[[], None]) -> None:
         self.when = when
-        self.fn = fn
-        self.cancelled = False
+        self.fn: Callable[[], None] | None = fn
 
     def cancel(self) -> None:
-        self.cancelled = True
         # The entry stays in the heap until its time (up to the 15 s connect timeout):
         # let go of the callback now, or it keeps its closed connection (and the TLS
         # engine's buffers) alive until then.
-        self.fn = _nothing
+        self.fn = None
 
 
-def _nothing() -> None:
-    pass
+def _spins(name: str) -> property:
+    """A spin counter of a loop (``_`` + name), and its hub's."""
+    def count(loop: "Loop") -> int:
+        return getattr(loop, "_" + name) + (getattr(loop.hub, name) if loop.hub is not None else 0)
+    return property(count)
 
 
 class Loop:
@@ -149,21 +150,12 @@ class Loop:
         self._seq = itertools.count()
         self._pushed = 0
         self.running = False
-        self.on_stop: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add(self._wake_r, EPOLLIN, self._on_wake)
 
-    @property
-    def spin_hits(self) -> int:
-        return self._spin_hits + (self.hub.spin_hits if self.hub is not None else 0)
-
-    @property
-    def spin_missed(self) -> int:
-        return self._spin_missed + (self.hub.spin_missed if self.hub is not None else 0)
-
-    @property
-    def spin_gave_way(self) -> int:
-        return self._spin_gave_way + (self.hub.spin_gave_way if self.hub is not None else 0)
+    spin_hits = _spins("spin_hits")
+    spin_missed = _spins("spin_missed")
+    spin_gave_way = _spins("spin_gave_way")
 
     def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
         self.ep.register(fd, events)
@@ -171,10 +163,8 @@ class Loop:
 
     def remove(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     def forget(self, fd: int) -> None:
         """Drop the handler of an fd about to be closed (closing removes it from epoll)."""
@@ -193,7 +183,7 @@ class Loop:
         """Drop cancelled timers when they are most of the heap: a connection cancels its
         connect or handshake timeout within milliseconds, and under churn thousands of
         them would otherwise wait for their due time (15 s) in the heap."""
-        live = [e for e in self._timers if not e[2].cancelled]
+        live = [e for e in self._timers if e[2].fn is not None]
         if len(live) * 2 < len(self._timers):
             heapq.heapify(live)
             self._timers[:] = live
@@ -222,25 +212,18 @@ class Loop:
             signal.signal(sig, lambda *_: self.stop())
 
     def _on_wake(self, _events: int) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def wake(self) -> None:
         """Make the current wait return (it takes new timers into account); safe from any thread."""
-        try:
+        with contextlib.suppress(OSError):   # pipe full: a wake-up is pending anyway
             os.write(self._wake_w, b"\0")
-        except OSError:   # pipe full: a wake-up is pending anyway
-            pass
 
     def stop(self) -> None:
         self.running = False
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self.wake()
 
     def run(self) -> None:
         self.running = True
@@ -248,9 +231,7 @@ class Loop:
         timers = self._timers
         wait = self.hub.wait if self.hub is not None else self._wait_spinning if self.spin else self.ep.poll
         while self.running:
-            timeout = -1.0
-            if timers:
-                timeout = max(0.0, timers[0][0] - time.monotonic())
+            timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else -1.0
             try:
                 events = wait(timeout, 1024)
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
@@ -263,10 +244,8 @@ class Loop:
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
                     t = heapq.heappop(timers)[2]
-                    if not t.cancelled:
+                    if t.fn is not None:
                         t.fn()
-        for fn in self.on_stop:
-            fn()
 
     def _wait_spinning(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
         """``epoll.poll``, but while the recent waits were short, first poll without
@@ -325,7 +304,7 @@ class PipePool:
         self.keep = keep
         self.free: list[tuple[int, int]] = []
         r, w = self._new(size)     # learn the size the kernel really gives
-        self.size = fcntl.fcntl(w, F_GETPIPE_SZ)
+        self.size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
         self.slots = max(1, self.size // PAGE)
         self.free.append((r, w))
 
@@ -333,7 +312,7 @@ class PipePool:
     def _new(size: int) -> tuple[int, int]:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
         except OSError as exc:  # pipe-max-size lower than asked: keep the default size
             if exc.errno not in (errno.EPERM, errno.EINVAL):
                 os.close(r)
@@ -342,9 +321,7 @@ class PipePool:
         return r, w
 
     def get(self) -> tuple[int, int]:
-        if self.free:
-            return self.free.pop()
-        return self._new(self.size)
+        return self.free.pop() if self.free else self._new(self.size)
 
     def put(self, pipe: tuple[int, int], empty: bool) -> None:
         if empty and len(self.free) < self.keep:

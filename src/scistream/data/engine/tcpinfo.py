@@ -51,7 +51,6 @@ _FIELDS = (
 _STRUCT = struct.Struct("=" + "".join(f for _, f in _FIELDS))
 _NAMES = tuple(n for n, _ in _FIELDS)
 SIZE = _STRUCT.size          # 232 bytes
-TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
 
 def parse(raw: bytes) -> dict[str, int]:
@@ -62,7 +61,7 @@ def parse(raw: bytes) -> dict[str, int]:
 def read(sock: socket.socket) -> dict[str, int] | None:
     """The socket's ``tcp_info``; None if it has none (closed, not TCP)."""
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, SIZE)
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SIZE)
     except OSError:
         return None
     return parse(raw)
@@ -130,7 +129,7 @@ class LegSampler:
         if self.cur is not None and now - self.cur[0] < 0.2:
             return
         try:
-            raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, SIZE)
+            raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SIZE)
         except OSError:
             return
         self.prev, self.cur = self.cur, (now, raw)

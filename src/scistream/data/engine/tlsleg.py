@@ -17,7 +17,8 @@ cost at the cipher's; the scratch buffers are shared by the connections of a thr
 
     tls = TlsEnd(side, ctx, server_side=True)
     while not tls.handshake(): ...          # called again on each socket event
-    pumps = [DecryptPump(conn, tls, plain_side, "in"), EncryptPump(conn, plain_side, tls, "out")]
+    conn.tls = tls     # PROD: the TLS side is a, the accepted one
+    pumps = [DecryptPump(conn, conn.a, conn.b, "in"), EncryptPump(conn, conn.b, conn.a, "out")]
 """
 from __future__ import annotations
 
@@ -84,25 +85,6 @@ def share_tickets(ctx: ssl.SSLContext, keys: bytes) -> bool:
 _layout_warned = False   # said once: this Python's _ssl is not laid out as _pump.c reads it
 
 
-def metered_recv(src: "Side", buf, want: int, bucket, kick) -> int | None:
-    """Read at most ``want`` bytes from ``src`` into ``buf``, fewer if the rate budget
-    (``bucket``, or None) has less: the count, 0 at EOF, -1 if the socket has nothing now
-    (``src`` is marked not readable), None if the budget has nothing now (``kick`` is
-    called when it has). What the read did not use goes back to the budget."""
-    if bucket is not None:
-        want = bucket.take(want, kick)
-        if not want:
-            return None
-    try:
-        n = src.sock.recv_into(buf, want)
-    except BlockingIOError:
-        src.readable = False
-        n = -1
-    if bucket is not None:
-        bucket.refund(want - max(n, 0))
-    return n
-
-
 class Buffers:
     """Scratch buffers of one thread, shared by its connections: whatever a pump puts in
     them is consumed (or copied) before the pump returns."""
@@ -128,7 +110,7 @@ def thread_buffers() -> Buffers:
 class TlsEnd:
     """The TLS engine of one socket."""
     __slots__ = ("side", "inc", "out", "obj", "raw", "bufs", "wbuf", "eof_in", "close_wanted", "closed_out",
-                 "offered")
+                 "offered", "eng")
 
     def __init__(self, side: "Side", ctx: ssl.SSLContext, *, server_side: bool,
                  session: ssl.SSLSession | None = None) -> None:
@@ -146,6 +128,7 @@ class TlsEnd:
         self.eof_in = False                   # TCP EOF seen on the socket
         self.close_wanted = False             # close_notify owed, waiting for input to drain
         self.closed_out = False               # close_notify sent (queued)
+        self.eng: "pump.Engine | None" = None    # the compiled engine, once it took over (``compiled``)
 
     def flush(self) -> bool:
         """Put queued ciphertext on the socket; True when nothing is left."""
@@ -196,7 +179,7 @@ class TlsEnd:
 
     def compiled(self) -> "pump.Engine | None":
         """Hand the engine's SSL* over to the compiled pumps (after the handshake, with no
-        rate limit): what the memory BIOs still hold moves along. None where it was not
+        rate limit): what the memory BIOs still hold moves along (``eng``). None where it was not
         built or is turned off, or if this Python's ``_ssl`` is laid out otherwise (said
         once in the log); the Python pumps go on then, with nothing lost."""
         global _layout_warned
@@ -215,6 +198,7 @@ class TlsEnd:
                 log.warning("compiled TLS engine not usable here (%s): using the Python pumps", exc)
             return None
         self.wbuf = None
+        self.eng = eng
         return eng
 
     @property
@@ -238,109 +222,153 @@ class TlsEnd:
             log.debug("close_notify: %s", exc)
 
 
-def note_moved(pump, src: "Side", dst: "Side", n: int, fl: int) -> None:
+class Pump:
+    """One direction of a connection, ``src`` to ``dst``: ``run`` moves what it can now,
+    ``release`` lets go of what it holds. ``eof``: the source said EOF; ``done``: the EOF
+    was carried over (``Conn.pump_done``). The plain pumps are in ``conn``."""
+    __slots__ = ("conn", "src", "dst", "direction", "eof", "done", "bucket")
+
+    def __init__(self, conn: "Conn", src: "Side", dst: "Side", direction: str) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.direction = direction
+        self.eof = False
+        self.done = False
+        self.bucket = conn.ctx.buckets.get(direction)
+
+    def finish(self) -> None:
+        self.done = True
+        self.conn.pump_done(self.dst)
+
+    def release(self) -> None:
+        if self.bucket is not None:
+            self.bucket.discard(self.conn.step)
+
+    def _recv(self, buf: bytearray, want: int) -> int | None:
+        """Read at most ``want`` bytes from ``src`` into ``buf``, fewer if the rate budget
+        (``bucket``, or None) has less: the count, 0 at EOF, -1 if the socket has nothing now
+        (``src`` is marked not readable), None if the budget has nothing now (the connection
+        runs again when it has). What the read did not use goes back to the budget."""
+        bucket, src = self.bucket, self.src
+        if bucket is not None:
+            want = bucket.take(want, self.conn.step)
+            if not want:
+                return None
+        try:
+            n = src.sock.recv_into(buf, want)
+        except BlockingIOError:
+            src.readable = False
+            n = -1
+        if bucket is not None:
+            bucket.refund(want - max(n, 0))
+        return n
+
+
+class SendKeepingRest(Pump):
+    """A pump that sends from a scratch buffer: what the destination does not take now is
+    copied and kept (``pending``) until it is writable again."""
+    __slots__ = ("pending",)
+
+    def __init__(self, conn: "Conn", src: "Side", dst: "Side", direction: str) -> None:
+        super().__init__(conn, src, dst, direction)
+        self.pending: memoryview | None = None
+
+    def _send(self, data: memoryview) -> None:
+        try:
+            n = self.dst.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        if n < len(data):
+            self.dst.writable = False
+            self.pending = memoryview(bytes(data[n:]))
+        if n:
+            self.conn.counted(self.direction, n)
+
+    def _settle(self) -> bool:
+        """Send what the destination did not take before, while it takes it; at the source's
+        EOF with nothing left, end this direction. True: nothing more to do for now."""
+        while self.pending is not None:
+            if not self.dst.writable:
+                return True
+            data, self.pending = self.pending, None
+            self._send(data)
+        if self.eof:
+            self.finish()
+            return True
+        return False
+
+
+def note_moved(pump: Pump, n: int, fl: int) -> None:
     """After a compiled pump's call: count what it moved, and mark a socket that said
     EAGAIN as not ready (the loop says when it is again)."""
     if n:
         pump.conn.counted(pump.direction, n)
     if fl & F_SRC_AGAIN:
-        src.readable = False
+        pump.src.readable = False
     if fl & F_DST_AGAIN:
-        dst.writable = False
+        pump.dst.writable = False
 
 
-class CEncryptPump:
-    """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``)."""
-    __slots__ = ("conn", "src", "dst", "eng", "direction", "done", "finished")
-
-    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, eng: "pump.Engine", direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.dst = tls.side
-        self.eng = eng
-        self.direction = direction
-        self.done = False        # EOF from src, close_notify queued
-        self.finished = False    # close_notify on the wire, TCP write side shut
+class CEncryptPump(Pump):
+    """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``). ``eof``: the
+    source's EOF, close_notify queued; ``done``: close_notify on the wire, TCP write side shut."""
+    __slots__ = ()
 
     def run(self) -> None:
-        if self.finished:
+        if self.done:
             return
-        src, dst, eng = self.src, self.dst, self.eng
-        n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.done, dst.writable)
-        note_moved(self, src, dst, n, fl)
+        src, dst, eng = self.src, self.dst, self.conn.tls.eng
+        n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
+        note_moved(self, n, fl)
         if fl & F_EOF:
-            self.done = True
+            self.eof = True
             eng.shutdown()       # once: it never reads, the other direction loses nothing
             _, fl = eng.encrypt(src.fd, dst.fd, False, dst.writable)
             if fl & F_DST_AGAIN:
                 dst.writable = False
-        if self.done and fl & F_EMPTY:
-            self.finished = True
-            self.conn.pump_done(dst)
-
-    def release(self) -> None:
-        pass
+        if self.eof and fl & F_EMPTY:
+            self.finish()
 
 
-class CDecryptPump:
-    """TLS socket -> compiled engine -> plain socket."""
-    __slots__ = ("conn", "src", "dst", "eng", "direction", "done")
-
-    def __init__(self, conn: "Conn", tls: TlsEnd, eng: "pump.Engine", dst: "Side", direction: str) -> None:
-        self.conn = conn
-        self.src = tls.side
-        self.dst = dst
-        self.eng = eng
-        self.direction = direction
-        self.done = False        # the peer's close_notify passed on as a TCP EOF
+class CDecryptPump(Pump):
+    """TLS socket -> compiled engine -> plain socket; ``done``: the peer's close_notify
+    passed on as a TCP EOF."""
+    __slots__ = ()
 
     def run(self) -> None:
         if self.done:
             return
         src, dst = self.src, self.dst
-        n, fl = self.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
-        note_moved(self, src, dst, n, fl)
+        n, fl = self.conn.tls.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
+        note_moved(self, n, fl)
         if fl & F_EOF:
-            self.done = True
-            self.conn.pump_done(dst)
-
-    def release(self) -> None:
-        pass
+            self.finish()
 
 
-
-class EncryptPump:
-    """plain socket -> TLS engine -> TLS socket."""
-    __slots__ = ("conn", "src", "tls", "direction", "done", "finished", "bucket")
-
-    def __init__(self, conn: "Conn", src: "Side", tls: TlsEnd, direction: str) -> None:
-        self.conn = conn
-        self.src = src
-        self.tls = tls
-        self.direction = direction
-        self.done = False        # EOF from src
-        self.finished = False    # close_notify on the wire, TCP write side shut
-        self.bucket = conn.ctx.buckets.get(direction)
+class EncryptPump(Pump):
+    """plain socket -> TLS engine -> TLS socket. ``eof``: the source's EOF; ``done``:
+    close_notify on the wire, TCP write side shut."""
+    __slots__ = ()
 
     def run(self) -> None:
-        tls, src = self.tls, self.src
+        tls, src = self.conn.tls, self.src
         write = tls.raw.write
         rbuf, rview = tls.bufs.rbuf, tls.bufs.rview
         while True:
             if not tls.flush():
                 return
-            if self.done:
-                if tls.closed_out and not self.finished:
-                    self.finished = True
-                    self.conn.pump_done(tls.side)
+            if self.eof:
+                if tls.closed_out and not self.done:
+                    self.finish()
                 return
             if not src.readable:
                 return
-            n = metered_recv(src, rbuf, CHUNK, self.bucket, self.conn.kick)
+            n = self._recv(rbuf, CHUNK)
             if n is None or n < 0:
                 return
             if n == 0:
-                self.done = True
+                self.eof = True
                 tls.close_notify()   # may wait for the decryptor to drain the input
                 continue
             write(rview[:n])
@@ -348,62 +376,18 @@ class EncryptPump:
 
     def resume_close(self) -> None:
         """The engine's input is drained: the owed close_notify can go now."""
-        if self.done and self.tls.close_wanted:
-            self.tls.close_notify()
+        if self.eof and self.conn.tls.close_wanted:
+            self.conn.tls.close_notify()
             self.run()
-
-    def release(self) -> None:
-        if self.bucket is not None:
-            self.bucket.discard(self.conn.kick)
-
-
-class SendKeepingRest:
-    """For a pump that sends from a scratch buffer: what the destination does not take now
-    is copied and kept (``pending``) until it is writable again."""
-    __slots__ = ()
-
-    def _send(self, data: memoryview) -> None:
-        try:
-            n = self.dst.sock.send(data)          # type: ignore[attr-defined]
-        except BlockingIOError:
-            n = 0
-        if n < len(data):
-            self.dst.writable = False             # type: ignore[attr-defined]
-            self.pending = memoryview(bytes(data[n:]))   # type: ignore[attr-defined]
-        if n:
-            self.conn.counted(self.direction, n)  # type: ignore[attr-defined]
-
-    def _settle(self) -> bool:
-        """Send what the destination did not take before, while it takes it; at the source's
-        EOF with nothing left, end this direction. True: nothing more to do for now."""
-        while self.pending is not None:                     # type: ignore[attr-defined]
-            if not self.dst.writable:                       # type: ignore[attr-defined]
-                return True
-            data, self.pending = self.pending, None         # type: ignore[attr-defined]
-            self._send(data)
-        if self.eof:                                        # type: ignore[attr-defined]
-            self.done = True
-            self.conn.pump_done(self.dst)                   # type: ignore[attr-defined]
-            return True
-        return False
 
 
 class DecryptPump(SendKeepingRest):
-    """TLS socket -> TLS engine -> plain socket."""
-    __slots__ = ("conn", "tls", "dst", "direction", "pending", "eof", "done", "bucket")
-
-    def __init__(self, conn: "Conn", tls: TlsEnd, dst: "Side", direction: str) -> None:
-        self.conn = conn
-        self.tls = tls
-        self.dst = dst
-        self.direction = direction
-        self.pending: memoryview | None = None   # plaintext not yet on dst
-        self.eof = False                         # the peer's close_notify arrived
-        self.done = False                        # ... and was passed on as a TCP EOF
-        self.bucket = conn.ctx.buckets.get(direction)
+    """TLS socket -> TLS engine -> plain socket. ``pending``: plaintext not yet on dst;
+    ``eof``: the peer's close_notify arrived; ``done``: ... and was passed on as a TCP EOF."""
+    __slots__ = ()
 
     def run(self) -> None:
-        tls, dst = self.tls, self.dst
+        tls, dst = self.conn.tls, self.dst
         read = tls.raw.read
         pview = tls.bufs.pview
         while not self.done:
@@ -411,7 +395,7 @@ class DecryptPump(SendKeepingRest):
                 return
             room = CHUNK
             if self.bucket is not None:
-                room = self.bucket.take(room, self.conn.kick)
+                room = self.bucket.take(room, self.conn.step)
                 if not room:
                     return
             got = 0
@@ -441,7 +425,3 @@ class DecryptPump(SendKeepingRest):
             tls.flush()  # anything the engine wants to say (alerts, key updates)
             if not tls.feed():
                 return
-
-    def release(self) -> None:
-        if self.bucket is not None:
-            self.bucket.discard(self.conn.kick)

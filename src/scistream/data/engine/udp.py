@@ -37,7 +37,9 @@ counted (``drops_rate``); UDP is not queued.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -70,10 +72,8 @@ SOCKET_BUFFER = 4 << 20
 
 def big_buffers(sock: socket.socket) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
 
 
 #: /proc/net/udp{,6} read at most this often (seconds): one read serves every session's
@@ -82,37 +82,25 @@ DROPS_FRESH = 0.5
 _drops: tuple[float, dict[int, int]] = (0.0, {})
 
 
-def _drops_by_inode() -> dict[int, int]:
+def kernel_drops(socks: list[socket.socket]) -> int:
+    """Datagrams the kernel dropped on these sockets (their receive buffer was full), from
+    /proc/net/udp{,6} (the ``drops`` column, by socket inode; read at most every DROPS_FRESH s)."""
     global _drops
     now = time.monotonic()
-    if now - _drops[0] < DROPS_FRESH:
-        return _drops[1]
-    table: dict[int, int] = {}
-    for path in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            with open(path) as f:
+    if now - _drops[0] >= DROPS_FRESH:
+        _drops = (now, {})
+        for path in ("/proc/net/udp", "/proc/net/udp6"):
+            with contextlib.suppress(OSError, ValueError), open(path) as f:
                 next(f, None)
                 for line in f:
                     fields = line.split()
                     if len(fields) >= 13:
-                        table[int(fields[9])] = int(fields[12])
-        except (OSError, ValueError):
-            pass
-    _drops = (now, table)
-    return table
-
-
-def kernel_drops(socks: list[socket.socket]) -> int:
-    """Datagrams the kernel dropped on these sockets (their receive buffer was full), from
-    /proc/net/udp{,6} (the ``drops`` column, by socket inode; read at most every DROPS_FRESH s)."""
-    import os
-    table = _drops_by_inode()
+                        _drops[1][int(fields[9])] = int(fields[12])
+    table = _drops[1]
     total = 0
     for s in socks:
-        try:
+        with contextlib.suppress(OSError):
             total += table.get(os.fstat(s.fileno()).st_ino, 0)
-        except OSError:
-            pass
     return total
 
 
@@ -148,7 +136,6 @@ class Flow:
 #: leaves in one system call (the kernel cuts it into the datagrams), at most GSO_SEGMENTS
 #: of them and GSO_BYTES in all. SCISTREAM_UDP_GSO=0 turns it off.
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
 GSO_SEGMENTS = 64
 GSO_BYTES = 60000
 GSO = os.environ.get("SCISTREAM_UDP_GSO", "1").strip() != "0"
@@ -189,16 +176,14 @@ class Run:
         parts, plains = self.parts, self.plains
         if not parts:
             return
-        relay, c, sock, addr = self.relay, self.relay.c, self.sock, self.addr
+        relay, c, sock = self.relay, self.relay.c, self.sock
         assert sock is not None
+        to = () if self.addr is None else (self.addr,)    # none: the socket is connected
         sent, nbytes = 0, 0
         if len(parts) > 1 and relay.gso:
-            cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.size))]
+            cmsg = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.size))]
             try:
-                if addr is None:
-                    sock.sendmsg([b"".join(parts)], cmsg)
-                else:
-                    sock.sendmsg([b"".join(parts)], cmsg, 0, addr)
+                sock.sendmsg([b"".join(parts)], cmsg, 0, *to)
                 sent, nbytes = len(parts), sum(plains)
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
@@ -210,10 +195,7 @@ class Run:
         if not sent:
             for out, plain in zip(parts, plains):
                 try:
-                    if addr is None:
-                        sock.send(out)
-                    else:
-                        sock.sendto(out, addr)
+                    sock.sendmsg([out], (), 0, *to)
                 except OSError:
                     c["drops_send"] += 1
                     continue
@@ -255,7 +237,7 @@ class UdpRelay:
         for index, sock in self.listeners.items():
             sock.setblocking(False)
             self._gro(sock, sealed_side=wan_side == "listener")
-            loop.add(sock.fileno(), EPOLLIN, self._listener_handler(index, sock))
+            loop.add(sock.fileno(), EPOLLIN, functools.partial(self._from_source, index, sock))
 
     def _gro(self, sock: socket.socket, *, sealed_side: bool) -> None:
         """UDP GRO on a socket the compiled path reads where its datagrams need no room added
@@ -264,29 +246,31 @@ class UdpRelay:
         path splits. Off elsewhere, and always off for the Python path (it reads one
         datagram a read), also on a listener a successor inherits."""
         on = self.compiled is not None and GRO and (self.sealer is None or sealed_side)
-        try:
-            sock.setsockopt(SOL_UDP, UDP_GRO, int(on))
-        except OSError:
-            pass
-
-    def _listener_handler(self, index: int, sock: socket.socket) -> Callable[[int], None]:
-        return lambda ev: self._from_source(index, sock)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_UDP, UDP_GRO, int(on))
 
     # -- towards the producer: the listener's datagrams ------------------------
-    def _from_source(self, index: int, lsock: socket.socket) -> None:
+    def _from_source(self, index: int, lsock: socket.socket, _ev: int = 0) -> None:
         if self.compiled:
             self._pass(lsock.fileno(), index, None, "in")
-            return
-        run = Run(self, "in")
+        else:
+            self._read(lsock.recvfrom, "in",
+                       lambda got, run: self._source_datagram(index, got[1], None, got[0], run))
+
+    def _read(self, recv: Callable[[int], Any], direction: str, handle: Callable[[Any, Run], None]) -> None:
+        """The Python path of one readiness event: up to BATCH datagrams, each to ``handle``
+        (an OSError of a read is an ICMP error of an earlier datagram: nothing to read, the
+        flow stays)."""
+        run = Run(self, direction)
         try:
             for _ in range(BATCH):
                 try:
-                    data, src = lsock.recvfrom(MAX_DATAGRAM)
+                    got = recv(MAX_DATAGRAM)
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError:          # an ICMP error of an earlier reply: nothing to read
+                except OSError:
                     continue
-                self._source_datagram(index, src, None, data, run)
+                handle(got, run)
         finally:
             run.flush()
 
@@ -307,16 +291,22 @@ class UdpRelay:
                 return
             if sealed_here:
                 flow.state = state
-        if not try_pay(self.buckets.get("in"), len(data)):
-            c["drops_rate"] += 1
+        self._forward(flow, data, "in", flow.sock, None, run)
+
+    def _forward(self, flow: Flow, data: bytes, direction: str, sock: socket.socket, addr: Any,
+                 run: Run) -> None:
+        """A datagram of ``flow`` paid for (else dropped), sealed if it goes out on the WAN
+        leg, and on its way to ``addr`` (None: where ``sock`` is connected)."""
+        if not try_pay(self.buckets.get(direction), len(data)):
+            self.c["drops_rate"] += 1
             return
         flow.last = time.monotonic()
         out = data
-        if self.sealer is not None and self.wan_side == "flow":
-            out = self.sealer.seal(flow, data, c)
+        if self.sealer is not None and self.wan_side == ("flow" if direction == "in" else "listener"):
+            out = self.sealer.seal(flow, data, self.c)
             if out is None:
                 return
-        run.add(flow.sock, None, out, len(data))
+        run.add(sock, addr, out, len(data))
 
     def _pass(self, fd: int, index: int, flow: Flow | None, direction: str) -> None:
         """One readiness event of a listener (``flow`` None) or of a flow's socket, through the
@@ -328,13 +318,11 @@ class UdpRelay:
             bucket._refill()
             tokens, burst = float(bucket.tokens), float(bucket.burst)
         if flow is None:
-            sealed = self.wan_side == "listener"
             flows, fixed, out_fd = self.by_sa.setdefault(index, {}), None, -1
         else:
-            sealed = self.wan_side == "flow"
-            lsock = self.listeners[flow.listener]
-            flows, fixed, out_fd = None, flow, lsock.fileno()
+            flows, fixed, out_fd = None, flow, self.listeners[flow.listener].fileno()
         sealer = self.sealer
+        sealed = self.wan_side == ("listener" if flow is None else "flow")   # the datagrams read are sealed
         mode = 0 if sealer is None else 1 if sealed else 2
         slow, left, self.gso = self.compiled.udp_pass(
             fd, flows, fixed, mode, out_fd, self.c, direction, tokens, burst,
@@ -383,30 +371,18 @@ class UdpRelay:
             else:
                 flow.mtu = route_mtu(self.listeners[index].family, src)
         self.flows[flow.key] = flow
-        self.loop.add(sock.fileno(), EPOLLIN, lambda ev: self._from_target(flow))
+        self.loop.add(sock.fileno(), EPOLLIN, functools.partial(self._from_target, flow))
         c["total_flows"] += 1
         if self._sweep is None:
             self._sweep = self.loop.call_later(self._sweep_every(), self._expire)
         return flow
 
     # -- towards the consumer: replies on a flow's socket ----------------------
-    def _from_target(self, flow: Flow) -> None:
-        sock = flow.sock
+    def _from_target(self, flow: Flow, _ev: int = 0) -> None:
         if self.compiled and flow.listener in self.listeners:
             self._pass(flow.fd, flow.listener, flow, "out")
-            return
-        run = Run(self, "out")
-        try:
-            for _ in range(BATCH):
-                try:
-                    data = sock.recv(MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:          # ICMP: the target is not there (yet); the flow stays
-                    continue
-                self._target_datagram(flow, data, run)
-        finally:
-            run.flush()
+        else:
+            self._read(flow.sock.recv, "out", lambda data, run: self._target_datagram(flow, data, run))
 
     def _target_datagram(self, flow: Flow, data: bytes, run: Run) -> None:
         """One reply read on a flow's socket, on its way to the flow's source."""
@@ -420,16 +396,7 @@ class UdpRelay:
         if lsock is None:
             c["drops_send"] += 1
             return
-        if not try_pay(self.buckets.get("out"), len(data)):
-            c["drops_rate"] += 1
-            return
-        flow.last = time.monotonic()
-        out = data
-        if self.sealer is not None and self.wan_side == "listener":
-            out = self.sealer.seal(flow, data, c)
-            if out is None:
-                return
-        run.add(lsock, flow.source, out, len(data))
+        self._forward(flow, data, "out", lsock, flow.source, run)
 
     # -- idle flows -------------------------------------------------------------
     def _sweep_every(self) -> float:
@@ -471,8 +438,8 @@ class UdpRelay:
         final = self.counters()
         for flow in list(self.flows.values()):
             self._close_flow(flow)
+        self.quiesce()
         for sock in self.listeners.values():
-            self.loop.remove(sock.fileno())
             sock.close()
         self.listeners = {}
         if self._sweep is not None:
@@ -518,10 +485,9 @@ def route_mtu(family: int, addr: Any) -> int:
 
 def path_mtu(sock: socket.socket) -> int:
     """The path MTU the kernel knows for a connected socket (IP_MTU), 0 if it says none."""
-    opt = getattr(socket, "IP_MTU", 14)
     try:
         if sock.family == socket.AF_INET6:
             return sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
-        return sock.getsockopt(socket.IPPROTO_IP, opt)
+        return sock.getsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU", 14))
     except OSError:
         return 0

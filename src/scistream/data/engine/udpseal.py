@@ -48,6 +48,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import compiled
+
 VERSION = 1
 HEADER = struct.Struct("!B4s8sHQ")
 TAG = 16
@@ -73,10 +75,6 @@ def master_key(secret: bytes) -> bytes:
 
 def _kdf(master: bytes, info: bytes, n: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=n, salt=None, info=info).derive(master)
-
-
-def new_flow_id() -> bytes:
-    return struct.pack("!I", int(time.time()) & 0xFFFFFFFF) + os.urandom(4)
 
 
 class Direction:
@@ -132,15 +130,10 @@ class Sealer:
         self.master = master
         # the compiled AEAD (``_pump.UdpDir``) where the compiled pumps are chosen, else Python's
         if fast is None:
-            from .compiled import pump
-            fast = pump is not None
-        if fast:
-            from .compiled import module
-            if module is None:
-                raise RuntimeError("the compiled module is not built")
-            self._dir: Any = module.UdpDir
-        else:
-            self._dir = Direction
+            fast = compiled.pump is not None
+        if fast and compiled.module is None:
+            raise RuntimeError("the compiled module is not built")
+        self._dir: Any = compiled.module.UdpDir if fast else Direction
         self.fast = bool(fast)
         self.role = role
         self.tag = _kdf(master, b"session tag", 4)
@@ -154,8 +147,8 @@ class Sealer:
         return self._dir(_kdf(self.master, b"key " + direction + flow_id + struct.pack("!H", epoch)), epoch, sending)
 
     def new_flow(self) -> FlowKeys:
-        keys = FlowKeys(new_flow_id())
-        return keys
+        """A CONS flow: a fresh id, this gateway's clock first."""
+        return FlowKeys(struct.pack("!I", int(time.time()) & 0xFFFFFFFF) + os.urandom(4))
 
     # -- sealing --------------------------------------------------------------------------
     def seal_state(self, keys: FlowKeys, data: bytes) -> bytes | None:

@@ -31,7 +31,7 @@ from ...errors import DataServerError
 from ..base import DataServer
 from ..spec import DataSpec, Stats
 from ..supervise import ChildProcess, pid_alive
-from .client import ServiceConnection, ServiceError
+from .client import ServiceConnection, ServiceError, call_once
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,14 @@ class NodeService:
 
     @classmethod
     def for_spec(cls, spec: DataSpec) -> "NodeService":
+        if not spec.service:
+            if len(cls.by_path) != 1:
+                raise DataServerError("the Builtin type needs the node service: give DataSpec.service")
+            return next(iter(cls.by_path.values()))
         try:
-            return cls.by_path[str(Path(spec.service).absolute())] if spec.service else cls._only()
+            return cls.by_path[str(Path(spec.service).absolute())]
         except KeyError:
             raise DataServerError(f"no node service is open at {spec.service!r} in this control server") from None
-
-    @classmethod
-    def _only(cls) -> "NodeService":
-        if len(cls.by_path) != 1:
-            raise DataServerError("the Builtin type needs the node service: give DataSpec.service")
-        return next(iter(cls.by_path.values()))
 
     async def _ensure(self) -> None:
         """Connect to the service; start it first if it is ours and does not answer."""
@@ -211,14 +209,11 @@ class NodeService:
 
 
 async def _answers(path: Path) -> bool:
-    conn = ServiceConnection(path)
     try:
-        await conn.call({"op": "ping"}, 1.0, busy_retry=0)
-        return True
+        await call_once(path, {"op": "ping"}, 1.0)
     except ServiceError:
         return False
-    finally:
-        await conn.close()
+    return True
 
 
 class NodeDataServer(DataServer):
@@ -288,19 +283,12 @@ class NodeDataServer(DataServer):
     async def renew_credentials(self) -> None:
         if self.spec.wan_secret is None:
             return
-        msg = {"op": "credentials", "sid": self.sid, "wan_secret": self.spec.wan_secret.hex(),
-               "cert_until": self._leaf_until()}
-        try:
-            await self.node.call(msg)
-        except ServiceError as exc:
-            raise DataServerError(f"data server refused the new WAN certificate: {exc}") from None
+        await self._ask("credentials", 15.0, "refused the new WAN certificate",
+                        wan_secret=self.spec.wan_secret.hex(), cert_until=self._leaf_until())
         log.info("session %s: WAN certificate issued again", self.sid)
 
     async def retarget(self, targets: tuple[str, ...]) -> None:
-        try:
-            await self.node.call({"op": "targets", "sid": self.sid, "targets": list(targets)})
-        except ServiceError as exc:
-            raise DataServerError(f"data server refused new targets: {exc}") from None
+        await self._ask("targets", 15.0, "refused new targets", targets=list(targets))
         self.spec = self.spec.with_targets(targets)
 
     async def stop(self) -> None:
@@ -319,8 +307,7 @@ class NodeDataServer(DataServer):
             log.warning("session %s: node service unreachable at release (%s)", self.sid, exc)
 
     async def wait_exit(self) -> str:
-        fut = self._future()
-        return await asyncio.shield(fut)
+        return await asyncio.shield(self._future())
 
     async def stats(self) -> Stats:
         with contextlib.suppress(ServiceError, KeyError, TypeError):
@@ -334,28 +321,26 @@ class NodeDataServer(DataServer):
                          int(r.get("refused_connections", 0)), failure=failure, udp=udp)
         return Stats()
 
+    async def _ask(self, op: str, timeout: float, failing: str = "does not answer", **args: Any) -> dict:
+        """The service's reply to ``op`` on this session; DataServerError ("data server
+        {failing}: why") if it refuses or does not answer."""
+        try:
+            return await self.node.call({"op": op, "sid": self.sid, **args}, timeout)
+        except ServiceError as exc:
+            raise DataServerError(f"data server {failing}: {exc}") from None
+
     async def details(self) -> dict[str, Any]:
         """Every counter of the session (refused connections, TLS resumption, ...)."""
-        try:
-            return dict((await self.node.call({"op": "stats", "sid": self.sid}, 3.0))["stats"])
-        except ServiceError as exc:
-            raise DataServerError(f"data server does not answer: {exc}") from None
+        return dict((await self._ask("stats", 3.0))["stats"])
 
     async def config(self) -> dict[str, Any]:
         """The configuration the service holds for this session (and ``workers``: the
         worker of each listener)."""
-        try:
-            r = await self.node.call({"op": "config", "sid": self.sid}, 5.0)
-        except ServiceError as exc:
-            raise DataServerError(f"data server does not answer: {exc}") from None
+        r = await self._ask("config", 5.0)
         return {**r["cfg"], "workers": r["workers"], "also": r.get("also")}
 
     async def connections(self) -> list[dict[str, Any]]:
-        try:
-            r = await self.node.call({"op": "conns", "sid": self.sid}, 5.0)
-        except ServiceError as exc:
-            raise DataServerError(f"data server does not answer: {exc}") from None
-        return list(r.get("connections", []))
+        return list((await self._ask("conns", 5.0)).get("connections", []))
 
     async def telemetry(self) -> dict[str, dict[str, Any]] | None:
         from ..telemetry import summarize

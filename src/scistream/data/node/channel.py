@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -41,13 +42,9 @@ def encode(msg: dict) -> bytes:
 def send_frame(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> int:
     """Send as much of ``data`` as the socket takes now (all of it on a blocking socket),
     the descriptors with the first byte; return the bytes sent."""
-    if fds:
-        if len(fds) > MAX_FDS:
-            raise ValueError(f"at most {MAX_FDS} descriptors per frame, got {len(fds)}")
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        n = sock.sendmsg([data], anc)
-    else:
-        n = sock.send(data)
+    if fds and len(fds) > MAX_FDS:
+        raise ValueError(f"at most {MAX_FDS} descriptors per frame, got {len(fds)}")
+    n = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
     if sock.getblocking():
         while n < len(data):
             n += sock.send(data[n:])
@@ -115,7 +112,5 @@ class Decoder:
     def close(self) -> None:
         """Close descriptors that arrived but were never taken."""
         while self.fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fds.popleft())
-            except OSError:
-                pass

@@ -82,10 +82,7 @@ class ServiceConnection:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
+            async for line in reader:
                 try:
                     msg = json.loads(line)
                 except ValueError:
@@ -100,7 +97,7 @@ class ServiceConnection:
                 fut = self.pending.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, ValueError):    # ValueError: a line over the limit
             pass
         finally:
             for fut in self.pending.values():
@@ -147,17 +144,14 @@ class ServiceConnection:
             except ServiceError as exc:
                 if exc.code != "unreachable" or loop.time() > deadline or self.closed:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
-                continue
-            if reply.get("ok"):
-                return reply
-            code = reply.get("code") or "invalid"
-            if code == "busy" and loop.time() < deadline:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
-                continue
-            raise ServiceError(str(reply.get("error") or "refused"), code)
+            else:
+                if reply.get("ok"):
+                    return reply
+                code = reply.get("code") or "invalid"
+                if code != "busy" or loop.time() >= deadline:
+                    raise ServiceError(str(reply.get("error") or "refused"), code)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
     async def close(self) -> None:
         self.closed = True

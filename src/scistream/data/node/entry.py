@@ -14,6 +14,7 @@ from typing import Any
 
 from ..engine.udp import COUNTERS as UDP_COUNTERS, big_buffers
 from ..spec import resolve_target
+from .client import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,8 @@ def newest_failure(e: "Entry") -> dict:
     return {"failure": what, "failure_at": at} if what else {}
 
 
-class OpError(Exception):
-    """A request the service refuses (``code``: invalid, busy, unknown)."""
-    def __init__(self, message: str, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.code = code
+#: A request the service refuses (``code``: invalid, busy, unknown): what its clients raise too.
+OpError = ServiceError
 
 
 class Entry:
@@ -73,12 +71,9 @@ class Entry:
         share of the cap."""
         home = [i for i, w in enumerate(self.placement) if w == index]
         cfg = dict(self.cfg)
-        cap = int(cfg.get("max_conns") or 0)
-        if cap:
-            cfg["max_conns"] = max(1, math.ceil(cap * len(home) / len(self.placement)))
-        flows = int(cfg.get("udp_max_flows") or 0)
-        if flows:
-            cfg["udp_max_flows"] = max(1, math.ceil(flows * len(home) / len(self.placement)))
+        for key in ("max_conns", "udp_max_flows"):
+            if cap := int(cfg.get(key) or 0):
+                cfg[key] = max(1, math.ceil(cap * len(home) / len(self.placement)))
         msg = {"op": "add", "sid": self.sid, "cfg": cfg, "listeners": home, "home": bool(home)}
         fds = [self.socks[i].fileno() for i in home]
         if self.udp_socks and home:      # after the TCP listeners' sockets

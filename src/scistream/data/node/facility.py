@@ -60,7 +60,6 @@ class Membership:
         self.task: asyncio.Task | None = None
         self.cert_pem = ""
         self.lost_db = False
-        self.beats = 0
         self._scan = 0                 # where the next scan of the port range starts
         self._held: set[int] = set()   # ports of the range other programs hold
 
@@ -71,8 +70,7 @@ class Membership:
     def _tls(self) -> ssl.SSLContext:
         from ...control import tlscert
         cert, key = self.state_dir / "control.crt", self.state_dir / "control.key"
-        hosts = [self.control_host, self.address]
-        tlscert.ensure_self_signed(cert, key, hosts)
+        tlscert.ensure_self_signed(cert, key, [self.control_host, self.address])
         self.cert_pem = cert.read_text()
         return tlscert.server_context(cert, key, tls13_only=True)
 
@@ -113,7 +111,6 @@ class Membership:
                 log.warning("node %s: session %s is not live in the store any more; removing it",
                             self.name, sid)
                 await self.node.remove(sid)
-        self.beats += 1
 
     def held_ports(self, local: set[str]) -> list[int]:
         """The ports of the range that another program holds on the node's address (placement
@@ -126,9 +123,7 @@ class Membership:
         window = [ports[(self._scan + i) % len(ports)] for i in range(n)]
         self._scan = (self._scan + n) % len(ports)
         for p in window:
-            if p in mine:
-                self._held.discard(p)
-            elif free_port_check(self.address, p, udp=True):
+            if p in mine or free_port_check(self.address, p, udp=True):
                 self._held.discard(p)
             else:
                 self._held.add(p)

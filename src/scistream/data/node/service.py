@@ -141,16 +141,11 @@ class Node:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)         # atomic: the socket path always answers
 
-    async def run(self) -> None:
-        await self.stopped.wait()
-        await self.close()
-
     async def close(self) -> None:
         self.closing = True
-        if self.server is not None:
-            self.server.close()
-        if self.tcp is not None:
-            self.tcp.close()
+        for server in (self.server, self.tcp):     # the control sockets
+            if server is not None:
+                server.close()
         if self.handover_done.is_set():
             # the successor's workers accept on the same sockets: ours stop accepting first,
             # so only the connections they already carry are reset
@@ -173,13 +168,12 @@ class Node:
     def worker_lost(self, w: WorkerProc, why: str) -> None:
         if self.closing:
             return
-        log.error("%s; %d sessions had listeners on it, restarting it", why,
-                  sum(1 for e in self.sessions.values() if w.index in e.workers()))
-        for e in self.sessions.values():
-            if w.index in e.workers():
-                seen = dict(e.seen.pop(w.index, None) or zero_counters())
-                seen["connections"] = seen["udp_flows"] = 0
-                add_counters(e.base, seen)
+        carried = [e for e in self.sessions.values() if w.index in e.workers()]
+        log.error("%s; %d sessions had listeners on it, restarting it", why, len(carried))
+        for e in carried:      # what the worker said last stays counted, with no open connection
+            seen = dict(e.seen.pop(w.index, None) or zero_counters())
+            seen["connections"] = seen["udp_flows"] = 0
+            add_counters(e.base, seen)
         if w.index not in self.restarting:
             self.restarting.add(w.index)
             self._spawn(self._restart(w))
@@ -264,19 +258,18 @@ class Node:
                       and hmac.compare_digest(str(msg.get("token") or "").encode(), token))
             except (OSError, ValueError, asyncio.TimeoutError):
                 ok, msg = False, {}
-            if not ok:
+            reply = {"ok": True} if ok else {"ok": False, "error": "this node obeys only its facility's "
+                                             "control servers: wrong or missing node token", "code": "denied"}
+            with contextlib.suppress(OSError):
+                writer.write(json.dumps({**reply, "id": msg.get("id") if isinstance(msg, dict) else None}
+                                        ).encode() + b"\n")
+                await writer.drain()
+            if ok:
+                await self._client(reader, writer, remote=True)
+            else:
                 log.warning("control connection from %s refused: no valid node token",
                             writer.get_extra_info("peername"))
-                with contextlib.suppress(OSError):
-                    writer.write(json.dumps({"ok": False, "error": "this node obeys only its facility's "
-                                             "control servers: wrong or missing node token",
-                                             "code": "denied", "id": msg.get("id") if isinstance(msg, dict) else None}
-                                            ).encode() + b"\n")
-                    await writer.drain()
                 writer.close()
-                return
-            writer.write(json.dumps({"ok": True, "id": msg.get("id")}).encode() + b"\n")
-            await self._client(reader, writer, remote=True)
 
         # reuse_port: a successor (s2ds restart) listens beside its predecessor until it goes
         self.tcp = await asyncio.start_server(client, host.strip("[]"), port, ssl=ssl_ctx, limit=16 << 20,
@@ -308,13 +301,7 @@ class Node:
                     await writer.drain()
 
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (OSError, ValueError):
-                    break
-                if not line:
-                    break
+            async for line in reader:      # until EOF; OSError or ValueError (a line too long): the end
                 if not line.strip():
                     continue
                 try:
@@ -329,6 +316,8 @@ class Node:
                 t = asyncio.create_task(answer(msg))
                 pending.add(t)
                 t.add_done_callback(pending.discard)
+        except (OSError, ValueError):
+            pass
         finally:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -356,10 +345,8 @@ class Node:
             return {"ok": True, "stats": await self.stats(self._entry(msg))}
         if op == "conns":
             e = self._entry(msg)
-            out: list[dict] = []
-            for r in await self._ask(e, {"op": "conns", "sid": e.sid}):
-                out.extend(r.get("connections") or [])
-            return {"ok": True, "connections": out}
+            replies = await self._ask(e, {"op": "conns", "sid": e.sid})
+            return {"ok": True, "connections": [c for r in replies for c in r.get("connections") or []]}
         if op == "config":
             e = self._entry(msg)
             shown = {k: v for k, v in e.cfg.items()
@@ -375,11 +362,8 @@ class Node:
                     "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None, "alive": w.alive,
                                  "listeners": w.listeners, "restarts": w.restarts,
                                  "sessions": sum(1 for e in self.sessions.values() if w.index in e.placement),
-                                 "spin": None if isinstance(p, BaseException) else p.get("spin"),
-                                 "carried": None if isinstance(p, BaseException) else p.get("carried"),
-                                 "memory_trims": None if isinstance(p, BaseException) else p.get("memory_trims"),
-                                 "memory_trim_pending": None if isinstance(p, BaseException)
-                                 else p.get("memory_trim_pending")}
+                                 **{k: None if isinstance(p, BaseException) else p.get(k)
+                                    for k in ("spin", "carried", "memory_trims", "memory_trim_pending")}}
                                 for w, p in zip(self.workers, pings)]}
         if op == "watch":
             self.watchers.add(writer)
@@ -592,28 +576,8 @@ class Node:
             writer.write(json.dumps({"op": "handover", "to": str(ho_path), "id": "ho"}).encode() + b"\n")
             await writer.drain()
             conn, _ = await asyncio.wait_for(loop.sock_accept(lsock), 10)
-            got: list[tuple[dict, list[int]]] = []
-            dec = Decoder()
-            conn.setblocking(False)
-            done = False
-            deadline = time.monotonic() + 30
             with conn:
-                while not done:
-                    fut = loop.create_future()
-                    loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
-                    try:
-                        await asyncio.wait_for(fut, max(0.1, deadline - time.monotonic()))
-                    finally:
-                        loop.remove_reader(conn.fileno())
-                    try:
-                        frames = dec.feed(conn)
-                    except BlockingIOError:
-                        continue
-                    for msg, fds in frames:
-                        if msg.get("done"):
-                            done = True
-                            continue
-                        got.append((msg["session"], fds))
+                got = await asyncio.to_thread(_receive_sessions, conn, time.monotonic() + 30)
             reply = json.loads(await asyncio.wait_for(reader.readline(), 10) or b"{}")
             if not reply.get("ok"):
                 for _, fds in got:
@@ -641,8 +605,7 @@ class Node:
             sock.setblocking(False)
             with sock:
                 await asyncio.wait_for(loop.sock_connect(sock, to), 5)
-                sock.setblocking(True)
-                sock.settimeout(10)
+                sock.settimeout(10)     # blocking, as send_frame wants, but bounded
                 for e in self.sessions.values():
                     base = dict(e.base)
                     for seen in e.seen.values():
@@ -665,6 +628,19 @@ class Node:
         except asyncio.TimeoutError:
             log.error("the new service never said it took over; carrying on")
             self.handing_over = False
+
+
+def _receive_sessions(conn: socket.socket, deadline: float) -> list[tuple[dict, list[int]]]:
+    """What a predecessor hands over (blocking, in a thread): each session and its sockets,
+    until it says it is done; TimeoutError past ``deadline``."""
+    got: list[tuple[dict, list[int]]] = []
+    dec = Decoder()
+    while True:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        for msg, fds in dec.feed(conn):
+            if msg.get("done"):
+                return got
+            got.append((msg["session"], fds))
 
 
 def sd_notify(state: str) -> None:
@@ -696,21 +672,13 @@ async def serve(path: Path, workers: int, take_over: bool = True, plain_relay: s
             from .facility import Membership
             membership = Membership(node, **member)
             await membership.start()
-    except BaseException:
-        if membership is not None:
-            await membership.close()
-        await node.close()
-        raise
-    try:
-        await node.run()
+        await node.stopped.wait()       # shutdown, a successor took over, or a signal
     finally:
         if membership is not None:
             await membership.close()
+        await node.close()
     return 0
 
 
 def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0))

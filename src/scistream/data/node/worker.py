@@ -46,6 +46,8 @@ or on SIGTERM; either way every connection it carries is reset.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import select
@@ -54,13 +56,12 @@ import logging
 import os
 import socket
 import ssl
-import struct
 import sys
 import time
 from typing import Any
 
 from .channel import ChannelClosed, Decoder, encode, recv_note, send_note
-from ..engine.conn import FAILURE_LOG, Conn, address_text, accept_one
+from ..engine.conn import FAILURE_LOG, Conn, accept_one, address_text, close_with_reset
 from ..engine.loop import DEFAULT_PIPE, EPOLLIN, EPOLLOUT, SPIN_S, Loop, PipePool, TokenBucket
 from ..engine.tcpinfo import LegSampler
 from ..engine.tlsleg import tls_contexts
@@ -69,7 +70,6 @@ from ..spec import keepalive_setting, resolve_target
 
 log = logging.getLogger(__name__)
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 HANDED_WAIT = 5.0
 WARM_DELAY = 0.003
@@ -90,12 +90,10 @@ class Slice:
         self.index = worker.index
         self.keepalive = keepalive_setting(cfg.get("keepalive"))
         self.wan_congestion = str(cfg.get("wan_congestion") or "")   # engine.conn.RelayContext
-        self.wan_side = "a" if cfg.get("role") == "PROD" else "b"
         rate = int(cfg.get("rate_kbps") or 0)
         self.buckets = {d: (TokenBucket(self.loop, rate) if rate > 0 else None) for d in ("in", "out")}
-        self.plain_relay = str(cfg.get("plain_relay") or "auto")   # relay.use_copy
+        self.plain_relay = str(cfg.get("plain_relay") or "auto")   # copy or splice (conn.Conn._open)
         self.max_conns = int(cfg.get("max_conns") or 0)      # this worker's share of the session cap
-        self._tls: tuple[ssl.SSLContext | None, ssl.SSLContext | None] | None = None
         self.tls_session: ssl.SSLSession | None = None
         self.targets = [resolve_target(t) for t in cfg["targets"]]
         self.listeners = listeners
@@ -120,26 +118,26 @@ class Slice:
             self.loop.call_later(WARM_DELAY, self._warm)
 
     # -- RelayContext -----------------------------------------------------
-    def _contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-        if self._tls is None:
-            self._tls = tls_contexts(self.cfg)
-        return self._tls
+    @functools.cached_property
+    def contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        """(server, client) TLS contexts of the session's WAN leg (made once, again after ``credentials``)."""
+        return tls_contexts(self.cfg)
 
     def _warm(self) -> None:
         if not self.listeners:      # removed meanwhile
             return
         try:
-            self._contexts()
+            self.contexts
         except (OSError, ssl.SSLError, ValueError) as exc:  # the first connection says it again
             log.warning("session %s: cannot load its TLS credentials: %s", self.sid, exc)
 
     @property
     def server_tls(self) -> ssl.SSLContext | None:
-        return self._contexts()[0] if self.cfg.get("tls") else None
+        return self.contexts[0] if self.cfg.get("tls") else None
 
     @property
     def client_tls(self) -> ssl.SSLContext | None:
-        return self._contexts()[1] if self.cfg.get("tls") else None
+        return self.contexts[1] if self.cfg.get("tls") else None
 
     def count(self, direction: str, n: int) -> None:
         self.bytes[direction] += n
@@ -176,23 +174,23 @@ class Slice:
         """A connection of this listener is live here: its client has not closed its side."""
         return any(c.listener == index and not c.a.hup for c in self.conns.values())
 
-    def take(self, index: int, sock: socket.socket, peer: Any) -> None:
-        """Relay a connection of listener ``index``: accepted here, or handed over."""
+    def take(self, index: int, sock: socket.socket, peer: Any = None) -> None:
+        """Relay a connection of listener ``index``: accepted here, or handed over (``peer`` None)."""
+        if peer is None:
+            try:
+                peer = sock.getpeername()
+            except OSError:          # the client is gone already
+                sock.close()
+                return
         if self.max_conns and len(self.conns) >= self.max_conns:
             self.refused += 1
-            ok, _ = FAILURE_LOG.allow()
-            if ok:
-                log.warning("session %s: refused a connection from %s: %d open, the cap is %d "
-                            "(--max-session-conns)", self.sid, peer, len(self.conns), self.max_conns)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-            sock.close()
+            FAILURE_LOG.log(logging.WARNING, "session %s: refused a connection from %s: %d open, the cap "
+                            "is %d (--max-session-conns)", self.sid, peer, len(self.conns), self.max_conns)
+            close_with_reset(sock)
             return
         targets = self.targets
         try:
-            conn = Conn(self, self.worker.new_id(), index, sock, peer, targets[index % len(targets)])
+            conn = Conn(self, next(self.worker.conn_ids), index, sock, peer, targets[index % len(targets)])
         except OSError as exc:
             log.info("session %s: dropped a connection from %s: %s", self.sid, peer, exc)
             sock.close()
@@ -209,28 +207,19 @@ class Slice:
             self._watch(index, lsock)
 
     # -- telemetry --------------------------------------------------------
-    def _legs(self, conn: Conn) -> tuple[socket.socket | None, socket.socket | None]:
-        """(lan socket, wan socket) of a connection (None: not open yet)."""
-        wan, lan = (conn.a, conn.b) if self.wan_side == "a" else (conn.b, conn.a)
-        return (lan.sock if lan is not None else None), (wan.sock if wan is not None else None)
-
     def sample(self, now: float) -> None:
-        """Read TCP_INFO on both legs of every open connection (``SAMPLE_S``)."""
+        """Read TCP_INFO on both legs (lan, wan) of every open connection (``SAMPLE_S``)."""
         for cid, conn in self.conns.items():
-            if conn.state != "open":
+            if conn.state != "open":    # both sockets are there
                 continue
-            samplers = self.tcp.get(cid)
-            if samplers is None:
-                samplers = self.tcp[cid] = (LegSampler(), LegSampler())
-            for sampler, sock in zip(samplers, self._legs(conn)):
-                if sock is not None:
-                    sampler.take(sock, now)
+            samplers = self.tcp.get(cid) or self.tcp.setdefault(cid, (LegSampler(), LegSampler()))
+            legs = (conn.b, conn.a) if self.wan_side == "a" else (conn.a, conn.b)
+            for sampler, side in zip(samplers, legs):
+                sampler.take(side.sock, now)
 
     def telemetry(self, cid: int) -> dict[str, Any]:
         samplers = self.tcp.get(cid)
-        if samplers is None:
-            return {}
-        return {"lan": samplers[0].last, "wan": samplers[1].last}
+        return {} if samplers is None else {"lan": samplers[0].last, "wan": samplers[1].last}
 
     # -- control ----------------------------------------------------------
     def retarget(self, texts: list[str]) -> None:
@@ -285,7 +274,7 @@ class NodeWorker:
         self.slices: dict[str, Slice] = {}
         self.decoder = Decoder()
         self.outbuf = bytearray()
-        self._ids = itertools.count(1)
+        self.conn_ids = itertools.count(1)     # of this worker's connections
         self.loop.call_later(SAMPLE_S, self._sample)
         chan.setblocking(False)
         self.loop.add(chan.fileno(), EPOLLIN, self._on_chan)
@@ -324,7 +313,7 @@ class NodeWorker:
                 sock = socks.pop()
                 sock.setblocking(False)
                 if sid in self.slices:
-                    self._take(self.slices[sid], index, sock)
+                    self.slices[sid].take(index, sock)
                 else:       # this worker restarted and has not got the session back yet
                     if not self.waiting:
                         self.loop.call_later(1.0, self._expire)
@@ -339,38 +328,22 @@ class NodeWorker:
         now = time.monotonic()
         try:
             for slc in self.slices.values():
-                if slc.conns:
-                    slc.sample(now)
+                slc.sample(now)
         except Exception:   # telemetry must never stop the relay
             log.exception("worker %d: sampling TCP_INFO failed", self.index)
         self.loop.call_later(SAMPLE_S, self._sample)
 
-    def new_id(self) -> int:
-        return next(self._ids)
-
-    @staticmethod
-    def _take(slc: Slice, index: int, sock: socket.socket) -> None:
-        try:
-            peer = sock.getpeername()
-        except OSError:          # the client is gone already
-            sock.close()
-            return
-        slc.take(index, sock, peer)
 
     def _expire(self) -> None:
         now = time.monotonic()
         for sid, handed in list(self.waiting.items()):
-            keep = []
-            for item in handed:
-                if item[2] > now:
-                    keep.append(item)
-                else:
+            for _, sock, until in handed:
+                if until <= now:
                     log.info("session %s: a connection handed here waited %.0f s for the session; closed",
                              sid, HANDED_WAIT)
-                    item[1].close()
-            if keep:
-                self.waiting[sid] = keep
-            else:
+                    sock.close()
+            self.waiting[sid] = [item for item in handed if item[2] > now]
+            if not self.waiting[sid]:
                 del self.waiting[sid]
         if self.waiting:
             self.loop.call_later(1.0, self._expire)
@@ -405,10 +378,8 @@ class NodeWorker:
         except OSError:
             self.loop.stop()
             return
-        try:
+        with contextlib.suppress(OSError):
             self.loop.ep.modify(self.chan.fileno(), EPOLLIN | (EPOLLOUT if self.outbuf else 0))
-        except OSError:
-            pass
 
     def handle(self, msg: dict, fds: list[int]) -> dict[str, Any]:
         socks = [socket.socket(fileno=fd) for fd in fds]   # owned from here on
@@ -419,50 +390,40 @@ class NodeWorker:
                 tcp = [int(i) for i in msg["listeners"]]
                 listeners = list(zip(tcp, socks))
                 udp = list(zip([int(i) for i in msg.get("udp") or ()], socks[len(tcp):]))   # after the TCP ones
-                socks = socks[len(tcp) + len(udp):]
                 old = self.slices.pop(sid, None)
                 if old is not None:
                     old.close()
-                try:
-                    self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
-                                             home=bool(msg.get("home", True)), udp=udp)
-                except BaseException:
-                    for _, s in listeners + udp:
-                        s.close()
-                    raise
+                self.slices[sid] = Slice(self, sid, dict(msg["cfg"]), listeners,
+                                         home=bool(msg.get("home", True)), udp=udp)
+                socks = socks[len(listeners) + len(udp):]     # the slice's now; any others are closed
                 for index, sock, _ in self.waiting.pop(sid, ()):
-                    self._take(self.slices[sid], index, sock)
-                return {"ok": True}
-            if op == "attach":
+                    self.slices[sid].take(index, sock)
+            elif op == "attach":
                 slc = self._slice(msg["sid"])
                 slc.partners = {int(i): int(w) for i, w in (msg.get("partners") or {}).items()
                                 if int(w) in self.peers and int(w) != self.index}
-                return {"ok": True}
-            if op == "targets":
+            elif op == "targets":
                 self._slice(msg["sid"]).retarget([str(t) for t in msg["targets"]])
-                return {"ok": True}
-            if op == "credentials":     # a new WAN leaf: new connections get it
+            elif op == "credentials":     # a new WAN leaf: new connections get it
                 slc = self._slice(msg["sid"])
                 slc.cfg.update({k: str(msg[k]) for k in ("cert_pem", "key_pem", "ca_pem")})
-                slc._tls = None
+                slc.__dict__.pop("contexts", None)     # made again for the next connection
                 slc.tls_session = None     # a session of the old context cannot be resumed in the new
-                return {"ok": True}
-            if op == "remove":
+            elif op == "quiesce":        # a successor serves: accept nothing more
+                for s in self.slices.values():
+                    s.stop_accepting()
+            elif op == "remove":
                 s = self.slices.pop(msg["sid"], None)
                 return {"ok": True, "stats": s.close() if s is not None else None}
-            if op == "stats":
+            elif op == "stats":
                 sids = msg.get("sids")
                 chosen = self.slices if sids is None else {k: self.slices[k] for k in sids if k in self.slices}
                 return {"ok": True, "stats": {k: s.counters() for k, s in chosen.items()}}
-            if op == "conns":
+            elif op == "conns":
                 slc = self._slice(msg["sid"])
                 return {"ok": True, "connections": [{**c.info(), "tcp": slc.telemetry(c.id)}
                                                     for c in slc.conns.values()]}
-            if op == "quiesce":        # a successor serves: accept nothing more
-                for s in self.slices.values():
-                    s.stop_accepting()
-                return {"ok": True}
-            if op == "ping":
+            elif op == "ping":
                 lp = self.loop
                 return {"ok": True, "pid": os.getpid(), "index": self.index, "sessions": len(self.slices),
                         "connections": sum(len(s.conns) for s in self.slices.values()),
@@ -471,7 +432,9 @@ class NodeWorker:
                         "memory_trim_pending": lp.trim_pending,
                         "carried": {"connections": lp.hub.attached if lp.hub is not None else 0,
                                     "events": lp.hub.carried if lp.hub is not None else None}}
-            return {"ok": False, "error": f"unknown op {op!r}"}
+            else:
+                return {"ok": False, "error": f"unknown op {op!r}"}
+            return {"ok": True}
         except (ValueError, KeyError, TypeError, OSError, ssl.SSLError) as exc:
             return {"ok": False, "error": str(exc) or type(exc).__name__}
         finally:

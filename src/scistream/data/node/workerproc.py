@@ -96,12 +96,7 @@ class WorkerProc:
         if not self.alive:
             return
         self.alive = False
-        loop = asyncio.get_running_loop()
-        if self.chan is not None:
-            loop.remove_reader(self.chan.fileno())
-            loop.remove_writer(self.chan.fileno())
-            self.chan.close()
-            self.chan = None
+        self._close_chan()
         self.decoder.close()
         for fut in self.pending.values():
             if not fut.done():
@@ -111,6 +106,14 @@ class WorkerProc:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
         self.node.worker_lost(self, why)
+
+    def _close_chan(self) -> None:
+        if self.chan is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.chan.fileno())
+            loop.remove_writer(self.chan.fileno())
+            self.chan.close()
+            self.chan = None
 
     def _write(self) -> None:
         if self.chan is None:
@@ -152,12 +155,7 @@ class WorkerProc:
     async def stop(self, grace: float = 5.0) -> None:
         self.alive = False
         proc = self.proc
-        if self.chan is not None:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self.chan.fileno())
-            loop.remove_writer(self.chan.fileno())
-            self.chan.close()
-            self.chan = None
+        self._close_chan()
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
