@@ -349,7 +349,7 @@ def config_option() -> Any:
 def check_config_command(settings_of: Any) -> click.Command:
     """``check-config [FILE] [--max-rtt D] [--rate R]`` for the command ``settings_of()`` returns:
     the file's settings, then this host's TCP limits against the rate wanted."""
-    from .cli.s2cs import Rate, Rtt
+    from .cli.s2cs import RATE, RTT
     @click.command("check-config", epilog="\b\nExamples:\n  s2cs check-config /etc/scistream/s2cs.toml\n"
                                           "  s2cs check-config s2cs.toml && systemctl restart s2cs\n"
                                           "  s2cs check-config --max-rtt 150ms --rate 10gbit\n\n"
@@ -358,9 +358,9 @@ def check_config_command(settings_of: Any) -> click.Command:
                                           "2 the file has problems (each printed as FILE:LINE: KEY: what is "
                                           "wrong) or --wan-congestion names a control this host lacks.")
     @click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
-    @click.option("--max-rtt", type=Rtt(), default=None,
+    @click.option("--max-rtt", type=RTT, default=None,
                   help="Round trip of the longest WAN path [the file's max-rtt, else 100ms].")
-    @click.option("--rate", type=Rate(), default=None,
+    @click.option("--rate", type=RATE, default=None,
                   help="Rate one stream should reach, e.g. 10gbit; without it the host's figures only.")
     @click.option("--wan-congestion", default=None, metavar="NAME",
                   help="The congestion control to check [the file's wan-congestion, else auto].")
@@ -390,8 +390,8 @@ def check_config_command(settings_of: Any) -> click.Command:
 
 
 def _seconds(value: Any) -> float:
-    from .cli.s2cs import Rtt
-    return Rtt().convert(value, None, None)
+    from .cli.s2cs import RTT
+    return RTT.convert(value, None, None)
 
 
 def host_check(rtt_s: float, rate_bps: float | None, wan_congestion: str, as_json: bool) -> None:

@@ -31,19 +31,16 @@ from ..client.instances import BadInstances, join_instances
 from ..client.order import (ORIGINAL_SERVER, BadTargets, check_targets, original_server_note,
                             req_and_hello, session_of, wan_security_of)
 from ..errors import LocalMistake, ScistreamError
-from .common import (EXIT_CODES_HELP, access_of, channel, channel_options, err, error_label, exit_code,
-                     handle_errors, local_uid, option, out)
+from .common import (EXIT_CODES_HELP, channel, channel_options, err, error_label, exit_code, handle_errors,
+                     local_uid, option, out, remember)
+from .s2uc_auth import auth_commands
+from .s2uc_connect import connect_commands
+from .s2uc_status import status_commands
 
 
 def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None,
             uid: str | None = None) -> AsyncClient:
     return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token, uid))
-
-
-def _remember(c: AsyncClient, uid: str, role: str, **fields) -> None:
-    """Record the side just set up: its address and how it was reached (sessionfile)."""
-    pem, insecure = access_of(c.opts)
-    sessionfile.save_side(uid, role, c.address, cert_pem=pem, insecure=insecure, **fields)
 
 
 def _split(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -104,7 +101,7 @@ async def _prod_req(c: AsyncClient, uid: str, num_conn: int, rate: int, lease: i
             raise
         header()
         resp = await req
-    _remember(c, uid, "PROD", wan_secret=resp.wan_secret, listeners=list(resp.listeners))
+    remember(uid, "PROD", c.address, c.opts, wan_secret=resp.wan_secret, listeners=list(resp.listeners))
     _proto_lines("listeners", resp.listeners)
     _proto_lines("prod_listeners", resp.prod_listeners)
     if not mock and len(resp.prod_listeners) != num_conn:
@@ -165,7 +162,8 @@ def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, serv
         async with _client(s2cs, server_cert, insecure, token) as c:
             resp = await req_and_hello(c, uid, "PROD", c.req(uid, "PROD", num_conn, rate, lease=lease),
                                        endpoints)
-            _remember(c, uid, "PROD", wan_secret=resp.wan_secret, listeners=list(resp.listeners))
+            remember(uid, "PROD", c.address, c.opts, wan_secret=resp.wan_secret,
+                     listeners=list(resp.listeners))
             targets = check_targets(resp.prod_listeners, "the producer's endpoints", usage=False)
             _note_wan("PROD", s2cs, await c.update(uid, "PROD", targets, resp.wan_secret))
             _proto_lines("listeners", resp.listeners)
@@ -198,7 +196,7 @@ async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: i
     req = c.req(uid, "CONS", n, rate, lease=lease)
     # the original's outbound-request says PROD in this hello; every server accepts that
     resp = await (req_and_hello(c, uid, "PROD", req) if send_hello else req)
-    _remember(c, uid, "CONS")
+    remember(uid, "CONS", c.address, c.opts)
     _note_wan("CONS", s2cs, await c.update(uid, "CONS", prod_listeners, secret))
     return list(resp.listeners)
 
@@ -324,21 +322,8 @@ def release(uid, s2cs, server_cert, insecure, token) -> None:
     out.print("Release completed")
 
 
-def _add_optional_commands() -> None:
-    """Commands that live in their own modules (login, status, connect)."""
-    for mod, attr in (("s2uc_auth", "auth_commands"), ("s2uc_status", "status_commands"),
-                      ("s2uc_connect", "connect_commands")):
-        try:
-            module = __import__(f"scistream.cli.{mod}", fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"scistream.cli.{mod}":
-                raise
-            continue
-        for command in getattr(module, attr):
-            cli.add_command(command)
-
-
-_add_optional_commands()
+for _command in (*auth_commands, *status_commands, *connect_commands):
+    cli.add_command(_command)
 
 
 def main() -> None:

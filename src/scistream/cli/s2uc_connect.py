@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from ..client import sessionfile
 from ..errors import LocalMistake, ScistreamError
 from ..procs import ChildExited, exe, spawn, tail_text, until_done
 from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, err, exit_code, fail, handle_errors,
-                     local_uid, option, out, verbose_option)
+                     local_uid, option, out, remember, stacked, verbose_option)
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +58,10 @@ def _gateways(prod_s2cs, cons_s2cs, server_cert, prod_cert, cons_cert, insecure,
             _gateway(cons_s2cs, cons_cert or server_cert, insecure, token, uid))
 
 
-def _remember(uid: str, prod: Gateway, cons: Gateway) -> None:
-    """Record both sides, so `s2uc disconnect UID`, `release UID` and `status UID` find them."""
-    for role, g in (("PROD", prod), ("CONS", cons)):
-        pem = g.server_cert_pem
-        if g.server_cert and not g.insecure:
-            with contextlib.suppress(OSError):
-                pem = Path(g.server_cert).read_bytes()
-        sessionfile.save_side(uid, role, g.address, cert_pem=pem, insecure=g.insecure)
-
-
 def two_sides(fn=None, *, required: bool = True):
     """--prod-s2cs/--cons-s2cs and how to reach each: shared and per-side certificates."""
-    if fn is None:
-        return functools.partial(two_sides, required=required)
     recorded = "" if required else " Default: the one this client recorded for UID."
-    opts = [
+    deco = stacked(
         option("--prod-s2cs", required=required, metavar="HOST:PORT[,...]", envvar="SCISTREAM_PROD_S2CS",
                help="The producer facility's control server (several instances: HOST:PORT,HOST:PORT, "
                     "tried in order while one is unreachable)." + recorded),
@@ -91,11 +78,8 @@ def two_sides(fn=None, *, required: bool = True):
                help="Plaintext control channels (only for servers started with --insecure)."),
         option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
                help="Access token to send to both (default: each S2CS's from `s2uc login`)."),
-        verbose_option,
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+        verbose_option)
+    return deco if fn is None else deco(fn)
 
 
 def appctrl_line(uid: str, g: Gateway, role: str, *, producer_ip: str = "127.0.0.1", num_conn: int = 1,
@@ -338,7 +322,8 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
             raise LocalMistake(f"--size {size} is less than one byte per connection (--num-conn {num_conn})")
     except ScistreamError as exc:
         _failed(exc, None, as_json)
-    _remember(uid, prod, cons)   # the appctrl lines printed below find their certificates there
+    for role, g in (("PROD", prod), ("CONS", cons)):   # found by disconnect, release, status, appctrl
+        remember(uid, role, g.address, g.options())
     say = err if as_json else out
     say.print(f"session {uid}: PROD S2CS {prod.address}, CONS S2CS {cons.address}, {num_conn} connection(s)")
     if not start_apps:

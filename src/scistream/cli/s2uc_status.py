@@ -43,11 +43,11 @@ from ..client.instances import join_instances
 from ..client.model import legs_dict
 from ..data.telemetry import hops as chain_hops, verdict
 from ..units import bitrate, duration, size as _size
-from ..errors import LocalMistake, ScistreamError
+from ..errors import LocalMistake, NotFound, ScistreamError
 from ..proto import pb
 from ..data.spec import udp_summary
 from .common import (EXIT_CODES_HELP, Exit, channel, channel_options, err, error_label, exit_code, handle_errors,
-                     local_uid, option, out)
+                     local_uid, option, out, stacked)
 
 
 def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[str, Any]:
@@ -146,8 +146,7 @@ def _servers(s2cs: tuple[str, ...], uid: str | None, certs: tuple[str, ...]) -> 
 def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: str | None) -> None:
     worst = Exit.OK
     for server, exc in failed:
-        if uid and isinstance(exc, ScistreamError) and exc.status is not None \
-                and exc.status.name == "NOT_FOUND" and found:
+        if uid and found and isinstance(exc, NotFound):
             continue  # the other side has it: one side may have forgotten an old session
         err.print(f"[red]{escape(server)}[/] ({error_label(exc)}): {escape(str(exc))}")
         worst = max(worst, exit_code(exc))
@@ -155,14 +154,14 @@ def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: st
         sys.exit(worst)
 
 
-def _common(fn):
-    fn = option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait per server.")(fn)
-    fn = option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts).")(fn)
-    fn = option("--s2cs", multiple=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
-                help="Control server to ask (repeatable: one per facility; several instances of one "
-                     "facility's as HOST:PORT,HOST:PORT, asked in order until one answers; status UID "
-                     "defaults to the one(s) this client used for UID).")(fn)
-    return channel_options(fn, several=True)
+_common = stacked(
+    channel_options(several=True),
+    option("--s2cs", multiple=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
+           help="Control server to ask (repeatable: one per facility; several instances of one "
+                "facility's as HOST:PORT,HOST:PORT, asked in order until one answers; status UID "
+                "defaults to the one(s) this client used for UID)."),
+    option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts)."),
+    option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait per server."))
 
 
 @click.command("status", epilog="Example: s2uc status 6f1c... --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000\n\n"
@@ -400,15 +399,3 @@ def _watch_table(found: list[dict], rates: dict, failed: list, interval: float, 
 
 
 status_commands = [status, list_sessions]
-
-
-@click.group()
-def _main() -> None:
-    """status and list, standalone (normally: s2uc status / s2uc list)."""
-
-
-for _c in status_commands:
-    _main.add_command(_c)
-
-if __name__ == "__main__":
-    _main()

@@ -56,11 +56,13 @@ class Gateway:
     def of(cls, gateway: "Gateway | str | Sequence[str]") -> "Gateway":
         return gateway if isinstance(gateway, Gateway) else cls(gateway)
 
+    def options(self) -> ChannelOptions:
+        return ChannelOptions(server_cert=self.server_cert, insecure=self.insecure, token=self.token,
+                              timeout=self.timeout, cert_pem=self.server_cert_pem)
+
     def client(self) -> AsyncClient:
         """A new low-level client for this gateway (close it, or use ``async with``)."""
-        return AsyncClient(self.address, ChannelOptions(
-            server_cert=self.server_cert, insecure=self.insecure, token=self.token,
-            timeout=self.timeout, cert_pem=self.server_cert_pem))
+        return AsyncClient(self.address, self.options())
 
 
 class Step(str, enum.Enum):
