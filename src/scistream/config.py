@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -33,6 +34,15 @@ from typing import Any, Iterable, Mapping
 import click
 
 log = logging.getLogger(__name__)
+
+
+def config_dir() -> Path:
+    """The user's client settings, tokens and session records: ``~/.config/scistream``
+    (``$XDG_CONFIG_HOME/scistream``, or ``$SCISTREAM_CONFIG_DIR``)."""
+    if explicit := os.environ.get("SCISTREAM_CONFIG_DIR"):
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "scistream"
+
 
 # Flags that are not settings: the file itself, the test-only ready file, help and version.
 NOT_SETTINGS = {"config", "ready_file", "help", "version"}
@@ -46,11 +56,9 @@ class Setting:
     key: str                   # canonical key: the first long flag name, "listener-ip"
     param: str                 # the click parameter name, "listener_ip"
     kind: str                  # bool, int, float, str, path
+    option: click.Option = dataclasses.field(repr=False, compare=False)   # its own type checks values
     multiple: bool = False     # a repeatable flag: the file gives a list
     choices: tuple[str, ...] = ()
-    case_sensitive: bool = True
-    help: str = ""
-    option: click.Option | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def expects(self) -> str:
         one = {"bool": "true or false", "int": "an integer", "float": "a number",
@@ -103,19 +111,12 @@ def schema_for(command: click.Command) -> dict[str, Setting]:
         longs = [o[2:] for o in p.opts if o.startswith("--")]
         if not longs:
             continue
-        choice = p.type if isinstance(p.type, click.Choice) else None
-        s = Setting(key=longs[0], param=p.name or longs[0].replace("-", "_"), kind=_kind(p),
-                    multiple=bool(p.multiple),
-                    choices=tuple(str(c) for c in choice.choices) if choice else (),
-                    case_sensitive=choice.case_sensitive if choice else True,
-                    help=p.help or "", option=p)
+        choices = tuple(map(str, p.type.choices)) if isinstance(p.type, click.Choice) else ()
+        s = Setting(key=longs[0], param=p.name or longs[0].replace("-", "_"), kind=_kind(p), option=p,
+                    multiple=bool(p.multiple), choices=choices)
         for name in longs:
             keys[name.replace("_", "-")] = s
     return keys
-
-
-def canonical_keys(schema: Mapping[str, Setting]) -> list[str]:
-    return sorted({s.key for s in schema.values()})
 
 
 # -- where keys are -----------------------------------------------------------------------
@@ -162,18 +163,8 @@ def _type_ok(s: Setting, value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _convert(s: Setting, value: Any, base: Path) -> Any:
-    """A checked value as the flag would take it (relative paths resolved against ``base``)."""
-    if s.kind == "path":
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (base / p)
-    return value
-
-
 def _click_check(s: Setting, value: Any) -> str | None:
     """Run the flag's own type (ranges, choices); its message if it refuses the value."""
-    if s.option is None:
-        return None
     try:
         with click.Context(click.Command("s2cs")) as ctx:
             s.option.type_cast_value(ctx, value)
@@ -264,7 +255,8 @@ def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) ->
                                             "unknown key: the file has no tables; every key is an s2cs "
                                             "flag name at the top level"))
                 continue
-            close = difflib.get_close_matches(key.replace("_", "-"), canonical_keys(schema), n=1, cutoff=0.6)
+            keys = sorted({s.key for s in schema.values()})
+            close = difflib.get_close_matches(key.replace("_", "-"), keys, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]}?)" if close else "; `s2cs --help` lists the flags"
             problems.append(Problem(name, line, key, f"unknown key{hint}"))
             continue
@@ -282,8 +274,9 @@ def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) ->
         if refused:
             problems.append(Problem(name, line, key, refused))
             continue
-        converted = [_convert(s, v, base) for v in items]
-        values[s.param] = tuple(converted) if s.multiple else converted[0]
+        if s.kind == "path":   # as the flag would take it, relative to the file's directory
+            items = [p if (p := Path(v).expanduser()).is_absolute() else base / p for v in items]
+        values[s.param] = tuple(items) if s.multiple else items[0]
     by_param = {s.param: s for s in schema.values()}
     for param, message in _semantic(values):
         key = seen.get(param, by_param[param].key if param in by_param else param)
@@ -382,8 +375,8 @@ def check_config_command(settings_of: Any) -> click.Command:
                 raise SystemExit(2)
             values = load(file, schema)
             if not as_json:
-                click.echo(f"{file}: OK ({len(values)} settings: "
-                           f"{', '.join(s.key for s in _unique(schema.values()) if s.param in values)})")
+                keys = ", ".join(dict.fromkeys(s.key for s in schema.values() if s.param in values))
+                click.echo(f"{file}: OK ({len(values)} settings: {keys})")
         host_check(max_rtt if max_rtt is not None else _seconds(values.get("max_rtt", "100ms")), rate,
                    wan_congestion or values.get("wan_congestion") or "auto", as_json)
     return check_config
@@ -419,13 +412,6 @@ def host_check(rtt_s: float, rate_bps: float | None, wan_congestion: str, as_jso
         click.echo("\n".join(lines))
     if not ok:
         raise SystemExit(1)
-
-
-def _unique(settings: Iterable[Setting]) -> list[Setting]:
-    seen: dict[str, Setting] = {}
-    for s in settings:
-        seen.setdefault(s.param, s)
-    return list(seen.values())
 
 
 __all__ = ["Setting", "Problem", "ConfigFileError", "schema_for", "load", "check", "key_lines",

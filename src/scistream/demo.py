@@ -36,8 +36,6 @@ from .data.base import get_backend
 from .netns.testbed import Testbed
 from .procs import exe, spawn, tail_text, until_done
 
-BIN = Path(sys.executable).parent
-
 
 @dataclasses.dataclass
 class DemoOptions:
@@ -218,8 +216,8 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             else:
                 step(f"transfer: {result['bytes']} bytes verified")
             if watch is not None:
-                seen = await _finish(watch)
-                if seen:
+                watch.cancel()
+                if seen := await watch:
                     say(f"      congestion control of the legs (ss -ti during the transfer): {seen}")
             if tb is not None:
                 await _show_paths(tb, prod, cons, uid, cons_resp, prod_resp, upd.wan_security, say)
@@ -249,26 +247,23 @@ def _port(listener: str) -> int:
     return int(listener.rpartition(":")[2])
 
 
-async def _finish(task: asyncio.Task) -> str:
-    task.cancel()
+async def _output(argv: list[str], timeout: float, stderr=asyncio.subprocess.DEVNULL) -> str:
+    """What ``argv`` prints, within ``timeout`` seconds; the process is killed and reaped on any way out."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=stderr)
     try:
-        return await task
-    except asyncio.CancelledError:
-        return ""
-
-
-async def _ss(tb: Testbed, host, flt: str) -> list[str]:
-    """The congestion control of each established connection of ``host`` that ``flt`` selects."""
-    proc = await asyncio.create_subprocess_exec(
-        *tb.argv(host, "ss", "-tinH", "state", "established", flt), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    return [line.split()[0] for line in out.decode().splitlines() if line[:1].isspace() and line.split()]
+    return out.decode(errors="replace")
+
+
+async def _ss(tb: Testbed, host, flt: str) -> list[str]:
+    """The congestion control of each established connection of ``host`` that ``flt`` selects."""
+    out = await _output(tb.argv(host, "ss", "-tinH", "state", "established", flt), 10)
+    return [line.split()[0] for line in out.splitlines() if line[:1].isspace() and line.split()]
 
 
 async def _leg_congestion(tb: Testbed, wan_port: int, producer_port: int, consumer_port: int,
@@ -278,36 +273,24 @@ async def _leg_congestion(tb: Testbed, wan_port: int, producer_port: int, consum
     legs = {"GW-B LAN": (tb.gw_b, f"( sport = :{consumer_port} )"), "GW-B WAN": (tb.gw_b, f"( dport = :{wan_port} )"),
             "GW-A WAN": (tb.gw_a, f"( sport = :{wan_port} )"), "GW-A LAN": (tb.gw_a, f"( dport = :{producer_port} )")}
     seen: dict[str, str] = {}
-
-    def text() -> str:
-        return ", ".join(f"{k} {seen[k]}" for k in legs if k in seen)
     deadline = time.monotonic() + limit
-    try:
+    with contextlib.suppress(asyncio.CancelledError):   # cancelled at the transfer's end: what was seen
         while len(seen) < len(legs) and time.monotonic() < deadline:
             for name, (host, flt) in legs.items():
                 if name not in seen and (got := await _ss(tb, host, flt)):
                     seen[name] = "/".join(sorted(set(got)))
             await asyncio.sleep(0.05)
-    except asyncio.CancelledError:
-        return text()
-    return text()
+    return ", ".join(f"{k} {seen[k]}" for k in legs if k in seen)
 
 
 async def _probe(tb: Testbed, host, listener: str) -> str:
     """One connection attempt from ``host`` to ``listener``, described for people."""
-    proc = await asyncio.create_subprocess_exec(
-        *tb.argv(host, sys.executable, "-m", "scistream.netns.peer", "connect", listener, "--timeout", "2"),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = await _output(tb.argv(host, sys.executable, "-m", "scistream.netns.peer", "connect", listener,
+                                "--timeout", "2"), 30, stderr=asyncio.subprocess.STDOUT)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    try:
-        r = json.loads(out.decode().strip().splitlines()[-1])
+        r = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return f"probe failed: {out.decode(errors='replace')[-200:]}"
+        return f"probe failed: {out[-200:]}"
     return "connected" if r["ok"] else f"{r['message']} ({r['error']})"
 
 

@@ -27,6 +27,7 @@ import globus_sdk
 from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
+from ..config import config_dir
 from .base import AuthConfigError
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,6 @@ REFRESH_MARGIN = 60.0      # refresh a token that expires within this many secon
 HTTP_TIMEOUT = 20.0
 RETRIES = 2                # globus-sdk retries for transient errors (tests set 0)
 APP_NAME = "scistream-s2uc"
-
-
-def config_dir() -> Path:
-    explicit = os.environ.get("SCISTREAM_CONFIG_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "scistream"
 
 
 def settings_path() -> Path:

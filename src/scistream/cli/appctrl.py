@@ -29,7 +29,10 @@ from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, cha
                      handle_errors, local_uid, option, out)
 
 
-def _client(s2cs: str, token_arg: str, server_cert, insecure, token_opt, uid: str) -> AsyncClient:
+def _client(uid: str, s2cs: str, token_arg: str, server_cert, insecure, token_opt) -> AsyncClient:
+    """The controller's client of S2CS, its arguments checked first (a mistake: exit 2, nothing sent)."""
+    local_uid(uid)
+    s2cs = join_instances(s2cs, "S2CS")
     return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token_opt or token_arg, uid))
 
 
@@ -92,14 +95,10 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
     S2CS is HOST:PORT, or HOST:PORT,HOST:PORT for several instances of one facility's
     control server (the next is tried while one is unreachable). CONTROLLER_IP (PROD only)
     is where the producer listens: the PROD gateway's data server connects there."""
-    local_uid(uid)
-    s2cs = join_instances(s2cs, "S2CS")
-    role = role.upper()
-
     dgrams = UdpDemo(datagram_size, udp_rate) if udp else None
 
-    async def run() -> int:
-        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token"), uid) as c:
+    async def run() -> None:
+        async with _client(uid, s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
             if role == "PROD":
                 n = num_conn or (await _session_num_conn(c, uid) if app == "demo" else 1)
                 await run_prod(c, uid, controller_ip, app=app, num_conn=n, size=size,
@@ -110,10 +109,9 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
                 if report and result is not None:
                     with open(report, "w") as f:
                         json.dump(_report(result), f)
-        return Exit.OK
 
     try:
-        sys.exit(asyncio.run(run()))
+        asyncio.run(run())
     except VerifyError as exc:
         err.print(f"[red]verification failed[/]: {exc}")
         sys.exit(Exit.FAILED)
@@ -141,12 +139,8 @@ def _report(result) -> dict:
 @handle_errors("appctrl mock")
 def mock(uid, s2cs, access_token, role, controller_ip, server_cert, insecure, **kw) -> None:
     """Send a hello with fixed test endpoints (127.0.0.1:5074, 5075, 5076, 37000, 47000)."""
-    local_uid(uid)
-    s2cs = join_instances(s2cs, "S2CS")
-    role = role.upper()
-
     async def run() -> None:
-        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token"), uid) as c:
+        async with _client(uid, s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
             resp = await hello_after_req(c, uid, role, MOCK_ENDPOINTS if role == "PROD" else [])
             out.print(resp.message)
             if resp.listeners:

@@ -299,27 +299,28 @@ def release(uid, s2cs, server_cert, insecure, token) -> None:
 
     async def run() -> list:
         return await asyncio.gather(*(one(t) for t in targets), return_exceptions=True)
-    results = asyncio.run(run())
-    failed = [(t, r) for t, r in zip(targets, results) if isinstance(r, BaseException)]
-    for target, r in zip(targets, results):
-        if isinstance(r, str) and r:
+    done, failed = [], []
+    for target, r in zip(targets, asyncio.run(run())):
+        if isinstance(r, BaseException):
+            failed.append((target, r))
+            continue
+        if r:
             err.print(f"[yellow]note[/]: {escape(r)}")
-        if not isinstance(r, BaseException):
-            sessionfile.drop_side(uid, target)
-    if failed and len(targets) == 1:
-        raise failed[0][1]
+        sessionfile.drop_side(uid, target)
+        done.append(target)
+    if len(targets) == 1:
+        if failed:
+            raise failed[0][1]
+        out.print("Release completed")
+        return
     for target, exc in failed:
         if not isinstance(exc, ScistreamError):
             raise exc
         err.print(f"[red]release failed[/] on {escape(target)} ({error_label(exc)}): {escape(str(exc))}")
-    if len(targets) > 1:
-        done = [t for t, r in zip(targets, results) if not isinstance(r, BaseException)]
-        if done:
-            out.print(f"Release completed: {' and '.join(done)}")
-        if failed:
-            raise SystemExit(max(exit_code(e) for _, e in failed))  # type: ignore[arg-type]
-        return
-    out.print("Release completed")
+    if done:
+        out.print(f"Release completed: {' and '.join(done)}")
+    if failed:
+        raise SystemExit(max(exit_code(e) for _, e in failed))  # type: ignore[arg-type]
 
 
 for _command in (*auth_commands, *status_commands, *connect_commands):
