@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import shutil
 from typing import Callable, Sequence
 
@@ -31,8 +30,6 @@ from ..client.order import hello_after_req
 from ..data.supervise import port_listening
 from ..errors import InvalidArgument
 from ..procs import spawn
-
-log = logging.getLogger(__name__)
 
 MOCK_ENDPOINTS = ["127.0.0.1:5074", "127.0.0.1:5075", "127.0.0.1:5076", "127.0.0.1:37000", "127.0.0.1:47000"]
 

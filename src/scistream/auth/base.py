@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import logging
 from typing import Any
 
 
 from ..errors import ScistreamError, Status, Unauthenticated
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

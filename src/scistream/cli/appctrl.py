@@ -26,7 +26,7 @@ from ..client import AsyncClient
 from ..client.instances import join_instances
 from ..client.order import hello_after_req, session_of
 from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, channel_options, err,
-                     handle_errors, local_uid, option, out)
+                     handle_errors, local_uid, option, out, stacked)
 
 
 def _client(uid: str, s2cs: str, token_arg: str, server_cert, insecure, token_opt) -> AsyncClient:
@@ -53,17 +53,19 @@ def cli() -> None:
     """SciStream application controller: announce an application's endpoints and start it."""
 
 
+_hello_arguments = stacked(
+    click.argument("uid"), click.argument("s2cs"), click.argument("access_token", metavar="TOKEN"),
+    click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False)),
+    click.argument("controller_ip", required=False, default="127.0.0.1"))
+
+
 @cli.command("create-appctrl",
              epilog="Examples:\n\n  appctrl create-appctrl UID 10.0.0.2:5000 - PROD 10.0.0.5 --size 1G\n\n"
                     "  appctrl create-appctrl UID 10.1.0.2:5000 - CONS --size 1G\n\n"
                     "CONTROLLER_IP (PROD): the address the producer listens on, which the PROD "
                     "gateway's data server connects to (default 127.0.0.1: producer and gateway on one "
                     "host). The PROD controller serves until Ctrl-C (or --connections N).")
-@click.argument("uid")
-@click.argument("s2cs")
-@click.argument("access_token", metavar="TOKEN")
-@click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False))
-@click.argument("controller_ip", required=False, default="127.0.0.1")
+@_hello_arguments
 @option("--app", type=click.Choice(["demo", "iperf3", "none"]), default="demo", show_default=True,
         help="What to run: the bundled demo producer/consumer, iperf3, or nothing (hello only).")
 @option("--num-conn", type=click.IntRange(1), default=None,
@@ -130,11 +132,7 @@ def _report(result) -> dict:
 
 
 @cli.command("mock", epilog="Example: appctrl mock UID 127.0.0.1:5000 - PROD --insecure")
-@click.argument("uid")
-@click.argument("s2cs")
-@click.argument("access_token", metavar="TOKEN")
-@click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False))
-@click.argument("controller_ip", required=False, default="127.0.0.1")
+@_hello_arguments
 @channel_options
 @handle_errors("appctrl mock")
 def mock(uid, s2cs, access_token, role, controller_ip, server_cert, insecure, **kw) -> None:

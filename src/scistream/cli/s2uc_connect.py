@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -42,8 +41,6 @@ from ..errors import LocalMistake, ScistreamError
 from ..procs import ChildExited, exe, spawn, tail_text, until_done
 from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, err, exit_code, fail, handle_errors,
                      local_uid, option, out, remember, stacked, verbose_option)
-
-log = logging.getLogger(__name__)
 
 # -- the two gateways ------------------------------------------------------------------
 def _gateway(s2cs: str, cert: str | None, insecure: bool, token: str | None, uid: str | None) -> Gateway:
@@ -99,6 +96,16 @@ def appctrl_line(uid: str, g: Gateway, role: str, *, producer_ip: str = "127.0.0
 # -- progress display ------------------------------------------------------------------
 class Display:
     """Which step, how long: a live view on a terminal, one line per step otherwise."""
+    SHOWN = {  # step: (headline, or None to keep it; what each side is at)
+        Step.REQUESTED: ("waiting for both application controllers' hellos", {
+            "PROD": "waiting for the producer's hello", "CONS": "waiting for the consumer's hello"}),
+        Step.PROD_HELLO: (None, {"PROD": "hello received; pushing the connection map"}),
+        Step.PROD_CONNECTED: (None, {"PROD": "connected"}),
+        Step.CONS_HELLO: (None, {"CONS": "hello received; waiting for the PROD side"}),
+        Step.CONNECTED: ("connected", {"CONS": "connected"}),
+        Step.RELEASING: ("releasing what was set up", {}),
+        Step.RELEASED: ("released: {detail}", {"PROD": "released", "CONS": "released"}),
+    }
 
     def __init__(self, uid: str, prod: Gateway, cons: Gateway, *, live: bool) -> None:
         self.uid, self.prod, self.cons = uid, prod, cons
@@ -117,23 +124,9 @@ class Display:
         return grid
 
     def __call__(self, p: Progress) -> None:
-        if p.step is Step.REQUESTED:
-            self.headline = "waiting for both application controllers' hellos"
-            self.side = {"PROD": "waiting for the producer's hello", "CONS": "waiting for the consumer's hello"}
-        elif p.step is Step.PROD_HELLO:
-            self.side["PROD"] = "hello received; pushing the connection map"
-        elif p.step is Step.PROD_CONNECTED:
-            self.side["PROD"] = "connected"
-        elif p.step is Step.CONS_HELLO:
-            self.side["CONS"] = "hello received; waiting for the PROD side"
-        elif p.step is Step.CONNECTED:
-            self.side["CONS"] = "connected"
-            self.headline = "connected"
-        elif p.step is Step.RELEASING:
-            self.headline = "releasing what was set up"
-        elif p.step is Step.RELEASED:
-            self.headline = f"released: {p.detail}"
-            self.side = {role: "released" for role in self.side}
+        headline, sides = self.SHOWN[p.step]
+        self.headline = headline.format(detail=p.detail) if headline else self.headline
+        self.side.update(sides)
         if self.live is None:
             err.print(f"[{p.elapsed:6.2f} s] {p.step.value}: {escape(p.detail)}")
 
@@ -384,8 +377,7 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
 
 def _failed(exc: ScistreamError, uid: str | None, as_json: bool) -> NoReturn:
     if as_json:
-        code = exc.status.name if exc.status is not None else "ERROR"
-        click.echo(json.dumps({"uid": uid, "error": {"code": code, "message": str(exc),
+        click.echo(json.dumps({"uid": uid, "error": {"code": exc.status.name, "message": str(exc),
                                                      "exit": int(exit_code(exc))}}))
     fail("connect", exc)
 

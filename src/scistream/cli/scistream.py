@@ -56,8 +56,7 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, udp, datagram_size,
     """Run a whole session on this machine: two control servers, a producer, a consumer,
     every byte verified, everything released."""
     setup_logging(verbose)
-    total = size
-    if total < num_conn:
+    if size < num_conn:
         raise click.BadParameter("--size must be at least one byte per connection", param_hint="'--size'")
     testbed = None
     wan, wan_args = _wan_spec(wan_opts, netns or in_testbed is not None)
@@ -83,7 +82,7 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, udp, datagram_size,
         except TestbedError as exc:
             err.print(f"[red]demo failed[/]: {exc}")
             sys.exit(Exit.FAILED)
-    opts = DemoOptions(size=total - total % num_conn, num_conn=num_conn, server_type=server_type,
+    opts = DemoOptions(size=size - size % num_conn, num_conn=num_conn, server_type=server_type,
                        rate=rate, keep_dir=keep_dir, say=out.print, testbed=testbed, udp=udp,
                        datagram_size=datagram_size)
     try:

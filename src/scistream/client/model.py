@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 from typing import Any, Sequence
 
 from ..proto import pb
 from .api import AsyncClient, ChannelOptions
 from .instances import parse_instances
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +82,19 @@ class Progress:
     detail: str = ""
 
 
-def _plain(obj: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A result's fields but ``drop``, as JSON takes them (tuples as lists)."""
-    return {f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
-            for f in dataclasses.fields(obj) if f.name not in drop}
+class _Result:
+    """A typed result whose ``to_dict`` is its fields but ``_drop``, as JSON takes them."""
+    _drop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if f.name not in self._drop}
 
 
 @dataclasses.dataclass(frozen=True)
-class ProdSide:
+class ProdSide(_Result):
     """The PROD half of a session, connected: the producer's facility is ready."""
+    _drop = ("wan_secret",)
     uid: str
     s2cs: str
     wan_listeners: tuple[str, ...]       # PROD data server's listeners, reachable over the WAN
@@ -101,12 +102,9 @@ class ProdSide:
     wan_security: str                    # "tls", "plain", or "plain (original server)"
     wan_secret: bytes = dataclasses.field(default=b"", repr=False)  # for the CONS side only
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self, drop=("wan_secret",))
-
 
 @dataclasses.dataclass(frozen=True)
-class ConsSide:
+class ConsSide(_Result):
     """The CONS half of a session, connected to the PROD side's WAN listeners."""
     uid: str
     s2cs: str
@@ -114,14 +112,12 @@ class ConsSide:
     targets: tuple[str, ...]             # the PROD WAN listeners they forward to
     wan_security: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class Connection:
+class Connection(_Result):
     """A whole session, both sides connected: the consumer connects to ``consumer_listeners``
     and reaches the producer's endpoints, in order (listener i -> endpoint i)."""
+    _drop = ("steps", "prod", "cons")
     uid: str
     prod_s2cs: str
     cons_s2cs: str
@@ -140,23 +136,20 @@ class Connection:
         return self.steps[-1][1] if self.steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_plain(self, drop=("steps", "prod", "cons")),
+        return {**super().to_dict(),
                 "steps": [{"step": s, "seconds": round(t, 4)} for s, t in self.steps]}
 
 
 @dataclasses.dataclass(frozen=True)
-class Released:
+class Released(_Result):
     """What ``release`` found on each side: True if released, False if not there any more."""
     uid: str
     prod: bool
     cons: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class SessionStatus:
+class SessionStatus(_Result):
     """One session on one S2CS, as its ``status`` RPC reports it."""
     uid: str
     role: str
@@ -200,9 +193,6 @@ class SessionStatus:
                    rate_enforced=not getattr(info, "rate_not_enforced", False),
                    node=getattr(info, "node", ""), instance=getattr(info, "instance", ""),
                    legs=legs_dict(info), bottleneck=getattr(info, "bottleneck", ""))
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
 
 
 def legs_dict(info: pb.SessionInfo) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 import uuid
@@ -77,16 +78,13 @@ class _Clock:
                 log.exception("progress callback failed")
 
 
+@dataclasses.dataclass
 class _Half:
     """One side's req: whether it may hold something on its server."""
-
-    def __init__(self, role: str, gateway: Gateway) -> None:
-        self.role, self.gateway = role, gateway
-        self.sent = False       # the req went out: the server may hold ports for it
-        self.refused = False    # the server said no: it holds nothing for it
-
-    def must_release(self) -> bool:
-        return self.sent and not self.refused
+    role: str
+    gateway: Gateway
+    sent: bool = False       # the req went out: the server may hold ports for it
+    refused: bool = False    # the server said no: it holds nothing for it
 
 
 def _check_args(num_conn: int, rate: int, lease: int) -> None:
@@ -173,7 +171,7 @@ async def _release_half(c: AsyncClient, half: _Half, uid: str) -> bool:
 async def _cleanup(clients: Sequence[AsyncClient], halves: Sequence[_Half], uid: str, clock: _Clock,
                    reason: str) -> None:
     """After a failure or a cancellation: release every side that may hold something."""
-    todo = [(c, h) for c, h in zip(clients, halves) if h.must_release()]
+    todo = [(c, h) for c, h in zip(clients, halves) if h.sent and not h.refused]
     if not todo:
         return
     clock.emit(Step.RELEASING, reason)
