@@ -108,8 +108,7 @@ def schema_for(command: click.Command) -> dict[str, Setting]:
     for p in command.params:
         if not isinstance(p, click.Option) or p.hidden or p.name in NOT_SETTINGS:
             continue
-        longs = [o[2:] for o in p.opts if o.startswith("--")]
-        if not longs:
+        if not (longs := [o[2:] for o in p.opts if o.startswith("--")]):
             continue
         choices = tuple(map(str, p.type.choices)) if isinstance(p.type, click.Choice) else ()
         s = Setting(key=longs[0], param=p.name or longs[0].replace("-", "_"), kind=_kind(p), option=p,
@@ -270,8 +269,7 @@ def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) ->
             got = type(value).__name__.replace("dict", "table").replace("list", "array")
             problems.append(Problem(name, line, key, f"expected {s.expects()}, got {got} {value!r}"))
             continue
-        refused = _click_check(s, value)
-        if refused:
+        if refused := _click_check(s, value):
             problems.append(Problem(name, line, key, refused))
             continue
         if s.kind == "path":   # as the flag would take it, relative to the file's directory

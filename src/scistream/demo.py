@@ -302,8 +302,7 @@ async def _show_paths(tb: Testbed, prod: AsyncClient, cons: AsyncClient, uid: st
         say(f"      consumer {tb.consumer.ip} -> GW-B {c} -> [WAN, {wan.upper()}] -> GW-A {p} "
             f"-> producer {eps[i % len(eps)]}")
     for gw, client in ((tb.gw_b, cons), (tb.gw_a, prod)):
-        info = (await client.status(uid)).sessions
-        if info:
+        if info := (await client.status(uid)).sessions:
             s = info[0]
             say(f"      {gw.label} data server ({s.server_type}): {s.total_connections} connections, "
                 f"{s.bytes_out} bytes towards the consumer, {s.bytes_in} towards the producer")

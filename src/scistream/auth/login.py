@@ -117,8 +117,7 @@ def logins() -> list[LoginInfo]:
     out = []
     now = time.time()
     for ns in namespaces():
-        d = TokenStore(ns).primary()
-        if d is None:
+        if (d := TokenStore(ns).primary()) is None:
             continue
         out.append(LoginInfo(ns, d.extra.get("s2cs"), d.resource_server,
                              d.extra.get("requested_scope") or d.scope,

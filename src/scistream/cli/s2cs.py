@@ -191,17 +191,13 @@ def _run(**kw) -> None:
         sys.exit(Exit.USAGE)
     auth_options = {k: v for k in AUTH_OPTIONS if (v := kw.pop(k)) is not None}
     config = ServerConfig(**kw, auth_options=auth_options)
-    authenticator = None
-    if config.auth is not None and (config.auth != "none" or auth_options):
-        try:
-            authenticator = make_authenticator(config.auth or "none", **auth_options)
-        except AuthConfigError as exc:
-            err.print(f"[red]s2cs: {escape(str(exc))}[/]")
-            sys.exit(Exit.USAGE)
     try:
+        authenticator = None
+        if config.auth is not None and (config.auth != "none" or auth_options):
+            authenticator = make_authenticator(config.auth or "none", **auth_options)
         asyncio.run(serve(config, authenticator=authenticator))
-    except ConfigError as exc:
-        err.print(f"[red]s2cs: {exc}[/]")
+    except (AuthConfigError, ConfigError) as exc:
+        err.print(f"[red]s2cs: {escape(str(exc))}[/]")
         sys.exit(Exit.USAGE)
     except KeyboardInterrupt:
         pass

@@ -227,14 +227,12 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
             click.echo(f"s2ds: the new service exited with code {proc.returncode}", err=True)
             sys.exit(5)
         from ..data.node.client import ServiceError, call_once
-        try:
+        with contextlib.suppress(ServiceError):
             reply = asyncio.run(call_once(socket_path, {"op": "ping"}, 2.0))
             if reply.get("pid") == proc.pid:
                 click.echo(f"node service restarted: pid {old['pid']} -> {proc.pid}, "
                            f"{reply.get('sessions')} sessions taken over")
                 return
-        except ServiceError:
-            pass
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     click.echo(f"s2ds: the new service (pid {proc.pid}) did not take over within {timeout:g} s", err=True)

@@ -41,9 +41,7 @@ def _when(seconds_from_now: float) -> str:
 
 
 def _can_open_browser() -> bool:
-    if sys.platform in ("darwin", "win32"):
-        return True
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return sys.platform in ("darwin", "win32") or any(map(os.environ.get, ("DISPLAY", "WAYLAND_DISPLAY")))
 
 
 @click.command("login", epilog="Example: s2uc login --s2cs 10.0.0.2:5000 --no-browser")
@@ -67,8 +65,7 @@ def login(s2cs: str | None, scope: str | None, client_id: str | None, no_browser
     out.print()
     if not no_browser and _can_open_browser():
         webbrowser.open(flow.url, new=1)
-    code = click.prompt("Paste the authorization code here", prompt_suffix=": ").strip()
-    if not code:
+    if not (code := click.prompt("Paste the authorization code here", prompt_suffix=": ").strip()):
         err.print("[red]login failed[/]: no code given")
         sys.exit(Exit.LOGIN)
     try:
@@ -137,8 +134,7 @@ def check_auth(s2cs: str | None, server_cert: str | None, insecure: bool, token:
         sys.exit(Exit.LOGIN)
     if s2cs is None:
         return
-    sent = resolve_token(token, s2cs)
-    if sent is None:
+    if (sent := resolve_token(token, s2cs)) is None:
         err.print(f"[red]no token for {escape(s2cs)}[/]: run `s2uc login --s2cs {escape(s2cs)}` "
                   "(or pass --token / SCISTREAM_TOKEN)")
         sys.exit(Exit.LOGIN)
@@ -150,5 +146,3 @@ def check_auth(s2cs: str | None, server_cert: str | None, insecure: bool, token:
 
 
 auth_commands = [login, logout, check_auth]
-
-__all__ = ["auth_commands", "login", "logout", "check_auth"]

@@ -413,5 +413,3 @@ def disconnect(uid, prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_se
 
 
 connect_commands = [connect, disconnect]
-
-__all__ = ["connect_commands", "connect", "disconnect", "appctrl_line", "Size"]

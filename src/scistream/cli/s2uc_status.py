@@ -27,6 +27,7 @@ lists the instances of that facility's control server, asked in order until one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -59,13 +60,12 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
         "server": server, "uid": info.uid, "role": info.role, "state": info.state,
         "owner": info.owner, "listeners": list(info.listeners), "targets": list(info.targets),
         "num_conn": info.num_conn, "rate_kbps": info.rate,
-        "rate_enforced": not getattr(info, "rate_not_enforced", False),
+        "rate_enforced": not info.rate_not_enforced,
         "bytes_to_producer": info.bytes_in, "bytes_to_consumer": info.bytes_out,
         "avg_bps_to_producer": round(info.bytes_in * 8 / busy) if busy > 0 else 0,
         "avg_bps_to_consumer": round(info.bytes_out * 8 / busy) if busy > 0 else 0,
         "connections": info.connections, "total_connections": info.total_connections,
-        "refused_connections": info.refused_connections,
-        "cut_streams": getattr(info, "cut_streams", 0),
+        "refused_connections": info.refused_connections, "cut_streams": info.cut_streams,
         # age: the session's life so far, or its whole life once it ended (as in the web view)
         "created": info.created, "age_s": round(max(0.0, end - info.created), 3),
         "setup_s": round(info.connected - info.created, 3) if info.connected else None,
@@ -74,11 +74,11 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
                          if info.lease_expires and not info.ended else None),
         "ended": info.ended or None, "last_error": info.last_error,
         "wan_security": info.wan_security, "server_type": info.server_type,
-        "udp": getattr(info, "udp", ""), "udp_counters": dict(getattr(info, "udp_counters", {}) or {}),
+        "udp": info.udp, "udp_counters": dict(info.udp_counters),
         # a facility (s2cs --facility): the node carrying it, the instance that took its req
-        "node": getattr(info, "node", ""), "instance": getattr(info, "instance", ""),
+        "node": info.node, "instance": info.instance,
         # per-hop telemetry: this gateway's legs (lan, wan) and what holds the session back
-        "legs": legs_dict(info), "bottleneck": getattr(info, "bottleneck", ""),
+        "legs": legs_dict(info), "bottleneck": info.bottleneck,
     }
 
 
@@ -181,10 +181,8 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
     if watch:
         if as_json:
             raise LocalMistake("--watch draws a live table; use --json without --watch")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_watch(servers, uid or "", opts, interval))
-        except KeyboardInterrupt:
-            pass
         return
     found, failed = asyncio.run(_query(servers, uid or "", opts))
     if as_json:
@@ -192,8 +190,7 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
     elif uid:
         for d in found:
             _print_one(d)
-        chained = next((d for d in found if d.get("chain")), None)
-        if chained is not None:
+        if (chained := next((d for d in found if d.get("chain")), None)) is not None:
             _print_chain(chained)
     elif found or not failed:
         _print_table(found)

@@ -47,14 +47,10 @@ class ChannelOptions:
 
     def resolved_cert(self) -> str | None:
         """The certificate file to verify against (None: ``cert_pem``, or the system's roots)."""
-        if self.server_cert:
-            return self.server_cert
-        if self.cert_pem:
-            return None
+        if self.server_cert or self.cert_pem:
+            return self.server_cert or None
         env = os.environ.get("SCISTREAM_SERVER_CERT")
-        if env:
-            return env
-        return DEFAULT_CERT if Path(DEFAULT_CERT).exists() else None
+        return env or (DEFAULT_CERT if Path(DEFAULT_CERT).exists() else None)
 
 
 def open_channel(target: str, opts: ChannelOptions, *, connect_timeout: float | None = None) -> grpc.aio.Channel:

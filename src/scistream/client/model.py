@@ -183,22 +183,16 @@ class SessionStatus(_Result):
 
     @classmethod
     def from_pb(cls, info: pb.SessionInfo) -> "SessionStatus":
-        return cls(uid=info.uid, role=info.role, state=info.state, owner=info.owner,
-                   listeners=tuple(info.listeners), targets=tuple(info.targets),
-                   num_conn=info.num_conn, rate=info.rate, bytes_in=info.bytes_in,
-                   bytes_out=info.bytes_out, connections=info.connections, created=info.created,
-                   lease_expires=info.lease_expires, ended=getattr(info, "ended", 0.0),
-                   last_error=info.last_error, wan_security=info.wan_security,
-                   server_type=info.server_type,
-                   rate_enforced=not getattr(info, "rate_not_enforced", False),
-                   node=getattr(info, "node", ""), instance=getattr(info, "instance", ""),
-                   legs=legs_dict(info), bottleneck=getattr(info, "bottleneck", ""))
+        converted = {"listeners": tuple(info.listeners), "targets": tuple(info.targets),
+                     "rate_enforced": not info.rate_not_enforced, "legs": legs_dict(info)}
+        same = {f.name: getattr(info, f.name) for f in dataclasses.fields(cls) if f.name not in converted}
+        return cls(**same, **converted)
 
 
 def legs_dict(info: pb.SessionInfo) -> dict[str, dict[str, Any]]:
     """The legs of a status answer as plain data: ``{"lan": {...}, "wan": {...}}``."""
     return {leg.leg: {f.name: getattr(leg, f.name) for f in leg.DESCRIPTOR.fields if f.name != "leg"}
-            for leg in getattr(info, "legs", ())}
+            for leg in info.legs}
 
 
 def chain(statuses: "list[SessionStatus]") -> dict[str, Any]:
