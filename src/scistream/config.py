@@ -152,14 +152,12 @@ def key_lines(text: str) -> dict[str, int]:
 
 
 # -- checking values ---------------------------------------------------------------------------
+_TYPES = {"bool": bool, "int": int, "float": (int, float), "str": str, "path": str}
+
+
 def _type_ok(s: Setting, value: Any) -> bool:
-    if s.kind == "bool":
-        return isinstance(value, bool)
-    if s.kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if s.kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, str)
+    """``value`` is of the setting's kind (TOML's true is not a number here)."""
+    return isinstance(value, _TYPES[s.kind]) and (s.kind == "bool" or not isinstance(value, bool))
 
 
 def _click_check(s: Setting, value: Any) -> str | None:

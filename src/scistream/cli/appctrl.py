@@ -25,7 +25,7 @@ from ..apps.demo import VerifyError
 from ..client import AsyncClient
 from ..client.instances import join_instances
 from ..client.order import hello_after_req, session_of
-from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, channel_options, err,
+from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel_options, client, err,
                      handle_errors, local_uid, option, out, stacked)
 
 
@@ -33,7 +33,7 @@ def _client(uid: str, s2cs: str, token_arg: str, server_cert, insecure, token_op
     """The controller's client of S2CS, its arguments checked first (a mistake: exit 2, nothing sent)."""
     local_uid(uid)
     s2cs = join_instances(s2cs, "S2CS")
-    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token_opt or token_arg, uid))
+    return client(s2cs, server_cert, insecure, token_opt or token_arg, uid)
 
 
 async def _session_num_conn(c: AsyncClient, uid: str) -> int:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..addr import check_uid
-from ..client import ChannelOptions, sessionfile
+from ..client import AsyncClient, ChannelOptions, sessionfile
 from ..errors import CertificateRejected, InvalidArgument, LocalMistake, ScistreamError
 from ..units import SIZE_HELP, parse_size
 
@@ -172,6 +172,12 @@ def channel(s2cs: str, server_cert: str | None, insecure: bool, token: str | Non
             pem = known["cert_pem"].encode() if known.get("cert_pem") else None
     return ChannelOptions(server_cert=server_cert, insecure=insecure, token=resolve_token(token, s2cs),
                           cert_pem=pem)
+
+
+def client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None,
+           uid: str | None = None) -> AsyncClient:
+    """A client of ``s2cs`` reached as ``channel`` says."""
+    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token, uid))
 
 
 def remember(uid: str, role: str, address: str, opts: ChannelOptions, **fields) -> None:

@@ -31,16 +31,11 @@ from ..client.instances import BadInstances, join_instances
 from ..client.order import (ORIGINAL_SERVER, BadTargets, check_targets, original_server_note,
                             req_and_hello, session_of, wan_security_of)
 from ..errors import LocalMistake, ScistreamError
-from .common import (EXIT_CODES_HELP, channel, channel_options, err, error_label, exit_code, handle_errors,
+from .common import (EXIT_CODES_HELP, channel_options, client, err, error_label, exit_code, handle_errors,
                      local_uid, option, out, remember)
 from .s2uc_auth import auth_commands
 from .s2uc_connect import connect_commands
 from .s2uc_status import status_commands
-
-
-def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None,
-            uid: str | None = None) -> AsyncClient:
-    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token, uid))
 
 
 def _split(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -136,7 +131,7 @@ def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) ->
     uid = str(uuid.uuid4())
 
     async def run() -> None:
-        async with _client(s2cs, server_cert, insecure, token, uid) as c:
+        async with client(s2cs, server_cert, insecure, token, uid) as c:
             await _prod_req(c, uid, num_conn, rate, lease, mock, s2cs)
     asyncio.run(run())
 
@@ -159,7 +154,7 @@ def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, serv
     uid = str(uuid.uuid4())
 
     async def run() -> None:
-        async with _client(s2cs, server_cert, insecure, token) as c:
+        async with client(s2cs, server_cert, insecure, token) as c:
             resp = await req_and_hello(c, uid, "PROD", c.req(uid, "PROD", num_conn, rate, lease=lease),
                                        endpoints)
             remember(uid, "PROD", c.address, c.opts, wan_secret=resp.wan_secret,
@@ -246,7 +241,7 @@ def _cons_command(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_fi
     _import_secret(uid, wan_secret_file)
 
     async def run() -> list[str]:
-        async with _client(s2cs, server_cert, insecure, token, uid) as c:
+        async with client(s2cs, server_cert, insecure, token, uid) as c:
             if not send_hello:
                 out.print("waiting for hello message")
             return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=send_hello, s2cs=s2cs)
@@ -293,7 +288,7 @@ def release(uid, s2cs, server_cert, insecure, token) -> None:
     targets = list(dict.fromkeys(targets))
 
     async def one(target: str) -> str:
-        async with _client(target, server_cert, insecure, token, uid) as c:
+        async with client(target, server_cert, insecure, token, uid) as c:
             await c.release(uid)
             return c.note
 

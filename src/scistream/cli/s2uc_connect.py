@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -166,39 +165,36 @@ async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, r
                      display: Display) -> tuple[Connection, dict]:
     """Start the demo producer and consumer, connect them, wait for the verified transfer."""
     size -= size % num_conn   # every connection carries as much
-    work = Path(tempfile.mkdtemp(prefix="s2uc-connect-"))
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            task = asyncio.create_task(connect_session(prod, cons, num_conn=num_conn, rate=rate, lease=lease,
-                                                       uid=uid, hello_timeout=hello_timeout,
-                                                       on_progress=display))
-            stack.push_async_callback(_cancel, task)
-            report = work / "consumer.json"
-            pargv = appctrl_line(uid, prod, "PROD", producer_ip=producer_ip, num_conn=num_conn,
-                                 extra=["--size", str(size), "--connections", str(num_conn)])
-            cargv = appctrl_line(uid, cons, "CONS", extra=["--size", str(size), "--report", str(report)])
-            producer = await stack.enter_async_context(
-                spawn([exe("appctrl"), *pargv[1:]], log_path=work / "producer.log", env=_child_env(prod.token)))
-            consumer = await stack.enter_async_context(
-                spawn([exe("appctrl"), *cargv[1:]], log_path=work / "consumer.log", env=_child_env(cons.token)))
-            apps = {producer: ("producer's controller", work / "producer.log"),
-                    consumer: ("consumer's controller", work / "consumer.log")}
-            conn = await until_done(task, apps, AppFailed)
-            try:
-                display.note(f"connected; the demo apps are streaming {size} bytes")
-                rc = await consumer.wait()
-                if rc != 0:
-                    raise AppFailed(f"the consumer failed (exit {rc}): {tail_text(work / 'consumer.log')}")
-                result = json.loads(report.read_text())
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(producer.wait(), 30)
-            finally:
-                released = await release_session(conn)
-                display.note("released on both sides")
-            result["released"] = released.to_dict()
-            return conn, result
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    async with contextlib.AsyncExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="s2uc-connect-")))   # removed last
+        task = asyncio.create_task(connect_session(prod, cons, num_conn=num_conn, rate=rate, lease=lease,
+                                                   uid=uid, hello_timeout=hello_timeout,
+                                                   on_progress=display))
+        stack.push_async_callback(_cancel, task)
+        report = work / "consumer.json"
+        pargv = appctrl_line(uid, prod, "PROD", producer_ip=producer_ip, num_conn=num_conn,
+                             extra=["--size", str(size), "--connections", str(num_conn)])
+        cargv = appctrl_line(uid, cons, "CONS", extra=["--size", str(size), "--report", str(report)])
+        producer = await stack.enter_async_context(
+            spawn([exe("appctrl"), *pargv[1:]], log_path=work / "producer.log", env=_child_env(prod.token)))
+        consumer = await stack.enter_async_context(
+            spawn([exe("appctrl"), *cargv[1:]], log_path=work / "consumer.log", env=_child_env(cons.token)))
+        apps = {producer: ("producer's controller", work / "producer.log"),
+                consumer: ("consumer's controller", work / "consumer.log")}
+        conn = await until_done(task, apps, AppFailed)
+        try:
+            display.note(f"connected; the demo apps are streaming {size} bytes")
+            rc = await consumer.wait()
+            if rc != 0:
+                raise AppFailed(f"the consumer failed (exit {rc}): {tail_text(work / 'consumer.log')}")
+            result = json.loads(report.read_text())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(producer.wait(), 30)
+        finally:
+            released = await release_session(conn)
+            display.note("released on both sides")
+        result["released"] = released.to_dict()
+        return conn, result
 
 
 async def _cancel(task: asyncio.Task) -> None:

@@ -38,7 +38,6 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ..client import AsyncClient
 from ..client import sessionfile
 from ..client.instances import join_instances
 from ..client.model import legs_dict
@@ -47,7 +46,7 @@ from ..units import bitrate, duration, size as _size
 from ..errors import LocalMistake, NotFound, ScistreamError
 from ..proto import pb
 from ..data.spec import udp_summary
-from .common import (EXIT_CODES_HELP, Exit, channel, channel_options, err, error_label, exit_code, handle_errors,
+from .common import (EXIT_CODES_HELP, Exit, channel_options, client, err, error_label, exit_code, handle_errors,
                      local_uid, option, out, stacked)
 
 
@@ -112,8 +111,7 @@ def _cert_for(opts: dict, server: str) -> str | None:
 
 async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], list[tuple[str, ScistreamError]]]:
     async def one(server: str) -> list[dict]:
-        chan = channel(server, _cert_for(opts, server), opts["insecure"], opts["token"], uid or None)
-        async with AsyncClient(server, chan) as c:
+        async with client(server, _cert_for(opts, server), opts["insecure"], opts["token"], uid or None) as c:
             resp = await c.status(uid, timeout=opts["timeout"])
         return [session_dict(s, server, resp.server_time) for s in resp.sessions]
 

@@ -128,17 +128,16 @@ async def _prod_half(c: AsyncClient, half: _Half, uid: str, num_conn: int, rate:
     clock.emit(Step.PROD_HELLO, f"producer endpoints {', '.join(resp.prod_listeners)}; "
                                 f"PROD WAN listeners {', '.join(resp.listeners)}")
     endpoints = check_targets(resp.prod_listeners, "the producer's endpoints (from its hello)", usage=False)
-    upd = await c.update(uid, "PROD", endpoints, resp.wan_secret, timeout=half.gateway.timeout)
-    wan = _wan(upd, half)
+    wan = await _update(c, half, uid, endpoints, resp.wan_secret)
     clock.emit(Step.PROD_CONNECTED, f"PROD data server forwards to the producer (WAN leg {wan})")
     return ProdSide(uid=uid, s2cs=half.gateway.address, wan_listeners=tuple(resp.listeners),
                     producer_endpoints=tuple(resp.prod_listeners), wan_security=wan,
                     wan_secret=resp.wan_secret)
 
 
-def _wan(upd, half: _Half) -> str:
-    """The side's WAN protection; an original server (which says none) is named in the log."""
-    wan = wan_security_of(upd)
+async def _update(c: AsyncClient, half: _Half, uid: str, targets: list[str], secret: bytes) -> str:
+    """The side's update; its WAN protection (an original server, which says none, is named in the log)."""
+    wan = wan_security_of(await c.update(uid, half.role, targets, secret, timeout=half.gateway.timeout))
     if wan == ORIGINAL_SERVER:
         log.warning("%s", original_server_note(half.role, half.gateway.address))
     return wan
@@ -151,8 +150,7 @@ async def _cons_half(c: AsyncClient, half: _Half, uid: str, num_conn: int, rate:
     clock.emit(Step.CONS_HELLO, f"consumer listeners {', '.join(resp.listeners)}")
     side = prod if isinstance(prod, ProdSide) else await asyncio.shield(prod)
     targets = check_targets(side.wan_listeners, "the PROD side's WAN listeners", usage=False)
-    upd = await c.update(uid, "CONS", targets, side.wan_secret, timeout=half.gateway.timeout)
-    wan = _wan(upd, half)
+    wan = await _update(c, half, uid, targets, side.wan_secret)
     clock.emit(Step.CONNECTED, f"CONS data server forwards to {', '.join(side.wan_listeners)} "
                                f"(WAN leg {wan})")
     return ConsSide(uid=uid, s2cs=half.gateway.address, consumer_listeners=tuple(resp.listeners),
