@@ -231,9 +231,8 @@ def token() -> None:
     """Manage the token file of `--auth static`."""
 
 
-def _token_file(fn):
-    return option("--token-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-                  help="The token file the server reads (created mode 0600 if missing).")(fn)
+_token_file = option("--token-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="The token file the server reads (created mode 0600 if missing).")
 
 
 def _tokens(action: str, fn, *args):
@@ -282,9 +281,8 @@ def nodes() -> None:
     """The nodes of a facility (s2cs --facility): list, drain, undrain."""
 
 
-def _store_option(fn):
-    return option("--store", required=True, metavar="URL", envvar="SCISTREAM_STORE",
-                  help="The facility's store: postgresql://USER@HOST[:PORT]/DB.")(fn)
+_store_option = option("--store", required=True, metavar="URL", envvar="SCISTREAM_STORE",
+                       help="The facility's store: postgresql://USER@HOST[:PORT]/DB.")
 
 
 def _nodes_call(url: str, what):

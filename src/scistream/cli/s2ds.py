@@ -40,9 +40,8 @@ def main() -> None:
 cli = main  # the name every program's group has (scripts/gen-cli-docs, tests/test_docs.py)
 
 
-def _socket_option(fn):
-    return click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-                        help=SOCKET_HELP)(fn)
+_socket_option = click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path),
+                              required=True, help=SOCKET_HELP)
 
 
 @main.command(epilog="Example: s2ds serve --socket /run/scistream/node.sock --workers 4")

@@ -62,9 +62,8 @@ S2CS_HELP = ("The control server to talk to; several instances of one facility's
              "HOST:PORT,HOST:PORT (tried in order while one is unreachable).")
 
 
-def s2cs_option(fn):
-    return option("--s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
-                  help=S2CS_HELP)(fn)
+s2cs_option = option("--s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
+                     help=S2CS_HELP)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -180,22 +179,6 @@ def _endpoints(remote_ip: str, receiver_ports: str) -> list[str]:
 
 
 # -- CONS side -------------------------------------------------------------------------
-async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: int | None, rate: int,
-                lease: int, send_hello: bool, s2cs: str) -> list[str]:
-    n = num_conn or len(prod_listeners)
-    secret = sessionfile.wan_secret(uid)
-    if not secret:
-        err.print(f"[yellow]note[/]: no WAN secret for {uid} in {sessionfile.sessions_dir()} (prod-req "
-                  "and inbound-request keep it there, or pass --wan-secret-file); the CONS S2CS will "
-                  "refuse unless it allows a plaintext WAN leg")
-    req = c.req(uid, "CONS", n, rate, lease=lease)
-    # the original's outbound-request says PROD in this hello; every server accepts that
-    resp = await (req_and_hello(c, uid, "PROD", req) if send_hello else req)
-    remember(uid, "CONS", c.address, c.opts)
-    _note_wan("CONS", s2cs, await c.update(uid, "CONS", prod_listeners, secret))
-    return list(resp.listeners)
-
-
 @cli.command("cons-req", epilog="Example: s2uc cons-req --s2cs 10.1.0.2:5000 UID 10.0.0.2:5100,10.0.0.2:5101")
 @s2cs_option
 @click.argument("uid")
@@ -244,7 +227,16 @@ def _cons_command(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_fi
         async with client(s2cs, server_cert, insecure, token, uid) as c:
             if not send_hello:
                 out.print("waiting for hello message")
-            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=send_hello, s2cs=s2cs)
+            if not (secret := sessionfile.wan_secret(uid)):
+                err.print(f"[yellow]note[/]: no WAN secret for {uid} in {sessionfile.sessions_dir()} "
+                          "(prod-req and inbound-request keep it there, or pass --wan-secret-file); the "
+                          "CONS S2CS will refuse unless it allows a plaintext WAN leg")
+            req = c.req(uid, "CONS", num_conn or len(listeners), rate, lease=lease)
+            # the original's outbound-request says PROD in this hello; every server accepts that
+            resp = await (req_and_hello(c, uid, "PROD", req) if send_hello else req)
+            remember(uid, "CONS", c.address, c.opts)
+            _note_wan("CONS", s2cs, await c.update(uid, "CONS", listeners, secret))
+            return list(resp.listeners)
     out.print(f"Listeners: {asyncio.run(run())}")
 
 

@@ -46,8 +46,8 @@ from ..units import bitrate, duration, size as _size
 from ..errors import LocalMistake, NotFound, ScistreamError
 from ..proto import pb
 from ..data.spec import udp_summary
-from .common import (EXIT_CODES_HELP, Exit, channel_options, client, err, error_label, exit_code, handle_errors,
-                     local_uid, option, out, stacked)
+from .common import (EXIT_CODES_HELP, Exit, channel_options, client, err, error_label, exit_code,
+                     handle_errors, local_uid, option, out, stacked)
 
 
 def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[str, Any]:
