@@ -262,8 +262,7 @@ def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) ->
             continue
         seen[s.param] = key
         items = value if s.multiple and isinstance(value, list) else [value]
-        if isinstance(value, dict) or (not s.multiple and isinstance(value, list)) or \
-                (s.multiple and not isinstance(value, list)) or not all(_type_ok(s, v) for v in items):
+        if s.multiple != isinstance(value, list) or not all(_type_ok(s, v) for v in items):
             got = type(value).__name__.replace("dict", "table").replace("list", "array")
             problems.append(Problem(name, line, key, f"expected {s.expects()}, got {got} {value!r}"))
             continue

@@ -13,7 +13,6 @@ import abc
 import dataclasses
 from typing import Any
 
-
 from ..errors import ScistreamError, Status, Unauthenticated
 
 

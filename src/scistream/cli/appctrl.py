@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import click
 from rich.markup import escape
@@ -25,7 +24,7 @@ from ..apps.demo import VerifyError
 from ..client import AsyncClient
 from ..client.instances import join_instances
 from ..client.order import hello_after_req, session_of
-from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel_options, client, err,
+from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel_options, client, die, err,
                      handle_errors, local_uid, option, out, stacked)
 
 
@@ -115,11 +114,9 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
     try:
         asyncio.run(run())
     except VerifyError as exc:
-        err.print(f"[red]verification failed[/]: {exc}")
-        sys.exit(Exit.FAILED)
+        die(f"[red]verification failed[/]: {exc}", Exit.FAILED)
     except (ConnectionError, OSError) as exc:
-        err.print(f"[red]application failed[/]: {exc}")
-        sys.exit(Exit.FAILED)
+        die(f"[red]application failed[/]: {exc}", Exit.FAILED)
 
 
 def _report(result) -> dict:

@@ -93,12 +93,17 @@ def option(*names: str, **kw) -> Callable:
     return click.option(*names, *extra, **kw)
 
 
+def die(message: str, code: int) -> NoReturn:
+    """``message`` (rich markup) on stderr, then exit with ``code``."""
+    err.print(message)
+    sys.exit(code)
+
+
 def fail(action: str, exc: ScistreamError) -> NoReturn:
     """One line on stderr, ``ACTION failed (WHAT): message``, and the table's exit code.
     WHAT is ``local mistake`` for what the client found before sending anything, ``TLS``
     for a certificate that does not verify, else the server's gRPC status."""
-    err.print(f"[red]{escape(action)} failed[/] ({error_label(exc)}): {escape(str(exc))}")
-    sys.exit(exit_code(exc))
+    die(f"[red]{escape(action)} failed[/] ({error_label(exc)}): {escape(str(exc))}", exit_code(exc))
 
 
 def handle_errors(action: str):
@@ -110,8 +115,7 @@ def handle_errors(action: str):
             except ScistreamError as exc:
                 fail(action, exc)
             except KeyboardInterrupt:
-                err.print(f"[yellow]{escape(action)} interrupted[/]")
-                sys.exit(130)
+                die(f"[yellow]{escape(action)} interrupted[/]", 130)
         return wrapper
     return deco
 

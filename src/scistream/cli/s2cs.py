@@ -18,7 +18,7 @@ from ..config import check_config_command, config_option
 from ..control.server import ConfigError, ServerConfig, serve
 from ..data.base import backend_names
 from ..data.spec import UDP_IDLE, UDP_MAX_FLOWS, parse_keepalive
-from .common import Exit, err, option, setup_logging, stacked
+from .common import Exit, die, err, option, setup_logging, stacked
 
 TYPES = backend_names()
 
@@ -186,9 +186,8 @@ AUTH_OPTIONS = ("token_file", "jwt_jwks", "jwt_issuer", "jwt_audience", "jwt_lee
 def _run(**kw) -> None:
     setup_logging(kw.pop("verbose"), quiet_default=False)
     if kw.pop("client_secret"):
-        err.print("[red]s2cs: a client secret on the command line is visible to every user (ps); "
-                  "set SCISTREAM_GLOBUS_CLIENT_SECRET or use --globus-config FILE instead[/]")
-        sys.exit(Exit.USAGE)
+        die("[red]s2cs: a client secret on the command line is visible to every user (ps); "
+            "set SCISTREAM_GLOBUS_CLIENT_SECRET or use --globus-config FILE instead[/]", Exit.USAGE)
     auth_options = {k: v for k in AUTH_OPTIONS if (v := kw.pop(k)) is not None}
     config = ServerConfig(**kw, auth_options=auth_options)
     try:
@@ -197,8 +196,7 @@ def _run(**kw) -> None:
             authenticator = make_authenticator(config.auth or "none", **auth_options)
         asyncio.run(serve(config, authenticator=authenticator))
     except (AuthConfigError, ConfigError) as exc:
-        err.print(f"[red]s2cs: {escape(str(exc))}[/]")
-        sys.exit(Exit.USAGE)
+        die(f"[red]s2cs: {escape(str(exc))}[/]", Exit.USAGE)
     except KeyboardInterrupt:
         pass
 
@@ -240,8 +238,7 @@ def _tokens(action: str, fn, *args):
     try:
         return fn(*args)
     except AuthConfigError as exc:
-        err.print(f"[red]s2cs token {action}: {escape(str(exc))}[/]")
-        sys.exit(Exit.USAGE)
+        die(f"[red]s2cs token {action}: {escape(str(exc))}[/]", Exit.USAGE)
 
 
 @token.command("add", epilog="Example: s2cs token add alice@uni.edu --token-file /etc/scistream/tokens")
@@ -301,8 +298,8 @@ def _nodes_call(url: str, what):
     try:
         return asyncio.run(run())
     except ScistreamError as exc:
-        err.print(f"[red]s2cs nodes: {escape(str(exc))}[/]")
-        sys.exit(Exit.RETRY if isinstance(exc, StoreError) else Exit.REFUSED)
+        die(f"[red]s2cs nodes: {escape(str(exc))}[/]",
+            Exit.RETRY if isinstance(exc, StoreError) else Exit.REFUSED)
 
 
 @nodes.command("list", epilog="Example: s2cs nodes list --store postgresql://scistream@db/scistream")

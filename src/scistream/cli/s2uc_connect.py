@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +37,8 @@ from ..client import release as release_session
 from ..client import sessionfile
 from ..errors import LocalMistake, ScistreamError
 from ..procs import ChildExited, exe, spawn, tail_text, until_done
-from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, err, exit_code, fail, handle_errors,
-                     local_uid, option, out, remember, stacked, verbose_option)
+from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, die, err, exit_code, fail,
+                     handle_errors, local_uid, option, out, remember, stacked, verbose_option)
 
 # -- the two gateways ------------------------------------------------------------------
 def _gateway(s2cs: str, cert: str | None, insecure: bool, token: str | None, uid: str | None) -> Gateway:
@@ -357,9 +356,8 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
         if as_json:
             click.echo(json.dumps({"uid": uid, "error": {"code": "INTERRUPTED", "signal": sig,
                                                          "message": "interrupted; everything set up was released"}}))
-        err.print(f"[yellow]connect interrupted ({sig})[/]: session {uid} released on both sides"
-                  + ("; the apps it started were stopped" if start_apps else ""))
-        sys.exit(130 if sig == "SIGINT" else 143)
+        die(f"[yellow]connect interrupted ({sig})[/]: session {uid} released on both sides"
+            + ("; the apps it started were stopped" if start_apps else ""), 130 if sig == "SIGINT" else 143)
     except ScistreamError as exc:
         sessionfile.forget(uid)
         _failed(exc, uid, as_json)
@@ -367,8 +365,7 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
         sessionfile.forget(uid)
         if as_json:
             click.echo(json.dumps({"uid": uid, "error": {"code": "APP_FAILED", "message": str(exc)}}))
-        err.print(f"[red]connect failed[/]: {escape(str(exc))}; session {uid} released on both sides")
-        sys.exit(Exit.FAILED)
+        die(f"[red]connect failed[/]: {escape(str(exc))}; session {uid} released on both sides", Exit.FAILED)
 
 
 def _failed(exc: ScistreamError, uid: str | None, as_json: bool) -> NoReturn:

@@ -215,14 +215,22 @@ def list_sessions(active, s2cs, as_json, timeout, server_cert, insecure, token) 
     _finish(failed, found, None)
 
 
-def _print_one(d: dict) -> None:
+def _print_rows(rows: list[tuple[str, object]]) -> None:
+    """LABEL value lines, one borderless table, then a blank line."""
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
+    for k, v in rows:
+        t.add_row(k, escape(str(v)))
+    out.print(t)
+    out.print()
+
+
+def _print_one(d: dict) -> None:
     lease = ("unlimited" if not d["lease_expires"] else
              f"{duration(d['lease_left_s'])} left (ends {_when(d['lease_expires'])})"
              if d["lease_left_s"] is not None else f"ended {_when(d['lease_expires'])}")
-    rows = [
+    _print_rows([
         ("session", f"{d['uid']} {d['role']} on {d['server']}"),
         ("state", d["state"] + (f" since {_when(d['ended'])}" if d["ended"] else "")),
         ("owner", d["owner"]),
@@ -245,11 +253,7 @@ def _print_one(d: dict) -> None:
         *([("node", f"{d['node']} (req taken by {d['instance'] or '-'})")] if d.get("node") else []),
         ("last error", d["last_error"] or "-"),
         *_telemetry_rows(d),
-    ]
-    for k, v in rows:
-        t.add_row(k, escape(str(v)))
-    out.print(t)
-    out.print()
+    ])
 
 
 _LEG_NAMES = {("PROD", "lan"): "A's LAN leg", ("PROD", "wan"): "WAN leg (A)",
@@ -281,14 +285,8 @@ def _print_chain(d: dict) -> None:
     chain = d["chain"]
     hops = " -> ".join(f"{h['hop']} {bitrate(int(h['rate_bps'])) if h['rate_bps'] is not None else '?'}"
                        + (f" ({h['rtt_ms']:.1f} ms)" if h.get("rtt_ms") else "") for h in chain["hops"])
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("chain", escape(hops))
-    t.add_row("bottleneck", escape(chain["bottleneck"]
-                                   + ("" if len(chain["sides"]) == 2 else " (one gateway's view)")))
-    out.print(t)
-    out.print()
+    _print_rows([("chain", hops), ("bottleneck", chain["bottleneck"]
+                                   + ("" if len(chain["sides"]) == 2 else " (one gateway's view)"))])
 
 
 def _rate_cap(d: dict, short: bool = False) -> str:

@@ -34,7 +34,6 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Sequence, Union
 
-
 from ..addr import check_uid
 from ..errors import CertificateRejected, DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status
 from .api import AsyncClient
