@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from .addr import parse_listener
 from .client import AsyncClient, ChannelOptions
 from .data.base import get_backend
 from .netns.testbed import Testbed
@@ -202,8 +203,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             watch = None
             if tb is not None and not opts.udp:   # the TCP legs' congestion control, seen with ss
                 watch = asyncio.create_task(_leg_congestion(
-                    tb, _port(prod_resp.listeners[0]), _port(prod_resp.prod_listeners[0]),
-                    _port(cons_resp.listeners[0])))
+                    tb, prod_resp.listeners[0], prod_resp.prod_listeners[0], cons_resp.listeners[0]))
             rc = await consumer.wait()
             if rc != 0:
                 raise RuntimeError(f"consumer failed (exit {rc}): "
@@ -243,10 +243,6 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _port(listener: str) -> int:
-    return int(listener.rpartition(":")[2])
-
-
 async def _output(argv: list[str], timeout: float, stderr=asyncio.subprocess.DEVNULL) -> str:
     """What ``argv`` prints, within ``timeout`` seconds; the process is killed and reaped on any way out."""
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
@@ -266,10 +262,11 @@ async def _ss(tb: Testbed, host, flt: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line[:1].isspace() and line.split()]
 
 
-async def _leg_congestion(tb: Testbed, wan_port: int, producer_port: int, consumer_port: int,
-                          limit: float = 60.0) -> str:
+async def _leg_congestion(tb: Testbed, wan: str, producer: str, consumer: str, limit: float = 60.0) -> str:
     """The congestion control each leg's sockets show (``ss -ti`` on each gateway) while the
-    transfer runs: polled until every leg has been seen (or ``limit`` s, or cancelled)."""
+    transfer runs: polled until every leg has been seen (or ``limit`` s, or cancelled). ``wan``,
+    ``producer``, ``consumer``: the PROD WAN listener, the producer's endpoint, the consumer listener."""
+    wan_port, producer_port, consumer_port = (parse_listener(x)[1] for x in (wan, producer, consumer))
     legs = {"GW-B LAN": (tb.gw_b, f"( sport = :{consumer_port} )"), "GW-B WAN": (tb.gw_b, f"( dport = :{wan_port} )"),
             "GW-A WAN": (tb.gw_a, f"( sport = :{wan_port} )"), "GW-A LAN": (tb.gw_a, f"( dport = :{producer_port} )")}
     seen: dict[str, str] = {}

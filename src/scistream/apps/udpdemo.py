@@ -127,26 +127,20 @@ class FlowReport:
         return self.expected - self.received
 
 
+def _summed(name: str) -> property:
+    """The sum of that field over the report's flows."""
+    return property(lambda self: sum(getattr(f, name) for f in self.flows))
+
+
 @dataclasses.dataclass
 class UdpReport:
     flows: list[FlowReport]
     seconds: float
-
-    @property
-    def received(self) -> int:
-        return sum(f.received for f in self.flows)
-
-    @property
-    def lost(self) -> int:
-        return sum(f.lost for f in self.flows)
-
-    @property
-    def reordered(self) -> int:
-        return sum(f.reordered for f in self.flows)
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.bytes for f in self.flows)
+    received = _summed("received")
+    lost = _summed("lost")
+    reordered = _summed("reordered")
+    duplicates = _summed("duplicates")
+    bytes = _summed("bytes")
 
     @property
     def loss(self) -> float:

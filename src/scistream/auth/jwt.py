@@ -161,9 +161,7 @@ class JwtAuth(Authenticator):
             log.warning("cannot fetch the JWKS from %s: %s", self.jwks, exc or "timeout")
             raise AuthUnavailable(f"this S2CS cannot fetch its signing keys ({self.jwks}) right now; "
                                   "retry later") from None
-        if key is not None and key._jwk_data.get("kty") not in ASYMMETRIC:
-            return None
-        return key
+        return key if key is None or key._jwk_data.get("kty") in ASYMMETRIC else None
 
     # -- check ------------------------------------------------------------------------
     async def authenticate(self, authorization: str | None) -> Identity:

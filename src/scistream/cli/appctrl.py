@@ -123,7 +123,7 @@ def _report(result) -> dict:
     if isinstance(result, UdpReport):
         return {"bytes": result.bytes, "seconds": result.seconds, "streams": len(result.flows),
                 "datagrams": result.received, "lost": result.lost, "reordered": result.reordered,
-                "duplicates": sum(f.duplicates for f in result.flows), "loss": result.loss,
+                "duplicates": result.duplicates, "loss": result.loss,
                 "gbps": result.bytes * 8 / result.seconds / 1e9 if result.seconds else 0.0}
     return {"bytes": result.bytes, "seconds": result.seconds, "streams": len(result.streams), "gbps": result.gbps}
 

@@ -213,12 +213,8 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
         with contextlib.suppress(OSError):
             log_path = Path(os.readlink(f"/proc/{old['pid']}/fd/2"))
         log_path = log_path if log_path and log_path.is_file() else None
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
+    with open(log_path, "ab") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    finally:
-        if log_path:
-            out.close()
     deadline = time.monotonic() + timeout
     delay = 0.02
     while time.monotonic() < deadline:

@@ -152,11 +152,8 @@ class AppFailed(ChildExited):
 
 
 def _child_env(token: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("SCISTREAM_TOKEN", None)
-    if token:
-        env["SCISTREAM_TOKEN"] = token  # the environment, not argv: argv is visible to every user
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "SCISTREAM_TOKEN"}
+    return {**env, "SCISTREAM_TOKEN": token} if token else env   # not in argv: argv is visible to every user
 
 
 async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, rate: int, lease: int,

@@ -20,9 +20,8 @@ prints them, then the chain from producer to consumer and its bottleneck read fr
 gateways' answers (``--json``: ``legs``, ``bottleneck``, ``chain``); ``--watch`` adds the
 legs' round trips and the bottleneck to the table.
 
-Each ``--s2cs`` is one facility (the PROD one, the CONS one); a comma inside one value
-lists the instances of that facility's control server, asked in order until one answers
-(``scistream.client.instances``). The ``server`` of each session is that value.
+Each ``--s2cs`` is one facility (its instances comma-separated, asked in order until one
+answers): the ``server`` of the sessions it reports.
 """
 from __future__ import annotations
 
@@ -360,7 +359,7 @@ def _print_table(found: list[dict]) -> None:
 async def _watch(servers: list[str], uid: str, opts: dict, interval: float) -> None:
     """Poll every ``interval`` seconds and redraw; the first poll fails like ``status`` does."""
     found, failed = await _query(servers, uid, opts)
-    if failed and not found and len(failed) == len(servers):
+    if len(failed) == len(servers):   # none answered
         _finish(failed, found, uid or None)
     seen: dict[tuple, tuple[float, int, int]] = {}
     rates: dict[tuple, tuple[float, float]] = {}

@@ -14,10 +14,6 @@ the error propagates. ``s2uc connect`` is built on it.
     print(conn.consumer_listeners)       # where the consumer connects
     await release(conn)
 
-Each gateway may name several instances of its facility's control server
-(``Gateway("h1:5000,h2:5000")``): every call of a side moves to the next instance while
-one is unreachable (``scistream.client.instances``).
-
 ``request_prod`` and ``request_cons`` do one half each (``s2uc prod-req`` / ``cons-req``);
 ``status`` reads a server's sessions as ``SessionStatus`` records. The order the servers
 of the original tooling need (targets checked before any update; such a server named,
