@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import socket
@@ -54,10 +55,8 @@ async def resolve_listener(text: str, timeout: float | None = None) -> str:
     InvalidArgument when the name does not resolve, or not within ``timeout`` seconds."""
     host, port = parse_listener(text)
     if "%" not in host:          # a scoped IPv6 address needs its interface looked up
-        try:
+        with contextlib.suppress(ValueError):
             return format_listener(str(ipaddress.ip_address(host)), port)   # an address already
-        except ValueError:
-            pass
     timeout = RESOLVE_TIMEOUT if timeout is None else timeout
     loop = asyncio.get_running_loop()
     try:

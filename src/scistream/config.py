@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -33,6 +34,15 @@ from typing import Any, Iterable, Mapping
 import click
 
 log = logging.getLogger(__name__)
+
+
+def config_dir() -> Path:
+    """The user's client settings, tokens and session records: ``~/.config/scistream``
+    (``$XDG_CONFIG_HOME/scistream``, or ``$SCISTREAM_CONFIG_DIR``)."""
+    if explicit := os.environ.get("SCISTREAM_CONFIG_DIR"):
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "scistream"
+
 
 # Flags that are not settings: the file itself, the test-only ready file, help and version.
 NOT_SETTINGS = {"config", "ready_file", "help", "version"}
@@ -46,11 +56,9 @@ class Setting:
     key: str                   # canonical key: the first long flag name, "listener-ip"
     param: str                 # the click parameter name, "listener_ip"
     kind: str                  # bool, int, float, str, path
+    option: click.Option = dataclasses.field(repr=False, compare=False)   # its own type checks values
     multiple: bool = False     # a repeatable flag: the file gives a list
     choices: tuple[str, ...] = ()
-    case_sensitive: bool = True
-    help: str = ""
-    option: click.Option | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def expects(self) -> str:
         one = {"bool": "true or false", "int": "an integer", "float": "a number",
@@ -100,22 +108,14 @@ def schema_for(command: click.Command) -> dict[str, Setting]:
     for p in command.params:
         if not isinstance(p, click.Option) or p.hidden or p.name in NOT_SETTINGS:
             continue
-        longs = [o[2:] for o in p.opts if o.startswith("--")]
-        if not longs:
+        if not (longs := [o[2:] for o in p.opts if o.startswith("--")]):
             continue
-        choice = p.type if isinstance(p.type, click.Choice) else None
-        s = Setting(key=longs[0], param=p.name or longs[0].replace("-", "_"), kind=_kind(p),
-                    multiple=bool(p.multiple),
-                    choices=tuple(str(c) for c in choice.choices) if choice else (),
-                    case_sensitive=choice.case_sensitive if choice else True,
-                    help=p.help or "", option=p)
+        choices = tuple(map(str, p.type.choices)) if isinstance(p.type, click.Choice) else ()
+        s = Setting(key=longs[0], param=p.name or longs[0].replace("-", "_"), kind=_kind(p), option=p,
+                    multiple=bool(p.multiple), choices=choices)
         for name in longs:
             keys[name.replace("_", "-")] = s
     return keys
-
-
-def canonical_keys(schema: Mapping[str, Setting]) -> list[str]:
-    return sorted({s.key for s in schema.values()})
 
 
 # -- where keys are -----------------------------------------------------------------------
@@ -152,28 +152,16 @@ def key_lines(text: str) -> dict[str, int]:
 
 
 # -- checking values ---------------------------------------------------------------------------
+_TYPES = {"bool": bool, "int": int, "float": (int, float), "str": str, "path": str}
+
+
 def _type_ok(s: Setting, value: Any) -> bool:
-    if s.kind == "bool":
-        return isinstance(value, bool)
-    if s.kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if s.kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, str)
-
-
-def _convert(s: Setting, value: Any, base: Path) -> Any:
-    """A checked value as the flag would take it (relative paths resolved against ``base``)."""
-    if s.kind == "path":
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (base / p)
-    return value
+    """``value`` is of the setting's kind (TOML's true is not a number here)."""
+    return isinstance(value, _TYPES[s.kind]) and (s.kind == "bool" or not isinstance(value, bool))
 
 
 def _click_check(s: Setting, value: Any) -> str | None:
     """Run the flag's own type (ranges, choices); its message if it refuses the value."""
-    if s.option is None:
-        return None
     try:
         with click.Context(click.Command("s2cs")) as ctx:
             s.option.type_cast_value(ctx, value)
@@ -264,7 +252,8 @@ def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) ->
                                             "unknown key: the file has no tables; every key is an s2cs "
                                             "flag name at the top level"))
                 continue
-            close = difflib.get_close_matches(key.replace("_", "-"), canonical_keys(schema), n=1, cutoff=0.6)
+            keys = sorted({s.key for s in schema.values()})
+            close = difflib.get_close_matches(key.replace("_", "-"), keys, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]}?)" if close else "; `s2cs --help` lists the flags"
             problems.append(Problem(name, line, key, f"unknown key{hint}"))
             continue
@@ -273,17 +262,16 @@ def _read(path: Path, schema: Mapping[str, Setting], problems: list[Problem]) ->
             continue
         seen[s.param] = key
         items = value if s.multiple and isinstance(value, list) else [value]
-        if isinstance(value, dict) or (not s.multiple and isinstance(value, list)) or \
-                (s.multiple and not isinstance(value, list)) or not all(_type_ok(s, v) for v in items):
+        if s.multiple != isinstance(value, list) or not all(_type_ok(s, v) for v in items):
             got = type(value).__name__.replace("dict", "table").replace("list", "array")
             problems.append(Problem(name, line, key, f"expected {s.expects()}, got {got} {value!r}"))
             continue
-        refused = _click_check(s, value)
-        if refused:
+        if refused := _click_check(s, value):
             problems.append(Problem(name, line, key, refused))
             continue
-        converted = [_convert(s, v, base) for v in items]
-        values[s.param] = tuple(converted) if s.multiple else converted[0]
+        if s.kind == "path":   # as the flag would take it, relative to the file's directory
+            items = [p if (p := Path(v).expanduser()).is_absolute() else base / p for v in items]
+        values[s.param] = tuple(items) if s.multiple else items[0]
     by_param = {s.param: s for s in schema.values()}
     for param, message in _semantic(values):
         key = seen.get(param, by_param[param].key if param in by_param else param)
@@ -349,7 +337,7 @@ def config_option() -> Any:
 def check_config_command(settings_of: Any) -> click.Command:
     """``check-config [FILE] [--max-rtt D] [--rate R]`` for the command ``settings_of()`` returns:
     the file's settings, then this host's TCP limits against the rate wanted."""
-    from .cli.s2cs import Rate, Rtt
+    from .cli.s2cs import RATE, RTT
     @click.command("check-config", epilog="\b\nExamples:\n  s2cs check-config /etc/scistream/s2cs.toml\n"
                                           "  s2cs check-config s2cs.toml && systemctl restart s2cs\n"
                                           "  s2cs check-config --max-rtt 150ms --rate 10gbit\n\n"
@@ -358,9 +346,9 @@ def check_config_command(settings_of: Any) -> click.Command:
                                           "2 the file has problems (each printed as FILE:LINE: KEY: what is "
                                           "wrong) or --wan-congestion names a control this host lacks.")
     @click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
-    @click.option("--max-rtt", type=Rtt(), default=None,
+    @click.option("--max-rtt", type=RTT, default=None,
                   help="Round trip of the longest WAN path [the file's max-rtt, else 100ms].")
-    @click.option("--rate", type=Rate(), default=None,
+    @click.option("--rate", type=RATE, default=None,
                   help="Rate one stream should reach, e.g. 10gbit; without it the host's figures only.")
     @click.option("--wan-congestion", default=None, metavar="NAME",
                   help="The congestion control to check [the file's wan-congestion, else auto].")
@@ -382,16 +370,16 @@ def check_config_command(settings_of: Any) -> click.Command:
                 raise SystemExit(2)
             values = load(file, schema)
             if not as_json:
-                click.echo(f"{file}: OK ({len(values)} settings: "
-                           f"{', '.join(s.key for s in _unique(schema.values()) if s.param in values)})")
+                keys = ", ".join(dict.fromkeys(s.key for s in schema.values() if s.param in values))
+                click.echo(f"{file}: OK ({len(values)} settings: {keys})")
         host_check(max_rtt if max_rtt is not None else _seconds(values.get("max_rtt", "100ms")), rate,
                    wan_congestion or values.get("wan_congestion") or "auto", as_json)
     return check_config
 
 
 def _seconds(value: Any) -> float:
-    from .cli.s2cs import Rtt
-    return Rtt().convert(value, None, None)
+    from .cli.s2cs import RTT
+    return RTT.convert(value, None, None)
 
 
 def host_check(rtt_s: float, rate_bps: float | None, wan_congestion: str, as_json: bool) -> None:
@@ -419,13 +407,6 @@ def host_check(rtt_s: float, rate_bps: float | None, wan_congestion: str, as_jso
         click.echo("\n".join(lines))
     if not ok:
         raise SystemExit(1)
-
-
-def _unique(settings: Iterable[Setting]) -> list[Setting]:
-    seen: dict[str, Setting] = {}
-    for s in settings:
-        seen.setdefault(s.param, s)
-    return list(seen.values())
 
 
 __all__ = ["Setting", "Problem", "ConfigFileError", "schema_for", "load", "check", "key_lines",

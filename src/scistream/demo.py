@@ -31,12 +31,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from .addr import parse_listener
 from .client import AsyncClient, ChannelOptions
 from .data.base import get_backend
 from .netns.testbed import Testbed
 from .procs import exe, spawn, tail_text, until_done
-
-BIN = Path(sys.executable).parent
 
 
 @dataclasses.dataclass
@@ -204,8 +203,7 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             watch = None
             if tb is not None and not opts.udp:   # the TCP legs' congestion control, seen with ss
                 watch = asyncio.create_task(_leg_congestion(
-                    tb, _port(prod_resp.listeners[0]), _port(prod_resp.prod_listeners[0]),
-                    _port(cons_resp.listeners[0])))
+                    tb, prod_resp.listeners[0], prod_resp.prod_listeners[0], cons_resp.listeners[0]))
             rc = await consumer.wait()
             if rc != 0:
                 raise RuntimeError(f"consumer failed (exit {rc}): "
@@ -218,8 +216,8 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             else:
                 step(f"transfer: {result['bytes']} bytes verified")
             if watch is not None:
-                seen = await _finish(watch)
-                if seen:
+                watch.cancel()
+                if seen := await watch:
                     say(f"      congestion control of the legs (ss -ti during the transfer): {seen}")
             if tb is not None:
                 await _show_paths(tb, prod, cons, uid, cons_resp, prod_resp, upd.wan_security, say)
@@ -245,69 +243,51 @@ async def run_demo(opts: DemoOptions) -> DemoReport:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _port(listener: str) -> int:
-    return int(listener.rpartition(":")[2])
-
-
-async def _finish(task: asyncio.Task) -> str:
-    task.cancel()
+async def _output(argv: list[str], timeout: float, stderr=asyncio.subprocess.DEVNULL) -> str:
+    """What ``argv`` prints, within ``timeout`` seconds; the process is killed and reaped on any way out."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=stderr)
     try:
-        return await task
-    except asyncio.CancelledError:
-        return ""
-
-
-async def _ss(tb: Testbed, host, flt: str) -> list[str]:
-    """The congestion control of each established connection of ``host`` that ``flt`` selects."""
-    proc = await asyncio.create_subprocess_exec(
-        *tb.argv(host, "ss", "-tinH", "state", "established", flt), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    return [line.split()[0] for line in out.decode().splitlines() if line[:1].isspace() and line.split()]
+    return out.decode(errors="replace")
 
 
-async def _leg_congestion(tb: Testbed, wan_port: int, producer_port: int, consumer_port: int,
-                          limit: float = 60.0) -> str:
+async def _ss(tb: Testbed, host, flt: str) -> list[str]:
+    """The congestion control of each established connection of ``host`` that ``flt`` selects."""
+    out = await _output(tb.argv(host, "ss", "-tinH", "state", "established", flt), 10)
+    return [line.split()[0] for line in out.splitlines() if line[:1].isspace() and line.split()]
+
+
+async def _leg_congestion(tb: Testbed, wan: str, producer: str, consumer: str, limit: float = 60.0) -> str:
     """The congestion control each leg's sockets show (``ss -ti`` on each gateway) while the
-    transfer runs: polled until every leg has been seen (or ``limit`` s, or cancelled)."""
+    transfer runs: polled until every leg has been seen (or ``limit`` s, or cancelled). ``wan``,
+    ``producer``, ``consumer``: the PROD WAN listener, the producer's endpoint, the consumer listener."""
+    wan_port, producer_port, consumer_port = (parse_listener(x)[1] for x in (wan, producer, consumer))
     legs = {"GW-B LAN": (tb.gw_b, f"( sport = :{consumer_port} )"), "GW-B WAN": (tb.gw_b, f"( dport = :{wan_port} )"),
             "GW-A WAN": (tb.gw_a, f"( sport = :{wan_port} )"), "GW-A LAN": (tb.gw_a, f"( dport = :{producer_port} )")}
     seen: dict[str, str] = {}
-
-    def text() -> str:
-        return ", ".join(f"{k} {seen[k]}" for k in legs if k in seen)
     deadline = time.monotonic() + limit
-    try:
+    with contextlib.suppress(asyncio.CancelledError):   # cancelled at the transfer's end: what was seen
         while len(seen) < len(legs) and time.monotonic() < deadline:
             for name, (host, flt) in legs.items():
                 if name not in seen and (got := await _ss(tb, host, flt)):
                     seen[name] = "/".join(sorted(set(got)))
             await asyncio.sleep(0.05)
-    except asyncio.CancelledError:
-        return text()
-    return text()
+    return ", ".join(f"{k} {seen[k]}" for k in legs if k in seen)
 
 
 async def _probe(tb: Testbed, host, listener: str) -> str:
     """One connection attempt from ``host`` to ``listener``, described for people."""
-    proc = await asyncio.create_subprocess_exec(
-        *tb.argv(host, sys.executable, "-m", "scistream.netns.peer", "connect", listener, "--timeout", "2"),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = await _output(tb.argv(host, sys.executable, "-m", "scistream.netns.peer", "connect", listener,
+                                "--timeout", "2"), 30, stderr=asyncio.subprocess.STDOUT)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    try:
-        r = json.loads(out.decode().strip().splitlines()[-1])
+        r = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return f"probe failed: {out.decode(errors='replace')[-200:]}"
+        return f"probe failed: {out[-200:]}"
     return "connected" if r["ok"] else f"{r['message']} ({r['error']})"
 
 
@@ -319,8 +299,7 @@ async def _show_paths(tb: Testbed, prod: AsyncClient, cons: AsyncClient, uid: st
         say(f"      consumer {tb.consumer.ip} -> GW-B {c} -> [WAN, {wan.upper()}] -> GW-A {p} "
             f"-> producer {eps[i % len(eps)]}")
     for gw, client in ((tb.gw_b, cons), (tb.gw_a, prod)):
-        info = (await client.status(uid)).sessions
-        if info:
+        if info := (await client.status(uid)).sessions:
             s = info[0]
             say(f"      {gw.label} data server ({s.server_type}): {s.total_connections} connections, "
                 f"{s.bytes_out} bytes towards the consumer, {s.bytes_in} towards the producer")

@@ -43,14 +43,10 @@ async def spawn(argv: Sequence[str], *, log_path: Path | None = None, env: dict 
     """A child in its own process group, always stopped (group SIGTERM, then SIGKILL) and reaped.
 
     Give ``log_path`` (stdout and stderr appended there) or ``stdout`` (e.g. PIPE)."""
-    logf = open(log_path, "ab") if log_path is not None else None
-    try:
+    with open(log_path, "ab") if log_path is not None else contextlib.nullcontext() as logf:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
             stdout=logf if logf else stdout, stderr=logf if logf else asyncio.subprocess.STDOUT)
-    finally:
-        if logf:
-            logf.close()
     try:
         yield proc
     finally:

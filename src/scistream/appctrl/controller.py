@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import shutil
 from typing import Callable, Sequence
 
@@ -30,8 +29,7 @@ from ..client import AsyncClient
 from ..client.order import hello_after_req
 from ..data.supervise import port_listening
 from ..errors import InvalidArgument
-
-log = logging.getLogger(__name__)
+from ..procs import spawn
 
 MOCK_ENDPOINTS = ["127.0.0.1:5074", "127.0.0.1:5075", "127.0.0.1:5076", "127.0.0.1:37000", "127.0.0.1:47000"]
 
@@ -84,23 +82,13 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
             await producer.close()
         return
     if app == "iperf3":
-        binary = shutil.which("iperf3")
-        if not binary:
-            raise InvalidArgument("iperf3 is not installed (apt-get install iperf3)")
         port = await _free_port(ip)
-        proc = await asyncio.create_subprocess_exec(binary, "-s", "-B", ip, "-p", str(port),
-                                                    *(["-1"] if connections else []),
-                                                    stdin=asyncio.subprocess.DEVNULL)
-        try:
+        async with _iperf3("-s", "-B", ip, "-p", str(port), *(["-1"] if connections else [])) as proc:
             ep = format_listener(ip, port)
             await _wait_listening(ip, port, proc)
             await hello_after_req(client, uid, "PROD", [ep])
             say(f"hello sent for {uid}; iperf3 server on {ep}")
             await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
         return
     raise InvalidArgument(f"unknown --app {app!r}; choose demo, iperf3 or none")
 
@@ -121,6 +109,14 @@ async def _run_udp_prod(client: AsyncClient, uid: str, ip: str, num_conn: int, s
     finally:
         await producer.close()
         await tcp.close()
+
+
+def _iperf3(*args: str):
+    """iperf3 with ``args``, always stopped and reaped (``procs.spawn``)."""
+    binary = shutil.which("iperf3")
+    if not binary:
+        raise InvalidArgument("iperf3 is not installed (apt-get install iperf3)")
+    return spawn([binary, *args])
 
 
 async def _wait_listening(host: str, port: int, proc) -> None:
@@ -154,20 +150,11 @@ async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: in
             f"in {report.seconds:.2f} s ({report.gbps:.2f} Gbit/s)")
         return report
     if app == "iperf3":
-        binary = shutil.which("iperf3")
-        if not binary:
-            raise InvalidArgument("iperf3 is not installed (apt-get install iperf3)")
         host, port = parse_listener(listeners[0])
         sock = await demo._connect(listeners[0], asyncio.get_running_loop().time() + connect_timeout)
         sock.close()  # the chain is up
-        proc = await asyncio.create_subprocess_exec(binary, "-c", host, "-p", str(port), *iperf_args,
-                                                    stdin=asyncio.subprocess.DEVNULL)
-        try:
+        async with _iperf3("-c", host, "-p", str(port), *iperf_args) as proc:
             await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
         if proc.returncode:
             raise InvalidArgument(f"iperf3 client failed with exit code {proc.returncode}")
         return None

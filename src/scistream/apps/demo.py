@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import socket
@@ -25,16 +26,13 @@ log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 SEED = 0x5C157EA4
-_pattern: bytes | None = None
 
 
+@functools.cache
 def pattern() -> bytes:
     """Two copies of the 1 MiB block, so any slice of up to 1 MiB is contiguous."""
-    global _pattern
-    if _pattern is None:
-        block = random.Random(SEED).randbytes(BLOCK)
-        _pattern = block + block
-    return _pattern
+    block = random.Random(SEED).randbytes(BLOCK)
+    return block + block
 
 
 class VerifyError(Exception):

@@ -17,6 +17,7 @@ duplicated and arriving out of order::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import struct
@@ -80,10 +81,8 @@ class UdpProducer:
             transport, _ = await loop.create_datagram_endpoint(lambda: _Producer(self), local_addr=(host, port))
             sock = transport.get_extra_info("socket")
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                try:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-                except OSError:
-                    pass
             self.transports.append(transport)
             self.endpoints.append(format_listener(host, transport.get_extra_info("sockname")[1]))
         return self.endpoints
@@ -128,26 +127,20 @@ class FlowReport:
         return self.expected - self.received
 
 
+def _summed(name: str) -> property:
+    """The sum of that field over the report's flows."""
+    return property(lambda self: sum(getattr(f, name) for f in self.flows))
+
+
 @dataclasses.dataclass
 class UdpReport:
     flows: list[FlowReport]
     seconds: float
-
-    @property
-    def received(self) -> int:
-        return sum(f.received for f in self.flows)
-
-    @property
-    def lost(self) -> int:
-        return sum(f.lost for f in self.flows)
-
-    @property
-    def reordered(self) -> int:
-        return sum(f.reordered for f in self.flows)
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.bytes for f in self.flows)
+    received = _summed("received")
+    lost = _summed("lost")
+    reordered = _summed("reordered")
+    duplicates = _summed("duplicates")
+    bytes = _summed("bytes")
 
     @property
     def loss(self) -> float:
@@ -165,10 +158,8 @@ async def consume_flow(listener: str, count: int, size: int, *, connect_timeout:
     top = -1
     n = size - HEAD.size
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        except OSError:
-            pass
         sock.setblocking(False)
         sock.connect((host, port))
         start_msg = HEAD.pack(MAGIC, START, count, 0)
@@ -178,10 +169,8 @@ async def consume_flow(listener: str, count: int, size: int, *, connect_timeout:
             if not began:
                 if time.monotonic() > deadline:
                     raise VerifyError(f"{listener}: no datagram came back within {connect_timeout:.0f} s")
-                try:
+                with contextlib.suppress(ConnectionRefusedError):
                     await loop.sock_sendall(sock, start_msg)
-                except ConnectionRefusedError:
-                    pass
             try:
                 data = await asyncio.wait_for(loop.sock_recv(sock, 65536), START_EVERY if not began else QUIET)
             except asyncio.TimeoutError:

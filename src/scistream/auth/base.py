@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import logging
 from typing import Any
 
-
 from ..errors import ScistreamError, Status, Unauthenticated
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +94,7 @@ def make_authenticator(kind: str, **options: Any) -> Authenticator:
     """
     cls = _kind(kind.lower())
     given = {k: v for k, v in options.items() if v is not None}
-    stray = sorted(k for k in given if k not in cls.options)
-    if stray:
+    if stray := sorted(k for k in given if k not in cls.options):
         flags = ", ".join("--" + k.replace("_", "-") for k in stray)
         raise AuthConfigError(f"{flags} does not apply to --auth {kind}")
     if cls is NoAuth:

@@ -59,8 +59,7 @@ def read_globus_config(path: Path) -> dict[str, str]:
         raise AuthConfigError(f"Globus config {path} does not exist (--globus-config)") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise AuthConfigError(f"cannot read Globus config {path}: {exc}") from None
-    unknown = sorted(set(data) - {"client_id", "client_secret", "scope", "audience"})
-    if unknown:
+    if unknown := sorted(set(data) - {"client_id", "client_secret", "scope", "audience"}):
         raise AuthConfigError(f"{path}: unknown keys {', '.join(unknown)} (known: client_id, "
                               "client_secret, scope, audience)")
     if "client_secret" in data and st.st_mode & 0o077:
@@ -200,8 +199,7 @@ class GlobusAuth(Authenticator):
         if self.audience not in aud:
             return refuse(f"the token is not meant for this S2CS (audience {self.audience} "
                           f"missing); run `s2uc login --scope {self.scope}` and try again")
-        sub = data.get("sub")
-        if not sub:
+        if not (sub := data.get("sub")):
             return refuse(f"Globus Auth returned no subject for the token; {LOGIN_HINT}")
         iss = data.get("iss") or "https://auth.globus.org"
         ident = Identity(f"{iss}|{sub}", str(data.get("username") or sub))

@@ -35,18 +35,12 @@ ASYMMETRIC = {"RSA", "EC", "OKP"}
 
 
 def _usable(keys: list[PyJWK], where: str, warn: bool = True) -> list[PyJWK]:
-    usable = []
+    """The asymmetric signing keys of ``keys`` (the others logged, if ``warn``)."""
     for k in keys:
-        kty = k._jwk_data.get("kty")
-        if kty not in ASYMMETRIC:
-            if warn:
-                    log.warning("JWKS %s: key %s of type %s ignored (only RSA, EC, OKP keys are used)",
-                            where, k.key_id, kty)
-            continue
-        if k.public_key_use not in (None, "sig"):
-            continue
-        usable.append(k)
-    return usable
+        if warn and (kty := k._jwk_data.get("kty")) not in ASYMMETRIC:
+            log.warning("JWKS %s: key %s of type %s ignored (only RSA, EC, OKP keys are used)",
+                        where, k.key_id, kty)
+    return [k for k in keys if k._jwk_data.get("kty") in ASYMMETRIC and k.public_key_use in (None, "sig")]
 
 
 def _load_jwks_file(path: Path) -> list[PyJWK]:
@@ -167,9 +161,7 @@ class JwtAuth(Authenticator):
             log.warning("cannot fetch the JWKS from %s: %s", self.jwks, exc or "timeout")
             raise AuthUnavailable(f"this S2CS cannot fetch its signing keys ({self.jwks}) right now; "
                                   "retry later") from None
-        if key is not None and key._jwk_data.get("kty") not in ASYMMETRIC:
-            return None
-        return key
+        return key if key is None or key._jwk_data.get("kty") in ASYMMETRIC else None
 
     # -- check ------------------------------------------------------------------------
     async def authenticate(self, authorization: str | None) -> Identity:

@@ -50,8 +50,7 @@ def finish_login(flow: LoginFlow, code: str, *, s2cs: str | None) -> TokenStorag
     store.clear()
     data = store_response(store, response, client_id=flow.client_id, scope=flow.scope, s2cs=s2cs)
     fresh = {d.access_token for d in store.get_token_data_by_resource_server().values()}
-    stale = [d for d in old.values() if d.access_token not in fresh]
-    if stale:
+    if stale := [d for d in old.values() if d.access_token not in fresh]:
         _revoke(stale)
     return data
 
@@ -117,8 +116,7 @@ def logins() -> list[LoginInfo]:
     out = []
     now = time.time()
     for ns in namespaces():
-        d = TokenStore(ns).primary()
-        if d is None:
+        if (d := TokenStore(ns).primary()) is None:
             continue
         out.append(LoginInfo(ns, d.extra.get("s2cs"), d.resource_server,
                              d.extra.get("requested_scope") or d.scope,

@@ -57,8 +57,7 @@ def parse_token_file(path: Path) -> dict[str, str]:
         if len(parts) != 2:
             raise AuthConfigError(f"{path}:{n}: expected `sha256:<64 hex digits> <identity>`, "
                                   f"got {len(parts)} fields")
-        m = _HASH.match(parts[0])
-        if not m:
+        if not (m := _HASH.match(parts[0])):
             raise AuthConfigError(f"{path}:{n}: the first field must be sha256:<64 hex digits> "
                                   "(the token's hash, never the token itself)")
         digest = m.group(1).lower()
@@ -170,8 +169,7 @@ class StaticAuth(Authenticator):
     async def authenticate(self, authorization: str | None) -> Identity:
         token = require_token(authorization)
         self._reload()
-        ident = self._table.get(token_hash(token))
-        if ident is None:
+        if (ident := self._table.get(token_hash(token))) is None:
             raise Unauthenticated("this token is not known to this S2CS (static token file); "
                                   f"ask the operator for one with `s2cs token add`, or {LOGIN_HINT}")
         return Identity(ident, ident)

@@ -27,6 +27,7 @@ import globus_sdk
 from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
+from ..config import config_dir
 from .base import AuthConfigError
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,6 @@ REFRESH_MARGIN = 60.0      # refresh a token that expires within this many secon
 HTTP_TIMEOUT = 20.0
 RETRIES = 2                # globus-sdk retries for transient errors (tests set 0)
 APP_NAME = "scistream-s2uc"
-
-
-def config_dir() -> Path:
-    explicit = os.environ.get("SCISTREAM_CONFIG_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "scistream"
 
 
 def settings_path() -> Path:
@@ -135,10 +128,7 @@ class TokenStore(JSONTokenStorage):
     def primary(self) -> TokenStorageData | None:
         """The token this login was made for (the one for the requested scope)."""
         data = list(self.get_token_data_by_resource_server().values())
-        for d in data:
-            if d.extra.get("primary"):
-                return d
-        return data[0] if data else None
+        return next((d for d in data if d.extra.get("primary")), data[0] if data else None)
 
 
 def namespaces(path: Path | None = None) -> list[str]:
@@ -200,8 +190,7 @@ def _pick_namespace(s2cs: str | None) -> str | None:
     """The login for ``s2cs``: its own, else one made for the scope configured for it, else
     (no scope configured) the default login. A login made for one S2CS is never sent to
     another one unless the settings give both the same scope."""
-    have = namespaces()
-    if not have:
+    if not (have := namespaces()):
         return None
     if s2cs:
         if namespace_for(s2cs) in have:
@@ -231,8 +220,7 @@ def stored_token(s2cs: str | None = None) -> str | None:
     if ns is None:
         return None
     store = TokenStore(ns)
-    data = store.primary()
-    if data is None:
+    if (data := store.primary()) is None:
         return None
     if data.expires_at_seconds - time.time() > REFRESH_MARGIN:
         return data.access_token

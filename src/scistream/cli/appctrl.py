@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import click
 from rich.markup import escape
@@ -25,12 +24,15 @@ from ..apps.demo import VerifyError
 from ..client import AsyncClient
 from ..client.instances import join_instances
 from ..client.order import hello_after_req, session_of
-from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, channel_options, err,
-                     handle_errors, local_uid, option, out)
+from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel_options, client, die, err,
+                     handle_errors, local_uid, option, out, stacked)
 
 
-def _client(s2cs: str, token_arg: str, server_cert, insecure, token_opt, uid: str) -> AsyncClient:
-    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token_opt or token_arg, uid))
+def _client(uid: str, s2cs: str, token_arg: str, server_cert, insecure, token_opt) -> AsyncClient:
+    """The controller's client of S2CS, its arguments checked first (a mistake: exit 2, nothing sent)."""
+    local_uid(uid)
+    s2cs = join_instances(s2cs, "S2CS")
+    return client(s2cs, server_cert, insecure, token_opt or token_arg, uid)
 
 
 async def _session_num_conn(c: AsyncClient, uid: str) -> int:
@@ -50,17 +52,19 @@ def cli() -> None:
     """SciStream application controller: announce an application's endpoints and start it."""
 
 
+_hello_arguments = stacked(
+    click.argument("uid"), click.argument("s2cs"), click.argument("access_token", metavar="TOKEN"),
+    click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False)),
+    click.argument("controller_ip", required=False, default="127.0.0.1"))
+
+
 @cli.command("create-appctrl",
              epilog="Examples:\n\n  appctrl create-appctrl UID 10.0.0.2:5000 - PROD 10.0.0.5 --size 1G\n\n"
                     "  appctrl create-appctrl UID 10.1.0.2:5000 - CONS --size 1G\n\n"
                     "CONTROLLER_IP (PROD): the address the producer listens on, which the PROD "
                     "gateway's data server connects to (default 127.0.0.1: producer and gateway on one "
                     "host). The PROD controller serves until Ctrl-C (or --connections N).")
-@click.argument("uid")
-@click.argument("s2cs")
-@click.argument("access_token", metavar="TOKEN")
-@click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False))
-@click.argument("controller_ip", required=False, default="127.0.0.1")
+@_hello_arguments
 @option("--app", type=click.Choice(["demo", "iperf3", "none"]), default="demo", show_default=True,
         help="What to run: the bundled demo producer/consumer, iperf3, or nothing (hello only).")
 @option("--num-conn", type=click.IntRange(1), default=None,
@@ -92,14 +96,10 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
     S2CS is HOST:PORT, or HOST:PORT,HOST:PORT for several instances of one facility's
     control server (the next is tried while one is unreachable). CONTROLLER_IP (PROD only)
     is where the producer listens: the PROD gateway's data server connects there."""
-    local_uid(uid)
-    s2cs = join_instances(s2cs, "S2CS")
-    role = role.upper()
-
     dgrams = UdpDemo(datagram_size, udp_rate) if udp else None
 
-    async def run() -> int:
-        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token"), uid) as c:
+    async def run() -> None:
+        async with _client(uid, s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
             if role == "PROD":
                 n = num_conn or (await _session_num_conn(c, uid) if app == "demo" else 1)
                 await run_prod(c, uid, controller_ip, app=app, num_conn=n, size=size,
@@ -110,43 +110,32 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
                 if report and result is not None:
                     with open(report, "w") as f:
                         json.dump(_report(result), f)
-        return Exit.OK
 
     try:
-        sys.exit(asyncio.run(run()))
+        asyncio.run(run())
     except VerifyError as exc:
-        err.print(f"[red]verification failed[/]: {exc}")
-        sys.exit(Exit.FAILED)
+        die(f"[red]verification failed[/]: {exc}", Exit.FAILED)
     except (ConnectionError, OSError) as exc:
-        err.print(f"[red]application failed[/]: {exc}")
-        sys.exit(Exit.FAILED)
+        die(f"[red]application failed[/]: {exc}", Exit.FAILED)
 
 
 def _report(result) -> dict:
     if isinstance(result, UdpReport):
         return {"bytes": result.bytes, "seconds": result.seconds, "streams": len(result.flows),
                 "datagrams": result.received, "lost": result.lost, "reordered": result.reordered,
-                "duplicates": sum(f.duplicates for f in result.flows), "loss": result.loss,
+                "duplicates": result.duplicates, "loss": result.loss,
                 "gbps": result.bytes * 8 / result.seconds / 1e9 if result.seconds else 0.0}
     return {"bytes": result.bytes, "seconds": result.seconds, "streams": len(result.streams), "gbps": result.gbps}
 
 
 @cli.command("mock", epilog="Example: appctrl mock UID 127.0.0.1:5000 - PROD --insecure")
-@click.argument("uid")
-@click.argument("s2cs")
-@click.argument("access_token", metavar="TOKEN")
-@click.argument("role", metavar="PROD|CONS", type=click.Choice(["PROD", "CONS"], case_sensitive=False))
-@click.argument("controller_ip", required=False, default="127.0.0.1")
+@_hello_arguments
 @channel_options
 @handle_errors("appctrl mock")
 def mock(uid, s2cs, access_token, role, controller_ip, server_cert, insecure, **kw) -> None:
     """Send a hello with fixed test endpoints (127.0.0.1:5074, 5075, 5076, 37000, 47000)."""
-    local_uid(uid)
-    s2cs = join_instances(s2cs, "S2CS")
-    role = role.upper()
-
     async def run() -> None:
-        async with _client(s2cs, access_token, server_cert, insecure, kw.get("token"), uid) as c:
+        async with _client(uid, s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
             resp = await hello_after_req(c, uid, role, MOCK_ENDPOINTS if role == "PROD" else [])
             out.print(resp.message)
             if resp.listeners:

@@ -5,18 +5,22 @@ spelling (``--num-conn`` and ``--num_conn``), so existing scripts keep working.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import CertificateRejected, ScistreamError
+from ..addr import check_uid
+from ..client import AsyncClient, ChannelOptions, sessionfile
+from ..errors import CertificateRejected, InvalidArgument, LocalMistake, ScistreamError
 from ..units import SIZE_HELP, parse_size
 
 out = Console(highlight=False, soft_wrap=True)
@@ -49,10 +53,7 @@ EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 refused by the server (bad input, unknow
 
 def exit_code(exc: ScistreamError) -> Exit:
     """The exit code of an error, by the table above."""
-    if getattr(exc, "usage", False):
-        return Exit.USAGE
-    code = exc.status.name if exc.status is not None else "ERROR"
-    return _EXIT_FOR.get(code, Exit.REFUSED)
+    return Exit.USAGE if getattr(exc, "usage", False) else _EXIT_FOR.get(exc.status.name, Exit.REFUSED)
 
 
 def error_label(exc: ScistreamError) -> str:
@@ -61,7 +62,7 @@ def error_label(exc: ScistreamError) -> str:
         return "TLS"
     if getattr(exc, "usage", False):
         return "local mistake"
-    return exc.status.name if exc.status is not None else "ERROR"
+    return exc.status.name
 
 
 class Size(click.ParamType):
@@ -92,12 +93,17 @@ def option(*names: str, **kw) -> Callable:
     return click.option(*names, *extra, **kw)
 
 
+def die(message: str, code: int) -> NoReturn:
+    """``message`` (rich markup) on stderr, then exit with ``code``."""
+    err.print(message)
+    sys.exit(code)
+
+
 def fail(action: str, exc: ScistreamError) -> NoReturn:
     """One line on stderr, ``ACTION failed (WHAT): message``, and the table's exit code.
     WHAT is ``local mistake`` for what the client found before sending anything, ``TLS``
     for a certificate that does not verify, else the server's gRPC status."""
-    err.print(f"[red]{escape(action)} failed[/] ({error_label(exc)}): {escape(str(exc))}")
-    sys.exit(exit_code(exc))
+    die(f"[red]{escape(action)} failed[/] ({error_label(exc)}): {escape(str(exc))}", exit_code(exc))
 
 
 def handle_errors(action: str):
@@ -109,8 +115,7 @@ def handle_errors(action: str):
             except ScistreamError as exc:
                 fail(action, exc)
             except KeyboardInterrupt:
-                err.print(f"[yellow]{escape(action)} interrupted[/]")
-                sys.exit(130)
+                die(f"[yellow]{escape(action)} interrupted[/]", 130)
         return wrapper
     return deco
 
@@ -123,40 +128,37 @@ def setup_logging(verbose: bool, *, quiet_default: bool = True) -> None:
         logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
-def _verbose(ctx: click.Context, param, value: bool) -> None:
-    if value:
-        setup_logging(True)
+def stacked(*decorators) -> Callable:
+    """One decorator for ``decorators`` written one above the other (the first on top)."""
+    return lambda fn: functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
 
 
-def verbose_option(fn):
-    """-v/--verbose: debug logging, gRPC's own lines included (scistream.cli sets gRPC's
-    verbosity before it is imported, from the command line)."""
-    return click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
-                        help="Debug logging, gRPC's own included.")(fn)
+# -v/--verbose: debug logging, gRPC's own lines included (scistream.cli sets gRPC's verbosity
+# before it is imported, from the command line)
+verbose_option = click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True,
+                              callback=lambda ctx, param, value: value and setup_logging(True),
+                              help="Debug logging, gRPC's own included.")
 
 
 def channel_options(fn=None, *, several: bool = False):
     """--server-cert, --insecure and --token (and -v) for every command that calls an S2CS;
     ``several``: --server-cert repeats, one per --s2cs (status and list ask several)."""
-    if fn is None:
-        return lambda f: channel_options(f, several=several)
-    fn = verbose_option(fn)
-    fn = option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
-                help="Access token to send (default: from `s2uc login`).")(fn)
-    fn = option("--insecure", is_flag=True, default=False,
-                help="Plaintext control channel (only for a server started with --insecure).")(fn)
     which = ("; repeatable: one for every --s2cs, or one per --s2cs in the same order" if several else "")
-    fn = option("--server-cert", "--server-crt", multiple=several, default=() if several else None,
-                envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
-                help=f"PEM certificate to verify the S2CS against{which} (default: the one this client "
-                     "recorded for that address, else ./server.crt if present, else the system's roots).")(fn)
-    return fn
+    deco = stacked(
+        option("--server-cert", "--server-crt", multiple=several, default=() if several else None,
+               envvar="SCISTREAM_SERVER_CERT", show_envvar=True,
+               help=f"PEM certificate to verify the S2CS against{which} (default: the one this client "
+                    "recorded for that address, else ./server.crt if present, else the system's roots)."),
+        option("--insecure", is_flag=True, default=False,
+               help="Plaintext control channel (only for a server started with --insecure)."),
+        option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
+               help="Access token to send (default: from `s2uc login`)."),
+        verbose_option)
+    return deco if fn is None else deco(fn)
 
 
 def local_uid(uid: str) -> str:
     """A uid from the command line: a UUID, or a local mistake (exit 2), before anything is sent."""
-    from ..addr import check_uid
-    from ..errors import InvalidArgument, LocalMistake
     try:
         return check_uid(uid)
     except InvalidArgument as exc:
@@ -166,7 +168,6 @@ def local_uid(uid: str) -> str:
 def channel(s2cs: str, server_cert: str | None, insecure: bool, token: str | None, uid: str | None = None):
     """How to reach ``s2cs``: as the command line says, else as this client recorded it for
     ``uid`` (or for any session) in its session files (``client.sessionfile``)."""
-    from ..client import ChannelOptions, sessionfile
     pem = None
     if not server_cert and not insecure:
         known = sessionfile.recorded_access(s2cs, uid)
@@ -177,17 +178,20 @@ def channel(s2cs: str, server_cert: str | None, insecure: bool, token: str | Non
                           cert_pem=pem)
 
 
-def access_of(opts) -> tuple[bytes | None, bool]:
-    """What to record of a channel that worked: the certificate's PEM, and plaintext or not."""
-    if opts.insecure:
-        return None, True
-    cert = opts.resolved_cert()
-    if cert:
-        try:
-            return open(cert, "rb").read(), False
-        except OSError:
-            return None, False
-    return opts.cert_pem, False
+def client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None,
+           uid: str | None = None) -> AsyncClient:
+    """A client of ``s2cs`` reached as ``channel`` says."""
+    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token, uid))
+
+
+def remember(uid: str, role: str, address: str, opts: ChannelOptions, **fields) -> None:
+    """Record the side just set up (``client.sessionfile``): its address and how it was
+    reached, the certificate's PEM (not its file, which may move) or plaintext."""
+    pem = None if opts.insecure else opts.cert_pem
+    if not opts.insecure and (cert := opts.resolved_cert()):
+        with contextlib.suppress(OSError):
+            pem = Path(cert).read_bytes()
+    sessionfile.save_side(uid, role, address, cert_pem=pem, insecure=opts.insecure, **fields)
 
 
 def resolve_token(explicit: str | None, s2cs: str | None = None) -> str | None:
@@ -199,21 +203,12 @@ def resolve_token(explicit: str | None, s2cs: str | None = None) -> str | None:
     first instance that the scope configured for it, or the default login, fits."""
     if explicit and explicit not in ("-", "INVALID_TOKEN"):
         return explicit
-    env = os.environ.get("SCISTREAM_TOKEN")
-    if env:
+    if env := os.environ.get("SCISTREAM_TOKEN"):
         return env
-    try:
-        from ..auth.tokens import stored_token
-    except ImportError:
-        return None
+    from ..auth.base import AuthConfigError
+    from ..auth.tokens import namespace_for, namespaces, stored_token
     if not s2cs or "," not in s2cs:
         return stored_token(s2cs)
-    return _stored_token_of_instances(s2cs, stored_token)
-
-
-def _stored_token_of_instances(s2cs: str, stored_token) -> str | None:
-    from ..auth.base import AuthConfigError
-    from ..auth.tokens import namespace_for, namespaces
     instances = [a.strip() for a in s2cs.split(",") if a.strip()]
     try:
         have = set(namespaces())
@@ -223,8 +218,4 @@ def _stored_token_of_instances(s2cs: str, stored_token) -> str | None:
     for name in (s2cs, *instances):
         if namespace_for(name) in have:
             return stored_token(name)
-    for name in instances:
-        token = stored_token(name)
-        if token:
-            return token
-    return None
+    return next(filter(None, map(stored_token, instances)), None)

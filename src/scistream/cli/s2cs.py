@@ -18,181 +18,165 @@ from ..config import check_config_command, config_option
 from ..control.server import ConfigError, ServerConfig, serve
 from ..data.base import backend_names
 from ..data.spec import UDP_IDLE, UDP_MAX_FLOWS, parse_keepalive
-from .common import Exit, err, option, setup_logging
+from .common import Exit, die, err, option, setup_logging, stacked
 
 TYPES = backend_names()
 
 
-class Keepalive(click.ParamType):
-    """``IDLE,INTERVAL,COUNT`` or ``system`` -> (idle, interval, count)."""
-    name = "IDLE,INTERVAL,COUNT"
+class _Parsed(click.ParamType):
+    """A value ``parse`` reads (its ValueError is the message); one of type ``done`` is read already."""
+
+    def __init__(self, name: str, parse, done: type) -> None:
+        self.name, self.parse, self.done = name, parse, done
 
     def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
+        if isinstance(value, self.done):
             return value
         try:
-            return parse_keepalive(value)
+            return self.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class Rtt(click.ParamType):
+def _rtt(value) -> float:
     """A round trip: ``100ms``, ``0.15s``, ``50`` (ms) -> seconds."""
-    name = "DURATION"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        from ..netns.wan import WanSpecError, parse_ms
-        try:
-            ms = parse_ms(value, "round trip")
-        except WanSpecError as exc:
-            self.fail(str(exc), param, ctx)
-        if ms <= 0:
-            self.fail(f"round trip {value!r} must be above 0", param, ctx)
-        return ms / 1000
+    from ..netns.wan import parse_ms
+    if (ms := parse_ms(value, "round trip")) <= 0:
+        raise ValueError(f"round trip {value!r} must be above 0")
+    return ms / 1000
 
 
-class Rate(click.ParamType):
+def _rate(value) -> float:
     """A rate: ``10gbit``, ``400mbit``, ``1e9`` -> bit/s."""
-    name = "RATE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        from ..netns.wan import WanSpecError, parse_rate
-        try:
-            bps = parse_rate(value)
-        except WanSpecError as exc:
-            self.fail(str(exc), param, ctx)
-        if bps is None:
-            self.fail(f"rate {value!r} must be above 0", param, ctx)
-        return float(bps)
+    from ..netns.wan import parse_rate
+    if (bps := parse_rate(value)) is None:
+        raise ValueError(f"rate {value!r} must be above 0")
+    return float(bps)
 
 
-def server_options(fn):
-    opts = [
-        config_option(),
-        option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
-               help="gRPC control port (0: any free port)."),
-        option("--listener-ip", default="127.0.0.1", show_default=True,
-               help="Address the data servers listen on and report in listeners."),
-        option("--control-ip", default=None, help="Address the control port binds (default: --listener-ip)."),
-        option("--type", "server_type", default="Builtin", show_default=True,
-               type=click.Choice(TYPES, case_sensitive=False), help="Data server kind."),
-        option("--port-range", default="5100-5200", show_default=True, help="Ports for data-server listeners."),
-        option("--hello-timeout", type=float, default=180.0, show_default=True,
-               help="Seconds a req waits for the application's hello."),
-        option("--hello-grace", type=float, default=5.0, show_default=True,
-               help="Seconds a hello that came before its req waits for it."),
-        option("--max-conn", type=int, default=64, show_default=True, help="Largest num_conn a session may ask for."),
-        option("--max-rate", type=int, default=0, show_default=True,
-               help="Bandwidth of this node in kbit/s shared by all sessions (0: unlimited)."),
-        option("--server-cert", "--server-crt", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               help="TLS certificate (PEM) for the control channel."),
-        option("--server-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               help="TLS private key (PEM) for the control channel."),
-        option("--insecure", is_flag=True, help="Plaintext control channel (development only)."),
-        option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-               help="Certificate, configs, logs, sessions (default: ~/.local/state/scistream/s2cs-PORT)."),
-        option("--store", default=None, metavar="URL",
-               help="Session store: postgresql://USER@HOST[:PORT]/DB[?sslmode=verify-full...], shared by "
-                    "several nodes (default: SQLite sessions.db in the state directory)."),
-        option("--facility", is_flag=True,
-               help="A facility of several nodes: sessions are placed on the node services registered in "
-                    "--store (s2ds serve --store ...); every s2cs of the facility is active."),
-        option("--node-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               help="--facility: the facility's node token (mode 0600), the one the nodes obey."),
-        option("--node-timeout", type=click.FloatRange(0, min_open=True), default=15.0, show_default=True,
-               help="--facility: seconds without a heartbeat before a node is lost and its sessions fail."),
-        option("--auth", type=click.Choice(["none", "static", "jwt", "globus"]), default=None,
-               help="How callers are authenticated (required; `none` is for development only)."),
-        option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               help="--auth static: the token-hash file (`s2cs token add` writes it)."),
-        option("--jwt-jwks", default=None, metavar="PATH_OR_URL", help="--auth jwt: the JWKS file or URL."),
-        option("--jwt-issuer", default=None, help="--auth jwt: the issuer (iss) to accept."),
-        option("--jwt-audience", default=None, help="--auth jwt: the audience (aud) tokens must name."),
-        option("--jwt-leeway", type=float, default=None, help="--auth jwt: clock leeway in seconds [30]."),
-        option("--globus-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               help="--auth globus: TOML file with client_id, client_secret, scope[, audience] "
-                    "(or SCISTREAM_GLOBUS_CLIENT_ID / _SECRET / _SCOPE in the environment)."),
-        option("--client-id", default=None, help="--auth globus: this S2CS's Globus client id."),
-        option("--client-secret", default=None, hidden=True),
-        option("--globus-scope", default=None, help="--auth globus: the scope tokens must carry."),
-        option("--globus-audience", default=None,
-               help="--auth globus: the audience tokens must name (default: the client id)."),
-        option("--auth-cache-ttl", type=float, default=None,
-               help="Seconds a token check is remembered (globus [60]; jwt: JWKS URL refresh [300])."),
-        option("--auth-timeout", type=float, default=None,
-               help="Seconds to wait for Globus Auth or a JWKS URL [10]."),
-        option("--admin", "admins", multiple=True, help="Identity that may release any session (repeatable)."),
-        option("--wan-plaintext", is_flag=True, help="Do not encrypt the WAN leg (operator's choice)."),
-        option("--allow-legacy-plaintext", is_flag=True,
-               help="Give clients of the original tooling (no WAN secret) a plaintext WAN leg."),
-        option("--enforce-legacy-rate", is_flag=True,
-               help="Enforce the rate of clients of the original tooling (no WAN secret) too; by "
-                    "default it is not (they send 10000 kbit/s, which that tooling never enforced)."),
-        option("--max-lease", type=click.FloatRange(0), default=0.0, show_default=True,
-               help="Longest session lifetime in seconds, also the default; a req may ask for less "
-                    "(0: unlimited)."),
-        option("--update-timeout", type=click.FloatRange(0), default=3600.0, show_default=True,
-               help="Seconds a session may wait between its hello and its update before it "
-                    "expires and frees its ports (0: no limit)."),
-        option("--tcp-keepalive", type=Keepalive(), default="60,15,4", show_default=True,
-               help="TCP keepalive of the data servers' sockets, IDLE,INTERVAL,COUNT (seconds, "
-                    "seconds, probes): a peer that vanished silently is dropped after "
-                    "IDLE + INTERVAL x COUNT seconds; 'system' keeps the kernel's settings."),
-        option("--wan-congestion", default="auto", show_default=True, metavar="NAME",
-               help="Builtin: congestion control of the WAN leg's sockets (TCP_CONGESTION): a name this "
-                    "kernel has (net.ipv4.tcp_available_congestion_control), 'auto' (bbr where the kernel "
-                    "has it, else the kernel's default) or 'system' (the kernel's default, or a route's "
-                    "congctl). The LAN legs keep the kernel's default."),
-        option("--max-rtt", type=Rtt(), default="100ms", show_default=True,
-               help="The longest round trip of a WAN path this gateway serves: the line at start says "
-                    "what one stream can reach there with this host's buffer limits."),
-        option("--drain", is_flag=True,
-               help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
-                    "running and the next start re-adopts them."),
-        option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-               help="Serve Prometheus metrics on this port (0: any free port; default: off)."),
-        option("--metrics-ip", default=None, help="Address of the metrics endpoint (default: the control ip)."),
-        option("--workers", type=click.IntRange(0), default=0, show_default=True,
-               help="Builtin: worker processes of the node service this s2cs runs (0: one per core)."),
-        option("--data-service", type=click.Path(dir_okay=False, path_type=Path), default=None,
-               metavar="SOCKET",
-               help="Builtin: use the node service an operator runs on this socket (s2ds serve) "
-                    "instead of starting one (STATE_DIR/node.sock)."),
-        option("--plain-relay", type=click.Choice(["auto", "splice", "copy"]), default="auto", show_default=True,
-               help="Builtin: how the node service this s2cs runs moves plain legs: copy (recv/send) "
-                    "or splice; auto copies on loopback legs, where it costs less, and splices "
-                    "elsewhere."),
-        option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
-               help="Open connections one session may have; data servers refuse more and count "
-                    "the refusals (0: no cap; Stunnel cannot enforce it)."),
-        click.option("--udp/--no-udp", "udp", default=True, show_default=True,
-               help="Carry UDP on every session port beside TCP, to the same targets (the first "
-                    "datagram from a new source opens a flow). Builtin and Nginx only: HAProxy and "
-                    "stunnel carry no UDP. Builtin encrypts it on the WAN leg; Nginx cannot, so it "
-                    "carries UDP only on sessions whose WAN leg is plain, unless --udp-plaintext."),
-        option("--udp-plaintext", is_flag=True,
-               help="Nginx: carry UDP IN THE CLEAR across the WAN even beside an encrypted TCP leg "
-                    "(logged at start, shown in status and the web view)."),
-        option("--udp-max-flows", type=click.IntRange(0), default=UDP_MAX_FLOWS, show_default=True,
-               help="UDP flows (sources) one session may have open at once; datagrams of more are "
-                    "dropped and counted (0: no cap)."),
-        option("--udp-idle", type=click.FloatRange(0, min_open=True), default=UDP_IDLE, show_default=True,
-               help="Seconds a UDP flow lasts without a datagram either way."),
-        option("--web-port", type=click.IntRange(0, 65535), default=None,
-               help="Serve the read-only web view of sessions and throughput on this port, with "
-                    "the same authentication and TLS as the control channel (0: any free port; "
-                    "default: off)."),
-        option("--web-ip", default=None, help="Address of the web view (default: the control ip)."),
-        option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True),
-        option("--verbose", "-v", is_flag=True, help="Debug logging."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+KEEPALIVE = _Parsed("IDLE,INTERVAL,COUNT", parse_keepalive, tuple)   # or "system"
+RTT = _Parsed("DURATION", _rtt, float)
+RATE = _Parsed("RATE", _rate, float)
+
+
+server_options = stacked(
+    config_option(),
+    option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
+           help="gRPC control port (0: any free port)."),
+    option("--listener-ip", default="127.0.0.1", show_default=True,
+           help="Address the data servers listen on and report in listeners."),
+    option("--control-ip", default=None, help="Address the control port binds (default: --listener-ip)."),
+    option("--type", "server_type", default="Builtin", show_default=True,
+           type=click.Choice(TYPES, case_sensitive=False), help="Data server kind."),
+    option("--port-range", default="5100-5200", show_default=True, help="Ports for data-server listeners."),
+    option("--hello-timeout", type=float, default=180.0, show_default=True,
+           help="Seconds a req waits for the application's hello."),
+    option("--hello-grace", type=float, default=5.0, show_default=True,
+           help="Seconds a hello that came before its req waits for it."),
+    option("--max-conn", type=int, default=64, show_default=True, help="Largest num_conn a session may ask for."),
+    option("--max-rate", type=int, default=0, show_default=True,
+           help="Bandwidth of this node in kbit/s shared by all sessions (0: unlimited)."),
+    option("--server-cert", "--server-crt", type=click.Path(dir_okay=False, path_type=Path), default=None,
+           help="TLS certificate (PEM) for the control channel."),
+    option("--server-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+           help="TLS private key (PEM) for the control channel."),
+    option("--insecure", is_flag=True, help="Plaintext control channel (development only)."),
+    option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+           help="Certificate, configs, logs, sessions (default: ~/.local/state/scistream/s2cs-PORT)."),
+    option("--store", default=None, metavar="URL",
+           help="Session store: postgresql://USER@HOST[:PORT]/DB[?sslmode=verify-full...], shared by "
+                "several nodes (default: SQLite sessions.db in the state directory)."),
+    option("--facility", is_flag=True,
+           help="A facility of several nodes: sessions are placed on the node services registered in "
+                "--store (s2ds serve --store ...); every s2cs of the facility is active."),
+    option("--node-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+           help="--facility: the facility's node token (mode 0600), the one the nodes obey."),
+    option("--node-timeout", type=click.FloatRange(0, min_open=True), default=15.0, show_default=True,
+           help="--facility: seconds without a heartbeat before a node is lost and its sessions fail."),
+    option("--auth", type=click.Choice(["none", "static", "jwt", "globus"]), default=None,
+           help="How callers are authenticated (required; `none` is for development only)."),
+    option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+           help="--auth static: the token-hash file (`s2cs token add` writes it)."),
+    option("--jwt-jwks", default=None, metavar="PATH_OR_URL", help="--auth jwt: the JWKS file or URL."),
+    option("--jwt-issuer", default=None, help="--auth jwt: the issuer (iss) to accept."),
+    option("--jwt-audience", default=None, help="--auth jwt: the audience (aud) tokens must name."),
+    option("--jwt-leeway", type=float, default=None, help="--auth jwt: clock leeway in seconds [30]."),
+    option("--globus-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+           help="--auth globus: TOML file with client_id, client_secret, scope[, audience] "
+                "(or SCISTREAM_GLOBUS_CLIENT_ID / _SECRET / _SCOPE in the environment)."),
+    option("--client-id", default=None, help="--auth globus: this S2CS's Globus client id."),
+    option("--client-secret", default=None, hidden=True),
+    option("--globus-scope", default=None, help="--auth globus: the scope tokens must carry."),
+    option("--globus-audience", default=None,
+           help="--auth globus: the audience tokens must name (default: the client id)."),
+    option("--auth-cache-ttl", type=float, default=None,
+           help="Seconds a token check is remembered (globus [60]; jwt: JWKS URL refresh [300])."),
+    option("--auth-timeout", type=float, default=None,
+           help="Seconds to wait for Globus Auth or a JWKS URL [10]."),
+    option("--admin", "admins", multiple=True, help="Identity that may release any session (repeatable)."),
+    option("--wan-plaintext", is_flag=True, help="Do not encrypt the WAN leg (operator's choice)."),
+    option("--allow-legacy-plaintext", is_flag=True,
+           help="Give clients of the original tooling (no WAN secret) a plaintext WAN leg."),
+    option("--enforce-legacy-rate", is_flag=True,
+           help="Enforce the rate of clients of the original tooling (no WAN secret) too; by "
+                "default it is not (they send 10000 kbit/s, which that tooling never enforced)."),
+    option("--max-lease", type=click.FloatRange(0), default=0.0, show_default=True,
+           help="Longest session lifetime in seconds, also the default; a req may ask for less "
+                "(0: unlimited)."),
+    option("--update-timeout", type=click.FloatRange(0), default=3600.0, show_default=True,
+           help="Seconds a session may wait between its hello and its update before it "
+                "expires and frees its ports (0: no limit)."),
+    option("--tcp-keepalive", type=KEEPALIVE, default="60,15,4", show_default=True,
+           help="TCP keepalive of the data servers' sockets, IDLE,INTERVAL,COUNT (seconds, "
+                "seconds, probes): a peer that vanished silently is dropped after "
+                "IDLE + INTERVAL x COUNT seconds; 'system' keeps the kernel's settings."),
+    option("--wan-congestion", default="auto", show_default=True, metavar="NAME",
+           help="Builtin: congestion control of the WAN leg's sockets (TCP_CONGESTION): a name this "
+                "kernel has (net.ipv4.tcp_available_congestion_control), 'auto' (bbr where the kernel "
+                "has it, else the kernel's default) or 'system' (the kernel's default, or a route's "
+                "congctl). The LAN legs keep the kernel's default."),
+    option("--max-rtt", type=RTT, default="100ms", show_default=True,
+           help="The longest round trip of a WAN path this gateway serves: the line at start says "
+                "what one stream can reach there with this host's buffer limits."),
+    option("--drain", is_flag=True,
+           help="On SIGTERM/Ctrl-C release every session; by default connected sessions keep "
+                "running and the next start re-adopts them."),
+    option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+           help="Serve Prometheus metrics on this port (0: any free port; default: off)."),
+    option("--metrics-ip", default=None, help="Address of the metrics endpoint (default: the control ip)."),
+    option("--workers", type=click.IntRange(0), default=0, show_default=True,
+           help="Builtin: worker processes of the node service this s2cs runs (0: one per core)."),
+    option("--data-service", type=click.Path(dir_okay=False, path_type=Path), default=None,
+           metavar="SOCKET",
+           help="Builtin: use the node service an operator runs on this socket (s2ds serve) "
+                "instead of starting one (STATE_DIR/node.sock)."),
+    option("--plain-relay", type=click.Choice(["auto", "splice", "copy"]), default="auto", show_default=True,
+           help="Builtin: how the node service this s2cs runs moves plain legs: copy (recv/send) "
+                "or splice; auto copies on loopback legs, where it costs less, and splices "
+                "elsewhere."),
+    option("--max-session-conns", type=click.IntRange(0), default=0, show_default=True,
+           help="Open connections one session may have; data servers refuse more and count "
+                "the refusals (0: no cap; Stunnel cannot enforce it)."),
+    click.option("--udp/--no-udp", "udp", default=True, show_default=True,
+           help="Carry UDP on every session port beside TCP, to the same targets (the first "
+                "datagram from a new source opens a flow). Builtin and Nginx only: HAProxy and "
+                "stunnel carry no UDP. Builtin encrypts it on the WAN leg; Nginx cannot, so it "
+                "carries UDP only on sessions whose WAN leg is plain, unless --udp-plaintext."),
+    option("--udp-plaintext", is_flag=True,
+           help="Nginx: carry UDP IN THE CLEAR across the WAN even beside an encrypted TCP leg "
+                "(logged at start, shown in status and the web view)."),
+    option("--udp-max-flows", type=click.IntRange(0), default=UDP_MAX_FLOWS, show_default=True,
+           help="UDP flows (sources) one session may have open at once; datagrams of more are "
+                "dropped and counted (0: no cap)."),
+    option("--udp-idle", type=click.FloatRange(0, min_open=True), default=UDP_IDLE, show_default=True,
+           help="Seconds a UDP flow lasts without a datagram either way."),
+    option("--web-port", type=click.IntRange(0, 65535), default=None,
+           help="Serve the read-only web view of sessions and throughput on this port, with "
+                "the same authentication and TLS as the control channel (0: any free port; "
+                "default: off)."),
+    option("--web-ip", default=None, help="Address of the web view (default: the control ip)."),
+    option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True),
+    option("--verbose", "-v", is_flag=True, help="Debug logging."))
 
 
 AUTH_OPTIONS = ("token_file", "jwt_jwks", "jwt_issuer", "jwt_audience", "jwt_leeway", "globus_config",
@@ -202,23 +186,17 @@ AUTH_OPTIONS = ("token_file", "jwt_jwks", "jwt_issuer", "jwt_audience", "jwt_lee
 def _run(**kw) -> None:
     setup_logging(kw.pop("verbose"), quiet_default=False)
     if kw.pop("client_secret"):
-        err.print("[red]s2cs: a client secret on the command line is visible to every user (ps); "
-                  "set SCISTREAM_GLOBUS_CLIENT_SECRET or use --globus-config FILE instead[/]")
-        sys.exit(Exit.USAGE)
+        die("[red]s2cs: a client secret on the command line is visible to every user (ps); "
+            "set SCISTREAM_GLOBUS_CLIENT_SECRET or use --globus-config FILE instead[/]", Exit.USAGE)
     auth_options = {k: v for k in AUTH_OPTIONS if (v := kw.pop(k)) is not None}
     config = ServerConfig(**kw, auth_options=auth_options)
-    authenticator = None
-    if config.auth is not None and (config.auth != "none" or auth_options):
-        try:
-            authenticator = make_authenticator(config.auth or "none", **auth_options)
-        except AuthConfigError as exc:
-            err.print(f"[red]s2cs: {escape(str(exc))}[/]")
-            sys.exit(Exit.USAGE)
     try:
+        authenticator = None
+        if config.auth is not None and (config.auth != "none" or auth_options):
+            authenticator = make_authenticator(config.auth or "none", **auth_options)
         asyncio.run(serve(config, authenticator=authenticator))
-    except ConfigError as exc:
-        err.print(f"[red]s2cs: {exc}[/]")
-        sys.exit(Exit.USAGE)
+    except (AuthConfigError, ConfigError) as exc:
+        die(f"[red]s2cs: {escape(str(exc))}[/]", Exit.USAGE)
     except KeyboardInterrupt:
         pass
 
@@ -251,9 +229,8 @@ def token() -> None:
     """Manage the token file of `--auth static`."""
 
 
-def _token_file(fn):
-    return option("--token-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-                  help="The token file the server reads (created mode 0600 if missing).")(fn)
+_token_file = option("--token-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="The token file the server reads (created mode 0600 if missing).")
 
 
 def _tokens(action: str, fn, *args):
@@ -261,8 +238,7 @@ def _tokens(action: str, fn, *args):
     try:
         return fn(*args)
     except AuthConfigError as exc:
-        err.print(f"[red]s2cs token {action}: {escape(str(exc))}[/]")
-        sys.exit(Exit.USAGE)
+        die(f"[red]s2cs token {action}: {escape(str(exc))}[/]", Exit.USAGE)
 
 
 @token.command("add", epilog="Example: s2cs token add alice@uni.edu --token-file /etc/scistream/tokens")
@@ -302,9 +278,8 @@ def nodes() -> None:
     """The nodes of a facility (s2cs --facility): list, drain, undrain."""
 
 
-def _store_option(fn):
-    return option("--store", required=True, metavar="URL", envvar="SCISTREAM_STORE",
-                  help="The facility's store: postgresql://USER@HOST[:PORT]/DB.")(fn)
+_store_option = option("--store", required=True, metavar="URL", envvar="SCISTREAM_STORE",
+                       help="The facility's store: postgresql://USER@HOST[:PORT]/DB.")
 
 
 def _nodes_call(url: str, what):
@@ -323,8 +298,8 @@ def _nodes_call(url: str, what):
     try:
         return asyncio.run(run())
     except ScistreamError as exc:
-        err.print(f"[red]s2cs nodes: {escape(str(exc))}[/]")
-        sys.exit(Exit.RETRY if isinstance(exc, StoreError) else Exit.REFUSED)
+        die(f"[red]s2cs nodes: {escape(str(exc))}[/]",
+            Exit.RETRY if isinstance(exc, StoreError) else Exit.REFUSED)
 
 
 @nodes.command("list", epilog="Example: s2cs nodes list --store postgresql://scistream@db/scistream")

@@ -12,6 +12,7 @@ grpc here, the service is a data-plane process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -39,9 +40,8 @@ def main() -> None:
 cli = main  # the name every program's group has (scripts/gen-cli-docs, tests/test_docs.py)
 
 
-def _socket_option(fn):
-    return click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-                        help=SOCKET_HELP)(fn)
+_socket_option = click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path),
+                              required=True, help=SOCKET_HELP)
 
 
 @main.command(epilog="Example: s2ds serve --socket /run/scistream/node.sock --workers 4")
@@ -119,7 +119,9 @@ def _membership(store, node_name, address, control, port_range, max_rate, max_se
     import socket as socketlib
     from ..addr import parse_listener
     from ..control.pgstore import is_postgres_url, redact
+    from ..control.ports import parse_port_range
     from ..data.node.facility import read_token
+    from ..errors import InvalidArgument
     if not is_postgres_url(store):
         raise click.UsageError(f"--store {redact(store)}: give a postgresql://USER@HOST[:PORT]/DATABASE URL")
     if address is None:
@@ -143,13 +145,10 @@ def _membership(store, node_name, address, control, port_range, max_rate, max_se
             host, port = parse_listener(control)
     except Exception as exc:  # noqa: BLE001 - the parser's message says what is wrong
         raise click.UsageError(f"--control: {exc}") from None
-    lo, sep, hi = port_range.partition("-")
     try:
-        ports = range(int(lo), int(hi if sep else lo) + 1)
-        if not (1 <= ports.start <= ports.stop - 1 <= 65535):
-            raise ValueError
-    except ValueError:
-        raise click.UsageError(f"--port-range {port_range!r}: give LOW-HIGH, e.g. 5100-5200") from None
+        ports = parse_port_range(port_range)
+    except InvalidArgument as exc:
+        raise click.UsageError(f"--port-range: {exc}") from None
     return dict(store_url=store, name=node_name or socketlib.gethostname(), address=address.strip("[]"),
                 control=(host, int(port)), port_range=ports, max_rate=max_rate, max_sessions=max_sessions,
                 token=token, heartbeat=heartbeat, state_dir=Path(state_dir).absolute())
@@ -210,19 +209,12 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
     for i, arg in enumerate(argv[:-1]):
         if arg in passed:
             cmd += [arg, argv[i + 1]]
-    if log_path is None:
-        try:
+    if log_path is None:   # the running one's standard error, if it is a file
+        with contextlib.suppress(OSError):
             log_path = Path(os.readlink(f"/proc/{old['pid']}/fd/2"))
-            if not log_path.is_file():
-                log_path = None
-        except OSError:
-            log_path = None
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
+        log_path = log_path if log_path and log_path.is_file() else None
+    with open(log_path, "ab") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    finally:
-        if log_path:
-            out.close()
     deadline = time.monotonic() + timeout
     delay = 0.02
     while time.monotonic() < deadline:
@@ -230,14 +222,12 @@ def restart(socket_path: Path, workers: int | None, log_path: Path | None, timeo
             click.echo(f"s2ds: the new service exited with code {proc.returncode}", err=True)
             sys.exit(5)
         from ..data.node.client import ServiceError, call_once
-        try:
+        with contextlib.suppress(ServiceError):
             reply = asyncio.run(call_once(socket_path, {"op": "ping"}, 2.0))
             if reply.get("pid") == proc.pid:
                 click.echo(f"node service restarted: pid {old['pid']} -> {proc.pid}, "
                            f"{reply.get('sessions')} sessions taken over")
                 return
-        except ServiceError:
-            pass
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     click.echo(f"s2ds: the new service (pid {proc.pid}) did not take over within {timeout:g} s", err=True)

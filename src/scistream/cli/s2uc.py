@@ -31,19 +31,11 @@ from ..client.instances import BadInstances, join_instances
 from ..client.order import (ORIGINAL_SERVER, BadTargets, check_targets, original_server_note,
                             req_and_hello, session_of, wan_security_of)
 from ..errors import LocalMistake, ScistreamError
-from .common import (EXIT_CODES_HELP, access_of, channel, channel_options, err, error_label, exit_code,
-                     handle_errors, local_uid, option, out)
-
-
-def _client(s2cs: str, server_cert: str | None, insecure: bool, token: str | None,
-            uid: str | None = None) -> AsyncClient:
-    return AsyncClient(s2cs, channel(s2cs, server_cert, insecure, token, uid))
-
-
-def _remember(c: AsyncClient, uid: str, role: str, **fields) -> None:
-    """Record the side just set up: its address and how it was reached (sessionfile)."""
-    pem, insecure = access_of(c.opts)
-    sessionfile.save_side(uid, role, c.address, cert_pem=pem, insecure=insecure, **fields)
+from .common import (EXIT_CODES_HELP, channel_options, client, err, error_label, exit_code, handle_errors,
+                     local_uid, option, out, remember)
+from .s2uc_auth import auth_commands
+from .s2uc_connect import connect_commands
+from .s2uc_status import status_commands
 
 
 def _split(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -70,9 +62,8 @@ S2CS_HELP = ("The control server to talk to; several instances of one facility's
              "HOST:PORT,HOST:PORT (tried in order while one is unreachable).")
 
 
-def s2cs_option(fn):
-    return option("--s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
-                  help=S2CS_HELP)(fn)
+s2cs_option = option("--s2cs", required=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
+                     help=S2CS_HELP)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -104,7 +95,7 @@ async def _prod_req(c: AsyncClient, uid: str, num_conn: int, rate: int, lease: i
             raise
         header()
         resp = await req
-    _remember(c, uid, "PROD", wan_secret=resp.wan_secret, listeners=list(resp.listeners))
+    remember(uid, "PROD", c.address, c.opts, wan_secret=resp.wan_secret, listeners=list(resp.listeners))
     _proto_lines("listeners", resp.listeners)
     _proto_lines("prod_listeners", resp.prod_listeners)
     if not mock and len(resp.prod_listeners) != num_conn:
@@ -139,7 +130,7 @@ def prod_req(s2cs, num_conn, rate, lease, mock, server_cert, insecure, token) ->
     uid = str(uuid.uuid4())
 
     async def run() -> None:
-        async with _client(s2cs, server_cert, insecure, token, uid) as c:
+        async with client(s2cs, server_cert, insecure, token, uid) as c:
             await _prod_req(c, uid, num_conn, rate, lease, mock, s2cs)
     asyncio.run(run())
 
@@ -162,10 +153,11 @@ def inbound_request(s2cs, num_conn, rate, remote_ip, receiver_ports, lease, serv
     uid = str(uuid.uuid4())
 
     async def run() -> None:
-        async with _client(s2cs, server_cert, insecure, token) as c:
+        async with client(s2cs, server_cert, insecure, token) as c:
             resp = await req_and_hello(c, uid, "PROD", c.req(uid, "PROD", num_conn, rate, lease=lease),
                                        endpoints)
-            _remember(c, uid, "PROD", wan_secret=resp.wan_secret, listeners=list(resp.listeners))
+            remember(uid, "PROD", c.address, c.opts, wan_secret=resp.wan_secret,
+                     listeners=list(resp.listeners))
             targets = check_targets(resp.prod_listeners, "the producer's endpoints", usage=False)
             _note_wan("PROD", s2cs, await c.update(uid, "PROD", targets, resp.wan_secret))
             _proto_lines("listeners", resp.listeners)
@@ -187,22 +179,6 @@ def _endpoints(remote_ip: str, receiver_ports: str) -> list[str]:
 
 
 # -- CONS side -------------------------------------------------------------------------
-async def _cons(c: AsyncClient, uid: str, prod_listeners: list[str], num_conn: int | None, rate: int,
-                lease: int, send_hello: bool, s2cs: str) -> list[str]:
-    n = num_conn or len(prod_listeners)
-    secret = sessionfile.wan_secret(uid)
-    if not secret:
-        err.print(f"[yellow]note[/]: no WAN secret for {uid} in {sessionfile.sessions_dir()} (prod-req "
-                  "and inbound-request keep it there, or pass --wan-secret-file); the CONS S2CS will "
-                  "refuse unless it allows a plaintext WAN leg")
-    req = c.req(uid, "CONS", n, rate, lease=lease)
-    # the original's outbound-request says PROD in this hello; every server accepts that
-    resp = await (req_and_hello(c, uid, "PROD", req) if send_hello else req)
-    _remember(c, uid, "CONS")
-    _note_wan("CONS", s2cs, await c.update(uid, "CONS", prod_listeners, secret))
-    return list(resp.listeners)
-
-
 @cli.command("cons-req", epilog="Example: s2uc cons-req --s2cs 10.1.0.2:5000 UID 10.0.0.2:5100,10.0.0.2:5101")
 @s2cs_option
 @click.argument("uid")
@@ -248,10 +224,19 @@ def _cons_command(s2cs, uid, prod_listener, num_conn, rate, lease, wan_secret_fi
     _import_secret(uid, wan_secret_file)
 
     async def run() -> list[str]:
-        async with _client(s2cs, server_cert, insecure, token, uid) as c:
+        async with client(s2cs, server_cert, insecure, token, uid) as c:
             if not send_hello:
                 out.print("waiting for hello message")
-            return await _cons(c, uid, listeners, num_conn, rate, lease, send_hello=send_hello, s2cs=s2cs)
+            if not (secret := sessionfile.wan_secret(uid)):
+                err.print(f"[yellow]note[/]: no WAN secret for {uid} in {sessionfile.sessions_dir()} "
+                          "(prod-req and inbound-request keep it there, or pass --wan-secret-file); the "
+                          "CONS S2CS will refuse unless it allows a plaintext WAN leg")
+            req = c.req(uid, "CONS", num_conn or len(listeners), rate, lease=lease)
+            # the original's outbound-request says PROD in this hello; every server accepts that
+            resp = await (req_and_hello(c, uid, "PROD", req) if send_hello else req)
+            remember(uid, "CONS", c.address, c.opts)
+            _note_wan("CONS", s2cs, await c.update(uid, "CONS", listeners, secret))
+            return list(resp.listeners)
     out.print(f"Listeners: {asyncio.run(run())}")
 
 
@@ -295,50 +280,38 @@ def release(uid, s2cs, server_cert, insecure, token) -> None:
     targets = list(dict.fromkeys(targets))
 
     async def one(target: str) -> str:
-        async with _client(target, server_cert, insecure, token, uid) as c:
+        async with client(target, server_cert, insecure, token, uid) as c:
             await c.release(uid)
             return c.note
 
     async def run() -> list:
         return await asyncio.gather(*(one(t) for t in targets), return_exceptions=True)
-    results = asyncio.run(run())
-    failed = [(t, r) for t, r in zip(targets, results) if isinstance(r, BaseException)]
-    for target, r in zip(targets, results):
-        if isinstance(r, str) and r:
+    done, failed = [], []
+    for target, r in zip(targets, asyncio.run(run())):
+        if isinstance(r, BaseException):
+            failed.append((target, r))
+            continue
+        if r:
             err.print(f"[yellow]note[/]: {escape(r)}")
-        if not isinstance(r, BaseException):
-            sessionfile.drop_side(uid, target)
-    if failed and len(targets) == 1:
-        raise failed[0][1]
+        sessionfile.drop_side(uid, target)
+        done.append(target)
+    if len(targets) == 1:
+        if failed:
+            raise failed[0][1]
+        out.print("Release completed")
+        return
     for target, exc in failed:
         if not isinstance(exc, ScistreamError):
             raise exc
         err.print(f"[red]release failed[/] on {escape(target)} ({error_label(exc)}): {escape(str(exc))}")
-    if len(targets) > 1:
-        done = [t for t, r in zip(targets, results) if not isinstance(r, BaseException)]
-        if done:
-            out.print(f"Release completed: {' and '.join(done)}")
-        if failed:
-            raise SystemExit(max(exit_code(e) for _, e in failed))  # type: ignore[arg-type]
-        return
-    out.print("Release completed")
+    if done:
+        out.print(f"Release completed: {' and '.join(done)}")
+    if failed:
+        raise SystemExit(max(exit_code(e) for _, e in failed))  # type: ignore[arg-type]
 
 
-def _add_optional_commands() -> None:
-    """Commands that live in their own modules (login, status, connect)."""
-    for mod, attr in (("s2uc_auth", "auth_commands"), ("s2uc_status", "status_commands"),
-                      ("s2uc_connect", "connect_commands")):
-        try:
-            module = __import__(f"scistream.cli.{mod}", fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"scistream.cli.{mod}":
-                raise
-            continue
-        for command in getattr(module, attr):
-            cli.add_command(command)
-
-
-_add_optional_commands()
+for _command in (*auth_commands, *status_commands, *connect_commands):
+    cli.add_command(_command)
 
 
 def main() -> None:

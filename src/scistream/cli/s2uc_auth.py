@@ -15,8 +15,6 @@ import socket
 import sys
 import webbrowser
 
-from typing import NoReturn
-
 import click
 import globus_sdk
 from rich.markup import escape
@@ -27,12 +25,7 @@ from ..auth.base import AuthConfigError
 from ..auth.tokens import resolve_client_id, resolve_scope, settings_path, store_path
 from ..client import AsyncClient, ChannelOptions
 from ..errors import ScistreamError
-from .common import Exit, channel_options, err, fail, handle_errors, option, out, resolve_token
-
-
-def _config_error(exc: AuthConfigError) -> NoReturn:
-    err.print(f"[red]{escape(str(exc))}[/]")
-    sys.exit(Exit.USAGE)
+from .common import Exit, channel_options, die, err, fail, handle_errors, option, out, resolve_token
 
 
 def _when(seconds_from_now: float) -> str:
@@ -41,9 +34,7 @@ def _when(seconds_from_now: float) -> str:
 
 
 def _can_open_browser() -> bool:
-    if sys.platform in ("darwin", "win32"):
-        return True
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return sys.platform in ("darwin", "win32") or any(map(os.environ.get, ("DISPLAY", "WAYLAND_DISPLAY")))
 
 
 @click.command("login", epilog="Example: s2uc login --s2cs 10.0.0.2:5000 --no-browser")
@@ -61,29 +52,24 @@ def login(s2cs: str | None, scope: str | None, client_id: str | None, no_browser
         scope = resolve_scope(scope, s2cs)
         flow = flows.start_login(cid, scope, label=f"scistream on {socket.gethostname()}")
     except AuthConfigError as exc:
-        _config_error(exc)
+        die(f"[red]{escape(str(exc))}[/]", Exit.USAGE)
     out.print("Please log in with Globus at this URL:\n")
     out.print(flow.url, markup=False)
     out.print()
     if not no_browser and _can_open_browser():
         webbrowser.open(flow.url, new=1)
-    code = click.prompt("Paste the authorization code here", prompt_suffix=": ").strip()
-    if not code:
-        err.print("[red]login failed[/]: no code given")
-        sys.exit(Exit.LOGIN)
+    if not (code := click.prompt("Paste the authorization code here", prompt_suffix=": ").strip()):
+        die("[red]login failed[/]: no code given", Exit.LOGIN)
     try:
         data = flows.finish_login(flow, code, s2cs=s2cs)
     except globus_sdk.GlobusAPIError as exc:
-        err.print(f"[red]login failed[/]: Globus Auth refused the code ({exc.http_status} "
-                  f"{escape(str(exc.code))}); it expires within minutes and works once. "
-                  "Run `s2uc login` again.")
-        sys.exit(Exit.LOGIN)
+        die(f"[red]login failed[/]: Globus Auth refused the code ({exc.http_status} "
+            f"{escape(str(exc.code))}); it expires within minutes and works once. "
+            "Run `s2uc login` again.", Exit.LOGIN)
     except globus_sdk.NetworkError as exc:
-        err.print(f"[red]login failed[/]: cannot reach Globus Auth ({type(exc).__name__}); retry later")
-        sys.exit(Exit.RETRY)
+        die(f"[red]login failed[/]: cannot reach Globus Auth ({type(exc).__name__}); retry later", Exit.RETRY)
     except AuthConfigError as exc:
-        err.print(f"[red]login failed[/]: {escape(str(exc))}")
-        sys.exit(Exit.LOGIN)
+        die(f"[red]login failed[/]: {escape(str(exc))}", Exit.LOGIN)
     where = s2cs or "every S2CS with this scope"
     out.print(f"Logged in for {escape(where)} (scope {escape(scope)}).")
     out.print(f"Access token valid until {_when(data.expires_at_seconds - datetime.datetime.now().timestamp())}"
@@ -99,7 +85,7 @@ def logout(s2cs: str | None) -> None:
     try:
         results = flows.logout(s2cs)
     except AuthConfigError as exc:
-        _config_error(exc)
+        die(f"[red]{escape(str(exc))}[/]", Exit.USAGE)
     if not results:
         out.print(f"Not logged in{' for ' + escape(s2cs) if s2cs else ''}; nothing to do.")
         return
@@ -125,7 +111,7 @@ def check_auth(s2cs: str | None, server_cert: str | None, insecure: bool, token:
     try:
         infos = flows.logins()
     except AuthConfigError as exc:
-        _config_error(exc)
+        die(f"[red]{escape(str(exc))}[/]", Exit.USAGE)
     if infos:
         table = Table("login", "scope", "expires", "refresh")
         for i in infos:
@@ -133,15 +119,12 @@ def check_auth(s2cs: str | None, server_cert: str | None, insecure: bool, token:
             table.add_row(i.namespace, i.scope, exp, "yes" if i.refreshable else "no")
         out.print(table)
     elif s2cs is None:
-        err.print(f"[red]not logged in[/]: run `s2uc login` (settings: {settings_path()})")
-        sys.exit(Exit.LOGIN)
+        die(f"[red]not logged in[/]: run `s2uc login` (settings: {settings_path()})", Exit.LOGIN)
     if s2cs is None:
         return
-    sent = resolve_token(token, s2cs)
-    if sent is None:
-        err.print(f"[red]no token for {escape(s2cs)}[/]: run `s2uc login --s2cs {escape(s2cs)}` "
-                  "(or pass --token / SCISTREAM_TOKEN)")
-        sys.exit(Exit.LOGIN)
+    if (sent := resolve_token(token, s2cs)) is None:
+        die(f"[red]no token for {escape(s2cs)}[/]: run `s2uc login --s2cs {escape(s2cs)}` "
+            "(or pass --token / SCISTREAM_TOKEN)", Exit.LOGIN)
     try:
         n = asyncio.run(_probe(s2cs, ChannelOptions(server_cert=server_cert, insecure=insecure, token=sent)))
     except ScistreamError as exc:
@@ -150,5 +133,3 @@ def check_auth(s2cs: str | None, server_cert: str | None, insecure: bool, token:
 
 
 auth_commands = [login, logout, check_auth]
-
-__all__ = ["auth_commands", "login", "logout", "check_auth"]

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import logging
 import os
 import shlex
-import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,10 +37,8 @@ from ..client import release as release_session
 from ..client import sessionfile
 from ..errors import LocalMistake, ScistreamError
 from ..procs import ChildExited, exe, spawn, tail_text, until_done
-from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, err, exit_code, fail, handle_errors,
-                     local_uid, option, out, verbose_option)
-
-log = logging.getLogger(__name__)
+from .common import (EXIT_CODES_HELP, SIZE_OPTION_HELP, Exit, Size, channel, die, err, exit_code, fail,
+                     handle_errors, local_uid, option, out, remember, stacked, verbose_option)
 
 # -- the two gateways ------------------------------------------------------------------
 def _gateway(s2cs: str, cert: str | None, insecure: bool, token: str | None, uid: str | None) -> Gateway:
@@ -59,22 +53,10 @@ def _gateways(prod_s2cs, cons_s2cs, server_cert, prod_cert, cons_cert, insecure,
             _gateway(cons_s2cs, cons_cert or server_cert, insecure, token, uid))
 
 
-def _remember(uid: str, prod: Gateway, cons: Gateway) -> None:
-    """Record both sides, so `s2uc disconnect UID`, `release UID` and `status UID` find them."""
-    for role, g in (("PROD", prod), ("CONS", cons)):
-        pem = g.server_cert_pem
-        if g.server_cert and not g.insecure:
-            with contextlib.suppress(OSError):
-                pem = Path(g.server_cert).read_bytes()
-        sessionfile.save_side(uid, role, g.address, cert_pem=pem, insecure=g.insecure)
-
-
 def two_sides(fn=None, *, required: bool = True):
     """--prod-s2cs/--cons-s2cs and how to reach each: shared and per-side certificates."""
-    if fn is None:
-        return functools.partial(two_sides, required=required)
     recorded = "" if required else " Default: the one this client recorded for UID."
-    opts = [
+    deco = stacked(
         option("--prod-s2cs", required=required, metavar="HOST:PORT[,...]", envvar="SCISTREAM_PROD_S2CS",
                help="The producer facility's control server (several instances: HOST:PORT,HOST:PORT, "
                     "tried in order while one is unreachable)." + recorded),
@@ -91,11 +73,8 @@ def two_sides(fn=None, *, required: bool = True):
                help="Plaintext control channels (only for servers started with --insecure)."),
         option("--token", envvar="SCISTREAM_TOKEN", default=None, show_envvar=True,
                help="Access token to send to both (default: each S2CS's from `s2uc login`)."),
-        verbose_option,
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+        verbose_option)
+    return deco if fn is None else deco(fn)
 
 
 def appctrl_line(uid: str, g: Gateway, role: str, *, producer_ip: str = "127.0.0.1", num_conn: int = 1,
@@ -115,6 +94,16 @@ def appctrl_line(uid: str, g: Gateway, role: str, *, producer_ip: str = "127.0.0
 # -- progress display ------------------------------------------------------------------
 class Display:
     """Which step, how long: a live view on a terminal, one line per step otherwise."""
+    SHOWN = {  # step: (headline, or None to keep it; what each side is at)
+        Step.REQUESTED: ("waiting for both application controllers' hellos", {
+            "PROD": "waiting for the producer's hello", "CONS": "waiting for the consumer's hello"}),
+        Step.PROD_HELLO: (None, {"PROD": "hello received; pushing the connection map"}),
+        Step.PROD_CONNECTED: (None, {"PROD": "connected"}),
+        Step.CONS_HELLO: (None, {"CONS": "hello received; waiting for the PROD side"}),
+        Step.CONNECTED: ("connected", {"CONS": "connected"}),
+        Step.RELEASING: ("releasing what was set up", {}),
+        Step.RELEASED: ("released: {detail}", {"PROD": "released", "CONS": "released"}),
+    }
 
     def __init__(self, uid: str, prod: Gateway, cons: Gateway, *, live: bool) -> None:
         self.uid, self.prod, self.cons = uid, prod, cons
@@ -133,23 +122,9 @@ class Display:
         return grid
 
     def __call__(self, p: Progress) -> None:
-        if p.step is Step.REQUESTED:
-            self.headline = "waiting for both application controllers' hellos"
-            self.side = {"PROD": "waiting for the producer's hello", "CONS": "waiting for the consumer's hello"}
-        elif p.step is Step.PROD_HELLO:
-            self.side["PROD"] = "hello received; pushing the connection map"
-        elif p.step is Step.PROD_CONNECTED:
-            self.side["PROD"] = "connected"
-        elif p.step is Step.CONS_HELLO:
-            self.side["CONS"] = "hello received; waiting for the PROD side"
-        elif p.step is Step.CONNECTED:
-            self.side["CONS"] = "connected"
-            self.headline = "connected"
-        elif p.step is Step.RELEASING:
-            self.headline = "releasing what was set up"
-        elif p.step is Step.RELEASED:
-            self.headline = f"released: {p.detail}"
-            self.side = {role: "released" for role in self.side}
+        headline, sides = self.SHOWN[p.step]
+        self.headline = headline.format(detail=p.detail) if headline else self.headline
+        self.side.update(sides)
         if self.live is None:
             err.print(f"[{p.elapsed:6.2f} s] {p.step.value}: {escape(p.detail)}")
 
@@ -177,11 +152,8 @@ class AppFailed(ChildExited):
 
 
 def _child_env(token: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("SCISTREAM_TOKEN", None)
-    if token:
-        env["SCISTREAM_TOKEN"] = token  # the environment, not argv: argv is visible to every user
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "SCISTREAM_TOKEN"}
+    return {**env, "SCISTREAM_TOKEN": token} if token else env   # not in argv: argv is visible to every user
 
 
 async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, rate: int, lease: int,
@@ -189,39 +161,36 @@ async def _with_apps(prod: Gateway, cons: Gateway, uid: str, *, num_conn: int, r
                      display: Display) -> tuple[Connection, dict]:
     """Start the demo producer and consumer, connect them, wait for the verified transfer."""
     size -= size % num_conn   # every connection carries as much
-    work = Path(tempfile.mkdtemp(prefix="s2uc-connect-"))
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            task = asyncio.create_task(connect_session(prod, cons, num_conn=num_conn, rate=rate, lease=lease,
-                                                       uid=uid, hello_timeout=hello_timeout,
-                                                       on_progress=display))
-            stack.push_async_callback(_cancel, task)
-            report = work / "consumer.json"
-            pargv = appctrl_line(uid, prod, "PROD", producer_ip=producer_ip, num_conn=num_conn,
-                                 extra=["--size", str(size), "--connections", str(num_conn)])
-            cargv = appctrl_line(uid, cons, "CONS", extra=["--size", str(size), "--report", str(report)])
-            producer = await stack.enter_async_context(
-                spawn([exe("appctrl"), *pargv[1:]], log_path=work / "producer.log", env=_child_env(prod.token)))
-            consumer = await stack.enter_async_context(
-                spawn([exe("appctrl"), *cargv[1:]], log_path=work / "consumer.log", env=_child_env(cons.token)))
-            apps = {producer: ("producer's controller", work / "producer.log"),
-                    consumer: ("consumer's controller", work / "consumer.log")}
-            conn = await until_done(task, apps, AppFailed)
-            try:
-                display.note(f"connected; the demo apps are streaming {size} bytes")
-                rc = await consumer.wait()
-                if rc != 0:
-                    raise AppFailed(f"the consumer failed (exit {rc}): {tail_text(work / 'consumer.log')}")
-                result = json.loads(report.read_text())
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(producer.wait(), 30)
-            finally:
-                released = await release_session(conn)
-                display.note("released on both sides")
-            result["released"] = released.to_dict()
-            return conn, result
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    async with contextlib.AsyncExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="s2uc-connect-")))   # removed last
+        task = asyncio.create_task(connect_session(prod, cons, num_conn=num_conn, rate=rate, lease=lease,
+                                                   uid=uid, hello_timeout=hello_timeout,
+                                                   on_progress=display))
+        stack.push_async_callback(_cancel, task)
+        report = work / "consumer.json"
+        pargv = appctrl_line(uid, prod, "PROD", producer_ip=producer_ip, num_conn=num_conn,
+                             extra=["--size", str(size), "--connections", str(num_conn)])
+        cargv = appctrl_line(uid, cons, "CONS", extra=["--size", str(size), "--report", str(report)])
+        producer = await stack.enter_async_context(
+            spawn([exe("appctrl"), *pargv[1:]], log_path=work / "producer.log", env=_child_env(prod.token)))
+        consumer = await stack.enter_async_context(
+            spawn([exe("appctrl"), *cargv[1:]], log_path=work / "consumer.log", env=_child_env(cons.token)))
+        apps = {producer: ("producer's controller", work / "producer.log"),
+                consumer: ("consumer's controller", work / "consumer.log")}
+        conn = await until_done(task, apps, AppFailed)
+        try:
+            display.note(f"connected; the demo apps are streaming {size} bytes")
+            rc = await consumer.wait()
+            if rc != 0:
+                raise AppFailed(f"the consumer failed (exit {rc}): {tail_text(work / 'consumer.log')}")
+            result = json.loads(report.read_text())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(producer.wait(), 30)
+        finally:
+            released = await release_session(conn)
+            display.note("released on both sides")
+        result["released"] = released.to_dict()
+        return conn, result
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -338,7 +307,8 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
             raise LocalMistake(f"--size {size} is less than one byte per connection (--num-conn {num_conn})")
     except ScistreamError as exc:
         _failed(exc, None, as_json)
-    _remember(uid, prod, cons)   # the appctrl lines printed below find their certificates there
+    for role, g in (("PROD", prod), ("CONS", cons)):   # found by disconnect, release, status, appctrl
+        remember(uid, role, g.address, g.options())
     say = err if as_json else out
     say.print(f"session {uid}: PROD S2CS {prod.address}, CONS S2CS {cons.address}, {num_conn} connection(s)")
     if not start_apps:
@@ -383,9 +353,8 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
         if as_json:
             click.echo(json.dumps({"uid": uid, "error": {"code": "INTERRUPTED", "signal": sig,
                                                          "message": "interrupted; everything set up was released"}}))
-        err.print(f"[yellow]connect interrupted ({sig})[/]: session {uid} released on both sides"
-                  + ("; the apps it started were stopped" if start_apps else ""))
-        sys.exit(130 if sig == "SIGINT" else 143)
+        die(f"[yellow]connect interrupted ({sig})[/]: session {uid} released on both sides"
+            + ("; the apps it started were stopped" if start_apps else ""), 130 if sig == "SIGINT" else 143)
     except ScistreamError as exc:
         sessionfile.forget(uid)
         _failed(exc, uid, as_json)
@@ -393,14 +362,12 @@ def connect(prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_server_cer
         sessionfile.forget(uid)
         if as_json:
             click.echo(json.dumps({"uid": uid, "error": {"code": "APP_FAILED", "message": str(exc)}}))
-        err.print(f"[red]connect failed[/]: {escape(str(exc))}; session {uid} released on both sides")
-        sys.exit(Exit.FAILED)
+        die(f"[red]connect failed[/]: {escape(str(exc))}; session {uid} released on both sides", Exit.FAILED)
 
 
 def _failed(exc: ScistreamError, uid: str | None, as_json: bool) -> NoReturn:
     if as_json:
-        code = exc.status.name if exc.status is not None else "ERROR"
-        click.echo(json.dumps({"uid": uid, "error": {"code": code, "message": str(exc),
+        click.echo(json.dumps({"uid": uid, "error": {"code": exc.status.name, "message": str(exc),
                                                      "exit": int(exit_code(exc))}}))
     fail("connect", exc)
 
@@ -436,5 +403,3 @@ def disconnect(uid, prod_s2cs, cons_s2cs, server_cert, prod_server_cert, cons_se
 
 
 connect_commands = [connect, disconnect]
-
-__all__ = ["connect_commands", "connect", "disconnect", "appctrl_line", "Size"]

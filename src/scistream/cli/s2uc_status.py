@@ -20,13 +20,13 @@ prints them, then the chain from producer to consumer and its bottleneck read fr
 gateways' answers (``--json``: ``legs``, ``bottleneck``, ``chain``); ``--watch`` adds the
 legs' round trips and the bottleneck to the table.
 
-Each ``--s2cs`` is one facility (the PROD one, the CONS one); a comma inside one value
-lists the instances of that facility's control server, asked in order until one answers
-(``scistream.client.instances``). The ``server`` of each session is that value.
+Each ``--s2cs`` is one facility (its instances comma-separated, asked in order until one
+answers): the ``server`` of the sessions it reports.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -37,17 +37,16 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ..client import AsyncClient
 from ..client import sessionfile
 from ..client.instances import join_instances
 from ..client.model import legs_dict
 from ..data.telemetry import hops as chain_hops, verdict
 from ..units import bitrate, duration, size as _size
-from ..errors import LocalMistake, ScistreamError
+from ..errors import LocalMistake, NotFound, ScistreamError
 from ..proto import pb
 from ..data.spec import udp_summary
-from .common import (EXIT_CODES_HELP, Exit, channel, channel_options, err, error_label, exit_code, handle_errors,
-                     local_uid, option, out)
+from .common import (EXIT_CODES_HELP, Exit, channel_options, client, err, error_label, exit_code,
+                     handle_errors, local_uid, option, out, stacked)
 
 
 def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[str, Any]:
@@ -59,13 +58,12 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
         "server": server, "uid": info.uid, "role": info.role, "state": info.state,
         "owner": info.owner, "listeners": list(info.listeners), "targets": list(info.targets),
         "num_conn": info.num_conn, "rate_kbps": info.rate,
-        "rate_enforced": not getattr(info, "rate_not_enforced", False),
+        "rate_enforced": not info.rate_not_enforced,
         "bytes_to_producer": info.bytes_in, "bytes_to_consumer": info.bytes_out,
         "avg_bps_to_producer": round(info.bytes_in * 8 / busy) if busy > 0 else 0,
         "avg_bps_to_consumer": round(info.bytes_out * 8 / busy) if busy > 0 else 0,
         "connections": info.connections, "total_connections": info.total_connections,
-        "refused_connections": info.refused_connections,
-        "cut_streams": getattr(info, "cut_streams", 0),
+        "refused_connections": info.refused_connections, "cut_streams": info.cut_streams,
         # age: the session's life so far, or its whole life once it ended (as in the web view)
         "created": info.created, "age_s": round(max(0.0, end - info.created), 3),
         "setup_s": round(info.connected - info.created, 3) if info.connected else None,
@@ -74,11 +72,11 @@ def session_dict(info: pb.SessionInfo, server: str, server_time: float) -> dict[
                          if info.lease_expires and not info.ended else None),
         "ended": info.ended or None, "last_error": info.last_error,
         "wan_security": info.wan_security, "server_type": info.server_type,
-        "udp": getattr(info, "udp", ""), "udp_counters": dict(getattr(info, "udp_counters", {}) or {}),
+        "udp": info.udp, "udp_counters": dict(info.udp_counters),
         # a facility (s2cs --facility): the node carrying it, the instance that took its req
-        "node": getattr(info, "node", ""), "instance": getattr(info, "instance", ""),
+        "node": info.node, "instance": info.instance,
         # per-hop telemetry: this gateway's legs (lan, wan) and what holds the session back
-        "legs": legs_dict(info), "bottleneck": getattr(info, "bottleneck", ""),
+        "legs": legs_dict(info), "bottleneck": info.bottleneck,
     }
 
 
@@ -112,8 +110,7 @@ def _cert_for(opts: dict, server: str) -> str | None:
 
 async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], list[tuple[str, ScistreamError]]]:
     async def one(server: str) -> list[dict]:
-        chan = channel(server, _cert_for(opts, server), opts["insecure"], opts["token"], uid or None)
-        async with AsyncClient(server, chan) as c:
+        async with client(server, _cert_for(opts, server), opts["insecure"], opts["token"], uid or None) as c:
             resp = await c.status(uid, timeout=opts["timeout"])
         return [session_dict(s, server, resp.server_time) for s in resp.sessions]
 
@@ -146,8 +143,7 @@ def _servers(s2cs: tuple[str, ...], uid: str | None, certs: tuple[str, ...]) -> 
 def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: str | None) -> None:
     worst = Exit.OK
     for server, exc in failed:
-        if uid and isinstance(exc, ScistreamError) and exc.status is not None \
-                and exc.status.name == "NOT_FOUND" and found:
+        if uid and found and isinstance(exc, NotFound):
             continue  # the other side has it: one side may have forgotten an old session
         err.print(f"[red]{escape(server)}[/] ({error_label(exc)}): {escape(str(exc))}")
         worst = max(worst, exit_code(exc))
@@ -155,14 +151,14 @@ def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: st
         sys.exit(worst)
 
 
-def _common(fn):
-    fn = option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait per server.")(fn)
-    fn = option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts).")(fn)
-    fn = option("--s2cs", multiple=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
-                help="Control server to ask (repeatable: one per facility; several instances of one "
-                     "facility's as HOST:PORT,HOST:PORT, asked in order until one answers; status UID "
-                     "defaults to the one(s) this client used for UID).")(fn)
-    return channel_options(fn, several=True)
+_common = stacked(
+    channel_options(several=True),
+    option("--s2cs", multiple=True, metavar="HOST:PORT[,...]", envvar="SCISTREAM_S2CS",
+           help="Control server to ask (repeatable: one per facility; several instances of one "
+                "facility's as HOST:PORT,HOST:PORT, asked in order until one answers; status UID "
+                "defaults to the one(s) this client used for UID)."),
+    option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts)."),
+    option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait per server."))
 
 
 @click.command("status", epilog="Example: s2uc status 6f1c... --s2cs 10.0.0.2:5000 --s2cs 10.1.0.2:5000\n\n"
@@ -182,10 +178,8 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
     if watch:
         if as_json:
             raise LocalMistake("--watch draws a live table; use --json without --watch")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_watch(servers, uid or "", opts, interval))
-        except KeyboardInterrupt:
-            pass
         return
     found, failed = asyncio.run(_query(servers, uid or "", opts))
     if as_json:
@@ -193,8 +187,7 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
     elif uid:
         for d in found:
             _print_one(d)
-        chained = next((d for d in found if d.get("chain")), None)
-        if chained is not None:
+        if (chained := next((d for d in found if d.get("chain")), None)) is not None:
             _print_chain(chained)
     elif found or not failed:
         _print_table(found)
@@ -221,14 +214,22 @@ def list_sessions(active, s2cs, as_json, timeout, server_cert, insecure, token) 
     _finish(failed, found, None)
 
 
-def _print_one(d: dict) -> None:
+def _print_rows(rows: list[tuple[str, object]]) -> None:
+    """LABEL value lines, one borderless table, then a blank line."""
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
+    for k, v in rows:
+        t.add_row(k, escape(str(v)))
+    out.print(t)
+    out.print()
+
+
+def _print_one(d: dict) -> None:
     lease = ("unlimited" if not d["lease_expires"] else
              f"{duration(d['lease_left_s'])} left (ends {_when(d['lease_expires'])})"
              if d["lease_left_s"] is not None else f"ended {_when(d['lease_expires'])}")
-    rows = [
+    _print_rows([
         ("session", f"{d['uid']} {d['role']} on {d['server']}"),
         ("state", d["state"] + (f" since {_when(d['ended'])}" if d["ended"] else "")),
         ("owner", d["owner"]),
@@ -251,11 +252,7 @@ def _print_one(d: dict) -> None:
         *([("node", f"{d['node']} (req taken by {d['instance'] or '-'})")] if d.get("node") else []),
         ("last error", d["last_error"] or "-"),
         *_telemetry_rows(d),
-    ]
-    for k, v in rows:
-        t.add_row(k, escape(str(v)))
-    out.print(t)
-    out.print()
+    ])
 
 
 _LEG_NAMES = {("PROD", "lan"): "A's LAN leg", ("PROD", "wan"): "WAN leg (A)",
@@ -287,14 +284,8 @@ def _print_chain(d: dict) -> None:
     chain = d["chain"]
     hops = " -> ".join(f"{h['hop']} {bitrate(int(h['rate_bps'])) if h['rate_bps'] is not None else '?'}"
                        + (f" ({h['rtt_ms']:.1f} ms)" if h.get("rtt_ms") else "") for h in chain["hops"])
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("chain", escape(hops))
-    t.add_row("bottleneck", escape(chain["bottleneck"]
-                                   + ("" if len(chain["sides"]) == 2 else " (one gateway's view)")))
-    out.print(t)
-    out.print()
+    _print_rows([("chain", hops), ("bottleneck", chain["bottleneck"]
+                                   + ("" if len(chain["sides"]) == 2 else " (one gateway's view)"))])
 
 
 def _rate_cap(d: dict, short: bool = False) -> str:
@@ -368,7 +359,7 @@ def _print_table(found: list[dict]) -> None:
 async def _watch(servers: list[str], uid: str, opts: dict, interval: float) -> None:
     """Poll every ``interval`` seconds and redraw; the first poll fails like ``status`` does."""
     found, failed = await _query(servers, uid, opts)
-    if failed and not found and len(failed) == len(servers):
+    if len(failed) == len(servers):   # none answered
         _finish(failed, found, uid or None)
     seen: dict[tuple, tuple[float, int, int]] = {}
     rates: dict[tuple, tuple[float, float]] = {}
@@ -400,15 +391,3 @@ def _watch_table(found: list[dict], rates: dict, failed: list, interval: float, 
 
 
 status_commands = [status, list_sessions]
-
-
-@click.group()
-def _main() -> None:
-    """status and list, standalone (normally: s2uc status / s2uc list)."""
-
-
-for _c in status_commands:
-    _main.add_command(_c)
-
-if __name__ == "__main__":
-    _main()

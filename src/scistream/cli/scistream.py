@@ -11,7 +11,7 @@ from .. import __version__
 from ..data.base import backend_names
 from ..demo import DemoOptions, run_demo
 from ..errors import ScistreamError
-from .common import SIZE_OPTION_HELP, Exit, Size, err, out, setup_logging
+from .common import SIZE_OPTION_HELP, Exit, Size, die, err, out, setup_logging
 
 TYPES = backend_names()
 
@@ -56,8 +56,7 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, udp, datagram_size,
     """Run a whole session on this machine: two control servers, a producer, a consumer,
     every byte verified, everything released."""
     setup_logging(verbose)
-    total = size
-    if total < num_conn:
+    if size < num_conn:
         raise click.BadParameter("--size must be at least one byte per connection", param_hint="'--size'")
     testbed = None
     wan, wan_args = _wan_spec(wan_opts, netns or in_testbed is not None)
@@ -73,27 +72,23 @@ def demo(size, num_conn, server_type, rate, keep_dir, netns, udp, datagram_size,
                                       + ["--keep-dir"] * keep_dir + ["-v"] * verbose + ["--udp"] * udp
                                       + wan_args + ["--wan-hosts", wan_hosts] * (wan is not None), wan, wan_hosts))
         if wan is not None:  # no emulated WAN on loopback
-            err.print(f"[red]demo failed[/]: --netns: {reason}; the emulated WAN (--wan-*) needs it")
-            sys.exit(Exit.FAILED)
+            die(f"[red]demo failed[/]: --netns: {reason}; the emulated WAN (--wan-*) needs it", Exit.FAILED)
         err.print(f"[yellow]--netns: {reason}; running on loopback instead[/]")
     if in_testbed is not None:
         from ..netns import Testbed, TestbedError
         try:
             testbed = Testbed.attach(in_testbed, wan=wan)
         except TestbedError as exc:
-            err.print(f"[red]demo failed[/]: {exc}")
-            sys.exit(Exit.FAILED)
-    opts = DemoOptions(size=total - total % num_conn, num_conn=num_conn, server_type=server_type,
+            die(f"[red]demo failed[/]: {exc}", Exit.FAILED)
+    opts = DemoOptions(size=size - size % num_conn, num_conn=num_conn, server_type=server_type,
                        rate=rate, keep_dir=keep_dir, say=out.print, testbed=testbed, udp=udp,
                        datagram_size=datagram_size)
     try:
         report = asyncio.run(run_demo(opts))
     except KeyboardInterrupt:
-        err.print("[yellow]demo interrupted; everything it started was stopped[/]")
-        sys.exit(130)
+        die("[yellow]demo interrupted; everything it started was stopped[/]", 130)
     except (ScistreamError, RuntimeError, OSError) as exc:
-        err.print(f"[red]demo failed[/]: {exc}")
-        sys.exit(Exit.FAILED)
+        die(f"[red]demo failed[/]: {exc}", Exit.FAILED)
     setup = sum(secs for name, secs in report.steps if not name.startswith("transfer"))
     out.print(f"report: session {report.uid}; setup and release took {setup * 1000:.0f} ms over "
               f"{len(report.steps) - 1} steps (times above)")

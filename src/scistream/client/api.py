@@ -47,14 +47,10 @@ class ChannelOptions:
 
     def resolved_cert(self) -> str | None:
         """The certificate file to verify against (None: ``cert_pem``, or the system's roots)."""
-        if self.server_cert:
-            return self.server_cert
-        if self.cert_pem:
-            return None
+        if self.server_cert or self.cert_pem:
+            return self.server_cert or None
         env = os.environ.get("SCISTREAM_SERVER_CERT")
-        if env:
-            return env
-        return DEFAULT_CERT if Path(DEFAULT_CERT).exists() else None
+        return env or (DEFAULT_CERT if Path(DEFAULT_CERT).exists() else None)
 
 
 def open_channel(target: str, opts: ChannelOptions, *, connect_timeout: float | None = None) -> grpc.aio.Channel:
@@ -118,12 +114,10 @@ class AsyncClient:
     def _error(self, exc: grpc.aio.AioRpcError, target: str) -> ScistreamError:
         msg = _details(exc)
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            rejected = self._tls_mistake(msg, target)
-            if rejected is not None:
+            if (rejected := self._tls_mistake(msg, target)) is not None:
                 return rejected
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and not msg.startswith("session store"):
-            msg = (f"cannot reach the S2CS at {target}: {msg}. Is it running there? "
-                   "Retry once it is")
+            if not msg.startswith("session store"):
+                msg = f"cannot reach the S2CS at {target}: {msg}. Is it running there? Retry once it is"
         elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             msg = (f"the S2CS at {target} does not know this call ({msg}); a server of "
                    "the original SciStream tooling has no status: use our s2cs for that")
@@ -213,9 +207,7 @@ class AsyncClient:
             self.last_unreachable = failed
 
     def _unreachable(self, failed: list[Unreachable]) -> ScistreamError:
-        last: dict[str, str] = {}
-        for a in failed:
-            last[a.address] = a.details
+        last = {a.address: a.details for a in failed}
         tls = [self._tls_mistake(d, addr) for addr, d in last.items()]
         if tls and all(t is not None for t in tls):
             return tls[0]  # type: ignore[return-value]

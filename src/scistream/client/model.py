@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 from typing import Any, Sequence
 
 from ..proto import pb
 from .api import AsyncClient, ChannelOptions
 from .instances import parse_instances
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +53,13 @@ class Gateway:
     def of(cls, gateway: "Gateway | str | Sequence[str]") -> "Gateway":
         return gateway if isinstance(gateway, Gateway) else cls(gateway)
 
+    def options(self) -> ChannelOptions:
+        return ChannelOptions(server_cert=self.server_cert, insecure=self.insecure, token=self.token,
+                              timeout=self.timeout, cert_pem=self.server_cert_pem)
+
     def client(self) -> AsyncClient:
         """A new low-level client for this gateway (close it, or use ``async with``)."""
-        return AsyncClient(self.address, ChannelOptions(
-            server_cert=self.server_cert, insecure=self.insecure, token=self.token,
-            timeout=self.timeout, cert_pem=self.server_cert_pem))
+        return AsyncClient(self.address, self.options())
 
 
 class Step(str, enum.Enum):
@@ -83,15 +82,19 @@ class Progress:
     detail: str = ""
 
 
-def _plain(obj: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A result's fields but ``drop``, as JSON takes them (tuples as lists)."""
-    return {f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
-            for f in dataclasses.fields(obj) if f.name not in drop}
+class _Result:
+    """A typed result whose ``to_dict`` is its fields but ``_drop``, as JSON takes them."""
+    _drop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if f.name not in self._drop}
 
 
 @dataclasses.dataclass(frozen=True)
-class ProdSide:
+class ProdSide(_Result):
     """The PROD half of a session, connected: the producer's facility is ready."""
+    _drop = ("wan_secret",)
     uid: str
     s2cs: str
     wan_listeners: tuple[str, ...]       # PROD data server's listeners, reachable over the WAN
@@ -99,12 +102,9 @@ class ProdSide:
     wan_security: str                    # "tls", "plain", or "plain (original server)"
     wan_secret: bytes = dataclasses.field(default=b"", repr=False)  # for the CONS side only
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self, drop=("wan_secret",))
-
 
 @dataclasses.dataclass(frozen=True)
-class ConsSide:
+class ConsSide(_Result):
     """The CONS half of a session, connected to the PROD side's WAN listeners."""
     uid: str
     s2cs: str
@@ -112,14 +112,12 @@ class ConsSide:
     targets: tuple[str, ...]             # the PROD WAN listeners they forward to
     wan_security: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class Connection:
+class Connection(_Result):
     """A whole session, both sides connected: the consumer connects to ``consumer_listeners``
     and reaches the producer's endpoints, in order (listener i -> endpoint i)."""
+    _drop = ("steps", "prod", "cons")
     uid: str
     prod_s2cs: str
     cons_s2cs: str
@@ -138,23 +136,20 @@ class Connection:
         return self.steps[-1][1] if self.steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_plain(self, drop=("steps", "prod", "cons")),
+        return {**super().to_dict(),
                 "steps": [{"step": s, "seconds": round(t, 4)} for s, t in self.steps]}
 
 
 @dataclasses.dataclass(frozen=True)
-class Released:
+class Released(_Result):
     """What ``release`` found on each side: True if released, False if not there any more."""
     uid: str
     prod: bool
     cons: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class SessionStatus:
+class SessionStatus(_Result):
     """One session on one S2CS, as its ``status`` RPC reports it."""
     uid: str
     role: str
@@ -188,25 +183,16 @@ class SessionStatus:
 
     @classmethod
     def from_pb(cls, info: pb.SessionInfo) -> "SessionStatus":
-        return cls(uid=info.uid, role=info.role, state=info.state, owner=info.owner,
-                   listeners=tuple(info.listeners), targets=tuple(info.targets),
-                   num_conn=info.num_conn, rate=info.rate, bytes_in=info.bytes_in,
-                   bytes_out=info.bytes_out, connections=info.connections, created=info.created,
-                   lease_expires=info.lease_expires, ended=getattr(info, "ended", 0.0),
-                   last_error=info.last_error, wan_security=info.wan_security,
-                   server_type=info.server_type,
-                   rate_enforced=not getattr(info, "rate_not_enforced", False),
-                   node=getattr(info, "node", ""), instance=getattr(info, "instance", ""),
-                   legs=legs_dict(info), bottleneck=getattr(info, "bottleneck", ""))
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        converted = {"listeners": tuple(info.listeners), "targets": tuple(info.targets),
+                     "rate_enforced": not info.rate_not_enforced, "legs": legs_dict(info)}
+        same = {f.name: getattr(info, f.name) for f in dataclasses.fields(cls) if f.name not in converted}
+        return cls(**same, **converted)
 
 
 def legs_dict(info: pb.SessionInfo) -> dict[str, dict[str, Any]]:
     """The legs of a status answer as plain data: ``{"lan": {...}, "wan": {...}}``."""
     return {leg.leg: {f.name: getattr(leg, f.name) for f in leg.DESCRIPTOR.fields if f.name != "leg"}
-            for leg in getattr(info, "legs", ())}
+            for leg in info.legs}
 
 
 def chain(statuses: "list[SessionStatus]") -> dict[str, Any]:

@@ -26,7 +26,6 @@ import logging
 import time
 from typing import Awaitable, Sequence
 
-
 from ..addr import parse_listener
 from ..errors import InvalidArgument, LocalMistake, NotFound, ScistreamError, Status
 from ..proto import pb

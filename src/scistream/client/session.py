@@ -14,10 +14,6 @@ the error propagates. ``s2uc connect`` is built on it.
     print(conn.consumer_listeners)       # where the consumer connects
     await release(conn)
 
-Each gateway may name several instances of its facility's control server
-(``Gateway("h1:5000,h2:5000")``): every call of a side moves to the next instance while
-one is unreachable (``scistream.client.instances``).
-
 ``request_prod`` and ``request_cons`` do one half each (``s2uc prod-req`` / ``cons-req``);
 ``status`` reads a server's sessions as ``SessionStatus`` records. The order the servers
 of the original tooling need (targets checked before any update; such a server named,
@@ -28,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Sequence, Union
-
 
 from ..addr import check_uid
 from ..errors import CertificateRejected, DeadlineExceeded, InvalidArgument, NotFound, ScistreamError, Status
@@ -77,16 +73,13 @@ class _Clock:
                 log.exception("progress callback failed")
 
 
+@dataclasses.dataclass
 class _Half:
     """One side's req: whether it may hold something on its server."""
-
-    def __init__(self, role: str, gateway: Gateway) -> None:
-        self.role, self.gateway = role, gateway
-        self.sent = False       # the req went out: the server may hold ports for it
-        self.refused = False    # the server said no: it holds nothing for it
-
-    def must_release(self) -> bool:
-        return self.sent and not self.refused
+    role: str
+    gateway: Gateway
+    sent: bool = False       # the req went out: the server may hold ports for it
+    refused: bool = False    # the server said no: it holds nothing for it
 
 
 def _check_args(num_conn: int, rate: int, lease: int) -> None:
@@ -130,17 +123,16 @@ async def _prod_half(c: AsyncClient, half: _Half, uid: str, num_conn: int, rate:
     clock.emit(Step.PROD_HELLO, f"producer endpoints {', '.join(resp.prod_listeners)}; "
                                 f"PROD WAN listeners {', '.join(resp.listeners)}")
     endpoints = check_targets(resp.prod_listeners, "the producer's endpoints (from its hello)", usage=False)
-    upd = await c.update(uid, "PROD", endpoints, resp.wan_secret, timeout=half.gateway.timeout)
-    wan = _wan(upd, half)
+    wan = await _update(c, half, uid, endpoints, resp.wan_secret)
     clock.emit(Step.PROD_CONNECTED, f"PROD data server forwards to the producer (WAN leg {wan})")
     return ProdSide(uid=uid, s2cs=half.gateway.address, wan_listeners=tuple(resp.listeners),
                     producer_endpoints=tuple(resp.prod_listeners), wan_security=wan,
                     wan_secret=resp.wan_secret)
 
 
-def _wan(upd, half: _Half) -> str:
-    """The side's WAN protection; an original server (which says none) is named in the log."""
-    wan = wan_security_of(upd)
+async def _update(c: AsyncClient, half: _Half, uid: str, targets: list[str], secret: bytes) -> str:
+    """The side's update; its WAN protection (an original server, which says none, is named in the log)."""
+    wan = wan_security_of(await c.update(uid, half.role, targets, secret, timeout=half.gateway.timeout))
     if wan == ORIGINAL_SERVER:
         log.warning("%s", original_server_note(half.role, half.gateway.address))
     return wan
@@ -153,8 +145,7 @@ async def _cons_half(c: AsyncClient, half: _Half, uid: str, num_conn: int, rate:
     clock.emit(Step.CONS_HELLO, f"consumer listeners {', '.join(resp.listeners)}")
     side = prod if isinstance(prod, ProdSide) else await asyncio.shield(prod)
     targets = check_targets(side.wan_listeners, "the PROD side's WAN listeners", usage=False)
-    upd = await c.update(uid, "CONS", targets, side.wan_secret, timeout=half.gateway.timeout)
-    wan = _wan(upd, half)
+    wan = await _update(c, half, uid, targets, side.wan_secret)
     clock.emit(Step.CONNECTED, f"CONS data server forwards to {', '.join(side.wan_listeners)} "
                                f"(WAN leg {wan})")
     return ConsSide(uid=uid, s2cs=half.gateway.address, consumer_listeners=tuple(resp.listeners),
@@ -173,7 +164,7 @@ async def _release_half(c: AsyncClient, half: _Half, uid: str) -> bool:
 async def _cleanup(clients: Sequence[AsyncClient], halves: Sequence[_Half], uid: str, clock: _Clock,
                    reason: str) -> None:
     """After a failure or a cancellation: release every side that may hold something."""
-    todo = [(c, h) for c, h in zip(clients, halves) if h.must_release()]
+    todo = [(c, h) for c, h in zip(clients, halves) if h.sent and not h.refused]
     if not todo:
         return
     clock.emit(Step.RELEASING, reason)

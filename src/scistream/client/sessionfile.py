@@ -22,14 +22,11 @@ import json
 import os
 from pathlib import Path
 
+from ..config import config_dir
+
 
 def sessions_dir() -> Path:
-    base = os.environ.get("SCISTREAM_CONFIG_DIR")
-    if base:
-        root = Path(base)
-    else:
-        root = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "scistream"
-    d = root / "sessions"
+    d = config_dir() / "sessions"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d
 
@@ -107,7 +104,4 @@ def _mtime(path: Path) -> float:
 
 
 def forget(uid: str) -> None:
-    try:
-        (sessions_dir() / f"{uid}.json").unlink()
-    except FileNotFoundError:
-        pass
+    (sessions_dir() / f"{uid}.json").unlink(missing_ok=True)

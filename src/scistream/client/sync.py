@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from typing import Any, Callable, Coroutine, TypeVar
 
 from . import session
 from .model import ConsSide, Connection, ProdSide, Released, SessionStatus
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
