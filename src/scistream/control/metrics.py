@@ -283,7 +283,7 @@ class Metrics:
                 if k != "flows":
                     self.ended_udp[k] = self.ended_udp.get(k, 0) + v
 
-    async def refresh(self, concurrency: int = 32) -> None:
+    async def refresh(self) -> None:
         """Ask every live data server for its counters (bounded in time and in parallel); a
         facility's control server reads its sessions and nodes from the store."""
         if hasattr(self.registry, "facility_view"):
@@ -293,15 +293,7 @@ class Metrics:
                 log.warning("metrics: cannot read the facility's store: %s", exc)
                 self.view = None
             return
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(s: Session) -> None:
-            async with sem:
-                await self.registry.stats(s)
-
-        live = [s for s in self.registry.active.values() if s.server is not None]
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True), 5.0)
+        await self.registry.refresh_stats(5.0)
 
     def render(self) -> bytes:
         return generate_latest(self.prom)

@@ -417,6 +417,18 @@ class SessionRegistry:
             session.legs = {}
         return session.total_stats()
 
+    async def refresh_stats(self, timeout: float, concurrency: int = 32) -> None:
+        """Ask every live data server for its counters, in parallel (bounded) and within ``timeout``."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(s: Session) -> None:
+            async with sem:
+                await self.stats(s)
+
+        live = [s for s in self.active.values() if s.server is not None]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True), timeout)
+
     # -- req ----------------------------------------------------------------------------
     async def request(self, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
                       lease: int = 0) -> Session:

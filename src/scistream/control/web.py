@@ -77,13 +77,6 @@ NO_AUTH_BANNER = ("--auth none: AUTHENTICATION IS DISABLED on this control serve
                   "For development only.")
 
 
-def web_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server TLS context from the control channel's certificate and key: Mozilla's
-    "intermediate" profile (TLS 1.2 with AEAD suites and forward secrecy, and TLS 1.3)."""
-    from . import tlscert
-    return tlscert.server_context(cert, key)
-
-
 class _Answer(Exception):
     """Answer the request with ``response`` now (a login page for a caller without a token)."""
 
@@ -119,8 +112,6 @@ class _Rates:
 
 def _key(s: Session) -> tuple[str, str, float]:
     return s.uid, s.role, s.created
-
-
 
 
 def _fmt_time(t: float) -> str:
@@ -210,20 +201,6 @@ class WebView:
                 self._tick.notify_all()
             await asyncio.sleep(max(0.05, SAMPLE_EVERY - (time.monotonic() - started)))
 
-    async def _read_counters(self, concurrency: int = 32) -> None:
-        """Ask a single gateway's live data servers for their counters (within a sample's time)."""
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(s: Session) -> None:
-            async with sem:
-                await self.registry.stats(s)
-
-        live = [s for s in self.registry.active.values() if s.server is not None]
-        if live:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True),
-                                       SAMPLE_EVERY * 0.9)
-
     async def sample(self) -> None:
         """Read every live data server's counters once; add a rate point to each session."""
         reg = self.registry
@@ -233,7 +210,7 @@ class WebView:
             except Exception as exc:  # noqa: BLE001 - the page shows what it had; the log says why
                 log.warning("web view: cannot read the facility's store: %s", exc)
         else:
-            await self._read_counters()
+            await reg.refresh_stats(SAMPLE_EVERY * 0.9)
         now = time.time()
         keep = set()
         for s in reg.sessions():
@@ -334,7 +311,8 @@ class WebView:
         data servers are asked for their byte counters (no rate point is made of it)."""
         if time.time() - self.sampled <= SAMPLE_EVERY:
             return
-        await (self.sample() if hasattr(self.registry, "refresh_view") else self._read_counters())
+        await (self.sample() if hasattr(self.registry, "refresh_view")
+               else self.registry.refresh_stats(SAMPLE_EVERY * 0.9))
 
     def summary(self, sessions: list[Session]) -> dict[str, Any]:
         reg = self.registry
