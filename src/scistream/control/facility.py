@@ -56,9 +56,8 @@ from ..data.node.client import ServiceConnection, ServiceError
 from . import facilitydb as db
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError, Status)
-from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
-                       check_owner, check_request, check_update, choose_wan_secret, rate_enforced,
-                       tell_observers)
+from .sessions import (BaseRegistry, Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
+                       check_owner, check_request, check_update, choose_wan_secret, rate_enforced)
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +71,18 @@ class Unavailable(ScistreamError):
     status = Status.UNAVAILABLE
 
 
+#: The ``fsessions`` columns a Session takes as they are.
+_COLUMNS = ("uid", "role", "num_conn", "rate", "ports", "listeners", "wan_security", "rate_enforced",
+            "prod_listeners", "targets", "created", "connected_at", "ready_at", "ended", "lease_expires",
+            "last_error", "bandwidth", "udp", "node", "instance")
+
+
 def _session(row: Any) -> Session:
     """A Session object (what the servicer answers with) from an ``fsessions`` row."""
     st = json.loads(row["stats"]) if isinstance(row["stats"], str) else dict(row["stats"] or {})
-    s = Session(uid=row["uid"], role=row["role"], owner=Identity(row["owner_id"], row["owner_name"]),
-                num_conn=row["num_conn"], rate=int(row["rate"]), ports=list(row["ports"]),
-                listeners=list(row["listeners"]), workdir=Path("."), server_type="Builtin",
-                wan_secret=bytes(row["wan_secret"]) if row["wan_secret"] is not None else None,
-                wan_security=row["wan_security"], rate_enforced=row["rate_enforced"],
-                prod_listeners=list(row["prod_listeners"]), targets=list(row["targets"]),
-                state=S(row["state"]), created=row["created"], connected_at=row["connected_at"],
-                ready_at=row["ready_at"], ended=row["ended"], lease_expires=row["lease_expires"],
-                last_error=row["last_error"], bandwidth=int(row["bandwidth"]), udp=row["udp"])
-    s.node, s.instance = row["node"], row["instance"]
+    s = Session(**{name: row[name] for name in _COLUMNS}, owner=Identity(row["owner_id"], row["owner_name"]),
+                workdir=Path("."), server_type="Builtin", state=S(row["state"]),
+                wan_secret=bytes(row["wan_secret"]) if row["wan_secret"] is not None else None)
     stats = _stats(st, s.udp)
     if s.state in TERMINAL:
         stats.connections = 0
@@ -162,28 +160,23 @@ class NodeLinks:
         self.links.clear()
 
 
-class FacilityRegistry:
+class FacilityRegistry(BaseRegistry):
     """The session registry of a facility's control server (same coroutines as
-    ``SessionRegistry``, state in PostgreSQL)."""
+    ``SessionRegistry``, state in PostgreSQL). Nothing is kept in memory: ``active`` and
+    ``ended`` are the web view's copy of the store (``refresh_view``)."""
 
     def __init__(self, config: RegistryConfig, store: Any, *, token: str, node_timeout: float = 15.0,
                  events: Observer | Iterable[Observer] | None = None, instance: str = "") -> None:
-        self.config = config
+        super().__init__(config, events)
         self.store = store
         self.node_timeout = node_timeout
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
-        self.observers: list[Observer] = (
-            [] if events is None else [events] if callable(events) else list(events))
-        # nothing is kept in memory: these are the web view's copy of the store (refresh_view)
-        self.active: dict = {}
-        self.ended: collections.OrderedDict = collections.OrderedDict()
         self.nodes_view: list[dict] = []
         self.links = NodeLinks(token, self._node_event)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listen: Any = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
-        self.timer_runs = 0
 
     # -- life ---------------------------------------------------------------------------
     async def start(self, address: str = "") -> None:
@@ -266,9 +259,6 @@ class FacilityRegistry:
     # -- helpers ------------------------------------------------------------------------
     async def _call(self, fn: Callable[[Any], Any], doing: str) -> Any:
         return await self.store._call(fn, doing)
-
-    def _events(self, event: str, session: Session, detail: str) -> None:
-        tell_observers(self.observers, event, session, detail)
 
     def _check_owner(self, row: Any, who: Identity, action: str) -> None:
         check_owner(self.config, row["uid"], row["owner_id"], who, action)
@@ -613,10 +603,6 @@ class FacilityRegistry:
 
         await asyncio.gather(*(one(n, g) for n, g in by_node.items()))
 
-    def sessions(self) -> list[Session]:
-        """The sessions as of the last ``refresh_view`` (the web view's), live first."""
-        return list(self.active.values()) + list(reversed(self.ended.values()))
-
     async def refresh_view(self) -> None:
         """Read the facility's sessions (live ones with fresh counters, the latest ended ones)
         and nodes into ``active``, ``ended`` and ``nodes_view``: what the web view shows."""
@@ -652,7 +638,6 @@ class FacilityRegistry:
     async def run_timers(self) -> float:
         """Act on every due timer and lost node (each exactly once across instances);
         seconds until the next due time."""
-        self.timer_runs += 1
         now = time.time()
         removals: list[tuple[Any, Any]] = []
         events: list[tuple[str, Session, str]] = []

@@ -169,37 +169,22 @@ class Session:
 
     # -- persistence -------------------------------------------------------------------
     def to_record(self) -> SessionRecord:
-        st = self.total_stats()
         return SessionRecord(
             uid=self.uid, role=self.role, created=self.created, state=self.state.value,
             owner_id=self.owner.id, owner_name=self.owner.name, ended=self.ended,
             wan_secret=self.wan_secret, data={
-                "num_conn": self.num_conn, "rate": self.rate, "bandwidth": self.bandwidth,
-                "ports": self.ports, "listeners": self.listeners, "workdir": str(self.workdir),
-                "listen_host": self.listen_host, "server_type": self.server_type,
-                "wan_security": self.wan_security, "udp": self.udp, "rate_enforced": self.rate_enforced,
-                "prod_listeners": self.prod_listeners,
-                "targets": self.targets, "connected_at": self.connected_at, "ready_at": self.ready_at,
-                "lease_expires": self.lease_expires, "last_error": self.last_error,
-                "handle": self.handle, "stats": dataclasses.asdict(st),
-                "stats_base": dataclasses.asdict(self.stats_base),
-            })
+                **{name: getattr(self, name) for name in _RECORDED}, "workdir": str(self.workdir),
+                "stats": dataclasses.asdict(self.total_stats()),
+                "stats_base": dataclasses.asdict(self.stats_base)})
 
     @classmethod
     def from_record(cls, rec: SessionRecord) -> "Session":
         d = rec.data
-        s = cls(uid=rec.uid, role=rec.role, owner=Identity(rec.owner_id, rec.owner_name),
-                num_conn=int(d.get("num_conn", 0)), rate=int(d.get("rate", 0)),
-                ports=[int(p) for p in d.get("ports", [])], listeners=list(d.get("listeners", [])),
-                workdir=Path(d.get("workdir", ".")), listen_host=d.get("listen_host", ""),
-                server_type=d.get("server_type", ""), wan_secret=rec.wan_secret,
-                wan_security=d.get("wan_security", ""), udp=d.get("udp", ""),
-                rate_enforced=bool(d.get("rate_enforced", True)), prod_listeners=list(d.get("prod_listeners", [])),
-                targets=list(d.get("targets", [])), state=SessionState(rec.state), created=rec.created,
-                connected_at=float(d.get("connected_at", 0.0)), ready_at=float(d.get("ready_at", 0.0)),
-                ended=rec.ended,
-                lease_expires=float(d.get("lease_expires", 0.0)), last_error=d.get("last_error", ""),
-                bandwidth=int(d.get("bandwidth", 0)), handle=dict(d.get("handle") or {}))
+        s = cls(uid=rec.uid, role=rec.role, owner=Identity(rec.owner_id, rec.owner_name), created=rec.created,
+                state=SessionState(rec.state), ended=rec.ended, wan_secret=rec.wan_secret,
+                workdir=Path(d.get("workdir", ".")),
+                **{"num_conn": 0, "rate": 0, "ports": [], "listeners": [],
+                   **{name: d[name] for name in _RECORDED if name in d}})
         st = Stats(**d["stats"]) if d.get("stats") else Stats()
         if rec.terminal:
             s.final_stats = st
@@ -214,6 +199,12 @@ class Session:
         if s.state is not S.REQUESTED:
             s.hello_seen.set()
         return s
+
+
+#: What a session's record keeps in its ``data`` as it is (JSON), beside the workdir and the counters.
+_RECORDED = ("num_conn", "rate", "bandwidth", "ports", "listeners", "listen_host", "server_type",
+             "wan_security", "udp", "rate_enforced", "prod_listeners", "targets", "connected_at", "ready_at",
+             "lease_expires", "last_error", "handle")
 
 
 @dataclasses.dataclass
@@ -244,15 +235,6 @@ class RegistryConfig:
     def udp_settings(self) -> dict[str, Any]:
         return {"udp": self.udp, "udp_plaintext": self.udp_plaintext, "udp_max_flows": self.udp_max_flows,
                 "udp_idle": self.udp_idle}
-
-
-def tell_observers(observers: Iterable[Observer], event: str, session: Session, detail: str) -> None:
-    """Every observer hears of the event; one that fails is logged, never breaks a session."""
-    for observe in observers:
-        try:
-            observe(event, session, detail)
-        except Exception:  # an observer must never break a session
-            log.exception("event observer failed on %s", event)
 
 
 def check_owner(config: RegistryConfig, uid: str, owner_id: str, who: Identity, action: str) -> None:
@@ -348,19 +330,39 @@ def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes |
         "with --allow-legacy-plaintext")
 
 
-class SessionRegistry:
+class BaseRegistry:
+    """What a gateway's registry and a facility's (control/facility.py) share: the live
+    sessions and the latest ended ones, and the observers that hear of every event."""
+
+    def __init__(self, config: RegistryConfig, events: Observer | Iterable[Observer] | None) -> None:
+        self.config = config
+        self.active: dict[tuple[str, str], Session] = {}
+        self.ended: collections.OrderedDict[tuple[str, str, float], Session] = collections.OrderedDict()
+        self.observers: list[Observer] = (
+            [] if events is None else [events] if callable(events) else list(events))
+
+    def _events(self, event: str, session: Session, detail: str) -> None:
+        """Every observer hears of the event; one that fails is logged, never breaks a session."""
+        for observe in self.observers:
+            try:
+                observe(event, session, detail)
+            except Exception:  # an observer must never break a session
+                log.exception("event observer failed on %s", event)
+
+    def sessions(self) -> list[Session]:
+        """The live sessions, then the ended ones, the latest first."""
+        return list(self.active.values()) + list(reversed(self.ended.values()))
+
+
+class SessionRegistry(BaseRegistry):
     def __init__(self, config: RegistryConfig, ports: PortPool, bandwidth: BandwidthPool,
                  events: Observer | Iterable[Observer] | None = None,
                  store: SessionStore | None = None) -> None:
-        self.config = config
+        super().__init__(config, events)
         self.ports = ports
         self.bandwidth = bandwidth
         self.store = store
-        self.active: dict[tuple[str, str], Session] = {}
-        self.ended: collections.OrderedDict[tuple[str, str, float], Session] = collections.OrderedDict()
         self._arrivals = asyncio.Condition()
-        self.observers: list[Observer] = (
-            [] if events is None else [events] if callable(events) else list(events))
         self._since_prune = 0
 
     def spec_for(self, session: Session, targets: tuple[str, ...] | None = None) -> DataSpec:
@@ -368,9 +370,6 @@ class SessionRegistry:
         c = self.config
         return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service,
                             wan_congestion=c.wan_congestion, **c.udp_settings())
-
-    def _events(self, event: str, session: Session, detail: str) -> None:
-        tell_observers(self.observers, event, session, detail)
 
     async def save(self, session: Session) -> None:
         """Write the session's record; durable when this returns."""
@@ -395,9 +394,6 @@ class SessionRegistry:
 
     def _check_owner(self, session: Session, who: Identity, action: str) -> None:
         check_owner(self.config, session.uid, session.owner.id, who, action)
-
-    def sessions(self) -> list[Session]:
-        return list(self.active.values()) + list(reversed(self.ended.values()))
 
     async def stats(self, session: Session) -> Stats:
         """Byte counters over the session's life, asking its data server if it has one."""
