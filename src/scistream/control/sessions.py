@@ -73,7 +73,7 @@ def when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _add(a: Stats, b: Stats) -> Stats:
+def add_stats(a: Stats, b: Stats) -> Stats:
     return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
                  a.total_connections + b.total_connections, a.refused_connections + b.refused_connections,
                  a.cut_streams + b.cut_streams, b.failure or a.failure,
@@ -150,7 +150,7 @@ class Session:
 
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
-        self.stats_base = _add(self.stats_base, self.last_stats)
+        self.stats_base = add_stats(self.stats_base, self.last_stats)
         self.stats_base.connections = 0
         self.stats_base.udp.pop("flows", None)
         self.last_stats = Stats()
@@ -159,7 +159,7 @@ class Session:
         """Bytes over the session's life: final, or what replaced servers carried + the current one."""
         if self.final_stats is not None:
             return self.final_stats
-        return _add(self.stats_base, self.last_stats)
+        return add_stats(self.stats_base, self.last_stats)
 
     def error(self, stats: Stats) -> str:
         """What went wrong last, for status: the session's own last error and the data
