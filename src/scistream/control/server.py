@@ -512,9 +512,6 @@ async def serve(config: ServerConfig, *, authenticator: Authenticator | None = N
     server = ControlServer(config, authenticator=authenticator)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
 
     def reopen_logs() -> None:
         # SIGHUP: after a log rotation (deploy/logrotate.conf); it never stops the server
@@ -523,14 +520,16 @@ async def serve(config: ServerConfig, *, authenticator: Authenticator | None = N
                 server.audit.reopen()
             except OSError as exc:
                 log.error("cannot reopen the audit log: %s", exc)
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGHUP, reopen_logs)
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: reopen_logs}
+    for sig, handler in handlers.items():
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler)
     try:
         await server.start()
         await stop.wait()
     finally:
         await server.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in handlers:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
 

@@ -143,22 +143,15 @@ class WebView:
         self._sampler: asyncio.Task | None = None
         self._runner: web.AppRunner | None = None
         self._files: dict[str, tuple[bytes, str]] = {}
-        self.app = self._make_app()
+        self.app = web.Application(middlewares=[self._headers], client_max_size=64 * 1024)
+        self.app.add_routes([
+            web.get("/", self.index), web.get("/session/{uid}/{role}", self.session_page),
+            web.get("/events", self.events), web.get("/api/sessions", self.api_sessions),
+            web.get("/api/session/{uid}/{role}", self.api_session), web.get("/login", self.login_page),
+            web.post("/login", self.login), web.post("/logout", self.logout),
+            web.get("/static/{path:.+}", self.static)])
 
     # -- lifecycle -----------------------------------------------------------------------
-    def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._headers], client_max_size=64 * 1024)
-        app.router.add_get("/", self.index)
-        app.router.add_get("/session/{uid}/{role}", self.session_page)
-        app.router.add_get("/events", self.events)
-        app.router.add_get("/api/sessions", self.api_sessions)
-        app.router.add_get("/api/session/{uid}/{role}", self.api_session)
-        app.router.add_get("/login", self.login_page)
-        app.router.add_post("/login", self.login)
-        app.router.add_post("/logout", self.logout)
-        app.router.add_get("/static/{path:.+}", self.static)
-        return app
-
     async def serve(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen on host:port (0: any free port); return the bound port."""
         self.secure = ssl_context is not None
@@ -217,17 +210,14 @@ class WebView:
             k = _key(s)
             keep.add(k)
             st = s.total_stats()
-            r = self.rates.get(k)
-            if r is None:
-                r = self.rates[k] = _Rates()
+            r = self.rates.setdefault(k, _Rates())
             if s.state in TERMINAL:
                 if r.last is not None and (not r.history or r.history[-1][1:] != (0.0, 0.0)):
                     r.history.append((now, 0.0, 0.0))   # the chart ends at zero
                 r.last = (now, st.bytes_in, st.bytes_out)
             else:
                 r.add(now, st.bytes_in, st.bytes_out)
-        for k in [k for k in self.rates if k not in keep]:
-            del self.rates[k]
+        self.rates = {k: r for k, r in self.rates.items() if k in keep}
         self.sampled = now
 
     # -- who is asking -------------------------------------------------------------------
@@ -236,14 +226,12 @@ class WebView:
         if self.auth_none:
             return ANONYMOUS
         header = request.headers.get("Authorization")
-        token = None
         if header is None:
             sid = request.cookies.get(COOKIE)
             found = self.logins.get(sid) if sid else None
             if found is None or found[1] < time.time():
                 return None
-            token = found[0]
-            header = f"Bearer {token}"
+            header = f"Bearer {found[0]}"
         try:
             return await self.auth.authenticate(header)
         except AuthUnavailable:
@@ -261,12 +249,8 @@ class WebView:
         return [s for s in self.registry.sessions() if s.owner.id == who.id]
 
     def find(self, who: Identity, uid: str, role: str) -> Session:
-        s = self.registry.active.get((uid, role))
-        if s is None:  # the latest ended one of that uid and role
-            for e in reversed(self.registry.ended.values()):
-                if e.uid == uid and e.role == role:
-                    s = e
-                    break
+        s = self.registry.active.get((uid, role)) or next(   # else the latest ended one of that uid and role
+            (e for e in reversed(self.registry.ended.values()) if e.uid == uid and e.role == role), None)
         if s is None or not (self.admin(who) or s.owner.id == who.id):
             raise web.HTTPNotFound(text=f"no session {uid[:64]} {role[:8]} visible to you on this server\n")
         return s
@@ -319,21 +303,19 @@ class WebView:
         states = {st.value: 0 for st in S}
         for s in sessions:
             states[s.state.value] += 1
+        out = {"node": self.hostname, "server_type": reg.config.server_type, "states": states,
+               "sampled": self.sampled}
         if hasattr(reg, "nodes_view"):    # a facility: its nodes' pools
             nodes = reg.nodes_view
-            return {"node": self.hostname, "listener_ip": "", "server_type": reg.config.server_type,
-                    "ports_used": sum(n["ports_used"] for n in nodes),
+            return {**out, "listener_ip": "", "ports_used": sum(n["ports_used"] for n in nodes),
                     "ports_total": sum(n["ports_total"] for n in nodes),
                     "bandwidth_used_kbps": sum(n["bandwidth_used_kbps"] for n in nodes),
                     "bandwidth_max_kbps": sum(n["max_rate_kbps"] for n in nodes),
                     "nodes": [{"name": n["name"], "state": n["state"], "sessions": n["sessions"],
-                               "address": n["address"]} for n in nodes],
-                    "states": states, "sampled": self.sampled}
-        return {"node": self.hostname, "listener_ip": reg.config.listener_ip,
-                "server_type": reg.config.server_type,
-                "ports_used": len(reg.ports.used), "ports_total": len(reg.ports.ports),
-                "bandwidth_used_kbps": reg.bandwidth.used, "bandwidth_max_kbps": reg.bandwidth.max,
-                "states": states, "sampled": self.sampled}
+                               "address": n["address"]} for n in nodes]}
+        return {**out, "listener_ip": reg.config.listener_ip, "ports_used": len(reg.ports.used),
+                "ports_total": len(reg.ports.ports), "bandwidth_used_kbps": reg.bandwidth.used,
+                "bandwidth_max_kbps": reg.bandwidth.max}
 
     def table(self, who: Identity) -> dict[str, Any]:
         now = time.time()
@@ -426,16 +408,14 @@ class WebView:
     async def index(self, request: web.Request) -> web.Response:
         who = await self._who_or_login(request)
         await self._fresh()
-        data = self.table(who)
-        return self._page("sessions", _index_body(data), who, "index")
+        return self._page("sessions", _index_body(self.table(who)), who, "index")
 
     async def session_page(self, request: web.Request) -> web.Response:
         who = await self._who_or_login(request)
         await self._fresh()
         s = self.find(who, request.match_info["uid"], request.match_info["role"])
-        d = self.one(s)
         attrs = f' data-uid="{html.escape(s.uid)}" data-role="{html.escape(s.role)}"'
-        return self._page(f"session {s.uid}", _session_body(d), who, "session", data=attrs)
+        return self._page(f"session {s.uid}", _session_body(self.one(s)), who, "session", data=attrs)
 
     async def login_page(self, request: web.Request) -> web.Response:
         if self.auth_none:
