@@ -137,17 +137,6 @@ class Session:
             self.ended = time.time()
         self.changed.set()
 
-    def spec(self, targets: tuple[str, ...] | None = None,
-             keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "",
-             wan_congestion: str = "", **udp: Any) -> DataSpec:
-        """``udp``: the DataSpec's udp settings (udp, udp_plaintext, udp_max_flows, udp_idle)."""
-        return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
-                        ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
-                        rate_kbps=self.rate if self.rate_enforced else 0, wan_secret=self.wan_secret,
-                        workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service,
-                        wan_congestion=wan_congestion,
-                        lease_end=self.lease_expires, **udp)
-
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
         self.stats_base = add_stats(self.stats_base, self.last_stats)
@@ -231,10 +220,6 @@ class RegistryConfig:
     udp_plaintext: bool = False      # Nginx: UDP in the clear beside an encrypted TCP leg (--udp-plaintext)
     udp_max_flows: int = UDP_MAX_FLOWS   # UDP flows per session (--udp-max-flows; 0: no cap)
     udp_idle: float = UDP_IDLE       # seconds a UDP flow lasts without a datagram (--udp-idle)
-
-    def udp_settings(self) -> dict[str, Any]:
-        return {"udp": self.udp, "udp_plaintext": self.udp_plaintext, "udp_max_flows": self.udp_max_flows,
-                "udp_idle": self.udp_idle}
 
 
 def check_owner(config: RegistryConfig, uid: str, owner_id: str, who: Identity, action: str) -> None:
@@ -367,9 +352,13 @@ class SessionRegistry(BaseRegistry):
 
     def spec_for(self, session: Session, targets: tuple[str, ...] | None = None) -> DataSpec:
         """What the session's data server is started with."""
-        c = self.config
-        return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service,
-                            wan_congestion=c.wan_congestion, **c.udp_settings())
+        c, s = self.config, session
+        return DataSpec(uid=s.uid, role=s.role, listen_host=s.listen_host, ports=tuple(s.ports),
+                        targets=tuple(s.targets) if targets is None else targets,
+                        rate_kbps=s.rate if s.rate_enforced else 0, wan_secret=s.wan_secret, workdir=s.workdir,
+                        lease_end=s.lease_expires, keepalive=c.keepalive, max_conns=c.max_session_conns,
+                        service=c.data_service, wan_congestion=c.wan_congestion, udp=c.udp,
+                        udp_plaintext=c.udp_plaintext, udp_max_flows=c.udp_max_flows, udp_idle=c.udp_idle)
 
     async def save(self, session: Session) -> None:
         """Write the session's record; durable when this returns."""
