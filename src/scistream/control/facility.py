@@ -415,8 +415,7 @@ class FacilityRegistry(BaseRegistry):
                 return await self._end(c, row, state, reason)
         new = await self._call(tx, "write")
         if new is not None:
-            s = _session(new)
-            self._events(state.value, s, reason)
+            self._events(state.value, _session(new), reason)
 
     # -- hello --------------------------------------------------------------------------
     async def hello(self, uid: str, role: str, prod_listeners: Iterable[str], who: Identity) -> Session:
@@ -684,15 +683,11 @@ class FacilityRegistry(BaseRegistry):
             return
         reason = f"data server died on node {node}: {msg.get('reason')}"
 
-        async def fail() -> None:
-            async def tx(c: Any) -> Any:
-                async with c.transaction():
-                    rows = await db.live(c, uid=uid, role=role, node=node)
-                    return await self._end(c, rows[0], S.FAILED, reason) if rows else None
+        async def fail() -> None:   # ends the row only if it is still as read (exactly once)
             with contextlib.suppress(ScistreamError):
-                new = await self._call(tx, "write")
-                if new is not None:
-                    self._events("failed", _session(new), reason)
+                rows = await self._call(lambda c: db.live(c, uid=uid, role=role, node=node, lock=False), "read")
+                if rows:
+                    await self._give_up(rows[0], S.FAILED, reason)
         self._tasks.append(asyncio.get_running_loop().create_task(fail()))
 
 

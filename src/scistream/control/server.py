@@ -357,8 +357,13 @@ class ControlServer:
             "server_type": config.backend.kind, "backend": config.backend, "wan_congestion": config.wan_cc,
             "keepalive": tuple(config.tcp_keepalive), "admins": frozenset(config.admins),
             "data_service": str(self.node.path) if self.node else ""})
-        self.registry = (self._facility_registry if config.facility else SessionRegistry)(  # type: ignore[operator]
-            settings, ports, BandwidthPool(config.max_rate), events=[self.audit.event], store=self.store)
+        if config.facility:
+            from .facility import FacilityRegistry
+            self.registry = FacilityRegistry(settings, self.store, token=config.node_token,  # type: ignore[assignment]
+                                             node_timeout=config.node_timeout, events=[self.audit.event])
+        else:
+            self.registry = SessionRegistry(settings, ports, BandwidthPool(config.max_rate),
+                                            events=[self.audit.event], store=self.store)
         if config.metrics_port is not None:
             self.metrics = Metrics(self.registry)
             self.registry.observers.append(self.metrics.event)
@@ -429,12 +434,10 @@ class ControlServer:
         from .web import WebView  # aiohttp is imported only when asked for
         config = self.config
         ctx = None
-        if not config.insecure:
-            cert = Path(config.server_cert) if config.server_cert else self.state_dir / "server.crt"
-            key = Path(config.server_key) if config.server_key else self.state_dir / "server.key"
-            ctx = tlscert.server_context(cert, key)   # Mozilla's "intermediate" profile
-            if self.certificate is not None:
-                self._tasks.append(asyncio.create_task(_follow_certificate(self.certificate, ctx)))
+        live = self.certificate   # the control port's certificate, as it changes (not --insecure)
+        if live is not None:
+            ctx = tlscert.server_context(live.cert, live.key)   # Mozilla's "intermediate" profile
+            self._tasks.append(asyncio.create_task(_follow_certificate(live, ctx)))
         self.web = WebView(self.registry, self.auth,  # type: ignore[arg-type]
                            auth_none=isinstance(self.auth, NoAuth))
         web_ip = config.web_ip or bind_host
@@ -445,11 +448,6 @@ class ControlServer:
                               f"{exc.strerror}") from None
         log.info("web view on %s://%s/", "http" if ctx is None else "https",
                  format_listener(web_ip, self.web_port))
-
-    def _facility_registry(self, config: RegistryConfig, ports, bandwidth, *, events, store):
-        from .facility import FacilityRegistry
-        return FacilityRegistry(config, store, token=self.config.node_token,
-                                node_timeout=self.config.node_timeout, events=events)
 
     async def _open_node_service(self) -> NodeService:
         config = self.config

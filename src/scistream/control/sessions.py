@@ -507,14 +507,13 @@ class SessionRegistry(BaseRegistry):
         async with self._arrivals:
             while True:
                 candidates = [s for s in self._of_uid(uid) if s.state is S.REQUESTED]
-                if len(candidates) == 1:
-                    return candidates[0]
                 if len(candidates) == 2:  # both roles on one server: trust the hello's role
-                    for s in candidates:
-                        if s.role == role:
-                            return s
-                    raise InvalidArgument(f"uid {uid} waits for a hello as PROD and CONS here; "
-                                          "the hello must give its role")
+                    candidates = [s for s in candidates if s.role == role]
+                    if not candidates:
+                        raise InvalidArgument(f"uid {uid} waits for a hello as PROD and CONS here; "
+                                              "the hello must give its role")
+                if candidates:
+                    return candidates[0]
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
@@ -576,8 +575,7 @@ class SessionRegistry(BaseRegistry):
                 await self._finish(session, S.FAILED, "update interrupted", locked=True)
                 raise
             except BaseException as exc:
-                reason = repr(exc)
-                await self._finish(session, S.FAILED, reason, locked=True)
+                await self._finish(session, S.FAILED, repr(exc), locked=True)
                 if isinstance(exc, Exception):
                     raise DataServerError(f"data server failed to start: {exc}") from exc
                 raise

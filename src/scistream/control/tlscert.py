@@ -18,7 +18,6 @@ and by ``LiveCertificate`` while the server runs): a client that trusts ``server
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import logging
 import os
@@ -60,9 +59,7 @@ def _now() -> datetime.datetime:
 
 def fingerprint(cert_pem: bytes) -> str:
     """SHA-256 of the first certificate of ``cert_pem`` (DER), as AA:BB:..."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex(":").upper()
 
 
 def ca_path(cert_path: Path) -> tuple[Path, Path]:
