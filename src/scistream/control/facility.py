@@ -260,9 +260,6 @@ class FacilityRegistry(BaseRegistry):
     async def _call(self, fn: Callable[[Any], Any], doing: str) -> Any:
         return await self.store._call(fn, doing)
 
-    def _check_owner(self, row: Any, who: Identity, action: str) -> None:
-        check_owner(self.config, row["uid"], row["owner_id"], who, action)
-
     async def _end(self, conn: Any, row: Any, state: SessionState, reason: str,
                    stats: dict | None = None) -> Any:
         """Move a live row to a terminal state (only if it is still ``row['state']``);
@@ -308,13 +305,14 @@ class FacilityRegistry(BaseRegistry):
     async def _place(self, conn: Any, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
                      lease_s: float) -> tuple[Any, bool]:
         import asyncpg
+        taken = AlreadyExists(f"session {uid} is already active as {role} in this facility; "
+                              "use a new uid, or release this one first")
         async with conn.transaction():
             for old in await db.live(conn, uid=uid, role=role):
                 if (old["owner_id"] == owner.id and old["state"] in ("requested", "ready")
                         and old["num_conn"] == num_conn):
                     return old, True       # a retried req: the same session
-                raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
-                                    "use a new uid, or release this one first")
+                raise taken
             names = await db.candidates(conn, self.node_timeout)
             if not names:
                 raise Unavailable("no data-transfer node of this facility is up and accepting "
@@ -345,8 +343,7 @@ class FacilityRegistry(BaseRegistry):
                         listeners=[format_listener(node["address"], p) for p in ports], wan_secret=secret,
                         hello_due=now + self.config.hello_timeout, lease_expires=now + lease_s if lease_s else 0.0)
                 except asyncpg.UniqueViolationError:
-                    raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
-                                        "use a new uid, or release this one first") from None
+                    raise taken from None
                 return row, False
             if all("kbit/s" in w for w in why) and rate <= 0:
                 raise InvalidArgument("every node of this facility caps bandwidth; ask for a rate (kbit/s) "
@@ -462,7 +459,7 @@ class FacilityRegistry(BaseRegistry):
                     return None, False
                 raise FailedPrecondition(f"session {uid} already had its hello")
             row = waiting[0]
-            self._check_owner(row, who, "hello")
+            check_owner(self.config, uid, row["owner_id"], who, "hello")
             if row["role"] == "PROD" and not endpoints:
                 raise InvalidArgument("a PROD hello must name the producer's endpoints (host:port)")
             now = time.time()
@@ -496,7 +493,7 @@ class FacilityRegistry(BaseRegistry):
             if len(rows) > 1:
                 raise InvalidArgument(f"uid {uid} is active as both PROD and CONS here; give the role")
             row = rows[0]
-            self._check_owner(row, who, "update")
+            check_owner(self.config, uid, row["owner_id"], who, "update")
             if row["state"] == "requested":
                 raise FailedPrecondition(f"session {uid} has had no hello yet; start the application "
                                          "controller, then update")
@@ -549,7 +546,7 @@ class FacilityRegistry(BaseRegistry):
             if not rows:
                 raise NotFound(f"no active session {uid} in this facility; it may be released already")
             for r in rows:
-                self._check_owner(r, who, "release")
+                check_owner(self.config, uid, r["owner_id"], who, "release")
             out = []
             for r in rows:
                 stats = None

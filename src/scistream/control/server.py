@@ -33,6 +33,7 @@ from ..data.base import BackendUnavailable, DataServer, get_backend
 from ..data.node.backend import NodeService
 from ..data.spec import KEEPALIVE, UDP_IDLE, UDP_MAX_FLOWS
 from ..data.supervise import bind_error
+from ..data.wankeys import write_private
 from ..errors import DataServerError
 from ..addr import format_listener
 from . import tlscert
@@ -421,14 +422,10 @@ class ControlServer:
             log.info("metrics on http://%s/metrics", format_listener(metrics_ip, self.metrics_port))
         if config.web_port is not None:
             await self._start_web(bind_host)
-        if config.ready_file:
-            # written whole, then renamed: a reader polling for the file never reads it half-written
-            ready = Path(config.ready_file)
-            partial = ready.with_name(ready.name + ".partial")
-            partial.write_text(json.dumps({
+        if config.ready_file:   # replaced whole: a reader polling for the file never reads it half-written
+            write_private(Path(config.ready_file), json.dumps({
                 "port": self.port, "pid": os.getpid(), "state_dir": str(self.state_dir),
                 "metrics_port": self.metrics_port, "web_port": self.web_port}))
-            os.replace(partial, ready)
 
     async def _start_web(self, bind_host: str) -> None:
         from .web import WebView  # aiohttp is imported only when asked for

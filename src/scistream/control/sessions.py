@@ -381,9 +381,6 @@ class SessionRegistry(BaseRegistry):
         """The live sessions of a uid: at most one per role (no scan of the table)."""
         return [s for role in ("PROD", "CONS") if (s := self.active.get((uid, role))) is not None]
 
-    def _check_owner(self, session: Session, who: Identity, action: str) -> None:
-        check_owner(self.config, session.uid, session.owner.id, who, action)
-
     async def stats(self, session: Session) -> Stats:
         """Byte counters over the session's life, asking its data server if it has one."""
         server = session.server
@@ -482,7 +479,7 @@ class SessionRegistry(BaseRegistry):
         """The application's endpoints. Waits a bounded time for a req that has not come yet."""
         endpoints = check_hello(uid, prod_listeners)
         session = await self._await_session(uid, role)
-        self._check_owner(session, who, "hello")
+        check_owner(self.config, session.uid, session.owner.id, who, "hello")
         async with session.lock:
             if session.state is not S.REQUESTED:
                 raise FailedPrecondition(f"session {uid} already had its hello (it is {session.state.value})")
@@ -529,7 +526,7 @@ class SessionRegistry(BaseRegistry):
                      wan_secret: bytes, who: Identity) -> Session:
         remote = check_update(uid, role, remote_listeners)
         session = self._find(uid, role or None)
-        self._check_owner(session, who, "update")
+        check_owner(self.config, session.uid, session.owner.id, who, "update")
         # A name that does not resolve is the caller's mistake: refuse it before anything
         # changes (the session keeps its data server and targets). Data servers get the
         # numeric addresses, so none of them ever waits on DNS.
@@ -602,7 +599,7 @@ class SessionRegistry(BaseRegistry):
         if not found:
             raise NotFound(f"no active session {uid} on this server; it may be released already")
         for s in found:
-            self._check_owner(s, who, "release")
+            check_owner(self.config, s.uid, s.owner.id, who, "release")
         for s in found:
             await self._finish(s, S.RELEASED, "")
             self._events("release", s, "")
