@@ -46,7 +46,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-
 from ..addr import check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
@@ -143,10 +142,8 @@ class NodeLinks:
         ctx.check_hostname = False   # pinned: the one trusted root is the node's own certificate
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         host, port = parse_listener(node["control"])
-
-        def opener():
-            return asyncio.open_connection(host, port, ssl=ctx, limit=16 << 20)
-        conn = ServiceConnection(f"node {name} ({node['control']})", opener=opener, token=self.token,
+        conn = ServiceConnection(f"node {name} ({node['control']})", token=self.token,
+                                 opener=lambda: asyncio.open_connection(host, port, ssl=ctx, limit=16 << 20),
                                  on_event=lambda msg: self.on_event(name, msg))
         self.links[name] = (key, conn)
         return conn
@@ -224,12 +221,10 @@ class FacilityRegistry(BaseRegistry):
         self._waiters.setdefault(uid, set()).add(ev)
         try:
             yield ev
-        finally:
-            evs = self._waiters.get(uid)
-            if evs is not None:
-                evs.discard(ev)
-                if not evs:
-                    del self._waiters[uid]
+        finally:   # the set stays while one of its events does
+            self._waiters[uid].discard(ev)
+            if not self._waiters[uid]:
+                del self._waiters[uid]
 
     def _wake_all(self) -> None:
         for evs in self._waiters.values():
@@ -603,11 +598,10 @@ class FacilityRegistry(BaseRegistry):
         """Read the facility's sessions (live ones with fresh counters, the latest ended ones)
         and nodes into ``active``, ``ended`` and ``nodes_view``: what the web view shows."""
         sessions = await self.snapshot("", Identity("web"), True)
-        nodes = (await list_nodes(self.store, self.node_timeout))["nodes"]
+        self.nodes_view = (await list_nodes(self.store, self.node_timeout))["nodes"]
         self.active = {(s.uid, s.role): s for s in sessions if s.state not in TERMINAL}
         self.ended = collections.OrderedDict(
             ((s.uid, s.role, s.created), s) for s in reversed([s for s in sessions if s.state in TERMINAL]))
-        self.nodes_view = nodes
 
     async def facility_view(self) -> tuple[list[Session], list[dict]]:
         """Every live session of the facility (counters fresh from the nodes) and every node

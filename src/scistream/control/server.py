@@ -79,7 +79,6 @@ class ServerConfig:
     allow_legacy_plaintext: bool = False
     enforce_legacy_rate: bool = False  # enforce the rate of clients without wan_secret (original tooling)
     ready_file: Path | None = None
-    verbose: bool = False
     drain: bool = True               # release every session on stop (the s2cs CLI: --drain)
     max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
     update_timeout: float = 3600.0   # seconds a session may wait between its hello and its update; 0 = no limit

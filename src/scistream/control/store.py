@@ -42,7 +42,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-
 from ..errors import ScistreamError, Status
 
 log = logging.getLogger(__name__)

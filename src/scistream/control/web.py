@@ -581,18 +581,11 @@ def _nodes_html(sm: dict[str, Any]) -> str:
 
 
 def _row_html(r: dict[str, Any]) -> str:
-    cells = []
-    for key, _ in COLUMNS:
-        v = r[key]
-        if key == "uid":
-            v = f'<a href="{_e(r["url"])}">{_e(v)}</a>'
-        elif key == "state":
-            v = f'<span class="state s-{_e(v)}">{_e(v)}</span>'
-        else:
-            v = _e(v)
-        cells.append(f'<td class="c-{key}">{v}</td>')
+    html_of = {"uid": f'<a href="{_e(r["url"])}">{_e(r["uid"])}</a>',
+               "state": f'<span class="state s-{_e(r["state"])}">{_e(r["state"])}</span>'}
+    cells = "".join(f'<td class="c-{key}">{html_of.get(key) or _e(r[key])}</td>' for key, _ in COLUMNS)
     err = f' title="{_e(r["last_error"])}"' if r["last_error"] else ""
-    return f'<tr data-key="{_e(r["uid"])}/{_e(r["role"])}"{err}>{"".join(cells)}</tr>'
+    return f'<tr data-key="{_e(r["uid"])}/{_e(r["role"])}"{err}>{cells}</tr>'
 
 
 def _index_body(data: dict[str, Any]) -> str:
