@@ -117,9 +117,7 @@ def _stats(r: dict | None, udp: str) -> Stats:
 def udp_carriage(config: RegistryConfig, secret: bytes | None) -> str:
     """How a facility's session carries UDP (its nodes seal it, as the Builtin type does):
     "off" (s2cs --no-udp), "plain" (the WAN leg is plain) or "encrypted"."""
-    if not config.udp:
-        return "off"
-    return "plain" if secret is None else "encrypted"
+    return "off" if not config.udp else "plain" if secret is None else "encrypted"
 
 
 class NodeLinks:

@@ -106,9 +106,8 @@ class ControlServicer:
             if code != "OK":
                 self.metrics.error(call.method, code)
         if self.audit is not None:
-            who = call.who.id if call.who is not None else ""
-            self.audit.write(who=who, peer=call.peer, what=call.method, uid=call.uid, role=call.role,
-                             result=code, detail=detail)
+            self.audit.write(who=call.who.id if call.who is not None else "", peer=call.peer, what=call.method,
+                             uid=call.uid, role=call.role, result=code, detail=detail)
 
     async def _who(self, context: grpc.aio.ServicerContext, call: Call) -> Identity:
         call.who = await self.auth.authenticate(_metadata(context, "authorization"))

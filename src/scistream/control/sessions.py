@@ -299,9 +299,8 @@ def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes |
     if given:
         if len(given) != wankeys.SECRET_BYTES:
             raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
-        if role == "PROD" and not wankeys.secrets_equal(given, have or b""):
-            raise PermissionDenied(f"wrong WAN secret for session {uid}")
-        if role == "CONS" and have is not None and not wankeys.secrets_equal(given, have):
+        # a PROD session drew its secret at the req; a CONS one learns it at its first update
+        if (role == "PROD" or have is not None) and not wankeys.secrets_equal(given, have or b""):
             raise PermissionDenied(f"wrong WAN secret for session {uid}")
         return given
     # A client of the original tooling: it knows no wan_secret.

@@ -255,8 +255,7 @@ class SqliteStore(SessionStore):
         try:
             # Create the file 0600 ourselves: SQLite would use the umask, and gives its
             # -wal and -shm files the mode of the database file.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             os.chmod(self.path, 0o600)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]

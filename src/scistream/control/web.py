@@ -418,19 +418,13 @@ class WebView:
         return self._page(f"session {s.uid}", _session_body(self.one(s)), who, "session", data=attrs)
 
     async def login_page(self, request: web.Request) -> web.Response:
-        if self.auth_none:
-            return _redirect("/")
-        return self._login_response(200)
+        return _redirect("/") if self.auth_none else self._login_response(200)
 
     def _same_origin(self, request: web.Request) -> bool:
         """A form of this server posted it (or a client that is no browser): no login CSRF."""
-        site = request.headers.get("Sec-Fetch-Site")
-        if site is not None and site not in ("same-origin", "none"):
-            return False
         origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        return origin.split("://", 1)[-1] == request.host
+        return (request.headers.get("Sec-Fetch-Site") in (None, "same-origin", "none")
+                and (origin is None or origin.split("://", 1)[-1] == request.host))
 
     async def login(self, request: web.Request) -> web.Response:
         if not self._same_origin(request):
@@ -464,9 +458,7 @@ class WebView:
     async def logout(self, request: web.Request) -> web.Response:
         if not self._same_origin(request):
             raise web.HTTPForbidden(text="cross-site logout refused\n")
-        sid = request.cookies.get(COOKIE)
-        if sid:
-            self.logins.pop(sid, None)
+        self.logins.pop(request.cookies.get(COOKIE, ""), None)
         resp = _redirect("/login")
         resp.del_cookie(COOKIE, path="/", secure=self.secure, samesite="Strict")
         return resp
