@@ -103,15 +103,12 @@ def _counters(r: dict | None) -> dict[str, int]:
     return out
 
 
-CARRIED = ("plain", "encrypted")   # the udp carriages of a session whose data server carries UDP
-
-
 def _stats(r: dict | None, udp: str) -> Stats:
     """A node's counters (or a row's ``stats``) as Stats; the UDP ones in ``udp`` if the
     session carries UDP (its carriage ``udp``: see ``udp_carriage``), as a single gateway's."""
     c = _counters(r)
     counted = {k[4:]: c.pop(k) for k in [k for k in c if k.startswith("udp_")]}
-    return Stats(**c, udp=counted if udp in CARRIED else {})
+    return Stats(**c, udp=counted if udp in ("plain", "encrypted") else {})   # the carriages that carry UDP
 
 
 def udp_carriage(config: RegistryConfig, secret: bytes | None) -> str:
@@ -542,9 +539,8 @@ class FacilityRegistry(BaseRegistry):
                 check_owner(self.config, uid, r["owner_id"], who, "release")
             out = []
             for r in rows:
-                stats = None
-                if r["state"] == "connected":
-                    stats = await self._remove_from_node(await db.node(conn, r["node"]), uid, r["role"])
+                stats = (await self._remove_from_node(await db.node(conn, r["node"]), uid, r["role"])
+                         if r["state"] == "connected" else None)
                 new = await self._end(conn, r, S.RELEASED, "", stats)
                 if new is not None:
                     out.append(new)

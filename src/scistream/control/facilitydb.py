@@ -93,11 +93,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_KEY = "uid = $1 AND role = $2 AND created = $3"   # one session row (``row_key``)
-
-
-def _row_key(row: Any) -> tuple[str, str, float]:
-    return row["uid"], row["role"], row["created"]
+_KEY = "uid = $1 AND role = $2 AND created = $3"   # one session row
 
 
 # -- a node (data/node/facility.py) ------------------------------------------------------
@@ -224,7 +220,7 @@ async def _change(c: Any, row: Any, assignments: str, *values: Any, also: str = 
     """``UPDATE`` one session row (``$1``-``$3`` are its key, ``$4``... ``values``, ``also`` a
     further condition): the new row, notified, or None when no row matched."""
     new = await c.fetchrow(f"UPDATE fsessions SET {assignments} WHERE {_KEY}{also} RETURNING *",
-                           *_row_key(row), *values)
+                           row["uid"], row["role"], row["created"], *values)
     if new is not None:
         await notify(c, row["uid"], row["role"])
     return new

@@ -82,7 +82,7 @@ def _pools(ports_help: str, ports_used: int, ports_free: int, bw_used: int, bw_m
 
 
 class Metrics:
-    """The registry's observer (``event``) and the RPCs' counter (``call``, ``error``); a
+    """The registry's observer (``event``) and the RPCs' counter (``call``); a
     collector of what is read from the registry at scrape time (``collect``)."""
 
     def __init__(self, registry: SessionRegistry) -> None:
@@ -105,10 +105,10 @@ class Metrics:
 
     # -- hooks ---------------------------------------------------------------------------
     def call(self, method: str, code: str) -> None:
+        """An RPC answered with ``code`` (a status code's name)."""
         self.rpc_calls.labels(method, code).inc()
-
-    def error(self, method: str, code: str) -> None:
-        self.rpc_errors.labels(method, code).inc()
+        if code != "OK":
+            self.rpc_errors.labels(method, code).inc()
 
     def event(self, event: str, session: Session, detail: str) -> None:
         """Registry observer."""

@@ -64,7 +64,11 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
         name = f"{s.uid}/{s.role}"
         if s.state is S.REQUESTED or s.key in registry.active:
             s.advance(S.RELEASED, "the control server restarted before the hello; the req call ended")
-            await _forget(registry, s)
+            s.final_stats = s.total_stats()
+            await registry.save(s)
+            shutil.rmtree(s.workdir, ignore_errors=True)
+            registry.remember(s)
+            registry._events(s.state.value, s, s.last_error)
             report.released.append(name)
             continue
         registry.ports.claim(s.ports)
@@ -103,18 +107,10 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
     for s in list(registry.active.values()):
         if s.server is not None:
             s.handle = s.server.handle()
-            registry.watch(s)
+            s.watcher = asyncio.create_task(registry._watch(s, s.server))
         await registry.save(s)
         registry._events("adopted", s, s.last_error if f"{s.uid}/{s.role}" in report.restarted else "")
     return report
-
-
-async def _forget(registry: SessionRegistry, s: Session) -> None:
-    s.final_stats = s.total_stats()
-    await registry.save(s)
-    shutil.rmtree(s.workdir, ignore_errors=True)
-    registry.remember(s)
-    registry._events(s.state.value, s, s.last_error)
 
 
 def processes_under(directory: Path) -> list[int]:

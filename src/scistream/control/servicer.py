@@ -103,8 +103,6 @@ class ControlServicer:
     def record(self, call: Call, code: str, detail: str) -> None:
         if self.metrics is not None:
             self.metrics.call(call.method, code)
-            if code != "OK":
-                self.metrics.error(call.method, code)
         if self.audit is not None:
             self.audit.write(who=call.who.id if call.who is not None else "", peer=call.peer, what=call.method,
                              uid=call.uid, role=call.role, result=code, detail=detail)

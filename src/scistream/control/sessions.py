@@ -586,11 +586,6 @@ class SessionRegistry(BaseRegistry):
             log.error("session %s/%s: data server died: %s", session.uid, session.role, reason)
             await self._finish(session, S.FAILED, f"data server died: {reason}")
 
-    def watch(self, session: Session) -> None:
-        """Start watching the session's (adopted) data server."""
-        if session.server is not None:
-            session.watcher = asyncio.create_task(self._watch(session, session.server))
-
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:
         check_uid(uid)

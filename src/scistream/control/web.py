@@ -110,10 +110,6 @@ class _Rates:
         return (self.history[-1][1], self.history[-1][2]) if self.history else (0.0, 0.0)
 
 
-def _key(s: Session) -> tuple[str, str, float]:
-    return s.uid, s.role, s.created
-
-
 def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z" if t else "-"
 
@@ -207,7 +203,7 @@ class WebView:
         now = time.time()
         keep = set()
         for s in reg.sessions():
-            k = _key(s)
+            k = (s.uid, s.role, s.created)
             keep.add(k)
             st = s.total_stats()
             r = self.rates.setdefault(k, _Rates())
@@ -244,9 +240,7 @@ class WebView:
         return self.auth_none or who.id in self.registry.config.admins
 
     def visible(self, who: Identity) -> list[Session]:
-        if self.admin(who):
-            return self.registry.sessions()
-        return [s for s in self.registry.sessions() if s.owner.id == who.id]
+        return [s for s in self.registry.sessions() if self.admin(who) or s.owner.id == who.id]
 
     def find(self, who: Identity, uid: str, role: str) -> Session:
         s = self.registry.active.get((uid, role)) or next(   # else the latest ended one of that uid and role
@@ -258,7 +252,7 @@ class WebView:
     # -- data ----------------------------------------------------------------------------
     def row(self, s: Session, now: float) -> dict[str, Any]:
         st = s.total_stats()
-        r = self.rates.get(_key(s))
+        r = self.rates.get((s.uid, s.role, s.created))
         rate_in, rate_out = r.now if r is not None and s.state not in TERMINAL else (0.0, 0.0)
         lease_left = (max(0.0, s.lease_expires - now) if s.lease_expires and s.state not in TERMINAL
                       else None)
@@ -339,7 +333,7 @@ class WebView:
     def one(self, s: Session, history: bool = False) -> dict[str, Any]:
         d: dict[str, Any] = {"now": time.time(), "session": self.row(s, time.time()),
                              "timeline": self.timeline(s), "chain": self.chain(s)}
-        r = self.rates.get(_key(s))
+        r = self.rates.get((s.uid, s.role, s.created))
         if history:
             d["history"] = [list(p) for p in r.history] if r is not None else []
         elif r is not None and r.history:
