@@ -186,7 +186,8 @@ async def notify(c: Any, uid: str, role: str) -> None:
     await c.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{uid}\n{role}")
 
 
-async def live(c: Any, *, uid: str = "", role: str = "", node: str = "", lock: bool = True) -> list[Any]:
+async def live(c: Any, *, uid: str = "", role: str = "", node: str = "", lock: bool = True,
+               columns: str = "*") -> list[Any]:
     """The live sessions of a uid (and role), or of a node, ordered by role; locked for this
     transaction (``FOR UPDATE``) unless ``lock`` is false."""
     if not (uid or node):
@@ -196,7 +197,7 @@ async def live(c: Any, *, uid: str = "", role: str = "", node: str = "", lock: b
         if value:
             args.append(value)
             where.append(f"{col} = ${len(args)}")
-    return await c.fetch(f"SELECT * FROM fsessions WHERE {' AND '.join(where)} ORDER BY role, created"
+    return await c.fetch(f"SELECT {columns} FROM fsessions WHERE {' AND '.join(where)} ORDER BY role, created"
                          + (" FOR UPDATE" if lock else ""), *args)
 
 
