@@ -234,11 +234,10 @@ class FacilityRegistry(BaseRegistry):
 
     async def close(self, release: bool = False) -> None:
         """Stop this instance. Sessions stay: the store and the other instances keep them."""
-        self._closed = True
+        self.begin_shutdown()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._wake_all()
         if self._listen is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._listen.close(), 5)
@@ -670,7 +669,8 @@ class FacilityRegistry(BaseRegistry):
 
         async def fail() -> None:   # ends the row only if it is still as read (exactly once)
             with contextlib.suppress(ScistreamError):
-                rows = await self._call(lambda c: db.live(c, uid=uid, role=role, node=node, lock=False), "read")
+                rows = await self._call(lambda c: db.live(c, uid=uid, role=role, node=node, lock=False),
+                                        "read")
                 if rows:
                     await self._give_up(rows[0], S.FAILED, reason)
         self._tasks.append(asyncio.get_running_loop().create_task(fail()))

@@ -272,9 +272,6 @@ class Metrics:
             return
         await self.registry.refresh_stats(5.0)
 
-    def render(self) -> bytes:
-        return generate_latest(self.prom)
-
     # -- HTTP ----------------------------------------------------------------------------
     async def serve(self, host: str, port: int) -> int:
         """Serve ``GET /metrics`` on host:port (0: any free port); return the bound port."""
@@ -299,7 +296,7 @@ class Metrics:
                 status, body = "405 Method Not Allowed", b"GET /metrics\n"
             elif path == "/metrics":
                 await self.refresh()
-                status, body, ctype = "200 OK", self.render(), CONTENT_TYPE_LATEST
+                status, body, ctype = "200 OK", generate_latest(self.prom), CONTENT_TYPE_LATEST
             elif path == "/":
                 status, body = "200 OK", b"scistream control server metrics: GET /metrics\n"
             else:

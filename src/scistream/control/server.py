@@ -149,7 +149,8 @@ def check(config: ServerConfig) -> None:
             (config.max_conn <= 0, "--max-conn must be > 0"),
             (config.max_lease < 0, "--max-lease must be >= 0 seconds (0: unlimited)"),
             (config.update_timeout < 0, "--update-timeout must be >= 0 seconds (0: no limit)"),
-            (config.plain_relay not in ("auto", "splice", "copy"), "--plain-relay must be auto, splice or copy"),
+            (config.plain_relay not in ("auto", "splice", "copy"),
+             "--plain-relay must be auto, splice or copy"),
             (config.workers < 0, "--workers must be >= 0 (0: one per core)"),
             (config.max_session_conns < 0, "--max-session-conns must be >= 0 (0: no cap)"),
             (config.udp_max_flows < 0, "--udp-max-flows must be >= 0 (0: no cap)"),
@@ -351,7 +352,7 @@ class ControlServer:
         if config.backend.kind == "Builtin" and not config.facility:
             self.node = await self._open_node_service()
         # the registry's settings of the same name, then those it takes in another form
-        same = {f.name for f in dataclasses.fields(RegistryConfig)} & {f.name for f in dataclasses.fields(config)}
+        same = {f.name for f in dataclasses.fields(RegistryConfig)} & set(vars(config))
         settings = RegistryConfig(**{
             **{name: getattr(config, name) for name in same}, "state_dir": self.state_dir,
             "server_type": config.backend.kind, "backend": config.backend, "wan_congestion": config.wan_cc,
@@ -359,7 +360,7 @@ class ControlServer:
             "data_service": str(self.node.path) if self.node else ""})
         if config.facility:
             from .facility import FacilityRegistry
-            self.registry = FacilityRegistry(settings, self.store, token=config.node_token,  # type: ignore[assignment]
+            self.registry = FacilityRegistry(settings, self.store, token=config.node_token,  # type: ignore
                                              node_timeout=config.node_timeout, events=[self.audit.event])
         else:
             self.registry = SessionRegistry(settings, ports, BandwidthPool(config.max_rate),

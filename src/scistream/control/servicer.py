@@ -104,8 +104,8 @@ class ControlServicer:
         if self.metrics is not None:
             self.metrics.call(call.method, code)
         if self.audit is not None:
-            self.audit.write(who=call.who.id if call.who is not None else "", peer=call.peer, what=call.method,
-                             uid=call.uid, role=call.role, result=code, detail=detail)
+            self.audit.write(who=call.who.id if call.who is not None else "", peer=call.peer,
+                             what=call.method, uid=call.uid, role=call.role, result=code, detail=detail)
 
     async def _who(self, context: grpc.aio.ServicerContext, call: Call) -> Identity:
         call.who = await self.auth.authenticate(_metadata(context, "authorization"))

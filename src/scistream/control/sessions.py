@@ -354,10 +354,11 @@ class SessionRegistry(BaseRegistry):
         c, s = self.config, session
         return DataSpec(uid=s.uid, role=s.role, listen_host=s.listen_host, ports=tuple(s.ports),
                         targets=tuple(s.targets) if targets is None else targets,
-                        rate_kbps=s.rate if s.rate_enforced else 0, wan_secret=s.wan_secret, workdir=s.workdir,
-                        lease_end=s.lease_expires, keepalive=c.keepalive, max_conns=c.max_session_conns,
-                        service=c.data_service, wan_congestion=c.wan_congestion, udp=c.udp,
-                        udp_plaintext=c.udp_plaintext, udp_max_flows=c.udp_max_flows, udp_idle=c.udp_idle)
+                        rate_kbps=s.rate if s.rate_enforced else 0, wan_secret=s.wan_secret,
+                        workdir=s.workdir, lease_end=s.lease_expires, keepalive=c.keepalive,
+                        max_conns=c.max_session_conns, service=c.data_service,
+                        wan_congestion=c.wan_congestion, udp=c.udp, udp_plaintext=c.udp_plaintext,
+                        udp_max_flows=c.udp_max_flows, udp_idle=c.udp_idle)
 
     async def save(self, session: Session) -> None:
         """Write the session's record; durable when this returns."""

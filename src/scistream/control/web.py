@@ -78,10 +78,7 @@ NO_AUTH_BANNER = ("--auth none: AUTHENTICATION IS DISABLED on this control serve
 
 
 class _Answer(Exception):
-    """Answer the request with ``response`` now (a login page for a caller without a token)."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        self.response = response
+    """Answer the request with the response given (a login page for a caller without a token)."""
 
 
 def _redirect(location: str) -> web.Response:
@@ -121,12 +118,11 @@ COLUMNS = [("uid", "uid"), ("owner", "owner"), ("role", "role"), ("state", "stat
 
 
 class WebView:
-    def __init__(self, registry: SessionRegistry, auth: Authenticator, *, auth_none: bool = False,
-                 secure: bool = False) -> None:
+    def __init__(self, registry: SessionRegistry, auth: Authenticator, *, auth_none: bool = False) -> None:
         self.registry = registry
         self.auth = auth
         self.auth_none = auth_none
-        self.secure = secure
+        self.secure = False    # serving over TLS (serve): cookies are Secure
         self.hostname = socket.gethostname()
         self.logins: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self.rates: dict[tuple[str, str, float], _Rates] = {}
@@ -346,7 +342,7 @@ class WebView:
         try:
             resp = await handler(request)
         except _Answer as answer:
-            resp = answer.response
+            resp = answer.args[0]
         except web.HTTPException as exc:
             resp = exc
         for k, v in SECURITY_HEADERS.items():
