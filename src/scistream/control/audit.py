@@ -39,8 +39,7 @@ def _clip(value: Any) -> Any:
 
 
 def _now() -> str:
-    t = datetime.datetime.now(datetime.timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class AuditLog:

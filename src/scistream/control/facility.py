@@ -46,7 +46,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-
 from ..addr import check_uid, format_listener, parse_listener, resolve_listener
 from ..auth.base import Identity
 from ..data import wankeys
@@ -56,9 +55,8 @@ from ..data.node.client import ServiceConnection, ServiceError
 from . import facilitydb as db
 from ..errors import (AlreadyExists, DataServerError, DeadlineExceeded,
                       FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ScistreamError, Status)
-from .sessions import (Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
-                       check_owner, check_request, check_update, choose_wan_secret, rate_enforced,
-                       tell_observers)
+from .sessions import (BaseRegistry, Observer, RegistryConfig, Session, SessionState, TERMINAL, check_hello,
+                       check_owner, check_request, check_update, choose_wan_secret, rate_enforced)
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +70,18 @@ class Unavailable(ScistreamError):
     status = Status.UNAVAILABLE
 
 
+#: The ``fsessions`` columns a Session takes as they are.
+_COLUMNS = ("uid", "role", "num_conn", "rate", "ports", "listeners", "wan_security", "rate_enforced",
+            "prod_listeners", "targets", "created", "connected_at", "ready_at", "ended", "lease_expires",
+            "last_error", "bandwidth", "udp", "node", "instance")
+
+
 def _session(row: Any) -> Session:
     """A Session object (what the servicer answers with) from an ``fsessions`` row."""
     st = json.loads(row["stats"]) if isinstance(row["stats"], str) else dict(row["stats"] or {})
-    s = Session(uid=row["uid"], role=row["role"], owner=Identity(row["owner_id"], row["owner_name"]),
-                num_conn=row["num_conn"], rate=int(row["rate"]), ports=list(row["ports"]),
-                listeners=list(row["listeners"]), workdir=Path("."), server_type="Builtin",
-                wan_secret=bytes(row["wan_secret"]) if row["wan_secret"] is not None else None,
-                wan_security=row["wan_security"], rate_enforced=row["rate_enforced"],
-                prod_listeners=list(row["prod_listeners"]), targets=list(row["targets"]),
-                state=S(row["state"]), created=row["created"], connected_at=row["connected_at"],
-                ready_at=row["ready_at"], ended=row["ended"], lease_expires=row["lease_expires"],
-                last_error=row["last_error"], bandwidth=int(row["bandwidth"]), udp=row["udp"])
-    s.node, s.instance = row["node"], row["instance"]
+    s = Session(**{name: row[name] for name in _COLUMNS}, owner=Identity(row["owner_id"], row["owner_name"]),
+                workdir=Path("."), server_type="Builtin", state=S(row["state"]),
+                wan_secret=bytes(row["wan_secret"]) if row["wan_secret"] is not None else None)
     stats = _stats(st, s.udp)
     if s.state in TERMINAL:
         stats.connections = 0
@@ -106,23 +103,18 @@ def _counters(r: dict | None) -> dict[str, int]:
     return out
 
 
-CARRIED = ("plain", "encrypted")   # the udp carriages of a session whose data server carries UDP
-
-
 def _stats(r: dict | None, udp: str) -> Stats:
     """A node's counters (or a row's ``stats``) as Stats; the UDP ones in ``udp`` if the
     session carries UDP (its carriage ``udp``: see ``udp_carriage``), as a single gateway's."""
     c = _counters(r)
     counted = {k[4:]: c.pop(k) for k in [k for k in c if k.startswith("udp_")]}
-    return Stats(**c, udp=counted if udp in CARRIED else {})
+    return Stats(**c, udp=counted if udp in ("plain", "encrypted") else {})   # the carriages that carry UDP
 
 
 def udp_carriage(config: RegistryConfig, secret: bytes | None) -> str:
     """How a facility's session carries UDP (its nodes seal it, as the Builtin type does):
     "off" (s2cs --no-udp), "plain" (the WAN leg is plain) or "encrypted"."""
-    if not config.udp:
-        return "off"
-    return "plain" if secret is None else "encrypted"
+    return "off" if not config.udp else "plain" if secret is None else "encrypted"
 
 
 class NodeLinks:
@@ -145,10 +137,8 @@ class NodeLinks:
         ctx.check_hostname = False   # pinned: the one trusted root is the node's own certificate
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         host, port = parse_listener(node["control"])
-
-        def opener():
-            return asyncio.open_connection(host, port, ssl=ctx, limit=16 << 20)
-        conn = ServiceConnection(f"node {name} ({node['control']})", opener=opener, token=self.token,
+        conn = ServiceConnection(f"node {name} ({node['control']})", token=self.token,
+                                 opener=lambda: asyncio.open_connection(host, port, ssl=ctx, limit=16 << 20),
                                  on_event=lambda msg: self.on_event(name, msg))
         self.links[name] = (key, conn)
         return conn
@@ -162,28 +152,23 @@ class NodeLinks:
         self.links.clear()
 
 
-class FacilityRegistry:
+class FacilityRegistry(BaseRegistry):
     """The session registry of a facility's control server (same coroutines as
-    ``SessionRegistry``, state in PostgreSQL)."""
+    ``SessionRegistry``, state in PostgreSQL). Nothing is kept in memory: ``active`` and
+    ``ended`` are the web view's copy of the store (``refresh_view``)."""
 
     def __init__(self, config: RegistryConfig, store: Any, *, token: str, node_timeout: float = 15.0,
                  events: Observer | Iterable[Observer] | None = None, instance: str = "") -> None:
-        self.config = config
+        super().__init__(config, events)
         self.store = store
         self.node_timeout = node_timeout
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
-        self.observers: list[Observer] = (
-            [] if events is None else [events] if callable(events) else list(events))
-        # nothing is kept in memory: these are the web view's copy of the store (refresh_view)
-        self.active: dict = {}
-        self.ended: collections.OrderedDict = collections.OrderedDict()
         self.nodes_view: list[dict] = []
         self.links = NodeLinks(token, self._node_event)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listen: Any = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
-        self.timer_runs = 0
 
     # -- life ---------------------------------------------------------------------------
     async def start(self, address: str = "") -> None:
@@ -231,12 +216,10 @@ class FacilityRegistry:
         self._waiters.setdefault(uid, set()).add(ev)
         try:
             yield ev
-        finally:
-            evs = self._waiters.get(uid)
-            if evs is not None:
-                evs.discard(ev)
-                if not evs:
-                    del self._waiters[uid]
+        finally:   # the set stays while one of its events does
+            self._waiters[uid].discard(ev)
+            if not self._waiters[uid]:
+                del self._waiters[uid]
 
     def _wake_all(self) -> None:
         for evs in self._waiters.values():
@@ -251,11 +234,10 @@ class FacilityRegistry:
 
     async def close(self, release: bool = False) -> None:
         """Stop this instance. Sessions stay: the store and the other instances keep them."""
-        self._closed = True
+        self.begin_shutdown()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._wake_all()
         if self._listen is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._listen.close(), 5)
@@ -266,12 +248,6 @@ class FacilityRegistry:
     # -- helpers ------------------------------------------------------------------------
     async def _call(self, fn: Callable[[Any], Any], doing: str) -> Any:
         return await self.store._call(fn, doing)
-
-    def _events(self, event: str, session: Session, detail: str) -> None:
-        tell_observers(self.observers, event, session, detail)
-
-    def _check_owner(self, row: Any, who: Identity, action: str) -> None:
-        check_owner(self.config, row["uid"], row["owner_id"], who, action)
 
     async def _end(self, conn: Any, row: Any, state: SessionState, reason: str,
                    stats: dict | None = None) -> Any:
@@ -318,13 +294,14 @@ class FacilityRegistry:
     async def _place(self, conn: Any, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
                      lease_s: float) -> tuple[Any, bool]:
         import asyncpg
+        taken = AlreadyExists(f"session {uid} is already active as {role} in this facility; "
+                              "use a new uid, or release this one first")
         async with conn.transaction():
             for old in await db.live(conn, uid=uid, role=role):
                 if (old["owner_id"] == owner.id and old["state"] in ("requested", "ready")
                         and old["num_conn"] == num_conn):
                     return old, True       # a retried req: the same session
-                raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
-                                    "use a new uid, or release this one first")
+                raise taken
             names = await db.candidates(conn, self.node_timeout)
             if not names:
                 raise Unavailable("no data-transfer node of this facility is up and accepting "
@@ -355,8 +332,7 @@ class FacilityRegistry:
                         listeners=[format_listener(node["address"], p) for p in ports], wan_secret=secret,
                         hello_due=now + self.config.hello_timeout, lease_expires=now + lease_s if lease_s else 0.0)
                 except asyncpg.UniqueViolationError:
-                    raise AlreadyExists(f"session {uid} is already active as {role} in this facility; "
-                                        "use a new uid, or release this one first") from None
+                    raise taken from None
                 return row, False
             if all("kbit/s" in w for w in why) and rate <= 0:
                 raise InvalidArgument("every node of this facility caps bandwidth; ask for a rate (kbit/s) "
@@ -425,8 +401,7 @@ class FacilityRegistry:
                 return await self._end(c, row, state, reason)
         new = await self._call(tx, "write")
         if new is not None:
-            s = _session(new)
-            self._events(state.value, s, reason)
+            self._events(state.value, _session(new), reason)
 
     # -- hello --------------------------------------------------------------------------
     async def hello(self, uid: str, role: str, prod_listeners: Iterable[str], who: Identity) -> Session:
@@ -473,7 +448,7 @@ class FacilityRegistry:
                     return None, False
                 raise FailedPrecondition(f"session {uid} already had its hello")
             row = waiting[0]
-            self._check_owner(row, who, "hello")
+            check_owner(self.config, uid, row["owner_id"], who, "hello")
             if row["role"] == "PROD" and not endpoints:
                 raise InvalidArgument("a PROD hello must name the producer's endpoints (host:port)")
             now = time.time()
@@ -507,7 +482,7 @@ class FacilityRegistry:
             if len(rows) > 1:
                 raise InvalidArgument(f"uid {uid} is active as both PROD and CONS here; give the role")
             row = rows[0]
-            self._check_owner(row, who, "update")
+            check_owner(self.config, uid, row["owner_id"], who, "update")
             if row["state"] == "requested":
                 raise FailedPrecondition(f"session {uid} has had no hello yet; start the application "
                                          "controller, then update")
@@ -560,12 +535,11 @@ class FacilityRegistry:
             if not rows:
                 raise NotFound(f"no active session {uid} in this facility; it may be released already")
             for r in rows:
-                self._check_owner(r, who, "release")
+                check_owner(self.config, uid, r["owner_id"], who, "release")
             out = []
             for r in rows:
-                stats = None
-                if r["state"] == "connected":
-                    stats = await self._remove_from_node(await db.node(conn, r["node"]), uid, r["role"])
+                stats = (await self._remove_from_node(await db.node(conn, r["node"]), uid, r["role"])
+                         if r["state"] == "connected" else None)
                 new = await self._end(conn, r, S.RELEASED, "", stats)
                 if new is not None:
                     out.append(new)
@@ -613,19 +587,14 @@ class FacilityRegistry:
 
         await asyncio.gather(*(one(n, g) for n, g in by_node.items()))
 
-    def sessions(self) -> list[Session]:
-        """The sessions as of the last ``refresh_view`` (the web view's), live first."""
-        return list(self.active.values()) + list(reversed(self.ended.values()))
-
     async def refresh_view(self) -> None:
         """Read the facility's sessions (live ones with fresh counters, the latest ended ones)
         and nodes into ``active``, ``ended`` and ``nodes_view``: what the web view shows."""
         sessions = await self.snapshot("", Identity("web"), True)
-        nodes = (await list_nodes(self.store, self.node_timeout))["nodes"]
+        self.nodes_view = (await list_nodes(self.store, self.node_timeout))["nodes"]
         self.active = {(s.uid, s.role): s for s in sessions if s.state not in TERMINAL}
         self.ended = collections.OrderedDict(
             ((s.uid, s.role, s.created), s) for s in reversed([s for s in sessions if s.state in TERMINAL]))
-        self.nodes_view = nodes
 
     async def facility_view(self) -> tuple[list[Session], list[dict]]:
         """Every live session of the facility (counters fresh from the nodes) and every node
@@ -652,7 +621,6 @@ class FacilityRegistry:
     async def run_timers(self) -> float:
         """Act on every due timer and lost node (each exactly once across instances);
         seconds until the next due time."""
-        self.timer_runs += 1
         now = time.time()
         removals: list[tuple[Any, Any]] = []
         events: list[tuple[str, Session, str]] = []
@@ -699,15 +667,12 @@ class FacilityRegistry:
             return
         reason = f"data server died on node {node}: {msg.get('reason')}"
 
-        async def fail() -> None:
-            async def tx(c: Any) -> Any:
-                async with c.transaction():
-                    rows = await db.live(c, uid=uid, role=role, node=node)
-                    return await self._end(c, rows[0], S.FAILED, reason) if rows else None
+        async def fail() -> None:   # ends the row only if it is still as read (exactly once)
             with contextlib.suppress(ScistreamError):
-                new = await self._call(tx, "write")
-                if new is not None:
-                    self._events("failed", _session(new), reason)
+                rows = await self._call(lambda c: db.live(c, uid=uid, role=role, node=node, lock=False),
+                                        "read")
+                if rows:
+                    await self._give_up(rows[0], S.FAILED, reason)
         self._tasks.append(asyncio.get_running_loop().create_task(fail()))
 
 

@@ -93,11 +93,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_KEY = "uid = $1 AND role = $2 AND created = $3"   # one session row (``row_key``)
-
-
-def _row_key(row: Any) -> tuple[str, str, float]:
-    return row["uid"], row["role"], row["created"]
+_KEY = "uid = $1 AND role = $2 AND created = $3"   # one session row
 
 
 # -- a node (data/node/facility.py) ------------------------------------------------------
@@ -221,40 +217,38 @@ async def sessions(c: Any, uid: str, owner: str | None, ended: int | None) -> li
     return rows
 
 
-async def set_ready(c: Any, row: Any, prod_listeners: list[str], ready_at: float, update_due: float) -> Any:
-    """The hello: ``requested`` -> ``ready`` (None if the row is not waiting any more); notifies."""
-    new = await c.fetchrow(
-        "UPDATE fsessions SET state = 'ready', prod_listeners = $4, ready_at = $5, update_due = $6 "
-        f"WHERE {_KEY} AND state = 'requested' RETURNING *",
-        *_row_key(row), prod_listeners, ready_at, update_due)
-    await notify(c, row["uid"], row["role"])
+async def _change(c: Any, row: Any, assignments: str, *values: Any, also: str = "") -> Any:
+    """``UPDATE`` one session row (``$1``-``$3`` are its key, ``$4``... ``values``, ``also`` a
+    further condition): the new row, notified, or None when no row matched."""
+    new = await c.fetchrow(f"UPDATE fsessions SET {assignments} WHERE {_KEY}{also} RETURNING *",
+                           row["uid"], row["role"], row["created"], *values)
+    if new is not None:
+        await notify(c, row["uid"], row["role"])
     return new
+
+
+async def set_ready(c: Any, row: Any, prod_listeners: list[str], ready_at: float, update_due: float) -> Any:
+    """The hello: ``requested`` -> ``ready`` (None if the row is not waiting any more)."""
+    return await _change(c, row, "state = 'ready', prod_listeners = $4, ready_at = $5, update_due = $6",
+                         prod_listeners, ready_at, update_due, also=" AND state = 'requested'")
 
 
 async def set_connected(c: Any, row: Any, targets: list[str], wan_secret: bytes | None, wan_security: str,
                         rate_enforced: bool, now: float, udp: str) -> Any:
-    """The update the node carried out: ``connected``, its targets, WAN security and UDP
-    carriage; notifies."""
-    new = await c.fetchrow(
-        "UPDATE fsessions SET state = 'connected', targets = $4, wan_secret = $5, wan_security = $6, "
-        "rate_enforced = $7, connected_at = CASE WHEN connected_at = 0 THEN $8 ELSE connected_at END, "
-        f"update_due = 0, udp = $9 WHERE {_KEY} RETURNING *",
-        *_row_key(row), targets, wan_secret, wan_security, rate_enforced, now, udp)
-    await notify(c, row["uid"], row["role"])
-    return new
+    """The update the node carried out: ``connected``, its targets, WAN security and UDP carriage."""
+    return await _change(
+        c, row, "state = 'connected', targets = $4, wan_secret = $5, wan_security = $6, rate_enforced = $7, "
+        "connected_at = CASE WHEN connected_at = 0 THEN $8 ELSE connected_at END, update_due = 0, udp = $9",
+        targets, wan_secret, wan_security, rate_enforced, now, udp)
 
 
 async def end(c: Any, row: Any, state: str, reason: str, ended: float, stats_json: str | None) -> Any:
     """Move a live row to a terminal state, only if it is still in ``row['state']`` (exactly
     once across instances); its ports and bandwidth are free from this commit on, its WAN
-    secret erased. The new row (notified), or None."""
-    new = await c.fetchrow(
-        "UPDATE fsessions SET state = $4, last_error = $5, ended = $6, wan_secret = NULL, "
-        f"stats = coalesce($7::jsonb, stats) WHERE {_KEY} AND state = $8 RETURNING *",
-        *_row_key(row), state, reason, ended, stats_json, row["state"])
-    if new is not None:
-        await notify(c, row["uid"], row["role"])
-    return new
+    secret erased. The new row, or None."""
+    return await _change(c, row, "state = $4, last_error = $5, ended = $6, wan_secret = NULL, "
+                         "stats = coalesce($7::jsonb, stats)", state, reason, ended, stats_json, row["state"],
+                         also=" AND state = $8")
 
 
 async def due(c: Any, now: float, limit: int = 200) -> list[Any]:

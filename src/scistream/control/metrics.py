@@ -53,13 +53,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..data.spec import Stats
 from ..data.telemetry import verdict
-from .sessions import S, Session, SessionRegistry
+from .sessions import S, Session, SessionRegistry, add_stats
 
 log = logging.getLogger(__name__)
 
@@ -79,62 +81,86 @@ def _pools(ports_help: str, ports_used: int, ports_free: int, bw_used: int, bw_m
     return p, b
 
 
-class _Live:
-    """Collector for what is read from the registry at scrape time."""
+class Metrics:
+    """The registry's observer (``event``) and the RPCs' counter (``call``); a
+    collector of what is read from the registry at scrape time (``collect``)."""
 
-    def __init__(self, metrics: "Metrics") -> None:
-        self.m = metrics
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
+        self.prom = CollectorRegistry(auto_describe=True)
+        self.rpc_calls = Counter("scistream_rpc_calls", "RPCs answered, by method and status code",
+                                 ["method", "code"], registry=self.prom)
+        self.rpc_errors = Counter("scistream_rpc_errors", "RPCs that failed, by method and status code",
+                                  ["method", "code"], registry=self.prom)
+        self.setup = Histogram("scistream_session_setup_seconds", "Seconds from req to connected",
+                               buckets=SETUP_BUCKETS, registry=self.prom)
+        self.ended = Counter("scistream_sessions_ended", "Sessions ended, by final state", ["state"],
+                             registry=self.prom)
+        for state in ("released", "expired", "failed"):
+            self.ended.labels(state)
+        self.ended_stats = Stats()    # what the sessions that ended carried (nothing open)
+        self.view: tuple[list[Session], list[dict]] | None = None   # a facility's, at the last scrape
+        self.prom.register(self)
+        self._server: asyncio.AbstractServer | None = None
 
+    # -- hooks ---------------------------------------------------------------------------
+    def call(self, method: str, code: str) -> None:
+        """An RPC answered with ``code`` (a status code's name)."""
+        self.rpc_calls.labels(method, code).inc()
+        if code != "OK":
+            self.rpc_errors.labels(method, code).inc()
+
+    def event(self, event: str, session: Session, detail: str) -> None:
+        """Registry observer."""
+        if event == "connected" and session.connected_at:
+            self.setup.observe(max(0.0, session.connected_at - session.created))
+        elif event in _ENDED and session.state.value == _ENDED[event]:
+            self.ended.labels(session.state.value).inc()
+            st = session.total_stats()
+            self.ended_stats = add_stats(self.ended_stats, dataclasses.replace(
+                st, connections=0, udp={k: v for k, v in st.udp.items() if k != "flows"}))
+
+    # -- scrape ----------------------------------------------------------------------------
     def collect(self):
-        reg = self.m.registry
+        reg = self.registry
         facility = hasattr(reg, "facility_view")
-        view = self.m.view
+        view = self.view
         if facility:
             yield GaugeMetricFamily("scistream_store_up", "1 if the facility's store answered the last scrape",
                                     value=0 if view is None else 1)
         live = list(reg.active.values()) if not facility else (view[0] if view else [])
         by_state = {s.value: 0 for s in (S.REQUESTED, S.READY, S.CONNECTED)}
-        to_prod, to_cons = self.m.ended_bytes
-        refused = self.m.ended_refused
-        cut = self.m.ended_cut
-        conns = 0
-        udp = dict(self.m.ended_udp)
+        total = self.ended_stats
         per = CounterMetricFamily("scistream_session_bytes_forwarded",
                                   "Bytes carried by each live session's data server",
                                   labels=["uid", "role", "direction"])
         for s in live:
             by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
             st = s.total_stats()
-            to_prod += st.bytes_in
-            to_cons += st.bytes_out
-            conns += st.connections
-            refused += st.refused_connections
-            cut += st.cut_streams
+            total = add_stats(total, st)
             per.add_metric([s.uid, s.role, "to_producer"], st.bytes_in)
             per.add_metric([s.uid, s.role, "to_consumer"], st.bytes_out)
-            for k, v in st.udp.items():
-                udp[k] = udp.get(k, 0) + v
         g = GaugeMetricFamily("scistream_sessions", "Live sessions by state", labels=["state"])
         for state, n in by_state.items():
             g.add_metric([state], n)
         yield g
         c = CounterMetricFamily("scistream_bytes_forwarded", "Bytes carried by the data servers",
                                 labels=["direction"])
-        c.add_metric(["to_producer"], to_prod)
-        c.add_metric(["to_consumer"], to_cons)
+        c.add_metric(["to_producer"], total.bytes_in)
+        c.add_metric(["to_consumer"], total.bytes_out)
         yield c
         yield per
         yield GaugeMetricFamily("scistream_connections", "Connections open through the data servers",
-                                value=conns)
+                                value=total.connections)
         yield CounterMetricFamily("scistream_connections_refused",
                                   "Connections the data servers refused: over the session's cap "
-                                  "(--max-session-conns)", value=refused)
+                                  "(--max-session-conns)", value=total.refused_connections)
         yield CounterMetricFamily("scistream_streams_cut",
                                   "Streams whose end a data server may have dropped at a half-close "
                                   "(Stunnel: streams it gave up waiting on; the ends it dropped with "
-                                  "SCISTREAM_STUNNEL_RELAY=off)", value=cut)
+                                  "SCISTREAM_STUNNEL_RELAY=off)", value=total.cut_streams)
         yield from self._legs(live)
-        yield from self._udp(udp)
+        yield from self._udp(total.udp)
         if facility:
             yield from self._nodes(live, view[1] if view else [])
             return
@@ -210,80 +236,31 @@ class _Live:
         used = sum(n["ports_used"] for n in nodes)
         yield from _pools("Data ports of the facility's nodes", used, sum(n["ports_total"] for n in nodes) - used,
                           sum(n["bandwidth_used_kbps"] for n in nodes), sum(n["max_rate_kbps"] for n in nodes))
-        fams = {
-            "up": GaugeMetricFamily("scistream_node_up", "1: the node is up and takes sessions; 0: lost, "
-                                    "late or drained", labels=["node"]),
-            "sessions": GaugeMetricFamily("scistream_node_sessions", "Live sessions on the node", labels=["node"]),
-            "ports": GaugeMetricFamily("scistream_node_ports_used", "Ports reserved on the node", labels=["node"]),
-            "bw": GaugeMetricFamily("scistream_node_bandwidth_kbps", "Bandwidth admitted on the node",
-                                    labels=["node"]),
-            "age": GaugeMetricFamily("scistream_node_heartbeat_age_seconds", "Seconds since the node's "
-                                     "last heartbeat", labels=["node"]),
-        }
-        conns = GaugeMetricFamily("scistream_node_connections", "Connections open on the node", labels=["node"])
-        carried = CounterMetricFamily("scistream_node_bytes_forwarded", "Bytes carried by the node's live "
-                                      "sessions", labels=["node", "direction"])
+        carried = {n["name"]: Stats() for n in nodes}
+        for s in live:
+            if s.node in carried:
+                carried[s.node] = add_stats(carried[s.node], s.total_stats())
+        for metric, text, value in (
+                ("up", "1: the node is up and takes sessions; 0: lost, late or drained",
+                 lambda n: 1 if n["state"] == "up" else 0),
+                ("sessions", "Live sessions on the node", lambda n: n["sessions"]),
+                ("ports_used", "Ports reserved on the node", lambda n: n["ports_used"]),
+                ("bandwidth_kbps", "Bandwidth admitted on the node", lambda n: n["bandwidth_used_kbps"]),
+                ("heartbeat_age_seconds", "Seconds since the node's last heartbeat",
+                 lambda n: n["heartbeat_age_s"]),
+                ("connections", "Connections open on the node", lambda n: carried[n["name"]].connections)):
+            g = GaugeMetricFamily(f"scistream_node_{metric}", text, labels=["node"])
+            for n in nodes:
+                g.add_metric([n["name"]], value(n))
+            yield g
+        c = CounterMetricFamily("scistream_node_bytes_forwarded", "Bytes carried by the node's live "
+                                "sessions", labels=["node", "direction"])
         for n in nodes:
-            name = n["name"]
-            fams["up"].add_metric([name], 1 if n["state"] == "up" else 0)
-            fams["sessions"].add_metric([name], n["sessions"])
-            fams["ports"].add_metric([name], n["ports_used"])
-            fams["bw"].add_metric([name], n["bandwidth_used_kbps"])
-            fams["age"].add_metric([name], n["heartbeat_age_s"])
-            mine = [s.total_stats() for s in live if s.node == name]
-            conns.add_metric([name], sum(st.connections for st in mine))
-            carried.add_metric([name, "to_producer"], sum(st.bytes_in for st in mine))
-            carried.add_metric([name, "to_consumer"], sum(st.bytes_out for st in mine))
-        yield from fams.values()
-        yield conns
-        yield carried
+            c.add_metric([n["name"], "to_producer"], carried[n["name"]].bytes_in)
+            c.add_metric([n["name"], "to_consumer"], carried[n["name"]].bytes_out)
+        yield c
 
-
-class Metrics:
-    def __init__(self, registry: SessionRegistry) -> None:
-        self.registry = registry
-        self.prom = CollectorRegistry(auto_describe=True)
-        self.rpc_calls = Counter("scistream_rpc_calls", "RPCs answered, by method and status code",
-                                 ["method", "code"], registry=self.prom)
-        self.rpc_errors = Counter("scistream_rpc_errors", "RPCs that failed, by method and status code",
-                                  ["method", "code"], registry=self.prom)
-        self.setup = Histogram("scistream_session_setup_seconds", "Seconds from req to connected",
-                               buckets=SETUP_BUCKETS, registry=self.prom)
-        self.ended = Counter("scistream_sessions_ended", "Sessions ended, by final state", ["state"],
-                             registry=self.prom)
-        for state in ("released", "expired", "failed"):
-            self.ended.labels(state)
-        self.ended_bytes = [0, 0]
-        self.ended_refused = 0
-        self.ended_cut = 0
-        self.ended_udp: dict[str, int] = {}    # UDP counters of the sessions that ended
-        self.view: tuple[list[Session], list[dict]] | None = None   # a facility's, at the last scrape
-        self.prom.register(_Live(self))
-        self._server: asyncio.AbstractServer | None = None
-
-    # -- hooks ---------------------------------------------------------------------------
-    def call(self, method: str, code: str) -> None:
-        self.rpc_calls.labels(method, code).inc()
-
-    def error(self, method: str, code: str) -> None:
-        self.rpc_errors.labels(method, code).inc()
-
-    def event(self, event: str, session: Session, detail: str) -> None:
-        """Registry observer."""
-        if event == "connected" and session.connected_at:
-            self.setup.observe(max(0.0, session.connected_at - session.created))
-        elif event in _ENDED and session.state.value == _ENDED[event]:
-            self.ended.labels(session.state.value).inc()
-            st = session.total_stats()
-            self.ended_bytes[0] += st.bytes_in
-            self.ended_bytes[1] += st.bytes_out
-            self.ended_refused += st.refused_connections
-            self.ended_cut += st.cut_streams
-            for k, v in st.udp.items():
-                if k != "flows":
-                    self.ended_udp[k] = self.ended_udp.get(k, 0) + v
-
-    async def refresh(self, concurrency: int = 32) -> None:
+    async def refresh(self) -> None:
         """Ask every live data server for its counters (bounded in time and in parallel); a
         facility's control server reads its sessions and nodes from the store."""
         if hasattr(self.registry, "facility_view"):
@@ -293,18 +270,7 @@ class Metrics:
                 log.warning("metrics: cannot read the facility's store: %s", exc)
                 self.view = None
             return
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(s: Session) -> None:
-            async with sem:
-                await self.registry.stats(s)
-
-        live = [s for s in self.registry.active.values() if s.server is not None]
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True), 5.0)
-
-    def render(self) -> bytes:
-        return generate_latest(self.prom)
+        await self.registry.refresh_stats(5.0)
 
     # -- HTTP ----------------------------------------------------------------------------
     async def serve(self, host: str, port: int) -> int:
@@ -330,7 +296,7 @@ class Metrics:
                 status, body = "405 Method Not Allowed", b"GET /metrics\n"
             elif path == "/metrics":
                 await self.refresh()
-                status, body, ctype = "200 OK", self.render(), CONTENT_TYPE_LATEST
+                status, body, ctype = "200 OK", generate_latest(self.prom), CONTENT_TYPE_LATEST
             elif path == "/":
                 status, body = "200 OK", b"scistream control server metrics: GET /metrics\n"
             else:

@@ -168,8 +168,7 @@ class Postgres:
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        text = f.read()
+                    text = Path(f"/proc/{entry}/stat").read_text()
                 except OSError:
                     continue
                 if int(text.rpartition(")")[2].split()[1]) == self.proc.pid:

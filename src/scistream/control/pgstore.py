@@ -37,8 +37,7 @@ from typing import Any
 
 from ..errors import ScistreamError
 from . import facilitydb
-from .store import (COLUMNS, LIVE, SELECTED, WRITTEN, GroupCommitStore, SessionRecord, StoreError, record_of,
-                    values_of)
+from .store import COLUMNS, WRITTEN, SessionRecord, SessionStore, StoreError, values_of
 
 log = logging.getLogger(__name__)
 
@@ -92,33 +91,30 @@ def redact(url: str) -> str:
         return "postgresql://..."
     if parts.password is None:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def is_postgres_url(value: str) -> bool:
     return value.startswith(("postgresql://", "postgres://"))
 
 
-class PostgresStore(GroupCommitStore):
+class PostgresStore(SessionStore):
     """Session records of one node in a PostgreSQL database shared by several nodes."""
 
     def __init__(self, url: str, node: str | None = None, *, pool_size: int = 4,
                  timeout: float = 10.0) -> None:
         if not is_postgres_url(url):
             raise StoreError(f"--store {redact(url)}: give a postgresql://USER@HOST[:PORT]/DATABASE URL")
+        super().__init__()
         self.url = url
         self.path = redact(url)  # what logs and messages show
         self.node = node or socket.gethostname()
         self.pool_size = pool_size
         self.timeout = timeout
         self._pool: Any = None
-        self._pending: list[tuple[SessionRecord, asyncio.Future]] = []
         self._unsaved: dict[tuple[str, str, float], SessionRecord] = {}  # ends not yet written
-        self._flusher: asyncio.Task | None = None
         self._retry: asyncio.Task | None = None
-        self.commits = 0
 
     def _unavailable(self, exc: BaseException, doing: str) -> StoreError:
         detail = str(exc).strip() or type(exc).__name__
@@ -132,63 +128,49 @@ class PostgresStore(GroupCommitStore):
             import asyncpg
         except ImportError as exc:  # pragma: no cover - a dependency of scistream
             raise StoreError(f"--store {self.path} needs the asyncpg package: {exc}") from None
+        pool = None
         try:
             pool = await asyncpg.create_pool(self.url, min_size=0, max_size=self.pool_size,
                                              timeout=self.timeout, command_timeout=self.timeout,
                                              reset=_light_reset)
-        except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad URL, TLS, auth
-            raise StoreError(f"cannot open the session store {self.path}: {str(exc).strip() or type(exc).__name__}; "
-                             "check the --store URL, the database's address and credentials") from None
-        try:
-            await self._migrate(pool)
-        except BaseException:
-            pool.terminate()
-            raise
-        self._pool = pool
-
-    async def _migrate(self, pool: Any) -> None:
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
-                    "applied TIMESTAMPTZ NOT NULL DEFAULT now())")
-                have = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
-                if have > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the session store {self.path} has schema version {have}, newer than this "
-                        f"scistream knows ({SCHEMA_VERSION}); upgrade scistream, or point --store at "
-                        "another database")
-                for version in range(have + 1, SCHEMA_VERSION + 1):
-                    await conn.execute(MIGRATIONS[version - 1])
-                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-                    log.info("session store %s: schema migrated to version %d", self.path, version)
-        except StoreError:
-            raise
-        except Exception as exc:  # noqa: BLE001
             # with no connection kept open, the first one is made here: an unreachable
             # database, refused credentials or TLS show up now
+            await self._migrate(pool)
+        except BaseException as exc:  # noqa: BLE001 - unreachable, refused, bad URL, TLS, auth
+            if pool is not None:
+                pool.terminate()
+            if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+                raise
             raise StoreError(f"cannot open the session store {self.path}: "
                              f"{str(exc).strip() or type(exc).__name__}; check the --store URL, "
                              "the database's address and credentials") from None
+        self._pool = pool
 
-    async def schema_version(self) -> int:
-        return await self._call(lambda c: c.fetchval("SELECT max(version) FROM schema_version"),
-                                "read")
+    async def _migrate(self, pool: Any) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                "applied TIMESTAMPTZ NOT NULL DEFAULT now())")
+            have = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            if have > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the session store {self.path} has schema version {have}, newer than this "
+                    f"scistream knows ({SCHEMA_VERSION}); upgrade scistream, or point --store at "
+                    "another database")
+            for version in range(have + 1, SCHEMA_VERSION + 1):
+                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+                log.info("session store %s: schema migrated to version %d", self.path, version)
 
-    async def close(self) -> None:
-        if self._pool is None:
-            return
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+    async def _disconnect(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
             self._retry = None
         if self._unsaved:  # one last try for the ends the database missed
             try:
-                await self._write(list(self._unsaved.values()))
-                self._unsaved.clear()
+                await self._write_batch([])
             except StoreError as exc:
                 log.error("session store %s: %d ended session(s) not recorded: %s",
                           self.path, len(self._unsaved), exc)
@@ -224,73 +206,45 @@ class PostgresStore(GroupCommitStore):
     def is_open(self) -> bool:
         return self._pool is not None
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            records = [r for r, _ in batch]
-            earlier = dict(self._unsaved)
-            try:
-                await self._write(list(earlier.values()) + records)
-            except BaseException as exc:  # noqa: BLE001 - every waiter must learn of it
-                err = exc if isinstance(exc, StoreError) else self._unavailable(exc, "write")
-                for r in records:
-                    if r.terminal:  # an end is final: write it when the database is back
-                        self._unsaved[(r.uid, r.role, r.created)] = _copy(r)
-                if self._unsaved and (self._retry is None or self._retry.done()):
-                    self._retry = asyncio.create_task(self._retry_unsaved())
-                self._settle(batch, err)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                self._forget(earlier)
-                self._settle(batch, None)
+    def _write_failed(self, records: list[SessionRecord], exc: BaseException) -> StoreError:
+        for r in records:
+            if r.terminal:  # an end is final: write it when the database is back
+                self._unsaved[(r.uid, r.role, r.created)] = _copy(r)
+        if self._unsaved and (self._retry is None or self._retry.done()):
+            self._retry = asyncio.create_task(self._retry_unsaved())
+        return exc if isinstance(exc, StoreError) else self._unavailable(exc, "write")
 
     async def _retry_unsaved(self, every: float = 1.0) -> None:
         while self._unsaved and self._pool is not None:
             await asyncio.sleep(every)
             if self._flusher is not None and not self._flusher.done():
                 continue  # the flusher writes them with its batch
-            earlier = dict(self._unsaved)
+            count = len(self._unsaved)
             try:
-                await self._write(list(earlier.values()))
+                await self._write_batch([])
             except StoreError:
                 continue
-            log.info("session store %s: back; %d ended session(s) recorded", self.path, len(earlier))
-            self._forget(earlier)
+            log.info("session store %s: back; %d ended session(s) recorded", self.path, count)
 
-    def _forget(self, written: dict) -> None:
-        for key, rec in written.items():
-            if self._unsaved.get(key) is rec:
-                del self._unsaved[key]
-
-    async def _write(self, records: list[SessionRecord]) -> None:
-        rows = [values_of(self.node, r) for r in records]
+    async def _write_batch(self, records: list[SessionRecord]) -> None:
+        """The records, and the ends an earlier batch could not write, in one transaction."""
+        earlier = dict(self._unsaved)
+        rows = [values_of(self.node, r) for r in [*earlier.values(), *records]]
 
         async def write(conn: Any) -> None:
             async with conn.transaction():
                 await conn.executemany(_UPSERT, rows)
         await self._call(write, "write")
         self.commits += 1
+        for key, rec in earlier.items():
+            if self._unsaved.get(key) is rec:
+                del self._unsaved[key]
 
-    # -- reads -----------------------------------------------------------------------------
-    async def active(self) -> list[SessionRecord]:
-        rows = await self._call(lambda c: c.fetch(
-            f"SELECT {SELECTED} FROM sessions WHERE node = $1 AND {LIVE} ORDER BY created",
-            self.node), "read")
-        return [record_of(r) for r in rows]
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        return await self._call(lambda c: c.fetch(query, *args), "read")
 
-    async def history(self, limit: int) -> list[SessionRecord]:
-        rows = await self._call(lambda c: c.fetch(
-            f"SELECT {SELECTED} FROM sessions WHERE node = $1 AND NOT ({LIVE}) "
-            "ORDER BY ended DESC LIMIT $2", self.node, limit), "read")
-        return [record_of(r) for r in rows]
-
-    async def prune(self, keep: int) -> int:
-        status = await self._call(lambda c: c.execute(
-            f"DELETE FROM sessions WHERE node = $1 AND NOT ({LIVE}) AND (uid, role, created) NOT IN ("
-            f"SELECT uid, role, created FROM sessions WHERE node = $1 AND NOT ({LIVE}) "
-            "ORDER BY ended DESC LIMIT $2)", self.node, keep), "prune")
-        return int(status.split()[-1])
+    async def _execute(self, query: str, *args: Any) -> int:
+        return int((await self._call(lambda c: c.execute(query, *args), "prune")).split()[-1])
 
 
 def _copy(record: SessionRecord) -> SessionRecord:

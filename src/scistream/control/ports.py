@@ -70,8 +70,7 @@ class PortPool:
         self.used.update(p for p in ports if p in self.ports)
 
     def free(self, ports: Iterable[int]) -> None:
-        for p in ports:
-            self.used.discard(p)
+        self.used.difference_update(ports)
 
 
 class BandwidthPool:

@@ -28,7 +28,7 @@ import signal
 import time
 from pathlib import Path
 
-from ..data.base import DataServer, get_backend
+from ..data.base import get_backend
 from ..data.supervise import cmdline, pid_alive
 from .sessions import S, Session, SessionRegistry, when
 
@@ -64,7 +64,11 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
         name = f"{s.uid}/{s.role}"
         if s.state is S.REQUESTED or s.key in registry.active:
             s.advance(S.RELEASED, "the control server restarted before the hello; the req call ended")
-            await _forget(registry, s)
+            s.final_stats = s.total_stats()
+            await registry.save(s)
+            shutil.rmtree(s.workdir, ignore_errors=True)
+            registry.remember(s)
+            registry._events(s.state.value, s, s.last_error)
             report.released.append(name)
             continue
         registry.ports.claim(s.ports)
@@ -74,7 +78,7 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
             report.kept_ready.append(name)
             continue
         try:
-            s.server = await _adopt(registry, s)
+            s.server = await get_backend(s.server_type).adopt(registry.spec_for(s), s.handle)
         except Exception as exc:  # noqa: BLE001 - gone, or its kind cannot be adopted
             log.warning("session %s: cannot re-adopt its data server: %s", name, exc)
             to_restart.append((s, str(exc)))
@@ -85,8 +89,12 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
                                          {s.workdir.name for s in registry.active.values()})
     for s, why in to_restart:
         name = f"{s.uid}/{s.role}"
-        try:
-            s.server = await _restart(registry, s)
+        try:   # on the same ports; its counters restart at zero
+            backend = get_backend(s.server_type)
+            backend.check_available()
+            s.restarted_server()
+            s.server = backend(registry.spec_for(s))
+            await s.server.start()
         except Exception as exc:  # noqa: BLE001 - the reason goes to the session
             s.server = None
             await registry._finish(s, S.FAILED, f"data server was gone after the control server "
@@ -99,32 +107,10 @@ async def recover(registry: SessionRegistry) -> RecoveryReport:
     for s in list(registry.active.values()):
         if s.server is not None:
             s.handle = s.server.handle()
-            registry.watch(s)
+            s.watcher = asyncio.create_task(registry._watch(s, s.server))
         await registry.save(s)
         registry._events("adopted", s, s.last_error if f"{s.uid}/{s.role}" in report.restarted else "")
     return report
-
-
-async def _adopt(registry: SessionRegistry, s: Session) -> DataServer:
-    backend = get_backend(s.server_type)
-    return await backend.adopt(registry.spec_for(s), s.handle)
-
-
-async def _restart(registry: SessionRegistry, s: Session) -> DataServer:
-    backend = get_backend(s.server_type)
-    backend.check_available()
-    s.restarted_server()
-    server = backend(registry.spec_for(s))
-    await server.start()
-    return server
-
-
-async def _forget(registry: SessionRegistry, s: Session) -> None:
-    s.final_stats = s.total_stats()
-    await registry.save(s)
-    shutil.rmtree(s.workdir, ignore_errors=True)
-    registry.remember(s)
-    registry._events(s.state.value, s, s.last_error)
 
 
 def processes_under(directory: Path) -> list[int]:

@@ -33,6 +33,7 @@ from ..data.base import BackendUnavailable, DataServer, get_backend
 from ..data.node.backend import NodeService
 from ..data.spec import KEEPALIVE, UDP_IDLE, UDP_MAX_FLOWS
 from ..data.supervise import bind_error
+from ..data.wankeys import write_private
 from ..errors import DataServerError
 from ..addr import format_listener
 from . import tlscert
@@ -78,7 +79,6 @@ class ServerConfig:
     allow_legacy_plaintext: bool = False
     enforce_legacy_rate: bool = False  # enforce the rate of clients without wan_secret (original tooling)
     ready_file: Path | None = None
-    verbose: bool = False
     drain: bool = True               # release every session on stop (the s2cs CLI: --drain)
     max_lease: float = 0.0           # seconds; the longest and default lease; 0 = unlimited
     update_timeout: float = 3600.0   # seconds a session may wait between its hello and its update; 0 = no limit
@@ -142,32 +142,24 @@ def check(config: ServerConfig) -> None:
         parse_port_range(config.port_range)
     except Exception as exc:
         raise ConfigError(str(exc)) from None
-    if (config.server_cert is None) != (config.server_key is None):
-        raise ConfigError("give both --server-cert and --server-key, or neither")
-    if config.hello_timeout <= 0 or config.hello_grace < 0:
-        raise ConfigError("--hello-timeout must be > 0")
-    if config.max_conn <= 0:
-        raise ConfigError("--max-conn must be > 0")
-    if config.max_lease < 0:
-        raise ConfigError("--max-lease must be >= 0 seconds (0: unlimited)")
-    if config.update_timeout < 0:
-        raise ConfigError("--update-timeout must be >= 0 seconds (0: no limit)")
-    if config.plain_relay not in ("auto", "splice", "copy"):
-        raise ConfigError("--plain-relay must be auto, splice or copy")
-    if config.workers < 0:
-        raise ConfigError("--workers must be >= 0 (0: one per core)")
-    if config.max_session_conns < 0:
-        raise ConfigError("--max-session-conns must be >= 0 (0: no cap)")
-    if config.udp_max_flows < 0:
-        raise ConfigError("--udp-max-flows must be >= 0 (0: no cap)")
-    if not config.udp_idle > 0:
-        raise ConfigError("--udp-idle must be > 0 seconds")
-    if not 0 <= config.port <= 65535:
-        raise ConfigError(f"--port {config.port}: a port is 0-65535 (0: any free port)")
-    if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
-        raise ConfigError("--metrics-port must be 0-65535")
-    if config.web_port is not None and not 0 <= config.web_port <= 65535:
-        raise ConfigError("--web-port must be 0-65535")
+    for bad, message in [
+            ((config.server_cert is None) != (config.server_key is None),
+             "give both --server-cert and --server-key, or neither"),
+            (config.hello_timeout <= 0 or config.hello_grace < 0, "--hello-timeout must be > 0"),
+            (config.max_conn <= 0, "--max-conn must be > 0"),
+            (config.max_lease < 0, "--max-lease must be >= 0 seconds (0: unlimited)"),
+            (config.update_timeout < 0, "--update-timeout must be >= 0 seconds (0: no limit)"),
+            (config.plain_relay not in ("auto", "splice", "copy"),
+             "--plain-relay must be auto, splice or copy"),
+            (config.workers < 0, "--workers must be >= 0 (0: one per core)"),
+            (config.max_session_conns < 0, "--max-session-conns must be >= 0 (0: no cap)"),
+            (config.udp_max_flows < 0, "--udp-max-flows must be >= 0 (0: no cap)"),
+            (not config.udp_idle > 0, "--udp-idle must be > 0 seconds"),
+            (not 0 <= config.port <= 65535, f"--port {config.port}: a port is 0-65535 (0: any free port)"),
+            (not 0 <= (config.metrics_port or 0) <= 65535, "--metrics-port must be 0-65535"),
+            (not 0 <= (config.web_port or 0) <= 65535, "--web-port must be 0-65535")]:
+        if bad:
+            raise ConfigError(message)
     if config.store is not None and not is_postgres_url(config.store):
         raise ConfigError(f"--store {redact(config.store)}: give a postgresql://USER@HOST[:PORT]/DATABASE "
                           "URL (leave --store out for SQLite in the state directory)")
@@ -359,24 +351,20 @@ class ControlServer:
         self.audit = AuditLog(self.state_dir / "audit.log")
         if config.backend.kind == "Builtin" and not config.facility:
             self.node = await self._open_node_service()
-        self.registry = (self._facility_registry if config.facility else SessionRegistry)(  # type: ignore[operator]
-            RegistryConfig(listener_ip=config.listener_ip, state_dir=self.state_dir,
-                           server_type=config.backend.kind,
-                           backend=config.backend,
-                           hello_timeout=config.hello_timeout, hello_grace=config.hello_grace,
-                           max_conn=config.max_conn, max_lease=config.max_lease,
-                           update_timeout=config.update_timeout,
-                           keepalive=tuple(config.tcp_keepalive),  # type: ignore[arg-type]
-                           wan_congestion=config.wan_cc,
-                           wan_plaintext=config.wan_plaintext,
-                           allow_legacy_plaintext=config.allow_legacy_plaintext,
-                           enforce_legacy_rate=config.enforce_legacy_rate,
-                           admins=frozenset(config.admins),
-                           max_session_conns=config.max_session_conns,
-                           udp=config.udp, udp_plaintext=config.udp_plaintext,
-                           udp_max_flows=config.udp_max_flows, udp_idle=config.udp_idle,
-                           data_service=str(self.node.path) if self.node else ""),
-            ports, BandwidthPool(config.max_rate), events=[self.audit.event], store=self.store)
+        # the registry's settings of the same name, then those it takes in another form
+        same = {f.name for f in dataclasses.fields(RegistryConfig)} & set(vars(config))
+        settings = RegistryConfig(**{
+            **{name: getattr(config, name) for name in same}, "state_dir": self.state_dir,
+            "server_type": config.backend.kind, "backend": config.backend, "wan_congestion": config.wan_cc,
+            "keepalive": tuple(config.tcp_keepalive), "admins": frozenset(config.admins),
+            "data_service": str(self.node.path) if self.node else ""})
+        if config.facility:
+            from .facility import FacilityRegistry
+            self.registry = FacilityRegistry(settings, self.store, token=config.node_token,  # type: ignore
+                                             node_timeout=config.node_timeout, events=[self.audit.event])
+        else:
+            self.registry = SessionRegistry(settings, ports, BandwidthPool(config.max_rate),
+                                            events=[self.audit.event], store=self.store)
         if config.metrics_port is not None:
             self.metrics = Metrics(self.registry)
             self.registry.observers.append(self.metrics.event)
@@ -400,7 +388,7 @@ class ControlServer:
         server.add_generic_rpc_handlers([generic_handler(
             ControlServicer(self.registry, self.auth, metrics=self.metrics, audit=self.audit))])
         bind_host = config.control_ip or config.listener_ip
-        address = f"[{bind_host}]:{config.port}" if ":" in bind_host else f"{bind_host}:{config.port}"
+        address = format_listener(bind_host, config.port)
         try:
             if config.insecure:
                 log.warning("control channel: PLAINTEXT (--insecure); tokens cross the network unprotected")
@@ -411,14 +399,13 @@ class ControlServer:
         except RuntimeError as exc:
             why = _bind_problem(bind_host, config.port, "--control-ip" if config.control_ip else "--listener-ip")
             raise ConfigError(f"cannot listen on {address}: {why or exc}") from None
-        shown = f"[{bind_host}]:{self.port}" if ":" in bind_host else f"{bind_host}:{self.port}"
+        self.address = format_listener(bind_host, self.port)
         if config.facility:
             self.registry.instance = f"{socket.gethostname()}:{self.port}"  # type: ignore[union-attr]
-            await self.registry.start(shown)  # type: ignore[union-attr]
+            await self.registry.start(self.address)  # type: ignore[union-attr]
         await server.start()
         self._grpc = server
-        self.address = shown
-        log.info("S2CS serving on %s (type %s, data ports %s, listener ip %s)", shown,
+        log.info("S2CS serving on %s (type %s, data ports %s, listener ip %s)", self.address,
                  config.backend.kind, config.port_range, config.listener_ip)
         host = HostTcp.read()
         log.info("%s", congestion_line(config.wan_cc, host, config.backend.kind))
@@ -435,25 +422,19 @@ class ControlServer:
             log.info("metrics on http://%s/metrics", format_listener(metrics_ip, self.metrics_port))
         if config.web_port is not None:
             await self._start_web(bind_host)
-        if config.ready_file:
-            # written whole, then renamed: a reader polling for the file never reads it half-written
-            ready = Path(config.ready_file)
-            partial = ready.with_name(ready.name + ".partial")
-            partial.write_text(json.dumps({
+        if config.ready_file:   # replaced whole: a reader polling for the file never reads it half-written
+            write_private(Path(config.ready_file), json.dumps({
                 "port": self.port, "pid": os.getpid(), "state_dir": str(self.state_dir),
                 "metrics_port": self.metrics_port, "web_port": self.web_port}))
-            os.replace(partial, ready)
 
     async def _start_web(self, bind_host: str) -> None:
-        from .web import WebView, web_ssl_context  # aiohttp is imported only when asked for
+        from .web import WebView  # aiohttp is imported only when asked for
         config = self.config
         ctx = None
-        if not config.insecure:
-            cert = Path(config.server_cert) if config.server_cert else self.state_dir / "server.crt"
-            key = Path(config.server_key) if config.server_key else self.state_dir / "server.key"
-            ctx = web_ssl_context(cert, key)
-            if self.certificate is not None:
-                self._tasks.append(asyncio.create_task(_follow_certificate(self.certificate, ctx)))
+        live = self.certificate   # the control port's certificate, as it changes (not --insecure)
+        if live is not None:
+            ctx = tlscert.server_context(live.cert, live.key)   # Mozilla's "intermediate" profile
+            self._tasks.append(asyncio.create_task(_follow_certificate(live, ctx)))
         self.web = WebView(self.registry, self.auth,  # type: ignore[arg-type]
                            auth_none=isinstance(self.auth, NoAuth))
         web_ip = config.web_ip or bind_host
@@ -464,11 +445,6 @@ class ControlServer:
                               f"{exc.strerror}") from None
         log.info("web view on %s://%s/", "http" if ctx is None else "https",
                  format_listener(web_ip, self.web_port))
-
-    def _facility_registry(self, config: RegistryConfig, ports, bandwidth, *, events, store):
-        from .facility import FacilityRegistry
-        return FacilityRegistry(config, store, token=self.config.node_token,
-                                node_timeout=self.config.node_timeout, events=events)
 
     async def _open_node_service(self) -> NodeService:
         config = self.config
@@ -531,9 +507,6 @@ async def serve(config: ServerConfig, *, authenticator: Authenticator | None = N
     server = ControlServer(config, authenticator=authenticator)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
 
     def reopen_logs() -> None:
         # SIGHUP: after a log rotation (deploy/logrotate.conf); it never stops the server
@@ -542,14 +515,16 @@ async def serve(config: ServerConfig, *, authenticator: Authenticator | None = N
                 server.audit.reopen()
             except OSError as exc:
                 log.error("cannot reopen the audit log: %s", exc)
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGHUP, reopen_logs)
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: reopen_logs}
+    for sig, handler in handlers.items():
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler)
     try:
         await server.start()
         await stop.wait()
     finally:
         await server.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in handlers:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
 

@@ -51,14 +51,11 @@ def rpc(request_type):
         async def wrapper(self: "ControlServicer", raw, context: grpc.aio.ServicerContext):
             call = Call(name, _peer(context))
             try:
-                if isinstance(raw, request_type):
-                    request = raw
-                else:
-                    try:
-                        request = request_type.FromString(raw)
-                    except DecodeError as exc:
-                        raise InvalidArgument(f"the {name} request is not a valid scistream."
-                                              f"{request_type.__name__} message: {exc}") from None
+                try:
+                    request = request_type.FromString(raw)
+                except DecodeError as exc:
+                    raise InvalidArgument(f"the {name} request is not a valid scistream."
+                                          f"{request_type.__name__} message: {exc}") from None
                 call.uid = getattr(request, "uid", "")
                 call.role = getattr(request, "role", "")
                 response = await handler(self, request, context, call)
@@ -78,7 +75,6 @@ def rpc(request_type):
                                     f"internal error in {name}; the server log has the details")
             self.record(call, "OK", "")
             return response
-        wrapper.request_type = request_type  # type: ignore[attr-defined]
         return wrapper
     return deco
 
@@ -107,12 +103,9 @@ class ControlServicer:
     def record(self, call: Call, code: str, detail: str) -> None:
         if self.metrics is not None:
             self.metrics.call(call.method, code)
-            if code != "OK":
-                self.metrics.error(call.method, code)
         if self.audit is not None:
-            who = call.who.id if call.who is not None else ""
-            self.audit.write(who=who, peer=call.peer, what=call.method, uid=call.uid, role=call.role,
-                             result=code, detail=detail)
+            self.audit.write(who=call.who.id if call.who is not None else "", peer=call.peer,
+                             what=call.method, uid=call.uid, role=call.role, result=code, detail=detail)
 
     async def _who(self, context: grpc.aio.ServicerContext, call: Call) -> Identity:
         call.who = await self.auth.authenticate(_metadata(context, "authorization"))
@@ -200,14 +193,10 @@ def legs_pb(legs: dict[str, dict]) -> list[pb.LegTelemetry]:
             for name, leg in sorted(legs.items())]
 
 
-_RESPONSES = {"req": pb.Response, "hello": pb.AppResponse, "update": pb.Response,
-              "release": pb.Response, "status": pb.StatusResponse}
-
-
 def generic_handler(servicer: ControlServicer) -> grpc.GenericRpcHandler:
     """The ``scistream.Control`` service with raw-bytes requests (decoded by ``rpc``)."""
     return grpc.method_handlers_generic_handler("scistream.Control", {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=None,
-            response_serializer=resp.SerializeToString)
-        for name, resp in _RESPONSES.items()})
+            response_serializer=lambda message: message.SerializeToString())
+        for name in ("req", "hello", "update", "release", "status")})

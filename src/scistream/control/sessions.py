@@ -73,7 +73,7 @@ def when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _add(a: Stats, b: Stats) -> Stats:
+def add_stats(a: Stats, b: Stats) -> Stats:
     return Stats(a.bytes_in + b.bytes_in, a.bytes_out + b.bytes_out, a.connections + b.connections,
                  a.total_connections + b.total_connections, a.refused_connections + b.refused_connections,
                  a.cut_streams + b.cut_streams, b.failure or a.failure,
@@ -137,20 +137,9 @@ class Session:
             self.ended = time.time()
         self.changed.set()
 
-    def spec(self, targets: tuple[str, ...] | None = None,
-             keepalive: tuple[int, int, int] = KEEPALIVE, *, max_conns: int = 0, service: str = "",
-             wan_congestion: str = "", **udp: Any) -> DataSpec:
-        """``udp``: the DataSpec's udp settings (udp, udp_plaintext, udp_max_flows, udp_idle)."""
-        return DataSpec(uid=self.uid, role=self.role, listen_host=self.listen_host,
-                        ports=tuple(self.ports), targets=tuple(self.targets) if targets is None else targets,
-                        rate_kbps=self.rate if self.rate_enforced else 0, wan_secret=self.wan_secret,
-                        workdir=self.workdir, keepalive=keepalive, max_conns=max_conns, service=service,
-                        wan_congestion=wan_congestion,
-                        lease_end=self.lease_expires, **udp)
-
     def restarted_server(self) -> None:
         """A new data server replaces the old one: keep what the old one carried."""
-        self.stats_base = _add(self.stats_base, self.last_stats)
+        self.stats_base = add_stats(self.stats_base, self.last_stats)
         self.stats_base.connections = 0
         self.stats_base.udp.pop("flows", None)
         self.last_stats = Stats()
@@ -159,7 +148,7 @@ class Session:
         """Bytes over the session's life: final, or what replaced servers carried + the current one."""
         if self.final_stats is not None:
             return self.final_stats
-        return _add(self.stats_base, self.last_stats)
+        return add_stats(self.stats_base, self.last_stats)
 
     def error(self, stats: Stats) -> str:
         """What went wrong last, for status: the session's own last error and the data
@@ -169,37 +158,22 @@ class Session:
 
     # -- persistence -------------------------------------------------------------------
     def to_record(self) -> SessionRecord:
-        st = self.total_stats()
         return SessionRecord(
             uid=self.uid, role=self.role, created=self.created, state=self.state.value,
             owner_id=self.owner.id, owner_name=self.owner.name, ended=self.ended,
             wan_secret=self.wan_secret, data={
-                "num_conn": self.num_conn, "rate": self.rate, "bandwidth": self.bandwidth,
-                "ports": self.ports, "listeners": self.listeners, "workdir": str(self.workdir),
-                "listen_host": self.listen_host, "server_type": self.server_type,
-                "wan_security": self.wan_security, "udp": self.udp, "rate_enforced": self.rate_enforced,
-                "prod_listeners": self.prod_listeners,
-                "targets": self.targets, "connected_at": self.connected_at, "ready_at": self.ready_at,
-                "lease_expires": self.lease_expires, "last_error": self.last_error,
-                "handle": self.handle, "stats": dataclasses.asdict(st),
-                "stats_base": dataclasses.asdict(self.stats_base),
-            })
+                **{name: getattr(self, name) for name in _RECORDED}, "workdir": str(self.workdir),
+                "stats": dataclasses.asdict(self.total_stats()),
+                "stats_base": dataclasses.asdict(self.stats_base)})
 
     @classmethod
     def from_record(cls, rec: SessionRecord) -> "Session":
         d = rec.data
-        s = cls(uid=rec.uid, role=rec.role, owner=Identity(rec.owner_id, rec.owner_name),
-                num_conn=int(d.get("num_conn", 0)), rate=int(d.get("rate", 0)),
-                ports=[int(p) for p in d.get("ports", [])], listeners=list(d.get("listeners", [])),
-                workdir=Path(d.get("workdir", ".")), listen_host=d.get("listen_host", ""),
-                server_type=d.get("server_type", ""), wan_secret=rec.wan_secret,
-                wan_security=d.get("wan_security", ""), udp=d.get("udp", ""),
-                rate_enforced=bool(d.get("rate_enforced", True)), prod_listeners=list(d.get("prod_listeners", [])),
-                targets=list(d.get("targets", [])), state=SessionState(rec.state), created=rec.created,
-                connected_at=float(d.get("connected_at", 0.0)), ready_at=float(d.get("ready_at", 0.0)),
-                ended=rec.ended,
-                lease_expires=float(d.get("lease_expires", 0.0)), last_error=d.get("last_error", ""),
-                bandwidth=int(d.get("bandwidth", 0)), handle=dict(d.get("handle") or {}))
+        s = cls(uid=rec.uid, role=rec.role, owner=Identity(rec.owner_id, rec.owner_name), created=rec.created,
+                state=SessionState(rec.state), ended=rec.ended, wan_secret=rec.wan_secret,
+                workdir=Path(d.get("workdir", ".")),
+                **{"num_conn": 0, "rate": 0, "ports": [], "listeners": [],
+                   **{name: d[name] for name in _RECORDED if name in d}})
         st = Stats(**d["stats"]) if d.get("stats") else Stats()
         if rec.terminal:
             s.final_stats = st
@@ -214,6 +188,12 @@ class Session:
         if s.state is not S.REQUESTED:
             s.hello_seen.set()
         return s
+
+
+#: What a session's record keeps in its ``data`` as it is (JSON), beside the workdir and the counters.
+_RECORDED = ("num_conn", "rate", "bandwidth", "ports", "listeners", "listen_host", "server_type",
+             "wan_security", "udp", "rate_enforced", "prod_listeners", "targets", "connected_at", "ready_at",
+             "lease_expires", "last_error", "handle")
 
 
 @dataclasses.dataclass
@@ -240,19 +220,6 @@ class RegistryConfig:
     udp_plaintext: bool = False      # Nginx: UDP in the clear beside an encrypted TCP leg (--udp-plaintext)
     udp_max_flows: int = UDP_MAX_FLOWS   # UDP flows per session (--udp-max-flows; 0: no cap)
     udp_idle: float = UDP_IDLE       # seconds a UDP flow lasts without a datagram (--udp-idle)
-
-    def udp_settings(self) -> dict[str, Any]:
-        return {"udp": self.udp, "udp_plaintext": self.udp_plaintext, "udp_max_flows": self.udp_max_flows,
-                "udp_idle": self.udp_idle}
-
-
-def tell_observers(observers: Iterable[Observer], event: str, session: Session, detail: str) -> None:
-    """Every observer hears of the event; one that fails is logged, never breaks a session."""
-    for observe in observers:
-        try:
-            observe(event, session, detail)
-        except Exception:  # an observer must never break a session
-            log.exception("event observer failed on %s", event)
 
 
 def check_owner(config: RegistryConfig, uid: str, owner_id: str, who: Identity, action: str) -> None:
@@ -332,9 +299,8 @@ def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes |
     if given:
         if len(given) != wankeys.SECRET_BYTES:
             raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
-        if role == "PROD" and not wankeys.secrets_equal(given, have or b""):
-            raise PermissionDenied(f"wrong WAN secret for session {uid}")
-        if role == "CONS" and have is not None and not wankeys.secrets_equal(given, have):
+        # a PROD session drew its secret at the req; a CONS one learns it at its first update
+        if (role == "PROD" or have is not None) and not wankeys.secrets_equal(given, have or b""):
             raise PermissionDenied(f"wrong WAN secret for session {uid}")
         return given
     # A client of the original tooling: it knows no wan_secret.
@@ -348,29 +314,51 @@ def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes |
         "with --allow-legacy-plaintext")
 
 
-class SessionRegistry:
+class BaseRegistry:
+    """What a gateway's registry and a facility's (control/facility.py) share: the live
+    sessions and the latest ended ones, and the observers that hear of every event."""
+
+    def __init__(self, config: RegistryConfig, events: Observer | Iterable[Observer] | None) -> None:
+        self.config = config
+        self.active: dict[tuple[str, str], Session] = {}
+        self.ended: collections.OrderedDict[tuple[str, str, float], Session] = collections.OrderedDict()
+        self.observers: list[Observer] = (
+            [] if events is None else [events] if callable(events) else list(events))
+
+    def _events(self, event: str, session: Session, detail: str) -> None:
+        """Every observer hears of the event; one that fails is logged, never breaks a session."""
+        for observe in self.observers:
+            try:
+                observe(event, session, detail)
+            except Exception:  # an observer must never break a session
+                log.exception("event observer failed on %s", event)
+
+    def sessions(self) -> list[Session]:
+        """The live sessions, then the ended ones, the latest first."""
+        return list(self.active.values()) + list(reversed(self.ended.values()))
+
+
+class SessionRegistry(BaseRegistry):
     def __init__(self, config: RegistryConfig, ports: PortPool, bandwidth: BandwidthPool,
                  events: Observer | Iterable[Observer] | None = None,
                  store: SessionStore | None = None) -> None:
-        self.config = config
+        super().__init__(config, events)
         self.ports = ports
         self.bandwidth = bandwidth
         self.store = store
-        self.active: dict[tuple[str, str], Session] = {}
-        self.ended: collections.OrderedDict[tuple[str, str, float], Session] = collections.OrderedDict()
         self._arrivals = asyncio.Condition()
-        self.observers: list[Observer] = (
-            [] if events is None else [events] if callable(events) else list(events))
         self._since_prune = 0
 
     def spec_for(self, session: Session, targets: tuple[str, ...] | None = None) -> DataSpec:
         """What the session's data server is started with."""
-        c = self.config
-        return session.spec(targets, c.keepalive, max_conns=c.max_session_conns, service=c.data_service,
-                            wan_congestion=c.wan_congestion, **c.udp_settings())
-
-    def _events(self, event: str, session: Session, detail: str) -> None:
-        tell_observers(self.observers, event, session, detail)
+        c, s = self.config, session
+        return DataSpec(uid=s.uid, role=s.role, listen_host=s.listen_host, ports=tuple(s.ports),
+                        targets=tuple(s.targets) if targets is None else targets,
+                        rate_kbps=s.rate if s.rate_enforced else 0, wan_secret=s.wan_secret,
+                        workdir=s.workdir, lease_end=s.lease_expires, keepalive=c.keepalive,
+                        max_conns=c.max_session_conns, service=c.data_service,
+                        wan_congestion=c.wan_congestion, udp=c.udp, udp_plaintext=c.udp_plaintext,
+                        udp_max_flows=c.udp_max_flows, udp_idle=c.udp_idle)
 
     async def save(self, session: Session) -> None:
         """Write the session's record; durable when this returns."""
@@ -393,12 +381,6 @@ class SessionRegistry:
         """The live sessions of a uid: at most one per role (no scan of the table)."""
         return [s for role in ("PROD", "CONS") if (s := self.active.get((uid, role))) is not None]
 
-    def _check_owner(self, session: Session, who: Identity, action: str) -> None:
-        check_owner(self.config, session.uid, session.owner.id, who, action)
-
-    def sessions(self) -> list[Session]:
-        return list(self.active.values()) + list(reversed(self.ended.values()))
-
     async def stats(self, session: Session) -> Stats:
         """Byte counters over the session's life, asking its data server if it has one."""
         server = session.server
@@ -416,6 +398,18 @@ class SessionRegistry:
         elif session.legs and session.final_stats is not None:
             session.legs = {}
         return session.total_stats()
+
+    async def refresh_stats(self, timeout: float, concurrency: int = 32) -> None:
+        """Ask every live data server for its counters, in parallel (bounded) and within ``timeout``."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(s: Session) -> None:
+            async with sem:
+                await self.stats(s)
+
+        live = [s for s in self.active.values() if s.server is not None]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True), timeout)
 
     # -- req ----------------------------------------------------------------------------
     async def request(self, uid: str, role: str, num_conn: int, rate: int, owner: Identity,
@@ -485,7 +479,7 @@ class SessionRegistry:
         """The application's endpoints. Waits a bounded time for a req that has not come yet."""
         endpoints = check_hello(uid, prod_listeners)
         session = await self._await_session(uid, role)
-        self._check_owner(session, who, "hello")
+        check_owner(self.config, session.uid, session.owner.id, who, "hello")
         async with session.lock:
             if session.state is not S.REQUESTED:
                 raise FailedPrecondition(f"session {uid} already had its hello (it is {session.state.value})")
@@ -510,14 +504,13 @@ class SessionRegistry:
         async with self._arrivals:
             while True:
                 candidates = [s for s in self._of_uid(uid) if s.state is S.REQUESTED]
-                if len(candidates) == 1:
-                    return candidates[0]
                 if len(candidates) == 2:  # both roles on one server: trust the hello's role
-                    for s in candidates:
-                        if s.role == role:
-                            return s
-                    raise InvalidArgument(f"uid {uid} waits for a hello as PROD and CONS here; "
-                                          "the hello must give its role")
+                    candidates = [s for s in candidates if s.role == role]
+                    if not candidates:
+                        raise InvalidArgument(f"uid {uid} waits for a hello as PROD and CONS here; "
+                                              "the hello must give its role")
+                if candidates:
+                    return candidates[0]
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
@@ -533,7 +526,7 @@ class SessionRegistry:
                      wan_secret: bytes, who: Identity) -> Session:
         remote = check_update(uid, role, remote_listeners)
         session = self._find(uid, role or None)
-        self._check_owner(session, who, "update")
+        check_owner(self.config, session.uid, session.owner.id, who, "update")
         # A name that does not resolve is the caller's mistake: refuse it before anything
         # changes (the session keeps its data server and targets). Data servers get the
         # numeric addresses, so none of them ever waits on DNS.
@@ -579,8 +572,7 @@ class SessionRegistry:
                 await self._finish(session, S.FAILED, "update interrupted", locked=True)
                 raise
             except BaseException as exc:
-                reason = repr(exc)
-                await self._finish(session, S.FAILED, reason, locked=True)
+                await self._finish(session, S.FAILED, repr(exc), locked=True)
                 if isinstance(exc, Exception):
                     raise DataServerError(f"data server failed to start: {exc}") from exc
                 raise
@@ -595,11 +587,6 @@ class SessionRegistry:
             log.error("session %s/%s: data server died: %s", session.uid, session.role, reason)
             await self._finish(session, S.FAILED, f"data server died: {reason}")
 
-    def watch(self, session: Session) -> None:
-        """Start watching the session's (adopted) data server."""
-        if session.server is not None:
-            session.watcher = asyncio.create_task(self._watch(session, session.server))
-
     # -- release ------------------------------------------------------------------------
     async def release(self, uid: str, who: Identity) -> list[Session]:
         check_uid(uid)
@@ -607,7 +594,7 @@ class SessionRegistry:
         if not found:
             raise NotFound(f"no active session {uid} on this server; it may be released already")
         for s in found:
-            self._check_owner(s, who, "release")
+            check_owner(self.config, s.uid, s.owner.id, who, "release")
         for s in found:
             await self._finish(s, S.RELEASED, "")
             self._events("release", s, "")

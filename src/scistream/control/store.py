@@ -42,7 +42,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-
 from ..errors import ScistreamError, Status
 
 log = logging.getLogger(__name__)
@@ -78,31 +77,106 @@ class StoreError(ScistreamError):
 
 
 class SessionStore(abc.ABC):
-    """Where session records live. Every coroutine is safe to call from the event loop."""
+    """Where session records live; every coroutine is safe to call from the event loop.
+
+    ``put`` queues the record; one flusher task at a time (``_flush``) writes whatever is
+    queued, in order, in one transaction per batch (``_write_batch``). A subclass connects
+    (``open``, ``_disconnect``, ``is_open``) and runs the statements (``_fetch``,
+    ``_execute``; parameters written ``$1``, ``$2``)."""
+    path: Any
+    node: str
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[SessionRecord, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self.commits = 0   # transactions committed (group commit makes it < records written)
 
     @abc.abstractmethod
     async def open(self) -> None:
         """Connect and create the schema if needed; raise StoreError saying why not."""
 
+    @property
     @abc.abstractmethod
+    def is_open(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def _disconnect(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _write_batch(self, records: list[SessionRecord]) -> None:
+        """Insert or replace the records in one transaction."""
+
+    @abc.abstractmethod
+    async def _fetch(self, query: str, *args: Any) -> list[Any]: ...
+
+    @abc.abstractmethod
+    async def _execute(self, query: str, *args: Any) -> int:
+        """Run a statement; the number of rows it changed."""
+
+    def _write_failed(self, records: list[SessionRecord], exc: BaseException) -> StoreError:
+        """What every waiter of a batch that could not be written learns."""
+        return exc if isinstance(exc, StoreError) else StoreError(
+            f"cannot write the session store {self.path}: {exc}")
+
     async def close(self) -> None:
         """Finish pending writes and disconnect. Idempotent."""
+        if not self.is_open:
+            return
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self._disconnect()
 
-    @abc.abstractmethod
     async def put(self, record: SessionRecord) -> None:
         """Insert or replace the record; durable when this returns."""
+        if not self.is_open:
+            raise StoreError(f"session store {self.path} is not open")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((record, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # The write goes on even if the caller is cancelled: the state it records is real.
+        await asyncio.shield(fut)
 
-    @abc.abstractmethod
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            records = [r for r, _ in batch]
+            try:
+                await self._write_batch(records)
+            except BaseException as exc:  # noqa: BLE001 - every waiter must learn of it
+                _settle(batch, self._write_failed(records, exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                _settle(batch, None)
+
     async def active(self) -> list[SessionRecord]:
         """Every session of this node not yet in a terminal state."""
+        return [record_of(r) for r in await self._fetch(
+            f"SELECT {SELECTED} FROM sessions WHERE node = $1 AND {LIVE} ORDER BY created", self.node)]
 
-    @abc.abstractmethod
     async def history(self, limit: int) -> list[SessionRecord]:
         """The ``limit`` most recently ended sessions of this node, newest first."""
+        return [record_of(r) for r in await self._fetch(
+            f"SELECT {SELECTED} FROM sessions WHERE node = $1 AND NOT ({LIVE}) "
+            "ORDER BY ended DESC LIMIT $2", self.node, limit)]
 
-    @abc.abstractmethod
     async def prune(self, keep: int) -> int:
         """Forget all but the ``keep`` most recently ended sessions; return how many went."""
+        return await self._execute(
+            f"DELETE FROM sessions WHERE node = $1 AND NOT ({LIVE}) AND (uid, role, created) NOT IN ("
+            f"SELECT uid, role, created FROM sessions WHERE node = $1 AND NOT ({LIVE}) "
+            "ORDER BY ended DESC LIMIT $2)", self.node, keep)
+
+
+def _settle(batch: list[tuple[SessionRecord, asyncio.Future]], err: BaseException | None) -> None:
+    """Tell every waiter of a batch how its write went."""
+    for _, fut in batch:
+        if not fut.done():
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
 
 
 _SCHEMA = """
@@ -149,54 +223,16 @@ def record_of(values: Any) -> SessionRecord:
                             "data": json.loads(got["data"])})
 
 
-class GroupCommitStore(SessionStore):
-    """``put`` queues the record; one flusher task at a time (``_flush``) writes whatever is
-    queued, in order, in one transaction per batch. A subclass sets ``_pending`` and
-    ``_flusher`` (empty) and says whether it is open."""
-    _pending: list[tuple[SessionRecord, asyncio.Future]]
-    _flusher: asyncio.Task | None
-    path: Any
-
-    @property
-    @abc.abstractmethod
-    def is_open(self) -> bool: ...
-
-    @abc.abstractmethod
-    async def _flush(self) -> None: ...
-
-    @staticmethod
-    def _settle(batch: list[tuple[SessionRecord, asyncio.Future]], err: BaseException | None) -> None:
-        """Tell every waiter of a batch how its write went."""
-        for _, fut in batch:
-            if not fut.done():
-                if err is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(err)
-
-    async def put(self, record: SessionRecord) -> None:
-        if not self.is_open:
-            raise StoreError(f"session store {self.path} is not open")
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((record, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        # The write goes on even if the caller is cancelled: the state it records is real.
-        await asyncio.shield(fut)
-
-
-class SqliteStore(GroupCommitStore):
+class SqliteStore(SessionStore):
     """Session records in one SQLite file (WAL), written on a thread of its own."""
 
     def __init__(self, path: Path, node: str | None = None, *, synchronous: str = "NORMAL") -> None:
+        super().__init__()
         self.path = Path(path)
         self.node = node or socket.gethostname()
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._exec: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: list[tuple[SessionRecord, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
-        self.commits = 0   # transactions committed (group commit makes it < records written)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._exec is None:
@@ -219,8 +255,7 @@ class SqliteStore(GroupCommitStore):
         try:
             # Create the file 0600 ourselves: SQLite would use the umask, and gives its
             # -wal and -shm files the mode of the database file.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             os.chmod(self.path, 0o600)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -244,34 +279,20 @@ class SqliteStore(GroupCommitStore):
                              "--state-dir (its owner, free space) or move the damaged file away") from exc
         self._db = db
 
-    async def close(self) -> None:
-        if self._exec is None:
-            return
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+    async def _disconnect(self) -> None:
         db, self._db = self._db, None
         if db is not None:
             await self._run(db.close)
-        self._exec.shutdown(wait=True)
+        self._exec.shutdown(wait=True)  # type: ignore[union-attr]
         self._exec = None
 
-    # -- writes (group commit) -------------------------------------------------------------
+    # -- writes (group commit) and reads ---------------------------------------------------
     @property
     def is_open(self) -> bool:
         return self._exec is not None
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                await self._run(self._write_sync, [r for r, _ in batch])
-            except BaseException as exc:  # noqa: BLE001 - every waiter must learn of it
-                self._settle(batch, exc if isinstance(exc, StoreError) else StoreError(
-                    f"cannot write the session store {self.path}: {exc}"))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                self._settle(batch, None)
+    async def _write_batch(self, records: list[SessionRecord]) -> None:
+        await self._run(self._write_sync, records)
 
     def _write_sync(self, records: list[SessionRecord]) -> None:
         db = self._need_db()
@@ -292,29 +313,8 @@ class SqliteStore(GroupCommitStore):
             raise StoreError(f"session store {self.path} is not open")
         return self._db
 
-    # -- reads -----------------------------------------------------------------------------
-    async def active(self) -> list[SessionRecord]:
-        def read() -> list[SessionRecord]:
-            rows = self._need_db().execute(
-                f"SELECT {SELECTED} FROM sessions WHERE node = ? AND {LIVE} ORDER BY created",
-                (self.node,)).fetchall()
-            return [record_of(r) for r in rows]
-        return await self._run(read)
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        return await self._run(lambda: self._need_db().execute(query.replace("$", "?"), args).fetchall())
 
-    async def history(self, limit: int) -> list[SessionRecord]:
-        def read() -> list[SessionRecord]:
-            rows = self._need_db().execute(
-                f"SELECT {SELECTED} FROM sessions WHERE node = ? AND NOT ({LIVE}) "
-                "ORDER BY ended DESC LIMIT ?", (self.node, limit)).fetchall()
-            return [record_of(r) for r in rows]
-        return await self._run(read)
-
-    async def prune(self, keep: int) -> int:
-        def delete() -> int:
-            db = self._need_db()
-            cur = db.execute(
-                f"DELETE FROM sessions WHERE node = ? AND NOT ({LIVE}) AND rowid NOT IN ("
-                f"SELECT rowid FROM sessions WHERE node = ? AND NOT ({LIVE}) "
-                "ORDER BY ended DESC LIMIT ?)", (self.node, self.node, keep))
-            return cur.rowcount
-        return await self._run(delete)
+    async def _execute(self, query: str, *args: Any) -> int:
+        return await self._run(lambda: self._need_db().execute(query.replace("$", "?"), args).rowcount)

@@ -18,7 +18,6 @@ and by ``LiveCertificate`` while the server runs): a client that trusts ``server
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import logging
 import os
@@ -60,9 +59,7 @@ def _now() -> datetime.datetime:
 
 def fingerprint(cert_pem: bytes) -> str:
     """SHA-256 of the first certificate of ``cert_pem`` (DER), as AA:BB:..."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex(":").upper()
 
 
 def ca_path(cert_path: Path) -> tuple[Path, Path]:
@@ -72,11 +69,9 @@ def ca_path(cert_path: Path) -> tuple[Path, Path]:
 
 def _san_entries(names: list[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
-    seen: set[str] = set()
-    for n in names:
-        if not n or n in seen or n in ("0.0.0.0", "::"):
+    for n in dict.fromkeys(names):   # each once, in order
+        if not n or n in ("0.0.0.0", "::"):
             continue
-        seen.add(n)
         try:
             out.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:
@@ -103,9 +98,8 @@ def _load_ca(cert_path: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         ca_key = serialization.load_pem_private_key(key.read_bytes(), None)
     except (OSError, ValueError):
         return None
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key() != ca.public_key():
-        return None
-    if ca.not_valid_after_utc - _now() < LEAF_LIFETIME + RENEW_BEFORE:
+    if (not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key() != ca.public_key()
+            or ca.not_valid_after_utc - _now() < LEAF_LIFETIME + RENEW_BEFORE):
         return None
     return ca, ca_key
 

@@ -77,18 +77,8 @@ NO_AUTH_BANNER = ("--auth none: AUTHENTICATION IS DISABLED on this control serve
                   "For development only.")
 
 
-def web_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server TLS context from the control channel's certificate and key: Mozilla's
-    "intermediate" profile (TLS 1.2 with AEAD suites and forward secrecy, and TLS 1.3)."""
-    from . import tlscert
-    return tlscert.server_context(cert, key)
-
-
 class _Answer(Exception):
-    """Answer the request with ``response`` now (a login page for a caller without a token)."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        self.response = response
+    """Answer the request with the response given (a login page for a caller without a token)."""
 
 
 def _redirect(location: str) -> web.Response:
@@ -117,12 +107,6 @@ class _Rates:
         return (self.history[-1][1], self.history[-1][2]) if self.history else (0.0, 0.0)
 
 
-def _key(s: Session) -> tuple[str, str, float]:
-    return s.uid, s.role, s.created
-
-
-
-
 def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z" if t else "-"
 
@@ -134,12 +118,11 @@ COLUMNS = [("uid", "uid"), ("owner", "owner"), ("role", "role"), ("state", "stat
 
 
 class WebView:
-    def __init__(self, registry: SessionRegistry, auth: Authenticator, *, auth_none: bool = False,
-                 secure: bool = False) -> None:
+    def __init__(self, registry: SessionRegistry, auth: Authenticator, *, auth_none: bool = False) -> None:
         self.registry = registry
         self.auth = auth
         self.auth_none = auth_none
-        self.secure = secure
+        self.secure = False    # serving over TLS (serve): cookies are Secure
         self.hostname = socket.gethostname()
         self.logins: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self.rates: dict[tuple[str, str, float], _Rates] = {}
@@ -152,22 +135,15 @@ class WebView:
         self._sampler: asyncio.Task | None = None
         self._runner: web.AppRunner | None = None
         self._files: dict[str, tuple[bytes, str]] = {}
-        self.app = self._make_app()
+        self.app = web.Application(middlewares=[self._headers], client_max_size=64 * 1024)
+        self.app.add_routes([
+            web.get("/", self.index), web.get("/session/{uid}/{role}", self.session_page),
+            web.get("/events", self.events), web.get("/api/sessions", self.api_sessions),
+            web.get("/api/session/{uid}/{role}", self.api_session), web.get("/login", self.login_page),
+            web.post("/login", self.login), web.post("/logout", self.logout),
+            web.get("/static/{path:.+}", self.static)])
 
     # -- lifecycle -----------------------------------------------------------------------
-    def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._headers], client_max_size=64 * 1024)
-        app.router.add_get("/", self.index)
-        app.router.add_get("/session/{uid}/{role}", self.session_page)
-        app.router.add_get("/events", self.events)
-        app.router.add_get("/api/sessions", self.api_sessions)
-        app.router.add_get("/api/session/{uid}/{role}", self.api_session)
-        app.router.add_get("/login", self.login_page)
-        app.router.add_post("/login", self.login)
-        app.router.add_post("/logout", self.logout)
-        app.router.add_get("/static/{path:.+}", self.static)
-        return app
-
     async def serve(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen on host:port (0: any free port); return the bound port."""
         self.secure = ssl_context is not None
@@ -210,20 +186,6 @@ class WebView:
                 self._tick.notify_all()
             await asyncio.sleep(max(0.05, SAMPLE_EVERY - (time.monotonic() - started)))
 
-    async def _read_counters(self, concurrency: int = 32) -> None:
-        """Ask a single gateway's live data servers for their counters (within a sample's time)."""
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(s: Session) -> None:
-            async with sem:
-                await self.registry.stats(s)
-
-        live = [s for s in self.registry.active.values() if s.server is not None]
-        if live:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(one(s) for s in live), return_exceptions=True),
-                                       SAMPLE_EVERY * 0.9)
-
     async def sample(self) -> None:
         """Read every live data server's counters once; add a rate point to each session."""
         reg = self.registry
@@ -233,24 +195,21 @@ class WebView:
             except Exception as exc:  # noqa: BLE001 - the page shows what it had; the log says why
                 log.warning("web view: cannot read the facility's store: %s", exc)
         else:
-            await self._read_counters()
+            await reg.refresh_stats(SAMPLE_EVERY * 0.9)
         now = time.time()
         keep = set()
         for s in reg.sessions():
-            k = _key(s)
+            k = (s.uid, s.role, s.created)
             keep.add(k)
             st = s.total_stats()
-            r = self.rates.get(k)
-            if r is None:
-                r = self.rates[k] = _Rates()
+            r = self.rates.setdefault(k, _Rates())
             if s.state in TERMINAL:
                 if r.last is not None and (not r.history or r.history[-1][1:] != (0.0, 0.0)):
                     r.history.append((now, 0.0, 0.0))   # the chart ends at zero
                 r.last = (now, st.bytes_in, st.bytes_out)
             else:
                 r.add(now, st.bytes_in, st.bytes_out)
-        for k in [k for k in self.rates if k not in keep]:
-            del self.rates[k]
+        self.rates = {k: r for k, r in self.rates.items() if k in keep}
         self.sampled = now
 
     # -- who is asking -------------------------------------------------------------------
@@ -259,14 +218,12 @@ class WebView:
         if self.auth_none:
             return ANONYMOUS
         header = request.headers.get("Authorization")
-        token = None
         if header is None:
             sid = request.cookies.get(COOKIE)
             found = self.logins.get(sid) if sid else None
             if found is None or found[1] < time.time():
                 return None
-            token = found[0]
-            header = f"Bearer {token}"
+            header = f"Bearer {found[0]}"
         try:
             return await self.auth.authenticate(header)
         except AuthUnavailable:
@@ -279,17 +236,11 @@ class WebView:
         return self.auth_none or who.id in self.registry.config.admins
 
     def visible(self, who: Identity) -> list[Session]:
-        if self.admin(who):
-            return self.registry.sessions()
-        return [s for s in self.registry.sessions() if s.owner.id == who.id]
+        return [s for s in self.registry.sessions() if self.admin(who) or s.owner.id == who.id]
 
     def find(self, who: Identity, uid: str, role: str) -> Session:
-        s = self.registry.active.get((uid, role))
-        if s is None:  # the latest ended one of that uid and role
-            for e in reversed(self.registry.ended.values()):
-                if e.uid == uid and e.role == role:
-                    s = e
-                    break
+        s = self.registry.active.get((uid, role)) or next(   # else the latest ended one of that uid and role
+            (e for e in reversed(self.registry.ended.values()) if e.uid == uid and e.role == role), None)
         if s is None or not (self.admin(who) or s.owner.id == who.id):
             raise web.HTTPNotFound(text=f"no session {uid[:64]} {role[:8]} visible to you on this server\n")
         return s
@@ -297,7 +248,7 @@ class WebView:
     # -- data ----------------------------------------------------------------------------
     def row(self, s: Session, now: float) -> dict[str, Any]:
         st = s.total_stats()
-        r = self.rates.get(_key(s))
+        r = self.rates.get((s.uid, s.role, s.created))
         rate_in, rate_out = r.now if r is not None and s.state not in TERMINAL else (0.0, 0.0)
         lease_left = (max(0.0, s.lease_expires - now) if s.lease_expires and s.state not in TERMINAL
                       else None)
@@ -334,28 +285,27 @@ class WebView:
         data servers are asked for their byte counters (no rate point is made of it)."""
         if time.time() - self.sampled <= SAMPLE_EVERY:
             return
-        await (self.sample() if hasattr(self.registry, "refresh_view") else self._read_counters())
+        await (self.sample() if hasattr(self.registry, "refresh_view")
+               else self.registry.refresh_stats(SAMPLE_EVERY * 0.9))
 
     def summary(self, sessions: list[Session]) -> dict[str, Any]:
         reg = self.registry
         states = {st.value: 0 for st in S}
         for s in sessions:
             states[s.state.value] += 1
+        out = {"node": self.hostname, "server_type": reg.config.server_type, "states": states,
+               "sampled": self.sampled}
         if hasattr(reg, "nodes_view"):    # a facility: its nodes' pools
             nodes = reg.nodes_view
-            return {"node": self.hostname, "listener_ip": "", "server_type": reg.config.server_type,
-                    "ports_used": sum(n["ports_used"] for n in nodes),
+            return {**out, "listener_ip": "", "ports_used": sum(n["ports_used"] for n in nodes),
                     "ports_total": sum(n["ports_total"] for n in nodes),
                     "bandwidth_used_kbps": sum(n["bandwidth_used_kbps"] for n in nodes),
                     "bandwidth_max_kbps": sum(n["max_rate_kbps"] for n in nodes),
                     "nodes": [{"name": n["name"], "state": n["state"], "sessions": n["sessions"],
-                               "address": n["address"]} for n in nodes],
-                    "states": states, "sampled": self.sampled}
-        return {"node": self.hostname, "listener_ip": reg.config.listener_ip,
-                "server_type": reg.config.server_type,
-                "ports_used": len(reg.ports.used), "ports_total": len(reg.ports.ports),
-                "bandwidth_used_kbps": reg.bandwidth.used, "bandwidth_max_kbps": reg.bandwidth.max,
-                "states": states, "sampled": self.sampled}
+                               "address": n["address"]} for n in nodes]}
+        return {**out, "listener_ip": reg.config.listener_ip, "ports_used": len(reg.ports.used),
+                "ports_total": len(reg.ports.ports), "bandwidth_used_kbps": reg.bandwidth.used,
+                "bandwidth_max_kbps": reg.bandwidth.max}
 
     def table(self, who: Identity) -> dict[str, Any]:
         now = time.time()
@@ -379,7 +329,7 @@ class WebView:
     def one(self, s: Session, history: bool = False) -> dict[str, Any]:
         d: dict[str, Any] = {"now": time.time(), "session": self.row(s, time.time()),
                              "timeline": self.timeline(s), "chain": self.chain(s)}
-        r = self.rates.get(_key(s))
+        r = self.rates.get((s.uid, s.role, s.created))
         if history:
             d["history"] = [list(p) for p in r.history] if r is not None else []
         elif r is not None and r.history:
@@ -392,7 +342,7 @@ class WebView:
         try:
             resp = await handler(request)
         except _Answer as answer:
-            resp = answer.response
+            resp = answer.args[0]
         except web.HTTPException as exc:
             resp = exc
         for k, v in SECURITY_HEADERS.items():
@@ -448,31 +398,23 @@ class WebView:
     async def index(self, request: web.Request) -> web.Response:
         who = await self._who_or_login(request)
         await self._fresh()
-        data = self.table(who)
-        return self._page("sessions", _index_body(data), who, "index")
+        return self._page("sessions", _index_body(self.table(who)), who, "index")
 
     async def session_page(self, request: web.Request) -> web.Response:
         who = await self._who_or_login(request)
         await self._fresh()
         s = self.find(who, request.match_info["uid"], request.match_info["role"])
-        d = self.one(s)
         attrs = f' data-uid="{html.escape(s.uid)}" data-role="{html.escape(s.role)}"'
-        return self._page(f"session {s.uid}", _session_body(d), who, "session", data=attrs)
+        return self._page(f"session {s.uid}", _session_body(self.one(s)), who, "session", data=attrs)
 
     async def login_page(self, request: web.Request) -> web.Response:
-        if self.auth_none:
-            return _redirect("/")
-        return self._login_response(200)
+        return _redirect("/") if self.auth_none else self._login_response(200)
 
     def _same_origin(self, request: web.Request) -> bool:
         """A form of this server posted it (or a client that is no browser): no login CSRF."""
-        site = request.headers.get("Sec-Fetch-Site")
-        if site is not None and site not in ("same-origin", "none"):
-            return False
         origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        return origin.split("://", 1)[-1] == request.host
+        return (request.headers.get("Sec-Fetch-Site") in (None, "same-origin", "none")
+                and (origin is None or origin.split("://", 1)[-1] == request.host))
 
     async def login(self, request: web.Request) -> web.Response:
         if not self._same_origin(request):
@@ -506,9 +448,7 @@ class WebView:
     async def logout(self, request: web.Request) -> web.Response:
         if not self._same_origin(request):
             raise web.HTTPForbidden(text="cross-site logout refused\n")
-        sid = request.cookies.get(COOKIE)
-        if sid:
-            self.logins.pop(sid, None)
+        self.logins.pop(request.cookies.get(COOKIE, ""), None)
         resp = _redirect("/login")
         resp.del_cookie(COOKIE, path="/", secure=self.secure, samesite="Strict")
         return resp
@@ -623,18 +563,11 @@ def _nodes_html(sm: dict[str, Any]) -> str:
 
 
 def _row_html(r: dict[str, Any]) -> str:
-    cells = []
-    for key, _ in COLUMNS:
-        v = r[key]
-        if key == "uid":
-            v = f'<a href="{_e(r["url"])}">{_e(v)}</a>'
-        elif key == "state":
-            v = f'<span class="state s-{_e(v)}">{_e(v)}</span>'
-        else:
-            v = _e(v)
-        cells.append(f'<td class="c-{key}">{v}</td>')
+    html_of = {"uid": f'<a href="{_e(r["url"])}">{_e(r["uid"])}</a>',
+               "state": f'<span class="state s-{_e(r["state"])}">{_e(r["state"])}</span>'}
+    cells = "".join(f'<td class="c-{key}">{html_of.get(key) or _e(r[key])}</td>' for key, _ in COLUMNS)
     err = f' title="{_e(r["last_error"])}"' if r["last_error"] else ""
-    return f'<tr data-key="{_e(r["uid"])}/{_e(r["role"])}"{err}>{"".join(cells)}</tr>'
+    return f'<tr data-key="{_e(r["uid"])}/{_e(r["role"])}"{err}>{cells}</tr>'
 
 
 def _index_body(data: dict[str, Any]) -> str:
