@@ -25,7 +25,7 @@ from scistream.client import AsyncClient
 from scistream.control.recovery import processes_under
 from scistream.control.store import SessionRecord, SqliteStore, StoreError
 from scistream.data.node.client import call_once
-from scistream.data.supervise import pid_alive
+from scistream.data.supervise import group_members, pid_alive
 
 
 
@@ -190,7 +190,8 @@ async def test_data_server_that_cannot_restart_fails_with_reason(servers, client
     old_pid = service_pid(cons.registry.active[(uid, "CONS")])
     await cons.stop(release=False)
     os.killpg(old_pid, signal.SIGKILL)
-    await async_wait_until(lambda: not pid_alive(old_pid), what="the node service killed")
+    # the whole group (the service and its workers, which hold the listeners) is gone
+    await async_wait_until(lambda: not group_members(old_pid), what="the node service killed")
     squatter = await asyncio.start_server(lambda r, w: w.close(), *parse_listener(c.listeners[0]))
     async with squatter:  # another program took the port meanwhile
         cons2 = await servers(state_dir=sd, port_range=rng, server_type=PROCESS)
