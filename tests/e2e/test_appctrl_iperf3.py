@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import BIN, parse_listener, port_is_free, wait_until
+from conftest import BIN, free_port, parse_listener, port_is_free, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
 
@@ -126,3 +126,36 @@ def test_iperf3_through_a_session_every_round(s2cs_process, cli_env, tmp_path, c
             for gw in (prod, cons):
                 _run("s2uc", "release", uid, "--s2cs", gw.target, "--insecure", env=cli_env)
     assert len(moved) == ROUNDS and min(moved) > 0
+
+
+def test_iperf3_consumer_says_when_no_test_could_start(s2cs_process, cli_env, tmp_path):
+    """The chain leads nowhere (the producer's endpoint has no server): the consumer's
+    controller tries until --connect-timeout, then says so, exit code 5."""
+    prod = s2cs_process("--type", "Builtin")
+    cons = s2cs_process("--type", "Builtin")
+    nowhere = f"127.0.0.1:{free_port()}"
+    started: list[Bg] = []
+    uid = None
+    try:
+        preq = Bg("s2uc", "prod-req", "--s2cs", prod.target, "--insecure", "--num-conn", "1", env=cli_env)
+        started.append(preq)
+        wait_until(lambda: len(preq.lines) >= 2, 30, "prod-req to print the uid")
+        uid = preq.lines[1].split()[0]
+        hello = _run("appctrl", "create-appctrl", uid, prod.target, "-", "PROD", "--app", "none",
+                     "--endpoint", nowhere, "--insecure", env=cli_env)
+        assert hello.returncode == 0, hello.stderr
+        assert preq.wait(60) == 0, preq.text
+        (listener,) = re.findall(r'^listeners: "(.+)"$', preq.text, re.M)
+        started.append(Bg("s2uc", "cons-req", "--s2cs", cons.target, "--insecure", uid, listener, env=cli_env))
+        consumer = _run("appctrl", "create-appctrl", uid, cons.target, "-", "CONS", "--app", "iperf3",
+                        "--insecure", "--connect-timeout", "3", env=cli_env)
+        assert consumer.returncode == 5, consumer.stdout + consumer.stderr
+        said = " ".join(consumer.stderr.split())
+        assert re.search(r"application failed: iperf3 could not start a test through 127\.0\.0\.1:\d+ within 3 s "
+                         r"\(\d+ attempt\(s\)\); the last: ", said), said
+    finally:
+        for b in started:
+            b.stop()
+        if uid:
+            for gw in (prod, cons):
+                _run("s2uc", "release", uid, "--s2cs", gw.target, "--insecure", env=cli_env)

@@ -120,8 +120,7 @@ async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: in
             f"in {report.seconds:.2f} s ({report.gbps:.2f} Gbit/s)")
         return report
     if app == "iperf3":
-        r = await iperf3.client(listeners[0], deadline=asyncio.get_running_loop().time() + connect_timeout,
-                                args=iperf_args)
+        r = await iperf3.client(listeners[0], timeout=connect_timeout, args=iperf_args)
         say(f"iperf3: {r.bytes} bytes received ({r.sent} sent) over {r.streams} stream(s) in {r.seconds:.2f} s "
             f"({r.gbps:.2f} Gbit/s)" + (f"; the test started at attempt {r.attempts}" if r.attempts > 1 else ""))
         return r

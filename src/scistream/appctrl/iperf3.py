@@ -15,7 +15,7 @@ ends its test in an error, and with it a real client's connection queued behind 
     async with server("127.0.0.1") as (endpoint, serve):   # listening
         ...say hello with endpoint...
         await serve(tests=2, say=print)
-    report = await client("127.0.0.1:5200", deadline=loop.time() + 120)
+    report = await client("127.0.0.1:5200", timeout=120)
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import AsyncIterator, Awaitable, Callable, Sequence
@@ -30,6 +31,8 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence
 from ..addr import format_listener, parse_listener
 from ..errors import InvalidArgument
 from ..procs import spawn
+
+log = logging.getLogger(__name__)
 
 
 class Iperf3Failed(ConnectionError):
@@ -175,17 +178,18 @@ def _reader(data: bytes) -> asyncio.StreamReader:
     return r
 
 
-async def client(listener: str, *, deadline: float, args: Sequence[str] = ()) -> Iperf3Report:
+async def client(listener: str, *, timeout: float, args: Sequence[str] = ()) -> Iperf3Report:
     """iperf3's client through ``listener``; tried again while its test has not started
-    (the chain not through yet), until ``deadline`` (the loop's clock)."""
+    (the chain not through yet), for up to ``timeout`` seconds."""
     host, port = parse_listener(listener)
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     delay, attempts, last = 0.05, 0, "no attempt"
     while True:
         attempts += 1
         doc = await _attempt(host, port, args, deadline)
         if doc is None:
-            last = "no answer from the iperf3 server"
+            last = "still waiting for the server's answer"
         elif "error" not in doc:
             return Iperf3Report.of(doc, attempts)
         elif doc.get("intervals") or "test_start" in doc.get("start", {}):
@@ -193,7 +197,8 @@ async def client(listener: str, *, deadline: float, args: Sequence[str] = ()) ->
         else:
             last = doc["error"]
         if doc is None or loop.time() + delay > deadline:
-            raise Iperf3Failed(f"iperf3 could not start a test through {listener} within the connect timeout "
-                                  f"({attempts} attempt(s)); the last: {last}")
+            raise Iperf3Failed(f"iperf3 could not start a test through {listener} within {timeout:g} s "
+                               f"({attempts} attempt(s)); the last: {last}")
+        log.debug("iperf3 attempt %d through %s: %s; again in %.2f s", attempts, listener, last, delay)
         await asyncio.sleep(delay)       # a retry's pause, not a wait for something
         delay = min(delay * 2, 1.0)
