@@ -2,10 +2,11 @@
 
 PROD: start the producer (the bundled demo producer, an iperf3 server, or nothing when
 the endpoints are given), then send the hello with its endpoints, then keep the producer
-running until it has served its connections (or forever).
+running until it has served its connections (iperf3: completed tests), or forever.
 
 CONS: send the hello; its answer carries the CONS S2DS's listeners; then run the consumer
-against them (the demo consumer, which verifies every byte, or an iperf3 client).
+against them (the demo consumer, which verifies every byte, or an iperf3 client, tried
+again while its test has not started: ``appctrl.iperf3``).
 
     await run_prod(client, uid, "127.0.0.1", app="demo", num_conn=4, size=1 << 30)
     report = await run_cons(client, uid, app="demo", size=1 << 30)
@@ -20,26 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 from typing import Callable, Sequence
 
-from ..addr import format_listener, parse_listener
+from ..addr import parse_listener
 from ..apps import demo, udpdemo
 from ..client import AsyncClient
 from ..client.order import hello_after_req
-from ..data.supervise import port_listening
 from ..errors import InvalidArgument
-from ..procs import spawn
+from . import iperf3
 
 MOCK_ENDPOINTS = ["127.0.0.1:5074", "127.0.0.1:5075", "127.0.0.1:5076", "127.0.0.1:37000", "127.0.0.1:47000"]
-
-
-async def _free_port(host: str) -> int:
-    srv = await asyncio.start_server(lambda r, w: None, host, 0)
-    port = srv.sockets[0].getsockname()[1]
-    srv.close()
-    await srv.wait_closed()
-    return port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +73,10 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
             await producer.close()
         return
     if app == "iperf3":
-        port = await _free_port(ip)
-        async with _iperf3("-s", "-B", ip, "-p", str(port), *(["-1"] if connections else [])) as proc:
-            ep = format_listener(ip, port)
-            await _wait_listening(ip, port, proc)
+        async with iperf3.server(ip) as (ep, serve):
             await hello_after_req(client, uid, "PROD", [ep])
             say(f"hello sent for {uid}; iperf3 server on {ep}")
-            await proc.wait()
+            await serve(connections, say)
         return
     raise InvalidArgument(f"unknown --app {app!r}; choose demo, iperf3 or none")
 
@@ -111,28 +99,10 @@ async def _run_udp_prod(client: AsyncClient, uid: str, ip: str, num_conn: int, s
         await tcp.close()
 
 
-def _iperf3(*args: str):
-    """iperf3 with ``args``, always stopped and reaped (``procs.spawn``)."""
-    binary = shutil.which("iperf3")
-    if not binary:
-        raise InvalidArgument("iperf3 is not installed (apt-get install iperf3)")
-    return spawn([binary, *args])
-
-
-async def _wait_listening(host: str, port: int, proc) -> None:
-    for _ in range(200):
-        if proc.returncode is not None:
-            raise InvalidArgument(f"iperf3 exited with {proc.returncode}")
-        if await port_listening(host, port):
-            return
-        await asyncio.sleep(0.025)
-    raise InvalidArgument(f"iperf3 is not listening on {host}:{port}")
-
-
 async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: int = 1 << 30,
                    connect_timeout: float = 120.0, iperf_args: Sequence[str] = (),
                    say: Callable[[str], None] = print,
-                   udp: UdpDemo | None = None) -> demo.ConsumeReport | udpdemo.UdpReport | None:
+                   udp: UdpDemo | None = None) -> demo.ConsumeReport | udpdemo.UdpReport | iperf3.Iperf3Report | None:
     resp = await hello_after_req(client, uid, "CONS")
     listeners = list(resp.listeners)
     say(f"hello sent for {uid}; consumer listeners: {listeners}")
@@ -150,12 +120,8 @@ async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: in
             f"in {report.seconds:.2f} s ({report.gbps:.2f} Gbit/s)")
         return report
     if app == "iperf3":
-        host, port = parse_listener(listeners[0])
-        sock = await demo._connect(listeners[0], asyncio.get_running_loop().time() + connect_timeout)
-        sock.close()  # the chain is up
-        async with _iperf3("-c", host, "-p", str(port), *iperf_args) as proc:
-            await proc.wait()
-        if proc.returncode:
-            raise InvalidArgument(f"iperf3 client failed with exit code {proc.returncode}")
-        return None
+        r = await iperf3.client(listeners[0], timeout=connect_timeout, args=iperf_args)
+        say(f"iperf3: {r.bytes} bytes received ({r.sent} sent) over {r.streams} stream(s) in {r.seconds:.2f} s "
+            f"({r.gbps:.2f} Gbit/s)" + (f"; the test started at attempt {r.attempts}" if r.attempts > 1 else ""))
+        return r
     raise InvalidArgument(f"unknown --app {app!r}; choose demo, iperf3 or none")

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import signal
 
 import click
 from rich.markup import escape
 
 from .. import __version__
 from ..appctrl.controller import MOCK_ENDPOINTS, UdpDemo, run_cons, run_prod
+from ..appctrl.iperf3 import Iperf3Report
 from ..apps.udpdemo import UdpReport
 from ..apps.demo import VerifyError
 from ..client import AsyncClient
@@ -44,6 +47,13 @@ async def _session_num_conn(c: AsyncClient, uid: str) -> int:
                   "opening 1 producer endpoint (give --num-conn to match prod-req's)")
         return 1
     return info.num_conn
+
+
+def _words(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -73,12 +83,17 @@ _hello_arguments = stacked(
 @option("--size", type=Size(minimum=0), default="1G", show_default=True,
         help="Demo app: " + SIZE_OPTION_HELP + " Give PROD and CONS the same.")
 @option("--connections", type=click.IntRange(1), default=None,
-        help="PROD: exit after serving this many connections (default: serve until interrupted).")
+        help="PROD: exit after serving this many connections (iperf3: this many completed tests; a "
+             "connection that was no test does not count) (default: serve until interrupted).")
 @option("--endpoint", "endpoints", multiple=True, help="PROD with --app none: the producer's HOST:PORT (repeatable).")
 @option("--connect-timeout", type=float, default=120.0, show_default=True,
-        help="CONS: how long to wait for the listeners to accept connections.")
+        help="CONS: how long to wait for the listeners to accept connections (iperf3: for its test "
+             "to start; the client is run again while its test has not started).")
+@option("--iperf3-args", default="", metavar="ARGS", callback=lambda ctx, param, v: _words(v),
+        help="CONS with --app iperf3: more arguments for the iperf3 client, e.g. '-t 30 -P 4' or "
+             "'-n 1G -R' (it runs with -c, -p and --json).")
 @option("--report", type=click.Path(dir_okay=False), default=None,
-        help="CONS with the demo app: also write the transfer report (JSON) to this file.")
+        help="CONS: also write the transfer report (JSON: bytes, seconds, streams, gbps) to this file.")
 @option("--udp", is_flag=True,
         help="Demo app over UDP: the consumer opens a flow on each listener, the producer answers it "
              "with numbered datagrams (--size in all), the consumer checks each and reports loss and "
@@ -90,7 +105,8 @@ _hello_arguments = stacked(
 @channel_options
 @handle_errors("appctrl")
 def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, size, connections, endpoints,
-                   connect_timeout, report, udp, datagram_size, udp_rate, server_cert, insecure, **kw) -> None:
+                   connect_timeout, iperf3_args, report, udp, datagram_size, udp_rate, server_cert, insecure,
+                   **kw) -> None:
     """Say hello to the S2CS for session UID and run the application (PROD or CONS).
 
     S2CS is HOST:PORT, or HOST:PORT,HOST:PORT for several instances of one facility's
@@ -99,6 +115,8 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
     dgrams = UdpDemo(datagram_size, udp_rate) if udp else None
 
     async def run() -> None:
+        # SIGTERM stops the controller as Ctrl-C does: cancelled, it stops its application first
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
         async with _client(uid, s2cs, access_token, server_cert, insecure, kw.get("token")) as c:
             if role == "PROD":
                 n = num_conn or (await _session_num_conn(c, uid) if app == "demo" else 1)
@@ -106,13 +124,15 @@ def create_appctrl(uid, s2cs, access_token, role, controller_ip, app, num_conn, 
                                endpoints=endpoints, connections=connections, say=out.print, udp=dgrams)
             else:
                 result = await run_cons(c, uid, app=app, size=size, connect_timeout=connect_timeout,
-                                        say=out.print, udp=dgrams)
+                                        iperf_args=iperf3_args, say=out.print, udp=dgrams)
                 if report and result is not None:
                     with open(report, "w") as f:
                         json.dump(_report(result), f)
 
     try:
         asyncio.run(run())
+    except asyncio.CancelledError:
+        die("[yellow]appctrl stopped (SIGTERM)[/]", 128 + signal.SIGTERM)
     except VerifyError as exc:
         die(f"[red]verification failed[/]: {exc}", Exit.FAILED)
     except (ConnectionError, OSError) as exc:
@@ -125,6 +145,9 @@ def _report(result) -> dict:
                 "datagrams": result.received, "lost": result.lost, "reordered": result.reordered,
                 "duplicates": result.duplicates, "loss": result.loss,
                 "gbps": result.bytes * 8 / result.seconds / 1e9 if result.seconds else 0.0}
+    if isinstance(result, Iperf3Report):
+        return {"bytes": result.bytes, "sent": result.sent, "seconds": result.seconds, "streams": result.streams,
+                "gbps": result.gbps, "attempts": result.attempts}
     return {"bytes": result.bytes, "seconds": result.seconds, "streams": len(result.streams), "gbps": result.gbps}
 
 
