@@ -44,6 +44,15 @@ def parse_listener(text: str, example: str = "127.0.0.1:5100") -> tuple[str, int
     return host, int(port)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, as the kernel hands one out (it may be taken again
+    before it is used: for a server started right away, not a reservation)."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family) as s:
+        s.bind(sockaddr)
+        return s.getsockname()[1]
+
+
 def format_listener(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

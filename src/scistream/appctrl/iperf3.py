@@ -24,11 +24,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
-from ..addr import format_listener, parse_listener
+from ..addr import format_listener, free_port, parse_listener
+from ..data.backends.common import socket_inodes
 from ..errors import InvalidArgument
 from ..procs import spawn
 
@@ -98,20 +98,12 @@ def _listening(port: int) -> bool:
     return False
 
 
-async def _free_port(host: str) -> int:
-    srv = await asyncio.start_server(lambda r, w: None, host, 0)
-    port = srv.sockets[0].getsockname()[1]
-    srv.close()
-    await srv.wait_closed()
-    return port
-
-
 @contextlib.asynccontextmanager
 async def server(ip: str, timeout: float = 10.0) -> AsyncIterator[tuple[str, Callable[..., Awaitable[int]]]]:
     """An iperf3 server on ``ip``, listening: (its endpoint, ``serve``). ``await
     serve(tests, say)`` returns once it completed ``tests`` tests (None: runs until
     cancelled), saying each; the server is stopped on leaving."""
-    port = await _free_port(ip)
+    port = free_port(ip)
     async with _iperf3("-s", "--json", "-B", ip, "-p", str(port)) as proc:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -140,17 +132,6 @@ async def server(ip: str, timeout: float = 10.0) -> AsyncIterator[tuple[str, Cal
         yield format_listener(ip, port), serve
 
 
-def _sockets(pid: int) -> int:
-    """How many sockets process ``pid`` holds (an iperf3 client: 1 for its control
-    connection, 1 more per data stream once the server accepted the test)."""
-    n = 0
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-    return n
-
-
 async def _attempt(host: str, port: int, args: Sequence[str], deadline: float) -> dict | None:
     """One iperf3 client run: its JSON document, or None if it had not started its test
     (no data stream open) by the deadline."""
@@ -160,7 +141,9 @@ async def _attempt(host: str, port: int, args: Sequence[str], deadline: float) -
         try:
             text = await asyncio.wait_for(asyncio.shield(out), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
-            if _sockets(proc.pid) < 2:
+            # an iperf3 client holds one socket for its control connection, one more per
+            # data stream once the server accepted the test
+            if len(socket_inodes([proc.pid])) < 2:
                 out.cancel()
                 return None
             text = await out

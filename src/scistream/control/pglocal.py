@@ -24,12 +24,13 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from ..addr import free_port
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,6 @@ async def sql(url: str, query: str, *args):
         await conn.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Postgres:
     """A PostgreSQL server in a temporary directory: ``init()``, ``start()``, ``stop()``,
     ``close()``; ``url(db)``, ``createdb()``, ``psql(db, sql)``, ``pids()``.
@@ -79,7 +74,7 @@ class Postgres:
         self.bin = bindir
         self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.dir / "data"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         self.options = list(options)
         self.user: int | None = None

@@ -96,7 +96,7 @@ def short_socket_path(workdir: Path, suffix: str) -> Path:
 
 
 # -- /proc: listening sockets ------------------------------------------------------------
-def _socket_inodes(pids: Iterable[int]) -> set[int]:
+def socket_inodes(pids: Iterable[int]) -> set[int]:
     inodes = set()
     for pid in pids:
         try:
@@ -131,7 +131,7 @@ def _rows(table: str) -> list[list[str]]:
 def listening(pids: Iterable[int], addrs: set, *, udp: bool = False) -> dict[int, set[int]]:
     """TCP ports in LISTEN state on one of ``addrs`` held by one of ``pids``: port -> inodes
     (``udp``: UDP ports bound there, unconnected)."""
-    inodes = _socket_inodes(pids)
+    inodes = socket_inodes(pids)
     found: dict[int, set[int]] = {}
     proto = "udp" if udp else "tcp"
     state = "07" if udp else "0A"      # UDP: TCP_CLOSE (unconnected); TCP: LISTEN
@@ -146,7 +146,7 @@ def listening(pids: Iterable[int], addrs: set, *, udp: bool = False) -> dict[int
 
 def unix_listening(pids: Iterable[int]) -> dict[str, int]:
     """Unix stream sockets listening on a path, held by one of ``pids``: path -> inode."""
-    inodes = _socket_inodes(pids)
+    inodes = socket_inodes(pids)
     # Num RefCount Protocol Flags Type St Inode Path; Flags 00010000: accepting
     return {fields[7]: int(fields[6]) for fields in _rows("/proc/net/unix")
             if len(fields) >= 8 and fields[3] == "00010000" and int(fields[6]) in inodes}
