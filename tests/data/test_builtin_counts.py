@@ -12,6 +12,8 @@ and the Python ones, the TLS WAN leg and the plain one.
 * ``producer-reset``: the producer reads ``SIZE // 2`` bytes and resets; the consumer
   keeps sending. Each gateway counts at least what the producer read (what was written
   into the reset socket and never read counts too: it was moved).
+* the other way (as ``iperf3 -R``): the producer sends, the consumer reads ``SIZE // 2``
+  bytes and resets; the counts towards the consumer, likewise.
 
 Every received byte is checked (``Pattern``: numbered 1 MiB blocks).
 """
@@ -68,6 +70,13 @@ class Producer:
             return
         with conn:
             conn.settimeout(60)
+            if self.end == "reverse":     # sends until the consumer's reset comes back
+                self.received, self.intact = 0, True
+                with contextlib.suppress(OSError):
+                    self.pattern.send(conn, SIZE)
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(1)
+                return
             if self.end == "consumer-reset":
                 self.start_reading.wait(60)
             limit = SIZE // 2 if self.end == "producer-reset" else None
@@ -144,3 +153,34 @@ async def test_counters_match_what_the_producer_got(tmp_path, pumps, tls, end):
         assert c.bytes_in == p.bytes_in == SIZE
     else:
         assert got <= p.bytes_in <= c.bytes_in <= sent, (got, p.bytes_in, c.bytes_in, sent)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+async def test_counters_towards_the_consumer_at_its_reset(tmp_path, pumps, tls):
+    pattern = Pattern()
+    producer = Producer(pattern, "reverse")
+
+    def read_half_and_reset(host: str, port: int) -> tuple[int, bool]:
+        with socket.create_connection((host, port), 10) as s:
+            s.settimeout(60)
+            got = pattern.recv_check(s, limit=SIZE // 2)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        return got
+    try:
+        async with data_servers(tmp_path, workers=1) as ds:
+            prod, cons = await ds.chain(producer.target, tls=tls)
+            got, intact = await asyncio.wait_for(asyncio.to_thread(read_half_and_reset, *entry(cons)), 90)
+            await asyncio.to_thread(producer.thread.join, 60)
+            assert not producer.thread.is_alive()
+
+            async def closed() -> bool:
+                a, b = await prod.stats(), await cons.stats()
+                return a.connections == b.connections == 0
+            await async_wait_until(closed, timeout=30, what="both gateways to close the connection")
+            p, c = await prod.stats(), await cons.stats()
+    finally:
+        producer.close()
+    print(f"{pumps} {'tls' if tls else 'plain'} reverse: consumer got {got}, "
+          f"CONS counted {c.bytes_out}, PROD counted {p.bytes_out}")
+    assert intact and got == SIZE // 2
+    assert got <= c.bytes_out <= p.bytes_out <= SIZE, (got, c.bytes_out, p.bytes_out)
