@@ -9,6 +9,7 @@ import sys
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -85,6 +86,33 @@ def test_copier_reports_a_socket_error():
     with pytest.raises(OSError):
         pump.Copier().copy(src_r.fileno(), dst_w.fileno(), True, True)
     for s in (src_w, src_r, dst_w):
+        s.close()
+
+
+def test_a_failed_copy_says_what_it_moved_before_the_error():
+    """A reset ends a call that moved bytes first: the error carries them (``moved``), the
+    node counts them (tests/data/test_builtin_counts.py)."""
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        peer = socket.create_connection(lsock.getsockname(), 10)
+        src, _ = lsock.accept()
+    data = os.urandom(300_000)
+    peer.sendall(data)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()                       # the data, then a reset: recv gives the data, then ECONNRESET
+    dst_w, dst_r = _pair(4 << 20)
+    select.select([src], [], [], 10)
+    with pytest.raises(ConnectionResetError) as info:
+        pump.Copier().copy(src.fileno(), dst_w.fileno(), True, True)
+    moved = info.value.moved
+    got = bytearray()
+    while True:          # all the copy sent is in dst_r's buffer already
+        try:
+            got += dst_r.recv(1 << 20)
+        except BlockingIOError:
+            break
+    # the reset threw away what the peer had not sent yet: a prefix came
+    assert 0 < moved == len(got) and bytes(got) == data[:moved]
+    for s in (src, dst_w, dst_r):
         s.close()
 
 

@@ -14,7 +14,9 @@
  *
  * Each runs until a socket says EAGAIN (the loop is edge-triggered), the plain side says
  * EOF or the peer's close_notify arrives, and returns the plaintext bytes it moved and
- * F_* flags. ``recv`` writes ciphertext straight into the pair's ring and OpenSSL reads its
+ * F_* flags; or raises (OSError, ssl.SSLError) with the plaintext bytes it moved before
+ * the failure as the exception's ``moved`` (they are on their way: the caller counts them).
+ * ``recv`` writes ciphertext straight into the pair's ring and OpenSSL reads its
  * records from there; SSL_write puts records into the other ring and ``send`` takes them
  * from it in place: no copies besides the cipher's own. The semantics are tlsleg's:
  * close_notify once when the plain side says EOF (SSL_shutdown called once never reads,
@@ -180,11 +182,29 @@ static int held_first(Held *h, int fd, int writable, unsigned long long *moved, 
     return r > 0;
 }
 
-/* What a pump call returns: (bytes moved, flags), or OSError. */
+/* The exception being raised carries ``moved``: the bytes a pump call moved before it
+ * failed (a reset usually ends a call that moved megabytes; they must still be counted).
+ * Returns NULL, for ``return with_moved(...)``. */
+static PyObject *with_moved(unsigned long long moved) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL) {
+        PyObject *n = PyLong_FromUnsignedLongLong(moved);
+        if (n == NULL || PyObject_SetAttrString(value, "moved", n) < 0)
+            PyErr_Clear();    /* the count is lost, the error is not */
+        Py_XDECREF(n);
+    }
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
+/* What a pump call returns: (bytes moved, flags), or OSError (with ``moved``). */
 static PyObject *pump_result(unsigned long long moved, int flags, int sys_err) {
     if (sys_err) {
         errno = sys_err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return with_moved(moved);
     }
     return Py_BuildValue("Ki", moved, flags);
 }
@@ -322,7 +342,8 @@ static PyObject *Engine_encrypt(Engine *e, PyObject *args) {
     if (ssl_fail) {
         (void)flush_out(e, dst, &writable);   /* best effort: an alert, not just a reset */
         ERR_clear_error();
-        return raise_ssl(code, 0, "TLS write failed");
+        raise_ssl(code, 0, "TLS write failed");
+        return with_moved(moved);
     }
     if (!sys_err && out_empty(e))
         flags |= F_EMPTY;
@@ -440,7 +461,8 @@ done:
     if (ssl_fail) {
         (void)flush_out(e, src, NULL);
         ERR_clear_error();
-        return raise_ssl(code, ssl_errno, e->tls_eof ? "EOF in violation of protocol" : "TLS read failed");
+        raise_ssl(code, ssl_errno, e->tls_eof ? "EOF in violation of protocol" : "TLS read failed");
+        return with_moved(moved);
     }
     return pump_result(moved, flags, sys_err);
 }

@@ -41,7 +41,7 @@ from ...addr import format_listener
 from ..hosttcp import prepare_wan_socket
 from .compiled import F_EOF, pump as compiled
 from .tlsleg import (CHUNK, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, Pump, SendKeepingRest,
-                     TlsEnd, note_moved, thread_buffers)
+                     TlsEnd, count_failed, note_moved, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,11 @@ class CCopyPump(Pump):
         if self.done:
             return
         src, dst = self.src, self.dst
-        n, fl = self.cp.copy(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
+        try:
+            n, fl = self.cp.copy(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
+        except OSError as exc:
+            count_failed(self, exc)
+            raise
         note_moved(self, n, fl)
         if fl & F_EOF:
             self.eof = True

@@ -310,6 +310,17 @@ def note_moved(pump: Pump, n: int, fl: int) -> None:
         pump.dst.writable = False
 
 
+def count_failed(pump: Pump, exc: OSError) -> None:
+    """A compiled pump's call failed (a reset, mostly): count what it moved before that
+    (``exc.moved``): those bytes went into the destination socket (or, encrypting, into
+    the TLS engine), and one call can move megabytes. The caller then aborts the
+    connection; the count of a direction is what it wrote toward its destination, at
+    least what the receiving application got."""
+    n = getattr(exc, "moved", 0)
+    if n:
+        pump.conn.counted(pump.direction, n)
+
+
 class CEncryptPump(Pump):
     """plain socket -> compiled engine -> TLS socket (``TlsEnd.compiled``). ``eof``: the
     source's EOF, close_notify queued; ``done``: close_notify on the wire, TCP write side shut."""
@@ -319,7 +330,11 @@ class CEncryptPump(Pump):
         if self.done:
             return
         src, dst, eng = self.src, self.dst, self.conn.tls.eng
-        n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
+        try:
+            n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
+        except OSError as exc:
+            count_failed(self, exc)
+            raise
         note_moved(self, n, fl)
         if fl & F_EOF:
             self.eof = True
@@ -340,7 +355,11 @@ class CDecryptPump(Pump):
         if self.done:
             return
         src, dst = self.src, self.dst
-        n, fl = self.conn.tls.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
+        try:
+            n, fl = self.conn.tls.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
+        except OSError as exc:
+            count_failed(self, exc)
+            raise
         note_moved(self, n, fl)
         if fl & F_EOF:
             self.finish()
