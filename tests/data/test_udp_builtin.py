@@ -379,12 +379,22 @@ async def test_the_service_refuses_udp_it_cannot_seal_or_bind(servers):
     with pytest.raises(ServiceError, match="needs the session's wan_secret"):
         await call_once(srv.node.path, {"op": "add", "sid": "x", "cfg": {
             **base, "ports": [free_port()], "tls": True, "cert_pem": "x", "key_pem": "y"}})
+    from conftest import port_block, port_is_free
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
-        holder.bind(("127.0.0.1", 0))
-        port = holder.getsockname()[1]
+        # only the port's UDP side held: one below the ephemeral range (no outgoing TCP
+        # connection takes it meanwhile) whose TCP side is free
+        first, last = map(int, port_block(20).split("-"))
+        for port in range(first, last + 1):
+            if port_is_free(port):
+                try:
+                    holder.bind(("127.0.0.1", port))
+                    break
+                except OSError:
+                    continue
+        else:
+            pytest.fail(f"no port of {first}-{last} free for TCP and UDP")
         with pytest.raises(ServiceError, match="cannot bind UDP"):
             await call_once(srv.node.path, {"op": "add", "sid": "y", "cfg": {**base, "ports": [port]}})
-        from conftest import port_is_free
         assert port_is_free(port)        # the TCP listener bound before the UDP one failed: closed
     assert (await call_once(srv.node.path, {"op": "status"}))["sessions"] == 0
 
