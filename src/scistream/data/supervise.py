@@ -54,17 +54,6 @@ def pid_alive(pid: int) -> bool:
     return any((f := stat_fields(f"{pid}/task/{tid}")) and f[0] not in ("Z", "X") for tid in tasks)
 
 
-async def port_listening(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    w.close()
-    with contextlib.suppress(OSError):
-        await w.wait_closed()
-    return True
-
-
 class ChildProcess:
     """A child process in its own process group, with its output in a log file."""
 
