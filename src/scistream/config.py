@@ -372,14 +372,11 @@ def check_config_command(settings_of: Any) -> click.Command:
             if not as_json:
                 keys = ", ".join(dict.fromkeys(s.key for s in schema.values() if s.param in values))
                 click.echo(f"{file}: OK ({len(values)} settings: {keys})")
-        host_check(max_rtt if max_rtt is not None else _seconds(values.get("max_rtt", "100ms")), rate,
+        if max_rtt is None:
+            max_rtt = RTT.convert(values.get("max_rtt", "100ms"), None, None)
+        host_check(max_rtt, rate,
                    wan_congestion or values.get("wan_congestion") or "auto", as_json)
     return check_config
-
-
-def _seconds(value: Any) -> float:
-    from .cli.s2cs import RTT
-    return RTT.convert(value, None, None)
 
 
 def host_check(rtt_s: float, rate_bps: float | None, wan_congestion: str, as_json: bool) -> None:

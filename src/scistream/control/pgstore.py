@@ -30,6 +30,7 @@ no release or expiry is lost. The WAN secret of an ended session is erased (NULL
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import urllib.parse
@@ -209,7 +210,7 @@ class PostgresStore(SessionStore):
     def _write_failed(self, records: list[SessionRecord], exc: BaseException) -> StoreError:
         for r in records:
             if r.terminal:  # an end is final: write it when the database is back
-                self._unsaved[(r.uid, r.role, r.created)] = _copy(r)
+                self._unsaved[(r.uid, r.role, r.created)] = dataclasses.replace(r, data=dict(r.data))
         if self._unsaved and (self._retry is None or self._retry.done()):
             self._retry = asyncio.create_task(self._retry_unsaved())
         return exc if isinstance(exc, StoreError) else self._unavailable(exc, "write")
@@ -245,7 +246,3 @@ class PostgresStore(SessionStore):
 
     async def _execute(self, query: str, *args: Any) -> int:
         return int((await self._call(lambda c: c.execute(query, *args), "prune")).split()[-1])
-
-
-def _copy(record: SessionRecord) -> SessionRecord:
-    return SessionRecord(**{**record.__dict__, "data": dict(record.data)})

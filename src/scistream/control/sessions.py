@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import hmac
 import logging
 import shutil
 import time
@@ -300,7 +301,7 @@ def choose_wan_secret(config: RegistryConfig, uid: str, role: str, have: bytes |
         if len(given) != wankeys.SECRET_BYTES:
             raise InvalidArgument(f"wan_secret must be {wankeys.SECRET_BYTES} bytes, got {len(given)}")
         # a PROD session drew its secret at the req; a CONS one learns it at its first update
-        if (role == "PROD" or have is not None) and not wankeys.secrets_equal(given, have or b""):
+        if (role == "PROD" or have is not None) and not hmac.compare_digest(given, have or b""):
             raise PermissionDenied(f"wrong WAN secret for session {uid}")
         return given
     # A client of the original tooling: it knows no wan_secret.

@@ -388,21 +388,26 @@ class WebView:
             resp.headers["WWW-Authenticate"] = 'Bearer realm="scistream"'
         return resp
 
-    async def _who_or_login(self, request: web.Request) -> Identity:
+    async def _viewer(self, request: web.Request, page: bool) -> Identity:
+        """Who asks, with the counters made fresh; no one: a page answers with the login form,
+        the JSON and events with 401."""
         who = await self.identity(request)
-        if who is None:
+        if who is None and page:
             raise _Answer(self._login_response(401, "sign in to see sessions" if request.path == "/" else
                                        "sign in first"))
+        if who is None:
+            raise web.HTTPUnauthorized(text="no valid token: send Authorization: Bearer TOKEN, or "
+                                            "sign in at /login\n",
+                                       headers={"WWW-Authenticate": 'Bearer realm="scistream"'})
+        await self._fresh()
         return who
 
     async def index(self, request: web.Request) -> web.Response:
-        who = await self._who_or_login(request)
-        await self._fresh()
+        who = await self._viewer(request, True)
         return self._page("sessions", _index_body(self.table(who)), who, "index")
 
     async def session_page(self, request: web.Request) -> web.Response:
-        who = await self._who_or_login(request)
-        await self._fresh()
+        who = await self._viewer(request, True)
         s = self.find(who, request.match_info["uid"], request.match_info["role"])
         attrs = f' data-uid="{html.escape(s.uid)}" data-role="{html.escape(s.role)}"'
         return self._page(f"session {s.uid}", _session_body(self.one(s)), who, "session", data=attrs)
@@ -468,31 +473,20 @@ class WebView:
         return web.Response(body=found[0], headers={"Content-Type": found[1], "Cache-Control": "max-age=3600"})
 
     # -- JSON and events -----------------------------------------------------------------
-    async def _who_or_401(self, request: web.Request) -> Identity:
-        who = await self.identity(request)
-        if who is None:
-            raise web.HTTPUnauthorized(text="no valid token: send Authorization: Bearer TOKEN, or "
-                                            "sign in at /login\n",
-                                       headers={"WWW-Authenticate": 'Bearer realm="scistream"'})
-        return who
-
     async def api_sessions(self, request: web.Request) -> web.Response:
-        who = await self._who_or_401(request)
-        await self._fresh()
+        who = await self._viewer(request, False)
         return web.json_response(self.table(who))
 
     async def api_session(self, request: web.Request) -> web.Response:
-        who = await self._who_or_401(request)
-        await self._fresh()
+        who = await self._viewer(request, False)
         s = self.find(who, request.match_info["uid"], request.match_info["role"])
         return web.json_response(self.one(s, history=True))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """One event a second: ``{now, summary, sessions}``, or with ?uid=&role= one session
         (its first event carries the chart's history)."""
-        who = await self._who_or_401(request)
+        who = await self._viewer(request, False)
         uid, role = request.query.get("uid"), request.query.get("role")
-        await self._fresh()
         target = self.find(who, uid, role or "") if uid else None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import hmac
 import os
 import secrets
 import ssl
@@ -68,10 +67,6 @@ def ticket_keys(secret: bytes) -> bytes:
     """The session-ticket keys of the session's PROD listeners (80 bytes: name, HMAC secret,
     AES key): every worker and node that serves the session resumes the others' tickets."""
     return _derive(secret, b"tls-ticket-keys", 80)
-
-
-def secrets_equal(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)
 
 
 def leaf_until(lease_end: float = 0.0) -> datetime.datetime:

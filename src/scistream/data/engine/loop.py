@@ -29,7 +29,7 @@ import os
 import select
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from .compiled import pump
 
@@ -98,13 +98,6 @@ _malloc_trim = _find_malloc_trim()
 CARRY = whole_number_setting("SCISTREAM_CARRY", os.environ.get("SCISTREAM_CARRY"), 1, "a switch (0: off)") != 0
 
 
-def _new_hub(epfd: int, spin: float) -> Any:
-    """A ``_pump.Hub`` over the loop's epoll, or None (no compiled pumps, or turned off)."""
-    if not CARRY or pump is None:
-        return None
-    return pump.Hub(epfd, spin, SPIN_GIVE_WAY, SPIN_SCORE)
-
-
 class Timer:
     """A callback due at ``when``; ``fn`` is None once it is cancelled."""
     __slots__ = ("when", "fn")
@@ -143,8 +136,10 @@ class Loop:
         self.ep = select.epoll()
         #: ``carry``: plain copying connections are carried in C (``_pump.Hub``: their
         #: events never reach Python while bytes flow), and so is the spin. The node
-        #: service's workers; None without the compiled pumps (SCISTREAM_PUMPS=python).
-        self.hub = _new_hub(self.ep.fileno(), spin) if carry else None
+        #: service's workers; None without the compiled pumps (SCISTREAM_PUMPS=python) or
+        #: with SCISTREAM_CARRY=0.
+        self.hub = (pump.Hub(self.ep.fileno(), spin, SPIN_GIVE_WAY, SPIN_SCORE)
+                    if carry and CARRY and pump is not None else None)
         self.handlers: dict[int, Callable[[int], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()

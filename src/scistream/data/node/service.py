@@ -153,7 +153,8 @@ class Node:
                                  return_exceptions=True)
         for w in self.workers:
             await w.stop()
-            w.close_inbox()
+            for s in w.inbox:
+                s.close()
         for e in self.sessions.values():
             e.close()
         for t in list(self.tasks):

@@ -167,7 +167,3 @@ class WorkerProc:
                 await proc.wait()
         if self.monitor is not None:
             self.monitor.cancel()
-
-    def close_inbox(self) -> None:
-        for s in self.inbox:
-            s.close()
