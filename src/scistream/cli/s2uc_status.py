@@ -100,17 +100,9 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def _cert_for(opts: dict, server: str) -> str | None:
-    """--server-cert: one for every --s2cs, or one per --s2cs in the same order."""
-    certs, servers = opts["server_cert"], opts["servers"]
-    if not certs:
-        return None
-    return certs[0] if len(certs) == 1 else certs[servers.index(server)]
-
-
 async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], list[tuple[str, ScistreamError]]]:
     async def one(server: str) -> list[dict]:
-        async with client(server, _cert_for(opts, server), opts["insecure"], opts["token"], uid or None) as c:
+        async with client(server, opts["certs"].get(server), opts["insecure"], opts["token"], uid or None) as c:
             resp = await c.status(uid, timeout=opts["timeout"])
         return [session_dict(s, server, resp.server_time) for s in resp.sessions]
 
@@ -126,7 +118,9 @@ async def _query(servers: list[str], uid: str, opts: dict) -> tuple[list[dict], 
     return with_chains(found), failed
 
 
-def _servers(s2cs: tuple[str, ...], uid: str | None, certs: tuple[str, ...]) -> list[str]:
+def _options(s2cs: tuple[str, ...], uid: str | None, certs: tuple[str, ...], **rest) -> dict:
+    """``rest`` with the servers to ask and ``certs``, each one's --server-cert: one for every
+    --s2cs, or one per --s2cs in the same order."""
     if s2cs:
         servers = list(dict.fromkeys(join_instances(s) for s in s2cs))
     else:
@@ -137,7 +131,8 @@ def _servers(s2cs: tuple[str, ...], uid: str | None, certs: tuple[str, ...]) -> 
     if len(certs) > 1 and len(certs) != len(servers):
         raise LocalMistake(f"{len(certs)} --server-cert for {len(servers)} --s2cs: give one for all, or one "
                            "per --s2cs in the same order; nothing was sent")
-    return servers
+    per_server = certs if len(certs) > 1 else certs * len(servers)
+    return dict(rest, servers=servers, certs=dict(zip(servers, per_server)))
 
 
 def _finish(failed: list[tuple[str, ScistreamError]], found: list[dict], uid: str | None) -> None:
@@ -173,8 +168,8 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
     """Everything the control servers know of session UID (without UID: every session you may see)."""
     if uid:
         local_uid(uid)
-    servers = _servers(s2cs, uid, server_cert)
-    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout, servers=servers)
+    opts = _options(s2cs, uid, server_cert, insecure=insecure, token=token, timeout=timeout)
+    servers = opts["servers"]
     if watch:
         if as_json:
             raise LocalMistake("--watch draws a live table; use --json without --watch")
@@ -202,9 +197,8 @@ def status(uid, watch, interval, s2cs, as_json, timeout, server_cert, insecure, 
 @handle_errors("list")
 def list_sessions(active, s2cs, as_json, timeout, server_cert, insecure, token) -> None:
     """One line per session you may see on the control servers, live ones first."""
-    servers = _servers(s2cs, None, server_cert)
-    opts = dict(server_cert=server_cert, insecure=insecure, token=token, timeout=timeout, servers=servers)
-    found, failed = asyncio.run(_query(servers, "", opts))
+    opts = _options(s2cs, None, server_cert, insecure=insecure, token=token, timeout=timeout)
+    found, failed = asyncio.run(_query(opts["servers"], "", opts))
     if active:
         found = [d for d in found if not d["ended"]]
     if as_json:

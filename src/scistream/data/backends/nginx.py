@@ -145,9 +145,13 @@ class NginxServer(ProxyServer):
                           f"    proxy_ssl_trusted_certificate {c.ca};", "    proxy_ssl_verify on;",
                           "    proxy_ssl_verify_depth 1;", f"    proxy_ssl_name {SESSION_NAME};",
                           "    proxy_ssl_server_name on;", "    proxy_ssl_session_reuse on;"]
+        # keepalive timings for the accepted side (nginx sets none for its upstream
+        # connections, where proxy_socket_keepalive uses the system's)
+        idle, interval, count = spec.keepalive
+        keepalive = f"{idle}s:{interval}s:{count}" if idle else "on"
         for port, target in zip(spec.ports, spec.targets):
             host = format_listener(spec.listen_host, port)
-            lines += [f"    server {{ listen {host}{listen_ssl} so_keepalive={self._so_keepalive()}; "
+            lines += [f"    server {{ listen {host}{listen_ssl} so_keepalive={keepalive}; "
                       f"proxy_pass {target}; }}"]
             if self.carries_udp:
                 # the original's "listen PORT udp; proxy_pass TARGET;"; reuseport: each worker
@@ -160,12 +164,6 @@ class NginxServer(ProxyServer):
                           + " }"]
         lines.append("}")
         return "\n".join(lines) + "\n"
-
-    def _so_keepalive(self) -> str:
-        """Timings for the accepted side (nginx sets none for its upstream connections,
-        where ``proxy_socket_keepalive`` uses the system's)."""
-        idle, interval, count = self.spec.keepalive
-        return f"{idle}s:{interval}s:{count}" if idle else "on"
 
     def argv(self) -> list[str]:
         return [self.binary, "-p", f"{self.spec.workdir}/", "-c", str(self.conf_path),
