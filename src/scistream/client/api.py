@@ -65,10 +65,9 @@ def open_channel(target: str, opts: ChannelOptions, *, connect_timeout: float | 
         # for its hello: HTTP/2 pings find it, the call fails UNAVAILABLE and moves on.
         # Only with several instances: our s2cs accepts a ping a second (control/server.py),
         # the original's server would take pings on a quiet call as abuse.
-        options += [("grpc.keepalive_time_ms", max(1000, int(opts.keepalive * 1000))),
-                    ("grpc.keepalive_timeout_ms", max(1000, int(opts.keepalive * 1000))),
-                    ("grpc.http2.ping_timeout_ms", max(1000, int(opts.keepalive * 1000))),
-                    ("grpc.http2.max_pings_without_data", 0)]
+        ping_ms = max(1000, int(opts.keepalive * 1000))
+        options += [("grpc.keepalive_time_ms", ping_ms), ("grpc.keepalive_timeout_ms", ping_ms),
+                    ("grpc.http2.ping_timeout_ms", ping_ms), ("grpc.http2.max_pings_without_data", 0)]
     if opts.insecure:
         return grpc.aio.insecure_channel(target, options=options)
     cert = opts.resolved_cert()

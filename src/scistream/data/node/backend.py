@@ -99,7 +99,11 @@ class NodeService:
         self.child = await ChildProcess.spawn(argv, log_path=self.log_path, name="s2ds node service")
 
         async def ready() -> bool:
-            return self.path.exists() and await _answers(self.path)
+            if self.path.exists():
+                with contextlib.suppress(ServiceError):
+                    await call_once(self.path, {"op": "ping"}, 1.0)
+                    return True
+            return False
         await self.child.wait_ready(ready, timeout=20)
 
     async def call(self, msg: dict, timeout: float = 15.0) -> dict:
@@ -206,14 +210,6 @@ class NodeService:
                 await self.child.stop()     # SIGKILL if it did not go; reaps
             else:
                 self.child.detach()
-
-
-async def _answers(path: Path) -> bool:
-    try:
-        await call_once(path, {"op": "ping"}, 1.0)
-    except ServiceError:
-        return False
-    return True
 
 
 class NodeDataServer(DataServer):

@@ -163,16 +163,13 @@ class Slice:
             return
         sock, peer = got
         to = self.partners.get(index)
-        if to is not None and self._busy(index):
+        # a connection of this listener is live here (its client has not closed its side)
+        if to is not None and any(c.listener == index and not c.a.hup for c in self.conns.values()):
             hand = self.turn[index] = not self.turn.get(index, False)
             if hand and self.worker.hand(to, self.sid, index, sock):
                 sock.close()
                 return
         self.take(index, sock, peer)
-
-    def _busy(self, index: int) -> bool:
-        """A connection of this listener is live here: its client has not closed its side."""
-        return any(c.listener == index and not c.a.hup for c in self.conns.values())
 
     def take(self, index: int, sock: socket.socket, peer: Any = None) -> None:
         """Relay a connection of listener ``index``: accepted here, or handed over (``peer`` None)."""
