@@ -33,10 +33,6 @@ def _when(seconds_from_now: float) -> str:
     return at.strftime("%Y-%m-%d %H:%M")
 
 
-def _can_open_browser() -> bool:
-    return sys.platform in ("darwin", "win32") or any(map(os.environ.get, ("DISPLAY", "WAYLAND_DISPLAY")))
-
-
 @click.command("login", epilog="Example: s2uc login --s2cs 10.0.0.2:5000 --no-browser")
 @option("--s2cs", default=None, metavar="HOST:PORT",
         help="The S2CS this login is for (its scope may come from auth.toml); default: all.")
@@ -56,7 +52,8 @@ def login(s2cs: str | None, scope: str | None, client_id: str | None, no_browser
     out.print("Please log in with Globus at this URL:\n")
     out.print(flow.url, markup=False)
     out.print()
-    if not no_browser and _can_open_browser():
+    can_open = sys.platform in ("darwin", "win32") or any(map(os.environ.get, ("DISPLAY", "WAYLAND_DISPLAY")))
+    if not no_browser and can_open:
         webbrowser.open(flow.url, new=1)
     if not (code := click.prompt("Paste the authorization code here", prompt_suffix=": ").strip()):
         die("[red]login failed[/]: no code given", Exit.LOGIN)

@@ -52,11 +52,6 @@ MAX_MESSAGE = 1 << 20  # 1 MiB: no legitimate control message comes close
 MAX_PENDING_CALLS = 20000  # calls accepted but not yet handled (bursts); past 3x: refused
 
 
-def default_state_dir(port: int) -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "scistream" / f"s2cs-{port}"
-
-
 @dataclasses.dataclass
 class ServerConfig:
     listener_ip: str = "127.0.0.1"
@@ -291,7 +286,8 @@ class ControlServer:
                  store: SessionStore | None = None) -> None:
         check(config)
         self.config = config
-        self.state_dir = Path(config.state_dir or default_state_dir(config.port)).absolute()
+        state_home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        self.state_dir = Path(config.state_dir or state_home / "scistream" / f"s2cs-{config.port}").absolute()
         self.auth = authenticator
         self.store = store
         self.port = 0
