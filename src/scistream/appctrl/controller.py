@@ -56,7 +56,21 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
         say(f"hello sent for {uid}; producer endpoints: {', '.join(endpoints)}")
         return
     if app == "demo" and udp is not None:
-        await _run_udp_prod(client, uid, ip, num_conn, size, connections, say, udp)
+        # datagrams to each flow a consumer opens, on ports where the TCP demo producer
+        # listens too (a session's port carries both to the same target)
+        tcp = demo.Producer(size // num_conn)
+        producer = udpdemo.UdpProducer(udp.count(size, num_conn), udp.size, udp.rate_mbps, connections)
+        try:
+            eps = await tcp.start(ip, [0] * num_conn)
+            await producer.start(ip, [parse_listener(e)[1] for e in eps])
+            resp = await hello_after_req(client, uid, "PROD", eps)
+            say(f"hello sent for {uid}: {resp.message}; producer endpoints (TCP and UDP): {', '.join(eps)}")
+            await producer.done.wait()       # never set without --connections: serve until interrupted
+            say(f"producer sent {producer.count} datagrams of {udp.size} bytes to each of "
+                f"{connections} flow(s)")
+        finally:
+            await producer.close()
+            await tcp.close()
         return
     if app == "demo":
         per_conn = size // num_conn
@@ -79,24 +93,6 @@ async def run_prod(client: AsyncClient, uid: str, ip: str, *, app: str = "demo",
             await serve(connections, say)
         return
     raise InvalidArgument(f"unknown --app {app!r}; choose demo, iperf3 or none")
-
-
-async def _run_udp_prod(client: AsyncClient, uid: str, ip: str, num_conn: int, size: int,
-                        connections: int | None, say: Callable[[str], None], udp: UdpDemo) -> None:
-    """The demo producer over UDP: datagrams to each flow a consumer opens, on ports where
-    the TCP demo producer listens too (a session's port carries both to the same target)."""
-    tcp = demo.Producer(size // num_conn)
-    producer = udpdemo.UdpProducer(udp.count(size, num_conn), udp.size, udp.rate_mbps, connections)
-    try:
-        eps = await tcp.start(ip, [0] * num_conn)
-        await producer.start(ip, [parse_listener(e)[1] for e in eps])
-        resp = await hello_after_req(client, uid, "PROD", eps)
-        say(f"hello sent for {uid}: {resp.message}; producer endpoints (TCP and UDP): {', '.join(eps)}")
-        await producer.done.wait()       # never set without --connections: serve until interrupted
-        say(f"producer sent {producer.count} datagrams of {udp.size} bytes to each of {connections} flow(s)")
-    finally:
-        await producer.close()
-        await tcp.close()
 
 
 async def run_cons(client: AsyncClient, uid: str, *, app: str = "demo", size: int = 1 << 30,
