@@ -129,12 +129,6 @@ class Side:
         if ev & EV_WRITE:
             self.writable = True
 
-    def shutdown_write(self) -> None:
-        if not self.shut_wr:
-            self.shut_wr = True
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-
 
 class SplicePump(Pump):
     """src socket -> pipe -> dst socket, in the kernel."""
@@ -538,8 +532,10 @@ class Conn:
         self._done += 1
         if self._done >= len(self.pumps):
             self.close()
-        else:
-            dst.shutdown_write()
+        elif not dst.shut_wr:
+            dst.shut_wr = True
+            with contextlib.suppress(OSError):
+                dst.sock.shutdown(socket.SHUT_WR)
 
     def counted(self, direction: str, n: int) -> None:
         if direction == "in":
