@@ -97,18 +97,14 @@ class DemoReport:
         return self.bytes_verified * 8 / self.transfer_seconds / 1e9 if self.transfer_seconds else 0.0
 
 
-def _port_range(count: int = 64) -> str:
-    start = random.randrange(10000, 32000 - count)  # below the ephemeral port range
-    return f"{start}-{start + count - 1}"
-
-
 async def _s2cs(stack: contextlib.AsyncExitStack, work: Path, name: str, opts: DemoOptions,
                 where: tuple[str, ...] = (), listener_ip: str | None = None,
                 control_ip: str | None = None) -> tuple[str, Path]:
     ready = work / f"{name}.ready"
     listener_ip = listener_ip or opts.listener_ip
+    start = random.randrange(10000, 32000 - 64)  # 64 ports below the ephemeral port range
     argv = [*where, exe("s2cs"), "--port", "0", "--listener-ip", listener_ip, "--type", opts.server_type,
-            "--port-range", _port_range(), "--state-dir", str(work / name), "--auth", "none",
+            "--port-range", f"{start}-{start + 63}", "--state-dir", str(work / name), "--auth", "none",
             "--drain", "--ready-file", str(ready)] + (["--control-ip", control_ip] if control_ip else [])
     if opts.udp and get_backend(opts.server_type).udp_support == "plain":
         argv.append("--udp-plaintext")      # nginx cannot seal datagrams: the demo's UDP crosses in the clear
@@ -256,12 +252,6 @@ async def _output(argv: list[str], timeout: float, stderr=asyncio.subprocess.DEV
     return out.decode(errors="replace")
 
 
-async def _ss(tb: Testbed, host, flt: str) -> list[str]:
-    """The congestion control of each established connection of ``host`` that ``flt`` selects."""
-    out = await _output(tb.argv(host, "ss", "-tinH", "state", "established", flt), 10)
-    return [line.split()[0] for line in out.splitlines() if line[:1].isspace() and line.split()]
-
-
 async def _leg_congestion(tb: Testbed, wan: str, producer: str, consumer: str, limit: float = 60.0) -> str:
     """The congestion control each leg's sockets show (``ss -ti`` on each gateway) while the
     transfer runs: polled until every leg has been seen (or ``limit`` s, or cancelled). ``wan``,
@@ -274,8 +264,13 @@ async def _leg_congestion(tb: Testbed, wan: str, producer: str, consumer: str, l
     with contextlib.suppress(asyncio.CancelledError):   # cancelled at the transfer's end: what was seen
         while len(seen) < len(legs) and time.monotonic() < deadline:
             for name, (host, flt) in legs.items():
-                if name not in seen and (got := await _ss(tb, host, flt)):
-                    seen[name] = "/".join(sorted(set(got)))
+                if name in seen:
+                    continue
+                # the congestion control of each established connection ``flt`` selects
+                out = await _output(tb.argv(host, "ss", "-tinH", "state", "established", flt), 10)
+                got = {line.split()[0] for line in out.splitlines() if line[:1].isspace() and line.strip()}
+                if got:
+                    seen[name] = "/".join(sorted(got))
             await asyncio.sleep(0.05)
     return ", ".join(f"{k} {seen[k]}" for k in legs if k in seen)
 
