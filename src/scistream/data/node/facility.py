@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import ssl
 from pathlib import Path
 
 from ...addr import format_listener
@@ -67,18 +66,15 @@ class Membership:
     def control(self) -> str:
         return format_listener(self.control_host, self.control_port)
 
-    def _tls(self) -> ssl.SSLContext:
-        from ...control import tlscert
-        cert, key = self.state_dir / "control.crt", self.state_dir / "control.key"
-        tlscert.ensure_self_signed(cert, key, [self.control_host, self.address])
-        self.cert_pem = cert.read_text()
-        return tlscert.server_context(cert, key, tls13_only=True)
-
     async def start(self) -> None:
+        from ...control import tlscert
         from ...control.pgstore import PostgresStore
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.node.port_range = self.port_range
-        ctx = self._tls()
+        cert, key = self.state_dir / "control.crt", self.state_dir / "control.key"
+        tlscert.ensure_self_signed(cert, key, [self.control_host, self.address])
+        self.cert_pem = cert.read_text()
+        ctx = tlscert.server_context(cert, key, tls13_only=True)
         self.control_port = await self.node.listen_tcp(self.control_host, self.control_port, ctx, self.token)
         self.store = PostgresStore(self.store_url, node=self.name)
         await self.store.open()         # StoreError: the caller says why and exits
