@@ -124,6 +124,15 @@ def consume(host: str, port: int, pattern: Pattern, end: str) -> int:
     return sent
 
 
+async def _when_closed(prod, cons):
+    """Both gateways' counters once neither has the connection open any more."""
+    async def closed() -> bool:
+        a, b = await prod.stats(), await cons.stats()
+        return a.connections == b.connections == 0
+    await async_wait_until(closed, timeout=30, what="both gateways to close the connection")
+    return await prod.stats(), await cons.stats()
+
+
 @pytest.mark.parametrize("end", ["normal", "consumer-reset", "producer-reset"])
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
 async def test_counters_match_what_the_producer_got(tmp_path, pumps, tls, end):
@@ -136,12 +145,7 @@ async def test_counters_match_what_the_producer_got(tmp_path, pumps, tls, end):
             producer.start_reading.set()
             await asyncio.to_thread(producer.thread.join, 60)
             assert not producer.thread.is_alive()
-
-            async def closed() -> bool:
-                a, b = await prod.stats(), await cons.stats()
-                return a.connections == b.connections == 0
-            await async_wait_until(closed, timeout=30, what="both gateways to close the connection")
-            p, c = await prod.stats(), await cons.stats()
+            p, c = await _when_closed(prod, cons)
     finally:
         producer.close()
     got = producer.received
@@ -172,12 +176,7 @@ async def test_counters_towards_the_consumer_at_its_reset(tmp_path, pumps, tls):
             got, intact = await asyncio.wait_for(asyncio.to_thread(read_half_and_reset, *entry(cons)), 90)
             await asyncio.to_thread(producer.thread.join, 60)
             assert not producer.thread.is_alive()
-
-            async def closed() -> bool:
-                a, b = await prod.stats(), await cons.stats()
-                return a.connections == b.connections == 0
-            await async_wait_until(closed, timeout=30, what="both gateways to close the connection")
-            p, c = await prod.stats(), await cons.stats()
+            p, c = await _when_closed(prod, cons)
     finally:
         producer.close()
     print(f"{pumps} {'tls' if tls else 'plain'} reverse: consumer got {got}, "
