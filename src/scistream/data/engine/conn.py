@@ -41,7 +41,7 @@ from ...addr import format_listener
 from ..hosttcp import prepare_wan_socket
 from .compiled import F_EOF, pump as compiled
 from .tlsleg import (CHUNK, CDecryptPump, CEncryptPump, DecryptPump, EncryptPump, Pump, SendKeepingRest,
-                     TlsEnd, count_failed, note_moved, thread_buffers)
+                     TlsEnd, run_compiled, thread_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +235,7 @@ class CCopyPump(Pump):
         if self.done:
             return
         src, dst = self.src, self.dst
-        try:
-            n, fl = self.cp.copy(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
-        except OSError as exc:
-            count_failed(self, exc)
-            raise
-        note_moved(self, n, fl)
+        fl = run_compiled(self, self.cp.copy, src.fd, dst.fd, src.readable and not self.eof, dst.writable)
         if fl & F_EOF:
             self.eof = True
         if self.eof and not self.cp.unsent:

@@ -299,26 +299,26 @@ class SendKeepingRest(Pump):
         return False
 
 
-def note_moved(pump: Pump, n: int, fl: int) -> None:
-    """After a compiled pump's call: count what it moved, and mark a socket that said
-    EAGAIN as not ready (the loop says when it is again)."""
+def run_compiled(pump: Pump, call, *args) -> int:
+    """One call of a compiled pump: count what it moved and mark a socket that said EAGAIN
+    as not ready (the loop says when it is again); its flags. A call that fails (a reset,
+    mostly) still counts what it moved before (``exc.moved``): those bytes went into the
+    destination socket (or, encrypting, into the TLS engine), and one call can move
+    megabytes. The caller then aborts the connection; the count of a direction is what it
+    wrote toward its destination, at least what the receiving application got."""
+    try:
+        n, fl = call(*args)
+    except OSError as exc:          # ssl.SSLError too
+        if moved := getattr(exc, "moved", 0):
+            pump.conn.counted(pump.direction, moved)
+        raise
     if n:
         pump.conn.counted(pump.direction, n)
     if fl & F_SRC_AGAIN:
         pump.src.readable = False
     if fl & F_DST_AGAIN:
         pump.dst.writable = False
-
-
-def count_failed(pump: Pump, exc: OSError) -> None:
-    """A compiled pump's call failed (a reset, mostly): count what it moved before that
-    (``exc.moved``): those bytes went into the destination socket (or, encrypting, into
-    the TLS engine), and one call can move megabytes. The caller then aborts the
-    connection; the count of a direction is what it wrote toward its destination, at
-    least what the receiving application got."""
-    n = getattr(exc, "moved", 0)
-    if n:
-        pump.conn.counted(pump.direction, n)
+    return fl
 
 
 class CEncryptPump(Pump):
@@ -330,12 +330,7 @@ class CEncryptPump(Pump):
         if self.done:
             return
         src, dst, eng = self.src, self.dst, self.conn.tls.eng
-        try:
-            n, fl = eng.encrypt(src.fd, dst.fd, src.readable and not self.eof, dst.writable)
-        except OSError as exc:
-            count_failed(self, exc)
-            raise
-        note_moved(self, n, fl)
+        fl = run_compiled(self, eng.encrypt, src.fd, dst.fd, src.readable and not self.eof, dst.writable)
         if fl & F_EOF:
             self.eof = True
             eng.shutdown()       # once: it never reads, the other direction loses nothing
@@ -355,12 +350,7 @@ class CDecryptPump(Pump):
         if self.done:
             return
         src, dst = self.src, self.dst
-        try:
-            n, fl = self.conn.tls.eng.decrypt(src.fd, dst.fd, src.readable, dst.writable)
-        except OSError as exc:
-            count_failed(self, exc)
-            raise
-        note_moved(self, n, fl)
+        fl = run_compiled(self, self.conn.tls.eng.decrypt, src.fd, dst.fd, src.readable, dst.writable)
         if fl & F_EOF:
             self.finish()
 
