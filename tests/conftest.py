@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,36 @@ from scistream.control.server import ControlServer, ServerConfig
 from scistream.data.supervise import children, cmdline, free_port_check, stat_fields
 
 BIN = Path(sys.executable).parent
+
+
+class Bg:
+    """A CLI of ours running in the background, its output (stdout and stderr) collected
+    line by line; ``stop()`` ends it (SIGTERM) and reaps it."""
+
+    def __init__(self, *args: str, env: dict) -> None:
+        self.proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL)
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait(self, timeout: float = 60) -> int:
+        rc = self.proc.wait(timeout)
+        self._t.join(5)
+        return rc
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.wait(timeout)
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

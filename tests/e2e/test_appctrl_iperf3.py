@@ -9,41 +9,14 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 
 import pytest
 
-from conftest import BIN, free_port, parse_listener, port_is_free, wait_until
+from conftest import BIN, Bg, free_port, parse_listener, port_is_free, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
 
 ROUNDS = 5
-
-
-class Bg:
-    """A CLI in the background, its output collected; stopped (SIGTERM) at the end."""
-
-    def __init__(self, *args: str, env: dict) -> None:
-        self.proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env, stdin=subprocess.DEVNULL)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(l.rstrip("\n") for l in self.proc.stdout),
-                                        daemon=True)
-        self._reader.start()
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait(self, timeout: float = 60) -> int:
-        rc = self.proc.wait(timeout)
-        self._reader.join(5)
-        return rc
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.wait(30)
 
 
 def _run(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -136,7 +109,7 @@ def test_iperf3_through_a_session_every_round(s2cs_process, cli_env, tmp_path, c
         moved = [_one_round(prod, cons, cli_env, tmp_path, connections, started, uids) for _ in range(ROUNDS)]
     finally:
         for b in started:
-            b.stop()
+            b.stop(30)
         for uid in uids:
             for gw in (prod, cons):
                 _run("s2uc", "release", uid, "--s2cs", gw.target, "--insecure", env=cli_env)
@@ -170,7 +143,7 @@ def test_iperf3_consumer_says_when_no_test_could_start(s2cs_process, cli_env, tm
                          r"\(\d+ attempt\(s\)\); the last: ", said), said
     finally:
         for b in started:
-            b.stop()
+            b.stop(30)
         if uid:
             for gw in (prod, cons):
                 _run("s2uc", "release", uid, "--s2cs", gw.target, "--insecure", env=cli_env)

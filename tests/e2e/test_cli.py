@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from conftest import BIN, parse_listener, wait_until
+from conftest import BIN, Bg, parse_listener, wait_until
 
 
 def _run(*args, env, timeout=60, check=True) -> subprocess.CompletedProcess:
@@ -20,32 +20,6 @@ def _run(*args, env, timeout=60, check=True) -> subprocess.CompletedProcess:
     if check:
         assert p.returncode == 0, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
     return p
-
-
-class Bg:
-    """A CLI running in the background; reaped at the end of the test."""
-
-    def __init__(self, *args, env) -> None:
-        self.proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL)
-        self.lines: list[str] = []
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            self.lines.append(line.rstrip("\n"))
-
-    def wait(self, timeout=60) -> int:
-        rc = self.proc.wait(timeout)
-        self._t.join(5)
-        return rc
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self._t.join(5)
 
 
 @pytest.fixture
